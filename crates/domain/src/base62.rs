@@ -1,0 +1,39 @@
+//! Base62 helpers shared by key and id generation.
+
+pub(crate) const ALPHABET: &[u8; 62] =
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+pub(crate) fn is_base62(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric()
+}
+
+/// `len` uniformly random base62 characters from the operating system's CSPRNG.
+///
+/// Rejection sampling keeps the distribution uniform: bytes >= 248 (4 * 62)
+/// are drawn again instead of being folded onto the first characters.
+pub(crate) fn random(len: usize) -> String {
+    let mut out = String::with_capacity(len);
+    let mut buf = [0u8; 64];
+    while out.len() < len {
+        getrandom::fill(&mut buf).expect("the operating system's random number generator failed");
+        for &byte in &buf {
+            if out.len() == len {
+                break;
+            }
+            if byte < 248 {
+                out.push(ALPHABET[(byte % 62) as usize] as char);
+            }
+        }
+    }
+    out
+}
+
+/// Fixed-width base62 of a 32-bit value, most significant digit first.
+pub(crate) fn encode_u32(mut value: u32, width: usize) -> String {
+    let mut digits = vec![b'0'; width];
+    for slot in digits.iter_mut().rev() {
+        *slot = ALPHABET[(value % 62) as usize];
+        value /= 62;
+    }
+    String::from_utf8(digits).expect("base62 digits are ASCII")
+}

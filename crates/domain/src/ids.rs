@@ -1,0 +1,151 @@
+//! Identifiers of keys and accounts.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::base62;
+
+const KEY_ID_TAG: &str = "key_";
+const KEY_ID_RANDOM_LEN: usize = 20;
+const MAX_ACCOUNT_LEN: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error(
+        "'{0}' is not a key id: key ids look like 'key_' followed by 20 letters and digits, as returned by CreateKey or ListKeys"
+    )]
+    MalformedKeyId(String),
+    #[error(
+        "'{0}' is not an account id: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+    )]
+    MalformedAccountId(String),
+}
+
+/// The stable identity of a key; survives rotation. E.g. `key_3kTMd8sQ0Lr6bA2xYv9Z`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(String);
+
+impl KeyId {
+    pub fn generate() -> Self {
+        Self(format!("{KEY_ID_TAG}{}", base62::random(KEY_ID_RANDOM_LEN)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for KeyId {
+    type Err = IdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let well_formed = s.len() == KEY_ID_TAG.len() + KEY_ID_RANDOM_LEN
+            && s.starts_with(KEY_ID_TAG)
+            && s.bytes().skip(KEY_ID_TAG.len()).all(base62::is_base62);
+        if !well_formed {
+            return Err(IdError::MalformedKeyId(truncate_for_message(s)));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({})", self.0)
+    }
+}
+
+/// The account (tenant) that owns keys, as named by the platform, e.g. `ACME`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId(String);
+
+impl AccountId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for AccountId {
+    type Err = IdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let well_formed = !s.is_empty()
+            && s.len() <= MAX_ACCOUNT_LEN
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !well_formed {
+            return Err(IdError::MalformedAccountId(truncate_for_message(s)));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AccountId({})", self.0)
+    }
+}
+
+/// Echoes at most 80 characters of bad input, so an error message stays
+/// readable. A secret pasted into an id field is cut: ids are never secret,
+/// but a caller's mistake should not be amplified into logs either.
+fn truncate_for_message(s: &str) -> String {
+    if s.starts_with(crate::KEY_PREFIX) {
+        return "vlk_… (that is an API key, not a key id)".to_owned();
+    }
+    s.chars().take(80).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_key_ids_parse() {
+        let id = KeyId::generate();
+        assert_eq!(id.as_str().len(), 24);
+        assert_eq!(id.as_str().parse::<KeyId>().unwrap(), id);
+    }
+
+    #[test]
+    fn malformed_key_ids_are_rejected() {
+        for bad in [
+            "",
+            "key_",
+            "key_short",
+            "kez_3kTMd8sQ0Lr6bA2xYv9Z",
+            "key_3kTMd8sQ0Lr6bA2xYv9!",
+        ] {
+            assert!(bad.parse::<KeyId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_secret_pasted_as_key_id_is_not_echoed() {
+        let secret = crate::GeneratedKey::generate();
+        let err = secret.expose_secret().parse::<KeyId>().unwrap_err();
+        assert!(!err.to_string().contains(&secret.expose_secret()[13..]));
+    }
+
+    #[test]
+    fn account_ids() {
+        assert!("ACME".parse::<AccountId>().is_ok());
+        assert!("acme-corp.eu_1".parse::<AccountId>().is_ok());
+        for bad in ["", "-acme", "acme corp", &"a".repeat(65)] {
+            assert!(bad.parse::<AccountId>().is_err(), "{bad}");
+        }
+    }
+}

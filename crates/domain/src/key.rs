@@ -1,0 +1,379 @@
+//! The API-key format: generation, parsing, hashing and comparison.
+//!
+//! ```text
+//! vlk_AbCdEfGh_<32 base62 secret characters><6 base62 checksum characters>
+//! \__________/
+//!  prefix (12 characters, public, shown in listings)
+//! ```
+//!
+//! The checksum is CRC32 over everything before it, so a typo or a random
+//! string is rejected without a lookup, and secret scanners can tell a real
+//! key from noise. Only a BLAKE3 hash of the whole key is ever stored.
+
+use std::fmt;
+use std::str::FromStr;
+
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+
+use crate::base62;
+
+/// The literal every key starts with.
+///
+/// NEVER CHANGE THIS: it is part of every key ever issued, secret scanners
+/// match on it, and changing it invalidates every key in the wild.
+pub const KEY_PREFIX: &str = "vlk_";
+
+/// Base62 characters after `vlk_` that make the key's public prefix unique.
+/// NEVER CHANGE THIS (see [`KEY_PREFIX`]).
+const PREFIX_ID_LEN: usize = 8;
+/// Base62 characters of secret: 32 * log2(62) is about 190 bits.
+/// NEVER CHANGE THIS (see [`KEY_PREFIX`]).
+const SECRET_LEN: usize = 32;
+/// Base62 characters of the CRC32 checksum (62^6 > 2^32).
+/// NEVER CHANGE THIS (see [`KEY_PREFIX`]).
+const CHECKSUM_LEN: usize = 6;
+
+/// Length of a key prefix, `vlk_` included.
+pub const PREFIX_LEN: usize = KEY_PREFIX.len() + PREFIX_ID_LEN;
+/// Length of a whole key.
+pub const KEY_LENGTH: usize = PREFIX_LEN + 1 + SECRET_LEN + CHECKSUM_LEN;
+
+/// BLAKE3 `derive_key` context: separates key hashes from any other use of
+/// BLAKE3. NEVER CHANGE THIS: stored hashes would stop matching.
+const HASH_CONTEXT: &str = "vilvik-keys 2026-11-26 api key secret hash v1";
+
+/// Why a presented string is not a well-formed key. Carries no part of the
+/// input, which may be a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFormatError {
+    #[error("a key is {KEY_LENGTH} characters long; this one has {0}")]
+    WrongLength(usize),
+    #[error("a key starts with '{KEY_PREFIX}'")]
+    WrongPrefix,
+    #[error("a key holds only letters, digits and one '_' after the prefix")]
+    InvalidCharacter,
+    #[error("the key's checksum does not match: it was mistyped or truncated")]
+    ChecksumMismatch,
+}
+
+/// The public first 12 characters of a key, e.g. `vlk_AbCdEfGh`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyPrefix(String);
+
+impl KeyPrefix {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn generate() -> Self {
+        Self(format!("{KEY_PREFIX}{}", base62::random(PREFIX_ID_LEN)))
+    }
+}
+
+impl FromStr for KeyPrefix {
+    type Err = KeyFormatError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != PREFIX_LEN {
+            return Err(KeyFormatError::WrongLength(s.len()));
+        }
+        if !s.starts_with(KEY_PREFIX) {
+            return Err(KeyFormatError::WrongPrefix);
+        }
+        if !s.bytes().skip(KEY_PREFIX.len()).all(base62::is_base62) {
+            return Err(KeyFormatError::InvalidCharacter);
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for KeyPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for KeyPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyPrefix({})", self.0)
+    }
+}
+
+/// The stored form of a key: a domain-separated BLAKE3 hash of the whole key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SecretHash([u8; 32]);
+
+impl SecretHash {
+    fn of(key: &str) -> Self {
+        Self(blake3::derive_key(HASH_CONTEXT, key.as_bytes()))
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Reads a stored hash; `None` when it is not 32 bytes.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        Some(Self(bytes.try_into().ok()?))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Compares in constant time, so response timing says nothing about how
+    /// much of a guessed key was right.
+    pub fn matches(&self, other: &SecretHash) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl fmt::Debug for SecretHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretHash([REDACTED])")
+    }
+}
+
+/// A well-formed key as presented by a caller. Its `Debug` shows only the
+/// prefix.
+#[derive(Clone)]
+pub struct ApiKey {
+    prefix: KeyPrefix,
+    secret: SecretString,
+}
+
+impl ApiKey {
+    pub fn prefix(&self) -> &KeyPrefix {
+        &self.prefix
+    }
+
+    pub fn hash(&self) -> SecretHash {
+        SecretHash::of(self.secret.expose_secret())
+    }
+}
+
+impl FromStr for ApiKey {
+    type Err = KeyFormatError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != KEY_LENGTH {
+            return Err(KeyFormatError::WrongLength(s.chars().count()));
+        }
+        if !s.starts_with(KEY_PREFIX) {
+            return Err(KeyFormatError::WrongPrefix);
+        }
+        let bytes = s.as_bytes();
+        let well_formed = bytes
+            .iter()
+            .enumerate()
+            .skip(KEY_PREFIX.len())
+            .all(|(i, &b)| {
+                if i == PREFIX_LEN {
+                    b == b'_'
+                } else {
+                    base62::is_base62(b)
+                }
+            });
+        if !well_formed {
+            return Err(KeyFormatError::InvalidCharacter);
+        }
+        let (body, checksum) = s.split_at(KEY_LENGTH - CHECKSUM_LEN);
+        if checksum_of(body)
+            .as_bytes()
+            .ct_eq(checksum.as_bytes())
+            .unwrap_u8()
+            != 1
+        {
+            return Err(KeyFormatError::ChecksumMismatch);
+        }
+        Ok(Self {
+            prefix: KeyPrefix(s[..PREFIX_LEN].to_owned()),
+            secret: SecretString::from(s),
+        })
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("prefix", &self.prefix)
+            .field("secret", &"[REDACTED]")
+            .finish()
+    }
+}
+
+/// A freshly generated key: the secret to hand out once, and what to store.
+pub struct GeneratedKey {
+    prefix: KeyPrefix,
+    secret: SecretString,
+    hash: SecretHash,
+}
+
+impl GeneratedKey {
+    /// A new key from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        let prefix = KeyPrefix::generate();
+        let body = format!("{prefix}_{}", base62::random(SECRET_LEN));
+        let key = format!("{body}{}", checksum_of(&body));
+        Self {
+            prefix,
+            hash: SecretHash::of(&key),
+            secret: SecretString::from(key),
+        }
+    }
+
+    pub fn prefix(&self) -> &KeyPrefix {
+        &self.prefix
+    }
+
+    pub fn hash(&self) -> SecretHash {
+        self.hash
+    }
+
+    /// The whole key. Call only to return it to the creator, once.
+    pub fn expose_secret(&self) -> &str {
+        self.secret.expose_secret()
+    }
+}
+
+impl fmt::Debug for GeneratedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GeneratedKey")
+            .field("prefix", &self.prefix)
+            .field("secret", &"[REDACTED]")
+            .finish()
+    }
+}
+
+fn checksum_of(body: &str) -> String {
+    base62::encode_u32(crc32fast::hash(body.as_bytes()), CHECKSUM_LEN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn generated_key_has_the_documented_shape() {
+        let key = GeneratedKey::generate();
+        let secret = key.expose_secret();
+        assert_eq!(secret.len(), 51);
+        assert!(secret.starts_with("vlk_"));
+        assert_eq!(&secret[12..13], "_");
+        assert_eq!(key.prefix().as_str(), &secret[..12]);
+    }
+
+    #[test]
+    fn generated_keys_parse_and_hash_to_the_stored_hash() {
+        let key = GeneratedKey::generate();
+        let parsed: ApiKey = key.expose_secret().parse().unwrap();
+        assert_eq!(parsed.prefix(), key.prefix());
+        assert!(parsed.hash().matches(&key.hash()));
+    }
+
+    #[test]
+    fn two_keys_differ() {
+        let a = GeneratedKey::generate();
+        let b = GeneratedKey::generate();
+        assert_ne!(a.expose_secret(), b.expose_secret());
+        assert_ne!(a.prefix(), b.prefix());
+        assert!(!a.hash().matches(&b.hash()));
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let key = GeneratedKey::generate();
+        let secret = key.expose_secret().to_owned();
+        let parsed: ApiKey = secret.parse().unwrap();
+        for shown in [
+            format!("{key:?}"),
+            format!("{parsed:?}"),
+            format!("{:?}", key.hash()),
+        ] {
+            assert!(!shown.contains(&secret[13..]), "{shown}");
+            assert!(!shown.contains(&secret[13..20]), "{shown}");
+        }
+        assert!(format!("{parsed:?}").contains(key.prefix().as_str()));
+    }
+
+    #[test]
+    fn rejects_each_kind_of_malformed_key() {
+        let key = GeneratedKey::generate();
+        let good = key.expose_secret();
+        assert_eq!(
+            "".parse::<ApiKey>().unwrap_err(),
+            KeyFormatError::WrongLength(0)
+        );
+        assert_eq!(
+            good[..50].parse::<ApiKey>().unwrap_err(),
+            KeyFormatError::WrongLength(50)
+        );
+        let wrong_prefix = format!("vlx_{}", &good[4..]);
+        assert_eq!(
+            wrong_prefix.parse::<ApiKey>().unwrap_err(),
+            KeyFormatError::WrongPrefix
+        );
+        let no_separator = format!("{}-{}", &good[..12], &good[13..]);
+        assert_eq!(
+            no_separator.parse::<ApiKey>().unwrap_err(),
+            KeyFormatError::InvalidCharacter
+        );
+        let bad_char = format!("{}!{}", &good[..20], &good[21..]);
+        assert_eq!(
+            bad_char.parse::<ApiKey>().unwrap_err(),
+            KeyFormatError::InvalidCharacter
+        );
+    }
+
+    #[test]
+    fn error_messages_do_not_echo_the_input() {
+        let key = GeneratedKey::generate();
+        let mut typo = key.expose_secret().to_owned();
+        let replacement = if typo.ends_with('A') { "B" } else { "A" };
+        typo.replace_range(50..51, replacement);
+        let err = typo.parse::<ApiKey>().unwrap_err();
+        assert_eq!(err, KeyFormatError::ChecksumMismatch);
+        assert!(!err.to_string().contains(&typo[13..]));
+    }
+
+    #[test]
+    fn prefix_parses_only_twelve_base62_characters_after_vlk() {
+        assert!("vlk_AbCd1234".parse::<KeyPrefix>().is_ok());
+        assert!("vlk_AbCd123".parse::<KeyPrefix>().is_err());
+        assert!("vlk_AbCd123!".parse::<KeyPrefix>().is_err());
+        assert!("abc_AbCd1234".parse::<KeyPrefix>().is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn any_single_character_change_is_rejected(pos in 0usize..KEY_LENGTH, c in "[0-9A-Za-z_!-]") {
+            let key = GeneratedKey::generate();
+            let original = key.expose_secret();
+            prop_assume!(&original[pos..pos + 1] != c.as_str());
+            let mut typo = original.to_owned();
+            typo.replace_range(pos..pos + 1, &c);
+            prop_assert!(typo.parse::<ApiKey>().is_err());
+        }
+
+        #[test]
+        fn parsing_arbitrary_strings_never_panics(s in "\\PC{0,80}") {
+            let _ = s.parse::<ApiKey>();
+        }
+
+        #[test]
+        fn random_well_shaped_strings_fail_the_checksum(body in "[0-9A-Za-z]{8}_[0-9A-Za-z]{38}") {
+            let candidate = format!("vlk_{body}");
+            // A random 6-character tail matches the CRC with probability ~2^-32.
+            prop_assert_eq!(candidate.parse::<ApiKey>().unwrap_err(), KeyFormatError::ChecksumMismatch);
+        }
+
+        #[test]
+        fn every_generated_key_round_trips(_seed in 0u8..255) {
+            let key = GeneratedKey::generate();
+            let parsed: ApiKey = key.expose_secret().parse().unwrap();
+            prop_assert!(parsed.hash().matches(&key.hash()));
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! The vocabulary of vilvik-keys: what a key looks like, how its secret is
+//! hashed and compared, what a scope grants, and which names, descriptions
+//! and expiries are acceptable.
+//!
+//! This crate does no I/O and knows nothing of gRPC or SQL. Every value here
+//! is made through a parser that returns a typed error, so holding one means
+//! it is valid ("parse, don't validate"). The server turns these errors into
+//! gRPC statuses; the store persists the values.
+//!
+//! ```
+//! use vilvik_keys_domain::{GeneratedKey, ApiKey};
+//!
+//! let generated = GeneratedKey::generate();
+//! let presented: ApiKey = generated.expose_secret().parse().unwrap();
+//! assert_eq!(presented.prefix(), generated.prefix());
+//! assert!(generated.hash().matches(&presented.hash()));
+//! ```
+#![forbid(unsafe_code)]
+
+mod base62;
+mod clock;
+mod fields;
+mod ids;
+mod key;
+mod scope;
+mod state;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use fields::{Description, FieldError, KeyName, validate_expiry};
+pub use ids::{AccountId, IdError, KeyId};
+pub use key::{
+    ApiKey, GeneratedKey, KEY_LENGTH, KEY_PREFIX, KeyFormatError, KeyPrefix, SecretHash,
+};
+pub use scope::{Scope, ScopeError, ScopeSet};
+pub use state::{AuditAction, KeyState, Tier, TierLimits, UnknownTier};
+
+/// The scope a management key must hold to call the admin API.
+pub const ADMIN_SCOPE: &str = "keys:admin";

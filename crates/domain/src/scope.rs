@@ -1,0 +1,213 @@
+//! Scopes: `resource:action` strings a key is granted, and the rule that
+//! decides whether a set of granted scopes covers a required one.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+/// Longest scope accepted.
+const MAX_SCOPE_LEN: usize = 128;
+/// Most scopes one key may hold.
+pub const MAX_SCOPES: usize = 50;
+
+/// Why a scope or a scope list was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    #[error(
+        "'{0}' is not a valid scope: use lowercase resource:action, e.g. 'datasets:read' or 'datasets:*' ([a-z0-9_.-]+:[a-z0-9_.*-]+)"
+    )]
+    Invalid(String),
+    #[error("a scope is at most {MAX_SCOPE_LEN} characters long; this one has {0}")]
+    TooLong(usize),
+    #[error("a key holds at most {MAX_SCOPES} scopes; {0} were given")]
+    TooMany(usize),
+}
+
+/// One `resource:action` scope, e.g. `datasets:read`. An action of `*`
+/// grants every action on the resource.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope {
+    value: String,
+    colon: usize,
+}
+
+impl Scope {
+    pub fn as_str(&self) -> &str {
+        &self.value
+    }
+
+    pub fn resource(&self) -> &str {
+        &self.value[..self.colon]
+    }
+
+    pub fn action(&self) -> &str {
+        &self.value[self.colon + 1..]
+    }
+
+    /// Whether holding `self` allows what `required` asks for.
+    pub fn grants(&self, required: &Scope) -> bool {
+        self == required || (self.action() == "*" && self.resource() == required.resource())
+    }
+}
+
+impl FromStr for Scope {
+    type Err = ScopeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() > MAX_SCOPE_LEN {
+            return Err(ScopeError::TooLong(s.chars().count()));
+        }
+        let invalid = || ScopeError::Invalid(s.to_owned());
+        let (resource, action) = s.split_once(':').ok_or_else(invalid)?;
+        let resource_ok = !resource.is_empty()
+            && resource
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'));
+        let action_ok = !action.is_empty()
+            && action
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'*' | b'-'));
+        if !resource_ok || !action_ok {
+            return Err(invalid());
+        }
+        Ok(Self {
+            value: s.to_owned(),
+            colon: resource.len(),
+        })
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.value)
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Scope({})", self.value)
+    }
+}
+
+/// The scopes of one key: sorted, without duplicates, at most [`MAX_SCOPES`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScopeSet(BTreeSet<Scope>);
+
+impl ScopeSet {
+    /// Parses a list, naming the first bad entry by its index.
+    pub fn parse<S: AsRef<str>>(scopes: &[S]) -> Result<Self, (usize, ScopeError)> {
+        if scopes.len() > MAX_SCOPES {
+            return Err((MAX_SCOPES, ScopeError::TooMany(scopes.len())));
+        }
+        scopes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.as_ref().parse::<Scope>().map_err(|e| (i, e)))
+            .collect::<Result<BTreeSet<_>, _>>()
+            .map(Self)
+    }
+
+    /// Whether every scope in `required` is granted by some scope in `self`.
+    pub fn grants_all<'a>(&self, required: impl IntoIterator<Item = &'a Scope>) -> bool {
+        required
+            .into_iter()
+            .all(|needed| self.0.iter().any(|held| held.grants(needed)))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Scope> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn to_strings(&self) -> Vec<String> {
+        self.0.iter().map(|s| s.as_str().to_owned()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scope(s: &str) -> Scope {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_resource_and_action() {
+        let s = scope("datasets:read");
+        assert_eq!(s.resource(), "datasets");
+        assert_eq!(s.action(), "read");
+    }
+
+    #[test]
+    fn rejects_bad_scopes_with_a_remedy() {
+        for bad in [
+            "",
+            "datasets",
+            ":read",
+            "datasets:",
+            "Datasets:read",
+            "data sets:read",
+            "a:b:c",
+            "*:read",
+        ] {
+            let err = bad.parse::<Scope>().unwrap_err();
+            assert_eq!(err, ScopeError::Invalid(bad.to_owned()), "{bad}");
+            assert!(err.to_string().contains("lowercase resource:action"));
+        }
+        assert!(matches!(
+            "a:".repeat(100).parse::<Scope>(),
+            Err(ScopeError::TooLong(200))
+        ));
+    }
+
+    #[test]
+    fn wildcard_grants_every_action_on_its_resource_only() {
+        let all = scope("datasets:*");
+        assert!(all.grants(&scope("datasets:read")));
+        assert!(all.grants(&scope("datasets:write")));
+        assert!(all.grants(&scope("datasets:*")));
+        assert!(!all.grants(&scope("models:read")));
+        assert!(!scope("datasets:read").grants(&scope("datasets:*")));
+        assert!(!scope("datasets:read").grants(&scope("datasets:write")));
+    }
+
+    #[test]
+    fn set_needs_every_required_scope() {
+        let set = ScopeSet::parse(&["datasets:read", "models:*"]).unwrap();
+        assert!(set.grants_all(&[scope("datasets:read"), scope("models:write")]));
+        assert!(!set.grants_all(&[scope("datasets:read"), scope("datasets:write")]));
+        assert!(set.grants_all(&[]));
+    }
+
+    #[test]
+    fn set_deduplicates_sorts_and_names_the_bad_index() {
+        let set = ScopeSet::parse(&["b:x", "a:y", "b:x"]).unwrap();
+        assert_eq!(set.to_strings(), vec!["a:y", "b:x"]);
+        let (index, _) = ScopeSet::parse(&["a:b", "A:b"]).unwrap_err();
+        assert_eq!(index, 1);
+        let many: Vec<String> = (0..51).map(|i| format!("r{i}:read")).collect();
+        assert_eq!(
+            ScopeSet::parse(&many).unwrap_err().1,
+            ScopeError::TooMany(51)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn valid_scopes_round_trip(resource in "[a-z0-9_.-]{1,20}", action in "[a-z0-9_.*-]{1,20}") {
+            let text = format!("{resource}:{action}");
+            let parsed: Scope = text.parse().unwrap();
+            prop_assert_eq!(parsed.as_str(), text.as_str());
+            prop_assert!(parsed.grants(&parsed));
+        }
+    }
+}
