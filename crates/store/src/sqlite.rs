@@ -1,0 +1,613 @@
+//! The embedded backend: one SQLite file in WAL mode.
+//!
+//! rusqlite is blocking, so every call runs on tokio's blocking pool. One
+//! connection writes and one reads: WAL lets the reader see every committed
+//! write without waiting for the writer. Write transactions start with
+//! `BEGIN IMMEDIATE`, which takes SQLite's single write lock up front, so
+//! the cap check and the insert it guards cannot interleave with another
+//! writer, even one in another process (e.g. `vilvik-keys bootstrap`).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use time::OffsetDateTime;
+use vilvik_keys_domain::{
+    AccountId, AuditAction, KeyId, KeyPrefix, KeyState, ScopeSet, SecretHash, Tier, TierLimits,
+};
+
+use crate::migrate::{CREATE_LEDGER, SQLITE};
+use crate::rules::{self, format_time};
+use crate::{
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Result,
+    SecretRecord, Store, StoreError, UsageRecord,
+};
+
+/// How long a statement waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const KEY_COLUMNS: &str = "k.key_id, k.account_id, k.name, k.description, k.scopes, k.prefix, \
+     k.created_at, k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip";
+
+/// The SQLite store. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let writer = open_connection(&path)?;
+            writer
+                .pragma_update(None, "journal_mode", "WAL")
+                .map_err(|e| StoreError::internal_from(format!("cannot enable WAL on {}", path.display()), e))?;
+            let reader = open_connection(&path)?;
+            Ok(Self {
+                writer: Arc::new(Mutex::new(writer)),
+                reader: Arc::new(Mutex::new(reader)),
+            })
+        })
+        .await
+        .map_err(|e| StoreError::internal_from("SQLite open task failed", e))?
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = self.writer.clone();
+        run_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(map_err)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> Result<T> + Send + 'static) -> Result<T> {
+        let conn = self.reader.clone();
+        run_blocking(move || f(&conn.lock().unwrap_or_else(|p| p.into_inner()))).await
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::internal_from(format!("cannot open SQLite database {}", path.display()), e))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(map_err)?;
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(map_err)?;
+    Ok(conn)
+}
+
+async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::internal_from("SQLite task failed", e))?
+}
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Unavailable(Box::new(e)),
+        Some(ErrorCode::ConstraintViolation) if e.to_string().contains("UNIQUE") => StoreError::Conflict,
+        _ => StoreError::internal_from("SQLite statement failed", e),
+    }
+}
+
+fn to_micros(at: OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1_000) as i64
+}
+
+fn from_micros(micros: i64) -> Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
+        .map_err(|e| StoreError::internal_from("stored time out of range", e))
+}
+
+fn opt_from_micros(micros: Option<i64>) -> Result<Option<OffsetDateTime>> {
+    micros.map(from_micros).transpose()
+}
+
+fn corrupt(what: &str) -> impl FnOnce(String) -> StoreError + '_ {
+    move |detail| StoreError::internal(format!("corrupt {what} in the database: {detail}"))
+}
+
+/// Reads the columns of [`KEY_COLUMNS`] starting at `offset`.
+fn key_from_row(row: &Row<'_>, offset: usize) -> Result<KeyRecord> {
+    let get_str = |i: usize| row.get::<_, String>(offset + i).map_err(map_err);
+    let get_opt_i64 = |i: usize| row.get::<_, Option<i64>>(offset + i).map_err(map_err);
+    let scopes_json = get_str(4)?;
+    let scopes: Vec<String> = serde_json::from_str(&scopes_json).map_err(|e| corrupt("scopes")(e.to_string()))?;
+    Ok(KeyRecord {
+        key_id: get_str(0)?.parse().map_err(|e: vilvik_keys_domain::IdError| corrupt("key id")(e.to_string()))?,
+        account_id: get_str(1)?
+            .parse()
+            .map_err(|e: vilvik_keys_domain::IdError| corrupt("account id")(e.to_string()))?,
+        name: get_str(2)?.parse().map_err(|e: vilvik_keys_domain::FieldError| corrupt("name")(e.to_string()))?,
+        description: get_str(3)?
+            .parse()
+            .map_err(|e: vilvik_keys_domain::FieldError| corrupt("description")(e.to_string()))?,
+        scopes: ScopeSet::parse(&scopes).map_err(|(_, e)| corrupt("scopes")(e.to_string()))?,
+        prefix: get_str(5)?
+            .parse()
+            .map_err(|e: vilvik_keys_domain::KeyFormatError| corrupt("prefix")(e.to_string()))?,
+        created_at: from_micros(row.get(offset + 6).map_err(map_err)?)?,
+        expires_at: opt_from_micros(get_opt_i64(7)?)?,
+        revoked_at: opt_from_micros(get_opt_i64(8)?)?,
+        revoke_reason: row.get(offset + 9).map_err(map_err)?,
+        rotated_at: opt_from_micros(get_opt_i64(10)?)?,
+        last_used_at: opt_from_micros(get_opt_i64(11)?)?,
+        last_used_ip: row.get(offset + 12).map_err(map_err)?,
+    })
+}
+
+fn scopes_json(scopes: &ScopeSet) -> String {
+    serde_json::to_string(&scopes.to_strings()).expect("a list of strings serializes")
+}
+
+fn load_key(conn: &Connection, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>> {
+    conn.query_row(
+        &format!("SELECT {KEY_COLUMNS} FROM keys k WHERE k.account_id = ?1 AND k.key_id = ?2"),
+        params![account.as_str(), key_id.as_str()],
+        |row| Ok(key_from_row(row, 0)),
+    )
+    .optional()
+    .map_err(map_err)?
+    .transpose()
+}
+
+fn load_key_for_change(tx: &Transaction<'_>, account: &AccountId, key_id: &KeyId) -> Result<KeyRecord> {
+    let key = load_key(tx, account, key_id)?.ok_or(StoreError::NotFound)?;
+    rules::ensure_not_revoked(&key)?;
+    Ok(key)
+}
+
+fn ensure_account(tx: &Transaction<'_>, account: &AccountId, now: OffsetDateTime) -> Result<Tier> {
+    tx.execute(
+        "INSERT INTO accounts (account_id, tier, created_at) VALUES (?1, 'free', ?2) ON CONFLICT DO NOTHING",
+        params![account.as_str(), to_micros(now)],
+    )
+    .map_err(map_err)?;
+    let tier: String = tx
+        .query_row("SELECT tier FROM accounts WHERE account_id = ?1", [account.as_str()], |r| r.get(0))
+        .map_err(map_err)?;
+    tier.parse().map_err(|e: vilvik_keys_domain::UnknownTier| corrupt("tier")(e.to_string()))
+}
+
+fn check_room(tx: &Transaction<'_>, account: &AccountId, now: OffsetDateTime, limits: TierLimits) -> Result<()> {
+    let tier = ensure_account(tx, account, now)?;
+    let active: u32 = tx
+        .query_row(
+            "SELECT COUNT(*) FROM keys WHERE account_id = ?1 AND revoked_at IS NULL \
+             AND (expires_at IS NULL OR expires_at > ?2)",
+            params![account.as_str(), to_micros(now)],
+            |r| r.get(0),
+        )
+        .map_err(map_err)?;
+    rules::check_quota(tier, limits, active)
+}
+
+fn insert_audit(
+    tx: &Transaction<'_>,
+    account: &AccountId,
+    key_id: Option<&KeyId>,
+    action: AuditAction,
+    actor: &Actor,
+    at: OffsetDateTime,
+    changes: &[FieldChange],
+) -> Result<()> {
+    let changes = serde_json::to_string(changes).expect("field changes serialize");
+    tx.execute(
+        "INSERT INTO audit_events (account_id, key_id, action, actor, actor_ip, at, changes) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            account.as_str(),
+            key_id.map(KeyId::as_str),
+            action.as_str(),
+            actor.name,
+            actor.ip,
+            to_micros(at),
+            changes
+        ],
+    )
+    .map_err(map_err)?;
+    Ok(())
+}
+
+fn publish_change(tx: &Transaction<'_>, prefix: &KeyPrefix, at: OffsetDateTime) -> Result<()> {
+    tx.execute(
+        "INSERT INTO key_changes (prefix, at) VALUES (?1, ?2)",
+        params![prefix.as_str(), to_micros(at)],
+    )
+    .map_err(map_err)?;
+    Ok(())
+}
+
+fn page<T>(mut items: Vec<(i64, T)>, limit: u32) -> Page<T> {
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|(cursor, _)| *cursor)
+    } else {
+        None
+    };
+    Page {
+        items: items.into_iter().map(|(_, item)| item).collect(),
+        next_cursor,
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<usize> {
+        self.write(|tx| {
+            tx.execute(CREATE_LEDGER, []).map_err(map_err)?;
+            let current: i64 = tx
+                .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))
+                .map_err(map_err)?;
+            let pending: Vec<_> = SQLITE.iter().filter(|m| m.version > current).collect();
+            for m in &pending {
+                tx.execute_batch(m.sql)
+                    .map_err(|e| StoreError::internal_from(format!("migration {} ({}) failed", m.version, m.name), e))?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+                    params![m.version, m.name, format_time(OffsetDateTime::now_utc())],
+                )
+                .map_err(map_err)?;
+            }
+            Ok(pending.len())
+        })
+        .await
+    }
+
+    async fn create_key(&self, new: NewKey, actor: &Actor, limits: TierLimits) -> Result<KeyRecord> {
+        let actor = actor.clone();
+        self.write(move |tx| {
+            check_room(tx, &new.account_id, new.created_at, limits)?;
+            tx.execute(
+                "INSERT INTO keys (key_id, account_id, name, description, scopes, prefix, created_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    new.key_id.as_str(),
+                    new.account_id.as_str(),
+                    new.name.as_str(),
+                    new.description.as_str(),
+                    scopes_json(&new.scopes),
+                    new.prefix.as_str(),
+                    to_micros(new.created_at),
+                    new.expires_at.map(to_micros),
+                ],
+            )
+            .map_err(map_err)?;
+            tx.execute(
+                "INSERT INTO key_secrets (prefix, key_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    new.prefix.as_str(),
+                    new.key_id.as_str(),
+                    &new.hash.as_bytes()[..],
+                    to_micros(new.created_at)
+                ],
+            )
+            .map_err(map_err)?;
+            insert_audit(
+                tx,
+                &new.account_id,
+                Some(&new.key_id),
+                AuditAction::Created,
+                &actor,
+                new.created_at,
+                &rules::created_changes(&new),
+            )?;
+            publish_change(tx, &new.prefix, new.created_at)?;
+            load_key(tx, &new.account_id, &new.key_id)?.ok_or_else(|| StoreError::internal("created key vanished"))
+        })
+        .await
+    }
+
+    async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>> {
+        let (account, key_id) = (account.clone(), key_id.clone());
+        self.read(move |conn| load_key(conn, &account, &key_id)).await
+    }
+
+    async fn list_keys(
+        &self,
+        account: &AccountId,
+        include_revoked: bool,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<KeyRecord>> {
+        let account = account.clone();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT k.seq, {KEY_COLUMNS} FROM keys k WHERE k.account_id = ?1 AND k.seq > ?2 \
+                     AND (?3 OR k.revoked_at IS NULL) ORDER BY k.seq LIMIT ?4"
+                ))
+                .map_err(map_err)?;
+            let rows = stmt
+                .query_map(
+                    params![account.as_str(), after.unwrap_or(0), include_revoked, i64::from(limit) + 1],
+                    |row| Ok(row.get::<_, i64>(0).map(|seq| (seq, key_from_row(row, 1)))),
+                )
+                .map_err(map_err)?;
+            let mut items = Vec::new();
+            for row in rows {
+                let (seq, key) = row.map_err(map_err)?.map_err(map_err)?;
+                items.push((seq, key?));
+            }
+            Ok(page(items, limit))
+        })
+        .await
+    }
+
+    async fn update_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        changes: KeyChanges,
+        actor: &Actor,
+        now: OffsetDateTime,
+        limits: TierLimits,
+    ) -> Result<KeyRecord> {
+        let (account, key_id, actor) = (account.clone(), key_id.clone(), actor.clone());
+        self.write(move |tx| {
+            let before = load_key_for_change(tx, &account, &key_id)?;
+            let (after, diff) = rules::apply_changes(&before, changes);
+            if diff.is_empty() {
+                return Ok(before);
+            }
+            if rules::reactivates(&before, &after, now) {
+                check_room(tx, &account, now, limits)?;
+            }
+            tx.execute(
+                "UPDATE keys SET name = ?1, description = ?2, scopes = ?3, expires_at = ?4 WHERE key_id = ?5",
+                params![
+                    after.name.as_str(),
+                    after.description.as_str(),
+                    scopes_json(&after.scopes),
+                    after.expires_at.map(to_micros),
+                    key_id.as_str()
+                ],
+            )
+            .map_err(map_err)?;
+            insert_audit(tx, &account, Some(&key_id), AuditAction::Updated, &actor, now, &diff)?;
+            publish_change(tx, &after.prefix, now)?;
+            Ok(after)
+        })
+        .await
+    }
+
+    async fn rotate_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        prefix: &KeyPrefix,
+        hash: SecretHash,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<KeyRecord> {
+        let (account, key_id, prefix, actor) = (account.clone(), key_id.clone(), prefix.clone(), actor.clone());
+        self.write(move |tx| {
+            let before = load_key_for_change(tx, &account, &key_id)?;
+            if let (KeyState::Expired, Some(expires_at)) = (before.state(now), before.expires_at) {
+                return Err(StoreError::Expired { expires_at });
+            }
+            tx.execute(
+                "UPDATE key_secrets SET superseded_at = ?1 WHERE prefix = ?2",
+                params![to_micros(now), before.prefix.as_str()],
+            )
+            .map_err(map_err)?;
+            tx.execute(
+                "INSERT INTO key_secrets (prefix, key_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![prefix.as_str(), key_id.as_str(), &hash.as_bytes()[..], to_micros(now)],
+            )
+            .map_err(map_err)?;
+            tx.execute(
+                "UPDATE keys SET prefix = ?1, rotated_at = ?2 WHERE key_id = ?3",
+                params![prefix.as_str(), to_micros(now), key_id.as_str()],
+            )
+            .map_err(map_err)?;
+            let changes = rules::rotated_changes(&before.prefix, &prefix);
+            insert_audit(tx, &account, Some(&key_id), AuditAction::Rotated, &actor, now, &changes)?;
+            publish_change(tx, &before.prefix, now)?;
+            publish_change(tx, &prefix, now)?;
+            load_key(tx, &account, &key_id)?.ok_or_else(|| StoreError::internal("rotated key vanished"))
+        })
+        .await
+    }
+
+    async fn revoke_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        reason: &str,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<KeyRecord> {
+        let (account, key_id, reason, actor) = (account.clone(), key_id.clone(), reason.to_owned(), actor.clone());
+        self.write(move |tx| {
+            let before = load_key_for_change(tx, &account, &key_id)?;
+            tx.execute(
+                "UPDATE keys SET revoked_at = ?1, revoke_reason = ?2 WHERE key_id = ?3",
+                params![to_micros(now), reason, key_id.as_str()],
+            )
+            .map_err(map_err)?;
+            let changes = rules::revoked_changes(&reason);
+            insert_audit(tx, &account, Some(&key_id), AuditAction::Revoked, &actor, now, &changes)?;
+            publish_change(tx, &before.prefix, now)?;
+            load_key(tx, &account, &key_id)?.ok_or_else(|| StoreError::internal("revoked key vanished"))
+        })
+        .await
+    }
+
+    async fn list_audit_events(
+        &self,
+        account: &AccountId,
+        key_id: Option<&KeyId>,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<AuditEvent>> {
+        let (account, key_id) = (account.clone(), key_id.cloned());
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT event_id, account_id, key_id, action, actor, actor_ip, at, changes FROM audit_events \
+                     WHERE account_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND event_id > ?3 \
+                     ORDER BY event_id LIMIT ?4",
+                )
+                .map_err(map_err)?;
+            let mut rows = stmt
+                .query(params![
+                    account.as_str(),
+                    key_id.as_ref().map(KeyId::as_str),
+                    after.unwrap_or(0),
+                    i64::from(limit) + 1
+                ])
+                .map_err(map_err)?;
+            let mut items = Vec::new();
+            while let Some(row) = rows.next().map_err(map_err)? {
+                let event_id: i64 = row.get(0).map_err(map_err)?;
+                let key_id: Option<String> = row.get(2).map_err(map_err)?;
+                let action: String = row.get(3).map_err(map_err)?;
+                let changes: String = row.get(7).map_err(map_err)?;
+                let event = AuditEvent {
+                    event_id,
+                    account_id: account.clone(),
+                    key_id: key_id
+                        .map(|k| k.parse())
+                        .transpose()
+                        .map_err(|e: vilvik_keys_domain::IdError| corrupt("audit key id")(e.to_string()))?,
+                    action: action.parse().map_err(corrupt("audit action"))?,
+                    actor: row.get(4).map_err(map_err)?,
+                    actor_ip: row.get(5).map_err(map_err)?,
+                    at: from_micros(row.get(6).map_err(map_err)?)?,
+                    changes: serde_json::from_str(&changes).map_err(|e| corrupt("audit changes")(e.to_string()))?,
+                };
+                items.push((event_id, event));
+            }
+            Ok(page(items, limit))
+        })
+        .await
+    }
+
+    async fn get_account(&self, account: &AccountId) -> Result<Account> {
+        let account = account.clone();
+        self.read(move |conn| {
+            let tier: Option<String> = conn
+                .query_row("SELECT tier FROM accounts WHERE account_id = ?1", [account.as_str()], |r| r.get(0))
+                .optional()
+                .map_err(map_err)?;
+            let tier = match tier {
+                Some(t) => t.parse().map_err(|e: vilvik_keys_domain::UnknownTier| corrupt("tier")(e.to_string()))?,
+                None => Tier::Free,
+            };
+            Ok(Account { tier })
+        })
+        .await
+    }
+
+    async fn set_tier(&self, account: &AccountId, tier: Tier, actor: &Actor, now: OffsetDateTime) -> Result<Account> {
+        let (account, actor) = (account.clone(), actor.clone());
+        self.write(move |tx| {
+            let old = ensure_account(tx, &account, now)?;
+            if old != tier {
+                tx.execute(
+                    "UPDATE accounts SET tier = ?1 WHERE account_id = ?2",
+                    params![tier.as_str(), account.as_str()],
+                )
+                .map_err(map_err)?;
+                let changes = rules::tier_changes(old, tier);
+                insert_audit(tx, &account, None, AuditAction::TierChanged, &actor, now, &changes)?;
+            }
+            Ok(Account { tier })
+        })
+        .await
+    }
+
+    async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
+        let prefix = prefix.clone();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT s.hash, s.superseded_at, {KEY_COLUMNS} FROM key_secrets s \
+                 JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = ?1"
+            ))
+            .map_err(map_err)?
+            .query_row([prefix.as_str()], |row| {
+                Ok((|| {
+                    let hash: Vec<u8> = row.get(0).map_err(map_err)?;
+                    Ok(SecretRecord {
+                        hash: SecretHash::from_slice(&hash).ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
+                        superseded_at: opt_from_micros(row.get(1).map_err(map_err)?)?,
+                        key: key_from_row(row, 2)?,
+                    })
+                })())
+            })
+            .optional()
+            .map_err(map_err)?
+            .transpose()
+        })
+        .await
+    }
+
+    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let usage = usage.to_vec();
+        self.write(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE keys SET last_used_at = ?1, last_used_ip = ?2 \
+                     WHERE key_id = ?3 AND (last_used_at IS NULL OR last_used_at < ?1)",
+                )
+                .map_err(map_err)?;
+            for u in &usage {
+                stmt.execute(params![to_micros(u.at), u.ip, u.key_id.as_str()]).map_err(map_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn change_sequence(&self) -> Result<i64> {
+        self.read(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM key_changes", [], |r| r.get(0))
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT seq, prefix FROM key_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+                .map_err(map_err)?;
+            let rows = stmt
+                .query_map(params![seq, i64::from(limit)], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                .map_err(map_err)?;
+            rows.map(|r| {
+                let (seq, prefix) = r.map_err(map_err)?;
+                let prefix = prefix
+                    .parse()
+                    .map_err(|e: vilvik_keys_domain::KeyFormatError| corrupt("change prefix")(e.to_string()))?;
+                Ok((seq, prefix))
+            })
+            .collect()
+        })
+        .await
+    }
+}
