@@ -21,7 +21,10 @@ pub enum StoreError {
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Anything else: a bug, a corrupt row, a failed migration.
     #[error("store failure: {0}")]
-    Internal(String, #[source] Option<Box<dyn std::error::Error + Send + Sync>>),
+    Internal(
+        String,
+        #[source] Option<Box<dyn std::error::Error + Send + Sync>>,
+    ),
 }
 
 impl StoreError {
@@ -29,7 +32,10 @@ impl StoreError {
         Self::Internal(message.into(), None)
     }
 
-    pub(crate) fn internal_from(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+    pub(crate) fn internal_from(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
         Self::Internal(message.into(), Some(Box::new(source)))
     }
 }

@@ -47,7 +47,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// the account (tier `free`) on first use. Fails with
     /// [`StoreError::QuotaExceeded`] when the account already holds as many
     /// active keys as its tier allows; concurrent creates cannot overshoot.
-    async fn create_key(&self, new: NewKey, actor: &Actor, limits: TierLimits) -> Result<KeyRecord>;
+    async fn create_key(&self, new: NewKey, actor: &Actor, limits: TierLimits)
+    -> Result<KeyRecord>;
 
     /// A key of `account`; another account's key is `None`.
     async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>>;
@@ -110,7 +111,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn get_account(&self, account: &AccountId) -> Result<Account>;
 
     /// Changes the account's tier, with an audit event.
-    async fn set_tier(&self, account: &AccountId, tier: Tier, actor: &Actor, now: OffsetDateTime) -> Result<Account>;
+    async fn set_tier(
+        &self,
+        account: &AccountId,
+        tier: Tier,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Account>;
 
     /// The secret with this prefix, current or superseded, and its key.
     async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>>;
@@ -128,7 +135,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
 /// Opens the store a configuration names: Postgres when `database_url` is
 /// set, else the SQLite file at `sqlite_path` (created when missing).
-pub async fn connect(database_url: Option<&str>, sqlite_path: &std::path::Path) -> Result<std::sync::Arc<dyn Store>> {
+pub async fn connect(
+    database_url: Option<&str>,
+    sqlite_path: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>> {
     Ok(match database_url {
         Some(url) => {
             let _ = PostgresStore::connect(url).await?;

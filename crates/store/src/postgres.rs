@@ -8,6 +8,8 @@ pub struct PostgresStore;
 
 impl PostgresStore {
     pub async fn connect(_url: &str) -> Result<Self> {
-        Err(StoreError::internal("the Postgres backend is not built yet"))
+        Err(StoreError::internal(
+            "the Postgres backend is not built yet",
+        ))
     }
 }

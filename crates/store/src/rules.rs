@@ -27,7 +27,11 @@ fn change(field: &str, old: Option<String>, new: Option<String>) -> FieldChange 
 pub(crate) fn created_changes(new: &NewKey) -> Vec<FieldChange> {
     vec![
         change("name", None, Some(new.name.to_string())),
-        change("description", None, Some(new.description.as_str().to_owned())),
+        change(
+            "description",
+            None,
+            Some(new.description.as_str().to_owned()),
+        ),
         change("scopes", None, Some(format_scopes(&new.scopes))),
         change("expires_at", None, new.expires_at.map(format_time)),
         change("prefix", None, Some(new.prefix.to_string())),
@@ -35,7 +39,11 @@ pub(crate) fn created_changes(new: &NewKey) -> Vec<FieldChange> {
 }
 
 pub(crate) fn rotated_changes(old: &KeyPrefix, new: &KeyPrefix) -> Vec<FieldChange> {
-    vec![change("prefix", Some(old.to_string()), Some(new.to_string()))]
+    vec![change(
+        "prefix",
+        Some(old.to_string()),
+        Some(new.to_string()),
+    )]
 }
 
 pub(crate) fn revoked_changes(reason: &str) -> Vec<FieldChange> {
@@ -52,7 +60,11 @@ pub(crate) fn apply_changes(key: &KeyRecord, changes: KeyChanges) -> (KeyRecord,
     let mut updated = key.clone();
     let mut diff = Vec::new();
     if let Some(name) = changes.name.filter(|n| *n != key.name) {
-        diff.push(change("name", Some(key.name.to_string()), Some(name.to_string())));
+        diff.push(change(
+            "name",
+            Some(key.name.to_string()),
+            Some(name.to_string()),
+        ));
         updated.name = name;
     }
     if let Some(description) = changes.description.filter(|d| *d != key.description) {
@@ -100,7 +112,11 @@ pub(crate) fn reactivates(before: &KeyRecord, after: &KeyRecord, now: OffsetDate
 pub(crate) fn check_quota(tier: Tier, limits: TierLimits, active: u32) -> Result<(), StoreError> {
     let limit = limits.for_tier(tier);
     if active >= limit {
-        return Err(StoreError::QuotaExceeded { tier, limit, active });
+        return Err(StoreError::QuotaExceeded {
+            tier,
+            limit,
+            active,
+        });
     }
     Ok(())
 }

@@ -52,7 +52,9 @@ impl SqliteStore {
             let writer = open_connection(&path)?;
             writer
                 .pragma_update(None, "journal_mode", "WAL")
-                .map_err(|e| StoreError::internal_from(format!("cannot enable WAL on {}", path.display()), e))?;
+                .map_err(|e| {
+                    StoreError::internal_from(format!("cannot enable WAL on {}", path.display()), e)
+                })?;
             let reader = open_connection(&path)?;
             Ok(Self {
                 writer: Arc::new(Mutex::new(writer)),
@@ -80,22 +82,30 @@ impl SqliteStore {
         .await
     }
 
-    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> Result<T> + Send + 'static) -> Result<T> {
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let conn = self.reader.clone();
         run_blocking(move || f(&conn.lock().unwrap_or_else(|p| p.into_inner()))).await
     }
 }
 
 fn open_connection(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)
-        .map_err(|e| StoreError::internal_from(format!("cannot open SQLite database {}", path.display()), e))?;
+    let conn = Connection::open(path).map_err(|e| {
+        StoreError::internal_from(format!("cannot open SQLite database {}", path.display()), e)
+    })?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(map_err)?;
-    conn.pragma_update(None, "synchronous", "NORMAL").map_err(map_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(map_err)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(map_err)?;
     Ok(conn)
 }
 
-async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StoreError::internal_from("SQLite task failed", e))?
@@ -104,8 +114,12 @@ async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 
 fn map_err(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode;
     match e.sqlite_error_code() {
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Unavailable(Box::new(e)),
-        Some(ErrorCode::ConstraintViolation) if e.to_string().contains("UNIQUE") => StoreError::Conflict,
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StoreError::Unavailable(Box::new(e))
+        }
+        Some(ErrorCode::ConstraintViolation) if e.to_string().contains("UNIQUE") => {
+            StoreError::Conflict
+        }
         _ => StoreError::internal_from("SQLite statement failed", e),
     }
 }
@@ -132,13 +146,18 @@ fn key_from_row(row: &Row<'_>, offset: usize) -> Result<KeyRecord> {
     let get_str = |i: usize| row.get::<_, String>(offset + i).map_err(map_err);
     let get_opt_i64 = |i: usize| row.get::<_, Option<i64>>(offset + i).map_err(map_err);
     let scopes_json = get_str(4)?;
-    let scopes: Vec<String> = serde_json::from_str(&scopes_json).map_err(|e| corrupt("scopes")(e.to_string()))?;
+    let scopes: Vec<String> =
+        serde_json::from_str(&scopes_json).map_err(|e| corrupt("scopes")(e.to_string()))?;
     Ok(KeyRecord {
-        key_id: get_str(0)?.parse().map_err(|e: vilvik_keys_domain::IdError| corrupt("key id")(e.to_string()))?,
+        key_id: get_str(0)?
+            .parse()
+            .map_err(|e: vilvik_keys_domain::IdError| corrupt("key id")(e.to_string()))?,
         account_id: get_str(1)?
             .parse()
             .map_err(|e: vilvik_keys_domain::IdError| corrupt("account id")(e.to_string()))?,
-        name: get_str(2)?.parse().map_err(|e: vilvik_keys_domain::FieldError| corrupt("name")(e.to_string()))?,
+        name: get_str(2)?
+            .parse()
+            .map_err(|e: vilvik_keys_domain::FieldError| corrupt("name")(e.to_string()))?,
         description: get_str(3)?
             .parse()
             .map_err(|e: vilvik_keys_domain::FieldError| corrupt("description")(e.to_string()))?,
@@ -171,7 +190,11 @@ fn load_key(conn: &Connection, account: &AccountId, key_id: &KeyId) -> Result<Op
     .transpose()
 }
 
-fn load_key_for_change(tx: &Transaction<'_>, account: &AccountId, key_id: &KeyId) -> Result<KeyRecord> {
+fn load_key_for_change(
+    tx: &Transaction<'_>,
+    account: &AccountId,
+    key_id: &KeyId,
+) -> Result<KeyRecord> {
     let key = load_key(tx, account, key_id)?.ok_or(StoreError::NotFound)?;
     rules::ensure_not_revoked(&key)?;
     Ok(key)
@@ -184,12 +207,22 @@ fn ensure_account(tx: &Transaction<'_>, account: &AccountId, now: OffsetDateTime
     )
     .map_err(map_err)?;
     let tier: String = tx
-        .query_row("SELECT tier FROM accounts WHERE account_id = ?1", [account.as_str()], |r| r.get(0))
+        .query_row(
+            "SELECT tier FROM accounts WHERE account_id = ?1",
+            [account.as_str()],
+            |r| r.get(0),
+        )
         .map_err(map_err)?;
-    tier.parse().map_err(|e: vilvik_keys_domain::UnknownTier| corrupt("tier")(e.to_string()))
+    tier.parse()
+        .map_err(|e: vilvik_keys_domain::UnknownTier| corrupt("tier")(e.to_string()))
 }
 
-fn check_room(tx: &Transaction<'_>, account: &AccountId, now: OffsetDateTime, limits: TierLimits) -> Result<()> {
+fn check_room(
+    tx: &Transaction<'_>,
+    account: &AccountId,
+    now: OffsetDateTime,
+    limits: TierLimits,
+) -> Result<()> {
     let tier = ensure_account(tx, account, now)?;
     let active: u32 = tx
         .query_row(
@@ -257,12 +290,20 @@ impl Store for SqliteStore {
         self.write(|tx| {
             tx.execute(CREATE_LEDGER, []).map_err(map_err)?;
             let current: i64 = tx
-                .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))
+                .query_row(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                    [],
+                    |r| r.get(0),
+                )
                 .map_err(map_err)?;
             let pending: Vec<_> = SQLITE.iter().filter(|m| m.version > current).collect();
             for m in &pending {
-                tx.execute_batch(m.sql)
-                    .map_err(|e| StoreError::internal_from(format!("migration {} ({}) failed", m.version, m.name), e))?;
+                tx.execute_batch(m.sql).map_err(|e| {
+                    StoreError::internal_from(
+                        format!("migration {} ({}) failed", m.version, m.name),
+                        e,
+                    )
+                })?;
                 tx.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
                     params![m.version, m.name, format_time(OffsetDateTime::now_utc())],
@@ -274,7 +315,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_key(&self, new: NewKey, actor: &Actor, limits: TierLimits) -> Result<KeyRecord> {
+    async fn create_key(
+        &self,
+        new: NewKey,
+        actor: &Actor,
+        limits: TierLimits,
+    ) -> Result<KeyRecord> {
         let actor = actor.clone();
         self.write(move |tx| {
             check_room(tx, &new.account_id, new.created_at, limits)?;
@@ -320,7 +366,8 @@ impl Store for SqliteStore {
 
     async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>> {
         let (account, key_id) = (account.clone(), key_id.clone());
-        self.read(move |conn| load_key(conn, &account, &key_id)).await
+        self.read(move |conn| load_key(conn, &account, &key_id))
+            .await
     }
 
     async fn list_keys(
@@ -400,7 +447,12 @@ impl Store for SqliteStore {
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<KeyRecord> {
-        let (account, key_id, prefix, actor) = (account.clone(), key_id.clone(), prefix.clone(), actor.clone());
+        let (account, key_id, prefix, actor) = (
+            account.clone(),
+            key_id.clone(),
+            prefix.clone(),
+            actor.clone(),
+        );
         self.write(move |tx| {
             let before = load_key_for_change(tx, &account, &key_id)?;
             if let (KeyState::Expired, Some(expires_at)) = (before.state(now), before.expires_at) {
@@ -438,7 +490,12 @@ impl Store for SqliteStore {
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<KeyRecord> {
-        let (account, key_id, reason, actor) = (account.clone(), key_id.clone(), reason.to_owned(), actor.clone());
+        let (account, key_id, reason, actor) = (
+            account.clone(),
+            key_id.clone(),
+            reason.to_owned(),
+            actor.clone(),
+        );
         self.write(move |tx| {
             let before = load_key_for_change(tx, &account, &key_id)?;
             tx.execute(
@@ -447,9 +504,18 @@ impl Store for SqliteStore {
             )
             .map_err(map_err)?;
             let changes = rules::revoked_changes(&reason);
-            insert_audit(tx, &account, Some(&key_id), AuditAction::Revoked, &actor, now, &changes)?;
+            insert_audit(
+                tx,
+                &account,
+                Some(&key_id),
+                AuditAction::Revoked,
+                &actor,
+                now,
+                &changes,
+            )?;
             publish_change(tx, &before.prefix, now)?;
-            load_key(tx, &account, &key_id)?.ok_or_else(|| StoreError::internal("revoked key vanished"))
+            load_key(tx, &account, &key_id)?
+                .ok_or_else(|| StoreError::internal("revoked key vanished"))
         })
         .await
     }
@@ -508,11 +574,17 @@ impl Store for SqliteStore {
         let account = account.clone();
         self.read(move |conn| {
             let tier: Option<String> = conn
-                .query_row("SELECT tier FROM accounts WHERE account_id = ?1", [account.as_str()], |r| r.get(0))
+                .query_row(
+                    "SELECT tier FROM accounts WHERE account_id = ?1",
+                    [account.as_str()],
+                    |r| r.get(0),
+                )
                 .optional()
                 .map_err(map_err)?;
             let tier = match tier {
-                Some(t) => t.parse().map_err(|e: vilvik_keys_domain::UnknownTier| corrupt("tier")(e.to_string()))?,
+                Some(t) => t
+                    .parse()
+                    .map_err(|e: vilvik_keys_domain::UnknownTier| corrupt("tier")(e.to_string()))?,
                 None => Tier::Free,
             };
             Ok(Account { tier })
@@ -520,7 +592,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn set_tier(&self, account: &AccountId, tier: Tier, actor: &Actor, now: OffsetDateTime) -> Result<Account> {
+    async fn set_tier(
+        &self,
+        account: &AccountId,
+        tier: Tier,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Account> {
         let (account, actor) = (account.clone(), actor.clone());
         self.write(move |tx| {
             let old = ensure_account(tx, &account, now)?;
@@ -531,7 +609,15 @@ impl Store for SqliteStore {
                 )
                 .map_err(map_err)?;
                 let changes = rules::tier_changes(old, tier);
-                insert_audit(tx, &account, None, AuditAction::TierChanged, &actor, now, &changes)?;
+                insert_audit(
+                    tx,
+                    &account,
+                    None,
+                    AuditAction::TierChanged,
+                    &actor,
+                    now,
+                    &changes,
+                )?;
             }
             Ok(Account { tier })
         })
@@ -550,7 +636,8 @@ impl Store for SqliteStore {
                 Ok((|| {
                     let hash: Vec<u8> = row.get(0).map_err(map_err)?;
                     Ok(SecretRecord {
-                        hash: SecretHash::from_slice(&hash).ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
+                        hash: SecretHash::from_slice(&hash)
+                            .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
                         superseded_at: opt_from_micros(row.get(1).map_err(map_err)?)?,
                         key: key_from_row(row, 2)?,
                     })
@@ -576,7 +663,8 @@ impl Store for SqliteStore {
                 )
                 .map_err(map_err)?;
             for u in &usage {
-                stmt.execute(params![to_micros(u.at), u.ip, u.key_id.as_str()]).map_err(map_err)?;
+                stmt.execute(params![to_micros(u.at), u.ip, u.key_id.as_str()])
+                    .map_err(map_err)?;
             }
             Ok(())
         })
@@ -585,8 +673,10 @@ impl Store for SqliteStore {
 
     async fn change_sequence(&self) -> Result<i64> {
         self.read(|conn| {
-            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM key_changes", [], |r| r.get(0))
-                .map_err(map_err)
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM key_changes", [], |r| {
+                r.get(0)
+            })
+            .map_err(map_err)
         })
         .await
     }
@@ -594,16 +684,22 @@ impl Store for SqliteStore {
     async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>> {
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT seq, prefix FROM key_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+                .prepare_cached(
+                    "SELECT seq, prefix FROM key_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
                 .map_err(map_err)?;
             let rows = stmt
-                .query_map(params![seq, i64::from(limit)], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                .query_map(params![seq, i64::from(limit)], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
                 .map_err(map_err)?;
             rows.map(|r| {
                 let (seq, prefix) = r.map_err(map_err)?;
                 let prefix = prefix
                     .parse()
-                    .map_err(|e: vilvik_keys_domain::KeyFormatError| corrupt("change prefix")(e.to_string()))?;
+                    .map_err(|e: vilvik_keys_domain::KeyFormatError| {
+                        corrupt("change prefix")(e.to_string())
+                    })?;
                 Ok((seq, prefix))
             })
             .collect()
