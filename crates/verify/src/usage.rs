@@ -1,0 +1,107 @@
+//! Write-behind of `last_used_at` / `last_used_ip`.
+//!
+//! Verifies only touch an in-memory map (latest use per key); a background
+//! task writes the map to the store in one batch per interval. The map is
+//! bounded: past `max_pending` distinct keys, uses of further keys wait for
+//! the next flush (their earlier uses are already recorded or will be).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vilvik_keys_domain::KeyId;
+use vilvik_keys_store::{Store, UsageRecord};
+
+#[derive(Debug, Clone, Copy)]
+pub struct UsageConfig {
+    /// How often pending uses are written.
+    pub flush_interval: Duration,
+    /// Most distinct keys held between flushes.
+    pub max_pending: usize,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_secs(1),
+            max_pending: 100_000,
+        }
+    }
+}
+
+/// Collects uses and writes them in batches. Cheap to clone; clones share
+/// one buffer.
+#[derive(Debug, Clone)]
+pub struct UsageRecorder {
+    pending: Arc<Mutex<HashMap<KeyId, UsageRecord>>>,
+    store: Arc<dyn Store>,
+    config: UsageConfig,
+}
+
+impl UsageRecorder {
+    pub fn new(store: Arc<dyn Store>, config: UsageConfig) -> Self {
+        Self {
+            pending: Arc::default(),
+            store,
+            config,
+        }
+    }
+
+    /// Notes a use; never blocks on I/O.
+    pub fn record(&self, usage: UsageRecord) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let full = pending.len() >= self.config.max_pending;
+        match pending.get_mut(&usage.key_id) {
+            Some(existing) if existing.at <= usage.at => *existing = usage,
+            Some(_) => {}
+            None if full => {}
+            None => {
+                pending.insert(usage.key_id.clone(), usage);
+            }
+        }
+    }
+
+    /// Writes everything pending. On failure the batch is put back (newer
+    /// uses recorded meanwhile win) and the error returned, so the next
+    /// flush retries.
+    pub async fn flush(&self) -> Result<usize, vilvik_keys_store::StoreError> {
+        let batch: Vec<UsageRecord> = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.drain().map(|(_, usage)| usage).collect()
+        };
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match self.store.record_usage(&batch).await {
+            Ok(()) => Ok(batch.len()),
+            Err(e) => {
+                for usage in batch {
+                    self.record(usage);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Flushes every interval until `shutdown` resolves, then once more.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut ticker = tokio::time::interval(self.config.flush_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.flush_logging().await,
+                () = &mut shutdown => break,
+            }
+        }
+        self.flush_logging().await;
+    }
+
+    async fn flush_logging(&self) {
+        match self.flush().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(usage.keys = n, "flushed key usage"),
+            Err(e) => tracing::warn!(error = %e, "could not write key usage; will retry at the next flush"),
+        }
+    }
+}
