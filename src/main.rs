@@ -1,1 +1,124 @@
-fn main() {}
+//! The `vilvik-keys` binary: the service (`serve`), its schema (`migrate`),
+//! an account's first management key (`bootstrap`), and the admin CLI
+//! (`keys …`, `accounts …`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vilvik_keys::cli::{self, AccountsCommand, ClientArgs, KeysCommand};
+use vilvik_keys::config::Config;
+use vilvik_keys::startup::{self, Application, Role};
+
+#[derive(Debug, Parser)]
+#[command(name = "vilvik-keys", version, about = "The API-key service of the Vilvik platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service: the admin API, the verify API, or both.
+    Serve {
+        /// Which listeners to serve; verify nodes scale out on their own.
+        #[arg(long, value_enum, default_value_t = Role::All)]
+        role: Role,
+        /// TOML configuration file; environment variables win over it.
+        #[arg(long, env = "VILVIK_KEYS_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Apply database migrations and exit (`serve` also applies them).
+    Migrate {
+        #[arg(long, env = "VILVIK_KEYS_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Create an account's first management key (scope keys:admin) and print it once.
+    Bootstrap {
+        /// The account, e.g. ACME.
+        #[arg(long)]
+        account: String,
+        /// A name for the key.
+        #[arg(long, default_value = "bootstrap")]
+        name: String,
+        #[arg(long, env = "VILVIK_KEYS_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Manage keys through the admin API.
+    Keys {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Manage accounts through the admin API.
+    Accounts {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: AccountsCommand,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
+    let config = Config::load(path.as_deref()).context("invalid configuration")?;
+    vilvik_keys::telemetry::init(config.log_format);
+    Ok(config)
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { role, config } => {
+            let config = load_config(config)?;
+            let app = Application::build(config, role).await?;
+            app.run_until(shutdown_signal()).await
+        }
+        Command::Migrate { config } => {
+            let config = load_config(config)?;
+            startup::open_store(&config).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Bootstrap { account, name, config } => {
+            let config = load_config(config)?;
+            cli::bootstrap(&config, &account, &name).await
+        }
+        Command::Keys { client, command } => cli::run_keys(client, command).await,
+        Command::Accounts { client, command } => cli::run_accounts(client, command).await,
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,1 @@
+//! `keys …` and `accounts …`: being written.

@@ -1,0 +1,9 @@
+//! The admin CLI: `bootstrap` (direct store access, for the operator who
+//! runs the service) and `keys …` / `accounts …`, which talk to the admin
+//! API through the generated client like any other tool.
+
+mod bootstrap;
+mod client;
+
+pub use bootstrap::bootstrap;
+pub use client::{AccountsCommand, ClientArgs, KeysCommand, run_accounts, run_keys};

@@ -1,0 +1,345 @@
+//! The KeyAdmin service: key lifecycle and audit for an account's tooling.
+//! Every handler authenticates first, validates every field before touching
+//! the store, and leaves each change (with its audit event) to one store
+//! transaction.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use vilvik_keys_domain::{
+    AccountId, Clock, Description, GeneratedKey, KeyId, KeyName, ScopeSet, TierLimits, validate_expiry,
+};
+use vilvik_keys_store::{KeyChanges, KeyRecord, NewKey, Store, StoreError};
+
+use super::auth::{Authenticator, Caller};
+use super::convert;
+use super::error::ApiError;
+use crate::proto::{self, key_admin_server::KeyAdmin};
+
+/// Longest revocation reason accepted.
+const MAX_REASON_CHARS: usize = 500;
+/// Fresh identifiers collide with probability ~2^-47; retry a few times anyway.
+const MAX_ID_ATTEMPTS: usize = 3;
+
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub auth: Authenticator,
+    pub limits: TierLimits,
+    /// The verify address printed in smoke-test commands.
+    pub public_verify_addr: String,
+}
+
+impl AdminService {
+    fn smoke_test_command(&self, secret: &str) -> String {
+        format!(
+            "grpcurl -plaintext -d '{{\"key\":\"{secret}\"}}' {} vilvik.keys.v1.KeyVerify/VerifyKey",
+            self.public_verify_addr
+        )
+    }
+
+    fn key(&self, record: KeyRecord) -> proto::Key {
+        convert::key(record, self.clock.now())
+    }
+
+    /// Maps the store's rule failures for a change to `key_id`.
+    fn change_error(&self, caller: &Caller, key_id: &KeyId, e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound => ApiError::key_not_found(key_id),
+            StoreError::Revoked { revoked_at } => ApiError::FailedPrecondition(format!(
+                "key {key_id} was revoked at {}; revocation is final: create a new key instead",
+                crate::format_time(revoked_at)
+            )),
+            StoreError::Expired { expires_at } => ApiError::FailedPrecondition(format!(
+                "key {key_id} expired at {}: extend it with UpdateKey (expires_at) first, or create a new key",
+                crate::format_time(expires_at)
+            )),
+            StoreError::QuotaExceeded { .. } => self.quota_error(&caller.account, e),
+            other => other.into(),
+        }
+    }
+
+    fn quota_error(&self, account: &AccountId, e: StoreError) -> ApiError {
+        let StoreError::QuotaExceeded { tier, limit, active } = e else {
+            return e.into();
+        };
+        let remedy = match tier {
+            vilvik_keys_domain::Tier::Free => format!(
+                "revoke a key you no longer use (RevokeKey), or move to the premium tier ({} active keys)",
+                self.limits.premium
+            ),
+            vilvik_keys_domain::Tier::Premium => "revoke a key you no longer use (RevokeKey)".to_owned(),
+        };
+        ApiError::ResourceExhausted(format!(
+            "account {account} is on the {tier} tier, which allows {limit} active keys, and already holds {active}: {remedy}"
+        ))
+    }
+}
+
+fn parse_key_id(key_id: &str) -> Result<KeyId, ApiError> {
+    if key_id.is_empty() {
+        return Err(ApiError::invalid("key_id", "is required: pass the key_id returned by CreateKey or ListKeys"));
+    }
+    key_id.parse().map_err(|e| ApiError::invalid("key_id", e))
+}
+
+fn parse_name(name: &str) -> Result<KeyName, ApiError> {
+    name.parse().map_err(|e| ApiError::invalid("name", e))
+}
+
+fn parse_description(description: &str) -> Result<Description, ApiError> {
+    description.parse().map_err(|e| ApiError::invalid("description", e))
+}
+
+fn parse_scopes(scopes: &[String]) -> Result<ScopeSet, ApiError> {
+    ScopeSet::parse(scopes).map_err(|(index, e)| ApiError::invalid(format!("scopes[{index}]"), e))
+}
+
+fn parse_expiry(
+    expires_at: Option<&prost_types::Timestamp>,
+    now: time::OffsetDateTime,
+) -> Result<Option<time::OffsetDateTime>, ApiError> {
+    expires_at
+        .map(|ts| {
+            let at = convert::from_timestamp("expires_at", ts)?;
+            validate_expiry(at, now).map_err(|e| ApiError::invalid("expires_at", e))?;
+            Ok(at)
+        })
+        .transpose()
+}
+
+#[tonic::async_trait]
+impl KeyAdmin for AdminService {
+    async fn create_key(
+        &self,
+        request: Request<proto::CreateKeyRequest>,
+    ) -> Result<Response<proto::CreateKeyResponse>, Status> {
+        let caller = self.auth.caller(&request).await?;
+        let req = request.into_inner();
+        let now = self.clock.now();
+        let name = parse_name(&req.name)?;
+        let description = parse_description(&req.description)?;
+        let scopes = parse_scopes(&req.scopes)?;
+        let expires_at = parse_expiry(req.expires_at.as_ref(), now)?;
+
+        for _ in 0..MAX_ID_ATTEMPTS {
+            let secret = GeneratedKey::generate();
+            let new = NewKey {
+                key_id: KeyId::generate(),
+                account_id: caller.account.clone(),
+                name: name.clone(),
+                description: description.clone(),
+                scopes: scopes.clone(),
+                expires_at,
+                prefix: secret.prefix().clone(),
+                hash: secret.hash(),
+                created_at: now,
+            };
+            match self.store.create_key(new, &caller.actor, self.limits).await {
+                Ok(record) => {
+                    tracing::info!(key.id = %record.key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key created");
+                    return Ok(Response::new(proto::CreateKeyResponse {
+                        key: Some(self.key(record)),
+                        smoke_test_command: self.smoke_test_command(secret.expose_secret()),
+                        secret: secret.expose_secret().to_owned(),
+                    }));
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e @ StoreError::QuotaExceeded { .. }) => return Err(self.quota_error(&caller.account, e).into()),
+                Err(e) => return Err(ApiError::from(e).into()),
+            }
+        }
+        Err(ApiError::Internal(StoreError::Conflict).into())
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        let caller = self.auth.caller(&request).await?;
+        let req = request.into_inner();
+        let limit = convert::page_size(req.page_size)?;
+        let after = convert::cursor(&req.page_token)?;
+        let page = self
+            .store
+            .list_keys(&caller.account, req.include_revoked, after, limit)
+            .await
+            .map_err(ApiError::from)?;
+        let now = self.clock.now();
+        Ok(Response::new(proto::ListKeysResponse {
+            keys: page.items.into_iter().map(|k| convert::key(k, now)).collect(),
+            next_page_token: convert::page_token(page.next_cursor),
+        }))
+    }
+
+    async fn get_key(&self, request: Request<proto::GetKeyRequest>) -> Result<Response<proto::Key>, Status> {
+        let caller = self.auth.caller(&request).await?;
+        let key_id = parse_key_id(&request.get_ref().key_id)?;
+        let record = self
+            .store
+            .get_key(&caller.account, &key_id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::key_not_found(&key_id))?;
+        Ok(Response::new(self.key(record)))
+    }
+
+    async fn update_key(&self, request: Request<proto::UpdateKeyRequest>) -> Result<Response<proto::Key>, Status> {
+        let caller = self.auth.caller(&request).await?;
+        let req = request.into_inner();
+        let key_id = parse_key_id(&req.key_id)?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        if paths.is_empty() {
+            return Err(ApiError::invalid(
+                "update_mask",
+                "is empty: name the fields to change, from name, description, scopes and expires_at",
+            )
+            .into());
+        }
+        let now = self.clock.now();
+        let mut changes = KeyChanges::default();
+        for path in &paths {
+            match path.as_str() {
+                "name" => changes.name = Some(parse_name(&req.name)?),
+                "description" => changes.description = Some(parse_description(&req.description)?),
+                "scopes" => changes.scopes = Some(parse_scopes(&req.scopes)?),
+                "expires_at" => changes.expires_at = Some(parse_expiry(req.expires_at.as_ref(), now)?),
+                other => {
+                    return Err(ApiError::invalid(
+                        "update_mask",
+                        format!("'{other}' cannot be updated: use name, description, scopes or expires_at"),
+                    )
+                    .into());
+                }
+            }
+        }
+        let record = self
+            .store
+            .update_key(&caller.account, &key_id, changes, &caller.actor, now, self.limits)
+            .await
+            .map_err(|e| self.change_error(&caller, &key_id, e))?;
+        tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, fields = ?paths, "key updated");
+        Ok(Response::new(self.key(record)))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::RotateKeyResponse>, Status> {
+        let caller = self.auth.caller(&request).await?;
+        let key_id = parse_key_id(&request.get_ref().key_id)?;
+        let now = self.clock.now();
+        for _ in 0..MAX_ID_ATTEMPTS {
+            let secret = GeneratedKey::generate();
+            match self
+                .store
+                .rotate_key(&caller.account, &key_id, secret.prefix(), secret.hash(), &caller.actor, now)
+                .await
+            {
+                Ok(record) => {
+                    tracing::info!(key.id = %key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key rotated");
+                    return Ok(Response::new(proto::RotateKeyResponse {
+                        key: Some(self.key(record)),
+                        smoke_test_command: self.smoke_test_command(secret.expose_secret()),
+                        secret: secret.expose_secret().to_owned(),
+                    }));
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(self.change_error(&caller, &key_id, e).into()),
+            }
+        }
+        Err(ApiError::Internal(StoreError::Conflict).into())
+    }
+
+    async fn revoke_key(&self, request: Request<proto::RevokeKeyRequest>) -> Result<Response<proto::Key>, Status> {
+        let caller = self.auth.caller(&request).await?;
+        let req = request.into_inner();
+        let key_id = parse_key_id(&req.key_id)?;
+        let reason = req.reason.trim();
+        if reason.chars().count() > MAX_REASON_CHARS {
+            return Err(ApiError::invalid("reason", format!("is longer than {MAX_REASON_CHARS} characters")).into());
+        }
+        let record = self
+            .store
+            .revoke_key(&caller.account, &key_id, reason, &caller.actor, self.clock.now())
+            .await
+            .map_err(|e| self.change_error(&caller, &key_id, e))?;
+        tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, "key revoked");
+        Ok(Response::new(self.key(record)))
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<proto::ListAuditEventsRequest>,
+    ) -> Result<Response<proto::ListAuditEventsResponse>, Status> {
+        let caller = self.auth.caller(&request).await?;
+        let req = request.into_inner();
+        let key_id = match req.key_id.as_str() {
+            "" => None,
+            id => Some(parse_key_id(id)?),
+        };
+        let limit = convert::page_size(req.page_size)?;
+        let after = convert::cursor(&req.page_token)?;
+        if let Some(key_id) = &key_id {
+            // An unknown key is NOT_FOUND rather than an empty log.
+            self.store
+                .get_key(&caller.account, key_id)
+                .await
+                .map_err(ApiError::from)?
+                .ok_or_else(|| ApiError::key_not_found(key_id))?;
+        }
+        let page = self
+            .store
+            .list_audit_events(&caller.account, key_id.as_ref(), after, limit)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::ListAuditEventsResponse {
+            events: page.items.into_iter().map(convert::audit_event).collect(),
+            next_page_token: convert::page_token(page.next_cursor),
+        }))
+    }
+
+    async fn set_account_tier(
+        &self,
+        request: Request<proto::SetAccountTierRequest>,
+    ) -> Result<Response<proto::Account>, Status> {
+        let caller = self.auth.caller(&request).await?;
+        if !caller.is_operator {
+            return Err(ApiError::PermissionDenied(
+                "only the platform operator can change an account's tier; a management key cannot".into(),
+            )
+            .into());
+        }
+        let req = request.into_inner();
+        let account = match req.account_id.as_str() {
+            "" => caller.account.clone(),
+            id => id.parse().map_err(|e| ApiError::invalid("account_id", e))?,
+        };
+        let tier = convert::tier_from_proto(req.tier)?;
+        let updated = self
+            .store
+            .set_tier(&account, tier, &caller.actor, self.clock.now())
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(account = %account, tier = %tier, actor = %caller.actor.name, "account tier set");
+        Ok(Response::new(proto::Account {
+            account_id: account.to_string(),
+            tier: convert::tier(updated.tier).into(),
+            active_key_limit: self.limits.for_tier(updated.tier),
+        }))
+    }
+
+    async fn get_account(
+        &self,
+        request: Request<proto::GetAccountRequest>,
+    ) -> Result<Response<proto::Account>, Status> {
+        let caller = self.auth.caller(&request).await?;
+        let account = self.store.get_account(&caller.account).await.map_err(ApiError::from)?;
+        Ok(Response::new(proto::Account {
+            account_id: caller.account.to_string(),
+            tier: convert::tier(account.tier).into(),
+            active_key_limit: self.limits.for_tier(account.tier),
+        }))
+    }
+}

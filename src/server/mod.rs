@@ -1,0 +1,8 @@
+//! The gRPC services. This module alone converts between proto and domain
+//! types and turns failures into statuses.
+
+pub mod admin;
+pub mod auth;
+pub mod convert;
+pub mod error;
+pub mod verify;

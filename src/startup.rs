@@ -1,0 +1,203 @@
+//! Building and running the service: store, verify engine, the two gRPC
+//! listeners, and an orderly shutdown that drains requests and flushes
+//! pending usage.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use vilvik_keys_domain::{Clock, SystemClock};
+use vilvik_keys_store::Store;
+use vilvik_keys_verify::{UsageConfig, UsageRecorder, Verifier};
+
+use crate::config::Config;
+use crate::proto::{self, key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer};
+use crate::server::{admin::AdminService, auth::Authenticator, verify::VerifyService};
+
+/// Largest request message accepted, on both listeners.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Which listeners a process serves; verify nodes scale out on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    All,
+    Admin,
+    Verify,
+}
+
+/// A built service with its listeners bound, ready to run.
+#[derive(Debug)]
+pub struct Application {
+    admin: Option<(TcpListener, AdminService)>,
+    verify: Option<(TcpListener, VerifyService)>,
+    usage: UsageRecorder,
+    config: Config,
+}
+
+impl Application {
+    /// Connects and migrates the store, and binds the listeners the role
+    /// needs (port 0 picks a free port; see [`Application::admin_addr`]).
+    pub async fn build(config: Config, role: Role) -> anyhow::Result<Self> {
+        Self::build_with_clock(config, role, Arc::new(SystemClock)).await
+    }
+
+    pub async fn build_with_clock(config: Config, role: Role, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let store = open_store(&config).await?;
+        let usage = UsageRecorder::new(
+            store.clone(),
+            UsageConfig {
+                flush_interval: config.usage_flush_interval,
+                ..UsageConfig::default()
+            },
+        );
+        let verifier = Verifier::new(store.clone(), clock.clone(), usage.clone());
+
+        let verify = match role {
+            Role::All | Role::Verify => Some((
+                bind(config.verify_addr, "verify").await?,
+                VerifyService {
+                    verifier: verifier.clone(),
+                    trusted_proxies: config.trusted_proxies.clone(),
+                },
+            )),
+            Role::Admin => None,
+        };
+        let verify_addr = match &verify {
+            Some((listener, _)) => listener.local_addr()?,
+            None => config.verify_addr,
+        };
+        let admin = match role {
+            Role::All | Role::Admin => Some((
+                bind(config.admin_addr, "admin").await?,
+                AdminService {
+                    store: store.clone(),
+                    clock,
+                    auth: Authenticator::new(verifier, config.operator_token.clone(), config.trusted_proxies.clone()),
+                    limits: config.tier_limits,
+                    public_verify_addr: config.public_verify_addr(verify_addr),
+                },
+            )),
+            Role::Verify => None,
+        };
+        Ok(Self {
+            admin,
+            verify,
+            usage,
+            config,
+        })
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    pub fn verify_addr(&self) -> Option<SocketAddr> {
+        self.verify.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets requests
+    /// in flight finish for up to the configured grace period, and flushes
+    /// pending usage.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let mut servers = tokio::task::JoinSet::new();
+        if let Some((listener, service)) = self.admin {
+            health_reporter.set_serving::<KeyAdminServer<AdminService>>().await;
+            let addr = listener.local_addr()?;
+            let router = Server::builder()
+                .timeout(self.config.request_timeout)
+                .add_service(health_service.clone())
+                .add_service(reflection_v1.clone())
+                .add_service(reflection_v1alpha.clone())
+                .add_service(KeyAdminServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
+            tracing::info!(listener = "admin", %addr, "listening");
+            servers.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()));
+        }
+        if let Some((listener, service)) = self.verify {
+            health_reporter.set_serving::<KeyVerifyServer<VerifyService>>().await;
+            let addr = listener.local_addr()?;
+            let router = Server::builder()
+                .timeout(self.config.request_timeout)
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(KeyVerifyServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
+            tracing::info!(listener = "verify", %addr, "listening");
+            servers.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()));
+        }
+
+        let usage = self.usage.clone();
+        let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel::<()>();
+        let usage_task = tokio::spawn(usage.run(async move {
+            let _ = flushed_rx.await;
+        }));
+
+        // Serve until asked to stop, or until a listener fails.
+        let mut failure = None;
+        tokio::select! {
+            () = shutdown => tracing::info!("shutting down: draining requests"),
+            Some(result) = servers.join_next() => {
+                failure = Some(result.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)));
+            }
+        }
+        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
+            while servers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace_ms = self.config.shutdown_grace.as_millis() as u64, "requests still running after the grace period; stopping anyway");
+            servers.abort_all();
+        }
+        // Every verify has finished: flush what they recorded.
+        let _ = flushed_tx.send(());
+        usage_task.await.context("usage flusher panicked")?;
+        tracing::info!("stopped");
+        match failure {
+            Some(Err(e)) => Err(e.context("a listener failed")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Opens the configured store and brings its schema up to date.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let store = vilvik_keys_store::connect(config.database_url(), &config.sqlite_path)
+        .await
+        .with_context(|| match config.database_url() {
+            Some(_) => "cannot connect to the Postgres database named by DATABASE_URL".to_owned(),
+            None => format!("cannot open the SQLite database {}", config.sqlite_path.display()),
+        })?;
+    let applied = store.migrate().await.context("cannot apply database migrations")?;
+    if applied > 0 {
+        tracing::info!(migrations = applied, "applied database migrations");
+    }
+    Ok(store)
+}
+
+async fn bind(addr: SocketAddr, listener: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the {listener} API: is another process using it?"))
+}
