@@ -31,7 +31,7 @@ pub use model::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, SecretRecord,
     UsageRecord,
 };
-pub use postgres::PostgresStore;
+pub use postgres::{CHANGE_CHANNEL, PostgresStore};
 pub use sqlite::SqliteStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -140,10 +140,7 @@ pub async fn connect(
     sqlite_path: &std::path::Path,
 ) -> Result<std::sync::Arc<dyn Store>> {
     Ok(match database_url {
-        Some(url) => {
-            let _ = PostgresStore::connect(url).await?;
-            unreachable!()
-        }
+        Some(url) => std::sync::Arc::new(PostgresStore::connect(url).await?),
         None => std::sync::Arc::new(SqliteStore::open(sqlite_path).await?),
     })
 }

@@ -1,15 +1,852 @@
 //! The production backend: PostgreSQL through a deadpool connection pool.
-//! (Being written; see the conformance suite.)
+//!
+//! Several replicas share one database, so every rule that SQLite gets from
+//! its single writer is taken explicitly here:
+//!
+//! - a change locks the key's row (`FOR UPDATE`) before reading it, so two
+//!   admins changing one key serialize;
+//! - the cap on active keys is checked with the account's row locked, and
+//!   every operation that can make a key active (create, extending an
+//!   expired key) takes that lock first, so concurrent creates cannot
+//!   overshoot;
+//! - appending to the change log takes a transaction-scoped advisory lock,
+//!   so change sequence numbers become visible in the order they were
+//!   assigned and a follower reading `changes_since` never skips a change
+//!   that commits late;
+//! - migrations run under an advisory lock, so replicas starting together
+//!   apply each migration once.
+//!
+//! Every change also sends `NOTIFY` on [`CHANGE_CHANNEL`] with the changed
+//! prefix as payload; Postgres delivers it when the transaction commits.
 
-use crate::{Result, StoreError};
+use std::error::Error as _;
+use std::time::Duration;
 
-#[derive(Debug, Clone)]
-pub struct PostgresStore;
+use async_trait::async_trait;
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use time::OffsetDateTime;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::{NoTls, Row};
+use vilvik_keys_domain::{
+    AccountId, AuditAction, KeyId, KeyPrefix, KeyState, ScopeSet, SecretHash, Tier, TierLimits,
+};
+
+use crate::migrate::{CREATE_LEDGER, POSTGRES};
+use crate::rules::{self, format_time};
+use crate::{
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Result,
+    SecretRecord, Store, StoreError, UsageRecord,
+};
+
+/// The `LISTEN`/`NOTIFY` channel on which every change publishes the
+/// affected key prefix. Verify nodes listen on it to evict cached entries.
+pub const CHANGE_CHANNEL: &str = "vilvik_keys_changes";
+
+/// Connections per replica.
+const POOL_SIZE: usize = 16;
+/// How long a call waits for a free connection, a new connection or a
+/// connection check before it fails as [`StoreError::Unavailable`].
+const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP connect timeout when the URL does not set one.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Advisory lock ids (arbitrary constants, unique to this service).
+/// NEVER CHANGE THESE while replicas of an older version may be running.
+const MIGRATION_LOCK: i64 = 0x766b_6d69_6772_0001; // "vkmigr" 1
+const CHANGE_LOG_LOCK: i64 = 0x766b_6368_6e67_0001; // "vkchng" 1
+
+macro_rules! key_columns {
+    () => {
+        "k.key_id, k.account_id, k.name, k.description, k.scopes, k.prefix, k.created_at, \
+         k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip"
+    };
+}
+
+const SELECT_KEY: &str = concat!(
+    "SELECT ",
+    key_columns!(),
+    " FROM keys k WHERE k.account_id = $1 AND k.key_id = $2"
+);
+const SELECT_KEY_FOR_UPDATE: &str = concat!(
+    "SELECT ",
+    key_columns!(),
+    " FROM keys k WHERE k.account_id = $1 AND k.key_id = $2 FOR UPDATE"
+);
+const LIST_KEYS: &str = concat!(
+    "SELECT k.seq, ",
+    key_columns!(),
+    " FROM keys k WHERE k.account_id = $1 AND k.seq > $2 \
+     AND ($3::boolean OR k.revoked_at IS NULL) ORDER BY k.seq LIMIT $4"
+);
+const FIND_SECRET: &str = concat!(
+    "SELECT s.hash, s.superseded_at, ",
+    key_columns!(),
+    " FROM key_secrets s JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = $1"
+);
+
+/// One statement for a whole batch of usage. Duplicates of a key keep the
+/// latest use; rows are locked in key order so two nodes flushing
+/// overlapping batches cannot deadlock; an older time never overwrites a
+/// newer one.
+const RECORD_USAGE: &str = "WITH usage AS ( \
+         SELECT DISTINCT ON (key_id) key_id, at, ip \
+         FROM UNNEST($1::text[], $2::timestamptz[], $3::text[]) AS u (key_id, at, ip) \
+         ORDER BY key_id, at DESC \
+     ), locked AS ( \
+         SELECT k.key_id FROM keys k JOIN usage USING (key_id) ORDER BY k.key_id FOR UPDATE OF k \
+     ) \
+     UPDATE keys k SET last_used_at = usage.at, last_used_ip = usage.ip \
+     FROM usage JOIN locked USING (key_id) \
+     WHERE k.key_id = usage.key_id AND (k.last_used_at IS NULL OR k.last_used_at < usage.at)";
+
+/// The Postgres store. Cheap to clone: clones share the pool.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the configuration: it may hold a password.
+        f.debug_struct("PostgresStore")
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+/// A connection string that does not parse. Carries no part of the input,
+/// which may contain a password.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "DATABASE_URL is not a valid Postgres connection string ({0}); expected e.g. postgres://user:password@host:5432/dbname"
+)]
+struct BadUrl(String);
 
 impl PostgresStore {
-    pub async fn connect(_url: &str) -> Result<Self> {
-        Err(StoreError::internal(
-            "the Postgres backend is not built yet",
-        ))
+    /// Builds a pool for the database at `url` (a `postgres://` URL or a
+    /// `key=value` connection string) and checks that one connection works,
+    /// so a wrong URL or an unreachable server fails at start.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e: tokio_postgres::Error| {
+                StoreError::internal_from("cannot use DATABASE_URL", BadUrl(e.to_string()))
+            })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("vilvik-keys");
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(POOL_TIMEOUT))
+            .recycle_timeout(Some(POOL_TIMEOUT))
+            .build()
+            .map_err(|e| {
+                StoreError::internal_from("cannot build the Postgres connection pool", e)
+            })?;
+        let store = Self { pool };
+        let client = store.client().await?;
+        client.simple_query("SELECT 1").await.map_err(map_err)?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<Object> {
+        self.pool.get().await.map_err(map_pool_err)
+    }
+}
+
+fn map_pool_err(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => map_err(e),
+        PoolError::NoRuntimeSpecified => {
+            StoreError::internal_from("the Postgres pool is misconfigured", e)
+        }
+        // Timeouts, a closed pool, a failed connection hook.
+        _ => StoreError::Unavailable(Box::new(e)),
+    }
+}
+
+/// SQLSTATEs that mean "the database cannot serve this now; try again".
+fn is_transient(code: &SqlState) -> bool {
+    let class = &code.code()[..2];
+    matches!(
+        class,
+        "08" // connection exception
+            | "53" // insufficient resources, e.g. too many connections
+            | "57" // operator intervention: shutdown, statement timeout (57014)
+            | "40" // serialization failure, deadlock detected
+    ) || *code == SqlState::LOCK_NOT_AVAILABLE
+}
+
+fn map_err(e: tokio_postgres::Error) -> StoreError {
+    if let Some(code) = e.code() {
+        if *code == SqlState::UNIQUE_VIOLATION {
+            return StoreError::Conflict;
+        }
+        if is_transient(code) {
+            return StoreError::Unavailable(Box::new(e));
+        }
+        return StoreError::internal_from("Postgres statement failed", e);
+    }
+    // No SQLSTATE: either the connection failed or we sent/read something
+    // wrong. tokio-postgres exposes the kind only through its message.
+    let connection_level = e.is_closed()
+        || e.source().is_some_and(|s| s.is::<std::io::Error>())
+        || matches!(
+            e.to_string().as_str(),
+            "error connecting to server"
+                | "timeout waiting for server"
+                | "error communicating with the server"
+                | "authentication error"
+        );
+    if connection_level {
+        StoreError::Unavailable(Box::new(e))
+    } else {
+        StoreError::internal_from("Postgres call failed", e)
+    }
+}
+
+fn corrupt(what: &str) -> impl FnOnce(String) -> StoreError + '_ {
+    move |detail| StoreError::internal(format!("corrupt {what} in the database: {detail}"))
+}
+
+async fn execute(c: &impl GenericClient, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    let stmt = c.prepare_cached(sql).await.map_err(map_err)?;
+    c.execute(&stmt, params).await.map_err(map_err)
+}
+
+async fn query(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>> {
+    let stmt = c.prepare_cached(sql).await.map_err(map_err)?;
+    c.query(&stmt, params).await.map_err(map_err)
+}
+
+async fn query_one(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Row> {
+    let stmt = c.prepare_cached(sql).await.map_err(map_err)?;
+    c.query_one(&stmt, params).await.map_err(map_err)
+}
+
+async fn query_opt(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>> {
+    let stmt = c.prepare_cached(sql).await.map_err(map_err)?;
+    c.query_opt(&stmt, params).await.map_err(map_err)
+}
+
+/// Reads the columns of `key_columns!()` starting at `offset`.
+fn key_from_row(row: &Row, offset: usize) -> Result<KeyRecord> {
+    let get_str = |i: usize| row.try_get::<_, String>(offset + i).map_err(map_err);
+    let scopes: Vec<String> = row.try_get(offset + 4).map_err(map_err)?;
+    Ok(KeyRecord {
+        key_id: get_str(0)?
+            .parse()
+            .map_err(|e: vilvik_keys_domain::IdError| corrupt("key id")(e.to_string()))?,
+        account_id: get_str(1)?
+            .parse()
+            .map_err(|e: vilvik_keys_domain::IdError| corrupt("account id")(e.to_string()))?,
+        name: get_str(2)?
+            .parse()
+            .map_err(|e: vilvik_keys_domain::FieldError| corrupt("name")(e.to_string()))?,
+        description: get_str(3)?
+            .parse()
+            .map_err(|e: vilvik_keys_domain::FieldError| corrupt("description")(e.to_string()))?,
+        scopes: ScopeSet::parse(&scopes).map_err(|(_, e)| corrupt("scopes")(e.to_string()))?,
+        prefix: get_str(5)?
+            .parse()
+            .map_err(|e: vilvik_keys_domain::KeyFormatError| corrupt("prefix")(e.to_string()))?,
+        created_at: row.try_get(offset + 6).map_err(map_err)?,
+        expires_at: row.try_get(offset + 7).map_err(map_err)?,
+        revoked_at: row.try_get(offset + 8).map_err(map_err)?,
+        revoke_reason: row.try_get(offset + 9).map_err(map_err)?,
+        rotated_at: row.try_get(offset + 10).map_err(map_err)?,
+        last_used_at: row.try_get(offset + 11).map_err(map_err)?,
+        last_used_ip: row.try_get(offset + 12).map_err(map_err)?,
+    })
+}
+
+fn parse_tier(tier: String) -> Result<Tier> {
+    tier.parse()
+        .map_err(|e: vilvik_keys_domain::UnknownTier| corrupt("tier")(e.to_string()))
+}
+
+/// Postgres counts in `BIGINT`; the cap is a `u32`.
+fn count(row: &Row) -> Result<u32> {
+    let n: i64 = row.try_get(0).map_err(map_err)?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+async fn load_key(
+    c: &impl GenericClient,
+    account: &AccountId,
+    key_id: &KeyId,
+) -> Result<Option<KeyRecord>> {
+    query_opt(c, SELECT_KEY, &[&account.as_str(), &key_id.as_str()])
+        .await?
+        .map(|row| key_from_row(&row, 0))
+        .transpose()
+}
+
+/// The key with its row locked until the transaction ends; refuses a revoked key.
+async fn load_key_for_change(
+    c: &impl GenericClient,
+    account: &AccountId,
+    key_id: &KeyId,
+) -> Result<KeyRecord> {
+    let row = query_opt(
+        c,
+        SELECT_KEY_FOR_UPDATE,
+        &[&account.as_str(), &key_id.as_str()],
+    )
+    .await?
+    .ok_or(StoreError::NotFound)?;
+    let key = key_from_row(&row, 0)?;
+    rules::ensure_not_revoked(&key)?;
+    Ok(key)
+}
+
+/// Creates the account on first use and locks its row until the
+/// transaction ends; returns its tier.
+async fn lock_account(
+    c: &impl GenericClient,
+    account: &AccountId,
+    now: OffsetDateTime,
+) -> Result<Tier> {
+    execute(
+        c,
+        "INSERT INTO accounts (account_id, tier, created_at) VALUES ($1, 'free', $2) ON CONFLICT DO NOTHING",
+        &[&account.as_str(), &now],
+    )
+    .await?;
+    let row = query_one(
+        c,
+        "SELECT tier FROM accounts WHERE account_id = $1 FOR UPDATE",
+        &[&account.as_str()],
+    )
+    .await?;
+    parse_tier(row.try_get(0).map_err(map_err)?)
+}
+
+/// The cap check. The count runs after the account lock is held, so under
+/// READ COMMITTED it sees every key committed by whoever held it before.
+async fn check_room(
+    c: &impl GenericClient,
+    account: &AccountId,
+    now: OffsetDateTime,
+    limits: TierLimits,
+) -> Result<()> {
+    let tier = lock_account(c, account, now).await?;
+    let row = query_one(
+        c,
+        "SELECT COUNT(*) FROM keys WHERE account_id = $1 AND revoked_at IS NULL \
+         AND (expires_at IS NULL OR expires_at > $2)",
+        &[&account.as_str(), &now],
+    )
+    .await?;
+    rules::check_quota(tier, limits, count(&row)?)
+}
+
+async fn insert_audit(
+    c: &impl GenericClient,
+    account: &AccountId,
+    key_id: Option<&KeyId>,
+    action: AuditAction,
+    actor: &Actor,
+    at: OffsetDateTime,
+    changes: &[FieldChange],
+) -> Result<()> {
+    execute(
+        c,
+        "INSERT INTO audit_events (account_id, key_id, action, actor, actor_ip, at, changes) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &account.as_str(),
+            &key_id.map(KeyId::as_str),
+            &action.as_str(),
+            &actor.name,
+            &actor.ip,
+            &at,
+            &Json(changes),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Appends `prefix` to the change log and notifies listeners at commit.
+///
+/// The advisory lock (held until commit) makes sequence numbers commit in
+/// order: without it a transaction holding seq 5 could commit after one
+/// holding seq 6, and a follower that already read 6 would never see 5.
+/// Call it last in a transaction, after every row lock is taken.
+async fn publish_change(
+    c: &impl GenericClient,
+    prefix: &KeyPrefix,
+    at: OffsetDateTime,
+) -> Result<()> {
+    execute(c, "SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK]).await?;
+    execute(
+        c,
+        "INSERT INTO key_changes (prefix, at) VALUES ($1, $2)",
+        &[&prefix.as_str(), &at],
+    )
+    .await?;
+    execute(
+        c,
+        "SELECT pg_notify($1, $2)",
+        &[&CHANGE_CHANNEL, &prefix.as_str()],
+    )
+    .await?;
+    Ok(())
+}
+
+fn page<T>(mut items: Vec<(i64, T)>, limit: u32) -> Page<T> {
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|(cursor, _)| *cursor)
+    } else {
+        None
+    };
+    Page {
+        items: items.into_iter().map(|(_, item)| item).collect(),
+        next_cursor,
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn migrate(&self) -> Result<usize> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        // Replicas starting together wait here; the second finds nothing to do.
+        execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.batch_execute(CREATE_LEDGER).await.map_err(map_err)?;
+        let current: i64 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(map_err)?
+            .get(0);
+        let pending: Vec<_> = POSTGRES.iter().filter(|m| m.version > current).collect();
+        for m in &pending {
+            tx.batch_execute(m.sql).await.map_err(|e| {
+                StoreError::internal_from(format!("migration {} ({}) failed", m.version, m.name), e)
+            })?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                &[&m.version, &m.name, &format_time(OffsetDateTime::now_utc())],
+            )
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(pending.len())
+    }
+
+    async fn create_key(
+        &self,
+        new: NewKey,
+        actor: &Actor,
+        limits: TierLimits,
+    ) -> Result<KeyRecord> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        check_room(&tx, &new.account_id, new.created_at, limits).await?;
+        execute(
+            &tx,
+            "INSERT INTO keys (key_id, account_id, name, description, scopes, prefix, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &new.key_id.as_str(),
+                &new.account_id.as_str(),
+                &new.name.as_str(),
+                &new.description.as_str(),
+                &new.scopes.to_strings(),
+                &new.prefix.as_str(),
+                &new.created_at,
+                &new.expires_at,
+            ],
+        )
+        .await?;
+        execute(
+            &tx,
+            "INSERT INTO key_secrets (prefix, key_id, hash, created_at) VALUES ($1, $2, $3, $4)",
+            &[
+                &new.prefix.as_str(),
+                &new.key_id.as_str(),
+                &&new.hash.as_bytes()[..],
+                &new.created_at,
+            ],
+        )
+        .await?;
+        insert_audit(
+            &tx,
+            &new.account_id,
+            Some(&new.key_id),
+            AuditAction::Created,
+            actor,
+            new.created_at,
+            &rules::created_changes(&new),
+        )
+        .await?;
+        publish_change(&tx, &new.prefix, new.created_at).await?;
+        let key = load_key(&tx, &new.account_id, &new.key_id)
+            .await?
+            .ok_or_else(|| StoreError::internal("created key vanished"))?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(key)
+    }
+
+    async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>> {
+        let client = self.client().await?;
+        load_key(&client, account, key_id).await
+    }
+
+    async fn list_keys(
+        &self,
+        account: &AccountId,
+        include_revoked: bool,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<KeyRecord>> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            LIST_KEYS,
+            &[
+                &account.as_str(),
+                &after.unwrap_or(0),
+                &include_revoked,
+                &(i64::from(limit) + 1),
+            ],
+        )
+        .await?;
+        let items = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<_, i64>(0).map_err(map_err)?,
+                    key_from_row(row, 1)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(page(items, limit))
+    }
+
+    async fn update_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        changes: KeyChanges,
+        actor: &Actor,
+        now: OffsetDateTime,
+        limits: TierLimits,
+    ) -> Result<KeyRecord> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        let before = load_key_for_change(&tx, account, key_id).await?;
+        let (after, diff) = rules::apply_changes(&before, changes);
+        if diff.is_empty() {
+            tx.commit().await.map_err(map_err)?;
+            return Ok(before);
+        }
+        if rules::reactivates(&before, &after, now) {
+            check_room(&tx, account, now, limits).await?;
+        }
+        execute(
+            &tx,
+            "UPDATE keys SET name = $1, description = $2, scopes = $3, expires_at = $4 WHERE key_id = $5",
+            &[
+                &after.name.as_str(),
+                &after.description.as_str(),
+                &after.scopes.to_strings(),
+                &after.expires_at,
+                &key_id.as_str(),
+            ],
+        )
+        .await?;
+        insert_audit(
+            &tx,
+            account,
+            Some(key_id),
+            AuditAction::Updated,
+            actor,
+            now,
+            &diff,
+        )
+        .await?;
+        publish_change(&tx, &after.prefix, now).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(after)
+    }
+
+    async fn rotate_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        prefix: &KeyPrefix,
+        hash: SecretHash,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<KeyRecord> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        let before = load_key_for_change(&tx, account, key_id).await?;
+        if let (KeyState::Expired, Some(expires_at)) = (before.state(now), before.expires_at) {
+            return Err(StoreError::Expired { expires_at });
+        }
+        execute(
+            &tx,
+            "UPDATE key_secrets SET superseded_at = $1 WHERE prefix = $2",
+            &[&now, &before.prefix.as_str()],
+        )
+        .await?;
+        execute(
+            &tx,
+            "INSERT INTO key_secrets (prefix, key_id, hash, created_at) VALUES ($1, $2, $3, $4)",
+            &[
+                &prefix.as_str(),
+                &key_id.as_str(),
+                &&hash.as_bytes()[..],
+                &now,
+            ],
+        )
+        .await?;
+        execute(
+            &tx,
+            "UPDATE keys SET prefix = $1, rotated_at = $2 WHERE key_id = $3",
+            &[&prefix.as_str(), &now, &key_id.as_str()],
+        )
+        .await?;
+        let changes = rules::rotated_changes(&before.prefix, prefix);
+        insert_audit(
+            &tx,
+            account,
+            Some(key_id),
+            AuditAction::Rotated,
+            actor,
+            now,
+            &changes,
+        )
+        .await?;
+        publish_change(&tx, &before.prefix, now).await?;
+        publish_change(&tx, prefix, now).await?;
+        let key = load_key(&tx, account, key_id)
+            .await?
+            .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(key)
+    }
+
+    async fn revoke_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        reason: &str,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<KeyRecord> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        let before = load_key_for_change(&tx, account, key_id).await?;
+        execute(
+            &tx,
+            "UPDATE keys SET revoked_at = $1, revoke_reason = $2 WHERE key_id = $3",
+            &[&now, &reason, &key_id.as_str()],
+        )
+        .await?;
+        let changes = rules::revoked_changes(reason);
+        insert_audit(
+            &tx,
+            account,
+            Some(key_id),
+            AuditAction::Revoked,
+            actor,
+            now,
+            &changes,
+        )
+        .await?;
+        publish_change(&tx, &before.prefix, now).await?;
+        let key = load_key(&tx, account, key_id)
+            .await?
+            .ok_or_else(|| StoreError::internal("revoked key vanished"))?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(key)
+    }
+
+    async fn list_audit_events(
+        &self,
+        account: &AccountId,
+        key_id: Option<&KeyId>,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<AuditEvent>> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            "SELECT event_id, key_id, action, actor, actor_ip, at, changes FROM audit_events \
+             WHERE account_id = $1 AND ($2::text IS NULL OR key_id = $2::text) AND event_id > $3 \
+             ORDER BY event_id LIMIT $4",
+            &[
+                &account.as_str(),
+                &key_id.map(KeyId::as_str),
+                &after.unwrap_or(0),
+                &(i64::from(limit) + 1),
+            ],
+        )
+        .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let event_id: i64 = row.try_get(0).map_err(map_err)?;
+            let key_id: Option<String> = row.try_get(1).map_err(map_err)?;
+            let action: String = row.try_get(2).map_err(map_err)?;
+            let Json(changes) = row
+                .try_get::<_, Json<Vec<FieldChange>>>(6)
+                .map_err(|e| corrupt("audit changes")(e.to_string()))?;
+            let event = AuditEvent {
+                event_id,
+                account_id: account.clone(),
+                key_id: key_id.map(|k| k.parse()).transpose().map_err(
+                    |e: vilvik_keys_domain::IdError| corrupt("audit key id")(e.to_string()),
+                )?,
+                action: action.parse().map_err(corrupt("audit action"))?,
+                actor: row.try_get(3).map_err(map_err)?,
+                actor_ip: row.try_get(4).map_err(map_err)?,
+                at: row.try_get(5).map_err(map_err)?,
+                changes,
+            };
+            items.push((event_id, event));
+        }
+        Ok(page(items, limit))
+    }
+
+    async fn get_account(&self, account: &AccountId) -> Result<Account> {
+        let client = self.client().await?;
+        let row = query_opt(
+            &client,
+            "SELECT tier FROM accounts WHERE account_id = $1",
+            &[&account.as_str()],
+        )
+        .await?;
+        let tier = match row {
+            Some(row) => parse_tier(row.try_get(0).map_err(map_err)?)?,
+            None => Tier::Free,
+        };
+        Ok(Account { tier })
+    }
+
+    async fn set_tier(
+        &self,
+        account: &AccountId,
+        tier: Tier,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Account> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        let old = lock_account(&tx, account, now).await?;
+        if old != tier {
+            execute(
+                &tx,
+                "UPDATE accounts SET tier = $1 WHERE account_id = $2",
+                &[&tier.as_str(), &account.as_str()],
+            )
+            .await?;
+            let changes = rules::tier_changes(old, tier);
+            insert_audit(
+                &tx,
+                account,
+                None,
+                AuditAction::TierChanged,
+                actor,
+                now,
+                &changes,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(Account { tier })
+    }
+
+    async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
+        let client = self.client().await?;
+        let Some(row) = query_opt(&client, FIND_SECRET, &[&prefix.as_str()]).await? else {
+            return Ok(None);
+        };
+        let hash: Vec<u8> = row.try_get(0).map_err(map_err)?;
+        Ok(Some(SecretRecord {
+            hash: SecretHash::from_slice(&hash)
+                .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
+            superseded_at: row.try_get(1).map_err(map_err)?,
+            key: key_from_row(&row, 2)?,
+        }))
+    }
+
+    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let key_ids: Vec<&str> = usage.iter().map(|u| u.key_id.as_str()).collect();
+        let ats: Vec<OffsetDateTime> = usage.iter().map(|u| u.at).collect();
+        let ips: Vec<Option<&str>> = usage.iter().map(|u| u.ip.as_deref()).collect();
+        let client = self.client().await?;
+        execute(&client, RECORD_USAGE, &[&key_ids, &ats, &ips]).await?;
+        Ok(())
+    }
+
+    async fn change_sequence(&self) -> Result<i64> {
+        let client = self.client().await?;
+        let row = query_one(
+            &client,
+            "SELECT COALESCE(MAX(seq), 0) FROM key_changes",
+            &[],
+        )
+        .await?;
+        row.try_get(0).map_err(map_err)
+    }
+
+    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            "SELECT seq, prefix FROM key_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&seq, &i64::from(limit)],
+        )
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get(0).map_err(map_err)?;
+                let prefix: String = row.try_get(1).map_err(map_err)?;
+                let prefix = prefix
+                    .parse()
+                    .map_err(|e: vilvik_keys_domain::KeyFormatError| {
+                        corrupt("change prefix")(e.to_string())
+                    })?;
+                Ok((seq, prefix))
+            })
+            .collect()
     }
 }

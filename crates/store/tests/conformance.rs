@@ -1,0 +1,1244 @@
+//! The storage conformance suite: every backend must pass every test here.
+//!
+//! Each test is an `async fn(Arc<dyn Store>)` written once; the
+//! `conformance!` macro at the bottom instantiates it per backend:
+//!
+//! - `sqlite::<test>`: a fresh database file in a temporary directory;
+//! - `postgres::<test>`: a fresh database from `vilvik-keys-test-db`. Without
+//!   `VILVIK_KEYS_TEST_DATABASE_URL` these print a skip line and pass, unless
+//!   `VILVIK_KEYS_REQUIRE_POSTGRES=1`.
+//!
+//! Times are whole seconds so that both backends round-trip them exactly.
+
+use std::sync::Arc;
+
+use time::{Duration, OffsetDateTime};
+use tokio::task::JoinSet;
+use vilvik_keys_domain::{
+    AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, ScopeSet, Tier, TierLimits,
+};
+use vilvik_keys_store::{
+    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, Store, StoreError, UsageRecord,
+};
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc().replace_nanosecond(0).unwrap()
+}
+
+fn account(name: &str) -> AccountId {
+    name.parse().unwrap()
+}
+
+fn actor() -> Actor {
+    Actor {
+        name: "operator:alice@example.com".to_owned(),
+        ip: Some("203.0.113.7".to_owned()),
+    }
+}
+
+fn name(s: &str) -> KeyName {
+    s.parse().unwrap()
+}
+
+fn description(s: &str) -> Description {
+    s.parse().unwrap()
+}
+
+fn scopes(list: &[&str]) -> ScopeSet {
+    ScopeSet::parse(list).unwrap()
+}
+
+/// Room for plenty of keys, for tests that are not about the cap.
+fn roomy() -> TierLimits {
+    TierLimits {
+        free: 100,
+        premium: 100,
+    }
+}
+
+fn new_key(account: &AccountId, key_name: &str, at: OffsetDateTime) -> (NewKey, GeneratedKey) {
+    let generated = GeneratedKey::generate();
+    let new = NewKey {
+        key_id: KeyId::generate(),
+        account_id: account.clone(),
+        name: name(key_name),
+        description: description("used by the nightly export"),
+        scopes: scopes(&["datasets:read", "models:*"]),
+        expires_at: None,
+        prefix: generated.prefix().clone(),
+        hash: generated.hash(),
+        created_at: at,
+    };
+    (new, generated)
+}
+
+async fn create(
+    store: &dyn Store,
+    account: &AccountId,
+    key_name: &str,
+    at: OffsetDateTime,
+) -> KeyRecord {
+    let (new, _) = new_key(account, key_name, at);
+    store.create_key(new, &actor(), roomy()).await.unwrap()
+}
+
+async fn all_events(
+    store: &dyn Store,
+    account: &AccountId,
+    key: Option<&KeyId>,
+) -> Vec<AuditEvent> {
+    store
+        .list_audit_events(account, key, None, 1000)
+        .await
+        .unwrap()
+        .items
+}
+
+// ---------------------------------------------------------------------------
+// The suite
+
+async fn migrate_twice_runs_nothing_the_second_time(store: Arc<dyn Store>) {
+    assert_eq!(store.migrate().await.unwrap(), 0);
+    assert_eq!(store.migrate().await.unwrap(), 0);
+    assert_eq!(store.change_sequence().await.unwrap(), 0);
+}
+
+async fn create_get_and_list_with_paging(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (mut new, generated) = new_key(&acme, "ci-runner", t0);
+    new.expires_at = Some(t0 + Duration::days(30));
+    let created = store
+        .create_key(new.clone(), &actor(), roomy())
+        .await
+        .unwrap();
+    assert_eq!(created.key_id, new.key_id);
+    assert_eq!(created.account_id, acme);
+    assert_eq!(created.name, new.name);
+    assert_eq!(created.description, new.description);
+    assert_eq!(created.scopes, new.scopes);
+    assert_eq!(&created.prefix, generated.prefix());
+    assert_eq!(created.created_at, t0);
+    assert_eq!(created.expires_at, Some(t0 + Duration::days(30)));
+    assert_eq!(created.revoked_at, None);
+    assert_eq!(created.revoke_reason, None);
+    assert_eq!(created.rotated_at, None);
+    assert_eq!(created.last_used_at, None);
+    assert_eq!(created.last_used_ip, None);
+    assert_eq!(
+        store.get_key(&acme, &new.key_id).await.unwrap(),
+        Some(created.clone())
+    );
+    assert_eq!(
+        store.get_key(&acme, &KeyId::generate()).await.unwrap(),
+        None
+    );
+
+    let secret = store
+        .find_secret(generated.prefix())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(secret.hash.matches(&generated.hash()));
+    assert_eq!(secret.superseded_at, None);
+    assert_eq!(secret.key, created);
+    assert!(
+        store
+            .find_secret(GeneratedKey::generate().prefix())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let mut ids = vec![created.key_id.clone()];
+    for i in 1..5 {
+        ids.push(
+            create(
+                &*store,
+                &acme,
+                &format!("key-{i}"),
+                t0 + Duration::seconds(i),
+            )
+            .await
+            .key_id,
+        );
+    }
+
+    // Pages of two, in creation order, each cursor leading to the next.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let page = store.list_keys(&acme, false, cursor, 2).await.unwrap();
+        assert!(page.items.len() <= 2);
+        pages += 1;
+        seen.extend(page.items.into_iter().map(|k| k.key_id));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ids);
+
+    // One page holding everything has no cursor.
+    let page = store.list_keys(&acme, false, None, 5).await.unwrap();
+    assert_eq!(page.items.len(), 5);
+    assert_eq!(page.next_cursor, None);
+
+    // Revoked keys are listed only when asked for.
+    store
+        .revoke_key(
+            &acme,
+            &ids[1],
+            "leaked",
+            &actor(),
+            t0 + Duration::minutes(1),
+        )
+        .await
+        .unwrap();
+    let listed: Vec<_> = store
+        .list_keys(&acme, false, None, 100)
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(
+        listed.iter().map(|k| &k.key_id).collect::<Vec<_>>(),
+        [&ids[0], &ids[2], &ids[3], &ids[4]]
+    );
+    let listed: Vec<_> = store.list_keys(&acme, true, None, 100).await.unwrap().items;
+    assert_eq!(
+        listed.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>(),
+        ids
+    );
+    assert_eq!(listed[1].revoked_at, Some(t0 + Duration::minutes(1)));
+    assert_eq!(listed[1].revoke_reason.as_deref(), Some("leaked"));
+
+    // Another account's listing is empty.
+    let other = store
+        .list_keys(&account("globex"), true, None, 100)
+        .await
+        .unwrap();
+    assert!(other.items.is_empty());
+    assert_eq!(other.next_cursor, None);
+}
+
+async fn another_accounts_key_is_invisible(store: Arc<dyn Store>) {
+    let (acme, globex) = (account("ACME"), account("globex"));
+    let t0 = now();
+    let key = create(&*store, &acme, "ci-runner", t0).await;
+    let events_before = all_events(&*store, &acme, None).await;
+    let seq_before = store.change_sequence().await.unwrap();
+
+    assert_eq!(store.get_key(&globex, &key.key_id).await.unwrap(), None);
+    assert!(
+        store
+            .list_keys(&globex, true, None, 100)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let changes = KeyChanges {
+        name: Some(name("stolen")),
+        ..KeyChanges::default()
+    };
+    let err = store
+        .update_key(&globex, &key.key_id, changes, &actor(), t0, roomy())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let g = GeneratedKey::generate();
+    let err = store
+        .rotate_key(&globex, &key.key_id, g.prefix(), g.hash(), &actor(), t0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store
+        .revoke_key(&globex, &key.key_id, "x", &actor(), t0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    assert!(all_events(&*store, &globex, None).await.is_empty());
+    assert!(
+        all_events(&*store, &globex, Some(&key.key_id))
+            .await
+            .is_empty()
+    );
+
+    // Nothing changed.
+    assert_eq!(store.get_key(&acme, &key.key_id).await.unwrap(), Some(key));
+    assert_eq!(all_events(&*store, &acme, None).await, events_before);
+    assert_eq!(store.change_sequence().await.unwrap(), seq_before);
+}
+
+async fn update_records_only_what_changed(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let key = create(&*store, &acme, "ci-runner", t0).await;
+    let t1 = t0 + Duration::minutes(1);
+    let expiry = t0 + Duration::days(7);
+    let changes = KeyChanges {
+        name: Some(key.name.clone()), // same value: not a change
+        description: Some(description("exports, nightly")), // changed
+        scopes: Some(key.scopes.clone()), // same value: not a change
+        expires_at: Some(Some(expiry)), // changed
+    };
+    let seq = store.change_sequence().await.unwrap();
+    let updated = store
+        .update_key(&acme, &key.key_id, changes, &actor(), t1, roomy())
+        .await
+        .unwrap();
+    assert_eq!(updated.description, description("exports, nightly"));
+    assert_eq!(updated.expires_at, Some(expiry));
+    assert_eq!(updated.name, key.name);
+    assert_eq!(
+        store.get_key(&acme, &key.key_id).await.unwrap(),
+        Some(updated.clone())
+    );
+
+    let events = all_events(&*store, &acme, Some(&key.key_id)).await;
+    assert_eq!(events.len(), 2);
+    let event = &events[1];
+    assert_eq!(event.action, AuditAction::Updated);
+    assert_eq!(event.at, t1);
+    let fields: Vec<_> = event.changes.iter().map(|c| c.field.as_str()).collect();
+    assert_eq!(fields, ["description", "expires_at"]);
+    assert_eq!(
+        event.changes[0].old.as_deref(),
+        Some("used by the nightly export")
+    );
+    assert_eq!(event.changes[0].new.as_deref(), Some("exports, nightly"));
+    assert_eq!(event.changes[1].old, None);
+    assert!(event.changes[1].new.is_some());
+    let published = store.changes_since(seq, 100).await.unwrap();
+    assert_eq!(
+        published.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+        [&key.prefix]
+    );
+
+    // Scopes and removing the expiry.
+    let changes = KeyChanges {
+        scopes: Some(scopes(&["datasets:read"])),
+        expires_at: Some(None),
+        ..KeyChanges::default()
+    };
+    let updated = store
+        .update_key(&acme, &key.key_id, changes, &actor(), t1, roomy())
+        .await
+        .unwrap();
+    assert_eq!(updated.scopes, scopes(&["datasets:read"]));
+    assert_eq!(updated.expires_at, None);
+    let events = all_events(&*store, &acme, Some(&key.key_id)).await;
+    let fields: Vec<_> = events[2].changes.iter().map(|c| c.field.as_str()).collect();
+    assert_eq!(fields, ["scopes", "expires_at"]);
+    assert_eq!(events[2].changes[1].new, None);
+
+    // A no-op update changes nothing and writes no event and no change.
+    let seq = store.change_sequence().await.unwrap();
+    let noop = KeyChanges {
+        name: Some(updated.name.clone()),
+        expires_at: Some(None),
+        ..KeyChanges::default()
+    };
+    let same = store
+        .update_key(&acme, &key.key_id, noop, &actor(), t1, roomy())
+        .await
+        .unwrap();
+    assert_eq!(same, updated);
+    let same = store
+        .update_key(
+            &acme,
+            &key.key_id,
+            KeyChanges::default(),
+            &actor(),
+            t1,
+            roomy(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(same, updated);
+    assert_eq!(all_events(&*store, &acme, Some(&key.key_id)).await.len(), 3);
+    assert_eq!(store.change_sequence().await.unwrap(), seq);
+}
+
+async fn rotate_supersedes_the_old_secret(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (new, old_secret) = new_key(&acme, "ci-runner", t0);
+    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let seq = store.change_sequence().await.unwrap();
+    let t1 = t0 + Duration::hours(1);
+    let fresh = GeneratedKey::generate();
+    let rotated = store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            fresh.prefix(),
+            fresh.hash(),
+            &actor(),
+            t1,
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(rotated.key_id, key.key_id);
+    assert_eq!(rotated.scopes, key.scopes);
+    assert_eq!(rotated.name, key.name);
+    assert_eq!(rotated.created_at, key.created_at);
+    assert_eq!(&rotated.prefix, fresh.prefix());
+    assert_ne!(rotated.prefix, key.prefix);
+    assert_eq!(rotated.rotated_at, Some(t1));
+    assert_eq!(
+        store.get_key(&acme, &key.key_id).await.unwrap(),
+        Some(rotated.clone())
+    );
+
+    let old = store
+        .find_secret(old_secret.prefix())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.superseded_at, Some(t1));
+    assert!(old.hash.matches(&old_secret.hash()));
+    assert_eq!(old.key, rotated);
+    let current = store.find_secret(fresh.prefix()).await.unwrap().unwrap();
+    assert_eq!(current.superseded_at, None);
+    assert!(current.hash.matches(&fresh.hash()));
+    assert_eq!(current.key, rotated);
+
+    let events = all_events(&*store, &acme, Some(&key.key_id)).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].action, AuditAction::Rotated);
+    assert_eq!(events[1].changes.len(), 1);
+    assert_eq!(events[1].changes[0].field, "prefix");
+    assert_eq!(
+        events[1].changes[0].old.as_deref(),
+        Some(key.prefix.as_str())
+    );
+    assert_eq!(
+        events[1].changes[0].new.as_deref(),
+        Some(fresh.prefix().as_str())
+    );
+
+    // Both prefixes go out on the change feed: the old must be evicted, the
+    // new must not be served from a negative cache.
+    let published: Vec<_> = store
+        .changes_since(seq, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(published, [key.prefix.clone(), fresh.prefix().clone()]);
+}
+
+async fn revocation_is_final(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let key = create(&*store, &acme, "ci-runner", t0).await;
+    let t1 = t0 + Duration::minutes(5);
+    let revoked = store
+        .revoke_key(&acme, &key.key_id, "left the company", &actor(), t1)
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked_at, Some(t1));
+    assert_eq!(revoked.revoke_reason.as_deref(), Some("left the company"));
+    assert_eq!(
+        store.get_key(&acme, &key.key_id).await.unwrap(),
+        Some(revoked.clone())
+    );
+    let events = all_events(&*store, &acme, Some(&key.key_id)).await;
+    assert_eq!(events.last().unwrap().action, AuditAction::Revoked);
+    assert_eq!(events.last().unwrap().changes[0].field, "reason");
+    assert_eq!(
+        events.last().unwrap().changes[0].new.as_deref(),
+        Some("left the company")
+    );
+    let seq = store.change_sequence().await.unwrap();
+
+    let t2 = t1 + Duration::minutes(1);
+    let changes = KeyChanges {
+        name: Some(name("revived")),
+        ..KeyChanges::default()
+    };
+    let err = store
+        .update_key(&acme, &key.key_id, changes, &actor(), t2, roomy())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Revoked { revoked_at } if revoked_at == t1),
+        "{err:?}"
+    );
+    let fresh = GeneratedKey::generate();
+    let err = store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            fresh.prefix(),
+            fresh.hash(),
+            &actor(),
+            t2,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Revoked { revoked_at } if revoked_at == t1),
+        "{err:?}"
+    );
+    let err = store
+        .revoke_key(&acme, &key.key_id, "again", &actor(), t2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Revoked { revoked_at } if revoked_at == t1),
+        "{err:?}"
+    );
+
+    // None of the refused calls changed anything.
+    assert_eq!(
+        store.get_key(&acme, &key.key_id).await.unwrap(),
+        Some(revoked)
+    );
+    assert!(store.find_secret(fresh.prefix()).await.unwrap().is_none());
+    assert_eq!(all_events(&*store, &acme, Some(&key.key_id)).await, events);
+    assert_eq!(store.change_sequence().await.unwrap(), seq);
+}
+
+async fn an_expired_key_cannot_be_rotated(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (mut new, _) = new_key(&acme, "short-lived", t0);
+    let expiry = t0 + Duration::minutes(10);
+    new.expires_at = Some(expiry);
+    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let later = t0 + Duration::hours(1);
+    let fresh = GeneratedKey::generate();
+    let err = store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            fresh.prefix(),
+            fresh.hash(),
+            &actor(),
+            later,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Expired { expires_at } if expires_at == expiry),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.get_key(&acme, &key.key_id).await.unwrap(),
+        Some(key.clone())
+    );
+    assert!(store.find_secret(fresh.prefix()).await.unwrap().is_none());
+
+    // Before it expires it rotates fine.
+    let rotated = store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            fresh.prefix(),
+            fresh.hash(),
+            &actor(),
+            t0 + Duration::minutes(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rotated.expires_at, Some(expiry));
+}
+
+async fn the_tier_cap_holds(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let limits = TierLimits::default();
+    let t0 = now();
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let (new, _) = new_key(&acme, &format!("key-{i}"), t0);
+        keys.push(store.create_key(new, &actor(), limits).await.unwrap());
+    }
+    let (fourth, _) = new_key(&acme, "one-too-many", t0);
+    let seq = store.change_sequence().await.unwrap();
+    let err = store
+        .create_key(fourth.clone(), &actor(), limits)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::QuotaExceeded {
+                tier: Tier::Free,
+                limit: 3,
+                active: 3
+            }
+        ),
+        "{err:?}"
+    );
+    // The refused create left no trace.
+    assert_eq!(store.get_key(&acme, &fourth.key_id).await.unwrap(), None);
+    assert!(store.find_secret(&fourth.prefix).await.unwrap().is_none());
+    assert_eq!(all_events(&*store, &acme, None).await.len(), 3);
+    assert_eq!(store.change_sequence().await.unwrap(), seq);
+
+    // A revoked key frees room.
+    store
+        .revoke_key(&acme, &keys[0].key_id, "rotating out", &actor(), t0)
+        .await
+        .unwrap();
+    let (new, _) = new_key(&acme, "replacement", t0);
+    store.create_key(new, &actor(), limits).await.unwrap();
+    let (new, _) = new_key(&acme, "still-too-many", t0);
+    assert!(matches!(
+        store.create_key(new, &actor(), limits).await,
+        Err(StoreError::QuotaExceeded { active: 3, .. })
+    ));
+
+    // An expired key frees room too.
+    let expiry = t0 + Duration::minutes(10);
+    let changes = KeyChanges {
+        expires_at: Some(Some(expiry)),
+        ..KeyChanges::default()
+    };
+    let expiring = store
+        .update_key(&acme, &keys[1].key_id, changes, &actor(), t0, limits)
+        .await
+        .unwrap();
+    let t1 = t0 + Duration::hours(1);
+    let (new, _) = new_key(&acme, "after-expiry", t1);
+    store.create_key(new, &actor(), limits).await.unwrap();
+
+    // Extending the expired key would make four active keys: refused.
+    let extend = KeyChanges {
+        expires_at: Some(Some(t1 + Duration::days(30))),
+        ..KeyChanges::default()
+    };
+    let err = store
+        .update_key(
+            &acme,
+            &expiring.key_id,
+            extend.clone(),
+            &actor(),
+            t1,
+            limits,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::QuotaExceeded {
+                tier: Tier::Free,
+                limit: 3,
+                active: 3
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.get_key(&acme, &expiring.key_id).await.unwrap(),
+        Some(expiring.clone())
+    );
+    // Removing the expiry is the same as extending it.
+    let unexpire = KeyChanges {
+        expires_at: Some(None),
+        ..KeyChanges::default()
+    };
+    assert!(matches!(
+        store
+            .update_key(&acme, &expiring.key_id, unexpire, &actor(), t1, limits)
+            .await,
+        Err(StoreError::QuotaExceeded { .. })
+    ));
+    // Renaming an expired key does not reactivate it, so it needs no room.
+    let rename = KeyChanges {
+        name: Some(name("expired-but-renamed")),
+        ..KeyChanges::default()
+    };
+    store
+        .update_key(&acme, &expiring.key_id, rename, &actor(), t1, limits)
+        .await
+        .unwrap();
+
+    // With room again, the extension goes through.
+    store
+        .revoke_key(&acme, &keys[2].key_id, "make room", &actor(), t1)
+        .await
+        .unwrap();
+    let extended = store
+        .update_key(&acme, &expiring.key_id, extend, &actor(), t1, limits)
+        .await
+        .unwrap();
+    assert_eq!(extended.expires_at, Some(t1 + Duration::days(30)));
+}
+
+async fn concurrent_creates_cannot_overshoot_the_cap(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let limits = TierLimits::default();
+    let t0 = now();
+    let mut tasks = JoinSet::new();
+    for i in 0..20 {
+        let store = store.clone();
+        let (new, _) = new_key(&acme, &format!("racer-{i}"), t0);
+        tasks.spawn(async move { store.create_key(new, &actor(), limits).await });
+    }
+    let (mut created, mut refused) = (0, 0);
+    while let Some(outcome) = tasks.join_next().await {
+        match outcome.unwrap() {
+            Ok(_) => created += 1,
+            Err(StoreError::QuotaExceeded {
+                tier: Tier::Free,
+                limit: 3,
+                active: 3,
+            }) => refused += 1,
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    assert_eq!((created, refused), (3, 17));
+    assert_eq!(
+        store
+            .list_keys(&acme, true, None, 100)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        3
+    );
+    assert_eq!(all_events(&*store, &acme, None).await.len(), 3);
+    assert_eq!(store.changes_since(0, 100).await.unwrap().len(), 3);
+}
+
+async fn set_tier_changes_the_cap_with_an_audit_event(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let limits = TierLimits {
+        free: 1,
+        premium: 2,
+    };
+    let t0 = now();
+    assert_eq!(store.get_account(&acme).await.unwrap().tier, Tier::Free);
+    let (new, _) = new_key(&acme, "first", t0);
+    store.create_key(new, &actor(), limits).await.unwrap();
+    let (new, _) = new_key(&acme, "second", t0);
+    assert!(matches!(
+        store.create_key(new.clone(), &actor(), limits).await,
+        Err(StoreError::QuotaExceeded {
+            tier: Tier::Free,
+            limit: 1,
+            active: 1
+        })
+    ));
+
+    let t1 = t0 + Duration::minutes(1);
+    let account_now = store
+        .set_tier(&acme, Tier::Premium, &actor(), t1)
+        .await
+        .unwrap();
+    assert_eq!(account_now.tier, Tier::Premium);
+    assert_eq!(store.get_account(&acme).await.unwrap().tier, Tier::Premium);
+    store.create_key(new, &actor(), limits).await.unwrap();
+    let (new, _) = new_key(&acme, "third", t1);
+    assert!(matches!(
+        store.create_key(new, &actor(), limits).await,
+        Err(StoreError::QuotaExceeded {
+            tier: Tier::Premium,
+            limit: 2,
+            active: 2
+        })
+    ));
+
+    let events = all_events(&*store, &acme, None).await;
+    let tier_events: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == AuditAction::TierChanged)
+        .collect();
+    assert_eq!(tier_events.len(), 1);
+    let event = tier_events[0];
+    assert_eq!(event.key_id, None);
+    assert_eq!(event.at, t1);
+    assert_eq!(event.actor, actor().name);
+    assert_eq!(event.changes.len(), 1);
+    assert_eq!(event.changes[0].field, "tier");
+    assert_eq!(event.changes[0].old.as_deref(), Some("free"));
+    assert_eq!(event.changes[0].new.as_deref(), Some("premium"));
+
+    // Setting the tier it already has records nothing.
+    store
+        .set_tier(&acme, Tier::Premium, &actor(), t1)
+        .await
+        .unwrap();
+    assert_eq!(all_events(&*store, &acme, None).await.len(), events.len());
+
+    // An account never seen can be given a tier before its first key.
+    let globex = account("globex");
+    store
+        .set_tier(&globex, Tier::Premium, &actor(), t1)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_account(&globex).await.unwrap().tier,
+        Tier::Premium
+    );
+    assert_eq!(all_events(&*store, &globex, None).await.len(), 1);
+}
+
+async fn audit_events_list_oldest_first_filter_and_page(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let a = create(&*store, &acme, "alpha", t0).await;
+    let b = create(&*store, &acme, "beta", t0 + Duration::seconds(1)).await;
+    let operator = Actor {
+        name: "key:key_AAAAAAAAAAAAAAAAAAAA".to_owned(),
+        ip: None,
+    };
+    let rename = KeyChanges {
+        name: Some(name("alpha-2")),
+        ..KeyChanges::default()
+    };
+    store
+        .update_key(
+            &acme,
+            &a.key_id,
+            rename,
+            &operator,
+            t0 + Duration::seconds(2),
+            roomy(),
+        )
+        .await
+        .unwrap();
+    store
+        .revoke_key(
+            &acme,
+            &b.key_id,
+            "unused",
+            &actor(),
+            t0 + Duration::seconds(3),
+        )
+        .await
+        .unwrap();
+    let fresh = GeneratedKey::generate();
+    store
+        .rotate_key(
+            &acme,
+            &a.key_id,
+            fresh.prefix(),
+            fresh.hash(),
+            &actor(),
+            t0 + Duration::seconds(4),
+        )
+        .await
+        .unwrap();
+    // Another account's events never show up.
+    create(&*store, &account("globex"), "theirs", t0).await;
+
+    let events = all_events(&*store, &acme, None).await;
+    let summary: Vec<_> = events
+        .iter()
+        .map(|e| (e.key_id.clone().unwrap(), e.action))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (a.key_id.clone(), AuditAction::Created),
+            (b.key_id.clone(), AuditAction::Created),
+            (a.key_id.clone(), AuditAction::Updated),
+            (b.key_id.clone(), AuditAction::Revoked),
+            (a.key_id.clone(), AuditAction::Rotated),
+        ]
+    );
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[0].event_id < w[1].event_id && w[0].at <= w[1].at)
+    );
+    assert!(events.iter().all(|e| e.account_id == acme));
+    assert_eq!(events[0].at, t0);
+    assert_eq!(events[0].actor, "operator:alice@example.com");
+    assert_eq!(events[0].actor_ip.as_deref(), Some("203.0.113.7"));
+    assert_eq!(events[2].actor, "key:key_AAAAAAAAAAAAAAAAAAAA");
+    assert_eq!(events[2].actor_ip, None);
+    let created: Vec<_> = events[0].changes.iter().map(|c| c.field.as_str()).collect();
+    assert_eq!(
+        created,
+        ["name", "description", "scopes", "expires_at", "prefix"]
+    );
+    assert_eq!(
+        events[0].changes[2].new.as_deref(),
+        Some("datasets:read models:*")
+    );
+
+    // Filtered by key.
+    let of_a = all_events(&*store, &acme, Some(&a.key_id)).await;
+    assert_eq!(
+        of_a.iter().map(|e| e.action).collect::<Vec<_>>(),
+        [
+            AuditAction::Created,
+            AuditAction::Updated,
+            AuditAction::Rotated
+        ]
+    );
+    assert_eq!(
+        of_a,
+        [events[0].clone(), events[2].clone(), events[4].clone()]
+    );
+
+    // Paged, two at a time.
+    let mut paged = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list_audit_events(&acme, None, cursor, 2)
+            .await
+            .unwrap();
+        assert!(page.items.len() <= 2);
+        paged.extend(page.items);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, events);
+    // Paged and filtered.
+    let first = store
+        .list_audit_events(&acme, Some(&a.key_id), None, 1)
+        .await
+        .unwrap();
+    assert_eq!(first.items, [events[0].clone()]);
+    let rest = store
+        .list_audit_events(&acme, Some(&a.key_id), first.next_cursor, 10)
+        .await
+        .unwrap();
+    assert_eq!(rest.items, [events[2].clone(), events[4].clone()]);
+    assert_eq!(rest.next_cursor, None);
+}
+
+async fn usage_is_recorded_and_never_goes_back_in_time(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let a = create(&*store, &acme, "alpha", t0).await;
+    let b = create(&*store, &acme, "beta", t0).await;
+    let seq = store.change_sequence().await.unwrap();
+    store.record_usage(&[]).await.unwrap();
+
+    let t1 = t0 + Duration::minutes(1);
+    store
+        .record_usage(&[
+            UsageRecord {
+                key_id: a.key_id.clone(),
+                at: t1,
+                ip: Some("198.51.100.1".to_owned()),
+            },
+            UsageRecord {
+                key_id: b.key_id.clone(),
+                at: t1,
+                ip: None,
+            },
+            // A key that does not exist (e.g. deleted data) is skipped.
+            UsageRecord {
+                key_id: KeyId::generate(),
+                at: t1,
+                ip: None,
+            },
+        ])
+        .await
+        .unwrap();
+    let got = store.get_key(&acme, &a.key_id).await.unwrap().unwrap();
+    assert_eq!(got.last_used_at, Some(t1));
+    assert_eq!(got.last_used_ip.as_deref(), Some("198.51.100.1"));
+    let got = store.get_key(&acme, &b.key_id).await.unwrap().unwrap();
+    assert_eq!(got.last_used_at, Some(t1));
+    assert_eq!(got.last_used_ip, None);
+
+    // An older report (a slow node flushing late) does not overwrite.
+    let older = UsageRecord {
+        key_id: a.key_id.clone(),
+        at: t0 + Duration::seconds(30),
+        ip: Some("192.0.2.99".to_owned()),
+    };
+    store
+        .record_usage(std::slice::from_ref(&older))
+        .await
+        .unwrap();
+    let got = store.get_key(&acme, &a.key_id).await.unwrap().unwrap();
+    assert_eq!(got.last_used_at, Some(t1));
+    assert_eq!(got.last_used_ip.as_deref(), Some("198.51.100.1"));
+
+    // Within one batch, the latest use of a key wins, whatever the order.
+    let t2 = t1 + Duration::minutes(1);
+    let newest = UsageRecord {
+        key_id: a.key_id.clone(),
+        at: t2,
+        ip: Some("198.51.100.2".to_owned()),
+    };
+    store
+        .record_usage(&[newest.clone(), older.clone()])
+        .await
+        .unwrap();
+    let got = store.get_key(&acme, &a.key_id).await.unwrap().unwrap();
+    assert_eq!(got.last_used_at, Some(t2));
+    assert_eq!(got.last_used_ip.as_deref(), Some("198.51.100.2"));
+    let t3 = t2 + Duration::minutes(1);
+    let newer = UsageRecord {
+        key_id: a.key_id.clone(),
+        at: t3,
+        ip: Some("198.51.100.3".to_owned()),
+    };
+    store.record_usage(&[older, newer]).await.unwrap();
+    let got = store.get_key(&acme, &a.key_id).await.unwrap().unwrap();
+    assert_eq!(got.last_used_at, Some(t3));
+    assert_eq!(got.last_used_ip.as_deref(), Some("198.51.100.3"));
+    // The use shows through find_secret as well.
+    assert_eq!(
+        store
+            .find_secret(&a.prefix)
+            .await
+            .unwrap()
+            .unwrap()
+            .key
+            .last_used_at,
+        Some(t3)
+    );
+
+    // Usage is not an admin change: no audit event, nothing on the feed.
+    assert_eq!(all_events(&*store, &acme, None).await.len(), 2);
+    assert_eq!(store.change_sequence().await.unwrap(), seq);
+}
+
+async fn the_change_feed_carries_every_changed_prefix(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    assert_eq!(store.change_sequence().await.unwrap(), 0);
+    assert!(store.changes_since(0, 100).await.unwrap().is_empty());
+
+    let a = create(&*store, &acme, "alpha", t0).await;
+    let b = create(&*store, &acme, "beta", t0).await;
+    let after_creates = store.change_sequence().await.unwrap();
+    let rename = KeyChanges {
+        name: Some(name("alpha-2")),
+        ..KeyChanges::default()
+    };
+    store
+        .update_key(&acme, &a.key_id, rename, &actor(), t0, roomy())
+        .await
+        .unwrap();
+    let fresh = GeneratedKey::generate();
+    store
+        .rotate_key(&acme, &a.key_id, fresh.prefix(), fresh.hash(), &actor(), t0)
+        .await
+        .unwrap();
+    store
+        .revoke_key(&acme, &b.key_id, "done", &actor(), t0)
+        .await
+        .unwrap();
+    // A tier change does not affect any cached key.
+    store
+        .set_tier(&acme, Tier::Premium, &actor(), t0)
+        .await
+        .unwrap();
+
+    let all = store.changes_since(0, 100).await.unwrap();
+    let prefixes: Vec<_> = all.iter().map(|(_, p)| p.clone()).collect();
+    assert_eq!(
+        prefixes,
+        [
+            a.prefix.clone(),
+            b.prefix.clone(),
+            a.prefix.clone(),
+            a.prefix.clone(),
+            fresh.prefix().clone(),
+            b.prefix.clone(),
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(
+        store.change_sequence().await.unwrap(),
+        all.last().unwrap().0
+    );
+    assert_eq!(all[1].0, after_creates);
+
+    // Catching up from a sequence number, in pages.
+    let since = store.changes_since(after_creates, 100).await.unwrap();
+    assert_eq!(since, all[2..]);
+    let first_two = store.changes_since(after_creates, 2).await.unwrap();
+    assert_eq!(first_two, all[2..4]);
+    let rest = store.changes_since(first_two[1].0, 100).await.unwrap();
+    assert_eq!(rest, all[4..]);
+    assert!(
+        store
+            .changes_since(all.last().unwrap().0, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn no_audit_event_holds_a_secret(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (mut new, first) = new_key(&acme, "ci-runner", t0);
+    new.expires_at = Some(t0 + Duration::days(1));
+    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let second = GeneratedKey::generate();
+    store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            second.prefix(),
+            second.hash(),
+            &actor(),
+            t0,
+        )
+        .await
+        .unwrap();
+    let changes = KeyChanges {
+        name: Some(name("renamed")),
+        description: Some(description("new words")),
+        scopes: Some(scopes(&["keys:admin"])),
+        expires_at: Some(None),
+    };
+    store
+        .update_key(&acme, &key.key_id, changes, &actor(), t0, roomy())
+        .await
+        .unwrap();
+    store
+        .revoke_key(&acme, &key.key_id, "test over", &actor(), t0)
+        .await
+        .unwrap();
+
+    let events = all_events(&*store, &acme, None).await;
+    assert_eq!(events.len(), 4);
+    let rendered = format!("{events:?}");
+    for generated in [&first, &second] {
+        let secret = generated.expose_secret();
+        let hash = generated.hash();
+        let hex: String = hash.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        let bytes_as_list = format!("{:?}", hash.as_bytes());
+        for event in &events {
+            for change in &event.changes {
+                for value in [&change.old, &change.new].into_iter().flatten() {
+                    assert!(!value.contains(&secret[13..]), "secret in {change:?}");
+                    assert!(
+                        !value.contains(&secret[13..25]),
+                        "part of a secret in {change:?}"
+                    );
+                    assert!(!value.to_lowercase().contains(&hex), "hash in {change:?}");
+                }
+            }
+        }
+        assert!(!rendered.contains(&secret[13..25]));
+        assert!(!rendered.contains(&hex));
+        assert!(!rendered.contains(&bytes_as_list));
+    }
+}
+
+async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (new, _) = new_key(&acme, "original", t0);
+    let key = store
+        .create_key(new.clone(), &actor(), roomy())
+        .await
+        .unwrap();
+    let seq = store.change_sequence().await.unwrap();
+
+    // Same prefix, different key.
+    let (mut clash, _) = new_key(&acme, "clash", t0);
+    clash.prefix = new.prefix.clone();
+    let err = store
+        .create_key(clash.clone(), &actor(), roomy())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict), "{err:?}");
+    assert_eq!(store.get_key(&acme, &clash.key_id).await.unwrap(), None);
+
+    // Same key id, fresh prefix.
+    let (mut clash, _) = new_key(&acme, "clash", t0);
+    clash.key_id = new.key_id.clone();
+    let err = store
+        .create_key(clash.clone(), &actor(), roomy())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict), "{err:?}");
+    assert!(store.find_secret(&clash.prefix).await.unwrap().is_none());
+
+    // Rotating onto a prefix that is taken.
+    let err = store
+        .rotate_key(&acme, &key.key_id, &new.prefix, new.hash, &actor(), t0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict), "{err:?}");
+
+    assert_eq!(store.get_key(&acme, &key.key_id).await.unwrap(), Some(key));
+    assert_eq!(
+        store
+            .find_secret(&new.prefix)
+            .await
+            .unwrap()
+            .unwrap()
+            .superseded_at,
+        None
+    );
+    assert_eq!(all_events(&*store, &acme, None).await.len(), 1);
+    assert_eq!(store.change_sequence().await.unwrap(), seq);
+}
+
+// ---------------------------------------------------------------------------
+// Instantiation per backend
+
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            use std::sync::Arc;
+            use vilvik_keys_store::{SqliteStore, Store};
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = SqliteStore::open(&dir.path().join("vilvik-keys.db")).await.unwrap();
+                    assert_eq!(store.migrate().await.unwrap(), 1);
+                    super::$test(Arc::new(store)).await;
+                }
+            )*
+        }
+
+        mod postgres {
+            use std::sync::Arc;
+            use vilvik_keys_store::{PostgresStore, Store};
+            use vilvik_keys_test_db::TestDatabase;
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let Some(db) = TestDatabase::create().await else {
+                        return;
+                    };
+                    let store = PostgresStore::connect(db.url()).await.unwrap();
+                    assert_eq!(store.migrate().await.unwrap(), 1);
+                    super::$test(Arc::new(store)).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    migrate_twice_runs_nothing_the_second_time,
+    create_get_and_list_with_paging,
+    another_accounts_key_is_invisible,
+    update_records_only_what_changed,
+    rotate_supersedes_the_old_secret,
+    revocation_is_final,
+    an_expired_key_cannot_be_rotated,
+    the_tier_cap_holds,
+    concurrent_creates_cannot_overshoot_the_cap,
+    set_tier_changes_the_cap_with_an_audit_event,
+    audit_events_list_oldest_first_filter_and_page,
+    usage_is_recorded_and_never_goes_back_in_time,
+    the_change_feed_carries_every_changed_prefix,
+    no_audit_event_holds_a_secret,
+    a_taken_identifier_is_a_conflict_and_changes_nothing,
+);
