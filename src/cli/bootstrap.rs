@@ -2,17 +2,29 @@
 //! account, made directly in the store because nothing can call the admin
 //! API before it exists.
 
+use std::sync::Arc;
+
 use anyhow::Context;
-use vilvik_keys_domain::{ADMIN_SCOPE, AccountId, Clock, GeneratedKey, KeyId, ScopeSet, SystemClock};
-use vilvik_keys_store::{Actor, NewKey, StoreError};
+use vilvik_keys_domain::{
+    ADMIN_SCOPE, AccountId, Clock, GeneratedKey, KeyId, KeyName, ScopeSet, SystemClock, TierLimits,
+};
+use vilvik_keys_store::{Actor, KeyRecord, NewKey, Store, StoreError};
 
 use crate::config::Config;
 use crate::startup::open_store;
 
-pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Result<()> {
-    let account: AccountId = account.parse().context("--account")?;
-    let name = name.parse().context("--name")?;
-    let store = open_store(config).await?;
+/// The audit actor of keys made by `bootstrap`: someone with shell access
+/// to the service's configuration.
+pub const BOOTSTRAP_ACTOR: &str = "bootstrap";
+
+/// Creates a management key (scope `keys:admin`) for `account`, counted
+/// against its tier like any other key.
+pub async fn create_management_key(
+    store: &Arc<dyn Store>,
+    account: &AccountId,
+    name: KeyName,
+    limits: TierLimits,
+) -> anyhow::Result<(KeyRecord, GeneratedKey)> {
     let secret = GeneratedKey::generate();
     let new = NewKey {
         key_id: KeyId::generate(),
@@ -26,22 +38,31 @@ pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Re
         created_at: SystemClock.now(),
     };
     let actor = Actor {
-        name: "bootstrap".to_owned(),
+        name: BOOTSTRAP_ACTOR.to_owned(),
         ip: None,
     };
-    let record = match store.create_key(new, &actor, config.tier_limits).await {
-        Ok(record) => record,
+    match store.create_key(new, &actor, limits).await {
+        Ok(record) => Ok((record, secret)),
         Err(StoreError::QuotaExceeded { tier, limit, .. }) => anyhow::bail!(
             "account {account} already holds {limit} active keys, the {tier} tier's limit: revoke one first"
         ),
-        Err(e) => return Err(e).context("cannot create the management key"),
-    };
+        Err(e) => Err(e).context("cannot create the management key"),
+    }
+}
+
+/// The `bootstrap` command: prints the secret alone on stdout (so that
+/// `TOKEN=$(vilvik-keys bootstrap …)` works) and the explanation on stderr.
+pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Result<()> {
+    let account: AccountId = account.parse().context("--account")?;
+    let name = name.parse().context("--name")?;
+    let store = open_store(config).await?;
+    let (record, secret) = create_management_key(&store, &account, name, config.tier_limits).await?;
     eprintln!(
         "Created management key {} ({}) for account {account} with scope {ADMIN_SCOPE}.\n\
-         This is the only time its secret is shown. Store it in your secret manager, then:\n",
+         This is the only time its secret is shown: store it in your secret manager,\n\
+         and export it as VILVIK_KEYS_TOKEN for the CLI.",
         record.key_id, record.prefix
     );
-    eprintln!("  export VILVIK_KEYS_TOKEN=<the secret below>\n");
     println!("{}", secret.expose_secret());
     Ok(())
 }

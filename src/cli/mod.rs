@@ -5,5 +5,5 @@
 mod bootstrap;
 mod client;
 
-pub use bootstrap::bootstrap;
+pub use bootstrap::{BOOTSTRAP_ACTOR, bootstrap, create_management_key};
 pub use client::{AccountsCommand, ClientArgs, KeysCommand, run_accounts, run_keys};

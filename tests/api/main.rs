@@ -1,0 +1,38 @@
+//! End-to-end tests: the real server over real sockets, on SQLite and on
+//! Postgres. Postgres variants need `VILVIK_KEYS_TEST_DATABASE_URL`; without
+//! it they print that they were skipped (or fail, with
+//! `VILVIK_KEYS_REQUIRE_POSTGRES=1`).
+
+mod helpers;
+
+mod auth;
+mod bad_input;
+mod lifecycle;
+mod tour;
+
+/// Runs each listed `async fn(TestApp)` once per backend.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let app = $crate::helpers::spawn_app($crate::helpers::Backend::Sqlite).await.unwrap();
+                    super::$name(app).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(app) = $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await else {
+                        return;
+                    };
+                    super::$name(app).await;
+                }
+            )*
+        }
+    };
+}
