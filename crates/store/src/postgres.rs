@@ -158,8 +158,21 @@ impl PostgresStore {
                 StoreError::internal_from("cannot build the Postgres connection pool", e)
             })?;
         let store = Self { pool };
-        let client = store.client().await?;
-        client.simple_query("SELECT 1").await.map_err(map_err)?;
+        // A refused login or a missing database is a configuration mistake,
+        // not an outage: say where to look.
+        let at_start = |e: StoreError| match e {
+            StoreError::Internal(_, source) => StoreError::Internal(
+                "cannot log in to the database named by DATABASE_URL".to_owned(),
+                source,
+            ),
+            other => other,
+        };
+        let client = store.client().await.map_err(at_start)?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(map_err)
+            .map_err(at_start)?;
         Ok(store)
     }
 
@@ -210,7 +223,6 @@ fn map_err(e: tokio_postgres::Error) -> StoreError {
             "error connecting to server"
                 | "timeout waiting for server"
                 | "error communicating with the server"
-                | "authentication error"
         );
     if connection_level {
         StoreError::Unavailable(Box::new(e))

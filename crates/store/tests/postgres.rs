@@ -173,3 +173,14 @@ async fn a_malformed_url_fails_at_start_without_echoing_it() {
     assert!(chain.contains("DATABASE_URL"), "{chain}");
     assert!(!chain.contains("hunter2"), "{chain}");
 }
+
+#[tokio::test]
+async fn a_missing_database_fails_at_start_with_a_pointer_to_the_url() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let missing = db.url().replace(db.name(), "vk_no_such_database");
+    let err = PostgresStore::connect(&missing).await.unwrap_err();
+    assert!(matches!(err, StoreError::Internal(..)), "{err:?}");
+    assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+}
