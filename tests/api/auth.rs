@@ -1,0 +1,244 @@
+//! Who may do what: management keys act on their own account, the operator
+//! token on the account it names; another account's keys do not exist.
+
+use tonic::Code;
+use vilvik_keys::proto::{self, AuditAction, Tier};
+
+use crate::helpers::{
+    Backend, OPERATOR_TOKEN, TestApp, assert_status, spawn_app_with, with_bearer,
+};
+
+crate::on_both_backends!(
+    credentials_are_checked,
+    another_accounts_keys_are_not_found,
+    the_operator_acts_for_the_named_account_and_sets_tiers,
+);
+
+async fn credentials_are_checked(mut app: TestApp) {
+    let list = || proto::ListKeysRequest::default();
+    assert_status(
+        app.admin.list_keys(tonic::Request::new(list())).await,
+        Code::Unauthenticated,
+        "missing credential",
+    );
+    assert_status(
+        app.admin
+            .list_keys(with_bearer(
+                list(),
+                "not-the-operator-token-but-long-enough",
+            ))
+            .await,
+        Code::Unauthenticated,
+        "neither a management key",
+    );
+    assert_status(
+        app.admin.list_keys(with_bearer(list(), "vlk_short")).await,
+        Code::Unauthenticated,
+        "malformed",
+    );
+
+    // A good key without keys:admin may verify but not administer.
+    let data_key = app
+        .create_key("ci-runner", &["datasets:read"])
+        .await
+        .unwrap();
+    let status = assert_status(
+        app.admin
+            .list_keys(with_bearer(list(), &data_key.secret))
+            .await,
+        Code::PermissionDenied,
+        "keys:admin",
+    );
+    assert!(!status.message().contains(&data_key.secret[13..]));
+
+    // A second management key, revoked, stops working at once.
+    let second = app.create_key("console", &["keys:admin"]).await.unwrap();
+    app.admin
+        .list_keys(with_bearer(list(), &second.secret))
+        .await
+        .unwrap();
+    let request = app.authed(proto::RevokeKeyRequest {
+        key_id: second.key.unwrap().key_id,
+        reason: String::new(),
+    });
+    app.admin.revoke_key(request).await.unwrap();
+    assert_status(
+        app.admin
+            .list_keys(with_bearer(list(), &second.secret))
+            .await,
+        Code::Unauthenticated,
+        "revoked",
+    );
+}
+
+async fn another_accounts_keys_are_not_found(mut app: TestApp) {
+    // The operator creates a key in account OTHER.
+    let request = app.as_operator(
+        proto::CreateKeyRequest {
+            name: "other-service".into(),
+            scopes: vec!["datasets:read".into()],
+            ..Default::default()
+        },
+        "OTHER",
+        "alice@example.com",
+    );
+    let theirs = app.admin.create_key(request).await.unwrap().into_inner();
+    let their_id = theirs.key.unwrap().key_id;
+
+    let get = app.authed(proto::GetKeyRequest {
+        key_id: their_id.clone(),
+    });
+    assert_status(app.admin.get_key(get).await, Code::NotFound, "not found");
+    let update = app.authed(proto::UpdateKeyRequest {
+        key_id: their_id.clone(),
+        name: "mine-now".into(),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["name".into()],
+        }),
+        ..Default::default()
+    });
+    assert_status(
+        app.admin.update_key(update).await,
+        Code::NotFound,
+        "not found",
+    );
+    let rotate = app.authed(proto::RotateKeyRequest {
+        key_id: their_id.clone(),
+    });
+    assert_status(
+        app.admin.rotate_key(rotate).await,
+        Code::NotFound,
+        "not found",
+    );
+    let revoke = app.authed(proto::RevokeKeyRequest {
+        key_id: their_id.clone(),
+        reason: String::new(),
+    });
+    assert_status(
+        app.admin.revoke_key(revoke).await,
+        Code::NotFound,
+        "not found",
+    );
+    let audit = app.authed(proto::ListAuditEventsRequest {
+        key_id: their_id.clone(),
+        ..Default::default()
+    });
+    assert_status(
+        app.admin.list_audit_events(audit).await,
+        Code::NotFound,
+        "not found",
+    );
+    assert!(
+        app.list_keys(true)
+            .await
+            .iter()
+            .all(|k| k.key_id != their_id)
+    );
+    assert!(app.audit("").await.iter().all(|e| e.key_id != their_id));
+
+    // Their key still works, untouched.
+    assert!(
+        app.verify_key(&theirs.secret, &["datasets:read"])
+            .await
+            .valid
+    );
+}
+
+async fn the_operator_acts_for_the_named_account_and_sets_tiers(mut app: TestApp) {
+    let request = app.as_operator(
+        proto::CreateKeyRequest {
+            name: "console-made".into(),
+            scopes: vec!["models:*".into()],
+            ..Default::default()
+        },
+        "ACME",
+        "alice@example.com",
+    );
+    let created = app.admin.create_key(request).await.unwrap().into_inner();
+    let key_id = created.key.unwrap().key_id;
+    let events = app.audit(&key_id).await;
+    assert_eq!(events[0].actor, "operator:alice@example.com");
+    assert_eq!(events[0].actor_ip, "127.0.0.1");
+
+    // The operator token needs the account header.
+    let mut request = with_bearer(proto::ListKeysRequest::default(), OPERATOR_TOKEN);
+    request
+        .metadata_mut()
+        .insert("x-vilvik-actor", "alice".parse().unwrap());
+    assert_status(
+        app.admin.list_keys(request).await,
+        Code::InvalidArgument,
+        "x-vilvik-account",
+    );
+
+    // Tiers: only the operator may change them; the change is audited.
+    let set_premium = proto::SetAccountTierRequest {
+        account_id: "ACME".into(),
+        tier: Tier::Premium.into(),
+    };
+    assert_status(
+        app.admin
+            .set_account_tier(app.authed(set_premium.clone()))
+            .await,
+        Code::PermissionDenied,
+        "operator",
+    );
+    // ACME holds 2 active keys of the free tier's 3.
+    app.create_key("third", &["a:b"]).await.unwrap();
+    assert_status(
+        app.create_key("fourth", &["a:b"]).await,
+        Code::ResourceExhausted,
+        "allows 3",
+    );
+    let request = app.as_operator(set_premium, "ACME", "bob@example.com");
+    let account = app
+        .admin
+        .set_account_tier(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(account.tier(), Tier::Premium);
+    assert_eq!(account.active_key_limit, 25);
+    app.create_key("fourth", &["a:b"]).await.unwrap();
+    let shown = app
+        .admin
+        .get_account(app.authed(proto::GetAccountRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((shown.tier(), shown.active_key_limit), (Tier::Premium, 25));
+    let tier_event = app
+        .audit("")
+        .await
+        .into_iter()
+        .find(|e| e.action() == AuditAction::TierChanged)
+        .expect("a tier_changed event");
+    assert_eq!(tier_event.actor, "operator:bob@example.com");
+    assert_eq!(tier_event.key_id, "");
+    assert_eq!(tier_event.changes[0].old_value.as_deref(), Some("free"));
+    assert_eq!(tier_event.changes[0].new_value.as_deref(), Some("premium"));
+}
+
+/// `x-forwarded-for` is believed only from a configured proxy.
+#[tokio::test]
+async fn forwarded_for_is_trusted_only_from_configured_proxies() {
+    for (trusted, expected_ip) in [
+        (vec![], "127.0.0.1"),
+        (vec!["127.0.0.1".parse().unwrap()], "203.0.113.9"),
+    ] {
+        let mut app = spawn_app_with(Backend::Sqlite, |c| c.trusted_proxies = trusted)
+            .await
+            .unwrap();
+        let mut request = app.authed(proto::CreateKeyRequest {
+            name: "behind-proxy".into(),
+            scopes: vec!["a:b".into()],
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("x-forwarded-for", "203.0.113.9, 10.1.1.1".parse().unwrap());
+        let created = app.admin.create_key(request).await.unwrap().into_inner();
+        let events = app.audit(&created.key.unwrap().key_id).await;
+        assert_eq!(events[0].actor_ip, expected_ip);
+    }
+}

@@ -1,0 +1,223 @@
+//! Bad input gets a precise status naming the field, and changes nothing.
+
+use tonic::Code;
+use vilvik_keys::proto;
+
+use crate::helpers::{TestApp, assert_status, days_from, without_usage};
+
+crate::on_both_backends!(
+    bad_input_is_rejected_precisely_and_changes_nothing,
+    oversized_messages_are_rejected
+);
+
+fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    })
+}
+
+async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
+    let now = vilvik_keys_domain::Clock::now(app.clock.as_ref());
+    let existing = app
+        .create_key("ci-runner", &["datasets:read"])
+        .await
+        .unwrap();
+    let key_id = existing.key.unwrap().key_id;
+    let keys_before = without_usage(app.list_keys(true).await);
+    let audit_before = app.audit("").await;
+
+    let create =
+        |name: &str, scopes: &[&str], description: &str, expires_at| proto::CreateKeyRequest {
+            name: name.into(),
+            description: description.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            expires_at,
+        };
+    let cases = [
+        (
+            create("", &["a:b"], "", None),
+            "name: name must not be empty",
+        ),
+        (
+            create(&"n".repeat(65), &["a:b"], "", None),
+            "name: name is 65 characters long; the limit is 64",
+        ),
+        (
+            create("x", &["a:b"], &"d".repeat(1001), None),
+            "description: description is 1001 characters",
+        ),
+        (
+            create("x", &["datasets:read", "Datasets:read"], "", None),
+            "scopes[1]: 'Datasets:read' is not a valid scope: use lowercase resource:action",
+        ),
+        (
+            create("x", &["datasets"], "", None),
+            "scopes[0]: 'datasets' is not a valid scope",
+        ),
+        (
+            create("x", &["a:b"], "", Some(days_from(now, -1))),
+            "expires_at: expires_at",
+        ),
+    ];
+    for (request, expected) in cases {
+        let result = app.admin.create_key(app.authed(request)).await;
+        assert_status(result, Code::InvalidArgument, expected);
+    }
+    let too_many: Vec<String> = (0..51).map(|i| format!("r{i}:read")).collect();
+    let request = proto::CreateKeyRequest {
+        name: "x".into(),
+        scopes: too_many,
+        ..Default::default()
+    };
+    assert_status(
+        app.admin.create_key(app.authed(request)).await,
+        Code::InvalidArgument,
+        "at most 50 scopes",
+    );
+
+    // Key ids.
+    let get = |id: &str| proto::GetKeyRequest { key_id: id.into() };
+    assert_status(
+        app.admin.get_key(app.authed(get(""))).await,
+        Code::InvalidArgument,
+        "key_id: is required",
+    );
+    assert_status(
+        app.admin.get_key(app.authed(get("abc"))).await,
+        Code::InvalidArgument,
+        "key_id: 'abc' is not a key id",
+    );
+    assert_status(
+        app.admin
+            .get_key(app.authed(get("key_AAAAAAAAAAAAAAAAAAAA")))
+            .await,
+        Code::NotFound,
+        "key key_AAAAAAAAAAAAAAAAAAAA not found",
+    );
+    let request = proto::RotateKeyRequest {
+        key_id: "key_AAAAAAAAAAAAAAAAAAAA".into(),
+    };
+    assert_status(
+        app.admin.rotate_key(app.authed(request)).await,
+        Code::NotFound,
+        "not found",
+    );
+
+    // Paging.
+    for page_size in [-1, 101] {
+        let request = proto::ListKeysRequest {
+            page_size,
+            ..Default::default()
+        };
+        assert_status(
+            app.admin.list_keys(app.authed(request)).await,
+            Code::InvalidArgument,
+            "page_size",
+        );
+    }
+    let request = proto::ListAuditEventsRequest {
+        page_token: "garbage".into(),
+        ..Default::default()
+    };
+    assert_status(
+        app.admin.list_audit_events(app.authed(request)).await,
+        Code::InvalidArgument,
+        "page_token",
+    );
+
+    // Updates.
+    let update = |paths: &[&str], name: &str, expires_at| proto::UpdateKeyRequest {
+        key_id: key_id.clone(),
+        name: name.into(),
+        expires_at,
+        update_mask: mask(paths),
+        ..Default::default()
+    };
+    assert_status(
+        app.admin
+            .update_key(app.authed(update(&[], "x", None)))
+            .await,
+        Code::InvalidArgument,
+        "update_mask: is empty",
+    );
+    assert_status(
+        app.admin
+            .update_key(app.authed(update(&["prefix"], "x", None)))
+            .await,
+        Code::InvalidArgument,
+        "'prefix' cannot be updated",
+    );
+    assert_status(
+        app.admin
+            .update_key(app.authed(update(&["name"], " ", None)))
+            .await,
+        Code::InvalidArgument,
+        "name: name must not be empty",
+    );
+    assert_status(
+        app.admin
+            .update_key(app.authed(update(
+                &["name", "expires_at"],
+                "ok",
+                Some(days_from(now, -3)),
+            )))
+            .await,
+        Code::InvalidArgument,
+        "expires_at",
+    );
+    let request = proto::RevokeKeyRequest {
+        key_id: key_id.clone(),
+        reason: "r".repeat(501),
+    };
+    assert_status(
+        app.admin.revoke_key(app.authed(request)).await,
+        Code::InvalidArgument,
+        "reason",
+    );
+
+    // Verify requests.
+    let request = proto::VerifyKeyRequest {
+        key: existing.secret.clone(),
+        required_scopes: vec!["Datasets:read".into()],
+        client_ip: String::new(),
+    };
+    assert_status(
+        app.verify.verify_key(request).await,
+        Code::InvalidArgument,
+        "required_scopes[0]",
+    );
+    let request = proto::VerifyKeyRequest {
+        key: existing.secret.clone(),
+        required_scopes: vec![],
+        client_ip: "not-an-ip".into(),
+    };
+    assert_status(
+        app.verify.verify_key(request).await,
+        Code::InvalidArgument,
+        "client_ip",
+    );
+
+    // Nothing changed.
+    assert_eq!(without_usage(app.list_keys(true).await), keys_before);
+    assert_eq!(app.audit("").await, audit_before);
+}
+
+async fn oversized_messages_are_rejected(mut app: TestApp) {
+    let keys_before = without_usage(app.list_keys(true).await);
+    let request = proto::CreateKeyRequest {
+        name: "big".into(),
+        description: "x".repeat(70 * 1024),
+        scopes: vec!["a:b".into()],
+        expires_at: None,
+    };
+    let status = app.admin.create_key(app.authed(request)).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("too large"), "{status:?}");
+    let request = proto::VerifyKeyRequest {
+        key: "k".repeat(70 * 1024),
+        ..Default::default()
+    };
+    let status = app.verify.verify_key(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(without_usage(app.list_keys(true).await), keys_before);
+}

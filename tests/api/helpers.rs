@@ -44,6 +44,7 @@ pub struct TestApp {
     pub management_key_id: String,
     pub clock: Arc<ManualClock>,
     pub config: Config,
+    pub backend: Backend,
     server: Option<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
     _database: Database,
 }
@@ -54,7 +55,10 @@ pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
     spawn_app_with(backend, |_| {}).await
 }
 
-pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config)) -> Option<TestApp> {
+pub async fn spawn_app_with(
+    backend: Backend,
+    configure: impl FnOnce(&mut Config),
+) -> Option<TestApp> {
     init_logging();
     let mut config = Config {
         admin_addr: "127.0.0.1:0".parse().unwrap(),
@@ -101,6 +105,7 @@ pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config
         management_key_id: record.key_id.to_string(),
         clock,
         config,
+        backend,
         server: None,
         _database: database,
     };
@@ -139,7 +144,10 @@ impl TestApp {
     pub async fn stop(&mut self) {
         if let Some((stop, handle)) = self.server.take() {
             let _ = stop.send(());
-            handle.await.unwrap().expect("the server shuts down cleanly");
+            handle
+                .await
+                .unwrap()
+                .expect("the server shuts down cleanly");
         }
     }
 
@@ -160,12 +168,20 @@ impl TestApp {
     /// A request made with the operator token on behalf of `actor`.
     pub fn as_operator<T>(&self, message: T, account: &str, actor: &str) -> Request<T> {
         let mut request = with_bearer(message, OPERATOR_TOKEN);
-        request.metadata_mut().insert("x-vilvik-account", account.parse().unwrap());
-        request.metadata_mut().insert("x-vilvik-actor", actor.parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("x-vilvik-account", account.parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("x-vilvik-actor", actor.parse().unwrap());
         request
     }
 
-    pub async fn create_key(&mut self, name: &str, scopes: &[&str]) -> Result<proto::CreateKeyResponse, Status> {
+    pub async fn create_key(
+        &mut self,
+        name: &str,
+        scopes: &[&str],
+    ) -> Result<proto::CreateKeyResponse, Status> {
         let request = self.authed(proto::CreateKeyRequest {
             name: name.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
@@ -191,8 +207,14 @@ impl TestApp {
     }
 
     pub async fn get_key(&mut self, key_id: &str) -> proto::Key {
-        let request = self.authed(proto::GetKeyRequest { key_id: key_id.into() });
-        self.admin.get_key(request).await.expect("GetKey").into_inner()
+        let request = self.authed(proto::GetKeyRequest {
+            key_id: key_id.into(),
+        });
+        self.admin
+            .get_key(request)
+            .await
+            .expect("GetKey")
+            .into_inner()
     }
 
     pub async fn list_keys(&mut self, include_revoked: bool) -> Vec<proto::Key> {
@@ -201,7 +223,12 @@ impl TestApp {
             page_size: 100,
             ..Default::default()
         });
-        self.admin.list_keys(request).await.expect("ListKeys").into_inner().keys
+        self.admin
+            .list_keys(request)
+            .await
+            .expect("ListKeys")
+            .into_inner()
+            .keys
     }
 
     pub async fn audit(&mut self, key_id: &str) -> Vec<proto::AuditEvent> {
@@ -230,9 +257,10 @@ impl Drop for TestApp {
 
 pub fn with_bearer<T>(message: T, credential: &str) -> Request<T> {
     let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {credential}").parse().unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {credential}").parse().unwrap(),
+    );
     request
 }
 
@@ -246,7 +274,11 @@ async fn channel(addr: SocketAddr) -> Channel {
 
 /// Asserts the call failed with `code` and a message containing `needle`.
 #[track_caller]
-pub fn assert_status<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, needle: &str) -> Status {
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    code: Code,
+    needle: &str,
+) -> Status {
     let status = result.expect_err("the call should have failed");
     assert_eq!(status.code(), code, "unexpected status: {status:?}");
     assert!(
@@ -282,4 +314,14 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Keys without their last-use fields, which every admin call through a
+/// management key updates in the background; for before/after comparisons.
+pub fn without_usage(mut keys: Vec<proto::Key>) -> Vec<proto::Key> {
+    for key in &mut keys {
+        key.last_used_at = None;
+        key.last_used_ip.clear();
+    }
+    keys
 }

