@@ -4,6 +4,7 @@
 
 mod bootstrap;
 mod client;
+mod output;
 
 pub use bootstrap::{BOOTSTRAP_ACTOR, bootstrap, create_management_key};
 pub use client::{AccountsCommand, ClientArgs, KeysCommand, run_accounts, run_keys};
