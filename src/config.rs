@@ -56,12 +56,18 @@ pub struct Config {
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("database_url", &self.database_url.as_ref().map(|_| "[REDACTED]"))
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|_| "[REDACTED]"),
+            )
             .field("sqlite_path", &self.sqlite_path)
             .field("admin_addr", &self.admin_addr)
             .field("verify_addr", &self.verify_addr)
             .field("public_verify_addr", &self.public_verify_addr)
-            .field("operator_token", &self.operator_token.as_ref().map(|_| "[REDACTED]"))
+            .field(
+                "operator_token",
+                &self.operator_token.as_ref().map(|_| "[REDACTED]"),
+            )
             .field("tier_limits", &self.tier_limits)
             .field("usage_flush_interval", &self.usage_flush_interval)
             .field("trusted_proxies", &self.trusted_proxies)
@@ -114,7 +120,10 @@ struct FileConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{setting}: {message}")]
@@ -136,7 +145,10 @@ impl Config {
     }
 
     /// Like [`Config::load`] with an explicit environment; for tests.
-    pub fn from_sources(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+    pub fn from_sources(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
         let file = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -159,7 +171,8 @@ impl Config {
             }
         };
 
-        config.database_url = pick("DATABASE_URL", file.database_url).map(|(_, v)| SecretString::from(v));
+        config.database_url =
+            pick("DATABASE_URL", file.database_url).map(|(_, v)| SecretString::from(v));
         if let Some((_, v)) = pick(
             "VILVIK_KEYS_SQLITE_PATH",
             file.sqlite_path.map(|p| p.to_string_lossy().into_owned()),
@@ -172,7 +185,8 @@ impl Config {
         if let Some((name, v)) = pick("VILVIK_KEYS_VERIFY_ADDR", file.verify_addr) {
             config.verify_addr = parse_addr(&name, &v)?;
         }
-        config.public_verify_addr = pick("VILVIK_KEYS_PUBLIC_VERIFY_ADDR", file.public_verify_addr).map(|(_, v)| v);
+        config.public_verify_addr =
+            pick("VILVIK_KEYS_PUBLIC_VERIFY_ADDR", file.public_verify_addr).map(|(_, v)| v);
         if let Some((name, v)) = pick("VILVIK_KEYS_OPERATOR_TOKEN", file.operator_token) {
             if v.len() < MIN_OPERATOR_TOKEN_LEN {
                 return Err(invalid(
@@ -184,7 +198,10 @@ impl Config {
             }
             config.operator_token = Some(SecretString::from(v));
         }
-        if let Some((name, v)) = pick("VILVIK_KEYS_FREE_TIER_LIMIT", file.free_tier_limit.map(|n| n.to_string())) {
+        if let Some((name, v)) = pick(
+            "VILVIK_KEYS_FREE_TIER_LIMIT",
+            file.free_tier_limit.map(|n| n.to_string()),
+        ) {
             config.tier_limits.free = parse_number(&name, &v)?;
         }
         if let Some((name, v)) = pick(
@@ -229,7 +246,12 @@ impl Config {
             config.log_format = match v.as_str() {
                 "pretty" => LogFormat::Pretty,
                 "json" => LogFormat::Json,
-                other => return Err(invalid(&name, format!("'{other}' is not a log format: use 'pretty' or 'json'"))),
+                other => {
+                    return Err(invalid(
+                        &name,
+                        format!("'{other}' is not a log format: use 'pretty' or 'json'"),
+                    ));
+                }
             };
         }
         if config.tier_limits.premium < config.tier_limits.free {
@@ -265,9 +287,12 @@ fn file_key(env_name: &str) -> String {
 }
 
 fn parse_addr(name: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| invalid(name, format!("'{value}' is not a socket address such as 127.0.0.1:50051")))
+    value.parse().map_err(|_| {
+        invalid(
+            name,
+            format!("'{value}' is not a socket address such as 127.0.0.1:50051"),
+        )
+    })
 }
 
 fn parse_number(name: &str, value: &str) -> Result<u32, ConfigError> {
@@ -277,10 +302,12 @@ fn parse_number(name: &str, value: &str) -> Result<u32, ConfigError> {
 }
 
 fn parse_millis(name: &str, value: &str) -> Result<Duration, ConfigError> {
-    value
-        .parse()
-        .map(Duration::from_millis)
-        .map_err(|_| invalid(name, format!("'{value}' is not a whole number of milliseconds")))
+    value.parse().map(Duration::from_millis).map_err(|_| {
+        invalid(
+            name,
+            format!("'{value}' is not a whole number of milliseconds"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -288,7 +315,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn file(text: &str) -> tempfile::NamedTempFile {
@@ -304,13 +334,23 @@ mod tests {
         assert_eq!(c.verify_addr.to_string(), "127.0.0.1:50052");
         assert_eq!(c.sqlite_path, PathBuf::from("./vilvik-keys.db"));
         assert!(c.database_url.is_none());
-        assert_eq!(c.tier_limits, TierLimits { free: 3, premium: 25 });
+        assert_eq!(
+            c.tier_limits,
+            TierLimits {
+                free: 3,
+                premium: 25
+            }
+        );
     }
 
     #[test]
     fn environment_wins_over_the_file() {
         let f = file("admin_addr = \"127.0.0.1:6000\"\nfree_tier_limit = 5\n");
-        let c = Config::from_sources(Some(f.path()), &env(&[("VILVIK_KEYS_ADMIN_ADDR", "127.0.0.1:7000")])).unwrap();
+        let c = Config::from_sources(
+            Some(f.path()),
+            &env(&[("VILVIK_KEYS_ADMIN_ADDR", "127.0.0.1:7000")]),
+        )
+        .unwrap();
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:7000");
         assert_eq!(c.tier_limits.free, 5);
     }
@@ -318,7 +358,9 @@ mod tests {
     #[test]
     fn unknown_file_keys_are_named() {
         let f = file("admin_adr = \"127.0.0.1:6000\"\n");
-        let err = Config::from_sources(Some(f.path()), &env(&[])).unwrap_err().to_string();
+        let err = Config::from_sources(Some(f.path()), &env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("admin_adr"), "{err}");
     }
 
@@ -332,9 +374,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("at least 32"), "{err}");
-        assert!(!err.contains("short"), "the token must not be echoed: {err}");
+        assert!(
+            !err.contains("short"),
+            "the token must not be echoed: {err}"
+        );
         let f = file("log_format = \"xml\"\n");
-        let err = Config::from_sources(Some(f.path()), &env(&[])).unwrap_err().to_string();
+        let err = Config::from_sources(Some(f.path()), &env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("log_format"), "{err}");
     }
 
@@ -344,11 +391,17 @@ mod tests {
             None,
             &env(&[
                 ("DATABASE_URL", "postgres://u:hunter2@db/keys"),
-                ("VILVIK_KEYS_OPERATOR_TOKEN", "op-token-0123456789abcdef0123456789"),
+                (
+                    "VILVIK_KEYS_OPERATOR_TOKEN",
+                    "op-token-0123456789abcdef0123456789",
+                ),
             ]),
         )
         .unwrap();
         let shown = format!("{c:?}");
-        assert!(!shown.contains("hunter2") && !shown.contains("op-token"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("op-token"),
+            "{shown}"
+        );
     }
 }

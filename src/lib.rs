@@ -19,7 +19,8 @@ pub mod proto {
     tonic::include_proto!("vilvik.keys.v1");
 
     /// Descriptor set served by gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("vilvik_keys_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("vilvik_keys_descriptor");
 }
 
 /// RFC 3339, as used in messages and the CLI.

@@ -12,7 +12,11 @@ use vilvik_keys::config::Config;
 use vilvik_keys::startup::{self, Application, Role};
 
 #[derive(Debug, Parser)]
-#[command(name = "vilvik-keys", version, about = "The API-key service of the Vilvik platform")]
+#[command(
+    name = "vilvik-keys",
+    version,
+    about = "The API-key service of the Vilvik platform"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -92,7 +96,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Bootstrap { account, name, config } => {
+        Command::Bootstrap {
+            account,
+            name,
+            config,
+        } => {
             let config = load_config(config)?;
             cli::bootstrap(&config, &account, &name).await
         }

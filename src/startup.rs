@@ -45,7 +45,11 @@ impl Application {
         Self::build_with_clock(config, role, Arc::new(SystemClock)).await
     }
 
-    pub async fn build_with_clock(config: Config, role: Role, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+    pub async fn build_with_clock(
+        config: Config,
+        role: Role,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Self> {
         let store = open_store(&config).await?;
         let usage = UsageRecorder::new(
             store.clone(),
@@ -76,7 +80,11 @@ impl Application {
                 AdminService {
                     store: store.clone(),
                     clock,
-                    auth: Authenticator::new(verifier, config.operator_token.clone(), config.trusted_proxies.clone()),
+                    auth: Authenticator::new(
+                        verifier,
+                        config.operator_token.clone(),
+                        config.trusted_proxies.clone(),
+                    ),
                     limits: config.tier_limits,
                     public_verify_addr: config.public_verify_addr(verify_addr),
                 },
@@ -102,7 +110,10 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting, lets requests
     /// in flight finish for up to the configured grace period, and flushes
     /// pending usage.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
             let mut rx = stop_rx.clone();
@@ -122,28 +133,40 @@ impl Application {
 
         let mut servers = tokio::task::JoinSet::new();
         if let Some((listener, service)) = self.admin {
-            health_reporter.set_serving::<KeyAdminServer<AdminService>>().await;
+            health_reporter
+                .set_serving::<KeyAdminServer<AdminService>>()
+                .await;
             let addr = listener.local_addr()?;
             let router = Server::builder()
                 .timeout(self.config.request_timeout)
                 .add_service(health_service.clone())
                 .add_service(reflection_v1.clone())
                 .add_service(reflection_v1alpha.clone())
-                .add_service(KeyAdminServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
+                .add_service(
+                    KeyAdminServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
+                );
             tracing::info!(listener = "admin", %addr, "listening");
-            servers.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()));
+            servers.spawn(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()),
+            );
         }
         if let Some((listener, service)) = self.verify {
-            health_reporter.set_serving::<KeyVerifyServer<VerifyService>>().await;
+            health_reporter
+                .set_serving::<KeyVerifyServer<VerifyService>>()
+                .await;
             let addr = listener.local_addr()?;
             let router = Server::builder()
                 .timeout(self.config.request_timeout)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
-                .add_service(KeyVerifyServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
+                .add_service(
+                    KeyVerifyServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
+                );
             tracing::info!(listener = "verify", %addr, "listening");
-            servers.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()));
+            servers.spawn(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()),
+            );
         }
 
         let usage = self.usage.clone();
@@ -160,14 +183,19 @@ impl Application {
                 failure = Some(result.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)));
             }
         }
-        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(self.config.shutdown_grace, async {
             while servers.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(grace_ms = self.config.shutdown_grace.as_millis() as u64, "requests still running after the grace period; stopping anyway");
+            tracing::warn!(
+                grace_ms = self.config.shutdown_grace.as_millis() as u64,
+                "requests still running after the grace period; stopping anyway"
+            );
             servers.abort_all();
         }
         // Every verify has finished: flush what they recorded.
@@ -187,9 +215,15 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         .await
         .with_context(|| match config.database_url() {
             Some(_) => "cannot connect to the Postgres database named by DATABASE_URL".to_owned(),
-            None => format!("cannot open the SQLite database {}", config.sqlite_path.display()),
+            None => format!(
+                "cannot open the SQLite database {}",
+                config.sqlite_path.display()
+            ),
         })?;
-    let applied = store.migrate().await.context("cannot apply database migrations")?;
+    let applied = store
+        .migrate()
+        .await
+        .context("cannot apply database migrations")?;
     if applied > 0 {
         tracing::info!(migrations = applied, "applied database migrations");
     }
@@ -197,7 +231,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 }
 
 async fn bind(addr: SocketAddr, listener: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} for the {listener} API: is another process using it?"))
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} for the {listener} API: is another process using it?")
+    })
 }

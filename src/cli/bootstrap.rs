@@ -30,7 +30,9 @@ pub async fn create_management_key(
         key_id: KeyId::generate(),
         account_id: account.clone(),
         name,
-        description: "created by vilvik-keys bootstrap".parse().expect("a valid description"),
+        description: "created by vilvik-keys bootstrap"
+            .parse()
+            .expect("a valid description"),
         scopes: ScopeSet::parse(&[ADMIN_SCOPE]).expect("the admin scope is valid"),
         expires_at: None,
         prefix: secret.prefix().clone(),
@@ -56,7 +58,8 @@ pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Re
     let account: AccountId = account.parse().context("--account")?;
     let name = name.parse().context("--name")?;
     let store = open_store(config).await?;
-    let (record, secret) = create_management_key(&store, &account, name, config.tier_limits).await?;
+    let (record, secret) =
+        create_management_key(&store, &account, name, config.tier_limits).await?;
     eprintln!(
         "Created management key {} ({}) for account {account} with scope {ADMIN_SCOPE}.\n\
          This is the only time its secret is shown: store it in your secret manager,\n\

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use vilvik_keys_domain::{
-    AccountId, Clock, Description, GeneratedKey, KeyId, KeyName, ScopeSet, TierLimits, validate_expiry,
+    AccountId, Clock, Description, GeneratedKey, KeyId, KeyName, ScopeSet, TierLimits,
+    validate_expiry,
 };
 use vilvik_keys_store::{KeyChanges, KeyRecord, NewKey, Store, StoreError};
 
@@ -61,7 +62,12 @@ impl AdminService {
     }
 
     fn quota_error(&self, account: &AccountId, e: StoreError) -> ApiError {
-        let StoreError::QuotaExceeded { tier, limit, active } = e else {
+        let StoreError::QuotaExceeded {
+            tier,
+            limit,
+            active,
+        } = e
+        else {
             return e.into();
         };
         let remedy = match tier {
@@ -69,7 +75,9 @@ impl AdminService {
                 "revoke a key you no longer use (RevokeKey), or move to the premium tier ({} active keys)",
                 self.limits.premium
             ),
-            vilvik_keys_domain::Tier::Premium => "revoke a key you no longer use (RevokeKey)".to_owned(),
+            vilvik_keys_domain::Tier::Premium => {
+                "revoke a key you no longer use (RevokeKey)".to_owned()
+            }
         };
         ApiError::ResourceExhausted(format!(
             "account {account} is on the {tier} tier, which allows {limit} active keys, and already holds {active}: {remedy}"
@@ -79,7 +87,10 @@ impl AdminService {
 
 fn parse_key_id(key_id: &str) -> Result<KeyId, ApiError> {
     if key_id.is_empty() {
-        return Err(ApiError::invalid("key_id", "is required: pass the key_id returned by CreateKey or ListKeys"));
+        return Err(ApiError::invalid(
+            "key_id",
+            "is required: pass the key_id returned by CreateKey or ListKeys",
+        ));
     }
     key_id.parse().map_err(|e| ApiError::invalid("key_id", e))
 }
@@ -89,7 +100,9 @@ fn parse_name(name: &str) -> Result<KeyName, ApiError> {
 }
 
 fn parse_description(description: &str) -> Result<Description, ApiError> {
-    description.parse().map_err(|e| ApiError::invalid("description", e))
+    description
+        .parse()
+        .map_err(|e| ApiError::invalid("description", e))
 }
 
 fn parse_scopes(scopes: &[String]) -> Result<ScopeSet, ApiError> {
@@ -146,7 +159,9 @@ impl KeyAdmin for AdminService {
                     }));
                 }
                 Err(StoreError::Conflict) => continue,
-                Err(e @ StoreError::QuotaExceeded { .. }) => return Err(self.quota_error(&caller.account, e).into()),
+                Err(e @ StoreError::QuotaExceeded { .. }) => {
+                    return Err(self.quota_error(&caller.account, e).into());
+                }
                 Err(e) => return Err(ApiError::from(e).into()),
             }
         }
@@ -168,12 +183,19 @@ impl KeyAdmin for AdminService {
             .map_err(ApiError::from)?;
         let now = self.clock.now();
         Ok(Response::new(proto::ListKeysResponse {
-            keys: page.items.into_iter().map(|k| convert::key(k, now)).collect(),
+            keys: page
+                .items
+                .into_iter()
+                .map(|k| convert::key(k, now))
+                .collect(),
             next_page_token: convert::page_token(page.next_cursor),
         }))
     }
 
-    async fn get_key(&self, request: Request<proto::GetKeyRequest>) -> Result<Response<proto::Key>, Status> {
+    async fn get_key(
+        &self,
+        request: Request<proto::GetKeyRequest>,
+    ) -> Result<Response<proto::Key>, Status> {
         let caller = self.auth.caller(&request).await?;
         let key_id = parse_key_id(&request.get_ref().key_id)?;
         let record = self
@@ -185,7 +207,10 @@ impl KeyAdmin for AdminService {
         Ok(Response::new(self.key(record)))
     }
 
-    async fn update_key(&self, request: Request<proto::UpdateKeyRequest>) -> Result<Response<proto::Key>, Status> {
+    async fn update_key(
+        &self,
+        request: Request<proto::UpdateKeyRequest>,
+    ) -> Result<Response<proto::Key>, Status> {
         let caller = self.auth.caller(&request).await?;
         let req = request.into_inner();
         let key_id = parse_key_id(&req.key_id)?;
@@ -204,7 +229,9 @@ impl KeyAdmin for AdminService {
                 "name" => changes.name = Some(parse_name(&req.name)?),
                 "description" => changes.description = Some(parse_description(&req.description)?),
                 "scopes" => changes.scopes = Some(parse_scopes(&req.scopes)?),
-                "expires_at" => changes.expires_at = Some(parse_expiry(req.expires_at.as_ref(), now)?),
+                "expires_at" => {
+                    changes.expires_at = Some(parse_expiry(req.expires_at.as_ref(), now)?)
+                }
                 other => {
                     return Err(ApiError::invalid(
                         "update_mask",
@@ -216,7 +243,14 @@ impl KeyAdmin for AdminService {
         }
         let record = self
             .store
-            .update_key(&caller.account, &key_id, changes, &caller.actor, now, self.limits)
+            .update_key(
+                &caller.account,
+                &key_id,
+                changes,
+                &caller.actor,
+                now,
+                self.limits,
+            )
             .await
             .map_err(|e| self.change_error(&caller, &key_id, e))?;
         tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, fields = ?paths, "key updated");
@@ -234,7 +268,14 @@ impl KeyAdmin for AdminService {
             let secret = GeneratedKey::generate();
             match self
                 .store
-                .rotate_key(&caller.account, &key_id, secret.prefix(), secret.hash(), &caller.actor, now)
+                .rotate_key(
+                    &caller.account,
+                    &key_id,
+                    secret.prefix(),
+                    secret.hash(),
+                    &caller.actor,
+                    now,
+                )
                 .await
             {
                 Ok(record) => {
@@ -252,17 +293,30 @@ impl KeyAdmin for AdminService {
         Err(ApiError::Internal(StoreError::Conflict).into())
     }
 
-    async fn revoke_key(&self, request: Request<proto::RevokeKeyRequest>) -> Result<Response<proto::Key>, Status> {
+    async fn revoke_key(
+        &self,
+        request: Request<proto::RevokeKeyRequest>,
+    ) -> Result<Response<proto::Key>, Status> {
         let caller = self.auth.caller(&request).await?;
         let req = request.into_inner();
         let key_id = parse_key_id(&req.key_id)?;
         let reason = req.reason.trim();
         if reason.chars().count() > MAX_REASON_CHARS {
-            return Err(ApiError::invalid("reason", format!("is longer than {MAX_REASON_CHARS} characters")).into());
+            return Err(ApiError::invalid(
+                "reason",
+                format!("is longer than {MAX_REASON_CHARS} characters"),
+            )
+            .into());
         }
         let record = self
             .store
-            .revoke_key(&caller.account, &key_id, reason, &caller.actor, self.clock.now())
+            .revoke_key(
+                &caller.account,
+                &key_id,
+                reason,
+                &caller.actor,
+                self.clock.now(),
+            )
             .await
             .map_err(|e| self.change_error(&caller, &key_id, e))?;
         tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, "key revoked");
@@ -307,7 +361,8 @@ impl KeyAdmin for AdminService {
         let caller = self.auth.caller(&request).await?;
         if !caller.is_operator {
             return Err(ApiError::PermissionDenied(
-                "only the platform operator can change an account's tier; a management key cannot".into(),
+                "only the platform operator can change an account's tier; a management key cannot"
+                    .into(),
             )
             .into());
         }
@@ -335,7 +390,11 @@ impl KeyAdmin for AdminService {
         request: Request<proto::GetAccountRequest>,
     ) -> Result<Response<proto::Account>, Status> {
         let caller = self.auth.caller(&request).await?;
-        let account = self.store.get_account(&caller.account).await.map_err(ApiError::from)?;
+        let account = self
+            .store
+            .get_account(&caller.account)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(proto::Account {
             account_id: caller.account.to_string(),
             tier: convert::tier(account.tier).into(),

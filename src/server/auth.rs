@@ -42,19 +42,28 @@ pub struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("operator_token", &self.operator_token.as_ref().map(|_| "[REDACTED]"))
+            .field(
+                "operator_token",
+                &self.operator_token.as_ref().map(|_| "[REDACTED]"),
+            )
             .field("trusted_proxies", &self.trusted_proxies)
             .finish_non_exhaustive()
     }
 }
 
 impl Authenticator {
-    pub fn new(verifier: Verifier, operator_token: Option<SecretString>, trusted_proxies: Vec<IpAddr>) -> Self {
+    pub fn new(
+        verifier: Verifier,
+        operator_token: Option<SecretString>,
+        trusted_proxies: Vec<IpAddr>,
+    ) -> Self {
         Self {
             verifier,
             operator_token,
             trusted_proxies,
-            admin_scope: ADMIN_SCOPE.parse().expect("the admin scope is a valid scope"),
+            admin_scope: ADMIN_SCOPE
+                .parse()
+                .expect("the admin scope is a valid scope"),
         }
     }
 
@@ -63,7 +72,11 @@ impl Authenticator {
     }
 
     pub async fn caller<T>(&self, request: &tonic::Request<T>) -> Result<Caller, ApiError> {
-        let ip = client_ip(request.metadata(), request.remote_addr(), &self.trusted_proxies);
+        let ip = client_ip(
+            request.metadata(),
+            request.remote_addr(),
+            &self.trusted_proxies,
+        );
         let credential = bearer(request.metadata())?;
         if credential.starts_with(KEY_PREFIX) {
             return self.management_key(credential, ip).await;
@@ -71,12 +84,24 @@ impl Authenticator {
         self.operator(credential, request.metadata(), ip)
     }
 
-    async fn management_key(&self, credential: &str, ip: Option<String>) -> Result<Caller, ApiError> {
+    async fn management_key(
+        &self,
+        credential: &str,
+        ip: Option<String>,
+    ) -> Result<Caller, ApiError> {
         let verdict = self
             .verifier
-            .verify(credential, std::slice::from_ref(&self.admin_scope), ip.clone())
+            .verify(
+                credential,
+                std::slice::from_ref(&self.admin_scope),
+                ip.clone(),
+            )
             .await?;
-        let unauthenticated = |why: &str| Err(ApiError::Unauthenticated(format!("the management key {why}")));
+        let unauthenticated = |why: &str| {
+            Err(ApiError::Unauthenticated(format!(
+                "the management key {why}"
+            )))
+        };
         match verdict {
             Verdict::Valid(key) => Ok(Caller {
                 actor: Actor {
@@ -97,14 +122,24 @@ impl Authenticator {
         }
     }
 
-    fn operator(&self, credential: &str, metadata: &MetadataMap, ip: Option<String>) -> Result<Caller, ApiError> {
-        let matches = self
-            .operator_token
-            .as_ref()
-            .is_some_and(|token| bool::from(token.expose_secret().as_bytes().ct_eq(credential.as_bytes())));
+    fn operator(
+        &self,
+        credential: &str,
+        metadata: &MetadataMap,
+        ip: Option<String>,
+    ) -> Result<Caller, ApiError> {
+        let matches = self.operator_token.as_ref().is_some_and(|token| {
+            bool::from(
+                token
+                    .expose_secret()
+                    .as_bytes()
+                    .ct_eq(credential.as_bytes()),
+            )
+        });
         if !matches {
             return Err(ApiError::Unauthenticated(
-                "the bearer credential is neither a management key (vlk_…) nor the operator token".into(),
+                "the bearer credential is neither a management key (vlk_…) nor the operator token"
+                    .into(),
             ));
         }
         let account = header(metadata, ACCOUNT_HEADER)?
@@ -114,7 +149,9 @@ impl Authenticator {
         if actor.chars().count() > MAX_ACTOR_LEN || actor.chars().any(char::is_control) {
             return Err(ApiError::invalid(
                 ACTOR_HEADER,
-                format!("must be at most {MAX_ACTOR_LEN} printable characters naming the person acting"),
+                format!(
+                    "must be at most {MAX_ACTOR_LEN} printable characters naming the person acting"
+                ),
             ));
         }
         Ok(Caller {
@@ -131,7 +168,8 @@ impl Authenticator {
 fn bearer(metadata: &MetadataMap) -> Result<&str, ApiError> {
     let missing = || {
         ApiError::Unauthenticated(
-            "missing credential: send 'authorization: Bearer <management key or operator token>'".into(),
+            "missing credential: send 'authorization: Bearer <management key or operator token>'"
+                .into(),
         )
     };
     let value = metadata.get("authorization").ok_or_else(missing)?;
@@ -155,7 +193,11 @@ fn header<'a>(metadata: &'a MetadataMap, name: &str) -> Result<&'a str, ApiError
 
 /// The caller's address: the peer, or the first `x-forwarded-for` hop when
 /// the peer is a trusted proxy.
-pub fn client_ip(metadata: &MetadataMap, peer: Option<SocketAddr>, trusted_proxies: &[IpAddr]) -> Option<String> {
+pub fn client_ip(
+    metadata: &MetadataMap,
+    peer: Option<SocketAddr>,
+    trusted_proxies: &[IpAddr],
+) -> Option<String> {
     let peer = peer?.ip();
     let peer = peer.to_canonical();
     if trusted_proxies.contains(&peer) {
@@ -181,7 +223,13 @@ mod tests {
         md.insert("x-forwarded-for", "203.0.113.7, 10.0.0.1".parse().unwrap());
         let proxy: SocketAddr = "10.0.0.2:5000".parse().unwrap();
         let trusted = ["10.0.0.2".parse().unwrap()];
-        assert_eq!(client_ip(&md, Some(proxy), &trusted).as_deref(), Some("203.0.113.7"));
-        assert_eq!(client_ip(&md, Some(proxy), &[]).as_deref(), Some("10.0.0.2"));
+        assert_eq!(
+            client_ip(&md, Some(proxy), &trusted).as_deref(),
+            Some("203.0.113.7")
+        );
+        assert_eq!(
+            client_ip(&md, Some(proxy), &[]).as_deref(),
+            Some("10.0.0.2")
+        );
     }
 }

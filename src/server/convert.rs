@@ -21,7 +21,12 @@ pub fn timestamp(at: OffsetDateTime) -> Timestamp {
 }
 
 pub fn from_timestamp(field: &str, ts: &Timestamp) -> Result<OffsetDateTime, ApiError> {
-    let out_of_range = || ApiError::invalid(field, "is not a valid timestamp: seconds or nanos out of range");
+    let out_of_range = || {
+        ApiError::invalid(
+            field,
+            "is not a valid timestamp: seconds or nanos out of range",
+        )
+    };
     if !(0..1_000_000_000).contains(&ts.nanos) {
         return Err(out_of_range());
     }
@@ -99,7 +104,10 @@ pub fn tier_from_proto(value: i32) -> Result<Tier, ApiError> {
     match proto::Tier::try_from(value) {
         Ok(proto::Tier::Free) => Ok(Tier::Free),
         Ok(proto::Tier::Premium) => Ok(Tier::Premium),
-        _ => Err(ApiError::invalid("tier", "must be TIER_FREE or TIER_PREMIUM")),
+        _ => Err(ApiError::invalid(
+            "tier",
+            "must be TIER_FREE or TIER_PREMIUM",
+        )),
     }
 }
 
@@ -110,7 +118,9 @@ pub fn page_size(page_size: i32) -> Result<u32, ApiError> {
         1..=MAX_PAGE_SIZE => Ok(page_size as u32),
         _ => Err(ApiError::invalid(
             "page_size",
-            format!("{page_size} is out of range: use 1 to {MAX_PAGE_SIZE}, or 0 for the default of {DEFAULT_PAGE_SIZE}"),
+            format!(
+                "{page_size} is out of range: use 1 to {MAX_PAGE_SIZE}, or 0 for the default of {DEFAULT_PAGE_SIZE}"
+            ),
         )),
     }
 }
@@ -119,7 +129,9 @@ const PAGE_TOKEN_TAG: &str = "p1.";
 
 /// Page tokens are opaque to callers; inside they hold the store's cursor.
 pub fn page_token(cursor: Option<i64>) -> String {
-    cursor.map(|c| format!("{PAGE_TOKEN_TAG}{c}")).unwrap_or_default()
+    cursor
+        .map(|c| format!("{PAGE_TOKEN_TAG}{c}"))
+        .unwrap_or_default()
 }
 
 pub fn cursor(page_token: &str) -> Result<Option<i64>, ApiError> {
@@ -162,10 +174,37 @@ mod tests {
 
     #[test]
     fn timestamps_round_trip_at_microsecond_precision() {
-        let ts = Timestamp { seconds: 1_800_000_000, nanos: 123_456_789 };
+        let ts = Timestamp {
+            seconds: 1_800_000_000,
+            nanos: 123_456_789,
+        };
         let at = from_timestamp("expires_at", &ts).unwrap();
-        assert_eq!(timestamp(at), Timestamp { seconds: 1_800_000_000, nanos: 123_456_000 });
-        assert!(from_timestamp("expires_at", &Timestamp { seconds: 0, nanos: -1 }).is_err());
-        assert!(from_timestamp("expires_at", &Timestamp { seconds: i64::MAX, nanos: 0 }).is_err());
+        assert_eq!(
+            timestamp(at),
+            Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 123_456_000
+            }
+        );
+        assert!(
+            from_timestamp(
+                "expires_at",
+                &Timestamp {
+                    seconds: 0,
+                    nanos: -1
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            from_timestamp(
+                "expires_at",
+                &Timestamp {
+                    seconds: i64::MAX,
+                    nanos: 0
+                }
+            )
+            .is_err()
+        );
     }
 }

@@ -24,17 +24,27 @@ fn parse_required(scopes: &[String]) -> Result<Vec<Scope>, ApiError> {
     if scopes.len() > MAX_REQUIRED_SCOPES {
         return Err(ApiError::invalid(
             "required_scopes",
-            format!("at most {MAX_REQUIRED_SCOPES} scopes may be required; {} were given", scopes.len()),
+            format!(
+                "at most {MAX_REQUIRED_SCOPES} scopes may be required; {} were given",
+                scopes.len()
+            ),
         ));
     }
     scopes
         .iter()
         .enumerate()
-        .map(|(i, s)| s.parse().map_err(|e| ApiError::invalid(format!("required_scopes[{i}]"), e)))
+        .map(|(i, s)| {
+            s.parse()
+                .map_err(|e| ApiError::invalid(format!("required_scopes[{i}]"), e))
+        })
         .collect()
 }
 
-fn response(code: VerifyCode, key: Option<VerifiedKey>, missing: Vec<Scope>) -> proto::VerifyKeyResponse {
+fn response(
+    code: VerifyCode,
+    key: Option<VerifiedKey>,
+    missing: Vec<Scope>,
+) -> proto::VerifyKeyResponse {
     let mut out = proto::VerifyKeyResponse {
         valid: code == VerifyCode::Valid,
         code: code.into(),
@@ -57,14 +67,23 @@ impl KeyVerify for VerifyService {
         &self,
         request: Request<proto::VerifyKeyRequest>,
     ) -> Result<Response<proto::VerifyKeyResponse>, Status> {
-        let peer_ip = client_ip(request.metadata(), request.remote_addr(), &self.trusted_proxies);
+        let peer_ip = client_ip(
+            request.metadata(),
+            request.remote_addr(),
+            &self.trusted_proxies,
+        );
         let req = request.into_inner();
         let required = parse_required(&req.required_scopes)?;
         let client_ip = match req.client_ip.trim() {
             "" => peer_ip,
             ip => Some(
                 ip.parse::<IpAddr>()
-                    .map_err(|_| ApiError::invalid("client_ip", format!("'{ip}' is not an IPv4 or IPv6 address")))?
+                    .map_err(|_| {
+                        ApiError::invalid(
+                            "client_ip",
+                            format!("'{ip}' is not an IPv4 or IPv6 address"),
+                        )
+                    })?
                     .to_string(),
             ),
         };

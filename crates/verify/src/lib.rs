@@ -17,7 +17,9 @@ mod usage;
 use std::sync::Arc;
 
 use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, ApiKey, Clock, KeyFormatError, KeyId, KeyName, KeyState, Scope, ScopeSet};
+use vilvik_keys_domain::{
+    AccountId, ApiKey, Clock, KeyFormatError, KeyId, KeyName, KeyState, Scope, ScopeSet,
+};
 use vilvik_keys_store::{Store, StoreError, UsageRecord};
 
 pub use usage::{UsageConfig, UsageRecorder};
@@ -44,7 +46,10 @@ pub enum Verdict {
     Revoked(VerifiedKey),
     /// An old secret of a key that has since been rotated.
     Rotated(VerifiedKey),
-    InsufficientScope { key: VerifiedKey, missing: Vec<Scope> },
+    InsufficientScope {
+        key: VerifiedKey,
+        missing: Vec<Scope>,
+    },
 }
 
 impl Verdict {
@@ -63,7 +68,11 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, usage: UsageRecorder) -> Self {
-        Self { store, clock, usage }
+        Self {
+            store,
+            clock,
+            usage,
+        }
     }
 
     /// Verifies `presented` against `required` scopes. `client_ip` is
@@ -114,7 +123,10 @@ impl Verifier {
             .cloned()
             .collect();
         if !missing.is_empty() {
-            return Ok(Verdict::InsufficientScope { key: verified, missing });
+            return Ok(Verdict::InsufficientScope {
+                key: verified,
+                missing,
+            });
         }
         Ok(Verdict::Valid(verified))
     }

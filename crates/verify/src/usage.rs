@@ -101,7 +101,9 @@ impl UsageRecorder {
         match self.flush().await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(usage.keys = n, "flushed key usage"),
-            Err(e) => tracing::warn!(error = %e, "could not write key usage; will retry at the next flush"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not write key usage; will retry at the next flush")
+            }
         }
     }
 }
