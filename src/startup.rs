@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
 use tonic::transport::Server;
 use vilvik_keys_domain::{Clock, SystemClock};
 use vilvik_keys_store::Store;
@@ -17,6 +18,9 @@ use vilvik_keys_verify::{UsageConfig, UsageRecorder, Verifier};
 use crate::config::Config;
 use crate::proto::{self, key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer};
 use crate::server::{admin::AdminService, auth::Authenticator, verify::VerifyService};
+
+/// The standard health service, advertised by reflection on both listeners.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 /// Largest request message accepted, on both listeners.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -122,26 +126,30 @@ impl Application {
             }
         };
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
-
+        // Each listener advertises only what it serves.
+        let reflection = |service: &'static str| -> anyhow::Result<_> {
+            let builder = || {
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .with_service_name(service)
+                    .with_service_name(HEALTH_SERVICE)
+            };
+            Ok((builder().build_v1()?, builder().build_v1alpha()?))
+        };
         let mut servers = tokio::task::JoinSet::new();
         if let Some((listener, service)) = self.admin {
             health_reporter
                 .set_serving::<KeyAdminServer<AdminService>>()
                 .await;
             let addr = listener.local_addr()?;
+            let (reflection_v1, reflection_v1alpha) =
+                reflection(<KeyAdminServer<AdminService> as NamedService>::NAME)?;
             let router = Server::builder()
                 .timeout(self.config.request_timeout)
                 .add_service(health_service.clone())
-                .add_service(reflection_v1.clone())
-                .add_service(reflection_v1alpha.clone())
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
                 .add_service(
                     KeyAdminServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
                 );
@@ -155,6 +163,8 @@ impl Application {
                 .set_serving::<KeyVerifyServer<VerifyService>>()
                 .await;
             let addr = listener.local_addr()?;
+            let (reflection_v1, reflection_v1alpha) =
+                reflection(<KeyVerifyServer<VerifyService> as NamedService>::NAME)?;
             let router = Server::builder()
                 .timeout(self.config.request_timeout)
                 .add_service(health_service)
