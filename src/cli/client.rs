@@ -147,9 +147,11 @@ pub struct UpdateArgs {
 pub enum AccountsCommand {
     /// Show the calling account's tier and active key limit.
     Show,
-    /// Change an account's tier (operator token, --account and --actor needed).
+    /// Change an account's tier (operator token and --actor needed; --account
+    /// defaults to ACCOUNT).
     SetTier {
         /// The account, e.g. ACME.
+        #[arg(id = "target_account", value_name = "ACCOUNT")]
         account: String,
         tier: TierArg,
     },
@@ -304,8 +306,12 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
     }
 }
 
-pub async fn run_accounts(client: ClientArgs, command: AccountsCommand) -> anyhow::Result<()> {
+pub async fn run_accounts(mut client: ClientArgs, command: AccountsCommand) -> anyhow::Result<()> {
     let json = client.json;
+    if let AccountsCommand::SetTier { account, .. } = &command {
+        // The operator token acts on the account it names in x-vilvik-account.
+        client.account.get_or_insert_with(|| account.clone());
+    }
     let mut api = connect(&client).await?;
     let (account, headline) = match command {
         AccountsCommand::Show => {

@@ -1,0 +1,543 @@
+//! End-to-end tests of the admin CLI: a real server in-process on free
+//! ports over a temporary SQLite file, and the real `vilvik-keys` binary
+//! driven the way a person or a script would drive it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use vilvik_keys::config::Config;
+use vilvik_keys::startup::{Application, Role};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vilvik-keys");
+const ACCOUNT: &str = "ACME";
+const OPERATOR_TOKEN: &str = "cli-test-operator-token-0123456789abcdef";
+
+/// A server running on its own runtime thread until dropped.
+struct TestServer {
+    admin_addr: SocketAddr,
+    verify_addr: SocketAddr,
+    sqlite_path: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite_path = dir.path().join("keys.db");
+        let config = Config {
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            verify_addr: "127.0.0.1:0".parse().unwrap(),
+            sqlite_path: sqlite_path.clone(),
+            operator_token: Some(SecretString::from(OPERATOR_TOKEN)),
+            usage_flush_interval: Duration::from_millis(50),
+            shutdown_grace: Duration::from_secs(2),
+            ..Config::default()
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let app = runtime
+            .block_on(Application::build(config, Role::All))
+            .expect("the server starts");
+        let admin_addr = app.admin_addr().unwrap();
+        let verify_addr = app.verify_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(app.run_until(async {
+                let _ = stopped.await;
+            }))
+        });
+        Self {
+            admin_addr,
+            verify_addr,
+            sqlite_path,
+            stop: Some(stop),
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    /// `vilvik-keys bootstrap --account <account>` on the server's database;
+    /// returns the management key it prints on stdout.
+    fn bootstrap(&self, account: &str) -> String {
+        let output = Command::new(BIN)
+            .env_clear()
+            .env("VILVIK_KEYS_SQLITE_PATH", &self.sqlite_path)
+            .env("RUST_LOG", "warn")
+            .args(["bootstrap", "--account", account])
+            .output()
+            .unwrap();
+        assert_success(&output, "bootstrap");
+        let secret = stdout(&output).trim().to_owned();
+        assert!(secret.starts_with("vlk_"), "bootstrap printed {secret:?}");
+        assert_eq!(
+            secret.lines().count(),
+            1,
+            "stdout is the secret alone: {secret:?}"
+        );
+        secret
+    }
+
+    /// The binary with `token` in VILVIK_KEYS_TOKEN, pointed at this server.
+    fn cli(&self, token: &str, args: &[&str]) -> Output {
+        let addr = format!("http://{}", self.admin_addr);
+        run(Some(token), args, &["--addr", &addr])
+    }
+
+    /// Like [`TestServer::cli`] with `--json`; asserts success and parses stdout.
+    fn json(&self, token: &str, args: &[&str]) -> (Value, String) {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let output = self.cli(token, &args);
+        assert_success(&output, &args.join(" "));
+        let text = stdout(&output);
+        let value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("`{}` printed invalid JSON ({e}): {text}", args.join(" ")));
+        (value, text)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let result = thread.join();
+            if !std::thread::panicking() {
+                result
+                    .expect("the server thread does not panic")
+                    .expect("the server shuts down cleanly");
+            }
+        }
+    }
+}
+
+/// The binary with a clean environment: only VILVIK_KEYS_TOKEN when given.
+fn run(token: Option<&str>, args: &[&str], extra: &[&str]) -> Output {
+    let mut command = Command::new(BIN);
+    command.env_clear().args(args).args(extra);
+    if let Some(token) = token {
+        command.env("VILVIK_KEYS_TOKEN", token);
+    }
+    command.output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+fn assert_success(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "`{what}` failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+fn assert_failure(output: &Output, what: &str) -> String {
+    assert!(
+        !output.status.success(),
+        "`{what}` should fail:\nstdout: {}",
+        stdout(output)
+    );
+    stderr(output)
+}
+
+fn str_of<'a>(value: &'a Value, field: &str) -> &'a str {
+    value[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
+}
+
+fn time_of(value: &Value, field: &str) -> OffsetDateTime {
+    OffsetDateTime::parse(str_of(value, field), &Rfc3339)
+        .unwrap_or_else(|e| panic!("{field} is not RFC 3339 ({e}) in {value}"))
+}
+
+fn assert_secret_shape(secret: &str) {
+    // vlk_ + 8 (prefix) + _ + 32 (secret) + 6 (checksum), all base62.
+    assert_eq!(secret.len(), 51, "{secret}");
+    assert!(secret.starts_with("vlk_"), "{secret}");
+    assert_eq!(&secret[12..13], "_", "{secret}");
+    assert!(
+        secret[4..12]
+            .chars()
+            .chain(secret[13..].chars())
+            .all(|c| c.is_ascii_alphanumeric()),
+        "{secret}"
+    );
+}
+
+/// Neither a whole secret nor its private part appears in `text`.
+fn assert_no_secret(text: &str, secrets: &[&str], what: &str) {
+    for secret in secrets {
+        assert!(!text.contains(secret), "{what} shows a secret: {text}");
+        assert!(
+            !text.contains(&secret[13..]),
+            "{what} shows part of a secret: {text}"
+        );
+    }
+}
+
+fn find_key<'a>(keys: &'a Value, key_id: &str) -> Option<&'a Value> {
+    keys.as_array()
+        .expect("a JSON array of keys")
+        .iter()
+        .find(|k| k["key_id"] == key_id)
+}
+
+#[test]
+fn a_key_lives_its_whole_life_through_the_cli() {
+    let server = TestServer::start();
+    let admin = server.bootstrap(ACCOUNT);
+
+    // The management key is listed; its id is the audit actor later.
+    let (keys, _) = server.json(&admin, &["keys", "list"]);
+    let keys = keys.as_array().unwrap().clone();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let admin_id = str_of(&keys[0], "key_id").to_owned();
+    assert_eq!(keys[0]["scopes"], serde_json::json!(["keys:admin"]));
+    assert_eq!(keys[0]["prefix"], &admin[..12]);
+
+    // Create: the secret once, its prefix, the smoke test.
+    let (created, _) = server.json(
+        &admin,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "ci-runner",
+            "--description",
+            "the CI pipeline",
+            "--scope",
+            "datasets:read",
+            "--expires-in",
+            "30d",
+        ],
+    );
+    let secret = str_of(&created, "secret").to_owned();
+    assert_secret_shape(&secret);
+    let key = &created["key"];
+    let key_id = str_of(key, "key_id").to_owned();
+    assert_eq!(key["prefix"], &secret[..12]);
+    assert_eq!(key["name"], "ci-runner");
+    assert_eq!(key["description"], "the CI pipeline");
+    assert_eq!(key["account_id"], ACCOUNT);
+    assert_eq!(key["scopes"], serde_json::json!(["datasets:read"]));
+    assert_eq!(key["state"], "active");
+    assert_eq!(key["revoked_at"], Value::Null);
+    let expires_in = time_of(key, "expires_at") - OffsetDateTime::now_utc();
+    assert!(
+        (time::Duration::days(30) - expires_in).abs() < time::Duration::minutes(1),
+        "{expires_in}"
+    );
+    let smoke = str_of(&created, "smoke_test_command");
+    assert!(
+        smoke.contains(&secret) && smoke.contains(&server.verify_addr.to_string()),
+        "{smoke}"
+    );
+    assert!(
+        smoke.contains("vilvik.keys.v1.KeyVerify/VerifyKey"),
+        "{smoke}"
+    );
+
+    // List (one key per page, so every page is followed) and show.
+    let (keys, text) = server.json(&admin, &["keys", "list", "--page-size", "1"]);
+    assert_eq!(keys.as_array().unwrap().len(), 2, "{text}");
+    let listed = find_key(&keys, &key_id).expect("the new key is listed");
+    assert_eq!(listed["prefix"], &secret[..12]);
+    assert_eq!(listed["state"], "active");
+    assert_no_secret(&text, &[&secret, &admin], "keys list");
+    let (shown, text) = server.json(&admin, &["keys", "show", &key_id]);
+    assert_eq!(shown["key_id"], key_id.as_str());
+    assert_eq!(shown["name"], "ci-runner");
+    assert_no_secret(&text, &[&secret, &admin], "keys show");
+
+    // The management key's use by the CLI is recorded (written behind).
+    std::thread::sleep(Duration::from_millis(300));
+    let (keys, _) = server.json(&admin, &["keys", "list"]);
+    let admin_key = find_key(&keys, &admin_id).unwrap();
+    assert_eq!(admin_key["last_used_ip"], "127.0.0.1", "{admin_key}");
+    time_of(admin_key, "last_used_at");
+
+    // Update: scopes and name, then drop the expiry.
+    let (updated, _) = server.json(
+        &admin,
+        &[
+            "keys",
+            "update",
+            &key_id,
+            "--name",
+            "ci-runner-2",
+            "--scope",
+            "datasets:write",
+            "--scope",
+            "datasets:read",
+        ],
+    );
+    assert_eq!(updated["name"], "ci-runner-2");
+    assert_eq!(
+        updated["scopes"],
+        serde_json::json!(["datasets:read", "datasets:write"])
+    );
+    assert_eq!(updated["description"], "the CI pipeline");
+    let (updated, _) = server.json(&admin, &["keys", "update", &key_id, "--no-expiry"]);
+    assert_eq!(updated["expires_at"], Value::Null);
+
+    // Rotate: a new secret and prefix; the id stays.
+    let (rotated, _) = server.json(&admin, &["keys", "rotate", &key_id]);
+    let new_secret = str_of(&rotated, "secret").to_owned();
+    assert_secret_shape(&new_secret);
+    assert_ne!(new_secret, secret);
+    assert_eq!(rotated["key"]["key_id"], key_id.as_str());
+    assert_eq!(rotated["key"]["prefix"], &new_secret[..12]);
+    assert_ne!(rotated["key"]["prefix"], &secret[..12]);
+    time_of(&rotated["key"], "rotated_at");
+    assert!(str_of(&rotated, "smoke_test_command").contains(&new_secret));
+
+    // Revoke: final, and hidden from the default listing.
+    let (revoked, _) = server.json(
+        &admin,
+        &["keys", "revoke", &key_id, "--reason", "leaked in a log"],
+    );
+    assert_eq!(revoked["state"], "revoked");
+    assert_eq!(revoked["revoke_reason"], "leaked in a log");
+    time_of(&revoked, "revoked_at");
+    let (keys, _) = server.json(&admin, &["keys", "list"]);
+    assert!(find_key(&keys, &key_id).is_none(), "{keys}");
+    let (keys, text) = server.json(&admin, &["keys", "list", "--include-revoked"]);
+    assert_eq!(find_key(&keys, &key_id).unwrap()["state"], "revoked");
+    assert_no_secret(&text, &[&secret, &new_secret, &admin], "keys list");
+    let output = server.cli(&admin, &["keys", "rotate", &key_id]);
+    let err = assert_failure(&output, "rotating a revoked key");
+    assert!(err.starts_with("error: FAILED_PRECONDITION: "), "{err}");
+
+    // Audit: every change, oldest first, by the management key, no secrets.
+    let (events, text) = server.json(&admin, &["keys", "audit", &key_id, "--page-size", "2"]);
+    let events = events.as_array().unwrap();
+    let actions: Vec<&str> = events.iter().map(|e| str_of(e, "action")).collect();
+    assert_eq!(
+        actions,
+        ["created", "updated", "updated", "rotated", "revoked"],
+        "{text}"
+    );
+    for event in events {
+        assert_eq!(event["actor"], format!("key:{admin_id}"), "{event}");
+        assert_eq!(event["key_id"], key_id.as_str());
+        assert_eq!(event["actor_ip"], "127.0.0.1");
+        time_of(event, "at");
+    }
+    let scopes_change = events[1]["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["field"] == "scopes")
+        .expect("the update records the scopes");
+    assert_eq!(scopes_change["old_value"], "datasets:read");
+    assert_eq!(scopes_change["new_value"], "datasets:read datasets:write");
+    assert_no_secret(&text, &[&secret, &new_secret, &admin], "keys audit");
+
+    // The same as tables, for people.
+    let output = server.cli(&admin, &["keys", "list", "--include-revoked"]);
+    assert_success(&output, "keys list (table)");
+    let table = stdout(&output);
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        [
+            "KEY", "ID", "NAME", "PREFIX", "STATE", "SCOPES", "EXPIRES", "LAST", "USED", "LAST",
+            "IP"
+        ]
+    );
+    let row = lines
+        .find(|l| l.starts_with(&key_id))
+        .expect("a row for the key");
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        [
+            key_id.as_str(),
+            "ci-runner-2",
+            &new_secret[..12],
+            "revoked",
+            "datasets:read,datasets:write",
+            "-",
+            "-",
+            "-"
+        ],
+        "{table}"
+    );
+    // Columns line up: every row's PREFIX starts where the header's does.
+    let prefix_col = header.find("PREFIX").unwrap();
+    assert_eq!(row.find(&new_secret[..12]), Some(prefix_col), "{table}");
+    assert_no_secret(&table, &[&secret, &new_secret, &admin], "keys list (table)");
+    let output = server.cli(&admin, &["keys", "audit", &key_id]);
+    assert_success(&output, "keys audit (table)");
+    let table = stdout(&output);
+    assert!(table.starts_with("AT "), "{table}");
+    assert!(
+        table.contains(r#"scopes: "datasets:read" -> "datasets:read datasets:write""#),
+        "{table}"
+    );
+
+    // Human create output: the secret with its warning, then the smoke test.
+    let output = server.cli(&admin, &["keys", "create", "--name", "human"]);
+    assert_success(&output, "keys create (human)");
+    let text = stdout(&output);
+    let notice = text.find("shown once, store it now").expect(&text);
+    let secret_line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.len() == 51 && l.starts_with("vlk_"))
+        .expect("the secret on a line of its own");
+    assert_secret_shape(secret_line);
+    let secret_at = text.find(&format!("    {secret_line}\n")).expect(&text);
+    let smoke_at = text.find("grpcurl").expect(&text);
+    assert!(notice < secret_at && secret_at < smoke_at, "{text}");
+    assert!(text.contains("prefix        vlk_"), "{text}");
+}
+
+#[test]
+fn accounts_show_their_tier_and_only_the_operator_changes_it() {
+    let server = TestServer::start();
+    let admin = server.bootstrap(ACCOUNT);
+
+    let (account, _) = server.json(&admin, &["accounts", "show"]);
+    assert_eq!(
+        account,
+        serde_json::json!({"account_id": ACCOUNT, "tier": "free", "active_key_limit": 3})
+    );
+
+    // A management key cannot change its own tier.
+    let output = server.cli(&admin, &["accounts", "set-tier", ACCOUNT, "premium"]);
+    let err = assert_failure(&output, "set-tier with a management key");
+    assert!(err.starts_with("error: PERMISSION_DENIED: "), "{err}");
+    assert!(!err.contains(&admin), "{err}");
+
+    // The operator token names the account and the person acting.
+    let (account, _) = server.json(
+        OPERATOR_TOKEN,
+        &[
+            "accounts", "set-tier", ACCOUNT, "premium", "--actor", "alice",
+        ],
+    );
+    assert_eq!(account["tier"], "premium");
+    assert_eq!(account["active_key_limit"], 25);
+    let (account, _) = server.json(&admin, &["accounts", "show"]);
+    assert_eq!(account["tier"], "premium");
+    let (account, _) = server.json(
+        OPERATOR_TOKEN,
+        &["accounts", "show", "--account", ACCOUNT, "--actor", "alice"],
+    );
+    assert_eq!(account["tier"], "premium");
+
+    let output = server.cli(&admin, &["accounts", "show"]);
+    assert_success(&output, "accounts show (table)");
+    let text = stdout(&output);
+    assert!(
+        text.contains("tier") && text.contains("premium") && text.contains("25"),
+        "{text}"
+    );
+
+    // The account's audit log has the change, by the operator's actor.
+    let (events, _) = server.json(&admin, &["keys", "audit"]);
+    let change = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "tier_changed")
+        .expect("a tier_changed event");
+    assert_eq!(change["actor"], "operator:alice");
+    assert_eq!(change["key_id"], Value::Null);
+
+    // The operator token without --account/--actor is refused, naming the header.
+    let output = server.cli(OPERATOR_TOKEN, &["accounts", "show"]);
+    let err = assert_failure(&output, "operator token without --account");
+    assert!(
+        err.starts_with("error: INVALID_ARGUMENT: x-vilvik-account"),
+        "{err}"
+    );
+    assert!(!err.contains(OPERATOR_TOKEN), "{err}");
+}
+
+#[test]
+fn bad_input_fails_with_an_actionable_message() {
+    let server = TestServer::start();
+    let admin = server.bootstrap(ACCOUNT);
+
+    let output = server.cli(
+        &admin,
+        &["keys", "create", "--name", "x", "--scope", "Datasets:Read"],
+    );
+    let err = assert_failure(&output, "an invalid scope");
+    assert!(
+        err.starts_with("error: INVALID_ARGUMENT: scopes[0]"),
+        "{err}"
+    );
+    assert!(stdout(&output).is_empty());
+
+    let output = server.cli(&admin, &["keys", "update", "k_unknown"]);
+    let err = assert_failure(&output, "an update with no flags");
+    assert!(err.contains("nothing to update"), "{err}");
+
+    let output = server.cli(
+        &admin,
+        &["keys", "create", "--name", "x", "--expires-in", "30"],
+    );
+    let err = assert_failure(&output, "a duration without a unit");
+    assert!(err.contains("'30' is not a duration"), "{err}");
+
+    let output = server.cli("vlk_not-a-real-key", &["keys", "list"]);
+    let err = assert_failure(&output, "a malformed credential");
+    assert!(err.starts_with("error: UNAUTHENTICATED: "), "{err}");
+    assert!(!err.contains("vlk_not-a-real-key"), "{err}");
+}
+
+#[test]
+fn a_missing_token_says_what_to_export() {
+    let output = run(None, &["keys", "list"], &[]);
+    let err = assert_failure(&output, "keys list without a token");
+    assert!(err.contains("export VILVIK_KEYS_TOKEN"), "{err}");
+    assert!(err.contains("vilvik-keys bootstrap"), "{err}");
+    assert!(err.contains("operator token"), "{err}");
+}
+
+#[test]
+fn an_unreachable_server_is_named_with_a_hint() {
+    // Bind and drop a listener: a port that nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let output = run(
+        Some("vlk_whatever"),
+        &["keys", "list"],
+        &["--addr", addr.as_str()],
+    );
+    let err = assert_failure(&output, "keys list against nothing");
+    assert!(
+        err.contains(&format!("cannot reach the admin API at http://{addr}")),
+        "{err}"
+    );
+    assert!(err.contains("vilvik-keys serve"), "{err}");
+    assert!(!err.contains("vlk_whatever"), "{err}");
+}
