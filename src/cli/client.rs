@@ -34,6 +34,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where the admin API is and how to talk to it. The credential is read
 /// from `VILVIK_KEYS_TOKEN` only.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Connection")]
 pub struct ClientArgs {
     /// The admin API's address, e.g. http://127.0.0.1:50051 or host:port.
     #[arg(
@@ -153,6 +154,7 @@ pub enum AccountsCommand {
         /// The account, e.g. ACME.
         #[arg(id = "target_account", value_name = "ACCOUNT")]
         account: String,
+        /// The new tier.
         tier: TierArg,
     },
 }
