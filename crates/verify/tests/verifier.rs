@@ -20,11 +20,14 @@ struct Fixture {
 
 async fn fixture(migrated: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
     if migrated {
         store.migrate().await.unwrap();
     }
-    let clock = Arc::new(ManualClock::new(OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()));
+    let clock = Arc::new(ManualClock::new(
+        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+    ));
     let usage = UsageRecorder::new(store.clone(), UsageConfig::default());
     let verifier = Verifier::new(store.clone(), clock.clone(), usage.clone());
     Fixture {
@@ -44,7 +47,11 @@ fn actor() -> Actor {
 }
 
 impl Fixture {
-    async fn create(&self, scopes: &[&str], expires_in: Option<time::Duration>) -> (KeyId, GeneratedKey) {
+    async fn create(
+        &self,
+        scopes: &[&str],
+        expires_in: Option<time::Duration>,
+    ) -> (KeyId, GeneratedKey) {
         let secret = GeneratedKey::generate();
         let now = self.clock.now();
         let new = NewKey {
@@ -58,7 +65,11 @@ impl Fixture {
             hash: secret.hash(),
             created_at: now,
         };
-        let record = self.store.create_key(new, &actor(), TierLimits::default()).await.unwrap();
+        let record = self
+            .store
+            .create_key(new, &actor(), TierLimits::default())
+            .await
+            .unwrap();
         (record.key_id, secret)
     }
 
@@ -72,7 +83,12 @@ impl Fixture {
 
     async fn last_used(&self, key_id: &KeyId) -> Option<OffsetDateTime> {
         let account: AccountId = "ACME".parse().unwrap();
-        self.store.get_key(&account, key_id).await.unwrap().unwrap().last_used_at
+        self.store
+            .get_key(&account, key_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at
     }
 }
 
@@ -83,46 +99,76 @@ async fn malformed_keys_are_answered_without_touching_the_store() {
     let verdict = f.verify("vlk_nope", &[]).await;
     assert_eq!(verdict, Verdict::Malformed(KeyFormatError::WrongLength(8)));
     let good_shape = GeneratedKey::generate();
-    assert!(f.verifier.verify(good_shape.expose_secret(), &[], None).await.is_err());
+    assert!(
+        f.verifier
+            .verify(good_shape.expose_secret(), &[], None)
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
 async fn each_verdict_in_turn() {
     let f = fixture(true).await;
-    let (key_id, secret) = f.create(&["datasets:*"], Some(time::Duration::hours(1))).await;
+    let (key_id, secret) = f
+        .create(&["datasets:*"], Some(time::Duration::hours(1)))
+        .await;
 
     let Verdict::Valid(key) = f.verify(secret.expose_secret(), &["datasets:read"]).await else {
         panic!("expected valid");
     };
     assert_eq!(key.key_id, key_id);
-    match f.verify(secret.expose_secret(), &["datasets:read", "models:read"]).await {
+    match f
+        .verify(secret.expose_secret(), &["datasets:read", "models:read"])
+        .await
+    {
         Verdict::InsufficientScope { missing, .. } => {
             assert_eq!(missing, vec!["models:read".parse::<Scope>().unwrap()])
         }
         other => panic!("expected insufficient scope, got {other:?}"),
     }
     // Unknown key, and a forged secret under a real prefix: both NOT_FOUND.
-    assert_eq!(f.verify(GeneratedKey::generate().expose_secret(), &[]).await, Verdict::NotFound);
+    assert_eq!(
+        f.verify(GeneratedKey::generate().expose_secret(), &[])
+            .await,
+        Verdict::NotFound
+    );
     let forged = forge_with_prefix(secret.prefix().as_str());
     assert_eq!(f.verify(&forged, &[]).await, Verdict::NotFound);
 
     f.clock.advance(time::Duration::hours(2));
-    assert!(matches!(f.verify(secret.expose_secret(), &[]).await, Verdict::Expired(_)));
+    assert!(matches!(
+        f.verify(secret.expose_secret(), &[]).await,
+        Verdict::Expired(_)
+    ));
 
     let (key_id, secret) = f.create(&["a:b"], None).await;
     let account: AccountId = "ACME".parse().unwrap();
     let next = GeneratedKey::generate();
     f.store
-        .rotate_key(&account, &key_id, next.prefix(), next.hash(), &actor(), f.clock.now())
+        .rotate_key(
+            &account,
+            &key_id,
+            next.prefix(),
+            next.hash(),
+            &actor(),
+            f.clock.now(),
+        )
         .await
         .unwrap();
-    assert!(matches!(f.verify(secret.expose_secret(), &[]).await, Verdict::Rotated(_)));
+    assert!(matches!(
+        f.verify(secret.expose_secret(), &[]).await,
+        Verdict::Rotated(_)
+    ));
     assert!(f.verify(next.expose_secret(), &[]).await.is_valid());
     f.store
         .revoke_key(&account, &key_id, "test", &actor(), f.clock.now())
         .await
         .unwrap();
-    assert!(matches!(f.verify(next.expose_secret(), &[]).await, Verdict::Revoked(_)));
+    assert!(matches!(
+        f.verify(next.expose_secret(), &[]).await,
+        Verdict::Revoked(_)
+    ));
 }
 
 /// A well-formed key (valid checksum) that shares `prefix` but not the secret.
@@ -201,7 +247,11 @@ async fn uses_are_coalesced_per_key_and_bounded() {
             ip: None,
         });
     }
-    assert_eq!(small.flush().await.unwrap(), 2, "the third key waits for the next interval");
+    assert_eq!(
+        small.flush().await.unwrap(),
+        2,
+        "the third key waits for the next interval"
+    );
 }
 
 #[tokio::test]
@@ -215,5 +265,9 @@ async fn a_failed_flush_keeps_the_batch_for_the_next_one() {
     f.usage.record(usage);
     assert!(f.usage.flush().await.is_err(), "no schema yet");
     f.store.migrate().await.unwrap();
-    assert_eq!(f.usage.flush().await.unwrap(), 1, "retried on the next flush");
+    assert_eq!(
+        f.usage.flush().await.unwrap(),
+        1,
+        "retried on the next flush"
+    );
 }
