@@ -149,6 +149,7 @@ impl Config {
         file: Option<&Path>,
         env: &HashMap<String, String>,
     ) -> Result<Self, ConfigError> {
+        reject_unknown_variables(env)?;
         let file = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -278,6 +279,54 @@ impl Config {
     }
 }
 
+/// Every `VILVIK_KEYS_*` variable this program reads: the service's settings
+/// above, and those of the CLI and the test harness.
+const KNOWN_VARIABLES: &[&str] = &[
+    "VILVIK_KEYS_SQLITE_PATH",
+    "VILVIK_KEYS_ADMIN_ADDR",
+    "VILVIK_KEYS_VERIFY_ADDR",
+    "VILVIK_KEYS_PUBLIC_VERIFY_ADDR",
+    "VILVIK_KEYS_OPERATOR_TOKEN",
+    "VILVIK_KEYS_FREE_TIER_LIMIT",
+    "VILVIK_KEYS_PREMIUM_TIER_LIMIT",
+    "VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS",
+    "VILVIK_KEYS_TRUSTED_PROXIES",
+    "VILVIK_KEYS_LOG_FORMAT",
+    "VILVIK_KEYS_SHUTDOWN_GRACE_MS",
+    "VILVIK_KEYS_REQUEST_TIMEOUT_MS",
+    "VILVIK_KEYS_CONFIG",
+    "VILVIK_KEYS_TOKEN",
+    "VILVIK_KEYS_ADDR",
+    "VILVIK_KEYS_ACCOUNT",
+    "VILVIK_KEYS_ACTOR",
+    "VILVIK_KEYS_TEST_DATABASE_URL",
+    "VILVIK_KEYS_REQUIRE_POSTGRES",
+];
+
+/// A misspelt variable would otherwise be ignored silently.
+fn reject_unknown_variables(env: &HashMap<String, String>) -> Result<(), ConfigError> {
+    let mut unknown: Vec<&str> = env
+        .keys()
+        .map(String::as_str)
+        .filter(|name| name.starts_with("VILVIK_KEYS_") && !KNOWN_VARIABLES.contains(name))
+        .collect();
+    unknown.sort_unstable();
+    match unknown.first() {
+        None => Ok(()),
+        Some(name) => Err(invalid(
+            name,
+            format!(
+                "unknown setting; the known ones are listed in the README (is it misspelt?){}",
+                if unknown.len() > 1 {
+                    format!(" (also unknown: {})", unknown[1..].join(", "))
+                } else {
+                    String::new()
+                }
+            ),
+        )),
+    }
+}
+
 /// `VILVIK_KEYS_ADMIN_ADDR` -> `admin_addr`, for messages about file values.
 fn file_key(env_name: &str) -> String {
     env_name
@@ -383,6 +432,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("log_format"), "{err}");
+    }
+
+    #[test]
+    fn misspelt_variables_stop_the_start() {
+        let err = Config::from_sources(None, &env(&[("VILVIK_KEYS_ADMINADDR", "127.0.0.1:1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("VILVIK_KEYS_ADMINADDR: unknown setting"), "{err}");
+        assert!(Config::from_sources(None, &env(&[("VILVIK_KEYS_TOKEN", "x")])).is_ok());
     }
 
     #[test]
