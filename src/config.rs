@@ -439,7 +439,10 @@ mod tests {
         let err = Config::from_sources(None, &env(&[("VILVIK_KEYS_ADMINADDR", "127.0.0.1:1")]))
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("VILVIK_KEYS_ADMINADDR: unknown setting"), "{err}");
+        assert!(
+            err.starts_with("VILVIK_KEYS_ADMINADDR: unknown setting"),
+            "{err}"
+        );
         assert!(Config::from_sources(None, &env(&[("VILVIK_KEYS_TOKEN", "x")])).is_ok());
     }
 
