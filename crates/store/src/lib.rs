@@ -131,6 +131,33 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Prefixes changed after `seq`, with their sequence numbers, oldest first.
     async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>>;
+
+    /// Subscribes to changes as they commit, for verify nodes to evict
+    /// cached entries at once. `None` when the backend has no push channel
+    /// (SQLite): followers then poll [`Store::changes_since`].
+    async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>>;
+
+    /// Every secret (current and superseded) with its key, in prefix order,
+    /// `limit` at a time after `after`: for warming a verify node's cache.
+    async fn scan_secrets(
+        &self,
+        after: Option<&KeyPrefix>,
+        limit: u32,
+    ) -> Result<Vec<(KeyPrefix, SecretRecord)>>;
+
+    /// Inserts many keys at once, for imports and benchmarks: creates the
+    /// accounts as needed and writes each key's `created` audit event and
+    /// change-log entry, but does not check the tier cap. All or nothing.
+    async fn import_keys(&self, keys: Vec<NewKey>, actor: &Actor) -> Result<()>;
+}
+
+/// A live subscription to the change log (Postgres `LISTEN`).
+#[async_trait]
+pub trait ChangeListener: Send + std::fmt::Debug {
+    /// The next change as `(seq, prefix)`, in commit order. An error means
+    /// the subscription is broken and changes may have been missed: the
+    /// caller must subscribe again and catch up with `changes_since`.
+    async fn next(&mut self) -> Result<(i64, KeyPrefix)>;
 }
 
 /// Opens the store a configuration names: Postgres when `database_url` is

@@ -706,4 +706,20 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn listen(&self) -> Result<Option<Box<dyn crate::ChangeListener>>> {
+        Ok(None)
+    }
+
+    async fn scan_secrets(
+        &self,
+        _after: Option<&KeyPrefix>,
+        _limit: u32,
+    ) -> Result<Vec<(KeyPrefix, SecretRecord)>> {
+        Err(StoreError::internal("scan_secrets is not built yet"))
+    }
+
+    async fn import_keys(&self, _keys: Vec<NewKey>, _actor: &Actor) -> Result<()> {
+        Err(StoreError::internal("import_keys is not built yet"))
+    }
 }
