@@ -7,6 +7,17 @@ pub(crate) fn is_base62(byte: u8) -> bool {
     byte.is_ascii_alphanumeric()
 }
 
+/// The value of one base62 character (0 for anything else; callers pass
+/// only validated characters).
+pub(crate) fn digit(byte: u8) -> u8 {
+    match byte {
+        b'0'..=b'9' => byte - b'0',
+        b'A'..=b'Z' => byte - b'A' + 10,
+        b'a'..=b'z' => byte - b'a' + 36,
+        _ => 0,
+    }
+}
+
 /// `len` uniformly random base62 characters from the operating system's CSPRNG.
 ///
 /// Rejection sampling keeps the distribution uniform: bytes >= 248 (4 * 62)

@@ -69,6 +69,15 @@ impl KeyPrefix {
     fn generate() -> Self {
         Self(format!("{KEY_PREFIX}{}", base62::random(PREFIX_ID_LEN)))
     }
+
+    /// The prefix as a number (its 8 base62 characters read as one base-62
+    /// value, below 62^8 < 2^48): distinct prefixes give distinct numbers,
+    /// so compact in-memory indexes can key on 8 bytes instead of a string.
+    pub fn packed(&self) -> u64 {
+        self.0.as_bytes()[KEY_PREFIX.len()..]
+            .iter()
+            .fold(0u64, |acc, &b| acc * 62 + u64::from(base62::digit(b)))
+    }
 }
 
 impl FromStr for KeyPrefix {
@@ -336,6 +345,19 @@ mod tests {
         let err = typo.parse::<ApiKey>().unwrap_err();
         assert_eq!(err, KeyFormatError::ChecksumMismatch);
         assert!(!err.to_string().contains(&typo[13..]));
+    }
+
+    #[test]
+    fn packed_prefixes_are_distinct_numbers() {
+        let low: KeyPrefix = "vlk_00000000".parse().unwrap();
+        let one: KeyPrefix = "vlk_00000001".parse().unwrap();
+        let high: KeyPrefix = "vlk_zzzzzzzz".parse().unwrap();
+        assert_eq!(low.packed(), 0);
+        assert_eq!(one.packed(), 1);
+        assert_eq!(high.packed(), 62u64.pow(8) - 1);
+        let a = GeneratedKey::generate();
+        let b = GeneratedKey::generate();
+        assert_ne!(a.prefix().packed(), b.prefix().packed());
     }
 
     #[test]

@@ -2,9 +2,15 @@
 //! that it was used.
 //!
 //! [`Verifier::verify`] checks the format and checksum first (a malformed
-//! key costs no store access), then finds the secret by its public prefix,
-//! compares hashes in constant time, and checks rotation, revocation,
-//! expiry and scopes, in that order. Uses are coalesced in memory by
+//! key costs no store access), then finds the secret by its public prefix
+//! in an in-memory index, compares hashes in constant time, and checks
+//! rotation, revocation, expiry and scopes, in that order. A hit touches no
+//! database. A miss loads the prefix from the store once, however many
+//! requests ask for it at the same time, and caches the answer (unknown
+//! prefixes briefly). [`Verifier::follow_changes`] keeps the index honest:
+//! every change in the store's change log evicts its prefix, and while the
+//! log cannot be followed, cached entries are trusted only for the
+//! staleness bound (see `feed.rs`). Uses are coalesced in memory by
 //! [`UsageRecorder`] and written in batches, never one write per verify.
 //!
 //! This crate knows nothing of gRPC: the server maps [`Verdict`] to the
@@ -12,17 +18,28 @@
 //! management-key authentication go through here.
 #![forbid(unsafe_code)]
 
+mod cache;
+mod feed;
 mod usage;
 
 use std::sync::Arc;
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, ApiKey, Clock, KeyFormatError, KeyId, KeyName, KeyState, Scope, ScopeSet,
+    AccountId, ApiKey, Clock, KeyFormatError, KeyId, KeyName, KeyPrefix, Scope, ScopeSet,
+    SecretHash,
 };
 use vilvik_keys_store::{Store, StoreError, UsageRecord};
 
+use crate::cache::{Cached, CachedSecret, KeyCache};
+use crate::feed::Follower;
+
+pub use cache::CacheConfig;
+pub use feed::{FeedConfig, FeedHealth};
 pub use usage::{UsageConfig, UsageRecorder};
+
+/// Secrets read per query when warming the cache.
+const PRELOAD_PAGE: u32 = 10_000;
 
 /// What is known about a key whose secret matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +47,7 @@ pub struct VerifiedKey {
     pub key_id: KeyId,
     pub account_id: AccountId,
     pub name: KeyName,
-    pub scopes: ScopeSet,
+    pub scopes: Arc<ScopeSet>,
     pub expires_at: Option<OffsetDateTime>,
 }
 
@@ -58,25 +75,46 @@ impl Verdict {
     }
 }
 
-/// Answers verify requests from the store and feeds the usage recorder.
+/// How a verifier caches and follows changes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifierConfig {
+    pub cache: CacheConfig,
+    pub feed: FeedConfig,
+}
+
+/// Answers verify requests from memory, the store behind it, and feeds the
+/// usage recorder. Cheap to clone: clones share the index.
 #[derive(Debug, Clone)]
 pub struct Verifier {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     usage: UsageRecorder,
+    cache: Arc<KeyCache>,
+    health: Arc<FeedHealth>,
+    feed: FeedConfig,
 }
 
 impl Verifier {
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, usage: UsageRecorder) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        usage: UsageRecorder,
+        config: VerifierConfig,
+    ) -> Self {
+        let health = Arc::new(FeedHealth::new(config.feed.staleness_bound, clock.now()));
         Self {
             store,
-            clock,
             usage,
+            cache: Arc::new(KeyCache::new(config.cache)),
+            health,
+            feed: config.feed,
+            clock,
         }
     }
 
     /// Verifies `presented` against `required` scopes. `client_ip` is
     /// recorded as the key's last use when the key is active and matched.
+    /// Fails only when the answer would need the store and it is down.
     pub async fn verify(
         &self,
         presented: &str,
@@ -87,47 +125,140 @@ impl Verifier {
             Ok(key) => key,
             Err(e) => return Ok(Verdict::Malformed(e)),
         };
-        let Some(secret) = self.store.find_secret(key.prefix()).await? else {
-            return Ok(Verdict::NotFound);
-        };
-        if !secret.hash.matches(&key.hash()) {
-            // Right prefix, wrong secret: indistinguishable from unknown.
-            return Ok(Verdict::NotFound);
-        }
+        let hash = key.hash();
         let now = self.clock.now();
-        let record = secret.key;
-        let verified = VerifiedKey {
-            key_id: record.key_id.clone(),
-            account_id: record.account_id.clone(),
-            name: record.name.clone(),
-            scopes: record.scopes.clone(),
-            expires_at: record.expires_at,
+        let prefix = key.prefix();
+        let judge = |entry: &CachedSecret| judge(entry, &hash, required, now);
+        let verdict = if self.health.cache_trusted(now) {
+            match self.cache.with(prefix, judge) {
+                Cached::Found(verdict) => verdict,
+                Cached::Absent => Verdict::NotFound,
+                Cached::Unknown => self.load(prefix, self.health.following(), judge).await?,
+            }
+        } else {
+            // Past the staleness bound: only a fresh read of the store counts.
+            self.load(prefix, false, judge).await?
         };
-        if secret.superseded_at.is_some() {
-            return Ok(Verdict::Rotated(verified));
-        }
-        match record.state(now) {
-            KeyState::Revoked => return Ok(Verdict::Revoked(verified)),
-            KeyState::Expired => return Ok(Verdict::Expired(verified)),
-            KeyState::Active => {}
-        }
-        // An authenticated use, whether or not the scopes suffice.
-        self.usage.record(UsageRecord {
-            key_id: record.key_id,
-            at: now,
-            ip: client_ip,
-        });
-        let missing: Vec<Scope> = required
-            .iter()
-            .filter(|needed| !verified.scopes.grants_all([*needed]))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            return Ok(Verdict::InsufficientScope {
-                key: verified,
-                missing,
+        if let Verdict::Valid(key) | Verdict::InsufficientScope { key, .. } = &verdict {
+            self.usage.record(UsageRecord {
+                key_id: key.key_id.clone(),
+                at: now,
+                ip: client_ip,
             });
         }
-        Ok(Verdict::Valid(verified))
+        Ok(verdict)
     }
+
+    async fn load(
+        &self,
+        prefix: &KeyPrefix,
+        cache: bool,
+        judge: impl FnOnce(&CachedSecret) -> Verdict,
+    ) -> Result<Verdict, StoreError> {
+        let lookup = self
+            .cache
+            .load(prefix, cache, || self.store.find_secret(prefix))
+            .await?;
+        Ok(lookup.as_ref().map_or(Verdict::NotFound, judge))
+    }
+
+    /// Forgets a prefix at once; the admin API calls it after each change it
+    /// commits, so the node that served a revocation never accepts the key
+    /// again, whatever the change feed's delay.
+    pub fn invalidate(&self, prefix: &KeyPrefix) {
+        self.cache.invalidate(prefix);
+    }
+
+    /// Warms the cache with every secret in the store, streaming. Returns
+    /// how many were loaded. Call before [`Verifier::follow_changes`]
+    /// starts; changes made meanwhile are caught up by it.
+    pub async fn preload(&self) -> Result<usize, StoreError> {
+        let mut after: Option<KeyPrefix> = None;
+        let mut loaded = 0;
+        loop {
+            let page = self
+                .store
+                .scan_secrets(after.as_ref(), PRELOAD_PAGE)
+                .await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(loaded);
+            };
+            after = Some(last.clone());
+            loaded += page.len();
+            let full = page.len() == PRELOAD_PAGE as usize;
+            self.cache.insert_loaded(page);
+            if !full {
+                return Ok(loaded);
+            }
+        }
+    }
+
+    /// Notes where the change log stands, so that [`Verifier::follow_changes`]
+    /// starts from there. Call at start, before any verify or preload.
+    pub async fn mark_change_log_position(&self) -> Result<(), StoreError> {
+        self.follower().start_at().await
+    }
+
+    /// Follows the store's change log until `shutdown` resolves, evicting
+    /// changed prefixes and keeping [`FeedHealth`] current.
+    pub async fn follow_changes(&self, shutdown: impl std::future::Future<Output = ()>) {
+        self.follower().run(shutdown).await;
+    }
+
+    fn follower(&self) -> Follower {
+        Follower {
+            store: self.store.clone(),
+            cache: self.cache.clone(),
+            health: self.health.clone(),
+            clock: self.clock.clone(),
+            config: self.feed,
+        }
+    }
+
+    pub fn feed_health(&self) -> &FeedHealth {
+        &self.health
+    }
+
+    /// Number of secrets in the in-memory index.
+    pub fn cached_secrets(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+/// The verdict for one presented key against its cached record.
+fn judge(
+    entry: &CachedSecret,
+    hash: &SecretHash,
+    required: &[Scope],
+    now: OffsetDateTime,
+) -> Verdict {
+    if !entry.hash.matches(hash) {
+        // Right prefix, wrong secret: indistinguishable from unknown.
+        return Verdict::NotFound;
+    }
+    let key = VerifiedKey {
+        key_id: entry.key_id.clone(),
+        account_id: entry.account_id.clone(),
+        name: entry.name.clone(),
+        scopes: entry.scopes.clone(),
+        expires_at: entry.expires_at,
+    };
+    if entry.superseded {
+        return Verdict::Rotated(key);
+    }
+    if entry.revoked {
+        return Verdict::Revoked(key);
+    }
+    if entry.expires_at.is_some_and(|at| at <= now) {
+        return Verdict::Expired(key);
+    }
+    let missing: Vec<Scope> = required
+        .iter()
+        .filter(|needed| !key.scopes.grants_all([*needed]))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Verdict::InsufficientScope { key, missing };
+    }
+    Verdict::Valid(key)
 }

@@ -2,8 +2,9 @@
 //!
 //! Verifies only touch an in-memory map (latest use per key); a background
 //! task writes the map to the store in one batch per interval. The map is
-//! bounded: past `max_pending` distinct keys, uses of further keys wait for
-//! the next flush (their earlier uses are already recorded or will be).
+//! bounded: past `max_pending` distinct keys (spread over its shards), uses
+//! of further keys are dropped until the next flush; a key used again after
+//! it is recorded then.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,19 +30,30 @@ impl Default for UsageConfig {
     }
 }
 
+/// Shards of the pending map, so that concurrent verifies of different keys
+/// rarely wait on one lock.
+const SHARDS: usize = 16;
+
+type Pending = Mutex<HashMap<KeyId, UsageRecord>>;
+
 /// Collects uses and writes them in batches. Cheap to clone; clones share
 /// one buffer.
 #[derive(Debug, Clone)]
 pub struct UsageRecorder {
-    pending: Arc<Mutex<HashMap<KeyId, UsageRecord>>>,
+    pending: Arc<[Pending]>,
     store: Arc<dyn Store>,
     config: UsageConfig,
+}
+
+fn shard_of(key_id: &KeyId) -> usize {
+    // Key ids end in random characters.
+    key_id.as_str().bytes().last().map_or(0, usize::from) % SHARDS
 }
 
 impl UsageRecorder {
     pub fn new(store: Arc<dyn Store>, config: UsageConfig) -> Self {
         Self {
-            pending: Arc::default(),
+            pending: (0..SHARDS).map(|_| Pending::default()).collect(),
             store,
             config,
         }
@@ -49,8 +61,10 @@ impl UsageRecorder {
 
     /// Notes a use; never blocks on I/O.
     pub fn record(&self, usage: UsageRecord) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let full = pending.len() >= self.config.max_pending;
+        let mut pending = self.pending[shard_of(&usage.key_id)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let full = pending.len() >= self.config.max_pending.div_ceil(SHARDS);
         match pending.get_mut(&usage.key_id) {
             Some(existing) if existing.at <= usage.at => *existing = usage,
             Some(_) => {}
@@ -65,10 +79,14 @@ impl UsageRecorder {
     /// uses recorded meanwhile win) and the error returned, so the next
     /// flush retries.
     pub async fn flush(&self) -> Result<usize, vilvik_keys_store::StoreError> {
-        let batch: Vec<UsageRecord> = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            pending.drain().map(|(_, usage)| usage).collect()
-        };
+        let batch: Vec<UsageRecord> = self
+            .pending
+            .iter()
+            .flat_map(|shard| {
+                let mut pending = shard.lock().unwrap_or_else(|p| p.into_inner());
+                pending.drain().map(|(_, usage)| usage).collect::<Vec<_>>()
+            })
+            .collect();
         if batch.is_empty() {
             return Ok(0);
         }

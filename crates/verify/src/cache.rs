@@ -1,0 +1,255 @@
+//! The in-memory index a verify node answers from: prefix -> compact record.
+//!
+//! Sharded by prefix, each shard a `RwLock` over two maps: found secrets
+//! (keyed by the prefix packed into a `u64`, the record boxed so that the
+//! table itself stays small) and briefly remembered unknown prefixes. Every
+//! invalidation bumps its shard's epoch; a load that raced with one (read
+//! the store before the change committed, finished after the eviction) sees
+//! the epoch moved and does not insert its stale result.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio::sync::OnceCell;
+use vilvik_keys_domain::{AccountId, KeyId, KeyName, KeyPrefix, ScopeSet, SecretHash};
+use vilvik_keys_store::{SecretRecord, StoreError};
+
+const SHARDS: usize = 64;
+/// Most distinct scope sets shared; past it each key keeps its own copy.
+const MAX_INTERNED_SCOPE_SETS: usize = 10_000;
+
+/// What the index keeps per secret: enough to answer a verify, no more.
+#[derive(Debug, Clone)]
+pub(crate) struct CachedSecret {
+    pub hash: SecretHash,
+    pub superseded: bool,
+    pub revoked: bool,
+    pub expires_at: Option<OffsetDateTime>,
+    pub key_id: KeyId,
+    pub account_id: AccountId,
+    pub name: KeyName,
+    /// Shared between keys with the same scopes.
+    pub scopes: Arc<ScopeSet>,
+}
+
+/// The store's answer for one prefix.
+pub(crate) type Lookup = Option<CachedSecret>;
+
+/// What the index knows about a prefix right now.
+pub(crate) enum Cached<T> {
+    Found(T),
+    /// Known not to exist (until the negative entry expires or is evicted).
+    Absent,
+    Unknown,
+}
+
+#[derive(Default)]
+struct Shard {
+    found: HashMap<u64, Box<CachedSecret>>,
+    absent: HashMap<u64, Instant>,
+    epoch: u64,
+}
+
+type Inflight = Mutex<HashMap<u64, Arc<OnceCell<Lookup>>>>;
+
+/// Limits of the index.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// How long an unknown prefix is remembered as unknown.
+    pub negative_ttl: Duration,
+    /// Most unknown prefixes remembered per node.
+    pub max_negative: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            negative_ttl: Duration::from_secs(2),
+            max_negative: 100_000,
+        }
+    }
+}
+
+pub(crate) struct KeyCache {
+    shards: Box<[RwLock<Shard>]>,
+    inflight: Box<[Inflight]>,
+    scope_sets: Mutex<HashMap<Vec<String>, Arc<ScopeSet>>>,
+    config: CacheConfig,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCache")
+            .field("len", &self.len())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn shard_of(packed: u64) -> usize {
+    (packed % SHARDS as u64) as usize
+}
+
+impl KeyCache {
+    pub fn new(config: CacheConfig) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            inflight: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            scope_sets: Mutex::default(),
+            config,
+        }
+    }
+
+    /// Runs `f` on the cached record for `prefix`, under the shard's read
+    /// lock (no clone of the record on the hot path).
+    pub fn with<T>(&self, prefix: &KeyPrefix, f: impl FnOnce(&CachedSecret) -> T) -> Cached<T> {
+        let packed = prefix.packed();
+        let shard = self.shards[shard_of(packed)]
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = shard.found.get(&packed) {
+            return Cached::Found(f(found));
+        }
+        match shard.absent.get(&packed) {
+            Some(until) if *until > Instant::now() => Cached::Absent,
+            _ => Cached::Unknown,
+        }
+    }
+
+    /// Loads `prefix` from the store once, however many callers ask at the
+    /// same time, and caches the answer when `cache` is true.
+    pub async fn load<F, Fut>(
+        &self,
+        prefix: &KeyPrefix,
+        cache: bool,
+        fetch: F,
+    ) -> Result<Lookup, StoreError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<SecretRecord>, StoreError>>,
+    {
+        let packed = prefix.packed();
+        let index = shard_of(packed);
+        let cell = {
+            let mut inflight = self.inflight[index]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            inflight.entry(packed).or_default().clone()
+        };
+        let result = cell
+            .get_or_try_init(|| async {
+                let epoch = self.epoch(index);
+                let record = fetch().await?;
+                let lookup = record.map(|r| self.compact(r));
+                if cache {
+                    self.insert(packed, epoch, &lookup);
+                }
+                Ok(lookup)
+            })
+            .await
+            .cloned();
+        let mut inflight = self.inflight[index]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if inflight.get(&packed).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(&packed);
+        }
+        result
+    }
+
+    /// Inserts store records directly, e.g. when warming the cache at start.
+    pub fn insert_loaded(&self, records: Vec<(KeyPrefix, SecretRecord)>) {
+        for (prefix, record) in records {
+            let packed = prefix.packed();
+            let compact = Box::new(self.compact(record));
+            let mut shard = self.shards[shard_of(packed)]
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            shard.absent.remove(&packed);
+            shard.found.insert(packed, compact);
+        }
+    }
+
+    /// Forgets `prefix`; a load already under way will not re-insert it.
+    pub fn invalidate(&self, prefix: &KeyPrefix) {
+        let packed = prefix.packed();
+        let mut shard = self.shards[shard_of(packed)]
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        shard.found.remove(&packed);
+        shard.absent.remove(&packed);
+        shard.epoch += 1;
+    }
+
+    /// Number of secrets held.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).found.len())
+            .sum()
+    }
+
+    fn epoch(&self, index: usize) -> u64 {
+        self.shards[index]
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .epoch
+    }
+
+    fn insert(&self, packed: u64, epoch: u64, lookup: &Lookup) {
+        let mut shard = self.shards[shard_of(packed)]
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if shard.epoch != epoch {
+            return; // invalidated while loading: the result may predate the change
+        }
+        match lookup {
+            Some(found) => {
+                shard.found.insert(packed, Box::new(found.clone()));
+            }
+            None => {
+                let per_shard = self.config.max_negative / SHARDS;
+                if shard.absent.len() >= per_shard {
+                    let now = Instant::now();
+                    shard.absent.retain(|_, until| *until > now);
+                    if shard.absent.len() >= per_shard {
+                        return;
+                    }
+                }
+                shard
+                    .absent
+                    .insert(packed, Instant::now() + self.config.negative_ttl);
+            }
+        }
+    }
+
+    fn compact(&self, record: SecretRecord) -> CachedSecret {
+        let key = record.key;
+        CachedSecret {
+            hash: record.hash,
+            superseded: record.superseded_at.is_some(),
+            revoked: key.revoked_at.is_some(),
+            expires_at: key.expires_at,
+            key_id: key.key_id,
+            account_id: key.account_id,
+            name: key.name,
+            scopes: self.intern(key.scopes),
+        }
+    }
+
+    /// Keys mostly share a few scope sets: keep one copy of each.
+    fn intern(&self, scopes: ScopeSet) -> Arc<ScopeSet> {
+        let mut sets = self.scope_sets.lock().unwrap_or_else(|p| p.into_inner());
+        let strings = scopes.to_strings();
+        if let Some(shared) = sets.get(&strings) {
+            return shared.clone();
+        }
+        let shared = Arc::new(scopes);
+        if sets.len() < MAX_INTERNED_SCOPE_SETS {
+            sets.insert(strings, shared.clone());
+        }
+        shared
+    }
+}
