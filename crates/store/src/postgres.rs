@@ -16,10 +16,14 @@
 //! - migrations run under an advisory lock, so replicas starting together
 //!   apply each migration once.
 //!
-//! Every change also sends `NOTIFY` on [`CHANGE_CHANNEL`] with the changed
-//! prefix as payload; Postgres delivers it when the transaction commits.
+//! Every change also sends `NOTIFY` on [`CHANGE_CHANNEL`] with the payload
+//! `<seq>:<prefix>` (its change sequence number and the changed prefix);
+//! Postgres delivers it when the transaction commits, so listeners see
+//! changes in sequence order. [`Store::listen`] subscribes on a connection
+//! of its own, outside the pool.
 
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,9 +31,13 @@ use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Row, Socket};
 use vilvik_keys_domain::{
     AccountId, AuditAction, KeyId, KeyPrefix, KeyState, ScopeSet, SecretHash, Tier, TierLimits,
 };
@@ -37,13 +45,33 @@ use vilvik_keys_domain::{
 use crate::migrate::{CREATE_LEDGER, POSTGRES};
 use crate::rules::{self, format_time};
 use crate::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Result,
-    SecretRecord, Store, StoreError, UsageRecord,
+    Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, NewKey, Page,
+    Result, SecretRecord, Store, StoreError, UsageRecord,
 };
 
-/// The `LISTEN`/`NOTIFY` channel on which every change publishes the
-/// affected key prefix. Verify nodes listen on it to evict cached entries.
+/// The `LISTEN`/`NOTIFY` channel on which every change publishes
+/// `<seq>:<prefix>`: its change sequence number and the affected key
+/// prefix. Verify nodes listen on it to evict cached entries.
 pub const CHANGE_CHANNEL: &str = "vilvik_keys_changes";
+
+/// The `application_name` of the listener's connection, so operators (and
+/// tests) can find it in `pg_stat_activity`.
+const LISTENER_APPLICATION_NAME: &str = "vilvik-keys-listener";
+/// Notifications the listener buffers for a slow consumer. Past that it
+/// gives up (the consumer catches up with `changes_since`) rather than
+/// stop reading the socket, which would make Postgres queue notifications
+/// for it and, at worst, fail every writer's `NOTIFY`.
+const LISTENER_BUFFER: usize = 65_536;
+/// After this long without a notification the listener checks that its
+/// connection still answers...
+const LISTENER_HEARTBEAT: Duration = Duration::from_secs(5);
+/// ...and gives up on it if no answer came this long after that.
+const LISTENER_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP keepalive on the listener's socket, a second line of defence
+/// against a peer that vanished without closing the connection.
+const LISTENER_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const LISTENER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const LISTENER_KEEPALIVE_RETRIES: u32 = 3;
 
 /// Connections per replica.
 const POOL_SIZE: usize = 16;
@@ -86,6 +114,48 @@ const FIND_SECRET: &str = concat!(
     key_columns!(),
     " FROM key_secrets s JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = $1"
 );
+/// A range scan of the `key_secrets` primary key: `$1` is the last prefix
+/// seen (`''` to start), so each page costs its own rows, not an offset.
+const SCAN_SECRETS: &str = concat!(
+    "SELECT s.hash, s.superseded_at, ",
+    key_columns!(),
+    " FROM key_secrets s JOIN keys k ON k.key_id = s.key_id \
+     WHERE s.prefix > $1 ORDER BY s.prefix LIMIT $2"
+);
+
+// Bulk import: one statement per table per call, the rows passed as
+// arrays and unnested. `WITH ORDINALITY ... ORDER BY ord` keeps the input
+// order, so `keys.seq`, event ids and change sequence numbers follow it.
+const IMPORT_ACCOUNTS: &str = "INSERT INTO accounts (account_id, tier, created_at) \
+     SELECT account_id, 'free', MIN(created_at) \
+     FROM UNNEST($1::text[], $2::timestamptz[]) AS n (account_id, created_at) \
+     GROUP BY account_id ORDER BY account_id \
+     ON CONFLICT DO NOTHING";
+/// Scopes travel space-separated (a scope never holds a space):
+/// Postgres arrays cannot nest arrays of different lengths.
+const IMPORT_KEYS: &str = "INSERT INTO keys \
+         (key_id, account_id, name, description, scopes, prefix, created_at, expires_at) \
+     SELECT key_id, account_id, name, description, string_to_array(scopes, ' '), prefix, \
+         created_at, expires_at \
+     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+         $7::timestamptz[], $8::timestamptz[]) WITH ORDINALITY \
+         AS n (key_id, account_id, name, description, scopes, prefix, created_at, expires_at, ord) \
+     ORDER BY ord";
+const IMPORT_SECRETS: &str = "INSERT INTO key_secrets (prefix, key_id, hash, created_at) \
+     SELECT prefix, key_id, hash, created_at \
+     FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::timestamptz[]) WITH ORDINALITY \
+         AS n (prefix, key_id, hash, created_at, ord) \
+     ORDER BY ord";
+const IMPORT_AUDIT: &str = "INSERT INTO audit_events \
+         (account_id, key_id, action, actor, actor_ip, at, changes) \
+     SELECT account_id, key_id, $1, $2, $3, at, changes \
+     FROM UNNEST($4::text[], $5::text[], $6::timestamptz[], $7::jsonb[]) WITH ORDINALITY \
+         AS n (account_id, key_id, at, changes, ord) \
+     ORDER BY ord";
+const IMPORT_CHANGES: &str = "INSERT INTO key_changes (prefix, at) \
+     SELECT prefix, at FROM UNNEST($1::text[], $2::timestamptz[]) WITH ORDINALITY \
+         AS n (prefix, at, ord) \
+     ORDER BY ord";
 
 /// One statement for a whole batch of usage. Duplicates of a key keep the
 /// latest use; rows are locked in key order so two nodes flushing
@@ -106,6 +176,8 @@ const RECORD_USAGE: &str = "WITH usage AS ( \
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// The pool's connection settings, for the listener's own connection.
+    config: Arc<tokio_postgres::Config>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -141,7 +213,7 @@ impl PostgresStore {
             config.application_name("vilvik-keys");
         }
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -157,7 +229,10 @@ impl PostgresStore {
             .map_err(|e| {
                 StoreError::internal_from("cannot build the Postgres connection pool", e)
             })?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            config: Arc::new(config),
+        };
         // A refused login or a missing database is a configuration mistake,
         // not an outage: say where to look.
         let at_start = |e: StoreError| match e {
@@ -418,19 +493,49 @@ async fn publish_change(
     at: OffsetDateTime,
 ) -> Result<()> {
     execute(c, "SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK]).await?;
-    execute(
+    let row = query_one(
         c,
-        "INSERT INTO key_changes (prefix, at) VALUES ($1, $2)",
+        "INSERT INTO key_changes (prefix, at) VALUES ($1, $2) RETURNING seq",
         &[&prefix.as_str(), &at],
     )
     .await?;
+    let seq: i64 = row.try_get(0).map_err(map_err)?;
     execute(
         c,
         "SELECT pg_notify($1, $2)",
-        &[&CHANGE_CHANNEL, &prefix.as_str()],
+        &[&CHANGE_CHANNEL, &notification_payload(seq, prefix)],
     )
     .await?;
     Ok(())
+}
+
+/// What a change notification carries: `<seq>:<prefix>`.
+fn notification_payload(seq: i64, prefix: &KeyPrefix) -> String {
+    format!("{seq}:{prefix}")
+}
+
+/// The inverse of [`notification_payload`].
+fn parse_notification(payload: &str) -> Result<(i64, KeyPrefix)> {
+    let malformed = || {
+        StoreError::internal(format!(
+            "malformed notification on {CHANGE_CHANNEL}: {payload:?} is not <seq>:<prefix>"
+        ))
+    };
+    let (seq, prefix) = payload.split_once(':').ok_or_else(malformed)?;
+    let seq: i64 = seq.parse().map_err(|_| malformed())?;
+    let prefix: KeyPrefix = prefix.parse().map_err(|_| malformed())?;
+    Ok((seq, prefix))
+}
+
+/// Reads `s.hash, s.superseded_at` and then the key columns, from `offset`.
+fn secret_from_row(row: &Row, offset: usize) -> Result<SecretRecord> {
+    let hash: Vec<u8> = row.try_get(offset).map_err(map_err)?;
+    Ok(SecretRecord {
+        hash: SecretHash::from_slice(&hash)
+            .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
+        superseded_at: row.try_get(offset + 1).map_err(map_err)?,
+        key: key_from_row(row, offset + 2)?,
+    })
 }
 
 fn page<T>(mut items: Vec<(i64, T)>, limit: u32) -> Page<T> {
@@ -805,16 +910,10 @@ impl Store for PostgresStore {
 
     async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
         let client = self.client().await?;
-        let Some(row) = query_opt(&client, FIND_SECRET, &[&prefix.as_str()]).await? else {
-            return Ok(None);
-        };
-        let hash: Vec<u8> = row.try_get(0).map_err(map_err)?;
-        Ok(Some(SecretRecord {
-            hash: SecretHash::from_slice(&hash)
-                .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
-            superseded_at: row.try_get(1).map_err(map_err)?,
-            key: key_from_row(&row, 2)?,
-        }))
+        query_opt(&client, FIND_SECRET, &[&prefix.as_str()])
+            .await?
+            .map(|row| secret_from_row(&row, 0))
+            .transpose()
     }
 
     async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
@@ -862,19 +961,310 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn listen(&self) -> Result<Option<Box<dyn crate::ChangeListener>>> {
-        Ok(None)
+    /// Opens a connection of its own (not from the pool, which recycles
+    /// connections and would drop the `LISTEN`), named
+    /// `vilvik-keys-listener` in `pg_stat_activity`, and `LISTEN`s on
+    /// [`CHANGE_CHANNEL`]. Every change committed after this returns is
+    /// delivered, in sequence order. A spawned task drives the connection
+    /// and forwards notifications; when the connection ends or fails, or
+    /// the consumer falls [`LISTENER_BUFFER`] notifications behind, the
+    /// task ends and [`ChangeListener::next`] fails as
+    /// [`StoreError::Unavailable`]. A connection that goes silent is found
+    /// by a heartbeat within about ten seconds.
+    async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
+        let mut config = (*self.config).clone();
+        config
+            .application_name(LISTENER_APPLICATION_NAME)
+            .keepalives(true)
+            .keepalives_idle(LISTENER_KEEPALIVE_IDLE)
+            .keepalives_interval(LISTENER_KEEPALIVE_INTERVAL)
+            .keepalives_retries(LISTENER_KEEPALIVE_RETRIES);
+        let (client, connection) = config.connect(NoTls).await.map_err(map_err)?;
+        let (tx, rx) = mpsc::channel(LISTENER_BUFFER);
+        let task = tokio::spawn(forward_notifications(connection, tx));
+        // The channel name is a constant identifier: nothing to quote.
+        client
+            .batch_execute(&format!("LISTEN {CHANGE_CHANNEL}"))
+            .await
+            .map_err(map_err)?;
+        Ok(Some(Box::new(PostgresChangeListener {
+            client,
+            notifications: rx,
+            task: Some(task),
+            last_heard: Instant::now(),
+            ended: false,
+        })))
     }
 
     async fn scan_secrets(
         &self,
-        _after: Option<&KeyPrefix>,
-        _limit: u32,
+        after: Option<&KeyPrefix>,
+        limit: u32,
     ) -> Result<Vec<(KeyPrefix, SecretRecord)>> {
-        Err(StoreError::internal("scan_secrets is not built yet"))
+        let client = self.client().await?;
+        // Every prefix sorts after the empty string, whatever the collation.
+        let after = after.map_or("", KeyPrefix::as_str);
+        let rows = query(&client, SCAN_SECRETS, &[&after, &i64::from(limit)]).await?;
+        rows.iter()
+            .map(|row| {
+                let prefix: String = row.try_get(0).map_err(map_err)?;
+                let prefix = prefix
+                    .parse()
+                    .map_err(|e: vilvik_keys_domain::KeyFormatError| {
+                        corrupt("secret prefix")(e.to_string())
+                    })?;
+                Ok((prefix, secret_from_row(row, 1)?))
+            })
+            .collect()
     }
 
-    async fn import_keys(&self, _keys: Vec<NewKey>, _actor: &Actor) -> Result<()> {
-        Err(StoreError::internal("import_keys is not built yet"))
+    /// One statement per table, the rows passed as arrays. No `NOTIFY`:
+    /// imported keys are new prefixes that no node has cached as valid,
+    /// and a listener sees the sequence jump at the next change and reads
+    /// the imported prefixes with `changes_since` (which a node that keeps
+    /// negative entries must do anyway when it sees a gap).
+    async fn import_keys(&self, keys: Vec<NewKey>, actor: &Actor) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let key_ids: Vec<&str> = keys.iter().map(|k| k.key_id.as_str()).collect();
+        let account_ids: Vec<&str> = keys.iter().map(|k| k.account_id.as_str()).collect();
+        let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+        let descriptions: Vec<&str> = keys.iter().map(|k| k.description.as_str()).collect();
+        let scopes: Vec<String> = keys
+            .iter()
+            .map(|k| k.scopes.to_strings().join(" "))
+            .collect();
+        let prefixes: Vec<&str> = keys.iter().map(|k| k.prefix.as_str()).collect();
+        let created: Vec<OffsetDateTime> = keys.iter().map(|k| k.created_at).collect();
+        let expires: Vec<Option<OffsetDateTime>> = keys.iter().map(|k| k.expires_at).collect();
+        let hashes: Vec<&[u8]> = keys.iter().map(|k| &k.hash.as_bytes()[..]).collect();
+        let changes: Vec<Json<Vec<FieldChange>>> = keys
+            .iter()
+            .map(|k| Json(rules::created_changes(k)))
+            .collect();
+
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        execute(&tx, IMPORT_ACCOUNTS, &[&account_ids, &created]).await?;
+        execute(
+            &tx,
+            IMPORT_KEYS,
+            &[
+                &key_ids,
+                &account_ids,
+                &names,
+                &descriptions,
+                &scopes,
+                &prefixes,
+                &created,
+                &expires,
+            ],
+        )
+        .await?;
+        execute(
+            &tx,
+            IMPORT_SECRETS,
+            &[&prefixes, &key_ids, &hashes, &created],
+        )
+        .await?;
+        execute(
+            &tx,
+            IMPORT_AUDIT,
+            &[
+                &AuditAction::Created.as_str(),
+                &actor.name,
+                &actor.ip,
+                &account_ids,
+                &key_ids,
+                &created,
+                &changes,
+            ],
+        )
+        .await?;
+        // Last, as in `publish_change`: sequence numbers commit in order.
+        execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK]).await?;
+        execute(&tx, IMPORT_CHANGES, &[&prefixes, &created]).await?;
+        tx.commit().await.map_err(map_err)
+    }
+}
+
+/// Why a listener stopped.
+#[derive(Debug, thiserror::Error)]
+enum ListenerError {
+    #[error("the change listener's connection closed")]
+    Closed,
+    #[error(
+        "the change listener fell more than {0} notifications behind; resubscribe and catch up with changes_since"
+    )]
+    FellBehind(usize),
+    #[error("the change listener's connection did not answer a heartbeat")]
+    Silent,
+}
+
+/// Drives the listener's connection, forwarding each notification's
+/// payload; returns why it stopped. Ending drops `tx`, which closes the
+/// channel, so a waiting [`PostgresChangeListener::next`] wakes up.
+async fn forward_notifications(
+    mut connection: Connection<Socket, NoTlsStream>,
+    tx: mpsc::Sender<String>,
+) -> StoreError {
+    use mpsc::error::TrySendError;
+    let stopped = loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CHANGE_CHANNEL => {
+                match tx.try_send(n.payload().to_owned()) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        break StoreError::Unavailable(Box::new(ListenerError::FellBehind(
+                            LISTENER_BUFFER,
+                        )));
+                    }
+                    // The listener was dropped: nobody to tell.
+                    Err(TrySendError::Closed(_)) => {
+                        break StoreError::Unavailable(Box::new(ListenerError::Closed));
+                    }
+                }
+            }
+            Some(Ok(AsyncMessage::Notice(notice))) => {
+                tracing::debug!(notice = %notice, "notice on the change listener's connection");
+            }
+            Some(Ok(_)) => {}
+            // Whatever the error (terminated backend, reset socket, server
+            // shutdown), the subscription is gone: the caller resubscribes.
+            Some(Err(e)) => break StoreError::Unavailable(Box::new(e)),
+            None => break StoreError::Unavailable(Box::new(ListenerError::Closed)),
+        }
+    };
+    tracing::debug!(error = %stopped, "change listener stopped");
+    stopped
+}
+
+/// A `LISTEN` subscription on a connection of its own; see
+/// [`PostgresStore::listen`]. Dropping it closes the connection.
+struct PostgresChangeListener {
+    /// Keeps the connection open; also sends the heartbeat.
+    client: Client,
+    notifications: mpsc::Receiver<String>,
+    /// The task driving the connection; its output says why it ended.
+    task: Option<JoinHandle<StoreError>>,
+    /// When the connection last proved alive (a notification or a
+    /// heartbeat answer). Kept across calls, so that a caller that cancels
+    /// `next` often (e.g. in a `select!` with a ticker) still gets the
+    /// heartbeat.
+    last_heard: Instant,
+    /// Set once `next` has failed: every later call fails too.
+    ended: bool,
+}
+
+impl std::fmt::Debug for PostgresChangeListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresChangeListener")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresChangeListener {
+    /// Marks the subscription broken and says why.
+    async fn fail(&mut self, why: Option<StoreError>) -> StoreError {
+        self.ended = true;
+        let task = self.task.take();
+        let why = match (why, task) {
+            (Some(why), task) => {
+                if let Some(task) = task {
+                    task.abort();
+                }
+                why
+            }
+            // The channel closed: the task has ended and says why.
+            (None, Some(task)) => match task.await {
+                Ok(why) => why,
+                Err(e) => StoreError::internal_from("the change listener task failed", e),
+            },
+            (None, None) => StoreError::Unavailable(Box::new(ListenerError::Closed)),
+        };
+        self.notifications.close();
+        why
+    }
+}
+
+#[async_trait]
+impl ChangeListener for PostgresChangeListener {
+    async fn next(&mut self) -> Result<(i64, KeyPrefix)> {
+        if self.ended {
+            return Err(StoreError::Unavailable(Box::new(ListenerError::Closed)));
+        }
+        loop {
+            let ping_at = self.last_heard + LISTENER_HEARTBEAT;
+            let received = tokio::select! {
+                received = self.notifications.recv() => received,
+                () = tokio::time::sleep_until(ping_at) => {
+                    // Quiet for a while: make sure the connection still
+                    // answers, while still taking a notification that
+                    // arrives meanwhile.
+                    let give_up_at = ping_at + LISTENER_HEARTBEAT_TIMEOUT;
+                    tokio::select! {
+                        received = self.notifications.recv() => received,
+                        answer = tokio::time::timeout_at(give_up_at, self.client.simple_query("")) => {
+                            match answer {
+                                Ok(Ok(_)) => {
+                                    self.last_heard = Instant::now();
+                                    continue;
+                                }
+                                // The connection failed; the task's reason
+                                // is the better message.
+                                Ok(Err(_)) => None,
+                                Err(_) => {
+                                    let silent = StoreError::Unavailable(Box::new(ListenerError::Silent));
+                                    return Err(self.fail(Some(silent)).await);
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            return match received {
+                Some(payload) => {
+                    self.last_heard = Instant::now();
+                    match parse_notification(&payload) {
+                        Ok(change) => Ok(change),
+                        Err(e) => Err(self.fail(Some(e)).await),
+                    }
+                }
+                None => Err(self.fail(None).await),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notification_payloads_round_trip() {
+        let prefix: KeyPrefix = "vlk_AbCd0123".parse().unwrap();
+        let payload = notification_payload(42, &prefix);
+        assert_eq!(payload, "42:vlk_AbCd0123");
+        assert_eq!(parse_notification(&payload).unwrap(), (42, prefix));
+    }
+
+    #[test]
+    fn a_malformed_notification_is_an_internal_error() {
+        for payload in [
+            "",
+            "vlk_AbCd0123",
+            "x:vlk_AbCd0123",
+            "42:",
+            "42:not-a-prefix",
+            ":vlk_AbCd0123",
+        ] {
+            let err = parse_notification(payload).unwrap_err();
+            assert!(
+                matches!(err, StoreError::Internal(..)),
+                "{payload:?}: {err:?}"
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! the cap check and the insert it guards cannot interleave with another
 //! writer, even one in another process (e.g. `vilvik-keys bootstrap`).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -235,6 +236,59 @@ fn check_room(
     rules::check_quota(tier, limits, active)
 }
 
+/// Writes a new key, its first secret, its `created` event and its change.
+/// Statements are cached: [`Store::import_keys`] runs this per key.
+fn insert_new_key(tx: &Transaction<'_>, new: &NewKey, actor: &Actor) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO keys (key_id, account_id, name, description, scopes, prefix, created_at, expires_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .map_err(map_err)?
+    .execute(params![
+        new.key_id.as_str(),
+        new.account_id.as_str(),
+        new.name.as_str(),
+        new.description.as_str(),
+        scopes_json(&new.scopes),
+        new.prefix.as_str(),
+        to_micros(new.created_at),
+        new.expires_at.map(to_micros),
+    ])
+    .map_err(map_err)?;
+    insert_secret(tx, &new.prefix, &new.key_id, &new.hash, new.created_at)?;
+    insert_audit(
+        tx,
+        &new.account_id,
+        Some(&new.key_id),
+        AuditAction::Created,
+        actor,
+        new.created_at,
+        &rules::created_changes(new),
+    )?;
+    publish_change(tx, &new.prefix, new.created_at)
+}
+
+fn insert_secret(
+    tx: &Transaction<'_>,
+    prefix: &KeyPrefix,
+    key_id: &KeyId,
+    hash: &SecretHash,
+    at: OffsetDateTime,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO key_secrets (prefix, key_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .map_err(map_err)?
+    .execute(params![
+        prefix.as_str(),
+        key_id.as_str(),
+        &hash.as_bytes()[..],
+        to_micros(at)
+    ])
+    .map_err(map_err)?;
+    Ok(())
+}
+
 fn insert_audit(
     tx: &Transaction<'_>,
     account: &AccountId,
@@ -245,30 +299,41 @@ fn insert_audit(
     changes: &[FieldChange],
 ) -> Result<()> {
     let changes = serde_json::to_string(changes).expect("field changes serialize");
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO audit_events (account_id, key_id, action, actor, actor_ip, at, changes) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            account.as_str(),
-            key_id.map(KeyId::as_str),
-            action.as_str(),
-            actor.name,
-            actor.ip,
-            to_micros(at),
-            changes
-        ],
     )
+    .map_err(map_err)?
+    .execute(params![
+        account.as_str(),
+        key_id.map(KeyId::as_str),
+        action.as_str(),
+        actor.name,
+        actor.ip,
+        to_micros(at),
+        changes
+    ])
     .map_err(map_err)?;
     Ok(())
 }
 
 fn publish_change(tx: &Transaction<'_>, prefix: &KeyPrefix, at: OffsetDateTime) -> Result<()> {
-    tx.execute(
-        "INSERT INTO key_changes (prefix, at) VALUES (?1, ?2)",
-        params![prefix.as_str(), to_micros(at)],
-    )
-    .map_err(map_err)?;
+    tx.prepare_cached("INSERT INTO key_changes (prefix, at) VALUES (?1, ?2)")
+        .map_err(map_err)?
+        .execute(params![prefix.as_str(), to_micros(at)])
+        .map_err(map_err)?;
     Ok(())
+}
+
+/// Reads `s.hash, s.superseded_at` and then [`KEY_COLUMNS`], from `offset`.
+fn secret_from_row(row: &Row<'_>, offset: usize) -> Result<SecretRecord> {
+    let hash: Vec<u8> = row.get(offset).map_err(map_err)?;
+    Ok(SecretRecord {
+        hash: SecretHash::from_slice(&hash)
+            .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
+        superseded_at: opt_from_micros(row.get(offset + 1).map_err(map_err)?)?,
+        key: key_from_row(row, offset + 2)?,
+    })
 }
 
 fn page<T>(mut items: Vec<(i64, T)>, limit: u32) -> Page<T> {
@@ -324,42 +389,9 @@ impl Store for SqliteStore {
         let actor = actor.clone();
         self.write(move |tx| {
             check_room(tx, &new.account_id, new.created_at, limits)?;
-            tx.execute(
-                "INSERT INTO keys (key_id, account_id, name, description, scopes, prefix, created_at, expires_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    new.key_id.as_str(),
-                    new.account_id.as_str(),
-                    new.name.as_str(),
-                    new.description.as_str(),
-                    scopes_json(&new.scopes),
-                    new.prefix.as_str(),
-                    to_micros(new.created_at),
-                    new.expires_at.map(to_micros),
-                ],
-            )
-            .map_err(map_err)?;
-            tx.execute(
-                "INSERT INTO key_secrets (prefix, key_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    new.prefix.as_str(),
-                    new.key_id.as_str(),
-                    &new.hash.as_bytes()[..],
-                    to_micros(new.created_at)
-                ],
-            )
-            .map_err(map_err)?;
-            insert_audit(
-                tx,
-                &new.account_id,
-                Some(&new.key_id),
-                AuditAction::Created,
-                &actor,
-                new.created_at,
-                &rules::created_changes(&new),
-            )?;
-            publish_change(tx, &new.prefix, new.created_at)?;
-            load_key(tx, &new.account_id, &new.key_id)?.ok_or_else(|| StoreError::internal("created key vanished"))
+            insert_new_key(tx, &new, &actor)?;
+            load_key(tx, &new.account_id, &new.key_id)?
+                .ok_or_else(|| StoreError::internal("created key vanished"))
         })
         .await
     }
@@ -463,21 +495,26 @@ impl Store for SqliteStore {
                 params![to_micros(now), before.prefix.as_str()],
             )
             .map_err(map_err)?;
-            tx.execute(
-                "INSERT INTO key_secrets (prefix, key_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![prefix.as_str(), key_id.as_str(), &hash.as_bytes()[..], to_micros(now)],
-            )
-            .map_err(map_err)?;
+            insert_secret(tx, &prefix, &key_id, &hash, now)?;
             tx.execute(
                 "UPDATE keys SET prefix = ?1, rotated_at = ?2 WHERE key_id = ?3",
                 params![prefix.as_str(), to_micros(now), key_id.as_str()],
             )
             .map_err(map_err)?;
             let changes = rules::rotated_changes(&before.prefix, &prefix);
-            insert_audit(tx, &account, Some(&key_id), AuditAction::Rotated, &actor, now, &changes)?;
+            insert_audit(
+                tx,
+                &account,
+                Some(&key_id),
+                AuditAction::Rotated,
+                &actor,
+                now,
+                &changes,
+            )?;
             publish_change(tx, &before.prefix, now)?;
             publish_change(tx, &prefix, now)?;
-            load_key(tx, &account, &key_id)?.ok_or_else(|| StoreError::internal("rotated key vanished"))
+            load_key(tx, &account, &key_id)?
+                .ok_or_else(|| StoreError::internal("rotated key vanished"))
         })
         .await
     }
@@ -632,17 +669,7 @@ impl Store for SqliteStore {
                  JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = ?1"
             ))
             .map_err(map_err)?
-            .query_row([prefix.as_str()], |row| {
-                Ok((|| {
-                    let hash: Vec<u8> = row.get(0).map_err(map_err)?;
-                    Ok(SecretRecord {
-                        hash: SecretHash::from_slice(&hash)
-                            .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
-                        superseded_at: opt_from_micros(row.get(1).map_err(map_err)?)?,
-                        key: key_from_row(row, 2)?,
-                    })
-                })())
-            })
+            .query_row([prefix.as_str()], |row| Ok(secret_from_row(row, 0)))
             .optional()
             .map_err(map_err)?
             .transpose()
@@ -707,19 +734,85 @@ impl Store for SqliteStore {
         .await
     }
 
+    /// Always `None`. SQLite has no way to tell one connection, let alone
+    /// another process, that a transaction committed, and an in-process
+    /// broadcast would miss writes from other processes on the same file
+    /// (e.g. `vilvik-keys bootstrap` while the server runs). The change
+    /// log is the one complete source: followers poll
+    /// [`Store::changes_since`], an indexed read of the `key_changes`
+    /// primary key that costs nothing when nothing changed.
     async fn listen(&self) -> Result<Option<Box<dyn crate::ChangeListener>>> {
         Ok(None)
     }
 
     async fn scan_secrets(
         &self,
-        _after: Option<&KeyPrefix>,
-        _limit: u32,
+        after: Option<&KeyPrefix>,
+        limit: u32,
     ) -> Result<Vec<(KeyPrefix, SecretRecord)>> {
-        Err(StoreError::internal("scan_secrets is not built yet"))
+        // Every prefix sorts after the empty string.
+        let after = after.map_or_else(String::new, |p| p.as_str().to_owned());
+        self.read(move |conn| {
+            // A range scan of the key_secrets primary key index, in its
+            // (binary) order: each page costs its own rows.
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT s.prefix, s.hash, s.superseded_at, {KEY_COLUMNS} FROM key_secrets s \
+                     JOIN keys k ON k.key_id = s.key_id \
+                     WHERE s.prefix > ?1 ORDER BY s.prefix LIMIT ?2"
+                ))
+                .map_err(map_err)?;
+            let mut rows = stmt
+                .query(params![after, i64::from(limit)])
+                .map_err(map_err)?;
+            let mut items = Vec::new();
+            while let Some(row) = rows.next().map_err(map_err)? {
+                let prefix: String = row.get(0).map_err(map_err)?;
+                let prefix = prefix
+                    .parse()
+                    .map_err(|e: vilvik_keys_domain::KeyFormatError| {
+                        corrupt("secret prefix")(e.to_string())
+                    })?;
+                items.push((prefix, secret_from_row(row, 1)?));
+            }
+            Ok(items)
+        })
+        .await
     }
 
-    async fn import_keys(&self, _keys: Vec<NewKey>, _actor: &Actor) -> Result<()> {
-        Err(StoreError::internal("import_keys is not built yet"))
+    /// One `BEGIN IMMEDIATE` transaction and the same cached statements as
+    /// `create_key`, minus the cap check.
+    async fn import_keys(&self, keys: Vec<NewKey>, actor: &Actor) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let actor = actor.clone();
+        self.write(move |tx| {
+            // Each account once, created as of its earliest imported key.
+            let mut accounts: BTreeMap<&str, OffsetDateTime> = BTreeMap::new();
+            for key in &keys {
+                accounts
+                    .entry(key.account_id.as_str())
+                    .and_modify(|at| *at = (*at).min(key.created_at))
+                    .or_insert(key.created_at);
+            }
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO accounts (account_id, tier, created_at) VALUES (?1, 'free', ?2) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .map_err(map_err)?;
+                for (account, at) in accounts {
+                    stmt.execute(params![account, to_micros(at)])
+                        .map_err(map_err)?;
+                }
+            }
+            for key in &keys {
+                insert_new_key(tx, key, &actor)?;
+            }
+            Ok(())
+        })
+        .await
     }
 }

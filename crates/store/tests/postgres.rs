@@ -58,13 +58,16 @@ async fn listen(url: &str) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<S
     (client, rx)
 }
 
+/// The next payload's prefix; the payload is `<seq>:<prefix>`, read here
+/// by hand as any other tool on the channel would.
 async fn next(rx: &mut mpsc::UnboundedReceiver<String>) -> KeyPrefix {
-    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+    let payload = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("a notification within 5 s")
-        .expect("the listener is running")
-        .parse()
-        .unwrap()
+        .expect("the listener is running");
+    let (seq, prefix) = payload.split_once(':').expect("<seq>:<prefix>");
+    assert!(seq.parse::<i64>().unwrap() > 0, "{payload}");
+    prefix.parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
