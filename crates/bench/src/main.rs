@@ -1,0 +1,77 @@
+//! `vilvik-keys-bench`: the tools behind `bench/run.sh` (see `BENCHMARKS.md`).
+//!
+//! - `seed` fills a store with many keys through `Store::import_keys`, the
+//!   way the service connects (`DATABASE_URL`, else `VILVIK_KEYS_SQLITE_PATH`),
+//!   and writes their secrets to a file: a benchmark artifact, mode 0600,
+//!   never to be used outside a throw-away database.
+//! - `bodies` writes gRPC-framed request bodies for h2load.
+//! - `h2log` turns h2load `--log-file` output into percentiles.
+//! - `probe` waits until a key is answered VALID (start-up time).
+//! - `miss` drives the miss path: real keys not yet cached, and random
+//!   well-formed keys with unknown prefixes.
+//! - `propagation` revokes keys through the admin node and polls every
+//!   verify node until each rejects them.
+//!
+//! Every load this tool makes targets the addresses it is given; `run.sh`
+//! gives it only 127.0.0.1. Every loop is bounded in count and time.
+#![forbid(unsafe_code)]
+
+mod bodies;
+mod client;
+mod h2log;
+mod miss;
+mod probe;
+mod propagation;
+mod seed;
+mod stats;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vilvik-keys-bench",
+    version,
+    about = "Benchmark tools for vilvik-keys (see BENCHMARKS.md)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Import N generated keys straight into the store and write their secrets to a file.
+    Seed(seed::SeedArgs),
+    /// Write gRPC-framed VerifyKey and health-check request bodies for h2load.
+    Bodies(bodies::BodiesArgs),
+    /// Percentiles and status counts from h2load --log-file files.
+    H2log(h2log::H2logArgs),
+    /// Wait until a key is answered VALID; print when.
+    Probe(probe::ProbeArgs),
+    /// Rate and latency of verifies that miss the cache.
+    Miss(miss::MissArgs),
+    /// Revoke keys through the admin node and time until every verify node rejects them.
+    Propagation(propagation::PropagationArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Seed(args) => seed::run(args).await,
+        Command::Bodies(args) => bodies::run(args),
+        Command::H2log(args) => h2log::run(args),
+        Command::Probe(args) => probe::run(args).await,
+        Command::Miss(args) => miss::run(args).await,
+        Command::Propagation(args) => propagation::run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
