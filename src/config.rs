@@ -17,6 +17,12 @@
 //! | log_format               | VILVIK_KEYS_LOG_FORMAT               | pretty (or json)     |
 //! | shutdown_grace_ms        | VILVIK_KEYS_SHUTDOWN_GRACE_MS        | 10000                |
 //! | request_timeout_ms       | VILVIK_KEYS_REQUEST_TIMEOUT_MS       | 5000                 |
+//! | staleness_bound_ms       | VILVIK_KEYS_STALENESS_BOUND_MS       | 30000 (0 = fail closed) |
+//! | negative_cache_ttl_ms    | VILVIK_KEYS_NEGATIVE_CACHE_TTL_MS    | 2000                 |
+//! | consistency_check_ms     | VILVIK_KEYS_CONSISTENCY_CHECK_MS     | 1000                 |
+//! | change_poll_ms           | VILVIK_KEYS_CHANGE_POLL_MS           | 50 (SQLite only)     |
+//! | preload                  | VILVIK_KEYS_PRELOAD                  | false                |
+//! | verify_concurrency_limit | VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT | 1024                 |
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -51,6 +57,16 @@ pub struct Config {
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
     pub request_timeout: Duration,
+    /// How long cached keys stay trusted while the change feed is down.
+    pub staleness_bound: Duration,
+    pub negative_cache_ttl: Duration,
+    pub consistency_check_interval: Duration,
+    pub change_poll_interval: Duration,
+    /// Load every key into memory at start.
+    pub preload: bool,
+    /// Verify requests in progress at once, over all connections; more are
+    /// refused at once with RESOURCE_EXHAUSTED rather than queued.
+    pub verify_concurrency_limit: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -74,6 +90,15 @@ impl std::fmt::Debug for Config {
             .field("log_format", &self.log_format)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("request_timeout", &self.request_timeout)
+            .field("staleness_bound", &self.staleness_bound)
+            .field("negative_cache_ttl", &self.negative_cache_ttl)
+            .field(
+                "consistency_check_interval",
+                &self.consistency_check_interval,
+            )
+            .field("change_poll_interval", &self.change_poll_interval)
+            .field("preload", &self.preload)
+            .field("verify_concurrency_limit", &self.verify_concurrency_limit)
             .finish()
     }
 }
@@ -93,6 +118,12 @@ impl Default for Config {
             log_format: LogFormat::Pretty,
             shutdown_grace: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
+            staleness_bound: Duration::from_secs(30),
+            negative_cache_ttl: Duration::from_secs(2),
+            consistency_check_interval: Duration::from_secs(1),
+            change_poll_interval: Duration::from_millis(50),
+            preload: false,
+            verify_concurrency_limit: 1024,
         }
     }
 }
@@ -114,6 +145,12 @@ struct FileConfig {
     log_format: Option<String>,
     shutdown_grace_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
+    staleness_bound_ms: Option<u64>,
+    negative_cache_ttl_ms: Option<u64>,
+    consistency_check_ms: Option<u64>,
+    change_poll_ms: Option<u64>,
+    preload: Option<bool>,
+    verify_concurrency_limit: Option<u32>,
 }
 
 /// A configuration problem, naming the setting and what is wrong with it.
@@ -229,6 +266,56 @@ impl Config {
         ) {
             config.request_timeout = parse_millis(&name, &v)?;
         }
+        for (env_name, from_file, target) in [
+            (
+                "VILVIK_KEYS_STALENESS_BOUND_MS",
+                file.staleness_bound_ms,
+                &mut config.staleness_bound,
+            ),
+            (
+                "VILVIK_KEYS_NEGATIVE_CACHE_TTL_MS",
+                file.negative_cache_ttl_ms,
+                &mut config.negative_cache_ttl,
+            ),
+            (
+                "VILVIK_KEYS_CONSISTENCY_CHECK_MS",
+                file.consistency_check_ms,
+                &mut config.consistency_check_interval,
+            ),
+            (
+                "VILVIK_KEYS_CHANGE_POLL_MS",
+                file.change_poll_ms,
+                &mut config.change_poll_interval,
+            ),
+        ] {
+            if let Some((name, v)) = pick(env_name, from_file.map(|n| n.to_string())) {
+                *target = parse_millis(&name, &v)?;
+            }
+        }
+        for (name, interval) in [
+            ("consistency_check_ms", config.consistency_check_interval),
+            ("change_poll_ms", config.change_poll_interval),
+        ] {
+            if interval.is_zero() {
+                return Err(invalid(name, "must be at least 1 millisecond"));
+            }
+        }
+        if let Some((name, v)) = pick("VILVIK_KEYS_PRELOAD", file.preload.map(|b| b.to_string())) {
+            config.preload = match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => return Err(invalid(&name, format!("'{other}' is not true or false"))),
+            };
+        }
+        if let Some((name, v)) = pick(
+            "VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT",
+            file.verify_concurrency_limit.map(|n| n.to_string()),
+        ) {
+            config.verify_concurrency_limit = parse_number(&name, &v)? as usize;
+            if config.verify_concurrency_limit == 0 {
+                return Err(invalid(&name, "must be at least 1"));
+            }
+        }
         if let Some((name, v)) = pick(
             "VILVIK_KEYS_TRUSTED_PROXIES",
             file.trusted_proxies.map(|list| list.join(",")),
@@ -294,6 +381,12 @@ const KNOWN_VARIABLES: &[&str] = &[
     "VILVIK_KEYS_LOG_FORMAT",
     "VILVIK_KEYS_SHUTDOWN_GRACE_MS",
     "VILVIK_KEYS_REQUEST_TIMEOUT_MS",
+    "VILVIK_KEYS_STALENESS_BOUND_MS",
+    "VILVIK_KEYS_NEGATIVE_CACHE_TTL_MS",
+    "VILVIK_KEYS_CONSISTENCY_CHECK_MS",
+    "VILVIK_KEYS_CHANGE_POLL_MS",
+    "VILVIK_KEYS_PRELOAD",
+    "VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT",
     "VILVIK_KEYS_CONFIG",
     "VILVIK_KEYS_TOKEN",
     "VILVIK_KEYS_ADDR",

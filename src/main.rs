@@ -29,6 +29,9 @@ enum Command {
         /// Which listeners to serve; verify nodes scale out on their own.
         #[arg(long, value_enum, default_value_t = Role::All)]
         role: Role,
+        /// Load every key into memory before serving (same as VILVIK_KEYS_PRELOAD=true).
+        #[arg(long)]
+        preload: bool,
         /// TOML configuration file; environment variables win over it.
         #[arg(long, env = "VILVIK_KEYS_CONFIG")]
         config: Option<PathBuf>,
@@ -85,8 +88,13 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { role, config } => {
-            let config = load_config(config)?;
+        Command::Serve {
+            role,
+            preload,
+            config,
+        } => {
+            let mut config = load_config(config)?;
+            config.preload |= preload;
             let app = Application::build(config, role).await?;
             app.run_until(shutdown_signal()).await
         }

@@ -13,7 +13,9 @@ use tonic::server::NamedService;
 use tonic::transport::Server;
 use vilvik_keys_domain::{Clock, SystemClock};
 use vilvik_keys_store::Store;
-use vilvik_keys_verify::{UsageConfig, UsageRecorder, Verifier};
+use vilvik_keys_verify::{
+    CacheConfig, FeedConfig, UsageConfig, UsageRecorder, Verifier, VerifierConfig,
+};
 
 use crate::config::Config;
 use crate::proto::{self, key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer};
@@ -39,6 +41,7 @@ pub struct Application {
     admin: Option<(TcpListener, AdminService)>,
     verify: Option<(TcpListener, VerifyService)>,
     usage: UsageRecorder,
+    verifier: Verifier,
     config: Config,
 }
 
@@ -62,7 +65,38 @@ impl Application {
                 ..UsageConfig::default()
             },
         );
-        let verifier = Verifier::new(store.clone(), clock.clone(), usage.clone());
+        let verifier = Verifier::new(
+            store.clone(),
+            clock.clone(),
+            usage.clone(),
+            VerifierConfig {
+                cache: CacheConfig {
+                    negative_ttl: config.negative_cache_ttl,
+                    ..CacheConfig::default()
+                },
+                feed: FeedConfig {
+                    staleness_bound: config.staleness_bound,
+                    consistency_check_interval: config.consistency_check_interval,
+                    poll_interval: config.change_poll_interval,
+                    ..FeedConfig::default()
+                },
+            },
+        );
+        // Where the change log stands before anything is cached: the
+        // follower starts from here.
+        verifier
+            .mark_change_log_position()
+            .await
+            .context("cannot read the change log")?;
+        if config.preload && role != Role::Admin {
+            let started = std::time::Instant::now();
+            let loaded = verifier.preload().await.context("cannot preload keys")?;
+            tracing::info!(
+                keys.loaded = loaded,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "preloaded keys into memory"
+            );
+        }
 
         let verify = match role {
             Role::All | Role::Verify => Some((
@@ -84,8 +118,9 @@ impl Application {
                 AdminService {
                     store: store.clone(),
                     clock,
+                    verifier: verifier.clone(),
                     auth: Authenticator::new(
-                        verifier,
+                        verifier.clone(),
                         config.operator_token.clone(),
                         config.trusted_proxies.clone(),
                     ),
@@ -99,6 +134,7 @@ impl Application {
             admin,
             verify,
             usage,
+            verifier,
             config,
         })
     }
@@ -165,8 +201,15 @@ impl Application {
             let addr = listener.local_addr()?;
             let (reflection_v1, reflection_v1alpha) =
                 reflection(<KeyVerifyServer<VerifyService> as NamedService>::NAME)?;
+            // Fail fast when saturated instead of queueing without bound.
             let router = Server::builder()
                 .timeout(self.config.request_timeout)
+                .load_shed(true)
+                .layer(tower::ServiceBuilder::new().load_shed().layer(
+                    tower::limit::GlobalConcurrencyLimitLayer::new(
+                        self.config.verify_concurrency_limit,
+                    ),
+                ))
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -178,6 +221,10 @@ impl Application {
                 router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()),
             );
         }
+
+        let verifier = self.verifier.clone();
+        let follower_stop = stopped();
+        let follower = tokio::spawn(async move { verifier.follow_changes(follower_stop).await });
 
         let usage = self.usage.clone();
         let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel::<()>();
@@ -208,6 +255,7 @@ impl Application {
             );
             servers.abort_all();
         }
+        let _ = follower.await;
         // Every verify has finished: flush what they recorded.
         let _ = flushed_tx.send(());
         usage_task.await.context("usage flusher panicked")?;

@@ -12,6 +12,8 @@ use vilvik_keys_domain::{
 };
 use vilvik_keys_store::{KeyChanges, KeyRecord, NewKey, Store, StoreError};
 
+use vilvik_keys_verify::Verifier;
+
 use super::auth::{Authenticator, Caller};
 use super::convert;
 use super::error::ApiError;
@@ -26,6 +28,8 @@ const MAX_ID_ATTEMPTS: usize = 3;
 pub struct AdminService {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
+    /// This node's verify engine, told of each change as soon as it commits.
+    pub verifier: Verifier,
     pub auth: Authenticator,
     pub limits: TierLimits,
     /// The verify address printed in smoke-test commands.
@@ -151,6 +155,7 @@ impl KeyAdmin for AdminService {
             };
             match self.store.create_key(new, &caller.actor, self.limits).await {
                 Ok(record) => {
+                    self.verifier.invalidate(&record.prefix);
                     tracing::info!(key.id = %record.key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key created");
                     return Ok(Response::new(proto::CreateKeyResponse {
                         key: Some(self.key(record)),
@@ -253,6 +258,7 @@ impl KeyAdmin for AdminService {
             )
             .await
             .map_err(|e| self.change_error(&caller, &key_id, e))?;
+        self.verifier.invalidate(&record.prefix);
         tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, fields = ?paths, "key updated");
         Ok(Response::new(self.key(record)))
     }
@@ -264,6 +270,14 @@ impl KeyAdmin for AdminService {
         let caller = self.auth.caller(&request).await?;
         let key_id = parse_key_id(&request.get_ref().key_id)?;
         let now = self.clock.now();
+        // The secret being replaced, to evict from this node's cache.
+        let previous = self
+            .store
+            .get_key(&caller.account, &key_id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::key_not_found(&key_id))?
+            .prefix;
         for _ in 0..MAX_ID_ATTEMPTS {
             let secret = GeneratedKey::generate();
             match self
@@ -279,6 +293,8 @@ impl KeyAdmin for AdminService {
                 .await
             {
                 Ok(record) => {
+                    self.verifier.invalidate(&previous);
+                    self.verifier.invalidate(&record.prefix);
                     tracing::info!(key.id = %key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key rotated");
                     return Ok(Response::new(proto::RotateKeyResponse {
                         key: Some(self.key(record)),
@@ -319,6 +335,7 @@ impl KeyAdmin for AdminService {
             )
             .await
             .map_err(|e| self.change_error(&caller, &key_id, e))?;
+        self.verifier.invalidate(&record.prefix);
         tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, "key revoked");
         Ok(Response::new(self.key(record)))
     }
