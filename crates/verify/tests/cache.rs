@@ -1,0 +1,477 @@
+//! The in-memory index and the change-log follower, against a real SQLite
+//! store wrapped so that the test can count its lookups and cut it off.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use vilvik_keys_domain::{
+    AccountId, Clock, GeneratedKey, KeyId, KeyPrefix, ManualClock, ScopeSet, SecretHash, Tier,
+    TierLimits,
+};
+use vilvik_keys_store::{
+    Account, Actor, AuditEvent, ChangeListener, KeyChanges, KeyRecord, NewKey, Page, Result,
+    SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
+};
+use vilvik_keys_verify::{
+    CacheConfig, FeedConfig, UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig,
+};
+
+/// A real store whose lookups are counted and which the test can take
+/// down: the change feed alone (`feed_down`) or every read (`store_down`).
+#[derive(Debug)]
+struct Instrumented {
+    inner: Arc<dyn Store>,
+    finds: AtomicUsize,
+    find_delay: Duration,
+    feed_down: AtomicBool,
+    store_down: AtomicBool,
+}
+
+fn down() -> StoreError {
+    StoreError::Unavailable("taken down by the test".into())
+}
+
+#[async_trait]
+impl Store for Instrumented {
+    async fn migrate(&self) -> Result<usize> {
+        self.inner.migrate().await
+    }
+    async fn create_key(
+        &self,
+        new: NewKey,
+        actor: &Actor,
+        limits: TierLimits,
+    ) -> Result<KeyRecord> {
+        self.inner.create_key(new, actor, limits).await
+    }
+    async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>> {
+        self.inner.get_key(account, key_id).await
+    }
+    async fn list_keys(
+        &self,
+        account: &AccountId,
+        include_revoked: bool,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<KeyRecord>> {
+        self.inner
+            .list_keys(account, include_revoked, after, limit)
+            .await
+    }
+    async fn update_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        changes: KeyChanges,
+        actor: &Actor,
+        now: OffsetDateTime,
+        limits: TierLimits,
+    ) -> Result<KeyRecord> {
+        self.inner
+            .update_key(account, key_id, changes, actor, now, limits)
+            .await
+    }
+    async fn rotate_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        prefix: &KeyPrefix,
+        hash: SecretHash,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<KeyRecord> {
+        self.inner
+            .rotate_key(account, key_id, prefix, hash, actor, now)
+            .await
+    }
+    async fn revoke_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        reason: &str,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<KeyRecord> {
+        self.inner
+            .revoke_key(account, key_id, reason, actor, now)
+            .await
+    }
+    async fn list_audit_events(
+        &self,
+        account: &AccountId,
+        key_id: Option<&KeyId>,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<AuditEvent>> {
+        self.inner
+            .list_audit_events(account, key_id, after, limit)
+            .await
+    }
+    async fn get_account(&self, account: &AccountId) -> Result<Account> {
+        self.inner.get_account(account).await
+    }
+    async fn set_tier(
+        &self,
+        account: &AccountId,
+        tier: Tier,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Account> {
+        self.inner.set_tier(account, tier, actor, now).await
+    }
+    async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
+        self.finds.fetch_add(1, Ordering::SeqCst);
+        if self.store_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        tokio::time::sleep(self.find_delay).await;
+        self.inner.find_secret(prefix).await
+    }
+    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
+        self.inner.record_usage(usage).await
+    }
+    async fn change_sequence(&self) -> Result<i64> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.change_sequence().await
+    }
+    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.changes_since(seq, limit).await
+    }
+    async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.listen().await
+    }
+    async fn scan_secrets(
+        &self,
+        after: Option<&KeyPrefix>,
+        limit: u32,
+    ) -> Result<Vec<(KeyPrefix, SecretRecord)>> {
+        self.inner.scan_secrets(after, limit).await
+    }
+    async fn import_keys(&self, keys: Vec<NewKey>, actor: &Actor) -> Result<()> {
+        self.inner.import_keys(keys, actor).await
+    }
+}
+
+struct Node {
+    store: Arc<Instrumented>,
+    clock: Arc<ManualClock>,
+    verifier: Verifier,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const BOUND: Duration = Duration::from_secs(30);
+
+async fn node(find_delay: Duration, staleness_bound: Duration) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+    inner.migrate().await.unwrap();
+    let store = Arc::new(Instrumented {
+        inner,
+        finds: AtomicUsize::new(0),
+        find_delay,
+        feed_down: AtomicBool::new(false),
+        store_down: AtomicBool::new(false),
+    });
+    let clock = Arc::new(ManualClock::new(
+        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+    ));
+    let usage = UsageRecorder::new(store.clone(), UsageConfig::default());
+    let verifier = Verifier::new(
+        store.clone(),
+        clock.clone(),
+        usage,
+        VerifierConfig {
+            cache: CacheConfig {
+                negative_ttl: Duration::from_millis(200),
+                ..CacheConfig::default()
+            },
+            feed: FeedConfig {
+                staleness_bound,
+                consistency_check_interval: Duration::from_millis(100),
+                poll_interval: Duration::from_millis(20),
+                retry_interval: Duration::from_millis(20),
+            },
+        },
+    );
+    verifier.mark_change_log_position().await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let follower = verifier.clone();
+    tokio::spawn(async move {
+        follower
+            .follow_changes(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let node = Node {
+        store,
+        clock,
+        verifier,
+        stop: Some(stop),
+        path,
+        _dir: dir,
+    };
+    assert!(eventually(|| node.verifier.feed_health().following()).await);
+    node
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn actor() -> Actor {
+    Actor {
+        name: "test".into(),
+        ip: None,
+    }
+}
+
+fn account() -> AccountId {
+    "ACME".parse().unwrap()
+}
+
+impl Node {
+    async fn create(&self) -> (KeyId, GeneratedKey) {
+        let secret = GeneratedKey::generate();
+        (self.create_with(&secret).await, secret)
+    }
+
+    async fn create_with(&self, secret: &GeneratedKey) -> KeyId {
+        let new = NewKey {
+            key_id: KeyId::generate(),
+            account_id: account(),
+            name: "ci-runner".parse().unwrap(),
+            description: Default::default(),
+            scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
+            expires_at: None,
+            prefix: secret.prefix().clone(),
+            hash: secret.hash(),
+            created_at: self.clock.now(),
+        };
+        let limits = TierLimits {
+            free: 1000,
+            premium: 1000,
+        };
+        self.store
+            .create_key(new, &actor(), limits)
+            .await
+            .unwrap()
+            .key_id
+    }
+
+    async fn verify(&self, key: &GeneratedKey) -> Result<Verdict> {
+        self.verifier.verify(key.expose_secret(), &[], None).await
+    }
+
+    fn finds(&self) -> usize {
+        self.store.finds.load(Ordering::SeqCst)
+    }
+}
+
+async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_hit_touches_no_store() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let (_, key) = node.create().await;
+    assert!(node.verify(&key).await.unwrap().is_valid());
+    assert_eq!(node.finds(), 1);
+    node.store.store_down.store(true, Ordering::SeqCst);
+    for _ in 0..1_000 {
+        assert!(node.verify(&key).await.unwrap().is_valid());
+    }
+    assert_eq!(
+        node.finds(),
+        1,
+        "every later verify was answered from memory"
+    );
+    assert_eq!(node.verifier.cached_secrets(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_for_one_prefix_share_one_load() {
+    let node = Arc::new(node(Duration::from_millis(100), BOUND).await);
+    let (_, key) = node.create().await;
+    let key = Arc::new(key);
+    let mut verifies = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let (node, key) = (node.clone(), key.clone());
+        verifies.spawn(async move { node.verify(&key).await.unwrap().is_valid() });
+    }
+    while let Some(valid) = verifies.join_next().await {
+        assert!(valid.unwrap());
+    }
+    assert_eq!(node.finds(), 1);
+}
+
+#[tokio::test]
+async fn unknown_prefixes_are_remembered_briefly() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let stranger = GeneratedKey::generate();
+    for _ in 0..20 {
+        assert_eq!(node.verify(&stranger).await.unwrap(), Verdict::NotFound);
+    }
+    assert_eq!(
+        node.finds(),
+        1,
+        "a flood of one unknown key costs one lookup"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(node.verify(&stranger).await.unwrap(), Verdict::NotFound);
+    assert_eq!(node.finds(), 2, "the negative entry expired");
+}
+
+#[tokio::test]
+async fn a_key_created_after_its_prefix_was_cached_as_unknown_is_found() {
+    // A long negative TTL: only the creation's change-log entry can evict it.
+    let node = node(Duration::ZERO, BOUND).await;
+    let key = GeneratedKey::generate();
+    assert_eq!(node.verify(&key).await.unwrap(), Verdict::NotFound);
+    node.create_with(&key).await;
+    let mut found = false;
+    for _ in 0..15 {
+        if node.verify(&key).await.unwrap().is_valid() {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(found, "the negative entry outlived the key's creation");
+}
+
+#[tokio::test]
+async fn changes_by_another_writer_are_evicted_by_the_follower() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let (key_id, key) = node.create().await;
+    assert!(node.verify(&key).await.unwrap().is_valid());
+    // Another process on the same database file revokes the key.
+    let other = SqliteStore::open(&node.path).await.unwrap();
+    other
+        .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
+        .await
+        .unwrap();
+    let mut revoked = false;
+    for _ in 0..100 {
+        if matches!(node.verify(&key).await.unwrap(), Verdict::Revoked(_)) {
+            revoked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        revoked,
+        "the follower did not evict the revoked key within 1 s"
+    );
+}
+
+#[tokio::test]
+async fn changes_missed_while_the_feed_was_down_are_caught_up() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let (key_id, key) = node.create().await;
+    assert!(node.verify(&key).await.unwrap().is_valid());
+    node.store.feed_down.store(true, Ordering::SeqCst);
+    assert!(eventually(|| !node.verifier.feed_health().following()).await);
+    node.store
+        .inner
+        .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
+        .await
+        .unwrap();
+    // Within the bound the cached answer stands: the node cannot know.
+    assert!(node.verify(&key).await.unwrap().is_valid());
+    node.store.feed_down.store(false, Ordering::SeqCst);
+    assert!(eventually(|| node.verifier.feed_health().following()).await);
+    assert!(matches!(
+        node.verify(&key).await.unwrap(),
+        Verdict::Revoked(_)
+    ));
+}
+
+#[tokio::test]
+async fn past_the_staleness_bound_cached_entries_are_not_trusted() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let (key_id, key) = node.create().await;
+    assert!(node.verify(&key).await.unwrap().is_valid());
+
+    // The feed and the database go down together, as in an outage.
+    node.store.feed_down.store(true, Ordering::SeqCst);
+    node.store.store_down.store(true, Ordering::SeqCst);
+    assert!(eventually(|| !node.verifier.feed_health().following()).await);
+    node.clock.advance(time::Duration::seconds(29));
+    assert!(
+        node.verify(&key).await.unwrap().is_valid(),
+        "within the bound a database outage costs no availability"
+    );
+    node.clock.advance(time::Duration::seconds(2));
+    let err = node.verify(&key).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+
+    // The database is back but the feed is not: answers come fresh from the
+    // store, so a revocation the node missed is honoured.
+    node.store.store_down.store(false, Ordering::SeqCst);
+    node.store
+        .inner
+        .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
+        .await
+        .unwrap();
+    assert!(matches!(
+        node.verify(&key).await.unwrap(),
+        Verdict::Revoked(_)
+    ));
+}
+
+#[tokio::test]
+async fn a_zero_bound_fails_closed_at_once() {
+    let node = node(Duration::ZERO, Duration::ZERO).await;
+    let (_, key) = node.create().await;
+    assert!(node.verify(&key).await.unwrap().is_valid());
+    node.store.feed_down.store(true, Ordering::SeqCst);
+    node.store.store_down.store(true, Ordering::SeqCst);
+    assert!(eventually(|| !node.verifier.feed_health().following()).await);
+    assert!(node.verify(&key).await.is_err());
+    // A malformed key still gets its answer: it needs neither cache nor store.
+    let answer = node.verifier.verify("vlk_typo", &[], None).await.unwrap();
+    assert!(matches!(answer, Verdict::Malformed(_)));
+}
+
+#[tokio::test]
+async fn local_invalidation_is_immediate() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let (key_id, key) = node.create().await;
+    assert!(node.verify(&key).await.unwrap().is_valid());
+    node.store
+        .inner
+        .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
+        .await
+        .unwrap();
+    node.verifier.invalidate(key.prefix());
+    assert!(matches!(
+        node.verify(&key).await.unwrap(),
+        Verdict::Revoked(_)
+    ));
+}
