@@ -117,7 +117,7 @@ const FIND_SECRET: &str = concat!(
 /// A range scan of the `key_secrets` primary key: `$1` is the last prefix
 /// seen (`''` to start), so each page costs its own rows, not an offset.
 const SCAN_SECRETS: &str = concat!(
-    "SELECT s.hash, s.superseded_at, ",
+    "SELECT s.prefix, s.hash, s.superseded_at, ",
     key_columns!(),
     " FROM key_secrets s JOIN keys k ON k.key_id = s.key_id \
      WHERE s.prefix > $1 ORDER BY s.prefix LIMIT $2"

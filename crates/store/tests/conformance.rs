@@ -10,12 +10,14 @@
 //!
 //! Times are whole seconds so that both backends round-trip them exactly.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use time::{Duration, OffsetDateTime};
 use tokio::task::JoinSet;
 use vilvik_keys_domain::{
-    AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, ScopeSet, Tier, TierLimits,
+    AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, KeyPrefix, ScopeSet,
+    SecretHash, Tier, TierLimits,
 };
 use vilvik_keys_store::{
     Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, Store, StoreError, UsageRecord,
@@ -1185,6 +1187,369 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
     assert_eq!(store.change_sequence().await.unwrap(), seq);
 }
 
+async fn scan_secrets_pages_through_every_secret_in_prefix_order(store: Arc<dyn Store>) {
+    let (acme, globex) = (account("ACME"), account("globex"));
+    let t0 = now();
+    assert!(store.scan_secrets(None, 10).await.unwrap().is_empty());
+
+    // Current secrets of two accounts, superseded ones, a revoked key.
+    let mut expected: BTreeMap<KeyPrefix, (SecretHash, Option<OffsetDateTime>, KeyId)> =
+        BTreeMap::new();
+    let mut keys = Vec::new();
+    for (i, owner) in [&acme, &acme, &acme, &globex, &globex, &acme, &globex]
+        .into_iter()
+        .enumerate()
+    {
+        let (new, generated) = new_key(owner, &format!("key-{i}"), t0);
+        let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+        expected.insert(
+            generated.prefix().clone(),
+            (generated.hash(), None, key.key_id.clone()),
+        );
+        keys.push(key);
+    }
+    let t1 = t0 + Duration::minutes(1);
+    for key in [&keys[0], &keys[3], &keys[0]] {
+        let current = store
+            .get_key(&key.account_id, &key.key_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let fresh = GeneratedKey::generate();
+        store
+            .rotate_key(
+                &key.account_id,
+                &key.key_id,
+                fresh.prefix(),
+                fresh.hash(),
+                &actor(),
+                t1,
+            )
+            .await
+            .unwrap();
+        expected.get_mut(&current.prefix).unwrap().1 = Some(t1);
+        expected.insert(
+            fresh.prefix().clone(),
+            (fresh.hash(), None, key.key_id.clone()),
+        );
+    }
+    store
+        .revoke_key(&globex, &keys[4].key_id, "done", &actor(), t1)
+        .await
+        .unwrap();
+    assert_eq!(expected.len(), 10);
+
+    // One page holding everything is the reference order.
+    let everything = store.scan_secrets(None, 1000).await.unwrap();
+    assert_eq!(everything.len(), expected.len());
+    for (prefix, secret) in &everything {
+        let (hash, superseded_at, key_id) = &expected[prefix];
+        assert!(secret.hash.matches(hash), "{prefix}");
+        assert_eq!(secret.superseded_at, *superseded_at, "{prefix}");
+        assert_eq!(&secret.key.key_id, key_id);
+        // The same record find_secret gives, key included.
+        let found = store.find_secret(prefix).await.unwrap().unwrap();
+        assert_eq!(secret.key, found.key);
+        assert_eq!(secret.superseded_at, found.superseded_at);
+    }
+    let revoked = everything
+        .iter()
+        .find(|(_, s)| s.key.key_id == keys[4].key_id)
+        .unwrap();
+    assert_eq!(revoked.1.key.revoked_at, Some(t1));
+
+    // Pages of every size give the same sequence: no duplicates, no gaps.
+    for page_size in [1, 3, 4, 10, 11] {
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.scan_secrets(after.as_ref(), page_size).await.unwrap();
+            assert!(page.len() <= page_size as usize);
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            let full = page.len() == page_size as usize;
+            paged.extend(page.into_iter().map(|(p, _)| p));
+            if !full {
+                break;
+            }
+        }
+        let reference: Vec<_> = everything.iter().map(|(p, _)| p.clone()).collect();
+        assert_eq!(paged, reference, "pages of {page_size}");
+    }
+
+    // Strictly after the cursor, each prefix followed by the next one: the
+    // scan order is a total order that `after` follows.
+    for pair in everything.windows(2) {
+        let next = store.scan_secrets(Some(&pair[0].0), 1).await.unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].0, pair[1].0);
+    }
+    let last = &everything.last().unwrap().0;
+    assert!(store.scan_secrets(Some(last), 10).await.unwrap().is_empty());
+    assert!(store.scan_secrets(None, 0).await.unwrap().is_empty());
+    // A cursor that is not a stored prefix works too.
+    let unknown = GeneratedKey::generate();
+    let rest = store
+        .scan_secrets(Some(unknown.prefix()), 1000)
+        .await
+        .unwrap();
+    let tail: Vec<_> = everything[everything.len() - rest.len()..]
+        .iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(rest.iter().map(|(p, _)| p).collect::<Vec<_>>(), tail);
+    assert!(rest.iter().all(|(p, _)| p != unknown.prefix()));
+}
+
+/// `count` keys spread over `accounts`, with distinct names and expiries.
+fn import_batch(
+    accounts: &[&AccountId],
+    count: usize,
+    at: OffsetDateTime,
+) -> Vec<(NewKey, GeneratedKey)> {
+    (0..count)
+        .map(|i| {
+            let (mut new, generated) = new_key(
+                accounts[i % accounts.len()],
+                &format!("imported-{i}"),
+                at + Duration::seconds(i as i64 % 7),
+            );
+            if i % 3 == 0 {
+                new.expires_at = Some(at + Duration::days(30 + i as i64));
+            }
+            if i % 5 == 0 {
+                new.scopes = ScopeSet::default();
+            }
+            (new, generated)
+        })
+        .collect()
+}
+
+async fn import_keys_writes_keys_events_and_changes_ignoring_the_cap(store: Arc<dyn Store>) {
+    let (acme, globex, initech) = (account("ACME"), account("globex"), account("initech"));
+    let t0 = now();
+    // ACME exists already, on premium, with a key of its own.
+    let existing = create(&*store, &acme, "existing", t0).await;
+    store
+        .set_tier(&acme, Tier::Premium, &actor(), t0)
+        .await
+        .unwrap();
+    let events_before = all_events(&*store, &acme, None).await.len();
+    let seq = store.change_sequence().await.unwrap();
+
+    store.import_keys(Vec::new(), &actor()).await.unwrap();
+    assert_eq!(store.change_sequence().await.unwrap(), seq);
+
+    let batch = import_batch(&[&acme, &globex, &initech], 300, t0);
+    let importer = Actor {
+        name: "operator:importer@example.com".to_owned(),
+        ip: Some("192.0.2.10".to_owned()),
+    };
+    store
+        .import_keys(batch.iter().map(|(n, _)| n.clone()).collect(), &importer)
+        .await
+        .unwrap();
+
+    for (new, generated) in &batch {
+        let key = store
+            .get_key(&new.account_id, &new.key_id)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} was not imported", new.key_id));
+        assert_eq!(key.name, new.name);
+        assert_eq!(key.description, new.description);
+        assert_eq!(key.scopes, new.scopes);
+        assert_eq!(key.prefix, new.prefix);
+        assert_eq!(key.created_at, new.created_at);
+        assert_eq!(key.expires_at, new.expires_at);
+        assert_eq!(key.revoked_at, None);
+        assert_eq!(key.rotated_at, None);
+        let secret = store
+            .find_secret(generated.prefix())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(secret.hash.matches(&generated.hash()));
+        assert_eq!(secret.superseded_at, None);
+        assert_eq!(secret.key, key);
+    }
+
+    // Listed in import order, after what the account already had; well
+    // past any tier's cap.
+    for owner in [&acme, &globex, &initech] {
+        let listed: Vec<_> = store
+            .list_keys(owner, false, None, 1000)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|k| k.key_id)
+            .collect();
+        let mut want: Vec<_> = if owner == &acme {
+            vec![existing.key_id.clone()]
+        } else {
+            Vec::new()
+        };
+        want.extend(
+            batch
+                .iter()
+                .filter(|(n, _)| &n.account_id == owner)
+                .map(|(n, _)| n.key_id.clone()),
+        );
+        assert_eq!(listed, want, "{owner}");
+    }
+    // New accounts are free; an existing account keeps its tier. The cap
+    // applies again to the next create.
+    assert_eq!(store.get_account(&acme).await.unwrap().tier, Tier::Premium);
+    assert_eq!(store.get_account(&globex).await.unwrap().tier, Tier::Free);
+    let (new, _) = new_key(&globex, "one-more", t0);
+    assert!(matches!(
+        store.create_key(new, &actor(), TierLimits::default()).await,
+        Err(StoreError::QuotaExceeded {
+            tier: Tier::Free,
+            limit: 3,
+            active: 100
+        })
+    ));
+
+    // One `created` event per key, like create_key writes.
+    let events = all_events(&*store, &globex, None).await;
+    let imported: Vec<_> = batch
+        .iter()
+        .filter(|(n, _)| n.account_id == globex)
+        .collect();
+    assert_eq!(events.len(), imported.len());
+    for (event, (new, _)) in events.iter().zip(&imported) {
+        assert_eq!(event.key_id.as_ref(), Some(&new.key_id));
+        assert_eq!(event.action, AuditAction::Created);
+        assert_eq!(event.actor, importer.name);
+        assert_eq!(event.actor_ip, importer.ip);
+        assert_eq!(event.at, new.created_at);
+        let fields: Vec<_> = event.changes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["name", "description", "scopes", "expires_at", "prefix"]
+        );
+        assert_eq!(event.changes[0].new.as_deref(), Some(new.name.as_str()));
+        assert_eq!(
+            event.changes[2].new.as_deref(),
+            Some(new.scopes.to_strings().join(" ").as_str())
+        );
+        assert_eq!(event.changes[3].new.is_some(), new.expires_at.is_some());
+        assert_eq!(event.changes[4].new.as_deref(), Some(new.prefix.as_str()));
+    }
+    assert_eq!(
+        all_events(&*store, &acme, None).await.len(),
+        events_before + 100
+    );
+
+    // One change per key, in import order, after everything before.
+    let changes = store.changes_since(seq, 1000).await.unwrap();
+    assert_eq!(
+        changes.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+        batch.iter().map(|(n, _)| &n.prefix).collect::<Vec<_>>()
+    );
+    assert!(changes.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(
+        store.change_sequence().await.unwrap(),
+        changes.last().unwrap().0
+    );
+
+    // And the imported secrets show up in a scan.
+    let scanned = store.scan_secrets(None, 1000).await.unwrap();
+    assert_eq!(scanned.len(), 301);
+}
+
+async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
+    let (acme, globex) = (account("ACME"), account("globex"));
+    let t0 = now();
+    let existing = create(&*store, &acme, "existing", t0).await;
+    let fresh = GeneratedKey::generate();
+    let rotated = store
+        .rotate_key(
+            &acme,
+            &existing.key_id,
+            fresh.prefix(),
+            fresh.hash(),
+            &actor(),
+            t0,
+        )
+        .await
+        .unwrap();
+    let seq = store.change_sequence().await.unwrap();
+    let events = all_events(&*store, &acme, None).await;
+    let secrets = store.scan_secrets(None, 1000).await.unwrap().len();
+
+    let batch = || -> Vec<NewKey> {
+        import_batch(&[&acme, &globex], 200, t0)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    };
+    let mut clashes = Vec::new();
+    // The current prefix of a stored key, last in the batch.
+    let mut keys = batch();
+    keys.last_mut().unwrap().prefix = rotated.prefix.clone();
+    clashes.push(("current prefix", keys));
+    // A superseded prefix: taken for good.
+    let mut keys = batch();
+    keys[150].prefix = existing.prefix.clone();
+    clashes.push(("superseded prefix", keys));
+    // A stored key id.
+    let mut keys = batch();
+    keys[199].key_id = existing.key_id.clone();
+    clashes.push(("stored key id", keys));
+    // Two keys of the batch share a prefix, or an id.
+    let mut keys = batch();
+    keys[120].prefix = keys[7].prefix.clone();
+    clashes.push(("prefix twice in the batch", keys));
+    let mut keys = batch();
+    keys[121].key_id = keys[8].key_id.clone();
+    clashes.push(("key id twice in the batch", keys));
+
+    for (what, keys) in clashes {
+        let probe = keys[0].clone();
+        let err = store.import_keys(keys, &actor()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict), "{what}: {err:?}");
+        // Nothing of the batch was written.
+        assert_eq!(
+            store
+                .get_key(&probe.account_id, &probe.key_id)
+                .await
+                .unwrap(),
+            None,
+            "{what}"
+        );
+        assert!(
+            store
+                .list_keys(&globex, true, None, 10)
+                .await
+                .unwrap()
+                .items
+                .is_empty(),
+            "{what}"
+        );
+        assert!(all_events(&*store, &globex, None).await.is_empty());
+        assert_eq!(all_events(&*store, &acme, None).await, events, "{what}");
+        assert_eq!(store.change_sequence().await.unwrap(), seq, "{what}");
+        assert_eq!(
+            store.scan_secrets(None, 1000).await.unwrap().len(),
+            secrets,
+            "{what}"
+        );
+        assert_eq!(
+            store.get_key(&acme, &existing.key_id).await.unwrap(),
+            Some(rotated.clone())
+        );
+    }
+
+    // The same batch without the clash goes through.
+    store.import_keys(batch(), &actor()).await.unwrap();
+    assert_eq!(store.changes_since(seq, 1000).await.unwrap().len(), 200);
+}
+
 // ---------------------------------------------------------------------------
 // Instantiation per backend
 
@@ -1241,4 +1606,7 @@ conformance!(
     the_change_feed_carries_every_changed_prefix,
     no_audit_event_holds_a_secret,
     a_taken_identifier_is_a_conflict_and_changes_nothing,
+    scan_secrets_pages_through_every_secret_in_prefix_order,
+    import_keys_writes_keys_events_and_changes_ignoring_the_cap,
+    import_keys_is_all_or_nothing,
 );

@@ -1,6 +1,6 @@
-//! What only the Postgres backend has: the NOTIFY change feed, start-up
-//! checks of the URL, and migrations racing between replicas. The rules
-//! both backends share are in `conformance.rs`.
+//! What only the Postgres backend has: the NOTIFY change feed and its
+//! listener, start-up checks of the URL, and migrations racing between
+//! replicas. The rules both backends share are in `conformance.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,9 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use vilvik_keys_domain::{
     AccountId, Description, GeneratedKey, KeyId, KeyPrefix, ScopeSet, TierLimits,
 };
-use vilvik_keys_store::{Actor, CHANGE_CHANNEL, NewKey, PostgresStore, Store, StoreError};
+use vilvik_keys_store::{
+    Actor, CHANGE_CHANNEL, ChangeListener, NewKey, PostgresStore, Store, StoreError,
+};
 use vilvik_keys_test_db::TestDatabase;
 
 fn actor() -> Actor {
@@ -186,4 +188,389 @@ async fn a_missing_database_fails_at_start_with_a_pointer_to_the_url() {
     let err = PostgresStore::connect(&missing).await.unwrap_err();
     assert!(matches!(err, StoreError::Internal(..)), "{err:?}");
     assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// Store::listen
+
+/// The listener's next change, failing the test after `secs` seconds.
+async fn next_change(listener: &mut dyn ChangeListener, secs: u64) -> (i64, KeyPrefix) {
+    tokio::time::timeout(Duration::from_secs(secs), listener.next())
+        .await
+        .expect("a change within the timeout")
+        .expect("the listener is running")
+}
+
+/// A plain connection for poking at the server from the side.
+async fn side_client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+async fn listener_sessions(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE application_name = 'vilvik-keys-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn roomy() -> TierLimits {
+    TierLimits {
+        free: 100,
+        premium: 100,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_receives_seq_and_prefix_in_commit_order() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = Arc::new(PostgresStore::connect(db.url()).await.unwrap());
+    store.migrate().await.unwrap();
+    let mut listener = store.listen().await.unwrap().expect("Postgres can push");
+    let side = side_client(db.url()).await;
+    assert_eq!(listener_sessions(&side).await, 1);
+    let start = store.change_sequence().await.unwrap();
+
+    let acme: AccountId = "ACME".parse().unwrap();
+    let key = store
+        .create_key(new_key(&acme), &actor(), roomy())
+        .await
+        .unwrap();
+    let fresh = GeneratedKey::generate();
+    let now = OffsetDateTime::now_utc();
+    store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            fresh.prefix(),
+            fresh.hash(),
+            &actor(),
+            now,
+        )
+        .await
+        .unwrap();
+    store
+        .revoke_key(&acme, &key.key_id, "done", &actor(), now)
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    for _ in 0..4 {
+        received.push(next_change(&mut *listener, 5).await);
+    }
+    let logged = store.changes_since(start, 100).await.unwrap();
+    assert_eq!(received, logged);
+    assert_eq!(
+        received.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+        [&key.prefix, &key.prefix, fresh.prefix(), fresh.prefix()]
+    );
+
+    // Concurrent changes arrive in sequence order, none missing.
+    let start = store.change_sequence().await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let store = store.clone();
+        let account: AccountId = format!("acct-{}", i % 4).parse().unwrap();
+        tasks.spawn(async move { store.create_key(new_key(&account), &actor(), roomy()).await });
+    }
+    while let Some(created) = tasks.join_next().await {
+        created.unwrap().unwrap();
+    }
+    let mut received = Vec::new();
+    for _ in 0..20 {
+        received.push(next_change(&mut *listener, 5).await);
+    }
+    assert_eq!(received, store.changes_since(start, 100).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_listener_connection_fails_next_as_unavailable() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PostgresStore::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut listener = store.listen().await.unwrap().unwrap();
+    let side = side_client(db.url()).await;
+
+    // Waiting in next() when the backend goes away.
+    let waiting = tokio::spawn(async move {
+        let outcome = tokio::time::timeout(Duration::from_secs(3), listener.next()).await;
+        (outcome, listener)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let terminated = side
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'vilvik-keys-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(terminated.len(), 1);
+    assert!(terminated[0].get::<_, bool>(0));
+    let (outcome, mut listener) = waiting.await.unwrap();
+    let err = outcome
+        .expect("next() returns within 3 s")
+        .expect_err("the connection is gone");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    // And keeps failing at once: the subscription is over.
+    let again = tokio::time::timeout(Duration::from_secs(1), listener.next())
+        .await
+        .expect("at once");
+    assert!(
+        matches!(again, Err(StoreError::Unavailable(_))),
+        "{again:?}"
+    );
+
+    // The store itself is fine, and a new subscription works.
+    let mut listener = store.listen().await.unwrap().unwrap();
+    let acme: AccountId = "ACME".parse().unwrap();
+    let key = store
+        .create_key(new_key(&acme), &actor(), roomy())
+        .await
+        .unwrap();
+    assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_terminated_between_calls_fails_the_next_call() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PostgresStore::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut listener = store.listen().await.unwrap().unwrap();
+    let side = side_client(db.url()).await;
+    let acme: AccountId = "ACME".parse().unwrap();
+    let key = store
+        .create_key(new_key(&acme), &actor(), roomy())
+        .await
+        .unwrap();
+    side.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'vilvik-keys-listener' AND datname = current_database()",
+        &[],
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // What arrived before the end may still be handed out; then the error.
+    let mut outcome = tokio::time::timeout(Duration::from_secs(2), listener.next())
+        .await
+        .unwrap();
+    if let Ok((_, prefix)) = &outcome {
+        assert_eq!(prefix, &key.prefix);
+        outcome = tokio::time::timeout(Duration::from_secs(2), listener.next())
+            .await
+            .unwrap();
+    }
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_notification_fails_next_as_internal() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PostgresStore::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut listener = store.listen().await.unwrap().unwrap();
+    let side = side_client(db.url()).await;
+    side.execute("SELECT pg_notify($1, 'vlk_AbCd0123')", &[&CHANGE_CHANNEL])
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), listener.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Internal(..)), "{err:?}");
+    assert!(err.to_string().contains("vlk_AbCd0123"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_listener_closes_its_connection() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PostgresStore::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let side = side_client(db.url()).await;
+    let listener = store.listen().await.unwrap().unwrap();
+    assert_eq!(listener_sessions(&side).await, 1);
+    drop(listener);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while listener_sessions(&side).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listener's session outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_is_not_notified_but_the_next_change_shows_the_gap() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PostgresStore::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut listener = store.listen().await.unwrap().unwrap();
+    let acme: AccountId = "ACME".parse().unwrap();
+    let first = store
+        .create_key(new_key(&acme), &actor(), roomy())
+        .await
+        .unwrap();
+    let (seen, prefix) = next_change(&mut *listener, 5).await;
+    assert_eq!(prefix, first.prefix);
+
+    let imported: Vec<NewKey> = (0..5).map(|_| new_key(&acme)).collect();
+    store.import_keys(imported.clone(), &actor()).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), listener.next())
+            .await
+            .is_err(),
+        "an import sends no notification"
+    );
+
+    let last = store
+        .create_key(new_key(&acme), &actor(), roomy())
+        .await
+        .unwrap();
+    let (seq, prefix) = next_change(&mut *listener, 5).await;
+    assert_eq!(prefix, last.prefix);
+    assert_eq!(seq, seen + 6, "the sequence jumped over the import");
+    // A follower catches up on what it was not told.
+    let missed = store.changes_since(seen, 100).await.unwrap();
+    let mut want: Vec<_> = imported.iter().map(|k| k.prefix.clone()).collect();
+    want.push(last.prefix.clone());
+    assert_eq!(missed.into_iter().map(|(_, p)| p).collect::<Vec<_>>(), want);
+}
+
+/// A TCP proxy that can be frozen: after `freeze`, it keeps every socket
+/// open but forwards nothing, like a peer that vanished without a FIN or
+/// a hung server. Returns its port and the freeze switch.
+async fn freezable_proxy(
+    upstream: std::net::SocketAddr,
+) -> (u16, tokio::sync::watch::Sender<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (freeze, frozen) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                return;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
+                let mut frozen = frozen.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        tokio::select! {
+                            read = from.read(&mut buf) => match read {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    let now_frozen = *frozen.borrow();
+                                    if now_frozen {
+                                        break;
+                                    }
+                                    if to.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            },
+                            () = async { drop(frozen.wait_for(|f| *f).await) } => break,
+                        }
+                    }
+                    // Frozen: hold both halves open, forward nothing.
+                    std::future::pending::<()>().await;
+                    drop((from, to));
+                });
+            }
+        }
+    });
+    (port, freeze)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_on_a_silent_connection_fails_within_seconds() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let config: tokio_postgres::Config = db.url().parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        #[allow(unreachable_patterns)]
+        _ => {
+            eprintln!("skipped: the test server is not reached over TCP");
+            return;
+        }
+    };
+    let upstream = tokio::net::lookup_host((host.as_str(), config.get_ports()[0]))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let (port, freeze) = freezable_proxy(upstream).await;
+    let mut url = format!(
+        "host=127.0.0.1 port={port} dbname={} user={}",
+        config.get_dbname().unwrap(),
+        config.get_user().unwrap()
+    );
+    if let Some(password) = config.get_password() {
+        url.push_str(&format!(
+            " password='{}'",
+            String::from_utf8_lossy(password)
+                .replace('\\', "\\\\")
+                .replace('\'', "\\'")
+        ));
+    }
+    let store = PostgresStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut listener = store.listen().await.unwrap().unwrap();
+    let acme: AccountId = "ACME".parse().unwrap();
+    let key = store
+        .create_key(new_key(&acme), &actor(), roomy())
+        .await
+        .unwrap();
+    assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
+
+    freeze.send(true).unwrap();
+    let frozen_at = tokio::time::Instant::now();
+    // A caller that cancels next() every 100 ms (a select! with a ticker)
+    // must still learn that the connection died.
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            tokio::select! {
+                outcome = listener.next() => break outcome,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    })
+    .await
+    .expect("next() fails within 20 s of the connection going silent");
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    let took = frozen_at.elapsed();
+    assert!(took <= Duration::from_secs(11), "took {took:?}");
+    eprintln!("a silent listener connection was given up after {took:?}");
 }
