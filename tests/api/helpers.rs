@@ -325,3 +325,55 @@ pub fn without_usage(mut keys: Vec<proto::Key>) -> Vec<proto::Key> {
     }
     keys
 }
+
+/// Another `serve --role verify` process on the same database.
+pub struct VerifyNode {
+    pub addr: SocketAddr,
+    pub verify: KeyVerifyClient<Channel>,
+    server: Option<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
+}
+
+impl TestApp {
+    /// Starts a verify-only node sharing this app's store and clock.
+    pub async fn spawn_verify_node(&self, configure: impl FnOnce(&mut Config)) -> VerifyNode {
+        let mut config = self.config.clone();
+        config.verify_addr = "127.0.0.1:0".parse().unwrap();
+        configure(&mut config);
+        let app = Application::build_with_clock(config, Role::Verify, self.clock.clone())
+            .await
+            .expect("the verify node starts");
+        let addr = app.verify_addr().unwrap();
+        let (stop, stopped) = oneshot::channel();
+        let handle = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        VerifyNode {
+            addr,
+            verify: KeyVerifyClient::new(channel(addr).await),
+            server: Some((stop, handle)),
+        }
+    }
+}
+
+impl VerifyNode {
+    pub async fn verify_code(&mut self, key: &str) -> VerifyCode {
+        self.verify
+            .verify_key(proto::VerifyKeyRequest {
+                key: key.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("VerifyKey answers OK")
+            .into_inner()
+            .code()
+    }
+}
+
+impl Drop for VerifyNode {
+    fn drop(&mut self) {
+        if let Some((stop, handle)) = self.server.take() {
+            let _ = stop.send(());
+            handle.abort();
+        }
+    }
+}
