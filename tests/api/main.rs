@@ -9,6 +9,7 @@ mod auth;
 mod bad_input;
 mod cluster;
 mod lifecycle;
+mod protection;
 mod tour;
 
 /// Runs each listed `async fn(TestApp)` once per backend.
