@@ -475,3 +475,35 @@ async fn local_invalidation_is_immediate() {
         Verdict::Revoked(_)
     ));
 }
+
+#[tokio::test]
+async fn preload_puts_every_secret_in_memory() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let secrets: Vec<GeneratedKey> = (0..2_500).map(|_| GeneratedKey::generate()).collect();
+    let keys = secrets
+        .iter()
+        .map(|secret| NewKey {
+            key_id: KeyId::generate(),
+            account_id: account(),
+            name: "imported".parse().unwrap(),
+            description: Default::default(),
+            scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
+            expires_at: None,
+            prefix: secret.prefix().clone(),
+            hash: secret.hash(),
+            created_at: node.clock.now(),
+        })
+        .collect();
+    node.store.import_keys(keys, &actor()).await.unwrap();
+    // Let the follower pass the import's change-log entries first, so that
+    // it has nothing left to evict.
+    let imported_up_to = node.store.change_sequence().await.unwrap();
+    assert!(eventually(|| node.verifier.feed_health().last_applied() >= imported_up_to).await);
+    assert_eq!(node.verifier.preload().await.unwrap(), 2_500);
+    assert_eq!(node.verifier.cached_secrets(), 2_500);
+    node.store.store_down.store(true, Ordering::SeqCst);
+    for secret in &secrets {
+        assert!(node.verify(secret).await.unwrap().is_valid());
+    }
+    assert_eq!(node.finds(), 0, "every verify was answered from memory");
+}
