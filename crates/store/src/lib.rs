@@ -139,6 +139,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Every secret (current and superseded) with its key, in prefix order,
     /// `limit` at a time after `after`: for warming a verify node's cache.
+    /// Pass the last prefix of a page as `after` to get the next; a short
+    /// page is the last. "Prefix order" is the database's text order:
+    /// bytewise on SQLite, the column's collation on Postgres (bytewise
+    /// under `C`, case-insensitive first under e.g. `en_US.UTF-8`), so do
+    /// not compare prefixes across backends to resume a scan.
     async fn scan_secrets(
         &self,
         after: Option<&KeyPrefix>,
