@@ -71,12 +71,7 @@ async fn a_change_missed_while_disconnected_is_caught_up_on_reconnect() {
     let created = app.create_key("ci-runner", &["a:b"]).await.unwrap();
     assert_eq!(node.verify_code(&created.secret).await, VerifyCode::Valid);
 
-    let db_url =
-        secrecy::ExposeSecret::expose_secret(app.config.database_url.as_ref().unwrap()).to_owned();
-    let (client, connection) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = app.postgres_client().await;
     let killed = client
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -114,12 +109,7 @@ async fn verifies_cost_about_one_statement_per_flush_interval() {
         return;
     };
     let created = app.create_key("hot-key", &["a:b"]).await.unwrap();
-    let db_url =
-        secrecy::ExposeSecret::expose_secret(app.config.database_url.as_ref().unwrap()).to_owned();
-    let (client, connection) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = app.postgres_client().await;
     let transactions = || async {
         // Other sessions report their counters at most once a second.
         tokio::time::sleep(Duration::from_millis(1_200)).await;

@@ -377,3 +377,22 @@ impl Drop for VerifyNode {
         }
     }
 }
+
+impl TestApp {
+    /// A direct connection to the app's Postgres database, for inspecting
+    /// it the way an operator would.
+    pub async fn postgres_client(&self) -> tokio_postgres::Client {
+        use secrecy::ExposeSecret;
+        let url = self
+            .config
+            .database_url
+            .as_ref()
+            .expect("a Postgres app")
+            .expose_secret();
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
