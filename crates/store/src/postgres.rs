@@ -23,6 +23,7 @@
 //! of its own, outside the pool.
 
 use std::error::Error as _;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,10 +63,12 @@ const LISTENER_APPLICATION_NAME: &str = "vilvik-keys-listener";
 /// stop reading the socket, which would make Postgres queue notifications
 /// for it and, at worst, fail every writer's `NOTIFY`.
 const LISTENER_BUFFER: usize = 65_536;
-/// After this long without a notification the listener checks that its
+/// After this long without a message the listener checks that its
 /// connection still answers...
 const LISTENER_HEARTBEAT: Duration = Duration::from_secs(5);
-/// ...and gives up on it if no answer came this long after that.
+/// ...and gives up on it if no answer came this long after that. A
+/// connection that goes silent is thus given up within about ten
+/// seconds, well inside the verify nodes' default staleness bound.
 const LISTENER_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 /// TCP keepalive on the listener's socket, a second line of defence
 /// against a peer that vanished without closing the connection.
@@ -962,15 +965,19 @@ impl Store for PostgresStore {
     }
 
     /// Opens a connection of its own (not from the pool, which recycles
-    /// connections and would drop the `LISTEN`), named
+    /// connections and would lose the `LISTEN`), named
     /// `vilvik-keys-listener` in `pg_stat_activity`, and `LISTEN`s on
     /// [`CHANGE_CHANNEL`]. Every change committed after this returns is
-    /// delivered, in sequence order. A spawned task drives the connection
-    /// and forwards notifications; when the connection ends or fails, or
-    /// the consumer falls [`LISTENER_BUFFER`] notifications behind, the
-    /// task ends and [`ChangeListener::next`] fails as
-    /// [`StoreError::Unavailable`]. A connection that goes silent is found
-    /// by a heartbeat within about ten seconds.
+    /// delivered, in sequence order.
+    ///
+    /// A spawned task owns the connection: it forwards notifications and,
+    /// after [`LISTENER_HEARTBEAT`] without traffic, checks that the server
+    /// still answers. When the connection ends, fails or stays silent past
+    /// [`LISTENER_HEARTBEAT_TIMEOUT`], or the consumer falls
+    /// [`LISTENER_BUFFER`] notifications behind, the task ends and
+    /// [`ChangeListener::next`] fails as [`StoreError::Unavailable`] once
+    /// it has handed out what arrived before. Dropping the listener closes
+    /// the connection.
     async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
         let mut config = (*self.config).clone();
         config
@@ -979,19 +986,31 @@ impl Store for PostgresStore {
             .keepalives_idle(LISTENER_KEEPALIVE_IDLE)
             .keepalives_interval(LISTENER_KEEPALIVE_INTERVAL)
             .keepalives_retries(LISTENER_KEEPALIVE_RETRIES);
-        let (client, connection) = config.connect(NoTls).await.map_err(map_err)?;
+        let (client, mut connection) = config.connect(NoTls).await.map_err(map_err)?;
         let (tx, rx) = mpsc::channel(LISTENER_BUFFER);
-        let task = tokio::spawn(forward_notifications(connection, tx));
-        // The channel name is a constant identifier: nothing to quote.
-        client
-            .batch_execute(&format!("LISTEN {CHANGE_CHANNEL}"))
-            .await
-            .map_err(map_err)?;
+        {
+            // The channel name is a constant identifier: nothing to quote.
+            let sql = format!("LISTEN {CHANGE_CHANNEL}");
+            let subscribe = client.batch_execute(&sql);
+            tokio::pin!(subscribe);
+            loop {
+                tokio::select! {
+                    subscribed = &mut subscribe => {
+                        subscribed.map_err(map_err)?;
+                        break;
+                    }
+                    message = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
+                        if let ControlFlow::Break(stopped) = forward(message, &tx) {
+                            return Err(stopped);
+                        }
+                    }
+                }
+            }
+        }
+        let task = tokio::spawn(run_listener(client, connection, tx));
         Ok(Some(Box::new(PostgresChangeListener {
-            client,
             notifications: rx,
             task: Some(task),
-            last_heard: Instant::now(),
             ended: false,
         })))
     }
@@ -1098,42 +1117,95 @@ enum ListenerError {
         "the change listener fell more than {0} notifications behind; resubscribe and catch up with changes_since"
     )]
     FellBehind(usize),
-    #[error("the change listener's connection did not answer a heartbeat")]
-    Silent,
+    #[error("the change listener's connection did not answer a heartbeat within {0:?}")]
+    Silent(Duration),
 }
 
-/// Drives the listener's connection, forwarding each notification's
-/// payload; returns why it stopped. Ending drops `tx`, which closes the
-/// channel, so a waiting [`PostgresChangeListener::next`] wakes up.
-async fn forward_notifications(
+fn listener_stopped(why: ListenerError) -> StoreError {
+    StoreError::Unavailable(Box::new(why))
+}
+
+/// Handles one message from the listener's connection: forwards a change
+/// notification's payload, or says why the subscription is over.
+fn forward(
+    message: Option<std::result::Result<AsyncMessage, tokio_postgres::Error>>,
+    tx: &mpsc::Sender<String>,
+) -> ControlFlow<StoreError> {
+    use mpsc::error::TrySendError;
+    match message {
+        Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CHANGE_CHANNEL => {
+            match tx.try_send(n.payload().to_owned()) {
+                Ok(()) => ControlFlow::Continue(()),
+                // Never stop reading the socket for a slow consumer:
+                // Postgres would queue notifications for this session and,
+                // at worst, fail every writer's NOTIFY.
+                Err(TrySendError::Full(_)) => {
+                    ControlFlow::Break(listener_stopped(ListenerError::FellBehind(LISTENER_BUFFER)))
+                }
+                Err(TrySendError::Closed(_)) => {
+                    ControlFlow::Break(listener_stopped(ListenerError::Closed))
+                }
+            }
+        }
+        Some(Ok(AsyncMessage::Notice(notice))) => {
+            tracing::debug!(notice = %notice, "notice on the change listener's connection");
+            ControlFlow::Continue(())
+        }
+        Some(Ok(_)) => ControlFlow::Continue(()),
+        // Whatever the error (terminated backend, reset socket, server
+        // shutdown), the subscription is gone: the caller resubscribes.
+        Some(Err(e)) => ControlFlow::Break(StoreError::Unavailable(Box::new(e))),
+        None => ControlFlow::Break(listener_stopped(ListenerError::Closed)),
+    }
+}
+
+/// Drives the listener's connection until it fails or the listener is
+/// dropped; returns why it stopped. Returning drops `tx`, which closes the
+/// channel, so [`PostgresChangeListener::next`] learns of it.
+async fn run_listener(
+    client: Client,
     mut connection: Connection<Socket, NoTlsStream>,
     tx: mpsc::Sender<String>,
 ) -> StoreError {
-    use mpsc::error::TrySendError;
+    let mut last_heard = Instant::now();
+    let mut heartbeat = None;
     let stopped = loop {
-        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CHANGE_CHANNEL => {
-                match tx.try_send(n.payload().to_owned()) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) => {
-                        break StoreError::Unavailable(Box::new(ListenerError::FellBehind(
-                            LISTENER_BUFFER,
-                        )));
-                    }
-                    // The listener was dropped: nobody to tell.
-                    Err(TrySendError::Closed(_)) => {
-                        break StoreError::Unavailable(Box::new(ListenerError::Closed));
+        tokio::select! {
+            message = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
+                if let ControlFlow::Break(stopped) = forward(message, &tx) {
+                    break stopped;
+                }
+                last_heard = Instant::now();
+            }
+            () = tokio::time::sleep_until(last_heard + LISTENER_HEARTBEAT), if heartbeat.is_none() => {
+                heartbeat = Some(Box::pin(tokio::time::timeout(
+                    LISTENER_HEARTBEAT_TIMEOUT,
+                    client.simple_query(""),
+                )));
+            }
+            answer = async { heartbeat.as_mut().expect("guarded by the condition").await },
+                if heartbeat.is_some() =>
+            {
+                heartbeat = None;
+                match answer {
+                    Ok(Ok(_)) => last_heard = Instant::now(),
+                    Ok(Err(e)) => break StoreError::Unavailable(Box::new(e)),
+                    Err(_) => {
+                        break listener_stopped(ListenerError::Silent(LISTENER_HEARTBEAT_TIMEOUT));
                     }
                 }
             }
-            Some(Ok(AsyncMessage::Notice(notice))) => {
-                tracing::debug!(notice = %notice, "notice on the change listener's connection");
+            () = tx.closed() => {
+                // The listener was dropped: end the session politely
+                // (dropping the client sends Terminate), briefly.
+                drop(heartbeat);
+                drop(client);
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while std::future::poll_fn(|cx| connection.poll_message(cx)).await.is_some() {}
+                })
+                .await;
+                return listener_stopped(ListenerError::Closed);
             }
-            Some(Ok(_)) => {}
-            // Whatever the error (terminated backend, reset socket, server
-            // shutdown), the subscription is gone: the caller resubscribes.
-            Some(Err(e)) => break StoreError::Unavailable(Box::new(e)),
-            None => break StoreError::Unavailable(Box::new(ListenerError::Closed)),
         }
     };
     tracing::debug!(error = %stopped, "change listener stopped");
@@ -1143,17 +1215,10 @@ async fn forward_notifications(
 /// A `LISTEN` subscription on a connection of its own; see
 /// [`PostgresStore::listen`]. Dropping it closes the connection.
 struct PostgresChangeListener {
-    /// Keeps the connection open; also sends the heartbeat.
-    client: Client,
     notifications: mpsc::Receiver<String>,
     /// The task driving the connection; its output says why it ended.
     task: Option<JoinHandle<StoreError>>,
-    /// When the connection last proved alive (a notification or a
-    /// heartbeat answer). Kept across calls, so that a caller that cancels
-    /// `next` often (e.g. in a `select!` with a ticker) still gets the
-    /// heartbeat.
-    last_heard: Instant,
-    /// Set once `next` has failed: every later call fails too.
+    /// Set once a malformed notification ended the subscription.
     ended: bool,
 }
 
@@ -1161,79 +1226,37 @@ impl std::fmt::Debug for PostgresChangeListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresChangeListener")
             .field("ended", &self.ended)
+            .field("buffered", &self.notifications.len())
             .finish_non_exhaustive()
     }
 }
 
-impl PostgresChangeListener {
-    /// Marks the subscription broken and says why.
-    async fn fail(&mut self, why: Option<StoreError>) -> StoreError {
-        self.ended = true;
-        let task = self.task.take();
-        let why = match (why, task) {
-            (Some(why), task) => {
-                if let Some(task) = task {
-                    task.abort();
-                }
-                why
-            }
-            // The channel closed: the task has ended and says why.
-            (None, Some(task)) => match task.await {
-                Ok(why) => why,
-                Err(e) => StoreError::internal_from("the change listener task failed", e),
-            },
-            (None, None) => StoreError::Unavailable(Box::new(ListenerError::Closed)),
-        };
-        self.notifications.close();
-        why
-    }
-}
-
+/// `next` is cancel-safe: it only awaits the channel and the task's
+/// handle, both of which can be polled again.
 #[async_trait]
 impl ChangeListener for PostgresChangeListener {
     async fn next(&mut self) -> Result<(i64, KeyPrefix)> {
         if self.ended {
-            return Err(StoreError::Unavailable(Box::new(ListenerError::Closed)));
+            return Err(listener_stopped(ListenerError::Closed));
         }
-        loop {
-            let ping_at = self.last_heard + LISTENER_HEARTBEAT;
-            let received = tokio::select! {
-                received = self.notifications.recv() => received,
-                () = tokio::time::sleep_until(ping_at) => {
-                    // Quiet for a while: make sure the connection still
-                    // answers, while still taking a notification that
-                    // arrives meanwhile.
-                    let give_up_at = ping_at + LISTENER_HEARTBEAT_TIMEOUT;
-                    tokio::select! {
-                        received = self.notifications.recv() => received,
-                        answer = tokio::time::timeout_at(give_up_at, self.client.simple_query("")) => {
-                            match answer {
-                                Ok(Ok(_)) => {
-                                    self.last_heard = Instant::now();
-                                    continue;
-                                }
-                                // The connection failed; the task's reason
-                                // is the better message.
-                                Ok(Err(_)) => None,
-                                Err(_) => {
-                                    let silent = StoreError::Unavailable(Box::new(ListenerError::Silent));
-                                    return Err(self.fail(Some(silent)).await);
-                                }
-                            }
-                        }
-                    }
+        match self.notifications.recv().await {
+            Some(payload) => parse_notification(&payload).inspect_err(|_| {
+                // Something else speaks on our channel: stop trusting it.
+                // Closing the channel makes the task end the session.
+                self.ended = true;
+                self.notifications.close();
+            }),
+            // The task ended and dropped its sender: ask it why.
+            None => Err(match &mut self.task {
+                Some(task) => {
+                    let stopped = task.await;
+                    self.task = None;
+                    stopped.unwrap_or_else(|e| {
+                        StoreError::internal_from("the change listener task failed", e)
+                    })
                 }
-            };
-            return match received {
-                Some(payload) => {
-                    self.last_heard = Instant::now();
-                    match parse_notification(&payload) {
-                        Ok(change) => Ok(change),
-                        Err(e) => Err(self.fail(Some(e)).await),
-                    }
-                }
-                None => Err(self.fail(None).await),
-            };
+                None => listener_stopped(ListenerError::Closed),
+            }),
         }
     }
 }

@@ -574,3 +574,42 @@ async fn a_listener_on_a_silent_connection_fails_within_seconds() {
     assert!(took <= Duration::from_secs(11), "took {took:?}");
     eprintln!("a silent listener connection was given up after {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_listener_on_a_healthy_connection_stays_subscribed() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PostgresStore::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut listener = store.listen().await.unwrap().unwrap();
+    // Past a heartbeat, with nobody calling next().
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let acme: AccountId = "ACME".parse().unwrap();
+    let key = store
+        .create_key(new_key(&acme), &actor(), roomy())
+        .await
+        .unwrap();
+    assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
+    // And while next() waits through a heartbeat.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(7), listener.next())
+            .await
+            .is_err(),
+        "nothing to receive, and no error"
+    );
+    let fresh = GeneratedKey::generate();
+    store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            fresh.prefix(),
+            fresh.hash(),
+            &actor(),
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
+    assert_eq!(&next_change(&mut *listener, 5).await.1, fresh.prefix());
+}
