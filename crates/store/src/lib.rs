@@ -152,7 +152,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Inserts many keys at once, for imports and benchmarks: creates the
     /// accounts as needed and writes each key's `created` audit event and
-    /// change-log entry, but does not check the tier cap. All or nothing.
+    /// change-log entry, but does not check the tier cap. All or nothing:
+    /// a prefix or key id that is taken (or repeated) fails the whole call
+    /// with [`StoreError::Conflict`]. Sends no change notification:
+    /// listeners see the sequence jump at the next change and read the
+    /// imported prefixes with [`Store::changes_since`].
     async fn import_keys(&self, keys: Vec<NewKey>, actor: &Actor) -> Result<()>;
 }
 
