@@ -971,13 +971,12 @@ impl Store for PostgresStore {
     /// delivered, in sequence order.
     ///
     /// A spawned task owns the connection: it forwards notifications and,
-    /// after [`LISTENER_HEARTBEAT`] without traffic, checks that the server
-    /// still answers. When the connection ends, fails or stays silent past
-    /// [`LISTENER_HEARTBEAT_TIMEOUT`], or the consumer falls
-    /// [`LISTENER_BUFFER`] notifications behind, the task ends and
-    /// [`ChangeListener::next`] fails as [`StoreError::Unavailable`] once
-    /// it has handed out what arrived before. Dropping the listener closes
-    /// the connection.
+    /// after 5 s without traffic, checks that the server still answers.
+    /// When the connection ends, fails or gives no answer within another
+    /// 5 s, or the consumer falls 65,536 notifications behind, the task
+    /// ends and [`ChangeListener::next`] fails as
+    /// [`StoreError::Unavailable`] once it has handed out what arrived
+    /// before. Dropping the listener closes the connection.
     async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
         let mut config = (*self.config).clone();
         config
