@@ -44,7 +44,7 @@ use vilvik_keys_domain::{
 };
 
 use crate::migrate::{CREATE_LEDGER, POSTGRES};
-use crate::rules::{self, format_time};
+use crate::rules::{self, corrupt, format_time, page};
 use crate::{
     Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, NewKey, Page,
     Result, SecretRecord, Store, StoreError, UsageRecord,
@@ -309,10 +309,6 @@ fn map_err(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
-fn corrupt(what: &str) -> impl FnOnce(String) -> StoreError + '_ {
-    move |detail| StoreError::internal(format!("corrupt {what} in the database: {detail}"))
-}
-
 async fn execute(c: &impl GenericClient, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
     let stmt = c.prepare_cached(sql).await.map_err(map_err)?;
     c.execute(&stmt, params).await.map_err(map_err)
@@ -539,19 +535,6 @@ fn secret_from_row(row: &Row, offset: usize) -> Result<SecretRecord> {
         superseded_at: row.try_get(offset + 1).map_err(map_err)?,
         key: key_from_row(row, offset + 2)?,
     })
-}
-
-fn page<T>(mut items: Vec<(i64, T)>, limit: u32) -> Page<T> {
-    let next_cursor = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(|(cursor, _)| *cursor)
-    } else {
-        None
-    };
-    Page {
-        items: items.into_iter().map(|(_, item)| item).collect(),
-        next_cursor,
-    }
 }
 
 #[async_trait]

@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use vilvik_keys_domain::{KeyPrefix, KeyState, ScopeSet, Tier, TierLimits};
 
-use crate::{FieldChange, KeyChanges, KeyRecord, NewKey, StoreError};
+use crate::{FieldChange, KeyChanges, KeyRecord, NewKey, Page, StoreError};
 
 pub(crate) fn format_time(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
@@ -119,4 +119,24 @@ pub(crate) fn check_quota(tier: Tier, limits: TierLimits, active: u32) -> Result
         });
     }
     Ok(())
+}
+
+/// A listing query fetches one row more than the page holds: if it came,
+/// there is a next page, starting after the last row kept.
+pub(crate) fn page<T>(mut items: Vec<(i64, T)>, limit: u32) -> Page<T> {
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|(cursor, _)| *cursor)
+    } else {
+        None
+    };
+    Page {
+        items: items.into_iter().map(|(_, item)| item).collect(),
+        next_cursor,
+    }
+}
+
+/// A stored value that does not parse: a bug or a hand-edited row.
+pub(crate) fn corrupt(what: &str) -> impl FnOnce(String) -> StoreError + '_ {
+    move |detail| StoreError::internal(format!("corrupt {what} in the database: {detail}"))
 }

@@ -20,7 +20,7 @@ use vilvik_keys_domain::{
 };
 
 use crate::migrate::{CREATE_LEDGER, SQLITE};
-use crate::rules::{self, format_time};
+use crate::rules::{self, corrupt, format_time, page};
 use crate::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Result,
     SecretRecord, Store, StoreError, UsageRecord,
@@ -136,10 +136,6 @@ fn from_micros(micros: i64) -> Result<OffsetDateTime> {
 
 fn opt_from_micros(micros: Option<i64>) -> Result<Option<OffsetDateTime>> {
     micros.map(from_micros).transpose()
-}
-
-fn corrupt(what: &str) -> impl FnOnce(String) -> StoreError + '_ {
-    move |detail| StoreError::internal(format!("corrupt {what} in the database: {detail}"))
 }
 
 /// Reads the columns of [`KEY_COLUMNS`] starting at `offset`.
@@ -334,19 +330,6 @@ fn secret_from_row(row: &Row<'_>, offset: usize) -> Result<SecretRecord> {
         superseded_at: opt_from_micros(row.get(offset + 1).map_err(map_err)?)?,
         key: key_from_row(row, offset + 2)?,
     })
-}
-
-fn page<T>(mut items: Vec<(i64, T)>, limit: u32) -> Page<T> {
-    let next_cursor = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(|(cursor, _)| *cursor)
-    } else {
-        None
-    };
-    Page {
-        items: items.into_iter().map(|(_, item)| item).collect(),
-        next_cursor,
-    }
 }
 
 #[async_trait]
