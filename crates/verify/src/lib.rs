@@ -29,7 +29,7 @@ use vilvik_keys_domain::{
     AccountId, ApiKey, Clock, KeyFormatError, KeyId, KeyName, KeyPrefix, Scope, ScopeSet,
     SecretHash,
 };
-use vilvik_keys_store::{Store, StoreError, UsageRecord};
+use vilvik_keys_store::{Store, StoreError};
 
 use crate::cache::{Cached, CachedSecret, KeyCache};
 use crate::feed::Follower;
@@ -140,11 +140,7 @@ impl Verifier {
             self.load(prefix, false, judge).await?
         };
         if let Verdict::Valid(key) | Verdict::InsufficientScope { key, .. } = &verdict {
-            self.usage.record(UsageRecord {
-                key_id: key.key_id.clone(),
-                at: now,
-                ip: client_ip,
-            });
+            self.usage.record(&key.key_id, now, client_ip);
         }
         Ok(verdict)
     }

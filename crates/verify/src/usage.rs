@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use time::OffsetDateTime;
 use vilvik_keys_domain::KeyId;
 use vilvik_keys_store::{Store, UsageRecord};
 
@@ -59,18 +60,27 @@ impl UsageRecorder {
         }
     }
 
-    /// Notes a use; never blocks on I/O.
-    pub fn record(&self, usage: UsageRecord) {
-        let mut pending = self.pending[shard_of(&usage.key_id)]
+    /// Notes a use of `key_id` at `at` from `ip`; never blocks on I/O, and
+    /// allocates only for a key not yet pending.
+    pub fn record(&self, key_id: &KeyId, at: OffsetDateTime, ip: Option<String>) {
+        let mut pending = self.pending[shard_of(key_id)]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let full = pending.len() >= self.config.max_pending.div_ceil(SHARDS);
-        match pending.get_mut(&usage.key_id) {
-            Some(existing) if existing.at <= usage.at => *existing = usage,
+        match pending.get_mut(key_id) {
+            Some(existing) if existing.at <= at => {
+                existing.at = at;
+                existing.ip = ip;
+            }
             Some(_) => {}
             None if full => {}
             None => {
-                pending.insert(usage.key_id.clone(), usage);
+                let usage = UsageRecord {
+                    key_id: key_id.clone(),
+                    at,
+                    ip,
+                };
+                pending.insert(key_id.clone(), usage);
             }
         }
     }
@@ -94,7 +104,7 @@ impl UsageRecorder {
             Ok(()) => Ok(batch.len()),
             Err(e) => {
                 for usage in batch {
-                    self.record(usage);
+                    self.record(&usage.key_id, usage.at, usage.ip);
                 }
                 Err(e)
             }

@@ -220,18 +220,14 @@ async fn uses_are_coalesced_per_key_and_bounded() {
     let (key_id, _) = f.create(&["a:b"], None).await;
     let t0 = f.clock.now();
     for i in 0..1_000 {
-        f.usage.record(UsageRecord {
-            key_id: key_id.clone(),
-            at: t0 + time::Duration::seconds(i),
-            ip: Some(format!("192.0.2.{}", i % 200)),
-        });
+        f.usage.record(
+            &key_id,
+            t0 + time::Duration::seconds(i),
+            Some(format!("192.0.2.{}", i % 200)),
+        );
     }
     // An older use arriving late does not replace a newer one.
-    f.usage.record(UsageRecord {
-        key_id: key_id.clone(),
-        at: t0,
-        ip: Some("198.51.100.1".into()),
-    });
+    f.usage.record(&key_id, t0, Some("198.51.100.1".into()));
     assert_eq!(f.usage.flush().await.unwrap(), 1, "one row for one key");
     let account: AccountId = "ACME".parse().unwrap();
     let key = f.store.get_key(&account, &key_id).await.unwrap().unwrap();
@@ -246,11 +242,7 @@ async fn uses_are_coalesced_per_key_and_bounded() {
         },
     );
     for _ in 0..200 {
-        small.record(UsageRecord {
-            key_id: KeyId::generate(),
-            at: t0,
-            ip: None,
-        });
+        small.record(&KeyId::generate(), t0, None);
     }
     assert!(
         small.flush().await.unwrap() <= 16,
@@ -266,7 +258,7 @@ async fn a_failed_flush_keeps_the_batch_for_the_next_one() {
         at: f.clock.now(),
         ip: None,
     };
-    f.usage.record(usage);
+    f.usage.record(&usage.key_id, usage.at, usage.ip);
     assert!(f.usage.flush().await.is_err(), "no schema yet");
     f.store.migrate().await.unwrap();
     assert_eq!(
