@@ -354,6 +354,9 @@ for pid in "${SERVER_PIDS[@]}"; do stop_pid "$pid"; done
 
 # --------------------------------------------------------------- report ----
 verdict() { if awk "BEGIN {exit !($1)}"; then echo "met"; else echo "**not met**"; fi; }
+# Targets stated "at 1M keys" only count on a run with at least that many.
+AT_1M=""
+if (( N < 1000000 )); then AT_1M=" (this run has $N keys: not comparable)"; fi
 node_row() {
   local addr=$1 label=$2
   jq -r --arg a "$addr" --arg l "$label" \
@@ -376,9 +379,9 @@ REPORT="$WORK/report.md"
   echo "| figure | value | target |"
   echo "|---|---|---|"
   echo "| keys seeded (\`Store::import_keys\`, chunks of 10,000) | $N at $(jq -r '.keys_per_s|floor' <<<"$SEED_JSON") keys/s | |"
-  echo "| first VALID answer after process start, \`--preload\` | ${FIRST_VALID_MS} ms (preload itself: ${PRELOAD_MS:-?} ms, ${PRELOAD_KEYS:-?} secrets) | < 5000 ms at 1M keys: $(verdict "$FIRST_VALID_MS < 5000") |"
+  echo "| first VALID answer after process start, \`--preload\` | ${FIRST_VALID_MS} ms (preload itself: ${PRELOAD_MS:-?} ms, ${PRELOAD_KEYS:-?} secrets) | < 5000 ms at 1M keys: $(verdict "$FIRST_VALID_MS < 5000")$AT_1M |"
   echo "| RSS, verify node without / with preload | ${RSS_BASE_KB} kB / ${RSS_MAIN_KB} kB | |"
-  echo "| RSS growth per cached key | ${BYTES_PER_KEY} B | <= 250 B: $(verdict "$BYTES_PER_KEY <= 250") |"
+  echo "| RSS growth per cached key | ${BYTES_PER_KEY} B | <= 250 B at 1M keys: $(verdict "$BYTES_PER_KEY <= 250")$AT_1M |"
   echo
   echo "## VerifyKey against the health check ($PAIRS interleaved pairs)"
   echo
