@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use vilvik_keys_domain::{Clock, SystemClock};
 use vilvik_keys_store::Store;
 use vilvik_keys_verify::{
@@ -190,9 +190,7 @@ impl Application {
                     KeyAdminServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
                 );
             tracing::info!(listener = "admin", %addr, "listening");
-            servers.spawn(
-                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()),
-            );
+            servers.spawn(router.serve_with_incoming_shutdown(incoming(listener), stopped()));
         }
         if let Some((listener, service)) = self.verify {
             health_reporter
@@ -217,9 +215,7 @@ impl Application {
                     KeyVerifyServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
                 );
             tracing::info!(listener = "verify", %addr, "listening");
-            servers.spawn(
-                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()),
-            );
+            servers.spawn(router.serve_with_incoming_shutdown(incoming(listener), stopped()));
         }
 
         let verifier = self.verifier.clone();
@@ -286,6 +282,13 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         tracing::info!(migrations = applied, "applied database migrations");
     }
     Ok(store)
+}
+
+/// Accepted connections with Nagle's algorithm off: gRPC answers are small
+/// and must not wait for an ACK (tonic's `tcp_nodelay` setting applies only
+/// when tonic binds the socket itself).
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 async fn bind(addr: SocketAddr, listener: &str) -> anyhow::Result<TcpListener> {
