@@ -32,7 +32,7 @@ pub enum FieldError {
 
 /// A key's label: 1 to 64 characters after trimming, no control characters.
 #[derive(Clone, PartialEq, Eq)]
-pub struct KeyName(String);
+pub struct KeyName(Box<str>);
 
 impl KeyName {
     pub fn as_str(&self) -> &str {
@@ -55,7 +55,7 @@ impl FromStr for KeyName {
         if s.chars().any(char::is_control) {
             return Err(FieldError::NameControlCharacter);
         }
-        Ok(Self(s.to_owned()))
+        Ok(Self(s.into()))
     }
 }
 

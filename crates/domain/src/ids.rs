@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::base62;
 
@@ -21,17 +22,26 @@ pub enum IdError {
     MalformedAccountId(String),
 }
 
+const KEY_ID_LEN: usize = KEY_ID_TAG.len() + KEY_ID_RANDOM_LEN;
+
 /// The stable identity of a key; survives rotation. E.g. `key_3kTMd8sQ0Lr6bA2xYv9Z`.
+///
+/// Held inline (24 ASCII bytes, no heap): verify nodes keep one per cached key.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId(String);
+pub struct KeyId([u8; KEY_ID_LEN]);
 
 impl KeyId {
     pub fn generate() -> Self {
-        Self(format!("{KEY_ID_TAG}{}", base62::random(KEY_ID_RANDOM_LEN)))
+        let id = format!("{KEY_ID_TAG}{}", base62::random(KEY_ID_RANDOM_LEN));
+        Self(
+            id.as_bytes()
+                .try_into()
+                .expect("a generated key id has the fixed length"),
+        )
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        std::str::from_utf8(&self.0).expect("a key id is ASCII")
     }
 }
 
@@ -39,31 +49,36 @@ impl FromStr for KeyId {
     type Err = IdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let well_formed = s.len() == KEY_ID_TAG.len() + KEY_ID_RANDOM_LEN
+        let well_formed = s.len() == KEY_ID_LEN
             && s.starts_with(KEY_ID_TAG)
             && s.bytes().skip(KEY_ID_TAG.len()).all(base62::is_base62);
+        let Ok(bytes) = s.as_bytes().try_into() else {
+            return Err(IdError::MalformedKeyId(truncate_for_message(s)));
+        };
         if !well_formed {
             return Err(IdError::MalformedKeyId(truncate_for_message(s)));
         }
-        Ok(Self(s.to_owned()))
+        Ok(Self(bytes))
     }
 }
 
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyId({})", self.0)
+        write!(f, "KeyId({})", self.as_str())
     }
 }
 
 /// The account (tenant) that owns keys, as named by the platform, e.g. `ACME`.
+///
+/// Shared, not copied, when cloned: verify nodes hold one per cached key.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AccountId(String);
+pub struct AccountId(Arc<str>);
 
 impl AccountId {
     pub fn as_str(&self) -> &str {
@@ -83,7 +98,7 @@ impl FromStr for AccountId {
         if !well_formed {
             return Err(IdError::MalformedAccountId(truncate_for_message(s)));
         }
-        Ok(Self(s.to_owned()))
+        Ok(Self(Arc::from(s)))
     }
 }
 

@@ -57,24 +57,31 @@ pub enum KeyFormatError {
     ChecksumMismatch,
 }
 
-/// The public first 12 characters of a key, e.g. `vlk_AbCdEfGh`.
+/// The public first 12 characters of a key, e.g. `vlk_AbCdEfGh`. Held
+/// inline (no heap).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyPrefix(String);
+pub struct KeyPrefix([u8; PREFIX_LEN]);
 
 impl KeyPrefix {
     pub fn as_str(&self) -> &str {
-        &self.0
+        std::str::from_utf8(&self.0).expect("a prefix is ASCII")
     }
 
     fn generate() -> Self {
-        Self(format!("{KEY_PREFIX}{}", base62::random(PREFIX_ID_LEN)))
+        let prefix = format!("{KEY_PREFIX}{}", base62::random(PREFIX_ID_LEN));
+        Self::from_validated(&prefix)
+    }
+
+    /// From 12 characters already checked to be `vlk_` + 8 base62.
+    fn from_validated(s: &str) -> Self {
+        Self(s.as_bytes().try_into().expect("a prefix has 12 characters"))
     }
 
     /// The prefix as a number (its 8 base62 characters read as one base-62
     /// value, below 62^8 < 2^48): distinct prefixes give distinct numbers,
     /// so compact in-memory indexes can key on 8 bytes instead of a string.
     pub fn packed(&self) -> u64 {
-        self.0.as_bytes()[KEY_PREFIX.len()..]
+        self.0[KEY_PREFIX.len()..]
             .iter()
             .fold(0u64, |acc, &b| acc * 62 + u64::from(base62::digit(b)))
     }
@@ -93,19 +100,19 @@ impl FromStr for KeyPrefix {
         if !s.bytes().skip(KEY_PREFIX.len()).all(base62::is_base62) {
             return Err(KeyFormatError::InvalidCharacter);
         }
-        Ok(Self(s.to_owned()))
+        Ok(Self::from_validated(s))
     }
 }
 
 impl fmt::Display for KeyPrefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for KeyPrefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyPrefix({})", self.0)
+        write!(f, "KeyPrefix({})", self.as_str())
     }
 }
 
@@ -113,9 +120,16 @@ impl fmt::Debug for KeyPrefix {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SecretHash([u8; 32]);
 
+/// `blake3::derive_key(HASH_CONTEXT, ..)` with the context already absorbed:
+/// the same hashes, without rehashing the context on every verify.
+static HASHER: std::sync::LazyLock<blake3::Hasher> =
+    std::sync::LazyLock::new(|| blake3::Hasher::new_derive_key(HASH_CONTEXT));
+
 impl SecretHash {
     fn of(key: &str) -> Self {
-        Self(blake3::derive_key(HASH_CONTEXT, key.as_bytes()))
+        let mut hasher = HASHER.clone();
+        hasher.update(key.as_bytes());
+        Self(*hasher.finalize().as_bytes())
     }
 
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
@@ -144,12 +158,12 @@ impl fmt::Debug for SecretHash {
     }
 }
 
-/// A well-formed key as presented by a caller. Its `Debug` shows only the
-/// prefix.
+/// A well-formed key as presented by a caller: its public prefix and the
+/// hash of the whole key. The secret itself is not kept past parsing.
 #[derive(Clone)]
 pub struct ApiKey {
     prefix: KeyPrefix,
-    secret: SecretString,
+    hash: SecretHash,
 }
 
 impl ApiKey {
@@ -158,7 +172,7 @@ impl ApiKey {
     }
 
     pub fn hash(&self) -> SecretHash {
-        SecretHash::of(self.secret.expose_secret())
+        self.hash
     }
 }
 
@@ -197,8 +211,8 @@ impl FromStr for ApiKey {
             return Err(KeyFormatError::ChecksumMismatch);
         }
         Ok(Self {
-            prefix: KeyPrefix(s[..PREFIX_LEN].to_owned()),
-            secret: SecretString::from(s),
+            prefix: KeyPrefix::from_validated(&s[..PREFIX_LEN]),
+            hash: SecretHash::of(s),
         })
     }
 }
@@ -280,6 +294,14 @@ mod tests {
         let parsed: ApiKey = key.expose_secret().parse().unwrap();
         assert_eq!(parsed.prefix(), key.prefix());
         assert!(parsed.hash().matches(&key.hash()));
+    }
+
+    #[test]
+    fn the_stored_hash_is_blake3_derive_key_of_the_whole_key() {
+        // The stored format: changing it would orphan every stored hash.
+        let key = GeneratedKey::generate();
+        let expected = blake3::derive_key(HASH_CONTEXT, key.expose_secret().as_bytes());
+        assert_eq!(key.hash().as_bytes(), &expected);
     }
 
     #[test]

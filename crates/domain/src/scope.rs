@@ -90,7 +90,7 @@ impl fmt::Debug for Scope {
 }
 
 /// The scopes of one key: sorted, without duplicates, at most [`MAX_SCOPES`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ScopeSet(BTreeSet<Scope>);
 
 impl ScopeSet {

@@ -17,8 +17,10 @@ use vilvik_keys_domain::{AccountId, KeyId, KeyName, KeyPrefix, ScopeSet, SecretH
 use vilvik_keys_store::{SecretRecord, StoreError};
 
 const SHARDS: usize = 64;
-/// Most distinct scope sets shared; past it each key keeps its own copy.
+/// Most distinct scope sets and accounts shared; past these each key keeps
+/// its own copy.
 const MAX_INTERNED_SCOPE_SETS: usize = 10_000;
+const MAX_INTERNED_ACCOUNTS: usize = 1_000_000;
 
 /// What the index keeps per secret: enough to answer a verify, no more.
 #[derive(Debug, Clone)]
@@ -75,7 +77,8 @@ impl Default for CacheConfig {
 pub(crate) struct KeyCache {
     shards: Box<[RwLock<Shard>]>,
     inflight: Box<[Inflight]>,
-    scope_sets: Mutex<HashMap<Vec<String>, Arc<ScopeSet>>>,
+    scope_sets: Mutex<HashMap<ScopeSet, Arc<ScopeSet>>>,
+    accounts: Mutex<HashMap<AccountId, AccountId>>,
     config: CacheConfig,
 }
 
@@ -98,6 +101,7 @@ impl KeyCache {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             inflight: (0..SHARDS).map(|_| Mutex::default()).collect(),
             scope_sets: Mutex::default(),
+            accounts: Mutex::default(),
             config,
         }
     }
@@ -233,23 +237,50 @@ impl KeyCache {
             revoked: key.revoked_at.is_some(),
             expires_at: key.expires_at,
             key_id: key.key_id,
-            account_id: key.account_id,
+            account_id: self.intern_account(key.account_id),
             name: key.name,
-            scopes: self.intern(key.scopes),
+            scopes: self.intern_scopes(key.scopes),
         }
     }
 
     /// Keys mostly share a few scope sets: keep one copy of each.
-    fn intern(&self, scopes: ScopeSet) -> Arc<ScopeSet> {
+    fn intern_scopes(&self, scopes: ScopeSet) -> Arc<ScopeSet> {
         let mut sets = self.scope_sets.lock().unwrap_or_else(|p| p.into_inner());
-        let strings = scopes.to_strings();
-        if let Some(shared) = sets.get(&strings) {
+        if let Some(shared) = sets.get(&scopes) {
             return shared.clone();
         }
-        let shared = Arc::new(scopes);
+        let shared = Arc::new(scopes.clone());
         if sets.len() < MAX_INTERNED_SCOPE_SETS {
-            sets.insert(strings, shared.clone());
+            sets.insert(scopes, shared.clone());
         }
         shared
+    }
+
+    /// Many keys share an account: keep one copy of its name.
+    fn intern_account(&self, account: AccountId) -> AccountId {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = accounts.get(&account) {
+            return shared.clone();
+        }
+        if accounts.len() < MAX_INTERNED_ACCOUNTS {
+            accounts.insert(account.clone(), account.clone());
+        }
+        account
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_record_fits_a_128_byte_allocation() {
+        // The index's memory per key: this box, the name's characters, and
+        // about 30 bytes of hash table. Growing the record shows up here.
+        assert!(
+            std::mem::size_of::<CachedSecret>() <= 120,
+            "{}",
+            std::mem::size_of::<CachedSecret>()
+        );
     }
 }
