@@ -83,6 +83,15 @@ stop_pid() {
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  # h2load and probe processes run in subshells: they leave their pids here.
+  if [[ -f "$WORK/client.pids" ]]; then
+    while read -r pid; do
+      # Only if the pid is still ours (not reused by another program).
+      if grep -qa -e h2load -e vilvik-keys-bench "/proc/$pid/cmdline" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+      fi
+    done <"$WORK/client.pids"
+  fi
   for pid in "${SERVER_PIDS[@]}"; do stop_pid "$pid"; done
   if [[ -n "$DB_NAME" ]]; then
     timeout 60 psql -q "$PG_URL/postgres" -c "DROP DATABASE IF EXISTS $DB_NAME WITH (FORCE)" \
@@ -167,6 +176,7 @@ probe() {
   local port=$1 pid=$2 out="$WORK/probe.$1.json" prober
   timeout 180 "$BENCH" probe --verify "127.0.0.1:$port" --keys "$KEYS" --timeout-s 170 >"$out" &
   prober=$!
+  echo "$prober" >>"$WORK/client.pids"
   while kill -0 "$prober" 2>/dev/null; do
     if ! kill -0 "$pid" 2>/dev/null; then kill "$prober" 2>/dev/null; wait "$prober" 2>/dev/null; return 1; fi
     sleep 0.05
@@ -247,6 +257,7 @@ h2run() {
         -d "$body" -H 'content-type: application/grpc' -H 'te: trailers' \
         --log-file="$out.log" "http://127.0.0.1:$P_MAIN$path" >"$out.txt" 2>&1 &
       pids+=($!)
+      echo $! >>"$WORK/client.pids"
     done
     for pid in "${pids[@]}"; do wait "$pid" || die "h2load failed: $(cat "$RUNS/$id"-s"$s"-p*.txt | tail -3)"; done
   done
