@@ -52,9 +52,9 @@ fn response(
         ..Default::default()
     };
     if let Some(key) = key {
-        out.key_id = key.key_id.to_string();
-        out.account_id = key.account_id.to_string();
-        out.name = key.name.to_string();
+        out.key_id = key.key_id.as_str().to_owned();
+        out.account_id = key.account_id.as_str().to_owned();
+        out.name = key.name.into_string();
         out.scopes = key.scopes.to_strings();
         out.expires_at = key.expires_at.map(convert::timestamp);
     }
@@ -67,11 +67,16 @@ impl KeyVerify for VerifyService {
         &self,
         request: Request<proto::VerifyKeyRequest>,
     ) -> Result<Response<proto::VerifyKeyResponse>, Status> {
-        let peer_ip = client_ip(
-            request.metadata(),
-            request.remote_addr(),
-            &self.trusted_proxies,
-        );
+        // Formatted only when the request does not name the client itself.
+        let peer_ip = if request.get_ref().client_ip.trim().is_empty() {
+            client_ip(
+                request.metadata(),
+                request.remote_addr(),
+                &self.trusted_proxies,
+            )
+        } else {
+            None
+        };
         let req = request.into_inner();
         let required = parse_required(&req.required_scopes)?;
         let client_ip = match req.client_ip.trim() {

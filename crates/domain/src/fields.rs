@@ -38,6 +38,10 @@ impl KeyName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    pub fn into_string(self) -> String {
+        self.0.into_string()
+    }
 }
 
 impl FromStr for KeyName {
