@@ -21,6 +21,7 @@ mod model;
 mod postgres;
 mod rules;
 mod sqlite;
+mod stream;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -28,8 +29,8 @@ use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, SecretHash, Tier, TierLimi
 
 pub use error::StoreError;
 pub use model::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, SecretRecord,
-    UsageRecord,
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, SecretEntry,
+    SecretRecord, UsageRecord,
 };
 pub use postgres::{CHANGE_CHANNEL, PostgresStore};
 pub use sqlite::SqliteStore;
@@ -137,18 +138,23 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// (SQLite): followers then poll [`Store::changes_since`].
     async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>>;
 
-    /// Every secret (current and superseded) with its key, in prefix order,
-    /// `limit` at a time after `after`: for warming a verify node's cache.
-    /// Pass the last prefix of a page as `after` to get the next; a short
-    /// page is the last. "Prefix order" is the database's text order:
-    /// bytewise on SQLite, the column's collation on Postgres (bytewise
-    /// under `C`, case-insensitive first under e.g. `en_US.UTF-8`), so do
-    /// not compare prefixes across backends to resume a scan.
-    async fn scan_secrets(
+    /// Every secret (current and superseded) with what verification needs
+    /// of its key, in no particular order, as one consistent read (a
+    /// snapshot: a change committed meanwhile is either wholly in or wholly
+    /// out), handed to `sink` in batches of at most `batch` entries (a
+    /// `batch` of 0 counts as 1). Returns how many. For warming a verify
+    /// node's cache.
+    ///
+    /// Entries are handed over while the read goes on, so on an error
+    /// `sink` may already have seen some of them: the caller discards
+    /// them or starts over. `sink` runs on the caller's task; a slow sink
+    /// slows the read (at most a few batches are buffered), it does not
+    /// grow memory.
+    async fn stream_secrets(
         &self,
-        after: Option<&KeyPrefix>,
-        limit: u32,
-    ) -> Result<Vec<(KeyPrefix, SecretRecord)>>;
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+    ) -> Result<usize>;
 
     /// Inserts many keys at once, for imports and benchmarks: creates the
     /// accounts as needed and writes each key's `created` audit event and

@@ -74,6 +74,24 @@ pub struct SecretRecord {
     pub key: KeyRecord,
 }
 
+/// What a verify node keeps of one secret: the secret and what verification
+/// needs of its key, no more. [`crate::Store::stream_secrets`] hands these
+/// out in bulk, so it carries no description, revoke reason or usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretEntry {
+    pub prefix: KeyPrefix,
+    pub hash: SecretHash,
+    /// The key was rotated away from this secret.
+    pub superseded: bool,
+    /// The key is revoked.
+    pub revoked: bool,
+    pub expires_at: Option<OffsetDateTime>,
+    pub key_id: KeyId,
+    pub account_id: AccountId,
+    pub name: KeyName,
+    pub scopes: ScopeSet,
+}
+
 /// The latest use of a key seen by a verify node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {

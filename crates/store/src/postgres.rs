@@ -31,6 +31,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
+use futures_util::TryStreamExt;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -45,9 +46,10 @@ use vilvik_keys_domain::{
 
 use crate::migrate::{CREATE_LEDGER, POSTGRES};
 use crate::rules::{self, corrupt, format_time, page};
+use crate::stream;
 use crate::{
     Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, NewKey, Page,
-    Result, SecretRecord, Store, StoreError, UsageRecord,
+    Result, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
 };
 
 /// The `LISTEN`/`NOTIFY` channel on which every change publishes
@@ -117,14 +119,12 @@ const FIND_SECRET: &str = concat!(
     key_columns!(),
     " FROM key_secrets s JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = $1"
 );
-/// A range scan of the `key_secrets` primary key: `$1` is the last prefix
-/// seen (`''` to start), so each page costs its own rows, not an offset.
-const SCAN_SECRETS: &str = concat!(
-    "SELECT s.prefix, s.hash, s.superseded_at, ",
-    key_columns!(),
-    " FROM key_secrets s JOIN keys k ON k.key_id = s.key_id \
-     WHERE s.prefix > $1 ORDER BY s.prefix LIMIT $2"
-);
+/// Every secret with what verification needs of its key. No `ORDER BY`
+/// and no parameters, so the planner is free to hash-join the two tables
+/// in one pass each.
+const STREAM_SECRETS: &str = "SELECT s.prefix, s.hash, s.superseded_at IS NOT NULL, \
+     k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes \
+     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id";
 
 // Bulk import: one statement per table per call, the rows passed as
 // arrays and unnested. `WITH ORDINALITY ... ORDER BY ord` keeps the input
@@ -524,6 +524,23 @@ fn parse_notification(payload: &str) -> Result<(i64, KeyPrefix)> {
     let seq: i64 = seq.parse().map_err(|_| malformed())?;
     let prefix: KeyPrefix = prefix.parse().map_err(|_| malformed())?;
     Ok((seq, prefix))
+}
+
+/// Decodes a row of [`STREAM_SECRETS`], borrowing its text until parsed.
+fn entry_from_row(row: &Row) -> Result<SecretEntry> {
+    let scopes: Vec<&str> = row.try_get(8).map_err(map_err)?;
+    stream::RawEntry {
+        prefix: row.try_get(0).map_err(map_err)?,
+        hash: row.try_get(1).map_err(map_err)?,
+        superseded: row.try_get(2).map_err(map_err)?,
+        revoked: row.try_get(3).map_err(map_err)?,
+        expires_at: row.try_get(4).map_err(map_err)?,
+        key_id: row.try_get(5).map_err(map_err)?,
+        account_id: row.try_get(6).map_err(map_err)?,
+        name: row.try_get(7).map_err(map_err)?,
+        scopes: &scopes,
+    }
+    .parse()
 }
 
 /// Reads `s.hash, s.superseded_at` and then the key columns, from `offset`.
@@ -997,26 +1014,48 @@ impl Store for PostgresStore {
         })))
     }
 
-    async fn scan_secrets(
+    /// One query on a pooled connection, its rows streamed (never all in
+    /// memory) and decoded by a task of its own that sends batches to the
+    /// caller as it goes. One statement is one snapshot, so the read is
+    /// consistent without a transaction.
+    async fn stream_secrets(
         &self,
-        after: Option<&KeyPrefix>,
-        limit: u32,
-    ) -> Result<Vec<(KeyPrefix, SecretRecord)>> {
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+    ) -> Result<usize> {
+        let batch = batch.max(1);
         let client = self.client().await?;
-        // Every prefix sorts after the empty string, whatever the collation.
-        let after = after.map_or("", KeyPrefix::as_str);
-        let rows = query(&client, SCAN_SECRETS, &[&after, &i64::from(limit)]).await?;
-        rows.iter()
-            .map(|row| {
-                let prefix: String = row.try_get(0).map_err(map_err)?;
-                let prefix = prefix
-                    .parse()
-                    .map_err(|e: vilvik_keys_domain::KeyFormatError| {
-                        corrupt("secret prefix")(e.to_string())
-                    })?;
-                Ok((prefix, secret_from_row(row, 1)?))
-            })
-            .collect()
+        let (tx, rx) = mpsc::channel(stream::BUFFERED_BATCHES);
+        let producer = tokio::spawn(async move {
+            // Prepared (and cached), so rows decode by the statement's
+            // column types without a lookup.
+            let stmt = client
+                .prepare_cached(STREAM_SECRETS)
+                .await
+                .map_err(map_err)?;
+            let rows = client
+                .query_raw(&stmt, std::iter::empty::<&(dyn ToSql + Sync)>())
+                .await
+                .map_err(map_err)?;
+            let mut rows = std::pin::pin!(rows);
+            let mut entries = stream::new_batch(batch);
+            while let Some(row) = rows.try_next().await.map_err(map_err)? {
+                entries.push(entry_from_row(&row)?);
+                if entries.len() == batch {
+                    let full = std::mem::replace(&mut entries, stream::new_batch(batch));
+                    if tx.send(full).await.is_err() {
+                        return Ok(()); // the caller gave up
+                    }
+                }
+            }
+            if !entries.is_empty() {
+                let _ = tx.send(entries).await;
+            }
+            // `client` goes back to the pool only now, with the query done.
+            drop(client);
+            Ok(())
+        });
+        stream::drain(rx, producer, sink).await
     }
 
     /// One statement per table, the rows passed as arrays (10,000 keys

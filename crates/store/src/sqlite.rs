@@ -15,15 +15,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use time::OffsetDateTime;
+use tokio::sync::mpsc;
 use vilvik_keys_domain::{
     AccountId, AuditAction, KeyId, KeyPrefix, KeyState, ScopeSet, SecretHash, Tier, TierLimits,
 };
 
 use crate::migrate::{CREATE_LEDGER, SQLITE};
 use crate::rules::{self, corrupt, format_time, page};
+use crate::stream;
 use crate::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Result,
-    SecretRecord, Store, StoreError, UsageRecord,
+    SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -319,6 +321,42 @@ fn publish_change(tx: &Transaction<'_>, prefix: &KeyPrefix, at: OffsetDateTime) 
         .execute(params![prefix.as_str(), to_micros(at)])
         .map_err(map_err)?;
     Ok(())
+}
+
+/// Every secret with what verification needs of its key; no `ORDER BY`,
+/// so SQLite may join in whichever order is cheapest.
+const STREAM_SECRETS: &str = "SELECT s.prefix, s.hash, s.superseded_at IS NOT NULL, \
+     k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes \
+     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id";
+
+/// Decodes a row of [`STREAM_SECRETS`], borrowing its text until parsed.
+fn entry_from_row(row: &Row<'_>) -> Result<SecretEntry> {
+    let text = |i: usize| -> Result<&str> {
+        row.get_ref(i)
+            .map_err(map_err)?
+            .as_str()
+            .map_err(|e| StoreError::internal_from("SQLite column is not text", e))
+    };
+    let hash = row
+        .get_ref(1)
+        .map_err(map_err)?
+        .as_blob()
+        .map_err(|e| StoreError::internal_from("SQLite column is not a blob", e))?;
+    // Scopes never hold a character JSON escapes, so they borrow.
+    let scopes: Vec<&str> =
+        serde_json::from_str(text(8)?).map_err(|e| corrupt("scopes")(e.to_string()))?;
+    stream::RawEntry {
+        prefix: text(0)?,
+        hash,
+        superseded: row.get(2).map_err(map_err)?,
+        revoked: row.get(3).map_err(map_err)?,
+        expires_at: opt_from_micros(row.get(4).map_err(map_err)?)?,
+        key_id: text(5)?,
+        account_id: text(6)?,
+        name: text(7)?,
+        scopes: &scopes,
+    }
+    .parse()
 }
 
 /// Reads `s.hash, s.superseded_at` and then [`KEY_COLUMNS`], from `offset`.
@@ -728,39 +766,44 @@ impl Store for SqliteStore {
         Ok(None)
     }
 
-    async fn scan_secrets(
+    /// One statement on the reader connection inside a read transaction,
+    /// run on a blocking thread that sends batches to the caller as it
+    /// goes. Other reads of this store wait until the stream ends (the
+    /// reader connection is busy); writes do not (WAL).
+    async fn stream_secrets(
         &self,
-        after: Option<&KeyPrefix>,
-        limit: u32,
-    ) -> Result<Vec<(KeyPrefix, SecretRecord)>> {
-        // Every prefix sorts after the empty string.
-        let after = after.map_or_else(String::new, |p| p.as_str().to_owned());
-        self.read(move |conn| {
-            // A range scan of the key_secrets primary key index, in its
-            // (binary) order: each page costs its own rows.
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "SELECT s.prefix, s.hash, s.superseded_at, {KEY_COLUMNS} FROM key_secrets s \
-                     JOIN keys k ON k.key_id = s.key_id \
-                     WHERE s.prefix > ?1 ORDER BY s.prefix LIMIT ?2"
-                ))
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+    ) -> Result<usize> {
+        let batch = batch.max(1);
+        let (tx, rx) = mpsc::channel(stream::BUFFERED_BATCHES);
+        let conn = self.reader.clone();
+        let producer = tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            // Deferred: a read transaction, one snapshot for every row.
+            let read = conn
+                .transaction_with_behavior(TransactionBehavior::Deferred)
                 .map_err(map_err)?;
-            let mut rows = stmt
-                .query(params![after, i64::from(limit)])
-                .map_err(map_err)?;
-            let mut items = Vec::new();
-            while let Some(row) = rows.next().map_err(map_err)? {
-                let prefix: String = row.get(0).map_err(map_err)?;
-                let prefix = prefix
-                    .parse()
-                    .map_err(|e: vilvik_keys_domain::KeyFormatError| {
-                        corrupt("secret prefix")(e.to_string())
-                    })?;
-                items.push((prefix, secret_from_row(row, 1)?));
+            {
+                let mut stmt = read.prepare_cached(STREAM_SECRETS).map_err(map_err)?;
+                let mut rows = stmt.query([]).map_err(map_err)?;
+                let mut entries = stream::new_batch(batch);
+                while let Some(row) = rows.next().map_err(map_err)? {
+                    entries.push(entry_from_row(row)?);
+                    if entries.len() == batch {
+                        let full = std::mem::replace(&mut entries, stream::new_batch(batch));
+                        if tx.blocking_send(full).is_err() {
+                            return Ok(()); // the caller gave up
+                        }
+                    }
+                }
+                if !entries.is_empty() && tx.blocking_send(entries).is_err() {
+                    return Ok(());
+                }
             }
-            Ok(items)
-        })
-        .await
+            read.commit().map_err(map_err)
+        });
+        stream::drain(rx, producer, sink).await
     }
 
     /// One `BEGIN IMMEDIATE` transaction and the same cached statements as

@@ -16,11 +16,11 @@ use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
 use tokio::task::JoinSet;
 use vilvik_keys_domain::{
-    AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, KeyPrefix, ScopeSet,
-    SecretHash, Tier, TierLimits,
+    AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, KeyPrefix, ScopeSet, Tier,
+    TierLimits,
 };
 use vilvik_keys_store::{
-    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, Store, StoreError, UsageRecord,
+    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, SecretEntry, Store, StoreError, UsageRecord,
 };
 
 // ---------------------------------------------------------------------------
@@ -1187,24 +1187,65 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
     assert_eq!(store.change_sequence().await.unwrap(), seq);
 }
 
-async fn scan_secrets_pages_through_every_secret_in_prefix_order(store: Arc<dyn Store>) {
+/// Streams every secret in batches of `batch`, checking the batches'
+/// sizes and the returned count.
+async fn stream_all(store: &dyn Store, batch: usize) -> Vec<SecretEntry> {
+    let mut batches = Vec::new();
+    let count = store
+        .stream_secrets(batch, &mut |entries| batches.push(entries))
+        .await
+        .unwrap();
+    for entries in &batches {
+        assert!(!entries.is_empty(), "batch {batch}: an empty batch");
+        assert!(
+            entries.len() <= batch.max(1),
+            "batch {batch}: {}",
+            entries.len()
+        );
+    }
+    let all: Vec<SecretEntry> = batches.into_iter().flatten().collect();
+    assert_eq!(count, all.len(), "batch {batch}");
+    all
+}
+
+async fn stream_secrets_yields_every_secret_once(store: Arc<dyn Store>) {
     let (acme, globex) = (account("ACME"), account("globex"));
     let t0 = now();
-    assert!(store.scan_secrets(None, 10).await.unwrap().is_empty());
+    let mut calls = 0;
+    let count = store.stream_secrets(10, &mut |_| calls += 1).await.unwrap();
+    assert_eq!((count, calls), (0, 0));
 
-    // Current secrets of two accounts, superseded ones, a revoked key.
-    let mut expected: BTreeMap<KeyPrefix, (SecretHash, Option<OffsetDateTime>, KeyId)> =
-        BTreeMap::new();
+    // Current secrets of two accounts, superseded ones, a revoked key,
+    // keys with and without expiry, with various scopes.
+    let mut expected: BTreeMap<KeyPrefix, SecretEntry> = BTreeMap::new();
     let mut keys = Vec::new();
+    let scope_lists: [&[&str]; 3] = [&["datasets:read", "models:*"], &[], &["billing:read"]];
     for (i, owner) in [&acme, &acme, &acme, &globex, &globex, &acme, &globex]
         .into_iter()
         .enumerate()
     {
-        let (new, generated) = new_key(owner, &format!("key-{i}"), t0);
-        let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+        let (mut new, generated) = new_key(owner, &format!("key-{i}"), t0);
+        new.scopes = scopes(scope_lists[i % 3]);
+        if i % 2 == 1 {
+            new.expires_at = Some(t0 + Duration::days(i as i64));
+        }
+        let key = store
+            .create_key(new.clone(), &actor(), roomy())
+            .await
+            .unwrap();
         expected.insert(
             generated.prefix().clone(),
-            (generated.hash(), None, key.key_id.clone()),
+            SecretEntry {
+                prefix: generated.prefix().clone(),
+                hash: generated.hash(),
+                superseded: false,
+                revoked: false,
+                expires_at: new.expires_at,
+                key_id: new.key_id,
+                account_id: new.account_id,
+                name: new.name,
+                scopes: new.scopes,
+            },
         );
         keys.push(key);
     }
@@ -1227,80 +1268,57 @@ async fn scan_secrets_pages_through_every_secret_in_prefix_order(store: Arc<dyn 
             )
             .await
             .unwrap();
-        expected.get_mut(&current.prefix).unwrap().1 = Some(t1);
-        expected.insert(
-            fresh.prefix().clone(),
-            (fresh.hash(), None, key.key_id.clone()),
-        );
+        let old = expected.get_mut(&current.prefix).unwrap();
+        old.superseded = true;
+        let new = SecretEntry {
+            prefix: fresh.prefix().clone(),
+            hash: fresh.hash(),
+            superseded: false,
+            ..old.clone()
+        };
+        expected.insert(fresh.prefix().clone(), new);
     }
+    // Revoking marks every secret of the key, superseded ones included.
     store
-        .revoke_key(&globex, &keys[4].key_id, "done", &actor(), t1)
+        .revoke_key(&globex, &keys[3].key_id, "done", &actor(), t1)
         .await
         .unwrap();
-    assert_eq!(expected.len(), 10);
-
-    // One page holding everything is the reference order.
-    let everything = store.scan_secrets(None, 1000).await.unwrap();
-    assert_eq!(everything.len(), expected.len());
-    for (prefix, secret) in &everything {
-        let (hash, superseded_at, key_id) = &expected[prefix];
-        assert!(secret.hash.matches(hash), "{prefix}");
-        assert_eq!(secret.superseded_at, *superseded_at, "{prefix}");
-        assert_eq!(&secret.key.key_id, key_id);
-        // The same record find_secret gives, key included.
-        let found = store.find_secret(prefix).await.unwrap().unwrap();
-        assert_eq!(secret.key, found.key);
-        assert_eq!(secret.superseded_at, found.superseded_at);
-    }
-    let revoked = everything
-        .iter()
-        .find(|(_, s)| s.key.key_id == keys[4].key_id)
-        .unwrap();
-    assert_eq!(revoked.1.key.revoked_at, Some(t1));
-
-    // Pages of every size give the same sequence: no duplicates, no gaps.
-    for page_size in [1, 3, 4, 10, 11] {
-        let mut paged = Vec::new();
-        let mut after = None;
-        loop {
-            let page = store.scan_secrets(after.as_ref(), page_size).await.unwrap();
-            assert!(page.len() <= page_size as usize);
-            let Some((last, _)) = page.last() else {
-                break;
-            };
-            after = Some(last.clone());
-            let full = page.len() == page_size as usize;
-            paged.extend(page.into_iter().map(|(p, _)| p));
-            if !full {
-                break;
-            }
+    for entry in expected.values_mut() {
+        if entry.key_id == keys[3].key_id {
+            entry.revoked = true;
         }
-        let reference: Vec<_> = everything.iter().map(|(p, _)| p.clone()).collect();
-        assert_eq!(paged, reference, "pages of {page_size}");
+    }
+    assert_eq!(expected.len(), 10);
+    assert_eq!(expected.values().filter(|e| e.superseded).count(), 3);
+    assert_eq!(expected.values().filter(|e| e.revoked).count(), 2);
+
+    // Every batch size gives the same set, each secret once. (0 counts as 1.)
+    for batch in [1, 3, 1000, 0] {
+        let streamed = stream_all(&*store, batch).await;
+        let mut got = BTreeMap::new();
+        for entry in streamed {
+            let prefix = entry.prefix.clone();
+            assert!(
+                got.insert(prefix.clone(), entry).is_none(),
+                "batch {batch}: {prefix} twice"
+            );
+        }
+        assert_eq!(got, expected, "batch {batch}");
     }
 
-    // Strictly after the cursor, each prefix followed by the next one: the
-    // scan order is a total order that `after` follows.
-    for pair in everything.windows(2) {
-        let next = store.scan_secrets(Some(&pair[0].0), 1).await.unwrap();
-        assert_eq!(next.len(), 1);
-        assert_eq!(next[0].0, pair[1].0);
+    // Each entry says what find_secret says of its prefix.
+    for entry in stream_all(&*store, 4).await {
+        let found = store.find_secret(&entry.prefix).await.unwrap().unwrap();
+        let prefix = &entry.prefix;
+        assert!(found.hash.matches(&entry.hash), "{prefix}");
+        assert_eq!(entry.superseded, found.superseded_at.is_some(), "{prefix}");
+        assert_eq!(entry.revoked, found.key.revoked_at.is_some(), "{prefix}");
+        assert_eq!(entry.expires_at, found.key.expires_at, "{prefix}");
+        assert_eq!(entry.key_id, found.key.key_id, "{prefix}");
+        assert_eq!(entry.account_id, found.key.account_id, "{prefix}");
+        assert_eq!(entry.name, found.key.name, "{prefix}");
+        assert_eq!(entry.scopes, found.key.scopes, "{prefix}");
     }
-    let last = &everything.last().unwrap().0;
-    assert!(store.scan_secrets(Some(last), 10).await.unwrap().is_empty());
-    assert!(store.scan_secrets(None, 0).await.unwrap().is_empty());
-    // A cursor that is not a stored prefix works too.
-    let unknown = GeneratedKey::generate();
-    let rest = store
-        .scan_secrets(Some(unknown.prefix()), 1000)
-        .await
-        .unwrap();
-    let tail: Vec<_> = everything[everything.len() - rest.len()..]
-        .iter()
-        .map(|(p, _)| p)
-        .collect();
-    assert_eq!(rest.iter().map(|(p, _)| p).collect::<Vec<_>>(), tail);
-    assert!(rest.iter().all(|(p, _)| p != unknown.prefix()));
 }
 
 /// `count` keys spread over `accounts`, with distinct names and expiries.
@@ -1457,9 +1475,8 @@ async fn import_keys_writes_keys_events_and_changes_ignoring_the_cap(store: Arc<
         changes.last().unwrap().0
     );
 
-    // And the imported secrets show up in a scan.
-    let scanned = store.scan_secrets(None, 1000).await.unwrap();
-    assert_eq!(scanned.len(), 301);
+    // And the imported secrets show up in a stream.
+    assert_eq!(stream_all(&*store, 1000).await.len(), 301);
 }
 
 async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
@@ -1480,7 +1497,7 @@ async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
         .unwrap();
     let seq = store.change_sequence().await.unwrap();
     let events = all_events(&*store, &acme, None).await;
-    let secrets = store.scan_secrets(None, 1000).await.unwrap().len();
+    let secrets = stream_all(&*store, 1000).await.len();
 
     let batch = || -> Vec<NewKey> {
         import_batch(&[&acme, &globex], 200, t0)
@@ -1534,11 +1551,7 @@ async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
         assert!(all_events(&*store, &globex, None).await.is_empty());
         assert_eq!(all_events(&*store, &acme, None).await, events, "{what}");
         assert_eq!(store.change_sequence().await.unwrap(), seq, "{what}");
-        assert_eq!(
-            store.scan_secrets(None, 1000).await.unwrap().len(),
-            secrets,
-            "{what}"
-        );
+        assert_eq!(stream_all(&*store, 1000).await.len(), secrets, "{what}");
         assert_eq!(
             store.get_key(&acme, &existing.key_id).await.unwrap(),
             Some(rotated.clone())
@@ -1606,7 +1619,7 @@ conformance!(
     the_change_feed_carries_every_changed_prefix,
     no_audit_event_holds_a_secret,
     a_taken_identifier_is_a_conflict_and_changes_nothing,
-    scan_secrets_pages_through_every_secret_in_prefix_order,
+    stream_secrets_yields_every_secret_once,
     import_keys_writes_keys_events_and_changes_ignoring_the_cap,
     import_keys_is_all_or_nothing,
 );

@@ -1,0 +1,89 @@
+//! What both backends share for [`crate::Store::stream_secrets`]: a
+//! producer (a blocking thread for SQLite, a task for Postgres) reads and
+//! decodes rows into batches and sends them over a bounded channel; the
+//! caller's task hands each batch to its sink. Reading and decoding thus
+//! overlap with whatever the sink does, and memory stays bounded by a few
+//! batches however large the store is.
+
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use vilvik_keys_domain::{ScopeSet, SecretHash};
+
+use crate::rules::corrupt;
+use crate::{Result, SecretEntry, StoreError};
+
+/// Batches decoded ahead of the sink.
+pub(crate) const BUFFERED_BATCHES: usize = 4;
+/// Most entries a batch allocates room for up front, so that a huge
+/// `batch` costs memory only as rows arrive.
+const MAX_PREALLOCATED: usize = 16_384;
+
+/// One row of the stream query, borrowed from the driver's buffer.
+pub(crate) struct RawEntry<'a, S> {
+    pub prefix: &'a str,
+    pub hash: &'a [u8],
+    pub superseded: bool,
+    pub revoked: bool,
+    pub expires_at: Option<OffsetDateTime>,
+    pub key_id: &'a str,
+    pub account_id: &'a str,
+    pub name: &'a str,
+    pub scopes: &'a [S],
+}
+
+impl<S: AsRef<str>> RawEntry<'_, S> {
+    /// Parses every field; a value that does not parse is a corrupt row.
+    pub fn parse(self) -> Result<SecretEntry> {
+        Ok(SecretEntry {
+            prefix: self
+                .prefix
+                .parse()
+                .map_err(|e: vilvik_keys_domain::KeyFormatError| {
+                    corrupt("secret prefix")(e.to_string())
+                })?,
+            hash: SecretHash::from_slice(self.hash)
+                .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
+            superseded: self.superseded,
+            revoked: self.revoked,
+            expires_at: self.expires_at,
+            key_id: self
+                .key_id
+                .parse()
+                .map_err(|e: vilvik_keys_domain::IdError| corrupt("key id")(e.to_string()))?,
+            account_id: self
+                .account_id
+                .parse()
+                .map_err(|e: vilvik_keys_domain::IdError| corrupt("account id")(e.to_string()))?,
+            name: self
+                .name
+                .parse()
+                .map_err(|e: vilvik_keys_domain::FieldError| corrupt("name")(e.to_string()))?,
+            scopes: ScopeSet::parse(self.scopes)
+                .map_err(|(_, e)| corrupt("scopes")(e.to_string()))?,
+        })
+    }
+}
+
+/// An empty batch with room for `batch` entries (up to a limit).
+pub(crate) fn new_batch(batch: usize) -> Vec<SecretEntry> {
+    Vec::with_capacity(batch.min(MAX_PREALLOCATED))
+}
+
+/// The caller's side: hands every batch the producer sends to `sink`, then
+/// returns how many entries there were, or the producer's error.
+pub(crate) async fn drain(
+    mut batches: mpsc::Receiver<Vec<SecretEntry>>,
+    producer: JoinHandle<Result<()>>,
+    sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+) -> Result<usize> {
+    let mut count = 0;
+    while let Some(entries) = batches.recv().await {
+        count += entries.len();
+        sink(entries);
+    }
+    producer
+        .await
+        .map_err(|e| StoreError::internal_from("the secret stream's reader failed", e))??;
+    Ok(count)
+}
