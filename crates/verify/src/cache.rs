@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 use vilvik_keys_domain::{AccountId, KeyId, KeyName, KeyPrefix, ScopeSet, SecretHash};
-use vilvik_keys_store::{SecretRecord, StoreError};
+use vilvik_keys_store::{SecretEntry, SecretRecord, StoreError};
 
 const SHARDS: usize = 64;
 /// Most distinct scope sets and accounts shared; past these each key keeps
@@ -163,16 +163,27 @@ impl KeyCache {
         result
     }
 
-    /// Inserts store records directly, e.g. when warming the cache at start.
-    pub fn insert_loaded(&self, records: Vec<(KeyPrefix, SecretRecord)>) {
-        for (prefix, record) in records {
-            let packed = prefix.packed();
-            let compact = Box::new(self.compact(record));
-            let mut shard = self.shards[shard_of(packed)]
+    /// Inserts streamed entries directly, e.g. when warming the cache at
+    /// start. Each shard's write lock is taken once per call.
+    pub fn insert_entries(&self, entries: Vec<SecretEntry>) {
+        let mut by_shard: Vec<Vec<(u64, Box<CachedSecret>)>> =
+            (0..SHARDS).map(|_| Vec::new()).collect();
+        for entry in entries {
+            let packed = entry.prefix.packed();
+            by_shard[shard_of(packed)].push((packed, Box::new(self.compact_entry(entry))));
+        }
+        for (index, found) in by_shard.into_iter().enumerate() {
+            if found.is_empty() {
+                continue;
+            }
+            let mut shard = self.shards[index]
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
-            shard.absent.remove(&packed);
-            shard.found.insert(packed, compact);
+            shard.found.reserve(found.len());
+            for (packed, compact) in found {
+                shard.absent.remove(&packed);
+                shard.found.insert(packed, compact);
+            }
         }
     }
 
@@ -240,6 +251,19 @@ impl KeyCache {
             account_id: self.intern_account(key.account_id),
             name: key.name,
             scopes: self.intern_scopes(key.scopes),
+        }
+    }
+
+    fn compact_entry(&self, entry: SecretEntry) -> CachedSecret {
+        CachedSecret {
+            hash: entry.hash,
+            superseded: entry.superseded,
+            revoked: entry.revoked,
+            expires_at: entry.expires_at,
+            key_id: entry.key_id,
+            account_id: self.intern_account(entry.account_id),
+            name: entry.name,
+            scopes: self.intern_scopes(entry.scopes),
         }
     }
 

@@ -38,8 +38,8 @@ pub use cache::CacheConfig;
 pub use feed::{FeedConfig, FeedHealth};
 pub use usage::{UsageConfig, UsageRecorder};
 
-/// Secrets read per query when warming the cache.
-const PRELOAD_PAGE: u32 = 10_000;
+/// Secrets handed to the cache at a time when warming it.
+const PRELOAD_BATCH: usize = 10_000;
 
 /// What is known about a key whose secret matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,24 +169,11 @@ impl Verifier {
     /// how many were loaded. Call before [`Verifier::follow_changes`]
     /// starts; changes made meanwhile are caught up by it.
     pub async fn preload(&self) -> Result<usize, StoreError> {
-        let mut after: Option<KeyPrefix> = None;
-        let mut loaded = 0;
-        loop {
-            let page = self
-                .store
-                .scan_secrets(after.as_ref(), PRELOAD_PAGE)
-                .await?;
-            let Some((last, _)) = page.last() else {
-                return Ok(loaded);
-            };
-            after = Some(last.clone());
-            loaded += page.len();
-            let full = page.len() == PRELOAD_PAGE as usize;
-            self.cache.insert_loaded(page);
-            if !full {
-                return Ok(loaded);
-            }
-        }
+        self.store
+            .stream_secrets(PRELOAD_BATCH, &mut |entries| {
+                self.cache.insert_entries(entries)
+            })
+            .await
     }
 
     /// Notes where the change log stands, so that [`Verifier::follow_changes`]

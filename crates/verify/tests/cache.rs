@@ -13,7 +13,7 @@ use vilvik_keys_domain::{
 };
 use vilvik_keys_store::{
     Account, Actor, AuditEvent, ChangeListener, KeyChanges, KeyRecord, NewKey, Page, Result,
-    SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
+    SecretEntry, SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
 };
 use vilvik_keys_verify::{
     CacheConfig, FeedConfig, UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig,
@@ -151,12 +151,12 @@ impl Store for Instrumented {
         }
         self.inner.listen().await
     }
-    async fn scan_secrets(
+    async fn stream_secrets(
         &self,
-        after: Option<&KeyPrefix>,
-        limit: u32,
-    ) -> Result<Vec<(KeyPrefix, SecretRecord)>> {
-        self.inner.scan_secrets(after, limit).await
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+    ) -> Result<usize> {
+        self.inner.stream_secrets(batch, sink).await
     }
     async fn import_keys(&self, keys: Vec<NewKey>, actor: &Actor) -> Result<()> {
         self.inner.import_keys(keys, actor).await
