@@ -39,6 +39,14 @@ pub(crate) fn random(len: usize) -> String {
     out
 }
 
+/// The value of validated base62 digits, most significant first (at most
+/// 10 digits fit a `u64`).
+pub(crate) fn decode(digits: &str) -> u64 {
+    digits
+        .bytes()
+        .fold(0u64, |acc, b| acc * 62 + u64::from(digit(b)))
+}
+
 /// Fixed-width base62 of a 32-bit value, most significant digit first.
 pub(crate) fn encode_u32(mut value: u32, width: usize) -> String {
     let mut digits = vec![b'0'; width];
