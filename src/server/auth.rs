@@ -87,16 +87,13 @@ impl Authenticator {
     async fn management_key(
         &self,
         credential: &str,
-        ip: Option<String>,
+        ip: Option<IpAddr>,
     ) -> Result<Caller, ApiError> {
         let verdict = self
             .verifier
-            .verify(
-                credential,
-                std::slice::from_ref(&self.admin_scope),
-                ip.clone(),
-            )
+            .verify(credential, std::slice::from_ref(&self.admin_scope), ip)
             .await?;
+        let ip = ip.map(|ip| ip.to_string());
         let unauthenticated = |why: &str| {
             Err(ApiError::Unauthenticated(format!(
                 "the management key {why}"
@@ -126,7 +123,7 @@ impl Authenticator {
         &self,
         credential: &str,
         metadata: &MetadataMap,
-        ip: Option<String>,
+        ip: Option<IpAddr>,
     ) -> Result<Caller, ApiError> {
         let matches = self.operator_token.as_ref().is_some_and(|token| {
             bool::from(
@@ -158,7 +155,7 @@ impl Authenticator {
             account,
             actor: Actor {
                 name: format!("operator:{actor}"),
-                ip,
+                ip: ip.map(|ip| ip.to_string()),
             },
             is_operator: true,
         })
@@ -197,7 +194,7 @@ pub fn client_ip(
     metadata: &MetadataMap,
     peer: Option<SocketAddr>,
     trusted_proxies: &[IpAddr],
-) -> Option<String> {
+) -> Option<IpAddr> {
     let peer = peer?.ip();
     let peer = peer.to_canonical();
     if trusted_proxies.contains(&peer) {
@@ -207,10 +204,10 @@ pub fn client_ip(
             .and_then(|v| v.split(',').next())
             .and_then(|hop| hop.trim().parse::<IpAddr>().ok());
         if let Some(ip) = forwarded {
-            return Some(ip.to_string());
+            return Some(ip);
         }
     }
-    Some(peer.to_string())
+    Some(peer)
 }
 
 #[cfg(test)]
@@ -224,11 +221,15 @@ mod tests {
         let proxy: SocketAddr = "10.0.0.2:5000".parse().unwrap();
         let trusted = ["10.0.0.2".parse().unwrap()];
         assert_eq!(
-            client_ip(&md, Some(proxy), &trusted).as_deref(),
+            client_ip(&md, Some(proxy), &trusted)
+                .map(|ip| ip.to_string())
+                .as_deref(),
             Some("203.0.113.7")
         );
         assert_eq!(
-            client_ip(&md, Some(proxy), &[]).as_deref(),
+            client_ip(&md, Some(proxy), &[])
+                .map(|ip| ip.to_string())
+                .as_deref(),
             Some("10.0.0.2")
         );
     }

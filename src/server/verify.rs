@@ -67,30 +67,21 @@ impl KeyVerify for VerifyService {
         &self,
         request: Request<proto::VerifyKeyRequest>,
     ) -> Result<Response<proto::VerifyKeyResponse>, Status> {
-        // Formatted only when the request does not name the client itself.
-        let peer_ip = if request.get_ref().client_ip.trim().is_empty() {
-            client_ip(
-                request.metadata(),
-                request.remote_addr(),
-                &self.trusted_proxies,
-            )
-        } else {
-            None
-        };
+        let peer_ip = client_ip(
+            request.metadata(),
+            request.remote_addr(),
+            &self.trusted_proxies,
+        );
         let req = request.into_inner();
         let required = parse_required(&req.required_scopes)?;
         let client_ip = match req.client_ip.trim() {
             "" => peer_ip,
-            ip => Some(
-                ip.parse::<IpAddr>()
-                    .map_err(|_| {
-                        ApiError::invalid(
-                            "client_ip",
-                            format!("'{ip}' is not an IPv4 or IPv6 address"),
-                        )
-                    })?
-                    .to_string(),
-            ),
+            ip => Some(ip.parse::<IpAddr>().map_err(|_| {
+                ApiError::invalid(
+                    "client_ip",
+                    format!("'{ip}' is not an IPv4 or IPv6 address"),
+                )
+            })?),
         };
         let verdict = self
             .verifier

@@ -92,6 +92,24 @@ pub struct SecretEntry {
     pub scopes: ScopeSet,
 }
 
+impl SecretRecord {
+    /// The part of this record a verify node keeps, for the secret `prefix`.
+    pub fn into_entry(self, prefix: KeyPrefix) -> SecretEntry {
+        let key = self.key;
+        SecretEntry {
+            prefix,
+            hash: self.hash,
+            superseded: self.superseded_at.is_some(),
+            revoked: key.revoked_at.is_some(),
+            expires_at: key.expires_at,
+            key_id: key.key_id,
+            account_id: key.account_id,
+            name: key.name,
+            scopes: key.scopes,
+        }
+    }
+}
+
 /// The latest use of a key seen by a verify node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {

@@ -146,7 +146,7 @@ impl KeyCache {
             .get_or_try_init(|| async {
                 let epoch = self.epoch(index);
                 let record = fetch().await?;
-                let lookup = record.map(|r| self.compact(r));
+                let lookup = record.map(|r| self.compact_entry(r.into_entry(prefix.clone())));
                 if cache {
                     self.insert(packed, epoch, &lookup);
                 }
@@ -237,20 +237,6 @@ impl KeyCache {
                     .absent
                     .insert(packed, Instant::now() + self.config.negative_ttl);
             }
-        }
-    }
-
-    fn compact(&self, record: SecretRecord) -> CachedSecret {
-        let key = record.key;
-        CachedSecret {
-            hash: record.hash,
-            superseded: record.superseded_at.is_some(),
-            revoked: key.revoked_at.is_some(),
-            expires_at: key.expires_at,
-            key_id: key.key_id,
-            account_id: self.intern_account(key.account_id),
-            name: key.name,
-            scopes: self.intern_scopes(key.scopes),
         }
     }
 

@@ -119,7 +119,7 @@ impl Verifier {
         &self,
         presented: &str,
         required: &[Scope],
-        client_ip: Option<String>,
+        client_ip: Option<std::net::IpAddr>,
     ) -> Result<Verdict, StoreError> {
         let key: ApiKey = match presented.parse() {
             Ok(key) => key,

@@ -7,6 +7,7 @@
 //! it is recorded then.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,7 +36,14 @@ impl Default for UsageConfig {
 /// rarely wait on one lock.
 const SHARDS: usize = 16;
 
-type Pending = Mutex<HashMap<KeyId, UsageRecord>>;
+/// The latest use of one key, as held until the next flush.
+#[derive(Debug, Clone, Copy)]
+struct LatestUse {
+    at: OffsetDateTime,
+    ip: Option<IpAddr>,
+}
+
+type Pending = Mutex<HashMap<KeyId, LatestUse>>;
 
 /// Collects uses and writes them in batches. Cheap to clone; clones share
 /// one buffer.
@@ -62,7 +70,7 @@ impl UsageRecorder {
 
     /// Notes a use of `key_id` at `at` from `ip`; never blocks on I/O, and
     /// allocates only for a key not yet pending.
-    pub fn record(&self, key_id: &KeyId, at: OffsetDateTime, ip: Option<String>) {
+    pub fn record(&self, key_id: &KeyId, at: OffsetDateTime, ip: Option<IpAddr>) {
         let mut pending = self.pending[shard_of(key_id)]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -75,12 +83,7 @@ impl UsageRecorder {
             Some(_) => {}
             None if full => {}
             None => {
-                let usage = UsageRecord {
-                    key_id: key_id.clone(),
-                    at,
-                    ip,
-                };
-                pending.insert(key_id.clone(), usage);
+                pending.insert(key_id.clone(), LatestUse { at, ip });
             }
         }
     }
@@ -89,22 +92,30 @@ impl UsageRecorder {
     /// uses recorded meanwhile win) and the error returned, so the next
     /// flush retries.
     pub async fn flush(&self) -> Result<usize, vilvik_keys_store::StoreError> {
-        let batch: Vec<UsageRecord> = self
+        let drained: Vec<(KeyId, LatestUse)> = self
             .pending
             .iter()
             .flat_map(|shard| {
                 let mut pending = shard.lock().unwrap_or_else(|p| p.into_inner());
-                pending.drain().map(|(_, usage)| usage).collect::<Vec<_>>()
+                pending.drain().collect::<Vec<_>>()
             })
             .collect();
-        if batch.is_empty() {
+        if drained.is_empty() {
             return Ok(0);
         }
+        let batch: Vec<UsageRecord> = drained
+            .iter()
+            .map(|(key_id, latest)| UsageRecord {
+                key_id: key_id.clone(),
+                at: latest.at,
+                ip: latest.ip.map(|ip| ip.to_string()),
+            })
+            .collect();
         match self.store.record_usage(&batch).await {
             Ok(()) => Ok(batch.len()),
             Err(e) => {
-                for usage in batch {
-                    self.record(&usage.key_id, usage.at, usage.ip);
+                for (key_id, latest) in drained {
+                    self.record(&key_id, latest.at, latest.ip);
                 }
                 Err(e)
             }
