@@ -41,11 +41,11 @@ use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Row, Socket};
 use vilvik_keys_domain::{
-    AccountId, AuditAction, KeyId, KeyPrefix, KeyState, ScopeSet, SecretHash, Tier, TierLimits,
+    AccountId, AuditAction, KeyId, KeyPrefix, KeyState, SecretHash, Tier, TierLimits,
 };
 
 use crate::migrate::{CREATE_LEDGER, POSTGRES};
-use crate::rules::{self, corrupt, format_time, page};
+use crate::rules::{self, RawKey, corrupt, format_time, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, NewKey, Page,
@@ -343,33 +343,24 @@ async fn query_opt(
 
 /// Reads the columns of `key_columns!()` starting at `offset`.
 fn key_from_row(row: &Row, offset: usize) -> Result<KeyRecord> {
-    let get_str = |i: usize| row.try_get::<_, String>(offset + i).map_err(map_err);
-    let scopes: Vec<String> = row.try_get(offset + 4).map_err(map_err)?;
-    Ok(KeyRecord {
-        key_id: get_str(0)?
-            .parse()
-            .map_err(|e: vilvik_keys_domain::IdError| corrupt("key id")(e.to_string()))?,
-        account_id: get_str(1)?
-            .parse()
-            .map_err(|e: vilvik_keys_domain::IdError| corrupt("account id")(e.to_string()))?,
-        name: get_str(2)?
-            .parse()
-            .map_err(|e: vilvik_keys_domain::FieldError| corrupt("name")(e.to_string()))?,
-        description: get_str(3)?
-            .parse()
-            .map_err(|e: vilvik_keys_domain::FieldError| corrupt("description")(e.to_string()))?,
-        scopes: ScopeSet::parse(&scopes).map_err(|(_, e)| corrupt("scopes")(e.to_string()))?,
-        prefix: get_str(5)?
-            .parse()
-            .map_err(|e: vilvik_keys_domain::KeyFormatError| corrupt("prefix")(e.to_string()))?,
+    let get = |i: usize| row.try_get(offset + i).map_err(map_err);
+    let get_text = |i: usize| row.try_get::<_, String>(offset + i).map_err(map_err);
+    RawKey {
+        key_id: get_text(0)?,
+        account_id: get_text(1)?,
+        name: get_text(2)?,
+        description: get_text(3)?,
+        scopes: row.try_get(offset + 4).map_err(map_err)?,
+        prefix: get_text(5)?,
         created_at: row.try_get(offset + 6).map_err(map_err)?,
-        expires_at: row.try_get(offset + 7).map_err(map_err)?,
-        revoked_at: row.try_get(offset + 8).map_err(map_err)?,
+        expires_at: get(7)?,
+        revoked_at: get(8)?,
         revoke_reason: row.try_get(offset + 9).map_err(map_err)?,
-        rotated_at: row.try_get(offset + 10).map_err(map_err)?,
-        last_used_at: row.try_get(offset + 11).map_err(map_err)?,
+        rotated_at: get(10)?,
+        last_used_at: get(11)?,
         last_used_ip: row.try_get(offset + 12).map_err(map_err)?,
-    })
+    }
+    .parse()
 }
 
 fn parse_tier(tier: String) -> Result<Tier> {

@@ -3,7 +3,9 @@
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use vilvik_keys_domain::{KeyPrefix, KeyState, ScopeSet, Tier, TierLimits};
+use vilvik_keys_domain::{
+    AccountId, Description, KeyId, KeyName, KeyPrefix, KeyState, ScopeSet, Tier, TierLimits,
+};
 
 use crate::{FieldChange, KeyChanges, KeyRecord, NewKey, Page, StoreError};
 
@@ -139,4 +141,49 @@ pub(crate) fn page<T>(mut items: Vec<(i64, T)>, limit: u32) -> Page<T> {
 /// A stored value that does not parse: a bug or a hand-edited row.
 pub(crate) fn corrupt(what: &str) -> impl FnOnce(String) -> StoreError + '_ {
     move |detail| StoreError::internal(format!("corrupt {what} in the database: {detail}"))
+}
+
+/// A key row's columns as both backends read them, before parsing.
+pub(crate) struct RawKey {
+    pub key_id: String,
+    pub account_id: String,
+    pub name: String,
+    pub description: String,
+    pub scopes: Vec<String>,
+    pub prefix: String,
+    pub created_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
+    pub revoked_at: Option<OffsetDateTime>,
+    pub revoke_reason: Option<String>,
+    pub rotated_at: Option<OffsetDateTime>,
+    pub last_used_at: Option<OffsetDateTime>,
+    pub last_used_ip: Option<String>,
+}
+
+impl RawKey {
+    /// Parses the stored text into domain values; a value that does not
+    /// parse is a corrupt row.
+    pub fn parse(self) -> Result<KeyRecord, StoreError> {
+        fn field<T, E: std::fmt::Display>(
+            what: &str,
+            value: Result<T, E>,
+        ) -> Result<T, StoreError> {
+            value.map_err(|e| corrupt(what)(e.to_string()))
+        }
+        Ok(KeyRecord {
+            key_id: field("key id", self.key_id.parse::<KeyId>())?,
+            account_id: field("account id", self.account_id.parse::<AccountId>())?,
+            name: field("name", self.name.parse::<KeyName>())?,
+            description: field("description", self.description.parse::<Description>())?,
+            scopes: field("scopes", ScopeSet::parse(&self.scopes).map_err(|(_, e)| e))?,
+            prefix: field("prefix", self.prefix.parse::<KeyPrefix>())?,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+            revoke_reason: self.revoke_reason,
+            rotated_at: self.rotated_at,
+            last_used_at: self.last_used_at,
+            last_used_ip: self.last_used_ip,
+        })
+    }
 }

@@ -21,7 +21,7 @@ use vilvik_keys_domain::{
 };
 
 use crate::migrate::{CREATE_LEDGER, SQLITE};
-use crate::rules::{self, corrupt, format_time, page};
+use crate::rules::{self, RawKey, corrupt, format_time, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Result,
@@ -142,36 +142,25 @@ fn opt_from_micros(micros: Option<i64>) -> Result<Option<OffsetDateTime>> {
 
 /// Reads the columns of [`KEY_COLUMNS`] starting at `offset`.
 fn key_from_row(row: &Row<'_>, offset: usize) -> Result<KeyRecord> {
-    let get_str = |i: usize| row.get::<_, String>(offset + i).map_err(map_err);
-    let get_opt_i64 = |i: usize| row.get::<_, Option<i64>>(offset + i).map_err(map_err);
-    let scopes_json = get_str(4)?;
-    let scopes: Vec<String> =
-        serde_json::from_str(&scopes_json).map_err(|e| corrupt("scopes")(e.to_string()))?;
-    Ok(KeyRecord {
-        key_id: get_str(0)?
-            .parse()
-            .map_err(|e: vilvik_keys_domain::IdError| corrupt("key id")(e.to_string()))?,
-        account_id: get_str(1)?
-            .parse()
-            .map_err(|e: vilvik_keys_domain::IdError| corrupt("account id")(e.to_string()))?,
-        name: get_str(2)?
-            .parse()
-            .map_err(|e: vilvik_keys_domain::FieldError| corrupt("name")(e.to_string()))?,
-        description: get_str(3)?
-            .parse()
-            .map_err(|e: vilvik_keys_domain::FieldError| corrupt("description")(e.to_string()))?,
-        scopes: ScopeSet::parse(&scopes).map_err(|(_, e)| corrupt("scopes")(e.to_string()))?,
-        prefix: get_str(5)?
-            .parse()
-            .map_err(|e: vilvik_keys_domain::KeyFormatError| corrupt("prefix")(e.to_string()))?,
+    let get_text = |i: usize| row.get::<_, String>(offset + i).map_err(map_err);
+    let get_time = |i: usize| opt_from_micros(row.get(offset + i).map_err(map_err)?);
+    let scopes_json = get_text(4)?;
+    RawKey {
+        key_id: get_text(0)?,
+        account_id: get_text(1)?,
+        name: get_text(2)?,
+        description: get_text(3)?,
+        scopes: serde_json::from_str(&scopes_json).map_err(|e| corrupt("scopes")(e.to_string()))?,
+        prefix: get_text(5)?,
         created_at: from_micros(row.get(offset + 6).map_err(map_err)?)?,
-        expires_at: opt_from_micros(get_opt_i64(7)?)?,
-        revoked_at: opt_from_micros(get_opt_i64(8)?)?,
+        expires_at: get_time(7)?,
+        revoked_at: get_time(8)?,
         revoke_reason: row.get(offset + 9).map_err(map_err)?,
-        rotated_at: opt_from_micros(get_opt_i64(10)?)?,
-        last_used_at: opt_from_micros(get_opt_i64(11)?)?,
+        rotated_at: get_time(10)?,
+        last_used_at: get_time(11)?,
         last_used_ip: row.get(offset + 12).map_err(map_err)?,
-    })
+    }
+    .parse()
 }
 
 fn scopes_json(scopes: &ScopeSet) -> String {

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use vilvik_keys_domain::{
     AccountId, Clock, GeneratedKey, KeyFormatError, KeyId, ManualClock, Scope, ScopeSet, TierLimits,
 };
-use vilvik_keys_store::{Actor, NewKey, SqliteStore, Store, UsageRecord};
+use vilvik_keys_store::{Actor, NewKey, SqliteStore, Store};
 use vilvik_keys_verify::{UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig};
 
 struct Fixture {
@@ -253,12 +253,7 @@ async fn uses_are_coalesced_per_key_and_bounded() {
 #[tokio::test]
 async fn a_failed_flush_keeps_the_batch_for_the_next_one() {
     let f = fixture(false).await;
-    let usage = UsageRecord {
-        key_id: KeyId::generate(),
-        at: f.clock.now(),
-        ip: None,
-    };
-    f.usage.record(&usage.key_id, usage.at, None);
+    f.usage.record(&KeyId::generate(), f.clock.now(), None);
     assert!(f.usage.flush().await.is_err(), "no schema yet");
     f.store.migrate().await.unwrap();
     assert_eq!(
