@@ -3,6 +3,13 @@
 
 use std::path::PathBuf;
 
+/// Keep in step with the `Debug` impls in `src/lib.rs`.
+const SECRET_BEARING_MESSAGES: [&str; 3] = [
+    ".vilvik.keys.v1.CreateKeyResponse",
+    ".vilvik.keys.v1.RotateKeyResponse",
+    ".vilvik.keys.v1.VerifyKeyRequest",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/vilvik/keys/v1/keys.proto";
     println!("cargo:rerun-if-changed=proto");
@@ -12,6 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("vilvik_keys_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // Messages that carry a secret get a hand-written, redacted Debug
+        // (src/lib.rs), so no `{:?}` can ever print one.
+        .skip_debug(SECRET_BEARING_MESSAGES)
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -21,6 +21,40 @@ pub mod proto {
     /// Descriptor set served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("vilvik_keys_descriptor");
+
+    // The messages that carry a secret print it redacted (build.rs skips
+    // their generated Debug).
+    const REDACTED: &str = "[REDACTED]";
+
+    impl std::fmt::Debug for CreateKeyResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("CreateKeyResponse")
+                .field("key", &self.key)
+                .field("secret", &REDACTED)
+                .field("smoke_test_command", &REDACTED)
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for RotateKeyResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RotateKeyResponse")
+                .field("key", &self.key)
+                .field("secret", &REDACTED)
+                .field("smoke_test_command", &REDACTED)
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for VerifyKeyRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("VerifyKeyRequest")
+                .field("key", &REDACTED)
+                .field("required_scopes", &self.required_scopes)
+                .field("client_ip", &self.client_ip)
+                .finish()
+        }
+    }
 }
 
 /// RFC 3339, as used in messages and the CLI.

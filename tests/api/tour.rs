@@ -160,6 +160,16 @@ async fn the_product_page_tour_works(mut app: TestApp) {
     let rotation = &events[2].changes[0];
     assert_eq!(rotation.old_value.as_deref(), Some(&secret[..12]));
     assert_eq!(rotation.new_value.as_deref(), Some(&new_secret[..12]));
+    // Debug output of the messages that carried them redacts the secrets.
+    let debugged = format!(
+        "{created:?} {:?}",
+        proto::VerifyKeyRequest {
+            key: new_secret.clone(),
+            ..Default::default()
+        }
+    );
+    assert!(!debugged.contains(&secret[13..]) && !debugged.contains(&new_secret[13..]));
+    assert!(debugged.contains("[REDACTED]"));
     let everything = format!(
         "{events:?} {:?} {:?}",
         app.list_keys(true).await,
