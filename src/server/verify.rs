@@ -20,7 +20,7 @@ pub struct VerifyService {
     pub trusted_proxies: Vec<IpAddr>,
 }
 
-fn parse_required(scopes: &[String]) -> Result<Vec<Scope>, ApiError> {
+fn parse_required(scopes: Vec<String>) -> Result<Vec<Scope>, ApiError> {
     if scopes.len() > MAX_REQUIRED_SCOPES {
         return Err(ApiError::invalid(
             "required_scopes",
@@ -31,11 +31,10 @@ fn parse_required(scopes: &[String]) -> Result<Vec<Scope>, ApiError> {
         ));
     }
     scopes
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, s)| {
-            s.parse()
-                .map_err(|e| ApiError::invalid(format!("required_scopes[{i}]"), e))
+            Scope::try_from(s).map_err(|e| ApiError::invalid(format!("required_scopes[{i}]"), e))
         })
         .collect()
 }
@@ -73,7 +72,7 @@ impl KeyVerify for VerifyService {
             &self.trusted_proxies,
         );
         let req = request.into_inner();
-        let required = parse_required(&req.required_scopes)?;
+        let required = parse_required(req.required_scopes)?;
         let client_ip = match req.client_ip.trim() {
             "" => peer_ip,
             ip => Some(ip.parse::<IpAddr>().map_err(|_| {

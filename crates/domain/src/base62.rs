@@ -7,6 +7,21 @@ pub(crate) fn is_base62(byte: u8) -> bool {
     byte.is_ascii_alphanumeric()
 }
 
+/// Whether every byte is a base62 character; a table lookup per byte, as
+/// this runs on every verify.
+pub(crate) fn all_base62(bytes: &[u8]) -> bool {
+    static IS_BASE62: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            table[i] = (i as u8).is_ascii_alphanumeric();
+            i += 1;
+        }
+        table
+    };
+    bytes.iter().all(|&b| IS_BASE62[usize::from(b)])
+}
+
 /// The value of one base62 character (0 for anything else; callers pass
 /// only validated characters).
 pub(crate) fn digit(byte: u8) -> u8 {

@@ -185,17 +185,9 @@ impl FromStr for ApiKey {
             return Err(KeyFormatError::WrongPrefix);
         }
         let bytes = s.as_bytes();
-        let well_formed = bytes
-            .iter()
-            .enumerate()
-            .skip(KEY_PREFIX.len())
-            .all(|(i, &b)| {
-                if i == PREFIX_LEN {
-                    b == b'_'
-                } else {
-                    base62::is_base62(b)
-                }
-            });
+        let well_formed = bytes[PREFIX_LEN] == b'_'
+            && base62::all_base62(&bytes[KEY_PREFIX.len()..PREFIX_LEN])
+            && base62::all_base62(&bytes[PREFIX_LEN + 1..]);
         if !well_formed {
             return Err(KeyFormatError::InvalidCharacter);
         }

@@ -54,27 +54,43 @@ impl FromStr for Scope {
     type Err = ScopeError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() > MAX_SCOPE_LEN {
-            return Err(ScopeError::TooLong(s.chars().count()));
-        }
-        let invalid = || ScopeError::Invalid(s.to_owned());
-        let (resource, action) = s.split_once(':').ok_or_else(invalid)?;
-        let resource_ok = !resource.is_empty()
-            && resource
-                .bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'));
-        let action_ok = !action.is_empty()
-            && action
-                .bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'*' | b'-'));
-        if !resource_ok || !action_ok {
-            return Err(invalid());
-        }
+        let colon = validate(s)?;
         Ok(Self {
             value: s.to_owned(),
-            colon: resource.len(),
+            colon,
         })
     }
+}
+
+/// Takes over the string (no copy), as for scopes decoded from a request.
+impl TryFrom<String> for Scope {
+    type Error = ScopeError;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        let colon = validate(&value)?;
+        Ok(Self { value, colon })
+    }
+}
+
+/// Checks `resource:action` and returns where the colon is.
+fn validate(s: &str) -> Result<usize, ScopeError> {
+    if s.len() > MAX_SCOPE_LEN {
+        return Err(ScopeError::TooLong(s.chars().count()));
+    }
+    let invalid = || ScopeError::Invalid(s.to_owned());
+    let (resource, action) = s.split_once(':').ok_or_else(invalid)?;
+    let resource_ok = !resource.is_empty()
+        && resource
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'));
+    let action_ok = !action.is_empty()
+        && action
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'*' | b'-'));
+    if !resource_ok || !action_ok {
+        return Err(invalid());
+    }
+    Ok(resource.len())
 }
 
 impl fmt::Display for Scope {
@@ -167,6 +183,21 @@ mod tests {
             "a:".repeat(100).parse::<Scope>(),
             Err(ScopeError::TooLong(200))
         ));
+    }
+
+    #[test]
+    fn taking_over_a_string_checks_the_same_rules() {
+        for text in [
+            "datasets:read",
+            "datasets:*",
+            "Datasets:read",
+            "nocolon",
+            "",
+        ] {
+            let from_str = text.parse::<Scope>();
+            let taken = Scope::try_from(text.to_owned());
+            assert_eq!(from_str, taken, "{text}");
+        }
     }
 
     #[test]
