@@ -67,10 +67,6 @@ impl Authenticator {
         }
     }
 
-    pub fn trusted_proxies(&self) -> &[IpAddr] {
-        &self.trusted_proxies
-    }
-
     pub async fn caller<T>(&self, request: &tonic::Request<T>) -> Result<Caller, ApiError> {
         let ip = client_ip(
             request.metadata(),
