@@ -24,5 +24,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // (src/lib.rs), so no `{:?}` can ever print one.
         .skip_debug(SECRET_BEARING_MESSAGES)
         .compile_fds(descriptors)?;
+    verify_server();
     Ok(())
+}
+
+/// The KeyVerify server once more, with the same service name, route and
+/// wire format, but taking and returning the hand-written messages of
+/// `src/server/verify_wire.rs`: they decode and encode the hot path's
+/// messages without a heap allocation per field. The generated
+/// `proto::key_verify_server` stays unused; clients use `proto` as usual.
+fn verify_server() {
+    use tonic_build::manual::{Builder, Method, Service};
+    let service = Service::builder()
+        .name("KeyVerify")
+        .package("vilvik.keys.v1")
+        .method(
+            Method::builder()
+                .name("verify_key")
+                .route_name("VerifyKey")
+                .input_type("crate::server::verify_wire::VerifyCall")
+                .output_type("crate::server::verify_wire::VerifyAnswer")
+                .codec_path("tonic_prost::ProstCodec")
+                .build(),
+        )
+        .build();
+    Builder::new().build_client(false).compile(&[service]);
 }

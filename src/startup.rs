@@ -18,8 +18,9 @@ use vilvik_keys_verify::{
 };
 
 use crate::config::Config;
-use crate::proto::{self, key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer};
+use crate::proto::{self, key_admin_server::KeyAdminServer};
 use crate::server::{admin::AdminService, auth::Authenticator, verify::VerifyService};
+use crate::verify_server::key_verify_server::KeyVerifyServer;
 
 /// The standard health service, advertised by reflection on both listeners.
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";

@@ -87,7 +87,11 @@ impl Authenticator {
     ) -> Result<Caller, ApiError> {
         let verdict = self
             .verifier
-            .verify(credential, std::slice::from_ref(&self.admin_scope), ip)
+            .verify(
+                credential.as_bytes(),
+                std::slice::from_ref(&self.admin_scope),
+                ip,
+            )
             .await?;
         let ip = ip.map(|ip| ip.to_string());
         let unauthenticated = |why: &str| {

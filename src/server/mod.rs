@@ -6,3 +6,4 @@ pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod verify;
+pub mod verify_wire;

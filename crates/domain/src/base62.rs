@@ -7,30 +7,22 @@ pub(crate) fn is_base62(byte: u8) -> bool {
     byte.is_ascii_alphanumeric()
 }
 
-/// Whether every byte is a base62 character; a table lookup per byte, as
-/// this runs on every verify.
-pub(crate) fn all_base62(bytes: &[u8]) -> bool {
-    static IS_BASE62: [bool; 256] = {
-        let mut table = [false; 256];
-        let mut i = 0;
-        while i < 256 {
-            table[i] = (i as u8).is_ascii_alphanumeric();
-            i += 1;
-        }
-        table
-    };
-    bytes.iter().all(|&b| IS_BASE62[usize::from(b)])
-}
-
-/// The value of one base62 character (0 for anything else; callers pass
-/// only validated characters).
-pub(crate) fn digit(byte: u8) -> u8 {
-    match byte {
-        b'0'..=b'9' => byte - b'0',
-        b'A'..=b'Z' => byte - b'A' + 10,
-        b'a'..=b'z' => byte - b'a' + 36,
-        _ => 0,
+/// Each byte's base62 value, or [`NOT_BASE62`]: one table lookup per byte
+/// validates and decodes, as this runs on every verify.
+static VALUE: [u8; 256] = {
+    let mut table = [NOT_BASE62; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        table[ALPHABET[i] as usize] = i as u8;
+        i += 1;
     }
+    table
+};
+const NOT_BASE62: u8 = u8::MAX;
+
+/// Whether every byte is a base62 character.
+pub(crate) fn all_base62(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| VALUE[usize::from(b)] != NOT_BASE62)
 }
 
 /// `len` uniformly random base62 characters from the operating system's CSPRNG.
@@ -55,11 +47,15 @@ pub(crate) fn random(len: usize) -> String {
 }
 
 /// The value of validated base62 digits, most significant first (at most
-/// 10 digits fit a `u64`).
-pub(crate) fn decode(digits: &str) -> u64 {
-    digits
-        .bytes()
-        .fold(0u64, |acc, b| acc * 62 + u64::from(digit(b)))
+/// 10 digits fit a `u64`; anything not base62 counts as 0).
+pub(crate) fn decode(digits: &[u8]) -> u64 {
+    digits.iter().fold(0u64, |acc, &b| {
+        let value = match VALUE[usize::from(b)] {
+            NOT_BASE62 => 0,
+            value => value,
+        };
+        acc * 62 + u64::from(value)
+    })
 }
 
 /// Fixed-width base62 of a 32-bit value, most significant digit first.
@@ -70,4 +66,31 @@ pub(crate) fn encode_u32(mut value: u32, width: usize) -> String {
         value /= 62;
     }
     String::from_utf8(digits).expect("base62 digits are ASCII")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_accepts_exactly_ascii_letters_and_digits() {
+        for byte in 0..=u8::MAX {
+            assert_eq!(
+                all_base62(&[byte]),
+                byte.is_ascii_alphanumeric(),
+                "byte {byte}"
+            );
+        }
+    }
+
+    #[test]
+    fn decode_reads_digits_most_significant_first() {
+        assert_eq!(decode(b"0"), 0);
+        assert_eq!(decode(b"z"), 61);
+        assert_eq!(decode(b"10"), 62);
+        assert_eq!(decode(b"zz"), 62 * 62 - 1);
+        for value in [0, 1, 61, 62, 3_843, 1_000_000, u32::MAX] {
+            assert_eq!(decode(encode_u32(value, 6).as_bytes()), u64::from(value));
+        }
+    }
 }

@@ -4,6 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use arrayvec::ArrayString;
+
 use crate::base62;
 
 const KEY_ID_TAG: &str = "key_";
@@ -26,22 +28,19 @@ const KEY_ID_LEN: usize = KEY_ID_TAG.len() + KEY_ID_RANDOM_LEN;
 
 /// The stable identity of a key; survives rotation. E.g. `key_3kTMd8sQ0Lr6bA2xYv9Z`.
 ///
-/// Held inline (24 ASCII bytes, no heap): verify nodes keep one per cached key.
+/// Held inline (24 ASCII bytes, no heap): verify nodes keep one per cached
+/// key, and read it as a `&str` on every verify without re-checking UTF-8.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId([u8; KEY_ID_LEN]);
+pub struct KeyId(ArrayString<KEY_ID_LEN>);
 
 impl KeyId {
     pub fn generate() -> Self {
         let id = format!("{KEY_ID_TAG}{}", base62::random(KEY_ID_RANDOM_LEN));
-        Self(
-            id.as_bytes()
-                .try_into()
-                .expect("a generated key id has the fixed length"),
-        )
+        Self(ArrayString::from(&id).expect("a generated key id has the fixed length"))
     }
 
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).expect("a key id is ASCII")
+        &self.0
     }
 }
 
@@ -52,13 +51,10 @@ impl FromStr for KeyId {
         let well_formed = s.len() == KEY_ID_LEN
             && s.starts_with(KEY_ID_TAG)
             && s.bytes().skip(KEY_ID_TAG.len()).all(base62::is_base62);
-        let Ok(bytes) = s.as_bytes().try_into() else {
-            return Err(IdError::MalformedKeyId(truncate_for_message(s)));
-        };
-        if !well_formed {
-            return Err(IdError::MalformedKeyId(truncate_for_message(s)));
+        match ArrayString::from(s) {
+            Ok(id) if well_formed => Ok(Self(id)),
+            _ => Err(IdError::MalformedKeyId(truncate_for_message(s))),
         }
-        Ok(Self(bytes))
     }
 }
 

@@ -80,7 +80,7 @@ impl KeyPrefix {
     /// value, below 62^8 < 2^48): distinct prefixes give distinct numbers,
     /// so compact in-memory indexes can key on 8 bytes instead of a string.
     pub fn packed(&self) -> u64 {
-        base62::decode(&self.as_str()[KEY_PREFIX.len()..])
+        base62::decode(&self.0[KEY_PREFIX.len()..])
     }
 }
 
@@ -117,15 +117,17 @@ impl fmt::Debug for KeyPrefix {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SecretHash([u8; 32]);
 
-/// `blake3::derive_key(HASH_CONTEXT, ..)` with the context already absorbed:
-/// the same hashes, without rehashing the context on every verify.
-static HASHER: std::sync::LazyLock<blake3::Hasher> =
-    std::sync::LazyLock::new(|| blake3::Hasher::new_derive_key(HASH_CONTEXT));
+/// [`HASH_CONTEXT`] hashed once: `blake3::derive_key(HASH_CONTEXT, ..)`
+/// without rehashing the context on every verify, and without copying a
+/// whole prepared `Hasher` (about 2 KB) either.
+static CONTEXT_KEY: std::sync::LazyLock<blake3::hazmat::ContextKey> =
+    std::sync::LazyLock::new(|| blake3::hazmat::hash_derive_key_context(HASH_CONTEXT));
 
 impl SecretHash {
-    fn of(key: &str) -> Self {
-        let mut hasher = HASHER.clone();
-        hasher.update(key.as_bytes());
+    fn of(key: &[u8]) -> Self {
+        use blake3::hazmat::HasherExt;
+        let mut hasher = blake3::Hasher::new_from_context_key(&CONTEXT_KEY);
+        hasher.update(key);
         Self(*hasher.finalize().as_bytes())
     }
 
@@ -174,6 +176,40 @@ impl ApiKey {
     }
 }
 
+impl ApiKey {
+    /// Parses a key presented as bytes, as the verify listener decodes it.
+    /// Only the exact ASCII format passes, so no separate UTF-8 check is
+    /// needed; a wrong length is counted in bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyFormatError> {
+        if bytes.len() != KEY_LENGTH {
+            return Err(KeyFormatError::WrongLength(bytes.len()));
+        }
+        if !bytes.starts_with(KEY_PREFIX.as_bytes()) {
+            return Err(KeyFormatError::WrongPrefix);
+        }
+        let well_formed = bytes[PREFIX_LEN] == b'_'
+            && base62::all_base62(&bytes[KEY_PREFIX.len()..PREFIX_LEN])
+            && base62::all_base62(&bytes[PREFIX_LEN + 1..]);
+        if !well_formed {
+            return Err(KeyFormatError::InvalidCharacter);
+        }
+        // The checksum is a function of the presented key alone, so a plain
+        // comparison leaks nothing; decoding it avoids an allocation.
+        let (body, checksum) = bytes.split_at(KEY_LENGTH - CHECKSUM_LEN);
+        if base62::decode(checksum) != u64::from(crc32fast::hash(body)) {
+            return Err(KeyFormatError::ChecksumMismatch);
+        }
+        Ok(Self {
+            prefix: KeyPrefix(
+                bytes[..PREFIX_LEN]
+                    .try_into()
+                    .expect("a prefix has 12 characters"),
+            ),
+            hash: SecretHash::of(bytes),
+        })
+    }
+}
+
 impl FromStr for ApiKey {
     type Err = KeyFormatError;
 
@@ -181,26 +217,7 @@ impl FromStr for ApiKey {
         if s.len() != KEY_LENGTH {
             return Err(KeyFormatError::WrongLength(s.chars().count()));
         }
-        if !s.starts_with(KEY_PREFIX) {
-            return Err(KeyFormatError::WrongPrefix);
-        }
-        let bytes = s.as_bytes();
-        let well_formed = bytes[PREFIX_LEN] == b'_'
-            && base62::all_base62(&bytes[KEY_PREFIX.len()..PREFIX_LEN])
-            && base62::all_base62(&bytes[PREFIX_LEN + 1..]);
-        if !well_formed {
-            return Err(KeyFormatError::InvalidCharacter);
-        }
-        // The checksum is a function of the presented string alone, so a
-        // plain comparison leaks nothing; decoding it avoids an allocation.
-        let (body, checksum) = s.split_at(KEY_LENGTH - CHECKSUM_LEN);
-        if base62::decode(checksum) != u64::from(crc32fast::hash(body.as_bytes())) {
-            return Err(KeyFormatError::ChecksumMismatch);
-        }
-        Ok(Self {
-            prefix: KeyPrefix::from_validated(&s[..PREFIX_LEN]),
-            hash: SecretHash::of(s),
-        })
+        Self::from_bytes(s.as_bytes())
     }
 }
 
@@ -228,7 +245,7 @@ impl GeneratedKey {
         let key = format!("{body}{}", checksum_of(&body));
         Self {
             prefix,
-            hash: SecretHash::of(&key),
+            hash: SecretHash::of(key.as_bytes()),
             secret: SecretString::from(key),
         }
     }

@@ -72,26 +72,47 @@ impl TryFrom<String> for Scope {
     }
 }
 
-/// Checks `resource:action` and returns where the colon is.
+/// Checks `resource:action` and returns where the colon is. Runs on every
+/// verify that requires scopes, hence the table.
 fn validate(s: &str) -> Result<usize, ScopeError> {
     if s.len() > MAX_SCOPE_LEN {
         return Err(ScopeError::TooLong(s.chars().count()));
     }
-    let invalid = || ScopeError::Invalid(s.to_owned());
-    let (resource, action) = s.split_once(':').ok_or_else(invalid)?;
-    let resource_ok = !resource.is_empty()
-        && resource
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'));
-    let action_ok = !action.is_empty()
-        && action
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'*' | b'-'));
-    if !resource_ok || !action_ok {
-        return Err(invalid());
+    let bytes = s.as_bytes();
+    let colon = bytes.iter().position(|&b| b == b':');
+    let valid = colon.is_some_and(|colon| {
+        let (resource, action) = (&bytes[..colon], &bytes[colon + 1..]);
+        !resource.is_empty()
+            && !action.is_empty()
+            && resource
+                .iter()
+                .all(|&b| CHARS[usize::from(b)] & RESOURCE != 0)
+            && action.iter().all(|&b| CHARS[usize::from(b)] & ACTION != 0)
+    });
+    match colon {
+        Some(colon) if valid => Ok(colon),
+        _ => Err(ScopeError::Invalid(s.to_owned())),
     }
-    Ok(resource.len())
 }
+
+/// Which part of a scope each byte may appear in: `[a-z0-9_.-]` in both,
+/// `*` in the action only.
+static CHARS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-') {
+            table[b] = RESOURCE | ACTION;
+        } else if c == b'*' {
+            table[b] = ACTION;
+        }
+        b += 1;
+    }
+    table
+};
+const RESOURCE: u8 = 1;
+const ACTION: u8 = 2;
 
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -239,6 +260,17 @@ mod tests {
             let parsed: Scope = text.parse().unwrap();
             prop_assert_eq!(parsed.as_str(), text.as_str());
             prop_assert!(parsed.grants(&parsed));
+        }
+
+        #[test]
+        fn accepts_exactly_the_documented_pattern(text in "[a-z0-9_.*:A-Z -]{0,12}") {
+            let pattern = text.split_once(':').is_some_and(|(resource, action)| {
+                !resource.is_empty()
+                    && !action.is_empty()
+                    && resource.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
+                    && action.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'*' | b'-'))
+            });
+            prop_assert_eq!(text.parse::<Scope>().is_ok(), pattern, "{}", text);
         }
     }
 }

@@ -49,7 +49,10 @@ pub(crate) enum Cached<T> {
 
 #[derive(Default)]
 struct Shard {
-    found: HashMap<u64, Box<CachedSecret>>,
+    /// Keys are server-generated random prefixes, so a fast hash is safe
+    /// here: a caller can look up any prefix but cannot insert one.
+    found: HashMap<u64, Box<CachedSecret>, foldhash::fast::RandomState>,
+    /// Keys are whatever callers present: SipHash keeps collisions out.
     absent: HashMap<u64, Instant>,
     epoch: u64,
 }

@@ -75,6 +75,13 @@ impl Verdict {
     }
 }
 
+/// A key the index could not answer for: read the store, and cache the
+/// answer only when `cache` (the change feed is being followed).
+struct Miss {
+    key: ApiKey,
+    cache: bool,
+}
+
 /// How a verifier caches and follows changes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VerifierConfig {
@@ -112,50 +119,82 @@ impl Verifier {
         }
     }
 
-    /// Verifies `presented` against `required` scopes. `client_ip` is
-    /// recorded as the key's last use when the key is active and matched.
-    /// Fails only when the answer would need the store and it is down.
+    /// Verifies the `presented` key (its bytes as received) against
+    /// `required` scopes. `client_ip` is recorded as the key's last use when
+    /// the key is active and matched. Fails only when the answer would need
+    /// the store and it is down.
     pub async fn verify(
         &self,
-        presented: &str,
+        presented: &[u8],
         required: &[Scope],
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Verdict, StoreError> {
-        let key: ApiKey = match presented.parse() {
+        let now = self.clock.now();
+        let miss = match self.answer_from_memory(presented, required, now) {
+            Ok(verdict) => return Ok(self.note_use(verdict, now, client_ip)),
+            Err(miss) => miss,
+        };
+        // Boxed so that the future of a hit, moved several times on its way
+        // through the gRPC stack, stays small.
+        let verdict = Box::pin(self.load(miss, required, now)).await?;
+        Ok(self.note_use(verdict, now, client_ip))
+    }
+
+    /// The verdict when memory can give it; otherwise what to load.
+    fn answer_from_memory(
+        &self,
+        presented: &[u8],
+        required: &[Scope],
+        now: OffsetDateTime,
+    ) -> Result<Verdict, Miss> {
+        let key = match ApiKey::from_bytes(presented) {
             Ok(key) => key,
             Err(e) => return Ok(Verdict::Malformed(e)),
         };
-        let hash = key.hash();
-        let now = self.clock.now();
-        let prefix = key.prefix();
-        let judge = |entry: &CachedSecret| judge(entry, &hash, required, now);
-        let verdict = if self.health.cache_trusted(now) {
-            match self.cache.with(prefix, judge) {
-                Cached::Found(verdict) => verdict,
-                Cached::Absent => Verdict::NotFound,
-                Cached::Unknown => self.load(prefix, self.health.following(), judge).await?,
-            }
-        } else {
-            // Past the staleness bound: only a fresh read of the store counts.
-            self.load(prefix, false, judge).await?
-        };
+        if !self.health.cache_trusted(now) {
+            // Past the staleness bound only a fresh read of the store counts.
+            return Err(Miss { key, cache: false });
+        }
+        let judge = |entry: &CachedSecret| judge(entry, &key.hash(), required, now);
+        match self.cache.with(key.prefix(), judge) {
+            Cached::Found(verdict) => Ok(verdict),
+            Cached::Absent => Ok(Verdict::NotFound),
+            Cached::Unknown => Err(Miss {
+                cache: self.health.following(),
+                key,
+            }),
+        }
+    }
+
+    /// Reads the missed prefix from the store (once, however many ask at
+    /// the same time) and judges it.
+    async fn load(
+        &self,
+        miss: Miss,
+        required: &[Scope],
+        now: OffsetDateTime,
+    ) -> Result<Verdict, StoreError> {
+        let prefix = miss.key.prefix();
+        let lookup = self
+            .cache
+            .load(prefix, miss.cache, || self.store.find_secret(prefix))
+            .await?;
+        Ok(lookup.as_ref().map_or(Verdict::NotFound, |entry| {
+            judge(entry, &miss.key.hash(), required, now)
+        }))
+    }
+
+    /// Records a use of a key whose secret matched and is active.
+    fn note_use(
+        &self,
+        verdict: Verdict,
+        now: OffsetDateTime,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Verdict {
         if let Verdict::Valid(key) | Verdict::InsufficientScope { key, .. } = &verdict {
             self.usage.record(&key.key_id, now, client_ip);
         }
-        Ok(verdict)
-    }
-
-    async fn load(
-        &self,
-        prefix: &KeyPrefix,
-        cache: bool,
-        judge: impl FnOnce(&CachedSecret) -> Verdict,
-    ) -> Result<Verdict, StoreError> {
-        let lookup = self
-            .cache
-            .load(prefix, cache, || self.store.find_secret(prefix))
-            .await?;
-        Ok(lookup.as_ref().map_or(Verdict::NotFound, judge))
+        verdict
     }
 
     /// Forgets a prefix at once; the admin API calls it after each change it

@@ -81,7 +81,7 @@ impl Fixture {
     async fn verify(&self, key: &str, required: &[&str]) -> Verdict {
         let required: Vec<Scope> = required.iter().map(|s| s.parse().unwrap()).collect();
         self.verifier
-            .verify(key, &required, "192.0.2.1".parse().ok())
+            .verify(key.as_bytes(), &required, "192.0.2.1".parse().ok())
             .await
             .unwrap()
     }
@@ -106,7 +106,7 @@ async fn malformed_keys_are_answered_without_touching_the_store() {
     let good_shape = GeneratedKey::generate();
     assert!(
         f.verifier
-            .verify(good_shape.expose_secret(), &[], None)
+            .verify(good_shape.expose_secret().as_bytes(), &[], None)
             .await
             .is_err()
     );

@@ -1,0 +1,421 @@
+//! `VerifyKeyRequest` and `VerifyKeyResponse` as the verify listener reads
+//! and writes them: the same bytes on the wire as the generated messages in
+//! [`crate::proto`], without a heap allocation per field.
+//!
+//! VerifyKey is the call other services make on every request they serve,
+//! so its cost is measured against the gRPC framework's own (BENCHMARKS.md).
+//! The generated request would copy the key into a fresh `String` and check
+//! it is UTF-8 before the key parser checks every byte again; the generated
+//! response would copy the key id, account, name and every scope into new
+//! `String`s only to encode and free them. Here the key is decoded into an
+//! inline buffer and the answer is encoded straight from the verifier's
+//! shared values. Clients keep using the generated messages; tests in this
+//! module hold both forms to the same bytes.
+
+use std::fmt;
+
+use prost::bytes::{Buf, BufMut};
+use prost::encoding::{self, DecodeContext, WireType};
+use prost::{DecodeError, Message};
+use smallvec::SmallVec;
+use vilvik_keys_domain::{KEY_LENGTH, Scope};
+use vilvik_keys_verify::{Verdict, VerifiedKey};
+
+use super::convert;
+use crate::proto::VerifyCode;
+
+// Field numbers of `VerifyKeyRequest` and `VerifyKeyResponse` in
+// proto/vilvik/keys/v1/keys.proto.
+const REQUEST_KEY: u32 = 1;
+const REQUEST_REQUIRED_SCOPES: u32 = 2;
+const REQUEST_CLIENT_IP: u32 = 3;
+const RESPONSE_VALID: u32 = 1;
+const RESPONSE_CODE: u32 = 2;
+const RESPONSE_KEY_ID: u32 = 3;
+const RESPONSE_ACCOUNT_ID: u32 = 4;
+const RESPONSE_NAME: u32 = 5;
+const RESPONSE_SCOPES: u32 = 6;
+const RESPONSE_EXPIRES_AT: u32 = 7;
+const RESPONSE_MISSING_SCOPES: u32 = 8;
+
+/// A decoded `VerifyKeyRequest`.
+#[derive(Default)]
+pub struct VerifyCall {
+    /// The key's bytes as sent: inline when key-sized, on the heap only
+    /// when a caller sends something longer. Not checked to be UTF-8:
+    /// anything but the key format's ASCII is malformed anyway.
+    pub key: SmallVec<[u8; KEY_LENGTH]>,
+    pub required_scopes: Vec<String>,
+    pub client_ip: String,
+}
+
+impl fmt::Debug for VerifyCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyCall")
+            .field("key", &"[REDACTED]")
+            .field("required_scopes", &self.required_scopes)
+            .field("client_ip", &self.client_ip)
+            .finish()
+    }
+}
+
+impl VerifyCall {
+    fn merge_key(&mut self, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
+        // Peek at the length without consuming it: a key-sized field held
+        // whole in this chunk is copied inline; anything else takes prost's
+        // own path, with its checks and errors.
+        let chunk = buf.chunk();
+        let mut peek = chunk;
+        if let Ok(len) = encoding::decode_varint(&mut peek)
+            && let Ok(len) = usize::try_from(len)
+            && len <= KEY_LENGTH
+            && len <= peek.len()
+        {
+            let header = chunk.len() - peek.len();
+            self.key = SmallVec::from_slice(&peek[..len]);
+            buf.advance(header + len);
+            return Ok(());
+        }
+        let mut bytes = Vec::new();
+        encoding::bytes::merge(WireType::LengthDelimited, &mut bytes, buf, ctx)?;
+        self.key = SmallVec::from_vec(bytes);
+        Ok(())
+    }
+}
+
+impl Message for VerifyCall {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        encode_bytes(REQUEST_KEY, &self.key, buf);
+        for scope in &self.required_scopes {
+            encoding::string::encode(REQUEST_REQUIRED_SCOPES, scope, buf);
+        }
+        encode_bytes(REQUEST_CLIENT_IP, self.client_ip.as_bytes(), buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match tag {
+            REQUEST_KEY => {
+                encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
+                self.merge_key(buf, ctx)
+            }
+            REQUEST_REQUIRED_SCOPES => {
+                encoding::string::merge_repeated(wire_type, &mut self.required_scopes, buf, ctx)
+            }
+            REQUEST_CLIENT_IP => encoding::string::merge(wire_type, &mut self.client_ip, buf, ctx),
+            _ => encoding::skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        bytes_len(REQUEST_KEY, &self.key)
+            + encoding::string::encoded_len_repeated(REQUEST_REQUIRED_SCOPES, &self.required_scopes)
+            + bytes_len(REQUEST_CLIENT_IP, self.client_ip.as_bytes())
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// A `VerifyKeyResponse` to encode, holding the verifier's values rather
+/// than copies of them. The server only ever encodes it.
+#[derive(Debug, Default)]
+pub struct VerifyAnswer {
+    code: VerifyCode,
+    key: Option<VerifiedKey>,
+    missing: Vec<Scope>,
+}
+
+impl From<Verdict> for VerifyAnswer {
+    fn from(verdict: Verdict) -> Self {
+        let (code, key, missing) = match verdict {
+            Verdict::Valid(key) => (VerifyCode::Valid, Some(key), Vec::new()),
+            Verdict::Malformed(_) => (VerifyCode::Malformed, None, Vec::new()),
+            Verdict::NotFound => (VerifyCode::NotFound, None, Vec::new()),
+            Verdict::Expired(key) => (VerifyCode::Expired, Some(key), Vec::new()),
+            Verdict::Revoked(key) => (VerifyCode::Revoked, Some(key), Vec::new()),
+            Verdict::Rotated(key) => (VerifyCode::Rotated, Some(key), Vec::new()),
+            Verdict::InsufficientScope { key, missing } => {
+                (VerifyCode::InsufficientScope, Some(key), missing)
+            }
+        };
+        Self { code, key, missing }
+    }
+}
+
+impl Message for VerifyAnswer {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        if self.code == VerifyCode::Valid {
+            encoding::bool::encode(RESPONSE_VALID, &true, buf);
+        }
+        if self.code != VerifyCode::Unspecified {
+            encoding::int32::encode(RESPONSE_CODE, &i32::from(self.code), buf);
+        }
+        if let Some(key) = &self.key {
+            encode_bytes(RESPONSE_KEY_ID, key.key_id.as_str().as_bytes(), buf);
+            encode_bytes(RESPONSE_ACCOUNT_ID, key.account_id.as_str().as_bytes(), buf);
+            encode_bytes(RESPONSE_NAME, key.name.as_str().as_bytes(), buf);
+            for scope in key.scopes.iter() {
+                encode_repeated_bytes(RESPONSE_SCOPES, scope.as_str().as_bytes(), buf);
+            }
+            if let Some(at) = key.expires_at {
+                encoding::message::encode(RESPONSE_EXPIRES_AT, &convert::timestamp(at), buf);
+            }
+        }
+        for scope in &self.missing {
+            encode_repeated_bytes(RESPONSE_MISSING_SCOPES, scope.as_str().as_bytes(), buf);
+        }
+    }
+
+    /// Skips every field: clients decode `proto::VerifyKeyResponse`.
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        let mut len = 0;
+        if self.code == VerifyCode::Valid {
+            len += encoding::bool::encoded_len(RESPONSE_VALID, &true);
+        }
+        if self.code != VerifyCode::Unspecified {
+            len += encoding::int32::encoded_len(RESPONSE_CODE, &i32::from(self.code));
+        }
+        if let Some(key) = &self.key {
+            len += bytes_len(RESPONSE_KEY_ID, key.key_id.as_str().as_bytes())
+                + bytes_len(RESPONSE_ACCOUNT_ID, key.account_id.as_str().as_bytes())
+                + bytes_len(RESPONSE_NAME, key.name.as_str().as_bytes());
+            for scope in key.scopes.iter() {
+                len += repeated_bytes_len(RESPONSE_SCOPES, scope.as_str().as_bytes());
+            }
+            if let Some(at) = key.expires_at {
+                len += encoding::message::encoded_len(RESPONSE_EXPIRES_AT, &convert::timestamp(at));
+            }
+        }
+        for scope in &self.missing {
+            len += repeated_bytes_len(RESPONSE_MISSING_SCOPES, scope.as_str().as_bytes());
+        }
+        len
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// A singular string or bytes field: proto3 leaves an empty one out.
+fn encode_bytes(tag: u32, value: &[u8], buf: &mut impl BufMut) {
+    if !value.is_empty() {
+        encode_repeated_bytes(tag, value, buf);
+    }
+}
+
+/// One element of a repeated string field, written even when empty.
+fn encode_repeated_bytes(tag: u32, value: &[u8], buf: &mut impl BufMut) {
+    encoding::encode_key(tag, WireType::LengthDelimited, buf);
+    encoding::encode_varint(value.len() as u64, buf);
+    buf.put_slice(value);
+}
+
+fn bytes_len(tag: u32, value: &[u8]) -> usize {
+    if value.is_empty() {
+        0
+    } else {
+        repeated_bytes_len(tag, value)
+    }
+}
+
+fn repeated_bytes_len(tag: u32, value: &[u8]) -> usize {
+    encoding::key_len(tag) + encoding::encoded_len_varint(value.len() as u64) + value.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use time::macros::datetime;
+    use vilvik_keys_domain::{GeneratedKey, KeyFormatError, KeyId, ScopeSet};
+
+    use super::*;
+    use crate::proto;
+
+    /// The response as the generated message would carry it.
+    fn generated(verdict: &Verdict) -> proto::VerifyKeyResponse {
+        let (code, key, missing) = match verdict {
+            Verdict::Valid(key) => (VerifyCode::Valid, Some(key), &[][..]),
+            Verdict::Malformed(_) => (VerifyCode::Malformed, None, &[][..]),
+            Verdict::NotFound => (VerifyCode::NotFound, None, &[][..]),
+            Verdict::Expired(key) => (VerifyCode::Expired, Some(key), &[][..]),
+            Verdict::Revoked(key) => (VerifyCode::Revoked, Some(key), &[][..]),
+            Verdict::Rotated(key) => (VerifyCode::Rotated, Some(key), &[][..]),
+            Verdict::InsufficientScope { key, missing } => {
+                (VerifyCode::InsufficientScope, Some(key), &missing[..])
+            }
+        };
+        let mut out = proto::VerifyKeyResponse {
+            valid: code == VerifyCode::Valid,
+            code: code.into(),
+            missing_scopes: missing.iter().map(|s| s.as_str().to_owned()).collect(),
+            ..Default::default()
+        };
+        if let Some(key) = key {
+            out.key_id = key.key_id.as_str().to_owned();
+            out.account_id = key.account_id.as_str().to_owned();
+            out.name = key.name.as_str().to_owned();
+            out.scopes = key.scopes.to_strings();
+            out.expires_at = key.expires_at.map(convert::timestamp);
+        }
+        out
+    }
+
+    fn key(scopes: &[&str], expires_at: Option<time::OffsetDateTime>) -> VerifiedKey {
+        VerifiedKey {
+            key_id: KeyId::generate(),
+            account_id: "ACME".parse().unwrap(),
+            name: "ci-runner".parse().unwrap(),
+            scopes: Arc::new(ScopeSet::parse(scopes).unwrap()),
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn every_answer_is_encoded_exactly_as_the_generated_message() {
+        let expiry = Some(datetime!(2027-03-01 12:30:15.25 UTC));
+        let verdicts = [
+            Verdict::Valid(key(&["datasets:read", "models:*"], expiry)),
+            Verdict::Valid(key(&[], None)),
+            Verdict::Malformed(KeyFormatError::ChecksumMismatch),
+            Verdict::NotFound,
+            Verdict::Expired(key(&["datasets:read"], expiry)),
+            Verdict::Revoked(key(&["datasets:read"], None)),
+            Verdict::Rotated(key(&["datasets:read"], None)),
+            Verdict::InsufficientScope {
+                key: key(&["datasets:read"], None),
+                missing: vec![
+                    "datasets:write".parse().unwrap(),
+                    "models:read".parse().unwrap(),
+                ],
+            },
+        ];
+        for verdict in verdicts {
+            let expected = generated(&verdict).encode_to_vec();
+            let answer = VerifyAnswer::from(verdict.clone());
+            assert_eq!(answer.encoded_len(), expected.len(), "{verdict:?}");
+            assert_eq!(answer.encode_to_vec(), expected, "{verdict:?}");
+        }
+    }
+
+    fn call_of(request: &proto::VerifyKeyRequest) -> VerifyCall {
+        VerifyCall::decode(request.encode_to_vec().as_slice()).unwrap()
+    }
+
+    #[test]
+    fn a_request_decodes_to_the_same_fields_and_encodes_to_the_same_bytes() {
+        let secret = GeneratedKey::generate();
+        let long = "x".repeat(300);
+        for key in [secret.expose_secret(), "", "vlk_short", long.as_str()] {
+            let request = proto::VerifyKeyRequest {
+                key: key.to_owned(),
+                required_scopes: vec!["datasets:read".into(), String::new()],
+                client_ip: "192.0.2.1".into(),
+            };
+            let call = call_of(&request);
+            assert_eq!(&call.key[..], key.as_bytes());
+            assert_eq!(call.required_scopes, request.required_scopes);
+            assert_eq!(call.client_ip, request.client_ip);
+            assert_eq!(call.encoded_len(), request.encoded_len());
+            assert_eq!(call.encode_to_vec(), request.encode_to_vec());
+        }
+    }
+
+    #[test]
+    fn a_key_sized_key_is_held_inline() {
+        let secret = GeneratedKey::generate();
+        let call = call_of(&proto::VerifyKeyRequest {
+            key: secret.expose_secret().to_owned(),
+            ..Default::default()
+        });
+        assert!(!call.key.spilled());
+    }
+
+    #[test]
+    fn the_last_key_wins_and_unknown_fields_are_skipped_as_proto3_says() {
+        let mut bytes = proto::VerifyKeyRequest {
+            key: "first".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        encoding::uint64::encode(15, &7, &mut bytes);
+        encoding::string::encode(REQUEST_KEY, &"second".to_owned(), &mut bytes);
+        let call = VerifyCall::decode(bytes.as_slice()).unwrap();
+        assert_eq!(&call.key[..], b"second");
+        let generated = proto::VerifyKeyRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(generated.key, "second");
+    }
+
+    #[test]
+    fn a_key_that_is_not_utf8_decodes_and_is_then_malformed() {
+        let mut bytes = Vec::new();
+        encode_bytes(REQUEST_KEY, &[b'v', 0xff, 0xfe], &mut bytes);
+        let call = VerifyCall::decode(bytes.as_slice()).unwrap();
+        assert_eq!(&call.key[..], &[b'v', 0xff, 0xfe]);
+        assert_eq!(
+            vilvik_keys_domain::ApiKey::from_bytes(&call.key).err(),
+            Some(KeyFormatError::WrongLength(3))
+        );
+    }
+
+    #[test]
+    fn broken_messages_are_refused() {
+        // The key claims 40 bytes; 5 follow.
+        let mut truncated = Vec::new();
+        encoding::encode_key(REQUEST_KEY, WireType::LengthDelimited, &mut truncated);
+        encoding::encode_varint(40, &mut truncated);
+        truncated.extend_from_slice(b"vlk_x");
+        assert!(VerifyCall::decode(truncated.as_slice()).is_err());
+        // The key sent as a number.
+        let mut wrong_type = Vec::new();
+        encoding::uint64::encode(REQUEST_KEY, &1, &mut wrong_type);
+        assert!(VerifyCall::decode(wrong_type.as_slice()).is_err());
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let secret = GeneratedKey::generate();
+        let call = call_of(&proto::VerifyKeyRequest {
+            key: secret.expose_secret().to_owned(),
+            ..Default::default()
+        });
+        let shown = format!("{call:?}");
+        assert!(shown.contains("[REDACTED]"));
+        assert!(!shown.contains(&secret.expose_secret()[4..]), "{shown}");
+    }
+
+    proptest! {
+        #[test]
+        fn any_request_round_trips_like_the_generated_message(
+            key in ".{0,80}",
+            scopes in proptest::collection::vec(".{0,20}", 0..4),
+            client_ip in ".{0,40}",
+        ) {
+            let request = proto::VerifyKeyRequest { key, required_scopes: scopes, client_ip };
+            let call = call_of(&request);
+            prop_assert_eq!(&call.key[..], request.key.as_bytes());
+            prop_assert_eq!(&call.required_scopes, &request.required_scopes);
+            prop_assert_eq!(&call.client_ip, &request.client_ip);
+            prop_assert_eq!(call.encode_to_vec(), request.encode_to_vec());
+        }
+    }
+}
