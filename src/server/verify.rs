@@ -2,6 +2,8 @@
 
 use std::net::IpAddr;
 
+use compact_str::CompactString;
+use smallvec::SmallVec;
 use tonic::{Request, Response, Status};
 use vilvik_keys_domain::Scope;
 use vilvik_keys_verify::Verifier;
@@ -20,7 +22,8 @@ pub struct VerifyService {
     pub trusted_proxies: Vec<IpAddr>,
 }
 
-fn parse_required(scopes: Vec<String>) -> Result<Vec<Scope>, ApiError> {
+/// The required scopes, checked; inline for the usual one or two.
+fn parse_required(scopes: &[CompactString]) -> Result<SmallVec<[Scope; 2]>, ApiError> {
     if scopes.len() > MAX_REQUIRED_SCOPES {
         return Err(ApiError::invalid(
             "required_scopes",
@@ -31,10 +34,11 @@ fn parse_required(scopes: Vec<String>) -> Result<Vec<Scope>, ApiError> {
         ));
     }
     scopes
-        .into_iter()
+        .iter()
         .enumerate()
         .map(|(i, s)| {
-            Scope::try_from(s).map_err(|e| ApiError::invalid(format!("required_scopes[{i}]"), e))
+            s.parse::<Scope>()
+                .map_err(|e| ApiError::invalid(format!("required_scopes[{i}]"), e))
         })
         .collect()
 }
@@ -51,7 +55,7 @@ impl KeyVerify for VerifyService {
             &self.trusted_proxies,
         );
         let call = request.into_inner();
-        let required = parse_required(call.required_scopes)?;
+        let required = parse_required(&call.required_scopes)?;
         let client_ip = match call.client_ip.trim() {
             "" => peer_ip,
             ip => Some(ip.parse::<IpAddr>().map_err(|_| {

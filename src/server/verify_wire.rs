@@ -14,6 +14,7 @@
 
 use std::fmt;
 
+use compact_str::CompactString;
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::{DecodeError, Message};
@@ -45,7 +46,8 @@ pub struct VerifyCall {
     /// when a caller sends something longer. Not checked to be UTF-8:
     /// anything but the key format's ASCII is malformed anyway.
     pub key: SmallVec<[u8; KEY_LENGTH]>,
-    pub required_scopes: Vec<String>,
+    /// Inline up to two scopes of up to 24 bytes each (the usual request).
+    pub required_scopes: SmallVec<[CompactString; 2]>,
     pub client_ip: String,
 }
 
@@ -61,19 +63,9 @@ impl fmt::Debug for VerifyCall {
 
 impl VerifyCall {
     fn merge_key(&mut self, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
-        // Peek at the length without consuming it: a key-sized field held
-        // whole in this chunk is copied inline; anything else takes prost's
-        // own path, with its checks and errors.
-        let chunk = buf.chunk();
-        let mut peek = chunk;
-        if let Ok(len) = encoding::decode_varint(&mut peek)
-            && let Ok(len) = usize::try_from(len)
-            && len <= KEY_LENGTH
-            && len <= peek.len()
-        {
-            let header = chunk.len() - peek.len();
-            self.key = SmallVec::from_slice(&peek[..len]);
-            buf.advance(header + len);
+        if let Some((key, size)) = short_field(buf, KEY_LENGTH) {
+            self.key = SmallVec::from_slice(key);
+            buf.advance(size);
             return Ok(());
         }
         let mut bytes = Vec::new();
@@ -81,13 +73,48 @@ impl VerifyCall {
         self.key = SmallVec::from_vec(bytes);
         Ok(())
     }
+
+    fn merge_required_scope(
+        &mut self,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        if let Some((scope, size)) = short_field(buf, INLINE_SCOPE_LEN)
+            && let Ok(scope) = std::str::from_utf8(scope)
+        {
+            self.required_scopes.push(CompactString::from(scope));
+            buf.advance(size);
+            return Ok(());
+        }
+        let mut scope = String::new();
+        encoding::string::merge(WireType::LengthDelimited, &mut scope, buf, ctx)?;
+        self.required_scopes.push(CompactString::from(scope));
+        Ok(())
+    }
+}
+
+/// Longest string a `CompactString` holds without a heap allocation.
+const INLINE_SCOPE_LEN: usize = 24;
+
+/// A length-delimited field's value and its size with the length prefix,
+/// when the value is at most `max` bytes and wholly in the buffer's current
+/// chunk (the fast path). `None` sends the caller to prost's own decoding,
+/// with its checks and errors; the buffer is not moved either way.
+fn short_field(buf: &impl Buf, max: usize) -> Option<(&[u8], usize)> {
+    let chunk = buf.chunk();
+    let mut rest = chunk;
+    let len = usize::try_from(encoding::decode_varint(&mut rest).ok()?).ok()?;
+    if len > max || len > rest.len() {
+        return None;
+    }
+    Some((&rest[..len], chunk.len() - rest.len() + len))
 }
 
 impl Message for VerifyCall {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         encode_bytes(REQUEST_KEY, &self.key, buf);
         for scope in &self.required_scopes {
-            encoding::string::encode(REQUEST_REQUIRED_SCOPES, scope, buf);
+            encode_repeated_bytes(REQUEST_REQUIRED_SCOPES, scope.as_bytes(), buf);
         }
         encode_bytes(REQUEST_CLIENT_IP, self.client_ip.as_bytes(), buf);
     }
@@ -105,7 +132,8 @@ impl Message for VerifyCall {
                 self.merge_key(buf, ctx)
             }
             REQUEST_REQUIRED_SCOPES => {
-                encoding::string::merge_repeated(wire_type, &mut self.required_scopes, buf, ctx)
+                encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
+                self.merge_required_scope(buf, ctx)
             }
             REQUEST_CLIENT_IP => encoding::string::merge(wire_type, &mut self.client_ip, buf, ctx),
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
@@ -114,7 +142,11 @@ impl Message for VerifyCall {
 
     fn encoded_len(&self) -> usize {
         bytes_len(REQUEST_KEY, &self.key)
-            + encoding::string::encoded_len_repeated(REQUEST_REQUIRED_SCOPES, &self.required_scopes)
+            + self
+                .required_scopes
+                .iter()
+                .map(|scope| repeated_bytes_len(REQUEST_REQUIRED_SCOPES, scope.as_bytes()))
+                .sum::<usize>()
             + bytes_len(REQUEST_CLIENT_IP, self.client_ip.as_bytes())
     }
 
@@ -333,7 +365,7 @@ mod tests {
             };
             let call = call_of(&request);
             assert_eq!(&call.key[..], key.as_bytes());
-            assert_eq!(call.required_scopes, request.required_scopes);
+            assert_eq!(&call.required_scopes[..], &request.required_scopes[..]);
             assert_eq!(call.client_ip, request.client_ip);
             assert_eq!(call.encoded_len(), request.encoded_len());
             assert_eq!(call.encode_to_vec(), request.encode_to_vec());
@@ -392,6 +424,22 @@ mod tests {
     }
 
     #[test]
+    fn short_scopes_are_held_inline_and_a_bad_one_is_refused_like_prost_does() {
+        let long = "datasets.with.a.long.name:read";
+        let call = call_of(&proto::VerifyKeyRequest {
+            required_scopes: vec!["datasets:read".into(), long.into()],
+            ..Default::default()
+        });
+        assert!(!call.required_scopes.spilled());
+        assert!(!call.required_scopes[0].is_heap_allocated());
+        assert_eq!(call.required_scopes[1], long);
+        let mut not_utf8 = Vec::new();
+        encode_repeated_bytes(REQUEST_REQUIRED_SCOPES, &[b'a', 0xff], &mut not_utf8);
+        assert!(VerifyCall::decode(not_utf8.as_slice()).is_err());
+        assert!(proto::VerifyKeyRequest::decode(not_utf8.as_slice()).is_err());
+    }
+
+    #[test]
     fn debug_never_shows_the_key() {
         let secret = GeneratedKey::generate();
         let call = call_of(&proto::VerifyKeyRequest {
@@ -407,13 +455,13 @@ mod tests {
         #[test]
         fn any_request_round_trips_like_the_generated_message(
             key in ".{0,80}",
-            scopes in proptest::collection::vec(".{0,20}", 0..4),
+            scopes in proptest::collection::vec(".{0,40}", 0..4),
             client_ip in ".{0,40}",
         ) {
             let request = proto::VerifyKeyRequest { key, required_scopes: scopes, client_ip };
             let call = call_of(&request);
             prop_assert_eq!(&call.key[..], request.key.as_bytes());
-            prop_assert_eq!(&call.required_scopes, &request.required_scopes);
+            prop_assert_eq!(&call.required_scopes[..], &request.required_scopes[..]);
             prop_assert_eq!(&call.client_ip, &request.client_ip);
             prop_assert_eq!(call.encode_to_vec(), request.encode_to_vec());
         }
