@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use compact_str::CompactString;
 use time::OffsetDateTime;
 
 const MAX_NAME_CHARS: usize = 64;
@@ -31,8 +32,11 @@ pub enum FieldError {
 }
 
 /// A key's label: 1 to 64 characters after trimming, no control characters.
+///
+/// Held inline up to 24 bytes (most names): verify nodes keep one per
+/// cached key and copy it into every answer.
 #[derive(Clone, PartialEq, Eq)]
-pub struct KeyName(Box<str>);
+pub struct KeyName(CompactString);
 
 impl KeyName {
     pub fn as_str(&self) -> &str {
@@ -59,7 +63,7 @@ impl FromStr for KeyName {
         if s.chars().any(char::is_control) {
             return Err(FieldError::NameControlCharacter);
         }
-        Ok(Self(s.into()))
+        Ok(Self(CompactString::from(s)))
     }
 }
 

@@ -263,7 +263,7 @@ fn judge(
         account_id: entry.account_id.clone(),
         name: entry.name.clone(),
         scopes: entry.scopes.clone(),
-        expires_at: entry.expires_at,
+        expires_at: entry.expires_at.at(),
     };
     if entry.superseded {
         return Verdict::Rotated(key);
@@ -271,7 +271,7 @@ fn judge(
     if entry.revoked {
         return Verdict::Revoked(key);
     }
-    if entry.expires_at.is_some_and(|at| at <= now) {
+    if entry.expires_at.passed(now) {
         return Verdict::Expired(key);
     }
     let missing: Vec<Scope> = required
