@@ -10,7 +10,7 @@ use vilvik_keys_domain::{
     AccountId, Clock, Description, GeneratedKey, KeyId, KeyName, ScopeSet, TierLimits,
     validate_expiry,
 };
-use vilvik_keys_store::{KeyChanges, KeyRecord, NewKey, Store, StoreError};
+use vilvik_keys_store::{KeyChanges, KeyRecord, NewKey, Rotation, Store, StoreError};
 
 use vilvik_keys_verify::Verifier;
 
@@ -270,14 +270,6 @@ impl KeyAdmin for AdminService {
         let caller = self.auth.caller(&request).await?;
         let key_id = parse_key_id(&request.get_ref().key_id)?;
         let now = self.clock.now();
-        // The secret being replaced, to evict from this node's cache.
-        let previous = self
-            .store
-            .get_key(&caller.account, &key_id)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::key_not_found(&key_id))?
-            .prefix;
         for _ in 0..MAX_ID_ATTEMPTS {
             let secret = GeneratedKey::generate();
             match self
@@ -292,8 +284,11 @@ impl KeyAdmin for AdminService {
                 )
                 .await
             {
-                Ok(record) => {
-                    self.verifier.invalidate(&previous);
+                Ok(Rotation {
+                    key: record,
+                    replaced_prefix,
+                }) => {
+                    self.verifier.invalidate(&replaced_prefix);
                     self.verifier.invalidate(&record.prefix);
                     tracing::info!(key.id = %key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key rotated");
                     return Ok(Response::new(proto::RotateKeyResponse {

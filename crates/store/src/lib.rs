@@ -29,8 +29,8 @@ use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, SecretHash, Tier, TierLimi
 
 pub use error::StoreError;
 pub use model::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, SecretEntry,
-    SecretRecord, UsageRecord,
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Rotation,
+    SecretEntry, SecretRecord, UsageRecord,
 };
 pub use postgres::{CHANGE_CHANNEL, PostgresStore};
 pub use sqlite::SqliteStore;
@@ -87,7 +87,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         hash: SecretHash,
         actor: &Actor,
         now: OffsetDateTime,
-    ) -> Result<KeyRecord>;
+    ) -> Result<Rotation>;
 
     /// Revokes the key for good. Revoking twice is [`StoreError::Revoked`].
     async fn revoke_key(

@@ -31,6 +31,14 @@ impl KeyRecord {
     }
 }
 
+/// What [`crate::Store::rotate_key`] did: the key as it is now, and the
+/// prefix of the secret it replaced, which caches must forget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    pub key: KeyRecord,
+    pub replaced_prefix: KeyPrefix,
+}
+
 /// What [`crate::Store::create_key`] needs; the server generates the id,
 /// prefix and hash.
 #[derive(Debug, Clone)]

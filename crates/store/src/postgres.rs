@@ -49,7 +49,7 @@ use crate::rules::{self, RawKey, corrupt, format_time, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, NewKey, Page,
-    Result, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
+    Result, Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
 };
 
 /// The `LISTEN`/`NOTIFY` channel on which every change publishes
@@ -722,7 +722,7 @@ impl Store for PostgresStore {
         hash: SecretHash,
         actor: &Actor,
         now: OffsetDateTime,
-    ) -> Result<KeyRecord> {
+    ) -> Result<Rotation> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
         let before = load_key_for_change(&tx, account, key_id).await?;
@@ -769,7 +769,10 @@ impl Store for PostgresStore {
             .await?
             .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
         tx.commit().await.map_err(map_err)?;
-        Ok(key)
+        Ok(Rotation {
+            key,
+            replaced_prefix: before.prefix,
+        })
     }
 
     async fn revoke_key(

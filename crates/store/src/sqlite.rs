@@ -24,7 +24,7 @@ use crate::migrate::{CREATE_LEDGER, SQLITE};
 use crate::rules::{self, RawKey, corrupt, format_time, page};
 use crate::stream;
 use crate::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Result,
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Result, Rotation,
     SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
 };
 
@@ -488,7 +488,7 @@ impl Store for SqliteStore {
         hash: SecretHash,
         actor: &Actor,
         now: OffsetDateTime,
-    ) -> Result<KeyRecord> {
+    ) -> Result<Rotation> {
         let (account, key_id, prefix, actor) = (
             account.clone(),
             key_id.clone(),
@@ -523,8 +523,12 @@ impl Store for SqliteStore {
             )?;
             publish_change(tx, &before.prefix, now)?;
             publish_change(tx, &prefix, now)?;
-            load_key(tx, &account, &key_id)?
-                .ok_or_else(|| StoreError::internal("rotated key vanished"))
+            let key = load_key(tx, &account, &key_id)?
+                .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
+            Ok(Rotation {
+                key,
+                replaced_prefix: before.prefix,
+            })
         })
         .await
     }

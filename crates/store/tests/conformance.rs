@@ -375,7 +375,7 @@ async fn rotate_supersedes_the_old_secret(store: Arc<dyn Store>) {
     let seq = store.change_sequence().await.unwrap();
     let t1 = t0 + Duration::hours(1);
     let fresh = GeneratedKey::generate();
-    let rotated = store
+    let rotation = store
         .rotate_key(
             &acme,
             &key.key_id,
@@ -386,6 +386,8 @@ async fn rotate_supersedes_the_old_secret(store: Arc<dyn Store>) {
         )
         .await
         .unwrap();
+    assert_eq!(rotation.replaced_prefix, key.prefix);
+    let rotated = rotation.key;
 
     assert_eq!(rotated.key_id, key.key_id);
     assert_eq!(rotated.scopes, key.scopes);
@@ -551,7 +553,8 @@ async fn an_expired_key_cannot_be_rotated(store: Arc<dyn Store>) {
             t0 + Duration::minutes(1),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .key;
     assert_eq!(rotated.expires_at, Some(expiry));
 }
 
@@ -1494,7 +1497,8 @@ async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
             t0,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .key;
     let seq = store.change_sequence().await.unwrap();
     let events = all_events(&*store, &acme, None).await;
     let secrets = stream_all(&*store, 1000).await.len();

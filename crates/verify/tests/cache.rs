@@ -13,7 +13,7 @@ use vilvik_keys_domain::{
 };
 use vilvik_keys_store::{
     Account, Actor, AuditEvent, ChangeListener, KeyChanges, KeyRecord, NewKey, Page, Result,
-    SecretEntry, SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
+    Rotation, SecretEntry, SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
 };
 use vilvik_keys_verify::{
     CacheConfig, FeedConfig, UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig,
@@ -82,7 +82,7 @@ impl Store for Instrumented {
         hash: SecretHash,
         actor: &Actor,
         now: OffsetDateTime,
-    ) -> Result<KeyRecord> {
+    ) -> Result<Rotation> {
         self.inner
             .rotate_key(account, key_id, prefix, hash, actor, now)
             .await
