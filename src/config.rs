@@ -23,6 +23,7 @@
 //! | change_poll_ms           | VILVIK_KEYS_CHANGE_POLL_MS           | 50 (SQLite only)     |
 //! | preload                  | VILVIK_KEYS_PRELOAD                  | false                |
 //! | verify_concurrency_limit | VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT | 1024                 |
+//! | change_log_retention_hours | VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS | 168 (admin nodes prune) |
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -67,6 +68,9 @@ pub struct Config {
     /// Verify requests in progress at once, over all connections; more are
     /// refused at once with RESOURCE_EXHAUSTED rather than queued.
     pub verify_concurrency_limit: usize,
+    /// How long change-log entries are kept; admin nodes delete older
+    /// ones. A verify node cut off for longer clears its cache on return.
+    pub change_log_retention: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -99,6 +103,7 @@ impl std::fmt::Debug for Config {
             .field("change_poll_interval", &self.change_poll_interval)
             .field("preload", &self.preload)
             .field("verify_concurrency_limit", &self.verify_concurrency_limit)
+            .field("change_log_retention", &self.change_log_retention)
             .finish()
     }
 }
@@ -124,6 +129,7 @@ impl Default for Config {
             change_poll_interval: Duration::from_millis(50),
             preload: false,
             verify_concurrency_limit: 1024,
+            change_log_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -151,6 +157,7 @@ struct FileConfig {
     change_poll_ms: Option<u64>,
     preload: Option<bool>,
     verify_concurrency_limit: Option<u32>,
+    change_log_retention_hours: Option<u32>,
 }
 
 /// A configuration problem, naming the setting and what is wrong with it.
@@ -317,6 +324,16 @@ impl Config {
             }
         }
         if let Some((name, v)) = pick(
+            "VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS",
+            file.change_log_retention_hours.map(|n| n.to_string()),
+        ) {
+            let hours: u32 = parse_number(&name, &v)?;
+            if hours == 0 {
+                return Err(invalid(&name, "must be at least 1 hour"));
+            }
+            config.change_log_retention = Duration::from_secs(u64::from(hours) * 3600);
+        }
+        if let Some((name, v)) = pick(
             "VILVIK_KEYS_TRUSTED_PROXIES",
             file.trusted_proxies.map(|list| list.join(",")),
         ) {
@@ -387,6 +404,7 @@ const KNOWN_VARIABLES: &[&str] = &[
     "VILVIK_KEYS_CHANGE_POLL_MS",
     "VILVIK_KEYS_PRELOAD",
     "VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT",
+    "VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS",
     "VILVIK_KEYS_CONFIG",
     "VILVIK_KEYS_TOKEN",
     "VILVIK_KEYS_ADDR",
@@ -525,6 +543,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("log_format"), "{err}");
+    }
+
+    #[test]
+    fn change_log_retention_is_in_hours_and_at_least_one() {
+        let c = Config::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(c.change_log_retention, Duration::from_secs(7 * 24 * 3600));
+        let f = file("change_log_retention_hours = 24\n");
+        let c = Config::from_sources(Some(f.path()), &env(&[])).unwrap();
+        assert_eq!(c.change_log_retention, Duration::from_secs(24 * 3600));
+        let err = Config::from_sources(
+            None,
+            &env(&[("VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS"),
+            "{err}"
+        );
+        assert!(err.contains("at least 1 hour"), "{err}");
     }
 
     #[test]

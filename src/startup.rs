@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -175,7 +176,14 @@ impl Application {
             Ok((builder().build_v1()?, builder().build_v1alpha()?))
         };
         let mut servers = tokio::task::JoinSet::new();
+        let mut pruner = None;
         if let Some((listener, service)) = self.admin {
+            pruner = Some(tokio::spawn(prune_change_log(
+                service.store.clone(),
+                service.clock.clone(),
+                self.config.change_log_retention,
+                stopped(),
+            )));
             health_reporter
                 .set_serving::<KeyAdminServer<AdminService>>()
                 .await;
@@ -253,6 +261,9 @@ impl Application {
             servers.abort_all();
         }
         let _ = follower.await;
+        if let Some(pruner) = pruner {
+            let _ = pruner.await;
+        }
         // Every verify has finished: flush what they recorded.
         let _ = flushed_tx.send(());
         usage_task.await.context("usage flusher panicked")?;
@@ -260,6 +271,35 @@ impl Application {
         match failure {
             Some(Err(e)) => Err(e.context("a listener failed")),
             _ => Ok(()),
+        }
+    }
+}
+
+/// How often an admin node prunes the change log.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Deletes change-log entries older than `retention`, at start and then
+/// every [`PRUNE_INTERVAL`], until `stop` resolves. Several admin nodes
+/// pruning at once is harmless. A verify node that missed pruned changes
+/// clears its cache (see `crates/verify/src/feed.rs`).
+async fn prune_change_log(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    retention: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut every = tokio::time::interval(PRUNE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = every.tick() => {}
+        }
+        match store.prune_changes(clock.now() - retention).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "pruned the change log"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune the change log; trying again later"),
         }
     }
 }

@@ -14,6 +14,10 @@ pub enum StoreError {
     #[error("the account holds {active} active keys; its tier '{tier}' allows {limit}")]
     QuotaExceeded { tier: Tier, limit: u32, active: u32 },
     /// A generated prefix or id collided with an existing one; retry with a new one.
+    /// The change log no longer holds every change after the sequence
+    /// number asked for: they were pruned. A follower must forget its cache.
+    #[error("the change log was pruned through sequence {pruned_through}")]
+    ChangesPruned { pruned_through: i64 },
     #[error("a generated identifier is already taken")]
     Conflict,
     /// The database cannot be reached or did not answer in time.

@@ -130,8 +130,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The highest change sequence number written so far (0 when none).
     async fn change_sequence(&self) -> Result<i64>;
 
-    /// Prefixes changed after `seq`, with their sequence numbers, oldest first.
+    /// Prefixes changed after `seq`, with their sequence numbers, oldest
+    /// first. [`StoreError::ChangesPruned`] when some of them were pruned.
     async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>>;
+
+    /// Deletes change-log entries recorded before `before` (the newest
+    /// always stays, so [`Store::change_sequence`] never goes back) and
+    /// raises the floor below which [`Store::changes_since`] refuses.
+    /// Returns how many entries went.
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64>;
 
     /// Subscribes to changes as they commit, for verify nodes to evict
     /// cached entries at once. `None` when the backend has no push channel

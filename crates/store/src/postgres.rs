@@ -944,7 +944,8 @@ impl Store for PostgresStore {
             &[&seq, &i64::from(limit)],
         )
         .await?;
-        rows.iter()
+        let changes = rows
+            .iter()
             .map(|row| {
                 let seq: i64 = row.try_get(0).map_err(map_err)?;
                 let prefix: String = row.try_get(1).map_err(map_err)?;
@@ -955,7 +956,39 @@ impl Store for PostgresStore {
                     })?;
                 Ok((seq, prefix))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        // Read after the changes: a prune in between can only make this
+        // refuse changes it read whole, never pass a gap.
+        let floor = query_one(&client, "SELECT pruned_through FROM change_log_floor", &[]).await?;
+        rules::check_not_pruned(seq, floor.try_get(0).map_err(map_err)?)?;
+        Ok(changes)
+    }
+
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        // Publishers append under this lock: none commits a change while the
+        // floor moves.
+        execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK]).await?;
+        let row = query_one(
+            &tx,
+            "SELECT MAX(seq) FROM key_changes \
+             WHERE at < $1 AND seq < (SELECT MAX(seq) FROM key_changes)",
+            &[&before],
+        )
+        .await?;
+        let Some(through) = row.try_get::<_, Option<i64>>(0).map_err(map_err)? else {
+            return Ok(0);
+        };
+        let pruned = execute(&tx, "DELETE FROM key_changes WHERE seq <= $1", &[&through]).await?;
+        execute(
+            &tx,
+            "UPDATE change_log_floor SET pruned_through = GREATEST(pruned_through, $1)",
+            &[&through],
+        )
+        .await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(pruned)
     }
 
     /// Opens a connection of its own (not from the pool, which recycles

@@ -187,3 +187,11 @@ impl RawKey {
         })
     }
 }
+
+/// Refuses a catch-up from `seq` when entries after it were pruned.
+pub(crate) fn check_not_pruned(seq: i64, pruned_through: i64) -> Result<(), StoreError> {
+    if seq < pruned_through {
+        return Err(StoreError::ChangesPruned { pruned_through });
+    }
+    Ok(())
+}

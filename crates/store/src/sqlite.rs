@@ -734,16 +734,52 @@ impl Store for SqliteStore {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
                 })
                 .map_err(map_err)?;
-            rows.map(|r| {
-                let (seq, prefix) = r.map_err(map_err)?;
-                let prefix = prefix
-                    .parse()
-                    .map_err(|e: vilvik_keys_domain::KeyFormatError| {
-                        corrupt("change prefix")(e.to_string())
-                    })?;
-                Ok((seq, prefix))
-            })
-            .collect()
+            let changes = rows
+                .map(|r| {
+                    let (seq, prefix) = r.map_err(map_err)?;
+                    let prefix =
+                        prefix
+                            .parse()
+                            .map_err(|e: vilvik_keys_domain::KeyFormatError| {
+                                corrupt("change prefix")(e.to_string())
+                            })?;
+                    Ok((seq, prefix))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // Read after the changes: a prune in between can only make this
+            // refuse changes it read whole, never pass a gap.
+            let pruned_through: i64 = conn
+                .prepare_cached("SELECT pruned_through FROM change_log_floor")
+                .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+                .map_err(map_err)?;
+            rules::check_not_pruned(seq, pruned_through)?;
+            Ok(changes)
+        })
+        .await
+    }
+
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {
+        self.write(move |tx| {
+            let through: Option<i64> = tx
+                .query_row(
+                    "SELECT MAX(seq) FROM key_changes \
+                     WHERE at < ?1 AND seq < (SELECT MAX(seq) FROM key_changes)",
+                    params![to_micros(before)],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            let Some(through) = through else {
+                return Ok(0);
+            };
+            let pruned = tx
+                .execute("DELETE FROM key_changes WHERE seq <= ?1", params![through])
+                .map_err(map_err)?;
+            tx.execute(
+                "UPDATE change_log_floor SET pruned_through = MAX(pruned_through, ?1)",
+                params![through],
+            )
+            .map_err(map_err)?;
+            Ok(pruned as u64)
         })
         .await
     }

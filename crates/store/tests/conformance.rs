@@ -1570,6 +1570,72 @@ async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
 // ---------------------------------------------------------------------------
 // Instantiation per backend
 
+async fn pruning_drops_old_changes_and_followers_behind_it_are_told(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let t1 = t0 + Duration::hours(2);
+    // Nothing to prune in an empty log, nor when everything is recent.
+    assert_eq!(store.prune_changes(t0).await.unwrap(), 0);
+    let old = [
+        create(&*store, &acme, "old-1", t0).await,
+        create(&*store, &acme, "old-2", t0).await,
+    ];
+    let before_recent = store.change_sequence().await.unwrap();
+    let recent = create(&*store, &acme, "recent", t1).await;
+    assert_eq!(store.prune_changes(t0).await.unwrap(), 0);
+
+    assert_eq!(
+        store.prune_changes(t0 + Duration::hours(1)).await.unwrap(),
+        2
+    );
+    let newest = store.change_sequence().await.unwrap();
+    // A follower that saw everything before the recent change goes on.
+    assert_eq!(
+        store.changes_since(before_recent, 100).await.unwrap(),
+        [(newest, recent.prefix.clone())]
+    );
+    // One that is further behind is told the changes it missed are gone.
+    for behind in [0, before_recent - 1] {
+        let err = store.changes_since(behind, 100).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::ChangesPruned { pruned_through } if pruned_through == before_recent),
+            "{err:?}"
+        );
+    }
+    // The keys themselves are untouched.
+    for key in &old {
+        assert_eq!(
+            store.get_key(&acme, &key.key_id).await.unwrap().as_ref(),
+            Some(key)
+        );
+    }
+
+    // Pruning everything keeps the newest entry, so the sequence never
+    // goes back, and the floor never moves down.
+    assert_eq!(
+        store.prune_changes(t1 + Duration::days(30)).await.unwrap(),
+        0
+    );
+    assert_eq!(store.change_sequence().await.unwrap(), newest);
+    assert!(store.changes_since(newest, 100).await.unwrap().is_empty());
+    let later = create(&*store, &acme, "later", t1).await;
+    assert_eq!(
+        store.prune_changes(t1 + Duration::days(30)).await.unwrap(),
+        1
+    );
+    let err = store.changes_since(before_recent, 100).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::ChangesPruned { pruned_through } if pruned_through == newest),
+        "{err:?}"
+    );
+    let last = store.change_sequence().await.unwrap();
+    assert!(last > newest);
+    assert_eq!(
+        store.changes_since(newest, 100).await.unwrap(),
+        [(last, later.prefix.clone())]
+    );
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -1581,7 +1647,7 @@ macro_rules! conformance {
                 async fn $test() {
                     let dir = tempfile::tempdir().unwrap();
                     let store = SqliteStore::open(&dir.path().join("vilvik-keys.db")).await.unwrap();
-                    assert_eq!(store.migrate().await.unwrap(), 1);
+                    assert_eq!(store.migrate().await.unwrap(), 2);
                     super::$test(Arc::new(store)).await;
                 }
             )*
@@ -1599,7 +1665,7 @@ macro_rules! conformance {
                         return;
                     };
                     let store = PostgresStore::connect(db.url()).await.unwrap();
-                    assert_eq!(store.migrate().await.unwrap(), 1);
+                    assert_eq!(store.migrate().await.unwrap(), 2);
                     super::$test(Arc::new(store)).await;
                 }
             )*
@@ -1626,4 +1692,5 @@ conformance!(
     stream_secrets_yields_every_secret_once,
     import_keys_writes_keys_events_and_changes_ignoring_the_cap,
     import_keys_is_all_or_nothing,
+    pruning_drops_old_changes_and_followers_behind_it_are_told,
 );

@@ -230,6 +230,17 @@ impl KeyCache {
         shard.epoch += 1;
     }
 
+    /// Forgets everything, e.g. when changes were missed and cannot be
+    /// known one by one; loads under way will not re-insert their answers.
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
+            shard.found.clear();
+            shard.absent.clear();
+            shard.epoch += 1;
+        }
+    }
+
     /// Number of secrets held.
     pub fn len(&self) -> usize {
         self.shards

@@ -6,7 +6,8 @@
 //! (re)connection, after a gap in the pushed sequence, and whenever the
 //! periodic consistency check finds the store ahead, it reads every change
 //! since then from the log and evicts those prefixes before trusting the
-//! cache again. While it cannot follow, [`FeedHealth`] records since when,
+//! cache again; if those changes were already pruned from the log, it
+//! clears the whole cache instead. While it cannot follow, [`FeedHealth`] records since when,
 //! and the verifier stops trusting cached entries once that is longer ago
 //! than the configured staleness bound.
 
@@ -203,10 +204,16 @@ impl Follower {
     /// Evicts every prefix changed since the last applied change.
     pub async fn catch_up(&self) -> Result<(), StoreError> {
         loop {
-            let changes = self
+            let changes = match self
                 .store
                 .changes_since(self.health.last_applied(), CATCH_UP_PAGE)
-                .await?;
+                .await
+            {
+                Err(StoreError::ChangesPruned { pruned_through }) => {
+                    return self.start_over(pruned_through).await;
+                }
+                changes => changes?,
+            };
             let Some((last, _)) = changes.last() else {
                 return Ok(());
             };
@@ -219,5 +226,22 @@ impl Follower {
                 return Ok(());
             }
         }
+    }
+
+    /// The changes missed were pruned from the log (the node was cut off
+    /// for longer than the log's retention): forget the whole cache and
+    /// follow on from where the log stands now.
+    async fn start_over(&self, pruned_through: i64) -> Result<(), StoreError> {
+        // Read first: a change committed after this read is caught up
+        // from it; one before it is covered by the clear.
+        let seq = self.store.change_sequence().await?;
+        self.cache.clear();
+        tracing::warn!(
+            change.seq = self.health.last_applied(),
+            change.pruned_through = pruned_through,
+            "missed changes were pruned from the change log: cache cleared"
+        );
+        self.health.last_applied.store(seq, Ordering::Release);
+        Ok(())
     }
 }

@@ -145,6 +145,9 @@ impl Store for Instrumented {
         }
         self.inner.changes_since(seq, limit).await
     }
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {
+        self.inner.prune_changes(before).await
+    }
     async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
         if self.feed_down.load(Ordering::SeqCst) {
             return Err(down());
@@ -412,6 +415,45 @@ async fn changes_missed_while_the_feed_was_down_are_caught_up() {
         node.verify(&key).await.unwrap(),
         Verdict::Revoked(_)
     ));
+}
+
+#[tokio::test]
+async fn changes_missed_and_pruned_from_the_log_clear_the_whole_cache() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let (revoked_id, revoked) = node.create().await;
+    let (_, untouched) = node.create().await;
+    assert!(node.verify(&revoked).await.unwrap().is_valid());
+    assert!(node.verify(&untouched).await.unwrap().is_valid());
+    let finds = node.finds();
+    node.store.feed_down.store(true, Ordering::SeqCst);
+    assert!(eventually(|| !node.verifier.feed_health().following()).await);
+    node.store
+        .inner
+        .revoke_key(
+            &account(),
+            &revoked_id,
+            "leaked",
+            &actor(),
+            node.clock.now(),
+        )
+        .await
+        .unwrap();
+    node.create().await; // the newest entry, which pruning keeps
+    let pruned = node
+        .store
+        .prune_changes(node.clock.now() + Duration::from_secs(86_400))
+        .await
+        .unwrap();
+    assert!(pruned >= 3, "{pruned}");
+    node.store.feed_down.store(false, Ordering::SeqCst);
+    assert!(eventually(|| node.verifier.feed_health().following()).await);
+    assert!(matches!(
+        node.verify(&revoked).await.unwrap(),
+        Verdict::Revoked(_)
+    ));
+    // Nothing cached survived: the unchanged key is read again.
+    assert!(node.verify(&untouched).await.unwrap().is_valid());
+    assert_eq!(node.finds(), finds + 2);
 }
 
 #[tokio::test]
