@@ -7,9 +7,9 @@
 //! periodic consistency check finds the store ahead, it reads every change
 //! since then from the log and evicts those prefixes before trusting the
 //! cache again; if those changes were already pruned from the log, it
-//! clears the whole cache instead. While it cannot follow, [`FeedHealth`] records since when,
-//! and the verifier stops trusting cached entries once that is longer ago
-//! than the configured staleness bound.
+//! clears the whole cache instead. While it cannot follow, [`FeedHealth`]
+//! records since when, and the verifier stops trusting cached entries once
+//! that is longer ago than the configured staleness bound.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
