@@ -174,9 +174,7 @@ impl ApiKey {
     pub fn hash(&self) -> SecretHash {
         self.hash
     }
-}
 
-impl ApiKey {
     /// Parses a key presented as bytes, as the verify listener decodes it.
     /// Only the exact ASCII format passes, so no separate UTF-8 check is
     /// needed; a wrong length is counted in bytes.
@@ -408,6 +406,20 @@ mod tests {
         #[test]
         fn parsing_arbitrary_strings_never_panics(s in "\\PC{0,80}") {
             let _ = s.parse::<ApiKey>();
+        }
+
+        #[test]
+        fn bytes_parse_as_their_string_does(s in "(vlk_)?[ -~]{41,51}") {
+            let outcome = |k: Result<ApiKey, KeyFormatError>| k.map(|k| (k.prefix().clone(), k.hash()));
+            prop_assert_eq!(outcome(ApiKey::from_bytes(s.as_bytes())), outcome(s.parse()));
+        }
+
+        #[test]
+        fn a_key_with_one_byte_not_ascii_is_malformed(pos in 4usize..KEY_LENGTH, byte in 0x80u8..) {
+            let key = GeneratedKey::generate();
+            let mut bytes = key.expose_secret().as_bytes().to_vec();
+            bytes[pos] = byte;
+            prop_assert_eq!(ApiKey::from_bytes(&bytes).err(), Some(KeyFormatError::InvalidCharacter));
         }
 
         #[test]

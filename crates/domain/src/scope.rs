@@ -67,19 +67,6 @@ impl FromStr for Scope {
     }
 }
 
-/// Takes over the string's buffer when it is too long to be held inline.
-impl TryFrom<String> for Scope {
-    type Error = ScopeError;
-
-    fn try_from(value: String) -> Result<Self, Self::Error> {
-        let colon = validate(&value)?;
-        Ok(Self {
-            value: CompactString::from(value),
-            colon,
-        })
-    }
-}
-
 /// Checks `resource:action` and returns where the colon is. Runs on every
 /// verify that requires scopes, hence the table.
 fn validate(s: &str) -> Result<usize, ScopeError> {
@@ -212,21 +199,6 @@ mod tests {
             "a:".repeat(100).parse::<Scope>(),
             Err(ScopeError::TooLong(200))
         ));
-    }
-
-    #[test]
-    fn taking_over_a_string_checks_the_same_rules() {
-        for text in [
-            "datasets:read",
-            "datasets:*",
-            "Datasets:read",
-            "nocolon",
-            "",
-        ] {
-            let from_str = text.parse::<Scope>();
-            let taken = Scope::try_from(text.to_owned());
-            assert_eq!(from_str, taken, "{text}");
-        }
     }
 
     #[test]
