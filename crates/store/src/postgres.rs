@@ -364,8 +364,7 @@ fn key_from_row(row: &Row, offset: usize) -> Result<KeyRecord> {
 }
 
 fn parse_tier(tier: String) -> Result<Tier> {
-    tier.parse()
-        .map_err(|e: vilvik_keys_domain::UnknownTier| corrupt("tier")(e.to_string()))
+    rules::field("tier", tier.parse::<Tier>())
 }
 
 /// Postgres counts in `BIGINT`; the cap is a `u32`.
@@ -843,8 +842,9 @@ impl Store for PostgresStore {
             let event = AuditEvent {
                 event_id,
                 account_id: account.clone(),
-                key_id: key_id.map(|k| k.parse()).transpose().map_err(
-                    |e: vilvik_keys_domain::IdError| corrupt("audit key id")(e.to_string()),
+                key_id: rules::field(
+                    "audit key id",
+                    key_id.map(|k| k.parse::<KeyId>()).transpose(),
                 )?,
                 action: action.parse().map_err(corrupt("audit action"))?,
                 actor: row.try_get(3).map_err(map_err)?,
@@ -949,12 +949,7 @@ impl Store for PostgresStore {
             .map(|row| {
                 let seq: i64 = row.try_get(0).map_err(map_err)?;
                 let prefix: String = row.try_get(1).map_err(map_err)?;
-                let prefix = prefix
-                    .parse()
-                    .map_err(|e: vilvik_keys_domain::KeyFormatError| {
-                        corrupt("change prefix")(e.to_string())
-                    })?;
-                Ok((seq, prefix))
+                Ok((seq, rules::field("change prefix", prefix.parse())?))
             })
             .collect::<Result<Vec<_>>>()?;
         // Read after the changes: a prune in between can only make this

@@ -143,6 +143,15 @@ pub(crate) fn corrupt(what: &str) -> impl FnOnce(String) -> StoreError + '_ {
     move |detail| StoreError::internal(format!("corrupt {what} in the database: {detail}"))
 }
 
+/// A stored value parsed back into its domain type; one that does not
+/// parse is [`corrupt`]. E.g. `field("tier", text.parse::<Tier>())`.
+pub(crate) fn field<T, E: std::fmt::Display>(
+    what: &str,
+    value: Result<T, E>,
+) -> Result<T, StoreError> {
+    value.map_err(|e| corrupt(what)(e.to_string()))
+}
+
 /// A key row's columns as both backends read them, before parsing.
 pub(crate) struct RawKey {
     pub key_id: String,
@@ -164,12 +173,6 @@ impl RawKey {
     /// Parses the stored text into domain values; a value that does not
     /// parse is a corrupt row.
     pub fn parse(self) -> Result<KeyRecord, StoreError> {
-        fn field<T, E: std::fmt::Display>(
-            what: &str,
-            value: Result<T, E>,
-        ) -> Result<T, StoreError> {
-            value.map_err(|e| corrupt(what)(e.to_string()))
-        }
         Ok(KeyRecord {
             key_id: field("key id", self.key_id.parse::<KeyId>())?,
             account_id: field("account id", self.account_id.parse::<AccountId>())?,

@@ -201,8 +201,7 @@ fn ensure_account(tx: &Transaction<'_>, account: &AccountId, now: OffsetDateTime
             |r| r.get(0),
         )
         .map_err(map_err)?;
-    tier.parse()
-        .map_err(|e: vilvik_keys_domain::UnknownTier| corrupt("tier")(e.to_string()))
+    rules::field("tier", tier.parse::<Tier>())
 }
 
 fn check_room(
@@ -604,10 +603,7 @@ impl Store for SqliteStore {
                 let event = AuditEvent {
                     event_id,
                     account_id: account.clone(),
-                    key_id: key_id
-                        .map(|k| k.parse())
-                        .transpose()
-                        .map_err(|e: vilvik_keys_domain::IdError| corrupt("audit key id")(e.to_string()))?,
+                    key_id: rules::field("audit key id", key_id.map(|k| k.parse::<KeyId>()).transpose())?,
                     action: action.parse().map_err(corrupt("audit action"))?,
                     actor: row.get(4).map_err(map_err)?,
                     actor_ip: row.get(5).map_err(map_err)?,
@@ -633,9 +629,7 @@ impl Store for SqliteStore {
                 .optional()
                 .map_err(map_err)?;
             let tier = match tier {
-                Some(t) => t
-                    .parse()
-                    .map_err(|e: vilvik_keys_domain::UnknownTier| corrupt("tier")(e.to_string()))?,
+                Some(t) => rules::field("tier", t.parse::<Tier>())?,
                 None => Tier::Free,
             };
             Ok(Account { tier })
@@ -737,13 +731,7 @@ impl Store for SqliteStore {
             let changes = rows
                 .map(|r| {
                     let (seq, prefix) = r.map_err(map_err)?;
-                    let prefix =
-                        prefix
-                            .parse()
-                            .map_err(|e: vilvik_keys_domain::KeyFormatError| {
-                                corrupt("change prefix")(e.to_string())
-                            })?;
-                    Ok((seq, prefix))
+                    Ok((seq, rules::field("change prefix", prefix.parse())?))
                 })
                 .collect::<Result<Vec<_>>>()?;
             // Read after the changes: a prune in between can only make this

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use vilvik_keys_domain::{ScopeSet, SecretHash};
 
-use crate::rules::corrupt;
+use crate::rules::{corrupt, field};
 use crate::{Result, SecretEntry, StoreError};
 
 /// Batches decoded ahead of the sink.
@@ -36,31 +36,16 @@ impl<S: AsRef<str>> RawEntry<'_, S> {
     /// Parses every field; a value that does not parse is a corrupt row.
     pub fn parse(self) -> Result<SecretEntry> {
         Ok(SecretEntry {
-            prefix: self
-                .prefix
-                .parse()
-                .map_err(|e: vilvik_keys_domain::KeyFormatError| {
-                    corrupt("secret prefix")(e.to_string())
-                })?,
+            prefix: field("secret prefix", self.prefix.parse())?,
             hash: SecretHash::from_slice(self.hash)
                 .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
             superseded: self.superseded,
             revoked: self.revoked,
             expires_at: self.expires_at,
-            key_id: self
-                .key_id
-                .parse()
-                .map_err(|e: vilvik_keys_domain::IdError| corrupt("key id")(e.to_string()))?,
-            account_id: self
-                .account_id
-                .parse()
-                .map_err(|e: vilvik_keys_domain::IdError| corrupt("account id")(e.to_string()))?,
-            name: self
-                .name
-                .parse()
-                .map_err(|e: vilvik_keys_domain::FieldError| corrupt("name")(e.to_string()))?,
-            scopes: ScopeSet::parse(self.scopes)
-                .map_err(|(_, e)| corrupt("scopes")(e.to_string()))?,
+            key_id: field("key id", self.key_id.parse())?,
+            account_id: field("account id", self.account_id.parse())?,
+            name: field("name", self.name.parse())?,
+            scopes: field("scopes", ScopeSet::parse(self.scopes).map_err(|(_, e)| e))?,
         })
     }
 }
