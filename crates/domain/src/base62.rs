@@ -3,10 +3,6 @@
 pub(crate) const ALPHABET: &[u8; 62] =
     b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
-pub(crate) fn is_base62(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric()
-}
-
 /// Each byte's base62 value, or [`NOT_BASE62`]: one table lookup per byte
 /// validates and decodes, as this runs on every verify.
 static VALUE: [u8; 256] = {

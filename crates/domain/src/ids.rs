@@ -50,7 +50,7 @@ impl FromStr for KeyId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let well_formed = s.len() == KEY_ID_LEN
             && s.starts_with(KEY_ID_TAG)
-            && s.bytes().skip(KEY_ID_TAG.len()).all(base62::is_base62);
+            && base62::all_base62(&s.as_bytes()[KEY_ID_TAG.len()..]);
         match ArrayString::from(s) {
             Ok(id) if well_formed => Ok(Self(id)),
             _ => Err(IdError::MalformedKeyId(truncate_for_message(s))),

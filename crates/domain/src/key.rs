@@ -94,7 +94,7 @@ impl FromStr for KeyPrefix {
         if !s.starts_with(KEY_PREFIX) {
             return Err(KeyFormatError::WrongPrefix);
         }
-        if !s.bytes().skip(KEY_PREFIX.len()).all(base62::is_base62) {
+        if !base62::all_base62(&s.as_bytes()[KEY_PREFIX.len()..]) {
             return Err(KeyFormatError::InvalidCharacter);
         }
         Ok(Self::from_validated(s))
