@@ -19,23 +19,78 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("vilvik_keys_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
+    let admin = admin_server(&descriptors)?;
     tonic_prost_build::configure()
         // Messages that carry a secret get a hand-written, redacted Debug
         // (src/lib.rs), so no `{:?}` can ever print one.
         .skip_debug(SECRET_BEARING_MESSAGES)
+        // Both servers are generated below, with the request codec.
+        .build_server(false)
         .compile_fds(descriptors)?;
-    verify_server();
+    tonic_build::manual::Builder::new()
+        .build_client(false)
+        .compile(&[admin, verify_server()]);
     Ok(())
 }
 
-/// The KeyVerify server once more, with the same service name, route and
-/// wire format, but taking and returning the hand-written messages of
+/// Decodes requests so that a field that does not decode (e.g. a string
+/// that is not UTF-8) is the caller's INVALID_ARGUMENT naming the field.
+const REQUEST_CODEC: &str = "crate::server::codec::RequestCodec";
+
+/// The KeyAdmin server, method by method from the proto's descriptor (so
+/// it cannot drift from it), taking the generated messages but decoding
+/// them with [`REQUEST_CODEC`].
+fn admin_server(
+    descriptors: &prost_types::FileDescriptorSet,
+) -> Result<tonic_build::manual::Service, Box<dyn std::error::Error>> {
+    use tonic_build::manual::{Method, Service};
+    let service = descriptors
+        .file
+        .iter()
+        .flat_map(|f| &f.service)
+        .find(|s| s.name() == "KeyAdmin")
+        .ok_or("proto: no service KeyAdmin")?;
+    let rust_type = |proto: &str| {
+        let name = proto.strip_prefix(".vilvik.keys.v1.").unwrap_or(proto);
+        format!("crate::proto::{name}")
+    };
+    let mut builder = Service::builder()
+        .name("KeyAdmin")
+        .package("vilvik.keys.v1");
+    for method in &service.method {
+        builder = builder.method(
+            Method::builder()
+                .name(snake_case(method.name()))
+                .route_name(method.name())
+                .input_type(rust_type(method.input_type()))
+                .output_type(rust_type(method.output_type()))
+                .codec_path(REQUEST_CODEC)
+                .build(),
+        );
+    }
+    Ok(builder.build())
+}
+
+/// `ListAuditEvents` -> `list_audit_events`, as tonic names handlers.
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// The KeyVerify server, with the proto's service name, route and wire
+/// format, but taking and returning the hand-written messages of
 /// `src/server/verify_wire.rs`: they decode and encode the hot path's
-/// messages without a heap allocation per field. The generated
-/// `proto::key_verify_server` stays unused; clients use `proto` as usual.
-fn verify_server() {
-    use tonic_build::manual::{Builder, Method, Service};
-    let service = Service::builder()
+/// messages without a heap allocation per field. Clients use the
+/// generated `proto` module as usual.
+fn verify_server() -> tonic_build::manual::Service {
+    use tonic_build::manual::{Method, Service};
+    Service::builder()
         .name("KeyVerify")
         .package("vilvik.keys.v1")
         .method(
@@ -44,9 +99,8 @@ fn verify_server() {
                 .route_name("VerifyKey")
                 .input_type("crate::server::verify_wire::VerifyCall")
                 .output_type("crate::server::verify_wire::VerifyAnswer")
-                .codec_path("tonic_prost::ProstCodec")
+                .codec_path(REQUEST_CODEC)
                 .build(),
         )
-        .build();
-    Builder::new().build_client(false).compile(&[service]);
+        .build()
 }

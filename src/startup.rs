@@ -18,8 +18,9 @@ use vilvik_keys_verify::{
     CacheConfig, FeedConfig, UsageConfig, UsageRecorder, Verifier, VerifierConfig,
 };
 
+use crate::admin_server::key_admin_server::KeyAdminServer;
 use crate::config::Config;
-use crate::proto::{self, key_admin_server::KeyAdminServer};
+use crate::proto;
 use crate::server::{admin::AdminService, auth::Authenticator, verify::VerifyService};
 use crate::verify_server::key_verify_server::KeyVerifyServer;
 

@@ -17,7 +17,8 @@ use vilvik_keys_verify::Verifier;
 use super::auth::{Authenticator, Caller};
 use super::convert;
 use super::error::ApiError;
-use crate::proto::{self, key_admin_server::KeyAdmin};
+use crate::admin_server::key_admin_server::KeyAdmin;
+use crate::proto;
 
 /// Longest revocation reason accepted.
 const MAX_REASON_CHARS: usize = 500;

@@ -1,7 +1,7 @@
 //! The one place where failures become gRPC statuses.
 
 use tonic::{Code, Status};
-use vilvik_keys_store::StoreError;
+use vilvik_keys_store::{Outage, StoreError};
 
 /// Why an API call failed, in terms the caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -19,8 +19,9 @@ pub enum ApiError {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
-    #[error("the key store is unavailable; retry shortly")]
-    Unavailable(#[source] StoreError),
+    /// The store is down; the message says what and whether to retry.
+    #[error("{}", unavailable_message(.0))]
+    Unavailable(#[source] Outage),
     #[error("internal error")]
     Internal(#[source] StoreError),
 }
@@ -36,20 +37,9 @@ impl ApiError {
     pub fn key_not_found(key_id: &impl std::fmt::Display) -> Self {
         Self::NotFound(format!("key {key_id} not found in this account"))
     }
-}
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unavailable(_) => ApiError::Unavailable(e),
-            _ => ApiError::Internal(e),
-        }
-    }
-}
-
-impl From<ApiError> for Status {
-    fn from(e: ApiError) -> Self {
-        let code = match &e {
+    fn code(&self) -> Code {
+        match self {
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -58,12 +48,67 @@ impl From<ApiError> for Status {
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
-        };
-        if let ApiError::Unavailable(source) | ApiError::Internal(source) = &e {
-            // The caller gets an opaque message; the cause chain is logged once here.
-            tracing::error!(error = %error_chain(source), "request failed");
         }
-        Status::new(code, e.to_string())
+    }
+}
+
+fn unavailable_message(outage: &Outage) -> String {
+    let retry = if outage.kind.nothing_changed() {
+        "nothing was changed; retrying shortly is safe"
+    } else {
+        "a change may or may not have been applied: read the key back (GetKey, \
+         ListAuditEvents) before repeating a change; reads are safe to retry"
+    };
+    format!(
+        "the key store is unavailable: {}; {retry}",
+        outage.kind.what_is_down()
+    )
+}
+
+/// Every store failure has one status. Rule failures are spelled out one
+/// by one (no catch-all), so a new variant must be given its status here.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::NotFound("no such key in this account".to_owned()),
+            StoreError::Revoked { revoked_at } => ApiError::FailedPrecondition(format!(
+                "the key was revoked at {}; revocation is final: create a new key instead",
+                crate::format_time(revoked_at)
+            )),
+            StoreError::Expired { expires_at } => ApiError::FailedPrecondition(format!(
+                "the key expired at {}: extend it with UpdateKey (expires_at) first, or create a new key",
+                crate::format_time(expires_at)
+            )),
+            StoreError::QuotaExceeded {
+                tier,
+                limit,
+                active,
+            } => ApiError::ResourceExhausted(format!(
+                "the account is on the {tier} tier, which allows {limit} active keys, and already holds {active}: revoke a key you no longer use (RevokeKey)"
+            )),
+            StoreError::Unavailable(outage) => ApiError::Unavailable(outage),
+            // A generated identifier collided on every attempt, or a
+            // follower-only answer reached a handler: both are bugs.
+            e @ (StoreError::Conflict
+            | StoreError::ChangesPruned { .. }
+            | StoreError::Internal(..)) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match &e {
+            // The caller gets an opaque message; the cause chain is logged once here.
+            ApiError::Internal(source) => {
+                tracing::error!(error = %error_chain(source), "request failed");
+            }
+            ApiError::Unavailable(outage) => {
+                tracing::warn!(error = %error_chain(outage), "request failed: store unavailable");
+            }
+            _ => {}
+        }
+        Status::new(e.code(), e.to_string())
     }
 }
 
@@ -76,4 +121,123 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+    use vilvik_keys_domain::Tier;
+    use vilvik_keys_store::OutageKind;
+
+    use super::*;
+
+    fn status(e: StoreError) -> Status {
+        ApiError::from(e).into()
+    }
+
+    #[test]
+    fn not_found_is_not_found() {
+        assert_eq!(status(StoreError::NotFound).code(), Code::NotFound);
+    }
+
+    #[test]
+    fn revoked_is_failed_precondition_and_says_it_is_final() {
+        let s = status(StoreError::Revoked {
+            revoked_at: datetime!(2026-01-02 03:04:05 UTC),
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("2026-01-02T03:04:05Z"), "{s:?}");
+        assert!(s.message().contains("revocation is final"), "{s:?}");
+    }
+
+    #[test]
+    fn expired_is_failed_precondition_and_names_the_remedy() {
+        let s = status(StoreError::Expired {
+            expires_at: datetime!(2026-01-02 03:04:05 UTC),
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("UpdateKey (expires_at)"), "{s:?}");
+    }
+
+    #[test]
+    fn cap_reached_is_resource_exhausted_with_the_numbers() {
+        let s = status(StoreError::QuotaExceeded {
+            tier: Tier::Free,
+            limit: 3,
+            active: 3,
+        });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.message().contains("free tier, which allows 3"), "{s:?}");
+    }
+
+    #[test]
+    fn conflict_pruned_and_internal_are_internal_and_opaque() {
+        for e in [
+            StoreError::Conflict,
+            StoreError::ChangesPruned { pruned_through: 7 },
+            StoreError::Internal("corrupt row".into(), None),
+        ] {
+            let s = status(e);
+            assert_eq!(s.code(), Code::Internal);
+            assert_eq!(s.message(), "internal error");
+        }
+    }
+
+    /// Every kind, spelled out so that a new one fails to compile here.
+    fn every_outage_kind() -> Vec<OutageKind> {
+        let all = [
+            OutageKind::PoolTimeout,
+            OutageKind::ConnectionRefused,
+            OutageKind::NotAcceptingConnections,
+            OutageKind::ConnectionLost,
+            OutageKind::StatementTimeout,
+            OutageKind::Busy,
+        ];
+        for kind in all {
+            match kind {
+                OutageKind::PoolTimeout
+                | OutageKind::ConnectionRefused
+                | OutageKind::NotAcceptingConnections
+                | OutageKind::ConnectionLost
+                | OutageKind::StatementTimeout
+                | OutageKind::Busy => {}
+            }
+        }
+        all.to_vec()
+    }
+
+    #[test]
+    fn every_outage_is_unavailable_saying_what_is_down_and_whether_to_retry() {
+        for kind in every_outage_kind() {
+            let s = status(StoreError::unavailable(kind, "cause from the backend"));
+            assert_eq!(s.code(), Code::Unavailable, "{kind:?}");
+            assert!(s.message().contains(kind.what_is_down()), "{s:?}");
+            // The backend's own words (which may name hosts) stay in the log.
+            assert!(!s.message().contains("cause from the backend"), "{s:?}");
+            let advice = if kind.nothing_changed() {
+                "retrying shortly is safe"
+            } else {
+                "may or may not have been applied"
+            };
+            assert!(s.message().contains(advice), "{kind:?}: {s:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_broken_connection_leaves_the_outcome_open() {
+        for kind in every_outage_kind() {
+            assert_eq!(
+                kind.nothing_changed(),
+                kind != OutageKind::ConnectionLost,
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn field_errors_are_invalid_argument_naming_the_field() {
+        let s: Status = ApiError::invalid("scopes[2]", "is not resource:action").into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "scopes[2]: is not resource:action");
+    }
 }

@@ -6,7 +6,7 @@ use compact_str::CompactString;
 use smallvec::SmallVec;
 use tonic::{Request, Response, Status};
 use vilvik_keys_domain::Scope;
-use vilvik_keys_verify::Verifier;
+use vilvik_keys_verify::{Verdict, Verifier};
 
 use super::auth::client_ip;
 use super::error::ApiError;
@@ -70,6 +70,13 @@ impl KeyVerify for VerifyService {
             .verify(&call.key, &required, client_ip)
             .await
             .map_err(ApiError::from)?;
+        // A well-formed key is ASCII, so only a malformed one needs the
+        // UTF-8 check a string field gets everywhere else.
+        if matches!(verdict, Verdict::Malformed(_)) && std::str::from_utf8(&call.key).is_err() {
+            return Err(
+                ApiError::invalid("key", "is not valid UTF-8: send text fields as UTF-8").into(),
+            );
+        }
         Ok(Response::new(verdict.into()))
     }
 }

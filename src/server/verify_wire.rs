@@ -27,6 +27,7 @@ use crate::proto::VerifyCode;
 
 // Field numbers of `VerifyKeyRequest` and `VerifyKeyResponse` in
 // proto/vilvik/keys/v1/keys.proto.
+const REQUEST_MESSAGE: &str = "VerifyKeyRequest";
 const REQUEST_KEY: u32 = 1;
 const REQUEST_REQUIRED_SCOPES: u32 = 2;
 const REQUEST_CLIENT_IP: u32 = 3;
@@ -126,16 +127,25 @@ impl Message for VerifyCall {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
+        // Errors say which field, as prost's generated code does, so that
+        // the codec can name it to the caller.
+        let at = |field: &'static str| {
+            move |mut e: DecodeError| {
+                e.push(REQUEST_MESSAGE, field);
+                e
+            }
+        };
         match tag {
-            REQUEST_KEY => {
-                encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
-                self.merge_key(buf, ctx)
-            }
+            REQUEST_KEY => encoding::check_wire_type(WireType::LengthDelimited, wire_type)
+                .and_then(|()| self.merge_key(buf, ctx))
+                .map_err(at("key")),
             REQUEST_REQUIRED_SCOPES => {
-                encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
-                self.merge_required_scope(buf, ctx)
+                encoding::check_wire_type(WireType::LengthDelimited, wire_type)
+                    .and_then(|()| self.merge_required_scope(buf, ctx))
+                    .map_err(at("required_scopes"))
             }
-            REQUEST_CLIENT_IP => encoding::string::merge(wire_type, &mut self.client_ip, buf, ctx),
+            REQUEST_CLIENT_IP => encoding::string::merge(wire_type, &mut self.client_ip, buf, ctx)
+                .map_err(at("client_ip")),
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }

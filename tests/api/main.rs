@@ -8,7 +8,9 @@ mod helpers;
 mod auth;
 mod bad_input;
 mod cluster;
+mod encoding;
 mod lifecycle;
+mod outage;
 mod protection;
 mod tour;
 

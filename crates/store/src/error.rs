@@ -13,16 +13,16 @@ pub enum StoreError {
     Expired { expires_at: OffsetDateTime },
     #[error("the account holds {active} active keys; its tier '{tier}' allows {limit}")]
     QuotaExceeded { tier: Tier, limit: u32, active: u32 },
-    /// A generated prefix or id collided with an existing one; retry with a new one.
     /// The change log no longer holds every change after the sequence
     /// number asked for: they were pruned. A follower must forget its cache.
     #[error("the change log was pruned through sequence {pruned_through}")]
     ChangesPruned { pruned_through: i64 },
+    /// A generated prefix or id collided with an existing one; retry with a new one.
     #[error("a generated identifier is already taken")]
     Conflict,
     /// The database cannot be reached or did not answer in time.
-    #[error("the database is unavailable")]
-    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the database is unavailable: {0}")]
+    Unavailable(Outage),
     /// Anything else: a bug, a corrupt row, a failed migration.
     #[error("store failure: {0}")]
     Internal(
@@ -41,5 +41,75 @@ impl StoreError {
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
         Self::Internal(message.into(), Some(Box::new(source)))
+    }
+
+    /// The store is down in the way `kind` says, because of `source`.
+    pub fn unavailable(
+        kind: OutageKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Unavailable(Outage {
+            kind,
+            source: source.into(),
+        })
+    }
+}
+
+/// How the store is down: what failed, and the cause as the backend said it.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", kind.what_is_down())]
+pub struct Outage {
+    pub kind: OutageKind,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Every way the store can be down or slow. The kind decides what callers
+/// are told, above all whether retrying is safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutageKind {
+    /// No pooled connection became free, or no new one was made, in time.
+    PoolTimeout,
+    /// Connecting failed: nothing listens there, or the network is down.
+    ConnectionRefused,
+    /// The server is up but does not take connections now (shutting down,
+    /// starting, too many clients, `ALLOW_CONNECTIONS false`).
+    NotAcceptingConnections,
+    /// An open connection broke during the call.
+    ConnectionLost,
+    /// The server cancelled a statement: statement or lock timeout,
+    /// deadlock, serialization failure. Its transaction was rolled back.
+    StatementTimeout,
+    /// SQLite: another writer held the file past the busy timeout.
+    Busy,
+}
+
+impl OutageKind {
+    /// One phrase for the caller: what is down.
+    pub fn what_is_down(self) -> &'static str {
+        match self {
+            Self::PoolTimeout => "no database connection became free in time",
+            Self::ConnectionRefused => "the database cannot be reached",
+            Self::NotAcceptingConnections => "the database is not accepting connections",
+            Self::ConnectionLost => "the connection to the database broke during the call",
+            Self::StatementTimeout => {
+                "the database cancelled the statement (timeout or lock conflict)"
+            }
+            Self::Busy => "the database file is locked by another writer",
+        }
+    }
+
+    /// Whether the call certainly changed nothing, so that repeating it
+    /// is safe. Only a connection that broke mid-call leaves that open:
+    /// a commit may have been sent before it broke.
+    pub fn nothing_changed(self) -> bool {
+        match self {
+            Self::PoolTimeout
+            | Self::ConnectionRefused
+            | Self::NotAcceptingConnections
+            | Self::StatementTimeout
+            | Self::Busy => true,
+            Self::ConnectionLost => false,
+        }
     }
 }

@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, SecretHash, Tier, TierLimits};
 
-pub use error::StoreError;
+pub use error::{Outage, OutageKind, StoreError};
 pub use model::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Rotation,
     SecretEntry, SecretRecord, UsageRecord,

@@ -48,8 +48,8 @@ use crate::migrate::{CREATE_LEDGER, POSTGRES};
 use crate::rules::{self, RawKey, corrupt, format_time, page};
 use crate::stream;
 use crate::{
-    Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, NewKey, Page,
-    Result, Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
+    Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, NewKey,
+    OutageKind, Page, Result, Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
 };
 
 /// The `LISTEN`/`NOTIFY` channel on which every change publishes
@@ -260,26 +260,57 @@ impl PostgresStore {
 }
 
 fn map_pool_err(e: PoolError) -> StoreError {
+    use deadpool_postgres::TimeoutType;
     match e {
-        PoolError::Backend(e) => map_err(e),
+        // The pool only reaches the server itself to make a connection.
+        PoolError::Backend(e) => map_connect_err(e),
+        PoolError::Timeout(TimeoutType::Create) => {
+            StoreError::unavailable(OutageKind::ConnectionRefused, e)
+        }
+        PoolError::Timeout(TimeoutType::Wait | TimeoutType::Recycle) | PoolError::Closed => {
+            StoreError::unavailable(OutageKind::PoolTimeout, e)
+        }
+        PoolError::PostCreateHook(_) => StoreError::unavailable(OutageKind::ConnectionRefused, e),
         PoolError::NoRuntimeSpecified => {
             StoreError::internal_from("the Postgres pool is misconfigured", e)
         }
-        // Timeouts, a closed pool, a failed connection hook.
-        _ => StoreError::Unavailable(Box::new(e)),
     }
 }
 
-/// SQLSTATEs that mean "the database cannot serve this now; try again".
-fn is_transient(code: &SqlState) -> bool {
-    let class = &code.code()[..2];
-    matches!(
-        class,
-        "08" // connection exception
-            | "53" // insufficient resources, e.g. too many connections
-            | "57" // operator intervention: shutdown, statement timeout (57014)
-            | "40" // serialization failure, deadlock detected
-    ) || *code == SqlState::LOCK_NOT_AVAILABLE
+/// A failure to open a new connection. Only a refused login or a missing
+/// database is a mistake to report as such; the rest is an outage.
+fn map_connect_err(e: tokio_postgres::Error) -> StoreError {
+    let Some(code) = e.code() else {
+        return StoreError::unavailable(OutageKind::ConnectionRefused, e);
+    };
+    match &code.code()[..2] {
+        // Invalid authorization, unknown database: configuration, not outage.
+        "28" | "3D" => StoreError::internal_from("cannot connect to Postgres", e),
+        // 55000 is how Postgres refuses a database with ALLOW_CONNECTIONS
+        // false; 53300 too many clients; 57P0x shutting down or starting.
+        "55" | "53" | "57" => StoreError::unavailable(OutageKind::NotAcceptingConnections, e),
+        _ => StoreError::unavailable(OutageKind::ConnectionRefused, e),
+    }
+}
+
+/// How a failed statement says the database is down or busy, if it does.
+/// An error response with a SQLSTATE means the statement (and with it the
+/// transaction) failed for sure; only a broken connection leaves open
+/// whether a commit went through.
+fn outage_of(code: &SqlState) -> Option<OutageKind> {
+    if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE {
+        return Some(OutageKind::StatementTimeout);
+    }
+    match &code.code()[..2] {
+        // Serialization failure, deadlock detected.
+        "40" => Some(OutageKind::StatementTimeout),
+        // Connection exception.
+        "08" => Some(OutageKind::ConnectionLost),
+        // Insufficient resources; operator intervention (shutdown,
+        // terminated backend).
+        "53" | "57" => Some(OutageKind::NotAcceptingConnections),
+        _ => None,
+    }
 }
 
 fn map_err(e: tokio_postgres::Error) -> StoreError {
@@ -287,23 +318,25 @@ fn map_err(e: tokio_postgres::Error) -> StoreError {
         if *code == SqlState::UNIQUE_VIOLATION {
             return StoreError::Conflict;
         }
-        if is_transient(code) {
-            return StoreError::Unavailable(Box::new(e));
+        if let Some(kind) = outage_of(code) {
+            return StoreError::unavailable(kind, e);
         }
         return StoreError::internal_from("Postgres statement failed", e);
     }
     // No SQLSTATE: either the connection failed or we sent/read something
     // wrong. tokio-postgres exposes the kind only through its message.
+    let message = e.to_string();
+    let connecting = matches!(
+        message.as_str(),
+        "error connecting to server" | "timeout waiting for server"
+    );
     let connection_level = e.is_closed()
         || e.source().is_some_and(|s| s.is::<std::io::Error>())
-        || matches!(
-            e.to_string().as_str(),
-            "error connecting to server"
-                | "timeout waiting for server"
-                | "error communicating with the server"
-        );
-    if connection_level {
-        StoreError::Unavailable(Box::new(e))
+        || message == "error communicating with the server";
+    if connecting {
+        StoreError::unavailable(OutageKind::ConnectionRefused, e)
+    } else if connection_level {
+        StoreError::unavailable(OutageKind::ConnectionLost, e)
     } else {
         StoreError::internal_from("Postgres call failed", e)
     }
@@ -1169,7 +1202,7 @@ enum ListenerError {
 }
 
 fn listener_stopped(why: ListenerError) -> StoreError {
-    StoreError::Unavailable(Box::new(why))
+    StoreError::unavailable(OutageKind::ConnectionLost, why)
 }
 
 /// Handles one message from the listener's connection: forwards a change
@@ -1201,7 +1234,7 @@ fn forward(
         Some(Ok(_)) => ControlFlow::Continue(()),
         // Whatever the error (terminated backend, reset socket, server
         // shutdown), the subscription is gone: the caller resubscribes.
-        Some(Err(e)) => ControlFlow::Break(StoreError::Unavailable(Box::new(e))),
+        Some(Err(e)) => ControlFlow::Break(StoreError::unavailable(OutageKind::ConnectionLost, e)),
         None => ControlFlow::Break(listener_stopped(ListenerError::Closed)),
     }
 }
@@ -1236,7 +1269,7 @@ async fn run_listener(
                 heartbeat = None;
                 match answer {
                     Ok(Ok(_)) => last_heard = Instant::now(),
-                    Ok(Err(e)) => break StoreError::Unavailable(Box::new(e)),
+                    Ok(Err(e)) => break StoreError::unavailable(OutageKind::ConnectionLost, e),
                     Err(_) => {
                         break listener_stopped(ListenerError::Silent(LISTENER_HEARTBEAT_TIMEOUT));
                     }

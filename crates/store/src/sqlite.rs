@@ -24,8 +24,8 @@ use crate::migrate::{CREATE_LEDGER, SQLITE};
 use crate::rules::{self, RawKey, corrupt, format_time, page};
 use crate::stream;
 use crate::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Result, Rotation,
-    SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, OutageKind, Page,
+    Result, Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -118,7 +118,7 @@ fn map_err(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode;
     match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-            StoreError::Unavailable(Box::new(e))
+            StoreError::unavailable(OutageKind::Busy, e)
         }
         Some(ErrorCode::ConstraintViolation) if e.to_string().contains("UNIQUE") => {
             StoreError::Conflict

@@ -12,8 +12,8 @@ use vilvik_keys_domain::{
     TierLimits,
 };
 use vilvik_keys_store::{
-    Account, Actor, AuditEvent, ChangeListener, KeyChanges, KeyRecord, NewKey, Page, Result,
-    Rotation, SecretEntry, SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
+    Account, Actor, AuditEvent, ChangeListener, KeyChanges, KeyRecord, NewKey, OutageKind, Page,
+    Result, Rotation, SecretEntry, SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
 };
 use vilvik_keys_verify::{
     CacheConfig, FeedConfig, UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig,
@@ -31,7 +31,7 @@ struct Instrumented {
 }
 
 fn down() -> StoreError {
-    StoreError::Unavailable("taken down by the test".into())
+    StoreError::unavailable(OutageKind::ConnectionRefused, "taken down by the test")
 }
 
 #[async_trait]

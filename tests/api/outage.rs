@@ -1,0 +1,135 @@
+//! An outage of the database reaches callers as UNAVAILABLE saying what is
+//! down, changes nothing, and ends without a restart. The fault is real:
+//! the test's own database is made to refuse connections
+//! (`ALLOW_CONNECTIONS false`) and its open sessions are terminated.
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tonic::Code;
+use vilvik_keys::proto;
+
+use crate::helpers::{Backend, TestApp, eventually, spawn_app, with_bearer, without_usage};
+
+/// A session on the server's maintenance database (the one the test
+/// databases are created from), from which the test's own is altered.
+async fn maintenance_client() -> tokio_postgres::Client {
+    let url = std::env::var(vilvik_keys_test_db::URL_VAR).unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+fn database_name(app: &TestApp) -> String {
+    let url = app.config.database_url.as_ref().unwrap().expose_secret();
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    config.get_dbname().unwrap().to_owned()
+}
+
+async fn allow_connections(client: &tokio_postgres::Client, database: &str, allow: bool) {
+    client
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {allow}"
+        ))
+        .await
+        .unwrap();
+    if !allow {
+        client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_refuses_connections_is_unavailable_then_recovers() {
+    let Some(mut app) = spawn_app(Backend::Postgres).await else {
+        return;
+    };
+    let database = database_name(&app);
+    let key = app
+        .create_key("ci-runner", &["datasets:read"])
+        .await
+        .unwrap();
+    let key_id = key.key.unwrap().key_id;
+    let keys_before = without_usage(app.list_keys(true).await);
+
+    let maintenance = maintenance_client().await;
+    allow_connections(&maintenance, &database, false).await;
+
+    // The pool's terminated sessions may fail one call each as broken
+    // mid-call; after them every call finds the database refusing.
+    let mut refusing = false;
+    for _ in 0..40 {
+        let outcome = app
+            .admin
+            .get_key(with_bearer(
+                proto::GetKeyRequest {
+                    key_id: key_id.clone(),
+                },
+                &app.management_key,
+            ))
+            .await;
+        let status = outcome.expect_err("the database refuses connections");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with("the key store is unavailable: "),
+            "{status:?}"
+        );
+        if status
+            .message()
+            .contains("the database is not accepting connections; nothing was changed; retrying shortly is safe")
+        {
+            refusing = true;
+            break;
+        }
+    }
+    assert!(refusing, "never saw 'not accepting connections'");
+
+    // A change during the outage is refused whole.
+    let create = app
+        .admin
+        .create_key(with_bearer(
+            proto::CreateKeyRequest {
+                name: "during-outage".into(),
+                scopes: vec!["datasets:read".into()],
+                ..Default::default()
+            },
+            &app.management_key,
+        ))
+        .await;
+    let status = create.expect_err("no store");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    allow_connections(&maintenance, &database, true).await;
+    let mut admin = app.admin.clone();
+    let management_key = app.management_key.clone();
+    let recovered = eventually(Duration::from_secs(10), || {
+        let mut admin = admin.clone();
+        let request = with_bearer(
+            proto::GetKeyRequest {
+                key_id: key_id.clone(),
+            },
+            &management_key,
+        );
+        async move { admin.get_key(request).await.is_ok() }
+    })
+    .await;
+    assert!(recovered, "the service did not recover without a restart");
+    assert_eq!(without_usage(app.list_keys(true).await), keys_before);
+    admin
+        .get_account(with_bearer(
+            proto::GetAccountRequest {},
+            &app.management_key,
+        ))
+        .await
+        .unwrap();
+}
