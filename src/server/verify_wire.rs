@@ -306,20 +306,116 @@ mod tests {
                 (VerifyCode::InsufficientScope, Some(key), &missing[..])
             }
         };
-        let mut out = proto::VerifyKeyResponse {
+        // Every field spelled out (no `..`): a field added to the proto
+        // does not compile here until the hand-written answer carries it.
+        proto::VerifyKeyResponse {
             valid: code == VerifyCode::Valid,
             code: code.into(),
+            key_id: key
+                .map(|k| k.key_id.as_str().to_owned())
+                .unwrap_or_default(),
+            account_id: key
+                .map(|k| k.account_id.as_str().to_owned())
+                .unwrap_or_default(),
+            name: key.map(|k| k.name.as_str().to_owned()).unwrap_or_default(),
+            scopes: key.map(|k| k.scopes.to_strings()).unwrap_or_default(),
+            expires_at: key.and_then(|k| k.expires_at.map(convert::timestamp)),
             missing_scopes: missing.iter().map(|s| s.as_str().to_owned()).collect(),
-            ..Default::default()
-        };
-        if let Some(key) = key {
-            out.key_id = key.key_id.as_str().to_owned();
-            out.account_id = key.account_id.as_str().to_owned();
-            out.name = key.name.as_str().to_owned();
-            out.scopes = key.scopes.to_strings();
-            out.expires_at = key.expires_at.map(convert::timestamp);
         }
-        out
+    }
+
+    /// A message's fields in the descriptor set build.rs compiled from the
+    /// proto: `(number, name, type, repeated)`.
+    fn proto_fields(
+        message: &str,
+    ) -> Vec<(u32, String, prost_types::field_descriptor_proto::Type, bool)> {
+        use prost_types::field_descriptor_proto::Label;
+        let set = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
+        let descriptor = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "vilvik.keys.v1")
+            .flat_map(|f| &f.message_type)
+            .find(|m| m.name() == message)
+            .unwrap_or_else(|| panic!("{message} is not in the proto"));
+        descriptor
+            .field
+            .iter()
+            .map(|f| {
+                (
+                    u32::try_from(f.number()).unwrap(),
+                    f.name().to_owned(),
+                    f.r#type(),
+                    f.label() == Label::Repeated,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_field_numbers_and_types_are_the_protos() {
+        use prost_types::field_descriptor_proto::Type;
+        let fields = |list: &[(u32, &str, Type, bool)]| {
+            list.iter()
+                .map(|&(n, name, t, repeated)| (n, name.to_owned(), t, repeated))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            proto_fields("VerifyKeyRequest"),
+            fields(&[
+                (REQUEST_KEY, "key", Type::String, false),
+                (
+                    REQUEST_REQUIRED_SCOPES,
+                    "required_scopes",
+                    Type::String,
+                    true
+                ),
+                (REQUEST_CLIENT_IP, "client_ip", Type::String, false),
+            ]),
+            "VerifyKeyRequest changed in the proto: teach VerifyCall the change"
+        );
+        assert_eq!(
+            proto_fields("VerifyKeyResponse"),
+            fields(&[
+                (RESPONSE_VALID, "valid", Type::Bool, false),
+                (RESPONSE_CODE, "code", Type::Enum, false),
+                (RESPONSE_KEY_ID, "key_id", Type::String, false),
+                (RESPONSE_ACCOUNT_ID, "account_id", Type::String, false),
+                (RESPONSE_NAME, "name", Type::String, false),
+                (RESPONSE_SCOPES, "scopes", Type::String, true),
+                (RESPONSE_EXPIRES_AT, "expires_at", Type::Message, false),
+                (
+                    RESPONSE_MISSING_SCOPES,
+                    "missing_scopes",
+                    Type::String,
+                    true
+                ),
+            ]),
+            "VerifyKeyResponse changed in the proto: teach VerifyAnswer the change"
+        );
+    }
+
+    #[test]
+    fn the_verify_service_serves_every_method_of_the_proto() {
+        let set = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
+        let methods: Vec<_> = set
+            .file
+            .iter()
+            .flat_map(|f| &f.service)
+            .filter(|s| s.name() == "KeyVerify")
+            .flat_map(|s| &s.method)
+            .map(|m| (m.name(), m.input_type(), m.output_type()))
+            .collect();
+        // The methods build.rs gives the hand-written KeyVerify server.
+        assert_eq!(
+            methods,
+            [(
+                "VerifyKey",
+                ".vilvik.keys.v1.VerifyKeyRequest",
+                ".vilvik.keys.v1.VerifyKeyResponse"
+            )],
+            "KeyVerify changed in the proto: add the method to build.rs's verify_server and verify_wire"
+        );
     }
 
     fn key(scopes: &[&str], expires_at: Option<time::OffsetDateTime>) -> VerifiedKey {

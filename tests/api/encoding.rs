@@ -135,3 +135,35 @@ async fn strings_that_are_not_utf8_are_invalid_arguments_naming_the_field(mut ap
     assert_eq!(without_usage(app.list_keys(true).await), keys_before);
     assert_eq!(app.audit("").await, audit_before);
 }
+
+/// Every RPC the proto declares answers on its listener (an empty request
+/// gets some status, never UNIMPLEMENTED): a method added to the proto
+/// without a server behind it fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_of_the_proto_is_served() {
+    use prost::Message;
+    let app = crate::helpers::spawn_app(crate::helpers::Backend::Sqlite)
+        .await
+        .unwrap();
+    let set =
+        prost_types::FileDescriptorSet::decode(vilvik_keys::proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut services = Vec::new();
+    for service in set.file.iter().flat_map(|f| &f.service) {
+        let addr = match service.name() {
+            "KeyAdmin" => app.admin_addr,
+            "KeyVerify" => app.verify_addr,
+            other => panic!("the proto declares service {other}: which listener serves it?"),
+        };
+        for method in &service.method {
+            let path: &'static str =
+                format!("/vilvik.keys.v1.{}/{}", service.name(), method.name()).leak();
+            let outcome = raw_call(addr, path, Vec::new(), Some(&app.management_key)).await;
+            if let Err(status) = outcome {
+                assert_ne!(status.code(), Code::Unimplemented, "{path}: {status:?}");
+            }
+        }
+        services.push(service.name());
+    }
+    services.sort_unstable();
+    assert_eq!(services, ["KeyAdmin", "KeyVerify"]);
+}
