@@ -7,14 +7,13 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use vilvik_keys_domain::{
-    AccountId, Clock, Description, GeneratedKey, KeyId, KeyName, ScopeSet, TierLimits,
-    validate_expiry,
+    Clock, Description, GeneratedKey, KeyId, KeyName, ScopeSet, TierLimits, validate_expiry,
 };
 use vilvik_keys_store::{KeyChanges, KeyRecord, NewKey, Rotation, Store, StoreError};
 
 use vilvik_keys_verify::Verifier;
 
-use super::auth::{Authenticator, Caller};
+use super::auth::Authenticator;
 use super::convert;
 use super::error::ApiError;
 use crate::admin_server::key_admin_server::KeyAdmin;
@@ -47,46 +46,6 @@ impl AdminService {
 
     fn key(&self, record: KeyRecord) -> proto::Key {
         convert::key(record, self.clock.now())
-    }
-
-    /// Maps the store's rule failures for a change to `key_id`.
-    fn change_error(&self, caller: &Caller, key_id: &KeyId, e: StoreError) -> ApiError {
-        match e {
-            StoreError::NotFound => ApiError::key_not_found(key_id),
-            StoreError::Revoked { revoked_at } => ApiError::FailedPrecondition(format!(
-                "key {key_id} was revoked at {}; revocation is final: create a new key instead",
-                crate::format_time(revoked_at)
-            )),
-            StoreError::Expired { expires_at } => ApiError::FailedPrecondition(format!(
-                "key {key_id} expired at {}: extend it with UpdateKey (expires_at) first, or create a new key",
-                crate::format_time(expires_at)
-            )),
-            StoreError::QuotaExceeded { .. } => self.quota_error(&caller.account, e),
-            other => other.into(),
-        }
-    }
-
-    fn quota_error(&self, account: &AccountId, e: StoreError) -> ApiError {
-        let StoreError::QuotaExceeded {
-            tier,
-            limit,
-            active,
-        } = e
-        else {
-            return e.into();
-        };
-        let remedy = match tier {
-            vilvik_keys_domain::Tier::Free => format!(
-                "revoke a key you no longer use (RevokeKey), or move to the premium tier ({} active keys)",
-                self.limits.premium
-            ),
-            vilvik_keys_domain::Tier::Premium => {
-                "revoke a key you no longer use (RevokeKey)".to_owned()
-            }
-        };
-        ApiError::ResourceExhausted(format!(
-            "account {account} is on the {tier} tier, which allows {limit} active keys, and already holds {active}: {remedy}"
-        ))
     }
 }
 
@@ -165,13 +124,10 @@ impl KeyAdmin for AdminService {
                     }));
                 }
                 Err(StoreError::Conflict) => continue,
-                Err(e @ StoreError::QuotaExceeded { .. }) => {
-                    return Err(self.quota_error(&caller.account, e).into());
-                }
                 Err(e) => return Err(ApiError::from(e).into()),
             }
         }
-        Err(ApiError::Internal(StoreError::Conflict).into())
+        Err(ApiError::from(StoreError::Conflict).into())
     }
 
     async fn list_keys(
@@ -258,7 +214,7 @@ impl KeyAdmin for AdminService {
                 self.limits,
             )
             .await
-            .map_err(|e| self.change_error(&caller, &key_id, e))?;
+            .map_err(ApiError::from)?;
         self.verifier.invalidate(&record.prefix);
         tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, fields = ?paths, "key updated");
         Ok(Response::new(self.key(record)))
@@ -299,10 +255,10 @@ impl KeyAdmin for AdminService {
                     }));
                 }
                 Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(self.change_error(&caller, &key_id, e).into()),
+                Err(e) => return Err(ApiError::from(e).into()),
             }
         }
-        Err(ApiError::Internal(StoreError::Conflict).into())
+        Err(ApiError::from(StoreError::Conflict).into())
     }
 
     async fn revoke_key(
@@ -330,7 +286,7 @@ impl KeyAdmin for AdminService {
                 self.clock.now(),
             )
             .await
-            .map_err(|e| self.change_error(&caller, &key_id, e))?;
+            .map_err(ApiError::from)?;
         self.verifier.invalidate(&record.prefix);
         tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, "key revoked");
         Ok(Response::new(self.key(record)))

@@ -1,6 +1,7 @@
 //! The one place where failures become gRPC statuses.
 
 use tonic::{Code, Status};
+use vilvik_keys_domain::Tier;
 use vilvik_keys_store::{Outage, StoreError};
 
 /// Why an API call failed, in terms the caller can act on.
@@ -70,7 +71,9 @@ fn unavailable_message(outage: &Outage) -> String {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound => ApiError::NotFound("no such key in this account".to_owned()),
+            StoreError::NotFound => {
+                ApiError::NotFound("the key was not found in this account".to_owned())
+            }
             StoreError::Revoked { revoked_at } => ApiError::FailedPrecondition(format!(
                 "the key was revoked at {}; revocation is final: create a new key instead",
                 crate::format_time(revoked_at)
@@ -83,9 +86,19 @@ impl From<StoreError> for ApiError {
                 tier,
                 limit,
                 active,
-            } => ApiError::ResourceExhausted(format!(
-                "the account is on the {tier} tier, which allows {limit} active keys, and already holds {active}: revoke a key you no longer use (RevokeKey)"
-            )),
+                limits,
+            } => {
+                let remedy = match tier {
+                    Tier::Free => format!(
+                        "revoke a key you no longer use (RevokeKey), or move to the premium tier ({} active keys)",
+                        limits.premium
+                    ),
+                    Tier::Premium => "revoke a key you no longer use (RevokeKey)".to_owned(),
+                };
+                ApiError::ResourceExhausted(format!(
+                    "the account is on the {tier} tier, which allows {limit} active keys, and already holds {active}: {remedy}"
+                ))
+            }
             StoreError::Unavailable(outage) => ApiError::Unavailable(outage),
             // A generated identifier collided on every attempt, or a
             // follower-only answer reached a handler: both are bugs.
@@ -126,7 +139,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
-    use vilvik_keys_domain::Tier;
+    use vilvik_keys_domain::TierLimits;
     use vilvik_keys_store::OutageKind;
 
     use super::*;
@@ -161,13 +174,30 @@ mod tests {
 
     #[test]
     fn cap_reached_is_resource_exhausted_with_the_numbers() {
+        let limits = TierLimits {
+            free: 3,
+            premium: 50,
+        };
         let s = status(StoreError::QuotaExceeded {
             tier: Tier::Free,
             limit: 3,
             active: 3,
+            limits,
         });
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(s.message().contains("free tier, which allows 3"), "{s:?}");
+        assert!(
+            s.message().contains("premium tier (50 active keys)"),
+            "{s:?}"
+        );
+        let s = status(StoreError::QuotaExceeded {
+            tier: Tier::Premium,
+            limit: 50,
+            active: 50,
+            limits,
+        });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(!s.message().contains("move to"), "{s:?}");
     }
 
     #[test]

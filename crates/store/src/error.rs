@@ -1,5 +1,5 @@
 use time::OffsetDateTime;
-use vilvik_keys_domain::Tier;
+use vilvik_keys_domain::{Tier, TierLimits};
 
 /// What can go wrong in a store call. Business-rule failures carry what the
 /// caller needs to explain them; backend failures carry their cause.
@@ -11,8 +11,14 @@ pub enum StoreError {
     Revoked { revoked_at: OffsetDateTime },
     #[error("the key expired at {expires_at}")]
     Expired { expires_at: OffsetDateTime },
+    /// `limits` are every tier's, so the caller can point to a larger one.
     #[error("the account holds {active} active keys; its tier '{tier}' allows {limit}")]
-    QuotaExceeded { tier: Tier, limit: u32, active: u32 },
+    QuotaExceeded {
+        tier: Tier,
+        limit: u32,
+        active: u32,
+        limits: TierLimits,
+    },
     /// The change log no longer holds every change after the sequence
     /// number asked for: they were pruned. A follower must forget its cache.
     #[error("the change log was pruned through sequence {pruned_through}")]

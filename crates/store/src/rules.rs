@@ -118,6 +118,7 @@ pub(crate) fn check_quota(tier: Tier, limits: TierLimits, active: u32) -> Result
             tier,
             limit,
             active,
+            limits,
         });
     }
     Ok(())

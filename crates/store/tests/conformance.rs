@@ -579,7 +579,8 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
             StoreError::QuotaExceeded {
                 tier: Tier::Free,
                 limit: 3,
-                active: 3
+                active: 3,
+                ..
             }
         ),
         "{err:?}"
@@ -639,7 +640,8 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
             StoreError::QuotaExceeded {
                 tier: Tier::Free,
                 limit: 3,
-                active: 3
+                active: 3,
+                ..
             }
         ),
         "{err:?}"
@@ -699,6 +701,7 @@ async fn concurrent_creates_cannot_overshoot_the_cap(store: Arc<dyn Store>) {
                 tier: Tier::Free,
                 limit: 3,
                 active: 3,
+                ..
             }) => refused += 1,
             Err(e) => panic!("unexpected error: {e:?}"),
         }
@@ -733,7 +736,8 @@ async fn set_tier_changes_the_cap_with_an_audit_event(store: Arc<dyn Store>) {
         Err(StoreError::QuotaExceeded {
             tier: Tier::Free,
             limit: 1,
-            active: 1
+            active: 1,
+            ..
         })
     ));
 
@@ -751,7 +755,8 @@ async fn set_tier_changes_the_cap_with_an_audit_event(store: Arc<dyn Store>) {
         Err(StoreError::QuotaExceeded {
             tier: Tier::Premium,
             limit: 2,
-            active: 2
+            active: 2,
+            ..
         })
     ));
 
@@ -1431,7 +1436,8 @@ async fn import_keys_writes_keys_events_and_changes_ignoring_the_cap(store: Arc<
         Err(StoreError::QuotaExceeded {
             tier: Tier::Free,
             limit: 3,
-            active: 100
+            active: 100,
+            ..
         })
     ));
 
