@@ -1,0 +1,173 @@
+//! Each way a real database can be down or slow becomes the outage kind
+//! callers are told about. The faults are real: nothing listening, a
+//! database refusing connections, a lock held by another session, a
+//! SQLite file held by another writer.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use vilvik_keys_domain::{AccountId, Description, GeneratedKey, KeyId, ScopeSet, TierLimits};
+use vilvik_keys_store::{Actor, NewKey, OutageKind, PostgresStore, SqliteStore, Store, StoreError};
+use vilvik_keys_test_db::TestDatabase;
+
+fn actor() -> Actor {
+    Actor {
+        name: "operator:alice@example.com".to_owned(),
+        ip: None,
+    }
+}
+
+fn new_key() -> NewKey {
+    let generated = GeneratedKey::generate();
+    NewKey {
+        key_id: KeyId::generate(),
+        account_id: "ACME".parse::<AccountId>().unwrap(),
+        name: "outage-test".parse().unwrap(),
+        description: Description::default(),
+        scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
+        expires_at: None,
+        prefix: generated.prefix().clone(),
+        hash: generated.hash(),
+        created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
+    }
+}
+
+#[track_caller]
+fn assert_outage<T: std::fmt::Debug>(outcome: Result<T, StoreError>, kind: OutageKind) {
+    match outcome {
+        Err(StoreError::Unavailable(outage)) => assert_eq!(outage.kind, kind, "{outage:?}"),
+        other => panic!("expected {kind:?}, got {other:?}"),
+    }
+}
+
+async fn side_session(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test]
+async fn nothing_listening_is_a_refused_connection() {
+    // Port 1 on localhost: nothing listens there.
+    let outcome = PostgresStore::connect("postgres://postgres@127.0.0.1:1/vilvik").await;
+    assert_outage(outcome, OutageKind::ConnectionRefused);
+}
+
+#[tokio::test]
+async fn a_database_refusing_connections_is_not_accepting_them() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PostgresStore::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let admin = side_session(&std::env::var(vilvik_keys_test_db::URL_VAR).unwrap()).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS false",
+            db.name()
+        ))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&db.name()],
+        )
+        .await
+        .unwrap();
+    // A pooled session that was terminated fails once as broken; after
+    // that, every new connection is refused by the server.
+    let first = store.get_account(&"ACME".parse().unwrap()).await;
+    if let Err(StoreError::Unavailable(outage)) = &first
+        && outage.kind == OutageKind::ConnectionLost
+    {
+        assert_outage(
+            store.get_account(&"ACME".parse().unwrap()).await,
+            OutageKind::NotAcceptingConnections,
+        );
+    } else {
+        assert_outage(first, OutageKind::NotAcceptingConnections);
+    }
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true",
+            db.name()
+        ))
+        .await
+        .unwrap();
+    store.get_account(&"ACME".parse().unwrap()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lock_held_past_the_lock_timeout_is_a_cancelled_statement() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let setup = PostgresStore::connect(db.url()).await.unwrap();
+    setup.migrate().await.unwrap();
+    drop(setup);
+    // New sessions of this database give up on a lock after 100 ms.
+    let holder = side_session(db.url()).await;
+    holder
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET lock_timeout = '100ms'",
+            db.name()
+        ))
+        .await
+        .unwrap();
+    let store = PostgresStore::connect(db.url()).await.unwrap();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let outcome = store
+        .create_key(new_key(), &actor(), TierLimits::default())
+        .await;
+    assert_outage(outcome, OutageKind::StatementTimeout);
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    // Nothing of the refused create is left, and the store works on.
+    let account = store.get_account(&"ACME".parse().unwrap()).await.unwrap();
+    assert_eq!(account.tier, vilvik_keys_domain::Tier::Free);
+    store
+        .create_key(new_key(), &actor(), TierLimits::default())
+        .await
+        .unwrap();
+    let page = store
+        .list_keys(&"ACME".parse().unwrap(), true, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_file_held_by_another_writer_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    store.migrate().await.unwrap();
+    // Another process's writer, as far as SQLite can tell: its own
+    // connection holding the write lock past the store's busy timeout.
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked_tx.send(()).unwrap();
+        release_rx.recv_timeout(Duration::from_secs(30)).ok();
+        conn.execute_batch("ROLLBACK").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let outcome = store
+        .create_key(new_key(), &actor(), TierLimits::default())
+        .await;
+    release_tx.send(()).unwrap();
+    writer.join().unwrap();
+    assert_outage(outcome, OutageKind::Busy);
+    let page = store
+        .list_keys(&"ACME".parse().unwrap(), true, None, 10)
+        .await
+        .unwrap();
+    assert!(page.items.is_empty(), "the refused create left nothing");
+}
