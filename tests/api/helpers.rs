@@ -298,24 +298,6 @@ pub fn days_from(now: OffsetDateTime, days: i64) -> prost_types::Timestamp {
     }
 }
 
-/// Polls `check` every 50 ms until it is true or `within` has passed.
-pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Keys without their last-use fields, which every admin call through a
 /// management key updates in the background; for before/after comparisons.
 pub fn without_usage(mut keys: Vec<proto::Key>) -> Vec<proto::Key> {
