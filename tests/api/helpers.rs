@@ -65,6 +65,8 @@ pub async fn spawn_app_with(
         verify_addr: "127.0.0.1:0".parse().unwrap(),
         operator_token: Some(SecretString::from(OPERATOR_TOKEN)),
         usage_flush_interval: Duration::from_millis(100),
+        // A lost change feed is followed again at once, not after 500 ms.
+        change_feed_retry_interval: Duration::from_millis(20),
         tier_limits: TierLimits::default(),
         ..Config::default()
     };
