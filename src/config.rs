@@ -3,7 +3,7 @@
 //! `VILVIK_KEYS_*` variables and invalid values stop the start with a
 //! message that names them.
 //!
-//! Every setting is declared once, in the [`settings!`] invocation below:
+//! Every setting is declared once, in the `settings!` invocation below:
 //! its file key, its variable, its default, one line saying what it means,
 //! and how its value is applied. The TOML file's shape, the loader, the
 //! unknown-variable check and the README's settings table ([`SETTINGS`],
