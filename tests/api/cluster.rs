@@ -44,7 +44,7 @@ async fn revocation_reaches_every_verify_node(mut app: TestApp) {
 
 /// Waits until `node` answers REVOKED for `secret` (it may answer VALID
 /// meanwhile, nothing else); fails when that takes `within` or longer.
-async fn wait_until_revoked(node: &VerifyNode, secret: &str, within: Duration) -> Duration {
+async fn wait_until_revoked(node: &VerifyNode, secret: &str, within: Duration) {
     let what = format!("node {} answers REVOKED for the revoked key", node.addr);
     eventually(within, &what, || {
         let mut client = node.verify.clone();
@@ -66,7 +66,7 @@ async fn wait_until_revoked(node: &VerifyNode, secret: &str, within: Duration) -
             }
         }
     })
-    .await
+    .await;
 }
 
 /// A notification sent while a node's listener was disconnected is caught

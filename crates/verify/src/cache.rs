@@ -3,7 +3,7 @@
 //! Sharded by prefix, each shard a `RwLock` over two maps: found secrets
 //! (keyed by the prefix packed into a `u64`, the record boxed so that the
 //! table itself stays small) and briefly remembered unknown prefixes, whose
-//! expiry is read from the verifier's [`Clock`], not the wall clock. Every
+//! expiry is read from the verifier's [`Clock`] (a manual one in tests). Every
 //! invalidation bumps its shard's epoch; a load that raced with one (read
 //! the store before the change committed, finished after the eviction) sees
 //! the epoch moved and does not insert its stale result.
