@@ -1,29 +1,14 @@
 //! Configuration: one typed struct, read from an optional TOML file and then
-//! from the environment, which wins. Unknown file keys and invalid values
-//! stop the start with a message that names them.
+//! from the environment, which wins. Unknown file keys, unknown
+//! `VILVIK_KEYS_*` variables and invalid values stop the start with a
+//! message that names them.
 //!
-//! | file key                 | environment                          | default              |
-//! |--------------------------|--------------------------------------|----------------------|
-//! | database_url             | DATABASE_URL                         | unset: SQLite        |
-//! | sqlite_path              | VILVIK_KEYS_SQLITE_PATH              | ./vilvik-keys.db     |
-//! | admin_addr               | VILVIK_KEYS_ADMIN_ADDR               | 127.0.0.1:50051      |
-//! | verify_addr              | VILVIK_KEYS_VERIFY_ADDR              | 127.0.0.1:50052      |
-//! | public_verify_addr       | VILVIK_KEYS_PUBLIC_VERIFY_ADDR       | the verify address   |
-//! | operator_token           | VILVIK_KEYS_OPERATOR_TOKEN           | unset: no operator   |
-//! | free_tier_limit          | VILVIK_KEYS_FREE_TIER_LIMIT          | 3                    |
-//! | premium_tier_limit       | VILVIK_KEYS_PREMIUM_TIER_LIMIT       | 25                   |
-//! | usage_flush_interval_ms  | VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS  | 1000                 |
-//! | trusted_proxies          | VILVIK_KEYS_TRUSTED_PROXIES          | none (comma-separated IPs) |
-//! | log_format               | VILVIK_KEYS_LOG_FORMAT               | pretty (or json)     |
-//! | shutdown_grace_ms        | VILVIK_KEYS_SHUTDOWN_GRACE_MS        | 10000                |
-//! | request_timeout_ms       | VILVIK_KEYS_REQUEST_TIMEOUT_MS       | 5000                 |
-//! | staleness_bound_ms       | VILVIK_KEYS_STALENESS_BOUND_MS       | 30000 (0 = fail closed) |
-//! | negative_cache_ttl_ms    | VILVIK_KEYS_NEGATIVE_CACHE_TTL_MS    | 2000                 |
-//! | consistency_check_ms     | VILVIK_KEYS_CONSISTENCY_CHECK_MS     | 1000                 |
-//! | change_poll_ms           | VILVIK_KEYS_CHANGE_POLL_MS           | 50 (SQLite only)     |
-//! | preload                  | VILVIK_KEYS_PRELOAD                  | false                |
-//! | verify_concurrency_limit | VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT | 1024                 |
-//! | change_log_retention_hours | VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS | 168 (admin nodes prune) |
+//! Every setting is declared once, in the `settings!` invocation below:
+//! its file key, its variable, its default, one line saying what it means,
+//! and how its value is applied. The TOML file's shape, the loader, the
+//! unknown-variable check and the README's settings table ([`SETTINGS`],
+//! [`settings_table`]) all come from that declaration; a test fails when the
+//! README disagrees with it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -63,6 +48,8 @@ pub struct Config {
     pub negative_cache_ttl: Duration,
     pub consistency_check_interval: Duration,
     pub change_poll_interval: Duration,
+    /// Wait before reconnecting to the change feed after it failed.
+    pub change_feed_retry_interval: Duration,
     /// Load every key into memory at start.
     pub preload: bool,
     /// Verify requests in progress at once, over all connections; more are
@@ -101,6 +88,10 @@ impl std::fmt::Debug for Config {
                 &self.consistency_check_interval,
             )
             .field("change_poll_interval", &self.change_poll_interval)
+            .field(
+                "change_feed_retry_interval",
+                &self.change_feed_retry_interval,
+            )
             .field("preload", &self.preload)
             .field("verify_concurrency_limit", &self.verify_concurrency_limit)
             .field("change_log_retention", &self.change_log_retention)
@@ -109,6 +100,8 @@ impl std::fmt::Debug for Config {
 }
 
 impl Default for Config {
+    /// The declared defaults (a test checks that each [`SETTINGS`] default
+    /// loads to the same configuration).
     fn default() -> Self {
         Self {
             database_url: None,
@@ -127,6 +120,7 @@ impl Default for Config {
             negative_cache_ttl: Duration::from_secs(2),
             consistency_check_interval: Duration::from_secs(1),
             change_poll_interval: Duration::from_millis(50),
+            change_feed_retry_interval: Duration::from_millis(500),
             preload: false,
             verify_concurrency_limit: 1024,
             change_log_retention: Duration::from_secs(7 * 24 * 3600),
@@ -134,30 +128,279 @@ impl Default for Config {
     }
 }
 
-/// The TOML file's shape; every key optional, unknown keys rejected.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    database_url: Option<String>,
-    sqlite_path: Option<PathBuf>,
-    admin_addr: Option<String>,
-    verify_addr: Option<String>,
-    public_verify_addr: Option<String>,
-    operator_token: Option<String>,
-    free_tier_limit: Option<u32>,
-    premium_tier_limit: Option<u32>,
-    usage_flush_interval_ms: Option<u64>,
-    trusted_proxies: Option<Vec<String>>,
-    log_format: Option<String>,
-    shutdown_grace_ms: Option<u64>,
-    request_timeout_ms: Option<u64>,
-    staleness_bound_ms: Option<u64>,
-    negative_cache_ttl_ms: Option<u64>,
-    consistency_check_ms: Option<u64>,
-    change_poll_ms: Option<u64>,
-    preload: Option<bool>,
-    verify_concurrency_limit: Option<u32>,
-    change_log_retention_hours: Option<u32>,
+/// One setting or variable, as the documentation and the loader see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    /// Its key in the TOML file; `None` for a variable only read from the
+    /// environment (by the CLI or the tests, or before the file is read).
+    pub file_key: Option<&'static str>,
+    /// Its environment variable.
+    pub env: &'static str,
+    /// What applies when it is not set.
+    pub default: SettingDefault,
+    /// One line saying what it means (Markdown).
+    pub doc: &'static str,
+}
+
+/// A setting's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingDefault {
+    /// This value, as it would be written in the file or the environment.
+    Value(&'static str),
+    /// Unset, and what that means (Markdown).
+    Unset(&'static str),
+}
+
+/// A value from the TOML file in the form the environment would give it,
+/// so that both go through one parser.
+trait FileValue {
+    fn into_value(self) -> String;
+}
+
+impl FileValue for String {
+    fn into_value(self) -> String {
+        self
+    }
+}
+
+impl FileValue for PathBuf {
+    fn into_value(self) -> String {
+        self.to_string_lossy().into_owned()
+    }
+}
+
+impl FileValue for Vec<String> {
+    fn into_value(self) -> String {
+        self.join(",")
+    }
+}
+
+macro_rules! file_value_by_display {
+    ($($t:ty),*) => {
+        $(impl FileValue for $t {
+            fn into_value(self) -> String {
+                self.to_string()
+            }
+        })*
+    };
+}
+file_value_by_display!(u32, u64, bool);
+
+/// How a setting's value (named `name` in messages: the variable, or the
+/// file key when it came from the file) changes the configuration.
+type Apply = fn(&mut Config, &str, String) -> Result<(), ConfigError>;
+
+/// Declares the settings: `file_key: FileType = "VARIABLE", default, "doc", apply;`
+/// for those of the service (in the order they are applied, which decides
+/// which of several problems is reported), then `"VARIABLE", default, "doc";`
+/// for variables read elsewhere. Generates the TOML file's shape
+/// (`FileConfig`), [`SETTINGS`] and `apply_settings`.
+macro_rules! settings {
+    (
+        service {
+            $( $key:ident : $ty:ty = $env:literal, $default:expr, $doc:literal, $apply:expr; )*
+        }
+        elsewhere { $( $other_env:literal, $other_default:expr, $other_doc:literal; )* }
+    ) => {
+        /// The TOML file's shape; every key optional, unknown keys rejected.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FileConfig {
+            $( $key: Option<$ty>, )*
+        }
+
+        /// Every setting of the service, then every other variable the
+        /// program or its tests read: the README's settings table.
+        pub const SETTINGS: &[Setting] = &[
+            $(
+                Setting {
+                    file_key: Some(stringify!($key)),
+                    env: $env,
+                    default: $default,
+                    doc: $doc,
+                },
+            )*
+            $(
+                Setting {
+                    file_key: None,
+                    env: $other_env,
+                    default: $other_default,
+                    doc: $other_doc,
+                },
+            )*
+        ];
+
+        /// Applies each setting given, the environment's value over the file's.
+        fn apply_settings(
+            config: &mut Config,
+            file: FileConfig,
+            env: &HashMap<String, String>,
+        ) -> Result<(), ConfigError> {
+            $(
+                if let Some((name, value)) = pick(env, $env, stringify!($key), file.$key) {
+                    let apply: Apply = $apply;
+                    apply(config, &name, value)?;
+                }
+            )*
+            Ok(())
+        }
+    };
+}
+
+use SettingDefault::{Unset, Value};
+
+settings! {
+    service {
+        database_url: String = "DATABASE_URL", Unset("embedded SQLite"),
+            "the PostgreSQL server to keep the keys in",
+            |c, _, v| { c.database_url = Some(SecretString::from(v)); Ok(()) };
+        sqlite_path: PathBuf = "VILVIK_KEYS_SQLITE_PATH", Value("./vilvik-keys.db"),
+            "the embedded SQLite file, when `DATABASE_URL` is unset",
+            |c, _, v| { c.sqlite_path = PathBuf::from(v); Ok(()) };
+        admin_addr: String = "VILVIK_KEYS_ADMIN_ADDR", Value("127.0.0.1:50051"),
+            "the KeyAdmin listener",
+            |c, name, v| { c.admin_addr = parse_addr(name, &v)?; Ok(()) };
+        verify_addr: String = "VILVIK_KEYS_VERIFY_ADDR", Value("127.0.0.1:50052"),
+            "the KeyVerify listener",
+            |c, name, v| { c.verify_addr = parse_addr(name, &v)?; Ok(()) };
+        public_verify_addr: String = "VILVIK_KEYS_PUBLIC_VERIFY_ADDR", Unset("the verify address"),
+            "the verify address printed in smoke-test commands",
+            |c, _, v| { c.public_verify_addr = Some(v); Ok(()) };
+        operator_token: String = "VILVIK_KEYS_OPERATOR_TOKEN", Unset("no operator access"),
+            "the operator token, at least 32 characters",
+            |c, name, v| {
+                if v.len() < MIN_OPERATOR_TOKEN_LEN {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "the operator token must be at least {MIN_OPERATOR_TOKEN_LEN} characters; generate one with `openssl rand -hex 32`"
+                        ),
+                    ));
+                }
+                c.operator_token = Some(SecretString::from(v));
+                Ok(())
+            };
+        free_tier_limit: u32 = "VILVIK_KEYS_FREE_TIER_LIMIT", Value("3"),
+            "active keys an account on the free tier may hold",
+            |c, name, v| { c.tier_limits.free = parse_number(name, &v)?; Ok(()) };
+        premium_tier_limit: u32 = "VILVIK_KEYS_PREMIUM_TIER_LIMIT", Value("25"),
+            "active keys an account on the premium tier may hold",
+            |c, name, v| { c.tier_limits.premium = parse_number(name, &v)?; Ok(()) };
+        usage_flush_interval_ms: u64 = "VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS", Value("1000"),
+            "how often uses noted by verifies are written to the store",
+            |c, name, v| { c.usage_flush_interval = parse_millis(name, &v)?; Ok(()) };
+        shutdown_grace_ms: u64 = "VILVIK_KEYS_SHUTDOWN_GRACE_MS", Value("10000"),
+            "how long a stopping server lets requests in progress finish",
+            |c, name, v| { c.shutdown_grace = parse_millis(name, &v)?; Ok(()) };
+        request_timeout_ms: u64 = "VILVIK_KEYS_REQUEST_TIMEOUT_MS", Value("5000"),
+            "the longest a request may take",
+            |c, name, v| { c.request_timeout = parse_millis(name, &v)?; Ok(()) };
+        staleness_bound_ms: u64 = "VILVIK_KEYS_STALENESS_BOUND_MS", Value("30000"),
+            "how long cached keys are trusted while the change feed is down (`0`: never)",
+            |c, name, v| { c.staleness_bound = parse_millis(name, &v)?; Ok(()) };
+        negative_cache_ttl_ms: u64 = "VILVIK_KEYS_NEGATIVE_CACHE_TTL_MS", Value("2000"),
+            "how long an unknown prefix is remembered",
+            |c, name, v| { c.negative_cache_ttl = parse_millis(name, &v)?; Ok(()) };
+        consistency_check_ms: u64 = "VILVIK_KEYS_CONSISTENCY_CHECK_MS", Value("1000"),
+            "how often a node checks it has missed no change",
+            |c, name, v| {
+                let interval = parse_millis(name, &v)?;
+                c.consistency_check_interval =
+                    at_least_a_millisecond("consistency_check_ms", interval)?;
+                Ok(())
+            };
+        change_poll_ms: u64 = "VILVIK_KEYS_CHANGE_POLL_MS", Value("50"),
+            "how often SQLite is polled for changes",
+            |c, name, v| {
+                let interval = parse_millis(name, &v)?;
+                c.change_poll_interval = at_least_a_millisecond("change_poll_ms", interval)?;
+                Ok(())
+            };
+        change_feed_retry_ms: u64 = "VILVIK_KEYS_CHANGE_FEED_RETRY_MS", Value("500"),
+            "how long a node waits before following the change feed again after it failed",
+            |c, name, v| {
+                let interval = parse_millis(name, &v)?;
+                c.change_feed_retry_interval =
+                    at_least_a_millisecond("change_feed_retry_ms", interval)?;
+                Ok(())
+            };
+        preload: bool = "VILVIK_KEYS_PRELOAD", Value("false"),
+            "load every key into memory at start (or `serve --preload`)",
+            |c, name, v| {
+                c.preload = match v.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    other => return Err(invalid(name, format!("'{other}' is not true or false"))),
+                };
+                Ok(())
+            };
+        verify_concurrency_limit: u32 = "VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT", Value("1024"),
+            "verifies in progress at once; more get RESOURCE_EXHAUSTED at once",
+            |c, name, v| {
+                c.verify_concurrency_limit = parse_number(name, &v)? as usize;
+                if c.verify_concurrency_limit == 0 {
+                    return Err(invalid(name, "must be at least 1"));
+                }
+                Ok(())
+            };
+        change_log_retention_hours: u32 = "VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS", Value("168"),
+            "admin nodes prune older change-log entries hourly; a verify node cut off for longer clears its cache when it is back",
+            |c, name, v| {
+                let hours: u32 = parse_number(name, &v)?;
+                if hours == 0 {
+                    return Err(invalid(name, "must be at least 1 hour"));
+                }
+                c.change_log_retention = Duration::from_secs(u64::from(hours) * 3600);
+                Ok(())
+            };
+        trusted_proxies: Vec<String> = "VILVIK_KEYS_TRUSTED_PROXIES",
+            Unset("`x-forwarded-for` ignored"),
+            "proxies whose `x-forwarded-for` is believed (a list in the file, comma-separated in the environment)",
+            |c, name, v| {
+                c.trusted_proxies = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        s.parse()
+                            .map_err(|_| invalid(name, format!("'{s}' is not an IP address")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(())
+            };
+        log_format: String = "VILVIK_KEYS_LOG_FORMAT", Value("pretty"),
+            "`pretty` or `json`",
+            |c, name, v| {
+                c.log_format = match v.as_str() {
+                    "pretty" => LogFormat::Pretty,
+                    "json" => LogFormat::Json,
+                    other => {
+                        return Err(invalid(
+                            name,
+                            format!("'{other}' is not a log format: use 'pretty' or 'json'"),
+                        ));
+                    }
+                };
+                Ok(())
+            };
+    }
+    elsewhere {
+        "VILVIK_KEYS_CONFIG", Unset("no file"),
+            "the `--config` file";
+        "RUST_LOG", Value("info"), "the log filter";
+        "VILVIK_KEYS_TOKEN", Unset("no credential"),
+            "the CLI's credential: a management key or the operator token";
+        "VILVIK_KEYS_ADDR", Value("http://127.0.0.1:50051"),
+            "the admin API the CLI talks to";
+        "VILVIK_KEYS_ACCOUNT", Unset("the credential's account"),
+            "the account the CLI acts for with the operator token";
+        "VILVIK_KEYS_ACTOR", Unset("no actor"),
+            "the person acting, with the operator token";
+        "VILVIK_KEYS_TEST_DATABASE_URL", Unset("Postgres tests skipped"),
+            "a Postgres server whose user the tests may create databases with";
+        "VILVIK_KEYS_REQUIRE_POSTGRES", Unset("skipping allowed"),
+            "`1`: Postgres tests fail instead of skipping without a test database";
+    }
 }
 
 /// A configuration problem, naming the setting and what is wrong with it.
@@ -178,6 +421,20 @@ fn invalid(setting: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting: setting.to_owned(),
         message: message.into(),
+    }
+}
+
+/// The value to apply for one setting and the name to report it under:
+/// the environment's (a non-empty variable) over the file's.
+fn pick<T: FileValue>(
+    env: &HashMap<String, String>,
+    env_name: &str,
+    file_key: &str,
+    from_file: Option<T>,
+) -> Option<(String, String)> {
+    match env.get(env_name).filter(|v| !v.is_empty()) {
+        Some(v) => Some((env_name.to_owned(), v.clone())),
+        None => from_file.map(|v| (file_key.to_owned(), v.into_value())),
     }
 }
 
@@ -208,157 +465,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let mut config = Config::default();
-        // Each setting: the environment's value wins over the file's.
-        let pick = |env_name: &str, from_file: Option<String>| -> Option<(String, String)> {
-            match env.get(env_name).filter(|v| !v.is_empty()) {
-                Some(v) => Some((env_name.to_owned(), v.clone())),
-                None => from_file.map(|v| (file_key(env_name), v)),
-            }
-        };
-
-        config.database_url =
-            pick("DATABASE_URL", file.database_url).map(|(_, v)| SecretString::from(v));
-        if let Some((_, v)) = pick(
-            "VILVIK_KEYS_SQLITE_PATH",
-            file.sqlite_path.map(|p| p.to_string_lossy().into_owned()),
-        ) {
-            config.sqlite_path = PathBuf::from(v);
-        }
-        if let Some((name, v)) = pick("VILVIK_KEYS_ADMIN_ADDR", file.admin_addr) {
-            config.admin_addr = parse_addr(&name, &v)?;
-        }
-        if let Some((name, v)) = pick("VILVIK_KEYS_VERIFY_ADDR", file.verify_addr) {
-            config.verify_addr = parse_addr(&name, &v)?;
-        }
-        config.public_verify_addr =
-            pick("VILVIK_KEYS_PUBLIC_VERIFY_ADDR", file.public_verify_addr).map(|(_, v)| v);
-        if let Some((name, v)) = pick("VILVIK_KEYS_OPERATOR_TOKEN", file.operator_token) {
-            if v.len() < MIN_OPERATOR_TOKEN_LEN {
-                return Err(invalid(
-                    &name,
-                    format!(
-                        "the operator token must be at least {MIN_OPERATOR_TOKEN_LEN} characters; generate one with `openssl rand -hex 32`"
-                    ),
-                ));
-            }
-            config.operator_token = Some(SecretString::from(v));
-        }
-        if let Some((name, v)) = pick(
-            "VILVIK_KEYS_FREE_TIER_LIMIT",
-            file.free_tier_limit.map(|n| n.to_string()),
-        ) {
-            config.tier_limits.free = parse_number(&name, &v)?;
-        }
-        if let Some((name, v)) = pick(
-            "VILVIK_KEYS_PREMIUM_TIER_LIMIT",
-            file.premium_tier_limit.map(|n| n.to_string()),
-        ) {
-            config.tier_limits.premium = parse_number(&name, &v)?;
-        }
-        if let Some((name, v)) = pick(
-            "VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS",
-            file.usage_flush_interval_ms.map(|n| n.to_string()),
-        ) {
-            config.usage_flush_interval = parse_millis(&name, &v)?;
-        }
-        if let Some((name, v)) = pick(
-            "VILVIK_KEYS_SHUTDOWN_GRACE_MS",
-            file.shutdown_grace_ms.map(|n| n.to_string()),
-        ) {
-            config.shutdown_grace = parse_millis(&name, &v)?;
-        }
-        if let Some((name, v)) = pick(
-            "VILVIK_KEYS_REQUEST_TIMEOUT_MS",
-            file.request_timeout_ms.map(|n| n.to_string()),
-        ) {
-            config.request_timeout = parse_millis(&name, &v)?;
-        }
-        for (env_name, from_file, target) in [
-            (
-                "VILVIK_KEYS_STALENESS_BOUND_MS",
-                file.staleness_bound_ms,
-                &mut config.staleness_bound,
-            ),
-            (
-                "VILVIK_KEYS_NEGATIVE_CACHE_TTL_MS",
-                file.negative_cache_ttl_ms,
-                &mut config.negative_cache_ttl,
-            ),
-            (
-                "VILVIK_KEYS_CONSISTENCY_CHECK_MS",
-                file.consistency_check_ms,
-                &mut config.consistency_check_interval,
-            ),
-            (
-                "VILVIK_KEYS_CHANGE_POLL_MS",
-                file.change_poll_ms,
-                &mut config.change_poll_interval,
-            ),
-        ] {
-            if let Some((name, v)) = pick(env_name, from_file.map(|n| n.to_string())) {
-                *target = parse_millis(&name, &v)?;
-            }
-        }
-        for (name, interval) in [
-            ("consistency_check_ms", config.consistency_check_interval),
-            ("change_poll_ms", config.change_poll_interval),
-        ] {
-            if interval.is_zero() {
-                return Err(invalid(name, "must be at least 1 millisecond"));
-            }
-        }
-        if let Some((name, v)) = pick("VILVIK_KEYS_PRELOAD", file.preload.map(|b| b.to_string())) {
-            config.preload = match v.as_str() {
-                "true" | "1" => true,
-                "false" | "0" => false,
-                other => return Err(invalid(&name, format!("'{other}' is not true or false"))),
-            };
-        }
-        if let Some((name, v)) = pick(
-            "VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT",
-            file.verify_concurrency_limit.map(|n| n.to_string()),
-        ) {
-            config.verify_concurrency_limit = parse_number(&name, &v)? as usize;
-            if config.verify_concurrency_limit == 0 {
-                return Err(invalid(&name, "must be at least 1"));
-            }
-        }
-        if let Some((name, v)) = pick(
-            "VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS",
-            file.change_log_retention_hours.map(|n| n.to_string()),
-        ) {
-            let hours: u32 = parse_number(&name, &v)?;
-            if hours == 0 {
-                return Err(invalid(&name, "must be at least 1 hour"));
-            }
-            config.change_log_retention = Duration::from_secs(u64::from(hours) * 3600);
-        }
-        if let Some((name, v)) = pick(
-            "VILVIK_KEYS_TRUSTED_PROXIES",
-            file.trusted_proxies.map(|list| list.join(",")),
-        ) {
-            config.trusted_proxies = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| {
-                    s.parse()
-                        .map_err(|_| invalid(&name, format!("'{s}' is not an IP address")))
-                })
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some((name, v)) = pick("VILVIK_KEYS_LOG_FORMAT", file.log_format) {
-            config.log_format = match v.as_str() {
-                "pretty" => LogFormat::Pretty,
-                "json" => LogFormat::Json,
-                other => {
-                    return Err(invalid(
-                        &name,
-                        format!("'{other}' is not a log format: use 'pretty' or 'json'"),
-                    ));
-                }
-            };
-        }
+        apply_settings(&mut config, file, env)?;
         if config.tier_limits.premium < config.tier_limits.free {
             return Err(invalid(
                 "premium_tier_limit",
@@ -383,43 +490,13 @@ impl Config {
     }
 }
 
-/// Every `VILVIK_KEYS_*` variable this program reads: the service's settings
-/// above, and those of the CLI and the test harness.
-const KNOWN_VARIABLES: &[&str] = &[
-    "VILVIK_KEYS_SQLITE_PATH",
-    "VILVIK_KEYS_ADMIN_ADDR",
-    "VILVIK_KEYS_VERIFY_ADDR",
-    "VILVIK_KEYS_PUBLIC_VERIFY_ADDR",
-    "VILVIK_KEYS_OPERATOR_TOKEN",
-    "VILVIK_KEYS_FREE_TIER_LIMIT",
-    "VILVIK_KEYS_PREMIUM_TIER_LIMIT",
-    "VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS",
-    "VILVIK_KEYS_TRUSTED_PROXIES",
-    "VILVIK_KEYS_LOG_FORMAT",
-    "VILVIK_KEYS_SHUTDOWN_GRACE_MS",
-    "VILVIK_KEYS_REQUEST_TIMEOUT_MS",
-    "VILVIK_KEYS_STALENESS_BOUND_MS",
-    "VILVIK_KEYS_NEGATIVE_CACHE_TTL_MS",
-    "VILVIK_KEYS_CONSISTENCY_CHECK_MS",
-    "VILVIK_KEYS_CHANGE_POLL_MS",
-    "VILVIK_KEYS_PRELOAD",
-    "VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT",
-    "VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS",
-    "VILVIK_KEYS_CONFIG",
-    "VILVIK_KEYS_TOKEN",
-    "VILVIK_KEYS_ADDR",
-    "VILVIK_KEYS_ACCOUNT",
-    "VILVIK_KEYS_ACTOR",
-    "VILVIK_KEYS_TEST_DATABASE_URL",
-    "VILVIK_KEYS_REQUIRE_POSTGRES",
-];
-
-/// A misspelt variable would otherwise be ignored silently.
+/// A misspelt variable would otherwise be ignored silently: every
+/// `VILVIK_KEYS_*` variable must be one of [`SETTINGS`].
 fn reject_unknown_variables(env: &HashMap<String, String>) -> Result<(), ConfigError> {
     let mut unknown: Vec<&str> = env
         .keys()
         .map(String::as_str)
-        .filter(|name| name.starts_with("VILVIK_KEYS_") && !KNOWN_VARIABLES.contains(name))
+        .filter(|name| name.starts_with("VILVIK_KEYS_") && !SETTINGS.iter().any(|s| s.env == *name))
         .collect();
     unknown.sort_unstable();
     match unknown.first() {
@@ -438,12 +515,32 @@ fn reject_unknown_variables(env: &HashMap<String, String>) -> Result<(), ConfigE
     }
 }
 
-/// `VILVIK_KEYS_ADMIN_ADDR` -> `admin_addr`, for messages about file values.
-fn file_key(env_name: &str) -> String {
-    env_name
-        .strip_prefix("VILVIK_KEYS_")
-        .unwrap_or(env_name)
-        .to_ascii_lowercase()
+/// The README's settings table, rendered from [`SETTINGS`].
+pub fn settings_table() -> String {
+    let mut table =
+        String::from("| file key | environment | default | what it sets |\n|---|---|---|---|\n");
+    for setting in SETTINGS {
+        let file_key = setting
+            .file_key
+            .map(|key| format!("`{key}`"))
+            .unwrap_or_default();
+        let default = match setting.default {
+            SettingDefault::Value(value) => format!("`{value}`"),
+            SettingDefault::Unset(meaning) => format!("unset: {meaning}"),
+        };
+        table.push_str(&format!(
+            "| {file_key} | `{}` | {default} | {} |\n",
+            setting.env, setting.doc
+        ));
+    }
+    table
+}
+
+fn at_least_a_millisecond(setting: &str, interval: Duration) -> Result<Duration, ConfigError> {
+    if interval.is_zero() {
+        return Err(invalid(setting, "must be at least 1 millisecond"));
+    }
+    Ok(interval)
 }
 
 fn parse_addr(name: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -575,6 +672,96 @@ mod tests {
             "{err}"
         );
         assert!(Config::from_sources(None, &env(&[("VILVIK_KEYS_TOKEN", "x")])).is_ok());
+    }
+
+    #[test]
+    fn the_feed_retry_interval_is_a_setting_of_at_least_one_millisecond() {
+        let c = Config::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(c.change_feed_retry_interval, Duration::from_millis(500));
+        let f = file("change_feed_retry_ms = 20\n");
+        let c = Config::from_sources(Some(f.path()), &env(&[])).unwrap();
+        assert_eq!(c.change_feed_retry_interval, Duration::from_millis(20));
+        let err = Config::from_sources(None, &env(&[("VILVIK_KEYS_CHANGE_FEED_RETRY_MS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "change_feed_retry_ms: must be at least 1 millisecond");
+    }
+
+    #[test]
+    fn each_declared_default_loads_to_the_default_configuration() {
+        let defaults = format!("{:?}", Config::default());
+        for setting in SETTINGS.iter().filter(|s| s.file_key.is_some()) {
+            if let SettingDefault::Value(value) = setting.default {
+                let c = Config::from_sources(None, &env(&[(setting.env, value)]))
+                    .unwrap_or_else(|e| panic!("{}'s declared default: {e}", setting.env));
+                assert_eq!(
+                    format!("{c:?}"),
+                    defaults,
+                    "{}={value}, its declared default, is not Config::default()'s",
+                    setting.env
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn file_keys_and_variables_name_the_same_thing_and_are_declared_once() {
+        for setting in SETTINGS {
+            if let Some(key) = setting.file_key {
+                let from_env = setting
+                    .env
+                    .strip_prefix("VILVIK_KEYS_")
+                    .unwrap_or(setting.env)
+                    .to_ascii_lowercase();
+                assert_eq!(key, from_env, "{}", setting.env);
+            }
+            let times = SETTINGS.iter().filter(|s| s.env == setting.env).count();
+            assert_eq!(times, 1, "{} is declared {times} times", setting.env);
+            assert!(!setting.doc.contains('|') && !setting.doc.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn every_declared_variable_is_accepted() {
+        let all: Vec<(&str, &str)> = SETTINGS
+            .iter()
+            .filter(|s| s.env.starts_with("VILVIK_KEYS_"))
+            .map(|s| (s.env, ""))
+            .collect();
+        assert!(Config::from_sources(None, &env(&all)).is_ok());
+    }
+
+    /// The README's settings table, between these lines, is
+    /// [`settings_table`]'s output.
+    const TABLE_START: &str = "<!-- settings table: generated from SETTINGS in src/config.rs -->\n";
+    const TABLE_END: &str = "<!-- end of settings table -->\n";
+
+    #[test]
+    fn the_readme_lists_every_setting_as_declared() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let start = readme
+            .find(TABLE_START)
+            .unwrap_or_else(|| panic!("README.md lacks the line {TABLE_START:?}"))
+            + TABLE_START.len();
+        let end = start
+            + readme[start..]
+                .find(TABLE_END)
+                .unwrap_or_else(|| panic!("README.md lacks the line {TABLE_END:?}"));
+        let table = settings_table();
+        if readme[start..end] == table {
+            return;
+        }
+        if std::env::var("UPDATE_README").is_ok_and(|v| v == "1") {
+            let updated = format!("{}{table}{}", &readme[..start], &readme[end..]);
+            std::fs::write(path, updated).unwrap();
+            return;
+        }
+        panic!(
+            "README.md's settings table differs from SETTINGS in src/config.rs. \
+             Regenerate it with `UPDATE_README=1 cargo test -p vilvik-keys --lib config`, \
+             or put this between its markers:\n{table}"
+        );
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl Application {
                     staleness_bound: config.staleness_bound,
                     consistency_check_interval: config.consistency_check_interval,
                     poll_interval: config.change_poll_interval,
-                    ..FeedConfig::default()
+                    retry_interval: config.change_feed_retry_interval,
                 },
             },
         );

@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use vilvik_keys::config::Config;
 use vilvik_keys::startup::{Application, Role};
+use vilvik_keys_test_db::{block_on, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vilvik-keys");
 const ACCOUNT: &str = "ACME";
@@ -271,7 +272,15 @@ fn a_key_lives_its_whole_life_through_the_cli() {
     assert_no_secret(&text, &[&secret, &admin], "keys show");
 
     // The management key's use by the CLI is recorded (written behind).
-    std::thread::sleep(Duration::from_millis(300));
+    block_on(eventually(
+        Duration::from_secs(2),
+        "the management key's use by the CLI is recorded",
+        || {
+            let (keys, _) = server.json(&admin, &["keys", "list"]);
+            let recorded = find_key(&keys, &admin_id).unwrap()["last_used_ip"] == "127.0.0.1";
+            std::future::ready(recorded)
+        },
+    ));
     let (keys, _) = server.json(&admin, &["keys", "list"]);
     let admin_key = find_key(&keys, &admin_id).unwrap();
     assert_eq!(admin_key["last_used_ip"], "127.0.0.1", "{admin_key}");

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use vilvik_keys::proto::{self, VerifyCode};
+use vilvik_keys_test_db::eventually;
 
 use crate::helpers::{Backend, TestApp, VerifyNode, spawn_app, spawn_app_with};
 
@@ -34,28 +35,38 @@ async fn revocation_reaches_every_verify_node(mut app: TestApp) {
         let revoked_at = Instant::now();
         // The node that served the revocation never accepts the key again.
         assert_eq!(app.verify_code(&secret, &[]).await, VerifyCode::Revoked);
-        for node in &mut nodes {
-            let waited = wait_until_revoked(node, &secret).await;
-            assert!(
-                waited < Duration::from_secs(2),
-                "node {} still accepted the key {waited:?} after the revoke",
-                node.addr
-            );
+        for node in &nodes {
+            wait_until_revoked(node, &secret, Duration::from_secs(2)).await;
         }
         assert!(revoked_at.elapsed() < Duration::from_secs(4));
     }
 }
 
-async fn wait_until_revoked(node: &mut VerifyNode, secret: &str) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        match node.verify_code(secret).await {
-            VerifyCode::Revoked => return start.elapsed(),
-            VerifyCode::Valid => tokio::time::sleep(Duration::from_millis(5)).await,
-            other => panic!("unexpected answer {other:?}"),
+/// Waits until `node` answers REVOKED for `secret` (it may answer VALID
+/// meanwhile, nothing else); fails when that takes `within` or longer.
+async fn wait_until_revoked(node: &VerifyNode, secret: &str, within: Duration) {
+    let what = format!("node {} answers REVOKED for the revoked key", node.addr);
+    eventually(within, &what, || {
+        let mut client = node.verify.clone();
+        let key = secret.to_owned();
+        async move {
+            let code = client
+                .verify_key(proto::VerifyKeyRequest {
+                    key,
+                    ..Default::default()
+                })
+                .await
+                .expect("VerifyKey answers OK")
+                .into_inner()
+                .code();
+            match code {
+                VerifyCode::Revoked => true,
+                VerifyCode::Valid => false,
+                other => panic!("unexpected answer {other:?}"),
+            }
         }
-    }
-    start.elapsed()
+    })
+    .await;
 }
 
 /// A notification sent while a node's listener was disconnected is caught
@@ -90,11 +101,7 @@ async fn a_change_missed_while_disconnected_is_caught_up_on_reconnect() {
         reason: String::new(),
     });
     app.admin.revoke_key(request).await.unwrap();
-    let waited = wait_until_revoked(&mut node, &created.secret).await;
-    assert!(
-        waited < Duration::from_secs(3),
-        "not caught up after {waited:?}"
-    );
+    wait_until_revoked(&node, &created.secret, Duration::from_secs(3)).await;
 }
 
 /// Verifies answered from memory cost the database nothing but the batched
@@ -126,7 +133,9 @@ async fn verifies_cost_about_one_statement_per_flush_interval() {
         app.verify_code(&created.secret, &[]).await,
         VerifyCode::Valid
     );
-    let window = Duration::from_secs(3);
+    // Long enough for a thousand verifies and a few flushes; every bound
+    // below scales with the time actually taken.
+    let window = Duration::from_secs(1);
 
     // Idle: the follower's consistency checks and the pool's own queries.
     let before = transactions().await;

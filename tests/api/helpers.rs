@@ -65,6 +65,8 @@ pub async fn spawn_app_with(
         verify_addr: "127.0.0.1:0".parse().unwrap(),
         operator_token: Some(SecretString::from(OPERATOR_TOKEN)),
         usage_flush_interval: Duration::from_millis(100),
+        // A lost change feed is followed again at once, not after 500 ms.
+        change_feed_retry_interval: Duration::from_millis(20),
         tier_limits: TierLimits::default(),
         ..Config::default()
     };
@@ -295,24 +297,6 @@ pub fn days_from(now: OffsetDateTime, days: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: at.unix_timestamp(),
         nanos: 0,
-    }
-}
-
-/// Polls `check` every 50 ms until it is true or `within` has passed.
-pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

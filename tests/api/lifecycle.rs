@@ -5,6 +5,7 @@ use std::time::Duration;
 use tonic::Code;
 use vilvik_keys::proto::{self, KeyState, Tier, VerifyCode};
 use vilvik_keys_domain::Clock;
+use vilvik_keys_test_db::eventually;
 
 use crate::helpers::{TestApp, assert_status, days_from, spawn_app_with, with_bearer};
 
@@ -290,16 +291,22 @@ async fn verify_records_the_callers_client_ip(mut app: TestApp) {
             .into_inner()
             .valid
     );
-    let mut recorded = false;
-    for _ in 0..40 {
-        let key = app.get_key(&key_id).await;
-        if key.last_used_ip == "2001:db8::7" {
-            recorded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(recorded, "client_ip was not recorded as the last use");
+    let app = &app;
+    eventually(
+        Duration::from_secs(2),
+        "client_ip is recorded as the last use",
+        || {
+            let mut admin = app.admin.clone();
+            let request = app.authed(proto::GetKeyRequest {
+                key_id: key_id.clone(),
+            });
+            async move {
+                let key = admin.get_key(request).await.expect("GetKey").into_inner();
+                key.last_used_ip == "2001:db8::7"
+            }
+        },
+    )
+    .await;
 }
 
 async fn usage_is_flushed_on_shutdown(app: TestApp) {

@@ -5,7 +5,9 @@ use std::time::Duration;
 use tonic::Code;
 use vilvik_keys::proto::{self, AuditAction, KeyState, VerifyCode};
 
-use crate::helpers::{TestApp, assert_status, days_from, eventually, without_usage};
+use vilvik_keys_test_db::eventually;
+
+use crate::helpers::{TestApp, assert_status, days_from, without_usage};
 
 crate::on_both_backends!(
     the_product_page_tour_works,
@@ -55,26 +57,25 @@ async fn the_product_page_tour_works(mut app: TestApp) {
     let key_id = key.key_id.clone();
     let probe = app.admin.clone();
     let auth = app.management_key.clone();
-    let used = eventually(Duration::from_secs(2), || {
-        let (mut probe, key_id, auth) = (probe.clone(), key_id.clone(), auth.clone());
-        async move {
-            let key = probe
-                .get_key(crate::helpers::with_bearer(
-                    proto::GetKeyRequest { key_id },
-                    &auth,
-                ))
-                .await
-                .unwrap()
-                .into_inner();
-            key.last_used_at.is_some() && key.last_used_ip == "127.0.0.1"
-        }
-    })
+    eventually(
+        Duration::from_secs(2),
+        "last_used_at/ip are recorded",
+        || {
+            let (mut probe, key_id, auth) = (probe.clone(), key_id.clone(), auth.clone());
+            async move {
+                let key = probe
+                    .get_key(crate::helpers::with_bearer(
+                        proto::GetKeyRequest { key_id },
+                        &auth,
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                key.last_used_at.is_some() && key.last_used_ip == "127.0.0.1"
+            }
+        },
+    )
     .await;
-    assert!(
-        used,
-        "last_used_at/ip not recorded within 2 s: {:?}",
-        app.get_key(&key.key_id).await
-    );
 
     // Update scopes.
     let request = app.authed(proto::UpdateKeyRequest {

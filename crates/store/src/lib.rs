@@ -37,6 +37,12 @@ pub use sqlite::SqliteStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How many migrations a fresh database gets: what its first `migrate()`
+/// applies (both backends have the same list).
+pub fn migration_count() -> usize {
+    migrate::SQLITE.len()
+}
+
 /// Where the keys live. See the crate docs for the guarantees every
 /// backend gives.
 #[async_trait]

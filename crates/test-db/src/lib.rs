@@ -1,4 +1,7 @@
-//! A fresh Postgres database for each test, dropped when the test ends.
+//! Test support shared by every test crate of the workspace: a fresh
+//! Postgres database for each test, dropped when the test ends, and
+//! [`eventually`], the one way a test waits for something that happens in
+//! the background.
 //!
 //! Tests that need Postgres call [`TestDatabase::create`] and connect to
 //! [`TestDatabase::url`]. The server to use comes from
@@ -22,7 +25,11 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod eventually;
+
 use std::fmt;
+
+pub use eventually::{POLL_EVERY, block_on, eventually};
 
 use tokio_postgres::NoTls;
 

@@ -2,18 +2,19 @@
 //!
 //! Sharded by prefix, each shard a `RwLock` over two maps: found secrets
 //! (keyed by the prefix packed into a `u64`, the record boxed so that the
-//! table itself stays small) and briefly remembered unknown prefixes. Every
+//! table itself stays small) and briefly remembered unknown prefixes, whose
+//! expiry is read from the verifier's [`Clock`] (a manual one in tests). Every
 //! invalidation bumps its shard's epoch; a load that raced with one (read
 //! the store before the change committed, finished after the eviction) sees
 //! the epoch moved and does not insert its stale result.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
-use vilvik_keys_domain::{AccountId, KeyId, KeyName, KeyPrefix, ScopeSet, SecretHash};
+use vilvik_keys_domain::{AccountId, Clock, KeyId, KeyName, KeyPrefix, ScopeSet, SecretHash};
 use vilvik_keys_store::{SecretEntry, SecretRecord, StoreError};
 
 const SHARDS: usize = 64;
@@ -82,7 +83,8 @@ struct Shard {
     /// here: a caller can look up any prefix but cannot insert one.
     found: HashMap<u64, Box<CachedSecret>, foldhash::fast::RandomState>,
     /// Keys are whatever callers present: SipHash keeps collisions out.
-    absent: HashMap<u64, Instant>,
+    /// Values: until when the prefix is known to be absent.
+    absent: HashMap<u64, OffsetDateTime>,
     epoch: u64,
 }
 
@@ -112,6 +114,7 @@ pub(crate) struct KeyCache {
     scope_sets: Mutex<HashMap<ScopeSet, Arc<ScopeSet>>>,
     accounts: Mutex<HashMap<AccountId, AccountId>>,
     config: CacheConfig,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -128,13 +131,14 @@ fn shard_of(packed: u64) -> usize {
 }
 
 impl KeyCache {
-    pub fn new(config: CacheConfig) -> Self {
+    pub fn new(config: CacheConfig, clock: Arc<dyn Clock>) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             inflight: (0..SHARDS).map(|_| Mutex::default()).collect(),
             scope_sets: Mutex::default(),
             accounts: Mutex::default(),
             config,
+            clock,
         }
     }
 
@@ -149,7 +153,7 @@ impl KeyCache {
             return Cached::Found(f(found));
         }
         match shard.absent.get(&packed) {
-            Some(until) if *until > Instant::now() => Cached::Absent,
+            Some(until) if *until > self.clock.now() => Cached::Absent,
             _ => Cached::Unknown,
         }
     }
@@ -269,16 +273,14 @@ impl KeyCache {
             }
             None => {
                 let per_shard = self.config.max_negative / SHARDS;
+                let now = self.clock.now();
                 if shard.absent.len() >= per_shard {
-                    let now = Instant::now();
                     shard.absent.retain(|_, until| *until > now);
                     if shard.absent.len() >= per_shard {
                         return;
                     }
                 }
-                shard
-                    .absent
-                    .insert(packed, Instant::now() + self.config.negative_ttl);
+                shard.absent.insert(packed, now + self.config.negative_ttl);
             }
         }
     }

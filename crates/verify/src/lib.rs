@@ -112,7 +112,7 @@ impl Verifier {
         Self {
             store,
             usage,
-            cache: Arc::new(KeyCache::new(config.cache)),
+            cache: Arc::new(KeyCache::new(config.cache, clock.clone())),
             health,
             feed: config.feed,
             clock,

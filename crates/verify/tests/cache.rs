@@ -15,6 +15,7 @@ use vilvik_keys_store::{
     Account, Actor, AuditEvent, ChangeListener, KeyChanges, KeyRecord, NewKey, OutageKind, Page,
     Result, Rotation, SecretEntry, SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
 };
+use vilvik_keys_test_db::eventually;
 use vilvik_keys_verify::{
     CacheConfig, FeedConfig, UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig,
 };
@@ -176,6 +177,11 @@ struct Node {
 }
 
 const BOUND: Duration = Duration::from_secs(30);
+/// How long an unknown prefix is remembered, on the node's manual clock:
+/// only the test's `advance` expires a negative entry.
+const NEGATIVE_TTL: Duration = Duration::from_secs(2);
+/// A bound for waits on the follower; reached only when something is broken.
+const PATIENCE: Duration = Duration::from_secs(5);
 
 async fn node(find_delay: Duration, staleness_bound: Duration) -> Node {
     let dir = tempfile::tempdir().unwrap();
@@ -199,7 +205,7 @@ async fn node(find_delay: Duration, staleness_bound: Duration) -> Node {
         usage,
         VerifierConfig {
             cache: CacheConfig {
-                negative_ttl: Duration::from_millis(200),
+                negative_ttl: NEGATIVE_TTL,
                 ..CacheConfig::default()
             },
             feed: FeedConfig {
@@ -228,7 +234,7 @@ async fn node(find_delay: Duration, staleness_bound: Duration) -> Node {
         path,
         _dir: dir,
     };
-    assert!(eventually(|| node.verifier.feed_health().following()).await);
+    node.wait_until_following(true).await;
     node
 }
 
@@ -289,16 +295,30 @@ impl Node {
     fn finds(&self) -> usize {
         self.store.finds.load(Ordering::SeqCst)
     }
-}
 
-async fn eventually(mut check: impl FnMut() -> bool) -> bool {
-    for _ in 0..200 {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    /// Waits until the follower is (or is no longer) following the feed.
+    async fn wait_until_following(&self, following: bool) {
+        let what = if following {
+            "the follower follows the change feed"
+        } else {
+            "the follower notices the feed is down"
+        };
+        eventually(PATIENCE, what, || async {
+            self.verifier.feed_health().following() == following
+        })
+        .await;
     }
-    false
+
+    /// Waits until the follower has applied every change in the log so far.
+    async fn wait_until_caught_up(&self) {
+        let up_to = self.store.inner.change_sequence().await.unwrap();
+        eventually(
+            PATIENCE,
+            &format!("the follower applies change {up_to}"),
+            || async { self.verifier.feed_health().last_applied() >= up_to },
+        )
+        .await;
+    }
 }
 
 #[tokio::test]
@@ -347,27 +367,31 @@ async fn unknown_prefixes_are_remembered_briefly() {
         1,
         "a flood of one unknown key costs one lookup"
     );
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    node.clock
+        .advance(time::Duration::try_from(NEGATIVE_TTL).unwrap() - time::Duration::milliseconds(1));
+    assert_eq!(node.verify(&stranger).await.unwrap(), Verdict::NotFound);
+    assert_eq!(node.finds(), 1, "the negative entry lasts its whole TTL");
+    node.clock.advance(time::Duration::milliseconds(1));
     assert_eq!(node.verify(&stranger).await.unwrap(), Verdict::NotFound);
     assert_eq!(node.finds(), 2, "the negative entry expired");
 }
 
 #[tokio::test]
 async fn a_key_created_after_its_prefix_was_cached_as_unknown_is_found() {
-    // A long negative TTL: only the creation's change-log entry can evict it.
+    // The node's clock stands still, so the negative entry never expires:
+    // only the creation's change-log entry can evict it.
     let node = node(Duration::ZERO, BOUND).await;
     let key = GeneratedKey::generate();
     assert_eq!(node.verify(&key).await.unwrap(), Verdict::NotFound);
+    assert_eq!(node.verify(&key).await.unwrap(), Verdict::NotFound);
+    assert_eq!(node.finds(), 1, "the unknown prefix is cached");
     node.create_with(&key).await;
-    let mut found = false;
-    for _ in 0..15 {
-        if node.verify(&key).await.unwrap().is_valid() {
-            found = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(found, "the negative entry outlived the key's creation");
+    node.wait_until_caught_up().await;
+    assert!(
+        node.verify(&key).await.unwrap().is_valid(),
+        "the negative entry outlived the key's creation"
+    );
+    assert_eq!(node.finds(), 2, "the creation evicted the negative entry");
 }
 
 #[tokio::test]
@@ -381,18 +405,12 @@ async fn changes_by_another_writer_are_evicted_by_the_follower() {
         .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
         .await
         .unwrap();
-    let mut revoked = false;
-    for _ in 0..100 {
-        if matches!(node.verify(&key).await.unwrap(), Verdict::Revoked(_)) {
-            revoked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        revoked,
-        "the follower did not evict the revoked key within 1 s"
-    );
+    eventually(
+        Duration::from_secs(1),
+        "the follower evicts the key revoked by another writer",
+        || async { matches!(node.verify(&key).await.unwrap(), Verdict::Revoked(_)) },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -401,7 +419,7 @@ async fn changes_missed_while_the_feed_was_down_are_caught_up() {
     let (key_id, key) = node.create().await;
     assert!(node.verify(&key).await.unwrap().is_valid());
     node.store.feed_down.store(true, Ordering::SeqCst);
-    assert!(eventually(|| !node.verifier.feed_health().following()).await);
+    node.wait_until_following(false).await;
     node.store
         .inner
         .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
@@ -410,7 +428,7 @@ async fn changes_missed_while_the_feed_was_down_are_caught_up() {
     // Within the bound the cached answer stands: the node cannot know.
     assert!(node.verify(&key).await.unwrap().is_valid());
     node.store.feed_down.store(false, Ordering::SeqCst);
-    assert!(eventually(|| node.verifier.feed_health().following()).await);
+    node.wait_until_following(true).await;
     assert!(matches!(
         node.verify(&key).await.unwrap(),
         Verdict::Revoked(_)
@@ -426,7 +444,7 @@ async fn changes_missed_and_pruned_from_the_log_clear_the_whole_cache() {
     assert!(node.verify(&untouched).await.unwrap().is_valid());
     let finds = node.finds();
     node.store.feed_down.store(true, Ordering::SeqCst);
-    assert!(eventually(|| !node.verifier.feed_health().following()).await);
+    node.wait_until_following(false).await;
     node.store
         .inner
         .revoke_key(
@@ -446,7 +464,7 @@ async fn changes_missed_and_pruned_from_the_log_clear_the_whole_cache() {
         .unwrap();
     assert!(pruned >= 3, "{pruned}");
     node.store.feed_down.store(false, Ordering::SeqCst);
-    assert!(eventually(|| node.verifier.feed_health().following()).await);
+    node.wait_until_following(true).await;
     assert!(matches!(
         node.verify(&revoked).await.unwrap(),
         Verdict::Revoked(_)
@@ -465,7 +483,7 @@ async fn past_the_staleness_bound_cached_entries_are_not_trusted() {
     // The feed and the database go down together, as in an outage.
     node.store.feed_down.store(true, Ordering::SeqCst);
     node.store.store_down.store(true, Ordering::SeqCst);
-    assert!(eventually(|| !node.verifier.feed_health().following()).await);
+    node.wait_until_following(false).await;
     node.clock.advance(time::Duration::seconds(29));
     assert!(
         node.verify(&key).await.unwrap().is_valid(),
@@ -496,7 +514,7 @@ async fn a_zero_bound_fails_closed_at_once() {
     assert!(node.verify(&key).await.unwrap().is_valid());
     node.store.feed_down.store(true, Ordering::SeqCst);
     node.store.store_down.store(true, Ordering::SeqCst);
-    assert!(eventually(|| !node.verifier.feed_health().following()).await);
+    node.wait_until_following(false).await;
     assert!(node.verify(&key).await.is_err());
     // A malformed key still gets its answer: it needs neither cache nor store.
     let answer = node.verifier.verify(b"vlk_typo", &[], None).await.unwrap();
@@ -541,8 +559,7 @@ async fn preload_puts_every_secret_in_memory() {
     node.store.import_keys(keys, &actor()).await.unwrap();
     // Let the follower pass the import's change-log entries first, so that
     // it has nothing left to evict.
-    let imported_up_to = node.store.change_sequence().await.unwrap();
-    assert!(eventually(|| node.verifier.feed_health().last_applied() >= imported_up_to).await);
+    node.wait_until_caught_up().await;
     assert_eq!(node.verifier.preload().await.unwrap(), 2_500);
     assert_eq!(node.verifier.cached_secrets(), 2_500);
     node.store.store_down.store(true, Ordering::SeqCst);
