@@ -32,7 +32,7 @@ pub use model::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Rotation,
     SecretEntry, SecretRecord, UsageRecord,
 };
-pub use postgres::{CHANGE_CHANNEL, PostgresStore};
+pub use postgres::{CHANGE_CHANNEL, ListenerOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -12,7 +12,8 @@ use vilvik_keys_domain::{
     AccountId, Description, GeneratedKey, KeyId, KeyPrefix, ScopeSet, TierLimits,
 };
 use vilvik_keys_store::{
-    Actor, CHANGE_CHANNEL, ChangeListener, NewKey, PostgresStore, Store, StoreError,
+    Actor, CHANGE_CHANNEL, ChangeListener, ListenerOptions, NewKey, PostgresStore, Store,
+    StoreError,
 };
 use vilvik_keys_test_db::TestDatabase;
 
@@ -509,18 +510,16 @@ async fn freezable_proxy(
     (port, freeze)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listener_on_a_silent_connection_fails_within_seconds() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
+/// A connection string for `db` through [`freezable_proxy`], and the
+/// switch that freezes it; `None` when the server is not reached over TCP.
+async fn frozen_later(db: &TestDatabase) -> Option<(String, tokio::sync::watch::Sender<bool>)> {
     let config: tokio_postgres::Config = db.url().parse().unwrap();
     let host = match &config.get_hosts()[0] {
         tokio_postgres::config::Host::Tcp(host) => host.clone(),
         #[allow(unreachable_patterns)]
         _ => {
             eprintln!("skipped: the test server is not reached over TCP");
-            return;
+            return None;
         }
     };
     let upstream = tokio::net::lookup_host((host.as_str(), config.get_ports()[0]))
@@ -542,6 +541,17 @@ async fn a_listener_on_a_silent_connection_fails_within_seconds() {
                 .replace('\'', "\\'")
         ));
     }
+    Some((url, freeze))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_on_a_silent_connection_fails_within_seconds() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let Some((url, freeze)) = frozen_later(&db).await else {
+        return;
+    };
     let store = PostgresStore::connect(&url).await.unwrap();
     store.migrate().await.unwrap();
     let mut listener = store.listen().await.unwrap().unwrap();
@@ -612,4 +622,44 @@ async fn an_idle_listener_on_a_healthy_connection_stays_subscribed() {
         .unwrap();
     assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
     assert_eq!(&next_change(&mut *listener, 5).await.1, fresh.prefix());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_heartbeat_gives_up_a_silent_connection_sooner() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let Some((url, freeze)) = frozen_later(&db).await else {
+        return;
+    };
+    let options = ListenerOptions {
+        heartbeat: Duration::from_millis(200),
+        heartbeat_timeout: Duration::from_millis(300),
+    };
+    let store = PostgresStore::connect(&url)
+        .await
+        .unwrap()
+        .with_listener_options(options);
+    store.migrate().await.unwrap();
+    let mut listener = store.listen().await.unwrap().unwrap();
+    // Idle through several heartbeats on a healthy connection: still subscribed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acme: AccountId = "ACME".parse().unwrap();
+    let key = store
+        .create_key(new_key(&acme), &actor(), roomy())
+        .await
+        .unwrap();
+    assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
+
+    freeze.send(true).unwrap();
+    let frozen_at = tokio::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), listener.next())
+        .await
+        .expect("next() fails within 5 s of the connection going silent");
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    let took = frozen_at.elapsed();
+    assert!(took <= Duration::from_secs(2), "took {took:?}");
 }
