@@ -83,7 +83,7 @@ pub struct SecretRecord {
 }
 
 /// What a verify node keeps of one secret: the secret and what verification
-/// needs of its key, no more. [`crate::Store::stream_secrets`] hands these
+/// needs of its key, no more. [`crate::KeySource::stream_secrets`] hands these
 /// out in bulk, so it carries no description, revoke reason or usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretEntry {

@@ -19,7 +19,7 @@
 //! Every change also sends `NOTIFY` on [`CHANGE_CHANNEL`] with the payload
 //! `<seq>:<prefix>` (its change sequence number and the changed prefix);
 //! Postgres delivers it when the transaction commits, so listeners see
-//! changes in sequence order. [`Store::listen`] subscribes on a connection
+//! changes in sequence order. [`KeySource::listen`] subscribes on a connection
 //! of its own, outside the pool.
 
 use std::error::Error as _;
@@ -44,8 +44,8 @@ use crate::migrate::{CREATE_LEDGER, POSTGRES};
 use crate::rules::{self, RawKey, corrupt, format_time, page};
 use crate::stream;
 use crate::{
-    Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, NewKey, Page,
-    Result, Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
+    Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, KeySource,
+    NewKey, Page, Result, Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
 };
 
 /// The `LISTEN`/`NOTIFY` channel on which every change publishes
@@ -515,6 +515,128 @@ fn secret_from_row(row: &Row, offset: usize) -> Result<SecretRecord> {
 }
 
 #[async_trait]
+impl KeySource for PostgresStore {
+    async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
+        let client = self.client().await?;
+        query_opt(&client, FIND_SECRET, &[&prefix.as_str()])
+            .await?
+            .map(|row| secret_from_row(&row, 0))
+            .transpose()
+    }
+
+    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let key_ids: Vec<&str> = usage.iter().map(|u| u.key_id.as_str()).collect();
+        let ats: Vec<OffsetDateTime> = usage.iter().map(|u| u.at).collect();
+        let ips: Vec<Option<&str>> = usage.iter().map(|u| u.ip.as_deref()).collect();
+        let client = self.client().await?;
+        execute(&client, RECORD_USAGE, &[&key_ids, &ats, &ips]).await?;
+        Ok(())
+    }
+
+    async fn change_sequence(&self) -> Result<i64> {
+        let client = self.client().await?;
+        let row = query_one(
+            &client,
+            "SELECT COALESCE(MAX(seq), 0) FROM key_changes",
+            &[],
+        )
+        .await?;
+        row.try_get(0).map_err(map_err)
+    }
+
+    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            "SELECT seq, prefix FROM key_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&seq, &i64::from(limit)],
+        )
+        .await?;
+        let changes = rows
+            .iter()
+            .map(|row| {
+                let seq: i64 = row.try_get(0).map_err(map_err)?;
+                let prefix: String = row.try_get(1).map_err(map_err)?;
+                Ok((seq, rules::field("change prefix", prefix.parse())?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Read after the changes: a prune in between can only make this
+        // refuse changes it read whole, never pass a gap.
+        let floor = query_one(&client, "SELECT pruned_through FROM change_log_floor", &[]).await?;
+        rules::check_not_pruned(seq, floor.try_get(0).map_err(map_err)?)?;
+        Ok(changes)
+    }
+
+    /// Opens a connection of its own (not from the pool, which recycles
+    /// connections and would lose the `LISTEN`), named
+    /// `vilvik-keys-listener` in `pg_stat_activity`, and `LISTEN`s on
+    /// [`CHANGE_CHANNEL`]. Every change committed after this returns is
+    /// delivered, in sequence order.
+    ///
+    /// A spawned task owns the connection: it forwards notifications and,
+    /// after [`ListenerOptions::heartbeat`] without traffic (5 s by
+    /// default), checks that the server still answers. When the connection
+    /// ends, fails or gives no answer within
+    /// [`ListenerOptions::heartbeat_timeout`] (another 5 s), or the
+    /// consumer falls 65,536 notifications behind, the task
+    /// ends and [`ChangeListener::next`] fails as
+    /// [`StoreError::Unavailable`] once it has handed out what arrived
+    /// before. Dropping the listener closes the connection.
+    async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
+        listen::subscribe(&self.config, self.listener)
+            .await
+            .map(Some)
+    }
+
+    /// One query on a pooled connection, its rows streamed (never all in
+    /// memory) and decoded by a task of its own that sends batches to the
+    /// caller as it goes. One statement is one snapshot, so the read is
+    /// consistent without a transaction.
+    async fn stream_secrets(
+        &self,
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+    ) -> Result<usize> {
+        let batch = batch.max(1);
+        let client = self.client().await?;
+        let (tx, rx) = mpsc::channel(stream::BUFFERED_BATCHES);
+        let producer = tokio::spawn(async move {
+            // Prepared (and cached), so rows decode by the statement's
+            // column types without a lookup.
+            let stmt = client
+                .prepare_cached(STREAM_SECRETS)
+                .await
+                .map_err(map_err)?;
+            let rows = client
+                .query_raw(&stmt, std::iter::empty::<&(dyn ToSql + Sync)>())
+                .await
+                .map_err(map_err)?;
+            let mut rows = std::pin::pin!(rows);
+            let mut entries = stream::new_batch(batch);
+            while let Some(row) = rows.try_next().await.map_err(map_err)? {
+                entries.push(entry_from_row(&row)?);
+                if entries.len() == batch {
+                    let full = std::mem::replace(&mut entries, stream::new_batch(batch));
+                    if tx.send(full).await.is_err() {
+                        return Ok(()); // the caller gave up
+                    }
+                }
+            }
+            if !entries.is_empty() {
+                let _ = tx.send(entries).await;
+            }
+            // `client` goes back to the pool only now, with the query done.
+            drop(client);
+            Ok(())
+        });
+        stream::drain(rx, producer, sink).await
+    }
+}
+
+#[async_trait]
 impl Store for PostgresStore {
     async fn migrate(&self) -> Result<usize> {
         let mut client = self.client().await?;
@@ -875,60 +997,6 @@ impl Store for PostgresStore {
         Ok(Account { tier })
     }
 
-    async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
-        let client = self.client().await?;
-        query_opt(&client, FIND_SECRET, &[&prefix.as_str()])
-            .await?
-            .map(|row| secret_from_row(&row, 0))
-            .transpose()
-    }
-
-    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
-        if usage.is_empty() {
-            return Ok(());
-        }
-        let key_ids: Vec<&str> = usage.iter().map(|u| u.key_id.as_str()).collect();
-        let ats: Vec<OffsetDateTime> = usage.iter().map(|u| u.at).collect();
-        let ips: Vec<Option<&str>> = usage.iter().map(|u| u.ip.as_deref()).collect();
-        let client = self.client().await?;
-        execute(&client, RECORD_USAGE, &[&key_ids, &ats, &ips]).await?;
-        Ok(())
-    }
-
-    async fn change_sequence(&self) -> Result<i64> {
-        let client = self.client().await?;
-        let row = query_one(
-            &client,
-            "SELECT COALESCE(MAX(seq), 0) FROM key_changes",
-            &[],
-        )
-        .await?;
-        row.try_get(0).map_err(map_err)
-    }
-
-    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>> {
-        let client = self.client().await?;
-        let rows = query(
-            &client,
-            "SELECT seq, prefix FROM key_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
-            &[&seq, &i64::from(limit)],
-        )
-        .await?;
-        let changes = rows
-            .iter()
-            .map(|row| {
-                let seq: i64 = row.try_get(0).map_err(map_err)?;
-                let prefix: String = row.try_get(1).map_err(map_err)?;
-                Ok((seq, rules::field("change prefix", prefix.parse())?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // Read after the changes: a prune in between can only make this
-        // refuse changes it read whole, never pass a gap.
-        let floor = query_one(&client, "SELECT pruned_through FROM change_log_floor", &[]).await?;
-        rules::check_not_pruned(seq, floor.try_get(0).map_err(map_err)?)?;
-        Ok(changes)
-    }
-
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
@@ -954,71 +1022,6 @@ impl Store for PostgresStore {
         .await?;
         tx.commit().await.map_err(map_err)?;
         Ok(pruned)
-    }
-
-    /// Opens a connection of its own (not from the pool, which recycles
-    /// connections and would lose the `LISTEN`), named
-    /// `vilvik-keys-listener` in `pg_stat_activity`, and `LISTEN`s on
-    /// [`CHANGE_CHANNEL`]. Every change committed after this returns is
-    /// delivered, in sequence order.
-    ///
-    /// A spawned task owns the connection: it forwards notifications and,
-    /// after [`ListenerOptions::heartbeat`] without traffic (5 s by
-    /// default), checks that the server still answers. When the connection
-    /// ends, fails or gives no answer within
-    /// [`ListenerOptions::heartbeat_timeout`] (another 5 s), or the
-    /// consumer falls 65,536 notifications behind, the task
-    /// ends and [`ChangeListener::next`] fails as
-    /// [`StoreError::Unavailable`] once it has handed out what arrived
-    /// before. Dropping the listener closes the connection.
-    async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
-        listen::subscribe(&self.config, self.listener)
-            .await
-            .map(Some)
-    }
-
-    /// One query on a pooled connection, its rows streamed (never all in
-    /// memory) and decoded by a task of its own that sends batches to the
-    /// caller as it goes. One statement is one snapshot, so the read is
-    /// consistent without a transaction.
-    async fn stream_secrets(
-        &self,
-        batch: usize,
-        sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
-    ) -> Result<usize> {
-        let batch = batch.max(1);
-        let client = self.client().await?;
-        let (tx, rx) = mpsc::channel(stream::BUFFERED_BATCHES);
-        let producer = tokio::spawn(async move {
-            // Prepared (and cached), so rows decode by the statement's
-            // column types without a lookup.
-            let stmt = client
-                .prepare_cached(STREAM_SECRETS)
-                .await
-                .map_err(map_err)?;
-            let rows = client
-                .query_raw(&stmt, std::iter::empty::<&(dyn ToSql + Sync)>())
-                .await
-                .map_err(map_err)?;
-            let mut rows = std::pin::pin!(rows);
-            let mut entries = stream::new_batch(batch);
-            while let Some(row) = rows.try_next().await.map_err(map_err)? {
-                entries.push(entry_from_row(&row)?);
-                if entries.len() == batch {
-                    let full = std::mem::replace(&mut entries, stream::new_batch(batch));
-                    if tx.send(full).await.is_err() {
-                        return Ok(()); // the caller gave up
-                    }
-                }
-            }
-            if !entries.is_empty() {
-                let _ = tx.send(entries).await;
-            }
-            // `client` goes back to the pool only now, with the query done.
-            drop(client);
-            Ok(())
-        });
-        stream::drain(rx, producer, sink).await
     }
 
     /// One statement per table, the rows passed as arrays (10,000 keys

@@ -24,8 +24,8 @@ use crate::migrate::{CREATE_LEDGER, SQLITE};
 use crate::rules::{self, RawKey, corrupt, format_time, page};
 use crate::stream;
 use crate::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Result, Rotation,
-    SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, KeySource, NewKey, Page,
+    Result, Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -359,6 +359,137 @@ fn secret_from_row(row: &Row<'_>, offset: usize) -> Result<SecretRecord> {
 }
 
 #[async_trait]
+impl KeySource for SqliteStore {
+    async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
+        let prefix = prefix.clone();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT s.hash, s.superseded_at, {KEY_COLUMNS} FROM key_secrets s \
+                 JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = ?1"
+            ))
+            .map_err(map_err)?
+            .query_row([prefix.as_str()], |row| Ok(secret_from_row(row, 0)))
+            .optional()
+            .map_err(map_err)?
+            .transpose()
+        })
+        .await
+    }
+
+    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let usage = usage.to_vec();
+        self.write(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE keys SET last_used_at = ?1, last_used_ip = ?2 \
+                     WHERE key_id = ?3 AND (last_used_at IS NULL OR last_used_at < ?1)",
+                )
+                .map_err(map_err)?;
+            for u in &usage {
+                stmt.execute(params![to_micros(u.at), u.ip, u.key_id.as_str()])
+                    .map_err(map_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn change_sequence(&self) -> Result<i64> {
+        self.read(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM key_changes", [], |r| {
+                r.get(0)
+            })
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, prefix FROM key_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(map_err)?;
+            let rows = stmt
+                .query_map(params![seq, i64::from(limit)], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(map_err)?;
+            let changes = rows
+                .map(|r| {
+                    let (seq, prefix) = r.map_err(map_err)?;
+                    Ok((seq, rules::field("change prefix", prefix.parse())?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // Read after the changes: a prune in between can only make this
+            // refuse changes it read whole, never pass a gap.
+            let pruned_through: i64 = conn
+                .prepare_cached("SELECT pruned_through FROM change_log_floor")
+                .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+                .map_err(map_err)?;
+            rules::check_not_pruned(seq, pruned_through)?;
+            Ok(changes)
+        })
+        .await
+    }
+
+    /// Always `None`. SQLite has no way to tell one connection, let alone
+    /// another process, that a transaction committed, and an in-process
+    /// broadcast would miss writes from other processes on the same file
+    /// (e.g. `vilvik-keys bootstrap` while the server runs). The change
+    /// log is the one complete source: followers poll
+    /// [`KeySource::changes_since`], an indexed read of the `key_changes`
+    /// primary key that costs nothing when nothing changed.
+    async fn listen(&self) -> Result<Option<Box<dyn crate::ChangeListener>>> {
+        Ok(None)
+    }
+
+    /// One statement on the reader connection inside a read transaction,
+    /// run on a blocking thread that sends batches to the caller as it
+    /// goes. Other reads of this store wait until the stream ends (the
+    /// reader connection is busy); writes do not (WAL).
+    async fn stream_secrets(
+        &self,
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+    ) -> Result<usize> {
+        let batch = batch.max(1);
+        let (tx, rx) = mpsc::channel(stream::BUFFERED_BATCHES);
+        let conn = self.reader.clone();
+        let producer = tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            // Deferred: a read transaction, one snapshot for every row.
+            let read = conn
+                .transaction_with_behavior(TransactionBehavior::Deferred)
+                .map_err(map_err)?;
+            {
+                let mut stmt = read.prepare_cached(STREAM_SECRETS).map_err(map_err)?;
+                let mut rows = stmt.query([]).map_err(map_err)?;
+                let mut entries = stream::new_batch(batch);
+                while let Some(row) = rows.next().map_err(map_err)? {
+                    entries.push(entry_from_row(row)?);
+                    if entries.len() == batch {
+                        let full = std::mem::replace(&mut entries, stream::new_batch(batch));
+                        if tx.blocking_send(full).is_err() {
+                            return Ok(()); // the caller gave up
+                        }
+                    }
+                }
+                if !entries.is_empty() && tx.blocking_send(entries).is_err() {
+                    return Ok(());
+                }
+            }
+            read.commit().map_err(map_err)
+        });
+        stream::drain(rx, producer, sink).await
+    }
+}
+
+#[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<usize> {
         self.write(|tx| {
@@ -669,83 +800,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
-        let prefix = prefix.clone();
-        self.read(move |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT s.hash, s.superseded_at, {KEY_COLUMNS} FROM key_secrets s \
-                 JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = ?1"
-            ))
-            .map_err(map_err)?
-            .query_row([prefix.as_str()], |row| Ok(secret_from_row(row, 0)))
-            .optional()
-            .map_err(map_err)?
-            .transpose()
-        })
-        .await
-    }
-
-    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
-        if usage.is_empty() {
-            return Ok(());
-        }
-        let usage = usage.to_vec();
-        self.write(move |tx| {
-            let mut stmt = tx
-                .prepare_cached(
-                    "UPDATE keys SET last_used_at = ?1, last_used_ip = ?2 \
-                     WHERE key_id = ?3 AND (last_used_at IS NULL OR last_used_at < ?1)",
-                )
-                .map_err(map_err)?;
-            for u in &usage {
-                stmt.execute(params![to_micros(u.at), u.ip, u.key_id.as_str()])
-                    .map_err(map_err)?;
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    async fn change_sequence(&self) -> Result<i64> {
-        self.read(|conn| {
-            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM key_changes", [], |r| {
-                r.get(0)
-            })
-            .map_err(map_err)
-        })
-        .await
-    }
-
-    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>> {
-        self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT seq, prefix FROM key_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-                )
-                .map_err(map_err)?;
-            let rows = stmt
-                .query_map(params![seq, i64::from(limit)], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-                })
-                .map_err(map_err)?;
-            let changes = rows
-                .map(|r| {
-                    let (seq, prefix) = r.map_err(map_err)?;
-                    Ok((seq, rules::field("change prefix", prefix.parse())?))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            // Read after the changes: a prune in between can only make this
-            // refuse changes it read whole, never pass a gap.
-            let pruned_through: i64 = conn
-                .prepare_cached("SELECT pruned_through FROM change_log_floor")
-                .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
-                .map_err(map_err)?;
-            rules::check_not_pruned(seq, pruned_through)?;
-            Ok(changes)
-        })
-        .await
-    }
-
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {
         self.write(move |tx| {
             let through: Option<i64> = tx
@@ -770,57 +824,6 @@ impl Store for SqliteStore {
             Ok(pruned as u64)
         })
         .await
-    }
-
-    /// Always `None`. SQLite has no way to tell one connection, let alone
-    /// another process, that a transaction committed, and an in-process
-    /// broadcast would miss writes from other processes on the same file
-    /// (e.g. `vilvik-keys bootstrap` while the server runs). The change
-    /// log is the one complete source: followers poll
-    /// [`Store::changes_since`], an indexed read of the `key_changes`
-    /// primary key that costs nothing when nothing changed.
-    async fn listen(&self) -> Result<Option<Box<dyn crate::ChangeListener>>> {
-        Ok(None)
-    }
-
-    /// One statement on the reader connection inside a read transaction,
-    /// run on a blocking thread that sends batches to the caller as it
-    /// goes. Other reads of this store wait until the stream ends (the
-    /// reader connection is busy); writes do not (WAL).
-    async fn stream_secrets(
-        &self,
-        batch: usize,
-        sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
-    ) -> Result<usize> {
-        let batch = batch.max(1);
-        let (tx, rx) = mpsc::channel(stream::BUFFERED_BATCHES);
-        let conn = self.reader.clone();
-        let producer = tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            // Deferred: a read transaction, one snapshot for every row.
-            let read = conn
-                .transaction_with_behavior(TransactionBehavior::Deferred)
-                .map_err(map_err)?;
-            {
-                let mut stmt = read.prepare_cached(STREAM_SECRETS).map_err(map_err)?;
-                let mut rows = stmt.query([]).map_err(map_err)?;
-                let mut entries = stream::new_batch(batch);
-                while let Some(row) = rows.next().map_err(map_err)? {
-                    entries.push(entry_from_row(row)?);
-                    if entries.len() == batch {
-                        let full = std::mem::replace(&mut entries, stream::new_batch(batch));
-                        if tx.blocking_send(full).is_err() {
-                            return Ok(()); // the caller gave up
-                        }
-                    }
-                }
-                if !entries.is_empty() && tx.blocking_send(entries).is_err() {
-                    return Ok(());
-                }
-            }
-            read.commit().map_err(map_err)
-        });
-        stream::drain(rx, producer, sink).await
     }
 
     /// One `BEGIN IMMEDIATE` transaction and the same cached statements as

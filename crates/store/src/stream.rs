@@ -1,4 +1,4 @@
-//! What both backends share for [`crate::Store::stream_secrets`]: a
+//! What both backends share for [`crate::KeySource::stream_secrets`]: a
 //! producer (a blocking thread for SQLite, a task for Postgres) reads and
 //! decodes rows into batches and sends them over a bounded channel; the
 //! caller's task hands each batch to its sink. Reading and decoding thus

@@ -12,8 +12,8 @@ use vilvik_keys_domain::{
     AccountId, Description, GeneratedKey, KeyId, KeyPrefix, ScopeSet, TierLimits,
 };
 use vilvik_keys_store::{
-    Actor, CHANGE_CHANNEL, ChangeListener, ListenerOptions, NewKey, PostgresStore, Store,
-    StoreError,
+    Actor, CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, PostgresStore,
+    Store, StoreError,
 };
 use vilvik_keys_test_db::TestDatabase;
 

@@ -56,7 +56,7 @@ impl Default for ListenerOptions {
 
 /// Opens the listener's connection with the pool's `config`, `LISTEN`s on
 /// [`CHANGE_CHANNEL`] and spawns the task that drives it; see
-/// `PostgresStore::listen` for what the caller gets.
+/// `KeySource::listen` on `PostgresStore` for what the caller gets.
 pub(super) async fn subscribe(
     config: &tokio_postgres::Config,
     options: ListenerOptions,
