@@ -38,6 +38,11 @@ pub use sqlite::SqliteStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How many migrations [`Store::migrate`] applies to an empty database;
+/// both backends have as many.
+pub const MIGRATION_COUNT: usize = migrate::SQLITE.len();
+const _: () = assert!(migrate::SQLITE.len() == migrate::POSTGRES.len());
+
 /// What the verify engine reads and writes, and no more: secrets by
 /// prefix or all at once, the change log, and usage. Every [`Store`] is
 /// one (an `Arc<dyn Store>` upcasts to an `Arc<dyn KeySource>`); a test
@@ -87,6 +92,8 @@ pub trait KeySource: Send + Sync + std::fmt::Debug {
 #[async_trait]
 pub trait Store: KeySource {
     /// Applies every migration not yet applied; returns how many ran.
+    /// Refuses to start, naming the file, when an applied migration's SQL
+    /// has changed since (each one's checksum is recorded).
     async fn migrate(&self) -> Result<usize>;
 
     /// Creates a key, its first secret and its `created` audit event. Creates

@@ -40,8 +40,8 @@ use vilvik_keys_domain::{
     AccountId, AuditAction, KeyId, KeyPrefix, KeyState, SecretHash, Tier, TierLimits,
 };
 
-use crate::migrate::{CREATE_LEDGER, POSTGRES};
-use crate::rules::{self, RawKey, corrupt, format_time, page};
+use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, POSTGRES};
+use crate::rules::{self, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, KeySource,
@@ -514,6 +514,61 @@ fn secret_from_row(row: &Row, offset: usize) -> Result<SecretRecord> {
     })
 }
 
+/// The migration ledger on a transaction that holds [`MIGRATION_LOCK`].
+struct Ledger<'a>(&'a deadpool_postgres::Transaction<'a>);
+
+impl migrate::Ledger for Ledger<'_> {
+    async fn prepare(&mut self) -> Result<()> {
+        self.0.batch_execute(CREATE_LEDGER).await.map_err(map_err)?;
+        self.0
+            .batch_execute("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum TEXT")
+            .await
+            .map_err(map_err)
+    }
+
+    async fn applied(&mut self) -> Result<Vec<Applied>> {
+        let rows = query(
+            self.0,
+            "SELECT version, checksum FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Applied {
+                    version: row.try_get(0).map_err(map_err)?,
+                    checksum: row.try_get(1).map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_checksum(&mut self, version: i64, checksum: &str) -> Result<()> {
+        execute(
+            self.0,
+            "UPDATE schema_migrations SET checksum = $1 WHERE version = $2",
+            &[&checksum, &version],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn apply(&mut self, m: &Migration, checksum: &str, at: &str) -> Result<()> {
+        self.0
+            .batch_execute(m.sql)
+            .await
+            .map_err(|e| migrate::failed(m, e))?;
+        execute(
+            self.0,
+            "INSERT INTO schema_migrations (version, name, applied_at, checksum) \
+             VALUES ($1, $2, $3, $4)",
+            &[&m.version, &m.name, &at, &checksum],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl KeySource for PostgresStore {
     async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
@@ -643,29 +698,9 @@ impl Store for PostgresStore {
         let tx = client.transaction().await.map_err(map_err)?;
         // Replicas starting together wait here; the second finds nothing to do.
         execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
-        tx.batch_execute(CREATE_LEDGER).await.map_err(map_err)?;
-        let current: i64 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                &[],
-            )
-            .await
-            .map_err(map_err)?
-            .get(0);
-        let pending: Vec<_> = POSTGRES.iter().filter(|m| m.version > current).collect();
-        for m in &pending {
-            tx.batch_execute(m.sql).await.map_err(|e| {
-                StoreError::internal_from(format!("migration {} ({}) failed", m.version, m.name), e)
-            })?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
-                &[&m.version, &m.name, &format_time(OffsetDateTime::now_utc())],
-            )
-            .await
-            .map_err(map_err)?;
-        }
+        let applied = migrate::run(&mut Ledger(&tx), POSTGRES).await?;
         tx.commit().await.map_err(map_err)?;
-        Ok(pending.len())
+        Ok(applied)
     }
 
     async fn create_key(

@@ -20,8 +20,8 @@ use vilvik_keys_domain::{
     AccountId, AuditAction, KeyId, KeyPrefix, KeyState, ScopeSet, SecretHash, Tier, TierLimits,
 };
 
-use crate::migrate::{CREATE_LEDGER, SQLITE};
-use crate::rules::{self, RawKey, corrupt, format_time, page};
+use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, SQLITE};
+use crate::rules::{self, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, KeySource, NewKey, Page,
@@ -358,6 +358,71 @@ fn secret_from_row(row: &Row<'_>, offset: usize) -> Result<SecretRecord> {
     })
 }
 
+/// The migration ledger on the writer's transaction.
+struct Ledger<'a>(&'a Transaction<'a>);
+
+impl migrate::Ledger for Ledger<'_> {
+    async fn prepare(&mut self) -> Result<()> {
+        self.0.execute(CREATE_LEDGER, []).map_err(map_err)?;
+        // SQLite has no ADD COLUMN IF NOT EXISTS.
+        let has_checksum: bool = self
+            .0
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info('schema_migrations') \
+                 WHERE name = 'checksum')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(map_err)?;
+        if !has_checksum {
+            self.0
+                .execute("ALTER TABLE schema_migrations ADD COLUMN checksum TEXT", [])
+                .map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    async fn applied(&mut self) -> Result<Vec<Applied>> {
+        let mut stmt = self
+            .0
+            .prepare("SELECT version, checksum FROM schema_migrations ORDER BY version")
+            .map_err(map_err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Applied {
+                    version: r.get(0)?,
+                    checksum: r.get(1)?,
+                })
+            })
+            .map_err(map_err)?;
+        rows.map(|r| r.map_err(map_err)).collect()
+    }
+
+    async fn record_checksum(&mut self, version: i64, checksum: &str) -> Result<()> {
+        self.0
+            .execute(
+                "UPDATE schema_migrations SET checksum = ?1 WHERE version = ?2",
+                params![checksum, version],
+            )
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn apply(&mut self, m: &Migration, checksum: &str, at: &str) -> Result<()> {
+        self.0
+            .execute_batch(m.sql)
+            .map_err(|e| migrate::failed(m, e))?;
+        self.0
+            .execute(
+                "INSERT INTO schema_migrations (version, name, applied_at, checksum) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![m.version, m.name, at, checksum],
+            )
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl KeySource for SqliteStore {
     async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
@@ -493,29 +558,9 @@ impl KeySource for SqliteStore {
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<usize> {
         self.write(|tx| {
-            tx.execute(CREATE_LEDGER, []).map_err(map_err)?;
-            let current: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                    [],
-                    |r| r.get(0),
-                )
-                .map_err(map_err)?;
-            let pending: Vec<_> = SQLITE.iter().filter(|m| m.version > current).collect();
-            for m in &pending {
-                tx.execute_batch(m.sql).map_err(|e| {
-                    StoreError::internal_from(
-                        format!("migration {} ({}) failed", m.version, m.name),
-                        e,
-                    )
-                })?;
-                tx.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
-                    params![m.version, m.name, format_time(OffsetDateTime::now_utc())],
-                )
-                .map_err(map_err)?;
-            }
-            Ok(pending.len())
+            // SQLite's ledger never waits, but the runner is shared with
+            // Postgres and async; this is a blocking thread, so block.
+            tokio::runtime::Handle::current().block_on(migrate::run(&mut Ledger(tx), SQLITE))
         })
         .await
     }

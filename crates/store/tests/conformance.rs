@@ -1647,7 +1647,7 @@ macro_rules! conformance {
                 async fn $test() {
                     let dir = tempfile::tempdir().unwrap();
                     let store = SqliteStore::open(&dir.path().join("vilvik-keys.db")).await.unwrap();
-                    assert_eq!(store.migrate().await.unwrap(), 2);
+                    assert_eq!(store.migrate().await.unwrap(), vilvik_keys_store::MIGRATION_COUNT);
                     super::$test(Arc::new(store)).await;
                 }
             )*
@@ -1665,7 +1665,7 @@ macro_rules! conformance {
                         return;
                     };
                     let store = PostgresStore::connect(db.url()).await.unwrap();
-                    assert_eq!(store.migrate().await.unwrap(), 2);
+                    assert_eq!(store.migrate().await.unwrap(), vilvik_keys_store::MIGRATION_COUNT);
                     super::$test(Arc::new(store)).await;
                 }
             )*
