@@ -36,12 +36,10 @@ use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
-use vilvik_keys_domain::{
-    AccountId, AuditAction, KeyId, KeyPrefix, KeyState, SecretHash, Tier, TierLimits,
-};
+use vilvik_keys_domain::{AccountId, AuditAction, KeyId, KeyPrefix, SecretHash, Tier, TierLimits};
 
 use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, POSTGRES};
-use crate::rules::{self, RawKey, corrupt, page};
+use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, KeySource,
@@ -431,30 +429,27 @@ async fn check_room(
     rules::check_quota(tier, limits, count(&row)?)
 }
 
-async fn insert_audit(
-    c: &impl GenericClient,
-    account: &AccountId,
-    key_id: Option<&KeyId>,
-    action: AuditAction,
-    actor: &Actor,
-    at: OffsetDateTime,
-    changes: &[FieldChange],
-) -> Result<()> {
+/// Writes the change's audit event and appends its prefixes to the change
+/// log. Call it last in a transaction (see [`publish_change`]).
+async fn record_change(c: &impl GenericClient, record: &ChangeRecord<'_>) -> Result<()> {
     execute(
         c,
         "INSERT INTO audit_events (account_id, key_id, action, actor, actor_ip, at, changes) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
         &[
-            &account.as_str(),
-            &key_id.map(KeyId::as_str),
-            &action.as_str(),
-            &actor.name,
-            &actor.ip,
-            &at,
-            &Json(changes),
+            &record.account.as_str(),
+            &record.key_id.map(KeyId::as_str),
+            &record.action.as_str(),
+            &record.actor.name,
+            &record.actor.ip,
+            &record.at,
+            &Json(&record.changes),
         ],
     )
     .await?;
+    for prefix in &record.publish {
+        publish_change(c, prefix, record.at).await?;
+    }
     Ok(())
 }
 
@@ -739,17 +734,7 @@ impl Store for PostgresStore {
             ],
         )
         .await?;
-        insert_audit(
-            &tx,
-            &new.account_id,
-            Some(&new.key_id),
-            AuditAction::Created,
-            actor,
-            new.created_at,
-            &rules::created_changes(&new),
-        )
-        .await?;
-        publish_change(&tx, &new.prefix, new.created_at).await?;
+        record_change(&tx, &ChangeRecord::created(&new, actor)).await?;
         let key = load_key(&tx, &new.account_id, &new.key_id)
             .await?
             .ok_or_else(|| StoreError::internal("created key vanished"))?;
@@ -805,14 +790,14 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
         let before = load_key_for_change(&tx, account, key_id).await?;
-        let (after, diff) = rules::apply_changes(&before, changes);
-        if diff.is_empty() {
+        let Some(update) = rules::plan_update(&before, changes, now) else {
             tx.commit().await.map_err(map_err)?;
             return Ok(before);
-        }
-        if rules::reactivates(&before, &after, now) {
+        };
+        if update.needs_room {
             check_room(&tx, account, now, limits).await?;
         }
+        let rules::Update { after, diff, .. } = update;
         execute(
             &tx,
             "UPDATE keys SET name = $1, description = $2, scopes = $3, expires_at = $4 WHERE key_id = $5",
@@ -825,17 +810,7 @@ impl Store for PostgresStore {
             ],
         )
         .await?;
-        insert_audit(
-            &tx,
-            account,
-            Some(key_id),
-            AuditAction::Updated,
-            actor,
-            now,
-            &diff,
-        )
-        .await?;
-        publish_change(&tx, &after.prefix, now).await?;
+        record_change(&tx, &ChangeRecord::updated(&after, diff, actor, now)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(after)
     }
@@ -852,9 +827,7 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
         let before = load_key_for_change(&tx, account, key_id).await?;
-        if let (KeyState::Expired, Some(expires_at)) = (before.state(now), before.expires_at) {
-            return Err(StoreError::Expired { expires_at });
-        }
+        rules::ensure_rotatable(&before, now)?;
         execute(
             &tx,
             "UPDATE key_secrets SET superseded_at = $1 WHERE prefix = $2",
@@ -878,19 +851,7 @@ impl Store for PostgresStore {
             &[&prefix.as_str(), &now, &key_id.as_str()],
         )
         .await?;
-        let changes = rules::rotated_changes(&before.prefix, prefix);
-        insert_audit(
-            &tx,
-            account,
-            Some(key_id),
-            AuditAction::Rotated,
-            actor,
-            now,
-            &changes,
-        )
-        .await?;
-        publish_change(&tx, &before.prefix, now).await?;
-        publish_change(&tx, prefix, now).await?;
+        record_change(&tx, &ChangeRecord::rotated(&before, prefix, actor, now)).await?;
         let key = load_key(&tx, account, key_id)
             .await?
             .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
@@ -918,18 +879,7 @@ impl Store for PostgresStore {
             &[&now, &reason, &key_id.as_str()],
         )
         .await?;
-        let changes = rules::revoked_changes(reason);
-        insert_audit(
-            &tx,
-            account,
-            Some(key_id),
-            AuditAction::Revoked,
-            actor,
-            now,
-            &changes,
-        )
-        .await?;
-        publish_change(&tx, &before.prefix, now).await?;
+        record_change(&tx, &ChangeRecord::revoked(&before, reason, actor, now)).await?;
         let key = load_key(&tx, account, key_id)
             .await?
             .ok_or_else(|| StoreError::internal("revoked key vanished"))?;
@@ -992,11 +942,8 @@ impl Store for PostgresStore {
             &[&account.as_str()],
         )
         .await?;
-        let tier = match row {
-            Some(row) => parse_tier(row.try_get(0).map_err(map_err)?)?,
-            None => Tier::Free,
-        };
-        Ok(Account { tier })
+        let tier = row.map(|row| row.try_get(0)).transpose().map_err(map_err)?;
+        rules::account(tier)
     }
 
     async fn set_tier(
@@ -1016,15 +963,9 @@ impl Store for PostgresStore {
                 &[&tier.as_str(), &account.as_str()],
             )
             .await?;
-            let changes = rules::tier_changes(old, tier);
-            insert_audit(
+            record_change(
                 &tx,
-                account,
-                None,
-                AuditAction::TierChanged,
-                actor,
-                now,
-                &changes,
+                &ChangeRecord::tier_changed(account, old, tier, actor, now),
             )
             .await?;
         }
@@ -1045,14 +986,17 @@ impl Store for PostgresStore {
             &[&before],
         )
         .await?;
-        let Some(through) = row.try_get::<_, Option<i64>>(0).map_err(map_err)? else {
+        let last_old = row.try_get::<_, Option<i64>>(0).map_err(map_err)?;
+        let floor = query_one(&tx, "SELECT pruned_through FROM change_log_floor", &[]).await?;
+        let floor = floor.try_get(0).map_err(map_err)?;
+        let Some(Prune { through, floor }) = rules::plan_prune(last_old, floor) else {
             return Ok(0);
         };
         let pruned = execute(&tx, "DELETE FROM key_changes WHERE seq <= $1", &[&through]).await?;
         execute(
             &tx,
-            "UPDATE change_log_floor SET pruned_through = GREATEST(pruned_through, $1)",
-            &[&through],
+            "UPDATE change_log_floor SET pruned_through = $1",
+            &[&floor],
         )
         .await?;
         tx.commit().await.map_err(map_err)?;

@@ -16,16 +16,14 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use vilvik_keys_domain::{
-    AccountId, AuditAction, KeyId, KeyPrefix, KeyState, ScopeSet, SecretHash, Tier, TierLimits,
-};
+use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, ScopeSet, SecretHash, Tier, TierLimits};
 
 use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, SQLITE};
-use crate::rules::{self, RawKey, corrupt, page};
+use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, KeySource, NewKey, Page,
-    Result, Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
+    Account, Actor, AuditEvent, KeyChanges, KeyRecord, KeySource, NewKey, Page, Result, Rotation,
+    SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -242,16 +240,7 @@ fn insert_new_key(tx: &Transaction<'_>, new: &NewKey, actor: &Actor) -> Result<(
     ])
     .map_err(map_err)?;
     insert_secret(tx, &new.prefix, &new.key_id, &new.hash, new.created_at)?;
-    insert_audit(
-        tx,
-        &new.account_id,
-        Some(&new.key_id),
-        AuditAction::Created,
-        actor,
-        new.created_at,
-        &rules::created_changes(new),
-    )?;
-    publish_change(tx, &new.prefix, new.created_at)
+    record_change(tx, &ChangeRecord::created(new, actor))
 }
 
 fn insert_secret(
@@ -275,31 +264,27 @@ fn insert_secret(
     Ok(())
 }
 
-fn insert_audit(
-    tx: &Transaction<'_>,
-    account: &AccountId,
-    key_id: Option<&KeyId>,
-    action: AuditAction,
-    actor: &Actor,
-    at: OffsetDateTime,
-    changes: &[FieldChange],
-) -> Result<()> {
-    let changes = serde_json::to_string(changes).expect("field changes serialize");
+/// Writes the change's audit event and appends its prefixes to the change log.
+fn record_change(tx: &Transaction<'_>, record: &ChangeRecord<'_>) -> Result<()> {
+    let changes = serde_json::to_string(&record.changes).expect("field changes serialize");
     tx.prepare_cached(
         "INSERT INTO audit_events (account_id, key_id, action, actor, actor_ip, at, changes) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )
     .map_err(map_err)?
     .execute(params![
-        account.as_str(),
-        key_id.map(KeyId::as_str),
-        action.as_str(),
-        actor.name,
-        actor.ip,
-        to_micros(at),
+        record.account.as_str(),
+        record.key_id.map(KeyId::as_str),
+        record.action.as_str(),
+        record.actor.name,
+        record.actor.ip,
+        to_micros(record.at),
         changes
     ])
     .map_err(map_err)?;
+    for prefix in &record.publish {
+        publish_change(tx, prefix, record.at)?;
+    }
     Ok(())
 }
 
@@ -630,13 +615,13 @@ impl Store for SqliteStore {
         let (account, key_id, actor) = (account.clone(), key_id.clone(), actor.clone());
         self.write(move |tx| {
             let before = load_key_for_change(tx, &account, &key_id)?;
-            let (after, diff) = rules::apply_changes(&before, changes);
-            if diff.is_empty() {
+            let Some(update) = rules::plan_update(&before, changes, now) else {
                 return Ok(before);
-            }
-            if rules::reactivates(&before, &after, now) {
+            };
+            if update.needs_room {
                 check_room(tx, &account, now, limits)?;
             }
+            let rules::Update { after, diff, .. } = update;
             tx.execute(
                 "UPDATE keys SET name = ?1, description = ?2, scopes = ?3, expires_at = ?4 WHERE key_id = ?5",
                 params![
@@ -648,8 +633,7 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(map_err)?;
-            insert_audit(tx, &account, Some(&key_id), AuditAction::Updated, &actor, now, &diff)?;
-            publish_change(tx, &after.prefix, now)?;
+            record_change(tx, &ChangeRecord::updated(&after, diff, &actor, now))?;
             Ok(after)
         })
         .await
@@ -672,9 +656,7 @@ impl Store for SqliteStore {
         );
         self.write(move |tx| {
             let before = load_key_for_change(tx, &account, &key_id)?;
-            if let (KeyState::Expired, Some(expires_at)) = (before.state(now), before.expires_at) {
-                return Err(StoreError::Expired { expires_at });
-            }
+            rules::ensure_rotatable(&before, now)?;
             tx.execute(
                 "UPDATE key_secrets SET superseded_at = ?1 WHERE prefix = ?2",
                 params![to_micros(now), before.prefix.as_str()],
@@ -686,18 +668,7 @@ impl Store for SqliteStore {
                 params![prefix.as_str(), to_micros(now), key_id.as_str()],
             )
             .map_err(map_err)?;
-            let changes = rules::rotated_changes(&before.prefix, &prefix);
-            insert_audit(
-                tx,
-                &account,
-                Some(&key_id),
-                AuditAction::Rotated,
-                &actor,
-                now,
-                &changes,
-            )?;
-            publish_change(tx, &before.prefix, now)?;
-            publish_change(tx, &prefix, now)?;
+            record_change(tx, &ChangeRecord::rotated(&before, &prefix, &actor, now))?;
             let key = load_key(tx, &account, &key_id)?
                 .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
             Ok(Rotation {
@@ -729,17 +700,7 @@ impl Store for SqliteStore {
                 params![to_micros(now), reason, key_id.as_str()],
             )
             .map_err(map_err)?;
-            let changes = rules::revoked_changes(&reason);
-            insert_audit(
-                tx,
-                &account,
-                Some(&key_id),
-                AuditAction::Revoked,
-                &actor,
-                now,
-                &changes,
-            )?;
-            publish_change(tx, &before.prefix, now)?;
+            record_change(tx, &ChangeRecord::revoked(&before, &reason, &actor, now))?;
             load_key(tx, &account, &key_id)?
                 .ok_or_else(|| StoreError::internal("revoked key vanished"))
         })
@@ -804,11 +765,7 @@ impl Store for SqliteStore {
                 )
                 .optional()
                 .map_err(map_err)?;
-            let tier = match tier {
-                Some(t) => rules::field("tier", t.parse::<Tier>())?,
-                None => Tier::Free,
-            };
-            Ok(Account { tier })
+            rules::account(tier)
         })
         .await
     }
@@ -829,15 +786,9 @@ impl Store for SqliteStore {
                     params![tier.as_str(), account.as_str()],
                 )
                 .map_err(map_err)?;
-                let changes = rules::tier_changes(old, tier);
-                insert_audit(
+                record_change(
                     tx,
-                    &account,
-                    None,
-                    AuditAction::TierChanged,
-                    &actor,
-                    now,
-                    &changes,
+                    &ChangeRecord::tier_changed(&account, old, tier, &actor, now),
                 )?;
             }
             Ok(Account { tier })
@@ -855,15 +806,20 @@ impl Store for SqliteStore {
                     |r| r.get(0),
                 )
                 .map_err(map_err)?;
-            let Some(through) = through else {
+            let floor: i64 = tx
+                .query_row("SELECT pruned_through FROM change_log_floor", [], |r| {
+                    r.get(0)
+                })
+                .map_err(map_err)?;
+            let Some(Prune { through, floor }) = rules::plan_prune(through, floor) else {
                 return Ok(0);
             };
             let pruned = tx
                 .execute("DELETE FROM key_changes WHERE seq <= ?1", params![through])
                 .map_err(map_err)?;
             tx.execute(
-                "UPDATE change_log_floor SET pruned_through = MAX(pruned_through, ?1)",
-                params![through],
+                "UPDATE change_log_floor SET pruned_through = ?1",
+                params![floor],
             )
             .map_err(map_err)?;
             Ok(pruned as u64)
