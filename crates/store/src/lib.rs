@@ -30,8 +30,8 @@ use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, SecretHash, Tier, TierLimi
 
 pub use error::StoreError;
 pub use model::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Rotation,
-    SecretEntry, SecretRecord, UsageRecord,
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, NewKeyBuilder, Page,
+    Rotation, SecretEntry, SecretRecord, UsageRecord,
 };
 pub use postgres::{CHANGE_CHANNEL, ListenerOptions, PostgresStore};
 pub use sqlite::SqliteStore;

@@ -400,18 +400,12 @@ mod tests {
     }
 
     fn new_key() -> NewKey {
-        let secret = GeneratedKey::generate();
-        NewKey {
-            key_id: KeyId::generate(),
-            account_id: "ACME".parse().unwrap(),
-            name: "ci-runner".parse().unwrap(),
-            description: Description::default(),
-            scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
-            expires_at: None,
-            prefix: secret.prefix().clone(),
-            hash: secret.hash(),
-            created_at: now() - Duration::days(1),
-        }
+        NewKey::builder("ACME".parse().unwrap())
+            .name("ci-runner".parse().unwrap())
+            .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+            .created_at(now() - Duration::days(1))
+            .build()
+            .0
     }
 
     fn key() -> KeyRecord {

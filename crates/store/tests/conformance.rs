@@ -62,19 +62,12 @@ fn roomy() -> TierLimits {
 }
 
 fn new_key(account: &AccountId, key_name: &str, at: OffsetDateTime) -> (NewKey, GeneratedKey) {
-    let generated = GeneratedKey::generate();
-    let new = NewKey {
-        key_id: KeyId::generate(),
-        account_id: account.clone(),
-        name: name(key_name),
-        description: description("used by the nightly export"),
-        scopes: scopes(&["datasets:read", "models:*"]),
-        expires_at: None,
-        prefix: generated.prefix().clone(),
-        hash: generated.hash(),
-        created_at: at,
-    };
-    (new, generated)
+    NewKey::builder(account.clone())
+        .name(name(key_name))
+        .description(description("used by the nightly export"))
+        .scopes(scopes(&["datasets:read", "models:*"]))
+        .created_at(at)
+        .build()
 }
 
 async fn create(

@@ -8,9 +8,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
-use vilvik_keys_domain::{
-    AccountId, Description, GeneratedKey, KeyId, KeyPrefix, ScopeSet, TierLimits,
-};
+use vilvik_keys_domain::{AccountId, GeneratedKey, KeyPrefix, ScopeSet, TierLimits};
 use vilvik_keys_store::{
     Actor, CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, PostgresStore,
     Store, StoreError,
@@ -25,18 +23,12 @@ fn actor() -> Actor {
 }
 
 fn new_key(account: &AccountId) -> NewKey {
-    let generated = GeneratedKey::generate();
-    NewKey {
-        key_id: KeyId::generate(),
-        account_id: account.clone(),
-        name: "listener-test".parse().unwrap(),
-        description: Description::default(),
-        scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
-        expires_at: None,
-        prefix: generated.prefix().clone(),
-        hash: generated.hash(),
-        created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
-    }
+    NewKey::builder(account.clone())
+        .name("listener-test".parse().unwrap())
+        .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+        .created_at(OffsetDateTime::now_utc().replace_nanosecond(0).unwrap())
+        .build()
+        .0
 }
 
 /// LISTENs on the change channel; yields each payload. Keep the client

@@ -167,17 +167,11 @@ impl Node {
     }
 
     async fn create_with(&self, secret: &GeneratedKey) -> KeyId {
-        let new = NewKey {
-            key_id: KeyId::generate(),
-            account_id: account(),
-            name: "ci-runner".parse().unwrap(),
-            description: Default::default(),
-            scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
-            expires_at: None,
-            prefix: secret.prefix().clone(),
-            hash: secret.hash(),
-            created_at: self.clock.now(),
-        };
+        let new = NewKey::builder(account())
+            .name("ci-runner".parse().unwrap())
+            .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+            .created_at(self.clock.now())
+            .build_for(secret);
         let limits = TierLimits {
             free: 1000,
             premium: 1000,
@@ -437,16 +431,12 @@ async fn preload_puts_every_secret_in_memory() {
     let secrets: Vec<GeneratedKey> = (0..2_500).map(|_| GeneratedKey::generate()).collect();
     let keys = secrets
         .iter()
-        .map(|secret| NewKey {
-            key_id: KeyId::generate(),
-            account_id: account(),
-            name: "imported".parse().unwrap(),
-            description: Default::default(),
-            scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
-            expires_at: None,
-            prefix: secret.prefix().clone(),
-            hash: secret.hash(),
-            created_at: node.clock.now(),
+        .map(|secret| {
+            NewKey::builder(account())
+                .name("imported".parse().unwrap())
+                .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+                .created_at(node.clock.now())
+                .build_for(secret)
         })
         .collect();
     node.store.inner.import_keys(keys, &actor()).await.unwrap();
