@@ -16,6 +16,16 @@
 //! [`Store::migrate`] brings its schema up to date.
 #![forbid(unsafe_code)]
 
+/// The columns of a key row, in the order `RawKey` is read from them by
+/// both backends (`key_from_row`). A macro so that Postgres can `concat!`
+/// it into constant queries.
+macro_rules! key_columns {
+    () => {
+        "k.key_id, k.account_id, k.name, k.description, k.scopes, k.prefix, k.created_at, \
+         k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip"
+    };
+}
+
 mod error;
 mod migrate;
 mod model;

@@ -68,13 +68,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MIGRATION_LOCK: i64 = 0x766b_6d69_6772_0001; // "vkmigr" 1
 const CHANGE_LOG_LOCK: i64 = 0x766b_6368_6e67_0001; // "vkchng" 1
 
-macro_rules! key_columns {
-    () => {
-        "k.key_id, k.account_id, k.name, k.description, k.scopes, k.prefix, k.created_at, \
-         k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip"
-    };
-}
-
 const SELECT_KEY: &str = concat!(
     "SELECT ",
     key_columns!(),
@@ -96,12 +89,6 @@ const FIND_SECRET: &str = concat!(
     key_columns!(),
     " FROM key_secrets s JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = $1"
 );
-/// Every secret with what verification needs of its key. No `ORDER BY`
-/// and no parameters, so the planner is free to hash-join the two tables
-/// in one pass each.
-const STREAM_SECRETS: &str = "SELECT s.prefix, s.hash, s.superseded_at IS NOT NULL, \
-     k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes \
-     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id";
 
 // Bulk import: one statement per table per call, the rows passed as
 // arrays and unnested. `WITH ORDINALITY ... ORDER BY ord` keeps the input
@@ -481,7 +468,7 @@ async fn publish_change(
     Ok(())
 }
 
-/// Decodes a row of [`STREAM_SECRETS`], borrowing its text until parsed.
+/// Decodes a row of [`stream::STREAM_SECRETS`], borrowing its text until parsed.
 fn entry_from_row(row: &Row) -> Result<SecretEntry> {
     let scopes: Vec<&str> = row.try_get(8).map_err(map_err)?;
     stream::RawEntry {
@@ -657,7 +644,7 @@ impl KeySource for PostgresStore {
             // Prepared (and cached), so rows decode by the statement's
             // column types without a lookup.
             let stmt = client
-                .prepare_cached(STREAM_SECRETS)
+                .prepare_cached(stream::STREAM_SECRETS)
                 .await
                 .map_err(map_err)?;
             let rows = client

@@ -29,8 +29,7 @@ use crate::{
 /// How long a statement waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const KEY_COLUMNS: &str = "k.key_id, k.account_id, k.name, k.description, k.scopes, k.prefix, \
-     k.created_at, k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip";
+const KEY_COLUMNS: &str = key_columns!();
 
 /// The SQLite store. Cheap to clone.
 #[derive(Clone)]
@@ -296,13 +295,7 @@ fn publish_change(tx: &Transaction<'_>, prefix: &KeyPrefix, at: OffsetDateTime) 
     Ok(())
 }
 
-/// Every secret with what verification needs of its key; no `ORDER BY`,
-/// so SQLite may join in whichever order is cheapest.
-const STREAM_SECRETS: &str = "SELECT s.prefix, s.hash, s.superseded_at IS NOT NULL, \
-     k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes \
-     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id";
-
-/// Decodes a row of [`STREAM_SECRETS`], borrowing its text until parsed.
+/// Decodes a row of [`stream::STREAM_SECRETS`], borrowing its text until parsed.
 fn entry_from_row(row: &Row<'_>) -> Result<SecretEntry> {
     let text = |i: usize| -> Result<&str> {
         row.get_ref(i)
@@ -517,7 +510,9 @@ impl KeySource for SqliteStore {
                 .transaction_with_behavior(TransactionBehavior::Deferred)
                 .map_err(map_err)?;
             {
-                let mut stmt = read.prepare_cached(STREAM_SECRETS).map_err(map_err)?;
+                let mut stmt = read
+                    .prepare_cached(stream::STREAM_SECRETS)
+                    .map_err(map_err)?;
                 let mut rows = stmt.query([]).map_err(map_err)?;
                 let mut entries = stream::new_batch(batch);
                 while let Some(row) = rows.next().map_err(map_err)? {
