@@ -203,15 +203,7 @@ impl<'a> ChangeRecord<'a> {
         actor: &'a Actor,
         now: OffsetDateTime,
     ) -> Self {
-        Self {
-            account: &after.account_id,
-            key_id: Some(&after.key_id),
-            action: AuditAction::Updated,
-            actor,
-            at: now,
-            changes: diff,
-            publish: vec![&after.prefix],
-        }
+        Self::of_key(after, AuditAction::Updated, actor, now, diff)
     }
 
     /// A rotation publishes the old prefix (its secret stops working) and
@@ -222,15 +214,10 @@ impl<'a> ChangeRecord<'a> {
         actor: &'a Actor,
         now: OffsetDateTime,
     ) -> Self {
-        Self {
-            account: &before.account_id,
-            key_id: Some(&before.key_id),
-            action: AuditAction::Rotated,
-            actor,
-            at: now,
-            changes: rotated_changes(&before.prefix, new),
-            publish: vec![&before.prefix, new],
-        }
+        let changes = rotated_changes(&before.prefix, new);
+        let mut record = Self::of_key(before, AuditAction::Rotated, actor, now, changes);
+        record.publish.push(new);
+        record
     }
 
     /// A revocation publishes the current secret's prefix.
@@ -240,14 +227,31 @@ impl<'a> ChangeRecord<'a> {
         actor: &'a Actor,
         now: OffsetDateTime,
     ) -> Self {
-        Self {
-            account: &before.account_id,
-            key_id: Some(&before.key_id),
-            action: AuditAction::Revoked,
+        Self::of_key(
+            before,
+            AuditAction::Revoked,
             actor,
-            at: now,
-            changes: revoked_changes(reason),
-            publish: vec![&before.prefix],
+            now,
+            revoked_changes(reason),
+        )
+    }
+
+    /// A change to `key` that publishes its current prefix.
+    fn of_key(
+        key: &'a KeyRecord,
+        action: AuditAction,
+        actor: &'a Actor,
+        at: OffsetDateTime,
+        changes: Vec<FieldChange>,
+    ) -> Self {
+        Self {
+            account: &key.account_id,
+            key_id: Some(&key.key_id),
+            action,
+            actor,
+            at,
+            changes,
+            publish: vec![&key.prefix],
         }
     }
 
