@@ -509,12 +509,15 @@ impl migrate::Ledger for Ledger<'_> {
     }
 
     async fn applied(&mut self) -> Result<Vec<Applied>> {
-        let rows = query(
-            self.0,
-            "SELECT version, checksum FROM schema_migrations ORDER BY version",
-            &[],
-        )
-        .await?;
+        // Not prepared for the cache: the ledger's statements run once a start.
+        let rows = self
+            .0
+            .query(
+                "SELECT version, checksum FROM schema_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .map_err(map_err)?;
         rows.iter()
             .map(|row| {
                 Ok(Applied {
@@ -526,12 +529,13 @@ impl migrate::Ledger for Ledger<'_> {
     }
 
     async fn record_checksum(&mut self, version: i64, checksum: &str) -> Result<()> {
-        execute(
-            self.0,
-            "UPDATE schema_migrations SET checksum = $1 WHERE version = $2",
-            &[&checksum, &version],
-        )
-        .await?;
+        self.0
+            .execute(
+                "UPDATE schema_migrations SET checksum = $1 WHERE version = $2",
+                &[&checksum, &version],
+            )
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 
@@ -540,13 +544,14 @@ impl migrate::Ledger for Ledger<'_> {
             .batch_execute(m.sql)
             .await
             .map_err(|e| migrate::failed(m, e))?;
-        execute(
-            self.0,
-            "INSERT INTO schema_migrations (version, name, applied_at, checksum) \
-             VALUES ($1, $2, $3, $4)",
-            &[&m.version, &m.name, &at, &checksum],
-        )
-        .await?;
+        self.0
+            .execute(
+                "INSERT INTO schema_migrations (version, name, applied_at, checksum) \
+                 VALUES ($1, $2, $3, $4)",
+                &[&m.version, &m.name, &at, &checksum],
+            )
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 }
