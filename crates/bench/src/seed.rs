@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, Description, GeneratedKey, KeyId, KeyName, ScopeSet};
+use vilvik_keys_domain::{AccountId, Description, GeneratedKey, KeyName, ScopeSet};
 use vilvik_keys_store::{Actor, NewKey};
 
 #[derive(Debug, clap::Args)]
@@ -154,17 +154,14 @@ fn generate_chunk(
                 break g;
             }
         };
-        chunk.keys.push(NewKey {
-            key_id: KeyId::generate(),
-            account_id: account_ids[i % account_ids.len()].clone(),
-            name: format!("bench-{i}").parse::<KeyName>()?,
-            description: description.clone(),
-            scopes: scopes.clone(),
-            expires_at: None,
-            prefix: generated.prefix().clone(),
-            hash: generated.hash(),
-            created_at: now,
-        });
+        chunk.keys.push(
+            NewKey::builder(account_ids[i % account_ids.len()].clone())
+                .name(format!("bench-{i}").parse::<KeyName>()?)
+                .description(description.clone())
+                .scopes(scopes.clone())
+                .created_at(now)
+                .build_for(&generated),
+        );
         chunk.secrets.push(generated.expose_secret().to_owned());
     }
     Ok(chunk)

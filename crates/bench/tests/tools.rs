@@ -9,7 +9,7 @@ use std::process::Command;
 use prost::Message;
 use vilvik_keys::proto::VerifyKeyRequest;
 use vilvik_keys_domain::ApiKey;
-use vilvik_keys_store::{SqliteStore, Store};
+use vilvik_keys_store::{KeySource, SqliteStore};
 
 fn bench() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_vilvik-keys-bench"));

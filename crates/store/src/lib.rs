@@ -1,7 +1,8 @@
 //! Persistence for vilvik-keys.
 //!
-//! [`Store`] is the one interface the server and the verify engine use; it
-//! has two backends that pass one conformance suite (`tests/conformance.rs`):
+//! [`Store`] is the one interface the server uses; [`KeySource`], the part
+//! of it the verify engine needs, is all the engine sees. There are two
+//! backends, and they pass one conformance suite (`tests/conformance.rs`):
 //!
 //! - [`SqliteStore`]: an embedded file in WAL mode, the default when no
 //!   `DATABASE_URL` is set;
@@ -14,6 +15,16 @@
 //! that transaction, not by the caller. [`connect`] picks the backend and
 //! [`Store::migrate`] brings its schema up to date.
 #![forbid(unsafe_code)]
+
+/// The columns of a key row, in the order `RawKey` is read from them by
+/// both backends (`key_from_row`). A macro so that Postgres can `concat!`
+/// it into constant queries.
+macro_rules! key_columns {
+    () => {
+        "k.key_id, k.account_id, k.name, k.description, k.scopes, k.prefix, k.created_at, \
+         k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip"
+    };
+}
 
 mod error;
 mod migrate;
@@ -29,25 +40,70 @@ use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, SecretHash, Tier, TierLimi
 
 pub use error::{Outage, OutageKind, StoreError};
 pub use model::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Rotation,
-    SecretEntry, SecretRecord, UsageRecord,
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, NewKeyBuilder, Page,
+    Rotation, SecretEntry, SecretRecord, UsageRecord,
 };
-pub use postgres::{CHANGE_CHANNEL, PostgresStore};
+pub use postgres::{CHANGE_CHANNEL, ListenerOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// How many migrations a fresh database gets: what its first `migrate()`
-/// applies (both backends have the same list).
-pub fn migration_count() -> usize {
-    migrate::SQLITE.len()
+/// How many migrations [`Store::migrate`] applies to an empty database;
+/// both backends have as many.
+pub const MIGRATION_COUNT: usize = migrate::SQLITE.len();
+const _: () = assert!(migrate::SQLITE.len() == migrate::POSTGRES.len());
+
+/// What the verify engine reads and writes, and no more: secrets by
+/// prefix or all at once, the change log, and usage. Every [`Store`] is
+/// one (an `Arc<dyn Store>` upcasts to an `Arc<dyn KeySource>`); a test
+/// double of the engine's store need only implement this.
+#[async_trait]
+pub trait KeySource: Send + Sync + std::fmt::Debug {
+    /// The secret with this prefix, current or superseded, and its key.
+    async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>>;
+
+    /// Writes last-use times and addresses; an older time never overwrites a
+    /// newer one.
+    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()>;
+
+    /// The highest change sequence number written so far (0 when none).
+    async fn change_sequence(&self) -> Result<i64>;
+
+    /// Prefixes changed after `seq`, with their sequence numbers, oldest
+    /// first. [`StoreError::ChangesPruned`] when some of them were pruned.
+    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>>;
+
+    /// Subscribes to changes as they commit, for verify nodes to evict
+    /// cached entries at once. `None` when the backend has no push channel
+    /// (SQLite): followers then poll [`KeySource::changes_since`].
+    async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>>;
+
+    /// Every secret (current and superseded) with what verification needs
+    /// of its key, in no particular order, as one consistent read (a
+    /// snapshot: a change committed meanwhile is either wholly in or wholly
+    /// out), handed to `sink` in batches of at most `batch` entries (a
+    /// `batch` of 0 counts as 1). Returns how many. For warming a verify
+    /// node's cache.
+    ///
+    /// Entries are handed over while the read goes on, so on an error
+    /// `sink` may already have seen some of them: the caller discards
+    /// them or starts over. `sink` runs on the caller's task; a slow sink
+    /// slows the read (at most a few batches are buffered), it does not
+    /// grow memory.
+    async fn stream_secrets(
+        &self,
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+    ) -> Result<usize>;
 }
 
 /// Where the keys live. See the crate docs for the guarantees every
 /// backend gives.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug {
+pub trait Store: KeySource {
     /// Applies every migration not yet applied; returns how many ran.
+    /// Refuses to start, naming the file, when an applied migration's SQL
+    /// has changed since (each one's checksum is recorded).
     async fn migrate(&self) -> Result<usize>;
 
     /// Creates a key, its first secret and its `created` audit event. Creates
@@ -126,48 +182,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: OffsetDateTime,
     ) -> Result<Account>;
 
-    /// The secret with this prefix, current or superseded, and its key.
-    async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>>;
-
-    /// Writes last-use times and addresses; an older time never overwrites a
-    /// newer one.
-    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()>;
-
-    /// The highest change sequence number written so far (0 when none).
-    async fn change_sequence(&self) -> Result<i64>;
-
-    /// Prefixes changed after `seq`, with their sequence numbers, oldest
-    /// first. [`StoreError::ChangesPruned`] when some of them were pruned.
-    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>>;
-
     /// Deletes change-log entries recorded before `before` (the newest
-    /// always stays, so [`Store::change_sequence`] never goes back) and
-    /// raises the floor below which [`Store::changes_since`] refuses.
+    /// always stays, so [`KeySource::change_sequence`] never goes back) and
+    /// raises the floor below which [`KeySource::changes_since`] refuses.
     /// Returns how many entries went.
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64>;
-
-    /// Subscribes to changes as they commit, for verify nodes to evict
-    /// cached entries at once. `None` when the backend has no push channel
-    /// (SQLite): followers then poll [`Store::changes_since`].
-    async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>>;
-
-    /// Every secret (current and superseded) with what verification needs
-    /// of its key, in no particular order, as one consistent read (a
-    /// snapshot: a change committed meanwhile is either wholly in or wholly
-    /// out), handed to `sink` in batches of at most `batch` entries (a
-    /// `batch` of 0 counts as 1). Returns how many. For warming a verify
-    /// node's cache.
-    ///
-    /// Entries are handed over while the read goes on, so on an error
-    /// `sink` may already have seen some of them: the caller discards
-    /// them or starts over. `sink` runs on the caller's task; a slow sink
-    /// slows the read (at most a few batches are buffered), it does not
-    /// grow memory.
-    async fn stream_secrets(
-        &self,
-        batch: usize,
-        sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
-    ) -> Result<usize>;
 
     /// Inserts many keys at once, for imports and benchmarks: creates the
     /// accounts as needed and writes each key's `created` audit event and
@@ -175,7 +194,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// a prefix or key id that is taken (or repeated) fails the whole call
     /// with [`StoreError::Conflict`]. Sends no change notification:
     /// listeners see the sequence jump at the next change and read the
-    /// imported prefixes with [`Store::changes_since`].
+    /// imported prefixes with [`KeySource::changes_since`].
     async fn import_keys(&self, keys: Vec<NewKey>, actor: &Actor) -> Result<()>;
 }
 

@@ -1,15 +1,34 @@
 //! A small versioned-migration runner serving both backends.
 //!
 //! Each backend has its own numbered SQL files under `migrations/`; a
-//! `schema_migrations` table records which have run. Migrations only ever
-//! get appended: never edit one that has shipped.
+//! `schema_migrations` table records which have run, with a checksum of
+//! each file's text. Migrations only ever get appended: a file changed
+//! after it was applied stops the start (see [`plan`]). The apply loop is
+//! [`run`], once for both; a backend supplies only its [`Ledger`].
+
+use time::OffsetDateTime;
+
+use crate::rules::format_time;
+use crate::{Result, StoreError};
 
 /// One schema step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Migration {
     pub version: i64,
     pub name: &'static str,
     pub sql: &'static str,
+}
+
+impl Migration {
+    /// The file it was read from, as an operator looks for it.
+    pub fn file(&self) -> String {
+        format!("{:04}_{}.sql", self.version, self.name)
+    }
+
+    /// BLAKE3 of the SQL text, in hex.
+    pub fn checksum(&self) -> String {
+        blake3::hash(self.sql.as_bytes()).to_hex().to_string()
+    }
 }
 
 pub(crate) const SQLITE: &[Migration] = &[
@@ -39,11 +58,95 @@ pub(crate) const POSTGRES: &[Migration] = &[
 ];
 
 /// Shared by both backends: the table that remembers applied versions.
+/// `checksum` is nullable: ledgers from before checksums gain the column
+/// empty, and [`run`] fills it in.
 pub(crate) const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     version    BIGINT PRIMARY KEY,
     name       TEXT NOT NULL,
-    applied_at TEXT NOT NULL
+    applied_at TEXT NOT NULL,
+    checksum   TEXT
 )";
+
+/// A row of `schema_migrations`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Applied {
+    pub version: i64,
+    pub checksum: Option<String>,
+}
+
+/// What a backend does for [`run`], all inside one transaction.
+pub(crate) trait Ledger {
+    /// Creates the ledger, or adds the `checksum` column to one from
+    /// before checksums.
+    async fn prepare(&mut self) -> Result<()>;
+    /// Every row of the ledger.
+    async fn applied(&mut self) -> Result<Vec<Applied>>;
+    /// Fills in the checksum of a row recorded without one.
+    async fn record_checksum(&mut self, version: i64, checksum: &str) -> Result<()>;
+    /// Runs the migration's SQL and records it.
+    async fn apply(&mut self, migration: &Migration, checksum: &str, at: &str) -> Result<()>;
+}
+
+/// What [`run`] is to do, decided from the ledger alone.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Plan<'a> {
+    /// Applied before checksums were recorded: trusted as they are, their
+    /// checksums get filled in.
+    pub unchecked: Vec<&'a Migration>,
+    /// Newer than every applied version, in order.
+    pub pending: Vec<&'a Migration>,
+}
+
+/// Checks the ledger against `list` and says what to do. A migration whose
+/// recorded checksum differs from its file's is an error naming the file.
+/// Versions this binary does not know (a newer one migrated) are left be.
+pub(crate) fn plan<'a>(list: &'a [Migration], applied: &[Applied]) -> Result<Plan<'a>> {
+    let mut unchecked = Vec::new();
+    for row in applied {
+        let Some(m) = list.iter().find(|m| m.version == row.version) else {
+            continue;
+        };
+        match &row.checksum {
+            None => unchecked.push(m),
+            Some(recorded) if *recorded == m.checksum() => {}
+            Some(recorded) => {
+                return Err(StoreError::internal(format!(
+                    "migration {} was changed after it was applied (recorded checksum {recorded}, \
+                     the file's is now {}): shipped migrations must never change; restore the \
+                     file and put the change in a new migration",
+                    m.file(),
+                    m.checksum()
+                )));
+            }
+        }
+    }
+    let current = applied.iter().map(|a| a.version).max().unwrap_or(0);
+    let pending = list.iter().filter(|m| m.version > current).collect();
+    Ok(Plan { unchecked, pending })
+}
+
+/// Brings the ledger's database up to `list`; returns how many migrations
+/// ran. The caller holds the transaction (and, on Postgres, the lock).
+pub(crate) async fn run(ledger: &mut impl Ledger, list: &[Migration]) -> Result<usize> {
+    ledger.prepare().await?;
+    let plan = plan(list, &ledger.applied().await?)?;
+    for m in &plan.unchecked {
+        ledger.record_checksum(m.version, &m.checksum()).await?;
+    }
+    let at = format_time(OffsetDateTime::now_utc());
+    for m in &plan.pending {
+        ledger.apply(m, &m.checksum(), &at).await?;
+    }
+    Ok(plan.pending.len())
+}
+
+/// The error for a migration whose SQL failed.
+pub(crate) fn failed(
+    m: &Migration,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> StoreError {
+    StoreError::internal_from(format!("migration {} failed", m.file()), e)
+}
 
 #[cfg(test)]
 mod tests {
@@ -60,5 +163,91 @@ mod tests {
         for (a, b) in SQLITE.iter().zip(POSTGRES) {
             assert_eq!(a.name, b.name);
         }
+    }
+
+    fn recorded(list: &[Migration]) -> Vec<Applied> {
+        list.iter()
+            .map(|m| Applied {
+                version: m.version,
+                checksum: Some(m.checksum()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_database_gets_every_migration_in_order() {
+        let plan = plan(SQLITE, &[]).unwrap();
+        assert!(plan.unchecked.is_empty());
+        let versions: Vec<i64> = plan.pending.iter().map(|m| m.version).collect();
+        let all: Vec<i64> = SQLITE.iter().map(|m| m.version).collect();
+        assert_eq!(versions, all);
+    }
+
+    #[test]
+    fn an_up_to_date_ledger_plans_nothing() {
+        let plan = plan(POSTGRES, &recorded(POSTGRES)).unwrap();
+        assert_eq!(
+            plan,
+            Plan {
+                unchecked: vec![],
+                pending: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn only_versions_past_the_newest_applied_are_pending() {
+        let applied = recorded(&SQLITE[..1]);
+        let plan = plan(SQLITE, &applied).unwrap();
+        assert_eq!(plan.pending.len(), SQLITE.len() - 1);
+        assert!(plan.pending.iter().all(|m| m.version > 1));
+    }
+
+    #[test]
+    fn a_changed_migration_is_refused_naming_its_file() {
+        let mut applied = recorded(SQLITE);
+        let last = applied.last_mut().unwrap();
+        last.checksum = Some("0".repeat(64));
+        let err = plan(SQLITE, &applied).unwrap_err().to_string();
+        let file = SQLITE.last().unwrap().file();
+        assert!(
+            err.contains(&format!(
+                "migration {file} was changed after it was applied"
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rows_without_a_checksum_are_trusted_and_filled_in() {
+        let mut applied = recorded(POSTGRES);
+        for row in &mut applied {
+            row.checksum = None;
+        }
+        let plan = plan(POSTGRES, &applied).unwrap();
+        assert_eq!(plan.unchecked.len(), POSTGRES.len());
+        assert!(plan.pending.is_empty());
+    }
+
+    #[test]
+    fn versions_this_binary_does_not_know_are_left_alone() {
+        let mut applied = recorded(SQLITE);
+        applied.push(Applied {
+            version: SQLITE.len() as i64 + 1,
+            checksum: Some("from a newer binary".into()),
+        });
+        assert_eq!(
+            plan(SQLITE, &applied).unwrap(),
+            Plan {
+                unchecked: vec![],
+                pending: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn files_are_named_as_on_disk() {
+        assert_eq!(SQLITE[0].file(), "0001_initial.sql");
+        assert_eq!(SQLITE[0].checksum().len(), 64);
     }
 }

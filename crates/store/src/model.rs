@@ -2,8 +2,8 @@
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, AuditAction, Description, KeyId, KeyName, KeyPrefix, KeyState, ScopeSet, SecretHash,
-    Tier,
+    AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, KeyPrefix, KeyState,
+    ScopeSet, SecretHash, Tier,
 };
 
 /// A key as stored: everything but its secret hash.
@@ -54,6 +54,95 @@ pub struct NewKey {
     pub created_at: OffsetDateTime,
 }
 
+impl NewKey {
+    /// Starts a key for `account`, for tests, tools and any caller that
+    /// does not set every field: named `key`, no description, no scopes,
+    /// no expiry, a fresh id, created now (to the microsecond, the
+    /// precision both backends store).
+    pub fn builder(account: AccountId) -> NewKeyBuilder {
+        let now = OffsetDateTime::now_utc();
+        NewKeyBuilder {
+            key_id: None,
+            account_id: account,
+            name: "key".parse().expect("a valid key name"),
+            description: Description::default(),
+            scopes: ScopeSet::default(),
+            expires_at: None,
+            created_at: now
+                .replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+                .expect("a whole microsecond is a valid time"),
+        }
+    }
+}
+
+/// Builds a [`NewKey`]; see [`NewKey::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct NewKeyBuilder {
+    key_id: Option<KeyId>,
+    account_id: AccountId,
+    name: KeyName,
+    description: Description,
+    scopes: ScopeSet,
+    expires_at: Option<OffsetDateTime>,
+    created_at: OffsetDateTime,
+}
+
+impl NewKeyBuilder {
+    /// Instead of a generated id.
+    pub fn key_id(mut self, key_id: KeyId) -> Self {
+        self.key_id = Some(key_id);
+        self
+    }
+
+    pub fn name(mut self, name: KeyName) -> Self {
+        self.name = name;
+        self
+    }
+
+    pub fn description(mut self, description: Description) -> Self {
+        self.description = description;
+        self
+    }
+
+    pub fn scopes(mut self, scopes: ScopeSet) -> Self {
+        self.scopes = scopes;
+        self
+    }
+
+    pub fn expires_at(mut self, expires_at: Option<OffsetDateTime>) -> Self {
+        self.expires_at = expires_at;
+        self
+    }
+
+    pub fn created_at(mut self, created_at: OffsetDateTime) -> Self {
+        self.created_at = created_at;
+        self
+    }
+
+    /// The key for `secret`, of which it keeps only the prefix and hash.
+    pub fn build_for(self, secret: &GeneratedKey) -> NewKey {
+        NewKey {
+            key_id: self.key_id.unwrap_or_else(KeyId::generate),
+            account_id: self.account_id,
+            name: self.name,
+            description: self.description,
+            scopes: self.scopes,
+            expires_at: self.expires_at,
+            prefix: secret.prefix().clone(),
+            hash: secret.hash(),
+            created_at: self.created_at,
+        }
+    }
+
+    /// The key for a freshly generated secret, and that secret: the store
+    /// keeps only its hash, so this is the caller's one chance to see it.
+    pub fn build(self) -> (NewKey, GeneratedKey) {
+        let secret = GeneratedKey::generate();
+        (self.build_for(&secret), secret)
+    }
+}
+
 /// Which fields an update sets; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct KeyChanges {
@@ -83,7 +172,7 @@ pub struct SecretRecord {
 }
 
 /// What a verify node keeps of one secret: the secret and what verification
-/// needs of its key, no more. [`crate::Store::stream_secrets`] hands these
+/// needs of its key, no more. [`crate::KeySource::stream_secrets`] hands these
 /// out in bulk, so it carries no description, revoke reason or usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretEntry {
@@ -158,4 +247,44 @@ pub struct AuditEvent {
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_built_key_holds_its_secrets_prefix_and_hash_only() {
+        let account: AccountId = "ACME".parse().unwrap();
+        let (new, secret) = NewKey::builder(account.clone()).build();
+        assert_eq!(&new.prefix, secret.prefix());
+        assert_eq!(new.hash, secret.hash());
+        assert_eq!(new.account_id, account);
+        assert_eq!(new.name.as_str(), "key");
+        assert!(new.scopes.is_empty());
+        assert_eq!(new.expires_at, None);
+        assert_eq!(new.created_at.nanosecond() % 1_000, 0, "whole microseconds");
+    }
+
+    #[test]
+    fn every_field_can_be_set() {
+        let secret = GeneratedKey::generate();
+        let key_id = KeyId::generate();
+        let at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let new = NewKey::builder("ACME".parse().unwrap())
+            .key_id(key_id.clone())
+            .name("ci-runner".parse().unwrap())
+            .description("nightly".parse().unwrap())
+            .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+            .expires_at(Some(at + time::Duration::days(1)))
+            .created_at(at)
+            .build_for(&secret);
+        assert_eq!(new.key_id, key_id);
+        assert_eq!(new.name.as_str(), "ci-runner");
+        assert_eq!(new.description.as_str(), "nightly");
+        assert_eq!(new.scopes.to_strings(), ["datasets:read"]);
+        assert_eq!(new.expires_at, Some(at + time::Duration::days(1)));
+        assert_eq!(new.created_at, at);
+        assert_eq!(&new.prefix, secret.prefix());
+    }
 }

@@ -1,13 +1,18 @@
 //! Rules both backends apply inside their transactions, written once: what
-//! an update changes, what the audit log says about it, and the tier cap.
+//! an update changes and whether it writes at all, what a key change
+//! records (its audit event and the prefixes it publishes), which keys may
+//! be rotated, how an account never seen reads, the tier cap, and the
+//! change log's prune and floor rules. The backends run the queries; the
+//! decisions are here, each with a unit test.
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use vilvik_keys_domain::{
-    AccountId, Description, KeyId, KeyName, KeyPrefix, KeyState, ScopeSet, Tier, TierLimits,
+    AccountId, AuditAction, Description, KeyId, KeyName, KeyPrefix, KeyState, ScopeSet, Tier,
+    TierLimits,
 };
 
-use crate::{FieldChange, KeyChanges, KeyRecord, NewKey, Page, StoreError};
+use crate::{Account, Actor, FieldChange, KeyChanges, KeyRecord, NewKey, Page, StoreError};
 
 pub(crate) fn format_time(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
@@ -40,7 +45,7 @@ pub(crate) fn created_changes(new: &NewKey) -> Vec<FieldChange> {
     ]
 }
 
-pub(crate) fn rotated_changes(old: &KeyPrefix, new: &KeyPrefix) -> Vec<FieldChange> {
+fn rotated_changes(old: &KeyPrefix, new: &KeyPrefix) -> Vec<FieldChange> {
     vec![change(
         "prefix",
         Some(old.to_string()),
@@ -48,17 +53,17 @@ pub(crate) fn rotated_changes(old: &KeyPrefix, new: &KeyPrefix) -> Vec<FieldChan
     )]
 }
 
-pub(crate) fn revoked_changes(reason: &str) -> Vec<FieldChange> {
+fn revoked_changes(reason: &str) -> Vec<FieldChange> {
     vec![change("reason", None, Some(reason.to_owned()))]
 }
 
-pub(crate) fn tier_changes(old: Tier, new: Tier) -> Vec<FieldChange> {
+fn tier_changes(old: Tier, new: Tier) -> Vec<FieldChange> {
     vec![change("tier", Some(old.to_string()), Some(new.to_string()))]
 }
 
 /// What an update does to `key`: the record after it and the fields that
 /// really changed (setting a field to its current value records nothing).
-pub(crate) fn apply_changes(key: &KeyRecord, changes: KeyChanges) -> (KeyRecord, Vec<FieldChange>) {
+fn apply_changes(key: &KeyRecord, changes: KeyChanges) -> (KeyRecord, Vec<FieldChange>) {
     let mut updated = key.clone();
     let mut diff = Vec::new();
     if let Some(name) = changes.name.filter(|n| *n != key.name) {
@@ -106,8 +111,168 @@ pub(crate) fn ensure_not_revoked(key: &KeyRecord) -> Result<(), StoreError> {
 
 /// Whether an update turns an inactive key active, so that it needs room
 /// under the cap like a new key.
-pub(crate) fn reactivates(before: &KeyRecord, after: &KeyRecord, now: OffsetDateTime) -> bool {
+fn reactivates(before: &KeyRecord, after: &KeyRecord, now: OffsetDateTime) -> bool {
     before.state(now) != KeyState::Active && after.state(now) == KeyState::Active
+}
+
+/// What an update of a key (already loaded and not revoked) writes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Update {
+    pub after: KeyRecord,
+    /// The fields that really change, for the audit event.
+    pub diff: Vec<FieldChange>,
+    /// The update makes an inactive key active: check the cap first.
+    pub needs_room: bool,
+}
+
+/// `None` when every field given already has that value: such an update
+/// writes nothing, no event and no change-log entry.
+pub(crate) fn plan_update(
+    before: &KeyRecord,
+    changes: KeyChanges,
+    now: OffsetDateTime,
+) -> Option<Update> {
+    let (after, diff) = apply_changes(before, changes);
+    if diff.is_empty() {
+        return None;
+    }
+    Some(Update {
+        needs_room: reactivates(before, &after, now),
+        after,
+        diff,
+    })
+}
+
+/// Refuses to rotate a key that is revoked (final) or expired (extend it
+/// first).
+pub(crate) fn ensure_rotatable(key: &KeyRecord, now: OffsetDateTime) -> Result<(), StoreError> {
+    ensure_not_revoked(key)?;
+    match (key.state(now), key.expires_at) {
+        (KeyState::Expired, Some(expires_at)) => Err(StoreError::Expired { expires_at }),
+        _ => Ok(()),
+    }
+}
+
+/// An account as stored: its tier, or `None` when no row exists. An
+/// account never seen reads as `free`.
+pub(crate) fn account(stored_tier: Option<String>) -> Result<Account, StoreError> {
+    let tier = match stored_tier {
+        Some(tier) => field("tier", tier.parse::<Tier>())?,
+        None => Tier::Free,
+    };
+    Ok(Account { tier })
+}
+
+/// What a change records besides itself, in the same transaction: its
+/// audit event, and the prefixes it appends to the change log so that
+/// verify nodes evict them. Each backend writes one with its own
+/// `record_change`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ChangeRecord<'a> {
+    pub account: &'a AccountId,
+    /// `None` for an account-level change such as a tier.
+    pub key_id: Option<&'a KeyId>,
+    pub action: AuditAction,
+    pub actor: &'a Actor,
+    pub at: OffsetDateTime,
+    pub changes: Vec<FieldChange>,
+    /// The prefixes to publish, in this order.
+    pub publish: Vec<&'a KeyPrefix>,
+}
+
+impl<'a> ChangeRecord<'a> {
+    /// A new key publishes its prefix, so that a node which cached it as
+    /// unknown forgets that.
+    pub fn created(new: &'a NewKey, actor: &'a Actor) -> Self {
+        Self {
+            account: &new.account_id,
+            key_id: Some(&new.key_id),
+            action: AuditAction::Created,
+            actor,
+            at: new.created_at,
+            changes: created_changes(new),
+            publish: vec![&new.prefix],
+        }
+    }
+
+    /// An update publishes the current secret's prefix; superseded
+    /// secrets answer `ROTATED` whatever the key's fields say.
+    pub fn updated(
+        after: &'a KeyRecord,
+        diff: Vec<FieldChange>,
+        actor: &'a Actor,
+        now: OffsetDateTime,
+    ) -> Self {
+        Self::of_key(after, AuditAction::Updated, actor, now, diff)
+    }
+
+    /// A rotation publishes the old prefix (its secret stops working) and
+    /// then the new one.
+    pub fn rotated(
+        before: &'a KeyRecord,
+        new: &'a KeyPrefix,
+        actor: &'a Actor,
+        now: OffsetDateTime,
+    ) -> Self {
+        let changes = rotated_changes(&before.prefix, new);
+        let mut record = Self::of_key(before, AuditAction::Rotated, actor, now, changes);
+        record.publish.push(new);
+        record
+    }
+
+    /// A revocation publishes the current secret's prefix.
+    pub fn revoked(
+        before: &'a KeyRecord,
+        reason: &str,
+        actor: &'a Actor,
+        now: OffsetDateTime,
+    ) -> Self {
+        Self::of_key(
+            before,
+            AuditAction::Revoked,
+            actor,
+            now,
+            revoked_changes(reason),
+        )
+    }
+
+    /// A change to `key` that publishes its current prefix.
+    fn of_key(
+        key: &'a KeyRecord,
+        action: AuditAction,
+        actor: &'a Actor,
+        at: OffsetDateTime,
+        changes: Vec<FieldChange>,
+    ) -> Self {
+        Self {
+            account: &key.account_id,
+            key_id: Some(&key.key_id),
+            action,
+            actor,
+            at,
+            changes,
+            publish: vec![&key.prefix],
+        }
+    }
+
+    /// A tier change publishes nothing: no verify answer depends on it.
+    pub fn tier_changed(
+        account: &'a AccountId,
+        old: Tier,
+        new: Tier,
+        actor: &'a Actor,
+        now: OffsetDateTime,
+    ) -> Self {
+        Self {
+            account,
+            key_id: None,
+            action: AuditAction::TierChanged,
+            actor,
+            at: now,
+            changes: tier_changes(old, new),
+            publish: Vec::new(),
+        }
+    }
 }
 
 /// The cap on active keys, checked with the account row locked.
@@ -192,10 +357,276 @@ impl RawKey {
     }
 }
 
+/// What a prune deletes and where the floor goes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Prune {
+    /// Entries up to and including this sequence number go.
+    pub through: i64,
+    /// The new `change_log_floor.pruned_through`.
+    pub floor: i64,
+}
+
+/// The prune and floor rules. `last_old` is the newest entry recorded
+/// before the cut-off that is not the newest entry of all (the backends'
+/// query keeps the newest, so that the change sequence never goes back);
+/// `None` means there is nothing to prune. The floor only ever rises: a
+/// prune with an older cut-off never lowers it.
+pub(crate) fn plan_prune(last_old: Option<i64>, floor: i64) -> Option<Prune> {
+    last_old.map(|through| Prune {
+        through,
+        floor: floor.max(through),
+    })
+}
+
 /// Refuses a catch-up from `seq` when entries after it were pruned.
 pub(crate) fn check_not_pruned(seq: i64, pruned_through: i64) -> Result<(), StoreError> {
     if seq < pruned_through {
         return Err(StoreError::ChangesPruned { pruned_through });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use time::Duration;
+    use vilvik_keys_domain::GeneratedKey;
+
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
+    }
+
+    fn actor() -> Actor {
+        Actor {
+            name: "operator:alice@example.com".into(),
+            ip: None,
+        }
+    }
+
+    fn new_key() -> NewKey {
+        NewKey::builder("ACME".parse().unwrap())
+            .name("ci-runner".parse().unwrap())
+            .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+            .created_at(now() - Duration::days(1))
+            .build()
+            .0
+    }
+
+    fn key() -> KeyRecord {
+        let new = new_key();
+        KeyRecord {
+            key_id: new.key_id,
+            account_id: new.account_id,
+            name: new.name,
+            description: new.description,
+            scopes: new.scopes,
+            prefix: new.prefix,
+            created_at: new.created_at,
+            expires_at: None,
+            revoked_at: None,
+            revoke_reason: None,
+            rotated_at: None,
+            last_used_at: None,
+            last_used_ip: None,
+        }
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_writes_nothing() {
+        let key = key();
+        let same = KeyChanges {
+            name: Some(key.name.clone()),
+            description: Some(key.description.clone()),
+            scopes: Some(key.scopes.clone()),
+            expires_at: Some(key.expires_at),
+        };
+        assert_eq!(plan_update(&key, same, now()), None);
+        assert_eq!(plan_update(&key, KeyChanges::default(), now()), None);
+    }
+
+    #[test]
+    fn an_update_writes_only_the_fields_that_change() {
+        let key = key();
+        let changes = KeyChanges {
+            name: Some("nightly".parse().unwrap()),
+            scopes: Some(key.scopes.clone()),
+            ..KeyChanges::default()
+        };
+        let Some(Update {
+            after,
+            diff,
+            needs_room,
+        }) = plan_update(&key, changes, now())
+        else {
+            panic!("a new name is a change");
+        };
+        assert_eq!(after.name.as_str(), "nightly");
+        assert_eq!(
+            diff,
+            [change(
+                "name",
+                Some("ci-runner".into()),
+                Some("nightly".into())
+            )]
+        );
+        assert!(!needs_room, "the key was active already");
+    }
+
+    #[test]
+    fn extending_an_expired_key_needs_room_under_the_cap() {
+        let mut expired = key();
+        expired.expires_at = Some(now() - Duration::hours(1));
+        let extend = KeyChanges {
+            expires_at: Some(Some(now() + Duration::days(30))),
+            ..KeyChanges::default()
+        };
+        assert!(matches!(
+            plan_update(&expired, extend, now()),
+            Some(Update {
+                needs_room: true,
+                ..
+            })
+        ));
+        let still_expired = KeyChanges {
+            expires_at: Some(Some(now() - Duration::minutes(1))),
+            ..KeyChanges::default()
+        };
+        assert!(matches!(
+            plan_update(&expired, still_expired, now()),
+            Some(Update {
+                needs_room: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn only_a_key_neither_revoked_nor_expired_may_be_rotated() {
+        let active = key();
+        assert!(ensure_rotatable(&active, now()).is_ok());
+
+        let mut expired = key();
+        let expires_at = now() - Duration::seconds(1);
+        expired.expires_at = Some(expires_at);
+        assert!(matches!(
+            ensure_rotatable(&expired, now()),
+            Err(StoreError::Expired { expires_at: at }) if at == expires_at
+        ));
+
+        let mut revoked = expired.clone();
+        revoked.revoked_at = Some(now() - Duration::hours(2));
+        assert!(
+            matches!(
+                ensure_rotatable(&revoked, now()),
+                Err(StoreError::Revoked { .. })
+            ),
+            "revocation wins over expiry"
+        );
+
+        let mut expiring_later = key();
+        expiring_later.expires_at = Some(now() + Duration::seconds(1));
+        assert!(ensure_rotatable(&expiring_later, now()).is_ok());
+    }
+
+    #[test]
+    fn an_account_never_seen_reads_as_free() {
+        assert_eq!(account(None).unwrap().tier, Tier::Free);
+        assert_eq!(account(Some("premium".into())).unwrap().tier, Tier::Premium);
+        assert!(matches!(
+            account(Some("gold".into())),
+            Err(StoreError::Internal(..))
+        ));
+    }
+
+    #[test]
+    fn each_change_publishes_the_prefixes_caches_must_forget() {
+        let actor = actor();
+        let new = new_key();
+        let created = ChangeRecord::created(&new, &actor);
+        assert_eq!(created.publish, [&new.prefix]);
+        assert_eq!(created.action, AuditAction::Created);
+        assert_eq!(created.at, new.created_at);
+
+        let key = key();
+        let updated = ChangeRecord::updated(&key, Vec::new(), &actor, now());
+        assert_eq!(updated.publish, [&key.prefix]);
+
+        let fresh = GeneratedKey::generate();
+        let rotated = ChangeRecord::rotated(&key, fresh.prefix(), &actor, now());
+        assert_eq!(
+            rotated.publish,
+            [&key.prefix, fresh.prefix()],
+            "the old secret first, then the new"
+        );
+        assert_eq!(
+            rotated.changes,
+            [change(
+                "prefix",
+                Some(key.prefix.to_string()),
+                Some(fresh.prefix().to_string())
+            )]
+        );
+
+        let revoked = ChangeRecord::revoked(&key, "leaked", &actor, now());
+        assert_eq!(revoked.publish, [&key.prefix]);
+        assert_eq!(revoked.key_id, Some(&key.key_id));
+
+        let tier =
+            ChangeRecord::tier_changed(&key.account_id, Tier::Free, Tier::Premium, &actor, now());
+        assert!(
+            tier.publish.is_empty(),
+            "no verify answer depends on a tier"
+        );
+        assert_eq!(tier.key_id, None);
+    }
+
+    #[test]
+    fn a_prune_moves_the_floor_up_never_down() {
+        assert_eq!(plan_prune(None, 7), None, "nothing old enough");
+        assert_eq!(
+            plan_prune(Some(12), 7),
+            Some(Prune {
+                through: 12,
+                floor: 12
+            })
+        );
+        assert_eq!(
+            plan_prune(Some(5), 7),
+            Some(Prune {
+                through: 5,
+                floor: 7
+            }),
+            "an older cut-off leaves the floor where it is"
+        );
+    }
+
+    #[test]
+    fn a_catch_up_below_the_floor_is_refused() {
+        assert!(check_not_pruned(7, 7).is_ok());
+        assert!(check_not_pruned(8, 7).is_ok());
+        assert!(matches!(
+            check_not_pruned(6, 7),
+            Err(StoreError::ChangesPruned { pruned_through: 7 })
+        ));
+    }
+
+    #[test]
+    fn the_cap_counts_active_keys_against_the_tier() {
+        let limits = TierLimits {
+            free: 2,
+            premium: 5,
+        };
+        assert!(check_quota(Tier::Free, limits, 1).is_ok());
+        assert!(matches!(
+            check_quota(Tier::Free, limits, 2),
+            Err(StoreError::QuotaExceeded {
+                tier: Tier::Free,
+                limit: 2,
+                active: 2,
+                ..
+            })
+        ));
+        assert!(check_quota(Tier::Premium, limits, 4).is_ok());
+    }
 }

@@ -16,23 +16,20 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use vilvik_keys_domain::{
-    AccountId, AuditAction, KeyId, KeyPrefix, KeyState, ScopeSet, SecretHash, Tier, TierLimits,
-};
+use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, ScopeSet, SecretHash, Tier, TierLimits};
 
-use crate::migrate::{CREATE_LEDGER, SQLITE};
-use crate::rules::{self, RawKey, corrupt, format_time, page};
+use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, SQLITE};
+use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, OutageKind, Page,
-    Result, Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
+    Account, Actor, AuditEvent, KeyChanges, KeyRecord, KeySource, NewKey, OutageKind, Page, Result,
+    Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const KEY_COLUMNS: &str = "k.key_id, k.account_id, k.name, k.description, k.scopes, k.prefix, \
-     k.created_at, k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip";
+const KEY_COLUMNS: &str = key_columns!();
 
 /// The SQLite store. Cheap to clone.
 #[derive(Clone)]
@@ -242,16 +239,7 @@ fn insert_new_key(tx: &Transaction<'_>, new: &NewKey, actor: &Actor) -> Result<(
     ])
     .map_err(map_err)?;
     insert_secret(tx, &new.prefix, &new.key_id, &new.hash, new.created_at)?;
-    insert_audit(
-        tx,
-        &new.account_id,
-        Some(&new.key_id),
-        AuditAction::Created,
-        actor,
-        new.created_at,
-        &rules::created_changes(new),
-    )?;
-    publish_change(tx, &new.prefix, new.created_at)
+    record_change(tx, &ChangeRecord::created(new, actor))
 }
 
 fn insert_secret(
@@ -275,31 +263,27 @@ fn insert_secret(
     Ok(())
 }
 
-fn insert_audit(
-    tx: &Transaction<'_>,
-    account: &AccountId,
-    key_id: Option<&KeyId>,
-    action: AuditAction,
-    actor: &Actor,
-    at: OffsetDateTime,
-    changes: &[FieldChange],
-) -> Result<()> {
-    let changes = serde_json::to_string(changes).expect("field changes serialize");
+/// Writes the change's audit event and appends its prefixes to the change log.
+fn record_change(tx: &Transaction<'_>, record: &ChangeRecord<'_>) -> Result<()> {
+    let changes = serde_json::to_string(&record.changes).expect("field changes serialize");
     tx.prepare_cached(
         "INSERT INTO audit_events (account_id, key_id, action, actor, actor_ip, at, changes) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )
     .map_err(map_err)?
     .execute(params![
-        account.as_str(),
-        key_id.map(KeyId::as_str),
-        action.as_str(),
-        actor.name,
-        actor.ip,
-        to_micros(at),
+        record.account.as_str(),
+        record.key_id.map(KeyId::as_str),
+        record.action.as_str(),
+        record.actor.name,
+        record.actor.ip,
+        to_micros(record.at),
         changes
     ])
     .map_err(map_err)?;
+    for prefix in &record.publish {
+        publish_change(tx, prefix, record.at)?;
+    }
     Ok(())
 }
 
@@ -311,13 +295,7 @@ fn publish_change(tx: &Transaction<'_>, prefix: &KeyPrefix, at: OffsetDateTime) 
     Ok(())
 }
 
-/// Every secret with what verification needs of its key; no `ORDER BY`,
-/// so SQLite may join in whichever order is cheapest.
-const STREAM_SECRETS: &str = "SELECT s.prefix, s.hash, s.superseded_at IS NOT NULL, \
-     k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes \
-     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id";
-
-/// Decodes a row of [`STREAM_SECRETS`], borrowing its text until parsed.
+/// Decodes a row of [`stream::STREAM_SECRETS`], borrowing its text until parsed.
 fn entry_from_row(row: &Row<'_>) -> Result<SecretEntry> {
     let text = |i: usize| -> Result<&str> {
         row.get_ref(i)
@@ -358,317 +336,73 @@ fn secret_from_row(row: &Row<'_>, offset: usize) -> Result<SecretRecord> {
     })
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn migrate(&self) -> Result<usize> {
-        self.write(|tx| {
-            tx.execute(CREATE_LEDGER, []).map_err(map_err)?;
-            let current: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                    [],
-                    |r| r.get(0),
-                )
-                .map_err(map_err)?;
-            let pending: Vec<_> = SQLITE.iter().filter(|m| m.version > current).collect();
-            for m in &pending {
-                tx.execute_batch(m.sql).map_err(|e| {
-                    StoreError::internal_from(
-                        format!("migration {} ({}) failed", m.version, m.name),
-                        e,
-                    )
-                })?;
-                tx.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
-                    params![m.version, m.name, format_time(OffsetDateTime::now_utc())],
-                )
-                .map_err(map_err)?;
-            }
-            Ok(pending.len())
-        })
-        .await
-    }
+/// The migration ledger on the writer's transaction.
+struct Ledger<'a>(&'a Transaction<'a>);
 
-    async fn create_key(
-        &self,
-        new: NewKey,
-        actor: &Actor,
-        limits: TierLimits,
-    ) -> Result<KeyRecord> {
-        let actor = actor.clone();
-        self.write(move |tx| {
-            check_room(tx, &new.account_id, new.created_at, limits)?;
-            insert_new_key(tx, &new, &actor)?;
-            load_key(tx, &new.account_id, &new.key_id)?
-                .ok_or_else(|| StoreError::internal("created key vanished"))
-        })
-        .await
-    }
-
-    async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>> {
-        let (account, key_id) = (account.clone(), key_id.clone());
-        self.read(move |conn| load_key(conn, &account, &key_id))
-            .await
-    }
-
-    async fn list_keys(
-        &self,
-        account: &AccountId,
-        include_revoked: bool,
-        after: Option<i64>,
-        limit: u32,
-    ) -> Result<Page<KeyRecord>> {
-        let account = account.clone();
-        self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "SELECT k.seq, {KEY_COLUMNS} FROM keys k WHERE k.account_id = ?1 AND k.seq > ?2 \
-                     AND (?3 OR k.revoked_at IS NULL) ORDER BY k.seq LIMIT ?4"
-                ))
-                .map_err(map_err)?;
-            let rows = stmt
-                .query_map(
-                    params![account.as_str(), after.unwrap_or(0), include_revoked, i64::from(limit) + 1],
-                    |row| Ok(row.get::<_, i64>(0).map(|seq| (seq, key_from_row(row, 1)))),
-                )
-                .map_err(map_err)?;
-            let mut items = Vec::new();
-            for row in rows {
-                let (seq, key) = row.map_err(map_err)?.map_err(map_err)?;
-                items.push((seq, key?));
-            }
-            Ok(page(items, limit))
-        })
-        .await
-    }
-
-    async fn update_key(
-        &self,
-        account: &AccountId,
-        key_id: &KeyId,
-        changes: KeyChanges,
-        actor: &Actor,
-        now: OffsetDateTime,
-        limits: TierLimits,
-    ) -> Result<KeyRecord> {
-        let (account, key_id, actor) = (account.clone(), key_id.clone(), actor.clone());
-        self.write(move |tx| {
-            let before = load_key_for_change(tx, &account, &key_id)?;
-            let (after, diff) = rules::apply_changes(&before, changes);
-            if diff.is_empty() {
-                return Ok(before);
-            }
-            if rules::reactivates(&before, &after, now) {
-                check_room(tx, &account, now, limits)?;
-            }
-            tx.execute(
-                "UPDATE keys SET name = ?1, description = ?2, scopes = ?3, expires_at = ?4 WHERE key_id = ?5",
-                params![
-                    after.name.as_str(),
-                    after.description.as_str(),
-                    scopes_json(&after.scopes),
-                    after.expires_at.map(to_micros),
-                    key_id.as_str()
-                ],
+impl migrate::Ledger for Ledger<'_> {
+    async fn prepare(&mut self) -> Result<()> {
+        self.0.execute(CREATE_LEDGER, []).map_err(map_err)?;
+        // SQLite has no ADD COLUMN IF NOT EXISTS.
+        let has_checksum: bool = self
+            .0
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info('schema_migrations') \
+                 WHERE name = 'checksum')",
+                [],
+                |r| r.get(0),
             )
             .map_err(map_err)?;
-            insert_audit(tx, &account, Some(&key_id), AuditAction::Updated, &actor, now, &diff)?;
-            publish_change(tx, &after.prefix, now)?;
-            Ok(after)
-        })
-        .await
+        if !has_checksum {
+            self.0
+                .execute("ALTER TABLE schema_migrations ADD COLUMN checksum TEXT", [])
+                .map_err(map_err)?;
+        }
+        Ok(())
     }
 
-    async fn rotate_key(
-        &self,
-        account: &AccountId,
-        key_id: &KeyId,
-        prefix: &KeyPrefix,
-        hash: SecretHash,
-        actor: &Actor,
-        now: OffsetDateTime,
-    ) -> Result<Rotation> {
-        let (account, key_id, prefix, actor) = (
-            account.clone(),
-            key_id.clone(),
-            prefix.clone(),
-            actor.clone(),
-        );
-        self.write(move |tx| {
-            let before = load_key_for_change(tx, &account, &key_id)?;
-            if let (KeyState::Expired, Some(expires_at)) = (before.state(now), before.expires_at) {
-                return Err(StoreError::Expired { expires_at });
-            }
-            tx.execute(
-                "UPDATE key_secrets SET superseded_at = ?1 WHERE prefix = ?2",
-                params![to_micros(now), before.prefix.as_str()],
-            )
+    async fn applied(&mut self) -> Result<Vec<Applied>> {
+        let mut stmt = self
+            .0
+            .prepare("SELECT version, checksum FROM schema_migrations ORDER BY version")
             .map_err(map_err)?;
-            insert_secret(tx, &prefix, &key_id, &hash, now)?;
-            tx.execute(
-                "UPDATE keys SET prefix = ?1, rotated_at = ?2 WHERE key_id = ?3",
-                params![prefix.as_str(), to_micros(now), key_id.as_str()],
-            )
-            .map_err(map_err)?;
-            let changes = rules::rotated_changes(&before.prefix, &prefix);
-            insert_audit(
-                tx,
-                &account,
-                Some(&key_id),
-                AuditAction::Rotated,
-                &actor,
-                now,
-                &changes,
-            )?;
-            publish_change(tx, &before.prefix, now)?;
-            publish_change(tx, &prefix, now)?;
-            let key = load_key(tx, &account, &key_id)?
-                .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
-            Ok(Rotation {
-                key,
-                replaced_prefix: before.prefix,
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Applied {
+                    version: r.get(0)?,
+                    checksum: r.get(1)?,
+                })
             })
-        })
-        .await
+            .map_err(map_err)?;
+        rows.map(|r| r.map_err(map_err)).collect()
     }
 
-    async fn revoke_key(
-        &self,
-        account: &AccountId,
-        key_id: &KeyId,
-        reason: &str,
-        actor: &Actor,
-        now: OffsetDateTime,
-    ) -> Result<KeyRecord> {
-        let (account, key_id, reason, actor) = (
-            account.clone(),
-            key_id.clone(),
-            reason.to_owned(),
-            actor.clone(),
-        );
-        self.write(move |tx| {
-            let before = load_key_for_change(tx, &account, &key_id)?;
-            tx.execute(
-                "UPDATE keys SET revoked_at = ?1, revoke_reason = ?2 WHERE key_id = ?3",
-                params![to_micros(now), reason, key_id.as_str()],
+    async fn record_checksum(&mut self, version: i64, checksum: &str) -> Result<()> {
+        self.0
+            .execute(
+                "UPDATE schema_migrations SET checksum = ?1 WHERE version = ?2",
+                params![checksum, version],
             )
             .map_err(map_err)?;
-            let changes = rules::revoked_changes(&reason);
-            insert_audit(
-                tx,
-                &account,
-                Some(&key_id),
-                AuditAction::Revoked,
-                &actor,
-                now,
-                &changes,
-            )?;
-            publish_change(tx, &before.prefix, now)?;
-            load_key(tx, &account, &key_id)?
-                .ok_or_else(|| StoreError::internal("revoked key vanished"))
-        })
-        .await
+        Ok(())
     }
 
-    async fn list_audit_events(
-        &self,
-        account: &AccountId,
-        key_id: Option<&KeyId>,
-        after: Option<i64>,
-        limit: u32,
-    ) -> Result<Page<AuditEvent>> {
-        let (account, key_id) = (account.clone(), key_id.cloned());
-        self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT event_id, account_id, key_id, action, actor, actor_ip, at, changes FROM audit_events \
-                     WHERE account_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND event_id > ?3 \
-                     ORDER BY event_id LIMIT ?4",
-                )
-                .map_err(map_err)?;
-            let mut rows = stmt
-                .query(params![
-                    account.as_str(),
-                    key_id.as_ref().map(KeyId::as_str),
-                    after.unwrap_or(0),
-                    i64::from(limit) + 1
-                ])
-                .map_err(map_err)?;
-            let mut items = Vec::new();
-            while let Some(row) = rows.next().map_err(map_err)? {
-                let event_id: i64 = row.get(0).map_err(map_err)?;
-                let key_id: Option<String> = row.get(2).map_err(map_err)?;
-                let action: String = row.get(3).map_err(map_err)?;
-                let changes: String = row.get(7).map_err(map_err)?;
-                let event = AuditEvent {
-                    event_id,
-                    account_id: account.clone(),
-                    key_id: rules::field("audit key id", key_id.map(|k| k.parse::<KeyId>()).transpose())?,
-                    action: action.parse().map_err(corrupt("audit action"))?,
-                    actor: row.get(4).map_err(map_err)?,
-                    actor_ip: row.get(5).map_err(map_err)?,
-                    at: from_micros(row.get(6).map_err(map_err)?)?,
-                    changes: serde_json::from_str(&changes).map_err(|e| corrupt("audit changes")(e.to_string()))?,
-                };
-                items.push((event_id, event));
-            }
-            Ok(page(items, limit))
-        })
-        .await
+    async fn apply(&mut self, m: &Migration, checksum: &str, at: &str) -> Result<()> {
+        self.0
+            .execute_batch(m.sql)
+            .map_err(|e| migrate::failed(m, e))?;
+        self.0
+            .execute(
+                "INSERT INTO schema_migrations (version, name, applied_at, checksum) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![m.version, m.name, at, checksum],
+            )
+            .map_err(map_err)?;
+        Ok(())
     }
+}
 
-    async fn get_account(&self, account: &AccountId) -> Result<Account> {
-        let account = account.clone();
-        self.read(move |conn| {
-            let tier: Option<String> = conn
-                .query_row(
-                    "SELECT tier FROM accounts WHERE account_id = ?1",
-                    [account.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(map_err)?;
-            let tier = match tier {
-                Some(t) => rules::field("tier", t.parse::<Tier>())?,
-                None => Tier::Free,
-            };
-            Ok(Account { tier })
-        })
-        .await
-    }
-
-    async fn set_tier(
-        &self,
-        account: &AccountId,
-        tier: Tier,
-        actor: &Actor,
-        now: OffsetDateTime,
-    ) -> Result<Account> {
-        let (account, actor) = (account.clone(), actor.clone());
-        self.write(move |tx| {
-            let old = ensure_account(tx, &account, now)?;
-            if old != tier {
-                tx.execute(
-                    "UPDATE accounts SET tier = ?1 WHERE account_id = ?2",
-                    params![tier.as_str(), account.as_str()],
-                )
-                .map_err(map_err)?;
-                let changes = rules::tier_changes(old, tier);
-                insert_audit(
-                    tx,
-                    &account,
-                    None,
-                    AuditAction::TierChanged,
-                    &actor,
-                    now,
-                    &changes,
-                )?;
-            }
-            Ok(Account { tier })
-        })
-        .await
-    }
-
+#[async_trait]
+impl KeySource for SqliteStore {
     async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
         let prefix = prefix.clone();
         self.read(move |conn| {
@@ -746,38 +480,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {
-        self.write(move |tx| {
-            let through: Option<i64> = tx
-                .query_row(
-                    "SELECT MAX(seq) FROM key_changes \
-                     WHERE at < ?1 AND seq < (SELECT MAX(seq) FROM key_changes)",
-                    params![to_micros(before)],
-                    |r| r.get(0),
-                )
-                .map_err(map_err)?;
-            let Some(through) = through else {
-                return Ok(0);
-            };
-            let pruned = tx
-                .execute("DELETE FROM key_changes WHERE seq <= ?1", params![through])
-                .map_err(map_err)?;
-            tx.execute(
-                "UPDATE change_log_floor SET pruned_through = MAX(pruned_through, ?1)",
-                params![through],
-            )
-            .map_err(map_err)?;
-            Ok(pruned as u64)
-        })
-        .await
-    }
-
     /// Always `None`. SQLite has no way to tell one connection, let alone
     /// another process, that a transaction committed, and an in-process
     /// broadcast would miss writes from other processes on the same file
     /// (e.g. `vilvik-keys bootstrap` while the server runs). The change
     /// log is the one complete source: followers poll
-    /// [`Store::changes_since`], an indexed read of the `key_changes`
+    /// [`KeySource::changes_since`], an indexed read of the `key_changes`
     /// primary key that costs nothing when nothing changed.
     async fn listen(&self) -> Result<Option<Box<dyn crate::ChangeListener>>> {
         Ok(None)
@@ -802,7 +510,9 @@ impl Store for SqliteStore {
                 .transaction_with_behavior(TransactionBehavior::Deferred)
                 .map_err(map_err)?;
             {
-                let mut stmt = read.prepare_cached(STREAM_SECRETS).map_err(map_err)?;
+                let mut stmt = read
+                    .prepare_cached(stream::STREAM_SECRETS)
+                    .map_err(map_err)?;
                 let mut rows = stmt.query([]).map_err(map_err)?;
                 let mut entries = stream::new_batch(batch);
                 while let Some(row) = rows.next().map_err(map_err)? {
@@ -821,6 +531,295 @@ impl Store for SqliteStore {
             read.commit().map_err(map_err)
         });
         stream::drain(rx, producer, sink).await
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<usize> {
+        self.write(|tx| {
+            // SQLite's ledger never waits, but the runner is shared with
+            // Postgres and async; this is a blocking thread, so block.
+            tokio::runtime::Handle::current().block_on(migrate::run(&mut Ledger(tx), SQLITE))
+        })
+        .await
+    }
+
+    async fn create_key(
+        &self,
+        new: NewKey,
+        actor: &Actor,
+        limits: TierLimits,
+    ) -> Result<KeyRecord> {
+        let actor = actor.clone();
+        self.write(move |tx| {
+            check_room(tx, &new.account_id, new.created_at, limits)?;
+            insert_new_key(tx, &new, &actor)?;
+            load_key(tx, &new.account_id, &new.key_id)?
+                .ok_or_else(|| StoreError::internal("created key vanished"))
+        })
+        .await
+    }
+
+    async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>> {
+        let (account, key_id) = (account.clone(), key_id.clone());
+        self.read(move |conn| load_key(conn, &account, &key_id))
+            .await
+    }
+
+    async fn list_keys(
+        &self,
+        account: &AccountId,
+        include_revoked: bool,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<KeyRecord>> {
+        let account = account.clone();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT k.seq, {KEY_COLUMNS} FROM keys k WHERE k.account_id = ?1 AND k.seq > ?2 \
+                     AND (?3 OR k.revoked_at IS NULL) ORDER BY k.seq LIMIT ?4"
+                ))
+                .map_err(map_err)?;
+            let rows = stmt
+                .query_map(
+                    params![account.as_str(), after.unwrap_or(0), include_revoked, i64::from(limit) + 1],
+                    |row| Ok(row.get::<_, i64>(0).map(|seq| (seq, key_from_row(row, 1)))),
+                )
+                .map_err(map_err)?;
+            let mut items = Vec::new();
+            for row in rows {
+                let (seq, key) = row.map_err(map_err)?.map_err(map_err)?;
+                items.push((seq, key?));
+            }
+            Ok(page(items, limit))
+        })
+        .await
+    }
+
+    async fn update_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        changes: KeyChanges,
+        actor: &Actor,
+        now: OffsetDateTime,
+        limits: TierLimits,
+    ) -> Result<KeyRecord> {
+        let (account, key_id, actor) = (account.clone(), key_id.clone(), actor.clone());
+        self.write(move |tx| {
+            let before = load_key_for_change(tx, &account, &key_id)?;
+            let Some(update) = rules::plan_update(&before, changes, now) else {
+                return Ok(before);
+            };
+            if update.needs_room {
+                check_room(tx, &account, now, limits)?;
+            }
+            let rules::Update { after, diff, .. } = update;
+            tx.execute(
+                "UPDATE keys SET name = ?1, description = ?2, scopes = ?3, expires_at = ?4 WHERE key_id = ?5",
+                params![
+                    after.name.as_str(),
+                    after.description.as_str(),
+                    scopes_json(&after.scopes),
+                    after.expires_at.map(to_micros),
+                    key_id.as_str()
+                ],
+            )
+            .map_err(map_err)?;
+            record_change(tx, &ChangeRecord::updated(&after, diff, &actor, now))?;
+            Ok(after)
+        })
+        .await
+    }
+
+    async fn rotate_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        prefix: &KeyPrefix,
+        hash: SecretHash,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Rotation> {
+        let (account, key_id, prefix, actor) = (
+            account.clone(),
+            key_id.clone(),
+            prefix.clone(),
+            actor.clone(),
+        );
+        self.write(move |tx| {
+            let before = load_key_for_change(tx, &account, &key_id)?;
+            rules::ensure_rotatable(&before, now)?;
+            tx.execute(
+                "UPDATE key_secrets SET superseded_at = ?1 WHERE prefix = ?2",
+                params![to_micros(now), before.prefix.as_str()],
+            )
+            .map_err(map_err)?;
+            insert_secret(tx, &prefix, &key_id, &hash, now)?;
+            tx.execute(
+                "UPDATE keys SET prefix = ?1, rotated_at = ?2 WHERE key_id = ?3",
+                params![prefix.as_str(), to_micros(now), key_id.as_str()],
+            )
+            .map_err(map_err)?;
+            record_change(tx, &ChangeRecord::rotated(&before, &prefix, &actor, now))?;
+            let key = load_key(tx, &account, &key_id)?
+                .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
+            Ok(Rotation {
+                key,
+                replaced_prefix: before.prefix,
+            })
+        })
+        .await
+    }
+
+    async fn revoke_key(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        reason: &str,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<KeyRecord> {
+        let (account, key_id, reason, actor) = (
+            account.clone(),
+            key_id.clone(),
+            reason.to_owned(),
+            actor.clone(),
+        );
+        self.write(move |tx| {
+            let before = load_key_for_change(tx, &account, &key_id)?;
+            tx.execute(
+                "UPDATE keys SET revoked_at = ?1, revoke_reason = ?2 WHERE key_id = ?3",
+                params![to_micros(now), reason, key_id.as_str()],
+            )
+            .map_err(map_err)?;
+            record_change(tx, &ChangeRecord::revoked(&before, &reason, &actor, now))?;
+            load_key(tx, &account, &key_id)?
+                .ok_or_else(|| StoreError::internal("revoked key vanished"))
+        })
+        .await
+    }
+
+    async fn list_audit_events(
+        &self,
+        account: &AccountId,
+        key_id: Option<&KeyId>,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<AuditEvent>> {
+        let (account, key_id) = (account.clone(), key_id.cloned());
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT event_id, account_id, key_id, action, actor, actor_ip, at, changes FROM audit_events \
+                     WHERE account_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND event_id > ?3 \
+                     ORDER BY event_id LIMIT ?4",
+                )
+                .map_err(map_err)?;
+            let mut rows = stmt
+                .query(params![
+                    account.as_str(),
+                    key_id.as_ref().map(KeyId::as_str),
+                    after.unwrap_or(0),
+                    i64::from(limit) + 1
+                ])
+                .map_err(map_err)?;
+            let mut items = Vec::new();
+            while let Some(row) = rows.next().map_err(map_err)? {
+                let event_id: i64 = row.get(0).map_err(map_err)?;
+                let key_id: Option<String> = row.get(2).map_err(map_err)?;
+                let action: String = row.get(3).map_err(map_err)?;
+                let changes: String = row.get(7).map_err(map_err)?;
+                let event = AuditEvent {
+                    event_id,
+                    account_id: account.clone(),
+                    key_id: rules::field("audit key id", key_id.map(|k| k.parse::<KeyId>()).transpose())?,
+                    action: action.parse().map_err(corrupt("audit action"))?,
+                    actor: row.get(4).map_err(map_err)?,
+                    actor_ip: row.get(5).map_err(map_err)?,
+                    at: from_micros(row.get(6).map_err(map_err)?)?,
+                    changes: serde_json::from_str(&changes).map_err(|e| corrupt("audit changes")(e.to_string()))?,
+                };
+                items.push((event_id, event));
+            }
+            Ok(page(items, limit))
+        })
+        .await
+    }
+
+    async fn get_account(&self, account: &AccountId) -> Result<Account> {
+        let account = account.clone();
+        self.read(move |conn| {
+            let tier: Option<String> = conn
+                .query_row(
+                    "SELECT tier FROM accounts WHERE account_id = ?1",
+                    [account.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(map_err)?;
+            rules::account(tier)
+        })
+        .await
+    }
+
+    async fn set_tier(
+        &self,
+        account: &AccountId,
+        tier: Tier,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Account> {
+        let (account, actor) = (account.clone(), actor.clone());
+        self.write(move |tx| {
+            let old = ensure_account(tx, &account, now)?;
+            if old != tier {
+                tx.execute(
+                    "UPDATE accounts SET tier = ?1 WHERE account_id = ?2",
+                    params![tier.as_str(), account.as_str()],
+                )
+                .map_err(map_err)?;
+                record_change(
+                    tx,
+                    &ChangeRecord::tier_changed(&account, old, tier, &actor, now),
+                )?;
+            }
+            Ok(Account { tier })
+        })
+        .await
+    }
+
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {
+        self.write(move |tx| {
+            let through: Option<i64> = tx
+                .query_row(
+                    "SELECT MAX(seq) FROM key_changes \
+                     WHERE at < ?1 AND seq < (SELECT MAX(seq) FROM key_changes)",
+                    params![to_micros(before)],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            let floor: i64 = tx
+                .query_row("SELECT pruned_through FROM change_log_floor", [], |r| {
+                    r.get(0)
+                })
+                .map_err(map_err)?;
+            let Some(Prune { through, floor }) = rules::plan_prune(through, floor) else {
+                return Ok(0);
+            };
+            let pruned = tx
+                .execute("DELETE FROM key_changes WHERE seq <= ?1", params![through])
+                .map_err(map_err)?;
+            tx.execute(
+                "UPDATE change_log_floor SET pruned_through = ?1",
+                params![floor],
+            )
+            .map_err(map_err)?;
+            Ok(pruned as u64)
+        })
+        .await
     }
 
     /// One `BEGIN IMMEDIATE` transaction and the same cached statements as

@@ -1,4 +1,4 @@
-//! What both backends share for [`crate::Store::stream_secrets`]: a
+//! What both backends share for [`crate::KeySource::stream_secrets`]: a
 //! producer (a blocking thread for SQLite, a task for Postgres) reads and
 //! decodes rows into batches and sends them over a bounded channel; the
 //! caller's task hands each batch to its sink. Reading and decoding thus
@@ -12,6 +12,14 @@ use vilvik_keys_domain::{ScopeSet, SecretHash};
 
 use crate::rules::{corrupt, field};
 use crate::{Result, SecretEntry, StoreError};
+
+/// Every secret with what verification needs of its key, in the order of
+/// [`RawEntry`]'s fields; the same text serves both backends. No
+/// `ORDER BY` and no parameters, so the planner may join the two tables
+/// in whichever order is cheapest (Postgres: a hash join, one pass each).
+pub(crate) const STREAM_SECRETS: &str = "SELECT s.prefix, s.hash, s.superseded_at IS NOT NULL, \
+     k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes \
+     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id";
 
 /// Batches decoded ahead of the sink.
 pub(crate) const BUFFERED_BATCHES: usize = 4;

@@ -62,19 +62,12 @@ fn roomy() -> TierLimits {
 }
 
 fn new_key(account: &AccountId, key_name: &str, at: OffsetDateTime) -> (NewKey, GeneratedKey) {
-    let generated = GeneratedKey::generate();
-    let new = NewKey {
-        key_id: KeyId::generate(),
-        account_id: account.clone(),
-        name: name(key_name),
-        description: description("used by the nightly export"),
-        scopes: scopes(&["datasets:read", "models:*"]),
-        expires_at: None,
-        prefix: generated.prefix().clone(),
-        hash: generated.hash(),
-        created_at: at,
-    };
-    (new, generated)
+    NewKey::builder(account.clone())
+        .name(name(key_name))
+        .description(description("used by the nightly export"))
+        .scopes(scopes(&["datasets:read", "models:*"]))
+        .created_at(at)
+        .build()
 }
 
 async fn create(
@@ -1653,7 +1646,7 @@ macro_rules! conformance {
                 async fn $test() {
                     let dir = tempfile::tempdir().unwrap();
                     let store = SqliteStore::open(&dir.path().join("vilvik-keys.db")).await.unwrap();
-                    assert_eq!(store.migrate().await.unwrap(), vilvik_keys_store::migration_count());
+                    assert_eq!(store.migrate().await.unwrap(), vilvik_keys_store::MIGRATION_COUNT);
                     super::$test(Arc::new(store)).await;
                 }
             )*
@@ -1671,7 +1664,7 @@ macro_rules! conformance {
                         return;
                     };
                     let store = PostgresStore::connect(db.url()).await.unwrap();
-                    assert_eq!(store.migrate().await.unwrap(), vilvik_keys_store::migration_count());
+                    assert_eq!(store.migrate().await.unwrap(), vilvik_keys_store::MIGRATION_COUNT);
                     super::$test(Arc::new(store)).await;
                 }
             )*

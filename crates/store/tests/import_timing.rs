@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, Description, GeneratedKey, KeyId, ScopeSet};
+use vilvik_keys_domain::{AccountId, ScopeSet};
 use vilvik_keys_store::{Actor, NewKey, PostgresStore, SqliteStore, Store};
 use vilvik_keys_test_db::TestDatabase;
 
@@ -30,18 +30,12 @@ fn chunks() -> Vec<Vec<NewKey>> {
     let scopes = ScopeSet::parse(&["datasets:read", "models:*"]).unwrap();
     let keys: Vec<NewKey> = (0..KEYS)
         .map(|i| {
-            let generated = GeneratedKey::generate();
-            NewKey {
-                key_id: KeyId::generate(),
-                account_id: accounts[i % ACCOUNTS].clone(),
-                name: format!("seeded-{i}").parse().unwrap(),
-                description: Description::default(),
-                scopes: scopes.clone(),
-                expires_at: None,
-                prefix: generated.prefix().clone(),
-                hash: generated.hash(),
-                created_at: at,
-            }
+            NewKey::builder(accounts[i % ACCOUNTS].clone())
+                .name(format!("seeded-{i}").parse().unwrap())
+                .scopes(scopes.clone())
+                .created_at(at)
+                .build()
+                .0
         })
         .collect();
     keys.chunks(CHUNK).map(<[NewKey]>::to_vec).collect()

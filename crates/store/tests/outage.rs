@@ -5,8 +5,7 @@
 
 use std::time::Duration;
 
-use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, Description, GeneratedKey, KeyId, ScopeSet, TierLimits};
+use vilvik_keys_domain::{AccountId, ScopeSet, TierLimits};
 use vilvik_keys_store::{Actor, NewKey, OutageKind, PostgresStore, SqliteStore, Store, StoreError};
 use vilvik_keys_test_db::TestDatabase;
 
@@ -18,18 +17,10 @@ fn actor() -> Actor {
 }
 
 fn new_key() -> NewKey {
-    let generated = GeneratedKey::generate();
-    NewKey {
-        key_id: KeyId::generate(),
-        account_id: "ACME".parse::<AccountId>().unwrap(),
-        name: "outage-test".parse().unwrap(),
-        description: Description::default(),
-        scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
-        expires_at: None,
-        prefix: generated.prefix().clone(),
-        hash: generated.hash(),
-        created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
-    }
+    NewKey::builder("ACME".parse().unwrap())
+        .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+        .build()
+        .0
 }
 
 #[track_caller]

@@ -8,11 +8,10 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
-use vilvik_keys_domain::{
-    AccountId, Description, GeneratedKey, KeyId, KeyPrefix, ScopeSet, TierLimits,
-};
+use vilvik_keys_domain::{AccountId, GeneratedKey, KeyPrefix, ScopeSet, TierLimits};
 use vilvik_keys_store::{
-    Actor, CHANGE_CHANNEL, ChangeListener, NewKey, PostgresStore, Store, StoreError,
+    Actor, CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, PostgresStore,
+    Store, StoreError,
 };
 use vilvik_keys_test_db::TestDatabase;
 
@@ -24,18 +23,12 @@ fn actor() -> Actor {
 }
 
 fn new_key(account: &AccountId) -> NewKey {
-    let generated = GeneratedKey::generate();
-    NewKey {
-        key_id: KeyId::generate(),
-        account_id: account.clone(),
-        name: "listener-test".parse().unwrap(),
-        description: Description::default(),
-        scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
-        expires_at: None,
-        prefix: generated.prefix().clone(),
-        hash: generated.hash(),
-        created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
-    }
+    NewKey::builder(account.clone())
+        .name("listener-test".parse().unwrap())
+        .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+        .created_at(OffsetDateTime::now_utc().replace_nanosecond(0).unwrap())
+        .build()
+        .0
 }
 
 /// LISTENs on the change channel; yields each payload. Keep the client
@@ -137,7 +130,7 @@ async fn replicas_migrating_together_apply_each_migration_once() {
         applied.push(outcome.unwrap().unwrap());
     }
     applied.sort();
-    assert_eq!(applied, [0, 0, 0, vilvik_keys_store::migration_count()]);
+    assert_eq!(applied, [0, 0, 0, vilvik_keys_store::MIGRATION_COUNT]);
 }
 
 #[tokio::test]
@@ -151,7 +144,7 @@ async fn connect_picks_postgres_for_a_database_url() {
         .unwrap();
     assert_eq!(
         store.migrate().await.unwrap(),
-        vilvik_keys_store::migration_count()
+        vilvik_keys_store::MIGRATION_COUNT
     );
     assert!(format!("{store:?}").starts_with("PostgresStore"));
     assert!(!unused.exists());
@@ -512,18 +505,16 @@ async fn freezable_proxy(
     (port, freeze)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listener_on_a_silent_connection_fails_within_seconds() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
+/// A connection string for `db` through [`freezable_proxy`], and the
+/// switch that freezes it; `None` when the server is not reached over TCP.
+async fn frozen_later(db: &TestDatabase) -> Option<(String, tokio::sync::watch::Sender<bool>)> {
     let config: tokio_postgres::Config = db.url().parse().unwrap();
     let host = match &config.get_hosts()[0] {
         tokio_postgres::config::Host::Tcp(host) => host.clone(),
         #[allow(unreachable_patterns)]
         _ => {
             eprintln!("skipped: the test server is not reached over TCP");
-            return;
+            return None;
         }
     };
     let upstream = tokio::net::lookup_host((host.as_str(), config.get_ports()[0]))
@@ -545,6 +536,17 @@ async fn a_listener_on_a_silent_connection_fails_within_seconds() {
                 .replace('\'', "\\'")
         ));
     }
+    Some((url, freeze))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_on_a_silent_connection_fails_within_seconds() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let Some((url, freeze)) = frozen_later(&db).await else {
+        return;
+    };
     let store = PostgresStore::connect(&url).await.unwrap();
     store.migrate().await.unwrap();
     let mut listener = store.listen().await.unwrap().unwrap();
@@ -615,4 +617,44 @@ async fn an_idle_listener_on_a_healthy_connection_stays_subscribed() {
         .unwrap();
     assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
     assert_eq!(&next_change(&mut *listener, 5).await.1, fresh.prefix());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_heartbeat_gives_up_a_silent_connection_sooner() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let Some((url, freeze)) = frozen_later(&db).await else {
+        return;
+    };
+    let options = ListenerOptions {
+        heartbeat: Duration::from_millis(200),
+        heartbeat_timeout: Duration::from_millis(300),
+    };
+    let store = PostgresStore::connect(&url)
+        .await
+        .unwrap()
+        .with_listener_options(options);
+    store.migrate().await.unwrap();
+    let mut listener = store.listen().await.unwrap().unwrap();
+    // Idle through several heartbeats on a healthy connection: still subscribed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acme: AccountId = "ACME".parse().unwrap();
+    let key = store
+        .create_key(new_key(&acme), &actor(), roomy())
+        .await
+        .unwrap();
+    assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
+
+    freeze.send(true).unwrap();
+    let frozen_at = tokio::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), listener.next())
+        .await
+        .expect("next() fails within 5 s of the connection going silent");
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    let took = frozen_at.elapsed();
+    assert!(took <= Duration::from_secs(2), "took {took:?}");
 }

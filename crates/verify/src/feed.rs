@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::{Clock, KeyPrefix};
-use vilvik_keys_store::{ChangeListener, Store, StoreError};
+use vilvik_keys_store::{ChangeListener, KeySource, StoreError};
 
 use crate::cache::KeyCache;
 
@@ -106,7 +106,7 @@ fn micros(at: OffsetDateTime) -> i64 {
 
 /// Applies the store's change log to one node's cache.
 pub(crate) struct Follower {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn KeySource>,
     pub cache: Arc<KeyCache>,
     pub health: Arc<FeedHealth>,
     pub clock: Arc<dyn Clock>,

@@ -29,7 +29,7 @@ use vilvik_keys_domain::{
     AccountId, ApiKey, Clock, KeyFormatError, KeyId, KeyName, KeyPrefix, Scope, ScopeSet,
     SecretHash,
 };
-use vilvik_keys_store::{Store, StoreError};
+use vilvik_keys_store::{KeySource, StoreError};
 
 use crate::cache::{Cached, CachedSecret, KeyCache};
 use crate::feed::Follower;
@@ -93,7 +93,7 @@ pub struct VerifierConfig {
 /// usage recorder. Cheap to clone: clones share the index.
 #[derive(Debug, Clone)]
 pub struct Verifier {
-    store: Arc<dyn Store>,
+    store: Arc<dyn KeySource>,
     clock: Arc<dyn Clock>,
     usage: UsageRecorder,
     cache: Arc<KeyCache>,
@@ -103,7 +103,7 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn KeySource>,
         clock: Arc<dyn Clock>,
         usage: UsageRecorder,
         config: VerifierConfig,

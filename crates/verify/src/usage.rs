@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::KeyId;
-use vilvik_keys_store::{Store, UsageRecord};
+use vilvik_keys_store::{KeySource, UsageRecord};
 
 #[derive(Debug, Clone, Copy)]
 pub struct UsageConfig {
@@ -52,7 +52,7 @@ type Pending = Mutex<HashMap<KeyId, LatestUse, foldhash::fast::RandomState>>;
 #[derive(Debug, Clone)]
 pub struct UsageRecorder {
     pending: Arc<[Pending]>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn KeySource>,
     config: UsageConfig,
 }
 
@@ -62,7 +62,7 @@ fn shard_of(key_id: &KeyId) -> usize {
 }
 
 impl UsageRecorder {
-    pub fn new(store: Arc<dyn Store>, config: UsageConfig) -> Self {
+    pub fn new(store: Arc<dyn KeySource>, config: UsageConfig) -> Self {
         Self {
             pending: (0..SHARDS).map(|_| Pending::default()).collect(),
             store,

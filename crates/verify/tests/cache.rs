@@ -8,12 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, Clock, GeneratedKey, KeyId, KeyPrefix, ManualClock, ScopeSet, SecretHash, Tier,
-    TierLimits,
+    AccountId, Clock, GeneratedKey, KeyId, KeyPrefix, ManualClock, ScopeSet, TierLimits,
 };
 use vilvik_keys_store::{
-    Account, Actor, AuditEvent, ChangeListener, KeyChanges, KeyRecord, NewKey, OutageKind, Page,
-    Result, Rotation, SecretEntry, SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
+    Actor, ChangeListener, KeySource, NewKey, OutageKind, Result, SecretEntry, SecretRecord,
+    SqliteStore, Store, StoreError, UsageRecord,
 };
 use vilvik_keys_test_db::eventually;
 use vilvik_keys_verify::{
@@ -22,6 +21,8 @@ use vilvik_keys_verify::{
 
 /// A real store whose lookups are counted and which the test can take
 /// down: the change feed alone (`feed_down`) or every read (`store_down`).
+/// The verify engine sees only its [`KeySource`] side; the tests make
+/// their changes through `inner`.
 #[derive(Debug)]
 struct Instrumented {
     inner: Arc<dyn Store>,
@@ -36,93 +37,7 @@ fn down() -> StoreError {
 }
 
 #[async_trait]
-impl Store for Instrumented {
-    async fn migrate(&self) -> Result<usize> {
-        self.inner.migrate().await
-    }
-    async fn create_key(
-        &self,
-        new: NewKey,
-        actor: &Actor,
-        limits: TierLimits,
-    ) -> Result<KeyRecord> {
-        self.inner.create_key(new, actor, limits).await
-    }
-    async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>> {
-        self.inner.get_key(account, key_id).await
-    }
-    async fn list_keys(
-        &self,
-        account: &AccountId,
-        include_revoked: bool,
-        after: Option<i64>,
-        limit: u32,
-    ) -> Result<Page<KeyRecord>> {
-        self.inner
-            .list_keys(account, include_revoked, after, limit)
-            .await
-    }
-    async fn update_key(
-        &self,
-        account: &AccountId,
-        key_id: &KeyId,
-        changes: KeyChanges,
-        actor: &Actor,
-        now: OffsetDateTime,
-        limits: TierLimits,
-    ) -> Result<KeyRecord> {
-        self.inner
-            .update_key(account, key_id, changes, actor, now, limits)
-            .await
-    }
-    async fn rotate_key(
-        &self,
-        account: &AccountId,
-        key_id: &KeyId,
-        prefix: &KeyPrefix,
-        hash: SecretHash,
-        actor: &Actor,
-        now: OffsetDateTime,
-    ) -> Result<Rotation> {
-        self.inner
-            .rotate_key(account, key_id, prefix, hash, actor, now)
-            .await
-    }
-    async fn revoke_key(
-        &self,
-        account: &AccountId,
-        key_id: &KeyId,
-        reason: &str,
-        actor: &Actor,
-        now: OffsetDateTime,
-    ) -> Result<KeyRecord> {
-        self.inner
-            .revoke_key(account, key_id, reason, actor, now)
-            .await
-    }
-    async fn list_audit_events(
-        &self,
-        account: &AccountId,
-        key_id: Option<&KeyId>,
-        after: Option<i64>,
-        limit: u32,
-    ) -> Result<Page<AuditEvent>> {
-        self.inner
-            .list_audit_events(account, key_id, after, limit)
-            .await
-    }
-    async fn get_account(&self, account: &AccountId) -> Result<Account> {
-        self.inner.get_account(account).await
-    }
-    async fn set_tier(
-        &self,
-        account: &AccountId,
-        tier: Tier,
-        actor: &Actor,
-        now: OffsetDateTime,
-    ) -> Result<Account> {
-        self.inner.set_tier(account, tier, actor, now).await
-    }
+impl KeySource for Instrumented {
     async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>> {
         self.finds.fetch_add(1, Ordering::SeqCst);
         if self.store_down.load(Ordering::SeqCst) {
@@ -146,9 +61,6 @@ impl Store for Instrumented {
         }
         self.inner.changes_since(seq, limit).await
     }
-    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {
-        self.inner.prune_changes(before).await
-    }
     async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
         if self.feed_down.load(Ordering::SeqCst) {
             return Err(down());
@@ -161,9 +73,6 @@ impl Store for Instrumented {
         sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
     ) -> Result<usize> {
         self.inner.stream_secrets(batch, sink).await
-    }
-    async fn import_keys(&self, keys: Vec<NewKey>, actor: &Actor) -> Result<()> {
-        self.inner.import_keys(keys, actor).await
     }
 }
 
@@ -264,22 +173,17 @@ impl Node {
     }
 
     async fn create_with(&self, secret: &GeneratedKey) -> KeyId {
-        let new = NewKey {
-            key_id: KeyId::generate(),
-            account_id: account(),
-            name: "ci-runner".parse().unwrap(),
-            description: Default::default(),
-            scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
-            expires_at: None,
-            prefix: secret.prefix().clone(),
-            hash: secret.hash(),
-            created_at: self.clock.now(),
-        };
+        let new = NewKey::builder(account())
+            .name("ci-runner".parse().unwrap())
+            .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+            .created_at(self.clock.now())
+            .build_for(secret);
         let limits = TierLimits {
             free: 1000,
             premium: 1000,
         };
         self.store
+            .inner
             .create_key(new, &actor(), limits)
             .await
             .unwrap()
@@ -459,6 +363,7 @@ async fn changes_missed_and_pruned_from_the_log_clear_the_whole_cache() {
     node.create().await; // the newest entry, which pruning keeps
     let pruned = node
         .store
+        .inner
         .prune_changes(node.clock.now() + Duration::from_secs(86_400))
         .await
         .unwrap();
@@ -544,19 +449,15 @@ async fn preload_puts_every_secret_in_memory() {
     let secrets: Vec<GeneratedKey> = (0..2_500).map(|_| GeneratedKey::generate()).collect();
     let keys = secrets
         .iter()
-        .map(|secret| NewKey {
-            key_id: KeyId::generate(),
-            account_id: account(),
-            name: "imported".parse().unwrap(),
-            description: Default::default(),
-            scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
-            expires_at: None,
-            prefix: secret.prefix().clone(),
-            hash: secret.hash(),
-            created_at: node.clock.now(),
+        .map(|secret| {
+            NewKey::builder(account())
+                .name("imported".parse().unwrap())
+                .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+                .created_at(node.clock.now())
+                .build_for(secret)
         })
         .collect();
-    node.store.import_keys(keys, &actor()).await.unwrap();
+    node.store.inner.import_keys(keys, &actor()).await.unwrap();
     // Let the follower pass the import's change-log entries first, so that
     // it has nothing left to evict.
     node.wait_until_caught_up().await;

@@ -57,19 +57,13 @@ impl Fixture {
         scopes: &[&str],
         expires_in: Option<time::Duration>,
     ) -> (KeyId, GeneratedKey) {
-        let secret = GeneratedKey::generate();
         let now = self.clock.now();
-        let new = NewKey {
-            key_id: KeyId::generate(),
-            account_id: "ACME".parse().unwrap(),
-            name: "ci-runner".parse().unwrap(),
-            description: Default::default(),
-            scopes: ScopeSet::parse(scopes).unwrap(),
-            expires_at: expires_in.map(|d| now + d),
-            prefix: secret.prefix().clone(),
-            hash: secret.hash(),
-            created_at: now,
-        };
+        let (new, secret) = NewKey::builder("ACME".parse().unwrap())
+            .name("ci-runner".parse().unwrap())
+            .scopes(ScopeSet::parse(scopes).unwrap())
+            .expires_at(expires_in.map(|d| now + d))
+            .created_at(now)
+            .build();
         let record = self
             .store
             .create_key(new, &actor(), TierLimits::default())
