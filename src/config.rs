@@ -50,6 +50,8 @@ pub struct Config {
     pub change_poll_interval: Duration,
     /// Wait before reconnecting to the change feed after it failed.
     pub change_feed_retry_interval: Duration,
+    /// Postgres: how the change listener notices a silent connection.
+    pub listener: vilvik_keys_store::ListenerOptions,
     /// Load every key into memory at start.
     pub preload: bool,
     /// Verify requests in progress at once, over all connections; more are
@@ -92,6 +94,7 @@ impl std::fmt::Debug for Config {
                 "change_feed_retry_interval",
                 &self.change_feed_retry_interval,
             )
+            .field("listener", &self.listener)
             .field("preload", &self.preload)
             .field("verify_concurrency_limit", &self.verify_concurrency_limit)
             .field("change_log_retention", &self.change_log_retention)
@@ -121,6 +124,7 @@ impl Default for Config {
             consistency_check_interval: Duration::from_secs(1),
             change_poll_interval: Duration::from_millis(50),
             change_feed_retry_interval: Duration::from_millis(500),
+            listener: vilvik_keys_store::ListenerOptions::default(),
             preload: false,
             verify_concurrency_limit: 1024,
             change_log_retention: Duration::from_secs(7 * 24 * 3600),
@@ -322,6 +326,21 @@ settings! {
                 let interval = parse_millis(name, &v)?;
                 c.change_feed_retry_interval =
                     at_least_a_millisecond("change_feed_retry_ms", interval)?;
+                Ok(())
+            };
+        listener_heartbeat_ms: u64 = "VILVIK_KEYS_LISTENER_HEARTBEAT_MS", Value("5000"),
+            "Postgres: after this long without a message the change listener checks its connection",
+            |c, name, v| {
+                let interval = parse_millis(name, &v)?;
+                c.listener.heartbeat = at_least_a_millisecond("listener_heartbeat_ms", interval)?;
+                Ok(())
+            };
+        listener_heartbeat_timeout_ms: u64 = "VILVIK_KEYS_LISTENER_HEARTBEAT_TIMEOUT_MS", Value("5000"),
+            "Postgres: how long that check may take before the listener reconnects",
+            |c, name, v| {
+                let timeout = parse_millis(name, &v)?;
+                c.listener.heartbeat_timeout =
+                    at_least_a_millisecond("listener_heartbeat_timeout_ms", timeout)?;
                 Ok(())
             };
         preload: bool = "VILVIK_KEYS_PRELOAD", Value("false"),

@@ -307,15 +307,18 @@ async fn prune_change_log(
 
 /// Opens the configured store and brings its schema up to date.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let store = vilvik_keys_store::connect(config.database_url(), &config.sqlite_path)
-        .await
-        .with_context(|| match config.database_url() {
-            Some(_) => "cannot connect to the Postgres database named by DATABASE_URL".to_owned(),
-            None => format!(
-                "cannot open the SQLite database {}",
-                config.sqlite_path.display()
-            ),
-        })?;
+    let store =
+        vilvik_keys_store::connect(config.database_url(), &config.sqlite_path, config.listener)
+            .await
+            .with_context(|| match config.database_url() {
+                Some(_) => {
+                    "cannot connect to the Postgres database named by DATABASE_URL".to_owned()
+                }
+                None => format!(
+                    "cannot open the SQLite database {}",
+                    config.sqlite_path.display()
+                ),
+            })?;
     let applied = store
         .migrate()
         .await

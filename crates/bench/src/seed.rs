@@ -49,12 +49,16 @@ pub async fn run(args: SeedArgs) -> anyhow::Result<()> {
         .ok()
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| "./vilvik-keys.db".to_owned());
-    let store = vilvik_keys_store::connect(database_url.as_deref(), Path::new(&sqlite_path))
-        .await
-        .with_context(|| match &database_url {
-            Some(_) => "cannot connect to the Postgres database named by DATABASE_URL".to_owned(),
-            None => format!("cannot open the SQLite database {sqlite_path}"),
-        })?;
+    let store = vilvik_keys_store::connect(
+        database_url.as_deref(),
+        Path::new(&sqlite_path),
+        Default::default(),
+    )
+    .await
+    .with_context(|| match &database_url {
+        Some(_) => "cannot connect to the Postgres database named by DATABASE_URL".to_owned(),
+        None => format!("cannot open the SQLite database {sqlite_path}"),
+    })?;
     store.migrate().await.context("cannot apply migrations")?;
 
     let mut out = open_secret_file(&args.out)?;

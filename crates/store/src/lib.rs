@@ -208,13 +208,19 @@ pub trait ChangeListener: Send + std::fmt::Debug {
 }
 
 /// Opens the store a configuration names: Postgres when `database_url` is
-/// set, else the SQLite file at `sqlite_path` (created when missing).
+/// set (its change listener set up by `listener`), else the SQLite file at
+/// `sqlite_path` (created when missing).
 pub async fn connect(
     database_url: Option<&str>,
     sqlite_path: &std::path::Path,
+    listener: ListenerOptions,
 ) -> Result<std::sync::Arc<dyn Store>> {
     Ok(match database_url {
-        Some(url) => std::sync::Arc::new(PostgresStore::connect(url).await?),
+        Some(url) => std::sync::Arc::new(
+            PostgresStore::connect(url)
+                .await?
+                .with_listener_options(listener),
+        ),
         None => std::sync::Arc::new(SqliteStore::open(sqlite_path).await?),
     })
 }
