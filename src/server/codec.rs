@@ -54,6 +54,9 @@ impl<U: Message + Default> Decoder for RequestDecoder<U> {
     }
 }
 
+/// What a text field that is not UTF-8 is told, on either listener.
+pub const NOT_UTF8: &str = "is not valid UTF-8: send text fields as UTF-8";
+
 /// The field a decode error is about, as a path from the request down
 /// (`expires_at.seconds`), and what is wrong with it.
 ///
@@ -80,7 +83,7 @@ pub fn decode_error(e: &prost::DecodeError) -> ApiError {
         path => path,
     };
     if rest.contains("UTF-8") {
-        ApiError::invalid(field, "is not valid UTF-8: send text fields as UTF-8")
+        ApiError::invalid(field, NOT_UTF8)
     } else {
         ApiError::invalid(
             field,
@@ -147,13 +150,22 @@ mod tests {
     }
 
     #[test]
-    fn a_truncated_message_is_about_the_request() {
+    fn a_truncated_field_names_the_field() {
+        // name claims 5 bytes; 1 follows.
         let s = status_of::<proto::CreateKeyRequest>(&[0x0a, 0x05, b'a']);
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(
-            s.message().starts_with("name: does not decode")
-                || s.message().starts_with("request: does not decode"),
+            s.message()
+                .starts_with("name: does not decode as the field keys.proto defines ("),
             "{s:?}"
         );
+    }
+
+    #[test]
+    fn a_message_broken_outside_any_field_is_about_the_request() {
+        // A tag with wire type 7, which does not exist.
+        let s = status_of::<proto::CreateKeyRequest>(&[0x0f]);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().starts_with("request: does not decode"), "{s:?}");
     }
 }

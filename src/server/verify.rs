@@ -73,9 +73,7 @@ impl KeyVerify for VerifyService {
         // A well-formed key is ASCII, so only a malformed one needs the
         // UTF-8 check a string field gets everywhere else.
         if matches!(verdict, Verdict::Malformed(_)) && std::str::from_utf8(&call.key).is_err() {
-            return Err(
-                ApiError::invalid("key", "is not valid UTF-8: send text fields as UTF-8").into(),
-            );
+            return Err(ApiError::invalid("key", super::codec::NOT_UTF8).into());
         }
         Ok(Response::new(verdict.into()))
     }
