@@ -1,8 +1,11 @@
 //! The one place where failures become gRPC statuses.
 
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use tonic::{Code, Status};
 use vilvik_keys_domain::Tier;
-use vilvik_keys_store::{Outage, StoreError};
+use vilvik_keys_store::{Outage, OutageKind, StoreError};
 
 /// Why an API call failed, in terms the caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -111,17 +114,71 @@ impl From<StoreError> for ApiError {
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
+        // The caller gets an opaque message; the cause chain is logged here,
+        // at most once a second for each kind of failure.
         match &e {
-            // The caller gets an opaque message; the cause chain is logged once here.
             ApiError::Internal(source) => {
-                tracing::error!(error = %error_chain(source), "request failed");
+                if let Some(unlogged) = FAILURE_LOG.admit(None, Instant::now()) {
+                    tracing::error!(error = %error_chain(source), similar_failures_unlogged = unlogged, "request failed");
+                }
             }
             ApiError::Unavailable(outage) => {
-                tracing::warn!(error = %error_chain(outage), "request failed: store unavailable");
+                if let Some(unlogged) = FAILURE_LOG.admit(Some(outage.kind), Instant::now()) {
+                    tracing::warn!(error = %error_chain(outage), similar_failures_unlogged = unlogged, "request failed: store unavailable");
+                }
             }
             _ => {}
         }
         Status::new(e.code(), e.to_string())
+    }
+}
+
+/// How often one kind of failure is logged: a store that is down fails
+/// every request, and one line per request would bury everything else.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
+
+static FAILURE_LOG: FailureLog = FailureLog::new();
+
+/// At most one log line per [`FAILURE_LOG_EVERY`] for each kind of failure
+/// (an outage kind, or `None` for internal errors), each line saying how
+/// many like it went unlogged since the one before.
+struct FailureLog {
+    kinds: Mutex<Vec<(Option<OutageKind>, LastLine)>>,
+}
+
+struct LastLine {
+    at: Instant,
+    unlogged: u64,
+}
+
+impl FailureLog {
+    const fn new() -> Self {
+        Self {
+            kinds: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether a failure of `kind` at `now` gets a line; if so, how many
+    /// failures of that kind were left unlogged before it.
+    fn admit(&self, kind: Option<OutageKind>, now: Instant) -> Option<u64> {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, last)) = kinds.iter_mut().find(|(k, _)| *k == kind) else {
+            kinds.push((
+                kind,
+                LastLine {
+                    at: now,
+                    unlogged: 0,
+                },
+            ));
+            return Some(0);
+        };
+        if now.duration_since(last.at) < FAILURE_LOG_EVERY {
+            last.unlogged += 1;
+            return None;
+        }
+        let unlogged = std::mem::take(&mut last.unlogged);
+        last.at = now;
+        Some(unlogged)
     }
 }
 
@@ -140,7 +197,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use time::macros::datetime;
     use vilvik_keys_domain::TierLimits;
-    use vilvik_keys_store::OutageKind;
 
     use super::*;
 
@@ -262,6 +318,26 @@ mod tests {
                 "{kind:?}"
             );
         }
+    }
+
+    #[test]
+    fn each_kind_of_failure_is_logged_at_most_once_a_second_with_a_count() {
+        let log = FailureLog::new();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let refused = Some(OutageKind::ConnectionRefused);
+        assert_eq!(log.admit(refused, at(0)), Some(0));
+        assert_eq!(log.admit(refused, at(1)), None);
+        assert_eq!(log.admit(refused, at(999)), None);
+        // Another kind has a line of its own at once.
+        assert_eq!(log.admit(None, at(500)), Some(0));
+        assert_eq!(log.admit(Some(OutageKind::Busy), at(500)), Some(0));
+        // A second on: one line, counting the two left out.
+        assert_eq!(log.admit(refused, at(1_000)), Some(2));
+        assert_eq!(log.admit(refused, at(1_500)), None);
+        assert_eq!(log.admit(refused, at(2_000)), Some(1));
+        assert_eq!(log.admit(None, at(1_400)), None);
+        assert_eq!(log.admit(None, at(1_500)), Some(1));
     }
 
     #[test]
