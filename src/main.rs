@@ -73,6 +73,11 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<startup::Abandoned>() => {
+            eprintln!("error: {e:#}");
+            // Now, without waiting for a store call that will not return.
+            std::process::exit(i32::from(startup::Abandoned::EXIT_CODE));
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

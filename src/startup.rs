@@ -21,6 +21,7 @@ use vilvik_keys_verify::{
 use crate::admin_server::key_admin_server::KeyAdminServer;
 use crate::config::Config;
 use crate::proto;
+use crate::server::in_flight::InFlight;
 use crate::server::{admin::AdminService, auth::Authenticator, verify::VerifyService};
 use crate::verify_server::key_verify_server::KeyVerifyServer;
 
@@ -178,6 +179,7 @@ impl Application {
         };
         let mut servers = tokio::task::JoinSet::new();
         let mut pruner = None;
+        let in_flight = InFlight::default();
         if let Some((listener, service)) = self.admin {
             pruner = Some(tokio::spawn(prune_change_log(
                 service.store.clone(),
@@ -193,6 +195,7 @@ impl Application {
                 reflection(<KeyAdminServer<AdminService> as NamedService>::NAME)?;
             let router = Server::builder()
                 .timeout(self.config.request_timeout)
+                .layer(in_flight.layer())
                 .add_service(health_service.clone())
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -218,6 +221,7 @@ impl Application {
                         self.config.verify_concurrency_limit,
                     ),
                 ))
+                .layer(in_flight.layer())
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -234,7 +238,7 @@ impl Application {
 
         let usage = self.usage.clone();
         let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel::<()>();
-        let usage_task = tokio::spawn(usage.run(async move {
+        let usage_task = tokio::spawn(self.usage.clone().run(async move {
             let _ = flushed_rx.await;
         }));
 
@@ -250,13 +254,18 @@ impl Application {
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         let _ = stop_tx.send(true);
-        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
+        // The grace period covers draining requests and the final flush.
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
+        let drained = tokio::time::timeout_at(deadline, async {
             while servers.join_next().await.is_some() {}
         })
         .await;
+        let mut abandoned = Abandoned::default();
         if drained.is_err() {
+            abandoned.requests = in_flight.count();
             tracing::warn!(
                 grace_ms = self.config.shutdown_grace.as_millis() as u64,
+                requests = abandoned.requests,
                 "requests still running after the grace period; stopping anyway"
             );
             servers.abort_all();
@@ -265,14 +274,51 @@ impl Application {
         if let Some(pruner) = pruner {
             let _ = pruner.await;
         }
-        // Every verify has finished: flush what they recorded.
+        // Every verify has finished: flush what they recorded, retrying
+        // until the deadline (at least one try, however late).
         let _ = flushed_tx.send(());
         usage_task.await.context("usage flusher panicked")?;
-        tracing::info!("stopped");
+        let last_try = tokio::time::Instant::now() + MIN_FINAL_FLUSH;
+        abandoned.usage_records = usage.flush_before(deadline.max(last_try)).await;
         match failure {
             Some(Err(e)) => Err(e.context("a listener failed")),
-            _ => Ok(()),
+            _ if abandoned.any() => {
+                tracing::error!(
+                    requests = abandoned.requests,
+                    usage_records = abandoned.usage_records,
+                    "stopped, abandoning work"
+                );
+                Err(abandoned.into())
+            }
+            _ => {
+                tracing::info!("stopped");
+                Ok(())
+            }
         }
+    }
+}
+
+/// The final usage flush gets at least this long, even when draining
+/// requests used up the grace period.
+const MIN_FINAL_FLUSH: Duration = Duration::from_millis(500);
+
+/// What a shutdown gave up on when its grace period ran out. `serve`
+/// exits with [`Abandoned::EXIT_CODE`] when it is returned.
+#[derive(Debug, Default, thiserror::Error)]
+#[error(
+    "stopped after the grace period, abandoning {requests} requests in flight and the last uses of {usage_records} keys"
+)]
+pub struct Abandoned {
+    pub requests: usize,
+    pub usage_records: usize,
+}
+
+impl Abandoned {
+    /// Distinct from 1 (failed to start or serve): stopped, but lost work.
+    pub const EXIT_CODE: u8 = 3;
+
+    fn any(&self) -> bool {
+        self.requests > 0 || self.usage_records > 0
     }
 }
 

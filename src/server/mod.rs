@@ -6,5 +6,6 @@ pub mod auth;
 pub mod codec;
 pub mod convert;
 pub mod error;
+pub mod in_flight;
 pub mod verify;
 pub mod verify_wire;

@@ -32,6 +32,9 @@ impl Default for UsageConfig {
     }
 }
 
+/// How often the final flush at shutdown tries again.
+const FINAL_FLUSH_RETRY: Duration = Duration::from_millis(200);
+
 /// Shards of the pending map, so that concurrent verifies of different keys
 /// rarely wait on one lock.
 const SHARDS: usize = 16;
@@ -94,6 +97,59 @@ impl UsageRecorder {
     /// uses recorded meanwhile win) and the error returned, so the next
     /// flush retries.
     pub async fn flush(&self) -> Result<usize, vilvik_keys_store::StoreError> {
+        let (drained, batch) = self.take();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match self.store.record_usage(&batch).await {
+            Ok(()) => Ok(batch.len()),
+            Err(e) => {
+                self.put_back(drained);
+                Err(e)
+            }
+        }
+    }
+
+    /// How many keys' uses are waiting to be written.
+    pub fn pending_count(&self) -> usize {
+        self.pending
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    /// The last flush, at shutdown: retries every [`FINAL_FLUSH_RETRY`]
+    /// until everything is written or `deadline` passes. Returns how many
+    /// keys' uses were abandoned (0 when all were written).
+    pub async fn flush_before(&self, deadline: tokio::time::Instant) -> usize {
+        let mut last_logged: Option<tokio::time::Instant> = None;
+        loop {
+            let (drained, batch) = self.take();
+            if batch.is_empty() {
+                return 0;
+            }
+            let error =
+                match tokio::time::timeout_at(deadline, self.store.record_usage(&batch)).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "the store did not answer before the shutdown deadline".to_owned(),
+                };
+            self.put_back(drained);
+            let now = tokio::time::Instant::now();
+            if last_logged.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+                tracing::warn!(error = %error, usage.keys = self.pending_count(), "final usage flush failed; retrying until the shutdown deadline");
+                last_logged = Some(now);
+            }
+            if now + FINAL_FLUSH_RETRY >= deadline {
+                return self.pending_count();
+            }
+            tokio::time::sleep(FINAL_FLUSH_RETRY).await;
+        }
+    }
+
+    /// Empties the pending map: the entries, to put back on failure, and
+    /// the batch to write.
+    fn take(&self) -> (Vec<(KeyId, LatestUse)>, Vec<UsageRecord>) {
         let drained: Vec<(KeyId, LatestUse)> = self
             .pending
             .iter()
@@ -102,10 +158,7 @@ impl UsageRecorder {
                 pending.drain().collect::<Vec<_>>()
             })
             .collect();
-        if drained.is_empty() {
-            return Ok(0);
-        }
-        let batch: Vec<UsageRecord> = drained
+        let batch = drained
             .iter()
             .map(|(key_id, latest)| UsageRecord {
                 key_id: key_id.clone(),
@@ -113,20 +166,21 @@ impl UsageRecorder {
                 ip: latest.ip.map(|ip| ip.to_string()),
             })
             .collect();
-        match self.store.record_usage(&batch).await {
-            Ok(()) => Ok(batch.len()),
-            Err(e) => {
-                for (key_id, latest) in drained {
-                    self.record(&key_id, latest.at, latest.ip);
-                }
-                Err(e)
-            }
+        (drained, batch)
+    }
+
+    fn put_back(&self, drained: Vec<(KeyId, LatestUse)>) {
+        for (key_id, latest) in drained {
+            self.record(&key_id, latest.at, latest.ip);
         }
     }
 
-    /// Flushes every interval until `shutdown` resolves, then once more.
+    /// Flushes every interval until `shutdown` resolves. The last flush is
+    /// the caller's ([`UsageRecorder::flush_before`]), once no verify runs.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let mut ticker = tokio::time::interval(self.config.flush_interval);
+        // The first flush one interval in: nothing is pending at start.
+        let first = tokio::time::Instant::now() + self.config.flush_interval;
+        let mut ticker = tokio::time::interval_at(first, self.config.flush_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
@@ -135,7 +189,6 @@ impl UsageRecorder {
                 () = &mut shutdown => break,
             }
         }
-        self.flush_logging().await;
     }
 
     async fn flush_logging(&self) {
