@@ -57,6 +57,8 @@ pub struct Config {
     /// Verify requests in progress at once, over all connections; more are
     /// refused at once with RESOURCE_EXHAUSTED rather than queued.
     pub verify_concurrency_limit: usize,
+    /// The misses' own budget of store lookups, and their deadline.
+    pub verify_misses: vilvik_keys_verify::MissConfig,
     /// How long change-log entries are kept; admin nodes delete older
     /// ones. A verify node cut off for longer clears its cache on return.
     pub change_log_retention: Duration,
@@ -97,6 +99,7 @@ impl std::fmt::Debug for Config {
             .field("listener", &self.listener)
             .field("preload", &self.preload)
             .field("verify_concurrency_limit", &self.verify_concurrency_limit)
+            .field("verify_misses", &self.verify_misses)
             .field("change_log_retention", &self.change_log_retention)
             .finish()
     }
@@ -127,6 +130,7 @@ impl Default for Config {
             listener: vilvik_keys_store::ListenerOptions::default(),
             preload: false,
             verify_concurrency_limit: 1024,
+            verify_misses: vilvik_keys_verify::MissConfig::default(),
             change_log_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
@@ -360,6 +364,22 @@ settings! {
                 if c.verify_concurrency_limit == 0 {
                     return Err(invalid(name, "must be at least 1"));
                 }
+                Ok(())
+            };
+        verify_miss_concurrency: u32 = "VILVIK_KEYS_VERIFY_MISS_CONCURRENCY", Value("64"),
+            "store lookups for keys not in memory at once; more get UNAVAILABLE at once, and hits never wait for them",
+            |c, name, v| {
+                c.verify_misses.concurrency = parse_number(name, &v)? as usize;
+                if c.verify_misses.concurrency == 0 {
+                    return Err(invalid(name, "must be at least 1"));
+                }
+                Ok(())
+            };
+        verify_miss_timeout_ms: u64 = "VILVIK_KEYS_VERIFY_MISS_TIMEOUT_MS", Value("1000"),
+            "how long a store lookup for a key not in memory may take before it answers UNAVAILABLE",
+            |c, name, v| {
+                let timeout = parse_millis(name, &v)?;
+                c.verify_misses.timeout = at_least_a_millisecond("verify_miss_timeout_ms", timeout)?;
                 Ok(())
             };
         change_log_retention_hours: u32 = "VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS", Value("168"),

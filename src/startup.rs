@@ -84,6 +84,7 @@ impl Application {
                     poll_interval: config.change_poll_interval,
                     retry_interval: config.change_feed_retry_interval,
                 },
+                misses: config.verify_misses,
             },
         );
         // Where the change log stands before anything is cached: the

@@ -278,6 +278,8 @@ mod tests {
             OutageKind::ConnectionLost,
             OutageKind::StatementTimeout,
             OutageKind::Busy,
+            OutageKind::LookupsSaturated,
+            OutageKind::LookupTimeout,
         ];
         for kind in all {
             match kind {
@@ -286,7 +288,9 @@ mod tests {
                 | OutageKind::NotAcceptingConnections
                 | OutageKind::ConnectionLost
                 | OutageKind::StatementTimeout
-                | OutageKind::Busy => {}
+                | OutageKind::Busy
+                | OutageKind::LookupsSaturated
+                | OutageKind::LookupTimeout => {}
             }
         }
         all.to_vec()

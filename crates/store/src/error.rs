@@ -88,6 +88,11 @@ pub enum OutageKind {
     StatementTimeout,
     /// SQLite: another writer held the file past the busy timeout.
     Busy,
+    /// This node's budget of concurrent lookups of keys not in memory is
+    /// spent: the database is slow, or someone floods it with misses.
+    LookupsSaturated,
+    /// A lookup did not finish within its deadline.
+    LookupTimeout,
 }
 
 impl OutageKind {
@@ -102,6 +107,10 @@ impl OutageKind {
                 "the database cancelled the statement (timeout or lock conflict)"
             }
             Self::Busy => "the database file is locked by another writer",
+            Self::LookupsSaturated => {
+                "too many lookups of keys not in memory are waiting on the database"
+            }
+            Self::LookupTimeout => "the database did not answer the key lookup in time",
         }
     }
 
@@ -114,7 +123,9 @@ impl OutageKind {
             | Self::ConnectionRefused
             | Self::NotAcceptingConnections
             | Self::StatementTimeout
-            | Self::Busy => true,
+            | Self::Busy
+            | Self::LookupsSaturated
+            | Self::LookupTimeout => true,
             Self::ConnectionLost => false,
         }
     }

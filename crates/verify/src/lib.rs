@@ -29,7 +29,7 @@ use vilvik_keys_domain::{
     AccountId, ApiKey, Clock, KeyFormatError, KeyId, KeyName, KeyPrefix, Scope, ScopeSet,
     SecretHash,
 };
-use vilvik_keys_store::{KeySource, StoreError};
+use vilvik_keys_store::{KeySource, OutageKind, SecretRecord, StoreError};
 
 use crate::cache::{Cached, CachedSecret, KeyCache};
 use crate::feed::Follower;
@@ -87,6 +87,29 @@ struct Miss {
 pub struct VerifierConfig {
     pub cache: CacheConfig,
     pub feed: FeedConfig,
+    pub misses: MissConfig,
+}
+
+/// The bulkhead between misses and hits: store lookups for keys not in
+/// memory have a budget of their own, so that a slow store or a flood of
+/// unknown keys makes misses fail fast instead of holding the listener's
+/// concurrency that hits need.
+#[derive(Debug, Clone, Copy)]
+pub struct MissConfig {
+    /// Store lookups in progress at once; a miss beyond that answers
+    /// UNAVAILABLE at once.
+    pub concurrency: usize,
+    /// How long one lookup may take before it answers UNAVAILABLE.
+    pub timeout: std::time::Duration,
+}
+
+impl Default for MissConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            timeout: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 /// Answers verify requests from memory, the store behind it, and feeds the
@@ -99,6 +122,9 @@ pub struct Verifier {
     cache: Arc<KeyCache>,
     health: Arc<FeedHealth>,
     feed: FeedConfig,
+    misses: MissConfig,
+    /// Permits for store lookups of misses ([`MissConfig::concurrency`]).
+    lookups: Arc<tokio::sync::Semaphore>,
 }
 
 impl Verifier {
@@ -115,6 +141,8 @@ impl Verifier {
             cache: Arc::new(KeyCache::new(config.cache, clock.clone())),
             health,
             feed: config.feed,
+            misses: config.misses,
+            lookups: Arc::new(tokio::sync::Semaphore::new(config.misses.concurrency)),
             clock,
         }
     }
@@ -177,11 +205,30 @@ impl Verifier {
         let prefix = miss.key.prefix();
         let lookup = self
             .cache
-            .load(prefix, miss.cache, || self.store.find_secret(prefix))
+            .load(prefix, miss.cache, || self.bounded_lookup(prefix))
             .await?;
         Ok(lookup.as_ref().map_or(Verdict::NotFound, |entry| {
             judge(entry, &miss.key.hash(), required, now)
         }))
+    }
+
+    /// A store lookup within the misses' budget and deadline: when every
+    /// permit is taken the answer is UNAVAILABLE at once, never a wait.
+    async fn bounded_lookup(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>, StoreError> {
+        let Ok(_permit) = self.lookups.try_acquire() else {
+            return Err(StoreError::unavailable(
+                OutageKind::LookupsSaturated,
+                format!("all {} lookup permits are in use", self.misses.concurrency),
+            ));
+        };
+        tokio::time::timeout(self.misses.timeout, self.store.find_secret(prefix))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::unavailable(
+                    OutageKind::LookupTimeout,
+                    format!("no answer within {:?}", self.misses.timeout),
+                ))
+            })
     }
 
     /// Records a use of a key whose secret matched and is active.

@@ -16,7 +16,8 @@ use vilvik_keys_store::{
 };
 use vilvik_keys_test_db::eventually;
 use vilvik_keys_verify::{
-    CacheConfig, FeedConfig, UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig,
+    CacheConfig, FeedConfig, MissConfig, UsageConfig, UsageRecorder, Verdict, Verifier,
+    VerifierConfig,
 };
 
 /// A real store whose lookups are counted and which the test can take
@@ -93,6 +94,10 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(2);
 const PATIENCE: Duration = Duration::from_secs(5);
 
 async fn node(find_delay: Duration, staleness_bound: Duration) -> Node {
+    node_with(find_delay, staleness_bound, MissConfig::default()).await
+}
+
+async fn node_with(find_delay: Duration, staleness_bound: Duration, misses: MissConfig) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.db");
     let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
@@ -123,6 +128,7 @@ async fn node(find_delay: Duration, staleness_bound: Duration) -> Node {
                 poll_interval: Duration::from_millis(20),
                 retry_interval: Duration::from_millis(20),
             },
+            misses,
         },
     );
     verifier.mark_change_log_position().await.unwrap();
@@ -482,4 +488,76 @@ async fn the_future_of_a_verify_stays_small() {
     let size = std::mem::size_of_val(&verify);
     assert!(size <= 160, "{size} bytes");
     assert!(verify.await.unwrap().is_valid());
+}
+
+fn outage_kind<T: std::fmt::Debug>(outcome: &Result<T>) -> Option<OutageKind> {
+    match outcome {
+        Err(StoreError::Unavailable(outage)) => Some(outage.kind),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_beyond_their_budget_fail_at_once_and_hits_never_wait_for_them() {
+    let slow = Duration::from_secs(2);
+    let misses = MissConfig {
+        concurrency: 2,
+        timeout: Duration::from_secs(10),
+    };
+    let node = Arc::new(node_with(slow, BOUND, misses).await);
+    node.wait_until_following(true).await;
+    let (_, cached) = node.create().await;
+    // Its creation evicts the prefix when the follower applies it: let
+    // that happen first, so the load below stays cached.
+    node.wait_until_caught_up().await;
+    assert!(node.verify(&cached).await.unwrap().is_valid());
+
+    // Ten well-formed keys nobody has, against a store that takes 2 s.
+    let mut unknown = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let node = node.clone();
+        unknown.spawn(async move { node.verify(&GeneratedKey::generate()).await });
+    }
+    // Two take the lookup permits; the other eight are refused at once.
+    let mut refused = 0;
+    for _ in 0..8 {
+        let outcome = unknown.join_next().await.unwrap().unwrap();
+        assert_eq!(
+            outage_kind(&outcome),
+            Some(OutageKind::LookupsSaturated),
+            "{outcome:?}"
+        );
+        refused += 1;
+    }
+    assert_eq!(refused, 8);
+    assert_eq!(node.finds(), 3, "the cached key's load and two lookups");
+    // Meanwhile hits are answered from memory, not queued behind them.
+    for _ in 0..100 {
+        assert!(node.verify(&cached).await.unwrap().is_valid());
+    }
+    assert_eq!(unknown.len(), 2, "the two lookups are still running");
+    while let Some(outcome) = unknown.join_next().await {
+        assert!(matches!(outcome.unwrap(), Ok(Verdict::NotFound)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_past_its_deadline_is_unavailable() {
+    let misses = MissConfig {
+        concurrency: 4,
+        timeout: Duration::from_millis(100),
+    };
+    let node = node_with(Duration::from_secs(3), BOUND, misses).await;
+    let started = tokio::time::Instant::now();
+    let outcome = node.verify(&GeneratedKey::generate()).await;
+    assert_eq!(
+        outage_kind(&outcome),
+        Some(OutageKind::LookupTimeout),
+        "{outcome:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
