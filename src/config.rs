@@ -311,42 +311,19 @@ settings! {
             |c, name, v| { c.negative_cache_ttl = parse_millis(name, &v)?; Ok(()) };
         consistency_check_ms: u64 = "VILVIK_KEYS_CONSISTENCY_CHECK_MS", Value("1000"),
             "how often a node checks it has missed no change",
-            |c, name, v| {
-                let interval = parse_millis(name, &v)?;
-                c.consistency_check_interval =
-                    at_least_a_millisecond("consistency_check_ms", interval)?;
-                Ok(())
-            };
+            |c, name, v| { c.consistency_check_interval = parse_interval(name, "consistency_check_ms", &v)?; Ok(()) };
         change_poll_ms: u64 = "VILVIK_KEYS_CHANGE_POLL_MS", Value("50"),
             "how often SQLite is polled for changes",
-            |c, name, v| {
-                let interval = parse_millis(name, &v)?;
-                c.change_poll_interval = at_least_a_millisecond("change_poll_ms", interval)?;
-                Ok(())
-            };
+            |c, name, v| { c.change_poll_interval = parse_interval(name, "change_poll_ms", &v)?; Ok(()) };
         change_feed_retry_ms: u64 = "VILVIK_KEYS_CHANGE_FEED_RETRY_MS", Value("500"),
             "how long a node waits before following the change feed again after it failed",
-            |c, name, v| {
-                let interval = parse_millis(name, &v)?;
-                c.change_feed_retry_interval =
-                    at_least_a_millisecond("change_feed_retry_ms", interval)?;
-                Ok(())
-            };
+            |c, name, v| { c.change_feed_retry_interval = parse_interval(name, "change_feed_retry_ms", &v)?; Ok(()) };
         listener_heartbeat_ms: u64 = "VILVIK_KEYS_LISTENER_HEARTBEAT_MS", Value("5000"),
             "Postgres: after this long without a message the change listener checks its connection",
-            |c, name, v| {
-                let interval = parse_millis(name, &v)?;
-                c.listener.heartbeat = at_least_a_millisecond("listener_heartbeat_ms", interval)?;
-                Ok(())
-            };
+            |c, name, v| { c.listener.heartbeat = parse_interval(name, "listener_heartbeat_ms", &v)?; Ok(()) };
         listener_heartbeat_timeout_ms: u64 = "VILVIK_KEYS_LISTENER_HEARTBEAT_TIMEOUT_MS", Value("5000"),
             "Postgres: how long that check may take before the listener reconnects",
-            |c, name, v| {
-                let timeout = parse_millis(name, &v)?;
-                c.listener.heartbeat_timeout =
-                    at_least_a_millisecond("listener_heartbeat_timeout_ms", timeout)?;
-                Ok(())
-            };
+            |c, name, v| { c.listener.heartbeat_timeout = parse_interval(name, "listener_heartbeat_timeout_ms", &v)?; Ok(()) };
         preload: bool = "VILVIK_KEYS_PRELOAD", Value("false"),
             "load every key into memory at start (or `serve --preload`)",
             |c, name, v| {
@@ -359,29 +336,13 @@ settings! {
             };
         verify_concurrency_limit: u32 = "VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT", Value("1024"),
             "verifies in progress at once; more get RESOURCE_EXHAUSTED at once",
-            |c, name, v| {
-                c.verify_concurrency_limit = parse_number(name, &v)? as usize;
-                if c.verify_concurrency_limit == 0 {
-                    return Err(invalid(name, "must be at least 1"));
-                }
-                Ok(())
-            };
+            |c, name, v| { c.verify_concurrency_limit = parse_count(name, &v)?; Ok(()) };
         verify_miss_concurrency: u32 = "VILVIK_KEYS_VERIFY_MISS_CONCURRENCY", Value("64"),
             "store lookups for keys not in memory at once; more get UNAVAILABLE at once, and hits never wait for them",
-            |c, name, v| {
-                c.verify_misses.concurrency = parse_number(name, &v)? as usize;
-                if c.verify_misses.concurrency == 0 {
-                    return Err(invalid(name, "must be at least 1"));
-                }
-                Ok(())
-            };
+            |c, name, v| { c.verify_misses.concurrency = parse_count(name, &v)?; Ok(()) };
         verify_miss_timeout_ms: u64 = "VILVIK_KEYS_VERIFY_MISS_TIMEOUT_MS", Value("1000"),
             "how long a store lookup for a key not in memory may take before it answers UNAVAILABLE",
-            |c, name, v| {
-                let timeout = parse_millis(name, &v)?;
-                c.verify_misses.timeout = at_least_a_millisecond("verify_miss_timeout_ms", timeout)?;
-                Ok(())
-            };
+            |c, name, v| { c.verify_misses.timeout = parse_interval(name, "verify_miss_timeout_ms", &v)?; Ok(()) };
         change_log_retention_hours: u32 = "VILVIK_KEYS_CHANGE_LOG_RETENTION_HOURS", Value("168"),
             "admin nodes prune older change-log entries hourly; a verify node cut off for longer clears its cache when it is back",
             |c, name, v| {
@@ -575,11 +536,22 @@ pub fn settings_table() -> String {
     table
 }
 
-fn at_least_a_millisecond(setting: &str, interval: Duration) -> Result<Duration, ConfigError> {
+/// An interval in whole milliseconds, at least one; a zero is reported
+/// under the file key `setting`.
+fn parse_interval(name: &str, setting: &str, value: &str) -> Result<Duration, ConfigError> {
+    let interval = parse_millis(name, value)?;
     if interval.is_zero() {
         return Err(invalid(setting, "must be at least 1 millisecond"));
     }
     Ok(interval)
+}
+
+/// A count of at least one.
+fn parse_count(name: &str, value: &str) -> Result<usize, ConfigError> {
+    match parse_number(name, value)? {
+        0 => Err(invalid(name, "must be at least 1")),
+        n => Ok(n as usize),
+    }
 }
 
 fn parse_addr(name: &str, value: &str) -> Result<SocketAddr, ConfigError> {

@@ -239,7 +239,7 @@ impl Application {
 
         let usage = self.usage.clone();
         let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel::<()>();
-        let usage_task = tokio::spawn(self.usage.clone().run(async move {
+        let usage_task = tokio::spawn(usage.clone().run(async move {
             let _ = flushed_rx.await;
         }));
 
@@ -281,20 +281,19 @@ impl Application {
         usage_task.await.context("usage flusher panicked")?;
         let last_try = tokio::time::Instant::now() + MIN_FINAL_FLUSH;
         abandoned.usage_records = usage.flush_before(deadline.max(last_try)).await;
+        if abandoned.any() {
+            tracing::error!(
+                requests = abandoned.requests,
+                usage_records = abandoned.usage_records,
+                "stopped, abandoning work"
+            );
+        } else {
+            tracing::info!("stopped");
+        }
         match failure {
             Some(Err(e)) => Err(e.context("a listener failed")),
-            _ if abandoned.any() => {
-                tracing::error!(
-                    requests = abandoned.requests,
-                    usage_records = abandoned.usage_records,
-                    "stopped, abandoning work"
-                );
-                Err(abandoned.into())
-            }
-            _ => {
-                tracing::info!("stopped");
-                Ok(())
-            }
+            _ if abandoned.any() => Err(abandoned.into()),
+            _ => Ok(()),
         }
     }
 }
