@@ -9,44 +9,14 @@ use secrecy::ExposeSecret;
 use tonic::Code;
 use vilvik_keys::proto;
 
-use vilvik_keys_test_db::eventually;
+use vilvik_keys_test_db::{allow_connections, eventually};
 
 use crate::helpers::{Backend, TestApp, spawn_app, with_bearer, without_usage};
-
-/// A session on the server's maintenance database (the one the test
-/// databases are created from), from which the test's own is altered.
-async fn maintenance_client() -> tokio_postgres::Client {
-    let url = std::env::var(vilvik_keys_test_db::URL_VAR).unwrap();
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-}
 
 fn database_name(app: &TestApp) -> String {
     let url = app.config.database_url.as_ref().unwrap().expose_secret();
     let config: tokio_postgres::Config = url.parse().unwrap();
     config.get_dbname().unwrap().to_owned()
-}
-
-async fn allow_connections(client: &tokio_postgres::Client, database: &str, allow: bool) {
-    client
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {allow}"
-        ))
-        .await
-        .unwrap();
-    if !allow {
-        client
-            .execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
-                &[&database],
-            )
-            .await
-            .unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,8 +32,7 @@ async fn a_database_that_refuses_connections_is_unavailable_then_recovers() {
     let key_id = key.key.unwrap().key_id;
     let keys_before = without_usage(app.list_keys(true).await);
 
-    let maintenance = maintenance_client().await;
-    allow_connections(&maintenance, &database, false).await;
+    allow_connections(&database, false).await;
 
     // The pool's terminated sessions may fail one call each as broken
     // mid-call; after them every call finds the database refusing.
@@ -111,7 +80,7 @@ async fn a_database_that_refuses_connections_is_unavailable_then_recovers() {
     let status = create.expect_err("no store");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
-    allow_connections(&maintenance, &database, true).await;
+    allow_connections(&database, true).await;
     let mut admin = app.admin.clone();
     let management_key = app.management_key.clone();
     eventually(

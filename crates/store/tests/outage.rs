@@ -53,21 +53,7 @@ async fn a_database_refusing_connections_is_not_accepting_them() {
     };
     let store = PostgresStore::connect(db.url()).await.unwrap();
     store.migrate().await.unwrap();
-    let admin = side_session(&std::env::var(vilvik_keys_test_db::URL_VAR).unwrap()).await;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS false",
-            db.name()
-        ))
-        .await
-        .unwrap();
-    admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-            &[&db.name()],
-        )
-        .await
-        .unwrap();
+    vilvik_keys_test_db::allow_connections(db.name(), false).await;
     // Each pooled session that was terminated fails once as broken; after
     // them, every new connection is refused by the server.
     let acme: AccountId = "ACME".parse().unwrap();
@@ -83,13 +69,7 @@ async fn a_database_refusing_connections_is_not_accepting_them() {
         }
     }
     assert!(refused, "never refused as not accepting connections");
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true",
-            db.name()
-        ))
-        .await
-        .unwrap();
+    vilvik_keys_test_db::allow_connections(db.name(), true).await;
     vilvik_keys_test_db::eventually(Duration::from_secs(10), "the store answers again", || {
         let store = store.clone();
         let acme = acme.clone();

@@ -216,6 +216,14 @@ async fn listener_sessions(client: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
+/// Waits (up to 2 s) until no listener session of this database is left.
+async fn wait_until_no_listener_session(side: &tokio_postgres::Client, what: &str) {
+    eventually(Duration::from_secs(2), what, || async {
+        listener_sessions(side).await == 0
+    })
+    .await;
+}
+
 fn roomy() -> TierLimits {
     TierLimits {
         free: 100,
@@ -357,15 +365,7 @@ async fn a_listener_terminated_between_calls_fails_the_next_call() {
     )
     .await
     .unwrap();
-    eventually(
-        Duration::from_secs(2),
-        "the listener's session is gone",
-        || {
-            let side = &side;
-            async move { listener_sessions(side).await == 0 }
-        },
-    )
-    .await;
+    wait_until_no_listener_session(&side, "the listener's session is gone").await;
     // What arrived before the end may still be handed out; then the error.
     let mut outcome = tokio::time::timeout(Duration::from_secs(2), listener.next())
         .await
@@ -413,15 +413,7 @@ async fn dropping_a_listener_closes_its_connection() {
     let listener = store.listen().await.unwrap().unwrap();
     assert_eq!(listener_sessions(&side).await, 1);
     drop(listener);
-    eventually(
-        Duration::from_secs(2),
-        "the listener's session ends with it",
-        || {
-            let side = &side;
-            async move { listener_sessions(side).await == 0 }
-        },
-    )
-    .await;
+    wait_until_no_listener_session(&side, "the listener's session ends with it").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

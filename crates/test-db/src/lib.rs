@@ -96,6 +96,31 @@ impl TestDatabase {
     }
 }
 
+/// Makes the server refuse new connections to `database` and ends every
+/// session it has (`allow` false), or accept them again (`allow` true):
+/// an outage of that one database, caused for real, through the server
+/// named by [`URL_VAR`].
+pub async fn allow_connections(database: &str, allow: bool) {
+    let url = std::env::var(URL_VAR).unwrap_or_else(|_| panic!("{URL_VAR} is not set"));
+    let client = connect(&url).await;
+    client
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {allow}"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("cannot set ALLOW_CONNECTIONS on {database}: {e}"));
+    if !allow {
+        client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("cannot end the sessions of {database}: {e}"));
+    }
+}
+
 impl fmt::Debug for TestDatabase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The URL may carry a password; the name is enough to find it.
