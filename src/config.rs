@@ -62,6 +62,9 @@ pub struct Config {
     /// How long change-log entries are kept; admin nodes delete older
     /// ones. A verify node cut off for longer clears its cache on return.
     pub change_log_retention: Duration,
+    /// What one client may hold open on either listener: connections,
+    /// streams, and requests whose message does not arrive.
+    pub listener_limits: ListenerLimits,
 }
 
 impl std::fmt::Debug for Config {
@@ -101,6 +104,7 @@ impl std::fmt::Debug for Config {
             .field("verify_concurrency_limit", &self.verify_concurrency_limit)
             .field("verify_misses", &self.verify_misses)
             .field("change_log_retention", &self.change_log_retention)
+            .field("listener_limits", &self.listener_limits)
             .finish()
     }
 }
@@ -132,6 +136,7 @@ impl Default for Config {
             verify_concurrency_limit: 1024,
             verify_misses: vilvik_keys_verify::MissConfig::default(),
             change_log_retention: Duration::from_secs(7 * 24 * 3600),
+            listener_limits: ListenerLimits::default(),
         }
     }
 }
@@ -383,6 +388,38 @@ settings! {
                 };
                 Ok(())
             };
+        // What one client may hold open (issue 8, "Connections"); see
+        // ListenerLimits and docs/ARCHITECTURE.md "Connection limits".
+        max_connections: u32 = "VILVIK_KEYS_MAX_CONNECTIONS", Value("10000"),
+            "open connections per listener; at the cap a new one closes the oldest that has sent no request (else the longest idle), or is refused",
+            |c, name, v| { c.listener_limits.max_connections = parse_count(name, &v)?; Ok(()) };
+        first_request_timeout_ms: u64 = "VILVIK_KEYS_FIRST_REQUEST_TIMEOUT_MS", Value("10000"),
+            "a connection that has sent no request this long after it was accepted is closed",
+            |c, name, v| { c.listener_limits.first_request_timeout = parse_interval(name, "first_request_timeout_ms", &v)?; Ok(()) };
+        idle_timeout_ms: u64 = "VILVIK_KEYS_IDLE_TIMEOUT_MS", Value("300000"),
+            "a connection with no request in progress for this long is closed",
+            |c, name, v| { c.listener_limits.idle_timeout = parse_interval(name, "idle_timeout_ms", &v)?; Ok(()) };
+        request_body_timeout_ms: u64 = "VILVIK_KEYS_REQUEST_BODY_TIMEOUT_MS", Value("2000"),
+            "how long a request's message may take to arrive after its headers; then the call is answered DEADLINE_EXCEEDED and its stream closed",
+            |c, name, v| { c.listener_limits.request_body_timeout = parse_interval(name, "request_body_timeout_ms", &v)?; Ok(()) };
+        http2_max_concurrent_streams: u32 = "VILVIK_KEYS_HTTP2_MAX_CONCURRENT_STREAMS", Value("200"),
+            "requests open at once on one HTTP/2 connection (`SETTINGS_MAX_CONCURRENT_STREAMS`)",
+            |c, name, v| { c.listener_limits.http2_max_concurrent_streams = parse_count(name, &v)? as u32; Ok(()) };
+        http2_keepalive_interval_ms: u64 = "VILVIK_KEYS_HTTP2_KEEPALIVE_INTERVAL_MS", Value("30000"),
+            "after this long without hearing from a client the server sends an HTTP/2 PING",
+            |c, name, v| { c.listener_limits.http2_keepalive_interval = parse_interval(name, "http2_keepalive_interval_ms", &v)?; Ok(()) };
+        http2_keepalive_timeout_ms: u64 = "VILVIK_KEYS_HTTP2_KEEPALIVE_TIMEOUT_MS", Value("10000"),
+            "a connection whose client does not answer that PING within this long is closed",
+            |c, name, v| { c.listener_limits.http2_keepalive_timeout = parse_interval(name, "http2_keepalive_timeout_ms", &v)?; Ok(()) };
+        verify_concurrency_per_connection: u32 = "VILVIK_KEYS_VERIFY_CONCURRENCY_PER_CONNECTION", Value("128"),
+            "verifies in progress at once on one connection, its share of `verify_concurrency_limit`; more get RESOURCE_EXHAUSTED at once",
+            |c, name, v| { c.listener_limits.verify_concurrency_per_connection = parse_count(name, &v)?; Ok(()) };
+        admin_concurrency_limit: u32 = "VILVIK_KEYS_ADMIN_CONCURRENCY_LIMIT", Value("256"),
+            "admin requests in progress at once, over all connections; more get RESOURCE_EXHAUSTED at once",
+            |c, name, v| { c.listener_limits.admin_concurrency_limit = parse_count(name, &v)?; Ok(()) };
+        admin_concurrency_per_connection: u32 = "VILVIK_KEYS_ADMIN_CONCURRENCY_PER_CONNECTION", Value("64"),
+            "admin requests in progress at once on one connection, its share of `admin_concurrency_limit`",
+            |c, name, v| { c.listener_limits.admin_concurrency_per_connection = parse_count(name, &v)?; Ok(()) };
     }
     elsewhere {
         "VILVIK_KEYS_CONFIG", Unset("no file"),
@@ -475,6 +512,9 @@ impl Config {
                 ),
             ));
         }
+        config
+            .listener_limits
+            .check(config.verify_concurrency_limit)?;
         Ok(config)
     }
 
@@ -576,6 +616,71 @@ fn parse_millis(name: &str, value: &str) -> Result<Duration, ConfigError> {
             format!("'{value}' is not a whole number of milliseconds"),
         )
     })
+}
+
+/// What one client may hold open on a listener. Each field is a setting
+/// (`settings!` above); `server::connections` and `startup` apply them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Open connections per listener.
+    pub max_connections: usize,
+    /// A connection that has sent no request for this long is closed.
+    pub first_request_timeout: Duration,
+    /// A connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long a request's message may take to arrive after its headers.
+    pub request_body_timeout: Duration,
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` on every HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
+    /// One connection's share of `verify_concurrency_limit`.
+    pub verify_concurrency_per_connection: usize,
+    pub admin_concurrency_limit: usize,
+    /// One connection's share of `admin_concurrency_limit`.
+    pub admin_concurrency_per_connection: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            request_body_timeout: Duration::from_secs(2),
+            http2_max_concurrent_streams: 200,
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            verify_concurrency_per_connection: 128,
+            admin_concurrency_limit: 256,
+            admin_concurrency_per_connection: 64,
+        }
+    }
+}
+
+impl ListenerLimits {
+    /// A connection's share is at most the listener's whole limit.
+    fn check(&self, verify_concurrency_limit: usize) -> Result<(), ConfigError> {
+        if self.verify_concurrency_per_connection > verify_concurrency_limit {
+            return Err(invalid(
+                "verify_concurrency_per_connection",
+                format!(
+                    "one connection's share ({}) cannot exceed verify_concurrency_limit ({verify_concurrency_limit}); lower it, or raise the limit",
+                    self.verify_concurrency_per_connection
+                ),
+            ));
+        }
+        if self.admin_concurrency_per_connection > self.admin_concurrency_limit {
+            return Err(invalid(
+                "admin_concurrency_per_connection",
+                format!(
+                    "one connection's share ({}) cannot exceed admin_concurrency_limit ({}); lower it, or raise the limit",
+                    self.admin_concurrency_per_connection, self.admin_concurrency_limit
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -793,5 +898,36 @@ mod tests {
             !shown.contains("hunter2") && !shown.contains("op-token"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn a_connections_share_cannot_exceed_its_listeners_limit() {
+        let c = Config::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(c.listener_limits, ListenerLimits::default());
+        let err = Config::from_sources(
+            None,
+            &env(&[
+                ("VILVIK_KEYS_VERIFY_CONCURRENCY_LIMIT", "100"),
+                ("VILVIK_KEYS_VERIFY_CONCURRENCY_PER_CONNECTION", "101"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("verify_concurrency_per_connection"),
+            "{err}"
+        );
+        assert!(err.contains("(101)") && err.contains("(100)"), "{err}");
+        let err = Config::from_sources(
+            None,
+            &env(&[("VILVIK_KEYS_ADMIN_CONCURRENCY_PER_CONNECTION", "257")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("admin_concurrency_per_connection"), "{err}");
+        let err = Config::from_sources(None, &env(&[("VILVIK_KEYS_IDLE_TIMEOUT_MS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "idle_timeout_ms: must be at least 1 millisecond");
     }
 }

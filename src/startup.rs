@@ -21,6 +21,8 @@ use vilvik_keys_verify::{
 use crate::admin_server::key_admin_server::KeyAdminServer;
 use crate::config::Config;
 use crate::proto;
+use crate::server::body_timeout::BodyTimeoutLayer;
+use crate::server::connections::{self, ActivityLayer, ConnectionLimits, Connections};
 use crate::server::in_flight::InFlight;
 use crate::server::{admin::AdminService, auth::Authenticator, verify::VerifyService};
 use crate::verify_server::key_verify_server::KeyVerifyServer;
@@ -30,6 +32,10 @@ const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 /// Largest request message accepted, on both listeners.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Largest header block (metadata) of a request, on both listeners
+/// (`SETTINGS_MAX_HEADER_LIST_SIZE`; hyper's default, stated here).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Which listeners a process serves; verify nodes scale out on their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,6 +53,8 @@ pub struct Application {
     usage: UsageRecorder,
     verifier: Verifier,
     config: Config,
+    /// Each listener's connection cap, fitted to the descriptor limit.
+    max_connections: usize,
 }
 
 impl Application {
@@ -135,12 +143,17 @@ impl Application {
             )),
             Role::Verify => None,
         };
+        let max_connections = fit_connection_cap(
+            config.listener_limits.max_connections,
+            usize::from(admin.is_some()) + usize::from(verify.is_some()),
+        );
         Ok(Self {
             admin,
             verify,
             usage,
             verifier,
             config,
+            max_connections,
         })
     }
 
@@ -181,6 +194,9 @@ impl Application {
         let mut servers = tokio::task::JoinSet::new();
         let mut pruner = None;
         let in_flight = InFlight::default();
+        let limits = self.config.listener_limits;
+        let connection_limits = ConnectionLimits::new(&limits, self.max_connections);
+        let mut listeners = Vec::new();
         if let Some((listener, service)) = self.admin {
             pruner = Some(tokio::spawn(prune_change_log(
                 service.store.clone(),
@@ -194,8 +210,14 @@ impl Application {
             let addr = listener.local_addr()?;
             let (reflection_v1, reflection_v1alpha) =
                 reflection(<KeyAdminServer<AdminService> as NamedService>::NAME)?;
-            let router = Server::builder()
-                .timeout(self.config.request_timeout)
+            let connections = Connections::new("admin", connection_limits);
+            listeners.push(connections.clone());
+            let router = server(&self.config, limits.admin_concurrency_per_connection)
+                .layer(ActivityLayer)
+                .layer(tower::ServiceBuilder::new().load_shed().layer(
+                    tower::limit::GlobalConcurrencyLimitLayer::new(limits.admin_concurrency_limit),
+                ))
+                .layer(BodyTimeoutLayer::new(limits.request_body_timeout))
                 .layer(in_flight.layer())
                 .add_service(health_service.clone())
                 .add_service(reflection_v1)
@@ -204,7 +226,12 @@ impl Application {
                     KeyAdminServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
                 );
             tracing::info!(listener = "admin", %addr, "listening");
-            servers.spawn(router.serve_with_incoming_shutdown(incoming(listener), stopped()));
+            servers.spawn(
+                router.serve_with_incoming_shutdown(
+                    connections.incoming(incoming(listener)),
+                    stopped(),
+                ),
+            );
         }
         if let Some((listener, service)) = self.verify {
             health_reporter
@@ -214,14 +241,16 @@ impl Application {
             let (reflection_v1, reflection_v1alpha) =
                 reflection(<KeyVerifyServer<VerifyService> as NamedService>::NAME)?;
             // Fail fast when saturated instead of queueing without bound.
-            let router = Server::builder()
-                .timeout(self.config.request_timeout)
-                .load_shed(true)
+            let connections = Connections::new("verify", connection_limits);
+            listeners.push(connections.clone());
+            let router = server(&self.config, limits.verify_concurrency_per_connection)
+                .layer(ActivityLayer)
                 .layer(tower::ServiceBuilder::new().load_shed().layer(
                     tower::limit::GlobalConcurrencyLimitLayer::new(
                         self.config.verify_concurrency_limit,
                     ),
                 ))
+                .layer(BodyTimeoutLayer::new(limits.request_body_timeout))
                 .layer(in_flight.layer())
                 .add_service(health_service)
                 .add_service(reflection_v1)
@@ -230,7 +259,12 @@ impl Application {
                     KeyVerifyServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
                 );
             tracing::info!(listener = "verify", %addr, "listening");
-            servers.spawn(router.serve_with_incoming_shutdown(incoming(listener), stopped()));
+            servers.spawn(
+                router.serve_with_incoming_shutdown(
+                    connections.incoming(incoming(listener)),
+                    stopped(),
+                ),
+            );
         }
 
         let verifier = self.verifier.clone();
@@ -255,6 +289,10 @@ impl Application {
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         let _ = stop_tx.send(true);
+        // Connections that never sent a request get no GOAWAY to wait for.
+        for connections in &listeners {
+            connections.close_unused();
+        }
         // The grace period covers draining requests and the final flush.
         let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
         let drained = tokio::time::timeout_at(deadline, async {
@@ -373,6 +411,44 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         tracing::info!(migrations = applied, "applied database migrations");
     }
     Ok(store)
+}
+
+/// A server builder with what both listeners share: the request deadline,
+/// HTTP/2 limits and keepalive pings, and one connection's share of the
+/// listener's concurrency (beyond it, RESOURCE_EXHAUSTED at once). The
+/// listener's own layers come on top, [`ActivityLayer`] first.
+fn server(config: &Config, per_connection: usize) -> Server {
+    let limits = &config.listener_limits;
+    Server::builder()
+        .timeout(config.request_timeout)
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .concurrency_limit_per_connection(per_connection)
+        .load_shed(true)
+}
+
+/// Raises the descriptor limit to the hard limit, logs it, and returns the
+/// per-listener connection cap that fits it.
+fn fit_connection_cap(configured: usize, listeners: usize) -> usize {
+    let descriptors = connections::raise_descriptor_limit();
+    let cap = connections::fitted_cap(configured, listeners, descriptors);
+    tracing::info!(
+        open_files.limit = descriptors,
+        max_connections = cap,
+        "file descriptor limit raised to the hard limit"
+    );
+    if cap < configured {
+        tracing::warn!(
+            open_files.limit = descriptors,
+            max_connections = cap,
+            configured = configured,
+            "the file descriptor limit leaves room for fewer connections per listener than max_connections: \
+             raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower max_connections"
+        );
+    }
+    cap
 }
 
 /// Accepted connections with Nagle's algorithm off: gRPC answers are small

@@ -3,7 +3,9 @@
 
 pub mod admin;
 pub mod auth;
+pub mod body_timeout;
 pub mod codec;
+pub mod connections;
 pub mod convert;
 pub mod error;
 pub mod in_flight;
