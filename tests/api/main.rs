@@ -8,6 +8,7 @@ mod helpers;
 mod auth;
 mod bad_input;
 mod cluster;
+mod connections;
 mod encoding;
 mod lifecycle;
 mod outage;

@@ -1,0 +1,424 @@
+//! Attacks on the listeners' connections (issue 8, "Connections"), over
+//! raw HTTP/2 and TCP on loopback, while a second, well-behaved client
+//! verifies a valid key and checks health:
+//!
+//! - stalled streams: one connection opens request streams that send
+//!   HEADERS and never a message, and keeps opening them;
+//! - an idle-connection flood: many TCP connections that never send a byte.
+//!
+//! Each attack runs for a bounded time with bounded counts. The fast
+//! variants run by default; the `#[ignore]`d slow ones (longer, bigger) are
+//! run by `.ci/run` (`--ignored connections::`).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use vilvik_keys::config::Config;
+use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
+use vilvik_keys::proto::{self, VerifyCode};
+
+use crate::helpers::{Backend, TestApp, spawn_app_with};
+
+/// The share of the well-behaved client's calls that must succeed.
+const REQUIRED: f64 = 0.99;
+
+/// What the well-behaved client saw.
+#[derive(Debug, Default)]
+struct Observed {
+    verifies: u32,
+    valid: u32,
+    health_checks: u32,
+    serving: u32,
+    /// The first few failures, for the assertion message.
+    failures: Vec<String>,
+}
+
+impl Observed {
+    fn failed(&mut self, what: String) {
+        if self.failures.len() < 5 {
+            self.failures.push(what);
+        }
+    }
+
+    fn assert_served(&self) {
+        eprintln!("well-behaved client: {self:?}");
+        assert!(self.verifies >= 50, "too few verifies to judge: {self:?}");
+        let valid = f64::from(self.valid) / f64::from(self.verifies);
+        let serving = f64::from(self.serving) / f64::from(self.health_checks);
+        assert!(
+            valid >= REQUIRED,
+            "{:.1} % of verifies VALID: {self:?}",
+            valid * 100.0
+        );
+        assert!(
+            serving >= REQUIRED,
+            "{:.1} % of health checks SERVING: {self:?}",
+            serving * 100.0
+        );
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+async fn verify(observed: &mut Observed, client: &mut KeyVerifyClient<Channel>, secret: &str) {
+    observed.verifies += 1;
+    let answer = client
+        .verify_key(proto::VerifyKeyRequest {
+            key: secret.to_owned(),
+            ..Default::default()
+        })
+        .await;
+    match answer.map(|a| a.into_inner().code()) {
+        Ok(VerifyCode::Valid) => observed.valid += 1,
+        other => observed.failed(format!("verify: {other:?}")),
+    }
+}
+
+async fn health(observed: &mut Observed, channel: Channel) {
+    observed.health_checks += 1;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    match answer.map(|a| a.into_inner().status()) {
+        Ok(ServingStatus::Serving) => observed.serving += 1,
+        other => observed.failed(format!("health: {other:?}")),
+    }
+}
+
+/// Until `until`: a verify of `secret` every 10 ms on the app's own
+/// connection, a health check on each listener every 50 ms, and, with
+/// `new_connections`, every 100 ms a verify and health check on a new
+/// connection to each listener.
+async fn well_behaved(
+    app: &TestApp,
+    secret: &str,
+    until: Instant,
+    new_connections: bool,
+) -> Observed {
+    let mut observed = Observed::default();
+    let mut verifier = app.verify.clone();
+    let admin_channel = connect(app.admin_addr).await.expect("admin listener");
+    let verify_channel = connect(app.verify_addr).await.expect("verify listener");
+    let mut round = 0u32;
+    while Instant::now() < until {
+        round += 1;
+        verify(&mut observed, &mut verifier, secret).await;
+        if round % 5 == 0 {
+            health(&mut observed, verify_channel.clone()).await;
+            health(&mut observed, admin_channel.clone()).await;
+        }
+        if new_connections && round % 10 == 0 {
+            match connect(app.verify_addr).await {
+                Ok(channel) => {
+                    verify(
+                        &mut observed,
+                        &mut KeyVerifyClient::new(channel.clone()),
+                        secret,
+                    )
+                    .await;
+                    health(&mut observed, channel).await;
+                }
+                Err(e) => {
+                    observed.verifies += 1;
+                    observed.health_checks += 1;
+                    observed.failed(format!("new verify connection: {e:?}"));
+                }
+            }
+            match connect(app.admin_addr).await {
+                Ok(channel) => health(&mut observed, channel).await,
+                Err(e) => {
+                    observed.health_checks += 1;
+                    observed.failed(format!("new admin connection: {e:?}"));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    observed
+}
+
+async fn app_with_a_valid_key(configure: impl FnOnce(&mut Config)) -> (TestApp, String) {
+    let mut app = spawn_app_with(Backend::Sqlite, configure).await.unwrap();
+    let secret = app
+        .create_key("backend", &["datasets:read"])
+        .await
+        .unwrap()
+        .secret;
+    // In memory before the attack starts, as a key in use would be.
+    assert_eq!(app.verify_code(&secret, &[]).await, VerifyCode::Valid);
+    (app, secret)
+}
+
+// ---------------------------------------------------------------------------
+// Stalled streams
+
+/// How the server answered the attacker's streams, by `grpc-status`.
+#[derive(Debug, Default)]
+struct Answers {
+    opened: u32,
+    /// RESOURCE_EXHAUSTED at once: beyond the connection's share.
+    shed: u32,
+    /// DEADLINE_EXCEEDED: the message did not arrive in time.
+    timed_out: u32,
+    other: u32,
+    /// The latest an answer came after its stream was opened.
+    slowest: Duration,
+}
+
+fn stalled_request(addr: SocketAddr) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/vilvik.keys.v1.KeyVerify/VerifyKey"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+async fn note_answer(
+    response: h2::client::ResponseFuture,
+    opened: Instant,
+    answers: Arc<Mutex<Answers>>,
+) {
+    let Ok(response) = response.await else {
+        return;
+    };
+    let status = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|s| s.to_str().ok())
+        .map(str::to_owned);
+    let mut answers = answers.lock().unwrap();
+    answers.slowest = answers.slowest.max(opened.elapsed());
+    match status.as_deref() {
+        Some("8") => answers.shed += 1,
+        Some("4") => answers.timed_out += 1,
+        _ => answers.other += 1,
+    }
+}
+
+/// One HTTP/2 connection to `addr` that, every `refresh`, cancels its
+/// streams and opens up to `streams` new ones (as many as the server's
+/// stream limit lets it within the round), each sending HEADERS only,
+/// until `until`. With `refresh` past `until`, the streams are held.
+async fn stall_streams(
+    addr: SocketAddr,
+    streams: usize,
+    refresh: Duration,
+    until: Instant,
+) -> Answers {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let answers = Arc::new(Mutex::new(Answers::default()));
+    while Instant::now() < until {
+        let round_end = (Instant::now() + refresh).min(until);
+        let mut held = Vec::new();
+        let mut waiting = JoinSet::new();
+        for _ in 0..streams {
+            let Ok(Ok(mut ready)) =
+                tokio::time::timeout_at(round_end, client.clone().ready()).await
+            else {
+                break;
+            };
+            let (response, send) = ready.send_request(stalled_request(addr), false).unwrap();
+            answers.lock().unwrap().opened += 1;
+            held.push(send);
+            waiting.spawn(note_answer(response, Instant::now(), answers.clone()));
+        }
+        tokio::time::sleep_until(round_end).await;
+        // Dropping both halves of a stream resets it (RST_STREAM CANCEL).
+        waiting.abort_all();
+        while waiting.join_next().await.is_some() {}
+        drop(held);
+    }
+    Arc::into_inner(answers).unwrap().into_inner().unwrap()
+}
+
+async fn a_stalled_stream_attack(attack: Duration, streams: usize) {
+    let (app, secret) = app_with_a_valid_key(|c| {
+        c.listener_limits.request_body_timeout = Duration::from_millis(1_000);
+    })
+    .await;
+    let limits = app.config.listener_limits;
+    let until = Instant::now() + attack;
+    let (answers, observed) = tokio::join!(
+        stall_streams(app.verify_addr, streams, Duration::from_millis(500), until),
+        well_behaved(&app, &secret, until, false),
+    );
+    eprintln!("attacker, refreshing every 0.5 s: {answers:?}");
+    observed.assert_served();
+    assert!(
+        answers.opened as usize >= streams,
+        "the attack opened only {} streams: {answers:?}",
+        answers.opened
+    );
+    assert!(
+        answers.shed > 0,
+        "no stream was beyond the connection's share: {answers:?}"
+    );
+
+    // Held without refreshing, every stalled stream is answered: those
+    // within the connection's share at the body deadline, the rest at once.
+    let hold = limits.request_body_timeout + Duration::from_secs(2);
+    let stream_limit = limits.http2_max_concurrent_streams as usize;
+    let answers = stall_streams(app.verify_addr, stream_limit, hold, Instant::now() + hold).await;
+    eprintln!("attacker, holding {stream_limit} streams: {answers:?}");
+    assert_eq!(
+        answers.timed_out as usize, limits.verify_concurrency_per_connection,
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.shed as usize,
+        stream_limit - limits.verify_concurrency_per_connection,
+        "{answers:?}"
+    );
+    assert!(
+        answers.slowest < limits.request_body_timeout + Duration::from_millis(500),
+        "a stalled stream was answered only after {:?}",
+        answers.slowest
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_of_stalled_streams_cannot_take_the_service_down() {
+    a_stalled_stream_attack(Duration::from_secs(3), 300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow (about 25 s): the issue's 1,100 stalled streams for 20 s; run by .ci/run"]
+async fn one_connection_of_1100_stalled_streams_for_20_seconds() {
+    a_stalled_stream_attack(Duration::from_secs(20), 1_100).await;
+}
+
+// ---------------------------------------------------------------------------
+// Idle-connection flood
+
+/// Opens `count` TCP connections spread over `over`, alternately to each
+/// of `addrs`, that never send a byte; returns, for each, how long the
+/// server kept it open (`None`: still open after `give_up`).
+async fn flood(
+    addrs: &[SocketAddr],
+    count: usize,
+    over: Duration,
+    give_up: Duration,
+) -> Vec<Option<Duration>> {
+    const BATCH: usize = 50;
+    let pause = over / (count / BATCH).max(1) as u32;
+    let mut open = JoinSet::new();
+    let mut refused = 0;
+    for batch in 0..count.div_ceil(BATCH) {
+        for i in 0..BATCH.min(count - batch * BATCH) {
+            let addr = addrs[(batch * BATCH + i) % addrs.len()];
+            let Ok(mut tcp) = TcpStream::connect(addr).await else {
+                refused += 1;
+                continue;
+            };
+            open.spawn(async move {
+                let opened = Instant::now();
+                let mut buf = [0; 64];
+                // The server's SETTINGS arrive first; then EOF or a reset
+                // when the server closes it.
+                let closed = async { while let Ok(1..) = tcp.read(&mut buf).await {} };
+                tokio::time::timeout(give_up, closed)
+                    .await
+                    .ok()
+                    .map(|()| opened.elapsed())
+            });
+        }
+        tokio::time::sleep(pause).await;
+    }
+    assert_eq!(refused, 0, "loopback connects failed");
+    open.join_all().await
+}
+
+/// `count` idle connections over `over` against listeners capped at
+/// `max_connections` that close a connection without a request after
+/// `first_request_timeout`; the counts are chosen so that the cap is
+/// reached and must make room.
+async fn an_idle_connection_flood(
+    count: usize,
+    over: Duration,
+    max_connections: usize,
+    first_request_timeout: Duration,
+) {
+    let (app, secret) = app_with_a_valid_key(|c| {
+        c.listener_limits.max_connections = max_connections;
+        c.listener_limits.first_request_timeout = first_request_timeout;
+    })
+    .await;
+    let addrs = [app.verify_addr, app.admin_addr];
+    let give_up = first_request_timeout * 5;
+    let until = Instant::now() + over + first_request_timeout;
+    let (lifetimes, observed) = tokio::join!(
+        flood(&addrs, count, over, give_up),
+        well_behaved(&app, &secret, until, true),
+    );
+    observed.assert_served();
+    let still_open = lifetimes.iter().filter(|l| l.is_none()).count();
+    let lifetimes: Vec<Duration> = lifetimes.into_iter().flatten().collect();
+    let longest = lifetimes.iter().max().copied().unwrap_or_default();
+    let evicted = lifetimes
+        .iter()
+        .filter(|l| **l < first_request_timeout / 2)
+        .count();
+    eprintln!(
+        "attacker: {count} idle connections, {evicted} closed within half the first-request timeout \
+         (evicted at the cap of {max_connections}), longest open {longest:?}, still open {still_open}"
+    );
+    assert_eq!(
+        still_open, 0,
+        "idle connections still open after {give_up:?}"
+    );
+    assert!(
+        longest < first_request_timeout + Duration::from_millis(1_000),
+        "an idle connection lived {longest:?}"
+    );
+    assert!(
+        evicted > 0 && count > 2 * max_connections,
+        "the cap made no room: {evicted} evicted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_flood_is_closed_and_new_clients_still_get_in() {
+    an_idle_connection_flood(
+        1_500,
+        Duration::from_millis(1_500),
+        100,
+        Duration::from_millis(1_000),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow (about 15 s): 8,000 idle connections over 10 s; run by .ci/run"]
+async fn an_idle_connection_flood_of_8000() {
+    an_idle_connection_flood(
+        8_000,
+        Duration::from_secs(10),
+        500,
+        Duration::from_millis(3_000),
+    )
+    .await;
+}
