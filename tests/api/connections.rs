@@ -121,11 +121,11 @@ async fn well_behaved(
     while Instant::now() < until {
         round += 1;
         verify(&mut observed, &mut verifier, secret).await;
-        if round % 5 == 0 {
+        if round.is_multiple_of(5) {
             health(&mut observed, verify_channel.clone()).await;
             health(&mut observed, admin_channel.clone()).await;
         }
-        if new_connections && round % 10 == 0 {
+        if new_connections && round.is_multiple_of(10) {
             match connect(app.verify_addr).await {
                 Ok(channel) => {
                     verify(
