@@ -378,12 +378,14 @@ async fn an_idle_connection_flood(
     let still_open = lifetimes.iter().filter(|l| l.is_none()).count();
     let lifetimes: Vec<Duration> = lifetimes.into_iter().flatten().collect();
     let longest = lifetimes.iter().max().copied().unwrap_or_default();
+    // A connection closed by its timeout lived the whole timeout (less the
+    // moment between the client's connect and the server's accept).
     let evicted = lifetimes
         .iter()
-        .filter(|l| **l < first_request_timeout / 2)
+        .filter(|l| **l < first_request_timeout - Duration::from_millis(100))
         .count();
     eprintln!(
-        "attacker: {count} idle connections, {evicted} closed within half the first-request timeout \
+        "attacker: {count} idle connections, {evicted} closed before the first-request timeout \
          (evicted at the cap of {max_connections}), longest open {longest:?}, still open {still_open}"
     );
     assert_eq!(
@@ -417,7 +419,7 @@ async fn an_idle_connection_flood_of_8000() {
     an_idle_connection_flood(
         8_000,
         Duration::from_secs(10),
-        500,
+        300,
         Duration::from_millis(3_000),
     )
     .await;
