@@ -57,9 +57,10 @@ async fn a_frozen_database_is_trusted_for_the_bound_then_verifies_fail_closed() 
         };
         let last_valid = timeline.last_valid().map_or(Duration::ZERO, |p| p.sent);
         eprintln!(
-            "[freeze] {label}: VALID until {} s after the freeze, first {:?} at {} s",
+            "[freeze] {label}: VALID until {} s after the freeze, first {:?} asked at {} s, answered at {} s",
             secs(last_valid),
             stopped.answer,
+            secs(stopped.sent),
             secs(stopped.received)
         );
         findings.check(last_valid <= ACCEPT_AT_MOST, || {

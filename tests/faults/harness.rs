@@ -27,10 +27,12 @@ pub const STALENESS_BOUND: Duration = Duration::from_secs(3);
 /// How often a node compares its position in the change log with the
 /// store's (`VILVIK_KEYS_CONSISTENCY_CHECK_MS`).
 pub const CONSISTENCY_CHECK: Duration = Duration::from_millis(200);
-/// The deadline of one store call: "one deadline" in the assertions.
-/// Today's `Config` has no such setting, so this is the allowance the
-/// tests give; once `store_timeout` exists the nodes are configured with it.
+/// The deadline of every store call (`VILVIK_KEYS_STORE_TIMEOUT_MS`):
+/// "one deadline" in the assertions.
 pub const STORE_DEADLINE: Duration = Duration::from_secs(2);
+/// How often a node whose listener is down reads the change log through
+/// its pool (`VILVIK_KEYS_CHANGE_FALLBACK_POLL_MS`).
+pub const FALLBACK_POLL: Duration = Duration::from_millis(200);
 /// The longest a cut-off node may go on accepting what it cached, counted
 /// from the moment the fault began: the bound, plus one store call that
 /// started just before the fault and waited out its deadline.
@@ -223,6 +225,8 @@ fn config(url: &str) -> Config {
         operator_token: Some(SecretString::from(OPERATOR_TOKEN)),
         staleness_bound: STALENESS_BOUND,
         consistency_check_interval: CONSISTENCY_CHECK,
+        store_timeout: STORE_DEADLINE,
+        change_fallback_poll: FALLBACK_POLL,
         change_feed_retry_interval: Duration::from_millis(50),
         usage_flush_interval: Duration::from_millis(200),
         ..Config::default()

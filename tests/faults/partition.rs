@@ -118,10 +118,11 @@ async fn partition(mode: ProxyMode, scenario: &str) {
             let last_valid = cut_off.last_valid().map_or(Duration::ZERO, |p| p.sent);
             eprintln!(
                 "[{scenario}] cut-off node: accepted the revoked key until {} s after the cut \
-                 ({} s after the acknowledgement), first {:?} at {} s",
+                 ({} s after the acknowledgement), first {:?} asked at {} s, answered at {} s",
                 secs(last_valid),
                 secs(last_valid.saturating_sub(acked)),
                 stopped.answer,
+                secs(stopped.sent),
                 secs(stopped.received)
             );
             findings.check(last_valid <= ACCEPT_AT_MOST, || {
