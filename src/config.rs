@@ -50,6 +50,12 @@ pub struct Config {
     pub change_poll_interval: Duration,
     /// Wait before reconnecting to the change feed after it failed.
     pub change_feed_retry_interval: Duration,
+    /// Postgres: how often the change log is polled through the pool while
+    /// the listener is down.
+    pub change_fallback_poll: Duration,
+    /// The deadline of every store call: Postgres's statement timeout, and
+    /// the most a change-feed read may take before it counts as failed.
+    pub store_timeout: Duration,
     /// Postgres: how the change listener notices a silent connection.
     pub listener: vilvik_keys_store::ListenerOptions,
     /// Load every key into memory at start.
@@ -99,6 +105,8 @@ impl std::fmt::Debug for Config {
                 "change_feed_retry_interval",
                 &self.change_feed_retry_interval,
             )
+            .field("change_fallback_poll", &self.change_fallback_poll)
+            .field("store_timeout", &self.store_timeout)
             .field("listener", &self.listener)
             .field("preload", &self.preload)
             .field("verify_concurrency_limit", &self.verify_concurrency_limit)
@@ -131,6 +139,8 @@ impl Default for Config {
             consistency_check_interval: Duration::from_secs(1),
             change_poll_interval: Duration::from_millis(50),
             change_feed_retry_interval: Duration::from_millis(500),
+            change_fallback_poll: Duration::from_millis(200),
+            store_timeout: Duration::from_secs(5),
             listener: vilvik_keys_store::ListenerOptions::default(),
             preload: false,
             verify_concurrency_limit: 1024,
@@ -309,7 +319,7 @@ settings! {
             "the longest a request may take",
             |c, name, v| { c.request_timeout = parse_millis(name, &v)?; Ok(()) };
         staleness_bound_ms: u64 = "VILVIK_KEYS_STALENESS_BOUND_MS", Value("30000"),
-            "how long cached keys are trusted while the change feed is down (`0`: never)",
+            "how long cached keys stay trusted after the node's last confirmed read of the change log (`0`: never trust them)",
             |c, name, v| { c.staleness_bound = parse_millis(name, &v)?; Ok(()) };
         negative_cache_ttl_ms: u64 = "VILVIK_KEYS_NEGATIVE_CACHE_TTL_MS", Value("2000"),
             "how long an unknown prefix is remembered",
@@ -323,6 +333,12 @@ settings! {
         change_feed_retry_ms: u64 = "VILVIK_KEYS_CHANGE_FEED_RETRY_MS", Value("500"),
             "how long a node waits before following the change feed again after it failed",
             |c, name, v| { c.change_feed_retry_interval = parse_interval(name, "change_feed_retry_ms", &v)?; Ok(()) };
+        change_fallback_poll_ms: u64 = "VILVIK_KEYS_CHANGE_FALLBACK_POLL_MS", Value("200"),
+            "Postgres: how often the change log is polled through the pool while the change listener is down",
+            |c, name, v| { c.change_fallback_poll = parse_interval(name, "change_fallback_poll_ms", &v)?; Ok(()) };
+        store_timeout_ms: u64 = "VILVIK_KEYS_STORE_TIMEOUT_MS", Value("5000"),
+            "the deadline of a store call: Postgres's statement timeout, and the longest a change-feed read may take",
+            |c, name, v| { c.store_timeout = parse_interval(name, "store_timeout_ms", &v)?; Ok(()) };
         listener_heartbeat_ms: u64 = "VILVIK_KEYS_LISTENER_HEARTBEAT_MS", Value("5000"),
             "Postgres: after this long without a message the change listener checks its connection",
             |c, name, v| { c.listener.heartbeat = parse_interval(name, "listener_heartbeat_ms", &v)?; Ok(()) };

@@ -13,7 +13,7 @@ use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use vilvik_keys_domain::{Clock, SystemClock};
-use vilvik_keys_store::Store;
+use vilvik_keys_store::{PostgresOptions, Store};
 use vilvik_keys_verify::{
     CacheConfig, FeedConfig, UsageConfig, UsageRecorder, Verifier, VerifierConfig,
 };
@@ -91,6 +91,8 @@ impl Application {
                     consistency_check_interval: config.consistency_check_interval,
                     poll_interval: config.change_poll_interval,
                     retry_interval: config.change_feed_retry_interval,
+                    fallback_poll_interval: config.change_fallback_poll,
+                    deadline: config.store_timeout,
                 },
                 misses: config.verify_misses,
             },
@@ -101,13 +103,25 @@ impl Application {
             .mark_change_log_position()
             .await
             .context("cannot read the change log")?;
+        let started = std::time::Instant::now();
         if config.preload && role != Role::Admin {
-            let started = std::time::Instant::now();
             let loaded = verifier.preload().await.context("cannot preload keys")?;
             tracing::info!(
                 keys.loaded = loaded,
                 duration_ms = started.elapsed().as_millis() as u64,
                 "preloaded keys into memory"
+            );
+        } else {
+            // So that a key nobody has costs no store access, on the
+            // verify listener and in admin authentication alike.
+            let known = verifier
+                .load_known_prefixes()
+                .await
+                .context("cannot load the known key prefixes")?;
+            tracing::info!(
+                prefixes = known,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "loaded the known key prefixes"
             );
         }
 
@@ -391,18 +405,19 @@ async fn prune_change_log(
 
 /// Opens the configured store and brings its schema up to date.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let store =
-        vilvik_keys_store::connect(config.database_url(), &config.sqlite_path, config.listener)
-            .await
-            .with_context(|| match config.database_url() {
-                Some(_) => {
-                    "cannot connect to the Postgres database named by DATABASE_URL".to_owned()
-                }
-                None => format!(
-                    "cannot open the SQLite database {}",
-                    config.sqlite_path.display()
-                ),
-            })?;
+    let postgres = PostgresOptions {
+        statement_timeout: config.store_timeout,
+        listener: config.listener,
+    };
+    let store = vilvik_keys_store::connect(config.database_url(), &config.sqlite_path, postgres)
+        .await
+        .with_context(|| match config.database_url() {
+            Some(_) => "cannot connect to the Postgres database named by DATABASE_URL".to_owned(),
+            None => format!(
+                "cannot open the SQLite database {}",
+                config.sqlite_path.display()
+            ),
+        })?;
     let applied = store
         .migrate()
         .await

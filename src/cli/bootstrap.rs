@@ -60,6 +60,11 @@ pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Re
     let store = open_store(config).await?;
     let (record, secret) =
         create_management_key(&store, &account, name, config.tier_limits).await?;
+    // Running nodes learn a new prefix from the change feed, not from this
+    // process; until then they answer NOT_FOUND for it. Printing the secret
+    // only after two polls' time (a millisecond or so suffices on
+    // Postgres) means a script that uses it at once is not refused.
+    tokio::time::sleep(feed_delay(config)).await;
     eprintln!(
         "Created management key {} ({}) for account {account} with scope {ADMIN_SCOPE}.\n\
          This is the only time its secret is shown: store it in your secret manager,\n\
@@ -68,4 +73,13 @@ pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Re
     );
     println!("{}", secret.expose_secret());
     Ok(())
+}
+
+/// How long nodes on this store may take to learn a new prefix: two polls
+/// of SQLite, or a generous allowance for a Postgres notification.
+fn feed_delay(config: &Config) -> std::time::Duration {
+    match config.database_url() {
+        Some(_) => std::time::Duration::from_millis(50),
+        None => 2 * config.change_poll_interval,
+    }
 }

@@ -25,7 +25,7 @@ async fn revocation_reaches_every_verify_node(mut app: TestApp) {
         // Cached everywhere first.
         assert_eq!(app.verify_code(&secret, &[]).await, VerifyCode::Valid);
         for node in &mut nodes {
-            assert_eq!(node.verify_code(&secret).await, VerifyCode::Valid);
+            assert_eq!(node.wait_until_known(&secret).await, VerifyCode::Valid);
         }
         let request = app.authed(proto::RevokeKeyRequest {
             key_id: created.key.unwrap().key_id,
@@ -80,7 +80,10 @@ async fn a_change_missed_while_disconnected_is_caught_up_on_reconnect() {
         .spawn_verify_node(|c| c.consistency_check_interval = Duration::from_secs(3600))
         .await;
     let created = app.create_key("ci-runner", &["a:b"]).await.unwrap();
-    assert_eq!(node.verify_code(&created.secret).await, VerifyCode::Valid);
+    assert_eq!(
+        node.wait_until_known(&created.secret).await,
+        VerifyCode::Valid
+    );
 
     let client = app.postgres_client().await;
     let killed = client
@@ -182,4 +185,69 @@ async fn verifies_cost_about_one_statement_per_flush_interval() {
     );
     let key = app.get_key(&created.key.unwrap().key_id).await;
     assert!(key.last_used_at.is_some());
+}
+
+/// Anyone can make well-formed keys (the checksum is public): one nobody
+/// has is NOT_FOUND from the node's set of known prefixes, on the verify
+/// listener and as an admin bearer token alike, with no database access.
+/// Counted with Postgres's own transaction counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_nobody_has_cost_no_database_access() {
+    let Some(app) = spawn_app_with(Backend::Postgres, |c| {
+        // Nothing else of the node's own may touch the database meanwhile.
+        c.consistency_check_interval = Duration::from_secs(3600);
+        c.usage_flush_interval = Duration::from_secs(3600);
+    })
+    .await
+    else {
+        return;
+    };
+    let client = app.postgres_client().await;
+    let transactions = || async {
+        // Other sessions report their counters at most once a second.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        client
+            .query_one(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    const ATTEMPTS: usize = 500;
+    let before = transactions().await;
+    for _ in 0..ATTEMPTS {
+        let stranger = vilvik_keys_domain::GeneratedKey::generate();
+        let secret = stranger.expose_secret();
+        let answer = app
+            .verify
+            .clone()
+            .verify_key(proto::VerifyKeyRequest {
+                key: secret.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.code(), VerifyCode::NotFound);
+        let refused = app
+            .admin
+            .clone()
+            .list_keys(crate::helpers::with_bearer(
+                proto::ListKeysRequest::default(),
+                secret,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    }
+    // Our own counter query is one transaction; the listener's heartbeat
+    // may add one or two.
+    let spent = transactions().await - before;
+    eprintln!("transactions for {ATTEMPTS} unknown keys on each listener: {spent}");
+    assert!(
+        spent <= 4,
+        "{spent} transactions for {ATTEMPTS} unknown keys"
+    );
 }

@@ -351,6 +351,20 @@ impl VerifyNode {
             .into_inner()
             .code()
     }
+
+    /// Waits until this node knows a key created on another node: it
+    /// learns new prefixes from the change feed (a millisecond or so on
+    /// Postgres, one poll on SQLite) and until then answers NOT_FOUND.
+    pub async fn wait_until_known(&mut self, key: &str) -> VerifyCode {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let code = self.verify_code(key).await;
+            if code != VerifyCode::NotFound || std::time::Instant::now() > deadline {
+                return code;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 impl Drop for VerifyNode {

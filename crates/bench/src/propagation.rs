@@ -7,6 +7,10 @@
 //! from the revoke RPC's return to the first rejecting answer. A VALID
 //! answer to a poll sent after the revoke returned is counted per node; on
 //! the node in the admin's own process (`--same-process`) it must be 0.
+//!
+//! Keys it creates itself (no `--keys`) also give the other window: from
+//! the CreateKey RPC's return until each node first answers VALID (a node
+//! learns a new prefix from the change feed; until then it says NOT_FOUND).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -90,7 +94,7 @@ pub async fn run(args: PropagationArgs) -> anyhow::Result<()> {
             "--same-process {same} is not one of --verify"
         );
     }
-    let targets = targets(&args, &admin, &nodes[0].1).await?;
+    let (targets, created_until_valid) = targets(&args, &admin, &nodes).await?;
     eprintln!("revoking {} keys", targets.len());
 
     let mut results: Vec<NodeResult> = nodes.iter().map(|_| NodeResult::default()).collect();
@@ -169,6 +173,7 @@ pub async fn run(args: PropagationArgs) -> anyhow::Result<()> {
         serde_json::json!({
             "keys": targets.len(),
             "revoke_rpc": Summary::of(revoke_us).json(),
+            "created_until_valid": created_until_valid,
             "nodes": per_node,
             "same_process_valid_after_revoke": same_process_valid,
         })
@@ -177,17 +182,19 @@ pub async fn run(args: PropagationArgs) -> anyhow::Result<()> {
 }
 
 /// The keys to revoke: created through the admin API, or seeded ones whose
-/// id and account VerifyKey tells.
+/// id and account VerifyKey tells. With created keys, also how long after
+/// each CreateKey returned every node first answered VALID (per node, JSON).
 async fn targets(
     args: &PropagationArgs,
     admin: &Channel,
-    verify: &Channel,
-) -> anyhow::Result<Vec<Target>> {
+    nodes: &[(String, Channel)],
+) -> anyhow::Result<(Vec<Target>, serde_json::Value)> {
     let mut out = Vec::with_capacity(args.count);
+    let mut until_valid: Vec<Vec<u64>> = nodes.iter().map(|_| Vec::new()).collect();
     match &args.keys {
         Some(path) => {
             let keys = read_keys(path)?;
-            let mut client = verify_client(verify);
+            let mut client = verify_client(&nodes[0].1);
             for secret in keys.into_iter().skip(args.skip).take(args.count) {
                 let r = client
                     .verify_key(verify_request(&secret, &args.scope))
@@ -229,6 +236,25 @@ async fn targets(
                         )
                     })?
                     .into_inner();
+                let returned = Instant::now();
+                let mut polls = tokio::task::JoinSet::new();
+                for (n, (_, channel)) in nodes.iter().enumerate() {
+                    let (channel, secret) = (channel.clone(), created.secret.clone());
+                    let scope = args.scope.clone();
+                    polls.spawn(async move {
+                        (
+                            n,
+                            poll_until_valid(&channel, &secret, &scope, returned).await,
+                        )
+                    });
+                }
+                while let Some(done) = polls.join_next().await {
+                    let (n, valid_after) = done?;
+                    let valid_after = valid_after.with_context(|| {
+                        format!("created key #{i} never VALID on {}", nodes[n].0)
+                    })?;
+                    until_valid[n].push(valid_after);
+                }
                 let key = created
                     .key
                     .ok_or_else(|| anyhow::anyhow!("CreateKey returned no key"))?;
@@ -241,7 +267,35 @@ async fn targets(
         }
     }
     anyhow::ensure!(!out.is_empty(), "no keys to revoke");
-    Ok(out)
+    let mut created = serde_json::Map::new();
+    if args.keys.is_none() {
+        for ((addr, _), us) in nodes.iter().zip(until_valid) {
+            created.insert(addr.clone(), Summary::of(us).json());
+        }
+    }
+    Ok((out, created.into()))
+}
+
+/// Polls back to back until `secret` is VALID; microseconds since
+/// `returned`.
+async fn poll_until_valid(
+    channel: &Channel,
+    secret: &str,
+    scope: &str,
+    returned: Instant,
+) -> anyhow::Result<u64> {
+    let mut client = verify_client(channel);
+    loop {
+        let r = client.verify_key(verify_request(secret, scope)).await?;
+        if r.get_ref().valid {
+            return Ok(micros(returned.elapsed()));
+        }
+        anyhow::ensure!(
+            returned.elapsed() < Duration::from_secs(5),
+            "last answer {}",
+            code_name(r.get_ref())
+        );
+    }
 }
 
 async fn wait_valid(channel: &Channel, secret: &str, scope: &str) -> anyhow::Result<()> {

@@ -131,7 +131,7 @@ impl SecretHash {
         Self(*hasher.finalize().as_bytes())
     }
 
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
 

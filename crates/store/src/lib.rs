@@ -43,7 +43,7 @@ pub use model::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, NewKeyBuilder, Page,
     Rotation, SecretEntry, SecretRecord, UsageRecord,
 };
-pub use postgres::{CHANGE_CHANNEL, ListenerOptions, PostgresStore};
+pub use postgres::{CHANGE_CHANNEL, ListenerOptions, PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -94,6 +94,16 @@ pub trait KeySource: Send + Sync + std::fmt::Debug {
         &self,
         batch: usize,
         sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+    ) -> Result<usize>;
+
+    /// Every prefix a secret was issued with (current and superseded), as
+    /// [`KeySource::stream_secrets`] streams secrets: one consistent read,
+    /// in batches of at most `batch`. Returns how many. For the set of
+    /// known prefixes each verify node keeps.
+    async fn stream_prefixes(
+        &self,
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<KeyPrefix>) + Send),
     ) -> Result<usize>;
 }
 
@@ -208,19 +218,15 @@ pub trait ChangeListener: Send + std::fmt::Debug {
 }
 
 /// Opens the store a configuration names: Postgres when `database_url` is
-/// set (its change listener set up by `listener`), else the SQLite file at
-/// `sqlite_path` (created when missing).
+/// set (with `postgres` options), else the SQLite file at `sqlite_path`
+/// (created when missing).
 pub async fn connect(
     database_url: Option<&str>,
     sqlite_path: &std::path::Path,
-    listener: ListenerOptions,
+    postgres: PostgresOptions,
 ) -> Result<std::sync::Arc<dyn Store>> {
     Ok(match database_url {
-        Some(url) => std::sync::Arc::new(
-            PostgresStore::connect(url)
-                .await?
-                .with_listener_options(listener),
-        ),
+        Some(url) => std::sync::Arc::new(PostgresStore::connect_with(url, postgres).await?),
         None => std::sync::Arc::new(SqliteStore::open(sqlite_path).await?),
     })
 }

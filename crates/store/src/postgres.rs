@@ -56,6 +56,27 @@ mod listen;
 
 pub use listen::ListenerOptions;
 
+/// How a [`PostgresStore`] bounds its calls and watches its listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// The server cancels any statement running longer (`statement_timeout`
+    /// on every pooled connection), so a lock wait or a runaway query
+    /// fails instead of holding a connection. Streams, migrations, imports
+    /// and pruning, which may rightly run longer, lift it for their own
+    /// transaction.
+    pub statement_timeout: Duration,
+    pub listener: ListenerOptions,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            statement_timeout: Duration::from_secs(5),
+            listener: ListenerOptions::default(),
+        }
+    }
+}
+
 /// Connections per replica.
 const POOL_SIZE: usize = 16;
 /// How long a call waits for a free connection, a new connection or a
@@ -63,6 +84,17 @@ const POOL_SIZE: usize = 16;
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// TCP connect timeout when the URL does not set one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP keepalive on pooled connections (unless the URL sets its own), and
+/// how long sent data may stay unacknowledged before the kernel gives up
+/// on the connection: a peer that vanished, or a partition that drops
+/// packets, ends a pooled connection within about ten seconds instead of
+/// the kernel's default of many minutes.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_RETRIES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lifts the statement timeout for the transaction it runs in.
+const NO_STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = 0";
 
 /// Advisory lock ids (arbitrary constants, unique to this service).
 /// NEVER CHANGE THESE while replicas of an older version may be running.
@@ -171,6 +203,11 @@ impl PostgresStore {
     /// `key=value` connection string) and checks that one connection works,
     /// so a wrong URL or an unreachable server fails at start.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// [`PostgresStore::connect`] with `options` instead of the defaults.
+    pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self> {
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e: tokio_postgres::Error| {
                 StoreError::internal_from("cannot use DATABASE_URL", BadUrl(e.to_string()))
@@ -181,6 +218,27 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("vilvik-keys");
         }
+        // tokio-postgres's default idle time is two hours: as good as none.
+        if config.get_keepalives() && config.get_keepalives_idle() == Duration::from_secs(2 * 3600)
+        {
+            config
+                .keepalives(true)
+                .keepalives_idle(KEEPALIVE_IDLE)
+                .keepalives_interval(KEEPALIVE_INTERVAL)
+                .keepalives_retries(KEEPALIVE_RETRIES);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
+        let timeout = format!(
+            "-c statement_timeout={}",
+            options.statement_timeout.as_millis().max(1)
+        );
+        let server_options = match config.get_options() {
+            Some(theirs) => format!("{theirs} {timeout}"),
+            None => timeout,
+        };
+        config.options(server_options);
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -201,7 +259,7 @@ impl PostgresStore {
         let store = Self {
             pool,
             config: Arc::new(config),
-            listener: ListenerOptions::default(),
+            listener: options.listener,
         };
         // A refused login or a missing database is a configuration mistake,
         // not an outage: say where to look.
@@ -502,6 +560,14 @@ async fn publish_change(
     Ok(())
 }
 
+/// Decodes a row of [`stream::STREAM_PREFIXES`].
+fn prefix_from_row(row: &Row) -> Result<KeyPrefix> {
+    rules::field(
+        "secret prefix",
+        row.try_get::<_, &str>(0).map_err(map_err)?.parse(),
+    )
+}
+
 /// Decodes a row of [`stream::STREAM_SECRETS`], borrowing its text until parsed.
 fn entry_from_row(row: &Row) -> Result<SecretEntry> {
     let scopes: Vec<&str> = row.try_get(8).map_err(map_err)?;
@@ -667,46 +733,71 @@ impl KeySource for PostgresStore {
             .map(Some)
     }
 
-    /// One query on a pooled connection, its rows streamed (never all in
-    /// memory) and decoded by a task of its own that sends batches to the
-    /// caller as it goes. One statement is one snapshot, so the read is
-    /// consistent without a transaction.
     async fn stream_secrets(
         &self,
         batch: usize,
         sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
     ) -> Result<usize> {
+        self.stream_rows(stream::STREAM_SECRETS, batch, entry_from_row, sink)
+            .await
+    }
+
+    async fn stream_prefixes(
+        &self,
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<KeyPrefix>) + Send),
+    ) -> Result<usize> {
+        self.stream_rows(stream::STREAM_PREFIXES, batch, prefix_from_row, sink)
+            .await
+    }
+}
+
+impl PostgresStore {
+    /// One query on a pooled connection, its rows streamed (never all in
+    /// memory) and decoded by a task of its own that sends batches to the
+    /// caller as it goes. One statement is one snapshot, so the read is
+    /// consistent; it runs in a transaction of its own only to lift the
+    /// statement timeout, since streaming a million rows to a slow sink
+    /// rightly takes longer than a request.
+    async fn stream_rows<T: Send + 'static>(
+        &self,
+        query: &'static str,
+        batch: usize,
+        decode: fn(&Row) -> Result<T>,
+        sink: &mut (dyn FnMut(Vec<T>) + Send),
+    ) -> Result<usize> {
         let batch = batch.max(1);
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let (tx, rx) = mpsc::channel(stream::BUFFERED_BATCHES);
         let producer = tokio::spawn(async move {
-            // Prepared (and cached), so rows decode by the statement's
-            // column types without a lookup.
-            let stmt = client
-                .prepare_cached(stream::STREAM_SECRETS)
+            let read = client.transaction().await.map_err(map_err)?;
+            read.batch_execute(NO_STATEMENT_TIMEOUT)
                 .await
                 .map_err(map_err)?;
-            let rows = client
+            // Prepared (and cached), so rows decode by the statement's
+            // column types without a lookup.
+            let stmt = read.prepare_cached(query).await.map_err(map_err)?;
+            let rows = read
                 .query_raw(&stmt, std::iter::empty::<&(dyn ToSql + Sync)>())
                 .await
                 .map_err(map_err)?;
             let mut rows = std::pin::pin!(rows);
-            let mut entries = stream::new_batch(batch);
+            let mut items = stream::new_batch(batch);
             while let Some(row) = rows.try_next().await.map_err(map_err)? {
-                entries.push(entry_from_row(&row)?);
-                if entries.len() == batch {
-                    let full = std::mem::replace(&mut entries, stream::new_batch(batch));
+                items.push(decode(&row)?);
+                if items.len() == batch {
+                    let full = std::mem::replace(&mut items, stream::new_batch(batch));
                     if tx.send(full).await.is_err() {
                         return Ok(()); // the caller gave up
                     }
                 }
             }
-            if !entries.is_empty() {
-                let _ = tx.send(entries).await;
+            if !items.is_empty() {
+                let _ = tx.send(items).await;
             }
-            // `client` goes back to the pool only now, with the query done.
-            drop(client);
-            Ok(())
+            // The connection goes back to the pool only now, with the
+            // query done.
+            read.commit().await.map_err(map_err)
         });
         stream::drain(rx, producer, sink).await
     }
@@ -717,6 +808,9 @@ impl Store for PostgresStore {
     async fn migrate(&self) -> Result<usize> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
+        tx.batch_execute(NO_STATEMENT_TIMEOUT)
+            .await
+            .map_err(map_err)?;
         // Replicas starting together wait here; the second finds nothing to do.
         execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
         let applied = migrate::run(&mut Ledger(&tx), POSTGRES).await?;
@@ -1002,6 +1096,10 @@ impl Store for PostgresStore {
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
+        // A week of changes may take a while to delete.
+        tx.batch_execute(NO_STATEMENT_TIMEOUT)
+            .await
+            .map_err(map_err)?;
         // Publishers append under this lock: none commits a change while the
         // floor moves.
         execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK]).await?;
@@ -1061,6 +1159,10 @@ impl Store for PostgresStore {
 
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
+        // A large import rightly takes longer than one request's statement.
+        tx.batch_execute(NO_STATEMENT_TIMEOUT)
+            .await
+            .map_err(map_err)?;
         execute(&tx, IMPORT_ACCOUNTS, &[&account_ids, &created]).await?;
         execute(
             &tx,

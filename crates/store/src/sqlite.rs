@@ -295,6 +295,15 @@ fn publish_change(tx: &Transaction<'_>, prefix: &KeyPrefix, at: OffsetDateTime) 
     Ok(())
 }
 
+/// Decodes a row of [`stream::STREAM_PREFIXES`].
+fn prefix_from_row(row: &Row<'_>) -> Result<KeyPrefix> {
+    let prefix = row
+        .get_ref(0)
+        .and_then(|v| Ok(v.as_str()?))
+        .map_err(map_err)?;
+    rules::field("secret prefix", prefix.parse())
+}
+
 /// Decodes a row of [`stream::STREAM_SECRETS`], borrowing its text until parsed.
 fn entry_from_row(row: &Row<'_>) -> Result<SecretEntry> {
     let text = |i: usize| -> Result<&str> {
@@ -491,14 +500,36 @@ impl KeySource for SqliteStore {
         Ok(None)
     }
 
-    /// One statement on the reader connection inside a read transaction,
-    /// run on a blocking thread that sends batches to the caller as it
-    /// goes. Other reads of this store wait until the stream ends (the
-    /// reader connection is busy); writes do not (WAL).
     async fn stream_secrets(
         &self,
         batch: usize,
         sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+    ) -> Result<usize> {
+        self.stream_rows(stream::STREAM_SECRETS, batch, entry_from_row, sink)
+            .await
+    }
+
+    async fn stream_prefixes(
+        &self,
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<KeyPrefix>) + Send),
+    ) -> Result<usize> {
+        self.stream_rows(stream::STREAM_PREFIXES, batch, prefix_from_row, sink)
+            .await
+    }
+}
+
+impl SqliteStore {
+    /// One statement on the reader connection inside a read transaction,
+    /// run on a blocking thread that sends batches to the caller as it
+    /// goes. Other reads of this store wait until the stream ends (the
+    /// reader connection is busy); writes do not (WAL).
+    async fn stream_rows<T: Send + 'static>(
+        &self,
+        query: &'static str,
+        batch: usize,
+        decode: fn(&Row<'_>) -> Result<T>,
+        sink: &mut (dyn FnMut(Vec<T>) + Send),
     ) -> Result<usize> {
         let batch = batch.max(1);
         let (tx, rx) = mpsc::channel(stream::BUFFERED_BATCHES);
@@ -510,21 +541,19 @@ impl KeySource for SqliteStore {
                 .transaction_with_behavior(TransactionBehavior::Deferred)
                 .map_err(map_err)?;
             {
-                let mut stmt = read
-                    .prepare_cached(stream::STREAM_SECRETS)
-                    .map_err(map_err)?;
+                let mut stmt = read.prepare_cached(query).map_err(map_err)?;
                 let mut rows = stmt.query([]).map_err(map_err)?;
-                let mut entries = stream::new_batch(batch);
+                let mut items = stream::new_batch(batch);
                 while let Some(row) = rows.next().map_err(map_err)? {
-                    entries.push(entry_from_row(row)?);
-                    if entries.len() == batch {
-                        let full = std::mem::replace(&mut entries, stream::new_batch(batch));
+                    items.push(decode(row)?);
+                    if items.len() == batch {
+                        let full = std::mem::replace(&mut items, stream::new_batch(batch));
                         if tx.blocking_send(full).is_err() {
                             return Ok(()); // the caller gave up
                         }
                     }
                 }
-                if !entries.is_empty() && tx.blocking_send(entries).is_err() {
+                if !items.is_empty() && tx.blocking_send(items).is_err() {
                     return Ok(());
                 }
             }

@@ -1,4 +1,5 @@
-//! What both backends share for [`crate::KeySource::stream_secrets`]: a
+//! What both backends share for [`crate::KeySource::stream_secrets`] and
+//! [`crate::KeySource::stream_prefixes`]: a
 //! producer (a blocking thread for SQLite, a task for Postgres) reads and
 //! decodes rows into batches and sends them over a bounded channel; the
 //! caller's task hands each batch to its sink. Reading and decoding thus
@@ -20,6 +21,9 @@ use crate::{Result, SecretEntry, StoreError};
 pub(crate) const STREAM_SECRETS: &str = "SELECT s.prefix, s.hash, s.superseded_at IS NOT NULL, \
      k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes \
      FROM key_secrets s JOIN keys k ON k.key_id = s.key_id";
+
+/// Every prefix a secret (current or superseded) was issued with.
+pub(crate) const STREAM_PREFIXES: &str = "SELECT prefix FROM key_secrets";
 
 /// Batches decoded ahead of the sink.
 pub(crate) const BUFFERED_BATCHES: usize = 4;
@@ -59,16 +63,16 @@ impl<S: AsRef<str>> RawEntry<'_, S> {
 }
 
 /// An empty batch with room for `batch` entries (up to a limit).
-pub(crate) fn new_batch(batch: usize) -> Vec<SecretEntry> {
+pub(crate) fn new_batch<T>(batch: usize) -> Vec<T> {
     Vec::with_capacity(batch.min(MAX_PREALLOCATED))
 }
 
 /// The caller's side: hands every batch the producer sends to `sink`, then
 /// returns how many entries there were, or the producer's error.
-pub(crate) async fn drain(
-    mut batches: mpsc::Receiver<Vec<SecretEntry>>,
+pub(crate) async fn drain<T>(
+    mut batches: mpsc::Receiver<Vec<T>>,
     producer: JoinHandle<Result<()>>,
-    sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
+    sink: &mut (dyn FnMut(Vec<T>) + Send),
 ) -> Result<usize> {
     let mut count = 0;
     while let Some(entries) = batches.recv().await {
@@ -77,6 +81,6 @@ pub(crate) async fn drain(
     }
     producer
         .await
-        .map_err(|e| StoreError::internal_from("the secret stream's reader failed", e))??;
+        .map_err(|e| StoreError::internal_from("the stream's reader failed", e))??;
     Ok(count)
 }

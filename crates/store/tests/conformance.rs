@@ -1209,11 +1209,16 @@ async fn stream_all(store: &dyn Store, batch: usize) -> Vec<SecretEntry> {
     all
 }
 
-async fn stream_secrets_yields_every_secret_once(store: Arc<dyn Store>) {
+async fn streams_yield_every_secret_and_prefix_once(store: Arc<dyn Store>) {
     let (acme, globex) = (account("ACME"), account("globex"));
     let t0 = now();
     let mut calls = 0;
     let count = store.stream_secrets(10, &mut |_| calls += 1).await.unwrap();
+    assert_eq!((count, calls), (0, 0));
+    let count = store
+        .stream_prefixes(10, &mut |_| calls += 1)
+        .await
+        .unwrap();
     assert_eq!((count, calls), (0, 0));
 
     // Current secrets of two accounts, superseded ones, a revoked key,
@@ -1305,6 +1310,29 @@ async fn stream_secrets_yields_every_secret_once(store: Arc<dyn Store>) {
             );
         }
         assert_eq!(got, expected, "batch {batch}");
+    }
+
+    // The prefixes alone: the same set, each once, in batches as asked.
+    for batch in [1, 3, 1000, 0] {
+        let mut batches: Vec<Vec<KeyPrefix>> = Vec::new();
+        let count = store
+            .stream_prefixes(batch, &mut |prefixes| batches.push(prefixes))
+            .await
+            .unwrap();
+        assert!(
+            batches
+                .iter()
+                .all(|b| !b.is_empty() && b.len() <= batch.max(1))
+        );
+        let prefixes: Vec<KeyPrefix> = batches.into_iter().flatten().collect();
+        assert_eq!(count, prefixes.len(), "batch {batch}");
+        let unique: std::collections::BTreeSet<KeyPrefix> = prefixes.iter().cloned().collect();
+        assert_eq!(
+            unique.len(),
+            prefixes.len(),
+            "batch {batch}: a prefix twice"
+        );
+        assert!(unique.iter().eq(expected.keys()), "batch {batch}");
     }
 
     // Each entry says what find_secret says of its prefix.
@@ -1688,7 +1716,7 @@ conformance!(
     the_change_feed_carries_every_changed_prefix,
     no_audit_event_holds_a_secret,
     a_taken_identifier_is_a_conflict_and_changes_nothing,
-    stream_secrets_yields_every_secret_once,
+    streams_yield_every_secret_and_prefix_once,
     import_keys_writes_keys_events_and_changes_ignoring_the_cap,
     import_keys_is_all_or_nothing,
     pruning_drops_old_changes_and_followers_behind_it_are_told,

@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use vilvik_keys_domain::{AccountId, ScopeSet, TierLimits};
-use vilvik_keys_store::{Actor, NewKey, OutageKind, PostgresStore, SqliteStore, Store, StoreError};
+use vilvik_keys_store::{
+    Actor, KeySource, NewKey, OutageKind, PostgresOptions, PostgresStore, SqliteStore, Store,
+    StoreError,
+};
 use vilvik_keys_test_db::TestDatabase;
 
 fn actor() -> Actor {
@@ -117,6 +120,70 @@ async fn a_lock_held_past_the_lock_timeout_is_a_cancelled_statement() {
         .await
         .unwrap();
     assert_eq!(page.items.len(), 1);
+}
+
+#[tokio::test]
+async fn a_statement_past_the_store_timeout_is_cancelled_and_streams_are_exempt() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let options = PostgresOptions {
+        statement_timeout: Duration::from_millis(200),
+        ..PostgresOptions::default()
+    };
+    let store = PostgresStore::connect_with(db.url(), options)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    store
+        .create_key(new_key(), &actor(), TierLimits::default())
+        .await
+        .unwrap();
+    // Another session holds every key row's lock, with no lock timeout
+    // of its own: only the store's statement timeout ends the wait.
+    let holder = side_session(db.url()).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let outcome = store
+        .create_key(new_key(), &actor(), TierLimits::default())
+        .await;
+    assert_outage(outcome, OutageKind::StatementTimeout);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    // A stream may take longer than one statement's timeout: 0.5 s here.
+    holder
+        .batch_execute("BEGIN; LOCK TABLE keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        holder.batch_execute("ROLLBACK").await.unwrap();
+    });
+    let streamed = store.stream_prefixes(10, &mut |_| {}).await.unwrap();
+    assert_eq!(streamed, 1);
+    release.await.unwrap();
+    // The lifted timeout stayed in its transaction: the next statement on
+    // the pooled connections is bounded again.
+    let holder = side_session(db.url()).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        let acme: AccountId = "ACME".parse().unwrap();
+        assert_outage(
+            store.list_keys(&acme, true, None, 10).await,
+            OutageKind::StatementTimeout,
+        );
+    }
+    holder.batch_execute("ROLLBACK").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,11 @@
 //! `VILVIK_KEYS_REQUIRE_POSTGRES=1` so that a missing variable fails instead
 //! of silently skipping.
 //!
+//! Tests that freeze, stop or cut off Postgres never do it to that shared
+//! server: they start a [`PrivateCluster`] of their own (`initdb` and
+//! `pg_ctl` on a free port in a temp dir, stopped when dropped) and put a
+//! [`FaultProxy`] between it and a node to cut that node off.
+//!
 //! ```no_run
 //! # async fn example() {
 //! let Some(db) = vilvik_keys_test_db::TestDatabase::create().await else {
@@ -25,11 +30,15 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod eventually;
+mod proxy;
 
 use std::fmt;
 
+pub use cluster::PrivateCluster;
 pub use eventually::{POLL_EVERY, block_on, eventually};
+pub use proxy::{FaultProxy, ProxyMode};
 
 use tokio_postgres::NoTls;
 

@@ -7,10 +7,12 @@
 //! rotation, revocation, expiry and scopes, in that order. A hit touches no
 //! database. A miss loads the prefix from the store once, however many
 //! requests ask for it at the same time, and caches the answer (unknown
-//! prefixes briefly). [`Verifier::follow_changes`] keeps the index honest:
-//! every change in the store's change log evicts its prefix, and while the
-//! log cannot be followed, cached entries are trusted only for the
-//! staleness bound (see `feed.rs`). Uses are coalesced in memory by
+//! prefixes briefly). A prefix no secret was ever issued with is NOT_FOUND
+//! without a lookup: every node holds the set of known prefixes
+//! (`known.rs`). [`Verifier::follow_changes`] keeps the index honest:
+//! every change in the store's change log evicts its prefix, and cached
+//! entries are trusted only while the node's last confirmed read of the
+//! log is younger than the staleness bound (see `feed.rs`). Uses are coalesced in memory by
 //! [`UsageRecorder`] and written in batches, never one write per verify.
 //!
 //! This crate knows nothing of gRPC: the server maps [`Verdict`] to the
@@ -20,6 +22,7 @@
 
 mod cache;
 mod feed;
+mod known;
 mod usage;
 
 use std::sync::Arc;
@@ -33,6 +36,7 @@ use vilvik_keys_store::{KeySource, OutageKind, SecretRecord, StoreError};
 
 use crate::cache::{Cached, CachedSecret, KeyCache};
 use crate::feed::Follower;
+use crate::known::KnownPrefixes;
 
 pub use cache::CacheConfig;
 pub use feed::{FeedConfig, FeedHealth};
@@ -40,6 +44,11 @@ pub use usage::{UsageConfig, UsageRecorder};
 
 /// Secrets handed to the cache at a time when warming it.
 const PRELOAD_BATCH: usize = 10_000;
+
+/// What a presented secret is compared against when its prefix is unknown,
+/// so that an unknown prefix costs the same hash and comparison as a known
+/// one with a wrong secret: timing tells no prefix apart.
+const DUMMY_HASH: SecretHash = SecretHash::from_bytes([0x5a; 32]);
 
 /// What is known about a key whose secret matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +129,7 @@ pub struct Verifier {
     clock: Arc<dyn Clock>,
     usage: UsageRecorder,
     cache: Arc<KeyCache>,
+    known: Arc<KnownPrefixes>,
     health: Arc<FeedHealth>,
     feed: FeedConfig,
     misses: MissConfig,
@@ -134,11 +144,12 @@ impl Verifier {
         usage: UsageRecorder,
         config: VerifierConfig,
     ) -> Self {
-        let health = Arc::new(FeedHealth::new(config.feed.staleness_bound, clock.now()));
+        let health = Arc::new(FeedHealth::new(config.feed.staleness_bound));
         Self {
             store,
             usage,
             cache: Arc::new(KeyCache::new(config.cache, clock.clone())),
+            known: Arc::default(),
             health,
             feed: config.feed,
             misses: config.misses,
@@ -186,11 +197,14 @@ impl Verifier {
         let judge = |entry: &CachedSecret| judge(entry, &key.hash(), required, now);
         match self.cache.with(key.prefix(), judge) {
             Cached::Found(verdict) => Ok(verdict),
-            Cached::Absent => Ok(Verdict::NotFound),
-            Cached::Unknown => Err(Miss {
-                cache: self.health.following(),
-                key,
-            }),
+            Cached::Absent => Ok(unknown_prefix(&key)),
+            Cached::Unknown => match self.known.contains(key.prefix()) {
+                Some(false) => Ok(unknown_prefix(&key)),
+                Some(true) | None => Err(Miss {
+                    cache: self.health.following(),
+                    key,
+                }),
+            },
         }
     }
 
@@ -244,22 +258,45 @@ impl Verifier {
         verdict
     }
 
-    /// Forgets a prefix at once; the admin API calls it after each change it
-    /// commits, so the node that served a revocation never accepts the key
-    /// again, whatever the change feed's delay.
+    /// Forgets a prefix's cached answer at once, and notes that the prefix
+    /// exists; the admin API calls it after each change it commits, so the
+    /// node that served a revocation never accepts the key again, and the
+    /// one that served a create knows the key, whatever the change feed's
+    /// delay.
     pub fn invalidate(&self, prefix: &KeyPrefix) {
         self.cache.invalidate(prefix);
+        self.known.insert(prefix);
     }
 
-    /// Warms the cache with every secret in the store, streaming. Returns
-    /// how many were loaded. Call before [`Verifier::follow_changes`]
-    /// starts; changes made meanwhile are caught up by it.
+    /// Warms the cache with every secret in the store, streaming, and
+    /// learns every prefix from them. Returns how many were loaded. Call
+    /// before [`Verifier::follow_changes`] starts; changes made meanwhile
+    /// are caught up by it.
     pub async fn preload(&self) -> Result<usize, StoreError> {
-        self.store
+        self.known.reset();
+        let loaded = self
+            .store
             .stream_secrets(PRELOAD_BATCH, &mut |entries| {
+                self.known.extend(entries.iter().map(|e| e.prefix.packed()));
                 self.cache.insert_entries(entries)
             })
-            .await
+            .await?;
+        self.known.finish();
+        Ok(loaded)
+    }
+
+    /// Loads the set of every known prefix (not needed after
+    /// [`Verifier::preload`], which learns them too). Returns how many.
+    /// Call at start, after [`Verifier::mark_change_log_position`]; until
+    /// it completes, an unknown prefix is looked up in the store.
+    pub async fn load_known_prefixes(&self) -> Result<usize, StoreError> {
+        self.known.load(self.store.as_ref()).await
+    }
+
+    /// Number of prefixes in the set of known prefixes, and whether it is
+    /// complete (loaded).
+    pub fn known_prefixes(&self) -> (usize, bool) {
+        (self.known.len(), self.known.complete())
     }
 
     /// Notes where the change log stands, so that [`Verifier::follow_changes`]
@@ -278,6 +315,7 @@ impl Verifier {
         Follower {
             store: self.store.clone(),
             cache: self.cache.clone(),
+            known: self.known.clone(),
             health: self.health.clone(),
             clock: self.clock.clone(),
             config: self.feed,
@@ -292,6 +330,13 @@ impl Verifier {
     pub fn cached_secrets(&self) -> usize {
         self.cache.len()
     }
+}
+
+/// The verdict for a key whose prefix no secret has: the same hash and
+/// comparison as a wrong secret for a known prefix, then NOT_FOUND.
+fn unknown_prefix(key: &ApiKey) -> Verdict {
+    std::hint::black_box(DUMMY_HASH.matches(&key.hash()));
+    Verdict::NotFound
 }
 
 /// The verdict for one presented key against its cached record.

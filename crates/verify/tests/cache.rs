@@ -21,7 +21,10 @@ use vilvik_keys_verify::{
 };
 
 /// A real store whose lookups are counted and which the test can take
-/// down: the change feed alone (`feed_down`) or every read (`store_down`).
+/// down: the change feed alone (`feed_down`), or every read
+/// (`store_down`); hang the change feed (`feed_hung`: its reads never
+/// answer, as with a frozen database); or refuse to stream the known
+/// prefixes (`prefixes_down`).
 /// The verify engine sees only its [`KeySource`] side; the tests make
 /// their changes through `inner`.
 #[derive(Debug)]
@@ -30,7 +33,22 @@ struct Instrumented {
     finds: AtomicUsize,
     find_delay: Duration,
     feed_down: AtomicBool,
+    feed_hung: AtomicBool,
     store_down: AtomicBool,
+    prefixes_down: AtomicBool,
+}
+
+impl Instrumented {
+    /// Fails or never answers, as the test set the feed.
+    async fn feed(&self) -> Result<()> {
+        if self.feed_hung.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if self.feed_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        Ok(())
+    }
 }
 
 fn down() -> StoreError {
@@ -51,22 +69,26 @@ impl KeySource for Instrumented {
         self.inner.record_usage(usage).await
     }
     async fn change_sequence(&self) -> Result<i64> {
-        if self.feed_down.load(Ordering::SeqCst) {
-            return Err(down());
-        }
+        self.feed().await?;
         self.inner.change_sequence().await
     }
     async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>> {
-        if self.feed_down.load(Ordering::SeqCst) {
-            return Err(down());
-        }
+        self.feed().await?;
         self.inner.changes_since(seq, limit).await
     }
     async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
-        if self.feed_down.load(Ordering::SeqCst) {
+        self.feed().await?;
+        self.inner.listen().await
+    }
+    async fn stream_prefixes(
+        &self,
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<KeyPrefix>) + Send),
+    ) -> Result<usize> {
+        if self.prefixes_down.load(Ordering::SeqCst) {
             return Err(down());
         }
-        self.inner.listen().await
+        self.inner.stream_prefixes(batch, sink).await
     }
     async fn stream_secrets(
         &self,
@@ -93,11 +115,21 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(2);
 /// A bound for waits on the follower; reached only when something is broken.
 const PATIENCE: Duration = Duration::from_secs(5);
 
+/// How long a change-feed read may take in these tests.
+const FEED_DEADLINE: Duration = Duration::from_millis(200);
+
 async fn node(find_delay: Duration, staleness_bound: Duration) -> Node {
-    node_with(find_delay, staleness_bound, MissConfig::default()).await
+    node_with(find_delay, staleness_bound, MissConfig::default(), true).await
 }
 
-async fn node_with(find_delay: Duration, staleness_bound: Duration, misses: MissConfig) -> Node {
+/// A node; without `prefix_set` it never learns the set of known prefixes
+/// (their stream fails), so unknown prefixes are looked up in the store.
+async fn node_with(
+    find_delay: Duration,
+    staleness_bound: Duration,
+    misses: MissConfig,
+    prefix_set: bool,
+) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.db");
     let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
@@ -107,7 +139,9 @@ async fn node_with(find_delay: Duration, staleness_bound: Duration, misses: Miss
         finds: AtomicUsize::new(0),
         find_delay,
         feed_down: AtomicBool::new(false),
+        feed_hung: AtomicBool::new(false),
         store_down: AtomicBool::new(false),
+        prefixes_down: AtomicBool::new(!prefix_set),
     });
     let clock = Arc::new(ManualClock::new(
         OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
@@ -127,6 +161,8 @@ async fn node_with(find_delay: Duration, staleness_bound: Duration, misses: Miss
                 consistency_check_interval: Duration::from_millis(100),
                 poll_interval: Duration::from_millis(20),
                 retry_interval: Duration::from_millis(20),
+                fallback_poll_interval: Duration::from_millis(20),
+                deadline: FEED_DEADLINE,
             },
             misses,
         },
@@ -150,6 +186,7 @@ async fn node_with(find_delay: Duration, staleness_bound: Duration, misses: Miss
         _dir: dir,
     };
     node.wait_until_following(true).await;
+    assert_eq!(node.verifier.known_prefixes().1, prefix_set);
     node
 }
 
@@ -173,6 +210,7 @@ fn account() -> AccountId {
 }
 
 impl Node {
+    /// Creates a key as this node's admin API would.
     async fn create(&self) -> (KeyId, GeneratedKey) {
         let secret = GeneratedKey::generate();
         (self.create_with(&secret).await, secret)
@@ -188,12 +226,17 @@ impl Node {
             free: 1000,
             premium: 1000,
         };
-        self.store
+        let key_id = self
+            .store
             .inner
             .create_key(new, &actor(), limits)
             .await
             .unwrap()
-            .key_id
+            .key_id;
+        // As the admin API does after each change: this node knows the key
+        // at once, whatever the feed's delay.
+        self.verifier.invalidate(secret.prefix());
+        key_id
     }
 
     async fn verify(&self, key: &GeneratedKey) -> Result<Verdict> {
@@ -266,8 +309,8 @@ async fn concurrent_misses_for_one_prefix_share_one_load() {
 }
 
 #[tokio::test]
-async fn unknown_prefixes_are_remembered_briefly() {
-    let node = node(Duration::ZERO, BOUND).await;
+async fn without_the_prefix_set_unknown_prefixes_are_remembered_briefly() {
+    let node = node_with(Duration::ZERO, BOUND, MissConfig::default(), false).await;
     let stranger = GeneratedKey::generate();
     for _ in 0..20 {
         assert_eq!(node.verify(&stranger).await.unwrap(), Verdict::NotFound);
@@ -290,7 +333,7 @@ async fn unknown_prefixes_are_remembered_briefly() {
 async fn a_key_created_after_its_prefix_was_cached_as_unknown_is_found() {
     // The node's clock stands still, so the negative entry never expires:
     // only the creation's change-log entry can evict it.
-    let node = node(Duration::ZERO, BOUND).await;
+    let node = node_with(Duration::ZERO, BOUND, MissConfig::default(), false).await;
     let key = GeneratedKey::generate();
     assert_eq!(node.verify(&key).await.unwrap(), Verdict::NotFound);
     assert_eq!(node.verify(&key).await.unwrap(), Verdict::NotFound);
@@ -366,6 +409,7 @@ async fn changes_missed_and_pruned_from_the_log_clear_the_whole_cache() {
         )
         .await
         .unwrap();
+    let (_, created_while_cut_off) = node.create().await;
     node.create().await; // the newest entry, which pruning keeps
     let pruned = node
         .store
@@ -373,7 +417,7 @@ async fn changes_missed_and_pruned_from_the_log_clear_the_whole_cache() {
         .prune_changes(node.clock.now() + Duration::from_secs(86_400))
         .await
         .unwrap();
-    assert!(pruned >= 3, "{pruned}");
+    assert!(pruned >= 4, "{pruned}");
     node.store.feed_down.store(false, Ordering::SeqCst);
     node.wait_until_following(true).await;
     assert!(matches!(
@@ -383,6 +427,103 @@ async fn changes_missed_and_pruned_from_the_log_clear_the_whole_cache() {
     // Nothing cached survived: the unchanged key is read again.
     assert!(node.verify(&untouched).await.unwrap().is_valid());
     assert_eq!(node.finds(), finds + 2);
+    // The set of known prefixes was reloaded: a key whose creation was
+    // pruned from the log is known.
+    assert_eq!(node.verifier.known_prefixes(), (4, true));
+    assert!(
+        node.verify(&created_while_cut_off)
+            .await
+            .unwrap()
+            .is_valid()
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_prefix_is_not_found_without_a_store_access() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let (_, known) = node.create().await;
+    node.wait_until_caught_up().await;
+    node.store.store_down.store(true, Ordering::SeqCst);
+    for _ in 0..100 {
+        let stranger = GeneratedKey::generate();
+        assert_eq!(node.verify(&stranger).await.unwrap(), Verdict::NotFound);
+    }
+    assert_eq!(node.finds(), 0, "no lookup for a prefix nobody has");
+    // A known prefix not in memory still needs the store.
+    assert!(node.verify(&known).await.is_err());
+    assert_eq!(node.finds(), 1);
+}
+
+#[tokio::test]
+async fn a_key_created_by_another_writer_becomes_known_through_the_feed() {
+    let node = node(Duration::ZERO, BOUND).await;
+    // Created behind the verifier's back (no `invalidate`): only the change
+    // feed can tell it.
+    let other = SqliteStore::open(&node.path).await.unwrap();
+    let key = GeneratedKey::generate();
+    let new = NewKey::builder(account())
+        .name("ci-runner".parse().unwrap())
+        .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+        .created_at(node.clock.now())
+        .build_for(&key);
+    other
+        .create_key(new, &actor(), TierLimits::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(1),
+        "the follower learns the new prefix",
+        || async { node.verify(&key).await.unwrap().is_valid() },
+    )
+    .await;
+    assert_eq!(node.finds(), 1, "one lookup, once the prefix was known");
+}
+
+#[tokio::test]
+async fn polls_renew_the_lease() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let (_, key) = node.create().await;
+    node.wait_until_caught_up().await;
+    assert!(node.verify(&key).await.unwrap().is_valid());
+    let finds = node.finds();
+    node.clock.advance(time::Duration::seconds(31));
+    eventually(PATIENCE, "a poll renews the lease", || async {
+        node.verifier
+            .feed_health()
+            .lease_age(node.clock.now())
+            .is_some_and(|age| age < BOUND)
+    })
+    .await;
+    assert!(node.verify(&key).await.unwrap().is_valid());
+    assert_eq!(node.finds(), finds, "answered from memory past the bound");
+}
+
+#[tokio::test]
+async fn a_hung_change_log_ends_the_lease_at_the_bound() {
+    let node = node(Duration::ZERO, BOUND).await;
+    let (key_id, key) = node.create().await;
+    node.wait_until_caught_up().await;
+    assert!(node.verify(&key).await.unwrap().is_valid());
+    // Reads of the change log never answer, as with a frozen database or
+    // a partition that drops packets; the follower notices within its
+    // deadline.
+    node.store.feed_hung.store(true, Ordering::SeqCst);
+    node.wait_until_following(false).await;
+    node.store
+        .inner
+        .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
+        .await
+        .unwrap();
+    node.clock.advance(time::Duration::seconds(29));
+    assert!(
+        node.verify(&key).await.unwrap().is_valid(),
+        "within the bound the node answers from memory: it cannot know"
+    );
+    node.clock.advance(time::Duration::seconds(2));
+    assert!(
+        matches!(node.verify(&key).await.unwrap(), Verdict::Revoked(_)),
+        "past the bound only a fresh read counts"
+    );
 }
 
 #[tokio::test]
@@ -504,24 +645,27 @@ async fn misses_beyond_their_budget_fail_at_once_and_hits_never_wait_for_them() 
         concurrency: 2,
         timeout: Duration::from_secs(10),
     };
-    let node = Arc::new(node_with(slow, BOUND, misses).await);
-    node.wait_until_following(true).await;
+    let node = Arc::new(node_with(slow, BOUND, misses, true).await);
     let (_, cached) = node.create().await;
-    // Its creation evicts the prefix when the follower applies it: let
+    // Ten keys not in memory yet, against a store that takes 2 s.
+    let mut uncached = Vec::new();
+    for _ in 0..10 {
+        uncached.push(node.create().await.1);
+    }
+    // Their creation evicts the prefixes when the follower applies it: let
     // that happen first, so the load below stays cached.
     node.wait_until_caught_up().await;
     assert!(node.verify(&cached).await.unwrap().is_valid());
 
-    // Ten well-formed keys nobody has, against a store that takes 2 s.
-    let mut unknown = tokio::task::JoinSet::new();
-    for _ in 0..10 {
+    let mut lookups = tokio::task::JoinSet::new();
+    for key in uncached {
         let node = node.clone();
-        unknown.spawn(async move { node.verify(&GeneratedKey::generate()).await });
+        lookups.spawn(async move { node.verify(&key).await });
     }
     // Two take the lookup permits; the other eight are refused at once.
     let mut refused = 0;
     for _ in 0..8 {
-        let outcome = unknown.join_next().await.unwrap().unwrap();
+        let outcome = lookups.join_next().await.unwrap().unwrap();
         assert_eq!(
             outage_kind(&outcome),
             Some(OutageKind::LookupsSaturated),
@@ -535,9 +679,9 @@ async fn misses_beyond_their_budget_fail_at_once_and_hits_never_wait_for_them() 
     for _ in 0..100 {
         assert!(node.verify(&cached).await.unwrap().is_valid());
     }
-    assert_eq!(unknown.len(), 2, "the two lookups are still running");
-    while let Some(outcome) = unknown.join_next().await {
-        assert!(matches!(outcome.unwrap(), Ok(Verdict::NotFound)));
+    assert_eq!(lookups.len(), 2, "the two lookups are still running");
+    while let Some(outcome) = lookups.join_next().await {
+        assert!(outcome.unwrap().unwrap().is_valid());
     }
 }
 
@@ -547,9 +691,11 @@ async fn a_lookup_past_its_deadline_is_unavailable() {
         concurrency: 4,
         timeout: Duration::from_millis(100),
     };
-    let node = node_with(Duration::from_secs(3), BOUND, misses).await;
+    let node = node_with(Duration::from_secs(3), BOUND, misses, true).await;
+    let (_, key) = node.create().await;
+    node.wait_until_caught_up().await;
     let started = tokio::time::Instant::now();
-    let outcome = node.verify(&GeneratedKey::generate()).await;
+    let outcome = node.verify(&key).await;
     assert_eq!(
         outage_kind(&outcome),
         Some(OutageKind::LookupTimeout),

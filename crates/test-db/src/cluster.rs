@@ -1,0 +1,433 @@
+//! A Postgres cluster of a test's own, for tests that stop, freeze or cut
+//! off the database: `initdb` in a temp dir, `pg_ctl start` on a free port
+//! of 127.0.0.1, trust authentication for the `postgres` superuser. Dropping
+//! it thaws it, stops it (`pg_ctl stop -m immediate`) and removes the dir,
+//! also when the test panics. It never touches the shared server named by
+//! [`URL_VAR`](crate::URL_VAR).
+//!
+//! The tools come from `pg_config --bindir`. `initdb` refuses to run as
+//! root, so when the test runs as root every tool runs as the `postgres` OS
+//! user (`runuser -u postgres --`) and the temp dir is given to that user.
+
+use std::fmt;
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::NoTls;
+
+use crate::REQUIRE_VAR;
+
+/// The OS user the cluster runs as when the test runs as root.
+const CLUSTER_OS_USER: &str = "postgres";
+/// The cluster's superuser (trust authentication, no password).
+pub const SUPERUSER: &str = "postgres";
+/// Ports tried before giving up: another process may take the free port
+/// between our probe and the server's bind.
+const START_ATTEMPTS: usize = 3;
+/// How long `pg_ctl` waits for the server to start or stop.
+const PG_CTL_WAIT_SECS: &str = "30";
+
+/// A running Postgres cluster owned by one test.
+pub struct PrivateCluster {
+    bindir: PathBuf,
+    /// `Some("postgres")` when the tools must run as that OS user.
+    run_as: Option<&'static str>,
+    data: PathBuf,
+    port: u16,
+    frozen: bool,
+    stopped: bool,
+    /// Removed last, after the server stopped.
+    dir: tempfile::TempDir,
+}
+
+impl PrivateCluster {
+    /// Creates and starts a cluster, and waits until it answers.
+    ///
+    /// Returns `None`, saying so on stderr, only when `pg_config` is not
+    /// installed and [`REQUIRE_VAR`] is not `1`; with it set a missing tool
+    /// is a failure. Any other problem (initdb or the start fails) panics
+    /// with the server's log.
+    pub fn start() -> Option<PrivateCluster> {
+        let Some(bindir) = pg_bindir() else {
+            if std::env::var(REQUIRE_VAR).is_ok_and(|v| v == "1") {
+                panic!(
+                    "{REQUIRE_VAR}=1 but pg_config is not on PATH: install the Postgres server \
+                     (initdb, pg_ctl) so fault tests can start a cluster of their own"
+                );
+            }
+            eprintln!("skipped: pg_config is not on PATH, cannot start a private Postgres cluster");
+            return None;
+        };
+        let run_as = running_as_root().then_some(CLUSTER_OS_USER);
+        let dir = tempfile::Builder::new()
+            .prefix("vilvik-keys-pg-")
+            .tempdir()
+            .expect("a temp dir for the cluster");
+        if let Some(user) = run_as {
+            check(
+                Command::new("chown").arg(user).arg(dir.path()).output(),
+                "chown the cluster's temp dir",
+            );
+        }
+        let data = dir.path().join("data");
+        let mut cluster = PrivateCluster {
+            bindir,
+            run_as,
+            data,
+            port: 0,
+            frozen: false,
+            stopped: true,
+            dir,
+        };
+        cluster.initdb();
+        for attempt in 1..=START_ATTEMPTS {
+            cluster.port = free_port();
+            match cluster.pg_ctl_start() {
+                Ok(()) => {
+                    cluster.stopped = false;
+                    return Some(cluster);
+                }
+                Err(problem) if attempt < START_ATTEMPTS => {
+                    eprintln!(
+                        "private cluster did not start on port {}: {problem}; retrying",
+                        cluster.port
+                    );
+                }
+                Err(problem) => panic!("the private Postgres cluster does not start: {problem}"),
+            }
+        }
+        unreachable!("the loop returns or panics on its last attempt")
+    }
+
+    /// The port the server listens on (127.0.0.1 only).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL of `database` on this cluster, as the superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// A connection to `database`, driven by a task on the current runtime.
+    pub async fn client(&self, database: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(database), NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to the private cluster's {database}: {e}"));
+        tokio::spawn(async move {
+            // Ends when the client is dropped or the cluster stops.
+            let _ = connection.await;
+        });
+        client
+    }
+
+    /// Creates `database` (a plain identifier) and returns its URL.
+    pub async fn create_database(&self, database: &str) -> String {
+        self.client("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE \"{database}\""))
+            .await
+            .unwrap_or_else(|e| panic!("cannot create {database} on the private cluster: {e}"));
+        self.url(database)
+    }
+
+    /// Freezes the whole cluster: SIGSTOP to the postmaster and every one
+    /// of its child processes. Connections stay open and answer nothing,
+    /// like a server that hangs or a host that stalls.
+    pub fn freeze(&mut self) {
+        let postmaster = self.postmaster_pid();
+        // The postmaster first, so it forks no new child after the scan.
+        signal("STOP", &[postmaster]);
+        self.frozen = true;
+        signal("STOP", &children_of(postmaster));
+    }
+
+    /// Undoes [`freeze`](Self::freeze): SIGCONT to every process.
+    pub fn thaw(&mut self) {
+        let postmaster = self.postmaster_pid();
+        signal("CONT", &children_of(postmaster));
+        signal("CONT", &[postmaster]);
+        self.frozen = false;
+    }
+
+    /// Stops the server at once (`pg_ctl stop -m immediate`): every
+    /// connection to it breaks.
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        if self.frozen {
+            self.thaw();
+        }
+        let postmaster = read_postmaster_pid(&self.data);
+        let output = self
+            .pg_ctl()
+            .args([
+                "stop",
+                "-m",
+                "immediate",
+                "-w",
+                "-t",
+                PG_CTL_WAIT_SECS,
+                "-D",
+            ])
+            .arg(&self.data)
+            .output();
+        match output {
+            Ok(out) if out.status.success() => {}
+            other => {
+                // Never leave our server running: kill the postmaster we
+                // started, by its PID (its children exit with it).
+                eprintln!(
+                    "pg_ctl stop failed ({}); killing the postmaster",
+                    describe(&other)
+                );
+                if let Some(pid) = postmaster {
+                    signal("KILL", &[pid]);
+                }
+            }
+        }
+        // pg_ctl returns once the pid file is gone; the process may take a
+        // moment longer to exit.
+        if let Some(pid) = postmaster {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.stopped = true;
+    }
+
+    /// The PID in the data dir's `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> u32 {
+        read_postmaster_pid(&self.data).unwrap_or_else(|| {
+            panic!(
+                "no postmaster.pid in {}: is the cluster running?",
+                self.data.display()
+            )
+        })
+    }
+
+    /// The server's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    fn tool(&self, name: &str) -> Command {
+        let program = self.bindir.join(name);
+        match self.run_as {
+            Some(user) => {
+                let mut command = Command::new("runuser");
+                command.args(["-u", user, "--"]).arg(program);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn pg_ctl(&self) -> Command {
+        self.tool("pg_ctl")
+    }
+
+    fn initdb(&self) {
+        let output = self
+            .tool("initdb")
+            .args([
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+                "--username",
+                SUPERUSER,
+                "-D",
+            ])
+            .arg(&self.data)
+            .output();
+        check(output, "initdb");
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        // Sockets in our own dir: nothing shared with the system's server.
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
+             -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let output = self
+            .pg_ctl()
+            .args(["start", "-w", "-t", PG_CTL_WAIT_SECS, "-o", &options, "-l"])
+            .arg(self.log_path())
+            .arg("-D")
+            .arg(&self.data)
+            .output();
+        match output {
+            Ok(out) if out.status.success() => {}
+            other => return Err(format!("{}\nserver log:\n{}", describe(&other), self.log())),
+        }
+        // pg_ctl waited on the socket; make sure TCP answers too.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() >= deadline {
+                return Err(format!("nothing listens on 127.0.0.1:{}", self.port));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PrivateCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrivateCluster")
+            .field("port", &self.port)
+            .field("data", &self.data)
+            .field("frozen", &self.frozen)
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PrivateCluster {
+    /// Thaws and stops the server; the temp dir is removed after.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `pg_config --bindir`, or `None` when `pg_config` is not installed.
+fn pg_bindir() -> Option<PathBuf> {
+    let output = Command::new("pg_config").arg("--bindir").output().ok()?;
+    if !output.status.success() {
+        panic!(
+            "pg_config --bindir failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let dir = String::from_utf8(output.stdout).expect("pg_config prints a UTF-8 path");
+    Some(PathBuf::from(dir.trim()))
+}
+
+/// Whether this process runs as root: `/proc/self` belongs to our
+/// effective user.
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port()
+}
+
+fn read_postmaster_pid(data: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// The PIDs whose parent is `parent`, from `/proc/<pid>/stat`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        panic!("/proc is not readable: cannot find the cluster's processes");
+    };
+    entries
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces and parens.
+            let after_comm = &stat[stat.rfind(')')? + 1..];
+            let ppid: u32 = after_comm.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
+/// `kill -<name> <pids>`; a process that already exited is not an error.
+fn signal(name: &str, pids: &[u32]) {
+    if pids.is_empty() {
+        return;
+    }
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .args(pids.iter().map(u32::to_string))
+        .status();
+    if !status.is_ok_and(|s| s.success()) {
+        eprintln!("kill -{name} {pids:?} did not reach every process");
+    }
+}
+
+fn check(output: std::io::Result<Output>, what: &str) {
+    match output {
+        Ok(out) if out.status.success() => {}
+        other => panic!("{what} failed: {}", describe(&other)),
+    }
+}
+
+fn describe(output: &std::io::Result<Output>) -> String {
+    match output {
+        Ok(out) => format!(
+            "{}; stdout: {}; stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => format!("cannot run it: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn starts_freezes_thaws_and_stops() {
+        let Some(mut cluster) = PrivateCluster::start() else {
+            return;
+        };
+        let url = cluster.create_database("faults").await;
+        assert!(
+            url.ends_with(&format!(":{}/faults", cluster.port())),
+            "{url}"
+        );
+        let client = cluster.client("faults").await;
+        let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
+
+        cluster.freeze();
+        let frozen = tokio::time::timeout(
+            Duration::from_millis(300),
+            client.query_one("SELECT 2", &[]),
+        )
+        .await;
+        assert!(frozen.is_err(), "a frozen cluster answered: {frozen:?}");
+        cluster.thaw();
+        // The query sent while frozen is answered after the thaw.
+        let two: i32 =
+            tokio::time::timeout(Duration::from_secs(10), client.query_one("SELECT 2", &[]))
+                .await
+                .expect("the thawed cluster answers")
+                .unwrap()
+                .get(0);
+        assert_eq!(two, 2);
+
+        let postmaster = cluster.postmaster_pid();
+        let dir = cluster.dir.path().to_owned();
+        cluster.freeze();
+        // Dropped while frozen: thawed, stopped, removed.
+        drop(cluster);
+        assert!(
+            !Path::new(&format!("/proc/{postmaster}")).exists(),
+            "the postmaster still runs"
+        );
+        assert!(!dir.exists(), "{} was not removed", dir.display());
+        assert!(client.query_one("SELECT 3", &[]).await.is_err());
+    }
+}
