@@ -25,7 +25,11 @@
 #   PROP_COUNT=1000      revocations for the propagation figure
 #   MISS_SECONDS=10      seconds per miss-path phase
 #   MISS_CONCURRENCY=16  requests in flight for the miss path
-#   BASE_PORT=47150      first of six consecutive ports on 127.0.0.1
+#   TIMING_SAMPLES=5000  requests of each kind for unknown prefix vs wrong secret
+#   BASE_PORT=27150      first of six consecutive ports on 127.0.0.1 (below
+#                        the ephemeral range 32768-60999: a client socket
+#                        given one of them as its source port would block
+#                        a server from listening on it)
 #   PG_URL=postgres://postgres@127.0.0.1:5432   server to create the database on
 #   KEEP=1               keep the work directory (secrets file, h2load logs)
 set -euo pipefail
@@ -34,7 +38,7 @@ BACKEND=postgres
 for arg in "$@"; do
   case "$arg" in
     --sqlite) BACKEND=sqlite ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -50,7 +54,8 @@ HALF_STREAMS=${HALF_STREAMS:-1}
 PROP_COUNT=${PROP_COUNT:-1000}
 MISS_SECONDS=${MISS_SECONDS:-10}
 MISS_CONCURRENCY=${MISS_CONCURRENCY:-16}
-BASE_PORT=${BASE_PORT:-47150}
+TIMING_SAMPLES=${TIMING_SAMPLES:-5000}
+BASE_PORT=${BASE_PORT:-27150}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 KEEP=${KEEP:-0}
 
@@ -144,10 +149,6 @@ else
 fi
 
 KEYS="$WORK/keys.txt"
-log "seeding $N keys"
-SEED_JSON=$(env "${STORE_ENV[@]}" timeout 3600 "$BENCH" seed --keys "$N" --accounts 100 \
-  --out "$KEYS" --json 2>"$WORK/seed.log") || { tail -5 "$WORK/seed.log" >&2; die "seed"; }
-log "seed: $(jq -r '"\(.keys) keys in \(.seconds|floor) s, \(.keys_per_s|floor) keys/s"' <<<"$SEED_JSON")"
 
 # -------------------------------------------------------------- servers ----
 # start_server NAME ROLE VERIFY_PORT ADMIN_PORT [ARGS...]: sets SERVER_PID
@@ -170,11 +171,15 @@ rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 # command name has no spaces).
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# probe PORT PID: waits until the node answers the first seeded key VALID;
-# fails at once if the node's process exits.
+# probe PORT PID [ARGS...]: waits until the node answers the first seeded
+# key VALID (or as ARGS say, e.g. --any-answer); fails at once if the
+# node's process exits.
 probe() {
   local port=$1 pid=$2 out="$WORK/probe.$1.json" prober
-  timeout 180 "$BENCH" probe --verify "127.0.0.1:$port" --keys "$KEYS" --timeout-s 170 >"$out" &
+  shift 2
+  local what=("$@")
+  (( ${#what[@]} )) || what=(--keys "$KEYS")
+  timeout 180 "$BENCH" probe --verify "127.0.0.1:$port" "${what[@]}" --timeout-s 170 >"$out" &
   prober=$!
   echo "$prober" >>"$WORK/client.pids"
   while kill -0 "$prober" 2>/dev/null; do
@@ -185,14 +190,37 @@ probe() {
   cat "$out"
 }
 
-# RSS of a verify node that holds (almost) nothing, for comparison.
-log "baseline: verify node without --preload"
-start_server base verify "$P_MAIN" "$P_MAIN_ADMIN"
-BASE_PID=$SERVER_PID
-probe "$P_MAIN" "$BASE_PID" >/dev/null || { tail -5 "$WORK/base.log" >&2; die "baseline node never answered"; }
+# RSS of a verify node that holds nothing (the store is still empty: it
+# also has no prefix to keep in its set of known prefixes), for comparison.
+# It is stopped before seeding, or its change feed would learn every
+# seeded prefix.
+log "baseline: verify node on the empty store"
+start_server empty verify "$P_MAIN" "$P_MAIN_ADMIN"
+EMPTY_PID=$SERVER_PID
+probe "$P_MAIN" "$EMPTY_PID" --any-answer >/dev/null \
+  || { tail -5 "$WORK/empty.log" >&2; die "the node on the empty store never answered"; }
 sleep 1
-RSS_BASE_KB=$(rss_kb "$BASE_PID")
-stop_pid "$BASE_PID"
+RSS_EMPTY_KB=$(rss_kb "$EMPTY_PID")
+stop_pid "$EMPTY_PID"
+
+log "seeding $N keys"
+SEED_JSON=$(env "${STORE_ENV[@]}" timeout 3600 "$BENCH" seed --keys "$N" --accounts 100 \
+  --out "$KEYS" --json 2>"$WORK/seed.log") || { tail -5 "$WORK/seed.log" >&2; die "seed"; }
+log "seed: $(jq -r '"\(.keys) keys in \(.seconds|floor) s, \(.keys_per_s|floor) keys/s"' <<<"$SEED_JSON")"
+
+# A node without --preload after seeding holds the set of every known
+# prefix (and, after the probe, one cached key): the set's own cost.
+log "verify node without --preload (set of known prefixes only)"
+start_server prefixes verify "$P_MAIN" "$P_MAIN_ADMIN"
+PREFIX_PID=$SERVER_PID
+probe "$P_MAIN" "$PREFIX_PID" >/dev/null || { tail -5 "$WORK/prefixes.log" >&2; die "the node without --preload never answered VALID"; }
+sleep 1
+RSS_PREFIX_KB=$(rss_kb "$PREFIX_PID")
+stop_pid "$PREFIX_PID"
+KNOWN_LINE=$(grep -m1 'loaded the known key prefixes' "$WORK/prefixes.log" || true)
+KNOWN_PREFIXES=$(jq -r '.fields.prefixes // .prefixes // empty' <<<"$KNOWN_LINE" 2>/dev/null || true)
+KNOWN_MS=$(jq -r '.fields.duration_ms // .duration_ms // empty' <<<"$KNOWN_LINE" 2>/dev/null || true)
+[[ "$KNOWN_PREFIXES" == "$N" ]] || die "the node without --preload loaded '${KNOWN_PREFIXES}' known prefixes, not $N"
 
 log "starting the verify node with --preload"
 start_server main verify "$P_MAIN" "$P_MAIN_ADMIN" --preload
@@ -204,8 +232,11 @@ PRELOAD_KEYS=$(jq -r '.fields["keys.loaded"] // .["keys.loaded"] // empty' <<<"$
 PRELOAD_MS=$(jq -r '.fields.duration_ms // .duration_ms // empty' <<<"$PRELOAD_LINE" 2>/dev/null || true)
 sleep 2
 RSS_MAIN_KB=$(rss_kb "$MAIN_PID")
-BYTES_PER_KEY=$(awk -v a="$RSS_MAIN_KB" -v b="$RSS_BASE_KB" -v n="$N" 'BEGIN {printf "%.0f", (a - b) * 1024 / n}')
-log "first VALID ${FIRST_VALID_MS} ms after start; preload ${PRELOAD_KEYS:-?} keys in ${PRELOAD_MS:-?} ms; RSS ${RSS_BASE_KB} kB -> ${RSS_MAIN_KB} kB (${BYTES_PER_KEY} B/key)"
+per_key() { awk -v a="$1" -v b="$2" -v n="$N" 'BEGIN {printf "%.0f", (a - b) * 1024 / n}'; }
+BYTES_PER_KEY=$(per_key "$RSS_MAIN_KB" "$RSS_EMPTY_KB")
+PREFIX_BYTES_PER_KEY=$(per_key "$RSS_PREFIX_KB" "$RSS_EMPTY_KB")
+log "first VALID ${FIRST_VALID_MS} ms after start; preload ${PRELOAD_KEYS:-?} keys in ${PRELOAD_MS:-?} ms"
+log "RSS: empty store ${RSS_EMPTY_KB} kB; prefix set only ${RSS_PREFIX_KB} kB (${PREFIX_BYTES_PER_KEY} B/key, loaded in ${KNOWN_MS:-?} ms); preloaded ${RSS_MAIN_KB} kB (${BYTES_PER_KEY} B/key)"
 
 # --------------------------------------------------------------- bodies ----
 BODY_DIR="$WORK/bodies"
@@ -330,6 +361,12 @@ log "half-peak: $(jq -r .rate <<<"$HALF") req/s, p99 $(jq -r .latency.p99_ms <<<
 # Re-check after the load: still SERVING, still VALID.
 HEALTH=$(timeout 30 grpcurl -plaintext "127.0.0.1:$P_MAIN" grpc.health.v1.Health/Check | jq -r .status)
 [[ "$HEALTH" == SERVING ]] || die "after the load, health answered '$HEALTH'"
+
+log "unknown prefix against wrong secret: $TIMING_SAMPLES requests of each, one at a time"
+TIMING_JSON=$(timeout $((TIMING_SAMPLES / 100 + 120)) "$BENCH" timing --verify "127.0.0.1:$P_MAIN" \
+  --keys "$KEYS" --samples "$TIMING_SAMPLES" --timeout-s $((TIMING_SAMPLES / 100 + 110))) \
+  || die "timing (both kinds must answer NOT_FOUND)"
+log "timing: p50 unknown $(jq -r .unknown_prefix.p50_us <<<"$TIMING_JSON") µs, wrong secret $(jq -r .wrong_secret.p50_us <<<"$TIMING_JSON") µs (ratio $(jq -r '.p50_ratio*1000|round/1000' <<<"$TIMING_JSON"))"
 stop_pid "$MAIN_PID"
 
 # ------------------------------------------- miss path and propagation -----
@@ -351,10 +388,65 @@ for node in "admin $P_ADMIN_VERIFY $ADMIN_PID" "verify1 $P_V1 $V1_PID" "verify2 
   probe "$port" "$pid" >/dev/null || { tail -3 "$WORK/$name.log" >&2; die "$name node never answered"; }
 done
 
+# Store transactions of the bench database (every node's, none of
+# psql's: it reads from the database postgres). A backend reports its
+# counters at the end of a transaction at most once a second, so each
+# read waits 1.2 s first; xact_mark prints "<epoch ns> <count>".
+xact_mark() {
+  sleep 1.2
+  local count
+  count=$(timeout 30 psql -At "$PG_URL/postgres" \
+    -c "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '$DB_NAME'") \
+    || die "cannot read pg_stat_database"
+  echo "$(date +%s%N) $count"
+}
+miss() {
+  timeout $((MISS_SECONDS + 120)) "$BENCH" miss --concurrency "$MISS_CONCURRENCY" \
+    --seconds "$MISS_SECONDS" "$@" || die "miss $*"
+}
+
+# The phases that must cost no store access run first, on nodes that have
+# done nothing since their probe: a backend's unreported counts of earlier
+# work (the real uncached keys) would otherwise land in their window.
 log "miss path on a fresh verify node (${MISS_SECONDS} s per phase)"
-MISS_JSON=$(timeout $((MISS_SECONDS * 2 + 120)) "$BENCH" miss --verify "127.0.0.1:$P_V1" --keys "$KEYS" \
-  --skip 1 --concurrency "$MISS_CONCURRENCY" --seconds "$MISS_SECONDS") || die "miss"
-log "miss: real $(jq -r '.real_uncached.rate_per_s|floor' <<<"$MISS_JSON") req/s p99 $(jq -r .real_uncached.p99_ms <<<"$MISS_JSON") ms; random $(jq -r '.random_unknown.rate_per_s|floor' <<<"$MISS_JSON") req/s p99 $(jq -r .random_unknown.p99_ms <<<"$MISS_JSON") ms"
+[[ $BACKEND == postgres ]] && X0=$(xact_mark)
+RANDOM_JSON=$(miss --phases random --verify "127.0.0.1:$P_V1")
+[[ $BACKEND == postgres ]] && X1=$(xact_mark)
+BEARER_JSON=$(miss --phases bearer --admin "127.0.0.1:$P_ADMIN")
+if [[ $BACKEND == postgres ]]; then
+  X2=$(xact_mark)
+  # The nodes' background (consistency checks, listener heartbeats) over
+  # an idle window as long as the longer of the two.
+  read -r t0 _ <<<"$X0"; read -r t1 _ <<<"$X1"; read -r t2 _ <<<"$X2"
+  IDLE_S=$(awk -v a=$((t1 - t0)) -v b=$((t2 - t1)) 'BEGIN {w = (a > b ? a : b) / 1e9 - 1.2; if (w < 0) w = 0; printf "%.3f", w}')
+  log "idle window: $(awk -v w="$IDLE_S" 'BEGIN {printf "%.1f", w + 1.2}') s"
+  sleep "$IDLE_S"
+  X3=$(xact_mark)
+fi
+REAL_JSON=$(miss --phases real --verify "127.0.0.1:$P_V1" --keys "$KEYS" --skip 1)
+MISS_JSON=$(jq -c -s add <<<"$REAL_JSON $RANDOM_JSON $BEARER_JSON")
+for phase in real_uncached random_unknown random_bearer; do
+  jq -e --arg p "$phase" '.[$p].unexpected == 0 and .[$p].errors == 0' >/dev/null <<<"$MISS_JSON" \
+    || die "miss phase $phase had unexpected answers: $(jq -c --arg p "$phase" '.[$p].codes' <<<"$MISS_JSON")"
+done
+XACT_JSON=null
+if [[ $BACKEND == postgres ]]; then
+  # Per phase: its window's transactions less the idle rate times the
+  # window, divided by its requests.
+  XACT_JSON=$(awk -v x0="$X0" -v x1="$X1" -v x2="$X2" -v x3="$X3" \
+      -v rr="$(jq -r .random_unknown.requests <<<"$MISS_JSON")" -v rb="$(jq -r .random_bearer.requests <<<"$MISS_JSON")" '
+    BEGIN {
+      split(x0, a, " "); split(x1, b, " "); split(x2, c, " "); split(x3, d, " ")
+      idle_s = (d[1] - c[1]) / 1e9; idle_x = d[2] - c[2]; rate = idle_x / idle_s
+      wr = (b[1] - a[1]) / 1e9; xr = b[2] - a[2]; nr = xr - rate * wr
+      wb = (c[1] - b[1]) / 1e9; xb = c[2] - b[2]; nb = xb - rate * wb
+      printf "{\"idle\":{\"seconds\":%.2f,\"xacts\":%d,\"per_s\":%.2f},", idle_s, idle_x, rate
+      printf "\"random_unknown\":{\"seconds\":%.2f,\"xacts\":%d,\"net\":%.1f,\"requests\":%d,\"per_verify\":%.4f,\"per_verify_3\":\"%.3f\"},", wr, xr, nr, rr, nr / rr, nr / rr
+      printf "\"random_bearer\":{\"seconds\":%.2f,\"xacts\":%d,\"net\":%.1f,\"requests\":%d,\"per_verify\":%.4f,\"per_verify_3\":\"%.3f\"}}\n", wb, xb, nb, rb, nb / rb, nb / rb
+    }')
+  log "store transactions per verify: random keys $(jq -r .random_unknown.per_verify_3 <<<"$XACT_JSON"), random bearer tokens $(jq -r .random_bearer.per_verify_3 <<<"$XACT_JSON") (idle $(jq -r .idle.per_s <<<"$XACT_JSON")/s subtracted)"
+fi
+log "miss: real $(jq -r '.real_uncached.rate_per_s|floor' <<<"$MISS_JSON") req/s p99 $(jq -r .real_uncached.p99_ms <<<"$MISS_JSON") ms; random $(jq -r '.random_unknown.rate_per_s|floor' <<<"$MISS_JSON") req/s p99 $(jq -r .random_unknown.p99_ms <<<"$MISS_JSON") ms; random bearer $(jq -r '.random_bearer.rate_per_s|floor' <<<"$MISS_JSON") req/s p99 $(jq -r .random_bearer.p99_ms <<<"$MISS_JSON") ms"
 
 log "revocation propagation: $PROP_COUNT keys"
 PROP_JSON=$(VILVIK_KEYS_OPERATOR_TOKEN="$TOKEN" timeout $((PROP_COUNT / 2 + 600)) "$BENCH" propagation \
@@ -391,8 +483,9 @@ REPORT="$WORK/report.md"
   echo "|---|---|---|"
   echo "| keys seeded (\`Store::import_keys\`, chunks of 10,000) | $N at $(jq -r '.keys_per_s|floor' <<<"$SEED_JSON") keys/s | |"
   echo "| first VALID answer after process start, \`--preload\` | ${FIRST_VALID_MS} ms (preload itself: ${PRELOAD_MS:-?} ms, ${PRELOAD_KEYS:-?} secrets) | < 5000 ms at 1M keys: $(verdict "$FIRST_VALID_MS < 5000")$AT_1M |"
-  echo "| RSS, verify node without / with preload | ${RSS_BASE_KB} kB / ${RSS_MAIN_KB} kB | |"
-  echo "| RSS growth per cached key | ${BYTES_PER_KEY} B | <= 250 B at 1M keys: $(verdict "$BYTES_PER_KEY <= 250")$AT_1M |"
+  echo "| RSS, verify node on the empty store / without preload after seeding (set of known prefixes) / with preload | ${RSS_EMPTY_KB} kB / ${RSS_PREFIX_KB} kB / ${RSS_MAIN_KB} kB | |"
+  echo "| RSS growth per key with preload: cache and set of known prefixes, against the empty store | ${BYTES_PER_KEY} B | <= 250 B at 1M keys: $(verdict "$BYTES_PER_KEY <= 250")$AT_1M |"
+  echo "| of which the set of known prefixes alone (node without preload) | ${PREFIX_BYTES_PER_KEY} B (${KNOWN_PREFIXES} prefixes loaded in ${KNOWN_MS:-?} ms) | |"
   echo
   echo "## VerifyKey against the health check ($PAIRS interleaved pairs)"
   echo
@@ -410,11 +503,39 @@ REPORT="$WORK/report.md"
   echo "|---|---|---|---|---|"
   echo "| $HALF_RPS_PER_CLIENT req/s x $CLIENTS connections | $(jq -r '.rate|floor' <<<"$HALF") | $(jq -r .latency.p50_ms <<<"$HALF") | $HALF_P99 | p99 <= 1 ms: $(verdict "$HALF_P99 <= 1") |"
   echo
-  echo "## Miss path ($BACKEND, fresh verify node, $MISS_CONCURRENCY in flight over 4 connections, ${MISS_SECONDS} s each)"
+  echo "## Miss path ($BACKEND, fresh verify node; random_bearer: the admin node's ListKeys; $MISS_CONCURRENCY in flight over 4 connections, ${MISS_SECONDS} s each)"
   echo
   echo "| case | requests | req/s | p50 ms | p99 ms | answers |"
   echo "|---|---|---|---|---|---|"
   jq -r 'to_entries[] | "| \(.key) | \(.value.requests) | \(.value.rate_per_s|floor) | \(.value.p50_ms) | \(.value.p99_ms) | \(.value.codes | to_entries | map("\(.key) \(.value)") | join(", "))\(if .value.errors > 0 then ", errors \(.value.errors)" else "" end) |"' <<<"$MISS_JSON"
+  echo
+  if [[ $BACKEND == postgres ]]; then
+    echo "## Store transactions on the miss path (Postgres, \`pg_stat_database\` of the bench database)"
+    echo
+    echo "\`xact_commit + xact_rollback\` before and after each phase (each read 1.2 s after the last request), less the three nodes' background: $(jq -r .idle.xacts <<<"$XACT_JSON") transactions in an idle window of $(jq -r .idle.seconds <<<"$XACT_JSON") s ($(jq -r .idle.per_s <<<"$XACT_JSON")/s) times the phase's window."
+    echo
+    echo "| case | requests | window s | transactions in window | less background | per verify | target |"
+    echo "|---|---|---|---|---|---|---|"
+    for phase in random_unknown random_bearer; do
+      label="random well-formed keys, VerifyKey"
+      [[ $phase == random_bearer ]] && label="random \`vlk_\` bearer tokens, ListKeys on the admin node"
+      jq -r --arg p "$phase" --arg l "$label" --arg v "$(verdict "$(jq -r --arg p "$phase" '.[$p].per_verify' <<<"$XACT_JSON") < 0.005")" --arg at "$AT_1M" \
+        '.[$p] | "| \($l) | \(.requests) | \(.seconds) | \(.xacts) | \(.net) | **\(.per_verify_3)** | 0.00 at 1M keys: \($v)\($at) |"' <<<"$XACT_JSON"
+    done
+    echo
+  fi
+  TIMING_P50_RATIO=$(jq -r .p50_ratio <<<"$TIMING_JSON")
+  echo "## Unknown prefix against a known prefix with a wrong secret (preloaded node, one connection, one request at a time)"
+  echo
+  echo "$(jq -r .samples_each <<<"$TIMING_JSON") requests of each kind, interleaved (a, b, b, a, ...); a: a random well-formed key (a fresh prefix each time); b: a seeded key's prefix with another secret and a valid checksum (another seeded key each time). Latency is the server's work plus the loopback round trip."
+  echo
+  echo "| case | p50 µs | p90 µs | p99 µs | mean µs | answers |"
+  echo "|---|---|---|---|---|---|"
+  for kind in unknown_prefix wrong_secret; do
+    jq -r --arg k "$kind" '.[$k] | "| \($k | sub("_"; " ")) | \(.p50_us) | \(.p90_us) | \(.p99_us) | \(.mean_us) | \(.codes | to_entries | map("\(.key) \(.value)") | join(", ")) |"' <<<"$TIMING_JSON"
+  done
+  echo
+  echo "Ratio unknown / wrong secret: p50 **$(printf %.3f "$TIMING_P50_RATIO")**, p90 $(jq -r '.p90_ratio' <<<"$TIMING_JSON" | xargs printf %.3f). Target: medians within 5 % ($(verdict "$TIMING_P50_RATIO >= 0.95 && $TIMING_P50_RATIO <= 1.05"))."
   echo
   echo "## Revocation propagation ($(jq -r .keys <<<"$PROP_JSON") revokes through the admin node)"
   echo
@@ -428,6 +549,9 @@ REPORT="$WORK/report.md"
   node_row "127.0.0.1:$P_V2" "verify node 2"
   echo
   echo "Targets: p99 <= 100 ms on the other nodes ($(verdict "$PROP_P99_WORST <= 100")); 0 VALID answers after the revoke returned on the admin's own process ($(verdict "$SAME_VALID == 0"))."
+  echo
+  echo "Before that, from each CreateKey's return until the node first answered VALID (a node learns a new prefix from the change feed; until then it answers NOT_FOUND): $(jq -r --arg a "127.0.0.1:$P_ADMIN_VERIFY" --arg b "127.0.0.1:$P_V1" --arg c "127.0.0.1:$P_V2" \
+    '.created_until_valid as $w | [["admin'"'"'s own process", $a], ["verify node 1", $b], ["verify node 2", $c]] | map("\(.[0]) p50 \($w[.[1]].p50_ms) / p99 \($w[.[1]].p99_ms) / max \($w[.[1]].max_ms) ms") | join("; ")' <<<"$PROP_JSON")."
 } >"$REPORT"
 
 mkdir -p "$ROOT/bench/results"

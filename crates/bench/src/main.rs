@@ -8,7 +8,10 @@
 //! - `h2log` turns h2load `--log-file` output into percentiles.
 //! - `probe` waits until a key is answered VALID (start-up time).
 //! - `miss` drives the miss path: real keys not yet cached, and random
-//!   well-formed keys with unknown prefixes.
+//!   well-formed keys with unknown prefixes (on VerifyKey, or as bearer
+//!   tokens on the admin API).
+//! - `timing` compares the latency of an unknown prefix with that of a
+//!   known prefix with a wrong secret (both NOT_FOUND).
 //! - `propagation` revokes keys through the admin node and polls every
 //!   verify node until each rejects them.
 //!
@@ -24,6 +27,7 @@ mod probe;
 mod propagation;
 mod seed;
 mod stats;
+mod timing;
 
 use std::process::ExitCode;
 
@@ -52,6 +56,8 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Rate and latency of verifies that miss the cache.
     Miss(miss::MissArgs),
+    /// Latency of unknown prefixes against known prefixes with wrong secrets.
+    Timing(timing::TimingArgs),
     /// Revoke keys through the admin node and time until every verify node rejects them.
     Propagation(propagation::PropagationArgs),
 }
@@ -65,6 +71,7 @@ async fn main() -> ExitCode {
         Command::H2log(args) => h2log::run(args),
         Command::Probe(args) => probe::run(args).await,
         Command::Miss(args) => miss::run(args).await,
+        Command::Timing(args) => timing::run(args).await,
         Command::Propagation(args) => propagation::run(args).await,
     };
     match result {

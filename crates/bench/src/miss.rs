@@ -1,7 +1,13 @@
 //! `miss`: the verify path when the node's cache does not hold the key:
 //! (a) real keys, each asked once; (b) random well-formed keys whose
 //! prefixes exist nowhere (each one a new prefix, so negative caching
-//! cannot help: the worst case for the store).
+//! cannot help: without the set of known prefixes, the worst case for the
+//! store); and, with `--admin`, (c) the same random keys presented as
+//! management keys (`authorization: Bearer vlk_…` on ListKeys), which must
+//! be UNAUTHENTICATED.
+//!
+//! `--phases` picks which run and in what order, so that `run.sh` can read
+//! the store's transaction counters around one phase alone.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,19 +15,32 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use tonic::transport::Channel;
+use vilvik_keys::proto::{
+    ListKeysRequest, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient,
+};
 use vilvik_keys_domain::GeneratedKey;
 
-use crate::client::{channels, code_name, read_keys, verify_client, verify_request};
+use crate::client::{admin_client, channels, code_name, read_keys, verify_client, verify_request};
 use crate::stats::{Summary, micros};
 
 #[derive(Debug, clap::Args)]
 pub struct MissArgs {
-    /// The verify listener, host:port.
+    /// The verify listener, host:port (phases `real` and `random`).
     #[arg(long)]
-    verify: String,
-    /// Secrets file written by `seed`; none of them may be cached yet.
+    verify: Option<String>,
+    /// The admin listener, host:port (phase `bearer`).
     #[arg(long)]
-    keys: PathBuf,
+    admin: Option<String>,
+    /// Secrets file written by `seed`; none of them may be cached yet
+    /// (phase `real`).
+    #[arg(long)]
+    keys: Option<PathBuf>,
+    /// The phases to run, in this order: `real` (seeded keys, each once:
+    /// VALID), `random` (random well-formed keys: NOT_FOUND), `bearer`
+    /// (random well-formed keys as ListKeys bearer tokens: UNAUTHENTICATED).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "real,random")]
+    phases: Vec<Phase>,
     /// Skip this many keys at the start of the file (e.g. those already
     /// used elsewhere).
     #[arg(long, default_value_t = 0)]
@@ -32,7 +51,7 @@ pub struct MissArgs {
     /// HTTP/2 connections the requests are spread over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Duration of each of the two phases.
+    /// Duration of each phase.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
     #[arg(long, default_value = "datasets:read")]
@@ -46,36 +65,129 @@ struct Outcome {
     errors: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    Real,
+    Random,
+    Bearer,
+}
+
+impl Phase {
+    /// The phase's name in the JSON output.
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Real => "real_uncached",
+            Phase::Random => "random_unknown",
+            Phase::Bearer => "random_bearer",
+        }
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            Phase::Real => "VALID",
+            Phase::Random => "NOT_FOUND",
+            Phase::Bearer => "UNAUTHENTICATED",
+        }
+    }
+}
+
 enum Source {
     Real(Arc<Vec<String>>),
     Random,
 }
 
+/// What each worker sends.
+enum Call {
+    Verify(KeyVerifyClient<Channel>),
+    /// ListKeys with the key as the bearer token.
+    Bearer(KeyAdminClient<Channel>),
+}
+
+impl Call {
+    /// The answer's name: a VerifyKey code (`VALID`, ...) or, for ListKeys,
+    /// the gRPC status (`OK`, `UNAUTHENTICATED`, ...). `Err` only when
+    /// VerifyKey failed at the gRPC level.
+    async fn send(&mut self, key: &str, scope: &str) -> Result<String, tonic::Status> {
+        match self {
+            Call::Verify(client) => client
+                .verify_key(verify_request(key, scope))
+                .await
+                .map(|r| code_name(r.get_ref())),
+            Call::Bearer(client) => {
+                let mut request = tonic::Request::new(ListKeysRequest::default());
+                let token = format!("Bearer {key}")
+                    .parse()
+                    .map_err(|_| tonic::Status::internal("a key is not a valid header value"))?;
+                request.metadata_mut().insert("authorization", token);
+                Ok(match client.list_keys(request).await {
+                    Ok(_) => "OK".to_owned(),
+                    Err(status) => status_name(status.code()),
+                })
+            }
+        }
+    }
+}
+
+/// A gRPC status code as its proto name, e.g. `UNAUTHENTICATED`.
+fn status_name(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
 pub async fn run(args: MissArgs) -> anyhow::Result<()> {
-    let keys: Vec<String> = read_keys(&args.keys)?.into_iter().skip(args.skip).collect();
-    anyhow::ensure!(!keys.is_empty(), "no keys left after --skip {}", args.skip);
-    let channels = channels(&args.verify, args.connections).await?;
-    let real = phase(&args, &channels, Source::Real(Arc::new(keys)), "VALID").await?;
-    let random = phase(&args, &channels, Source::Random, "NOT_FOUND").await?;
-    println!(
-        "{}",
-        serde_json::json!({ "real_uncached": real, "random_unknown": random })
-    );
+    anyhow::ensure!(!args.phases.is_empty(), "name at least one phase");
+    let mut out = serde_json::Map::new();
+    for &p in &args.phases {
+        let (addr, flag) = match p {
+            Phase::Real | Phase::Random => (&args.verify, "--verify"),
+            Phase::Bearer => (&args.admin, "--admin"),
+        };
+        let addr = addr
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("phase {} needs {flag}", p.name()))?;
+        let channels = channels(addr, args.connections).await?;
+        let source = match p {
+            Phase::Real => {
+                let path = args
+                    .keys
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("phase real needs --keys"))?;
+                let keys: Vec<String> = read_keys(path)?.into_iter().skip(args.skip).collect();
+                anyhow::ensure!(!keys.is_empty(), "no keys left after --skip {}", args.skip);
+                Source::Real(Arc::new(keys))
+            }
+            Phase::Random | Phase::Bearer => Source::Random,
+        };
+        let result = phase(&args, &channels, p, source).await?;
+        out.insert(p.name().to_owned(), result);
+    }
+    println!("{}", serde_json::Value::Object(out));
     Ok(())
 }
 
 async fn phase(
     args: &MissArgs,
-    channels: &[tonic::transport::Channel],
+    channels: &[Channel],
+    kind: Phase,
     source: Source,
-    expected: &str,
 ) -> anyhow::Result<serde_json::Value> {
+    let expected = kind.expected();
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..args.concurrency.max(1) {
-        let mut client = verify_client(&channels[w % channels.len()]);
+        let channel = &channels[w % channels.len()];
+        let mut call = match kind {
+            Phase::Bearer => Call::Bearer(admin_client(channel)),
+            Phase::Real | Phase::Random => Call::Verify(verify_client(channel)),
+        };
         let next = next.clone();
         let scope = args.scope.clone();
         let keys = match &source {
@@ -93,10 +205,10 @@ async fn phase(
                     None => GeneratedKey::generate().expose_secret().to_owned(),
                 };
                 let t = Instant::now();
-                let result = client.verify_key(verify_request(&key, &scope)).await;
+                let result = call.send(&key, &scope).await;
                 out.latencies_us.push(micros(t.elapsed()));
                 match result {
-                    Ok(r) => *out.codes.entry(code_name(r.get_ref())).or_default() += 1,
+                    Ok(code) => *out.codes.entry(code).or_default() += 1,
                     Err(_) => out.errors += 1,
                 }
             }

@@ -1,6 +1,10 @@
-//! `probe`: polls VerifyKey until a key is answered VALID, for start-up time.
+//! `probe`: polls VerifyKey until a key is answered VALID, for start-up time
+//! (or, with `--any-answer`, until the node answers at all: a node on an
+//! empty store has no key to answer VALID).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vilvik_keys_domain::GeneratedKey;
 
 use crate::client::{code_name, connect, verify_client, verify_request};
 
@@ -20,6 +24,10 @@ pub struct ProbeArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     timeout_s: f64,
+    /// Stop at the first VerifyKey answer, whatever its code; without
+    /// `--key` or `--keys`, the key is a random well-formed one.
+    #[arg(long)]
+    any_answer: bool,
 }
 
 pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
@@ -29,6 +37,7 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
             .into_iter()
             .next()
             .ok_or_else(|| anyhow::anyhow!("{} holds no key", path.display()))?,
+        (None, None) if args.any_answer => GeneratedKey::generate().expose_secret().to_owned(),
         (None, None) => anyhow::bail!("name the key with --key or --keys"),
     };
     let started = Instant::now();
@@ -42,7 +51,7 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
         let mut client = verify_client(&channel);
         while Instant::now() < deadline {
             match client.verify_key(verify_request(&key, &args.scope)).await {
-                Ok(r) if r.get_ref().valid => {
+                Ok(r) if r.get_ref().valid || args.any_answer => {
                     let epoch_ms = SystemTime::now()
                         .duration_since(UNIX_EPOCH)
                         .map(|d| d.as_millis())
@@ -52,6 +61,7 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
                         serde_json::json!({
                             "valid_at_epoch_ms": epoch_ms as u64,
                             "probe_waited_ms": started.elapsed().as_millis() as u64,
+                            "code": code_name(r.get_ref()),
                         })
                     );
                     return Ok(());
@@ -63,7 +73,12 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
         }
     }
     anyhow::bail!(
-        "no VALID answer from {} within {} s (last: {last})",
+        "no {} answer from {} within {} s (last: {last})",
+        if args.any_answer {
+            "VerifyKey"
+        } else {
+            "VALID"
+        },
         args.verify,
         args.timeout_s
     )

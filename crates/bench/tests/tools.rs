@@ -1,13 +1,16 @@
 //! The quick version of the benchmark's set-up, as an ordinary test: `seed`
 //! writes keys the store can verify and a 0600 secrets file; `bodies`
-//! writes gRPC frames h2load can post. (The load itself stays in
-//! `bench/run.sh`.)
+//! writes gRPC frames h2load can post; `timing`, `miss` and `probe
+//! --any-answer` work against a small preloaded server in this process.
+//! (The load itself stays in `bench/run.sh`.)
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use prost::Message;
+use vilvik_keys::config::Config;
 use vilvik_keys::proto::VerifyKeyRequest;
+use vilvik_keys::startup::{Application, Role};
 use vilvik_keys_domain::ApiKey;
 use vilvik_keys_store::{KeySource, SqliteStore};
 
@@ -15,6 +18,112 @@ fn bench() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_vilvik-keys-bench"));
     command.env_remove("DATABASE_URL");
     command
+}
+
+fn seed(db: &std::path::Path, keys: &std::path::Path, n: usize) {
+    let status = bench()
+        .env("VILVIK_KEYS_SQLITE_PATH", db)
+        .args(["seed", "--keys", &n.to_string(), "--out"])
+        .arg(keys)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Runs the bench binary and parses its one line of JSON.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let out = bench().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn timing_miss_and_probe_against_a_preloaded_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bench.db");
+    let keys = dir.path().join("keys.txt");
+    seed(&db, &keys, 20);
+    let keys = keys.to_str().unwrap();
+
+    let config = Config {
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        verify_addr: "127.0.0.1:0".parse().unwrap(),
+        sqlite_path: db,
+        preload: true,
+        shutdown_grace: std::time::Duration::from_secs(2),
+        ..Config::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = runtime
+        .block_on(Application::build(config, Role::All))
+        .expect("the server starts");
+    let verify = app.verify_addr().unwrap().to_string();
+    let admin = app.admin_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        runtime.block_on(app.run_until(async {
+            let _ = stopped.await;
+        }))
+    });
+
+    let timing = bench_json(&[
+        "timing",
+        "--verify",
+        &verify,
+        "--keys",
+        keys,
+        "--samples",
+        "40",
+        "--warmup",
+        "4",
+    ]);
+    assert_eq!(timing["samples_each"], 40);
+    for kind in ["unknown_prefix", "wrong_secret"] {
+        assert_eq!(timing[kind]["count"], 40, "{timing}");
+        assert_eq!(timing[kind]["codes"], serde_json::json!({"NOT_FOUND": 40}));
+        assert!(timing[kind]["p50_us"].as_f64().unwrap() > 0.0);
+    }
+    assert!(timing["p50_ratio"].as_f64().unwrap() > 0.0);
+
+    let miss = bench_json(&[
+        "miss",
+        "--phases",
+        "random,bearer",
+        "--verify",
+        &verify,
+        "--admin",
+        &admin,
+        "--seconds",
+        "0.2",
+        "--concurrency",
+        "2",
+        "--connections",
+        "1",
+    ]);
+    for (phase, code) in [
+        ("random_unknown", "NOT_FOUND"),
+        ("random_bearer", "UNAUTHENTICATED"),
+    ] {
+        let p = &miss[phase];
+        assert!(p["requests"].as_u64().unwrap() > 0, "{miss}");
+        assert_eq!(p["unexpected"], 0, "{miss}");
+        assert_eq!(p["codes"][code], p["requests"], "{miss}");
+    }
+    assert!(miss.get("real_uncached").is_none());
+
+    let probe = bench_json(&["probe", "--any-answer", "--verify", &verify]);
+    assert_eq!(probe["code"], "NOT_FOUND");
+
+    stop.send(()).unwrap();
+    server.join().unwrap().unwrap();
 }
 
 #[tokio::test]
