@@ -226,8 +226,8 @@ impl Application {
                 reflection(<KeyAdminServer<AdminService> as NamedService>::NAME)?;
             let connections = Connections::new("admin", connection_limits);
             listeners.push(connections.clone());
-            let router = server(&self.config, limits.admin_concurrency_per_connection)
-                .layer(ActivityLayer)
+            let router = server(&self.config)
+                .layer(ActivityLayer::new(limits.admin_concurrency_per_connection))
                 .layer(tower::ServiceBuilder::new().load_shed().layer(
                     tower::limit::GlobalConcurrencyLimitLayer::new(limits.admin_concurrency_limit),
                 ))
@@ -257,8 +257,8 @@ impl Application {
             // Fail fast when saturated instead of queueing without bound.
             let connections = Connections::new("verify", connection_limits);
             listeners.push(connections.clone());
-            let router = server(&self.config, limits.verify_concurrency_per_connection)
-                .layer(ActivityLayer)
+            let router = server(&self.config)
+                .layer(ActivityLayer::new(limits.verify_concurrency_per_connection))
                 .layer(tower::ServiceBuilder::new().load_shed().layer(
                     tower::limit::GlobalConcurrencyLimitLayer::new(
                         self.config.verify_concurrency_limit,
@@ -429,10 +429,10 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 }
 
 /// A server builder with what both listeners share: the request deadline,
-/// HTTP/2 limits and keepalive pings, and one connection's share of the
-/// listener's concurrency (beyond it, RESOURCE_EXHAUSTED at once). The
-/// listener's own layers come on top, [`ActivityLayer`] first.
-fn server(config: &Config, per_connection: usize) -> Server {
+/// HTTP/2 limits and keepalive pings. The listener's own layers come on
+/// top, [`ActivityLayer`] (with one connection's share of the listener's
+/// concurrency) first.
+fn server(config: &Config) -> Server {
     let limits = &config.listener_limits;
     Server::builder()
         .timeout(config.request_timeout)
@@ -440,8 +440,6 @@ fn server(config: &Config, per_connection: usize) -> Server {
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
-        .concurrency_limit_per_connection(per_connection)
-        .load_shed(true)
 }
 
 /// Raises the descriptor limit to the hard limit, logs it, and returns the

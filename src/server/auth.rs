@@ -70,7 +70,7 @@ impl Authenticator {
     pub async fn caller<T>(&self, request: &tonic::Request<T>) -> Result<Caller, ApiError> {
         let ip = client_ip(
             request.metadata(),
-            request.remote_addr(),
+            crate::server::connections::peer_addr(request),
             &self.trusted_proxies,
         );
         let credential = bearer(request.metadata())?;

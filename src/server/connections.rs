@@ -1,10 +1,13 @@
 //! The connection limits tonic lacks: a cap on a listener's open
-//! connections, a deadline for a connection's first request, and an idle
-//! timeout. tonic limits what happens on a connection (streams, concurrency
-//! per connection, keepalive pings; see `startup`); this module limits how
-//! many connections there are and how long one may sit doing nothing, so
-//! that clients which connect and then stay silent cannot use up the
-//! process's file descriptors.
+//! connections, a deadline for a connection's first request, an idle
+//! timeout, and each connection's share of the listener's concurrency.
+//! tonic limits the streams on a connection and sends keepalive pings (see
+//! `startup`); this module limits how many connections there are, how long
+//! one may sit doing nothing, so that clients which connect and then stay
+//! silent cannot use up the process's file descriptors, and how many
+//! requests one may run at once, so that one connection cannot take the
+//! whole listener. The share is counted here, where each connection's
+//! requests are counted anyway, rather than by a semaphore per connection.
 //!
 //! It sits in the accept path. [`Connections::incoming`] wraps the listener;
 //! every accepted socket becomes a [`Tracked`] stream registered with the
@@ -31,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -161,6 +165,9 @@ struct Connection {
     id: u64,
     accepted_at: Instant,
     state: Mutex<State>,
+    /// Set with `state.closed`, readable without the lock: the reader's
+    /// fast path checks it on every read.
+    closing: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -276,6 +283,7 @@ impl Connections {
                 closed: None,
                 reader: None,
             }),
+            closing: AtomicBool::new(false),
         });
         open.all.insert(id, connection.clone());
         open.silent.insert(id);
@@ -292,6 +300,7 @@ impl Connections {
             connection,
             registry: self.0.clone(),
             timer,
+            armed_for: None,
             spoke: false,
         })
     }
@@ -402,6 +411,7 @@ impl Open {
             return None;
         }
         state.closed = Some(why);
+        connection.closing.store(true, Ordering::Release);
         self.live -= 1;
         self.silent.remove(&connection.id);
         self.unused.remove(&connection.id);
@@ -483,6 +493,10 @@ pub struct Tracked<IO> {
     registry: Arc<Registry>,
     /// Fires at the connection's expiry, or earlier; then it is checked.
     timer: Pin<Box<Sleep>>,
+    /// The waker the timer and the registry were last given: while it is
+    /// the reader's, the timer has not fired and nobody closed the
+    /// connection, a read needs no check (the fast path of every read).
+    armed_for: Option<Waker>,
     spoke: bool,
 }
 
@@ -511,10 +525,14 @@ impl<IO> Tracked<IO> {
                     self.registry.close(&self.connection, why);
                     return Err(why.into_error());
                 }
-                // The timer only moves when it would fire too late or has
+                // The timer fires no later than one idle timeout from now:
+                // a request that starts and ends meanwhile can only move
+                // the expiry later than that, so reads between need no
+                // check. It only moves when it would fire too late or has
                 // fired: a connection in use resets it once per timeout,
                 // not once per request.
                 Expiry::At(at, _) => {
+                    let at = at.min(now + self.registry.limits.idle_timeout);
                     if self.timer.deadline() > at || self.timer.is_elapsed() {
                         self.timer.as_mut().reset(at);
                     }
@@ -527,6 +545,13 @@ impl<IO> Tracked<IO> {
                 }
             }
             if self.timer.as_mut().poll(cx).is_pending() {
+                if !self
+                    .armed_for
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    self.armed_for = Some(cx.waker().clone());
+                }
                 return Ok(());
             }
         }
@@ -546,7 +571,13 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.poll_expiry(cx)?;
+        let armed = this
+            .armed_for
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if !armed || this.timer.is_elapsed() || this.connection.closing.load(Ordering::Acquire) {
+            this.poll_expiry(cx)?;
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if !this.spoke && matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -587,13 +618,22 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     }
 }
 
-/// What tonic puts in each request's extensions for a tracked connection;
-/// [`ActivityLayer`] takes it out and leaves the [`TcpConnectInfo`] that
-/// `Request::remote_addr` reads.
+/// What tonic puts in each request's extensions for a tracked connection:
+/// [`ActivityLayer`] marks the request on its connection through it, and
+/// [`peer_addr`] reads the peer's address from it (tonic's own
+/// `Request::remote_addr` only knows its own connection types).
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     tcp: TcpConnectInfo,
     activity: Activity,
+}
+
+/// The address of the peer that sent `request`.
+pub fn peer_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
+    match request.extensions().get::<ConnectionInfo>() {
+        Some(info) => info.tcp.remote_addr(),
+        None => request.remote_addr(),
+    }
 }
 
 impl Connected for Tracked<TcpStream> {
@@ -618,16 +658,21 @@ struct Activity {
 }
 
 impl Activity {
-    fn request(self) -> RequestGuard {
+    /// Marks a request started, unless `limit` requests already run on
+    /// this connection (then `None`: shed it).
+    fn request(&self, limit: usize) -> Option<RequestGuard> {
         let first = {
             let mut state = self.connection.state();
+            if state.in_flight >= limit {
+                return None;
+            }
             state.in_flight += 1;
             state.stage != Stage::Used
         };
         if first {
             self.registry.used(&self.connection);
         }
-        RequestGuard(self.connection)
+        Some(RequestGuard(self.connection.clone()))
     }
 }
 
@@ -645,27 +690,47 @@ impl Drop for RequestGuard {
     }
 }
 
-/// A tower layer marking each request's start and end on its connection,
-/// and restoring the [`TcpConnectInfo`] for the services below. It must be
-/// the outermost of the listener's layers, so that a request shed by a
-/// limit still counts as the connection being used.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ActivityLayer;
+/// A tower layer marking each request's start and end on its connection
+/// (found through the request's [`ConnectionInfo`]), and holding each
+/// connection to its share of the listener's concurrency: a request beyond
+/// `per_connection` running on its connection is shed at once
+/// (RESOURCE_EXHAUSTED), so one connection cannot take the listener's
+/// whole limit. It must be the outermost of the listener's layers, so that
+/// a request shed by a limit below still counts as the connection being
+/// used.
+#[derive(Debug, Clone, Copy)]
+pub struct ActivityLayer {
+    per_connection: usize,
+}
+
+impl ActivityLayer {
+    pub fn new(per_connection: usize) -> Self {
+        Self { per_connection }
+    }
+}
 
 impl<S> tower::Layer<S> for ActivityLayer {
     type Service = Active<S>;
 
     fn layer(&self, inner: S) -> Active<S> {
-        Active { inner }
+        Active {
+            inner,
+            per_connection: self.per_connection,
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Active<S> {
     inner: S,
+    per_connection: usize,
 }
 
-impl<S: tower::Service<http::Request<B>>, B> tower::Service<http::Request<B>> for Active<S> {
+impl<S, B> tower::Service<http::Request<B>> for Active<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Error: From<tower::BoxError>,
+{
     type Response = S::Response;
     type Error = S::Error;
     type Future = ActiveFuture<S::Future>;
@@ -674,15 +739,15 @@ impl<S: tower::Service<http::Request<B>>, B> tower::Service<http::Request<B>> fo
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let guard = match request.extensions_mut().remove::<ConnectionInfo>() {
-            Some(info) => {
-                request.extensions_mut().insert(info.tcp);
-                Some(info.activity.request())
-            }
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let guard = match request.extensions().get::<ConnectionInfo>() {
+            Some(info) => match info.activity.request(self.per_connection) {
+                Some(guard) => Some(guard),
+                None => return ActiveFuture::Shed,
+            },
             None => None,
         };
-        ActiveFuture {
+        ActiveFuture::Running {
             inner: self.inner.call(request),
             _guard: guard,
         }
@@ -690,19 +755,34 @@ impl<S: tower::Service<http::Request<B>>, B> tower::Service<http::Request<B>> fo
 }
 
 pin_project_lite::pin_project! {
+    #[project = ActiveProj]
     #[derive(Debug)]
-    pub struct ActiveFuture<F> {
-        #[pin]
-        inner: F,
-        _guard: Option<RequestGuard>,
+    pub enum ActiveFuture<F> {
+        Running {
+            #[pin]
+            inner: F,
+            _guard: Option<RequestGuard>,
+        },
+        /// Beyond the connection's share: answered at once.
+        Shed,
     }
 }
 
-impl<F: Future> Future for ActiveFuture<F> {
+impl<F, T, E> Future for ActiveFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: From<tower::BoxError>,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().inner.poll(cx)
+        match self.project() {
+            ActiveProj::Running { inner, .. } => inner.poll(cx),
+            // tonic answers an `Overloaded` error RESOURCE_EXHAUSTED.
+            ActiveProj::Shed => Poll::Ready(Err(E::from(Box::new(
+                tower::load_shed::error::Overloaded::new(),
+            )))),
+        }
     }
 }
 
@@ -784,7 +864,7 @@ mod tests {
     async fn a_connection_is_closed_once_idle_and_never_while_a_request_runs() {
         let connections = connections(10);
         let (mut tracked, _client) = connect(&connections);
-        let request = activity(&tracked).request();
+        let request = activity(&tracked).request(usize::MAX);
         // Long past both timeouts, the request still holds it open.
         let read = tokio::time::timeout(FIRST + IDLE * 3, closed(&mut tracked)).await;
         assert!(read.is_err(), "closed while a request was running");
@@ -797,19 +877,44 @@ mod tests {
         let connections = connections(10);
         let (mut tracked, _client) = connect(&connections);
         for _ in 0..5 {
-            drop(activity(&tracked).request());
+            drop(activity(&tracked).request(usize::MAX));
             let read = tokio::time::timeout(IDLE / 2, closed(&mut tracked)).await;
             assert!(read.is_err(), "closed before it was idle for the timeout");
         }
-        drop(activity(&tracked).request());
+        drop(activity(&tracked).request(usize::MAX));
         assert_eq!(closed(&mut tracked).await.1, IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_shorter_than_the_first_request_timeout_holds_between_reads() {
+        let short_idle = Duration::from_secs(5);
+        let connections = Connections::new(
+            "test",
+            ConnectionLimits {
+                max_connections: 10,
+                first_request_timeout: Duration::from_secs(60),
+                idle_timeout: short_idle,
+            },
+        );
+        let (mut tracked, mut client) = connect(&connections);
+        // A read arms the timer while no request ran yet...
+        client.write_all(b"PRI").await.unwrap();
+        let mut buf = [0; 8];
+        assert_eq!(tracked.read(&mut buf).await.unwrap(), 3);
+        // ...then a request comes and goes without a read in between: the
+        // reads' fast path must still close it one idle timeout later.
+        drop(activity(&tracked).request(usize::MAX));
+        assert_eq!(
+            closed(&mut tracked).await,
+            (io::ErrorKind::TimedOut, short_idle)
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn at_the_cap_the_oldest_silent_connection_makes_room() {
         let connections = connections(3);
         let (mut used, _c1) = connect(&connections);
-        let _request = activity(&used).request();
+        let _request = activity(&used).request(usize::MAX);
         let (mut spoke, mut c2) = connect(&connections);
         c2.write_all(b"PRI").await.unwrap();
         let mut buf = [0; 3];
@@ -835,9 +940,9 @@ mod tests {
         let connections = connections(2);
         let (mut first, _c1) = connect(&connections);
         let (mut second, _c2) = connect(&connections);
-        drop(activity(&first).request());
+        drop(activity(&first).request(usize::MAX));
         tokio::time::advance(Duration::from_secs(1)).await;
-        drop(activity(&second).request());
+        drop(activity(&second).request(usize::MAX));
         let (_third, _c3) = connect(&connections);
         assert!(is_closed(&mut first), "idle longest");
         assert!(!is_closed(&mut second));
@@ -848,7 +953,10 @@ mod tests {
         let connections = connections(2);
         let (first, _c1) = connect(&connections);
         let (second, _c2) = connect(&connections);
-        let _busy = (activity(&first).request(), activity(&second).request());
+        let _busy = (
+            activity(&first).request(usize::MAX),
+            activity(&second).request(usize::MAX),
+        );
         let (server, _client) = duplex(64);
         assert!(connections.admit(server).is_err());
         // A connection that goes frees its place.
@@ -862,7 +970,7 @@ mod tests {
         let connections = connections(10);
         let (mut silent, _c1) = connect(&connections);
         let (mut used, _c2) = connect(&connections);
-        drop(activity(&used).request());
+        drop(activity(&used).request(usize::MAX));
         connections.close_unused();
         assert!(is_closed(&mut silent));
         assert!(!is_closed(&mut used));
@@ -870,7 +978,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_layer_marks_requests_and_leaves_the_peer_address() {
+    async fn the_layer_marks_requests_and_the_peer_address_stays_readable() {
         let connections = connections(10);
         let (tracked, _client) = connect(&connections);
         let peer: SocketAddr = "192.0.2.7:4711".parse().unwrap();
@@ -883,28 +991,68 @@ mod tests {
         };
         let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
         let mut release = Some(release_rx);
-        let mut service = ActivityLayer.layer(tower::service_fn(move |r: http::Request<()>| {
-            let seen = r
-                .extensions()
-                .get::<TcpConnectInfo>()
-                .and_then(|i| i.remote_addr);
-            let gone = r.extensions().get::<ConnectionInfo>().is_none();
-            let release = release.take();
-            async move {
-                if let Some(release) = release {
-                    let _ = release.await;
+        let mut service =
+            ActivityLayer::new(usize::MAX).layer(tower::service_fn(move |r: http::Request<()>| {
+                let seen = peer_addr(&tonic::Request::from_http(r));
+                let release = release.take();
+                async move {
+                    if let Some(release) = release {
+                        let _ = release.await;
+                    }
+                    Ok::<_, tower::BoxError>(seen)
                 }
-                Ok::<_, std::convert::Infallible>((seen, gone))
-            }
-        }));
+            }));
         let mut request = http::Request::new(());
         request.extensions_mut().insert(info);
         let call = service.ready().await.unwrap().call(request);
         assert_eq!(tracked.connection.state().in_flight, 1);
         assert_eq!(tracked.connection.state().stage, Stage::Used);
         release_tx.send(()).unwrap();
-        assert_eq!(call.await.unwrap(), (Some(peer), true));
+        assert_eq!(call.await.unwrap(), Some(peer));
         assert_eq!(tracked.connection.state().in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_connections_share_are_shed_at_once() {
+        let connections = connections(10);
+        let (tracked, _client) = connect(&connections);
+        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+        let mut service =
+            ActivityLayer::new(2).layer(tower::service_fn(move |_: http::Request<()>| {
+                let mut release = release_rx.clone();
+                async move {
+                    let _ = release.wait_for(|go| *go).await;
+                    Ok::<_, tower::BoxError>(())
+                }
+            }));
+        let request = || {
+            let mut request = http::Request::new(());
+            request.extensions_mut().insert(ConnectionInfo {
+                tcp: TcpConnectInfo {
+                    local_addr: None,
+                    remote_addr: None,
+                },
+                activity: activity(&tracked),
+            });
+            request
+        };
+        let first = service.ready().await.unwrap().call(request());
+        let second = service.ready().await.unwrap().call(request());
+        let shed = service.ready().await.unwrap().call(request()).await;
+        let err = shed.expect_err("a third request on a connection with a share of 2");
+        assert!(err.is::<tower::load_shed::error::Overloaded>(), "{err}");
+        release_tx.send(true).unwrap();
+        first.await.unwrap();
+        second.await.unwrap();
+        assert_eq!(tracked.connection.state().in_flight, 0);
+        // With room again, requests run.
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(request())
+            .await
+            .unwrap();
     }
 
     #[test]
