@@ -415,9 +415,6 @@ settings! {
         idle_timeout_ms: u64 = "VILVIK_KEYS_IDLE_TIMEOUT_MS", Value("300000"),
             "a connection with no request in progress for this long is closed",
             |c, name, v| { c.listener_limits.idle_timeout = parse_interval(name, "idle_timeout_ms", &v)?; Ok(()) };
-        request_body_timeout_ms: u64 = "VILVIK_KEYS_REQUEST_BODY_TIMEOUT_MS", Value("2000"),
-            "how long a request's message may take to arrive after its headers; then the call is answered DEADLINE_EXCEEDED and its stream closed",
-            |c, name, v| { c.listener_limits.request_body_timeout = parse_interval(name, "request_body_timeout_ms", &v)?; Ok(()) };
         http2_max_concurrent_streams: u32 = "VILVIK_KEYS_HTTP2_MAX_CONCURRENT_STREAMS", Value("200"),
             "requests open at once on one HTTP/2 connection (`SETTINGS_MAX_CONCURRENT_STREAMS`)",
             |c, name, v| { c.listener_limits.http2_max_concurrent_streams = parse_count(name, &v)? as u32; Ok(()) };
@@ -644,8 +641,6 @@ pub struct ListenerLimits {
     pub first_request_timeout: Duration,
     /// A connection with no request in progress for this long is closed.
     pub idle_timeout: Duration,
-    /// How long a request's message may take to arrive after its headers.
-    pub request_body_timeout: Duration,
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` on every HTTP/2 connection.
     pub http2_max_concurrent_streams: u32,
     pub http2_keepalive_interval: Duration,
@@ -663,7 +658,6 @@ impl Default for ListenerLimits {
             max_connections: 10_000,
             first_request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
-            request_body_timeout: Duration::from_secs(2),
             http2_max_concurrent_streams: 200,
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),

@@ -21,7 +21,6 @@ use vilvik_keys_verify::{
 use crate::admin_server::key_admin_server::KeyAdminServer;
 use crate::config::Config;
 use crate::proto;
-use crate::server::body_timeout::BodyTimeoutLayer;
 use crate::server::connections::{self, ActivityLayer, ConnectionLimits, Connections};
 use crate::server::in_flight::InFlight;
 use crate::server::{admin::AdminService, auth::Authenticator, verify::VerifyService};
@@ -231,7 +230,6 @@ impl Application {
                 .layer(tower::ServiceBuilder::new().load_shed().layer(
                     tower::limit::GlobalConcurrencyLimitLayer::new(limits.admin_concurrency_limit),
                 ))
-                .layer(BodyTimeoutLayer::new(limits.request_body_timeout))
                 .layer(in_flight.layer())
                 .add_service(health_service.clone())
                 .add_service(reflection_v1)
@@ -264,7 +262,6 @@ impl Application {
                         self.config.verify_concurrency_limit,
                     ),
                 ))
-                .layer(BodyTimeoutLayer::new(limits.request_body_timeout))
                 .layer(in_flight.layer())
                 .add_service(health_service)
                 .add_service(reflection_v1)

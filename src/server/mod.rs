@@ -3,7 +3,6 @@
 
 pub mod admin;
 pub mod auth;
-pub mod body_timeout;
 pub mod codec;
 pub mod connections;
 pub mod convert;
