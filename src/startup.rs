@@ -22,7 +22,6 @@ use crate::admin_server::key_admin_server::KeyAdminServer;
 use crate::config::Config;
 use crate::proto;
 use crate::server::connections::{self, ActivityLayer, ConnectionLimits, Connections};
-use crate::server::in_flight::InFlight;
 use crate::server::{admin::AdminService, auth::Authenticator, verify::VerifyService};
 use crate::verify_server::key_verify_server::KeyVerifyServer;
 
@@ -206,7 +205,6 @@ impl Application {
         };
         let mut servers = tokio::task::JoinSet::new();
         let mut pruner = None;
-        let in_flight = InFlight::default();
         let limits = self.config.listener_limits;
         let connection_limits = ConnectionLimits::new(&limits, self.max_connections);
         let mut listeners = Vec::new();
@@ -230,7 +228,6 @@ impl Application {
                 .layer(tower::ServiceBuilder::new().load_shed().layer(
                     tower::limit::GlobalConcurrencyLimitLayer::new(limits.admin_concurrency_limit),
                 ))
-                .layer(in_flight.layer())
                 .add_service(health_service.clone())
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -262,7 +259,6 @@ impl Application {
                         self.config.verify_concurrency_limit,
                     ),
                 ))
-                .layer(in_flight.layer())
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -312,7 +308,7 @@ impl Application {
         .await;
         let mut abandoned = Abandoned::default();
         if drained.is_err() {
-            abandoned.requests = in_flight.count();
+            abandoned.requests = listeners.iter().map(Connections::requests_in_flight).sum();
             tracing::warn!(
                 grace_ms = self.config.shutdown_grace.as_millis() as u64,
                 requests = abandoned.requests,

@@ -10,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
+use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
-use vilvik_keys::proto::{VerifyCode, VerifyKeyRequest};
+use vilvik_keys::proto::{CreateKeyRequest, VerifyCode, VerifyKeyRequest};
 use vilvik_keys_test_db::eventually;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vilvik-keys");
@@ -30,6 +31,7 @@ struct Served {
     child: Child,
     stderr: std::path::PathBuf,
     secret: String,
+    admin: SocketAddr,
 }
 
 impl Drop for Served {
@@ -70,6 +72,7 @@ async fn serve_with_a_pending_use(dir: &Path) -> Served {
         child,
         stderr,
         secret,
+        admin,
     };
     let url = format!("http://{verify}");
     let key = served.secret.clone();
@@ -155,6 +158,51 @@ async fn a_final_flush_the_store_refuses_is_retried_for_the_grace_then_abandoned
     assert!(line.contains(r#""usage_records":1"#), "{line}");
     assert!(line.contains(r#""requests":0"#), "{line}");
     assert!(!log.contains(&served.secret), "a secret in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_running_at_the_end_of_the_grace_is_counted_as_abandoned() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve_with_a_pending_use(dir.path()).await;
+    let (release, holder) = hold_write_lock(&dir.path().join("keys.db"));
+    // A create waits for the write lock (SQLite's busy timeout, 5 s), past
+    // the grace period of 1.5 s.
+    let channel = Channel::from_shared(format!("http://{}", served.admin))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(CreateKeyRequest {
+        name: "stuck".to_owned(),
+        ..Default::default()
+    });
+    let bearer = format!("Bearer {}", served.secret);
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    let create =
+        tokio::spawn(async move { KeyAdminClient::new(channel).create_key(request).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !create.is_finished(),
+        "the create did not wait for the lock"
+    );
+
+    sigterm(&served.child);
+    let code = exit_code(&mut served.child);
+    drop(release);
+    holder.join().unwrap();
+    let log = std::fs::read_to_string(&served.stderr).unwrap();
+    assert_eq!(code, Some(3), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("stopped, abandoning work"))
+        .unwrap_or_else(|| panic!("no line saying what was abandoned in {log}"));
+    assert!(line.contains(r#""requests":1"#), "{line}");
+    assert!(
+        create.await.unwrap().is_err(),
+        "the abandoned create answered OK"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -239,6 +239,13 @@ impl Connections {
         self.0.open().live
     }
 
+    /// Requests running on this listener's connections now (for the log
+    /// of a shutdown that abandons them).
+    pub fn requests_in_flight(&self) -> usize {
+        let open = self.0.open();
+        open.all.values().map(|c| c.state().in_flight).sum()
+    }
+
     /// Registers a newly accepted connection, making room for it at the
     /// cap; gives it back when there is none (every connection is busy).
     pub fn admit<IO>(&self, io: IO) -> Result<Tracked<IO>, IO> {

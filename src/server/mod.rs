@@ -7,6 +7,5 @@ pub mod codec;
 pub mod connections;
 pub mod convert;
 pub mod error;
-pub mod in_flight;
 pub mod verify;
 pub mod verify_wire;
