@@ -445,7 +445,10 @@ fn fit_connection_cap(configured: usize, listeners: usize) -> usize {
         max_connections = cap,
         "file descriptor limit raised to the hard limit"
     );
-    if cap < configured {
+    // The default cap is a ceiling, fitted to the machine without a word;
+    // a cap an operator chose and the machine cannot hold is worth one.
+    let chosen = configured != crate::config::ListenerLimits::default().max_connections;
+    if cap < configured && chosen {
         tracing::warn!(
             open_files.limit = descriptors,
             max_connections = cap,
