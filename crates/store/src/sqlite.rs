@@ -49,6 +49,7 @@ impl SqliteStore {
     pub async fn open(path: &Path) -> Result<Self> {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || {
+            make_private(&path)?;
             let writer = open_connection(&path)?;
             writer
                 .pragma_update(None, "journal_mode", "WAL")
@@ -89,6 +90,50 @@ impl SqliteStore {
         let conn = self.reader.clone();
         run_blocking(move || f(&conn.lock().unwrap_or_else(|p| p.into_inner()))).await
     }
+}
+
+/// The database holds key hashes and account data: only the service's
+/// user may read it. A new file is created 0600 before SQLite opens it
+/// (the umask can only take bits away), and SQLite gives its `-wal` and
+/// `-shm` files the database file's mode. An existing database, WAL or
+/// shared-memory file that others may read is narrowed to its owner.
+fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let cannot = |what: &str, e: std::io::Error| {
+        StoreError::internal_from(format!("cannot {what} {}", path.display()), e)
+    };
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(cannot("create SQLite database", e)),
+    }
+    let mut files = vec![path.to_owned()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        files.push(name.into());
+    }
+    for file in files {
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue; // no such file (yet)
+        };
+        let mode = meta.permissions().mode();
+        if meta.is_file() && mode & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & 0o700))
+                .map_err(|e| cannot("make private", e))?;
+            tracing::warn!(
+                file = %file.display(),
+                was = format!("{:o}", mode & 0o777),
+                "the SQLite file was readable by others: narrowed to owner only"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn open_connection(path: &Path) -> Result<Connection> {

@@ -1,0 +1,77 @@
+//! The SQLite database holds key hashes: its files are private to the
+//! service's user, whatever the umask, for new and existing databases.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use vilvik_keys_domain::{ScopeSet, TierLimits};
+use vilvik_keys_store::{Actor, NewKey, SqliteStore, Store};
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
+async fn write_a_key(store: &SqliteStore) {
+    store.migrate().await.unwrap();
+    let (new, _) = NewKey::builder("ACME".parse().unwrap())
+        .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+        .build();
+    let actor = Actor {
+        name: "test".to_owned(),
+        ip: None,
+    };
+    store
+        .create_key(new, &actor, TierLimits::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_new_database_and_its_wal_and_shm_are_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    write_a_key(&store).await;
+    for file in [
+        path.clone(),
+        with_suffix(&path, "-wal"),
+        with_suffix(&path, "-shm"),
+    ] {
+        assert!(file.exists(), "{} was not created", file.display());
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}
+
+#[tokio::test]
+async fn an_existing_database_readable_by_others_is_narrowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    {
+        let store = SqliteStore::open(&path).await.unwrap();
+        write_a_key(&store).await;
+    }
+    for file in [
+        path.clone(),
+        with_suffix(&path, "-wal"),
+        with_suffix(&path, "-shm"),
+    ] {
+        if file.exists() {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let store = SqliteStore::open(&path).await.unwrap();
+    write_a_key(&store).await;
+    for file in [
+        path.clone(),
+        with_suffix(&path, "-wal"),
+        with_suffix(&path, "-shm"),
+    ] {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}
