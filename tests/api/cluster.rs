@@ -120,18 +120,7 @@ async fn verifies_cost_about_one_statement_per_flush_interval() {
     };
     let created = app.create_key("hot-key", &["a:b"]).await.unwrap();
     let client = app.postgres_client().await;
-    let transactions = || async {
-        // Other sessions report their counters at most once a second.
-        tokio::time::sleep(Duration::from_millis(1_200)).await;
-        client
-            .query_one(
-                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let transactions = || transactions(&client);
     assert_eq!(
         app.verify_code(&created.secret, &[]).await,
         VerifyCode::Valid
@@ -203,18 +192,7 @@ async fn keys_nobody_has_cost_no_database_access() {
         return;
     };
     let client = app.postgres_client().await;
-    let transactions = || async {
-        // Other sessions report their counters at most once a second.
-        tokio::time::sleep(Duration::from_millis(1_200)).await;
-        client
-            .query_one(
-                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let transactions = || transactions(&client);
     const ATTEMPTS: usize = 500;
     let before = transactions().await;
     for _ in 0..ATTEMPTS {
@@ -250,4 +228,19 @@ async fn keys_nobody_has_cost_no_database_access() {
         spent <= 4,
         "{spent} transactions for {ATTEMPTS} unknown keys"
     );
+}
+
+/// The database's committed and rolled-back transactions so far, as
+/// Postgres counts them; waits first, since other sessions report their
+/// counters at most once a second.
+async fn transactions(client: &tokio_postgres::Client) -> i64 {
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    client
+        .query_one(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
 }

@@ -356,14 +356,23 @@ impl VerifyNode {
     /// learns new prefixes from the change feed (a millisecond or so on
     /// Postgres, one poll on SQLite) and until then answers NOT_FOUND.
     pub async fn wait_until_known(&mut self, key: &str) -> VerifyCode {
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        loop {
-            let code = self.verify_code(key).await;
-            if code != VerifyCode::NotFound || std::time::Instant::now() > deadline {
-                return code;
+        let what = format!("node {} knows the new key", self.addr);
+        vilvik_keys_test_db::eventually(Duration::from_secs(2), &what, || {
+            let mut client = self.verify.clone();
+            let key = key.to_owned();
+            async move {
+                let answer = client
+                    .verify_key(proto::VerifyKeyRequest {
+                        key,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("VerifyKey answers OK");
+                answer.into_inner().code() != VerifyCode::NotFound
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        })
+        .await;
+        self.verify_code(key).await
     }
 }
 

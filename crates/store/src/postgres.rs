@@ -766,7 +766,6 @@ impl PostgresStore {
         decode: fn(&Row) -> Result<T>,
         sink: &mut (dyn FnMut(Vec<T>) + Send),
     ) -> Result<usize> {
-        let batch = batch.max(1);
         let mut client = self.client().await?;
         let (tx, rx) = mpsc::channel(stream::BUFFERED_BATCHES);
         let producer = tokio::spawn(async move {
@@ -782,18 +781,16 @@ impl PostgresStore {
                 .await
                 .map_err(map_err)?;
             let mut rows = std::pin::pin!(rows);
-            let mut items = stream::new_batch(batch);
+            let mut batches = stream::Batcher::new(batch);
             while let Some(row) = rows.try_next().await.map_err(map_err)? {
-                items.push(decode(&row)?);
-                if items.len() == batch {
-                    let full = std::mem::replace(&mut items, stream::new_batch(batch));
-                    if tx.send(full).await.is_err() {
-                        return Ok(()); // the caller gave up
-                    }
+                if let Some(full) = batches.push(decode(&row)?)
+                    && tx.send(full).await.is_err()
+                {
+                    return Ok(()); // the caller gave up
                 }
             }
-            if !items.is_empty() {
-                let _ = tx.send(items).await;
+            if let Some(rest) = batches.rest() {
+                let _ = tx.send(rest).await;
             }
             // The connection goes back to the pool only now, with the
             // query done.

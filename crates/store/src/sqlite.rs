@@ -576,7 +576,6 @@ impl SqliteStore {
         decode: fn(&Row<'_>) -> Result<T>,
         sink: &mut (dyn FnMut(Vec<T>) + Send),
     ) -> Result<usize> {
-        let batch = batch.max(1);
         let (tx, rx) = mpsc::channel(stream::BUFFERED_BATCHES);
         let conn = self.reader.clone();
         let producer = tokio::task::spawn_blocking(move || {
@@ -588,17 +587,17 @@ impl SqliteStore {
             {
                 let mut stmt = read.prepare_cached(query).map_err(map_err)?;
                 let mut rows = stmt.query([]).map_err(map_err)?;
-                let mut items = stream::new_batch(batch);
+                let mut batches = stream::Batcher::new(batch);
                 while let Some(row) = rows.next().map_err(map_err)? {
-                    items.push(decode(row)?);
-                    if items.len() == batch {
-                        let full = std::mem::replace(&mut items, stream::new_batch(batch));
-                        if tx.blocking_send(full).is_err() {
-                            return Ok(()); // the caller gave up
-                        }
+                    if let Some(full) = batches.push(decode(row)?)
+                        && tx.blocking_send(full).is_err()
+                    {
+                        return Ok(()); // the caller gave up
                     }
                 }
-                if !items.is_empty() && tx.blocking_send(items).is_err() {
+                if let Some(rest) = batches.rest()
+                    && tx.blocking_send(rest).is_err()
+                {
                     return Ok(());
                 }
             }

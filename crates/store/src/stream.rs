@@ -62,9 +62,36 @@ impl<S: AsRef<str>> RawEntry<'_, S> {
     }
 }
 
-/// An empty batch with room for `batch` entries (up to a limit).
-pub(crate) fn new_batch<T>(batch: usize) -> Vec<T> {
-    Vec::with_capacity(batch.min(MAX_PREALLOCATED))
+/// Collects a producer's items into batches for the caller.
+pub(crate) struct Batcher<T> {
+    size: usize,
+    items: Vec<T>,
+}
+
+impl<T> Batcher<T> {
+    /// Batches of `size` items (0 counts as 1), each allocating room for
+    /// at most [`MAX_PREALLOCATED`] up front.
+    pub fn new(size: usize) -> Self {
+        let size = size.max(1);
+        Self {
+            size,
+            items: Vec::with_capacity(size.min(MAX_PREALLOCATED)),
+        }
+    }
+
+    /// Adds `item`; returns the batch when it is full.
+    pub fn push(&mut self, item: T) -> Option<Vec<T>> {
+        self.items.push(item);
+        (self.items.len() == self.size).then(|| {
+            let fresh = Vec::with_capacity(self.size.min(MAX_PREALLOCATED));
+            std::mem::replace(&mut self.items, fresh)
+        })
+    }
+
+    /// The last, partly filled batch, if any.
+    pub fn rest(self) -> Option<Vec<T>> {
+        (!self.items.is_empty()).then_some(self.items)
+    }
 }
 
 /// The caller's side: hands every batch the producer sends to `sink`, then

@@ -11,10 +11,14 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
-fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    name.into()
+/// The database file and its WAL and shared-memory files.
+fn database_files(path: &Path) -> [std::path::PathBuf; 3] {
+    let with_suffix = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        std::path::PathBuf::from(name)
+    };
+    [path.to_owned(), with_suffix("-wal"), with_suffix("-shm")]
 }
 
 async fn write_a_key(store: &SqliteStore) {
@@ -38,11 +42,7 @@ async fn a_new_database_and_its_wal_and_shm_are_owner_only() {
     let path = dir.path().join("keys.db");
     let store = SqliteStore::open(&path).await.unwrap();
     write_a_key(&store).await;
-    for file in [
-        path.clone(),
-        with_suffix(&path, "-wal"),
-        with_suffix(&path, "-shm"),
-    ] {
+    for file in database_files(&path) {
         assert!(file.exists(), "{} was not created", file.display());
         assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
@@ -56,22 +56,14 @@ async fn an_existing_database_readable_by_others_is_narrowed() {
         let store = SqliteStore::open(&path).await.unwrap();
         write_a_key(&store).await;
     }
-    for file in [
-        path.clone(),
-        with_suffix(&path, "-wal"),
-        with_suffix(&path, "-shm"),
-    ] {
+    for file in database_files(&path) {
         if file.exists() {
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         }
     }
     let store = SqliteStore::open(&path).await.unwrap();
     write_a_key(&store).await;
-    for file in [
-        path.clone(),
-        with_suffix(&path, "-wal"),
-        with_suffix(&path, "-shm"),
-    ] {
+    for file in database_files(&path) {
         assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
 }

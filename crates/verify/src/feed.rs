@@ -138,6 +138,13 @@ fn micros(at: OffsetDateTime) -> i64 {
     (at.unix_timestamp_nanos() / 1_000) as i64
 }
 
+/// A prefix changed, whoever says so (the change feed, or the node's own
+/// admin API): its cached answer is stale, and it exists.
+pub(crate) fn note_change(cache: &KeyCache, known: &KnownPrefixes, prefix: &KeyPrefix) {
+    cache.invalidate(prefix);
+    known.insert(prefix);
+}
+
 /// Applies the store's change log to one node's cache.
 pub(crate) struct Follower {
     pub store: Arc<dyn KeySource>,
@@ -303,10 +310,8 @@ impl Follower {
         Ok(())
     }
 
-    /// A prefix changed: its cached answer is stale, and it exists.
     fn note_change(&self, prefix: &KeyPrefix) {
-        self.cache.invalidate(prefix);
-        self.known.insert(prefix);
+        note_change(&self.cache, &self.known, prefix);
     }
 
     /// Evicts every prefix changed since the last applied change.

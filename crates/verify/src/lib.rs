@@ -264,8 +264,7 @@ impl Verifier {
     /// one that served a create knows the key, whatever the change feed's
     /// delay.
     pub fn invalidate(&self, prefix: &KeyPrefix) {
-        self.cache.invalidate(prefix);
-        self.known.insert(prefix);
+        feed::note_change(&self.cache, &self.known, prefix);
     }
 
     /// Warms the cache with every secret in the store, streaming, and
