@@ -19,6 +19,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use vilvik_keys_domain::TierLimits;
 
+use crate::server::tls::TlsFiles;
+
 /// Shortest operator token accepted: a guessable token would open every account.
 const MIN_OPERATOR_TOKEN_LEN: usize = 32;
 
@@ -71,6 +73,85 @@ pub struct Config {
     /// What one client may hold open on either listener: connections,
     /// streams, and requests whose message does not arrive.
     pub listener_limits: ListenerLimits,
+    /// TLS on the listeners; plaintext when no certificate is set.
+    pub tls: TlsSettings,
+}
+
+/// The TLS settings: one certificate for both listeners, and the CA whose
+/// client certificates the admin listener then demands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub admin_client_ca_file: Option<PathBuf>,
+    /// The CA printed in smoke-test commands (grpcurl's `-cacert`).
+    pub public_ca_file: Option<PathBuf>,
+    /// How often the files are checked for a change (SIGHUP: at once).
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            admin_client_ca_file: None,
+            public_ca_file: None,
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl TlsSettings {
+    /// What the `listener` ("admin" or "verify") serves TLS with; `None`:
+    /// plaintext.
+    pub fn files(&self, listener: &str) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.cert_file.clone()?,
+            key: self.key_file.clone()?,
+            client_ca: match listener {
+                "admin" => self.admin_client_ca_file.clone(),
+                _ => None,
+            },
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    /// Settings that make no sense together stop the start.
+    fn check(&self) -> Result<(), ConfigError> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls_key_file",
+                    "is required with tls_cert_file: set VILVIK_KEYS_TLS_KEY_FILE to the certificate's private key (PEM)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls_cert_file",
+                    "is required with tls_key_file: set VILVIK_KEYS_TLS_CERT_FILE to the certificate (PEM)",
+                ));
+            }
+            _ => {}
+        }
+        if !self.enabled() {
+            for (setting, set) in [
+                ("admin_client_ca_file", self.admin_client_ca_file.is_some()),
+                ("public_ca_file", self.public_ca_file.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        setting,
+                        "needs TLS: set tls_cert_file and tls_key_file (VILVIK_KEYS_TLS_CERT_FILE, VILVIK_KEYS_TLS_KEY_FILE) too",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -113,6 +194,7 @@ impl std::fmt::Debug for Config {
             .field("verify_misses", &self.verify_misses)
             .field("change_log_retention", &self.change_log_retention)
             .field("listener_limits", &self.listener_limits)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -147,6 +229,7 @@ impl Default for Config {
             verify_misses: vilvik_keys_verify::MissConfig::default(),
             change_log_retention: Duration::from_secs(7 * 24 * 3600),
             listener_limits: ListenerLimits::default(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -433,6 +516,22 @@ settings! {
         admin_concurrency_per_connection: u32 = "VILVIK_KEYS_ADMIN_CONCURRENCY_PER_CONNECTION", Value("64"),
             "admin requests in progress at once on one connection, its share of `admin_concurrency_limit`",
             |c, name, v| { c.listener_limits.admin_concurrency_per_connection = parse_count(name, &v)?; Ok(()) };
+        // TLS (issue 9); see src/server/tls.rs and docs/SECURITY.md.
+        tls_cert_file: PathBuf = "VILVIK_KEYS_TLS_CERT_FILE", Unset("plaintext"),
+            "the certificate chain (PEM) both listeners serve TLS with; needs `tls_key_file`",
+            |c, _, v| { c.tls.cert_file = Some(PathBuf::from(v)); Ok(()) };
+        tls_key_file: PathBuf = "VILVIK_KEYS_TLS_KEY_FILE", Unset("plaintext"),
+            "the private key (PEM) of `tls_cert_file`",
+            |c, _, v| { c.tls.key_file = Some(PathBuf::from(v)); Ok(()) };
+        admin_client_ca_file: PathBuf = "VILVIK_KEYS_ADMIN_CLIENT_CA_FILE", Unset("no client certificate needed"),
+            "the admin listener demands a client certificate signed by this CA (PEM): mutual TLS",
+            |c, _, v| { c.tls.admin_client_ca_file = Some(PathBuf::from(v)); Ok(()) };
+        public_ca_file: PathBuf = "VILVIK_KEYS_PUBLIC_CA_FILE", Unset("the system's CAs"),
+            "the CA file smoke-test commands pass to grpcurl as `-cacert`",
+            |c, _, v| { c.tls.public_ca_file = Some(PathBuf::from(v)); Ok(()) };
+        tls_reload_interval_ms: u64 = "VILVIK_KEYS_TLS_RELOAD_INTERVAL_MS", Value("5000"),
+            "how often the TLS files are checked for a change (SIGHUP reloads them at once)",
+            |c, name, v| { c.tls.reload_interval = parse_interval(name, "tls_reload_interval_ms", &v)?; Ok(()) };
     }
     elsewhere {
         "VILVIK_KEYS_CONFIG", Unset("no file"),
@@ -441,7 +540,13 @@ settings! {
         "VILVIK_KEYS_TOKEN", Unset("no credential"),
             "the CLI's credential: a management key or the operator token";
         "VILVIK_KEYS_ADDR", Value("http://127.0.0.1:50051"),
-            "the admin API the CLI talks to";
+            "the admin API the CLI talks to (`https://…` for TLS)";
+        "VILVIK_KEYS_CA_FILE", Unset("the system's CAs"),
+            "the CA (PEM) the CLI checks the admin API's certificate against";
+        "VILVIK_KEYS_CLIENT_CERT_FILE", Unset("no client certificate"),
+            "the CLI's client certificate (PEM), for an admin API with mutual TLS";
+        "VILVIK_KEYS_CLIENT_KEY_FILE", Unset("no client certificate"),
+            "the private key (PEM) of `VILVIK_KEYS_CLIENT_CERT_FILE`";
         "VILVIK_KEYS_ACCOUNT", Unset("the credential's account"),
             "the account the CLI acts for with the operator token";
         "VILVIK_KEYS_ACTOR", Unset("no actor"),
@@ -528,6 +633,7 @@ impl Config {
         config
             .listener_limits
             .check(config.verify_concurrency_limit)?;
+        config.tls.check()?;
         Ok(config)
     }
 

@@ -21,8 +21,10 @@ use vilvik_keys_verify::{
 use crate::admin_server::key_admin_server::KeyAdminServer;
 use crate::config::Config;
 use crate::proto;
+use crate::server::admin::{AdminService, SmokeTest};
 use crate::server::connections::{self, ActivityLayer, ConnectionLimits, Connections};
-use crate::server::{admin::AdminService, auth::Authenticator, verify::VerifyService};
+use crate::server::tls::{self, Acceptor};
+use crate::server::{auth::Authenticator, verify::VerifyService};
 use crate::verify_server::key_verify_server::KeyVerifyServer;
 
 /// The standard health service, advertised by reflection on both listeners.
@@ -53,6 +55,9 @@ pub struct Application {
     config: Config,
     /// Each listener's connection cap, fitted to the descriptor limit.
     max_connections: usize,
+    /// Each listener's TLS, when it has it.
+    admin_tls: Option<Acceptor>,
+    verify_tls: Option<Acceptor>,
 }
 
 impl Application {
@@ -67,6 +72,17 @@ impl Application {
         role: Role,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
+        // Before anything else: a bad certificate should stop the start
+        // at once, not after the store was migrated.
+        let tls = |listener: &'static str| {
+            config
+                .tls
+                .files(listener)
+                .map(|files| Acceptor::load(listener, files))
+                .transpose()
+                .with_context(|| format!("cannot set up TLS for the {listener} API"))
+        };
+        let (admin_tls, verify_tls) = (tls("admin")?, tls("verify")?);
         let store = open_store(&config).await?;
         let usage = UsageRecorder::new(
             store.clone(),
@@ -150,7 +166,13 @@ impl Application {
                         config.trusted_proxies.clone(),
                     ),
                     limits: config.tier_limits,
-                    public_verify_addr: config.public_verify_addr(verify_addr),
+                    smoke_test: SmokeTest::new(
+                        config.public_verify_addr(verify_addr),
+                        config
+                            .tls
+                            .enabled()
+                            .then_some(config.tls.public_ca_file.as_deref()),
+                    ),
                 },
             )),
             Role::Verify => None,
@@ -166,6 +188,8 @@ impl Application {
             verifier,
             config,
             max_connections,
+            admin_tls,
+            verify_tls,
         })
     }
 
@@ -234,13 +258,14 @@ impl Application {
                 .add_service(
                     KeyAdminServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
                 );
-            tracing::info!(listener = "admin", %addr, "listening");
-            servers.spawn(
-                router.serve_with_incoming_shutdown(
+            tracing::info!(listener = "admin", %addr, tls = tls_mode(self.admin_tls.as_ref()), "listening");
+            servers.spawn(router.serve_with_incoming_shutdown(
+                tls::Incoming::new(
                     connections.incoming(incoming(listener)),
-                    stopped(),
+                    self.admin_tls.clone(),
                 ),
-            );
+                stopped(),
+            ));
         }
         if let Some((listener, service)) = self.verify {
             health_reporter
@@ -265,14 +290,24 @@ impl Application {
                 .add_service(
                     KeyVerifyServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
                 );
-            tracing::info!(listener = "verify", %addr, "listening");
-            servers.spawn(
-                router.serve_with_incoming_shutdown(
+            tracing::info!(listener = "verify", %addr, tls = tls_mode(self.verify_tls.as_ref()), "listening");
+            servers.spawn(router.serve_with_incoming_shutdown(
+                tls::Incoming::new(
                     connections.incoming(incoming(listener)),
-                    stopped(),
+                    self.verify_tls.clone(),
                 ),
-            );
+                stopped(),
+            ));
         }
+        let tls_watcher = tokio::spawn(tls::watch(
+            self.admin_tls
+                .iter()
+                .chain(&self.verify_tls)
+                .cloned()
+                .collect(),
+            self.config.tls.reload_interval,
+            stopped(),
+        ));
 
         let verifier = self.verifier.clone();
         let follower_stop = stopped();
@@ -317,6 +352,7 @@ impl Application {
             servers.abort_all();
         }
         let _ = follower.await;
+        let _ = tls_watcher.await;
         if let Some(pruner) = pruner {
             let _ = pruner.await;
         }
@@ -419,6 +455,15 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         tracing::info!(migrations = applied, "applied database migrations");
     }
     Ok(store)
+}
+
+/// How a listener's TLS is described in its "listening" line.
+fn tls_mode(tls: Option<&Acceptor>) -> &'static str {
+    match tls {
+        None => "off",
+        Some(tls) if tls.demands_client_certificates() => "mutual",
+        Some(_) => "on",
+    }
 }
 
 /// A server builder with what both listeners share: the request deadline,

@@ -9,6 +9,7 @@
 //! name the account acted on and the person acting.
 
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -19,7 +20,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::output;
 use crate::proto::{self, key_admin_client::KeyAdminClient};
@@ -36,7 +37,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Connection")]
 pub struct ClientArgs {
-    /// The admin API's address, e.g. http://127.0.0.1:50051 or host:port.
+    /// The admin API's address, e.g. http://127.0.0.1:50051, host:port, or https://host:port for TLS.
     #[arg(
         long,
         env = "VILVIK_KEYS_ADDR",
@@ -53,6 +54,58 @@ pub struct ClientArgs {
     /// The person acting, for the audit log (sent as x-vilvik-actor; needed with the operator token).
     #[arg(long, env = "VILVIK_KEYS_ACTOR", global = true)]
     pub actor: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// TLS to the admin API, for an `https://` address.
+#[derive(Debug, Args)]
+pub struct ClientTlsArgs {
+    /// The CA (PEM) the admin API's certificate must be signed by (default: the system's CAs).
+    #[arg(long, env = "VILVIK_KEYS_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM), for an admin API that demands one (mutual TLS).
+    #[arg(
+        long,
+        env = "VILVIK_KEYS_CLIENT_CERT_FILE",
+        global = true,
+        requires = "client_key_file"
+    )]
+    pub client_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert-file.
+    #[arg(
+        long,
+        env = "VILVIK_KEYS_CLIENT_KEY_FILE",
+        global = true,
+        requires = "client_cert_file"
+    )]
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    fn any(&self) -> bool {
+        self.ca_file.is_some() || self.client_cert_file.is_some() || self.client_key_file.is_some()
+    }
+
+    /// tonic's client TLS from the files given.
+    fn config(&self) -> anyhow::Result<ClientTlsConfig> {
+        let read = |path: &PathBuf, flag: &str| {
+            std::fs::read(path)
+                .with_context(|| format!("{flag} {}: cannot read it", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new();
+        match &self.ca_file {
+            Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(read(ca, "--ca-file")?)),
+            None => tls = tls.with_native_roots(),
+        }
+        if let (Some(cert), Some(key)) = (&self.client_cert_file, &self.client_key_file) {
+            tls = tls.identity(Identity::from_pem(
+                read(cert, "--client-cert-file")?,
+                read(key, "--client-key-file")?,
+            ));
+        }
+        Ok(tls)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -434,7 +487,8 @@ fn header_value(flag: &str, value: Option<&str>) -> anyhow::Result<Option<AsciiM
     })
 }
 
-/// `host:port` -> `http://host:port`; explicit `http://` is kept.
+/// `host:port` -> `http://host:port`; explicit `http://` and `https://`
+/// are kept.
 fn endpoint_uri(addr: &str) -> anyhow::Result<String> {
     let addr = addr.trim();
     if addr.is_empty() {
@@ -442,14 +496,11 @@ fn endpoint_uri(addr: &str) -> anyhow::Result<String> {
     }
     match addr.split_once("://") {
         None => Ok(format!("http://{addr}")),
-        Some(("http", _)) => Ok(addr.to_owned()),
-        Some(("https", _)) => {
-            bail!(
-                "--addr {addr}: TLS is not supported by this build yet; use http:// (e.g. through a local tunnel)"
-            )
-        }
+        Some(("http" | "https", _)) => Ok(addr.to_owned()),
         Some((scheme, _)) => {
-            bail!("--addr {addr}: unsupported scheme '{scheme}': use http://host:port or host:port")
+            bail!(
+                "--addr {addr}: unsupported scheme '{scheme}': use http://host:port, https://host:port or host:port"
+            )
         }
     }
 }
@@ -466,12 +517,33 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Api> {
         })?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT);
+    let endpoint = if uri.starts_with("https://") {
+        if args.tls.client_cert_file.is_none() {
+            let _ = TRANSPORT_HINT.set(
+                ": the admin API closed the connection; if it demands client certificates (mutual TLS), \
+                 set VILVIK_KEYS_CLIENT_CERT_FILE and VILVIK_KEYS_CLIENT_KEY_FILE to one its CA signed",
+            );
+        }
+        endpoint
+            .tls_config(args.tls.config()?)
+            .context("cannot set up TLS to the admin API")?
+    } else {
+        if args.tls.any() {
+            bail!(
+                "--ca-file and --client-cert-file are for TLS: give --addr (VILVIK_KEYS_ADDR) as https://host:port"
+            );
+        }
+        endpoint
+    };
     let channel = endpoint.connect().await.map_err(|e| {
-        anyhow!(
-            "cannot reach the admin API at {uri} ({}): is `vilvik-keys serve` running there? \
-             Point --addr or VILVIK_KEYS_ADDR at its admin address",
-            root_cause(&e)
-        )
+        let cause = root_cause(&e);
+        match tls_hint(&cause) {
+            "" => anyhow!(
+                "cannot reach the admin API at {uri} ({cause}): is `vilvik-keys serve` running there? \
+                 Point --addr or VILVIK_KEYS_ADDR at its admin address"
+            ),
+            hint => anyhow!("cannot reach the admin API at {uri} ({cause}){hint}"),
+        }
     })?;
     Ok(KeyAdminClient::with_interceptor(channel, credentials))
 }
@@ -485,14 +557,40 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// A failed call as `CODE: message`.
+/// A failed call as `CODE: message`; a transport failure (the call never
+/// reached the service) with its cause, and a hint when TLS refused it.
 fn api_error(status: tonic::Status) -> anyhow::Error {
     let code = code_name(status.code());
-    let message = output::printable(status.message());
+    let mut message = output::printable(status.message());
+    if let Some(source) = std::error::Error::source(&status) {
+        let cause = output::printable(&root_cause(source));
+        let hint = match tls_hint(&cause) {
+            "" => TRANSPORT_HINT.get().copied().unwrap_or_default(),
+            hint => hint,
+        };
+        message = format!("{message} ({cause}){hint}");
+    }
     if message.is_empty() {
         anyhow!("{code}")
     } else {
         anyhow!("{code}: {message}")
+    }
+}
+
+/// What to add to a call that failed in transport: over TLS without a
+/// client certificate, the likely cause. (A TLS 1.3 server refuses a
+/// client's certificate after the client thinks the handshake is done, so
+/// the call sees only its connection closing, in one of several ways.)
+static TRANSPORT_HINT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// What to do about a TLS alert from the admin API.
+fn tls_hint(cause: &str) -> &'static str {
+    if cause.contains("CertificateRequired") || cause.contains("BadCertificate") {
+        ": the admin API wants a client certificate its CA signed; set VILVIK_KEYS_CLIENT_CERT_FILE and VILVIK_KEYS_CLIENT_KEY_FILE"
+    } else if cause.contains("UnknownCA") || cause.contains("UnknownIssuer") {
+        ": the certificates are signed by a CA the other side does not trust; check VILVIK_KEYS_CA_FILE and the client certificate"
+    } else {
+        ""
     }
 }
 
@@ -728,11 +826,9 @@ mod tests {
             endpoint_uri(" http://keys:50051 ").unwrap(),
             "http://keys:50051"
         );
-        assert!(
-            endpoint_uri("https://keys:443")
-                .unwrap_err()
-                .to_string()
-                .contains("TLS")
+        assert_eq!(
+            endpoint_uri("https://keys:443").unwrap(),
+            "https://keys:443"
         );
         assert!(endpoint_uri("ftp://keys").is_err());
         assert!(endpoint_uri("").is_err());

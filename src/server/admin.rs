@@ -32,16 +32,57 @@ pub struct AdminService {
     pub verifier: Verifier,
     pub auth: Authenticator,
     pub limits: TierLimits,
-    /// The verify address printed in smoke-test commands.
-    pub public_verify_addr: String,
+    /// How the printed smoke-test command reaches the verify listener.
+    pub smoke_test: SmokeTest,
+}
+
+/// The grpcurl command CreateKey and RotateKey print, with what it needs to
+/// reach the verify listener: its public address, and `-plaintext` or the
+/// CA to check its certificate against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmokeTest {
+    verify_addr: String,
+    transport: String,
+}
+
+impl SmokeTest {
+    /// `tls`: `None` for a plaintext listener, else the CA file to pass as
+    /// `-cacert` (none: grpcurl uses the system's CAs).
+    pub fn new(verify_addr: String, tls: Option<Option<&std::path::Path>>) -> Self {
+        let transport = match tls {
+            None => "-plaintext ".to_owned(),
+            Some(None) => String::new(),
+            Some(Some(ca)) => format!("-cacert {} ", shell_quoted(&ca.to_string_lossy())),
+        };
+        Self {
+            verify_addr,
+            transport,
+        }
+    }
+
+    fn command(&self, secret: &str) -> String {
+        format!(
+            "grpcurl {}-d '{{\"key\":\"{secret}\"}}' {} vilvik.keys.v1.KeyVerify/VerifyKey",
+            self.transport, self.verify_addr
+        )
+    }
+}
+
+/// `s` as one shell word: bare when it is plainly safe, else single-quoted.
+fn shell_quoted(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:,=@".contains(&b));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 impl AdminService {
     fn smoke_test_command(&self, secret: &str) -> String {
-        format!(
-            "grpcurl -plaintext -d '{{\"key\":\"{secret}\"}}' {} vilvik.keys.v1.KeyVerify/VerifyKey",
-            self.public_verify_addr
-        )
+        self.smoke_test.command(secret)
     }
 
     fn key(&self, record: KeyRecord) -> proto::Key {

@@ -7,5 +7,6 @@ pub mod codec;
 pub mod connections;
 pub mod convert;
 pub mod error;
+pub mod tls;
 pub mod verify;
 pub mod verify_wire;

@@ -138,6 +138,10 @@ impl TestApp {
             let _ = stopped.await;
         }));
         self.server = Some((stop, handle));
+        if self.config.tls.enabled() {
+            // TLS tests make their own clients, with the certificates they need.
+            return;
+        }
         self.admin = KeyAdminClient::new(channel(self.admin_addr).await);
         self.verify = KeyVerifyClient::new(channel(self.verify_addr).await);
     }

@@ -13,6 +13,7 @@ mod encoding;
 mod lifecycle;
 mod outage;
 mod protection;
+mod tls;
 mod tour;
 
 /// Runs each listed `async fn(TestApp)` once per backend.

@@ -1,0 +1,437 @@
+//! TLS on the listeners, with certificates that can be replaced while the
+//! server runs.
+//!
+//! tonic's own `ServerTlsConfig` is fixed at start, so the handshake is
+//! done here with tokio-rustls (what tonic uses underneath) on the
+//! connections [`connections::Incoming`] has admitted: the connection
+//! limits, including the first-request timeout, apply to the handshake
+//! too. Each handshake takes the listener's current rustls configuration;
+//! [`watch`] rebuilds it when the files change or on SIGHUP, so a renewed
+//! certificate is used for new connections while open ones carry on with
+//! the one they started with.
+//!
+//! On the admin listener a client CA makes it mutual TLS: a client must
+//! present a certificate that CA signed, or the handshake fails.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Stream, StreamExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+use tonic::transport::server::Connected;
+
+use super::connections::{self, ConnectionInfo, Tracked};
+
+/// The files one listener's TLS is made from, each with the setting that
+/// names it (for messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Clients must present a certificate signed by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The settings behind [`TlsFiles`], as messages name them.
+pub const CERT_SETTING: &str = "tls_cert_file (VILVIK_KEYS_TLS_CERT_FILE)";
+pub const KEY_SETTING: &str = "tls_key_file (VILVIK_KEYS_TLS_KEY_FILE)";
+pub const CLIENT_CA_SETTING: &str = "admin_client_ca_file (VILVIK_KEYS_ADMIN_CLIENT_CA_FILE)";
+
+/// Why a listener's TLS configuration could not be made; names the
+/// setting whose file is at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct TlsError {
+    setting: &'static str,
+    message: String,
+}
+
+impl TlsError {
+    fn new(setting: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            setting,
+            message: message.into(),
+        }
+    }
+}
+
+/// The files' contents, read together so that one configuration is made
+/// from one reading.
+#[derive(PartialEq, Eq)]
+struct Contents {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl Contents {
+    fn read(files: &TlsFiles) -> Result<Self, TlsError> {
+        Ok(Self {
+            cert: read(&files.cert, CERT_SETTING)?,
+            key: read(&files.key, KEY_SETTING)?,
+            client_ca: match &files.client_ca {
+                Some(path) => Some(read(path, CLIENT_CA_SETTING)?),
+                None => None,
+            },
+        })
+    }
+
+    fn server_config(&self, files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_error(CERT_SETTING, &files.cert, "certificates", &e))?;
+        if certs.is_empty() {
+            return Err(TlsError::new(
+                CERT_SETTING,
+                format!(
+                    "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                    files.cert.display()
+                ),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key)
+            .map_err(|e| pem_error(KEY_SETTING, &files.key, "a private key", &e))?;
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::new(CERT_SETTING, e.to_string()))?;
+        let builder = match (&self.client_ca, &files.client_ca) {
+            (Some(pem), Some(path)) => {
+                let mut roots = RootCertStore::empty();
+                for ca in CertificateDer::pem_slice_iter(pem) {
+                    let ca =
+                        ca.map_err(|e| pem_error(CLIENT_CA_SETTING, path, "CA certificates", &e))?;
+                    roots.add(ca).map_err(|e| {
+                        TlsError::new(
+                            CLIENT_CA_SETTING,
+                            format!("{}: not a usable CA certificate: {e}", path.display()),
+                        )
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(TlsError::new(
+                        CLIENT_CA_SETTING,
+                        format!("{} holds no PEM certificate", path.display()),
+                    ));
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| TlsError::new(CLIENT_CA_SETTING, e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+            let message = match e {
+                rustls::Error::InconsistentKeys(_) => format!(
+                    "{} does not match the certificate in {}: give the key the certificate was made for",
+                    files.key.display(),
+                    files.cert.display()
+                ),
+                other => format!("{}: {other}", files.key.display()),
+            };
+            TlsError::new(KEY_SETTING, message)
+        })?;
+        // gRPC is HTTP/2; clients such as grpc-go insist on ALPN.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+}
+
+fn read(path: &Path, setting: &'static str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path)
+        .map_err(|e| TlsError::new(setting, format!("cannot read {}: {e}", path.display())))
+}
+
+fn pem_error(
+    setting: &'static str,
+    path: &Path,
+    what: &str,
+    e: &rustls::pki_types::pem::Error,
+) -> TlsError {
+    // The error names the PEM section at fault, never its bytes.
+    TlsError::new(
+        setting,
+        format!("{} does not hold {what} in PEM form: {e}", path.display()),
+    )
+}
+
+/// One listener's TLS: the configuration new handshakes use, and the files
+/// it is rebuilt from.
+#[derive(Clone)]
+pub struct Acceptor {
+    listener: &'static str,
+    files: Arc<TlsFiles>,
+    current: Arc<RwLock<Arc<ServerConfig>>>,
+    /// What the current configuration was made from, and what failed last
+    /// (so that a broken file is reported once, not on every look).
+    seen: Arc<Mutex<Seen>>,
+}
+
+struct Seen {
+    loaded: Contents,
+    failed: Option<Contents>,
+}
+
+impl fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acceptor")
+            .field("listener", &self.listener)
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Acceptor {
+    /// Reads the files; any problem stops the start.
+    pub fn load(listener: &'static str, files: TlsFiles) -> Result<Self, TlsError> {
+        let contents = Contents::read(&files)?;
+        let config = contents.server_config(&files)?;
+        Ok(Self {
+            listener,
+            files: Arc::new(files),
+            current: Arc::new(RwLock::new(Arc::new(config))),
+            seen: Arc::new(Mutex::new(Seen {
+                loaded: contents,
+                failed: None,
+            })),
+        })
+    }
+
+    /// Rebuilds the configuration when the files changed (or always, when
+    /// `forced`). A file that cannot be used is reported once and the
+    /// configuration in use is kept.
+    pub fn reload(&self, forced: bool) {
+        let contents = match Contents::read(&self.files) {
+            Ok(contents) => contents,
+            Err(e) => {
+                // Replaced in two steps, say: look again next time.
+                tracing::warn!(listener = self.listener, error = %e, "TLS files not reloaded; serving with the previous certificate");
+                return;
+            }
+        };
+        let mut seen = self.seen.lock().expect("not poisoned");
+        if !forced && (seen.loaded == contents || seen.failed.as_ref() == Some(&contents)) {
+            return;
+        }
+        match contents.server_config(&self.files) {
+            Ok(config) => {
+                *self.current.write().expect("not poisoned") = Arc::new(config);
+                seen.loaded = contents;
+                seen.failed = None;
+                tracing::info!(
+                    listener = self.listener,
+                    cert = %self.files.cert.display(),
+                    "TLS certificate reloaded; new connections use it"
+                );
+            }
+            Err(e) => {
+                seen.failed = Some(contents);
+                tracing::warn!(listener = self.listener, error = %e, "TLS files not reloaded; serving with the previous certificate");
+            }
+        }
+    }
+
+    /// Whether clients must present a certificate (mutual TLS).
+    pub fn demands_client_certificates(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current.read().expect("not poisoned").clone())
+    }
+}
+
+/// Reloads every acceptor's files every `interval` and at once on SIGHUP,
+/// until `shutdown` resolves. SIGHUP is taken even without TLS, so that a
+/// reload signal (systemd's `ExecReload`, say) never stops the server.
+pub async fn watch(
+    acceptors: Vec<Acceptor>,
+    interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; TLS files are still reloaded when they change");
+            None
+        }
+    };
+    tokio::pin!(shutdown);
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        let forced = tokio::select! {
+            () = &mut shutdown => return,
+            _ = ticks.tick(), if !acceptors.is_empty() => false,
+            Some(()) = hangup_received(&mut hangup) => true,
+        };
+        if forced {
+            tracing::info!(
+                listeners_with_tls = acceptors.len(),
+                "SIGHUP: reloading TLS files"
+            );
+        }
+        for acceptor in &acceptors {
+            acceptor.reload(forced);
+        }
+    }
+}
+
+async fn hangup_received(hangup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match hangup {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection as tonic serves it: the tracked socket, in TLS or not.
+#[derive(Debug)]
+pub enum Connection {
+    Plain(Tracked<TcpStream>),
+    Tls(Box<tokio_rustls::server::TlsStream<Tracked<TcpStream>>>),
+}
+
+impl Connected for Connection {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        match self {
+            Connection::Plain(tracked) => tracked.connect_info(),
+            Connection::Tls(tls) => tls.get_ref().0.connect_info(),
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Connection::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Connection::Tls(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Connection::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Connection::Tls(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Connection::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Connection::Tls(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Connection::Plain(io) => io.is_write_vectored(),
+            Connection::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Connection::Plain(io) => Pin::new(io).poll_flush(cx),
+            Connection::Tls(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Connection::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Connection::Tls(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A listener's connections, past the TLS handshake when it has TLS.
+/// Handshakes run side by side, so a slow client delays no other.
+pub struct Incoming {
+    tracked: connections::Incoming,
+    tls: Option<Acceptor>,
+    handshakes: FuturesUnordered<tokio_rustls::Accept<Tracked<TcpStream>>>,
+    accepting: bool,
+}
+
+impl fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Incoming")
+            .field("tls", &self.tls)
+            .field("handshakes", &self.handshakes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    pub fn new(tracked: connections::Incoming, tls: Option<Acceptor>) -> Self {
+        Self {
+            tracked,
+            tls,
+            handshakes: FuturesUnordered::new(),
+            accepting: true,
+        }
+    }
+}
+
+impl Stream for Incoming {
+    type Item = io::Result<Connection>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        while this.accepting {
+            match Pin::new(&mut this.tracked).poll_next(cx) {
+                Poll::Ready(Some(Ok(tracked))) => match &this.tls {
+                    None => return Poll::Ready(Some(Ok(Connection::Plain(tracked)))),
+                    Some(tls) => this.handshakes.push(tls.acceptor().accept(tracked)),
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => this.accepting = false,
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match this.handshakes.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(tls))) => {
+                    return Poll::Ready(Some(Ok(Connection::Tls(Box::new(tls)))));
+                }
+                // A plaintext client, a wrong CA, no client certificate, a
+                // handshake cut short: the client sees its own error.
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                }
+                Poll::Ready(None) if !this.accepting => return Poll::Ready(None),
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}

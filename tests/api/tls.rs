@@ -1,0 +1,555 @@
+//! TLS on both listeners and mutual TLS on admin (issue 9), with
+//! certificates made in the test by rcgen: a TLS client gets answers, a
+//! plaintext client or one trusting another CA gets none, the admin
+//! listener wants a client certificate from its CA, renewed certificates
+//! are picked up (when the files change, or on SIGHUP) without dropping
+//! open connections, the CLI and the printed smoke test work over TLS, and
+//! bad files stop the start naming the setting.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use vilvik_keys::config::Config;
+use vilvik_keys::proto::key_admin_client::KeyAdminClient;
+use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
+use vilvik_keys::proto::{CreateKeyRequest, ListKeysRequest, VerifyCode, VerifyKeyRequest};
+use vilvik_keys::startup::{Application, Role};
+use vilvik_keys_test_db::eventually;
+
+use crate::helpers::{Backend, TestApp, spawn_app_with, with_bearer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vilvik-keys");
+
+/// A throwaway certificate authority.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its private key, in PEM.
+struct Pair {
+    cert: String,
+    key: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Self {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for this machine's loopback names.
+    fn server(&self) -> Pair {
+        self.leaf(
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
+    fn client(&self) -> Pair {
+        self.leaf(&["operator.test"], ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Pair {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Pair {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+/// The files a server reads its TLS from, in a directory of their own.
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    /// Writes the server's certificate and key as `server.pem`/`server.key`.
+    fn server(&self, pair: &Pair) {
+        self.write("server.key", &pair.key);
+        self.write("server.pem", &pair.cert);
+    }
+}
+
+/// A server on SQLite serving TLS with `server`, and mutual TLS on admin
+/// when `client_ca` is given.
+async fn tls_app(
+    files: &Files,
+    server: &Pair,
+    client_ca: Option<&Ca>,
+    configure: impl FnOnce(&mut Config),
+) -> TestApp {
+    files.server(server);
+    let client_ca = client_ca.map(|ca| files.write("client-ca.pem", &ca.pem()));
+    spawn_app_with(Backend::Sqlite, |config| {
+        config.tls.cert_file = Some(files.path("server.pem"));
+        config.tls.key_file = Some(files.path("server.key"));
+        config.tls.admin_client_ca_file = client_ca;
+        configure(config);
+    })
+    .await
+    .unwrap()
+}
+
+/// A TLS client trusting `ca`, presenting `identity` when given.
+async fn tls_channel(
+    addr: SocketAddr,
+    ca: &str,
+    identity: Option<&Pair>,
+) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let Some(pair) = identity {
+        tls = tls.identity(Identity::from_pem(&pair.cert, &pair.key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// VerifyKey over `channel`; `Err` when no answer came back.
+async fn verify_over(channel: Result<Channel, String>, key: &str) -> Result<VerifyCode, String> {
+    let answer = KeyVerifyClient::new(channel?)
+        .verify_key(VerifyKeyRequest {
+            key: key.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(answer.into_inner().code())
+}
+
+/// ListKeys with `credential` over `channel`: how many keys it listed.
+async fn list_over(channel: Result<Channel, String>, credential: &str) -> Result<usize, String> {
+    let listed = KeyAdminClient::new(channel?)
+        .list_keys(with_bearer(ListKeysRequest::default(), credential))
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(listed.into_inner().keys.len())
+}
+
+async fn plaintext_channel(addr: SocketAddr) -> Result<Channel, String> {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_is_answered_and_plaintext_or_another_ca_is_refused() {
+    let (ca, stranger) = (Ca::new("vilvik test CA"), Ca::new("another CA"));
+    let files = Files::new();
+    let app = tls_app(&files, &ca.server(), None, |_| {}).await;
+    let key = app.management_key.clone();
+
+    for addr in [app.verify_addr, app.admin_addr] {
+        let trusted = tls_channel(addr, &ca.pem(), None).await;
+        if addr == app.verify_addr {
+            assert_eq!(verify_over(trusted, &key).await, Ok(VerifyCode::Valid));
+        } else {
+            assert_eq!(list_over(trusted, &key).await, Ok(1));
+        }
+
+        let plaintext = verify_over(plaintext_channel(addr).await, &key).await;
+        assert!(
+            plaintext.is_err(),
+            "a plaintext client was answered on {addr}: {plaintext:?}"
+        );
+
+        let untrusted = verify_over(tls_channel(addr, &stranger.pem(), None).await, &key).await;
+        let error = untrusted.expect_err("a client trusting another CA was answered");
+        assert!(error.contains("UnknownIssuer"), "{error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_demands_a_client_certificate_from_its_ca() {
+    let (ca, clients, stranger) = (
+        Ca::new("server CA"),
+        Ca::new("client CA"),
+        Ca::new("stranger"),
+    );
+    let files = Files::new();
+    let app = tls_app(&files, &ca.server(), Some(&clients), |_| {}).await;
+    let key = app.management_key.clone();
+    let admin = app.admin_addr;
+
+    let without = list_over(tls_channel(admin, &ca.pem(), None).await, &key).await;
+    assert!(
+        without.is_err(),
+        "answered without a client certificate: {without:?}"
+    );
+    let foreign = Some(&stranger.client());
+    let wrong = list_over(tls_channel(admin, &ca.pem(), foreign).await, &key).await;
+    assert!(
+        wrong.is_err(),
+        "answered with another CA's client certificate: {wrong:?}"
+    );
+    let client = clients.client();
+    let with = list_over(tls_channel(admin, &ca.pem(), Some(&client)).await, &key).await;
+    assert_eq!(with, Ok(1));
+
+    // The verify listener asks for no client certificate.
+    let verify = verify_over(tls_channel(app.verify_addr, &ca.pem(), None).await, &key).await;
+    assert_eq!(verify, Ok(VerifyCode::Valid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_to_new_connections_without_dropping_open_ones() {
+    let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
+    let files = Files::new();
+    let app = tls_app(&files, &old_ca.server(), None, |config| {
+        config.tls.reload_interval = Duration::from_millis(50);
+    })
+    .await;
+    let (addr, key) = (app.verify_addr, app.management_key.clone());
+    let open = tls_channel(addr, &old_ca.pem(), None).await.unwrap();
+    assert_eq!(
+        verify_over(Ok(open.clone()), &key).await,
+        Ok(VerifyCode::Valid)
+    );
+
+    // A broken replacement is not taken: the old certificate stays.
+    files.write("server.key", "-----BEGIN PRIVATE KEY-----\nbroken\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let still = verify_over(tls_channel(addr, &old_ca.pem(), None).await, &key).await;
+    assert_eq!(still, Ok(VerifyCode::Valid));
+
+    files.server(&new_ca.server());
+    eventually(
+        Duration::from_secs(10),
+        "new connections get the new certificate",
+        || {
+            let pem = new_ca.pem();
+            let key = key.clone();
+            async move {
+                verify_over(tls_channel(addr, &pem, None).await, &key)
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    let old = verify_over(tls_channel(addr, &old_ca.pem(), None).await, &key).await;
+    assert!(
+        old.is_err(),
+        "a new connection still got the old certificate"
+    );
+    // Reconnecting would fail (the old CA no longer matches): an answer
+    // means the connection opened before the renewal is still up.
+    assert_eq!(verify_over(Ok(open), &key).await, Ok(VerifyCode::Valid));
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A `vilvik-keys serve` process, killed when dropped.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_at_once() {
+    let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
+    let files = Files::new();
+    files.server(&old_ca.server());
+    let verify = free_addr();
+    let mut serve = Process(
+        Command::new(BIN)
+            .arg("serve")
+            .env("VILVIK_KEYS_SQLITE_PATH", files.path("keys.db"))
+            .env("VILVIK_KEYS_ADMIN_ADDR", free_addr().to_string())
+            .env("VILVIK_KEYS_VERIFY_ADDR", verify.to_string())
+            .env("VILVIK_KEYS_TLS_CERT_FILE", files.path("server.pem"))
+            .env("VILVIK_KEYS_TLS_KEY_FILE", files.path("server.key"))
+            // Only the signal reloads within this test's time.
+            .env("VILVIK_KEYS_TLS_RELOAD_INTERVAL_MS", "3600000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Any answer (a malformed key's) means the handshake went through.
+    eventually(
+        Duration::from_secs(20),
+        "the server answers over TLS",
+        || {
+            let pem = old_ca.pem();
+            async move {
+                verify_over(tls_channel(verify, &pem, None).await, "x")
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+
+    files.server(&new_ca.server());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = verify_over(tls_channel(verify, &old_ca.pem(), None).await, "x").await;
+    assert_eq!(
+        before,
+        Ok(VerifyCode::Malformed),
+        "reloaded before the signal"
+    );
+
+    let hup = Command::new("kill")
+        .args(["-HUP", &serve.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    eventually(
+        Duration::from_secs(5),
+        "the signal reloads the certificate",
+        || {
+            let pem = new_ca.pem();
+            async move {
+                verify_over(tls_channel(verify, &pem, None).await, "x")
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    assert!(
+        serve.0.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_keys_over_mutual_tls() {
+    let (ca, clients) = (Ca::new("server CA"), Ca::new("client CA"));
+    let files = Files::new();
+    let app = tls_app(&files, &ca.server(), Some(&clients), |_| {}).await;
+    let ca_file = files.write("ca.pem", &ca.pem());
+    let client = clients.client();
+    let client_cert = files.write("client.pem", &client.cert);
+    let client_key = files.write("client.key", &client.key);
+    let cli = |args: &[&str], identity: bool| {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("VILVIK_KEYS_ADDR", format!("https://{}", app.admin_addr))
+            .env("VILVIK_KEYS_CA_FILE", &ca_file)
+            .env("VILVIK_KEYS_TOKEN", &app.management_key)
+            .env_remove("VILVIK_KEYS_CLIENT_CERT_FILE")
+            .env_remove("VILVIK_KEYS_CLIENT_KEY_FILE");
+        if identity {
+            command
+                .env("VILVIK_KEYS_CLIENT_CERT_FILE", &client_cert)
+                .env("VILVIK_KEYS_CLIENT_KEY_FILE", &client_key);
+        }
+        async move {
+            let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+                .await
+                .unwrap();
+            (
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        }
+    };
+
+    let (ok, stdout, stderr) = cli(
+        &[
+            "keys",
+            "create",
+            "--name",
+            "over-tls",
+            "--scope",
+            "datasets:read",
+        ],
+        true,
+    )
+    .await;
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("vlk_"), "{stdout}");
+    let (ok, stdout, stderr) = cli(&["keys", "list"], true).await;
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("over-tls"), "{stdout}");
+
+    let (ok, stdout, stderr) = cli(&["keys", "list"], false).await;
+    assert!(!ok, "listed without a client certificate: {stdout}");
+    assert!(stderr.contains("VILVIK_KEYS_CLIENT_CERT_FILE"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_smoke_test_command_runs_as_printed_over_tls() {
+    let ca = Ca::new("vilvik test CA");
+    let files = Files::new();
+    let ca_file = files.write("ca.pem", &ca.pem());
+    let app = tls_app(&files, &ca.server(), None, |config| {
+        config.tls.public_ca_file = Some(ca_file.clone());
+    })
+    .await;
+    let mut admin =
+        KeyAdminClient::new(tls_channel(app.admin_addr, &ca.pem(), None).await.unwrap());
+    let created = admin
+        .create_key(with_bearer(
+            CreateKeyRequest {
+                name: "smoke".into(),
+                scopes: vec!["datasets:read".into()],
+                ..Default::default()
+            },
+            &app.management_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let command = created.smoke_test_command.clone();
+    assert!(!command.contains("-plaintext"), "{command}");
+    assert!(
+        command.contains(&format!("-cacert {}", ca_file.display())),
+        "{command}"
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("sh").arg("-c").arg(&command).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("VERIFY_CODE_VALID"), "{stdout}");
+}
+
+/// The start's error, with its causes, when the server is built with TLS
+/// from `files`.
+async fn start_error(dir: &Path, tls: impl FnOnce(&mut Config)) -> String {
+    let mut config = Config {
+        sqlite_path: dir.join("keys.db"),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        verify_addr: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    tls(&mut config);
+    match Application::build(config, Role::All).await {
+        Ok(_) => panic!("the server started"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tls_files_stop_the_start_naming_the_setting() {
+    let ca = Ca::new("vilvik test CA");
+    let files = Files::new();
+    let (server, other) = (ca.server(), ca.server());
+    let cert = files.write("server.pem", &server.cert);
+    let key = files.write("server.key", &server.key);
+    let other_key = files.write("other.key", &other.key);
+    let garbage = files.write("garbage.pem", "not a certificate\n");
+    let missing = files.path("missing.pem");
+
+    let error = start_error(files.dir.path(), |c| {
+        c.tls.cert_file = Some(missing.clone());
+        c.tls.key_file = Some(key.clone());
+    })
+    .await;
+    assert!(
+        error.contains("tls_cert_file") && error.contains("missing.pem"),
+        "{error}"
+    );
+
+    let error = start_error(files.dir.path(), |c| {
+        c.tls.cert_file = Some(cert.clone());
+        c.tls.key_file = Some(other_key.clone());
+    })
+    .await;
+    assert!(
+        error.contains("tls_key_file") && error.contains("does not match"),
+        "{error}"
+    );
+
+    let error = start_error(files.dir.path(), |c| {
+        c.tls.cert_file = Some(garbage.clone());
+        c.tls.key_file = Some(key.clone());
+    })
+    .await;
+    assert!(
+        error.contains("tls_cert_file") && error.contains("no PEM certificate"),
+        "{error}"
+    );
+
+    let error = start_error(files.dir.path(), |c| {
+        c.tls.cert_file = Some(cert.clone());
+        c.tls.key_file = Some(key.clone());
+        c.tls.admin_client_ca_file = Some(garbage.clone());
+    })
+    .await;
+    assert!(error.contains("admin_client_ca_file"), "{error}");
+    // Nothing was created on the way to the error.
+    assert!(!files.path("keys.db").exists());
+
+    // Half a pair is refused when the settings are read.
+    let env = HashMap::from([(
+        "VILVIK_KEYS_TLS_CERT_FILE".to_owned(),
+        cert.display().to_string(),
+    )]);
+    let error = Config::from_sources(None, &env).unwrap_err().to_string();
+    assert!(error.contains("tls_key_file"), "{error}");
+    let env = HashMap::from([(
+        "VILVIK_KEYS_ADMIN_CLIENT_CA_FILE".to_owned(),
+        cert.display().to_string(),
+    )]);
+    let error = Config::from_sources(None, &env).unwrap_err().to_string();
+    assert!(
+        error.contains("admin_client_ca_file") && error.contains("needs TLS"),
+        "{error}"
+    );
+}
