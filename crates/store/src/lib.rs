@@ -6,7 +6,10 @@
 //!
 //! - [`SqliteStore`]: an embedded file in WAL mode, the default when no
 //!   `DATABASE_URL` is set;
-//! - [`PostgresStore`]: production, shared by several replicas.
+//! - [`PostgresStore`]: production, shared by several replicas; TLS as the
+//!   URL's `sslmode` says, as in libpq (`disable`, `prefer` the default,
+//!   `require`, and `verify-ca`/`verify-full` against the CA file
+//!   `sslrootcert` names; see [`PostgresStore::connect`]).
 //!
 //! Every change to a key is one transaction that also writes its audit event
 //! and appends the affected prefixes to the change log (the sequence verify
@@ -218,8 +221,9 @@ pub trait ChangeListener: Send + std::fmt::Debug {
 }
 
 /// Opens the store a configuration names: Postgres when `database_url` is
-/// set (with `postgres` options), else the SQLite file at `sqlite_path`
-/// (created when missing).
+/// set (with `postgres` options; its `sslmode` and `sslrootcert` as
+/// [`PostgresStore::connect`] reads them), else the SQLite file at
+/// `sqlite_path` (created when missing).
 pub async fn connect(
     database_url: Option<&str>,
     sqlite_path: &std::path::Path,

@@ -21,6 +21,10 @@
 //! Postgres delivers it when the transaction commits, so listeners see
 //! changes in sequence order. [`KeySource::listen`] subscribes on a connection
 //! of its own, outside the pool.
+//!
+//! Both the pool and the listener connect with one rustls connector built
+//! from the URL's `sslmode` and `sslrootcert` (`tls.rs`; the modes are
+//! listed on [`PostgresStore::connect`]).
 
 use std::error::Error as _;
 use std::sync::Arc;
@@ -33,9 +37,9 @@ use deadpool_postgres::{
 use futures_util::TryStreamExt;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{NoTls, Row};
 use vilvik_keys_domain::{AccountId, AuditAction, KeyId, KeyPrefix, SecretHash, Tier, TierLimits};
 
 use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, POSTGRES};
@@ -53,6 +57,7 @@ use crate::{
 pub const CHANGE_CHANNEL: &str = "vilvik_keys_changes";
 
 mod listen;
+mod tls;
 
 pub use listen::ListenerOptions;
 
@@ -176,8 +181,10 @@ const RECORD_USAGE: &str = "WITH usage AS ( \
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
-    /// The pool's connection settings, for the listener's own connection.
+    /// The pool's connection settings and TLS connector, for the
+    /// listener's own connection.
     config: Arc<tokio_postgres::Config>,
+    tls: tls::Connector,
     listener: ListenerOptions,
 }
 
@@ -202,16 +209,42 @@ impl PostgresStore {
     /// Builds a pool for the database at `url` (a `postgres://` URL or a
     /// `key=value` connection string) and checks that one connection works,
     /// so a wrong URL or an unreachable server fails at start.
+    ///
+    /// TLS follows the URL's `sslmode`, as in libpq, for the pool and the
+    /// change listener's connection alike (rustls, ring provider):
+    ///
+    /// - `disable`: plain TCP;
+    /// - `prefer` (the default): TLS when the server offers it, else plain;
+    /// - `require`: TLS, the certificate not verified;
+    /// - `verify-ca`: TLS, the certificate's chain verified against the CA
+    ///   certificates in the PEM file `sslrootcert` names;
+    /// - `verify-full`: as `verify-ca`, and the certificate must name the
+    ///   host of the URL (or its IP address).
+    ///
+    /// `prefer` and `require` with `sslrootcert` verify the chain too, as
+    /// libpq does. `verify-ca` and `verify-full` without `sslrootcert`
+    /// (libpq would look for `~/.postgresql/root.crt`), a `sslrootcert`
+    /// that cannot be read or holds no certificate, and any other
+    /// `sslmode` fail here, naming the parameter. A server certificate
+    /// the verifier refuses is [`StoreError::Internal`], a configuration
+    /// mistake, not an outage. Client certificates (`sslcert`, `sslkey`)
+    /// are not supported.
     pub async fn connect(url: &str) -> Result<Self> {
         Self::connect_with(url, PostgresOptions::default()).await
     }
 
     /// [`PostgresStore::connect`] with `options` instead of the defaults.
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self> {
+        let bad_tls = |e| StoreError::internal_from("cannot use DATABASE_URL", e);
+        // tokio-postgres knows neither `sslrootcert` nor the `verify-*`
+        // modes: they come out first, and the rest parses as before.
+        let (url, tls_settings) = tls::split(url).map_err(bad_tls)?;
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e: tokio_postgres::Error| {
                 StoreError::internal_from("cannot use DATABASE_URL", BadUrl(e.to_string()))
             })?;
+        config.ssl_mode(tls_settings.mode.negotiation());
+        let tls = tls::connector(&tls_settings).map_err(bad_tls)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -241,7 +274,7 @@ impl PostgresStore {
         config.options(server_options);
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -259,15 +292,18 @@ impl PostgresStore {
         let store = Self {
             pool,
             config: Arc::new(config),
+            tls,
             listener: options.listener,
         };
-        // A refused login or a missing database is a configuration mistake,
-        // not an outage: say where to look.
+        // A refused login, a missing database or a refused certificate is
+        // a configuration mistake, not an outage: say where to look.
         let at_start = |e: StoreError| match e {
-            StoreError::Internal(_, source) => StoreError::Internal(
-                "cannot log in to the database named by DATABASE_URL".to_owned(),
-                source,
-            ),
+            StoreError::Internal(message, source) if message != UNTRUSTED_SERVER => {
+                StoreError::Internal(
+                    "cannot log in to the database named by DATABASE_URL".to_owned(),
+                    source,
+                )
+            }
             other => other,
         };
         let client = store.client().await.map_err(at_start)?;
@@ -309,9 +345,18 @@ fn map_pool_err(e: PoolError) -> StoreError {
     }
 }
 
-/// A failure to open a new connection. Only a refused login or a missing
-/// database is a mistake to report as such; the rest is an outage.
+/// What a server certificate the verifier refused is reported as.
+const UNTRUSTED_SERVER: &str = "the database server's TLS certificate is not trusted: check \
+     sslrootcert in DATABASE_URL (the CA that signed the server's certificate) and, with \
+     sslmode=verify-full, that the URL's host is a name the certificate holds";
+
+/// A failure to open a new connection. Only a refused login, a missing
+/// database or a refused server certificate is a mistake to report as
+/// such; the rest is an outage.
 fn map_connect_err(e: tokio_postgres::Error) -> StoreError {
+    if tls::certificate_refused(&e) {
+        return StoreError::internal_from(UNTRUSTED_SERVER, e);
+    }
     let Some(code) = e.code() else {
         return StoreError::unavailable(OutageKind::ConnectionRefused, e);
     };
@@ -346,6 +391,10 @@ fn outage_of(code: &SqlState) -> Option<OutageKind> {
 }
 
 fn map_err(e: tokio_postgres::Error) -> StoreError {
+    // Only a connection being made (the listener's) can fail this way.
+    if tls::certificate_refused(&e) {
+        return StoreError::internal_from(UNTRUSTED_SERVER, e);
+    }
     if let Some(code) = e.code() {
         if *code == SqlState::UNIQUE_VIOLATION {
             return StoreError::Conflict;
@@ -728,7 +777,7 @@ impl KeySource for PostgresStore {
     /// [`StoreError::Unavailable`] once it has handed out what arrived
     /// before. Dropping the listener closes the connection.
     async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
-        listen::subscribe(&self.config, self.listener)
+        listen::subscribe(&self.config, &self.tls, self.listener)
             .await
             .map(Some)
     }

@@ -8,10 +8,15 @@
 //! The tools come from `pg_config --bindir`. `initdb` refuses to run as
 //! root, so when the test runs as root every tool runs as the `postgres` OS
 //! user (`runuser -u postgres --`) and the temp dir is given to that user.
+//!
+//! [`PrivateCluster::start_with_tls`] starts one with `ssl=on` and the
+//! certificate and key a test made ([`ServerTls`]), optionally refusing
+//! TCP connections without TLS (`hostssl` only in `pg_hba.conf`).
 
 use std::fmt;
+use std::io::Write as _;
 use std::net::TcpListener;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -30,6 +35,34 @@ const START_ATTEMPTS: usize = 3;
 /// How long `pg_ctl` waits for the server to start or stop.
 const PG_CTL_WAIT_SECS: &str = "30";
 
+/// What a [`PrivateCluster`] started with TLS serves: its certificate
+/// (PEM, the server's first, then any intermediates) and private key
+/// (PEM), and whether it refuses TCP connections without TLS.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// `hostssl` lines only in `pg_hba.conf`: a plain TCP connection is
+    /// rejected with "no pg_hba.conf entry ... no encryption".
+    pub reject_plain: bool,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("reject_plain", &self.reject_plain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `pg_hba.conf` of a cluster that refuses plain TCP: TLS on TCP, and the
+/// Unix socket (where [`PrivateCluster::client`] connects) as before.
+const HBA_TLS_ONLY: &str = "\
+local all all trust
+hostssl all all 127.0.0.1/32 trust
+hostssl all all ::1/128 trust
+";
+
 /// A running Postgres cluster owned by one test.
 pub struct PrivateCluster {
     bindir: PathBuf,
@@ -37,6 +70,8 @@ pub struct PrivateCluster {
     run_as: Option<&'static str>,
     data: PathBuf,
     port: u16,
+    /// `-c` settings for TLS, when started with it.
+    tls_options: Option<String>,
     frozen: bool,
     stopped: bool,
     /// Removed last, after the server stopped.
@@ -51,6 +86,19 @@ impl PrivateCluster {
     /// is a failure. Any other problem (initdb or the start fails) panics
     /// with the server's log.
     pub fn start() -> Option<PrivateCluster> {
+        Self::start_inner(None)
+    }
+
+    /// [`start`](Self::start) with `ssl=on`, serving `tls`: its certificate
+    /// and key are written to the cluster's dir, owner-only (0600) and
+    /// owned by the OS user the server runs as, and named by
+    /// `ssl_cert_file` and `ssl_key_file`. With
+    /// [`reject_plain`](ServerTls::reject_plain) TCP clients must use TLS.
+    pub fn start_with_tls(tls: &ServerTls) -> Option<PrivateCluster> {
+        Self::start_inner(Some(tls))
+    }
+
+    fn start_inner(tls: Option<&ServerTls>) -> Option<PrivateCluster> {
         let Some(bindir) = pg_bindir() else {
             if std::env::var(REQUIRE_VAR).is_ok_and(|v| v == "1") {
                 panic!(
@@ -78,11 +126,15 @@ impl PrivateCluster {
             run_as,
             data,
             port: 0,
+            tls_options: None,
             frozen: false,
             stopped: true,
             dir,
         };
         cluster.initdb();
+        if let Some(tls) = tls {
+            cluster.set_up_tls(tls);
+        }
         for attempt in 1..=START_ATTEMPTS {
             cluster.port = free_port();
             match cluster.pg_ctl_start() {
@@ -113,8 +165,17 @@ impl PrivateCluster {
     }
 
     /// A connection to `database`, driven by a task on the current runtime.
+    /// It goes through the cluster's Unix socket, so it works whatever
+    /// the cluster demands of TCP clients (such as TLS).
     pub async fn client(&self, database: &str) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.url(database), NoTls)
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(self.dir.path())
+            .port(self.port)
+            .user(SUPERUSER)
+            .dbname(database);
+        let (client, connection) = config
+            .connect(NoTls)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to the private cluster's {database}: {e}"));
         tokio::spawn(async move {
@@ -252,14 +313,49 @@ impl PrivateCluster {
         check(output, "initdb");
     }
 
+    /// Writes `tls`'s certificate and key beside the data dir, owner-only
+    /// and owned by the server's OS user (Postgres refuses a key others
+    /// may read), and the `pg_hba.conf` it asks for.
+    fn set_up_tls(&mut self, tls: &ServerTls) {
+        let cert = self.dir.path().join("server.crt");
+        let key = self.dir.path().join("server.key");
+        for (path, pem) in [(&cert, &tls.cert_pem), (&key, &tls.key_pem)] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .and_then(|mut file| file.write_all(pem.as_bytes()))
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            if let Some(user) = self.run_as {
+                check(
+                    Command::new("chown").arg(user).arg(path).output(),
+                    "chown the cluster's TLS files",
+                );
+            }
+        }
+        if tls.reject_plain {
+            // initdb wrote it as the server's user; rewriting keeps the owner.
+            let hba = self.data.join("pg_hba.conf");
+            std::fs::write(&hba, HBA_TLS_ONLY)
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", hba.display()));
+        }
+        self.tls_options = Some(format!(
+            " -c ssl=on -c ssl_cert_file='{}' -c ssl_key_file='{}'",
+            cert.display(),
+            key.display()
+        ));
+    }
+
     fn pg_ctl_start(&self) -> Result<(), String> {
         // Sockets in our own dir: nothing shared with the system's server.
-        let options = format!(
+        let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
              -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
             self.port,
             self.dir.path().display()
         );
+        options.push_str(self.tls_options.as_deref().unwrap_or_default());
         let output = self
             .pg_ctl()
             .args(["start", "-w", "-t", PG_CTL_WAIT_SECS, "-o", &options, "-l"])
@@ -288,6 +384,7 @@ impl fmt::Debug for PrivateCluster {
         f.debug_struct("PrivateCluster")
             .field("port", &self.port)
             .field("data", &self.data)
+            .field("tls", &self.tls_options.is_some())
             .field("frozen", &self.frozen)
             .field("stopped", &self.stopped)
             .finish_non_exhaustive()

@@ -17,7 +17,8 @@
 //! Tests that freeze, stop or cut off Postgres never do it to that shared
 //! server: they start a [`PrivateCluster`] of their own (`initdb` and
 //! `pg_ctl` on a free port in a temp dir, stopped when dropped) and put a
-//! [`FaultProxy`] between it and a node to cut that node off.
+//! [`FaultProxy`] between it and a node to cut that node off. Tests of TLS
+//! to Postgres start one with [`PrivateCluster::start_with_tls`].
 //!
 //! ```no_run
 //! # async fn example() {
@@ -36,7 +37,7 @@ mod proxy;
 
 use std::fmt;
 
-pub use cluster::PrivateCluster;
+pub use cluster::{PrivateCluster, ServerTls};
 pub use eventually::{POLL_EVERY, block_on, eventually};
 pub use proxy::{FaultProxy, ProxyMode};
 

@@ -9,14 +9,14 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, Connection};
 use vilvik_keys_domain::KeyPrefix;
 
-use super::{CHANGE_CHANNEL, map_err};
+use super::{CHANGE_CHANNEL, map_err, tls};
 use crate::{ChangeListener, OutageKind, Result, StoreError};
 
 /// The `application_name` of the listener's connection, so operators (and
@@ -54,11 +54,13 @@ impl Default for ListenerOptions {
     }
 }
 
-/// Opens the listener's connection with the pool's `config`, `LISTEN`s on
-/// [`CHANGE_CHANNEL`] and spawns the task that drives it; see
-/// `KeySource::listen` on `PostgresStore` for what the caller gets.
+/// Opens the listener's connection with the pool's `config` and TLS
+/// connector, `LISTEN`s on [`CHANGE_CHANNEL`] and spawns the task that
+/// drives it; see `KeySource::listen` on `PostgresStore` for what the
+/// caller gets.
 pub(super) async fn subscribe(
     config: &tokio_postgres::Config,
+    tls: &tls::Connector,
     options: ListenerOptions,
 ) -> Result<Box<dyn ChangeListener>> {
     let mut config = config.clone();
@@ -68,7 +70,7 @@ pub(super) async fn subscribe(
         .keepalives_idle(LISTENER_KEEPALIVE_IDLE)
         .keepalives_interval(LISTENER_KEEPALIVE_INTERVAL)
         .keepalives_retries(LISTENER_KEEPALIVE_RETRIES);
-    let (client, mut connection) = config.connect(NoTls).await.map_err(map_err)?;
+    let (client, mut connection) = config.connect(tls.clone()).await.map_err(map_err)?;
     let (tx, rx) = mpsc::channel(LISTENER_BUFFER);
     {
         // The channel name is a constant identifier: nothing to quote.
@@ -168,12 +170,16 @@ fn forward(
 /// Drives the listener's connection until it fails or the listener is
 /// dropped; returns why it stopped. Returning drops `tx`, which closes the
 /// channel, so [`PostgresChangeListener::next`] learns of it.
-async fn run_listener(
+async fn run_listener<S, T>(
     client: Client,
-    mut connection: Connection<Socket, NoTlsStream>,
+    mut connection: Connection<S, T>,
     tx: mpsc::Sender<String>,
     options: ListenerOptions,
-) -> StoreError {
+) -> StoreError
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     let mut last_heard = Instant::now();
     let mut heartbeat = None;
     let stopped = loop {
