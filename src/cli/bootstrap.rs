@@ -55,7 +55,7 @@ pub async fn create_management_key(
 /// The `bootstrap` command: prints the secret alone on stdout (so that
 /// `TOKEN=$(vilvik-keys bootstrap …)` works) and the explanation on stderr.
 pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Result<()> {
-    let account: AccountId = account.parse().context("--account")?;
+    let account = AccountId::from_caller(account).context("--account")?;
     let name = name.parse().context("--name")?;
     let store = open_store(config).await?;
     let (record, secret) =

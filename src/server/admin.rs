@@ -238,7 +238,10 @@ impl KeyAdmin for AdminService {
                 other => {
                     return Err(ApiError::invalid(
                         "update_mask",
-                        format!("'{other}' cannot be updated: use name, description, scopes or expires_at"),
+                        format!(
+                            "'{}' cannot be updated: use name, description, scopes or expires_at",
+                            vilvik_keys_domain::excerpt(other)
+                        ),
                     )
                     .into());
                 }
@@ -379,7 +382,8 @@ impl KeyAdmin for AdminService {
         let req = request.into_inner();
         let account = match req.account_id.as_str() {
             "" => caller.account.clone(),
-            id => id.parse().map_err(|e| ApiError::invalid("account_id", e))?,
+            id => vilvik_keys_domain::AccountId::from_caller(id)
+                .map_err(|e| ApiError::invalid("account_id", e))?,
         };
         let tier = convert::tier_from_proto(req.tier)?;
         let updated = self

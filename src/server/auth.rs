@@ -57,6 +57,10 @@ impl Authenticator {
         operator_token: Option<SecretString>,
         trusted_proxies: Vec<IpAddr>,
     ) -> Self {
+        // No error message may quote it, whichever field it was put in.
+        if let Some(token) = &operator_token {
+            vilvik_keys_domain::never_echo(token);
+        }
         Self {
             verifier,
             operator_token,
@@ -139,10 +143,15 @@ impl Authenticator {
                     .into(),
             ));
         }
-        let account = header(metadata, ACCOUNT_HEADER)?
-            .parse::<AccountId>()
+        let account = AccountId::from_caller(header(metadata, ACCOUNT_HEADER)?)
             .map_err(|e| ApiError::invalid(ACCOUNT_HEADER, e))?;
         let actor = header(metadata, ACTOR_HEADER)?;
+        if vilvik_keys_domain::looks_like_a_credential(actor) {
+            return Err(ApiError::invalid(
+                ACTOR_HEADER,
+                "looks like a credential (an API key or the operator token), so it is not recorded: name the person acting, e.g. alice@example.com",
+            ));
+        }
         if actor.chars().count() > MAX_ACTOR_LEN || actor.chars().any(char::is_control) {
             return Err(ApiError::invalid(
                 ACTOR_HEADER,

@@ -61,7 +61,10 @@ impl KeyVerify for VerifyService {
             ip => Some(ip.parse::<IpAddr>().map_err(|_| {
                 ApiError::invalid(
                     "client_ip",
-                    format!("'{ip}' is not an IPv4 or IPv6 address"),
+                    format!(
+                        "'{}' is not an IPv4 or IPv6 address",
+                        vilvik_keys_domain::excerpt(ip)
+                    ),
                 )
             })?),
         };

@@ -22,6 +22,10 @@ pub enum IdError {
         "'{0}' is not an account id: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
     )]
     MalformedAccountId(String),
+    #[error(
+        "that account id looks like a credential (an API key or the operator token), so it is not used or repeated: an account id names an account, e.g. 'ACME'"
+    )]
+    CredentialAsAccountId,
 }
 
 const KEY_ID_LEN: usize = KEY_ID_TAG.len() + KEY_ID_RANDOM_LEN;
@@ -53,7 +57,7 @@ impl FromStr for KeyId {
             && base62::all_base62(&s.as_bytes()[KEY_ID_TAG.len()..]);
         match ArrayString::from(s) {
             Ok(id) if well_formed => Ok(Self(id)),
-            _ => Err(IdError::MalformedKeyId(truncate_for_message(s))),
+            _ => Err(IdError::MalformedKeyId(crate::excerpt(s))),
         }
     }
 }
@@ -82,6 +86,18 @@ impl AccountId {
     }
 }
 
+impl AccountId {
+    /// An account id as a caller gives it: well formed, and not something
+    /// that looks like a credential (which would then be stored, logged
+    /// and shown as an account's name). Stored ids are read with `parse`.
+    pub fn from_caller(s: &str) -> Result<Self, IdError> {
+        if crate::echo::looks_like_a_credential(s) {
+            return Err(IdError::CredentialAsAccountId);
+        }
+        s.parse()
+    }
+}
+
 impl FromStr for AccountId {
     type Err = IdError;
 
@@ -92,7 +108,7 @@ impl FromStr for AccountId {
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if !well_formed {
-            return Err(IdError::MalformedAccountId(truncate_for_message(s)));
+            return Err(IdError::MalformedAccountId(crate::excerpt(s)));
         }
         Ok(Self(Arc::from(s)))
     }
@@ -108,16 +124,6 @@ impl fmt::Debug for AccountId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "AccountId({})", self.0)
     }
-}
-
-/// Echoes at most 80 characters of bad input, so an error message stays
-/// readable. A secret pasted into an id field is cut: ids are never secret,
-/// but a caller's mistake should not be amplified into logs either.
-fn truncate_for_message(s: &str) -> String {
-    if s.starts_with(crate::KEY_PREFIX) {
-        return "vlk_… (that is an API key, not a key id)".to_owned();
-    }
-    s.chars().take(80).collect()
 }
 
 #[cfg(test)]

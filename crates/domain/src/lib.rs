@@ -19,6 +19,7 @@
 
 mod base62;
 mod clock;
+mod echo;
 mod fields;
 mod ids;
 mod key;
@@ -26,6 +27,7 @@ mod scope;
 mod state;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use echo::{excerpt, looks_like_a_credential, never_echo};
 pub use fields::{Description, FieldError, KeyName, validate_expiry};
 pub use ids::{AccountId, IdError, KeyId};
 pub use key::{

@@ -86,7 +86,7 @@ fn validate(s: &str) -> Result<usize, ScopeError> {
     });
     match colon {
         Some(colon) if valid => Ok(colon),
-        _ => Err(ScopeError::Invalid(s.to_owned())),
+        _ => Err(ScopeError::Invalid(crate::excerpt(s))),
     }
 }
 
@@ -192,7 +192,7 @@ mod tests {
             "*:read",
         ] {
             let err = bad.parse::<Scope>().unwrap_err();
-            assert_eq!(err, ScopeError::Invalid(bad.to_owned()), "{bad}");
+            assert_eq!(err, ScopeError::Invalid(crate::excerpt(bad)), "{bad}");
             assert!(err.to_string().contains("lowercase resource:action"));
         }
         assert!(matches!(

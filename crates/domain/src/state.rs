@@ -58,7 +58,7 @@ impl FromStr for Tier {
         match s {
             "free" => Ok(Tier::Free),
             "premium" => Ok(Tier::Premium),
-            other => Err(UnknownTier(other.chars().take(40).collect())),
+            other => Err(UnknownTier(crate::excerpt(other))),
         }
     }
 }
