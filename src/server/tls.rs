@@ -30,6 +30,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tonic::transport::server::Connected;
+use zeroize::Zeroizing;
 
 use super::connections::{self, ConnectionInfo, Tracked};
 
@@ -67,11 +68,10 @@ impl TlsError {
 }
 
 /// The files' contents, read together so that one configuration is made
-/// from one reading.
-#[derive(PartialEq, Eq)]
+/// from one reading. The private key is wiped from memory when dropped.
 struct Contents {
     cert: Vec<u8>,
-    key: Vec<u8>,
+    key: Zeroizing<Vec<u8>>,
     client_ca: Option<Vec<u8>>,
 }
 
@@ -79,12 +79,26 @@ impl Contents {
     fn read(files: &TlsFiles) -> Result<Self, TlsError> {
         Ok(Self {
             cert: read(&files.cert, CERT_SETTING)?,
-            key: read(&files.key, KEY_SETTING)?,
+            key: Zeroizing::new(read(&files.key, KEY_SETTING)?),
             client_ca: match &files.client_ca {
                 Some(path) => Some(read(path, CLIENT_CA_SETTING)?),
                 None => None,
             },
         })
+    }
+
+    /// What tells one reading from another, kept instead of the bytes.
+    fn digest(&self) -> blake3::Hash {
+        let mut hasher = blake3::Hasher::new();
+        for part in [
+            &self.cert[..],
+            &self.key[..],
+            self.client_ca.as_deref().unwrap_or_default(),
+        ] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        hasher.finalize()
     }
 
     fn server_config(&self, files: &TlsFiles) -> Result<ServerConfig, TlsError> {
@@ -181,8 +195,8 @@ pub struct Acceptor {
 }
 
 struct Seen {
-    loaded: Contents,
-    failed: Option<Contents>,
+    loaded: blake3::Hash,
+    failed: Option<blake3::Hash>,
 }
 
 impl fmt::Debug for Acceptor {
@@ -204,7 +218,7 @@ impl Acceptor {
             files: Arc::new(files),
             current: Arc::new(RwLock::new(Arc::new(config))),
             seen: Arc::new(Mutex::new(Seen {
-                loaded: contents,
+                loaded: contents.digest(),
                 failed: None,
             })),
         })
@@ -222,14 +236,15 @@ impl Acceptor {
                 return;
             }
         };
+        let digest = contents.digest();
         let mut seen = self.seen.lock().expect("not poisoned");
-        if !forced && (seen.loaded == contents || seen.failed.as_ref() == Some(&contents)) {
+        if !forced && (seen.loaded == digest || seen.failed == Some(digest)) {
             return;
         }
         match contents.server_config(&self.files) {
             Ok(config) => {
                 *self.current.write().expect("not poisoned") = Arc::new(config);
-                seen.loaded = contents;
+                seen.loaded = digest;
                 seen.failed = None;
                 tracing::info!(
                     listener = self.listener,
@@ -238,7 +253,7 @@ impl Acceptor {
                 );
             }
             Err(e) => {
-                seen.failed = Some(contents);
+                seen.failed = Some(digest);
                 tracing::warn!(listener = self.listener, error = %e, "TLS files not reloaded; serving with the previous certificate");
             }
         }
