@@ -553,3 +553,34 @@ async fn bad_tls_files_stop_the_start_naming_the_setting() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_that_never_finishes_is_closed_at_the_first_request_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let ca = Ca::new("vilvik test CA");
+    let files = Files::new();
+    let app = tls_app(&files, &ca.server(), None, |config| {
+        config.listener_limits.first_request_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut stalled = tokio::net::TcpStream::connect(app.verify_addr)
+        .await
+        .unwrap();
+    // The first bytes of a TLS record header, then nothing.
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the stalled handshake was not closed: {read:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "closed too early"
+    );
+    // The listener still serves others.
+    let key = app.management_key.clone();
+    let answer = verify_over(tls_channel(app.verify_addr, &ca.pem(), None).await, &key).await;
+    assert_eq!(answer, Ok(VerifyCode::Valid));
+}
