@@ -73,9 +73,7 @@ impl fmt::Debug for PepperId {
 /// Why a pepper file's text is not a pepper. Carries no part of the text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PepperFormatError {
-    #[error(
-        "a pepper is 64 hex characters (32 bytes) and nothing else; this holds {0} characters"
-    )]
+    #[error("a pepper is 64 hex characters (32 bytes) and nothing else; this holds {0} characters")]
     WrongLength(usize),
     #[error("a pepper holds only the hex characters 0-9 and a-f")]
     NotHex,

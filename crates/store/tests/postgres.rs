@@ -8,11 +8,16 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
-use vilvik_keys_domain::{AccountId, GeneratedKey, KeyPrefix, ScopeSet, TierLimits};
+use vilvik_keys_domain::{AccountId, GeneratedKey, KeyPrefix, Pepper, ScopeSet, TierLimits};
 use vilvik_keys_store::{
-    Actor, CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, PostgresStore,
-    Store, StoreError,
+    Actor, CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, NewSecret,
+    PostgresStore, Store, StoreError,
 };
+
+/// Any pepper: these tests store and read hashes, they verify nothing.
+fn pepper() -> Pepper {
+    Pepper::from_bytes(&[0x42; 32])
+}
 use vilvik_keys_test_db::{TestDatabase, eventually};
 
 fn actor() -> Actor {
@@ -27,7 +32,7 @@ fn new_key(account: &AccountId) -> NewKey {
         .name("listener-test".parse().unwrap())
         .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
         .created_at(OffsetDateTime::now_utc().replace_nanosecond(0).unwrap())
-        .build()
+        .build(&pepper())
         .0
 }
 
@@ -89,17 +94,10 @@ async fn every_committed_change_is_notified_and_a_failed_one_is_not() {
     let refused = store.create_key(new_key(&acme), &actor(), limits).await;
     assert!(matches!(refused, Err(StoreError::QuotaExceeded { .. })));
 
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     let now = OffsetDateTime::now_utc();
     store
-        .rotate_key(
-            &acme,
-            &key.key_id,
-            fresh.prefix(),
-            fresh.hash(),
-            &actor(),
-            now,
-        )
+        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), now)
         .await
         .unwrap();
     assert_eq!(next(&mut rx).await, key.prefix);
@@ -248,17 +246,10 @@ async fn a_listener_receives_seq_and_prefix_in_commit_order() {
         .create_key(new_key(&acme), &actor(), roomy())
         .await
         .unwrap();
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     let now = OffsetDateTime::now_utc();
     store
-        .rotate_key(
-            &acme,
-            &key.key_id,
-            fresh.prefix(),
-            fresh.hash(),
-            &actor(),
-            now,
-        )
+        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), now)
         .await
         .unwrap();
     store
@@ -572,13 +563,12 @@ async fn an_idle_listener_on_a_healthy_connection_stays_subscribed() {
             .is_err(),
         "nothing to receive, and no error"
     );
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     store
         .rotate_key(
             &acme,
             &key.key_id,
-            fresh.prefix(),
-            fresh.hash(),
+            &NewSecret::from(&fresh),
             &actor(),
             OffsetDateTime::now_utc(),
         )
