@@ -388,9 +388,9 @@ impl Verifier {
     }
 
     /// Writes noted re-hashes every [`RehashConfig::flush_interval`] until
-    /// `shutdown` resolves, then once more within one store deadline. A
-    /// failed write is logged and dropped: the key is noted again at its
-    /// next verify.
+    /// `shutdown` resolves. A failed write is logged and dropped, and so
+    /// is whatever is pending (or being written) at shutdown, which never
+    /// waits for it: each such key is noted again at its next verify.
     pub async fn write_rehashes(&self, shutdown: impl std::future::Future<Output = ()>) {
         let interval = self.rehasher.flush_interval();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -398,11 +398,14 @@ impl Verifier {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = ticker.tick() => self.flush_rehashes_logging().await,
-                () = &mut shutdown => break,
+                _ = ticker.tick() => {}
+                () = &mut shutdown => return,
+            }
+            tokio::select! {
+                () = self.flush_rehashes_logging() => {}
+                () = &mut shutdown => return,
             }
         }
-        let _ = tokio::time::timeout(self.feed.deadline, self.flush_rehashes_logging()).await;
     }
 
     async fn flush_rehashes_logging(&self) {
