@@ -10,12 +10,12 @@ use vilvik_keys_store::{
     Actor, KeySource, NewKey, OutageKind, PostgresOptions, PostgresStore, SqliteStore, Store,
     StoreError,
 };
+use vilvik_keys_test_db::TestDatabase;
 
 /// Any pepper: these tests store and read hashes, they verify nothing.
 fn pepper() -> Pepper {
     Pepper::from_bytes(&[0x42; 32])
 }
-use vilvik_keys_test_db::TestDatabase;
 
 fn actor() -> Actor {
     Actor {
