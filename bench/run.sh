@@ -148,6 +148,10 @@ else
   log "fresh SQLite file $WORK/vilvik-keys.db"
 fi
 
+# One pepper for every node and the seed, as in production.
+"$VK" pepper new "$WORK/pepper" >/dev/null 2>&1 || die "cannot make a pepper file"
+STORE_ENV+=(VILVIK_KEYS_PEPPER_FILE="$WORK/pepper")
+
 KEYS="$WORK/keys.txt"
 
 # -------------------------------------------------------------- servers ----

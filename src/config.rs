@@ -35,6 +35,10 @@ pub enum LogFormat {
 pub struct Config {
     pub database_url: Option<SecretString>,
     pub sqlite_path: PathBuf,
+    /// The current pepper's file; `None`: the default one (`crate::pepper`).
+    pub pepper_file: Option<PathBuf>,
+    /// Older peppers' files, whose keys still verify.
+    pub pepper_files: Vec<PathBuf>,
     pub admin_addr: SocketAddr,
     pub verify_addr: SocketAddr,
     pub public_verify_addr: Option<String>,
@@ -162,6 +166,8 @@ impl std::fmt::Debug for Config {
                 &self.database_url.as_ref().map(|_| "[REDACTED]"),
             )
             .field("sqlite_path", &self.sqlite_path)
+            .field("pepper_file", &self.pepper_file)
+            .field("pepper_files", &self.pepper_files)
             .field("admin_addr", &self.admin_addr)
             .field("verify_addr", &self.verify_addr)
             .field("public_verify_addr", &self.public_verify_addr)
@@ -206,6 +212,8 @@ impl Default for Config {
         Self {
             database_url: None,
             sqlite_path: PathBuf::from("./vilvik-keys.db"),
+            pepper_file: None,
+            pepper_files: Vec::new(),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             verify_addr: SocketAddr::from(([127, 0, 0, 1], 50052)),
             public_verify_addr: None,
@@ -363,6 +371,12 @@ settings! {
         sqlite_path: PathBuf = "VILVIK_KEYS_SQLITE_PATH", Value("./vilvik-keys.db"),
             "the embedded SQLite file, when `DATABASE_URL` is unset",
             |c, _, v| { c.sqlite_path = PathBuf::from(v); Ok(()) };
+        pepper_file: PathBuf = "VILVIK_KEYS_PEPPER_FILE", Unset("`<sqlite_path>.pepper` beside the SQLite file, or `./vilvik-keys.pepper` on Postgres; generated (0600) when missing"),
+            "the current pepper: a file of 64 hex characters (32 secret bytes, mode 0600) that key hashes are keyed with; every node must be given the same (see docs/SECURITY.md)",
+            |c, _, v| { c.pepper_file = (!v.is_empty()).then(|| PathBuf::from(v)); Ok(()) };
+        pepper_files: Vec<String> = "VILVIK_KEYS_PEPPER_FILES", Unset("none"),
+            "older peppers' files, comma-separated: keys hashed with them still verify, and move to the current pepper when they do",
+            |c, _, v| { c.pepper_files = split_paths(&v); Ok(()) };
         admin_addr: String = "VILVIK_KEYS_ADMIN_ADDR", Value("127.0.0.1:50051"),
             "the KeyAdmin listener",
             |c, name, v| { c.admin_addr = parse_addr(name, &v)?; Ok(()) };
@@ -695,6 +709,17 @@ pub fn settings_table() -> String {
     table
 }
 
+/// A comma-separated list of paths; blanks around each and empty entries
+/// are dropped.
+fn split_paths(value: &str) -> Vec<PathBuf> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
 /// An interval in whole milliseconds, at least one; a zero is reported
 /// under the file key `setting`.
 fn parse_interval(name: &str, setting: &str, value: &str) -> Result<Duration, ConfigError> {
@@ -872,6 +897,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("log_format"), "{err}");
+    }
+
+    #[test]
+    fn pepper_files_are_a_path_and_a_comma_separated_list() {
+        let c = Config::from_sources(None, &env(&[])).unwrap();
+        assert_eq!((c.pepper_file, c.pepper_files), (None, vec![]));
+        let c = Config::from_sources(
+            None,
+            &env(&[
+                ("VILVIK_KEYS_PEPPER_FILE", "/run/secrets/pepper"),
+                (
+                    "VILVIK_KEYS_PEPPER_FILES",
+                    " /old/a.pepper, ,/old/b.pepper ",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.pepper_file, Some(PathBuf::from("/run/secrets/pepper")));
+        assert_eq!(
+            c.pepper_files,
+            [
+                PathBuf::from("/old/a.pepper"),
+                PathBuf::from("/old/b.pepper")
+            ]
+        );
+        let f = file("pepper_file = \"b.pepper\"\npepper_files = [\"a.pepper\"]\n");
+        let c = Config::from_sources(Some(f.path()), &env(&[])).unwrap();
+        assert_eq!(c.pepper_file, Some(PathBuf::from("b.pepper")));
+        assert_eq!(c.pepper_files, [PathBuf::from("a.pepper")]);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod pepper;
 pub mod server;
 pub mod startup;
 pub mod telemetry;

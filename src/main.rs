@@ -1,13 +1,13 @@
 //! The `vilvik-keys` binary: the service (`serve`), its schema (`migrate`),
-//! an account's first management key (`bootstrap`), and the admin CLI
-//! (`keys …`, `accounts …`).
+//! an account's first management key (`bootstrap`), the pepper's rotation
+//! (`pepper status|new`), and the admin CLI (`keys …`, `accounts …`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use vilvik_keys::cli::{self, AccountsCommand, ClientArgs, KeysCommand};
+use vilvik_keys::cli::{self, AccountsCommand, ClientArgs, KeysCommand, PepperCommand};
 use vilvik_keys::config::Config;
 use vilvik_keys::startup::{self, Application, Role};
 
@@ -51,6 +51,11 @@ enum Command {
         name: String,
         #[arg(long, env = "VILVIK_KEYS_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// The pepper key hashes are keyed with: what each covers, and a new one for a rotation.
+    Pepper {
+        #[command(subcommand)]
+        command: PepperCommand,
     },
     /// Manage keys through the admin API.
     Keys {
@@ -117,6 +122,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let config = load_config(config)?;
             cli::bootstrap(&config, &account, &name).await
         }
+        Command::Pepper { command } => match command {
+            PepperCommand::Status { json, config } => {
+                let config = load_config(config)?;
+                cli::pepper_status(&config, json).await
+            }
+            PepperCommand::New { path } => cli::pepper_new(&path),
+        },
         Command::Keys { client, command } => cli::run_keys(client, command).await,
         Command::Accounts { client, command } => cli::run_accounts(client, command).await,
     }

@@ -15,7 +15,7 @@ use tonic::transport::server::TcpIncoming;
 use vilvik_keys_domain::{Clock, SystemClock};
 use vilvik_keys_store::{PostgresOptions, Store};
 use vilvik_keys_verify::{
-    CacheConfig, FeedConfig, UsageConfig, UsageRecorder, Verifier, VerifierConfig,
+    CacheConfig, FeedConfig, RehashConfig, UsageConfig, UsageRecorder, Verifier, VerifierConfig,
 };
 
 use crate::admin_server::key_admin_server::KeyAdminServer;
@@ -84,6 +84,7 @@ impl Application {
         };
         let (admin_tls, verify_tls) = (tls("admin")?, tls("verify")?);
         let store = open_store(&config).await?;
+        let peppers = Arc::new(crate::pepper::load(&config, store.as_ref()).await?);
         let usage = UsageRecorder::new(
             store.clone(),
             UsageConfig {
@@ -95,6 +96,7 @@ impl Application {
             store.clone(),
             clock.clone(),
             usage.clone(),
+            peppers,
             VerifierConfig {
                 cache: CacheConfig {
                     negative_ttl: config.negative_cache_ttl,
@@ -109,6 +111,11 @@ impl Application {
                     deadline: config.store_timeout,
                 },
                 misses: config.verify_misses,
+                // Written behind like usage, as often.
+                rehash: RehashConfig {
+                    flush_interval: config.usage_flush_interval,
+                    ..RehashConfig::default()
+                },
             },
         );
         // Where the change log stands before anything is cached: the
@@ -312,6 +319,9 @@ impl Application {
         let verifier = self.verifier.clone();
         let follower_stop = stopped();
         let follower = tokio::spawn(async move { verifier.follow_changes(follower_stop).await });
+        let rehasher = self.verifier.clone();
+        let rehasher_stop = stopped();
+        let rehashes = tokio::spawn(async move { rehasher.write_rehashes(rehasher_stop).await });
 
         let usage = self.usage.clone();
         let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel::<()>();
@@ -353,6 +363,7 @@ impl Application {
         }
         let _ = follower.await;
         let _ = tls_watcher.await;
+        let _ = rehashes.await;
         if let Some(pruner) = pruner {
             let _ = pruner.await;
         }

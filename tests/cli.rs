@@ -550,3 +550,253 @@ fn an_unreachable_server_is_named_with_a_hint() {
     assert!(err.contains("vilvik-keys serve"), "{err}");
     assert!(!err.contains("vlk_whatever"), "{err}");
 }
+
+/// Runs `command` until it exits, at most `within`; kills it past that
+/// (the test then fails: it was expected to stop on its own).
+fn output_within(mut command: Command, within: Duration) -> Output {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!("did not exit within {within:?}: {output:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// The binary run by `sh` after `umask 000`, so that nothing but the
+/// program itself keeps a file private.
+fn with_open_umask(args: &[&str]) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .env_clear()
+        .arg("-c")
+        .arg("umask 000 && exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .args(args);
+    command
+}
+
+#[test]
+fn pepper_new_writes_a_private_pepper_whatever_the_umask_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("next.pepper");
+    let path_text = path.to_str().unwrap();
+    let output = with_open_umask(&["pepper", "new", path_text])
+        .output()
+        .unwrap();
+    assert_success(&output, "pepper new");
+    assert_eq!(mode_of(&path), 0o600, "whatever the umask");
+    let id = stdout(&output).trim().to_owned();
+    assert_eq!(id.len(), 16, "the new pepper's id: {id}");
+    assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+    assert!(stderr(&output).contains("docs/SECURITY.md"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!stdout(&output).contains(text.trim()) && !stderr(&output).contains(text.trim()));
+
+    let output = run(None, &["pepper", "new", path_text], &[]);
+    let err = assert_failure(&output, "pepper new over an existing file");
+    assert!(err.contains("refusing to overwrite"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "unchanged");
+}
+
+#[test]
+fn the_generated_pepper_is_private_whatever_the_umask_and_says_where_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let output = with_open_umask(&["bootstrap", "--account", ACCOUNT])
+        .env("VILVIK_KEYS_SQLITE_PATH", &db)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert_success(&output, "bootstrap");
+    let pepper = dir.path().join("keys.db.pepper");
+    assert_eq!(mode_of(&pepper), 0o600, "the generated pepper file");
+    assert_eq!(mode_of(&db), 0o600, "the database");
+    let log = stderr(&output);
+    assert!(log.contains("generated a new pepper"), "{log}");
+    assert!(log.contains(pepper.to_str().unwrap()), "{log}");
+    let text = std::fs::read_to_string(&pepper).unwrap();
+    assert!(
+        !log.contains(text.trim()),
+        "the pepper is never logged: {log}"
+    );
+
+    // Reused, not regenerated, on the next start.
+    let output = run_with_db(&db, &["bootstrap", "--account", "GLOBEX"], &[]);
+    assert_success(&output, "a second bootstrap");
+    assert_eq!(std::fs::read_to_string(&pepper).unwrap(), text);
+}
+
+/// The binary on the SQLite file `db`, with extra environment.
+fn run_with_db(db: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .env("VILVIK_KEYS_SQLITE_PATH", db)
+        .env("VILVIK_KEYS_ADMIN_ADDR", "127.0.0.1:0")
+        .env("VILVIK_KEYS_VERIFY_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .args(args);
+    output_within(command, Duration::from_secs(30))
+}
+
+#[test]
+fn bad_pepper_files_stop_the_start_naming_the_setting_and_the_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let write = |name: &str, text: &str, mode: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let hex = "5ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2";
+    let good = write("good.pepper", hex, 0o600);
+    let other = dir.path().join("other.pepper");
+    assert_success(
+        &run(None, &["pepper", "new", other.to_str().unwrap()], &[]),
+        "pepper new",
+    );
+    let other = other.to_str().unwrap().to_owned();
+    let readable = write("readable.pepper", hex, 0o644);
+    let short = write("short.pepper", &hex[..40], 0o600);
+    let missing = dir
+        .path()
+        .join("missing.pepper")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let current = "pepper_file (VILVIK_KEYS_PEPPER_FILE)";
+    let older = "pepper_files (VILVIK_KEYS_PEPPER_FILES)";
+    // (pepper_file, pepper_files, the setting and file named, and why)
+    let cases: [(&str, &str, &str, &str, &str); 6] = [
+        (&readable, "", current, &readable, "chmod 600"),
+        (&short, "", current, &short, "64 hex characters"),
+        (
+            &missing,
+            "",
+            current,
+            &missing,
+            "cannot read the pepper file",
+        ),
+        (&good, &readable, older, &readable, "chmod 600"),
+        (
+            &good,
+            &format!("{other},{short}"),
+            older,
+            &short,
+            "does not hold a pepper",
+        ),
+        (
+            &other,
+            &format!("{good},{other}"),
+            older,
+            &other,
+            "the same pepper",
+        ),
+    ];
+    for (file, files, setting, culprit, needle) in cases {
+        let output = run_with_db(
+            &db,
+            &["serve"],
+            &[
+                ("VILVIK_KEYS_PEPPER_FILE", file),
+                ("VILVIK_KEYS_PEPPER_FILES", files),
+            ],
+        );
+        let err = assert_failure(&output, &format!("serve with {file} and [{files}]"));
+        assert!(err.contains(setting), "{setting}: {err}");
+        assert!(err.contains(culprit), "names {culprit}: {err}");
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert!(!err.contains(&hex[..16]), "never the content: {err}");
+        assert!(!err.contains("listening"), "{err}");
+    }
+    // A good file is accepted.
+    let output = run_with_db(
+        &db,
+        &["bootstrap", "--account", ACCOUNT],
+        &[("VILVIK_KEYS_PEPPER_FILE", &good)],
+    );
+    assert_success(&output, "bootstrap with a good pepper file");
+}
+
+#[test]
+fn pepper_status_says_what_each_pepper_covers() {
+    let server = TestServer::start();
+    server.bootstrap(ACCOUNT);
+    let status = |env: &[(&str, &str)]| {
+        let output = run_with_db(&server.sqlite_path, &["pepper", "status"], env);
+        assert_success(&output, "pepper status");
+        stdout(&output)
+    };
+    let pepper_file = PathBuf::from(format!("{}.pepper", server.sqlite_path.display()));
+    let current = vilvik_keys::pepper::read(&pepper_file, "pepper_file")
+        .unwrap()
+        .id()
+        .to_string();
+    let text = status(&[]);
+    let header = text.lines().next().unwrap();
+    assert!(header.starts_with("PEPPER"), "{text}");
+    assert!(
+        header.contains("LIVE KEYS") && header.contains("ALL SECRETS"),
+        "{text}"
+    );
+    let line = text.lines().find(|l| l.starts_with(&current)).expect(&text);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        words[..4],
+        [current.as_str(), "current", "1", "1"],
+        "{text}"
+    );
+
+    // An older pepper that covers nothing can be retired.
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.pepper");
+    assert_success(
+        &run(None, &["pepper", "new", old.to_str().unwrap()], &[]),
+        "pepper new",
+    );
+    let text = status(&[("VILVIK_KEYS_PEPPER_FILES", old.to_str().unwrap())]);
+    let old_id = vilvik_keys::pepper::read(&old, "pepper_files")
+        .unwrap()
+        .id()
+        .to_string();
+    let line = text.lines().find(|l| l.starts_with(&old_id)).expect(&text);
+    assert_eq!(line.split_whitespace().nth(1), Some("older"), "{text}");
+    assert!(
+        text.contains("covers no live key: it can be retired"),
+        "{text}"
+    );
+
+    // With another current pepper, the existing keys are unknown to it.
+    let text = status(&[("VILVIK_KEYS_PEPPER_FILE", old.to_str().unwrap())]);
+    let line = text.lines().find(|l| l.starts_with(&current)).expect(&text);
+    assert_eq!(line.split_whitespace().nth(1), Some("unknown"), "{text}");
+    assert!(text.contains("which is not configured"), "{text}");
+
+    // A store without a pepper yet: nothing is made.
+    let fresh = dir.path().join("fresh.db");
+    let output = run_with_db(&fresh, &["pepper", "status"], &[]);
+    assert_success(&output, "pepper status before the first start");
+    assert!(
+        stdout(&output).contains("no pepper file at"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(!dir.path().join("fresh.db.pepper").exists());
+}

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use vilvik_keys_domain::{
-    ADMIN_SCOPE, AccountId, Clock, GeneratedKey, KeyId, KeyName, ScopeSet, SystemClock, TierLimits,
+    ADMIN_SCOPE, AccountId, Clock, GeneratedKey, KeyId, KeyName, Pepper, ScopeSet, SystemClock,
+    TierLimits,
 };
 use vilvik_keys_store::{Actor, KeyRecord, NewKey, Store, StoreError};
 
@@ -17,15 +18,17 @@ use crate::startup::open_store;
 /// to the service's configuration.
 pub const BOOTSTRAP_ACTOR: &str = "bootstrap";
 
-/// Creates a management key (scope `keys:admin`) for `account`, counted
-/// against its tier like any other key.
+/// Creates a management key (scope `keys:admin`) for `account`, hashed
+/// with `pepper` (the current one), counted against its tier like any
+/// other key.
 pub async fn create_management_key(
     store: &Arc<dyn Store>,
+    pepper: &Pepper,
     account: &AccountId,
     name: KeyName,
     limits: TierLimits,
 ) -> anyhow::Result<(KeyRecord, GeneratedKey)> {
-    let secret = GeneratedKey::generate();
+    let secret = GeneratedKey::generate(pepper);
     let new = NewKey {
         key_id: KeyId::generate(),
         account_id: account.clone(),
@@ -37,6 +40,7 @@ pub async fn create_management_key(
         expires_at: None,
         prefix: secret.prefix().clone(),
         hash: secret.hash(),
+        pepper_id: secret.pepper_id(),
         created_at: SystemClock.now(),
     };
     let actor = Actor {
@@ -58,8 +62,15 @@ pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Re
     let account = AccountId::from_caller(account).context("--account")?;
     let name = name.parse().context("--name")?;
     let store = open_store(config).await?;
-    let (record, secret) =
-        create_management_key(&store, &account, name, config.tier_limits).await?;
+    let peppers = crate::pepper::load(config, store.as_ref()).await?;
+    let (record, secret) = create_management_key(
+        &store,
+        peppers.current(),
+        &account,
+        name,
+        config.tier_limits,
+    )
+    .await?;
     // Running nodes learn a new prefix from the change feed, not from this
     // process; until then they answer NOT_FOUND for it. Printing the secret
     // only after two polls' time (a millisecond or so suffices on

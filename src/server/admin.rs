@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use vilvik_keys_domain::{
     Clock, Description, GeneratedKey, KeyId, KeyName, ScopeSet, TierLimits, validate_expiry,
 };
-use vilvik_keys_store::{KeyChanges, KeyRecord, NewKey, Rotation, Store, StoreError};
+use vilvik_keys_store::{KeyChanges, KeyRecord, NewKey, NewSecret, Rotation, Store, StoreError};
 
 use vilvik_keys_verify::Verifier;
 
@@ -142,7 +142,7 @@ impl KeyAdmin for AdminService {
         let expires_at = parse_expiry(req.expires_at.as_ref(), now)?;
 
         for _ in 0..MAX_ID_ATTEMPTS {
-            let secret = GeneratedKey::generate();
+            let secret = GeneratedKey::generate(self.verifier.peppers().current());
             let new = NewKey {
                 key_id: KeyId::generate(),
                 account_id: caller.account.clone(),
@@ -152,6 +152,7 @@ impl KeyAdmin for AdminService {
                 expires_at,
                 prefix: secret.prefix().clone(),
                 hash: secret.hash(),
+                pepper_id: secret.pepper_id(),
                 created_at: now,
             };
             match self.store.create_key(new, &caller.actor, self.limits).await {
@@ -272,14 +273,13 @@ impl KeyAdmin for AdminService {
         let key_id = parse_key_id(&request.get_ref().key_id)?;
         let now = self.clock.now();
         for _ in 0..MAX_ID_ATTEMPTS {
-            let secret = GeneratedKey::generate();
+            let secret = GeneratedKey::generate(self.verifier.peppers().current());
             match self
                 .store
                 .rotate_key(
                     &caller.account,
                     &key_id,
-                    secret.prefix(),
-                    secret.hash(),
+                    &NewSecret::from(&secret),
                     &caller.actor,
                     now,
                 )

@@ -461,7 +461,7 @@ mod tests {
 
     #[test]
     fn a_request_decodes_to_the_same_fields_and_encodes_to_the_same_bytes() {
-        let secret = GeneratedKey::generate();
+        let secret = GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate());
         let long = "x".repeat(300);
         for key in [secret.expose_secret(), "", "vlk_short", long.as_str()] {
             let request = proto::VerifyKeyRequest {
@@ -480,7 +480,7 @@ mod tests {
 
     #[test]
     fn a_key_sized_key_is_held_inline() {
-        let secret = GeneratedKey::generate();
+        let secret = GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate());
         let call = call_of(&proto::VerifyKeyRequest {
             key: secret.expose_secret().to_owned(),
             ..Default::default()
@@ -547,7 +547,7 @@ mod tests {
 
     #[test]
     fn debug_never_shows_the_key() {
-        let secret = GeneratedKey::generate();
+        let secret = GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate());
         let call = call_of(&proto::VerifyKeyRequest {
             key: secret.expose_secret().to_owned(),
             ..Default::default()

@@ -196,7 +196,8 @@ async fn keys_nobody_has_cost_no_database_access() {
     const ATTEMPTS: usize = 500;
     let before = transactions().await;
     for _ in 0..ATTEMPTS {
-        let stranger = vilvik_keys_domain::GeneratedKey::generate();
+        let stranger =
+            vilvik_keys_domain::GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate());
         let secret = stranger.expose_secret();
         let answer = app
             .verify

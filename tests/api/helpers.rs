@@ -28,10 +28,11 @@ pub enum Backend {
     Postgres,
 }
 
-/// Keeps the backing database alive for the test's duration.
-enum Database {
-    Sqlite(#[allow(dead_code)] tempfile::TempDir),
-    Postgres(#[allow(dead_code)] TestDatabase),
+/// Keeps the backing database, and the directory of its SQLite file or its
+/// pepper files, alive for the test's duration.
+struct Database {
+    _dir: tempfile::TempDir,
+    _postgres: Option<TestDatabase>,
 }
 
 pub struct TestApp {
@@ -45,6 +46,9 @@ pub struct TestApp {
     pub clock: Arc<ManualClock>,
     pub config: Config,
     pub backend: Backend,
+    /// The test's own directory: the SQLite file and its pepper file, or
+    /// (on Postgres) the pepper file; room for more.
+    pub dir: std::path::PathBuf,
     server: Option<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
     _database: Database,
 }
@@ -70,26 +74,43 @@ pub async fn spawn_app_with(
         tier_limits: TierLimits::default(),
         ..Config::default()
     };
+    let dir = tempfile::tempdir().unwrap();
     let database = match backend {
+        // The pepper is the default one, generated beside the database.
         Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap();
             config.sqlite_path = dir.path().join("keys.db");
-            Database::Sqlite(dir)
+            Database {
+                _dir: dir,
+                _postgres: None,
+            }
         }
+        // Every node of a test shares one pepper file, as in production
+        // (the default would be in the working directory).
         Backend::Postgres => {
             let db = TestDatabase::create().await?;
             config.database_url = Some(SecretString::from(db.url().to_owned()));
-            Database::Postgres(db)
+            let pepper_file = dir.path().join("current.pepper");
+            vilvik_keys::pepper::create(&pepper_file).unwrap();
+            config.pepper_file = Some(pepper_file);
+            Database {
+                _dir: dir,
+                _postgres: Some(db),
+            }
         }
     };
+    let dir = database._dir.path().to_owned();
     configure(&mut config);
     // Whole seconds, so times round-trip exactly through both stores.
     let start = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let clock = Arc::new(ManualClock::new(start));
 
     let store = vilvik_keys::startup::open_store(&config).await.unwrap();
+    let peppers = vilvik_keys::pepper::load(&config, store.as_ref())
+        .await
+        .unwrap();
     let (record, secret) = vilvik_keys::cli::create_management_key(
         &store,
+        peppers.current(),
         &ACCOUNT.parse().unwrap(),
         "bootstrap".parse().unwrap(),
         config.tier_limits,
@@ -108,6 +129,7 @@ pub async fn spawn_app_with(
         clock,
         config,
         backend,
+        dir,
         server: None,
         _database: database,
     };

@@ -12,6 +12,7 @@ mod connections;
 mod encoding;
 mod lifecycle;
 mod outage;
+mod pepper;
 mod protection;
 mod tls;
 mod tour;

@@ -15,7 +15,9 @@ async fn a_saturated_verify_listener_sheds_load() {
     for _ in 0..200 {
         let mut client = app.verify.clone();
         // Unknown keys: each is a store lookup, so requests overlap.
-        let key = GeneratedKey::generate().expose_secret().to_owned();
+        let key = GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate())
+            .expose_secret()
+            .to_owned();
         calls.spawn(async move {
             client
                 .verify_key(proto::VerifyKeyRequest {

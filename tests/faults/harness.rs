@@ -60,6 +60,8 @@ pub struct Faults {
     pub proxy: FaultProxy,
     pub cluster: PrivateCluster,
     management_key: String,
+    /// The nodes' one pepper file.
+    _pepper_dir: tempfile::TempDir,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -90,12 +92,23 @@ impl Faults {
         let proxy = FaultProxy::start(target).await;
         let proxied_url = format!("postgres://postgres@{}/{DATABASE}", proxy.addr());
 
+        let pepper_dir = tempfile::tempdir().unwrap();
+        let pepper_file = pepper_dir.path().join("pepper");
+        vilvik_keys::pepper::create(&pepper_file).unwrap();
+        let config = |url: &str| Config {
+            pepper_file: Some(pepper_file.clone()),
+            ..config(url)
+        };
         let admin_config = config(&url);
         let store = vilvik_keys::startup::open_store(&admin_config)
             .await
             .expect("the private cluster's database opens and migrates");
+        let peppers = vilvik_keys::pepper::load(&admin_config, store.as_ref())
+            .await
+            .unwrap();
         let (_, secret) = vilvik_keys::cli::create_management_key(
             &store,
+            peppers.current(),
             &ACCOUNT.parse().unwrap(),
             "bootstrap".parse().unwrap(),
             admin_config.tier_limits,
@@ -152,6 +165,7 @@ impl Faults {
             proxy,
             cluster,
             management_key,
+            _pepper_dir: pepper_dir,
             _serial: serial,
         };
         Some((faults, created))

@@ -202,7 +202,9 @@ async fn phase(
                         Some(k) => k.clone(),
                         None => break,
                     },
-                    None => GeneratedKey::generate().expose_secret().to_owned(),
+                    None => GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate())
+                        .expose_secret()
+                        .to_owned(),
                 };
                 let t = Instant::now();
                 let result = call.send(&key, &scope).await;

@@ -37,7 +37,11 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
             .into_iter()
             .next()
             .ok_or_else(|| anyhow::anyhow!("{} holds no key", path.display()))?,
-        (None, None) if args.any_answer => GeneratedKey::generate().expose_secret().to_owned(),
+        (None, None) if args.any_answer => {
+            GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate())
+                .expose_secret()
+                .to_owned()
+        }
         (None, None) => anyhow::bail!("name the key with --key or --keys"),
     };
     let started = Instant::now();

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, Description, GeneratedKey, KeyName, ScopeSet};
+use vilvik_keys_domain::{AccountId, Description, GeneratedKey, KeyName, Pepper, ScopeSet};
 use vilvik_keys_store::{Actor, NewKey};
 
 #[derive(Debug, clap::Args)]
@@ -44,22 +44,15 @@ pub async fn run(args: SeedArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.chunk > 0, "--chunk must be at least 1");
     let scopes = ScopeSet::parse(&[args.scope.as_str()])
         .map_err(|(_, e)| anyhow::anyhow!("--scope '{}': {e}", args.scope))?;
-    let database_url = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty());
-    let sqlite_path = std::env::var("VILVIK_KEYS_SQLITE_PATH")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "./vilvik-keys.db".to_owned());
-    let store = vilvik_keys_store::connect(
-        database_url.as_deref(),
-        Path::new(&sqlite_path),
-        Default::default(),
-    )
-    .await
-    .with_context(|| match &database_url {
-        Some(_) => "cannot connect to the Postgres database named by DATABASE_URL".to_owned(),
-        None => format!("cannot open the SQLite database {sqlite_path}"),
-    })?;
-    store.migrate().await.context("cannot apply migrations")?;
+    // The service's own settings (DATABASE_URL, VILVIK_KEYS_SQLITE_PATH,
+    // VILVIK_KEYS_PEPPER_FILE), so that it verifies what is seeded.
+    let config = vilvik_keys::config::Config::load(None).context("invalid configuration")?;
+    let database_url = config.database_url().map(str::to_owned);
+    let store = vilvik_keys::startup::open_store(&config).await?;
+    let pepper = vilvik_keys::pepper::load(&config, store.as_ref())
+        .await?
+        .current()
+        .clone();
 
     let mut out = open_secret_file(&args.out)?;
     let actor = Actor {
@@ -76,7 +69,7 @@ pub async fn run(args: SeedArgs) -> anyhow::Result<()> {
         let mut next = 0usize;
         while next < total {
             let n = chunk_size.min(total - next);
-            let chunk = generate_chunk(next, n, accounts, &scopes, &mut seen);
+            let chunk = generate_chunk(next, n, accounts, &scopes, &pepper, &mut seen);
             next += n;
             if tx.blocking_send(chunk).is_err() {
                 return;
@@ -138,6 +131,7 @@ fn generate_chunk(
     n: usize,
     accounts: usize,
     scopes: &ScopeSet,
+    pepper: &Pepper,
     seen: &mut HashSet<String>,
 ) -> anyhow::Result<Chunk> {
     let now = OffsetDateTime::now_utc();
@@ -153,7 +147,7 @@ fn generate_chunk(
         // Prefixes are 8 random base62 characters: at 1M keys a repeat is
         // rare but possible, and one would fail its whole chunk.
         let generated = loop {
-            let g = GeneratedKey::generate();
+            let g = GeneratedKey::generate(pepper);
             if seen.insert(g.prefix().as_str().to_owned()) {
                 break g;
             }

@@ -4,7 +4,7 @@
 //!
 //! On one connection, one request at a time (so each latency is the
 //! server's work plus the loopback round trip), it alternates (a) a random
-//! well-formed key (`GeneratedKey::generate()`, a fresh one each time:
+//! well-formed key (`GeneratedKey::generate(..)`, a fresh one each time:
 //! its prefix exists nowhere) and (b) a seeded key's real prefix with
 //! another secret and a valid checksum (each time another seeded key,
 //! spread over the file). The order within each pair alternates too, so
@@ -87,7 +87,7 @@ pub fn wrong_secret_for(real: &str) -> anyhow::Result<String> {
         .get(..PREFIX_LEN)
         .filter(|_| real.len() == KEY_LENGTH)
         .ok_or_else(|| anyhow::anyhow!("a seeded key is not {KEY_LENGTH} characters long"))?;
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate());
     let secret = &fresh.expose_secret()[PREFIX_LEN + 1..KEY_LENGTH - CHECKSUM_LEN];
     let body = format!("{prefix}_{secret}");
     let key = format!("{body}{}", checksum(&body));
@@ -137,7 +137,11 @@ pub async fn run(args: TimingArgs) -> anyhow::Result<()> {
     let mut unknown = Vec::with_capacity(total);
     let mut wrong = Vec::with_capacity(total);
     for i in 0..total {
-        unknown.push(GeneratedKey::generate().expose_secret().to_owned());
+        unknown.push(
+            GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate())
+                .expose_secret()
+                .to_owned(),
+        );
         wrong.push(wrong_secret_for(&seeded[(i * stride) % seeded.len()])?);
     }
 
@@ -202,7 +206,7 @@ mod tests {
     #[test]
     fn the_checksum_is_the_key_formats() {
         for _ in 0..100 {
-            let key = GeneratedKey::generate();
+            let key = GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate());
             let secret = key.expose_secret();
             let (body, sum) = secret.split_at(KEY_LENGTH - CHECKSUM_LEN);
             assert_eq!(checksum(body), sum);
@@ -211,11 +215,12 @@ mod tests {
 
     #[test]
     fn a_wrong_secret_keeps_the_prefix_and_parses() {
-        let real = GeneratedKey::generate();
+        let pepper = vilvik_keys_domain::Pepper::generate();
+        let real = GeneratedKey::generate(&pepper);
         let wrong = wrong_secret_for(real.expose_secret()).unwrap();
         let parsed: ApiKey = wrong.parse().unwrap();
         assert_eq!(parsed.prefix(), real.prefix());
-        assert!(!parsed.hash().matches(&real.hash()));
+        assert!(!parsed.hash_with(Some(&pepper)).matches(&real.hash()));
         assert!(wrong_secret_for("vlk_short").is_err());
     }
 }

@@ -161,12 +161,17 @@ async fn seed_then_bodies_on_sqlite() {
         .collect();
     assert_eq!(secrets.len(), 25);
 
+    // Hashed with the pepper the service uses on this database: the
+    // default one, which the seed generated beside it.
+    let pepper_file = std::path::PathBuf::from(format!("{}.pepper", db.display()));
+    let pepper = vilvik_keys::pepper::read(&pepper_file, "pepper_file").unwrap();
     let store = SqliteStore::open(&db).await.unwrap();
     let mut accounts = std::collections::BTreeSet::new();
     for secret in &secrets {
         let key: ApiKey = secret.parse().unwrap();
         let found = store.find_secret(key.prefix()).await.unwrap().unwrap();
-        assert!(found.hash.matches(&key.hash()));
+        assert_eq!(found.pepper_id, Some(pepper.id()));
+        assert!(found.hash.matches(&key.hash_with(Some(&pepper))));
         assert_eq!(found.key.scopes.to_strings(), vec!["datasets:read"]);
         accounts.insert(found.key.account_id.as_str().to_owned());
     }

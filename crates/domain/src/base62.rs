@@ -22,24 +22,34 @@ pub(crate) fn all_base62(bytes: &[u8]) -> bool {
 }
 
 /// `len` uniformly random base62 characters from the operating system's CSPRNG.
+pub(crate) fn random(len: usize) -> String {
+    let mut out = vec![0u8; len];
+    fill_random(&mut out);
+    String::from_utf8(out).expect("base62 characters are ASCII")
+}
+
+/// Fills `out` with uniformly random base62 characters from the operating
+/// system's CSPRNG. The random bytes drawn are zeroed afterwards: they are
+/// a key's secret when `out` is one.
 ///
 /// Rejection sampling keeps the distribution uniform: bytes >= 248 (4 * 62)
 /// are drawn again instead of being folded onto the first characters.
-pub(crate) fn random(len: usize) -> String {
-    let mut out = String::with_capacity(len);
-    let mut buf = [0u8; 64];
-    while out.len() < len {
-        getrandom::fill(&mut buf).expect("the operating system's random number generator failed");
-        for &byte in &buf {
-            if out.len() == len {
+pub(crate) fn fill_random(out: &mut [u8]) {
+    let mut buf = zeroize::Zeroizing::new([0u8; 64]);
+    let mut filled = 0;
+    while filled < out.len() {
+        getrandom::fill(&mut buf[..])
+            .expect("the operating system's random number generator failed");
+        for &byte in buf.iter() {
+            if filled == out.len() {
                 break;
             }
             if byte < 248 {
-                out.push(ALPHABET[(byte % 62) as usize] as char);
+                out[filled] = ALPHABET[usize::from(byte % 62)];
+                filled += 1;
             }
         }
     }
-    out
 }
 
 /// The value of validated base62 digits, most significant first (at most
@@ -54,14 +64,13 @@ pub(crate) fn decode(digits: &[u8]) -> u64 {
     })
 }
 
-/// Fixed-width base62 of a 32-bit value, most significant digit first.
-pub(crate) fn encode_u32(mut value: u32, width: usize) -> String {
-    let mut digits = vec![b'0'; width];
-    for slot in digits.iter_mut().rev() {
+/// Fixed-width base62 of a 32-bit value, most significant digit first,
+/// written into `out` (as many digits as it is long).
+pub(crate) fn encode_u32_into(mut value: u32, out: &mut [u8]) {
+    for slot in out.iter_mut().rev() {
         *slot = ALPHABET[(value % 62) as usize];
         value /= 62;
     }
-    String::from_utf8(digits).expect("base62 digits are ASCII")
 }
 
 #[cfg(test)]
@@ -86,7 +95,9 @@ mod tests {
         assert_eq!(decode(b"10"), 62);
         assert_eq!(decode(b"zz"), 62 * 62 - 1);
         for value in [0, 1, 61, 62, 3_843, 1_000_000, u32::MAX] {
-            assert_eq!(decode(encode_u32(value, 6).as_bytes()), u64::from(value));
+            let mut digits = [0u8; 6];
+            encode_u32_into(value, &mut digits);
+            assert_eq!(decode(&digits), u64::from(value));
         }
     }
 }

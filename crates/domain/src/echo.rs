@@ -105,7 +105,7 @@ mod tests {
 
     #[test]
     fn anything_holding_a_key_is_not_repeated() {
-        let key = GeneratedKey::generate();
+        let key = GeneratedKey::generate(&crate::Pepper::generate());
         let secret = key.expose_secret();
         for input in [
             secret.to_owned(),

@@ -152,7 +152,7 @@ mod tests {
 
     #[test]
     fn a_secret_pasted_as_key_id_is_not_echoed() {
-        let secret = crate::GeneratedKey::generate();
+        let secret = crate::GeneratedKey::generate(&crate::Pepper::generate());
         let err = secret.expose_secret().parse::<KeyId>().unwrap_err();
         assert!(!err.to_string().contains(&secret.expose_secret()[13..]));
     }

@@ -8,14 +8,18 @@
 //!
 //! The checksum is CRC32 over everything before it, so a typo or a random
 //! string is rejected without a lookup, and secret scanners can tell a real
-//! key from noise. Only a BLAKE3 hash of the whole key is ever stored.
+//! key from noise. Only a hash of the whole key is ever stored: keyed BLAKE3
+//! with a [`Pepper`] kept outside the database (legacy hashes from before
+//! peppers are unkeyed; they still verify, and are re-hashed when they do).
 
 use std::fmt;
 use std::str::FromStr;
 
 use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
 
 use crate::base62;
+use crate::pepper::{Pepper, PepperId};
 
 /// The literal every key starts with.
 ///
@@ -38,9 +42,10 @@ pub const PREFIX_LEN: usize = KEY_PREFIX.len() + PREFIX_ID_LEN;
 /// Length of a whole key.
 pub const KEY_LENGTH: usize = PREFIX_LEN + 1 + SECRET_LEN + CHECKSUM_LEN;
 
-/// BLAKE3 `derive_key` context: separates key hashes from any other use of
-/// BLAKE3. NEVER CHANGE THIS: stored hashes would stop matching.
-const HASH_CONTEXT: &str = "vilvik-keys 2026-11-26 api key secret hash v1";
+/// BLAKE3 `derive_key` context of the legacy, unkeyed hash stored before
+/// peppers. NEVER CHANGE THIS: keys stored with it would stop verifying
+/// before they could be re-hashed.
+const LEGACY_HASH_CONTEXT: &str = "vilvik-keys 2026-11-26 api key secret hash v1";
 
 /// Why a presented string is not a well-formed key. Carries no part of the
 /// input, which may be a secret.
@@ -113,20 +118,29 @@ impl fmt::Debug for KeyPrefix {
     }
 }
 
-/// The stored form of a key: a domain-separated BLAKE3 hash of the whole key.
+/// The stored form of a key: a keyed BLAKE3 hash of the whole key (or, for
+/// keys stored before peppers, a legacy unkeyed one).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SecretHash([u8; 32]);
 
-/// [`HASH_CONTEXT`] hashed once: `blake3::derive_key(HASH_CONTEXT, ..)`
-/// without rehashing the context on every verify, and without copying a
-/// whole prepared `Hasher` (about 2 KB) either.
-static CONTEXT_KEY: std::sync::LazyLock<blake3::hazmat::ContextKey> =
-    std::sync::LazyLock::new(|| blake3::hazmat::hash_derive_key_context(HASH_CONTEXT));
+/// [`LEGACY_HASH_CONTEXT`] hashed once: `blake3::derive_key(LEGACY_HASH_CONTEXT, ..)`
+/// without rehashing the context on every verify of a legacy key.
+static LEGACY_CONTEXT_KEY: std::sync::LazyLock<blake3::hazmat::ContextKey> =
+    std::sync::LazyLock::new(|| blake3::hazmat::hash_derive_key_context(LEGACY_HASH_CONTEXT));
 
 impl SecretHash {
-    fn of(key: &[u8]) -> Self {
+    /// The hash of `key` keyed with `pepper`: `blake3::keyed_hash` with the
+    /// pepper's hash key. One BLAKE3 compression for a 51-byte key, as
+    /// the unkeyed hash was.
+    fn keyed(pepper: &Pepper, key: &[u8]) -> Self {
+        Self(*blake3::keyed_hash(pepper.hash_key(), key).as_bytes())
+    }
+
+    /// The legacy unkeyed hash, `blake3::derive_key(LEGACY_HASH_CONTEXT, key)`:
+    /// only for checking keys stored before peppers.
+    fn legacy(key: &[u8]) -> Self {
         use blake3::hazmat::HasherExt;
-        let mut hasher = blake3::Hasher::new_from_context_key(&CONTEXT_KEY);
+        let mut hasher = blake3::Hasher::new_from_context_key(&LEGACY_CONTEXT_KEY);
         hasher.update(key);
         Self(*hasher.finalize().as_bytes())
     }
@@ -159,11 +173,13 @@ impl fmt::Debug for SecretHash {
 }
 
 /// A well-formed key as presented by a caller: its public prefix and the
-/// hash of the whole key. The secret itself is not kept past parsing.
+/// whole key, held inline (no heap) and zeroed when dropped. Hashed on
+/// demand with whichever pepper its stored hash names
+/// ([`ApiKey::hash_with`]).
 #[derive(Clone)]
 pub struct ApiKey {
     prefix: KeyPrefix,
-    hash: SecretHash,
+    key: Zeroizing<[u8; KEY_LENGTH]>,
 }
 
 impl ApiKey {
@@ -171,8 +187,13 @@ impl ApiKey {
         &self.prefix
     }
 
-    pub fn hash(&self) -> SecretHash {
-        self.hash
+    /// The hash to compare with one stored with `pepper`; `None`: the
+    /// legacy unkeyed hash of a key stored before peppers.
+    pub fn hash_with(&self, pepper: Option<&Pepper>) -> SecretHash {
+        match pepper {
+            Some(pepper) => SecretHash::keyed(pepper, &self.key[..]),
+            None => SecretHash::legacy(&self.key[..]),
+        }
     }
 
     /// Parses a key presented as bytes, as the verify listener decodes it.
@@ -197,13 +218,15 @@ impl ApiKey {
         if base62::decode(checksum) != u64::from(crc32fast::hash(body)) {
             return Err(KeyFormatError::ChecksumMismatch);
         }
+        let mut key = Zeroizing::new([0u8; KEY_LENGTH]);
+        key.copy_from_slice(bytes);
         Ok(Self {
             prefix: KeyPrefix(
                 bytes[..PREFIX_LEN]
                     .try_into()
                     .expect("a prefix has 12 characters"),
             ),
-            hash: SecretHash::of(bytes),
+            key,
         })
     }
 }
@@ -228,23 +251,33 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-/// A freshly generated key: the secret to hand out once, and what to store.
+/// A freshly generated key: the secret to hand out once, and what to store
+/// (its hash under a pepper, and that pepper's id).
 pub struct GeneratedKey {
     prefix: KeyPrefix,
     secret: SecretString,
     hash: SecretHash,
+    pepper_id: PepperId,
 }
 
 impl GeneratedKey {
-    /// A new key from the operating system's CSPRNG.
-    pub fn generate() -> Self {
+    /// A new key from the operating system's CSPRNG, hashed with `pepper`
+    /// (the current one). The key is assembled in a buffer zeroed when
+    /// dropped; the only other copy is the returned secret, zeroed too.
+    pub fn generate(pepper: &Pepper) -> Self {
         let prefix = KeyPrefix::generate();
-        let body = format!("{prefix}_{}", base62::random(SECRET_LEN));
-        let key = format!("{body}{}", checksum_of(&body));
+        let mut key = Zeroizing::new([0u8; KEY_LENGTH]);
+        key[..PREFIX_LEN].copy_from_slice(prefix.as_str().as_bytes());
+        key[PREFIX_LEN] = b'_';
+        base62::fill_random(&mut key[PREFIX_LEN + 1..KEY_LENGTH - CHECKSUM_LEN]);
+        let checksum = crc32fast::hash(&key[..KEY_LENGTH - CHECKSUM_LEN]);
+        base62::encode_u32_into(checksum, &mut key[KEY_LENGTH - CHECKSUM_LEN..]);
+        let text = std::str::from_utf8(&key[..]).expect("a generated key is ASCII");
         Self {
             prefix,
-            hash: SecretHash::of(key.as_bytes()),
-            secret: SecretString::from(key),
+            hash: SecretHash::keyed(pepper, &key[..]),
+            pepper_id: pepper.id(),
+            secret: SecretString::from(text),
         }
     }
 
@@ -252,8 +285,14 @@ impl GeneratedKey {
         &self.prefix
     }
 
+    /// The hash to store, keyed with the pepper [`GeneratedKey::pepper_id`] names.
     pub fn hash(&self) -> SecretHash {
         self.hash
+    }
+
+    /// The id of the pepper the hash was made with.
+    pub fn pepper_id(&self) -> PepperId {
+        self.pepper_id
     }
 
     /// The whole key. Call only to return it to the creator, once.
@@ -266,13 +305,10 @@ impl fmt::Debug for GeneratedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GeneratedKey")
             .field("prefix", &self.prefix)
+            .field("pepper_id", &self.pepper_id)
             .field("secret", &"[REDACTED]")
             .finish()
     }
-}
-
-fn checksum_of(body: &str) -> String {
-    base62::encode_u32(crc32fast::hash(body.as_bytes()), CHECKSUM_LEN)
 }
 
 #[cfg(test)]
@@ -280,9 +316,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// One pepper for the whole test binary: hashes are compared across tests.
+    fn pepper() -> Pepper {
+        static PEPPER: std::sync::LazyLock<Pepper> = std::sync::LazyLock::new(Pepper::generate);
+        PEPPER.clone()
+    }
+
     #[test]
     fn generated_key_has_the_documented_shape() {
-        let key = GeneratedKey::generate();
+        let key = GeneratedKey::generate(&pepper());
         let secret = key.expose_secret();
         assert_eq!(secret.len(), 51);
         assert!(secret.starts_with("vlk_"));
@@ -292,32 +334,67 @@ mod tests {
 
     #[test]
     fn generated_keys_parse_and_hash_to_the_stored_hash() {
-        let key = GeneratedKey::generate();
+        let key = GeneratedKey::generate(&pepper());
+        assert_eq!(key.pepper_id(), pepper().id());
         let parsed: ApiKey = key.expose_secret().parse().unwrap();
         assert_eq!(parsed.prefix(), key.prefix());
-        assert!(parsed.hash().matches(&key.hash()));
+        assert!(parsed.hash_with(Some(&pepper())).matches(&key.hash()));
     }
 
     #[test]
-    fn the_stored_hash_is_blake3_derive_key_of_the_whole_key() {
+    fn the_stored_hash_is_keyed_blake3_of_the_whole_key() {
         // The stored format: changing it would orphan every stored hash.
-        let key = GeneratedKey::generate();
-        let expected = blake3::derive_key(HASH_CONTEXT, key.expose_secret().as_bytes());
-        assert_eq!(key.hash().as_bytes(), &expected);
+        let pepper = Pepper::from_bytes(&[7; 32]);
+        let key = GeneratedKey::generate(&pepper);
+        let hash_key = blake3::derive_key(
+            "vilvik-keys 2026-12-02 api key secret hash v2 keyed",
+            &[7; 32],
+        );
+        let expected = blake3::keyed_hash(&hash_key, key.expose_secret().as_bytes());
+        assert_eq!(key.hash().as_bytes(), expected.as_bytes());
+    }
+
+    #[test]
+    fn the_legacy_hash_is_blake3_derive_key_of_the_whole_key() {
+        // Keys stored before peppers: changing it would orphan them before
+        // they could be re-hashed.
+        let key = GeneratedKey::generate(&pepper());
+        let parsed: ApiKey = key.expose_secret().parse().unwrap();
+        let expected = blake3::derive_key(LEGACY_HASH_CONTEXT, key.expose_secret().as_bytes());
+        assert_eq!(parsed.hash_with(None).as_bytes(), &expected);
+    }
+
+    #[test]
+    fn each_pepper_and_the_legacy_hash_give_another_digest() {
+        let key = GeneratedKey::generate(&pepper());
+        let parsed: ApiKey = key.expose_secret().parse().unwrap();
+        let other = Pepper::generate();
+        let digests = [
+            parsed.hash_with(Some(&pepper())),
+            parsed.hash_with(Some(&other)),
+            parsed.hash_with(None),
+        ];
+        for (i, a) in digests.iter().enumerate() {
+            for b in &digests[i + 1..] {
+                assert!(!a.matches(b));
+            }
+        }
     }
 
     #[test]
     fn two_keys_differ() {
-        let a = GeneratedKey::generate();
-        let b = GeneratedKey::generate();
+        let a = GeneratedKey::generate(&pepper());
+        let b = GeneratedKey::generate(&pepper());
         assert_ne!(a.expose_secret(), b.expose_secret());
         assert_ne!(a.prefix(), b.prefix());
         assert!(!a.hash().matches(&b.hash()));
+        let a_again: ApiKey = a.expose_secret().parse().unwrap();
+        assert!(!a_again.hash_with(Some(&pepper())).matches(&b.hash()));
     }
 
     #[test]
     fn debug_never_shows_the_secret() {
-        let key = GeneratedKey::generate();
+        let key = GeneratedKey::generate(&pepper());
         let secret = key.expose_secret().to_owned();
         let parsed: ApiKey = secret.parse().unwrap();
         for shown in [
@@ -333,7 +410,7 @@ mod tests {
 
     #[test]
     fn rejects_each_kind_of_malformed_key() {
-        let key = GeneratedKey::generate();
+        let key = GeneratedKey::generate(&pepper());
         let good = key.expose_secret();
         assert_eq!(
             "".parse::<ApiKey>().unwrap_err(),
@@ -362,7 +439,7 @@ mod tests {
 
     #[test]
     fn error_messages_do_not_echo_the_input() {
-        let key = GeneratedKey::generate();
+        let key = GeneratedKey::generate(&pepper());
         let mut typo = key.expose_secret().to_owned();
         let replacement = if typo.ends_with('A') { "B" } else { "A" };
         typo.replace_range(50..51, replacement);
@@ -379,8 +456,8 @@ mod tests {
         assert_eq!(low.packed(), 0);
         assert_eq!(one.packed(), 1);
         assert_eq!(high.packed(), 62u64.pow(8) - 1);
-        let a = GeneratedKey::generate();
-        let b = GeneratedKey::generate();
+        let a = GeneratedKey::generate(&pepper());
+        let b = GeneratedKey::generate(&pepper());
         assert_ne!(a.prefix().packed(), b.prefix().packed());
     }
 
@@ -395,7 +472,7 @@ mod tests {
     proptest! {
         #[test]
         fn any_single_character_change_is_rejected(pos in 0usize..KEY_LENGTH, c in "[0-9A-Za-z_!-]") {
-            let key = GeneratedKey::generate();
+            let key = GeneratedKey::generate(&pepper());
             let original = key.expose_secret();
             prop_assume!(&original[pos..pos + 1] != c.as_str());
             let mut typo = original.to_owned();
@@ -410,13 +487,13 @@ mod tests {
 
         #[test]
         fn bytes_parse_as_their_string_does(s in "(vlk_)?[ -~]{41,51}") {
-            let outcome = |k: Result<ApiKey, KeyFormatError>| k.map(|k| (k.prefix().clone(), k.hash()));
+            let outcome = |k: Result<ApiKey, KeyFormatError>| k.map(|k| (k.prefix().clone(), k.hash_with(Some(&pepper()))));
             prop_assert_eq!(outcome(ApiKey::from_bytes(s.as_bytes())), outcome(s.parse()));
         }
 
         #[test]
         fn a_key_with_one_byte_not_ascii_is_malformed(pos in 4usize..KEY_LENGTH, byte in 0x80u8..) {
-            let key = GeneratedKey::generate();
+            let key = GeneratedKey::generate(&pepper());
             let mut bytes = key.expose_secret().as_bytes().to_vec();
             bytes[pos] = byte;
             prop_assert_eq!(ApiKey::from_bytes(&bytes).err(), Some(KeyFormatError::InvalidCharacter));
@@ -431,9 +508,9 @@ mod tests {
 
         #[test]
         fn every_generated_key_round_trips(_seed in 0u8..255) {
-            let key = GeneratedKey::generate();
+            let key = GeneratedKey::generate(&pepper());
             let parsed: ApiKey = key.expose_secret().parse().unwrap();
-            prop_assert!(parsed.hash().matches(&key.hash()));
+            prop_assert!(parsed.hash_with(Some(&pepper())).matches(&key.hash()));
         }
     }
 }

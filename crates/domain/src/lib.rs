@@ -1,5 +1,5 @@
 //! The vocabulary of vilvik-keys: what a key looks like, how its secret is
-//! hashed and compared, what a scope grants, and which names, descriptions
+//! hashed (keyed with a pepper) and compared, what a scope grants, and which names, descriptions
 //! and expiries are acceptable.
 //!
 //! This crate does no I/O and knows nothing of gRPC or SQL. Every value here
@@ -8,12 +8,15 @@
 //! gRPC statuses; the store persists the values.
 //!
 //! ```
-//! use vilvik_keys_domain::{GeneratedKey, ApiKey};
+//! use vilvik_keys_domain::{ApiKey, GeneratedKey, Pepper, Peppers};
 //!
-//! let generated = GeneratedKey::generate();
+//! let peppers = Peppers::only(Pepper::generate());
+//! let generated = GeneratedKey::generate(peppers.current());
+//! // Stored: the prefix, the hash and the pepper's id; handed out once: the secret.
 //! let presented: ApiKey = generated.expose_secret().parse().unwrap();
 //! assert_eq!(presented.prefix(), generated.prefix());
-//! assert!(generated.hash().matches(&presented.hash()));
+//! let pepper = peppers.resolve(Some(generated.pepper_id())).unwrap();
+//! assert!(generated.hash().matches(&presented.hash_with(pepper)));
 //! ```
 #![forbid(unsafe_code)]
 
@@ -23,6 +26,7 @@ mod echo;
 mod fields;
 mod ids;
 mod key;
+mod pepper;
 mod scope;
 mod state;
 
@@ -32,6 +36,9 @@ pub use fields::{Description, FieldError, KeyName, validate_expiry};
 pub use ids::{AccountId, IdError, KeyId};
 pub use key::{
     ApiKey, GeneratedKey, KEY_LENGTH, KEY_PREFIX, KeyFormatError, KeyPrefix, SecretHash,
+};
+pub use pepper::{
+    DuplicatePepper, PEPPER_LEN, Pepper, PepperFormatError, PepperId, Peppers, UnknownPepper,
 };
 pub use scope::{Scope, ScopeError, ScopeSet};
 pub use state::{AuditAction, KeyState, Tier, TierLimits, UnknownTier};

@@ -39,12 +39,12 @@ mod stream;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, SecretHash, Tier, TierLimits};
+use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, Tier, TierLimits};
 
 pub use error::{Outage, OutageKind, StoreError};
 pub use model::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, NewKeyBuilder, Page,
-    Rotation, SecretEntry, SecretRecord, UsageRecord,
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, NewKeyBuilder,
+    NewSecret, Page, PepperUse, Rehash, Rotation, SecretEntry, SecretRecord, UsageRecord,
 };
 pub use postgres::{CHANGE_CHANNEL, ListenerOptions, PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
@@ -57,7 +57,7 @@ pub const MIGRATION_COUNT: usize = migrate::SQLITE.len();
 const _: () = assert!(migrate::SQLITE.len() == migrate::POSTGRES.len());
 
 /// What the verify engine reads and writes, and no more: secrets by
-/// prefix or all at once, the change log, and usage. Every [`Store`] is
+/// prefix or all at once, the change log, usage, and re-hashes. Every [`Store`] is
 /// one (an `Arc<dyn Store>` upcasts to an `Arc<dyn KeySource>`); a test
 /// double of the engine's store need only implement this.
 #[async_trait]
@@ -68,6 +68,15 @@ pub trait KeySource: Send + Sync + std::fmt::Debug {
     /// Writes last-use times and addresses; an older time never overwrites a
     /// newer one.
     async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()>;
+
+    /// Re-hashes secrets (with the current pepper, after they verified
+    /// under an older one or unkeyed), each only if its stored hash and
+    /// pepper id are still the ones the re-hash replaces. Returns the
+    /// prefixes whose secret was re-hashed. Not a change of the key: no
+    /// audit event, nothing in the change log (verify nodes keep their
+    /// cached entries, which still verify under the old pepper while it is
+    /// configured). One transaction per call.
+    async fn rehash_secrets(&self, rehashes: &[Rehash]) -> Result<Vec<KeyPrefix>>;
 
     /// The highest change sequence number written so far (0 when none).
     async fn change_sequence(&self) -> Result<i64>;
@@ -158,8 +167,7 @@ pub trait Store: KeySource {
         &self,
         account: &AccountId,
         key_id: &KeyId,
-        prefix: &KeyPrefix,
-        hash: SecretHash,
+        secret: &NewSecret,
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<Rotation>;
@@ -209,6 +217,11 @@ pub trait Store: KeySource {
     /// listeners see the sequence jump at the next change and read the
     /// imported prefixes with [`KeySource::changes_since`].
     async fn import_keys(&self, keys: Vec<NewKey>, actor: &Actor) -> Result<()>;
+
+    /// How many secrets each pepper id (and the legacy unkeyed hash)
+    /// covers, live and in all (see [`PepperUse`]), in no particular
+    /// order; ids that cover nothing are absent. One read of every secret.
+    async fn secrets_by_pepper(&self) -> Result<Vec<PepperUse>>;
 }
 
 /// A live subscription to the change log (Postgres `LISTEN`).

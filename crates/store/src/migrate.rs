@@ -42,6 +42,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "change_log_floor",
         sql: include_str!("../migrations/sqlite/0002_change_log_floor.sql"),
     },
+    Migration {
+        version: 3,
+        name: "pepper_id",
+        sql: include_str!("../migrations/sqlite/0003_pepper_id.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -54,6 +59,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 2,
         name: "change_log_floor",
         sql: include_str!("../migrations/postgres/0002_change_log_floor.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "pepper_id",
+        sql: include_str!("../migrations/postgres/0003_pepper_id.sql"),
     },
 ];
 

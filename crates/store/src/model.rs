@@ -2,8 +2,8 @@
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, KeyPrefix, KeyState,
-    ScopeSet, SecretHash, Tier,
+    AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, KeyPrefix, KeyState, Pepper,
+    PepperId, ScopeSet, SecretHash, Tier,
 };
 
 /// A key as stored: everything but its secret hash.
@@ -51,7 +51,28 @@ pub struct NewKey {
     pub expires_at: Option<OffsetDateTime>,
     pub prefix: KeyPrefix,
     pub hash: SecretHash,
+    /// The pepper the hash is keyed with.
+    pub pepper_id: PepperId,
     pub created_at: OffsetDateTime,
+}
+
+/// A secret to store for a key (a rotation's new one): its prefix, its
+/// hash and the id of the pepper the hash is keyed with. Never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSecret {
+    pub prefix: KeyPrefix,
+    pub hash: SecretHash,
+    pub pepper_id: PepperId,
+}
+
+impl From<&GeneratedKey> for NewSecret {
+    fn from(secret: &GeneratedKey) -> Self {
+        Self {
+            prefix: secret.prefix().clone(),
+            hash: secret.hash(),
+            pepper_id: secret.pepper_id(),
+        }
+    }
 }
 
 impl NewKey {
@@ -131,14 +152,16 @@ impl NewKeyBuilder {
             expires_at: self.expires_at,
             prefix: secret.prefix().clone(),
             hash: secret.hash(),
+            pepper_id: secret.pepper_id(),
             created_at: self.created_at,
         }
     }
 
-    /// The key for a freshly generated secret, and that secret: the store
-    /// keeps only its hash, so this is the caller's one chance to see it.
-    pub fn build(self) -> (NewKey, GeneratedKey) {
-        let secret = GeneratedKey::generate();
+    /// The key for a freshly generated secret hashed with `pepper`, and
+    /// that secret: the store keeps only its hash, so this is the caller's
+    /// one chance to see it.
+    pub fn build(self, pepper: &Pepper) -> (NewKey, GeneratedKey) {
+        let secret = GeneratedKey::generate(pepper);
         (self.build_for(&secret), secret)
     }
 }
@@ -166,6 +189,8 @@ pub struct Actor {
 #[derive(Debug, Clone)]
 pub struct SecretRecord {
     pub hash: SecretHash,
+    /// The pepper the hash is keyed with; `None`: a legacy unkeyed hash.
+    pub pepper_id: Option<PepperId>,
     /// Set once the key was rotated away from this secret.
     pub superseded_at: Option<OffsetDateTime>,
     pub key: KeyRecord,
@@ -178,6 +203,8 @@ pub struct SecretRecord {
 pub struct SecretEntry {
     pub prefix: KeyPrefix,
     pub hash: SecretHash,
+    /// The pepper the hash is keyed with; `None`: a legacy unkeyed hash.
+    pub pepper_id: Option<PepperId>,
     /// The key was rotated away from this secret.
     pub superseded: bool,
     /// The key is revoked.
@@ -196,6 +223,7 @@ impl SecretRecord {
         SecretEntry {
             prefix,
             hash: self.hash,
+            pepper_id: self.pepper_id,
             superseded: self.superseded_at.is_some(),
             revoked: key.revoked_at.is_some(),
             expires_at: key.expires_at,
@@ -205,6 +233,37 @@ impl SecretRecord {
             scopes: key.scopes,
         }
     }
+}
+
+/// A secret to re-hash (verified under an older pepper, or a legacy unkeyed
+/// hash): written only if the stored hash and pepper id are still `old_*`,
+/// so a concurrent change is never undone and two nodes doing the same
+/// re-hash write it once. Only the hash and the pepper id change: the key
+/// itself did not, so this is no audited change and publishes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rehash {
+    pub prefix: KeyPrefix,
+    pub old_hash: SecretHash,
+    pub old_pepper_id: Option<PepperId>,
+    pub new_hash: SecretHash,
+    pub new_pepper_id: PepperId,
+}
+
+/// How many secrets one pepper id covers, for deciding whether a pepper
+/// can be retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PepperUse {
+    /// `None`: legacy unkeyed hashes.
+    pub pepper_id: Option<PepperId>,
+    /// Secrets that can still verify as their key: the current secret of
+    /// a key not revoked (expired keys included: UpdateKey can extend
+    /// them). Retiring the pepper while this is above 0 locks those keys
+    /// out (NOT_FOUND).
+    pub live: u64,
+    /// Every secret, including rotated-away ones and those of revoked
+    /// keys, which once their pepper is retired answer NOT_FOUND instead
+    /// of ROTATED or REVOKED: invalid either way.
+    pub total: u64,
 }
 
 /// The latest use of a key seen by a verify node.
@@ -256,9 +315,11 @@ mod tests {
     #[test]
     fn a_built_key_holds_its_secrets_prefix_and_hash_only() {
         let account: AccountId = "ACME".parse().unwrap();
-        let (new, secret) = NewKey::builder(account.clone()).build();
+        let pepper = Pepper::generate();
+        let (new, secret) = NewKey::builder(account.clone()).build(&pepper);
         assert_eq!(&new.prefix, secret.prefix());
         assert_eq!(new.hash, secret.hash());
+        assert_eq!(new.pepper_id, pepper.id());
         assert_eq!(new.account_id, account);
         assert_eq!(new.name.as_str(), "key");
         assert!(new.scopes.is_empty());
@@ -268,7 +329,7 @@ mod tests {
 
     #[test]
     fn every_field_can_be_set() {
-        let secret = GeneratedKey::generate();
+        let secret = GeneratedKey::generate(&Pepper::generate());
         let key_id = KeyId::generate();
         let at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
         let new = NewKey::builder("ACME".parse().unwrap())

@@ -40,15 +40,17 @@ use tokio::sync::mpsc;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql};
-use vilvik_keys_domain::{AccountId, AuditAction, KeyId, KeyPrefix, SecretHash, Tier, TierLimits};
+use vilvik_keys_domain::{
+    AccountId, AuditAction, KeyId, KeyPrefix, PepperId, SecretHash, Tier, TierLimits,
+};
 
 use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, POSTGRES};
 use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, KeySource,
-    NewKey, OutageKind, Page, Result, Rotation, SecretEntry, SecretRecord, Store, StoreError,
-    UsageRecord,
+    NewKey, NewSecret, OutageKind, Page, PepperUse, Rehash, Result, Rotation, SecretEntry,
+    SecretRecord, Store, StoreError, UsageRecord,
 };
 
 /// The `LISTEN`/`NOTIFY` channel on which every change publishes
@@ -123,7 +125,7 @@ const LIST_KEYS: &str = concat!(
      AND ($3::boolean OR k.revoked_at IS NULL) ORDER BY k.seq LIMIT $4"
 );
 const FIND_SECRET: &str = concat!(
-    "SELECT s.hash, s.superseded_at, ",
+    "SELECT s.hash, s.superseded_at, s.pepper_id, ",
     key_columns!(),
     " FROM key_secrets s JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = $1"
 );
@@ -146,11 +148,13 @@ const IMPORT_KEYS: &str = "INSERT INTO keys \
          $7::timestamptz[], $8::timestamptz[]) WITH ORDINALITY \
          AS n (key_id, account_id, name, description, scopes, prefix, created_at, expires_at, ord) \
      ORDER BY ord";
-const IMPORT_SECRETS: &str = "INSERT INTO key_secrets (prefix, key_id, hash, created_at) \
-     SELECT prefix, key_id, hash, created_at \
-     FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::timestamptz[]) WITH ORDINALITY \
-         AS n (prefix, key_id, hash, created_at, ord) \
+const IMPORT_SECRETS: &str = "INSERT INTO key_secrets (prefix, key_id, hash, pepper_id, created_at) \
+     SELECT prefix, key_id, hash, pepper_id, created_at \
+     FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::bigint[], $5::timestamptz[]) \
+         WITH ORDINALITY AS n (prefix, key_id, hash, pepper_id, created_at, ord) \
      ORDER BY ord";
+const INSERT_SECRET: &str = "INSERT INTO key_secrets (prefix, key_id, hash, pepper_id, created_at) \
+     VALUES ($1, $2, $3, $4, $5)";
 const IMPORT_AUDIT: &str = "INSERT INTO audit_events \
          (account_id, key_id, action, actor, actor_ip, at, changes) \
      SELECT account_id, key_id, $1, $2, $3, at, changes \
@@ -176,6 +180,26 @@ const RECORD_USAGE: &str = "WITH usage AS ( \
      UPDATE keys k SET last_used_at = usage.at, last_used_ip = usage.ip \
      FROM usage JOIN locked USING (key_id) \
      WHERE k.key_id = usage.key_id AND (k.last_used_at IS NULL OR k.last_used_at < usage.at)";
+
+/// One statement for a batch of re-hashes, each applied only if the stored
+/// hash and pepper id are still the old ones (`IS NOT DISTINCT FROM`: NULL
+/// is a legacy hash). Rows are locked in prefix order, as usage locks keys,
+/// so two nodes re-hashing overlapping batches cannot deadlock; a row
+/// changed meanwhile is re-checked against the condition once its lock is
+/// had (READ COMMITTED), so a concurrent re-hash is never overwritten.
+const REHASH_SECRETS: &str = "WITH r AS ( \
+         SELECT DISTINCT ON (prefix) prefix, old_hash, old_pepper, new_hash, new_pepper \
+         FROM UNNEST($1::text[], $2::bytea[], $3::bigint[], $4::bytea[], $5::bigint[]) \
+             AS r (prefix, old_hash, old_pepper, new_hash, new_pepper) \
+         ORDER BY prefix \
+     ), locked AS ( \
+         SELECT s.prefix FROM key_secrets s JOIN r USING (prefix) ORDER BY s.prefix FOR UPDATE OF s \
+     ) \
+     UPDATE key_secrets s SET hash = r.new_hash, pepper_id = r.new_pepper \
+     FROM r JOIN locked USING (prefix) \
+     WHERE s.prefix = r.prefix AND s.hash = r.old_hash \
+         AND s.pepper_id IS NOT DISTINCT FROM r.old_pepper \
+     RETURNING s.prefix";
 
 /// The Postgres store. Cheap to clone: clones share the pool.
 #[derive(Clone)]
@@ -630,18 +654,21 @@ fn entry_from_row(row: &Row) -> Result<SecretEntry> {
         account_id: row.try_get(6).map_err(map_err)?,
         name: row.try_get(7).map_err(map_err)?,
         scopes: &scopes,
+        pepper_id: row.try_get(9).map_err(map_err)?,
     }
     .parse()
 }
 
-/// Reads `s.hash, s.superseded_at` and then the key columns, from `offset`.
+/// Reads `s.hash, s.superseded_at, s.pepper_id` and then the key columns,
+/// from `offset`.
 fn secret_from_row(row: &Row, offset: usize) -> Result<SecretRecord> {
     let hash: Vec<u8> = row.try_get(offset).map_err(map_err)?;
     Ok(SecretRecord {
         hash: SecretHash::from_slice(&hash)
             .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
         superseded_at: row.try_get(offset + 1).map_err(map_err)?,
-        key: key_from_row(row, offset + 2)?,
+        pepper_id: stream::pepper_id(row.try_get(offset + 2).map_err(map_err)?)?,
+        key: key_from_row(row, offset + 3)?,
     })
 }
 
@@ -725,6 +752,48 @@ impl KeySource for PostgresStore {
         let client = self.client().await?;
         execute(&client, RECORD_USAGE, &[&key_ids, &ats, &ips]).await?;
         Ok(())
+    }
+
+    async fn rehash_secrets(&self, rehashes: &[Rehash]) -> Result<Vec<KeyPrefix>> {
+        if rehashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prefixes: Vec<&str> = rehashes.iter().map(|r| r.prefix.as_str()).collect();
+        let old_hashes: Vec<&[u8]> = rehashes
+            .iter()
+            .map(|r| &r.old_hash.as_bytes()[..])
+            .collect();
+        let old_peppers: Vec<Option<i64>> = rehashes
+            .iter()
+            .map(|r| r.old_pepper_id.map(PepperId::to_stored))
+            .collect();
+        let new_hashes: Vec<&[u8]> = rehashes
+            .iter()
+            .map(|r| &r.new_hash.as_bytes()[..])
+            .collect();
+        let new_peppers: Vec<i64> = rehashes
+            .iter()
+            .map(|r| r.new_pepper_id.to_stored())
+            .collect();
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            REHASH_SECRETS,
+            &[
+                &prefixes,
+                &old_hashes,
+                &old_peppers,
+                &new_hashes,
+                &new_peppers,
+            ],
+        )
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let prefix: &str = row.try_get(0).map_err(map_err)?;
+                rules::field("secret prefix", prefix.parse())
+            })
+            .collect()
     }
 
     async fn change_sequence(&self) -> Result<i64> {
@@ -891,11 +960,12 @@ impl Store for PostgresStore {
         .await?;
         execute(
             &tx,
-            "INSERT INTO key_secrets (prefix, key_id, hash, created_at) VALUES ($1, $2, $3, $4)",
+            INSERT_SECRET,
             &[
                 &new.prefix.as_str(),
                 &new.key_id.as_str(),
                 &&new.hash.as_bytes()[..],
+                &new.pepper_id.to_stored(),
                 &new.created_at,
             ],
         )
@@ -985,11 +1055,11 @@ impl Store for PostgresStore {
         &self,
         account: &AccountId,
         key_id: &KeyId,
-        prefix: &KeyPrefix,
-        hash: SecretHash,
+        secret: &NewSecret,
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<Rotation> {
+        let prefix = &secret.prefix;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
         let before = load_key_for_change(&tx, account, key_id).await?;
@@ -1002,11 +1072,12 @@ impl Store for PostgresStore {
         .await?;
         execute(
             &tx,
-            "INSERT INTO key_secrets (prefix, key_id, hash, created_at) VALUES ($1, $2, $3, $4)",
+            INSERT_SECRET,
             &[
                 &prefix.as_str(),
                 &key_id.as_str(),
-                &&hash.as_bytes()[..],
+                &&secret.hash.as_bytes()[..],
+                &secret.pepper_id.to_stored(),
                 &now,
             ],
         )
@@ -1198,6 +1269,7 @@ impl Store for PostgresStore {
         let created: Vec<OffsetDateTime> = keys.iter().map(|k| k.created_at).collect();
         let expires: Vec<Option<OffsetDateTime>> = keys.iter().map(|k| k.expires_at).collect();
         let hashes: Vec<&[u8]> = keys.iter().map(|k| &k.hash.as_bytes()[..]).collect();
+        let peppers: Vec<i64> = keys.iter().map(|k| k.pepper_id.to_stored()).collect();
         let changes: Vec<Json<Vec<FieldChange>>> = keys
             .iter()
             .map(|k| Json(rules::created_changes(k)))
@@ -1228,7 +1300,7 @@ impl Store for PostgresStore {
         execute(
             &tx,
             IMPORT_SECRETS,
-            &[&prefixes, &key_ids, &hashes, &created],
+            &[&prefixes, &key_ids, &hashes, &peppers, &created],
         )
         .await?;
         execute(
@@ -1249,5 +1321,27 @@ impl Store for PostgresStore {
         execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK]).await?;
         execute(&tx, IMPORT_CHANGES, &[&prefixes, &created]).await?;
         tx.commit().await.map_err(map_err)
+    }
+
+    async fn secrets_by_pepper(&self) -> Result<Vec<PepperUse>> {
+        let mut client = self.client().await?;
+        // One scan of every secret: rightly longer than a request's statement.
+        let tx = client.transaction().await.map_err(map_err)?;
+        tx.batch_execute(NO_STATEMENT_TIMEOUT)
+            .await
+            .map_err(map_err)?;
+        let rows = query(&tx, stream::SECRETS_BY_PEPPER, &[]).await?;
+        let uses = rows
+            .iter()
+            .map(|row| {
+                Ok(PepperUse {
+                    pepper_id: stream::pepper_id(row.try_get(0).map_err(map_err)?)?,
+                    live: row.try_get::<_, i64>(1).map_err(map_err)? as u64,
+                    total: row.try_get::<_, i64>(2).map_err(map_err)? as u64,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(uses)
     }
 }

@@ -389,7 +389,7 @@ pub(crate) fn check_not_pruned(seq: i64, pruned_through: i64) -> Result<(), Stor
 #[cfg(test)]
 mod tests {
     use time::Duration;
-    use vilvik_keys_domain::GeneratedKey;
+    use vilvik_keys_domain::{GeneratedKey, Pepper};
 
     use super::*;
 
@@ -409,7 +409,7 @@ mod tests {
             .name("ci-runner".parse().unwrap())
             .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
             .created_at(now() - Duration::days(1))
-            .build()
+            .build(&Pepper::generate())
             .0
     }
 
@@ -552,7 +552,7 @@ mod tests {
         let updated = ChangeRecord::updated(&key, Vec::new(), &actor, now());
         assert_eq!(updated.publish, [&key.prefix]);
 
-        let fresh = GeneratedKey::generate();
+        let fresh = GeneratedKey::generate(&Pepper::generate());
         let rotated = ChangeRecord::rotated(&key, fresh.prefix(), &actor, now());
         assert_eq!(
             rotated.publish,

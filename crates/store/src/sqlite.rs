@@ -16,14 +16,17 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, ScopeSet, SecretHash, Tier, TierLimits};
+use vilvik_keys_domain::{
+    AccountId, KeyId, KeyPrefix, PepperId, ScopeSet, SecretHash, Tier, TierLimits,
+};
 
 use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, SQLITE};
 use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
-    Account, Actor, AuditEvent, KeyChanges, KeyRecord, KeySource, NewKey, OutageKind, Page, Result,
-    Rotation, SecretEntry, SecretRecord, Store, StoreError, UsageRecord,
+    Account, Actor, AuditEvent, KeyChanges, KeyRecord, KeySource, NewKey, NewSecret, OutageKind,
+    Page, PepperUse, Rehash, Result, Rotation, SecretEntry, SecretRecord, Store, StoreError,
+    UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -283,25 +286,31 @@ fn insert_new_key(tx: &Transaction<'_>, new: &NewKey, actor: &Actor) -> Result<(
         new.expires_at.map(to_micros),
     ])
     .map_err(map_err)?;
-    insert_secret(tx, &new.prefix, &new.key_id, &new.hash, new.created_at)?;
+    let secret = NewSecret {
+        prefix: new.prefix.clone(),
+        hash: new.hash,
+        pepper_id: new.pepper_id,
+    };
+    insert_secret(tx, &secret, &new.key_id, new.created_at)?;
     record_change(tx, &ChangeRecord::created(new, actor))
 }
 
 fn insert_secret(
     tx: &Transaction<'_>,
-    prefix: &KeyPrefix,
+    secret: &NewSecret,
     key_id: &KeyId,
-    hash: &SecretHash,
     at: OffsetDateTime,
 ) -> Result<()> {
     tx.prepare_cached(
-        "INSERT INTO key_secrets (prefix, key_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO key_secrets (prefix, key_id, hash, pepper_id, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )
     .map_err(map_err)?
     .execute(params![
-        prefix.as_str(),
+        secret.prefix.as_str(),
         key_id.as_str(),
-        &hash.as_bytes()[..],
+        &secret.hash.as_bytes()[..],
+        secret.pepper_id.to_stored(),
         to_micros(at)
     ])
     .map_err(map_err)?;
@@ -375,18 +384,21 @@ fn entry_from_row(row: &Row<'_>) -> Result<SecretEntry> {
         account_id: text(6)?,
         name: text(7)?,
         scopes: &scopes,
+        pepper_id: row.get(9).map_err(map_err)?,
     }
     .parse()
 }
 
-/// Reads `s.hash, s.superseded_at` and then [`KEY_COLUMNS`], from `offset`.
+/// Reads `s.hash, s.superseded_at, s.pepper_id` and then [`KEY_COLUMNS`],
+/// from `offset`.
 fn secret_from_row(row: &Row<'_>, offset: usize) -> Result<SecretRecord> {
     let hash: Vec<u8> = row.get(offset).map_err(map_err)?;
     Ok(SecretRecord {
         hash: SecretHash::from_slice(&hash)
             .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
         superseded_at: opt_from_micros(row.get(offset + 1).map_err(map_err)?)?,
-        key: key_from_row(row, offset + 2)?,
+        pepper_id: stream::pepper_id(row.get(offset + 2).map_err(map_err)?)?,
+        key: key_from_row(row, offset + 3)?,
     })
 }
 
@@ -461,7 +473,7 @@ impl KeySource for SqliteStore {
         let prefix = prefix.clone();
         self.read(move |conn| {
             conn.prepare_cached(&format!(
-                "SELECT s.hash, s.superseded_at, {KEY_COLUMNS} FROM key_secrets s \
+                "SELECT s.hash, s.superseded_at, s.pepper_id, {KEY_COLUMNS} FROM key_secrets s \
                  JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = ?1"
             ))
             .map_err(map_err)?
@@ -490,6 +502,40 @@ impl KeySource for SqliteStore {
                     .map_err(map_err)?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    /// One prepared `UPDATE` per secret, in one `BEGIN IMMEDIATE`
+    /// transaction; `IS` compares the pepper id NULL-safely.
+    async fn rehash_secrets(&self, rehashes: &[Rehash]) -> Result<Vec<KeyPrefix>> {
+        if rehashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rehashes = rehashes.to_vec();
+        self.write(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE key_secrets SET hash = ?1, pepper_id = ?2 \
+                     WHERE prefix = ?3 AND hash = ?4 AND pepper_id IS ?5",
+                )
+                .map_err(map_err)?;
+            let mut done = Vec::new();
+            for r in &rehashes {
+                let changed = stmt
+                    .execute(params![
+                        &r.new_hash.as_bytes()[..],
+                        r.new_pepper_id.to_stored(),
+                        r.prefix.as_str(),
+                        &r.old_hash.as_bytes()[..],
+                        r.old_pepper_id.map(PepperId::to_stored),
+                    ])
+                    .map_err(map_err)?;
+                if changed > 0 {
+                    done.push(r.prefix.clone());
+                }
+            }
+            Ok(done)
         })
         .await
     }
@@ -711,15 +757,14 @@ impl Store for SqliteStore {
         &self,
         account: &AccountId,
         key_id: &KeyId,
-        prefix: &KeyPrefix,
-        hash: SecretHash,
+        secret: &NewSecret,
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<Rotation> {
-        let (account, key_id, prefix, actor) = (
+        let (account, key_id, secret, actor) = (
             account.clone(),
             key_id.clone(),
-            prefix.clone(),
+            secret.clone(),
             actor.clone(),
         );
         self.write(move |tx| {
@@ -730,13 +775,16 @@ impl Store for SqliteStore {
                 params![to_micros(now), before.prefix.as_str()],
             )
             .map_err(map_err)?;
-            insert_secret(tx, &prefix, &key_id, &hash, now)?;
+            insert_secret(tx, &secret, &key_id, now)?;
             tx.execute(
                 "UPDATE keys SET prefix = ?1, rotated_at = ?2 WHERE key_id = ?3",
-                params![prefix.as_str(), to_micros(now), key_id.as_str()],
+                params![secret.prefix.as_str(), to_micros(now), key_id.as_str()],
             )
             .map_err(map_err)?;
-            record_change(tx, &ChangeRecord::rotated(&before, &prefix, &actor, now))?;
+            record_change(
+                tx,
+                &ChangeRecord::rotated(&before, &secret.prefix, &actor, now),
+            )?;
             let key = load_key(tx, &account, &key_id)?
                 .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
             Ok(Rotation {
@@ -927,6 +975,25 @@ impl Store for SqliteStore {
                 insert_new_key(tx, key, &actor)?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn secrets_by_pepper(&self) -> Result<Vec<PepperUse>> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached(stream::SECRETS_BY_PEPPER)
+                .map_err(map_err)?;
+            let mut rows = stmt.query([]).map_err(map_err)?;
+            let mut uses = Vec::new();
+            while let Some(row) = rows.next().map_err(map_err)? {
+                uses.push(PepperUse {
+                    pepper_id: stream::pepper_id(row.get(0).map_err(map_err)?)?,
+                    live: row.get::<_, i64>(1).map_err(map_err)? as u64,
+                    total: row.get::<_, i64>(2).map_err(map_err)? as u64,
+                });
+            }
+            Ok(uses)
         })
         .await
     }

@@ -9,7 +9,7 @@
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use vilvik_keys_domain::{ScopeSet, SecretHash};
+use vilvik_keys_domain::{PepperId, ScopeSet, SecretHash};
 
 use crate::rules::{corrupt, field};
 use crate::{Result, SecretEntry, StoreError};
@@ -19,8 +19,14 @@ use crate::{Result, SecretEntry, StoreError};
 /// `ORDER BY` and no parameters, so the planner may join the two tables
 /// in whichever order is cheapest (Postgres: a hash join, one pass each).
 pub(crate) const STREAM_SECRETS: &str = "SELECT s.prefix, s.hash, s.superseded_at IS NOT NULL, \
-     k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes \
+     k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes, s.pepper_id \
      FROM key_secrets s JOIN keys k ON k.key_id = s.key_id";
+
+/// Secrets per pepper id, live (current secret of a key not revoked) and in
+/// all; the same text serves both backends. See [`crate::PepperUse`].
+pub(crate) const SECRETS_BY_PEPPER: &str = "SELECT s.pepper_id, \
+     SUM(CASE WHEN s.superseded_at IS NULL AND k.revoked_at IS NULL THEN 1 ELSE 0 END), COUNT(*) \
+     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id GROUP BY s.pepper_id";
 
 /// Every prefix a secret (current or superseded) was issued with.
 pub(crate) const STREAM_PREFIXES: &str = "SELECT prefix FROM key_secrets";
@@ -42,6 +48,7 @@ pub(crate) struct RawEntry<'a, S> {
     pub account_id: &'a str,
     pub name: &'a str,
     pub scopes: &'a [S],
+    pub pepper_id: Option<i64>,
 }
 
 impl<S: AsRef<str>> RawEntry<'_, S> {
@@ -58,8 +65,16 @@ impl<S: AsRef<str>> RawEntry<'_, S> {
             account_id: field("account id", self.account_id.parse())?,
             name: field("name", self.name.parse())?,
             scopes: field("scopes", ScopeSet::parse(self.scopes).map_err(|(_, e)| e))?,
+            pepper_id: pepper_id(self.pepper_id)?,
         })
     }
+}
+
+/// A stored pepper id: NULL is a legacy unkeyed hash; 0 is no pepper's id.
+pub(crate) fn pepper_id(stored: Option<i64>) -> Result<Option<PepperId>> {
+    stored
+        .map(|id| PepperId::from_stored(id).ok_or_else(|| corrupt("pepper id")("0".into())))
+        .transpose()
 }
 
 /// Collects a producer's items into batches for the caller.

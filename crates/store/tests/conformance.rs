@@ -16,12 +16,40 @@ use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
 use tokio::task::JoinSet;
 use vilvik_keys_domain::{
-    AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, KeyPrefix, ScopeSet, Tier,
-    TierLimits,
+    AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, KeyPrefix, Pepper, PepperId,
+    ScopeSet, SecretHash, Tier, TierLimits,
 };
 use vilvik_keys_store::{
-    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, SecretEntry, Store, StoreError, UsageRecord,
+    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, PepperUse, Rehash, SecretEntry,
+    Store, StoreError, UsageRecord,
 };
+
+/// Any pepper: these tests store and read hashes, they verify nothing.
+fn pepper() -> Pepper {
+    Pepper::from_bytes(&[0x42; 32])
+}
+
+/// Another: the next one, in a rotation of peppers.
+fn other_pepper() -> Pepper {
+    Pepper::from_bytes(&[0x43; 32])
+}
+
+/// The hash `secret` has under `pepper`.
+fn hash_under(secret: &GeneratedKey, pepper: &Pepper) -> SecretHash {
+    let presented: vilvik_keys_domain::ApiKey = secret.expose_secret().parse().unwrap();
+    presented.hash_with(Some(pepper))
+}
+
+/// A re-hash of `secret`, stored as `from` (its hash and pepper), onto `to`.
+fn rehash(secret: &GeneratedKey, from: (SecretHash, Option<PepperId>), to: &Pepper) -> Rehash {
+    Rehash {
+        prefix: secret.prefix().clone(),
+        old_hash: from.0,
+        old_pepper_id: from.1,
+        new_hash: hash_under(secret, to),
+        new_pepper_id: to.id(),
+    }
+}
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -67,7 +95,7 @@ fn new_key(account: &AccountId, key_name: &str, at: OffsetDateTime) -> (NewKey, 
         .description(description("used by the nightly export"))
         .scopes(scopes(&["datasets:read", "models:*"]))
         .created_at(at)
-        .build()
+        .build(&pepper())
 }
 
 async fn create(
@@ -138,11 +166,12 @@ async fn create_get_and_list_with_paging(store: Arc<dyn Store>) {
         .unwrap()
         .unwrap();
     assert!(secret.hash.matches(&generated.hash()));
+    assert_eq!(secret.pepper_id, Some(pepper().id()));
     assert_eq!(secret.superseded_at, None);
     assert_eq!(secret.key, created);
     assert!(
         store
-            .find_secret(GeneratedKey::generate().prefix())
+            .find_secret(GeneratedKey::generate(&pepper()).prefix())
             .await
             .unwrap()
             .is_none()
@@ -246,9 +275,9 @@ async fn another_accounts_key_is_invisible(store: Arc<dyn Store>) {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
-    let g = GeneratedKey::generate();
+    let g = GeneratedKey::generate(&pepper());
     let err = store
-        .rotate_key(&globex, &key.key_id, g.prefix(), g.hash(), &actor(), t0)
+        .rotate_key(&globex, &key.key_id, &NewSecret::from(&g), &actor(), t0)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
@@ -367,16 +396,10 @@ async fn rotate_supersedes_the_old_secret(store: Arc<dyn Store>) {
     let key = store.create_key(new, &actor(), roomy()).await.unwrap();
     let seq = store.change_sequence().await.unwrap();
     let t1 = t0 + Duration::hours(1);
-    let fresh = GeneratedKey::generate();
+    // Rotated under the next pepper: each secret keeps its own.
+    let fresh = GeneratedKey::generate(&other_pepper());
     let rotation = store
-        .rotate_key(
-            &acme,
-            &key.key_id,
-            fresh.prefix(),
-            fresh.hash(),
-            &actor(),
-            t1,
-        )
+        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), t1)
         .await
         .unwrap();
     assert_eq!(rotation.replaced_prefix, key.prefix);
@@ -401,10 +424,12 @@ async fn rotate_supersedes_the_old_secret(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(old.superseded_at, Some(t1));
     assert!(old.hash.matches(&old_secret.hash()));
+    assert_eq!(old.pepper_id, Some(pepper().id()));
     assert_eq!(old.key, rotated);
     let current = store.find_secret(fresh.prefix()).await.unwrap().unwrap();
     assert_eq!(current.superseded_at, None);
     assert!(current.hash.matches(&fresh.hash()));
+    assert_eq!(current.pepper_id, Some(other_pepper().id()));
     assert_eq!(current.key, rotated);
 
     let events = all_events(&*store, &acme, Some(&key.key_id)).await;
@@ -470,16 +495,9 @@ async fn revocation_is_final(store: Arc<dyn Store>) {
         matches!(err, StoreError::Revoked { revoked_at } if revoked_at == t1),
         "{err:?}"
     );
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     let err = store
-        .rotate_key(
-            &acme,
-            &key.key_id,
-            fresh.prefix(),
-            fresh.hash(),
-            &actor(),
-            t2,
-        )
+        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), t2)
         .await
         .unwrap_err();
     assert!(
@@ -513,13 +531,12 @@ async fn an_expired_key_cannot_be_rotated(store: Arc<dyn Store>) {
     new.expires_at = Some(expiry);
     let key = store.create_key(new, &actor(), roomy()).await.unwrap();
     let later = t0 + Duration::hours(1);
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     let err = store
         .rotate_key(
             &acme,
             &key.key_id,
-            fresh.prefix(),
-            fresh.hash(),
+            &NewSecret::from(&fresh),
             &actor(),
             later,
         )
@@ -540,8 +557,7 @@ async fn an_expired_key_cannot_be_rotated(store: Arc<dyn Store>) {
         .rotate_key(
             &acme,
             &key.key_id,
-            fresh.prefix(),
-            fresh.hash(),
+            &NewSecret::from(&fresh),
             &actor(),
             t0 + Duration::minutes(1),
         )
@@ -822,13 +838,12 @@ async fn audit_events_list_oldest_first_filter_and_page(store: Arc<dyn Store>) {
         )
         .await
         .unwrap();
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     store
         .rotate_key(
             &acme,
             &a.key_id,
-            fresh.prefix(),
-            fresh.hash(),
+            &NewSecret::from(&fresh),
             &actor(),
             t0 + Duration::seconds(4),
         )
@@ -1027,9 +1042,9 @@ async fn the_change_feed_carries_every_changed_prefix(store: Arc<dyn Store>) {
         .update_key(&acme, &a.key_id, rename, &actor(), t0, roomy())
         .await
         .unwrap();
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     store
-        .rotate_key(&acme, &a.key_id, fresh.prefix(), fresh.hash(), &actor(), t0)
+        .rotate_key(&acme, &a.key_id, &NewSecret::from(&fresh), &actor(), t0)
         .await
         .unwrap();
     store
@@ -1084,16 +1099,9 @@ async fn no_audit_event_holds_a_secret(store: Arc<dyn Store>) {
     let (mut new, first) = new_key(&acme, "ci-runner", t0);
     new.expires_at = Some(t0 + Duration::days(1));
     let key = store.create_key(new, &actor(), roomy()).await.unwrap();
-    let second = GeneratedKey::generate();
+    let second = GeneratedKey::generate(&pepper());
     store
-        .rotate_key(
-            &acme,
-            &key.key_id,
-            second.prefix(),
-            second.hash(),
-            &actor(),
-            t0,
-        )
+        .rotate_key(&acme, &key.key_id, &NewSecret::from(&second), &actor(), t0)
         .await
         .unwrap();
     let changes = KeyChanges {
@@ -1169,7 +1177,17 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
 
     // Rotating onto a prefix that is taken.
     let err = store
-        .rotate_key(&acme, &key.key_id, &new.prefix, new.hash, &actor(), t0)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret {
+                prefix: new.prefix.clone(),
+                hash: new.hash,
+                pepper_id: new.pepper_id,
+            },
+            &actor(),
+            t0,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict), "{err:?}");
@@ -1244,6 +1262,7 @@ async fn streams_yield_every_secret_and_prefix_once(store: Arc<dyn Store>) {
             SecretEntry {
                 prefix: generated.prefix().clone(),
                 hash: generated.hash(),
+                pepper_id: Some(generated.pepper_id()),
                 superseded: false,
                 revoked: false,
                 expires_at: new.expires_at,
@@ -1262,13 +1281,13 @@ async fn streams_yield_every_secret_and_prefix_once(store: Arc<dyn Store>) {
             .await
             .unwrap()
             .unwrap();
-        let fresh = GeneratedKey::generate();
+        // Under another pepper: the stream carries each secret's own.
+        let fresh = GeneratedKey::generate(&Pepper::from_bytes(&[0x43; 32]));
         store
             .rotate_key(
                 &key.account_id,
                 &key.key_id,
-                fresh.prefix(),
-                fresh.hash(),
+                &NewSecret::from(&fresh),
                 &actor(),
                 t1,
             )
@@ -1279,6 +1298,7 @@ async fn streams_yield_every_secret_and_prefix_once(store: Arc<dyn Store>) {
         let new = SecretEntry {
             prefix: fresh.prefix().clone(),
             hash: fresh.hash(),
+            pepper_id: Some(fresh.pepper_id()),
             superseded: false,
             ..old.clone()
         };
@@ -1513,13 +1533,12 @@ async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
     let (acme, globex) = (account("ACME"), account("globex"));
     let t0 = now();
     let existing = create(&*store, &acme, "existing", t0).await;
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     let rotated = store
         .rotate_key(
             &acme,
             &existing.key_id,
-            fresh.prefix(),
-            fresh.hash(),
+            &NewSecret::from(&fresh),
             &actor(),
             t0,
         )
@@ -1592,6 +1611,154 @@ async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
     // The same batch without the clash goes through.
     store.import_keys(batch(), &actor()).await.unwrap();
     assert_eq!(store.changes_since(seq, 1000).await.unwrap().len(), 200);
+}
+
+async fn a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else(
+    store: Arc<dyn Store>,
+) {
+    let acme = account("ACME");
+    let t0 = now();
+    assert_eq!(
+        store.rehash_secrets(&[]).await.unwrap(),
+        Vec::<KeyPrefix>::new()
+    );
+    let (new, secret) = new_key(&acme, "moved", t0);
+    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let (other, other_secret) = new_key(&acme, "stays", t0);
+    store.create_key(other, &actor(), roomy()).await.unwrap();
+    let seq = store.change_sequence().await.unwrap();
+    let events = all_events(&*store, &acme, None).await.len();
+    let stored = (secret.hash(), Some(pepper().id()));
+
+    // A stale re-hash (it believes the secret legacy), one of a prefix no
+    // secret has, and the right one, in one batch: only the right one applies.
+    let stale = rehash(&other_secret, (other_secret.hash(), None), &other_pepper());
+    let nobody = rehash(
+        &GeneratedKey::generate(&pepper()),
+        (secret.hash(), Some(pepper().id())),
+        &other_pepper(),
+    );
+    let right = rehash(&secret, stored, &other_pepper());
+    let done = store
+        .rehash_secrets(&[stale, nobody, right.clone()])
+        .await
+        .unwrap();
+    assert_eq!(done, [secret.prefix().clone()]);
+    let found = store.find_secret(secret.prefix()).await.unwrap().unwrap();
+    assert!(found.hash.matches(&hash_under(&secret, &other_pepper())));
+    assert_eq!(found.pepper_id, Some(other_pepper().id()));
+    assert_eq!(found.key, key, "the key itself did not change");
+    let untouched = store
+        .find_secret(other_secret.prefix())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(untouched.hash.matches(&other_secret.hash()));
+    assert_eq!(untouched.pepper_id, Some(pepper().id()));
+
+    // Done once: the same re-hash again (another node's, say) finds the
+    // hash already replaced, and one from the old state cannot undo it.
+    assert!(store.rehash_secrets(&[right]).await.unwrap().is_empty());
+    let back = Rehash {
+        prefix: secret.prefix().clone(),
+        old_hash: secret.hash(),
+        old_pepper_id: Some(pepper().id()),
+        new_hash: secret.hash(),
+        new_pepper_id: pepper().id(),
+    };
+    assert!(store.rehash_secrets(&[back]).await.unwrap().is_empty());
+    let found = store.find_secret(secret.prefix()).await.unwrap().unwrap();
+    assert_eq!(found.pepper_id, Some(other_pepper().id()));
+
+    // Not a change of the key: no audit event, nothing for nodes to evict.
+    assert_eq!(store.change_sequence().await.unwrap(), seq);
+    assert_eq!(all_events(&*store, &acme, None).await.len(), events);
+
+    // Re-hashing a rotated-away secret, or one of a revoked key, undoes
+    // neither the rotation nor the revocation.
+    let t1 = t0 + Duration::minutes(1);
+    let fresh = GeneratedKey::generate(&other_pepper());
+    store
+        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), t1)
+        .await
+        .unwrap();
+    store
+        .revoke_key(&acme, &key.key_id, "leaked", &actor(), t1)
+        .await
+        .unwrap();
+    let moved_stored = (found.hash, found.pepper_id);
+    let again = rehash(&secret, moved_stored, &pepper());
+    assert_eq!(
+        store.rehash_secrets(&[again]).await.unwrap(),
+        [secret.prefix().clone()]
+    );
+    let old = store.find_secret(secret.prefix()).await.unwrap().unwrap();
+    assert_eq!(old.superseded_at, Some(t1));
+    assert_eq!(old.key.revoked_at, Some(t1));
+    assert_eq!(old.key.prefix, *fresh.prefix());
+    assert_eq!(old.pepper_id, Some(pepper().id()));
+}
+
+/// Sorted, for comparison: the backends return them in any order.
+fn by_pepper(mut uses: Vec<PepperUse>) -> Vec<PepperUse> {
+    uses.sort_by_key(|u| u.pepper_id);
+    uses
+}
+
+async fn secrets_are_counted_per_pepper_live_and_in_all(store: Arc<dyn Store>) {
+    assert_eq!(store.secrets_by_pepper().await.unwrap(), []);
+    let acme = account("ACME");
+    let t0 = now();
+    let (a, b) = (pepper(), other_pepper());
+    // Under a: a live key, a revoked one, an expired one (still live: it
+    // can be extended), and one rotated onto b (its old secret is not live).
+    let live = create(&*store, &acme, "live", t0).await;
+    let revoked = create(&*store, &acme, "revoked", t0).await;
+    store
+        .revoke_key(&acme, &revoked.key_id, "gone", &actor(), t0)
+        .await
+        .unwrap();
+    let (mut expired, _) = new_key(&acme, "expired", t0 - Duration::days(2));
+    expired.expires_at = Some(t0 - Duration::days(1));
+    store.create_key(expired, &actor(), roomy()).await.unwrap();
+    let rotated = create(&*store, &acme, "rotated", t0).await;
+    let onto_b = GeneratedKey::generate(&b);
+    store
+        .rotate_key(
+            &acme,
+            &rotated.key_id,
+            &NewSecret::from(&onto_b),
+            &actor(),
+            t0,
+        )
+        .await
+        .unwrap();
+    let use_of = |id: &Pepper, live, total| PepperUse {
+        pepper_id: Some(id.id()),
+        live,
+        total,
+    };
+    let mut expected = by_pepper(vec![use_of(&a, 2, 4), use_of(&b, 1, 1)]);
+    assert_eq!(
+        by_pepper(store.secrets_by_pepper().await.unwrap()),
+        expected
+    );
+
+    // A re-hash moves a live secret from a to b.
+    let secret = store.find_secret(&live.prefix).await.unwrap().unwrap();
+    let moved = Rehash {
+        prefix: live.prefix.clone(),
+        old_hash: secret.hash,
+        old_pepper_id: secret.pepper_id,
+        new_hash: SecretHash::from_bytes([9; 32]),
+        new_pepper_id: b.id(),
+    };
+    assert_eq!(store.rehash_secrets(&[moved]).await.unwrap().len(), 1);
+    expected = by_pepper(vec![use_of(&a, 1, 3), use_of(&b, 2, 2)]);
+    assert_eq!(
+        by_pepper(store.secrets_by_pepper().await.unwrap()),
+        expected
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1720,4 +1887,6 @@ conformance!(
     import_keys_writes_keys_events_and_changes_ignoring_the_cap,
     import_keys_is_all_or_nothing,
     pruning_drops_old_changes_and_followers_behind_it_are_told,
+    a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else,
+    secrets_are_counted_per_pepper_live_and_in_all,
 );

@@ -4,8 +4,13 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use vilvik_keys_domain::{ScopeSet, TierLimits};
+use vilvik_keys_domain::{Pepper, ScopeSet, TierLimits};
 use vilvik_keys_store::{Actor, NewKey, SqliteStore, Store};
+
+/// Any pepper: these tests store and read hashes, they verify nothing.
+fn pepper() -> Pepper {
+    Pepper::from_bytes(&[0x42; 32])
+}
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -25,7 +30,7 @@ async fn write_a_key(store: &SqliteStore) {
     store.migrate().await.unwrap();
     let (new, _) = NewKey::builder("ACME".parse().unwrap())
         .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
-        .build();
+        .build(&pepper());
     let actor = Actor {
         name: "test".to_owned(),
         ip: None,

@@ -14,9 +14,14 @@
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, ScopeSet};
+use vilvik_keys_domain::{AccountId, Pepper, ScopeSet};
 use vilvik_keys_store::{Actor, NewKey, PostgresStore, SqliteStore, Store};
 use vilvik_keys_test_db::TestDatabase;
+
+/// Any pepper: these tests store and read hashes, they verify nothing.
+fn pepper() -> Pepper {
+    Pepper::from_bytes(&[0x42; 32])
+}
 
 const KEYS: usize = 200_000;
 const CHUNK: usize = 10_000;
@@ -34,7 +39,7 @@ fn chunks() -> Vec<Vec<NewKey>> {
                 .name(format!("seeded-{i}").parse().unwrap())
                 .scopes(scopes.clone())
                 .created_at(at)
-                .build()
+                .build(&pepper())
                 .0
         })
         .collect();
@@ -83,7 +88,7 @@ fn report(backend: &str, imported: Duration, stream: Duration) {
 
 /// The stream's query, as both backends run it.
 const STREAM_QUERY: &str = "SELECT s.prefix, s.hash, s.superseded_at IS NOT NULL, \
-     k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes \
+     k.revoked_at IS NOT NULL, k.expires_at, k.key_id, k.account_id, k.name, k.scopes, s.pepper_id \
      FROM key_secrets s JOIN keys k ON k.key_id = s.key_id";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

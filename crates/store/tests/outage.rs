@@ -5,12 +5,17 @@
 
 use std::time::Duration;
 
-use vilvik_keys_domain::{AccountId, ScopeSet, TierLimits};
+use vilvik_keys_domain::{AccountId, Pepper, ScopeSet, TierLimits};
 use vilvik_keys_store::{
     Actor, KeySource, NewKey, OutageKind, PostgresOptions, PostgresStore, SqliteStore, Store,
     StoreError,
 };
 use vilvik_keys_test_db::TestDatabase;
+
+/// Any pepper: these tests store and read hashes, they verify nothing.
+fn pepper() -> Pepper {
+    Pepper::from_bytes(&[0x42; 32])
+}
 
 fn actor() -> Actor {
     Actor {
@@ -22,7 +27,7 @@ fn actor() -> Actor {
 fn new_key() -> NewKey {
     NewKey::builder("ACME".parse().unwrap())
         .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
-        .build()
+        .build(&pepper())
         .0
 }
 

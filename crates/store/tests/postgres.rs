@@ -8,12 +8,17 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
-use vilvik_keys_domain::{AccountId, GeneratedKey, KeyPrefix, ScopeSet, TierLimits};
+use vilvik_keys_domain::{AccountId, GeneratedKey, KeyPrefix, Pepper, ScopeSet, TierLimits};
 use vilvik_keys_store::{
-    Actor, CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, PostgresStore,
-    Store, StoreError,
+    Actor, CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, NewSecret,
+    PostgresStore, Store, StoreError,
 };
 use vilvik_keys_test_db::{TestDatabase, eventually};
+
+/// Any pepper: these tests store and read hashes, they verify nothing.
+fn pepper() -> Pepper {
+    Pepper::from_bytes(&[0x42; 32])
+}
 
 fn actor() -> Actor {
     Actor {
@@ -27,7 +32,7 @@ fn new_key(account: &AccountId) -> NewKey {
         .name("listener-test".parse().unwrap())
         .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
         .created_at(OffsetDateTime::now_utc().replace_nanosecond(0).unwrap())
-        .build()
+        .build(&pepper())
         .0
 }
 
@@ -89,17 +94,10 @@ async fn every_committed_change_is_notified_and_a_failed_one_is_not() {
     let refused = store.create_key(new_key(&acme), &actor(), limits).await;
     assert!(matches!(refused, Err(StoreError::QuotaExceeded { .. })));
 
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     let now = OffsetDateTime::now_utc();
     store
-        .rotate_key(
-            &acme,
-            &key.key_id,
-            fresh.prefix(),
-            fresh.hash(),
-            &actor(),
-            now,
-        )
+        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), now)
         .await
         .unwrap();
     assert_eq!(next(&mut rx).await, key.prefix);
@@ -248,17 +246,10 @@ async fn a_listener_receives_seq_and_prefix_in_commit_order() {
         .create_key(new_key(&acme), &actor(), roomy())
         .await
         .unwrap();
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     let now = OffsetDateTime::now_utc();
     store
-        .rotate_key(
-            &acme,
-            &key.key_id,
-            fresh.prefix(),
-            fresh.hash(),
-            &actor(),
-            now,
-        )
+        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), now)
         .await
         .unwrap();
     store
@@ -572,13 +563,12 @@ async fn an_idle_listener_on_a_healthy_connection_stays_subscribed() {
             .is_err(),
         "nothing to receive, and no error"
     );
-    let fresh = GeneratedKey::generate();
+    let fresh = GeneratedKey::generate(&pepper());
     store
         .rotate_key(
             &acme,
             &key.key_id,
-            fresh.prefix(),
-            fresh.hash(),
+            &NewSecret::from(&fresh),
             &actor(),
             OffsetDateTime::now_utc(),
         )
@@ -622,4 +612,47 @@ async fn a_short_heartbeat_gives_up_a_silent_connection_sooner() {
     );
     let took = frozen_at.elapsed();
     assert!(took <= Duration::from_secs(2), "took {took:?}");
+}
+
+/// Two verify nodes writing overlapping batches of re-hashes at once (as in
+/// a rolling rotation) neither deadlock nor lose the condition: each
+/// secret is re-hashed by exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_overlapping_rehashes_neither_deadlock_nor_apply_twice() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = Arc::new(PostgresStore::connect(db.url()).await.unwrap());
+    store.migrate().await.unwrap();
+    let acme: AccountId = "ACME".parse().unwrap();
+    let limits = TierLimits {
+        free: 1_000,
+        premium: 1_000,
+    };
+    let next = Pepper::from_bytes(&[0x43; 32]);
+    let mut rehashes = Vec::new();
+    for _ in 0..60 {
+        let new = new_key(&acme);
+        rehashes.push(vilvik_keys_store::Rehash {
+            prefix: new.prefix.clone(),
+            old_hash: new.hash,
+            old_pepper_id: Some(new.pepper_id),
+            new_hash: vilvik_keys_domain::SecretHash::from_bytes([7; 32]),
+            new_pepper_id: next.id(),
+        });
+        store.create_key(new, &actor(), limits).await.unwrap();
+    }
+    let mut backwards = rehashes.clone();
+    backwards.reverse();
+    let (a, b) = (store.clone(), store.clone());
+    let (first, second) = tokio::join!(
+        tokio::spawn(async move { a.rehash_secrets(&rehashes).await }),
+        tokio::spawn(async move { b.rehash_secrets(&backwards).await }),
+    );
+    let (first, second) = (first.unwrap().unwrap(), second.unwrap().unwrap());
+    assert_eq!(first.len() + second.len(), 60, "each secret once");
+    let uses = store.secrets_by_pepper().await.unwrap();
+    assert_eq!(uses.len(), 1);
+    assert_eq!(uses[0].pepper_id, Some(next.id()));
+    assert_eq!(uses[0].live, 60);
 }

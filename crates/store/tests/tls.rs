@@ -139,7 +139,7 @@ fn new_key(account: &AccountId) -> NewKey {
         .name("tls-test".parse().unwrap())
         .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
         .created_at(OffsetDateTime::now_utc().replace_nanosecond(0).unwrap())
-        .build()
+        .build(&vilvik_keys_domain::Pepper::generate())
         .0
 }
 

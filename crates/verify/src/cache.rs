@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
-use vilvik_keys_domain::{AccountId, Clock, KeyId, KeyName, KeyPrefix, ScopeSet, SecretHash};
+use vilvik_keys_domain::{
+    AccountId, Clock, KeyId, KeyName, KeyPrefix, Pepper, PepperId, Peppers, ScopeSet, SecretHash,
+};
 use vilvik_keys_store::{SecretEntry, SecretRecord, StoreError};
 
 const SHARDS: usize = 64;
@@ -27,6 +29,8 @@ const MAX_INTERNED_ACCOUNTS: usize = 1_000_000;
 #[derive(Debug, Clone)]
 pub(crate) struct CachedSecret {
     pub hash: SecretHash,
+    /// The pepper the hash is keyed with, in one byte.
+    pub pepper: PepperSlot,
     pub superseded: bool,
     pub revoked: bool,
     pub expires_at: Expiry,
@@ -36,6 +40,61 @@ pub(crate) struct CachedSecret {
     /// Shared between keys with the same scopes.
     pub scopes: Arc<ScopeSet>,
 }
+
+/// Which of the node's configured peppers an entry's hash is keyed with, in
+/// one byte rather than an 8-byte id (the record stays within 120 bytes):
+/// the legacy unkeyed hash, the current pepper, an older one by position,
+/// or one not configured. Peppers are fixed for a node's life, so the slot
+/// of an entry never goes stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PepperSlot(u8);
+
+impl PepperSlot {
+    const LEGACY: u8 = 0;
+    const CURRENT: u8 = 1;
+    /// The first older pepper's slot; older peppers past the 253rd (no
+    /// one configures so many) count as not configured.
+    const FIRST_OLDER: u8 = 2;
+    const UNKNOWN: u8 = u8::MAX;
+
+    pub fn of(peppers: &Peppers, stored: Option<PepperId>) -> Self {
+        let Some(id) = stored else {
+            return Self(Self::LEGACY);
+        };
+        if id == peppers.current().id() {
+            return Self(Self::CURRENT);
+        }
+        let older = peppers.older().iter().position(|p| p.id() == id);
+        Self(
+            older
+                .and_then(|i| u8::try_from(i).ok())
+                .and_then(|i| i.checked_add(Self::FIRST_OLDER))
+                .filter(|slot| *slot != Self::UNKNOWN)
+                .unwrap_or(Self::UNKNOWN),
+        )
+    }
+
+    /// The pepper to hash with: `Ok(None)` for a legacy hash, `Err` for a
+    /// pepper not configured.
+    pub fn pepper(self, peppers: &Peppers) -> Result<Option<&Pepper>, UnknownSlot> {
+        match self.0 {
+            Self::LEGACY => Ok(None),
+            Self::CURRENT => Ok(Some(peppers.current())),
+            Self::UNKNOWN => Err(UnknownSlot),
+            older => Ok(Some(
+                &peppers.older()[usize::from(older - Self::FIRST_OLDER)],
+            )),
+        }
+    }
+
+    pub fn is_current(self) -> bool {
+        self.0 == Self::CURRENT
+    }
+}
+
+/// A cached entry keyed with a pepper the node is not configured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UnknownSlot;
 
 /// When a key expires, in 8 bytes rather than 16: Unix nanoseconds, or
 /// `i64::MAX` for never. Times past 2262 count as never; times before 1677
@@ -115,6 +174,7 @@ pub(crate) struct KeyCache {
     accounts: Mutex<HashMap<AccountId, AccountId>>,
     config: CacheConfig,
     clock: Arc<dyn Clock>,
+    peppers: Arc<Peppers>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -131,8 +191,9 @@ fn shard_of(packed: u64) -> usize {
 }
 
 impl KeyCache {
-    pub fn new(config: CacheConfig, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(config: CacheConfig, clock: Arc<dyn Clock>, peppers: Arc<Peppers>) -> Self {
         Self {
+            peppers,
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             inflight: (0..SHARDS).map(|_| Mutex::default()).collect(),
             scope_sets: Mutex::default(),
@@ -234,6 +295,40 @@ impl KeyCache {
         shard.epoch += 1;
     }
 
+    /// After a re-hash of `prefix` from `old` (hash and pepper id): when the
+    /// cached entry still holds `old`, it takes `new` (the re-hash was
+    /// written), or is forgotten (it was not: the store holds another hash
+    /// now, which the next verify reads). An entry that moved on meanwhile
+    /// is left alone. Only the hash and pepper change: revocation,
+    /// rotation and the rest are the store's, whatever this node cached.
+    pub fn rehashed(
+        &self,
+        prefix: &KeyPrefix,
+        old: (SecretHash, Option<PepperId>),
+        new: Option<(SecretHash, PepperId)>,
+    ) {
+        let packed = prefix.packed();
+        let mut shard = self.shards[shard_of(packed)]
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = shard.found.get_mut(&packed) else {
+            return;
+        };
+        if entry.hash != old.0 || entry.pepper != PepperSlot::of(&self.peppers, old.1) {
+            return;
+        }
+        match new {
+            Some((hash, pepper_id)) => {
+                entry.hash = hash;
+                entry.pepper = PepperSlot::of(&self.peppers, Some(pepper_id));
+            }
+            None => {
+                shard.found.remove(&packed);
+                shard.epoch += 1;
+            }
+        }
+    }
+
     /// Forgets everything, e.g. when changes were missed and cannot be
     /// known one by one; loads under way will not re-insert their answers.
     pub fn clear(&self) {
@@ -288,6 +383,7 @@ impl KeyCache {
     fn compact_entry(&self, entry: SecretEntry) -> CachedSecret {
         CachedSecret {
             hash: entry.hash,
+            pepper: PepperSlot::of(&self.peppers, entry.pepper_id),
             superseded: entry.superseded,
             revoked: entry.revoked,
             expires_at: Expiry::new(entry.expires_at),
@@ -337,6 +433,28 @@ mod tests {
             std::mem::size_of::<CachedSecret>() <= 120,
             "{}",
             std::mem::size_of::<CachedSecret>()
+        );
+    }
+
+    #[test]
+    fn a_pepper_slot_names_each_configured_pepper_and_nothing_else() {
+        let (a, b, c, gone) = (
+            Pepper::generate(),
+            Pepper::generate(),
+            Pepper::generate(),
+            Pepper::generate(),
+        );
+        let peppers = Peppers::new(c.clone(), vec![b.clone(), a.clone()]).unwrap();
+        let id_of = |slot: PepperSlot| slot.pepper(&peppers).map(|p| p.map(Pepper::id));
+        for pepper in [&a, &b, &c] {
+            let slot = PepperSlot::of(&peppers, Some(pepper.id()));
+            assert_eq!(id_of(slot), Ok(Some(pepper.id())));
+            assert_eq!(slot.is_current(), pepper.id() == c.id());
+        }
+        assert_eq!(id_of(PepperSlot::of(&peppers, None)), Ok(None));
+        assert_eq!(
+            id_of(PepperSlot::of(&peppers, Some(gone.id()))),
+            Err(UnknownSlot)
         );
     }
 

@@ -166,9 +166,10 @@ mod tests {
     /// The `n`th of a few thousand distinct random prefixes.
     fn prefix(n: u64) -> KeyPrefix {
         static PREFIXES: std::sync::LazyLock<Vec<KeyPrefix>> = std::sync::LazyLock::new(|| {
+            let pepper = vilvik_keys_domain::Pepper::generate();
             let mut all: Vec<KeyPrefix> = (0..8_000)
                 .map(|_| {
-                    vilvik_keys_domain::GeneratedKey::generate()
+                    vilvik_keys_domain::GeneratedKey::generate(&pepper)
                         .prefix()
                         .clone()
                 })

@@ -4,7 +4,12 @@
 //! [`Verifier::verify`] checks the format and checksum first (a malformed
 //! key costs no store access), then finds the secret by its public prefix
 //! in an in-memory index, compares hashes in constant time, and checks
-//! rotation, revocation, expiry and scopes, in that order. A hit touches no
+//! rotation, revocation, expiry and scopes, in that order. The presented
+//! key is hashed once, with the pepper its stored hash names; a key that
+//! matches under an older pepper, or a legacy unkeyed hash, is re-hashed
+//! with the current pepper, written behind like usage (`rehash.rs`). A key
+//! whose pepper is not configured any more is NOT_FOUND, like a wrong
+//! secret. A hit touches no
 //! database. A miss loads the prefix from the store once, however many
 //! requests ask for it at the same time, and caches the answer (unknown
 //! prefixes briefly). A prefix no secret was ever issued with is NOT_FOUND
@@ -23,31 +28,35 @@
 mod cache;
 mod feed;
 mod known;
+mod rehash;
 mod usage;
 
 use std::sync::Arc;
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, ApiKey, Clock, KeyFormatError, KeyId, KeyName, KeyPrefix, Scope, ScopeSet,
-    SecretHash,
+    AccountId, ApiKey, Clock, KeyFormatError, KeyId, KeyName, KeyPrefix, Pepper, PepperId, Peppers,
+    Scope, ScopeSet, SecretHash,
 };
 use vilvik_keys_store::{KeySource, OutageKind, SecretRecord, StoreError};
 
 use crate::cache::{Cached, CachedSecret, KeyCache};
 use crate::feed::Follower;
 use crate::known::KnownPrefixes;
+use crate::rehash::Rehasher;
 
 pub use cache::CacheConfig;
 pub use feed::{FeedConfig, FeedHealth};
+pub use rehash::RehashConfig;
 pub use usage::{UsageConfig, UsageRecorder};
 
 /// Secrets handed to the cache at a time when warming it.
 const PRELOAD_BATCH: usize = 10_000;
 
-/// What a presented secret is compared against when its prefix is unknown,
-/// so that an unknown prefix costs the same hash and comparison as a known
-/// one with a wrong secret: timing tells no prefix apart.
+/// What a presented secret is compared against when its prefix is unknown
+/// (hashed with the current pepper), so that an unknown prefix costs the
+/// same hash and comparison as a known one with a wrong secret: timing
+/// tells no prefix apart.
 const DUMMY_HASH: SecretHash = SecretHash::from_bytes([0x5a; 32]);
 
 /// What is known about a key whose secret matched.
@@ -97,6 +106,7 @@ pub struct VerifierConfig {
     pub cache: CacheConfig,
     pub feed: FeedConfig,
     pub misses: MissConfig,
+    pub rehash: RehashConfig,
 }
 
 /// The bulkhead between misses and hits: store lookups for keys not in
@@ -135,6 +145,10 @@ pub struct Verifier {
     misses: MissConfig,
     /// Permits for store lookups of misses ([`MissConfig::concurrency`]).
     lookups: Arc<tokio::sync::Semaphore>,
+    /// The current pepper and the older ones still accepted.
+    peppers: Arc<Peppers>,
+    rehasher: Arc<Rehasher>,
+    unknown_peppers: Arc<UnknownPepperLog>,
 }
 
 impl Verifier {
@@ -142,13 +156,21 @@ impl Verifier {
         store: Arc<dyn KeySource>,
         clock: Arc<dyn Clock>,
         usage: UsageRecorder,
+        peppers: Arc<Peppers>,
         config: VerifierConfig,
     ) -> Self {
         let health = Arc::new(FeedHealth::new(config.feed.staleness_bound));
         Self {
+            cache: Arc::new(KeyCache::new(
+                config.cache,
+                clock.clone(),
+                Arc::clone(&peppers),
+            )),
             store,
             usage,
-            cache: Arc::new(KeyCache::new(config.cache, clock.clone())),
+            peppers,
+            rehasher: Arc::new(Rehasher::new(config.rehash)),
+            unknown_peppers: Arc::default(),
             known: Arc::default(),
             health,
             feed: config.feed,
@@ -194,12 +216,12 @@ impl Verifier {
             // Past the staleness bound only a fresh read of the store counts.
             return Err(Miss { key, cache: false });
         }
-        let judge = |entry: &CachedSecret| judge(entry, &key.hash(), required, now);
+        let judge = |entry: &CachedSecret| judge(entry, &key, &self.peppers, required, now);
         match self.cache.with(key.prefix(), judge) {
-            Cached::Found(verdict) => Ok(verdict),
-            Cached::Absent => Ok(unknown_prefix(&key)),
+            Cached::Found(judged) => Ok(self.follow_up(&key, judged)),
+            Cached::Absent => Ok(unknown_prefix(&key, &self.peppers)),
             Cached::Unknown => match self.known.contains(key.prefix()) {
-                Some(false) => Ok(unknown_prefix(&key)),
+                Some(false) => Ok(unknown_prefix(&key, &self.peppers)),
                 Some(true) | None => Err(Miss {
                     cache: self.health.following(),
                     key,
@@ -221,9 +243,28 @@ impl Verifier {
             .cache
             .load(prefix, miss.cache, || self.bounded_lookup(prefix))
             .await?;
-        Ok(lookup.as_ref().map_or(Verdict::NotFound, |entry| {
-            judge(entry, &miss.key.hash(), required, now)
-        }))
+        Ok(match lookup.as_ref() {
+            Some(entry) => {
+                let judged = judge(entry, &miss.key, &self.peppers, required, now);
+                self.follow_up(&miss.key, judged)
+            }
+            None => Verdict::NotFound,
+        })
+    }
+
+    /// What a judgement leaves to do outside the index's lock: note the
+    /// re-hash of a key that matched under an older pepper, or warn of a
+    /// key whose pepper is not configured.
+    fn follow_up(&self, key: &ApiKey, judged: Judged) -> Verdict {
+        match judged.pepper {
+            PepperNote::Current => {}
+            PepperNote::Stale { hash, pepper_id } => {
+                self.rehasher
+                    .note(key, hash, pepper_id, self.peppers.current());
+            }
+            PepperNote::Unknown => self.unknown_peppers.warn(key.prefix()),
+        }
+        judged.verdict
     }
 
     /// A store lookup within the misses' budget and deadline: when every
@@ -329,26 +370,162 @@ impl Verifier {
     pub fn cached_secrets(&self) -> usize {
         self.cache.len()
     }
+
+    /// The peppers this verifier hashes with; new keys use the current one.
+    pub fn peppers(&self) -> &Arc<Peppers> {
+        &self.peppers
+    }
+
+    /// Writes the re-hashes noted so far (see `rehash.rs`); returns how
+    /// many secrets moved to the current pepper.
+    pub async fn flush_rehashes(&self) -> Result<usize, StoreError> {
+        self.rehasher.flush(self.store.as_ref(), &self.cache).await
+    }
+
+    /// How many re-hashes wait to be written.
+    pub fn pending_rehashes(&self) -> usize {
+        self.rehasher.pending_count()
+    }
+
+    /// Writes noted re-hashes every [`RehashConfig::flush_interval`] until
+    /// `shutdown` resolves. A failed write is logged and dropped, and so
+    /// is whatever is pending (or being written) at shutdown, which never
+    /// waits for it: each such key is noted again at its next verify.
+    pub async fn write_rehashes(&self, shutdown: impl std::future::Future<Output = ()>) {
+        let interval = self.rehasher.flush_interval();
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = &mut shutdown => return,
+            }
+            tokio::select! {
+                () = self.flush_rehashes_logging() => {}
+                () = &mut shutdown => return,
+            }
+        }
+    }
+
+    async fn flush_rehashes_logging(&self) {
+        match self.flush_rehashes().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                keys = n,
+                pepper.id = %self.peppers.current().id(),
+                "re-hashed keys with the current pepper"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not re-hash keys with the current pepper; each is noted again at its next verify"
+            ),
+        }
+    }
 }
 
-/// The verdict for a key whose prefix no secret has: the same hash and
-/// comparison as a wrong secret for a known prefix, then NOT_FOUND.
-fn unknown_prefix(key: &ApiKey) -> Verdict {
-    std::hint::black_box(DUMMY_HASH.matches(&key.hash()));
+/// What judging found about the pepper of a cached entry.
+enum PepperNote {
+    /// Keyed with the current pepper (or the secret did not match).
+    Current,
+    /// The secret matched under an older pepper or a legacy hash, stored
+    /// as `hash` under `pepper_id`: to be re-hashed.
+    Stale {
+        hash: SecretHash,
+        pepper_id: Option<PepperId>,
+    },
+    /// Keyed with a pepper that is not configured: it cannot be checked.
+    Unknown,
+}
+
+/// A verdict, and what it leaves to do outside the index's lock.
+struct Judged {
+    verdict: Verdict,
+    pepper: PepperNote,
+}
+
+/// Warnings about keys whose pepper is not configured, at most one a
+/// second, each counting those left out since the one before: a retired
+/// pepper's keys may be presented many times a second.
+#[derive(Debug, Default)]
+struct UnknownPepperLog {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl UnknownPepperLog {
+    fn warn(&self, prefix: &KeyPrefix) {
+        let now = std::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, unlogged) = &mut *state;
+        if last.is_some_and(|at| now.duration_since(at) < std::time::Duration::from_secs(1)) {
+            *unlogged += 1;
+            return;
+        }
+        tracing::warn!(
+            key.prefix = %prefix,
+            similar_unlogged = *unlogged,
+            "a key hashed with a pepper that is not configured was presented: it answers NOT_FOUND; \
+             `vilvik-keys pepper status` names the pepper; if it was retired too early, \
+             add its file to pepper_files again"
+        );
+        *last = Some(now);
+        *unlogged = 0;
+    }
+}
+
+/// The verdict for a key whose prefix no secret has: the same hash (with
+/// the current pepper) and comparison as a wrong secret for a known
+/// prefix, then NOT_FOUND.
+fn unknown_prefix(key: &ApiKey, peppers: &Peppers) -> Verdict {
+    let hash = key.hash_with(Some(peppers.current()));
+    std::hint::black_box(DUMMY_HASH.matches(&hash));
     Verdict::NotFound
 }
 
-/// The verdict for one presented key against its cached record.
+/// The verdict for one presented key against its cached record: the key
+/// hashed once, with the pepper the record names.
 fn judge(
     entry: &CachedSecret,
-    hash: &SecretHash,
+    key: &ApiKey,
+    peppers: &Peppers,
     required: &[Scope],
     now: OffsetDateTime,
-) -> Verdict {
-    if !entry.hash.matches(hash) {
+) -> Judged {
+    let pepper = match entry.pepper.pepper(peppers) {
+        Ok(pepper) => pepper,
+        Err(_) => {
+            // Cannot be checked: the same hash and comparison as a wrong
+            // secret, and the same answer.
+            let hash = key.hash_with(Some(peppers.current()));
+            std::hint::black_box(entry.hash.matches(&hash));
+            return Judged {
+                verdict: Verdict::NotFound,
+                pepper: PepperNote::Unknown,
+            };
+        }
+    };
+    if !entry.hash.matches(&key.hash_with(pepper)) {
         // Right prefix, wrong secret: indistinguishable from unknown.
-        return Verdict::NotFound;
+        return Judged {
+            verdict: Verdict::NotFound,
+            pepper: PepperNote::Current,
+        };
     }
+    let pepper = match pepper {
+        _ if entry.pepper.is_current() => PepperNote::Current,
+        stale => PepperNote::Stale {
+            hash: entry.hash,
+            pepper_id: stale.map(Pepper::id),
+        },
+    };
+    Judged {
+        verdict: judge_matched(entry, required, now),
+        pepper,
+    }
+}
+
+/// The verdict for a presented key whose secret matched its record.
+fn judge_matched(entry: &CachedSecret, required: &[Scope], now: OffsetDateTime) -> Verdict {
     let key = VerifiedKey {
         key_id: entry.key_id.clone(),
         account_id: entry.account_id.clone(),

@@ -8,11 +8,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, Clock, GeneratedKey, KeyId, KeyPrefix, ManualClock, ScopeSet, TierLimits,
+    AccountId, Clock, GeneratedKey, KeyId, KeyPrefix, ManualClock, Pepper, Peppers, ScopeSet,
+    TierLimits,
 };
 use vilvik_keys_store::{
-    Actor, ChangeListener, KeySource, NewKey, OutageKind, Result, SecretEntry, SecretRecord,
-    SqliteStore, Store, StoreError, UsageRecord,
+    Actor, ChangeListener, KeySource, NewKey, OutageKind, Rehash, Result, SecretEntry,
+    SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
 };
 use vilvik_keys_test_db::eventually;
 use vilvik_keys_verify::{
@@ -51,6 +52,11 @@ impl Instrumented {
     }
 }
 
+/// The one pepper of these nodes.
+fn pepper() -> Pepper {
+    Pepper::from_bytes(&[0x42; 32])
+}
+
 fn down() -> StoreError {
     StoreError::unavailable(OutageKind::ConnectionRefused, "taken down by the test")
 }
@@ -67,6 +73,9 @@ impl KeySource for Instrumented {
     }
     async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
         self.inner.record_usage(usage).await
+    }
+    async fn rehash_secrets(&self, rehashes: &[Rehash]) -> Result<Vec<KeyPrefix>> {
+        self.inner.rehash_secrets(rehashes).await
     }
     async fn change_sequence(&self) -> Result<i64> {
         self.feed().await?;
@@ -151,6 +160,7 @@ async fn node_with(
         store.clone(),
         clock.clone(),
         usage,
+        Arc::new(Peppers::only(pepper())),
         VerifierConfig {
             cache: CacheConfig {
                 negative_ttl: NEGATIVE_TTL,
@@ -165,6 +175,7 @@ async fn node_with(
                 deadline: FEED_DEADLINE,
             },
             misses,
+            ..VerifierConfig::default()
         },
     );
     verifier.mark_change_log_position().await.unwrap();
@@ -212,7 +223,7 @@ fn account() -> AccountId {
 impl Node {
     /// Creates a key as this node's admin API would.
     async fn create(&self) -> (KeyId, GeneratedKey) {
-        let secret = GeneratedKey::generate();
+        let secret = GeneratedKey::generate(&pepper());
         (self.create_with(&secret).await, secret)
     }
 
@@ -311,7 +322,7 @@ async fn concurrent_misses_for_one_prefix_share_one_load() {
 #[tokio::test]
 async fn without_the_prefix_set_unknown_prefixes_are_remembered_briefly() {
     let node = node_with(Duration::ZERO, BOUND, MissConfig::default(), false).await;
-    let stranger = GeneratedKey::generate();
+    let stranger = GeneratedKey::generate(&pepper());
     for _ in 0..20 {
         assert_eq!(node.verify(&stranger).await.unwrap(), Verdict::NotFound);
     }
@@ -334,7 +345,7 @@ async fn a_key_created_after_its_prefix_was_cached_as_unknown_is_found() {
     // The node's clock stands still, so the negative entry never expires:
     // only the creation's change-log entry can evict it.
     let node = node_with(Duration::ZERO, BOUND, MissConfig::default(), false).await;
-    let key = GeneratedKey::generate();
+    let key = GeneratedKey::generate(&pepper());
     assert_eq!(node.verify(&key).await.unwrap(), Verdict::NotFound);
     assert_eq!(node.verify(&key).await.unwrap(), Verdict::NotFound);
     assert_eq!(node.finds(), 1, "the unknown prefix is cached");
@@ -445,7 +456,7 @@ async fn an_unknown_prefix_is_not_found_without_a_store_access() {
     node.wait_until_caught_up().await;
     node.store.store_down.store(true, Ordering::SeqCst);
     for _ in 0..100 {
-        let stranger = GeneratedKey::generate();
+        let stranger = GeneratedKey::generate(&pepper());
         assert_eq!(node.verify(&stranger).await.unwrap(), Verdict::NotFound);
     }
     assert_eq!(node.finds(), 0, "no lookup for a prefix nobody has");
@@ -460,7 +471,7 @@ async fn a_key_created_by_another_writer_becomes_known_through_the_feed() {
     // Created behind the verifier's back (no `invalidate`): only the change
     // feed can tell it.
     let other = SqliteStore::open(&node.path).await.unwrap();
-    let key = GeneratedKey::generate();
+    let key = GeneratedKey::generate(&pepper());
     let new = NewKey::builder(account())
         .name("ci-runner".parse().unwrap())
         .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
@@ -593,7 +604,9 @@ async fn local_invalidation_is_immediate() {
 #[tokio::test]
 async fn preload_puts_every_secret_in_memory() {
     let node = node(Duration::ZERO, BOUND).await;
-    let secrets: Vec<GeneratedKey> = (0..2_500).map(|_| GeneratedKey::generate()).collect();
+    let secrets: Vec<GeneratedKey> = (0..2_500)
+        .map(|_| GeneratedKey::generate(&pepper()))
+        .collect();
     let keys = secrets
         .iter()
         .map(|secret| {

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, Clock, GeneratedKey, KeyFormatError, KeyId, ManualClock, Scope, ScopeSet, TierLimits,
+    AccountId, ApiKey, Clock, GeneratedKey, KeyFormatError, KeyId, KeyPrefix, ManualClock, Pepper,
+    Peppers, Scope, ScopeSet, TierLimits,
 };
-use vilvik_keys_store::{Actor, NewKey, SqliteStore, Store};
+use vilvik_keys_store::{Actor, NewKey, NewSecret, SqliteStore, Store};
 use vilvik_keys_verify::{UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig};
 
 struct Fixture {
@@ -15,13 +16,19 @@ struct Fixture {
     clock: Arc<ManualClock>,
     usage: UsageRecorder,
     verifier: Verifier,
+    path: std::path::PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// The fixture's pepper, unless a test configures others.
+fn pepper() -> Pepper {
+    Pepper::from_bytes(&[0x42; 32])
 }
 
 async fn fixture(migrated: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
+    let path = dir.path().join("k.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
     if migrated {
         store.migrate().await.unwrap();
     }
@@ -33,6 +40,7 @@ async fn fixture(migrated: bool) -> Fixture {
         store.clone(),
         clock.clone(),
         usage.clone(),
+        Arc::new(Peppers::only(pepper())),
         VerifierConfig::default(),
     );
     Fixture {
@@ -40,6 +48,7 @@ async fn fixture(migrated: bool) -> Fixture {
         clock,
         usage,
         verifier,
+        path,
         _dir: dir,
     }
 }
@@ -63,13 +72,47 @@ impl Fixture {
             .scopes(ScopeSet::parse(scopes).unwrap())
             .expires_at(expires_in.map(|d| now + d))
             .created_at(now)
-            .build();
+            .build(&pepper());
         let record = self
             .store
             .create_key(new, &actor(), TierLimits::default())
             .await
             .unwrap();
         (record.key_id, secret)
+    }
+
+    /// Another verify node on the same store, with `peppers`.
+    fn node(&self, peppers: Peppers) -> Verifier {
+        Verifier::new(
+            self.store.clone(),
+            self.clock.clone(),
+            self.usage.clone(),
+            Arc::new(peppers),
+            VerifierConfig::default(),
+        )
+    }
+
+    /// The stored pepper id and hash of the secret with `prefix`.
+    async fn stored(&self, prefix: &KeyPrefix) -> (Option<vilvik_keys_domain::PepperId>, [u8; 32]) {
+        let secret = self.store.find_secret(prefix).await.unwrap().unwrap();
+        (secret.pepper_id, *secret.hash.as_bytes())
+    }
+
+    /// Turns the stored hash of `secret` into the legacy unkeyed one, as
+    /// a database from before peppers holds it.
+    fn make_legacy(&self, secret: &GeneratedKey) {
+        let presented: ApiKey = secret.expose_secret().parse().unwrap();
+        let conn = rusqlite::Connection::open(&self.path).unwrap();
+        let changed = conn
+            .execute(
+                "UPDATE key_secrets SET hash = ?1, pepper_id = NULL WHERE prefix = ?2",
+                rusqlite::params![
+                    &presented.hash_with(None).as_bytes()[..],
+                    secret.prefix().as_str()
+                ],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
     }
 
     async fn verify(&self, key: &str, required: &[&str]) -> Verdict {
@@ -97,7 +140,7 @@ async fn malformed_keys_are_answered_without_touching_the_store() {
     let f = fixture(false).await;
     let verdict = f.verify("vlk_nope", &[]).await;
     assert_eq!(verdict, Verdict::Malformed(KeyFormatError::WrongLength(8)));
-    let good_shape = GeneratedKey::generate();
+    let good_shape = GeneratedKey::generate(&pepper());
     assert!(
         f.verifier
             .verify(good_shape.expose_secret().as_bytes(), &[], None)
@@ -128,7 +171,7 @@ async fn each_verdict_in_turn() {
     }
     // Unknown key, and a forged secret under a real prefix: both NOT_FOUND.
     assert_eq!(
-        f.verify(GeneratedKey::generate().expose_secret(), &[])
+        f.verify(GeneratedKey::generate(&pepper()).expose_secret(), &[])
             .await,
         Verdict::NotFound
     );
@@ -143,13 +186,12 @@ async fn each_verdict_in_turn() {
 
     let (key_id, secret) = f.create(&["a:b"], None).await;
     let account: AccountId = "ACME".parse().unwrap();
-    let next = GeneratedKey::generate();
+    let next = GeneratedKey::generate(&pepper());
     f.store
         .rotate_key(
             &account,
             &key_id,
-            next.prefix(),
-            next.hash(),
+            &NewSecret::from(&next),
             &actor(),
             f.clock.now(),
         )
@@ -255,4 +297,144 @@ async fn a_failed_flush_keeps_the_batch_for_the_next_one() {
         1,
         "retried on the next flush"
     );
+}
+
+async fn verify_on(node: &Verifier, key: &GeneratedKey) -> Verdict {
+    node.verify(key.expose_secret().as_bytes(), &[], None)
+        .await
+        .unwrap()
+}
+
+/// The hash `key` has under `pepper`.
+fn hash_under(key: &GeneratedKey, pepper: &Pepper) -> [u8; 32] {
+    let presented: ApiKey = key.expose_secret().parse().unwrap();
+    *presented.hash_with(Some(pepper)).as_bytes()
+}
+
+#[tokio::test]
+async fn a_key_under_an_older_pepper_verifies_and_moves_to_the_current_one() {
+    let f = fixture(true).await;
+    let (a, b) = (pepper(), Pepper::generate());
+    let (key_id, secret) = f.create(&["a:b"], None).await;
+    let (_, revoked) = f.create(&[], None).await;
+    let account: AccountId = "ACME".parse().unwrap();
+    let revoked_id = f
+        .store
+        .find_secret(revoked.prefix())
+        .await
+        .unwrap()
+        .unwrap()
+        .key
+        .key_id;
+    f.store
+        .revoke_key(&account, &revoked_id, "", &actor(), f.clock.now())
+        .await
+        .unwrap();
+
+    let rotated = f.node(Peppers::new(b.clone(), vec![a.clone()]).unwrap());
+    let Verdict::Valid(key) = verify_on(&rotated, &secret).await else {
+        panic!("an older pepper's key verifies");
+    };
+    assert_eq!(key.key_id, key_id);
+    assert!(matches!(
+        verify_on(&rotated, &revoked).await,
+        Verdict::Revoked(_)
+    ));
+    // A wrong secret under the old pepper notes nothing.
+    let forged = forge_with_prefix(secret.prefix().as_str());
+    assert_eq!(
+        rotated.verify(forged.as_bytes(), &[], None).await.unwrap(),
+        Verdict::NotFound
+    );
+    // Noted once per key however often it verifies, and written behind.
+    assert!(verify_on(&rotated, &secret).await.is_valid());
+    assert_eq!(rotated.pending_rehashes(), 2);
+    assert_eq!(f.stored(secret.prefix()).await.0, Some(a.id()));
+    assert_eq!(rotated.flush_rehashes().await.unwrap(), 2);
+    assert_eq!(
+        f.stored(secret.prefix()).await,
+        (Some(b.id()), hash_under(&secret, &b))
+    );
+    assert_eq!(f.stored(revoked.prefix()).await.0, Some(b.id()));
+
+    // The node's entry moved with it: nothing more to do.
+    assert!(verify_on(&rotated, &secret).await.is_valid());
+    assert_eq!(rotated.pending_rehashes(), 0);
+    // With the old pepper retired, the key still verifies; a node that
+    // still has only the old one no longer can.
+    let retired = f.node(Peppers::only(b.clone()));
+    assert!(verify_on(&retired, &secret).await.is_valid());
+    assert!(matches!(
+        verify_on(&retired, &revoked).await,
+        Verdict::Revoked(_)
+    ));
+    let stale = f.node(Peppers::only(a));
+    assert_eq!(verify_on(&stale, &secret).await, Verdict::NotFound);
+}
+
+#[tokio::test]
+async fn a_key_whose_pepper_is_not_configured_is_not_found_and_stays_as_it_is() {
+    let f = fixture(true).await;
+    let (_, secret) = f.create(&[], None).await;
+    let before = f.stored(secret.prefix()).await;
+    let other = f.node(Peppers::only(Pepper::generate()));
+    for _ in 0..3 {
+        assert_eq!(verify_on(&other, &secret).await, Verdict::NotFound);
+    }
+    assert_eq!(other.pending_rehashes(), 0);
+    assert_eq!(other.flush_rehashes().await.unwrap(), 0);
+    assert_eq!(f.stored(secret.prefix()).await, before);
+    // Given the pepper again (as an older one), the key verifies.
+    let again = f.node(Peppers::new(Pepper::generate(), vec![pepper()]).unwrap());
+    assert!(verify_on(&again, &secret).await.is_valid());
+}
+
+#[tokio::test]
+async fn a_legacy_unkeyed_hash_verifies_and_is_rehashed_with_the_current_pepper() {
+    let f = fixture(true).await;
+    let (key_id, secret) = f.create(&["a:b"], None).await;
+    f.make_legacy(&secret);
+    let node = f.node(Peppers::only(pepper()));
+    let Verdict::Valid(key) = verify_on(&node, &secret).await else {
+        panic!("a legacy key verifies");
+    };
+    assert_eq!(key.key_id, key_id);
+    assert_eq!(node.pending_rehashes(), 1);
+    assert_eq!(node.flush_rehashes().await.unwrap(), 1);
+    assert_eq!(
+        f.stored(secret.prefix()).await,
+        (Some(pepper().id()), hash_under(&secret, &pepper()))
+    );
+    assert!(verify_on(&node, &secret).await.is_valid());
+    assert_eq!(node.pending_rehashes(), 0);
+    // And a wrong secret under a legacy prefix is NOT_FOUND, noting nothing.
+    let (_, other) = f.create(&[], None).await;
+    f.make_legacy(&other);
+    let forged = forge_with_prefix(other.prefix().as_str());
+    assert_eq!(
+        node.verify(forged.as_bytes(), &[], None).await.unwrap(),
+        Verdict::NotFound
+    );
+    assert_eq!(node.pending_rehashes(), 0);
+}
+
+#[tokio::test]
+async fn a_rehash_another_node_wrote_first_makes_this_one_read_the_stored_hash() {
+    let f = fixture(true).await;
+    let (a, b) = (pepper(), Pepper::generate());
+    let (_, secret) = f.create(&[], None).await;
+    let peppers = || Peppers::new(b.clone(), vec![a.clone()]).unwrap();
+    let (first, second) = (f.node(peppers()), f.node(peppers()));
+    assert!(verify_on(&first, &secret).await.is_valid());
+    assert!(verify_on(&second, &secret).await.is_valid());
+    assert_eq!(first.flush_rehashes().await.unwrap(), 1);
+    assert_eq!(second.flush_rehashes().await.unwrap(), 0, "written once");
+    assert_eq!(
+        f.stored(secret.prefix()).await,
+        (Some(b.id()), hash_under(&secret, &b))
+    );
+    // The loser forgot its entry: its next verify reads the new hash and
+    // has nothing left to re-hash.
+    assert!(verify_on(&second, &secret).await.is_valid());
+    assert_eq!(second.pending_rehashes(), 0);
 }
