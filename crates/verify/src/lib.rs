@@ -9,10 +9,10 @@
 //! matches under an older pepper, or a legacy unkeyed hash, is re-hashed
 //! with the current pepper, written behind like usage (`rehash.rs`). A key
 //! whose pepper is not configured any more is NOT_FOUND, like a wrong
-//! secret. A hit touches no
-//! database. A miss loads the prefix from the store once, however many
-//! requests ask for it at the same time, and caches the answer (unknown
-//! prefixes briefly). A prefix no secret was ever issued with is NOT_FOUND
+//! secret. A hit touches no database. A miss loads the prefix from the
+//! store once, however many requests ask for it at the same time, and
+//! caches the answer (unknown prefixes briefly). A prefix no secret was
+//! ever issued with is NOT_FOUND
 //! without a lookup: every node holds the set of known prefixes
 //! (`known.rs`). [`Verifier::follow_changes`] keeps the index honest:
 //! every change in the store's change log evicts its prefix, and cached
