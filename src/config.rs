@@ -626,13 +626,25 @@ impl Config {
                     path: path.to_owned(),
                     source,
                 })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: e.message().to_owned(),
-                })?
+                parse_file(path, &text)?
             }
             None => FileConfig::default(),
         };
+        Self::from_parts(file, env)
+    }
+
+    /// Like [`Config::from_sources`] with the file's text already read;
+    /// `path` only names it in messages. For the fuzz targets in `fuzz/`.
+    pub fn from_file_text(
+        path: &Path,
+        text: &str,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        reject_unknown_variables(env)?;
+        Self::from_parts(parse_file(path, text)?, env)
+    }
+
+    fn from_parts(file: FileConfig, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let mut config = Config::default();
         apply_settings(&mut config, file, env)?;
         if config.tier_limits.premium < config.tier_limits.free {
@@ -661,6 +673,13 @@ impl Config {
             .clone()
             .unwrap_or_else(|| bound_verify_addr.to_string())
     }
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.message().to_owned(),
+    })
 }
 
 /// A misspelt variable would otherwise be ignored silently: every

@@ -127,6 +127,65 @@ fn parse_expiry(
         .transpose()
 }
 
+/// What a new key takes from a CreateKey request, validated.
+#[derive(Debug)]
+pub struct NewKeyFields {
+    pub name: KeyName,
+    pub description: Description,
+    pub scopes: ScopeSet,
+    pub expires_at: Option<time::OffsetDateTime>,
+}
+
+/// Validates a CreateKey request's fields, as `create_key` does before it
+/// touches the store (public for the fuzz targets in `fuzz/`).
+pub fn parse_create_request(
+    req: &proto::CreateKeyRequest,
+    now: time::OffsetDateTime,
+) -> Result<NewKeyFields, ApiError> {
+    Ok(NewKeyFields {
+        name: parse_name(&req.name)?,
+        description: parse_description(&req.description)?,
+        scopes: parse_scopes(&req.scopes)?,
+        expires_at: parse_expiry(req.expires_at.as_ref(), now)?,
+    })
+}
+
+/// Validates an UpdateKey request into the key and the changes its
+/// `update_mask` names, as `update_key` does before it touches the store
+/// (public for the fuzz targets in `fuzz/`).
+pub fn parse_update_request(
+    req: &proto::UpdateKeyRequest,
+    now: time::OffsetDateTime,
+) -> Result<(KeyId, KeyChanges), ApiError> {
+    let key_id = parse_key_id(&req.key_id)?;
+    let paths = req.update_mask.as_ref().map_or(&[][..], |m| &m.paths);
+    if paths.is_empty() {
+        return Err(ApiError::invalid(
+            "update_mask",
+            "is empty: name the fields to change, from name, description, scopes and expires_at",
+        ));
+    }
+    let mut changes = KeyChanges::default();
+    for path in paths {
+        match path.as_str() {
+            "name" => changes.name = Some(parse_name(&req.name)?),
+            "description" => changes.description = Some(parse_description(&req.description)?),
+            "scopes" => changes.scopes = Some(parse_scopes(&req.scopes)?),
+            "expires_at" => changes.expires_at = Some(parse_expiry(req.expires_at.as_ref(), now)?),
+            other => {
+                return Err(ApiError::invalid(
+                    "update_mask",
+                    format!(
+                        "'{}' cannot be updated: use name, description, scopes or expires_at",
+                        vilvik_keys_domain::excerpt(other)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((key_id, changes))
+}
+
 #[tonic::async_trait]
 impl KeyAdmin for AdminService {
     async fn create_key(
@@ -134,12 +193,13 @@ impl KeyAdmin for AdminService {
         request: Request<proto::CreateKeyRequest>,
     ) -> Result<Response<proto::CreateKeyResponse>, Status> {
         let caller = self.auth.caller(&request).await?;
-        let req = request.into_inner();
         let now = self.clock.now();
-        let name = parse_name(&req.name)?;
-        let description = parse_description(&req.description)?;
-        let scopes = parse_scopes(&req.scopes)?;
-        let expires_at = parse_expiry(req.expires_at.as_ref(), now)?;
+        let NewKeyFields {
+            name,
+            description,
+            scopes,
+            expires_at,
+        } = parse_create_request(request.get_ref(), now)?;
 
         for _ in 0..MAX_ID_ATTEMPTS {
             let secret = GeneratedKey::generate(self.verifier.peppers().current());
@@ -217,37 +277,9 @@ impl KeyAdmin for AdminService {
     ) -> Result<Response<proto::Key>, Status> {
         let caller = self.auth.caller(&request).await?;
         let req = request.into_inner();
-        let key_id = parse_key_id(&req.key_id)?;
-        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
-        if paths.is_empty() {
-            return Err(ApiError::invalid(
-                "update_mask",
-                "is empty: name the fields to change, from name, description, scopes and expires_at",
-            )
-            .into());
-        }
         let now = self.clock.now();
-        let mut changes = KeyChanges::default();
-        for path in &paths {
-            match path.as_str() {
-                "name" => changes.name = Some(parse_name(&req.name)?),
-                "description" => changes.description = Some(parse_description(&req.description)?),
-                "scopes" => changes.scopes = Some(parse_scopes(&req.scopes)?),
-                "expires_at" => {
-                    changes.expires_at = Some(parse_expiry(req.expires_at.as_ref(), now)?)
-                }
-                other => {
-                    return Err(ApiError::invalid(
-                        "update_mask",
-                        format!(
-                            "'{}' cannot be updated: use name, description, scopes or expires_at",
-                            vilvik_keys_domain::excerpt(other)
-                        ),
-                    )
-                    .into());
-                }
-            }
-        }
+        let (key_id, changes) = parse_update_request(&req, now)?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         let record = self
             .store
             .update_key(

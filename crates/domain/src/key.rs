@@ -235,10 +235,19 @@ impl FromStr for ApiKey {
     type Err = KeyFormatError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() != KEY_LENGTH {
-            return Err(KeyFormatError::WrongLength(s.chars().count()));
+        if s.len() == KEY_LENGTH {
+            return Self::from_bytes(s.as_bytes());
         }
-        Self::from_bytes(s.as_bytes())
+        // A length in characters, as the message says; a string of the
+        // right number of characters but not bytes holds one no key has.
+        let chars = s.chars().count();
+        if chars != KEY_LENGTH {
+            return Err(KeyFormatError::WrongLength(chars));
+        }
+        if !s.starts_with(KEY_PREFIX) {
+            return Err(KeyFormatError::WrongPrefix);
+        }
+        Err(KeyFormatError::InvalidCharacter)
     }
 }
 
@@ -438,6 +447,30 @@ mod tests {
     }
 
     #[test]
+    fn a_key_long_enough_in_characters_but_not_bytes_is_not_refused_for_its_length() {
+        // Found by the fuzz target `key` (fuzz/): a 52-byte string of 51
+        // characters was "51 characters long; this one has 51".
+        let key = GeneratedKey::generate(&pepper());
+        let good = key.expose_secret();
+        let accented = format!("{}é{}", &good[..30], &good[31..]);
+        assert_eq!((accented.chars().count(), accented.len()), (KEY_LENGTH, 52));
+        assert_eq!(
+            accented.parse::<ApiKey>().unwrap_err(),
+            KeyFormatError::InvalidCharacter
+        );
+        let wrong_prefix = format!("vlx_{}", &accented[4..]);
+        assert_eq!(
+            wrong_prefix.parse::<ApiKey>().unwrap_err(),
+            KeyFormatError::WrongPrefix
+        );
+        let longer = format!("{accented}x");
+        assert_eq!(
+            longer.parse::<ApiKey>().unwrap_err(),
+            KeyFormatError::WrongLength(52)
+        );
+    }
+
+    #[test]
     fn error_messages_do_not_echo_the_input() {
         let key = GeneratedKey::generate(&pepper());
         let mut typo = key.expose_secret().to_owned();
@@ -510,6 +543,7 @@ mod tests {
         fn every_generated_key_round_trips(_seed in 0u8..255) {
             let key = GeneratedKey::generate(&pepper());
             let parsed: ApiKey = key.expose_secret().parse().unwrap();
+            prop_assert_eq!(parsed.prefix(), key.prefix());
             prop_assert!(parsed.hash_with(Some(&pepper())).matches(&key.hash()));
         }
     }

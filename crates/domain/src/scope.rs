@@ -71,7 +71,12 @@ impl FromStr for Scope {
 /// verify that requires scopes, hence the table.
 fn validate(s: &str) -> Result<usize, ScopeError> {
     if s.len() > MAX_SCOPE_LEN {
-        return Err(ScopeError::TooLong(s.chars().count()));
+        let chars = s.chars().count();
+        if chars > MAX_SCOPE_LEN {
+            return Err(ScopeError::TooLong(chars));
+        }
+        // Too long in bytes only: not ASCII, so not a scope at all.
+        return Err(ScopeError::Invalid(s.to_owned()));
     }
     let bytes = s.as_bytes();
     let colon = bytes.iter().position(|&b| b == b':');
@@ -199,6 +204,20 @@ mod tests {
             "a:".repeat(100).parse::<Scope>(),
             Err(ScopeError::TooLong(200))
         ));
+    }
+
+    #[test]
+    fn a_scope_too_long_in_bytes_but_not_characters_is_invalid_not_too_long() {
+        // Found by the fuzz target `scope` (fuzz/): 128 characters, one of
+        // them two bytes, was "at most 128 characters long; this one has 128".
+        let accented = format!("datasets:{}é", "r".repeat(118));
+        assert_eq!((accented.chars().count(), accented.len()), (128, 129));
+        assert_eq!(
+            accented.parse::<Scope>(),
+            Err(ScopeError::Invalid(accented.clone()))
+        );
+        let longer = format!("{accented}x");
+        assert_eq!(longer.parse::<Scope>(), Err(ScopeError::TooLong(129)));
     }
 
     #[test]
