@@ -125,7 +125,7 @@ async fn verifies_cost_about_one_statement_per_flush_interval() {
         app.verify_code(&created.secret, &[]).await,
         VerifyCode::Valid
     );
-    // Long enough for a thousand verifies and a few flushes; every bound
+    // Long enough for several hundred verifies and a few flushes; every bound
     // below scales with the time actually taken.
     let window = Duration::from_secs(1);
 
@@ -167,7 +167,9 @@ async fn verifies_cost_about_one_statement_per_flush_interval() {
     // the pool's check of the connection, two transactions), plus slack.
     let flushes = (started.elapsed().as_secs_f64() + 1.2) / 0.5;
     let allowed = idle as f64 + 2.0 * flushes + 5.0;
-    assert!(verifies > 1_000, "only {verifies} verifies ran");
+    // Enough that uncached verifies would show as hundreds of statements;
+    // a debug build on a loaded 2-core machine manages 700-1,000 a second.
+    assert!(verifies > 500, "only {verifies} verifies ran");
     assert!(
         (busy as f64) <= allowed,
         "{busy} transactions for {verifies} verifies (idle: {idle}); expected at most {allowed}"
