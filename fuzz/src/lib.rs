@@ -26,7 +26,7 @@ use vilvik_keys::server::error::ApiError;
 use vilvik_keys::server::verify_wire::VerifyCall;
 use vilvik_keys_domain::{
     ApiKey, Description, KEY_LENGTH, KEY_PREFIX, KeyFormatError, KeyName, KeyPrefix, Scope,
-    ScopeError, ScopeSet,
+    ScopeError, ScopeSet, excerpt, looks_like_a_credential,
 };
 
 /// The key format, restated from its documentation in
@@ -280,7 +280,13 @@ fn check_scope(text: &str) {
         }
         Err(ScopeError::Invalid(shown)) => {
             assert!(!reference::is_scope(text), "{text:?} is a scope");
-            assert_eq!(shown, text);
+            // The message quotes a printable excerpt, never a credential.
+            assert_eq!(shown, excerpt(text));
+            check_quoted(&shown);
+            assert!(
+                shown.chars().count() <= 33 || shown.contains("not repeated"),
+                "{shown:?} is no excerpt"
+            );
         }
         Err(e @ ScopeError::TooMany(_)) => panic!("one scope cannot be {e}"),
     }
@@ -375,7 +381,18 @@ fn check_invalid(e: ApiError, fields: &[&str], scopes: usize) {
         None => assert!(fields.contains(&field.as_str()), "{field}"),
     }
     assert!(!message.is_empty());
+    check_quoted(message);
     assert_eq!(tonic::Status::from(e).code(), Code::InvalidArgument);
+}
+
+/// A message quoting the caller's input holds nothing that could be a
+/// credential and no control characters (`crates/domain/src/echo.rs`).
+fn check_quoted(text: &str) {
+    assert!(
+        !looks_like_a_credential(text),
+        "{text:?} repeats a credential"
+    );
+    assert!(!text.chars().any(char::is_control), "{text:?}");
 }
 
 fn check_name(name: &KeyName, sent: &str) {
