@@ -76,7 +76,7 @@ fn validate(s: &str) -> Result<usize, ScopeError> {
             return Err(ScopeError::TooLong(chars));
         }
         // Too long in bytes only: not ASCII, so not a scope at all.
-        return Err(ScopeError::Invalid(s.to_owned()));
+        return Err(ScopeError::Invalid(crate::excerpt(s)));
     }
     let bytes = s.as_bytes();
     let colon = bytes.iter().position(|&b| b == b':');
@@ -214,10 +214,22 @@ mod tests {
         assert_eq!((accented.chars().count(), accented.len()), (128, 129));
         assert_eq!(
             accented.parse::<Scope>(),
-            Err(ScopeError::Invalid(accented.clone()))
+            Err(ScopeError::Invalid(crate::excerpt(&accented)))
         );
         let longer = format!("{accented}x");
         assert_eq!(longer.parse::<Scope>(), Err(ScopeError::TooLong(129)));
+    }
+
+    #[test]
+    fn a_long_non_ascii_scope_is_quoted_as_an_excerpt() {
+        // Found by the fuzz target `scope`: this path quoted the whole
+        // input, so a secret-shaped run in it was repeated in the message.
+        let secret_like = format!("{}ééé:r", "Ab3".repeat(41));
+        assert!(secret_like.len() > 128 && secret_like.chars().count() <= 128);
+        let Err(ScopeError::Invalid(shown)) = secret_like.parse::<Scope>() else {
+            panic!("not invalid");
+        };
+        assert!(shown.contains("not repeated"), "{shown}");
     }
 
     #[test]
