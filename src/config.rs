@@ -23,6 +23,39 @@ use crate::server::tls::TlsFiles;
 
 /// Shortest operator token accepted: a guessable token would open every account.
 const MIN_OPERATOR_TOKEN_LEN: usize = 32;
+/// Fewest distinct characters an operator token may hold: 32 × `a` is 32
+/// characters long and no secret.
+const MIN_OPERATOR_TOKEN_DISTINCT: usize = 16;
+
+/// Why `token` is too weak to be the operator token, if it is. The message
+/// never quotes the token.
+fn operator_token_weakness(token: &str) -> Option<String> {
+    const MAKE_ONE: &str = "generate one with `openssl rand -base64 32`";
+    if token.chars().count() < MIN_OPERATOR_TOKEN_LEN {
+        return Some(format!(
+            "the operator token must be at least {MIN_OPERATOR_TOKEN_LEN} characters; {MAKE_ONE}"
+        ));
+    }
+    let distinct = token
+        .chars()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    if distinct < MIN_OPERATOR_TOKEN_DISTINCT {
+        return Some(format!(
+            "the operator token holds only {distinct} distinct characters, and must hold at least {MIN_OPERATOR_TOKEN_DISTINCT} (a repeated or patterned token is guessable); {MAKE_ONE}"
+        ));
+    }
+    if token
+        .get(..vilvik_keys_domain::KEY_PREFIX.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(vilvik_keys_domain::KEY_PREFIX))
+    {
+        return Some(format!(
+            "the operator token must not start with `{}`: that is an API key, and an operator token must never be mistaken for one; {MAKE_ONE}",
+            vilvik_keys_domain::KEY_PREFIX
+        ));
+    }
+    None
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -387,15 +420,10 @@ settings! {
             "the verify address printed in smoke-test commands",
             |c, _, v| { c.public_verify_addr = Some(v); Ok(()) };
         operator_token: String = "VILVIK_KEYS_OPERATOR_TOKEN", Unset("no operator access"),
-            "the operator token, at least 32 characters",
+            "the operator token: at least 32 characters, 16 of them distinct, not starting with `vlk_`",
             |c, name, v| {
-                if v.len() < MIN_OPERATOR_TOKEN_LEN {
-                    return Err(invalid(
-                        name,
-                        format!(
-                            "the operator token must be at least {MIN_OPERATOR_TOKEN_LEN} characters; generate one with `openssl rand -hex 32`"
-                        ),
-                    ));
+                if let Some(weakness) = operator_token_weakness(&v) {
+                    return Err(invalid(name, weakness));
                 }
                 c.operator_token = Some(SecretString::from(v));
                 Ok(())
@@ -480,7 +508,8 @@ settings! {
                     .map(str::trim)
                     .filter(|s| !s.is_empty())
                     .map(|s| {
-                        s.parse()
+                        s.parse::<IpAddr>()
+                            .map(|ip| ip.to_canonical())
                             .map_err(|_| invalid(name, format!("'{s}' is not an IP address")))
                     })
                     .collect::<Result<_, _>>()?;
@@ -911,6 +940,41 @@ mod tests {
             !err.contains("short"),
             "the token must not be echoed: {err}"
         );
+        let weak = [
+            ("a".repeat(32), "only 1 distinct"),
+            ("abcdefgh".repeat(4), "only 8 distinct"),
+            ("0123456789abcde".repeat(3), "only 15 distinct"),
+            (
+                format!("vlk_{}", "Zq81Lw0Xc4Hs9Tb2Vn7Pm3Ry".repeat(2)),
+                "must not start with `vlk_`",
+            ),
+            (
+                format!("VLK_{}", "Zq81Lw0Xc4Hs9Tb2Vn7Pm3Ry".repeat(2)),
+                "must not start with `vlk_`",
+            ),
+            // 32 bytes but 16 characters.
+            ("éèêëēėęàâäáãåāçñ".to_owned(), "at least 32 characters"),
+        ];
+        for (token, reason) in weak {
+            let err = Config::from_sources(
+                None,
+                &env(&[("VILVIK_KEYS_OPERATOR_TOKEN", token.as_str())]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.starts_with("VILVIK_KEYS_OPERATOR_TOKEN"), "{err}");
+            assert!(err.contains(reason), "{token}: {err}");
+            let middle: String = token.chars().skip(4).take(8).collect();
+            assert!(!err.contains(&middle), "the token is echoed: {err}");
+        }
+        // 16 distinct characters are enough.
+        let token = "0123456789abcdef".repeat(2);
+        let c = Config::from_sources(
+            None,
+            &env(&[("VILVIK_KEYS_OPERATOR_TOKEN", token.as_str())]),
+        )
+        .unwrap();
+        assert_eq!(c.operator_token.unwrap().expose_secret(), token);
         let f = file("log_format = \"xml\"\n");
         let err = Config::from_sources(Some(f.path()), &env(&[]))
             .unwrap_err()

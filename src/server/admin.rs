@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use vilvik_keys_domain::{
-    Clock, Description, GeneratedKey, KeyId, KeyName, ScopeSet, TierLimits, validate_expiry,
+    Clock, Description, GeneratedKey, KeyId, KeyName, Reason, ScopeSet, TierLimits, validate_expiry,
 };
 use vilvik_keys_store::{KeyChanges, KeyRecord, NewKey, NewSecret, Rotation, Store, StoreError};
 
@@ -19,8 +19,6 @@ use super::error::ApiError;
 use crate::admin_server::key_admin_server::KeyAdmin;
 use crate::proto;
 
-/// Longest revocation reason accepted.
-const MAX_REASON_CHARS: usize = 500;
 /// Fresh identifiers collide with probability ~2^-47; retry a few times anyway.
 const MAX_ID_ATTEMPTS: usize = 3;
 
@@ -344,20 +342,16 @@ impl KeyAdmin for AdminService {
         let caller = self.auth.caller(&request).await?;
         let req = request.into_inner();
         let key_id = parse_key_id(&req.key_id)?;
-        let reason = req.reason.trim();
-        if reason.chars().count() > MAX_REASON_CHARS {
-            return Err(ApiError::invalid(
-                "reason",
-                format!("is longer than {MAX_REASON_CHARS} characters"),
-            )
-            .into());
-        }
+        let reason: Reason = req
+            .reason
+            .parse()
+            .map_err(|e| ApiError::invalid("reason", e))?;
         let record = self
             .store
             .revoke_key(
                 &caller.account,
                 &key_id,
-                reason,
+                reason.as_str(),
                 &caller.actor,
                 self.clock.now(),
             )

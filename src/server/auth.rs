@@ -152,14 +152,18 @@ impl Authenticator {
                 "looks like a credential (an API key or the operator token), so it is not recorded: name the person acting, e.g. alice@example.com",
             ));
         }
-        if actor.chars().count() > MAX_ACTOR_LEN || actor.chars().any(char::is_control) {
+        if actor.chars().count() > MAX_ACTOR_LEN {
             return Err(ApiError::invalid(
                 ACTOR_HEADER,
-                format!(
-                    "must be at most {MAX_ACTOR_LEN} printable characters naming the person acting"
-                ),
+                format!("must be at most {MAX_ACTOR_LEN} characters naming the person acting"),
             ));
         }
+        vilvik_keys_domain::check_label(actor).map_err(|why| {
+            ApiError::invalid(
+                ACTOR_HEADER,
+                format!("{why}: name the person acting, e.g. alice@example.com"),
+            )
+        })?;
         Ok(Caller {
             account,
             actor: Actor {
@@ -189,57 +193,116 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, ApiError> {
 }
 
 fn header<'a>(metadata: &'a MetadataMap, name: &str) -> Result<&'a str, ApiError> {
-    metadata
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+    let required = || ApiError::invalid(name, "is required with the operator token");
+    let value = metadata.get(name).ok_or_else(required)?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::invalid(name, "must be printable ASCII"))?;
+    Some(value.trim())
         .filter(|v| !v.is_empty())
-        .ok_or_else(|| ApiError::invalid(name, "is required with the operator token"))
+        .ok_or_else(required)
 }
 
-/// The caller's address: the peer, or the first `x-forwarded-for` hop when
-/// the peer is a trusted proxy.
+/// The caller's address. From a trusted proxy, `x-forwarded-for` is read
+/// from the right, the end the proxies append to: the first hop that is
+/// not itself a trusted proxy is the client. Hops further left were written
+/// by the client or by proxies we do not know, so they are never believed.
+/// A hop that does not parse stops the walk at the last address known.
 pub fn client_ip(
     metadata: &MetadataMap,
     peer: Option<SocketAddr>,
     trusted_proxies: &[IpAddr],
 ) -> Option<IpAddr> {
-    let peer = peer?.ip();
-    let peer = peer.to_canonical();
-    if trusted_proxies.contains(&peer) {
-        let forwarded = metadata
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|hop| hop.trim().parse::<IpAddr>().ok());
-        if let Some(ip) = forwarded {
-            return Some(ip);
+    let mut client = peer?.ip().to_canonical();
+    if !trusted_proxies.contains(&client) {
+        return Some(client);
+    }
+    // Several headers count as one list, in the order received.
+    let headers: Vec<&str> = metadata
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    for hop in headers.iter().rev().flat_map(|h| h.rsplit(',')) {
+        let Some(ip) = parse_hop(hop) else { break };
+        client = ip;
+        if !trusted_proxies.contains(&ip) {
+            break;
         }
     }
-    Some(peer)
+    Some(client)
+}
+
+/// One `x-forwarded-for` hop: an address, or an address and port.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    hop.parse::<IpAddr>()
+        .or_else(|_| hop.parse::<SocketAddr>().map(|a| a.ip()))
+        .ok()
+        .map(|ip| ip.to_canonical())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn ip_for(headers: &[&str], peer: &str, trusted: &[&str]) -> String {
+        let mut md = MetadataMap::new();
+        for h in headers {
+            md.append("x-forwarded-for", h.parse().unwrap());
+        }
+        let trusted: Vec<IpAddr> = trusted.iter().map(|t| t.parse().unwrap()).collect();
+        client_ip(&md, Some(peer.parse().unwrap()), &trusted)
+            .unwrap()
+            .to_string()
+    }
+
     #[test]
     fn forwarded_for_is_used_only_behind_a_trusted_proxy() {
-        let mut md = MetadataMap::new();
-        md.insert("x-forwarded-for", "203.0.113.7, 10.0.0.1".parse().unwrap());
-        let proxy: SocketAddr = "10.0.0.2:5000".parse().unwrap();
-        let trusted = ["10.0.0.2".parse().unwrap()];
+        let proxy = "10.0.0.2:5000";
         assert_eq!(
-            client_ip(&md, Some(proxy), &trusted)
-                .map(|ip| ip.to_string())
-                .as_deref(),
-            Some("203.0.113.7")
+            ip_for(&["203.0.113.7"], proxy, &["10.0.0.2"]),
+            "203.0.113.7"
+        );
+        assert_eq!(ip_for(&["203.0.113.7"], proxy, &[]), "10.0.0.2");
+        assert_eq!(ip_for(&[], proxy, &["10.0.0.2"]), "10.0.0.2");
+    }
+
+    #[test]
+    fn the_rightmost_hop_that_is_not_a_trusted_proxy_is_the_client() {
+        let proxy = "10.0.0.2:5000";
+        let trusted = ["10.0.0.2", "10.0.0.1"];
+        // A client behind an appending proxy forges the leftmost hop.
+        assert_eq!(
+            ip_for(&["6.6.6.6, 203.0.113.7"], proxy, &trusted),
+            "203.0.113.7"
+        );
+        // Trusted proxies in the chain are skipped.
+        assert_eq!(
+            ip_for(&["6.6.6.6, 203.0.113.7, 10.0.0.1"], proxy, &trusted),
+            "203.0.113.7"
+        );
+        // Two headers are one list, in order; ports and spaces are allowed.
+        assert_eq!(
+            ip_for(&["6.6.6.6", " 203.0.113.7:443 ,10.0.0.1"], proxy, &trusted),
+            "203.0.113.7"
         );
         assert_eq!(
-            client_ip(&md, Some(proxy), &[])
-                .map(|ip| ip.to_string())
-                .as_deref(),
-            Some("10.0.0.2")
+            ip_for(&["6.6.6.6, [2001:db8::7]:443"], proxy, &trusted),
+            "2001:db8::7"
+        );
+        // Garbage stops the walk at the last address known.
+        assert_eq!(
+            ip_for(&["6.6.6.6, junk, 10.0.0.1"], proxy, &trusted),
+            "10.0.0.1"
+        );
+        assert_eq!(ip_for(&["6.6.6.6, junk"], proxy, &trusted), "10.0.0.2");
+        // Only trusted proxies: the leftmost of them.
+        assert_eq!(ip_for(&["10.0.0.1"], proxy, &trusted), "10.0.0.1");
+        // IPv4 mapped into IPv6 is compared as IPv4.
+        assert_eq!(
+            ip_for(&["203.0.113.7"], "[::ffff:10.0.0.2]:5000", &trusted),
+            "203.0.113.7"
         );
     }
 }

@@ -399,12 +399,26 @@ async fn the_operator_acts_for_the_named_account_and_sets_tiers(mut app: TestApp
     assert_eq!(tier_event.changes[0].new_value.as_deref(), Some("premium"));
 }
 
-/// `x-forwarded-for` is believed only from a configured proxy.
+/// `x-forwarded-for` is believed only from a configured proxy, and only
+/// from the right: a client behind a proxy that appends to the header
+/// cannot forge its address by sending one of its own.
 #[tokio::test]
 async fn forwarded_for_is_trusted_only_from_configured_proxies() {
-    for (trusted, expected_ip) in [
-        (vec![], "127.0.0.1"),
-        (vec!["127.0.0.1".parse().unwrap()], "203.0.113.9"),
+    let proxy: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let inner_proxy: std::net::IpAddr = "10.1.1.1".parse().unwrap();
+    for (trusted, forwarded, expected_ip) in [
+        (vec![], "203.0.113.9", "127.0.0.1"),
+        (vec![proxy], "203.0.113.9", "203.0.113.9"),
+        // The client sent "6.6.6.6"; the proxy appended what it saw.
+        (vec![proxy], "6.6.6.6, 203.0.113.9", "203.0.113.9"),
+        // Two proxies; the inner one is trusted too.
+        (
+            vec![proxy, inner_proxy],
+            "6.6.6.6, 203.0.113.9, 10.1.1.1",
+            "203.0.113.9",
+        ),
+        // An inner proxy that is not trusted is as far as we believe.
+        (vec![proxy], "6.6.6.6, 203.0.113.9, 10.1.1.1", "10.1.1.1"),
     ] {
         let mut app = spawn_app_with(Backend::Sqlite, |c| c.trusted_proxies = trusted)
             .await
@@ -416,9 +430,9 @@ async fn forwarded_for_is_trusted_only_from_configured_proxies() {
         });
         request
             .metadata_mut()
-            .insert("x-forwarded-for", "203.0.113.9, 10.1.1.1".parse().unwrap());
+            .insert("x-forwarded-for", forwarded.parse().unwrap());
         let created = app.admin.create_key(request).await.unwrap().into_inner();
         let events = app.audit(&created.key.unwrap().key_id).await;
-        assert_eq!(events[0].actor_ip, expected_ip);
+        assert_eq!(events[0].actor_ip, expected_ip, "{forwarded}");
     }
 }

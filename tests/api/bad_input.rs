@@ -7,6 +7,7 @@ use crate::helpers::{TestApp, assert_status, days_from, without_usage};
 
 crate::on_both_backends!(
     bad_input_is_rejected_precisely_and_changes_nothing,
+    hostile_text_is_refused_alike_on_both_stores,
     oversized_messages_are_rejected
 );
 
@@ -200,6 +201,170 @@ async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
     // Nothing changed.
     assert_eq!(without_usage(app.list_keys(true).await), keys_before);
     assert_eq!(app.audit("").await, audit_before);
+}
+
+/// NUL, terminal escapes, line breaks, bidirectional overrides and
+/// zero-width characters in any text field: INVALID_ARGUMENT naming the
+/// field before the store is touched, so SQLite and Postgres answer alike
+/// (Postgres once failed a NUL reason with INTERNAL), and nothing changes.
+async fn hostile_text_is_refused_alike_on_both_stores(mut app: TestApp) {
+    let existing = app
+        .create_key("ci-runner", &["datasets:read"])
+        .await
+        .unwrap();
+    let key_id = existing.key.unwrap().key_id;
+    let keys_before = without_usage(app.list_keys(true).await);
+    let audit_before = app.audit("").await;
+
+    let nul = "ci\0runner";
+    let ansi = "\u{1b}[31mci-runner\u{1b}[0m";
+    let crlf = "ci-runner\r\nkey revoked by admin";
+    let rtl = "ci-\u{202E}rennur";
+    let zero_width = "ci\u{200B}runner";
+    for (name, why) in [
+        (nul, "control characters"),
+        (ansi, "control characters"),
+        (crlf, "control characters"),
+        (rtl, "invisible characters"),
+        (zero_width, "invisible characters"),
+    ] {
+        let request = proto::CreateKeyRequest {
+            name: name.into(),
+            scopes: vec!["a:b".into()],
+            ..Default::default()
+        };
+        assert_status(
+            app.admin.create_key(app.authed(request)).await,
+            Code::InvalidArgument,
+            &format!("name: name must not contain {why}"),
+        );
+        let request = proto::UpdateKeyRequest {
+            key_id: key_id.clone(),
+            name: name.into(),
+            update_mask: mask(&["name"]),
+            ..Default::default()
+        };
+        assert_status(
+            app.admin.update_key(app.authed(request)).await,
+            Code::InvalidArgument,
+            &format!("name: name must not contain {why}"),
+        );
+    }
+    for (description, why) in [
+        (nul, "control characters"),
+        (ansi, "control characters"),
+        ("line\r\nbreak", "control characters"),
+        (rtl, "bidirectional controls"),
+    ] {
+        let request = proto::CreateKeyRequest {
+            name: "x".into(),
+            description: description.into(),
+            scopes: vec!["a:b".into()],
+            ..Default::default()
+        };
+        assert_status(
+            app.admin.create_key(app.authed(request)).await,
+            Code::InvalidArgument,
+            &format!("description: description must not contain {why}"),
+        );
+    }
+    for reason in [nul, ansi, crlf, rtl, "tab\there"] {
+        let request = proto::RevokeKeyRequest {
+            key_id: key_id.clone(),
+            reason: reason.into(),
+        };
+        assert_status(
+            app.admin.revoke_key(app.authed(request)).await,
+            Code::InvalidArgument,
+            "reason: reason must be one line of printable text",
+        );
+    }
+    for (scope, shown) in [
+        ("datasets:read\0", "'datasets:read?'"),
+        ("datasets\u{202E}:read", "'datasets?:read'"),
+        ("data\u{200B}sets:read", "'data?sets:read'"),
+    ] {
+        let request = proto::CreateKeyRequest {
+            name: "x".into(),
+            scopes: vec![scope.into()],
+            ..Default::default()
+        };
+        let status = assert_status(
+            app.admin.create_key(app.authed(request)).await,
+            Code::InvalidArgument,
+            &format!("scopes[0]: {shown} is not a valid scope"),
+        );
+        assert!(
+            !status.message().chars().any(char::is_control),
+            "{status:?}"
+        );
+    }
+
+    // The operator's headers: the actor and the account.
+    let get = || proto::GetAccountRequest {};
+    let mut request = app.as_operator(get(), "ACME", "alice@example.com");
+    request
+        .metadata_mut()
+        .insert("x-vilvik-actor", "alice\t@example.com".parse().unwrap());
+    assert_status(
+        app.admin.get_account(request).await,
+        Code::InvalidArgument,
+        "x-vilvik-actor: must not contain control characters",
+    );
+    let mut request = app.as_operator(get(), "ACME", "alice@example.com");
+    request.metadata_mut().insert(
+        "x-vilvik-actor",
+        tonic::metadata::MetadataValue::try_from("alice\u{202E}@example.com".as_bytes()).unwrap(),
+    );
+    assert_status(
+        app.admin.get_account(request).await,
+        Code::InvalidArgument,
+        "x-vilvik-actor: must be printable ASCII",
+    );
+    for account in ["AC\tME", "ACME\u{200B}", "-ACME"] {
+        let mut request = app.as_operator(get(), "ACME", "alice@example.com");
+        request.metadata_mut().insert(
+            "x-vilvik-account",
+            tonic::metadata::MetadataValue::try_from(account.as_bytes()).unwrap(),
+        );
+        assert_eq!(
+            app.admin.get_account(request).await.unwrap_err().code(),
+            Code::InvalidArgument,
+            "{account:?}"
+        );
+    }
+    // A whole secret as the account: refused and not repeated.
+    let request = app.as_operator(get(), &existing.secret, "alice@example.com");
+    let status = assert_status(
+        app.admin.get_account(request).await,
+        Code::InvalidArgument,
+        "x-vilvik-account",
+    );
+    assert!(
+        !status.message().contains(&existing.secret[4..]),
+        "{status:?}"
+    );
+    let request = app.as_operator(
+        proto::SetAccountTierRequest {
+            account_id: "AC\0ME".into(),
+            tier: proto::Tier::Premium.into(),
+        },
+        "ACME",
+        "alice@example.com",
+    );
+    assert_status(
+        app.admin.set_account_tier(request).await,
+        Code::InvalidArgument,
+        "account_id",
+    );
+
+    // Nothing changed: the key is still active, no event was written.
+    assert_eq!(without_usage(app.list_keys(true).await), keys_before);
+    assert_eq!(app.audit("").await, audit_before);
+    assert_eq!(
+        app.verify_code(&existing.secret, &[]).await,
+        proto::VerifyCode::Valid
+    );
 }
 
 async fn oversized_messages_are_rejected(mut app: TestApp) {

@@ -91,11 +91,7 @@ fn holds_a_run_of_a_secret(input: &str) -> bool {
 /// Control characters, and those that reorder or hide the text around
 /// them (bidirectional overrides and isolates, zero-width characters).
 fn unsafe_to_show(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}'
-        )
+    c.is_control() || crate::fields::is_invisible(c) || crate::fields::is_bidi_control(c)
 }
 
 #[cfg(test)]
