@@ -75,12 +75,10 @@ impl FromStr for KeyName {
         if chars > MAX_NAME_CHARS {
             return Err(FieldError::NameTooLong(chars));
         }
-        if s.chars().any(char::is_control) {
-            return Err(FieldError::NameControlCharacter);
-        }
-        if s.chars().any(|c| is_invisible(c) || is_bidi_control(c)) {
-            return Err(FieldError::NameInvisibleCharacter);
-        }
+        check_label(s).map_err(|e| match e {
+            LabelError::Control => FieldError::NameControlCharacter,
+            LabelError::Invisible => FieldError::NameInvisibleCharacter,
+        })?;
         Ok(Self(CompactString::from(s)))
     }
 }
@@ -153,15 +151,24 @@ impl FromStr for Reason {
     }
 }
 
+/// What makes text unfit to name something a person reads (`check_label`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    #[error("must not contain control characters")]
+    Control,
+    #[error("must not contain invisible characters or bidirectional controls")]
+    Invisible,
+}
+
 /// Text a person reads as the name of something (a key's name, the actor
 /// in the audit log): printable, without characters that hide or reorder
-/// what is shown. `Err` says what is wrong, for a message about `field`.
-pub fn check_label(s: &str) -> Result<(), &'static str> {
+/// what is shown.
+pub fn check_label(s: &str) -> Result<(), LabelError> {
     if s.chars().any(char::is_control) {
-        return Err("must not contain control characters");
+        return Err(LabelError::Control);
     }
     if s.chars().any(|c| is_invisible(c) || is_bidi_control(c)) {
-        return Err("must not contain invisible characters or bidirectional controls");
+        return Err(LabelError::Invisible);
     }
     Ok(())
 }

@@ -32,7 +32,9 @@ mod state;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use echo::{excerpt, looks_like_a_credential, never_echo};
-pub use fields::{Description, FieldError, KeyName, Reason, check_label, validate_expiry};
+pub use fields::{
+    Description, FieldError, KeyName, LabelError, Reason, check_label, validate_expiry,
+};
 pub use ids::{AccountId, IdError, KeyId};
 pub use key::{
     ApiKey, GeneratedKey, KEY_LENGTH, KEY_PREFIX, KeyFormatError, KeyPrefix, SecretHash,
