@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use vilvik_keys_domain::TierLimits;
+use vilvik_keys_domain::{ScopeCatalogue, TierLimits};
+use vilvik_keys_store::Policy;
 
 use crate::server::tls::TlsFiles;
 
@@ -77,6 +78,8 @@ pub struct Config {
     pub public_verify_addr: Option<String>,
     pub operator_token: Option<SecretString>,
     pub tier_limits: TierLimits,
+    /// The scopes keys may be granted where an account has no catalogue of its own.
+    pub allowed_scopes: ScopeCatalogue,
     pub usage_flush_interval: Duration,
     pub trusted_proxies: Vec<IpAddr>,
     pub log_format: LogFormat,
@@ -209,6 +212,7 @@ impl std::fmt::Debug for Config {
                 &self.operator_token.as_ref().map(|_| "[REDACTED]"),
             )
             .field("tier_limits", &self.tier_limits)
+            .field("allowed_scopes", &self.allowed_scopes)
             .field("usage_flush_interval", &self.usage_flush_interval)
             .field("trusted_proxies", &self.trusted_proxies)
             .field("log_format", &self.log_format)
@@ -252,6 +256,7 @@ impl Default for Config {
             public_verify_addr: None,
             operator_token: None,
             tier_limits: TierLimits::default(),
+            allowed_scopes: ScopeCatalogue::default(),
             usage_flush_interval: Duration::from_secs(1),
             trusted_proxies: Vec::new(),
             log_format: LogFormat::Pretty,
@@ -434,6 +439,9 @@ settings! {
         premium_tier_limit: u32 = "VILVIK_KEYS_PREMIUM_TIER_LIMIT", Value("25"),
             "active keys an account on the premium tier may hold",
             |c, name, v| { c.tier_limits.premium = parse_number(name, &v)?; Ok(()) };
+        allowed_scopes: Vec<String> = "VILVIK_KEYS_ALLOWED_SCOPES", Value("*:*"),
+            "the scope patterns keys may be granted (`resource:action`, either part may be `*`; a list in the file, comma-separated in the environment); `keys:admin` is never among them, only the operator token grants it; `accounts set-scopes` sets an account's own",
+            |c, name, v| { c.allowed_scopes = parse_catalogue(name, &v)?; Ok(()) };
         usage_flush_interval_ms: u64 = "VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS", Value("1000"),
             "how often uses noted by verifies are written to the store",
             |c, name, v| { c.usage_flush_interval = parse_millis(name, &v)?; Ok(()) };
@@ -615,6 +623,16 @@ pub enum ConfigError {
     Invalid { setting: String, message: String },
 }
 
+/// A comma-separated catalogue of scope patterns.
+fn parse_catalogue(name: &str, value: &str) -> Result<ScopeCatalogue, ConfigError> {
+    let patterns: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    ScopeCatalogue::parse(&patterns).map_err(|(_, e)| invalid(name, e.to_string()))
+}
+
 fn invalid(setting: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting: setting.to_owned(),
@@ -694,6 +712,15 @@ impl Config {
 
     pub fn database_url(&self) -> Option<&str> {
         self.database_url.as_ref().map(|url| url.expose_secret())
+    }
+
+    /// What the store enforces in every change: the tier caps and the
+    /// server's catalogue of grantable scopes.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            tiers: self.tier_limits,
+            grantable: self.allowed_scopes.clone(),
+        }
     }
 
     /// The verify address printed in smoke-test commands.

@@ -172,7 +172,7 @@ impl Application {
                         config.operator_token.clone(),
                         config.trusted_proxies.clone(),
                     ),
-                    limits: config.tier_limits,
+                    policy: config.policy(),
                     smoke_test: SmokeTest::new(
                         config.public_verify_addr(verify_addr),
                         config

@@ -1,5 +1,5 @@
 use time::OffsetDateTime;
-use vilvik_keys_domain::{Tier, TierLimits};
+use vilvik_keys_domain::{GrantError, KeyId, Tier, TierLimits};
 
 /// What can go wrong in a store call. Business-rule failures carry what the
 /// caller needs to explain them; backend failures carry their cause.
@@ -19,6 +19,13 @@ pub enum StoreError {
         active: u32,
         limits: TierLimits,
     },
+    /// The change would grant a scope its caller may not grant.
+    #[error("{0}")]
+    NotGrantable(GrantError),
+    /// The change would leave the account without an active management
+    /// key: nobody but the operator could manage its keys again.
+    #[error("key {key_id} is the account's last active management key")]
+    LastManagementKey { key_id: KeyId },
     /// The change log no longer holds every change after the sequence
     /// number asked for: they were pruned. A follower must forget its cache.
     #[error("the change log was pruned through sequence {pruned_through}")]

@@ -47,6 +47,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "pepper_id",
         sql: include_str!("../migrations/sqlite/0003_pepper_id.sql"),
     },
+    Migration {
+        version: 4,
+        name: "grantable_scopes",
+        sql: include_str!("../migrations/sqlite/0004_grantable_scopes.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -64,6 +69,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 3,
         name: "pepper_id",
         sql: include_str!("../migrations/postgres/0003_pepper_id.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "grantable_scopes",
+        sql: include_str!("../migrations/postgres/0004_grantable_scopes.sql"),
     },
 ];
 

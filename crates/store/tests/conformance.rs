@@ -20,8 +20,8 @@ use vilvik_keys_domain::{
     ScopeSet, SecretHash, Tier, TierLimits,
 };
 use vilvik_keys_store::{
-    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, PepperUse, Rehash, SecretEntry,
-    Store, StoreError, UsageRecord,
+    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, PepperUse, Policy, Rehash,
+    SecretEntry, Store, StoreError, UsageRecord,
 };
 
 /// Any pepper: these tests store and read hashes, they verify nothing.
@@ -66,6 +66,7 @@ fn actor() -> Actor {
     Actor {
         name: "operator:alice@example.com".to_owned(),
         ip: Some("203.0.113.7".to_owned()),
+        operator: true,
     }
 }
 
@@ -82,11 +83,11 @@ fn scopes(list: &[&str]) -> ScopeSet {
 }
 
 /// Room for plenty of keys, for tests that are not about the cap.
-fn roomy() -> TierLimits {
-    TierLimits {
+fn roomy() -> Policy {
+    Policy::from(TierLimits {
         free: 100,
         premium: 100,
-    }
+    })
 }
 
 fn new_key(account: &AccountId, key_name: &str, at: OffsetDateTime) -> (NewKey, GeneratedKey) {
@@ -105,7 +106,7 @@ async fn create(
     at: OffsetDateTime,
 ) -> KeyRecord {
     let (new, _) = new_key(account, key_name, at);
-    store.create_key(new, &actor(), roomy()).await.unwrap()
+    store.create_key(new, &actor(), &roomy()).await.unwrap()
 }
 
 async fn all_events(
@@ -135,7 +136,7 @@ async fn create_get_and_list_with_paging(store: Arc<dyn Store>) {
     let (mut new, generated) = new_key(&acme, "ci-runner", t0);
     new.expires_at = Some(t0 + Duration::days(30));
     let created = store
-        .create_key(new.clone(), &actor(), roomy())
+        .create_key(new.clone(), &actor(), &roomy())
         .await
         .unwrap();
     assert_eq!(created.key_id, new.key_id);
@@ -271,7 +272,7 @@ async fn another_accounts_key_is_invisible(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     let err = store
-        .update_key(&globex, &key.key_id, changes, &actor(), t0, roomy())
+        .update_key(&globex, &key.key_id, changes, &actor(), t0, &roomy())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
@@ -313,7 +314,7 @@ async fn update_records_only_what_changed(store: Arc<dyn Store>) {
     };
     let seq = store.change_sequence().await.unwrap();
     let updated = store
-        .update_key(&acme, &key.key_id, changes, &actor(), t1, roomy())
+        .update_key(&acme, &key.key_id, changes, &actor(), t1, &roomy())
         .await
         .unwrap();
     assert_eq!(updated.description, description("exports, nightly"));
@@ -351,7 +352,7 @@ async fn update_records_only_what_changed(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     let updated = store
-        .update_key(&acme, &key.key_id, changes, &actor(), t1, roomy())
+        .update_key(&acme, &key.key_id, changes, &actor(), t1, &roomy())
         .await
         .unwrap();
     assert_eq!(updated.scopes, scopes(&["datasets:read"]));
@@ -369,7 +370,7 @@ async fn update_records_only_what_changed(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     let same = store
-        .update_key(&acme, &key.key_id, noop, &actor(), t1, roomy())
+        .update_key(&acme, &key.key_id, noop, &actor(), t1, &roomy())
         .await
         .unwrap();
     assert_eq!(same, updated);
@@ -380,7 +381,7 @@ async fn update_records_only_what_changed(store: Arc<dyn Store>) {
             KeyChanges::default(),
             &actor(),
             t1,
-            roomy(),
+            &roomy(),
         )
         .await
         .unwrap();
@@ -393,7 +394,7 @@ async fn rotate_supersedes_the_old_secret(store: Arc<dyn Store>) {
     let acme = account("ACME");
     let t0 = now();
     let (new, old_secret) = new_key(&acme, "ci-runner", t0);
-    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
     let seq = store.change_sequence().await.unwrap();
     let t1 = t0 + Duration::hours(1);
     // Rotated under the next pepper: each secret keeps its own.
@@ -488,7 +489,7 @@ async fn revocation_is_final(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     let err = store
-        .update_key(&acme, &key.key_id, changes, &actor(), t2, roomy())
+        .update_key(&acme, &key.key_id, changes, &actor(), t2, &roomy())
         .await
         .unwrap_err();
     assert!(
@@ -529,7 +530,7 @@ async fn an_expired_key_cannot_be_rotated(store: Arc<dyn Store>) {
     let (mut new, _) = new_key(&acme, "short-lived", t0);
     let expiry = t0 + Duration::minutes(10);
     new.expires_at = Some(expiry);
-    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
     let later = t0 + Duration::hours(1);
     let fresh = GeneratedKey::generate(&pepper());
     let err = store
@@ -574,12 +575,17 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
     let mut keys = Vec::new();
     for i in 0..3 {
         let (new, _) = new_key(&acme, &format!("key-{i}"), t0);
-        keys.push(store.create_key(new, &actor(), limits).await.unwrap());
+        keys.push(
+            store
+                .create_key(new, &actor(), &limits.into())
+                .await
+                .unwrap(),
+        );
     }
     let (fourth, _) = new_key(&acme, "one-too-many", t0);
     let seq = store.change_sequence().await.unwrap();
     let err = store
-        .create_key(fourth.clone(), &actor(), limits)
+        .create_key(fourth.clone(), &actor(), &limits.into())
         .await
         .unwrap_err();
     assert!(
@@ -606,10 +612,13 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let (new, _) = new_key(&acme, "replacement", t0);
-    store.create_key(new, &actor(), limits).await.unwrap();
+    store
+        .create_key(new, &actor(), &limits.into())
+        .await
+        .unwrap();
     let (new, _) = new_key(&acme, "still-too-many", t0);
     assert!(matches!(
-        store.create_key(new, &actor(), limits).await,
+        store.create_key(new, &actor(), &limits.into()).await,
         Err(StoreError::QuotaExceeded { active: 3, .. })
     ));
 
@@ -620,12 +629,22 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     let expiring = store
-        .update_key(&acme, &keys[1].key_id, changes, &actor(), t0, limits)
+        .update_key(
+            &acme,
+            &keys[1].key_id,
+            changes,
+            &actor(),
+            t0,
+            &limits.into(),
+        )
         .await
         .unwrap();
     let t1 = t0 + Duration::hours(1);
     let (new, _) = new_key(&acme, "after-expiry", t1);
-    store.create_key(new, &actor(), limits).await.unwrap();
+    store
+        .create_key(new, &actor(), &limits.into())
+        .await
+        .unwrap();
 
     // Extending the expired key would make four active keys: refused.
     let extend = KeyChanges {
@@ -639,7 +658,7 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
             extend.clone(),
             &actor(),
             t1,
-            limits,
+            &limits.into(),
         )
         .await
         .unwrap_err();
@@ -666,7 +685,14 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
     };
     assert!(matches!(
         store
-            .update_key(&acme, &expiring.key_id, unexpire, &actor(), t1, limits)
+            .update_key(
+                &acme,
+                &expiring.key_id,
+                unexpire,
+                &actor(),
+                t1,
+                &limits.into()
+            )
             .await,
         Err(StoreError::QuotaExceeded { .. })
     ));
@@ -676,7 +702,14 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     store
-        .update_key(&acme, &expiring.key_id, rename, &actor(), t1, limits)
+        .update_key(
+            &acme,
+            &expiring.key_id,
+            rename,
+            &actor(),
+            t1,
+            &limits.into(),
+        )
         .await
         .unwrap();
 
@@ -686,7 +719,14 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let extended = store
-        .update_key(&acme, &expiring.key_id, extend, &actor(), t1, limits)
+        .update_key(
+            &acme,
+            &expiring.key_id,
+            extend,
+            &actor(),
+            t1,
+            &limits.into(),
+        )
         .await
         .unwrap();
     assert_eq!(extended.expires_at, Some(t1 + Duration::days(30)));
@@ -700,7 +740,7 @@ async fn concurrent_creates_cannot_overshoot_the_cap(store: Arc<dyn Store>) {
     for i in 0..20 {
         let store = store.clone();
         let (new, _) = new_key(&acme, &format!("racer-{i}"), t0);
-        tasks.spawn(async move { store.create_key(new, &actor(), limits).await });
+        tasks.spawn(async move { store.create_key(new, &actor(), &limits.into()).await });
     }
     let (mut created, mut refused) = (0, 0);
     while let Some(outcome) = tasks.join_next().await {
@@ -738,10 +778,15 @@ async fn set_tier_changes_the_cap_with_an_audit_event(store: Arc<dyn Store>) {
     let t0 = now();
     assert_eq!(store.get_account(&acme).await.unwrap().tier, Tier::Free);
     let (new, _) = new_key(&acme, "first", t0);
-    store.create_key(new, &actor(), limits).await.unwrap();
+    store
+        .create_key(new, &actor(), &limits.into())
+        .await
+        .unwrap();
     let (new, _) = new_key(&acme, "second", t0);
     assert!(matches!(
-        store.create_key(new.clone(), &actor(), limits).await,
+        store
+            .create_key(new.clone(), &actor(), &limits.into())
+            .await,
         Err(StoreError::QuotaExceeded {
             tier: Tier::Free,
             limit: 1,
@@ -757,10 +802,13 @@ async fn set_tier_changes_the_cap_with_an_audit_event(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(account_now.tier, Tier::Premium);
     assert_eq!(store.get_account(&acme).await.unwrap().tier, Tier::Premium);
-    store.create_key(new, &actor(), limits).await.unwrap();
+    store
+        .create_key(new, &actor(), &limits.into())
+        .await
+        .unwrap();
     let (new, _) = new_key(&acme, "third", t1);
     assert!(matches!(
-        store.create_key(new, &actor(), limits).await,
+        store.create_key(new, &actor(), &limits.into()).await,
         Err(StoreError::QuotaExceeded {
             tier: Tier::Premium,
             limit: 2,
@@ -812,6 +860,7 @@ async fn audit_events_list_oldest_first_filter_and_page(store: Arc<dyn Store>) {
     let operator = Actor {
         name: "key:key_AAAAAAAAAAAAAAAAAAAA".to_owned(),
         ip: None,
+        operator: true,
     };
     let rename = KeyChanges {
         name: Some(name("alpha-2")),
@@ -824,7 +873,7 @@ async fn audit_events_list_oldest_first_filter_and_page(store: Arc<dyn Store>) {
             rename,
             &operator,
             t0 + Duration::seconds(2),
-            roomy(),
+            &roomy(),
         )
         .await
         .unwrap();
@@ -1039,7 +1088,7 @@ async fn the_change_feed_carries_every_changed_prefix(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     store
-        .update_key(&acme, &a.key_id, rename, &actor(), t0, roomy())
+        .update_key(&acme, &a.key_id, rename, &actor(), t0, &roomy())
         .await
         .unwrap();
     let fresh = GeneratedKey::generate(&pepper());
@@ -1098,7 +1147,7 @@ async fn no_audit_event_holds_a_secret(store: Arc<dyn Store>) {
     let t0 = now();
     let (mut new, first) = new_key(&acme, "ci-runner", t0);
     new.expires_at = Some(t0 + Duration::days(1));
-    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
     let second = GeneratedKey::generate(&pepper());
     store
         .rotate_key(&acme, &key.key_id, &NewSecret::from(&second), &actor(), t0)
@@ -1111,7 +1160,7 @@ async fn no_audit_event_holds_a_secret(store: Arc<dyn Store>) {
         expires_at: Some(None),
     };
     store
-        .update_key(&acme, &key.key_id, changes, &actor(), t0, roomy())
+        .update_key(&acme, &key.key_id, changes, &actor(), t0, &roomy())
         .await
         .unwrap();
     store
@@ -1150,7 +1199,7 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
     let t0 = now();
     let (new, _) = new_key(&acme, "original", t0);
     let key = store
-        .create_key(new.clone(), &actor(), roomy())
+        .create_key(new.clone(), &actor(), &roomy())
         .await
         .unwrap();
     let seq = store.change_sequence().await.unwrap();
@@ -1159,7 +1208,7 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
     let (mut clash, _) = new_key(&acme, "clash", t0);
     clash.prefix = new.prefix.clone();
     let err = store
-        .create_key(clash.clone(), &actor(), roomy())
+        .create_key(clash.clone(), &actor(), &roomy())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict), "{err:?}");
@@ -1169,7 +1218,7 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
     let (mut clash, _) = new_key(&acme, "clash", t0);
     clash.key_id = new.key_id.clone();
     let err = store
-        .create_key(clash.clone(), &actor(), roomy())
+        .create_key(clash.clone(), &actor(), &roomy())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict), "{err:?}");
@@ -1254,7 +1303,7 @@ async fn streams_yield_every_secret_and_prefix_once(store: Arc<dyn Store>) {
             new.expires_at = Some(t0 + Duration::days(i as i64));
         }
         let key = store
-            .create_key(new.clone(), &actor(), roomy())
+            .create_key(new.clone(), &actor(), &roomy())
             .await
             .unwrap();
         expected.insert(
@@ -1413,6 +1462,7 @@ async fn import_keys_writes_keys_events_and_changes_ignoring_the_cap(store: Arc<
     let importer = Actor {
         name: "operator:importer@example.com".to_owned(),
         ip: Some("192.0.2.10".to_owned()),
+        operator: true,
     };
     store
         .import_keys(batch.iter().map(|(n, _)| n.clone()).collect(), &importer)
@@ -1473,7 +1523,7 @@ async fn import_keys_writes_keys_events_and_changes_ignoring_the_cap(store: Arc<
     assert_eq!(store.get_account(&globex).await.unwrap().tier, Tier::Free);
     let (new, _) = new_key(&globex, "one-more", t0);
     assert!(matches!(
-        store.create_key(new, &actor(), TierLimits::default()).await,
+        store.create_key(new, &actor(), &Policy::default()).await,
         Err(StoreError::QuotaExceeded {
             tier: Tier::Free,
             limit: 3,
@@ -1623,9 +1673,9 @@ async fn a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else(
         Vec::<KeyPrefix>::new()
     );
     let (new, secret) = new_key(&acme, "moved", t0);
-    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
     let (other, other_secret) = new_key(&acme, "stays", t0);
-    store.create_key(other, &actor(), roomy()).await.unwrap();
+    store.create_key(other, &actor(), &roomy()).await.unwrap();
     let seq = store.change_sequence().await.unwrap();
     let events = all_events(&*store, &acme, None).await.len();
     let stored = (secret.hash(), Some(pepper().id()));
@@ -1720,7 +1770,7 @@ async fn secrets_are_counted_per_pepper_live_and_in_all(store: Arc<dyn Store>) {
         .unwrap();
     let (mut expired, _) = new_key(&acme, "expired", t0 - Duration::days(2));
     expired.expires_at = Some(t0 - Duration::days(1));
-    store.create_key(expired, &actor(), roomy()).await.unwrap();
+    store.create_key(expired, &actor(), &roomy()).await.unwrap();
     let rotated = create(&*store, &acme, "rotated", t0).await;
     let onto_b = GeneratedKey::generate(&b);
     store
