@@ -13,6 +13,7 @@ mod encoding;
 mod lifecycle;
 mod outage;
 mod pepper;
+mod privilege;
 mod protection;
 mod tls;
 mod tour;
