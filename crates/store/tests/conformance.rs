@@ -1156,7 +1156,7 @@ async fn no_audit_event_holds_a_secret(store: Arc<dyn Store>) {
     let changes = KeyChanges {
         name: Some(name("renamed")),
         description: Some(description("new words")),
-        scopes: Some(scopes(&["keys:admin"])),
+        scopes: Some(scopes(&["datasets:write"])),
         expires_at: Some(None),
     };
     store
