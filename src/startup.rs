@@ -240,10 +240,13 @@ impl Application {
         let connection_limits = ConnectionLimits::new(&limits, self.max_connections);
         let mut listeners = Vec::new();
         if let Some((listener, service)) = self.admin {
-            pruner = Some(tokio::spawn(prune_change_log(
+            pruner = Some(tokio::spawn(prune_history(
                 service.store.clone(),
                 service.clock.clone(),
-                self.config.change_log_retention,
+                Retention {
+                    change_log: self.config.change_log_retention,
+                    rotated_secrets: self.config.rotated_secret_retention,
+                },
                 stopped(),
             )));
             health_reporter
@@ -417,14 +420,21 @@ impl Abandoned {
 /// How often an admin node prunes the change log.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Deletes change-log entries older than `retention`, at start and then
-/// every [`PRUNE_INTERVAL`], until `stop` resolves. Several admin nodes
-/// pruning at once is harmless. A verify node that missed pruned changes
-/// clears its cache (see `crates/verify/src/feed.rs`).
-async fn prune_change_log(
+/// How long admin nodes keep what [`prune_history`] deletes.
+struct Retention {
+    change_log: Duration,
+    rotated_secrets: Duration,
+}
+
+/// Deletes change-log entries and rotated-away secrets older than their
+/// retention, at start and then every [`PRUNE_INTERVAL`], until `stop`
+/// resolves. Several admin nodes pruning at once is harmless. A verify node
+/// that missed pruned changes clears its cache (see
+/// `crates/verify/src/feed.rs`).
+async fn prune_history(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    retention: Duration,
+    retention: Retention,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -435,10 +445,25 @@ async fn prune_change_log(
             () = &mut stop => return,
             _ = every.tick() => {}
         }
-        match store.prune_changes(clock.now() - retention).await {
+        match store
+            .prune_changes(clock.now() - retention.change_log)
+            .await
+        {
             Ok(0) => {}
             Ok(pruned) => tracing::info!(pruned, "pruned the change log"),
             Err(e) => tracing::warn!(error = %e, "cannot prune the change log; trying again later"),
+        }
+        match store
+            .prune_rotated_secrets(clock.now() - retention.rotated_secrets)
+            .await
+        {
+            Ok(0) => {}
+            Ok(pruned) => {
+                tracing::info!(pruned, "deleted rotated-away secrets past their retention")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete old rotated-away secrets; trying again later")
+            }
         }
     }
 }

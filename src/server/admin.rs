@@ -352,6 +352,7 @@ impl KeyAdmin for AdminService {
                     &NewSecret::from(&secret),
                     &caller.actor,
                     now,
+                    &self.policy,
                 )
                 .await
             {

@@ -102,6 +102,15 @@ impl From<StoreError> for ApiError {
                     "the account is on the {tier} tier, which allows {limit} active keys, and already holds {active}: {remedy}"
                 ))
             }
+            StoreError::StoredKeysExceeded {
+                tier,
+                limit,
+                stored,
+            } => ApiError::ResourceExhausted(format!(
+                "the account stores {stored} keys, revoked and expired ones included (they are its \
+                 history), and the {tier} tier may keep {limit}: no key can be created; ask the \
+                 platform operator"
+            )),
             StoreError::NotGrantable(why) => ApiError::PermissionDenied(format!("scopes: {why}")),
             StoreError::LastManagementKey { key_id } => ApiError::FailedPrecondition(format!(
                 "key {key_id} is the account's last active management key ({ADMIN_SCOPE}): revoking it, \
@@ -261,6 +270,22 @@ mod tests {
         });
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(!s.message().contains("move to"), "{s:?}");
+    }
+
+    #[test]
+    fn the_stored_key_ceiling_is_resource_exhausted_with_the_numbers() {
+        let s = status(StoreError::StoredKeysExceeded {
+            tier: Tier::Free,
+            limit: 300,
+            stored: 300,
+        });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(
+            s.message()
+                .contains("stores 300 keys, revoked and expired ones included"),
+            "{s:?}"
+        );
+        assert!(s.message().contains("free tier may keep 300"), "{s:?}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod bad_input;
 mod cluster;
 mod connections;
 mod encoding;
+mod history;
 mod lifecycle;
 mod outage;
 mod pepper;

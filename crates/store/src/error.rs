@@ -19,6 +19,10 @@ pub enum StoreError {
         active: u32,
         limits: TierLimits,
     },
+    /// The account already stores as many keys, revoked ones included, as
+    /// its tier allows it to keep.
+    #[error("the account stores {stored} keys; its tier '{tier}' may keep {limit}")]
+    StoredKeysExceeded { tier: Tier, limit: u32, stored: u32 },
     /// The change would grant a scope its caller may not grant.
     #[error("{0}")]
     NotGrantable(GrantError),

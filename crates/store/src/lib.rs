@@ -132,6 +132,8 @@ pub trait Store: KeySource {
     /// the account (tier `free`) on first use. Fails with
     /// [`StoreError::QuotaExceeded`] when the account already holds as many
     /// active keys as its tier allows (concurrent creates cannot overshoot),
+    /// with [`StoreError::StoredKeysExceeded`] when it stores as many keys
+    /// in all as [`Policy::stored_key_limit`],
     /// and with [`StoreError::NotGrantable`] when a scope is outside the
     /// account's catalogue or is one of the service's own and `actor` is
     /// not the operator.
@@ -167,7 +169,9 @@ pub trait Store: KeySource {
     ) -> Result<KeyRecord>;
 
     /// Replaces the key's secret: the old one stops working in the same
-    /// transaction. Revoked or expired keys cannot be rotated.
+    /// transaction. Revoked or expired keys cannot be rotated. Of the key's
+    /// rotated-away secrets only the newest [`Policy::rotated_secrets_kept`]
+    /// stay; older ones are deleted in the same transaction.
     async fn rotate_key(
         &self,
         account: &AccountId,
@@ -175,6 +179,7 @@ pub trait Store: KeySource {
         secret: &NewSecret,
         actor: &Actor,
         now: OffsetDateTime,
+        policy: &Policy,
     ) -> Result<Rotation>;
 
     /// Revokes the key for good. Revoking twice is [`StoreError::Revoked`];
@@ -227,6 +232,10 @@ pub trait Store: KeySource {
     /// raises the floor below which [`KeySource::changes_since`] refuses.
     /// Returns how many entries went.
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64>;
+
+    /// Deletes rotated-away secrets superseded before `before` (they then
+    /// verify as unknown, not `ROTATED`). Returns how many went.
+    async fn prune_rotated_secrets(&self, before: OffsetDateTime) -> Result<u64>;
 
     /// Inserts many keys at once, for imports and benchmarks: creates the
     /// accounts as needed and writes each key's `created` audit event and

@@ -49,8 +49,8 @@ pub(crate) const SQLITE: &[Migration] = &[
     },
     Migration {
         version: 4,
-        name: "grantable_scopes",
-        sql: include_str!("../migrations/sqlite/0004_grantable_scopes.sql"),
+        name: "account_scopes_and_secret_history",
+        sql: include_str!("../migrations/sqlite/0004_account_scopes_and_secret_history.sql"),
     },
 ];
 
@@ -72,8 +72,8 @@ pub(crate) const POSTGRES: &[Migration] = &[
     },
     Migration {
         version: 4,
-        name: "grantable_scopes",
-        sql: include_str!("../migrations/postgres/0004_grantable_scopes.sql"),
+        name: "account_scopes_and_secret_history",
+        sql: include_str!("../migrations/postgres/0004_account_scopes_and_secret_history.sql"),
     },
 ];
 

@@ -288,13 +288,40 @@ pub struct Account {
 
 /// What the store enforces inside a change's transaction, from the
 /// server's configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// The cap on active keys of each tier.
     pub tiers: TierLimits,
     /// The scopes keys may be granted in an account without a catalogue of
     /// its own.
     pub grantable: ScopeCatalogue,
+    /// How many keys an account may store (revoked and expired ones
+    /// included: they are its history) per active key its tier allows, so
+    /// that create-and-revoke churn cannot grow the store without bound.
+    pub stored_keys_per_active_key: u32,
+    /// How many rotated-away secrets of a key a rotation keeps (they
+    /// verify as `ROTATED`); older ones are deleted in the same transaction.
+    pub rotated_secrets_kept: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            tiers: TierLimits::default(),
+            grantable: ScopeCatalogue::default(),
+            stored_keys_per_active_key: 100,
+            rotated_secrets_kept: 10,
+        }
+    }
+}
+
+impl Policy {
+    /// The most keys an account on `tier` may store.
+    pub fn stored_key_limit(&self, tier: Tier) -> u32 {
+        self.tiers
+            .for_tier(tier)
+            .saturating_mul(self.stored_keys_per_active_key)
+    }
 }
 
 impl From<TierLimits> for Policy {

@@ -102,6 +102,10 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_RETRIES: u32 = 3;
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lifts the statement timeout for the transaction it runs in.
+/// Deletes a key's rotated-away secrets but the newest `$2`.
+const PRUNE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = $1 AND superseded_at IS NOT NULL \
+     AND prefix NOT IN (SELECT prefix FROM key_secrets WHERE key_id = $1 AND superseded_at IS NOT NULL \
+     ORDER BY superseded_at DESC, seq DESC LIMIT $2)";
 const NO_STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = 0";
 
 /// Advisory lock ids (arbitrary constants, unique to this service).
@@ -965,6 +969,13 @@ impl Store for PostgresStore {
         let account = lock_account(&tx, &new.account_id, new.created_at).await?;
         let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
         rules::check_grants(None, &new.scopes, grantable, actor)?;
+        let stored = query_one(
+            &tx,
+            "SELECT COUNT(*) FROM keys WHERE account_id = $1",
+            &[&new.account_id.as_str()],
+        )
+        .await?;
+        rules::check_stored(account.tier, policy, count(&stored)?)?;
         check_room(
             &tx,
             &new.account_id,
@@ -1099,6 +1110,7 @@ impl Store for PostgresStore {
         secret: &NewSecret,
         actor: &Actor,
         now: OffsetDateTime,
+        policy: &Policy,
     ) -> Result<Rotation> {
         let prefix = &secret.prefix;
         let mut client = self.client().await?;
@@ -1121,6 +1133,12 @@ impl Store for PostgresStore {
                 &secret.pepper_id.to_stored(),
                 &now,
             ],
+        )
+        .await?;
+        execute(
+            &tx,
+            PRUNE_KEY_SECRETS,
+            &[&key_id.as_str(), &i64::from(policy.rotated_secrets_kept)],
         )
         .await?;
         execute(
@@ -1293,6 +1311,23 @@ impl Store for PostgresStore {
         }
         tx.commit().await.map_err(map_err)?;
         Ok(stored)
+    }
+
+    async fn prune_rotated_secrets(&self, before: OffsetDateTime) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        // A week of rotations may take a while to delete.
+        tx.batch_execute(NO_STATEMENT_TIMEOUT)
+            .await
+            .map_err(map_err)?;
+        let pruned = execute(
+            &tx,
+            "DELETE FROM key_secrets WHERE superseded_at IS NOT NULL AND superseded_at < $1",
+            &[&before],
+        )
+        .await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(pruned)
     }
 
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {

@@ -12,7 +12,7 @@ use vilvik_keys_domain::{
     ScopeSet, Tier, TierLimits,
 };
 
-use crate::{Account, Actor, FieldChange, KeyChanges, KeyRecord, NewKey, Page, StoreError};
+use crate::{Account, Actor, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Policy, StoreError};
 
 pub(crate) fn format_time(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
@@ -398,6 +398,20 @@ pub(crate) fn check_quota(tier: Tier, limits: TierLimits, active: u32) -> Result
     Ok(())
 }
 
+/// The ceiling on stored keys (revoked and expired included), checked with
+/// the account row locked, like the cap.
+pub(crate) fn check_stored(tier: Tier, policy: &Policy, stored: u32) -> Result<(), StoreError> {
+    let limit = policy.stored_key_limit(tier);
+    if stored >= limit {
+        return Err(StoreError::StoredKeysExceeded {
+            tier,
+            limit,
+            stored,
+        });
+    }
+    Ok(())
+}
+
 /// A listing query fetches one row more than the page holds: if it came,
 /// there is a next page, starting after the last row kept.
 pub(crate) fn page<T>(mut items: Vec<(i64, T)>, limit: u32) -> Page<T> {
@@ -718,6 +732,32 @@ mod tests {
         let mut expired = manager.clone();
         expired.expires_at = Some(now() - Duration::days(1));
         assert!(!is_active_manager(&expired, now()));
+    }
+
+    #[test]
+    fn stored_keys_are_capped_at_a_multiple_of_the_tier_cap() {
+        let policy = Policy {
+            stored_keys_per_active_key: 2,
+            ..Policy::from(TierLimits {
+                free: 3,
+                premium: 5,
+            })
+        };
+        assert!(check_stored(Tier::Free, &policy, 5).is_ok());
+        assert!(matches!(
+            check_stored(Tier::Free, &policy, 6),
+            Err(StoreError::StoredKeysExceeded {
+                limit: 6,
+                stored: 6,
+                ..
+            })
+        ));
+        assert!(check_stored(Tier::Premium, &policy, 9).is_ok());
+        let huge = Policy {
+            stored_keys_per_active_key: u32::MAX,
+            ..Policy::default()
+        };
+        assert_eq!(huge.stored_key_limit(Tier::Free), u32::MAX);
     }
 
     #[test]

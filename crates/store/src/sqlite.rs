@@ -335,6 +335,11 @@ fn insert_new_key(tx: &Transaction<'_>, new: &NewKey, actor: &Actor) -> Result<(
     record_change(tx, &ChangeRecord::created(new, actor))
 }
 
+/// Deletes a key's rotated-away secrets but the newest `?2`.
+const PRUNE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = ?1 AND superseded_at IS NOT NULL \
+     AND prefix NOT IN (SELECT prefix FROM key_secrets WHERE key_id = ?1 AND superseded_at IS NOT NULL \
+     ORDER BY superseded_at DESC, rowid DESC LIMIT ?2)";
+
 fn insert_secret(
     tx: &Transaction<'_>,
     secret: &NewSecret,
@@ -710,6 +715,14 @@ impl Store for SqliteStore {
             let account = ensure_account(tx, &new.account_id, new.created_at)?;
             let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
             rules::check_grants(None, &new.scopes, grantable, &actor)?;
+            let stored: u32 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM keys WHERE account_id = ?1",
+                    [new.account_id.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            rules::check_stored(account.tier, &policy, stored)?;
             check_room(
                 tx,
                 &new.account_id,
@@ -815,6 +828,7 @@ impl Store for SqliteStore {
         secret: &NewSecret,
         actor: &Actor,
         now: OffsetDateTime,
+        policy: &Policy,
     ) -> Result<Rotation> {
         let (account, key_id, secret, actor) = (
             account.clone(),
@@ -822,6 +836,7 @@ impl Store for SqliteStore {
             secret.clone(),
             actor.clone(),
         );
+        let kept = policy.rotated_secrets_kept;
         self.write(move |tx| {
             let before = load_key_for_change(tx, &account, &key_id)?;
             rules::ensure_rotatable(&before, now)?;
@@ -831,6 +846,10 @@ impl Store for SqliteStore {
             )
             .map_err(map_err)?;
             insert_secret(tx, &secret, &key_id, now)?;
+            tx.prepare_cached(PRUNE_KEY_SECRETS)
+                .map_err(map_err)?
+                .execute(params![key_id.as_str(), kept])
+                .map_err(map_err)?;
             tx.execute(
                 "UPDATE keys SET prefix = ?1, rotated_at = ?2 WHERE key_id = ?3",
                 params![secret.prefix.as_str(), to_micros(now), key_id.as_str()],
@@ -1023,6 +1042,18 @@ impl Store for SqliteStore {
             )
             .map_err(map_err)?;
             Ok(pruned as u64)
+        })
+        .await
+    }
+
+    async fn prune_rotated_secrets(&self, before: OffsetDateTime) -> Result<u64> {
+        self.write(move |tx| {
+            tx.execute(
+                "DELETE FROM key_secrets WHERE superseded_at IS NOT NULL AND superseded_at < ?1",
+                params![to_micros(before)],
+            )
+            .map(|n| n as u64)
+            .map_err(map_err)
         })
         .await
     }

@@ -51,6 +51,162 @@ fn rehash(secret: &GeneratedKey, from: (SecretHash, Option<PepperId>), to: &Pepp
     }
 }
 
+/// Every secret row the store holds (current and rotated-away).
+async fn stored_secrets(store: &dyn Store) -> u64 {
+    store
+        .secrets_by_pepper()
+        .await
+        .unwrap()
+        .iter()
+        .map(|usage| usage.total)
+        .sum()
+}
+
+async fn a_thousand_rotations_keep_a_bounded_history(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (new, _) = new_key(&acme, "rotated a lot", t0);
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
+    let policy = Policy {
+        rotated_secrets_kept: 3,
+        ..roomy()
+    };
+    let mut secrets = Vec::new();
+    for i in 0..1000 {
+        let secret = GeneratedKey::generate(&pepper());
+        store
+            .rotate_key(
+                &acme,
+                &key.key_id,
+                &NewSecret::from(&secret),
+                &actor(),
+                t0 + Duration::seconds(i),
+                &policy,
+            )
+            .await
+            .unwrap();
+        secrets.push(secret);
+        // The current secret and at most three rotated-away ones, all along.
+        assert!(stored_secrets(&*store).await <= 4, "after rotation {i}");
+    }
+    assert_eq!(stored_secrets(&*store).await, 4);
+    // The newest three old secrets still answer ROTATED; older ones are gone.
+    for (i, secret) in secrets.iter().enumerate().rev().skip(1) {
+        let found = store.find_secret(secret.prefix()).await.unwrap();
+        if i >= 1000 - 4 {
+            assert!(found.unwrap().superseded_at.is_some(), "secret {i}");
+        } else {
+            assert!(found.is_none(), "secret {i} was kept");
+        }
+    }
+    let current = store
+        .find_secret(secrets[999].prefix())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(current.superseded_at, None);
+    // The audit log keeps every event: created and 1,000 rotations.
+    let mut events = 0;
+    let mut after = None;
+    loop {
+        let page = store
+            .list_audit_events(&acme, Some(&key.key_id), after, 100)
+            .await
+            .unwrap();
+        events += page.items.len();
+        match page.next_cursor {
+            Some(cursor) => after = Some(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(events, 1001);
+}
+
+async fn old_rotated_secrets_are_pruned_after_the_retention(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (new, first) = new_key(&acme, "ci-runner", t0);
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
+    let second = GeneratedKey::generate(&pepper());
+    let at = |hours| t0 + Duration::hours(hours);
+    store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&second),
+            &actor(),
+            at(1),
+            &roomy(),
+        )
+        .await
+        .unwrap();
+    let third = GeneratedKey::generate(&pepper());
+    store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&third),
+            &actor(),
+            at(3),
+            &roomy(),
+        )
+        .await
+        .unwrap();
+    // Nothing superseded before t0+1h.
+    assert_eq!(store.prune_rotated_secrets(at(1)).await.unwrap(), 0);
+    // The first secret was superseded at t0+1h, the second at t0+3h.
+    assert_eq!(store.prune_rotated_secrets(at(2)).await.unwrap(), 1);
+    assert!(store.find_secret(first.prefix()).await.unwrap().is_none());
+    assert!(store.find_secret(second.prefix()).await.unwrap().is_some());
+    // A current secret is never pruned, however old.
+    assert_eq!(store.prune_rotated_secrets(at(100)).await.unwrap(), 1);
+    let current = store.find_secret(third.prefix()).await.unwrap().unwrap();
+    assert_eq!(current.key.key_id, key.key_id);
+    assert_eq!(stored_secrets(&*store).await, 1);
+}
+
+async fn revoked_keys_count_toward_the_stored_key_ceiling(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let policy = Policy {
+        stored_keys_per_active_key: 2,
+        ..Policy::from(TierLimits {
+            free: 2,
+            premium: 4,
+        })
+    };
+    // Create and revoke: never more than one active, but four stored.
+    for i in 0..4 {
+        let (new, _) = new_key(&acme, &format!("churn {i}"), t0);
+        let key = store.create_key(new, &actor(), &policy).await.unwrap();
+        store
+            .revoke_key(&acme, &key.key_id, "churn", &actor(), t0)
+            .await
+            .unwrap();
+    }
+    let (new, _) = new_key(&acme, "one too many", t0);
+    let prefix = new.prefix.clone();
+    match store.create_key(new, &actor(), &policy).await {
+        Err(StoreError::StoredKeysExceeded {
+            tier,
+            limit,
+            stored,
+        }) => {
+            assert_eq!((tier, limit, stored), (Tier::Free, 4, 4));
+        }
+        other => panic!("expected StoredKeysExceeded, got {other:?}"),
+    }
+    assert!(store.find_secret(&prefix).await.unwrap().is_none());
+    // Another account is not affected; a larger tier has a larger ceiling.
+    create(&*store, &account("OTHER"), "fine", t0).await;
+    store
+        .set_tier(&acme, Tier::Premium, &actor(), t0)
+        .await
+        .unwrap();
+    let (new, _) = new_key(&acme, "on premium", t0);
+    store.create_key(new, &actor(), &policy).await.unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // Helpers
 
@@ -278,7 +434,14 @@ async fn another_accounts_key_is_invisible(store: Arc<dyn Store>) {
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
     let g = GeneratedKey::generate(&pepper());
     let err = store
-        .rotate_key(&globex, &key.key_id, &NewSecret::from(&g), &actor(), t0)
+        .rotate_key(
+            &globex,
+            &key.key_id,
+            &NewSecret::from(&g),
+            &actor(),
+            t0,
+            &Policy::default(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
@@ -400,7 +563,14 @@ async fn rotate_supersedes_the_old_secret(store: Arc<dyn Store>) {
     // Rotated under the next pepper: each secret keeps its own.
     let fresh = GeneratedKey::generate(&other_pepper());
     let rotation = store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), t1)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            t1,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     assert_eq!(rotation.replaced_prefix, key.prefix);
@@ -498,7 +668,14 @@ async fn revocation_is_final(store: Arc<dyn Store>) {
     );
     let fresh = GeneratedKey::generate(&pepper());
     let err = store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), t2)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            t2,
+            &Policy::default(),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -540,6 +717,7 @@ async fn an_expired_key_cannot_be_rotated(store: Arc<dyn Store>) {
             &NewSecret::from(&fresh),
             &actor(),
             later,
+            &Policy::default(),
         )
         .await
         .unwrap_err();
@@ -561,6 +739,7 @@ async fn an_expired_key_cannot_be_rotated(store: Arc<dyn Store>) {
             &NewSecret::from(&fresh),
             &actor(),
             t0 + Duration::minutes(1),
+            &Policy::default(),
         )
         .await
         .unwrap()
@@ -895,6 +1074,7 @@ async fn audit_events_list_oldest_first_filter_and_page(store: Arc<dyn Store>) {
             &NewSecret::from(&fresh),
             &actor(),
             t0 + Duration::seconds(4),
+            &Policy::default(),
         )
         .await
         .unwrap();
@@ -1093,7 +1273,14 @@ async fn the_change_feed_carries_every_changed_prefix(store: Arc<dyn Store>) {
         .unwrap();
     let fresh = GeneratedKey::generate(&pepper());
     store
-        .rotate_key(&acme, &a.key_id, &NewSecret::from(&fresh), &actor(), t0)
+        .rotate_key(
+            &acme,
+            &a.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            t0,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     store
@@ -1150,7 +1337,14 @@ async fn no_audit_event_holds_a_secret(store: Arc<dyn Store>) {
     let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
     let second = GeneratedKey::generate(&pepper());
     store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&second), &actor(), t0)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&second),
+            &actor(),
+            t0,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     let changes = KeyChanges {
@@ -1236,6 +1430,7 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
             },
             &actor(),
             t0,
+            &Policy::default(),
         )
         .await
         .unwrap_err();
@@ -1339,6 +1534,7 @@ async fn streams_yield_every_secret_and_prefix_once(store: Arc<dyn Store>) {
                 &NewSecret::from(&fresh),
                 &actor(),
                 t1,
+                &Policy::default(),
             )
             .await
             .unwrap();
@@ -1591,6 +1787,7 @@ async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
             &NewSecret::from(&fresh),
             &actor(),
             t0,
+            &Policy::default(),
         )
         .await
         .unwrap()
@@ -1729,7 +1926,14 @@ async fn a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else(
     let t1 = t0 + Duration::minutes(1);
     let fresh = GeneratedKey::generate(&other_pepper());
     store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), t1)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            t1,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     store
@@ -1780,6 +1984,7 @@ async fn secrets_are_counted_per_pepper_live_and_in_all(store: Arc<dyn Store>) {
             &NewSecret::from(&onto_b),
             &actor(),
             t0,
+            &Policy::default(),
         )
         .await
         .unwrap();
@@ -1939,4 +2144,7 @@ conformance!(
     pruning_drops_old_changes_and_followers_behind_it_are_told,
     a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else,
     secrets_are_counted_per_pepper_live_and_in_all,
+    a_thousand_rotations_keep_a_bounded_history,
+    old_rotated_secrets_are_pruned_after_the_retention,
+    revoked_keys_count_toward_the_stored_key_ceiling,
 );

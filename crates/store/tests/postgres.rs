@@ -100,7 +100,14 @@ async fn every_committed_change_is_notified_and_a_failed_one_is_not() {
     let fresh = GeneratedKey::generate(&pepper());
     let now = OffsetDateTime::now_utc();
     store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), now)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            now,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     assert_eq!(next(&mut rx).await, key.prefix);
@@ -252,7 +259,14 @@ async fn a_listener_receives_seq_and_prefix_in_commit_order() {
     let fresh = GeneratedKey::generate(&pepper());
     let now = OffsetDateTime::now_utc();
     store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), now)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            now,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     store
@@ -578,6 +592,7 @@ async fn an_idle_listener_on_a_healthy_connection_stays_subscribed() {
             &NewSecret::from(&fresh),
             &actor(),
             OffsetDateTime::now_utc(),
+            &Policy::default(),
         )
         .await
         .unwrap();

@@ -195,6 +195,7 @@ async fn each_verdict_in_turn() {
             &NewSecret::from(&next),
             &actor(),
             f.clock.now(),
+            &Policy::default(),
         )
         .await
         .unwrap();

@@ -1,3 +1,0 @@
--- The scope patterns an account's keys may be granted (issue 10); NULL:
--- the server's `allowed_scopes`.
-ALTER TABLE accounts ADD COLUMN grantable_scopes TEXT[];
