@@ -12,6 +12,7 @@ mod connections;
 mod encoding;
 mod history;
 mod lifecycle;
+mod matrix;
 mod outage;
 mod pepper;
 mod privilege;
