@@ -445,16 +445,20 @@ async fn prune_history(
             () = &mut stop => return,
             _ = every.tick() => {}
         }
-        match store
-            .prune_changes(clock.now() - retention.change_log)
-            .await
-        {
+        // A retention reaching before the calendar's start prunes nothing.
+        let cut_off = |retention: Duration| {
+            time::Duration::try_from(retention)
+                .ok()
+                .and_then(|r| clock.now().checked_sub(r))
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        };
+        match store.prune_changes(cut_off(retention.change_log)).await {
             Ok(0) => {}
             Ok(pruned) => tracing::info!(pruned, "pruned the change log"),
             Err(e) => tracing::warn!(error = %e, "cannot prune the change log; trying again later"),
         }
         match store
-            .prune_rotated_secrets(clock.now() - retention.rotated_secrets)
+            .prune_rotated_secrets(cut_off(retention.rotated_secrets))
             .await
         {
             Ok(0) => {}
