@@ -68,8 +68,12 @@ pub async fn audit_verify(config: &Config, account: Option<&str>) -> anyhow::Res
         Ok(ChainSummary { accounts, events }) => {
             let scope = match &account {
                 Some(a) if accounts == 0 => format!("account '{a}' has no audit events"),
-                Some(a) => format!("account '{a}': {events} events checked"),
-                None => format!("{accounts} accounts, {events} events checked"),
+                Some(a) => format!("account '{a}': {} checked", count(events, "event")),
+                None => format!(
+                    "{}, {} checked",
+                    count(accounts, "account"),
+                    count(events, "event")
+                ),
             };
             println!("audit log intact: {scope}");
             Ok(())
@@ -79,5 +83,12 @@ pub async fn audit_verify(config: &Config, account: Option<&str>) -> anyhow::Res
             checked: events,
         }
         .into()),
+    }
+}
+
+fn count(n: u64, what: &str) -> String {
+    match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
     }
 }

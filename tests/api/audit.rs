@@ -36,7 +36,12 @@ async fn event_ids_and_page_tokens_are_per_account(mut app: TestApp) {
         )
     };
     let (acme, globex) = (first_page(ACCOUNT), first_page("globex"));
-    let acme = app.admin.list_audit_events(acme).await.unwrap().into_inner();
+    let acme = app
+        .admin
+        .list_audit_events(acme)
+        .await
+        .unwrap()
+        .into_inner();
     let globex = app
         .admin
         .list_audit_events(globex)
@@ -44,7 +49,10 @@ async fn event_ids_and_page_tokens_are_per_account(mut app: TestApp) {
         .unwrap()
         .into_inner();
     assert_eq!(acme.events[0].event_id, "1");
-    assert_eq!(globex.events[0].event_id, "1", "globex counts its own events");
+    assert_eq!(
+        globex.events[0].event_id, "1",
+        "globex counts its own events"
+    );
     assert_eq!(
         acme.next_page_token, globex.next_page_token,
         "a page token says where in one's own log it is, nothing about others"
@@ -138,7 +146,8 @@ async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
         .unwrap()
         .get(0);
     // RandomState is seeded at random: a name no other test run uses.
-    let random = std::hash::BuildHasher::build_hasher(&std::collections::hash_map::RandomState::new());
+    let random =
+        std::hash::BuildHasher::build_hasher(&std::collections::hash_map::RandomState::new());
     let role = ServiceRole {
         name: format!("vk_service_{:016x}", std::hash::Hasher::finish(&random)),
         owner_url: owner_url.clone(),
