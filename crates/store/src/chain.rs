@@ -729,8 +729,8 @@ mod tests {
             message(check(events, Some(head.clone()))),
             "account 'acme', event 2: its content does not match its hash (edited)"
         );
-        // A whole intact chain of another account put in place of this one's
-        // middle: the hashes match their content but not the predecessor.
+        // A row put in place of event 3 with a hash that matches its own
+        // content, but linking to a hash that is not event 2's.
         let mut events = chain("acme", 5);
         let foreign = chain("acme", 5);
         let mut replaced = foreign[2].clone();
