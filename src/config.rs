@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use vilvik_keys_domain::TierLimits;
+use vilvik_keys_domain::{ScopeCatalogue, TierLimits};
+use vilvik_keys_store::Policy;
 
 use crate::server::tls::TlsFiles;
 
@@ -77,6 +78,8 @@ pub struct Config {
     pub public_verify_addr: Option<String>,
     pub operator_token: Option<SecretString>,
     pub tier_limits: TierLimits,
+    /// The scopes keys may be granted where an account has no catalogue of its own.
+    pub allowed_scopes: ScopeCatalogue,
     pub usage_flush_interval: Duration,
     pub trusted_proxies: Vec<IpAddr>,
     pub log_format: LogFormat,
@@ -107,6 +110,12 @@ pub struct Config {
     /// How long change-log entries are kept; admin nodes delete older
     /// ones. A verify node cut off for longer clears its cache on return.
     pub change_log_retention: Duration,
+    /// How long rotated-away secrets are kept; admin nodes delete older ones.
+    pub rotated_secret_retention: Duration,
+    /// How many rotated-away secrets of a key a rotation keeps.
+    pub rotated_secrets_kept: u32,
+    /// How many keys an account may store per active key of its tier.
+    pub stored_keys_per_active_key: u32,
     /// What one client may hold open on either listener: connections,
     /// streams, and requests whose message does not arrive.
     pub listener_limits: ListenerLimits,
@@ -209,6 +218,7 @@ impl std::fmt::Debug for Config {
                 &self.operator_token.as_ref().map(|_| "[REDACTED]"),
             )
             .field("tier_limits", &self.tier_limits)
+            .field("allowed_scopes", &self.allowed_scopes)
             .field("usage_flush_interval", &self.usage_flush_interval)
             .field("trusted_proxies", &self.trusted_proxies)
             .field("log_format", &self.log_format)
@@ -232,6 +242,12 @@ impl std::fmt::Debug for Config {
             .field("verify_concurrency_limit", &self.verify_concurrency_limit)
             .field("verify_misses", &self.verify_misses)
             .field("change_log_retention", &self.change_log_retention)
+            .field("rotated_secret_retention", &self.rotated_secret_retention)
+            .field("rotated_secrets_kept", &self.rotated_secrets_kept)
+            .field(
+                "stored_keys_per_active_key",
+                &self.stored_keys_per_active_key,
+            )
             .field("listener_limits", &self.listener_limits)
             .field("tls", &self.tls)
             .finish()
@@ -252,6 +268,7 @@ impl Default for Config {
             public_verify_addr: None,
             operator_token: None,
             tier_limits: TierLimits::default(),
+            allowed_scopes: ScopeCatalogue::default(),
             usage_flush_interval: Duration::from_secs(1),
             trusted_proxies: Vec::new(),
             log_format: LogFormat::Pretty,
@@ -269,6 +286,9 @@ impl Default for Config {
             verify_concurrency_limit: 1024,
             verify_misses: vilvik_keys_verify::MissConfig::default(),
             change_log_retention: Duration::from_secs(7 * 24 * 3600),
+            rotated_secret_retention: Duration::from_secs(7 * 24 * 3600),
+            rotated_secrets_kept: 10,
+            stored_keys_per_active_key: 100,
             listener_limits: ListenerLimits::default(),
             tls: TlsSettings::default(),
         }
@@ -434,6 +454,9 @@ settings! {
         premium_tier_limit: u32 = "VILVIK_KEYS_PREMIUM_TIER_LIMIT", Value("25"),
             "active keys an account on the premium tier may hold",
             |c, name, v| { c.tier_limits.premium = parse_number(name, &v)?; Ok(()) };
+        allowed_scopes: Vec<String> = "VILVIK_KEYS_ALLOWED_SCOPES", Value("*:*"),
+            "the scope patterns keys may be granted (`resource:action`, either part may be `*`; a list in the file, comma-separated in the environment); `keys:admin` is never among them, only the operator token grants it; `accounts set-scopes` sets an account's own",
+            |c, name, v| { c.allowed_scopes = parse_catalogue(name, &v)?; Ok(()) };
         usage_flush_interval_ms: u64 = "VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS", Value("1000"),
             "how often uses noted by verifies are written to the store",
             |c, name, v| { c.usage_flush_interval = parse_millis(name, &v)?; Ok(()) };
@@ -497,6 +520,26 @@ settings! {
                     return Err(invalid(name, "must be at least 1 hour"));
                 }
                 c.change_log_retention = Duration::from_secs(u64::from(hours) * 3600);
+                Ok(())
+            };
+        rotated_secret_retention_hours: u32 = "VILVIK_KEYS_ROTATED_SECRET_RETENTION_HOURS", Value("168"),
+            "admin nodes delete rotated-away secrets older than this hourly (until then they verify as `ROTATED`, after as unknown); the audit log keeps every event",
+            |c, name, v| {
+                let hours: u32 = parse_number(name, &v)?;
+                c.rotated_secret_retention = Duration::from_secs(u64::from(hours) * 3600);
+                Ok(())
+            };
+        rotated_secrets_kept: u32 = "VILVIK_KEYS_ROTATED_SECRETS_KEPT", Value("10"),
+            "rotated-away secrets of one key kept at most; each rotation deletes older ones",
+            |c, name, v| { c.rotated_secrets_kept = parse_number(name, &v)?; Ok(()) };
+        stored_keys_per_active_key: u32 = "VILVIK_KEYS_STORED_KEYS_PER_ACTIVE_KEY", Value("100"),
+            "keys an account may store in all (revoked and expired ones are its history and count) per active key its tier allows; at the ceiling CreateKey answers RESOURCE_EXHAUSTED",
+            |c, name, v| {
+                let per_key: u32 = parse_number(name, &v)?;
+                if per_key == 0 {
+                    return Err(invalid(name, "must be at least 1: an account must be able to store its active keys"));
+                }
+                c.stored_keys_per_active_key = per_key;
                 Ok(())
             };
         trusted_proxies: Vec<String> = "VILVIK_KEYS_TRUSTED_PROXIES",
@@ -615,6 +658,16 @@ pub enum ConfigError {
     Invalid { setting: String, message: String },
 }
 
+/// A comma-separated catalogue of scope patterns.
+fn parse_catalogue(name: &str, value: &str) -> Result<ScopeCatalogue, ConfigError> {
+    let patterns: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    ScopeCatalogue::parse(&patterns).map_err(|(_, e)| invalid(name, e.to_string()))
+}
+
 fn invalid(setting: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting: setting.to_owned(),
@@ -694,6 +747,17 @@ impl Config {
 
     pub fn database_url(&self) -> Option<&str> {
         self.database_url.as_ref().map(|url| url.expose_secret())
+    }
+
+    /// What the store enforces in every change: the tier caps, the
+    /// server's catalogue of grantable scopes, and the bounds on history.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            tiers: self.tier_limits,
+            grantable: self.allowed_scopes.clone(),
+            stored_keys_per_active_key: self.stored_keys_per_active_key,
+            rotated_secrets_kept: self.rotated_secrets_kept,
+        }
     }
 
     /// The verify address printed in smoke-test commands.
@@ -924,6 +988,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("admin_adr"), "{err}");
+    }
+
+    #[test]
+    fn issue_10_settings_parse_and_refuse_bad_values() {
+        let c = Config::from_sources(
+            None,
+            &env(&[
+                ("VILVIK_KEYS_ALLOWED_SCOPES", "datasets:*, reports:read"),
+                ("VILVIK_KEYS_ROTATED_SECRET_RETENTION_HOURS", "24"),
+                ("VILVIK_KEYS_ROTATED_SECRETS_KEPT", "3"),
+                ("VILVIK_KEYS_STORED_KEYS_PER_ACTIVE_KEY", "20"),
+            ]),
+        )
+        .unwrap();
+        let policy = c.policy();
+        assert_eq!(
+            policy.grantable.to_strings(),
+            ["datasets:*", "reports:read"]
+        );
+        assert_eq!(policy.rotated_secrets_kept, 3);
+        assert_eq!(policy.stored_keys_per_active_key, 20);
+        assert_eq!(c.rotated_secret_retention, Duration::from_secs(24 * 3600));
+        let defaults = Config::from_sources(None, &env(&[])).unwrap().policy();
+        assert_eq!(defaults, Policy::default());
+        let f = file("allowed_scopes = [\"datasets:read\"]\n");
+        let c = Config::from_sources(Some(f.path()), &env(&[])).unwrap();
+        assert_eq!(c.allowed_scopes.to_strings(), ["datasets:read"]);
+        for (name, value, reason) in [
+            (
+                "VILVIK_KEYS_ALLOWED_SCOPES",
+                "datasets:re*d",
+                "not a scope pattern",
+            ),
+            (
+                "VILVIK_KEYS_ALLOWED_SCOPES",
+                "keys:admin",
+                "only the operator token",
+            ),
+            ("VILVIK_KEYS_STORED_KEYS_PER_ACTIVE_KEY", "0", "at least 1"),
+            (
+                "VILVIK_KEYS_ROTATED_SECRETS_KEPT",
+                "-1",
+                "not a whole number",
+            ),
+        ] {
+            let err = Config::from_sources(None, &env(&[(name, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(name), "{err}");
+            assert!(err.contains(reason), "{value}: {err}");
+        }
     }
 
     #[test]

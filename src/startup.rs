@@ -172,7 +172,7 @@ impl Application {
                         config.operator_token.clone(),
                         config.trusted_proxies.clone(),
                     ),
-                    limits: config.tier_limits,
+                    policy: config.policy(),
                     smoke_test: SmokeTest::new(
                         config.public_verify_addr(verify_addr),
                         config
@@ -240,10 +240,13 @@ impl Application {
         let connection_limits = ConnectionLimits::new(&limits, self.max_connections);
         let mut listeners = Vec::new();
         if let Some((listener, service)) = self.admin {
-            pruner = Some(tokio::spawn(prune_change_log(
+            pruner = Some(tokio::spawn(prune_history(
                 service.store.clone(),
                 service.clock.clone(),
-                self.config.change_log_retention,
+                Retention {
+                    change_log: self.config.change_log_retention,
+                    rotated_secrets: self.config.rotated_secret_retention,
+                },
                 stopped(),
             )));
             health_reporter
@@ -417,14 +420,21 @@ impl Abandoned {
 /// How often an admin node prunes the change log.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Deletes change-log entries older than `retention`, at start and then
-/// every [`PRUNE_INTERVAL`], until `stop` resolves. Several admin nodes
-/// pruning at once is harmless. A verify node that missed pruned changes
-/// clears its cache (see `crates/verify/src/feed.rs`).
-async fn prune_change_log(
+/// How long admin nodes keep what [`prune_history`] deletes.
+struct Retention {
+    change_log: Duration,
+    rotated_secrets: Duration,
+}
+
+/// Deletes change-log entries and rotated-away secrets older than their
+/// retention, at start and then every [`PRUNE_INTERVAL`], until `stop`
+/// resolves. Several admin nodes pruning at once is harmless. A verify node
+/// that missed pruned changes clears its cache (see
+/// `crates/verify/src/feed.rs`).
+async fn prune_history(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    retention: Duration,
+    retention: Retention,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -435,10 +445,29 @@ async fn prune_change_log(
             () = &mut stop => return,
             _ = every.tick() => {}
         }
-        match store.prune_changes(clock.now() - retention).await {
+        // A retention reaching before the calendar's start prunes nothing.
+        let cut_off = |retention: Duration| {
+            time::Duration::try_from(retention)
+                .ok()
+                .and_then(|r| clock.now().checked_sub(r))
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        };
+        match store.prune_changes(cut_off(retention.change_log)).await {
             Ok(0) => {}
             Ok(pruned) => tracing::info!(pruned, "pruned the change log"),
             Err(e) => tracing::warn!(error = %e, "cannot prune the change log; trying again later"),
+        }
+        match store
+            .prune_rotated_secrets(cut_off(retention.rotated_secrets))
+            .await
+        {
+            Ok(0) => {}
+            Ok(pruned) => {
+                tracing::info!(pruned, "deleted rotated-away secrets past their retention")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete old rotated-away secrets; trying again later")
+            }
         }
     }
 }

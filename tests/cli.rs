@@ -431,7 +431,13 @@ fn accounts_show_their_tier_and_only_the_operator_changes_it() {
     let (account, _) = server.json(&admin, &["accounts", "show"]);
     assert_eq!(
         account,
-        serde_json::json!({"account_id": ACCOUNT, "tier": "free", "active_key_limit": 3})
+        serde_json::json!({
+            "account_id": ACCOUNT,
+            "tier": "free",
+            "active_key_limit": 3,
+            "grantable_scopes": ["*:*"],
+            "grantable_scopes_default": true,
+        })
     );
 
     // A management key cannot change its own tier.
@@ -484,6 +490,73 @@ fn accounts_show_their_tier_and_only_the_operator_changes_it() {
         "{err}"
     );
     assert!(!err.contains(OPERATOR_TOKEN), "{err}");
+}
+
+#[test]
+fn the_operator_sets_an_accounts_grantable_scopes() {
+    let server = TestServer::start();
+    let admin = server.bootstrap(ACCOUNT);
+
+    let output = server.cli(&admin, &["accounts", "set-scopes", ACCOUNT, "datasets:*"]);
+    let err = assert_failure(&output, "set-scopes with a management key");
+    assert!(err.starts_with("error: PERMISSION_DENIED: "), "{err}");
+
+    let (account, _) = server.json(
+        OPERATOR_TOKEN,
+        &[
+            "accounts",
+            "set-scopes",
+            ACCOUNT,
+            "datasets:*",
+            "reports:read",
+            "--actor",
+            "alice",
+        ],
+    );
+    assert_eq!(
+        account["grantable_scopes"],
+        serde_json::json!(["datasets:*", "reports:read"])
+    );
+    assert_eq!(account["grantable_scopes_default"], false);
+    let output = server.cli(&admin, &["accounts", "show"]);
+    assert_success(&output, "accounts show (table)");
+    assert!(
+        stdout(&output).contains("datasets:*, reports:read (this account's own)"),
+        "{}",
+        stdout(&output)
+    );
+
+    // A management key is held to it, and cannot mint a management key.
+    for scope in ["billing:read", "keys:admin"] {
+        let output = server.cli(&admin, &["keys", "create", "--name", "x", "--scope", scope]);
+        let err = assert_failure(&output, scope);
+        assert!(
+            err.starts_with("error: PERMISSION_DENIED: scopes: "),
+            "{err}"
+        );
+    }
+
+    let (account, _) = server.json(
+        OPERATOR_TOKEN,
+        &[
+            "accounts",
+            "set-scopes",
+            ACCOUNT,
+            "--default",
+            "--actor",
+            "alice",
+        ],
+    );
+    assert_eq!(account["grantable_scopes_default"], true);
+    let output = server.cli(
+        OPERATOR_TOKEN,
+        &["accounts", "set-scopes", ACCOUNT, "--actor", "alice"],
+    );
+    let err = assert_failure(&output, "set-scopes without patterns or --default");
+    assert!(
+        err.contains("PATTERN") || err.contains("--default"),
+        "{err}"
+    );
 }
 
 #[test]

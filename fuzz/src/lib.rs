@@ -67,20 +67,26 @@ mod reference {
             && s[45..] == base62_6(crc32fast::hash(&s[..45]))
     }
 
-    /// `[a-z0-9_.-]+:[a-z0-9_.*-]+`, at most 128 bytes.
+    /// `[a-z0-9_.-]+:[a-z0-9_.-]+`, or with `*` as the whole action, at
+    /// most 128 bytes.
     pub fn is_scope(s: &str) -> bool {
-        let part = |p: &str, star: bool| {
+        let part = |p: &str| {
             !p.is_empty()
                 && p.bytes().all(|b| {
-                    b.is_ascii_lowercase()
-                        || b.is_ascii_digit()
-                        || matches!(b, b'_' | b'.' | b'-')
-                        || (star && b == b'*')
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
                 })
         };
         s.len() <= MAX_SCOPE_LEN
-            && s.split_once(':')
-                .is_some_and(|(resource, action)| part(resource, false) && part(action, true))
+            && s.split_once(':').is_some_and(|(resource, action)| {
+                part(resource) && (action == "*" || part(action))
+            })
+    }
+
+    /// A scope but for a `*` that is not the whole action (`datasets:re*d`).
+    pub fn is_partial_wildcard(s: &str) -> bool {
+        s.split_once(':').is_some_and(|(resource, action)| {
+            action != "*" && action.contains('*') && is_scope(&format!("{resource}:{}", action.replace('*', "x")))
+        })
     }
 
     /// Longest scope accepted (`crates/domain/src/scope.rs`).
@@ -280,6 +286,7 @@ fn check_scope(text: &str) {
         }
         Err(ScopeError::Invalid(shown)) => {
             assert!(!reference::is_scope(text), "{text:?} is a scope");
+            assert!(!reference::is_partial_wildcard(text), "{text:?}: say '*' is misplaced");
             // The message quotes a printable excerpt, never a credential.
             assert_eq!(shown, excerpt(text));
             check_quoted(&shown);
@@ -287,6 +294,11 @@ fn check_scope(text: &str) {
                 shown.chars().count() <= 33 || shown.contains("not repeated"),
                 "{shown:?} is no excerpt"
             );
+        }
+        Err(ScopeError::PartialWildcard(shown)) => {
+            assert!(reference::is_partial_wildcard(text), "{text:?} has no partial wildcard");
+            assert_eq!(shown, excerpt(text));
+            check_quoted(&shown);
         }
         Err(e @ ScopeError::TooMany(_)) => panic!("one scope cannot be {e}"),
     }

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use vilvik_keys_domain::{
     ADMIN_SCOPE, AccountId, Clock, GeneratedKey, KeyId, KeyName, Pepper, ScopeSet, SystemClock,
-    TierLimits,
 };
-use vilvik_keys_store::{Actor, KeyRecord, NewKey, Store, StoreError};
+use vilvik_keys_store::{Actor, KeyRecord, NewKey, Policy, Store, StoreError};
 
 use crate::config::Config;
 use crate::startup::open_store;
@@ -26,7 +25,7 @@ pub async fn create_management_key(
     pepper: &Pepper,
     account: &AccountId,
     name: KeyName,
-    limits: TierLimits,
+    policy: &Policy,
 ) -> anyhow::Result<(KeyRecord, GeneratedKey)> {
     let secret = GeneratedKey::generate(pepper);
     let new = NewKey {
@@ -46,8 +45,10 @@ pub async fn create_management_key(
     let actor = Actor {
         name: BOOTSTRAP_ACTOR.to_owned(),
         ip: None,
+        // Whoever can run bootstrap holds the store itself.
+        operator: true,
     };
-    match store.create_key(new, &actor, limits).await {
+    match store.create_key(new, &actor, policy).await {
         Ok(record) => Ok((record, secret)),
         Err(StoreError::QuotaExceeded { tier, limit, .. }) => anyhow::bail!(
             "account {account} already holds {limit} active keys, the {tier} tier's limit: revoke one first"
@@ -63,14 +64,8 @@ pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Re
     let name = name.parse().context("--name")?;
     let store = open_store(config).await?;
     let peppers = crate::pepper::load(config, store.as_ref()).await?;
-    let (record, secret) = create_management_key(
-        &store,
-        peppers.current(),
-        &account,
-        name,
-        config.tier_limits,
-    )
-    .await?;
+    let (record, secret) =
+        create_management_key(&store, peppers.current(), &account, name, &config.policy()).await?;
     // Running nodes learn a new prefix from the change feed, not from this
     // process; until then they answer NOT_FOUND for it. Printing the secret
     // only after two polls' time (a millisecond or so suffices on

@@ -210,6 +210,24 @@ pub enum AccountsCommand {
         /// The new tier.
         tier: TierArg,
     },
+    /// Set which scopes the account's keys may be granted, as patterns such
+    /// as `datasets:*` or `reports:read` (operator token and --actor
+    /// needed). With --default, use the server's `allowed_scopes` again.
+    SetScopes {
+        /// The account, e.g. ACME.
+        #[arg(id = "target_account", value_name = "ACCOUNT")]
+        account: String,
+        /// Scope patterns: resource:action, either part may be `*`.
+        #[arg(
+            value_name = "PATTERN",
+            required_unless_present = "default",
+            conflicts_with = "default"
+        )]
+        patterns: Vec<String>,
+        /// Drop the account's own patterns and use the server's.
+        #[arg(long)]
+        default: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -363,7 +381,9 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
 
 pub async fn run_accounts(mut client: ClientArgs, command: AccountsCommand) -> anyhow::Result<()> {
     let json = client.json;
-    if let AccountsCommand::SetTier { account, .. } = &command {
+    if let AccountsCommand::SetTier { account, .. } | AccountsCommand::SetScopes { account, .. } =
+        &command
+    {
         // The operator token acts on the account it names in x-vilvik-account.
         client.account.get_or_insert_with(|| account.clone());
     }
@@ -390,6 +410,26 @@ pub async fn run_accounts(mut client: ClientArgs, command: AccountsCommand) -> a
                 "Account {} is now on the {} tier.\n\n",
                 output::printable(&account.account_id),
                 output::tier(account.tier)
+            );
+            (account, Some(headline))
+        }
+        AccountsCommand::SetScopes {
+            account,
+            patterns,
+            default,
+        } => {
+            let account = api
+                .set_account_scopes(proto::SetAccountScopesRequest {
+                    account_id: account,
+                    grantable_scopes: patterns,
+                    use_server_default: default,
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            let headline = format!(
+                "Account {}'s keys may now be granted the scopes below.\n\n",
+                output::printable(&account.account_id)
             );
             (account, Some(headline))
         }

@@ -243,7 +243,27 @@ pub fn account_block(account: &proto::Account) -> String {
         ("account", cell(&account.account_id)),
         ("tier", tier(account.tier)),
         ("active key limit", account.active_key_limit.to_string()),
+        ("grantable scopes", grantable_scopes(account)),
     ])
+}
+
+/// The account's catalogue as one line, saying where it comes from.
+fn grantable_scopes(account: &proto::Account) -> String {
+    let patterns = if account.grantable_scopes.is_empty() {
+        "none".to_owned()
+    } else {
+        account
+            .grantable_scopes
+            .iter()
+            .map(|p| cell(p))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if account.grantable_scopes_default {
+        format!("{patterns} (the server's allowed_scopes)")
+    } else {
+        format!("{patterns} (this account's own)")
+    }
 }
 
 fn time_json(ts: Option<&Timestamp>) -> Value {
@@ -307,6 +327,8 @@ pub fn account_json(account: &proto::Account) -> Value {
         "account_id": account.account_id,
         "tier": tier(account.tier),
         "active_key_limit": account.active_key_limit,
+        "grantable_scopes": account.grantable_scopes,
+        "grantable_scopes_default": account.grantable_scopes_default,
     })
 }
 

@@ -7,9 +7,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use vilvik_keys_domain::{
-    Clock, Description, GeneratedKey, KeyId, KeyName, Reason, ScopeSet, TierLimits, validate_expiry,
+    AccountId, Clock, Description, GeneratedKey, KeyId, KeyName, Reason, ScopeCatalogue, ScopeSet,
+    validate_expiry,
 };
-use vilvik_keys_store::{KeyChanges, KeyRecord, NewKey, NewSecret, Rotation, Store, StoreError};
+use vilvik_keys_store::{
+    Account, KeyChanges, KeyRecord, NewKey, NewSecret, Policy, Rotation, Store, StoreError,
+};
 
 use vilvik_keys_verify::Verifier;
 
@@ -29,7 +32,8 @@ pub struct AdminService {
     /// This node's verify engine, told of each change as soon as it commits.
     pub verifier: Verifier,
     pub auth: Authenticator,
-    pub limits: TierLimits,
+    /// The tier caps and the server's grantable scopes, enforced by the store.
+    pub policy: Policy,
     /// How the printed smoke-test command reaches the verify listener.
     pub smoke_test: SmokeTest,
 }
@@ -85,6 +89,38 @@ impl AdminService {
 
     fn key(&self, record: KeyRecord) -> proto::Key {
         convert::key(record, self.clock.now())
+    }
+
+    fn account(&self, account_id: &AccountId, account: Account) -> proto::Account {
+        let grantable = account.grantable.as_ref().unwrap_or(&self.policy.grantable);
+        proto::Account {
+            account_id: account_id.to_string(),
+            tier: convert::tier(account.tier).into(),
+            active_key_limit: self.policy.tiers.for_tier(account.tier),
+            grantable_scopes: grantable.to_strings(),
+            grantable_scopes_default: account.grantable.is_none(),
+        }
+    }
+}
+
+/// Refuses a caller without the operator token: `what` says what only the
+/// operator may do.
+fn require_operator(caller: &super::auth::Caller, what: &str) -> Result<(), ApiError> {
+    if caller.is_operator() {
+        Ok(())
+    } else {
+        Err(ApiError::PermissionDenied(format!(
+            "only the platform operator can {what}; a management key cannot"
+        )))
+    }
+}
+
+/// The account an operator call names in its request, else the one of
+/// `x-vilvik-account`.
+fn target_account(caller: &super::auth::Caller, account_id: &str) -> Result<AccountId, ApiError> {
+    match account_id {
+        "" => Ok(caller.account.clone()),
+        id => AccountId::from_caller(id).map_err(|e| ApiError::invalid("account_id", e)),
     }
 }
 
@@ -213,7 +249,11 @@ impl KeyAdmin for AdminService {
                 pepper_id: secret.pepper_id(),
                 created_at: now,
             };
-            match self.store.create_key(new, &caller.actor, self.limits).await {
+            match self
+                .store
+                .create_key(new, &caller.actor, &self.policy)
+                .await
+            {
                 Ok(record) => {
                     self.verifier.invalidate(&record.prefix);
                     tracing::info!(key.id = %record.key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key created");
@@ -286,7 +326,7 @@ impl KeyAdmin for AdminService {
                 changes,
                 &caller.actor,
                 now,
-                self.limits,
+                &self.policy,
             )
             .await
             .map_err(ApiError::from)?;
@@ -312,6 +352,7 @@ impl KeyAdmin for AdminService {
                     &NewSecret::from(&secret),
                     &caller.actor,
                     now,
+                    &self.policy,
                 )
                 .await
             {
@@ -398,19 +439,9 @@ impl KeyAdmin for AdminService {
         request: Request<proto::SetAccountTierRequest>,
     ) -> Result<Response<proto::Account>, Status> {
         let caller = self.auth.caller(&request).await?;
-        if !caller.is_operator {
-            return Err(ApiError::PermissionDenied(
-                "only the platform operator can change an account's tier; a management key cannot"
-                    .into(),
-            )
-            .into());
-        }
+        require_operator(&caller, "change an account's tier")?;
         let req = request.into_inner();
-        let account = match req.account_id.as_str() {
-            "" => caller.account.clone(),
-            id => vilvik_keys_domain::AccountId::from_caller(id)
-                .map_err(|e| ApiError::invalid("account_id", e))?,
-        };
+        let account = target_account(&caller, &req.account_id)?;
         let tier = convert::tier_from_proto(req.tier)?;
         let updated = self
             .store
@@ -418,11 +449,7 @@ impl KeyAdmin for AdminService {
             .await
             .map_err(ApiError::from)?;
         tracing::info!(account = %account, tier = %tier, actor = %caller.actor.name, "account tier set");
-        Ok(Response::new(proto::Account {
-            account_id: account.to_string(),
-            tier: convert::tier(updated.tier).into(),
-            active_key_limit: self.limits.for_tier(updated.tier),
-        }))
+        Ok(Response::new(self.account(&account, updated)))
     }
 
     async fn get_account(
@@ -435,10 +462,47 @@ impl KeyAdmin for AdminService {
             .get_account(&caller.account)
             .await
             .map_err(ApiError::from)?;
-        Ok(Response::new(proto::Account {
-            account_id: caller.account.to_string(),
-            tier: convert::tier(account.tier).into(),
-            active_key_limit: self.limits.for_tier(account.tier),
-        }))
+        Ok(Response::new(self.account(&caller.account, account)))
     }
+
+    async fn set_account_scopes(
+        &self,
+        request: Request<proto::SetAccountScopesRequest>,
+    ) -> Result<Response<proto::Account>, Status> {
+        let caller = self.auth.caller(&request).await?;
+        require_operator(&caller, "set which scopes an account's keys may be granted")?;
+        let req = request.into_inner();
+        let account = target_account(&caller, &req.account_id)?;
+        let grantable = parse_grantable(&req)?;
+        let updated = self
+            .store
+            .set_grantable_scopes(
+                &account,
+                grantable.as_ref(),
+                &caller.actor,
+                self.clock.now(),
+            )
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(account = %account, grantable_scopes = %grantable.as_ref().map_or_else(|| "server default".to_owned(), ToString::to_string), actor = %caller.actor.name, "account grantable scopes set");
+        Ok(Response::new(self.account(&account, updated)))
+    }
+}
+
+/// The catalogue a SetAccountScopes request asks for; `None`: the server's.
+fn parse_grantable(
+    req: &proto::SetAccountScopesRequest,
+) -> Result<Option<ScopeCatalogue>, ApiError> {
+    if req.use_server_default {
+        if !req.grantable_scopes.is_empty() {
+            return Err(ApiError::invalid(
+                "grantable_scopes",
+                "must be empty with use_server_default: send either the account's own patterns or use_server_default",
+            ));
+        }
+        return Ok(None);
+    }
+    ScopeCatalogue::parse(&req.grantable_scopes)
+        .map(Some)
+        .map_err(|(index, e)| ApiError::invalid(format!("grantable_scopes[{index}]"), e))
 }

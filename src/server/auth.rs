@@ -26,8 +26,14 @@ const MAX_ACTOR_LEN: usize = 128;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub account: AccountId,
+    /// Who acts, and whether with the operator token (`actor.operator`).
     pub actor: Actor,
-    pub is_operator: bool,
+}
+
+impl Caller {
+    pub fn is_operator(&self) -> bool {
+        self.actor.operator
+    }
 }
 
 /// Resolves credentials to callers.
@@ -108,9 +114,9 @@ impl Authenticator {
                 actor: Actor {
                     name: format!("key:{}", key.key_id),
                     ip,
+                    operator: false,
                 },
                 account: key.account_id,
-                is_operator: false,
             }),
             Verdict::Malformed(e) => unauthenticated(&format!("is malformed: {e}")),
             Verdict::NotFound => unauthenticated("is not known to this service"),
@@ -169,8 +175,8 @@ impl Authenticator {
             actor: Actor {
                 name: format!("operator:{actor}"),
                 ip: ip.map(|ip| ip.to_string()),
+                operator: true,
             },
-            is_operator: true,
         })
     }
 }

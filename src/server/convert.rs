@@ -69,6 +69,7 @@ fn audit_action(action: AuditAction) -> proto::AuditAction {
         AuditAction::Rotated => proto::AuditAction::Rotated,
         AuditAction::Revoked => proto::AuditAction::Revoked,
         AuditAction::TierChanged => proto::AuditAction::TierChanged,
+        AuditAction::GrantableScopesChanged => proto::AuditAction::GrantableScopesChanged,
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tonic::{Code, Status};
-use vilvik_keys_domain::Tier;
+use vilvik_keys_domain::{ADMIN_SCOPE, Tier};
 use vilvik_keys_store::{Outage, OutageKind, StoreError};
 
 /// Why an API call failed, in terms the caller can act on.
@@ -102,6 +102,22 @@ impl From<StoreError> for ApiError {
                     "the account is on the {tier} tier, which allows {limit} active keys, and already holds {active}: {remedy}"
                 ))
             }
+            StoreError::StoredKeysExceeded {
+                tier,
+                limit,
+                stored,
+            } => ApiError::ResourceExhausted(format!(
+                "the account stores {stored} keys, revoked and expired ones included (they are its \
+                 history), and the {tier} tier may keep {limit}: no key can be created; ask the \
+                 platform operator"
+            )),
+            StoreError::NotGrantable(why) => ApiError::PermissionDenied(format!("scopes: {why}")),
+            StoreError::LastManagementKey { key_id } => ApiError::FailedPrecondition(format!(
+                "key {key_id} is the account's last active management key ({ADMIN_SCOPE}): revoking it, \
+                 taking {ADMIN_SCOPE} from it or making it expire sooner would leave nobody able to manage \
+                 the account's keys; first have the operator create another management key \
+                 (`vilvik-keys keys create --scope {ADMIN_SCOPE}` with the operator token), then retry"
+            )),
             StoreError::Unavailable(outage) => ApiError::Unavailable(outage),
             // A generated identifier collided on every attempt, or a
             // follower-only answer reached a handler: both are bugs.
@@ -196,7 +212,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
-    use vilvik_keys_domain::TierLimits;
+    use vilvik_keys_domain::{ScopeCatalogue, TierLimits};
 
     use super::*;
 
@@ -254,6 +270,48 @@ mod tests {
         });
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(!s.message().contains("move to"), "{s:?}");
+    }
+
+    #[test]
+    fn the_stored_key_ceiling_is_resource_exhausted_with_the_numbers() {
+        let s = status(StoreError::StoredKeysExceeded {
+            tier: Tier::Free,
+            limit: 300,
+            stored: 300,
+        });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(
+            s.message()
+                .contains("stores 300 keys, revoked and expired ones included"),
+            "{s:?}"
+        );
+        assert!(s.message().contains("free tier may keep 300"), "{s:?}");
+    }
+
+    #[test]
+    fn a_scope_not_grantable_is_permission_denied_naming_it() {
+        let why = ScopeCatalogue::default()
+            .check_grant(&"keys:admin".parse().unwrap(), false)
+            .unwrap_err();
+        let s = status(StoreError::NotGrantable(why));
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert!(s.message().starts_with("scopes: 'keys:admin' "), "{s:?}");
+        assert!(s.message().contains("only the operator token"), "{s:?}");
+    }
+
+    #[test]
+    fn the_last_management_key_is_failed_precondition_saying_what_to_do_first() {
+        let key_id = vilvik_keys_domain::KeyId::generate();
+        let s = status(StoreError::LastManagementKey {
+            key_id: key_id.clone(),
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains(key_id.as_str()), "{s:?}");
+        assert!(
+            s.message()
+                .contains("first have the operator create another management key"),
+            "{s:?}"
+        );
     }
 
     #[test]

@@ -74,7 +74,8 @@ fn service_grants(database: &str, role: &str) -> String {
         "GRANT CONNECT ON DATABASE \"{database}\" TO {role};
 GRANT USAGE ON SCHEMA public TO {role};
 GRANT SELECT ON schema_migrations TO {role};
-GRANT SELECT, INSERT, UPDATE ON accounts, keys, key_secrets TO {role};
+GRANT SELECT, INSERT, UPDATE ON accounts, keys TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON key_secrets TO {role};
 GRANT SELECT, INSERT, DELETE ON key_changes TO {role};
 GRANT SELECT, UPDATE ON change_log_floor TO {role};
 GRANT SELECT, INSERT, UPDATE ON audit_heads TO {role};

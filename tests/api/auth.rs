@@ -57,8 +57,18 @@ async fn credentials_are_checked(mut app: TestApp) {
     );
     assert!(!status.message().contains(&data_key.secret[13..]));
 
-    // A second management key, revoked, stops working at once.
-    let second = app.create_key("console", &["keys:admin"]).await.unwrap();
+    // A second management key (only the operator mints one), revoked,
+    // stops working at once.
+    let request = app.as_operator(
+        proto::CreateKeyRequest {
+            name: "console".into(),
+            scopes: vec!["keys:admin".into()],
+            ..Default::default()
+        },
+        "ACME",
+        "alice@example.com",
+    );
+    let second = app.admin.create_key(request).await.unwrap().into_inner();
     app.admin
         .list_keys(with_bearer(list(), &second.secret))
         .await
@@ -180,6 +190,16 @@ const ADMIN_CALLS: &[(&str, AdminCall)] = &[
         Box::pin(async move {
             let request = proto::GetAccountRequest {};
             c.get_account(cred.on(request)).await.map(drop)
+        })
+    }),
+    ("SetAccountScopes", |mut c, cred, _| {
+        Box::pin(async move {
+            let request = proto::SetAccountScopesRequest {
+                account_id: "ACME".into(),
+                grantable_scopes: vec!["*:*".into()],
+                use_server_default: false,
+            };
+            c.set_account_scopes(cred.on(request)).await.map(drop)
         })
     }),
 ];

@@ -113,7 +113,7 @@ pub async fn spawn_app_with(
         peppers.current(),
         &ACCOUNT.parse().unwrap(),
         "bootstrap".parse().unwrap(),
-        config.tier_limits,
+        &config.policy(),
     )
     .await
     .unwrap();

@@ -111,7 +111,7 @@ impl Faults {
             peppers.current(),
             &ACCOUNT.parse().unwrap(),
             "bootstrap".parse().unwrap(),
-            admin_config.tier_limits,
+            &admin_config.policy(),
         )
         .await
         .unwrap();

@@ -58,6 +58,7 @@ pub async fn run(args: SeedArgs) -> anyhow::Result<()> {
     let actor = Actor {
         name: "operator:vilvik-keys-bench-seed".to_owned(),
         ip: None,
+        operator: true,
     };
 
     // Generating (CSPRNG + BLAKE3) runs on its own thread, one chunk ahead

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 mod base62;
+mod catalogue;
 mod clock;
 mod echo;
 mod fields;
@@ -30,6 +31,7 @@ mod pepper;
 mod scope;
 mod state;
 
+pub use catalogue::{GrantError, MAX_PATTERNS, PatternError, ScopeCatalogue, ScopePattern};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use echo::{excerpt, looks_like_a_credential, never_echo};
 pub use fields::{
@@ -42,7 +44,7 @@ pub use key::{
 pub use pepper::{
     DuplicatePepper, PEPPER_LEN, Pepper, PepperFormatError, PepperId, Peppers, UnknownPepper,
 };
-pub use scope::{Scope, ScopeError, ScopeSet};
+pub use scope::{MANAGEMENT_RESOURCE, Scope, ScopeError, ScopeSet};
 pub use state::{AuditAction, KeyState, Tier, TierLimits, UnknownTier};
 
 /// The scope a management key must hold to call the admin API.

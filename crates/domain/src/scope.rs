@@ -9,6 +9,9 @@ use compact_str::CompactString;
 
 /// Longest scope accepted.
 const MAX_SCOPE_LEN: usize = 128;
+/// The resource of the service's own scopes (`keys:admin`): granted by the
+/// operator alone, never through a scope catalogue.
+pub const MANAGEMENT_RESOURCE: &str = "keys";
 /// Most scopes one key may hold.
 pub const MAX_SCOPES: usize = 50;
 
@@ -16,13 +19,15 @@ pub const MAX_SCOPES: usize = 50;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScopeError {
     #[error(
-        "'{0}' is not a valid scope: use lowercase resource:action, e.g. 'datasets:read' or 'datasets:*' ([a-z0-9_.-]+:[a-z0-9_.*-]+)"
+        "'{0}' is not a valid scope: use lowercase resource:action, e.g. 'datasets:read' or 'datasets:*' ([a-z0-9_.-]+:[a-z0-9_.-]+, or * as the whole action)"
     )]
     Invalid(String),
     #[error("a scope is at most {MAX_SCOPE_LEN} characters long; this one has {0}")]
     TooLong(usize),
     #[error("a key holds at most {MAX_SCOPES} scopes; {0} were given")]
     TooMany(usize),
+    #[error("'{0}' is not a valid scope: '*' stands only for a whole action, as in 'datasets:*'")]
+    PartialWildcard(String),
 }
 
 /// One `resource:action` scope, e.g. `datasets:read`. An action of `*`
@@ -49,17 +54,25 @@ impl Scope {
         &self.value[self.colon + 1..]
     }
 
+    /// Whether holding this scope makes a management key.
+    pub fn is_management(&self) -> bool {
+        self.resource() == MANAGEMENT_RESOURCE
+            && (self.action() == "*" || self.as_str() == crate::ADMIN_SCOPE)
+    }
+
     /// Whether holding `self` allows what `required` asks for.
     pub fn grants(&self, required: &Scope) -> bool {
         self == required || (self.action() == "*" && self.resource() == required.resource())
     }
 }
 
-impl FromStr for Scope {
-    type Err = ScopeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let colon = validate(s)?;
+impl Scope {
+    /// Parses a scope read back from the store, by the rule keys were
+    /// created under before `*` had to be a whole action (`datasets:re*d`
+    /// was accepted then, and only ever granted itself): such a key still
+    /// loads, but no new one gets such a scope.
+    pub fn from_stored(s: &str) -> Result<Self, ScopeError> {
+        let colon = validate(s, Wildcards::Anywhere)?;
         Ok(Self {
             value: CompactString::from(s),
             colon,
@@ -67,9 +80,30 @@ impl FromStr for Scope {
     }
 }
 
+impl FromStr for Scope {
+    type Err = ScopeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let colon = validate(s, Wildcards::WholeAction)?;
+        Ok(Self {
+            value: CompactString::from(s),
+            colon,
+        })
+    }
+}
+
+/// Where an action may hold `*`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wildcards {
+    /// Only as the whole action: `datasets:*`.
+    WholeAction,
+    /// Anywhere in the action: what stored keys may hold (see [`Scope::from_stored`]).
+    Anywhere,
+}
+
 /// Checks `resource:action` and returns where the colon is. Runs on every
 /// verify that requires scopes, hence the table.
-fn validate(s: &str) -> Result<usize, ScopeError> {
+fn validate(s: &str, wildcards: Wildcards) -> Result<usize, ScopeError> {
     if s.len() > MAX_SCOPE_LEN {
         let chars = s.chars().count();
         if chars > MAX_SCOPE_LEN {
@@ -90,7 +124,13 @@ fn validate(s: &str) -> Result<usize, ScopeError> {
             && action.iter().all(|&b| CHARS[usize::from(b)] & ACTION != 0)
     });
     match colon {
-        Some(colon) if valid => Ok(colon),
+        Some(colon) if valid => {
+            let action = &bytes[colon + 1..];
+            if wildcards == Wildcards::WholeAction && action != b"*" && action.contains(&b'*') {
+                return Err(ScopeError::PartialWildcard(crate::excerpt(s)));
+            }
+            Ok(colon)
+        }
         _ => Err(ScopeError::Invalid(crate::excerpt(s))),
     }
 }
@@ -142,6 +182,26 @@ impl ScopeSet {
             .map(|(i, s)| s.as_ref().parse::<Scope>().map_err(|e| (i, e)))
             .collect::<Result<BTreeSet<_>, _>>()
             .map(Self)
+    }
+
+    /// Parses scopes read back from the store (see [`Scope::from_stored`]).
+    pub fn from_stored<S: AsRef<str>>(scopes: &[S]) -> Result<Self, ScopeError> {
+        scopes
+            .iter()
+            .map(|s| Scope::from_stored(s.as_ref()))
+            .collect::<Result<BTreeSet<_>, _>>()
+            .map(Self)
+    }
+
+    /// Whether the set makes a management key: one that grants
+    /// [`crate::ADMIN_SCOPE`] (`keys:admin` itself, or `keys:*`).
+    pub fn is_management(&self) -> bool {
+        self.0.iter().any(Scope::is_management)
+    }
+
+    /// Scopes in `self` that `before` does not hold.
+    pub fn added_since<'a>(&'a self, before: &'a ScopeSet) -> impl Iterator<Item = &'a Scope> {
+        self.0.difference(&before.0)
     }
 
     /// Whether every scope in `required` is granted by some scope in `self`.
@@ -233,6 +293,54 @@ mod tests {
     }
 
     #[test]
+    fn a_wildcard_is_a_whole_action_or_nothing() {
+        for bad in [
+            "datasets:re*d",
+            "datasets:**",
+            "datasets:*read",
+            "datasets:read*",
+        ] {
+            let err = bad.parse::<Scope>().unwrap_err();
+            assert_eq!(
+                err,
+                ScopeError::PartialWildcard(crate::excerpt(bad)),
+                "{bad}"
+            );
+            assert!(err.to_string().contains("'datasets:*'"), "{err}");
+            // A key stored under the old rule still loads.
+            assert_eq!(Scope::from_stored(bad).unwrap().as_str(), bad);
+        }
+        assert!("datasets:*".parse::<Scope>().is_ok());
+        assert_eq!(
+            Scope::from_stored("Datasets:read"),
+            Err(ScopeError::Invalid(crate::excerpt("Datasets:read")))
+        );
+    }
+
+    #[test]
+    fn management_scopes_are_keys_admin_and_keys_star() {
+        for (text, management) in [
+            ("keys:admin", true),
+            ("keys:*", true),
+            ("keys:read", false),
+            ("datasets:*", false),
+            ("keysx:admin", false),
+        ] {
+            assert_eq!(scope(text).is_management(), management, "{text}");
+        }
+        assert!(ScopeSet::parse(&["a:b", "keys:*"]).unwrap().is_management());
+        assert!(!ScopeSet::parse(&["a:b"]).unwrap().is_management());
+    }
+
+    #[test]
+    fn added_since_lists_only_new_scopes() {
+        let before = ScopeSet::parse(&["a:b", "c:d"]).unwrap();
+        let after = ScopeSet::parse(&["c:d", "e:f"]).unwrap();
+        let added: Vec<_> = after.added_since(&before).map(Scope::as_str).collect();
+        assert_eq!(added, ["e:f"]);
+    }
+
+    #[test]
     fn wildcard_grants_every_action_on_its_resource_only() {
         let all = scope("datasets:*");
         assert!(all.grants(&scope("datasets:read")));
@@ -266,7 +374,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn valid_scopes_round_trip(resource in "[a-z0-9_.-]{1,20}", action in "[a-z0-9_.*-]{1,20}") {
+        fn valid_scopes_round_trip(resource in "[a-z0-9_.-]{1,20}", action in "[a-z0-9_.-]{1,20}|\\*") {
             let text = format!("{resource}:{action}");
             let parsed: Scope = text.parse().unwrap();
             prop_assert_eq!(parsed.as_str(), text.as_str());
@@ -279,7 +387,8 @@ mod tests {
                 !resource.is_empty()
                     && !action.is_empty()
                     && resource.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
-                    && action.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'*' | b'-'))
+                    && (action == "*"
+                        || action.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-')))
             });
             prop_assert_eq!(text.parse::<Scope>().is_ok(), pattern, "{}", text);
         }

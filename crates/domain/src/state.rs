@@ -102,6 +102,8 @@ pub enum AuditAction {
     Rotated,
     Revoked,
     TierChanged,
+    /// The operator set (or cleared) the account's grantable scopes.
+    GrantableScopesChanged,
 }
 
 impl AuditAction {
@@ -112,6 +114,7 @@ impl AuditAction {
             AuditAction::Rotated => "rotated",
             AuditAction::Revoked => "revoked",
             AuditAction::TierChanged => "tier_changed",
+            AuditAction::GrantableScopesChanged => "grantable_scopes_changed",
         }
     }
 }
@@ -126,6 +129,7 @@ impl FromStr for AuditAction {
             "rotated" => AuditAction::Rotated,
             "revoked" => AuditAction::Revoked,
             "tier_changed" => AuditAction::TierChanged,
+            "grantable_scopes_changed" => AuditAction::GrantableScopesChanged,
             other => return Err(format!("unknown audit action '{other}'")),
         })
     }

@@ -1,5 +1,5 @@
 use time::OffsetDateTime;
-use vilvik_keys_domain::{Tier, TierLimits};
+use vilvik_keys_domain::{GrantError, KeyId, Tier, TierLimits};
 
 /// What can go wrong in a store call. Business-rule failures carry what the
 /// caller needs to explain them; backend failures carry their cause.
@@ -19,6 +19,17 @@ pub enum StoreError {
         active: u32,
         limits: TierLimits,
     },
+    /// The account already stores as many keys, revoked ones included, as
+    /// its tier allows it to keep.
+    #[error("the account stores {stored} keys; its tier '{tier}' may keep {limit}")]
+    StoredKeysExceeded { tier: Tier, limit: u32, stored: u32 },
+    /// The change would grant a scope its caller may not grant.
+    #[error("{0}")]
+    NotGrantable(GrantError),
+    /// The change would leave the account without an active management
+    /// key: nobody but the operator could manage its keys again.
+    #[error("key {key_id} is the account's last active management key")]
+    LastManagementKey { key_id: KeyId },
     /// The change log no longer holds every change after the sequence
     /// number asked for: they were pruned. A follower must forget its cache.
     #[error("the change log was pruned through sequence {pruned_through}")]

@@ -40,7 +40,7 @@ mod stream;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, Tier, TierLimits};
+use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, ScopeCatalogue, Tier};
 
 pub use chain::{
     AuditChainRow, Break, BrokenLink, ChainCheck, ChainSummary, EventContent, GENESIS,
@@ -49,7 +49,7 @@ pub use chain::{
 pub use error::{Outage, OutageKind, StoreError};
 pub use model::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, NewKeyBuilder,
-    NewSecret, Page, PepperUse, Rehash, Rotation, SecretEntry, SecretRecord, UsageRecord,
+    NewSecret, Page, PepperUse, Policy, Rehash, Rotation, SecretEntry, SecretRecord, UsageRecord,
 };
 pub use postgres::{CHANGE_CHANNEL, ListenerOptions, PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
@@ -136,9 +136,13 @@ pub trait Store: KeySource {
     /// Creates a key, its first secret and its `created` audit event. Creates
     /// the account (tier `free`) on first use. Fails with
     /// [`StoreError::QuotaExceeded`] when the account already holds as many
-    /// active keys as its tier allows; concurrent creates cannot overshoot.
-    async fn create_key(&self, new: NewKey, actor: &Actor, limits: TierLimits)
-    -> Result<KeyRecord>;
+    /// active keys as its tier allows (concurrent creates cannot overshoot),
+    /// with [`StoreError::StoredKeysExceeded`] when it stores as many keys
+    /// in all as [`Policy::stored_key_limit`],
+    /// and with [`StoreError::NotGrantable`] when a scope is outside the
+    /// account's catalogue or is one of the service's own and `actor` is
+    /// not the operator.
+    async fn create_key(&self, new: NewKey, actor: &Actor, policy: &Policy) -> Result<KeyRecord>;
 
     /// A key of `account`; another account's key is `None`.
     async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>>;
@@ -155,7 +159,10 @@ pub trait Store: KeySource {
 
     /// Applies the given changes and records what actually changed. A revoked
     /// key is [`StoreError::Revoked`]. Extending an expired key counts
-    /// against the cap like a create.
+    /// against the cap like a create. Scopes added are checked as
+    /// `create_key` checks a new key's. Taking `keys:admin` from, or
+    /// setting a sooner expiry on, the account's last active management key
+    /// is [`StoreError::LastManagementKey`].
     async fn update_key(
         &self,
         account: &AccountId,
@@ -163,11 +170,13 @@ pub trait Store: KeySource {
         changes: KeyChanges,
         actor: &Actor,
         now: OffsetDateTime,
-        limits: TierLimits,
+        policy: &Policy,
     ) -> Result<KeyRecord>;
 
     /// Replaces the key's secret: the old one stops working in the same
-    /// transaction. Revoked or expired keys cannot be rotated.
+    /// transaction. Revoked or expired keys cannot be rotated. Of the key's
+    /// rotated-away secrets only the newest [`Policy::rotated_secrets_kept`]
+    /// stay; older ones are deleted in the same transaction.
     async fn rotate_key(
         &self,
         account: &AccountId,
@@ -175,9 +184,12 @@ pub trait Store: KeySource {
         secret: &NewSecret,
         actor: &Actor,
         now: OffsetDateTime,
+        policy: &Policy,
     ) -> Result<Rotation>;
 
-    /// Revokes the key for good. Revoking twice is [`StoreError::Revoked`].
+    /// Revokes the key for good. Revoking twice is [`StoreError::Revoked`];
+    /// revoking the account's last active management key is
+    /// [`StoreError::LastManagementKey`].
     async fn revoke_key(
         &self,
         account: &AccountId,
@@ -198,8 +210,20 @@ pub trait Store: KeySource {
         limit: u32,
     ) -> Result<Page<AuditEvent>>;
 
-    /// The account's tier; an account never seen is `free`.
+    /// The account's tier and catalogue; an account never seen is `free`
+    /// with the server's catalogue.
     async fn get_account(&self, account: &AccountId) -> Result<Account>;
+
+    /// Sets the account's own catalogue of grantable scopes (`None`: back
+    /// to the server's), with an audit event. Keys already holding scopes
+    /// outside it keep them.
+    async fn set_grantable_scopes(
+        &self,
+        account: &AccountId,
+        grantable: Option<&ScopeCatalogue>,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Account>;
 
     /// Changes the account's tier, with an audit event.
     async fn set_tier(
@@ -215,6 +239,10 @@ pub trait Store: KeySource {
     /// raises the floor below which [`KeySource::changes_since`] refuses.
     /// Returns how many entries went.
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64>;
+
+    /// Deletes rotated-away secrets superseded before `before` (they then
+    /// verify as unknown, not `ROTATED`). Returns how many went.
+    async fn prune_rotated_secrets(&self, before: OffsetDateTime) -> Result<u64>;
 
     /// Inserts many keys at once, for imports and benchmarks: creates the
     /// accounts as needed and writes each key's `created` audit event and

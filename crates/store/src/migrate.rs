@@ -48,6 +48,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0003_pepper_id.sql"),
     },
     Migration {
+        version: 4,
+        name: "account_scopes_and_secret_history",
+        sql: include_str!("../migrations/sqlite/0004_account_scopes_and_secret_history.sql"),
+    },
+    Migration {
         version: 5,
         name: AUDIT_CHAIN,
         sql: include_str!("../migrations/sqlite/0005_audit_chain.sql"),
@@ -69,6 +74,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 3,
         name: "pepper_id",
         sql: include_str!("../migrations/postgres/0003_pepper_id.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "account_scopes_and_secret_history",
+        sql: include_str!("../migrations/postgres/0004_account_scopes_and_secret_history.sql"),
     },
     Migration {
         version: 5,
@@ -187,11 +197,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn versions_ascend_and_both_backends_agree() {
-        // 0004 is another branch's: versions ascend, gaps allowed.
+    fn versions_are_contiguous_and_both_backends_agree() {
         for list in [SQLITE, POSTGRES] {
-            assert_eq!(list[0].version, 1);
-            assert!(list.windows(2).all(|w| w[0].version < w[1].version));
+            for (i, m) in list.iter().enumerate() {
+                assert_eq!(m.version, i as i64 + 1);
+            }
         }
         assert_eq!(SQLITE.len(), POSTGRES.len());
         for (a, b) in SQLITE.iter().zip(POSTGRES) {

@@ -3,7 +3,7 @@
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
     AccountId, AuditAction, Description, GeneratedKey, KeyId, KeyName, KeyPrefix, KeyState, Pepper,
-    PepperId, ScopeSet, SecretHash, Tier,
+    PepperId, ScopeCatalogue, ScopeSet, SecretHash, Tier, TierLimits,
 };
 
 /// A key as stored: everything but its secret hash.
@@ -183,6 +183,10 @@ pub struct Actor {
     /// E.g. `key:key_3kTMd8sQ0Lr6bA2xYv9Z` or `operator:alice@example.com`.
     pub name: String,
     pub ip: Option<String>,
+    /// Whether the change is made with the operator's authority (the
+    /// operator token, `bootstrap`, an import): only such a change may
+    /// grant the service's own scopes (`keys:admin`).
+    pub operator: bool,
 }
 
 /// One secret of a key, found by its prefix, with the key it belongs to.
@@ -274,9 +278,59 @@ pub struct UsageRecord {
     pub ip: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub tier: Tier,
+    /// The account's own catalogue of grantable scopes; `None`: the
+    /// server's ([`Policy::grantable`]).
+    pub grantable: Option<ScopeCatalogue>,
+}
+
+/// What the store enforces inside a change's transaction, from the
+/// server's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// The cap on active keys of each tier.
+    pub tiers: TierLimits,
+    /// The scopes keys may be granted in an account without a catalogue of
+    /// its own.
+    pub grantable: ScopeCatalogue,
+    /// How many keys an account may store (revoked and expired ones
+    /// included: they are its history) per active key its tier allows, so
+    /// that create-and-revoke churn cannot grow the store without bound.
+    pub stored_keys_per_active_key: u32,
+    /// How many rotated-away secrets of a key a rotation keeps (they
+    /// verify as `ROTATED`); older ones are deleted in the same transaction.
+    pub rotated_secrets_kept: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            tiers: TierLimits::default(),
+            grantable: ScopeCatalogue::default(),
+            stored_keys_per_active_key: 100,
+            rotated_secrets_kept: 10,
+        }
+    }
+}
+
+impl Policy {
+    /// The most keys an account on `tier` may store.
+    pub fn stored_key_limit(&self, tier: Tier) -> u32 {
+        self.tiers
+            .for_tier(tier)
+            .saturating_mul(self.stored_keys_per_active_key)
+    }
+}
+
+impl From<TierLimits> for Policy {
+    fn from(tiers: TierLimits) -> Self {
+        Self {
+            tiers,
+            ..Self::default()
+        }
+    }
 }
 
 /// One field's value before and after a change, rendered as text. Never a

@@ -41,7 +41,8 @@ use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql};
 use vilvik_keys_domain::{
-    AccountId, AuditAction, KeyId, KeyPrefix, PepperId, SecretHash, Tier, TierLimits,
+    AccountId, AuditAction, KeyId, KeyPrefix, PepperId, ScopeCatalogue, SecretHash, Tier,
+    TierLimits,
 };
 
 use crate::chain::{self, GENESIS, Head};
@@ -50,7 +51,7 @@ use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditChainRow, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord,
-    KeySource, NewKey, NewSecret, OutageKind, Page, PepperUse, Rehash, Result, Rotation,
+    KeySource, NewKey, NewSecret, OutageKind, Page, PepperUse, Policy, Rehash, Result, Rotation,
     SecretEntry, SecretRecord, Store, StoreError, StoredAuditEvent, StoredAuditHead, UsageRecord,
 };
 
@@ -102,6 +103,10 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_RETRIES: u32 = 3;
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lifts the statement timeout for the transaction it runs in.
+/// Deletes a key's rotated-away secrets but the newest `$2`.
+const PRUNE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = $1 AND superseded_at IS NOT NULL \
+     AND prefix NOT IN (SELECT prefix FROM key_secrets WHERE key_id = $1 AND superseded_at IS NOT NULL \
+     ORDER BY superseded_at DESC, seq DESC LIMIT $2)";
 const NO_STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = 0";
 
 /// Advisory lock ids (arbitrary constants, unique to this service).
@@ -540,10 +545,6 @@ fn key_from_row(row: &Row, offset: usize) -> Result<KeyRecord> {
     .parse()
 }
 
-fn parse_tier(tier: String) -> Result<Tier> {
-    rules::field("tier", tier.parse::<Tier>())
-}
-
 /// Postgres counts in `BIGINT`; the cap is a `u32`.
 fn count(row: &Row) -> Result<u32> {
     let n: i64 = row.try_get(0).map_err(map_err)?;
@@ -580,12 +581,12 @@ async fn load_key_for_change(
 }
 
 /// Creates the account on first use and locks its row until the
-/// transaction ends; returns its tier.
+/// transaction ends; returns it as stored.
 async fn lock_account(
     c: &impl GenericClient,
     account: &AccountId,
     now: OffsetDateTime,
-) -> Result<Tier> {
+) -> Result<Account> {
     execute(
         c,
         "INSERT INTO accounts (account_id, tier, created_at) VALUES ($1, 'free', $2) ON CONFLICT DO NOTHING",
@@ -594,11 +595,17 @@ async fn lock_account(
     .await?;
     let row = query_one(
         c,
-        "SELECT tier FROM accounts WHERE account_id = $1 FOR UPDATE",
+        "SELECT tier, grantable_scopes FROM accounts WHERE account_id = $1 FOR UPDATE",
         &[&account.as_str()],
     )
     .await?;
-    parse_tier(row.try_get(0).map_err(map_err)?)
+    account_from_row(&row)
+}
+
+fn account_from_row(row: &Row) -> Result<Account> {
+    let tier: String = row.try_get(0).map_err(map_err)?;
+    let grantable: Option<Vec<String>> = row.try_get(1).map_err(map_err)?;
+    rules::account(Some((tier, grantable)))
 }
 
 /// The cap check. The count runs after the account lock is held, so under
@@ -606,10 +613,10 @@ async fn lock_account(
 async fn check_room(
     c: &impl GenericClient,
     account: &AccountId,
+    tier: Tier,
     now: OffsetDateTime,
     limits: TierLimits,
 ) -> Result<()> {
-    let tier = lock_account(c, account, now).await?;
     let row = query_one(
         c,
         "SELECT COUNT(*) FROM keys WHERE account_id = $1 AND revoked_at IS NULL \
@@ -618,6 +625,29 @@ async fn check_room(
     )
     .await?;
     rules::check_quota(tier, limits, count(&row)?)
+}
+
+/// Refuses to revoke or weaken `key` (an active management key) when no
+/// other active key of its account is one. Call it with the account row
+/// locked ([`lock_account`]): two management keys revoking each other at
+/// once then serialize, and the second sees the first's revocation.
+async fn keep_a_manager(
+    c: &impl GenericClient,
+    key: &KeyRecord,
+    now: OffsetDateTime,
+) -> Result<()> {
+    let rows = query(
+        c,
+        "SELECT scopes FROM keys WHERE account_id = $1 AND key_id <> $2 AND revoked_at IS NULL \
+         AND (expires_at IS NULL OR expires_at > $3)",
+        &[&key.account_id.as_str(), &key.key_id.as_str(), &now],
+    )
+    .await?;
+    let lists = rows
+        .iter()
+        .map(|row| row.try_get::<_, Vec<String>>(0).map_err(map_err))
+        .collect::<Result<Vec<_>>>()?;
+    rules::check_not_last_manager(key, rules::count_managers(&lists)?)
 }
 
 /// Writes the change's audit event, chained onto the account's head (locked
@@ -1115,15 +1145,27 @@ impl Store for PostgresStore {
         Ok(applied)
     }
 
-    async fn create_key(
-        &self,
-        new: NewKey,
-        actor: &Actor,
-        limits: TierLimits,
-    ) -> Result<KeyRecord> {
+    async fn create_key(&self, new: NewKey, actor: &Actor, policy: &Policy) -> Result<KeyRecord> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
-        check_room(&tx, &new.account_id, new.created_at, limits).await?;
+        let account = lock_account(&tx, &new.account_id, new.created_at).await?;
+        let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
+        rules::check_grants(None, &new.scopes, grantable, actor)?;
+        let stored = query_one(
+            &tx,
+            "SELECT COUNT(*) FROM keys WHERE account_id = $1",
+            &[&new.account_id.as_str()],
+        )
+        .await?;
+        rules::check_stored(account.tier, policy, count(&stored)?)?;
+        check_room(
+            &tx,
+            &new.account_id,
+            account.tier,
+            new.created_at,
+            policy.tiers,
+        )
+        .await?;
         execute(
             &tx,
             "INSERT INTO keys (key_id, account_id, name, description, scopes, prefix, created_at, expires_at) \
@@ -1203,7 +1245,7 @@ impl Store for PostgresStore {
         changes: KeyChanges,
         actor: &Actor,
         now: OffsetDateTime,
-        limits: TierLimits,
+        policy: &Policy,
     ) -> Result<KeyRecord> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
@@ -1212,8 +1254,18 @@ impl Store for PostgresStore {
             tx.commit().await.map_err(map_err)?;
             return Ok(before);
         };
-        if update.needs_room {
-            check_room(&tx, account, now, limits).await?;
+        let weakens = rules::weakens_manager(&before, &update.after, now);
+        // Only what needs the account waits for its lock.
+        if update.after.scopes != before.scopes || weakens || update.needs_room {
+            let stored = lock_account(&tx, account, now).await?;
+            let grantable = stored.grantable.as_ref().unwrap_or(&policy.grantable);
+            rules::check_grants(Some(&before.scopes), &update.after.scopes, grantable, actor)?;
+            if weakens {
+                keep_a_manager(&tx, &before, now).await?;
+            }
+            if update.needs_room {
+                check_room(&tx, account, stored.tier, now, policy.tiers).await?;
+            }
         }
         let rules::Update { after, diff, .. } = update;
         execute(
@@ -1240,6 +1292,7 @@ impl Store for PostgresStore {
         secret: &NewSecret,
         actor: &Actor,
         now: OffsetDateTime,
+        policy: &Policy,
     ) -> Result<Rotation> {
         let prefix = &secret.prefix;
         let mut client = self.client().await?;
@@ -1262,6 +1315,12 @@ impl Store for PostgresStore {
                 &secret.pepper_id.to_stored(),
                 &now,
             ],
+        )
+        .await?;
+        execute(
+            &tx,
+            PRUNE_KEY_SECRETS,
+            &[&key_id.as_str(), &i64::from(policy.rotated_secrets_kept)],
         )
         .await?;
         execute(
@@ -1292,6 +1351,10 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
         let before = load_key_for_change(&tx, account, key_id).await?;
+        if rules::is_active_manager(&before, now) {
+            lock_account(&tx, account, now).await?;
+            keep_a_manager(&tx, &before, now).await?;
+        }
         execute(
             &tx,
             "UPDATE keys SET revoked_at = $1, revoke_reason = $2 WHERE key_id = $3",
@@ -1357,12 +1420,14 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         let row = query_opt(
             &client,
-            "SELECT tier FROM accounts WHERE account_id = $1",
+            "SELECT tier, grantable_scopes FROM accounts WHERE account_id = $1",
             &[&account.as_str()],
         )
         .await?;
-        let tier = row.map(|row| row.try_get(0)).transpose().map_err(map_err)?;
-        rules::account(tier)
+        match row {
+            Some(row) => account_from_row(&row),
+            None => rules::account(None),
+        }
     }
 
     async fn set_tier(
@@ -1374,8 +1439,8 @@ impl Store for PostgresStore {
     ) -> Result<Account> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
-        let old = lock_account(&tx, account, now).await?;
-        if old != tier {
+        let mut stored = lock_account(&tx, account, now).await?;
+        if stored.tier != tier {
             execute(
                 &tx,
                 "UPDATE accounts SET tier = $1 WHERE account_id = $2",
@@ -1384,12 +1449,67 @@ impl Store for PostgresStore {
             .await?;
             record_change(
                 &tx,
-                &ChangeRecord::tier_changed(account, old, tier, actor, now),
+                &ChangeRecord::tier_changed(account, stored.tier, tier, actor, now),
             )
             .await?;
+            stored.tier = tier;
         }
         tx.commit().await.map_err(map_err)?;
-        Ok(Account { tier })
+        Ok(stored)
+    }
+
+    async fn set_grantable_scopes(
+        &self,
+        account: &AccountId,
+        grantable: Option<&ScopeCatalogue>,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Account> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        let mut stored = lock_account(&tx, account, now).await?;
+        if stored.grantable.as_ref() != grantable {
+            execute(
+                &tx,
+                "UPDATE accounts SET grantable_scopes = $1 WHERE account_id = $2",
+                &[
+                    &grantable.map(ScopeCatalogue::to_strings),
+                    &account.as_str(),
+                ],
+            )
+            .await?;
+            record_change(
+                &tx,
+                &ChangeRecord::grantable_changed(
+                    account,
+                    stored.grantable.as_ref(),
+                    grantable,
+                    actor,
+                    now,
+                ),
+            )
+            .await?;
+            stored.grantable = grantable.cloned();
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(stored)
+    }
+
+    async fn prune_rotated_secrets(&self, before: OffsetDateTime) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        // A week of rotations may take a while to delete.
+        tx.batch_execute(NO_STATEMENT_TIMEOUT)
+            .await
+            .map_err(map_err)?;
+        let pruned = execute(
+            &tx,
+            "DELETE FROM key_secrets WHERE superseded_at IS NOT NULL AND superseded_at < $1",
+            &[&before],
+        )
+        .await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(pruned)
     }
 
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {

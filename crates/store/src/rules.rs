@@ -8,11 +8,11 @@
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use vilvik_keys_domain::{
-    AccountId, AuditAction, Description, KeyId, KeyName, KeyPrefix, KeyState, ScopeSet, Tier,
-    TierLimits,
+    AccountId, AuditAction, Description, KeyId, KeyName, KeyPrefix, KeyState, ScopeCatalogue,
+    ScopeSet, Tier, TierLimits,
 };
 
-use crate::{Account, Actor, FieldChange, KeyChanges, KeyRecord, NewKey, Page, StoreError};
+use crate::{Account, Actor, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Policy, StoreError};
 
 pub(crate) fn format_time(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
@@ -55,6 +55,14 @@ fn rotated_changes(old: &KeyPrefix, new: &KeyPrefix) -> Vec<FieldChange> {
 
 fn revoked_changes(reason: &str) -> Vec<FieldChange> {
     vec![change("reason", None, Some(reason.to_owned()))]
+}
+
+/// A catalogue as the audit log shows it.
+fn format_catalogue(catalogue: Option<&ScopeCatalogue>) -> String {
+    match catalogue {
+        Some(catalogue) => catalogue.to_string(),
+        None => "the server's allowed_scopes".to_owned(),
+    }
 }
 
 fn tier_changes(old: Tier, new: Tier) -> Vec<FieldChange> {
@@ -153,14 +161,90 @@ pub(crate) fn ensure_rotatable(key: &KeyRecord, now: OffsetDateTime) -> Result<(
     }
 }
 
-/// An account as stored: its tier, or `None` when no row exists. An
-/// account never seen reads as `free`.
-pub(crate) fn account(stored_tier: Option<String>) -> Result<Account, StoreError> {
-    let tier = match stored_tier {
-        Some(tier) => field("tier", tier.parse::<Tier>())?,
-        None => Tier::Free,
+/// An account as stored: its tier and its own catalogue (`None` when no
+/// row exists). An account never seen reads as `free`, with the server's
+/// catalogue.
+pub(crate) fn account(
+    stored: Option<(String, Option<Vec<String>>)>,
+) -> Result<Account, StoreError> {
+    let Some((tier, grantable)) = stored else {
+        return Ok(Account {
+            tier: Tier::Free,
+            grantable: None,
+        });
     };
-    Ok(Account { tier })
+    Ok(Account {
+        tier: field("tier", tier.parse::<Tier>())?,
+        grantable: grantable.map(|g| catalogue(&g)).transpose()?,
+    })
+}
+
+/// A stored catalogue of grantable scopes, parsed back.
+pub(crate) fn catalogue(patterns: &[String]) -> Result<ScopeCatalogue, StoreError> {
+    field(
+        "grantable scopes",
+        ScopeCatalogue::parse(patterns).map_err(|(_, e)| e),
+    )
+}
+
+/// Refuses a change that grants a scope its actor may not: every scope a
+/// key gains (all of a new key's, `before` being `None`) must be in the
+/// account's catalogue, and the service's own scopes need the operator.
+/// Scopes a key already holds stay, whatever the catalogue says now.
+pub(crate) fn check_grants(
+    before: Option<&ScopeSet>,
+    after: &ScopeSet,
+    catalogue: &ScopeCatalogue,
+    actor: &Actor,
+) -> Result<(), StoreError> {
+    let empty = ScopeSet::default();
+    after
+        .added_since(before.unwrap_or(&empty))
+        .try_for_each(|scope| catalogue.check_grant(scope, actor.operator))
+        .map_err(StoreError::NotGrantable)
+}
+
+/// Whether the key lets its holder manage the account's keys now.
+pub(crate) fn is_active_manager(key: &KeyRecord, now: OffsetDateTime) -> bool {
+    key.state(now) == KeyState::Active && key.scopes.is_management()
+}
+
+/// Whether an update takes away or cuts short what makes `before` an
+/// active management key: `keys:admin`, or its lifetime (a sooner
+/// expiry). Such an update must leave another management key behind.
+pub(crate) fn weakens_manager(before: &KeyRecord, after: &KeyRecord, now: OffsetDateTime) -> bool {
+    let sooner = match (before.expires_at, after.expires_at) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(old), Some(new)) => new < old,
+    };
+    is_active_manager(before, now) && (!after.scopes.is_management() || sooner)
+}
+
+/// How many of these keys' scope lists (other active keys of the account,
+/// as stored) make management keys.
+pub(crate) fn count_managers(scope_lists: &[Vec<String>]) -> Result<usize, StoreError> {
+    let mut managers = 0;
+    for scopes in scope_lists {
+        if field("scopes", ScopeSet::from_stored(scopes))?.is_management() {
+            managers += 1;
+        }
+    }
+    Ok(managers)
+}
+
+/// Refuses to revoke or weaken `key`, an active management key, when the
+/// account has no other one.
+pub(crate) fn check_not_last_manager(
+    key: &KeyRecord,
+    other_managers: usize,
+) -> Result<(), StoreError> {
+    if other_managers == 0 {
+        return Err(StoreError::LastManagementKey {
+            key_id: key.key_id.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// What a change records besides itself, in the same transaction: its
@@ -275,6 +359,31 @@ impl<'a> ChangeRecord<'a> {
     }
 }
 
+impl<'a> ChangeRecord<'a> {
+    /// A catalogue change publishes nothing: no verify answer depends on it.
+    pub fn grantable_changed(
+        account: &'a AccountId,
+        old: Option<&ScopeCatalogue>,
+        new: Option<&ScopeCatalogue>,
+        actor: &'a Actor,
+        now: OffsetDateTime,
+    ) -> Self {
+        Self {
+            account,
+            key_id: None,
+            action: AuditAction::GrantableScopesChanged,
+            actor,
+            at: now,
+            changes: vec![change(
+                "grantable_scopes",
+                Some(format_catalogue(old)),
+                Some(format_catalogue(new)),
+            )],
+            publish: Vec::new(),
+        }
+    }
+}
+
 /// The cap on active keys, checked with the account row locked.
 pub(crate) fn check_quota(tier: Tier, limits: TierLimits, active: u32) -> Result<(), StoreError> {
     let limit = limits.for_tier(tier);
@@ -284,6 +393,20 @@ pub(crate) fn check_quota(tier: Tier, limits: TierLimits, active: u32) -> Result
             limit,
             active,
             limits,
+        });
+    }
+    Ok(())
+}
+
+/// The ceiling on stored keys (revoked and expired included), checked with
+/// the account row locked, like the cap.
+pub(crate) fn check_stored(tier: Tier, policy: &Policy, stored: u32) -> Result<(), StoreError> {
+    let limit = policy.stored_key_limit(tier);
+    if stored >= limit {
+        return Err(StoreError::StoredKeysExceeded {
+            tier,
+            limit,
+            stored,
         });
     }
     Ok(())
@@ -344,7 +467,7 @@ impl RawKey {
             account_id: field("account id", self.account_id.parse::<AccountId>())?,
             name: field("name", self.name.parse::<KeyName>())?,
             description: field("description", self.description.parse::<Description>())?,
-            scopes: field("scopes", ScopeSet::parse(&self.scopes).map_err(|(_, e)| e))?,
+            scopes: field("scopes", ScopeSet::from_stored(&self.scopes))?,
             prefix: field("prefix", self.prefix.parse::<KeyPrefix>())?,
             created_at: self.created_at,
             expires_at: self.expires_at,
@@ -389,7 +512,7 @@ pub(crate) fn check_not_pruned(seq: i64, pruned_through: i64) -> Result<(), Stor
 #[cfg(test)]
 mod tests {
     use time::Duration;
-    use vilvik_keys_domain::{GeneratedKey, Pepper};
+    use vilvik_keys_domain::{GeneratedKey, GrantError, Pepper};
 
     use super::*;
 
@@ -401,6 +524,7 @@ mod tests {
         Actor {
             name: "operator:alice@example.com".into(),
             ip: None,
+            operator: true,
         }
     }
 
@@ -531,12 +655,125 @@ mod tests {
 
     #[test]
     fn an_account_never_seen_reads_as_free() {
-        assert_eq!(account(None).unwrap().tier, Tier::Free);
-        assert_eq!(account(Some("premium".into())).unwrap().tier, Tier::Premium);
+        let never_seen = account(None).unwrap();
+        assert_eq!((never_seen.tier, never_seen.grantable), (Tier::Free, None));
+        let stored = account(Some(("premium".into(), Some(vec!["datasets:*".into()])))).unwrap();
+        assert_eq!(stored.tier, Tier::Premium);
+        assert_eq!(stored.grantable.unwrap().to_strings(), ["datasets:*"]);
+        for corrupt in [
+            ("gold", None),
+            ("free", Some(vec!["keys:admin".to_owned()])),
+        ] {
+            let (tier, grantable) = corrupt;
+            assert!(matches!(
+                account(Some((tier.into(), grantable))),
+                Err(StoreError::Internal(..))
+            ));
+        }
+    }
+
+    fn scopes(list: &[&str]) -> ScopeSet {
+        ScopeSet::parse(list).unwrap()
+    }
+
+    #[test]
+    fn only_scopes_gained_are_checked_and_keys_admin_needs_the_operator() {
+        let narrow = ScopeCatalogue::parse(&["datasets:*"]).unwrap();
+        let key = Actor {
+            operator: false,
+            ..actor()
+        };
+        let admin = scopes(&["datasets:read", "keys:admin"]);
         assert!(matches!(
-            account(Some("gold".into())),
-            Err(StoreError::Internal(..))
+            check_grants(None, &admin, &narrow, &key),
+            Err(StoreError::NotGrantable(GrantError::OperatorOnly(_)))
         ));
+        assert!(check_grants(None, &admin, &narrow, &actor()).is_ok());
+        // Kept, not gained: a key that holds keys:admin may be renamed or
+        // narrowed by a management key.
+        assert!(check_grants(Some(&admin), &scopes(&["keys:admin"]), &narrow, &key).is_ok());
+        // Held before the catalogue narrowed: stays.
+        let old = scopes(&["billing:read"]);
+        let more = scopes(&["billing:read", "datasets:read"]);
+        assert!(check_grants(Some(&old), &more, &narrow, &key).is_ok());
+        assert!(matches!(
+            check_grants(Some(&more), &scopes(&["billing:write"]), &narrow, &key),
+            Err(StoreError::NotGrantable(
+                GrantError::OutsideCatalogue { .. }
+            ))
+        ));
+    }
+
+    #[test]
+    fn a_manager_is_weakened_by_losing_keys_admin_or_a_sooner_expiry() {
+        let mut manager = key();
+        manager.scopes = scopes(&["keys:*"]);
+        let later = now() + Duration::days(30);
+        let change = |manager: &KeyRecord, f: &dyn Fn(&mut KeyRecord)| {
+            let mut after = manager.clone();
+            f(&mut after);
+            weakens_manager(manager, &after, now())
+        };
+        assert!(change(&manager, &|k| k.scopes = scopes(&["datasets:read"])));
+        assert!(change(&manager, &|k| k.expires_at = Some(later)));
+        assert!(!change(&manager, &|k| k.scopes = scopes(&["keys:admin", "a:b"])));
+        assert!(!change(&manager, &|k| k.name = "renamed".parse().unwrap()));
+        manager.expires_at = Some(later);
+        assert!(!change(&manager, &|k| k.expires_at = None));
+        assert!(!change(&manager, &|k| k.expires_at =
+            Some(later + Duration::days(1))));
+        assert!(change(&manager, &|k| k.expires_at =
+            Some(later - Duration::days(1))));
+        // A key that manages nothing now is not weakened by anything.
+        let plain = key();
+        let mut after = plain.clone();
+        after.expires_at = Some(later);
+        assert!(!weakens_manager(&plain, &after, now()));
+        let mut expired = manager.clone();
+        expired.expires_at = Some(now() - Duration::days(1));
+        assert!(!is_active_manager(&expired, now()));
+    }
+
+    #[test]
+    fn stored_keys_are_capped_at_a_multiple_of_the_tier_cap() {
+        let policy = Policy {
+            stored_keys_per_active_key: 2,
+            ..Policy::from(TierLimits {
+                free: 3,
+                premium: 5,
+            })
+        };
+        assert!(check_stored(Tier::Free, &policy, 5).is_ok());
+        assert!(matches!(
+            check_stored(Tier::Free, &policy, 6),
+            Err(StoreError::StoredKeysExceeded {
+                limit: 6,
+                stored: 6,
+                ..
+            })
+        ));
+        assert!(check_stored(Tier::Premium, &policy, 9).is_ok());
+        let huge = Policy {
+            stored_keys_per_active_key: u32::MAX,
+            ..Policy::default()
+        };
+        assert_eq!(huge.stored_key_limit(Tier::Free), u32::MAX);
+    }
+
+    #[test]
+    fn the_last_manager_is_kept() {
+        let lists = vec![
+            vec!["datasets:read".to_owned()],
+            vec!["keys:admin".to_owned(), "a:b".to_owned()],
+            vec!["keys:*".to_owned()],
+            vec!["keys:read".to_owned()],
+        ];
+        assert_eq!(count_managers(&lists).unwrap(), 2);
+        assert!(matches!(
+            check_not_last_manager(&key(), 0),
+            Err(StoreError::LastManagementKey { .. })
+        ));
+        assert!(check_not_last_manager(&key(), 1).is_ok());
     }
 
     #[test]

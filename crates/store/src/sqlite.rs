@@ -17,7 +17,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use vilvik_keys_domain::{
-    AccountId, KeyId, KeyPrefix, PepperId, ScopeSet, SecretHash, Tier, TierLimits,
+    AccountId, KeyId, KeyPrefix, PepperId, ScopeCatalogue, ScopeSet, SecretHash, Tier, TierLimits,
 };
 
 use crate::chain::{self, Head};
@@ -26,8 +26,8 @@ use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditChainRow, AuditEvent, KeyChanges, KeyRecord, KeySource, NewKey, NewSecret,
-    OutageKind, Page, PepperUse, Rehash, Result, Rotation, SecretEntry, SecretRecord, Store,
-    StoreError, StoredAuditEvent, StoredAuditHead, UsageRecord,
+    OutageKind, Page, PepperUse, Policy, Rehash, Result, Rotation, SecretEntry, SecretRecord,
+    Store, StoreError, StoredAuditEvent, StoredAuditHead, UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -234,29 +234,48 @@ fn load_key_for_change(
     Ok(key)
 }
 
-fn ensure_account(tx: &Transaction<'_>, account: &AccountId, now: OffsetDateTime) -> Result<Tier> {
+/// Creates the account on first use; returns it as stored.
+fn ensure_account(
+    tx: &Transaction<'_>,
+    account: &AccountId,
+    now: OffsetDateTime,
+) -> Result<Account> {
     tx.execute(
         "INSERT INTO accounts (account_id, tier, created_at) VALUES (?1, 'free', ?2) ON CONFLICT DO NOTHING",
         params![account.as_str(), to_micros(now)],
     )
     .map_err(map_err)?;
-    let tier: String = tx
+    load_account(tx, account)
+}
+
+fn load_account(conn: &Connection, account: &AccountId) -> Result<Account> {
+    let stored: Option<(String, Option<String>)> = conn
         .query_row(
-            "SELECT tier FROM accounts WHERE account_id = ?1",
+            "SELECT tier, grantable_scopes FROM accounts WHERE account_id = ?1",
             [account.as_str()],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
+        .optional()
         .map_err(map_err)?;
-    rules::field("tier", tier.parse::<Tier>())
+    let stored = match stored {
+        Some((tier, Some(json))) => Some((tier, Some(parse_json_list("grantable scopes", &json)?))),
+        Some((tier, None)) => Some((tier, None)),
+        None => None,
+    };
+    rules::account(stored)
+}
+
+fn parse_json_list(what: &str, json: &str) -> Result<Vec<String>> {
+    serde_json::from_str(json).map_err(|e| corrupt(what)(e.to_string()))
 }
 
 fn check_room(
     tx: &Transaction<'_>,
     account: &AccountId,
+    tier: Tier,
     now: OffsetDateTime,
     limits: TierLimits,
 ) -> Result<()> {
-    let tier = ensure_account(tx, account, now)?;
     let active: u32 = tx
         .query_row(
             "SELECT COUNT(*) FROM keys WHERE account_id = ?1 AND revoked_at IS NULL \
@@ -266,6 +285,27 @@ fn check_room(
         )
         .map_err(map_err)?;
     rules::check_quota(tier, limits, active)
+}
+
+/// Refuses to revoke or weaken `key` (an active management key) when no
+/// other active key of its account is one. Writes are serialized, so no
+/// concurrent change can take the other one away meanwhile.
+fn keep_a_manager(tx: &Transaction<'_>, key: &KeyRecord, now: OffsetDateTime) -> Result<()> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT scopes FROM keys WHERE account_id = ?1 AND key_id <> ?2 AND revoked_at IS NULL \
+             AND (expires_at IS NULL OR expires_at > ?3)",
+        )
+        .map_err(map_err)?;
+    let lists = stmt
+        .query_map(
+            params![key.account_id.as_str(), key.key_id.as_str(), to_micros(now)],
+            |r| r.get::<_, String>(0),
+        )
+        .map_err(map_err)?
+        .map(|json| parse_json_list("scopes", &json.map_err(map_err)?))
+        .collect::<Result<Vec<_>>>()?;
+    rules::check_not_last_manager(key, rules::count_managers(&lists)?)
 }
 
 /// Writes a new key, its first secret, its `created` event and its change.
@@ -295,6 +335,11 @@ fn insert_new_key(tx: &Transaction<'_>, new: &NewKey, actor: &Actor) -> Result<(
     insert_secret(tx, &secret, &new.key_id, new.created_at)?;
     record_change(tx, &ChangeRecord::created(new, actor))
 }
+
+/// Deletes a key's rotated-away secrets but the newest `?2`.
+const PRUNE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = ?1 AND superseded_at IS NOT NULL \
+     AND prefix NOT IN (SELECT prefix FROM key_secrets WHERE key_id = ?1 AND superseded_at IS NOT NULL \
+     ORDER BY superseded_at DESC, rowid DESC LIMIT ?2)";
 
 fn insert_secret(
     tx: &Transaction<'_>,
@@ -817,15 +862,27 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_key(
-        &self,
-        new: NewKey,
-        actor: &Actor,
-        limits: TierLimits,
-    ) -> Result<KeyRecord> {
-        let actor = actor.clone();
+    async fn create_key(&self, new: NewKey, actor: &Actor, policy: &Policy) -> Result<KeyRecord> {
+        let (actor, policy) = (actor.clone(), policy.clone());
         self.write(move |tx| {
-            check_room(tx, &new.account_id, new.created_at, limits)?;
+            let account = ensure_account(tx, &new.account_id, new.created_at)?;
+            let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
+            rules::check_grants(None, &new.scopes, grantable, &actor)?;
+            let stored: u32 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM keys WHERE account_id = ?1",
+                    [new.account_id.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            rules::check_stored(account.tier, &policy, stored)?;
+            check_room(
+                tx,
+                &new.account_id,
+                account.tier,
+                new.created_at,
+                policy.tiers,
+            )?;
             insert_new_key(tx, &new, &actor)?;
             load_key(tx, &new.account_id, &new.key_id)?
                 .ok_or_else(|| StoreError::internal("created key vanished"))
@@ -877,16 +934,27 @@ impl Store for SqliteStore {
         changes: KeyChanges,
         actor: &Actor,
         now: OffsetDateTime,
-        limits: TierLimits,
+        policy: &Policy,
     ) -> Result<KeyRecord> {
-        let (account, key_id, actor) = (account.clone(), key_id.clone(), actor.clone());
+        let (account, key_id, actor, policy) = (
+            account.clone(),
+            key_id.clone(),
+            actor.clone(),
+            policy.clone(),
+        );
         self.write(move |tx| {
             let before = load_key_for_change(tx, &account, &key_id)?;
             let Some(update) = rules::plan_update(&before, changes, now) else {
                 return Ok(before);
             };
+            let stored = ensure_account(tx, &account, now)?;
+            let grantable = stored.grantable.as_ref().unwrap_or(&policy.grantable);
+            rules::check_grants(Some(&before.scopes), &update.after.scopes, grantable, &actor)?;
+            if rules::weakens_manager(&before, &update.after, now) {
+                keep_a_manager(tx, &before, now)?;
+            }
             if update.needs_room {
-                check_room(tx, &account, now, limits)?;
+                check_room(tx, &account, stored.tier, now, policy.tiers)?;
             }
             let rules::Update { after, diff, .. } = update;
             tx.execute(
@@ -913,6 +981,7 @@ impl Store for SqliteStore {
         secret: &NewSecret,
         actor: &Actor,
         now: OffsetDateTime,
+        policy: &Policy,
     ) -> Result<Rotation> {
         let (account, key_id, secret, actor) = (
             account.clone(),
@@ -920,6 +989,7 @@ impl Store for SqliteStore {
             secret.clone(),
             actor.clone(),
         );
+        let kept = policy.rotated_secrets_kept;
         self.write(move |tx| {
             let before = load_key_for_change(tx, &account, &key_id)?;
             rules::ensure_rotatable(&before, now)?;
@@ -929,6 +999,10 @@ impl Store for SqliteStore {
             )
             .map_err(map_err)?;
             insert_secret(tx, &secret, &key_id, now)?;
+            tx.prepare_cached(PRUNE_KEY_SECRETS)
+                .map_err(map_err)?
+                .execute(params![key_id.as_str(), kept])
+                .map_err(map_err)?;
             tx.execute(
                 "UPDATE keys SET prefix = ?1, rotated_at = ?2 WHERE key_id = ?3",
                 params![secret.prefix.as_str(), to_micros(now), key_id.as_str()],
@@ -964,6 +1038,9 @@ impl Store for SqliteStore {
         );
         self.write(move |tx| {
             let before = load_key_for_change(tx, &account, &key_id)?;
+            if rules::is_active_manager(&before, now) {
+                keep_a_manager(tx, &before, now)?;
+            }
             tx.execute(
                 "UPDATE keys SET revoked_at = ?1, revoke_reason = ?2 WHERE key_id = ?3",
                 params![to_micros(now), reason, key_id.as_str()],
@@ -1025,18 +1102,7 @@ impl Store for SqliteStore {
 
     async fn get_account(&self, account: &AccountId) -> Result<Account> {
         let account = account.clone();
-        self.read(move |conn| {
-            let tier: Option<String> = conn
-                .query_row(
-                    "SELECT tier FROM accounts WHERE account_id = ?1",
-                    [account.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(map_err)?;
-            rules::account(tier)
-        })
-        .await
+        self.read(move |conn| load_account(conn, &account)).await
     }
 
     async fn set_tier(
@@ -1048,8 +1114,8 @@ impl Store for SqliteStore {
     ) -> Result<Account> {
         let (account, actor) = (account.clone(), actor.clone());
         self.write(move |tx| {
-            let old = ensure_account(tx, &account, now)?;
-            if old != tier {
+            let mut stored = ensure_account(tx, &account, now)?;
+            if stored.tier != tier {
                 tx.execute(
                     "UPDATE accounts SET tier = ?1 WHERE account_id = ?2",
                     params![tier.as_str(), account.as_str()],
@@ -1057,10 +1123,47 @@ impl Store for SqliteStore {
                 .map_err(map_err)?;
                 record_change(
                     tx,
-                    &ChangeRecord::tier_changed(&account, old, tier, &actor, now),
+                    &ChangeRecord::tier_changed(&account, stored.tier, tier, &actor, now),
                 )?;
+                stored.tier = tier;
             }
-            Ok(Account { tier })
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn set_grantable_scopes(
+        &self,
+        account: &AccountId,
+        grantable: Option<&ScopeCatalogue>,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Account> {
+        let (account, grantable, actor) = (account.clone(), grantable.cloned(), actor.clone());
+        self.write(move |tx| {
+            let mut stored = ensure_account(tx, &account, now)?;
+            if stored.grantable != grantable {
+                let json = grantable
+                    .as_ref()
+                    .map(|c| serde_json::to_string(&c.to_strings()).expect("strings serialize"));
+                tx.execute(
+                    "UPDATE accounts SET grantable_scopes = ?1 WHERE account_id = ?2",
+                    params![json, account.as_str()],
+                )
+                .map_err(map_err)?;
+                record_change(
+                    tx,
+                    &ChangeRecord::grantable_changed(
+                        &account,
+                        stored.grantable.as_ref(),
+                        grantable.as_ref(),
+                        &actor,
+                        now,
+                    ),
+                )?;
+                stored.grantable = grantable;
+            }
+            Ok(stored)
         })
         .await
     }
@@ -1092,6 +1195,18 @@ impl Store for SqliteStore {
             )
             .map_err(map_err)?;
             Ok(pruned as u64)
+        })
+        .await
+    }
+
+    async fn prune_rotated_secrets(&self, before: OffsetDateTime) -> Result<u64> {
+        self.write(move |tx| {
+            tx.execute(
+                "DELETE FROM key_secrets WHERE superseded_at IS NOT NULL AND superseded_at < ?1",
+                params![to_micros(before)],
+            )
+            .map(|n| n as u64)
+            .map_err(map_err)
         })
         .await
     }

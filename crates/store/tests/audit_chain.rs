@@ -14,7 +14,7 @@ use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
 use vilvik_keys_domain::{AccountId, GeneratedKey, Pepper, Tier, TierLimits};
 use vilvik_keys_store::{
-    Actor, BrokenLink, ChainCheck, ChainSummary, KeyChanges, NewKey, NewSecret, Store,
+    Actor, BrokenLink, ChainCheck, ChainSummary, KeyChanges, NewKey, NewSecret, Policy, Store,
 };
 
 /// A migrated store and a way to reach its tables behind its back.
@@ -70,14 +70,15 @@ fn actor() -> Actor {
     Actor {
         name: "operator:alice@example.com".to_owned(),
         ip: Some("203.0.113.7".to_owned()),
+        operator: true,
     }
 }
 
-fn roomy() -> TierLimits {
-    TierLimits {
+fn roomy() -> Policy {
+    Policy::from(TierLimits {
         free: 1000,
         premium: 1000,
-    }
+    })
 }
 
 fn new_key(account: &AccountId, name: &str, at: OffsetDateTime) -> NewKey {
@@ -116,15 +117,15 @@ async fn fill(store: &dyn Store) {
     let (acme, globex, initech) = (account("ACME"), account("globex"), account("initech"));
     let t0 = now();
     let alpha = store
-        .create_key(new_key(&acme, "alpha", t0), &actor(), roomy())
+        .create_key(new_key(&acme, "alpha", t0), &actor(), &roomy())
         .await
         .unwrap();
     let beta = store
-        .create_key(new_key(&acme, "beta", t0), &actor(), roomy())
+        .create_key(new_key(&acme, "beta", t0), &actor(), &roomy())
         .await
         .unwrap();
     store
-        .create_key(new_key(&globex, "theirs", t0), &actor(), roomy())
+        .create_key(new_key(&globex, "theirs", t0), &actor(), &roomy())
         .await
         .unwrap();
     let rename = KeyChanges {
@@ -138,7 +139,7 @@ async fn fill(store: &dyn Store) {
             rename,
             &actor(),
             t0 + Duration::seconds(1),
-            roomy(),
+            &roomy(),
         )
         .await
         .unwrap();
@@ -150,6 +151,7 @@ async fn fill(store: &dyn Store) {
             &NewSecret::from(&fresh),
             &actor(),
             t0 + Duration::seconds(2),
+            &roomy(),
         )
         .await
         .unwrap();
@@ -338,7 +340,7 @@ async fn concurrent_changes_of_one_account_never_fork_the_chain(s: Subject) {
         let acme = acme.clone();
         tasks.spawn(async move {
             let key = store
-                .create_key(new_key(&acme, &format!("k{i}"), t0), &actor(), roomy())
+                .create_key(new_key(&acme, &format!("k{i}"), t0), &actor(), &roomy())
                 .await
                 .unwrap();
             let rename = KeyChanges {
@@ -346,7 +348,7 @@ async fn concurrent_changes_of_one_account_never_fork_the_chain(s: Subject) {
                 ..KeyChanges::default()
             };
             store
-                .update_key(&acme, &key.key_id, rename, &actor(), t0, roomy())
+                .update_key(&acme, &key.key_id, rename, &actor(), t0, &roomy())
                 .await
                 .unwrap();
             store
@@ -506,7 +508,7 @@ async fn check_migrated_forward(store: &dyn Store, raw: &Raw) {
         ]
     );
     store
-        .create_key(new_key(&acme, "after", now()), &actor(), roomy())
+        .create_key(new_key(&acme, "after", now()), &actor(), &roomy())
         .await
         .unwrap();
     assert_eq!(

@@ -20,8 +20,8 @@ use vilvik_keys_domain::{
     ScopeSet, SecretHash, Tier, TierLimits,
 };
 use vilvik_keys_store::{
-    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, PepperUse, Rehash, SecretEntry,
-    Store, StoreError, UsageRecord,
+    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, PepperUse, Policy, Rehash,
+    SecretEntry, Store, StoreError, UsageRecord,
 };
 
 /// Any pepper: these tests store and read hashes, they verify nothing.
@@ -51,6 +51,162 @@ fn rehash(secret: &GeneratedKey, from: (SecretHash, Option<PepperId>), to: &Pepp
     }
 }
 
+/// Every secret row the store holds (current and rotated-away).
+async fn stored_secrets(store: &dyn Store) -> u64 {
+    store
+        .secrets_by_pepper()
+        .await
+        .unwrap()
+        .iter()
+        .map(|usage| usage.total)
+        .sum()
+}
+
+async fn a_thousand_rotations_keep_a_bounded_history(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (new, _) = new_key(&acme, "rotated a lot", t0);
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
+    let policy = Policy {
+        rotated_secrets_kept: 3,
+        ..roomy()
+    };
+    let mut secrets = Vec::new();
+    for i in 0..1000 {
+        let secret = GeneratedKey::generate(&pepper());
+        store
+            .rotate_key(
+                &acme,
+                &key.key_id,
+                &NewSecret::from(&secret),
+                &actor(),
+                t0 + Duration::seconds(i),
+                &policy,
+            )
+            .await
+            .unwrap();
+        secrets.push(secret);
+        // The current secret and at most three rotated-away ones, all along.
+        assert!(stored_secrets(&*store).await <= 4, "after rotation {i}");
+    }
+    assert_eq!(stored_secrets(&*store).await, 4);
+    // The newest three old secrets still answer ROTATED; older ones are gone.
+    for (i, secret) in secrets.iter().enumerate().rev().skip(1) {
+        let found = store.find_secret(secret.prefix()).await.unwrap();
+        if i >= 1000 - 4 {
+            assert!(found.unwrap().superseded_at.is_some(), "secret {i}");
+        } else {
+            assert!(found.is_none(), "secret {i} was kept");
+        }
+    }
+    let current = store
+        .find_secret(secrets[999].prefix())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(current.superseded_at, None);
+    // The audit log keeps every event: created and 1,000 rotations.
+    let mut events = 0;
+    let mut after = None;
+    loop {
+        let page = store
+            .list_audit_events(&acme, Some(&key.key_id), after, 100)
+            .await
+            .unwrap();
+        events += page.items.len();
+        match page.next_cursor {
+            Some(cursor) => after = Some(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(events, 1001);
+}
+
+async fn old_rotated_secrets_are_pruned_after_the_retention(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (new, first) = new_key(&acme, "ci-runner", t0);
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
+    let second = GeneratedKey::generate(&pepper());
+    let at = |hours| t0 + Duration::hours(hours);
+    store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&second),
+            &actor(),
+            at(1),
+            &roomy(),
+        )
+        .await
+        .unwrap();
+    let third = GeneratedKey::generate(&pepper());
+    store
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&third),
+            &actor(),
+            at(3),
+            &roomy(),
+        )
+        .await
+        .unwrap();
+    // Nothing superseded before t0+1h.
+    assert_eq!(store.prune_rotated_secrets(at(1)).await.unwrap(), 0);
+    // The first secret was superseded at t0+1h, the second at t0+3h.
+    assert_eq!(store.prune_rotated_secrets(at(2)).await.unwrap(), 1);
+    assert!(store.find_secret(first.prefix()).await.unwrap().is_none());
+    assert!(store.find_secret(second.prefix()).await.unwrap().is_some());
+    // A current secret is never pruned, however old.
+    assert_eq!(store.prune_rotated_secrets(at(100)).await.unwrap(), 1);
+    let current = store.find_secret(third.prefix()).await.unwrap().unwrap();
+    assert_eq!(current.key.key_id, key.key_id);
+    assert_eq!(stored_secrets(&*store).await, 1);
+}
+
+async fn revoked_keys_count_toward_the_stored_key_ceiling(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let policy = Policy {
+        stored_keys_per_active_key: 2,
+        ..Policy::from(TierLimits {
+            free: 2,
+            premium: 4,
+        })
+    };
+    // Create and revoke: never more than one active, but four stored.
+    for i in 0..4 {
+        let (new, _) = new_key(&acme, &format!("churn {i}"), t0);
+        let key = store.create_key(new, &actor(), &policy).await.unwrap();
+        store
+            .revoke_key(&acme, &key.key_id, "churn", &actor(), t0)
+            .await
+            .unwrap();
+    }
+    let (new, _) = new_key(&acme, "one too many", t0);
+    let prefix = new.prefix.clone();
+    match store.create_key(new, &actor(), &policy).await {
+        Err(StoreError::StoredKeysExceeded {
+            tier,
+            limit,
+            stored,
+        }) => {
+            assert_eq!((tier, limit, stored), (Tier::Free, 4, 4));
+        }
+        other => panic!("expected StoredKeysExceeded, got {other:?}"),
+    }
+    assert!(store.find_secret(&prefix).await.unwrap().is_none());
+    // Another account is not affected; a larger tier has a larger ceiling.
+    create(&*store, &account("OTHER"), "fine", t0).await;
+    store
+        .set_tier(&acme, Tier::Premium, &actor(), t0)
+        .await
+        .unwrap();
+    let (new, _) = new_key(&acme, "on premium", t0);
+    store.create_key(new, &actor(), &policy).await.unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // Helpers
 
@@ -66,6 +222,7 @@ fn actor() -> Actor {
     Actor {
         name: "operator:alice@example.com".to_owned(),
         ip: Some("203.0.113.7".to_owned()),
+        operator: true,
     }
 }
 
@@ -82,11 +239,11 @@ fn scopes(list: &[&str]) -> ScopeSet {
 }
 
 /// Room for plenty of keys, for tests that are not about the cap.
-fn roomy() -> TierLimits {
-    TierLimits {
+fn roomy() -> Policy {
+    Policy::from(TierLimits {
         free: 100,
         premium: 100,
-    }
+    })
 }
 
 fn new_key(account: &AccountId, key_name: &str, at: OffsetDateTime) -> (NewKey, GeneratedKey) {
@@ -105,7 +262,7 @@ async fn create(
     at: OffsetDateTime,
 ) -> KeyRecord {
     let (new, _) = new_key(account, key_name, at);
-    store.create_key(new, &actor(), roomy()).await.unwrap()
+    store.create_key(new, &actor(), &roomy()).await.unwrap()
 }
 
 async fn all_events(
@@ -135,7 +292,7 @@ async fn create_get_and_list_with_paging(store: Arc<dyn Store>) {
     let (mut new, generated) = new_key(&acme, "ci-runner", t0);
     new.expires_at = Some(t0 + Duration::days(30));
     let created = store
-        .create_key(new.clone(), &actor(), roomy())
+        .create_key(new.clone(), &actor(), &roomy())
         .await
         .unwrap();
     assert_eq!(created.key_id, new.key_id);
@@ -271,13 +428,20 @@ async fn another_accounts_key_is_invisible(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     let err = store
-        .update_key(&globex, &key.key_id, changes, &actor(), t0, roomy())
+        .update_key(&globex, &key.key_id, changes, &actor(), t0, &roomy())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
     let g = GeneratedKey::generate(&pepper());
     let err = store
-        .rotate_key(&globex, &key.key_id, &NewSecret::from(&g), &actor(), t0)
+        .rotate_key(
+            &globex,
+            &key.key_id,
+            &NewSecret::from(&g),
+            &actor(),
+            t0,
+            &Policy::default(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
@@ -313,7 +477,7 @@ async fn update_records_only_what_changed(store: Arc<dyn Store>) {
     };
     let seq = store.change_sequence().await.unwrap();
     let updated = store
-        .update_key(&acme, &key.key_id, changes, &actor(), t1, roomy())
+        .update_key(&acme, &key.key_id, changes, &actor(), t1, &roomy())
         .await
         .unwrap();
     assert_eq!(updated.description, description("exports, nightly"));
@@ -351,7 +515,7 @@ async fn update_records_only_what_changed(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     let updated = store
-        .update_key(&acme, &key.key_id, changes, &actor(), t1, roomy())
+        .update_key(&acme, &key.key_id, changes, &actor(), t1, &roomy())
         .await
         .unwrap();
     assert_eq!(updated.scopes, scopes(&["datasets:read"]));
@@ -369,7 +533,7 @@ async fn update_records_only_what_changed(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     let same = store
-        .update_key(&acme, &key.key_id, noop, &actor(), t1, roomy())
+        .update_key(&acme, &key.key_id, noop, &actor(), t1, &roomy())
         .await
         .unwrap();
     assert_eq!(same, updated);
@@ -380,7 +544,7 @@ async fn update_records_only_what_changed(store: Arc<dyn Store>) {
             KeyChanges::default(),
             &actor(),
             t1,
-            roomy(),
+            &roomy(),
         )
         .await
         .unwrap();
@@ -393,13 +557,20 @@ async fn rotate_supersedes_the_old_secret(store: Arc<dyn Store>) {
     let acme = account("ACME");
     let t0 = now();
     let (new, old_secret) = new_key(&acme, "ci-runner", t0);
-    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
     let seq = store.change_sequence().await.unwrap();
     let t1 = t0 + Duration::hours(1);
     // Rotated under the next pepper: each secret keeps its own.
     let fresh = GeneratedKey::generate(&other_pepper());
     let rotation = store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), t1)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            t1,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     assert_eq!(rotation.replaced_prefix, key.prefix);
@@ -488,7 +659,7 @@ async fn revocation_is_final(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     let err = store
-        .update_key(&acme, &key.key_id, changes, &actor(), t2, roomy())
+        .update_key(&acme, &key.key_id, changes, &actor(), t2, &roomy())
         .await
         .unwrap_err();
     assert!(
@@ -497,7 +668,14 @@ async fn revocation_is_final(store: Arc<dyn Store>) {
     );
     let fresh = GeneratedKey::generate(&pepper());
     let err = store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), t2)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            t2,
+            &Policy::default(),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -529,7 +707,7 @@ async fn an_expired_key_cannot_be_rotated(store: Arc<dyn Store>) {
     let (mut new, _) = new_key(&acme, "short-lived", t0);
     let expiry = t0 + Duration::minutes(10);
     new.expires_at = Some(expiry);
-    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
     let later = t0 + Duration::hours(1);
     let fresh = GeneratedKey::generate(&pepper());
     let err = store
@@ -539,6 +717,7 @@ async fn an_expired_key_cannot_be_rotated(store: Arc<dyn Store>) {
             &NewSecret::from(&fresh),
             &actor(),
             later,
+            &Policy::default(),
         )
         .await
         .unwrap_err();
@@ -560,6 +739,7 @@ async fn an_expired_key_cannot_be_rotated(store: Arc<dyn Store>) {
             &NewSecret::from(&fresh),
             &actor(),
             t0 + Duration::minutes(1),
+            &Policy::default(),
         )
         .await
         .unwrap()
@@ -574,12 +754,17 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
     let mut keys = Vec::new();
     for i in 0..3 {
         let (new, _) = new_key(&acme, &format!("key-{i}"), t0);
-        keys.push(store.create_key(new, &actor(), limits).await.unwrap());
+        keys.push(
+            store
+                .create_key(new, &actor(), &limits.into())
+                .await
+                .unwrap(),
+        );
     }
     let (fourth, _) = new_key(&acme, "one-too-many", t0);
     let seq = store.change_sequence().await.unwrap();
     let err = store
-        .create_key(fourth.clone(), &actor(), limits)
+        .create_key(fourth.clone(), &actor(), &limits.into())
         .await
         .unwrap_err();
     assert!(
@@ -606,10 +791,13 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let (new, _) = new_key(&acme, "replacement", t0);
-    store.create_key(new, &actor(), limits).await.unwrap();
+    store
+        .create_key(new, &actor(), &limits.into())
+        .await
+        .unwrap();
     let (new, _) = new_key(&acme, "still-too-many", t0);
     assert!(matches!(
-        store.create_key(new, &actor(), limits).await,
+        store.create_key(new, &actor(), &limits.into()).await,
         Err(StoreError::QuotaExceeded { active: 3, .. })
     ));
 
@@ -620,12 +808,22 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     let expiring = store
-        .update_key(&acme, &keys[1].key_id, changes, &actor(), t0, limits)
+        .update_key(
+            &acme,
+            &keys[1].key_id,
+            changes,
+            &actor(),
+            t0,
+            &limits.into(),
+        )
         .await
         .unwrap();
     let t1 = t0 + Duration::hours(1);
     let (new, _) = new_key(&acme, "after-expiry", t1);
-    store.create_key(new, &actor(), limits).await.unwrap();
+    store
+        .create_key(new, &actor(), &limits.into())
+        .await
+        .unwrap();
 
     // Extending the expired key would make four active keys: refused.
     let extend = KeyChanges {
@@ -639,7 +837,7 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
             extend.clone(),
             &actor(),
             t1,
-            limits,
+            &limits.into(),
         )
         .await
         .unwrap_err();
@@ -666,7 +864,14 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
     };
     assert!(matches!(
         store
-            .update_key(&acme, &expiring.key_id, unexpire, &actor(), t1, limits)
+            .update_key(
+                &acme,
+                &expiring.key_id,
+                unexpire,
+                &actor(),
+                t1,
+                &limits.into()
+            )
             .await,
         Err(StoreError::QuotaExceeded { .. })
     ));
@@ -676,7 +881,14 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     store
-        .update_key(&acme, &expiring.key_id, rename, &actor(), t1, limits)
+        .update_key(
+            &acme,
+            &expiring.key_id,
+            rename,
+            &actor(),
+            t1,
+            &limits.into(),
+        )
         .await
         .unwrap();
 
@@ -686,7 +898,14 @@ async fn the_tier_cap_holds(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let extended = store
-        .update_key(&acme, &expiring.key_id, extend, &actor(), t1, limits)
+        .update_key(
+            &acme,
+            &expiring.key_id,
+            extend,
+            &actor(),
+            t1,
+            &limits.into(),
+        )
         .await
         .unwrap();
     assert_eq!(extended.expires_at, Some(t1 + Duration::days(30)));
@@ -700,7 +919,7 @@ async fn concurrent_creates_cannot_overshoot_the_cap(store: Arc<dyn Store>) {
     for i in 0..20 {
         let store = store.clone();
         let (new, _) = new_key(&acme, &format!("racer-{i}"), t0);
-        tasks.spawn(async move { store.create_key(new, &actor(), limits).await });
+        tasks.spawn(async move { store.create_key(new, &actor(), &limits.into()).await });
     }
     let (mut created, mut refused) = (0, 0);
     while let Some(outcome) = tasks.join_next().await {
@@ -738,10 +957,15 @@ async fn set_tier_changes_the_cap_with_an_audit_event(store: Arc<dyn Store>) {
     let t0 = now();
     assert_eq!(store.get_account(&acme).await.unwrap().tier, Tier::Free);
     let (new, _) = new_key(&acme, "first", t0);
-    store.create_key(new, &actor(), limits).await.unwrap();
+    store
+        .create_key(new, &actor(), &limits.into())
+        .await
+        .unwrap();
     let (new, _) = new_key(&acme, "second", t0);
     assert!(matches!(
-        store.create_key(new.clone(), &actor(), limits).await,
+        store
+            .create_key(new.clone(), &actor(), &limits.into())
+            .await,
         Err(StoreError::QuotaExceeded {
             tier: Tier::Free,
             limit: 1,
@@ -757,10 +981,13 @@ async fn set_tier_changes_the_cap_with_an_audit_event(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(account_now.tier, Tier::Premium);
     assert_eq!(store.get_account(&acme).await.unwrap().tier, Tier::Premium);
-    store.create_key(new, &actor(), limits).await.unwrap();
+    store
+        .create_key(new, &actor(), &limits.into())
+        .await
+        .unwrap();
     let (new, _) = new_key(&acme, "third", t1);
     assert!(matches!(
-        store.create_key(new, &actor(), limits).await,
+        store.create_key(new, &actor(), &limits.into()).await,
         Err(StoreError::QuotaExceeded {
             tier: Tier::Premium,
             limit: 2,
@@ -812,6 +1039,7 @@ async fn audit_events_list_oldest_first_filter_and_page(store: Arc<dyn Store>) {
     let operator = Actor {
         name: "key:key_AAAAAAAAAAAAAAAAAAAA".to_owned(),
         ip: None,
+        operator: true,
     };
     let rename = KeyChanges {
         name: Some(name("alpha-2")),
@@ -824,7 +1052,7 @@ async fn audit_events_list_oldest_first_filter_and_page(store: Arc<dyn Store>) {
             rename,
             &operator,
             t0 + Duration::seconds(2),
-            roomy(),
+            &roomy(),
         )
         .await
         .unwrap();
@@ -846,6 +1074,7 @@ async fn audit_events_list_oldest_first_filter_and_page(store: Arc<dyn Store>) {
             &NewSecret::from(&fresh),
             &actor(),
             t0 + Duration::seconds(4),
+            &Policy::default(),
         )
         .await
         .unwrap();
@@ -1039,12 +1268,19 @@ async fn the_change_feed_carries_every_changed_prefix(store: Arc<dyn Store>) {
         ..KeyChanges::default()
     };
     store
-        .update_key(&acme, &a.key_id, rename, &actor(), t0, roomy())
+        .update_key(&acme, &a.key_id, rename, &actor(), t0, &roomy())
         .await
         .unwrap();
     let fresh = GeneratedKey::generate(&pepper());
     store
-        .rotate_key(&acme, &a.key_id, &NewSecret::from(&fresh), &actor(), t0)
+        .rotate_key(
+            &acme,
+            &a.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            t0,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     store
@@ -1098,20 +1334,27 @@ async fn no_audit_event_holds_a_secret(store: Arc<dyn Store>) {
     let t0 = now();
     let (mut new, first) = new_key(&acme, "ci-runner", t0);
     new.expires_at = Some(t0 + Duration::days(1));
-    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
     let second = GeneratedKey::generate(&pepper());
     store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&second), &actor(), t0)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&second),
+            &actor(),
+            t0,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     let changes = KeyChanges {
         name: Some(name("renamed")),
         description: Some(description("new words")),
-        scopes: Some(scopes(&["keys:admin"])),
+        scopes: Some(scopes(&["datasets:write"])),
         expires_at: Some(None),
     };
     store
-        .update_key(&acme, &key.key_id, changes, &actor(), t0, roomy())
+        .update_key(&acme, &key.key_id, changes, &actor(), t0, &roomy())
         .await
         .unwrap();
     store
@@ -1150,7 +1393,7 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
     let t0 = now();
     let (new, _) = new_key(&acme, "original", t0);
     let key = store
-        .create_key(new.clone(), &actor(), roomy())
+        .create_key(new.clone(), &actor(), &roomy())
         .await
         .unwrap();
     let seq = store.change_sequence().await.unwrap();
@@ -1159,7 +1402,7 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
     let (mut clash, _) = new_key(&acme, "clash", t0);
     clash.prefix = new.prefix.clone();
     let err = store
-        .create_key(clash.clone(), &actor(), roomy())
+        .create_key(clash.clone(), &actor(), &roomy())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict), "{err:?}");
@@ -1169,7 +1412,7 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
     let (mut clash, _) = new_key(&acme, "clash", t0);
     clash.key_id = new.key_id.clone();
     let err = store
-        .create_key(clash.clone(), &actor(), roomy())
+        .create_key(clash.clone(), &actor(), &roomy())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict), "{err:?}");
@@ -1187,6 +1430,7 @@ async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: Arc<dyn Sto
             },
             &actor(),
             t0,
+            &Policy::default(),
         )
         .await
         .unwrap_err();
@@ -1254,7 +1498,7 @@ async fn streams_yield_every_secret_and_prefix_once(store: Arc<dyn Store>) {
             new.expires_at = Some(t0 + Duration::days(i as i64));
         }
         let key = store
-            .create_key(new.clone(), &actor(), roomy())
+            .create_key(new.clone(), &actor(), &roomy())
             .await
             .unwrap();
         expected.insert(
@@ -1290,6 +1534,7 @@ async fn streams_yield_every_secret_and_prefix_once(store: Arc<dyn Store>) {
                 &NewSecret::from(&fresh),
                 &actor(),
                 t1,
+                &Policy::default(),
             )
             .await
             .unwrap();
@@ -1413,6 +1658,7 @@ async fn import_keys_writes_keys_events_and_changes_ignoring_the_cap(store: Arc<
     let importer = Actor {
         name: "operator:importer@example.com".to_owned(),
         ip: Some("192.0.2.10".to_owned()),
+        operator: true,
     };
     store
         .import_keys(batch.iter().map(|(n, _)| n.clone()).collect(), &importer)
@@ -1473,7 +1719,7 @@ async fn import_keys_writes_keys_events_and_changes_ignoring_the_cap(store: Arc<
     assert_eq!(store.get_account(&globex).await.unwrap().tier, Tier::Free);
     let (new, _) = new_key(&globex, "one-more", t0);
     assert!(matches!(
-        store.create_key(new, &actor(), TierLimits::default()).await,
+        store.create_key(new, &actor(), &Policy::default()).await,
         Err(StoreError::QuotaExceeded {
             tier: Tier::Free,
             limit: 3,
@@ -1541,6 +1787,7 @@ async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
             &NewSecret::from(&fresh),
             &actor(),
             t0,
+            &Policy::default(),
         )
         .await
         .unwrap()
@@ -1623,9 +1870,9 @@ async fn a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else(
         Vec::<KeyPrefix>::new()
     );
     let (new, secret) = new_key(&acme, "moved", t0);
-    let key = store.create_key(new, &actor(), roomy()).await.unwrap();
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
     let (other, other_secret) = new_key(&acme, "stays", t0);
-    store.create_key(other, &actor(), roomy()).await.unwrap();
+    store.create_key(other, &actor(), &roomy()).await.unwrap();
     let seq = store.change_sequence().await.unwrap();
     let events = all_events(&*store, &acme, None).await.len();
     let stored = (secret.hash(), Some(pepper().id()));
@@ -1679,7 +1926,14 @@ async fn a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else(
     let t1 = t0 + Duration::minutes(1);
     let fresh = GeneratedKey::generate(&other_pepper());
     store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), t1)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            t1,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     store
@@ -1720,7 +1974,7 @@ async fn secrets_are_counted_per_pepper_live_and_in_all(store: Arc<dyn Store>) {
         .unwrap();
     let (mut expired, _) = new_key(&acme, "expired", t0 - Duration::days(2));
     expired.expires_at = Some(t0 - Duration::days(1));
-    store.create_key(expired, &actor(), roomy()).await.unwrap();
+    store.create_key(expired, &actor(), &roomy()).await.unwrap();
     let rotated = create(&*store, &acme, "rotated", t0).await;
     let onto_b = GeneratedKey::generate(&b);
     store
@@ -1730,6 +1984,7 @@ async fn secrets_are_counted_per_pepper_live_and_in_all(store: Arc<dyn Store>) {
             &NewSecret::from(&onto_b),
             &actor(),
             t0,
+            &Policy::default(),
         )
         .await
         .unwrap();
@@ -1889,4 +2144,7 @@ conformance!(
     pruning_drops_old_changes_and_followers_behind_it_are_told,
     a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else,
     secrets_are_counted_per_pepper_live_and_in_all,
+    a_thousand_rotations_keep_a_bounded_history,
+    old_rotated_secrets_are_pruned_after_the_retention,
+    revoked_keys_count_toward_the_stored_key_ceiling,
 );

@@ -4,8 +4,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use vilvik_keys_domain::{Pepper, ScopeSet, TierLimits};
-use vilvik_keys_store::{Actor, NewKey, SqliteStore, Store};
+use vilvik_keys_domain::{Pepper, ScopeSet};
+use vilvik_keys_store::{Actor, NewKey, Policy, SqliteStore, Store};
 
 /// Any pepper: these tests store and read hashes, they verify nothing.
 fn pepper() -> Pepper {
@@ -34,9 +34,10 @@ async fn write_a_key(store: &SqliteStore) {
     let actor = Actor {
         name: "test".to_owned(),
         ip: None,
+        operator: true,
     };
     store
-        .create_key(new, &actor, TierLimits::default())
+        .create_key(new, &actor, &Policy::default())
         .await
         .unwrap();
 }

@@ -52,6 +52,7 @@ async fn measure(backend: &str, store: &dyn Store) {
     let actor = Actor {
         name: "operator:bench@example.com".to_owned(),
         ip: None,
+        operator: true,
     };
     let started = Instant::now();
     for chunk in chunks {

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use vilvik_keys_domain::{AccountId, Pepper, ScopeSet, TierLimits};
+use vilvik_keys_domain::{AccountId, Pepper, ScopeSet};
 use vilvik_keys_store::{
-    Actor, KeySource, NewKey, OutageKind, PostgresOptions, PostgresStore, SqliteStore, Store,
-    StoreError,
+    Actor, KeySource, NewKey, OutageKind, Policy, PostgresOptions, PostgresStore, SqliteStore,
+    Store, StoreError,
 };
 use vilvik_keys_test_db::TestDatabase;
 
@@ -21,6 +21,7 @@ fn actor() -> Actor {
     Actor {
         name: "operator:alice@example.com".to_owned(),
         ip: None,
+        operator: true,
     }
 }
 
@@ -109,7 +110,7 @@ async fn a_lock_held_past_the_lock_timeout_is_a_cancelled_statement() {
         .await
         .unwrap();
     let outcome = store
-        .create_key(new_key(), &actor(), TierLimits::default())
+        .create_key(new_key(), &actor(), &Policy::default())
         .await;
     assert_outage(outcome, OutageKind::StatementTimeout);
     holder.batch_execute("ROLLBACK").await.unwrap();
@@ -117,7 +118,7 @@ async fn a_lock_held_past_the_lock_timeout_is_a_cancelled_statement() {
     let account = store.get_account(&"ACME".parse().unwrap()).await.unwrap();
     assert_eq!(account.tier, vilvik_keys_domain::Tier::Free);
     store
-        .create_key(new_key(), &actor(), TierLimits::default())
+        .create_key(new_key(), &actor(), &Policy::default())
         .await
         .unwrap();
     let page = store
@@ -141,7 +142,7 @@ async fn a_statement_past_the_store_timeout_is_cancelled_and_streams_are_exempt(
         .unwrap();
     store.migrate().await.unwrap();
     store
-        .create_key(new_key(), &actor(), TierLimits::default())
+        .create_key(new_key(), &actor(), &Policy::default())
         .await
         .unwrap();
     // Another session holds every key row's lock, with no lock timeout
@@ -153,7 +154,7 @@ async fn a_statement_past_the_store_timeout_is_cancelled_and_streams_are_exempt(
         .unwrap();
     let started = std::time::Instant::now();
     let outcome = store
-        .create_key(new_key(), &actor(), TierLimits::default())
+        .create_key(new_key(), &actor(), &Policy::default())
         .await;
     assert_outage(outcome, OutageKind::StatementTimeout);
     assert!(
@@ -210,7 +211,7 @@ async fn a_sqlite_file_held_by_another_writer_is_busy() {
     });
     locked_rx.recv().unwrap();
     let outcome = store
-        .create_key(new_key(), &actor(), TierLimits::default())
+        .create_key(new_key(), &actor(), &Policy::default())
         .await;
     release_tx.send(()).unwrap();
     writer.join().unwrap();

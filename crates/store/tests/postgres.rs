@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 use vilvik_keys_domain::{AccountId, GeneratedKey, KeyPrefix, Pepper, ScopeSet, TierLimits};
 use vilvik_keys_store::{
-    Actor, CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, NewSecret,
+    Actor, CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, NewSecret, Policy,
     PostgresStore, Store, StoreError,
 };
 use vilvik_keys_test_db::{TestDatabase, eventually};
@@ -24,6 +24,7 @@ fn actor() -> Actor {
     Actor {
         name: "operator:alice@example.com".to_owned(),
         ip: None,
+        operator: true,
     }
 }
 
@@ -85,19 +86,28 @@ async fn every_committed_change_is_notified_and_a_failed_one_is_not() {
         premium: 1,
     };
     let key = store
-        .create_key(new_key(&acme), &actor(), limits)
+        .create_key(new_key(&acme), &actor(), &limits.into())
         .await
         .unwrap();
     assert_eq!(next(&mut rx).await, key.prefix);
 
     // Refused by the cap: rolled back, so nothing is announced.
-    let refused = store.create_key(new_key(&acme), &actor(), limits).await;
+    let refused = store
+        .create_key(new_key(&acme), &actor(), &limits.into())
+        .await;
     assert!(matches!(refused, Err(StoreError::QuotaExceeded { .. })));
 
     let fresh = GeneratedKey::generate(&pepper());
     let now = OffsetDateTime::now_utc();
     store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), now)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            now,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     assert_eq!(next(&mut rx).await, key.prefix);
@@ -222,11 +232,11 @@ async fn wait_until_no_listener_session(side: &tokio_postgres::Client, what: &st
     .await;
 }
 
-fn roomy() -> TierLimits {
-    TierLimits {
+fn roomy() -> Policy {
+    Policy::from(TierLimits {
         free: 100,
         premium: 100,
-    }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -243,13 +253,20 @@ async fn a_listener_receives_seq_and_prefix_in_commit_order() {
 
     let acme: AccountId = "ACME".parse().unwrap();
     let key = store
-        .create_key(new_key(&acme), &actor(), roomy())
+        .create_key(new_key(&acme), &actor(), &roomy())
         .await
         .unwrap();
     let fresh = GeneratedKey::generate(&pepper());
     let now = OffsetDateTime::now_utc();
     store
-        .rotate_key(&acme, &key.key_id, &NewSecret::from(&fresh), &actor(), now)
+        .rotate_key(
+            &acme,
+            &key.key_id,
+            &NewSecret::from(&fresh),
+            &actor(),
+            now,
+            &Policy::default(),
+        )
         .await
         .unwrap();
     store
@@ -273,7 +290,11 @@ async fn a_listener_receives_seq_and_prefix_in_commit_order() {
     for i in 0..20 {
         let store = store.clone();
         let account: AccountId = format!("acct-{}", i % 4).parse().unwrap();
-        tasks.spawn(async move { store.create_key(new_key(&account), &actor(), roomy()).await });
+        tasks.spawn(async move {
+            store
+                .create_key(new_key(&account), &actor(), &roomy())
+                .await
+        });
     }
     while let Some(created) = tasks.join_next().await {
         created.unwrap().unwrap();
@@ -329,7 +350,7 @@ async fn a_terminated_listener_connection_fails_next_as_unavailable() {
     let mut listener = store.listen().await.unwrap().unwrap();
     let acme: AccountId = "ACME".parse().unwrap();
     let key = store
-        .create_key(new_key(&acme), &actor(), roomy())
+        .create_key(new_key(&acme), &actor(), &roomy())
         .await
         .unwrap();
     assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
@@ -346,7 +367,7 @@ async fn a_listener_terminated_between_calls_fails_the_next_call() {
     let side = side_client(db.url()).await;
     let acme: AccountId = "ACME".parse().unwrap();
     let key = store
-        .create_key(new_key(&acme), &actor(), roomy())
+        .create_key(new_key(&acme), &actor(), &roomy())
         .await
         .unwrap();
     side.execute(
@@ -417,7 +438,7 @@ async fn an_import_is_not_notified_but_the_next_change_shows_the_gap() {
     let mut listener = store.listen().await.unwrap().unwrap();
     let acme: AccountId = "ACME".parse().unwrap();
     let first = store
-        .create_key(new_key(&acme), &actor(), roomy())
+        .create_key(new_key(&acme), &actor(), &roomy())
         .await
         .unwrap();
     let (seen, prefix) = next_change(&mut *listener, 5).await;
@@ -433,7 +454,7 @@ async fn an_import_is_not_notified_but_the_next_change_shows_the_gap() {
     );
 
     let last = store
-        .create_key(new_key(&acme), &actor(), roomy())
+        .create_key(new_key(&acme), &actor(), &roomy())
         .await
         .unwrap();
     let (seq, prefix) = next_change(&mut *listener, 5).await;
@@ -552,7 +573,7 @@ async fn an_idle_listener_on_a_healthy_connection_stays_subscribed() {
     tokio::time::sleep(SHORT_HEARTBEAT.heartbeat * 5).await;
     let acme: AccountId = "ACME".parse().unwrap();
     let key = store
-        .create_key(new_key(&acme), &actor(), roomy())
+        .create_key(new_key(&acme), &actor(), &roomy())
         .await
         .unwrap();
     assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
@@ -571,6 +592,7 @@ async fn an_idle_listener_on_a_healthy_connection_stays_subscribed() {
             &NewSecret::from(&fresh),
             &actor(),
             OffsetDateTime::now_utc(),
+            &Policy::default(),
         )
         .await
         .unwrap();
@@ -596,7 +618,7 @@ async fn a_short_heartbeat_gives_up_a_silent_connection_sooner() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let acme: AccountId = "ACME".parse().unwrap();
     let key = store
-        .create_key(new_key(&acme), &actor(), roomy())
+        .create_key(new_key(&acme), &actor(), &roomy())
         .await
         .unwrap();
     assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
@@ -640,7 +662,10 @@ async fn concurrent_overlapping_rehashes_neither_deadlock_nor_apply_twice() {
             new_hash: vilvik_keys_domain::SecretHash::from_bytes([7; 32]),
             new_pepper_id: next.id(),
         });
-        store.create_key(new, &actor(), limits).await.unwrap();
+        store
+            .create_key(new, &actor(), &limits.into())
+            .await
+            .unwrap();
     }
     let mut backwards = rehashes.clone();
     backwards.reverse();

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, ScopeSet, TierLimits};
-use vilvik_keys_store::{Actor, KeySource, NewKey, PostgresStore, Store, StoreError};
+use vilvik_keys_domain::{AccountId, ScopeSet};
+use vilvik_keys_store::{Actor, KeySource, NewKey, Policy, PostgresStore, Store, StoreError};
 use vilvik_keys_test_db::{PrivateCluster, ServerTls};
 
 const DATABASE: &str = "tls";
@@ -131,6 +131,7 @@ fn actor() -> Actor {
     Actor {
         name: "operator:alice@example.com".to_owned(),
         ip: None,
+        operator: true,
     }
 }
 
@@ -179,7 +180,7 @@ async fn require_encrypts_the_pool_and_disable_does_not() {
     store.migrate().await.unwrap();
     let acme: AccountId = "ACME".parse().unwrap();
     let created = store
-        .create_key(new_key(&acme), &actor(), TierLimits::default())
+        .create_key(new_key(&acme), &actor(), &Policy::default())
         .await
         .unwrap();
     let read = store.get_key(&acme, &created.key_id).await.unwrap();
@@ -224,7 +225,7 @@ async fn verify_full_with_the_ca_connects_and_the_change_feed_runs_over_tls() {
 
     let acme: AccountId = "ACME".parse().unwrap();
     let created = writer
-        .create_key(new_key(&acme), &actor(), TierLimits::default())
+        .create_key(new_key(&acme), &actor(), &Policy::default())
         .await
         .unwrap();
     let (seq, prefix) = tokio::time::timeout(Duration::from_secs(5), listener.next())

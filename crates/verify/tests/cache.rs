@@ -12,7 +12,7 @@ use vilvik_keys_domain::{
     TierLimits,
 };
 use vilvik_keys_store::{
-    Actor, ChangeListener, KeySource, NewKey, OutageKind, Rehash, Result, SecretEntry,
+    Actor, ChangeListener, KeySource, NewKey, OutageKind, Policy, Rehash, Result, SecretEntry,
     SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
 };
 use vilvik_keys_test_db::eventually;
@@ -213,6 +213,7 @@ fn actor() -> Actor {
     Actor {
         name: "test".into(),
         ip: None,
+        operator: true,
     }
 }
 
@@ -240,7 +241,7 @@ impl Node {
         let key_id = self
             .store
             .inner
-            .create_key(new, &actor(), limits)
+            .create_key(new, &actor(), &limits.into())
             .await
             .unwrap()
             .key_id;
@@ -478,7 +479,7 @@ async fn a_key_created_by_another_writer_becomes_known_through_the_feed() {
         .created_at(node.clock.now())
         .build_for(&key);
     other
-        .create_key(new, &actor(), TierLimits::default())
+        .create_key(new, &actor(), &Policy::default())
         .await
         .unwrap();
     eventually(

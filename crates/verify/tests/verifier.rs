@@ -6,9 +6,9 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
     AccountId, ApiKey, Clock, GeneratedKey, KeyFormatError, KeyId, KeyPrefix, ManualClock, Pepper,
-    Peppers, Scope, ScopeSet, TierLimits,
+    Peppers, Scope, ScopeSet,
 };
-use vilvik_keys_store::{Actor, NewKey, NewSecret, SqliteStore, Store};
+use vilvik_keys_store::{Actor, NewKey, NewSecret, Policy, SqliteStore, Store};
 use vilvik_keys_verify::{UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig};
 
 struct Fixture {
@@ -57,6 +57,7 @@ fn actor() -> Actor {
     Actor {
         name: "test".into(),
         ip: None,
+        operator: true,
     }
 }
 
@@ -75,7 +76,7 @@ impl Fixture {
             .build(&pepper());
         let record = self
             .store
-            .create_key(new, &actor(), TierLimits::default())
+            .create_key(new, &actor(), &Policy::default())
             .await
             .unwrap();
         (record.key_id, secret)
@@ -194,6 +195,7 @@ async fn each_verdict_in_turn() {
             &NewSecret::from(&next),
             &actor(),
             f.clock.now(),
+            &Policy::default(),
         )
         .await
         .unwrap();

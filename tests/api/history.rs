@@ -1,0 +1,93 @@
+//! A stolen management key cannot grow the store without bound (issue 10,
+//! point 4): rotations keep only the newest few old secrets, and revoked
+//! keys count toward a ceiling on stored keys.
+
+use tonic::Code;
+use vilvik_keys::proto;
+use vilvik_keys::proto::VerifyCode;
+
+use crate::helpers::{Backend, TestApp, assert_status, spawn_app_with};
+
+async fn rotate(app: &mut TestApp, key_id: &str) -> String {
+    let request = app.authed(proto::RotateKeyRequest {
+        key_id: key_id.into(),
+    });
+    app.admin
+        .rotate_key(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .secret
+}
+
+async fn rotations_keep_only_the_newest_old_secrets(backend: Backend) {
+    let Some(mut app) = spawn_app_with(backend, |c| c.rotated_secrets_kept = 2).await else {
+        return;
+    };
+    let created = app.create_key("rotated", &["a:b"]).await.unwrap();
+    let key_id = created.key.unwrap().key_id;
+    let mut secrets = vec![created.secret];
+    for _ in 0..5 {
+        secrets.push(rotate(&mut app, &key_id).await);
+    }
+    // Oldest first: pruned (unknown), pruned, pruned, kept, kept, current.
+    let mut codes = Vec::new();
+    for secret in &secrets {
+        codes.push(app.verify_code(secret, &[]).await);
+    }
+    use VerifyCode::{NotFound, Rotated, Valid};
+    assert_eq!(
+        codes,
+        [NotFound, NotFound, NotFound, Rotated, Rotated, Valid]
+    );
+    // The audit log keeps every rotation.
+    let rotations = app
+        .audit(&key_id)
+        .await
+        .iter()
+        .filter(|e| e.action() == proto::AuditAction::Rotated)
+        .count();
+    assert_eq!(rotations, 5);
+}
+
+async fn churn_stops_at_the_stored_key_ceiling(backend: Backend) {
+    let Some(mut app) = spawn_app_with(backend, |c| c.stored_keys_per_active_key = 2).await else {
+        return;
+    };
+    // Free tier: 3 active keys, so 6 stored; the management key is one.
+    for i in 0..5 {
+        let key = app.create_key(&format!("churn {i}"), &[]).await.unwrap();
+        let request = app.authed(proto::RevokeKeyRequest {
+            key_id: key.key.unwrap().key_id,
+            reason: String::new(),
+        });
+        app.admin.revoke_key(request).await.unwrap();
+    }
+    let before = app.list_keys(true).await.len();
+    assert_status(
+        app.create_key("one too many", &[]).await,
+        Code::ResourceExhausted,
+        "the account stores 6 keys, revoked and expired ones included",
+    );
+    assert_eq!(app.list_keys(true).await.len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_rotations_keep_only_the_newest_old_secrets() {
+    rotations_keep_only_the_newest_old_secrets(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rotations_keep_only_the_newest_old_secrets() {
+    rotations_keep_only_the_newest_old_secrets(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_churn_stops_at_the_stored_key_ceiling() {
+    churn_stops_at_the_stored_key_ceiling(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_churn_stops_at_the_stored_key_ceiling() {
+    churn_stops_at_the_stored_key_ceiling(Backend::Postgres).await;
+}

@@ -1,0 +1,416 @@
+//! A stolen management key cannot plant quieter ways back in (issue 10,
+//! points 1 and 2): the scopes it may grant stay inside its account's
+//! catalogue, `keys:admin` is the operator's to grant, and the account's
+//! last management key cannot be revoked, stripped or cut short. Every
+//! refusal changes nothing.
+
+use tonic::Code;
+use vilvik_keys::proto;
+use vilvik_keys_domain::{Clock, ScopeCatalogue};
+
+use crate::helpers::{ACCOUNT, Backend, TestApp, spawn_app_with, with_bearer};
+
+crate::on_both_backends!(
+    a_management_key_cannot_grant_management_scopes,
+    only_whole_action_wildcards_are_scopes,
+    the_operator_sets_an_accounts_grantable_scopes,
+    the_last_management_key_cannot_lock_the_account_out,
+    two_management_keys_revoking_each_other_leave_one,
+);
+
+mod server_catalogue {
+    use super::*;
+
+    fn narrow(config: &mut vilvik_keys::config::Config) {
+        config.allowed_scopes = ScopeCatalogue::parse(&["datasets:read", "reports:*"]).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let app = spawn_app_with(Backend::Sqlite, narrow).await.unwrap();
+        allowed_scopes_bound_every_account_without_its_own(app).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let Some(app) = spawn_app_with(Backend::Postgres, narrow).await else {
+            return;
+        };
+        allowed_scopes_bound_every_account_without_its_own(app).await;
+    }
+}
+
+/// Everything an attacker could change, to compare before and after.
+async fn snapshot(app: &mut TestApp) -> (Vec<proto::Key>, usize) {
+    let keys = crate::helpers::without_usage(app.list_keys(true).await);
+    let events = app.audit("").await.len();
+    (keys, events)
+}
+
+fn create(name: &str, scopes: &[&str]) -> proto::CreateKeyRequest {
+    proto::CreateKeyRequest {
+        name: name.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn update_scopes(key_id: &str, scopes: &[&str]) -> proto::UpdateKeyRequest {
+    proto::UpdateKeyRequest {
+        key_id: key_id.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["scopes".into()],
+        }),
+        ..Default::default()
+    }
+}
+
+async fn a_management_key_cannot_grant_management_scopes(mut app: TestApp) {
+    // Any other well-formed scope is grantable by default.
+    let low = app.create_key("reader", &["billing:*"]).await.unwrap();
+    let low_id = low.key.unwrap().key_id;
+    let before = snapshot(&mut app).await;
+
+    for scopes in [&["keys:admin"][..], &["datasets:read", "keys:*"]] {
+        let refused = app.create_key("backdoor", scopes).await;
+        let status = assert_status_denied(refused);
+        assert!(
+            status.message().contains("only the operator token"),
+            "{status:?}"
+        );
+    }
+    let request = app.authed(update_scopes(&low_id, &["billing:*", "keys:admin"]));
+    let status = assert_status_denied(app.admin.update_key(request).await);
+    assert!(
+        status.message().starts_with("scopes: 'keys:admin'"),
+        "{status:?}"
+    );
+    assert_eq!(
+        snapshot(&mut app).await,
+        before,
+        "a refusal changed something"
+    );
+
+    // The operator may mint a management key; the new key then manages.
+    let request = app.as_operator(
+        create("second admin", &["keys:admin"]),
+        ACCOUNT,
+        "alice@example.com",
+    );
+    let second = app.admin.create_key(request).await.unwrap().into_inner();
+    assert_eq!(second.key.as_ref().unwrap().scopes, ["keys:admin"]);
+    let request = with_bearer(proto::ListKeysRequest::default(), &second.secret);
+    assert!(app.admin.list_keys(request).await.is_ok());
+
+    // A management key may still change a management key's other scopes:
+    // keeping keys:admin grants nothing new.
+    let second_id = second.key.unwrap().key_id;
+    let request = app.authed(update_scopes(&second_id, &["datasets:read", "keys:admin"]));
+    let updated = app.admin.update_key(request).await.unwrap().into_inner();
+    assert_eq!(updated.scopes, ["datasets:read", "keys:admin"]);
+}
+
+fn assert_status_denied<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Status {
+    crate::helpers::assert_status(result, Code::PermissionDenied, "scopes: ")
+}
+
+async fn only_whole_action_wildcards_are_scopes(mut app: TestApp) {
+    let before = snapshot(&mut app).await;
+    for bad in ["datasets:re*d", "datasets:**", "datasets:read*"] {
+        let refused = app.create_key("wild", &["datasets:read", bad]).await;
+        let status = crate::helpers::assert_status(
+            refused,
+            Code::InvalidArgument,
+            &format!("scopes[1]: '{bad}' is not a valid scope: '*' stands only for a whole action"),
+        );
+        assert!(status.message().contains("'datasets:*'"), "{status:?}");
+    }
+    assert_eq!(snapshot(&mut app).await, before);
+    assert!(
+        app.create_key("all datasets", &["datasets:*"])
+            .await
+            .is_ok()
+    );
+}
+
+async fn the_operator_sets_an_accounts_grantable_scopes(mut app: TestApp) {
+    let set = |patterns: &[&str], default: bool| proto::SetAccountScopesRequest {
+        account_id: String::new(),
+        grantable_scopes: patterns.iter().map(|s| s.to_string()).collect(),
+        use_server_default: default,
+    };
+    // Not for a management key, and a bad pattern is named.
+    let request = app.authed(set(&["datasets:*"], false));
+    crate::helpers::assert_status(
+        app.admin.set_account_scopes(request).await,
+        Code::PermissionDenied,
+        "only the platform operator",
+    );
+    for (patterns, default, needle) in [
+        (
+            &["datasets:*", "Billing:read"][..],
+            false,
+            "grantable_scopes[1]: 'Billing:read' is not a scope pattern",
+        ),
+        (
+            &["keys:admin"],
+            false,
+            "grantable_scopes[0]: 'keys:admin' names the service's own",
+        ),
+        (
+            &["datasets:*"],
+            true,
+            "grantable_scopes: must be empty with use_server_default",
+        ),
+    ] {
+        let request = app.as_operator(set(patterns, default), ACCOUNT, "alice@example.com");
+        crate::helpers::assert_status(
+            app.admin.set_account_scopes(request).await,
+            Code::InvalidArgument,
+            needle,
+        );
+    }
+    let account = app
+        .admin
+        .get_account(app.authed(proto::GetAccountRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (account.grantable_scopes, account.grantable_scopes_default),
+        (vec!["*:*".to_owned()], true)
+    );
+
+    let request = app.as_operator(
+        set(&["reports:read", "datasets:*"], false),
+        ACCOUNT,
+        "alice@example.com",
+    );
+    let account = app
+        .admin
+        .set_account_scopes(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(account.grantable_scopes, ["datasets:*", "reports:read"]);
+    assert!(!account.grantable_scopes_default);
+
+    // Audited, with the old and new catalogue.
+    let events = app.audit("").await;
+    let event = events.last().unwrap();
+    assert_eq!(event.action(), proto::AuditAction::GrantableScopesChanged);
+    assert_eq!(event.actor, "operator:alice@example.com");
+    assert_eq!(event.changes[0].field, "grantable_scopes");
+    assert_eq!(
+        event.changes[0].old_value.as_deref(),
+        Some("the server's allowed_scopes")
+    );
+    assert_eq!(
+        event.changes[0].new_value.as_deref(),
+        Some("datasets:*, reports:read")
+    );
+
+    let before = snapshot(&mut app).await;
+    for scopes in [&["billing:read"][..], &["reports:write"], &["reports:*"]] {
+        let status = assert_status_denied(app.create_key("outside", scopes).await);
+        assert!(
+            status.message().contains(
+                "outside the scopes this account's keys may be granted (datasets:*, reports:read)"
+            ),
+            "{status:?}"
+        );
+    }
+    assert_eq!(snapshot(&mut app).await, before);
+    assert!(
+        app.create_key("inside", &["datasets:write", "reports:read"])
+            .await
+            .is_ok()
+    );
+
+    // Another account keeps the server's catalogue.
+    let request = app.as_operator(
+        create("elsewhere", &["billing:read"]),
+        "OTHER",
+        "alice@example.com",
+    );
+    assert!(app.admin.create_key(request).await.is_ok());
+
+    // Back to the server's.
+    let request = app.as_operator(set(&[], true), ACCOUNT, "alice@example.com");
+    let account = app
+        .admin
+        .set_account_scopes(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(account.grantable_scopes_default);
+    assert_eq!(account.grantable_scopes, ["*:*"]);
+}
+
+async fn allowed_scopes_bound_every_account_without_its_own(mut app: TestApp) {
+    let before = snapshot(&mut app).await;
+    let status = assert_status_denied(app.create_key("billing", &["billing:read"]).await);
+    assert!(
+        status.message().contains("(datasets:read, reports:*)"),
+        "{status:?}"
+    );
+    assert_eq!(snapshot(&mut app).await, before);
+    assert!(
+        app.create_key("reports", &["reports:*", "datasets:read"])
+            .await
+            .is_ok()
+    );
+    // The operator is held to the catalogue too, but for keys:admin.
+    let request = app.as_operator(
+        create("billing", &["billing:read"]),
+        ACCOUNT,
+        "alice@example.com",
+    );
+    assert_status_denied(app.admin.create_key(request).await);
+}
+
+async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
+    let key_id = app.management_key_id.clone();
+    let before = snapshot(&mut app).await;
+    let expiry = crate::helpers::days_from(app.clock.now(), 30);
+    let attempts: Vec<(&str, Result<tonic::Response<proto::Key>, tonic::Status>)> = vec![
+        (
+            "revoke",
+            app.admin
+                .revoke_key(app.authed(proto::RevokeKeyRequest {
+                    key_id: key_id.clone(),
+                    reason: "oops".into(),
+                }))
+                .await,
+        ),
+        (
+            "strip",
+            app.admin
+                .update_key(app.authed(update_scopes(&key_id, &["datasets:read"])))
+                .await,
+        ),
+        (
+            "expire",
+            app.admin
+                .update_key(app.authed(proto::UpdateKeyRequest {
+                    key_id: key_id.clone(),
+                    expires_at: Some(expiry),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["expires_at".into()],
+                    }),
+                    ..Default::default()
+                }))
+                .await,
+        ),
+    ];
+    for (what, result) in attempts {
+        let status = result.expect_err(what);
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{what}: {status:?}"
+        );
+        assert!(
+            status.message().contains("last active management key"),
+            "{what}: {status:?}"
+        );
+        assert!(
+            status
+                .message()
+                .contains("first have the operator create another management key"),
+            "{what}: {status:?}"
+        );
+    }
+    // The operator is held to it too: it would lock the tenant out as surely.
+    let request = app.as_operator(
+        proto::RevokeKeyRequest {
+            key_id: key_id.clone(),
+            reason: String::new(),
+        },
+        ACCOUNT,
+        "alice@example.com",
+    );
+    crate::helpers::assert_status(
+        app.admin.revoke_key(request).await,
+        Code::FailedPrecondition,
+        "last active",
+    );
+    assert_eq!(
+        snapshot(&mut app).await,
+        before,
+        "a refusal changed something"
+    );
+
+    // With a second management key the first may go; then the second is the last.
+    let request = app.as_operator(
+        create("second admin", &["keys:*"]),
+        ACCOUNT,
+        "alice@example.com",
+    );
+    let second = app.admin.create_key(request).await.unwrap().into_inner();
+    let second_id = second.key.unwrap().key_id;
+    let request = app.authed(proto::RevokeKeyRequest {
+        key_id: key_id.clone(),
+        reason: "moved to the second key".into(),
+    });
+    assert!(app.admin.revoke_key(request).await.is_ok());
+    let request = with_bearer(
+        proto::RevokeKeyRequest {
+            key_id: second_id.clone(),
+            reason: String::new(),
+        },
+        &second.secret,
+    );
+    crate::helpers::assert_status(
+        app.admin.revoke_key(request).await,
+        Code::FailedPrecondition,
+        &second_id,
+    );
+}
+
+async fn two_management_keys_revoking_each_other_leave_one(mut app: TestApp) {
+    for round in 0..5 {
+        let request = app.as_operator(
+            create(&format!("peer {round}"), &["keys:admin"]),
+            ACCOUNT,
+            "alice@example.com",
+        );
+        let peer = app.admin.create_key(request).await.unwrap().into_inner();
+        let peer_id = peer.key.unwrap().key_id;
+        let mine = app.management_key_id.clone();
+        let revoke = |target: &str, credential: &str| {
+            let mut client = app.admin.clone();
+            let request = with_bearer(
+                proto::RevokeKeyRequest {
+                    key_id: target.to_owned(),
+                    reason: String::new(),
+                },
+                credential,
+            );
+            async move { client.revoke_key(request).await }
+        };
+        let (a, b) = tokio::join!(
+            revoke(&peer_id, &app.management_key),
+            revoke(&mine, &peer.secret)
+        );
+        let outcomes = [a.is_ok(), b.is_ok()];
+        assert_eq!(
+            outcomes.iter().filter(|ok| **ok).count(),
+            1,
+            "round {round}: {a:?} / {b:?}"
+        );
+        if b.is_ok() {
+            // The peer won: carry on with it.
+            app.management_key = peer.secret.clone();
+            app.management_key_id = peer_id;
+        }
+        let active: Vec<_> = app
+            .list_keys(false)
+            .await
+            .into_iter()
+            .filter(|k| k.scopes.iter().any(|s| s.starts_with("keys:")))
+            .collect();
+        assert_eq!(active.len(), 1, "round {round}: {active:?}");
+    }
+}
