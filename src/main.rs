@@ -1,13 +1,16 @@
 //! The `vilvik-keys` binary: the service (`serve`), its schema (`migrate`),
 //! an account's first management key (`bootstrap`), the pepper's rotation
-//! (`pepper status|new`), and the admin CLI (`keys …`, `accounts …`).
+//! (`pepper status|new`), the audit log's check (`audit verify`), and the
+//! admin CLI (`keys …`, `accounts …`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use vilvik_keys::cli::{self, AccountsCommand, ClientArgs, KeysCommand, PepperCommand};
+use vilvik_keys::cli::{
+    self, AccountsCommand, AuditCommand, ClientArgs, KeysCommand, PepperCommand,
+};
 use vilvik_keys::config::Config;
 use vilvik_keys::startup::{self, Application, Role};
 
@@ -57,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: PepperCommand,
     },
+    /// The audit log read directly from the store: check its hash chains.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Manage keys through the admin API.
     Keys {
         #[command(flatten)]
@@ -82,6 +90,10 @@ async fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             // Now, without waiting for a store call that will not return.
             std::process::exit(i32::from(startup::Abandoned::EXIT_CODE));
+        }
+        Err(e) if e.is::<cli::ChainBroken>() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(cli::ChainBroken::EXIT_CODE)
         }
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -130,6 +142,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             PepperCommand::New { path } => cli::pepper_new(&path),
         },
+        Command::Audit {
+            command: AuditCommand::Verify { account, config },
+        } => {
+            let config = load_config(config)?;
+            cli::audit_verify(&config, account.as_deref()).await
+        }
         Command::Keys { client, command } => cli::run_keys(client, command).await,
         Command::Accounts { client, command } => cli::run_accounts(client, command).await,
     }

@@ -873,3 +873,58 @@ fn pepper_status_says_what_each_pepper_covers() {
     );
     assert!(!dir.path().join("fresh.db.pepper").exists());
 }
+
+/// `vilvik-keys audit verify` on the server's SQLite file, as an operator
+/// runs it beside the service: exit 0 when intact, 4 naming the first
+/// broken link, 1 when it cannot check.
+#[test]
+fn audit_verify_exits_by_what_it_found() {
+    let server = TestServer::start();
+    server.bootstrap(ACCOUNT);
+    server.bootstrap("globex");
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["audit", "verify"];
+        args.extend_from_slice(extra);
+        run_with_db(&server.sqlite_path, &args, &[])
+    };
+
+    let intact = verify(&[]);
+    assert_success(&intact, "audit verify");
+    assert_eq!(
+        stdout(&intact).trim(),
+        "audit log intact: 2 accounts, 2 events checked"
+    );
+    let one = verify(&["--account", "globex"]);
+    assert_success(&one, "audit verify --account globex");
+    assert_eq!(
+        stdout(&one).trim(),
+        "audit log intact: account 'globex': 1 event checked"
+    );
+
+    rusqlite::Connection::open(&server.sqlite_path)
+        .unwrap()
+        .execute(
+            "UPDATE audit_events SET actor = 'operator:mallory' WHERE account_id = ?1",
+            [ACCOUNT],
+        )
+        .unwrap();
+    let broken = verify(&[]);
+    assert_eq!(broken.status.code(), Some(4), "{}", stderr(&broken));
+    assert!(
+        stderr(&broken).contains(&format!(
+            "account '{ACCOUNT}', event 1: its content does not match its hash (edited)"
+        )),
+        "{}",
+        stderr(&broken)
+    );
+    assert!(stdout(&broken).is_empty(), "{}", stdout(&broken));
+    // The other account's chain is intact on its own.
+    assert_success(
+        &verify(&["--account", "globex"]),
+        "audit verify --account globex",
+    );
+
+    let bad = verify(&["--account", "not an account"]);
+    assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("--account"), "{}", stderr(&bad));
+}

@@ -15,6 +15,11 @@ crate::on_both_backends!(
 );
 
 async fn the_product_page_tour_works(mut app: TestApp) {
+    walk_the_tour(&mut app).await;
+}
+
+/// The tour on `app`; `audit.rs` walks it as a restricted Postgres role too.
+pub(crate) async fn walk_the_tour(app: &mut TestApp) {
     // Create ci-runner, reading datasets, expiring next year.
     let now = vilvik_keys_domain::Clock::now(app.clock.as_ref());
     let request = app.authed(proto::CreateKeyRequest {

@@ -12,8 +12,8 @@
 //!   `sslrootcert` names; see [`PostgresStore::connect`]).
 //!
 //! Every change to a key is one transaction that also writes its audit event
-//! and appends the affected prefixes to the change log (the sequence verify
-//! nodes follow). Rules that must hold under concurrency, such as the cap on
+//! (chained onto the account's previous one, see `chain.rs`) and appends the
+//! affected prefixes to the change log (the sequence verify nodes follow). Rules that must hold under concurrency, such as the cap on
 //! active keys or "a revoked key is never changed again", are enforced inside
 //! that transaction, not by the caller. [`connect`] picks the backend and
 //! [`Store::migrate`] brings its schema up to date.
@@ -29,6 +29,7 @@ macro_rules! key_columns {
     };
 }
 
+mod chain;
 mod error;
 mod migrate;
 mod model;
@@ -41,6 +42,10 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, ScopeCatalogue, Tier};
 
+pub use chain::{
+    AuditChainRow, Break, BrokenLink, ChainCheck, ChainSummary, EventContent, GENESIS,
+    StoredAuditEvent, StoredAuditHead, event_hash,
+};
 pub use error::{Outage, OutageKind, StoreError};
 pub use model::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, NewKeyBuilder,
@@ -194,7 +199,9 @@ pub trait Store: KeySource {
         now: OffsetDateTime,
     ) -> Result<KeyRecord>;
 
-    /// Audit events of `account`, oldest first; only those of `key_id` when given.
+    /// Audit events of `account`, oldest first; only those of `key_id` when
+    /// given. Cursors and `event_id`s are the account's own event numbers
+    /// (1, 2, 3, …), so they say nothing about other accounts.
     async fn list_audit_events(
         &self,
         account: &AccountId,
@@ -245,6 +252,20 @@ pub trait Store: KeySource {
     /// listeners see the sequence jump at the next change and read the
     /// imported prefixes with [`KeySource::changes_since`].
     async fn import_keys(&self, keys: Vec<NewKey>, actor: &Actor) -> Result<()>;
+
+    /// Every account's audit chain (only `account`'s when given), for
+    /// `vilvik-keys audit verify`: each account's events in number order
+    /// (rows without a number first), then its head, as one consistent
+    /// read, handed to `sink` in batches of at most `batch` as
+    /// [`KeySource::stream_secrets`] does (feed them to a [`ChainCheck`]).
+    /// Rows are read as stored, not parsed, so a damaged one is a broken
+    /// link rather than an error. Returns how many rows.
+    async fn stream_audit_chain(
+        &self,
+        account: Option<&AccountId>,
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<AuditChainRow>) + Send),
+    ) -> Result<usize>;
 
     /// How many secrets each pepper id (and the legacy unkeyed hash)
     /// covers, live and in all (see [`PepperUse`]), in no particular

@@ -52,6 +52,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "account_scopes_and_secret_history",
         sql: include_str!("../migrations/sqlite/0004_account_scopes_and_secret_history.sql"),
     },
+    Migration {
+        version: 5,
+        name: AUDIT_CHAIN,
+        sql: include_str!("../migrations/sqlite/0005_audit_chain.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -75,7 +80,16 @@ pub(crate) const POSTGRES: &[Migration] = &[
         name: "account_scopes_and_secret_history",
         sql: include_str!("../migrations/postgres/0004_account_scopes_and_secret_history.sql"),
     },
+    Migration {
+        version: 5,
+        name: AUDIT_CHAIN,
+        sql: include_str!("../migrations/postgres/0005_audit_chain.sql"),
+    },
 ];
+
+/// The migration after whose SQL [`run`] chains the audit events written
+/// before it ([`Ledger::chain_audit_events`]): hashes need Rust.
+pub(crate) const AUDIT_CHAIN: &str = "audit_chain";
 
 /// Shared by both backends: the table that remembers applied versions.
 /// `checksum` is nullable: ledgers from before checksums gain the column
@@ -105,6 +119,9 @@ pub(crate) trait Ledger {
     async fn record_checksum(&mut self, version: i64, checksum: &str) -> Result<()>;
     /// Runs the migration's SQL and records it.
     async fn apply(&mut self, migration: &Migration, checksum: &str, at: &str) -> Result<()>;
+    /// Chains every audit event that has no hash yet, in `event_id` order
+    /// per account, and writes each account's head; returns how many.
+    async fn chain_audit_events(&mut self) -> Result<u64>;
 }
 
 /// What [`run`] is to do, decided from the ledger alone.
@@ -156,6 +173,13 @@ pub(crate) async fn run(ledger: &mut impl Ledger, list: &[Migration]) -> Result<
     let at = format_time(OffsetDateTime::now_utc());
     for m in &plan.pending {
         ledger.apply(m, &m.checksum(), &at).await?;
+        if m.name == AUDIT_CHAIN {
+            let chained = ledger.chain_audit_events().await?;
+            tracing::info!(
+                events = chained,
+                "chained the audit events written before 0005"
+            );
+        }
     }
     Ok(plan.pending.len())
 }
@@ -253,7 +277,7 @@ mod tests {
     fn versions_this_binary_does_not_know_are_left_alone() {
         let mut applied = recorded(SQLITE);
         applied.push(Applied {
-            version: SQLITE.len() as i64 + 1,
+            version: SQLITE.last().unwrap().version + 1,
             checksum: Some("from a newer binary".into()),
         });
         assert_eq!(

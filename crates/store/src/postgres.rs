@@ -45,13 +45,14 @@ use vilvik_keys_domain::{
     TierLimits,
 };
 
+use crate::chain::{self, GENESIS, Head};
 use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, POSTGRES};
 use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
-    Account, Actor, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord, KeySource,
-    NewKey, NewSecret, OutageKind, Page, PepperUse, Policy, Rehash, Result, Rotation, SecretEntry,
-    SecretRecord, Store, StoreError, UsageRecord,
+    Account, Actor, AuditChainRow, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord,
+    KeySource, NewKey, NewSecret, OutageKind, Page, PepperUse, Policy, Rehash, Result, Rotation,
+    SecretEntry, SecretRecord, Store, StoreError, StoredAuditEvent, StoredAuditHead, UsageRecord,
 };
 
 /// The `LISTEN`/`NOTIFY` channel on which every change publishes
@@ -161,11 +162,49 @@ const IMPORT_SECRETS: &str = "INSERT INTO key_secrets (prefix, key_id, hash, pep
 const INSERT_SECRET: &str = "INSERT INTO key_secrets (prefix, key_id, hash, pepper_id, created_at) \
      VALUES ($1, $2, $3, $4, $5)";
 const IMPORT_AUDIT: &str = "INSERT INTO audit_events \
-         (account_id, key_id, action, actor, actor_ip, at, changes) \
-     SELECT account_id, key_id, $1, $2, $3, at, changes \
-     FROM UNNEST($4::text[], $5::text[], $6::timestamptz[], $7::jsonb[]) WITH ORDINALITY \
-         AS n (account_id, key_id, at, changes, ord) \
+         (account_id, account_seq, key_id, action, actor, actor_ip, at, changes, prev_hash, hash) \
+     SELECT account_id, account_seq, key_id, $1, $2, $3, at, changes, prev_hash, hash \
+     FROM UNNEST($4::text[], $5::bigint[], $6::text[], $7::timestamptz[], $8::jsonb[], \
+         $9::bytea[], $10::bytea[]) WITH ORDINALITY \
+         AS n (account_id, account_seq, key_id, at, changes, prev_hash, hash, ord) \
      ORDER BY ord";
+/// Creates the heads of accounts new to the audit log and locks every one
+/// (in account order, so that two imports cannot deadlock), returning each.
+const IMPORT_LOCK_HEADS: &str = "INSERT INTO audit_heads (account_id, last_seq, last_hash) \
+     SELECT account_id, 0, $2 FROM UNNEST($1::text[]) AS n (account_id) ORDER BY account_id \
+     ON CONFLICT (account_id) DO UPDATE SET account_id = excluded.account_id \
+     RETURNING account_id, last_seq, last_hash";
+const IMPORT_HEADS: &str = "UPDATE audit_heads h SET last_seq = n.seq, last_hash = n.hash \
+     FROM UNNEST($1::text[], $2::bigint[], $3::bytea[]) AS n (account_id, seq, hash) \
+     WHERE h.account_id = n.account_id";
+
+/// Creates the account's head if it has none and locks it until the
+/// transaction ends (`DO UPDATE` locks the row, as `FOR UPDATE` would, in
+/// one round trip), returning it: an account's events are chained one
+/// after the other, so concurrent changes can neither fork its chain nor
+/// reuse a number (and `UNIQUE (account_id, account_seq)` would refuse it).
+const LOCK_HEAD: &str = "INSERT INTO audit_heads (account_id, last_seq, last_hash) \
+     VALUES ($1, 0, $2) \
+     ON CONFLICT (account_id) DO UPDATE SET account_id = excluded.account_id \
+     RETURNING last_seq, last_hash";
+/// Writes the event and moves the head to it.
+const INSERT_EVENT: &str = "WITH event AS ( \
+         INSERT INTO audit_events \
+             (account_id, account_seq, key_id, action, actor, actor_ip, at, changes, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+     ) \
+     UPDATE audit_heads SET last_seq = $2, last_hash = $10 WHERE account_id = $1";
+
+/// Every event and head, or one account's (`$1`), as
+/// [`Store::stream_audit_chain`] hands them out.
+const AUDIT_CHAIN: &str = "SELECT 0 AS kind, account_id, account_seq, event_id, key_id, action, \
+         actor, actor_ip, at, changes, prev_hash, hash \
+     FROM audit_events WHERE $1::text IS NULL OR account_id = $1::text \
+     UNION ALL \
+     SELECT 1, account_id, last_seq, NULL::bigint, NULL::text, NULL::text, NULL::text, \
+         NULL::text, NULL::timestamptz, NULL::jsonb, NULL::bytea, last_hash \
+     FROM audit_heads WHERE $1::text IS NULL OR account_id = $1::text \
+     ORDER BY account_id, kind, account_seq NULLS FIRST, event_id";
 const IMPORT_CHANGES: &str = "INSERT INTO key_changes (prefix, at) \
      SELECT prefix, at FROM UNNEST($1::text[], $2::timestamptz[]) WITH ORDINALITY \
          AS n (prefix, at, ord) \
@@ -611,21 +650,31 @@ async fn keep_a_manager(
     rules::check_not_last_manager(key, rules::count_managers(&lists)?)
 }
 
-/// Writes the change's audit event and appends its prefixes to the change
+/// Writes the change's audit event, chained onto the account's head (locked
+/// until commit), moves the head, and appends its prefixes to the change
 /// log. Call it last in a transaction (see [`publish_change`]).
 async fn record_change(c: &impl GenericClient, record: &ChangeRecord<'_>) -> Result<()> {
+    let account = record.account.as_str();
+    let row = query_one(c, LOCK_HEAD, &[&account, &&GENESIS[..]]).await?;
+    let head = Head::stored(
+        row.try_get(0).map_err(map_err)?,
+        row.try_get::<_, &[u8]>(1).map_err(map_err)?,
+    )?;
+    let link = chain::append(head, record);
     execute(
         c,
-        "INSERT INTO audit_events (account_id, key_id, action, actor, actor_ip, at, changes) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        INSERT_EVENT,
         &[
-            &record.account.as_str(),
+            &account,
+            &link.seq,
             &record.key_id.map(KeyId::as_str),
             &record.action.as_str(),
             &record.actor.name,
             &record.actor.ip,
-            &record.at,
-            &Json(&record.changes),
+            &link.at,
+            &Json(&link.changes),
+            &&link.prev_hash[..],
+            &&link.hash[..],
         ],
     )
     .await?;
@@ -633,6 +682,34 @@ async fn record_change(c: &impl GenericClient, record: &ChangeRecord<'_>) -> Res
         publish_change(c, prefix, record.at).await?;
     }
     Ok(())
+}
+
+/// Decodes a row of [`AUDIT_CHAIN`]: an event (kind 0) or a head (kind 1).
+fn chain_row_from_row(row: &Row) -> Result<AuditChainRow> {
+    let kind: i32 = row.try_get(0).map_err(map_err)?;
+    let account_id: String = row.try_get(1).map_err(map_err)?;
+    let seq: Option<i64> = row.try_get(2).map_err(map_err)?;
+    if kind == 1 {
+        return Ok(AuditChainRow::Head(StoredAuditHead {
+            account_id,
+            seq: seq.unwrap_or_default(),
+            hash: row.try_get(11).map_err(map_err)?,
+        }));
+    }
+    let changes: Option<Json<serde_json::Value>> = row.try_get(9).ok();
+    Ok(AuditChainRow::Event(StoredAuditEvent {
+        row_id: row.try_get(3).map_err(map_err)?,
+        account_id,
+        seq,
+        key_id: row.try_get(4).map_err(map_err)?,
+        action: row.try_get(5).map_err(map_err)?,
+        actor: row.try_get(6).map_err(map_err)?,
+        actor_ip: row.try_get(7).map_err(map_err)?,
+        at: row.try_get(8).map_err(map_err)?,
+        changes: changes.map(|Json(c)| c),
+        prev_hash: row.try_get(10).map_err(map_err)?,
+        hash: row.try_get(11).map_err(map_err)?,
+    }))
 }
 
 /// Appends `prefix` to the change log and notifies listeners at commit.
@@ -706,12 +783,36 @@ fn secret_from_row(row: &Row, offset: usize) -> Result<SecretRecord> {
 struct Ledger<'a>(&'a deadpool_postgres::Transaction<'a>);
 
 impl migrate::Ledger for Ledger<'_> {
+    /// Looks before it creates or alters: `CREATE TABLE IF NOT EXISTS`
+    /// needs CREATE on the schema and `ADD COLUMN IF NOT EXISTS` ownership
+    /// even when there is nothing to do, and the service may run as a role
+    /// with neither once the database is migrated (docs/SECURITY.md).
     async fn prepare(&mut self) -> Result<()> {
-        self.0.batch_execute(CREATE_LEDGER).await.map_err(map_err)?;
-        self.0
-            .batch_execute("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum TEXT")
+        let row = self
+            .0
+            .query_one(
+                "SELECT to_regclass('schema_migrations') IS NOT NULL, EXISTS ( \
+                     SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('schema_migrations') \
+                     AND attname = 'checksum' AND NOT attisdropped)",
+                &[],
+            )
             .await
-            .map_err(map_err)
+            .map_err(map_err)?;
+        let (exists, has_checksum): (bool, bool) = (
+            row.try_get(0).map_err(map_err)?,
+            row.try_get(1).map_err(map_err)?,
+        );
+        if !exists {
+            self.0.batch_execute(CREATE_LEDGER).await.map_err(map_err)?;
+        } else if !has_checksum {
+            self.0
+                .batch_execute(
+                    "ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum TEXT",
+                )
+                .await
+                .map_err(map_err)?;
+        }
+        Ok(())
     }
 
     async fn applied(&mut self) -> Result<Vec<Applied>> {
@@ -743,6 +844,77 @@ impl migrate::Ledger for Ledger<'_> {
             .await
             .map_err(map_err)?;
         Ok(())
+    }
+
+    /// A thousand rows at a time in `event_id` order, each batch written
+    /// with one statement, each account's running head in memory (one per
+    /// account, not one per event).
+    async fn chain_audit_events(&mut self) -> Result<u64> {
+        let tx = self.0;
+        let mut heads: std::collections::BTreeMap<String, Head> = Default::default();
+        let (mut after, mut chained) = (0_i64, 0_u64);
+        loop {
+            let rows = tx
+                .query(
+                    "SELECT event_id, account_id, key_id, action, actor, actor_ip, at, changes \
+                     FROM audit_events WHERE event_id > $1 AND hash IS NULL \
+                     ORDER BY event_id LIMIT 1000",
+                    &[&after],
+                )
+                .await
+                .map_err(map_err)?;
+            if rows.is_empty() {
+                break;
+            }
+            let (mut ids, mut seqs, mut prevs, mut hashes) = (vec![], vec![], vec![], vec![]);
+            for row in &rows {
+                let Json(changes) = row
+                    .try_get::<_, Json<serde_json::Value>>(7)
+                    .map_err(|e| corrupt("audit changes")(e.to_string()))?;
+                let event = StoredAuditEvent {
+                    row_id: row.try_get(0).map_err(map_err)?,
+                    account_id: row.try_get(1).map_err(map_err)?,
+                    seq: None,
+                    key_id: row.try_get(2).map_err(map_err)?,
+                    action: row.try_get(3).map_err(map_err)?,
+                    actor: row.try_get(4).map_err(map_err)?,
+                    actor_ip: row.try_get(5).map_err(map_err)?,
+                    at: row.try_get(6).map_err(map_err)?,
+                    changes: None,
+                    prev_hash: None,
+                    hash: None,
+                };
+                let head = heads.entry(event.account_id.clone()).or_insert(Head::EMPTY);
+                let next = chain::chain_stored(*head, &event, &changes);
+                ids.push(event.row_id);
+                seqs.push(next.seq);
+                prevs.push(head.hash.to_vec());
+                hashes.push(next.hash.to_vec());
+                *head = next;
+                after = event.row_id;
+            }
+            chained += ids.len() as u64;
+            tx.execute(
+                "UPDATE audit_events e SET account_seq = n.seq, prev_hash = n.prev, hash = n.hash \
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[]) \
+                     AS n (id, seq, prev, hash) \
+                 WHERE e.event_id = n.id",
+                &[&ids, &seqs, &prevs, &hashes],
+            )
+            .await
+            .map_err(map_err)?;
+        }
+        let accounts: Vec<&str> = heads.keys().map(String::as_str).collect();
+        let seqs: Vec<i64> = heads.values().map(|h| h.seq).collect();
+        let hashes: Vec<&[u8]> = heads.values().map(|h| &h.hash[..]).collect();
+        tx.execute(
+            "INSERT INTO audit_heads (account_id, last_seq, last_hash) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bytea[])",
+            &[&accounts, &seqs, &hashes],
+        )
+        .await
+        .map_err(map_err)?;
+        Ok(chained)
     }
 
     async fn apply(&mut self, m: &Migration, checksum: &str, at: &str) -> Result<()> {
@@ -886,8 +1058,14 @@ impl KeySource for PostgresStore {
         batch: usize,
         sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
     ) -> Result<usize> {
-        self.stream_rows(stream::STREAM_SECRETS, batch, entry_from_row, sink)
-            .await
+        self.stream_rows(
+            stream::STREAM_SECRETS,
+            Vec::new(),
+            batch,
+            entry_from_row,
+            sink,
+        )
+        .await
     }
 
     async fn stream_prefixes(
@@ -895,8 +1073,14 @@ impl KeySource for PostgresStore {
         batch: usize,
         sink: &mut (dyn FnMut(Vec<KeyPrefix>) + Send),
     ) -> Result<usize> {
-        self.stream_rows(stream::STREAM_PREFIXES, batch, prefix_from_row, sink)
-            .await
+        self.stream_rows(
+            stream::STREAM_PREFIXES,
+            Vec::new(),
+            batch,
+            prefix_from_row,
+            sink,
+        )
+        .await
     }
 }
 
@@ -910,6 +1094,7 @@ impl PostgresStore {
     async fn stream_rows<T: Send + 'static>(
         &self,
         query: &'static str,
+        params: Vec<Option<String>>,
         batch: usize,
         decode: fn(&Row) -> Result<T>,
         sink: &mut (dyn FnMut(Vec<T>) + Send),
@@ -924,10 +1109,7 @@ impl PostgresStore {
             // Prepared (and cached), so rows decode by the statement's
             // column types without a lookup.
             let stmt = read.prepare_cached(query).await.map_err(map_err)?;
-            let rows = read
-                .query_raw(&stmt, std::iter::empty::<&(dyn ToSql + Sync)>())
-                .await
-                .map_err(map_err)?;
+            let rows = read.query_raw(&stmt, params).await.map_err(map_err)?;
             let mut rows = std::pin::pin!(rows);
             let mut batches = stream::Batcher::new(batch);
             while let Some(row) = rows.try_next().await.map_err(map_err)? {
@@ -1197,9 +1379,9 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         let rows = query(
             &client,
-            "SELECT event_id, key_id, action, actor, actor_ip, at, changes FROM audit_events \
-             WHERE account_id = $1 AND ($2::text IS NULL OR key_id = $2::text) AND event_id > $3 \
-             ORDER BY event_id LIMIT $4",
+            "SELECT account_seq, key_id, action, actor, actor_ip, at, changes FROM audit_events \
+             WHERE account_id = $1 AND ($2::text IS NULL OR key_id = $2::text) AND account_seq > $3 \
+             ORDER BY account_seq LIMIT $4",
             &[
                 &account.as_str(),
                 &key_id.map(KeyId::as_str),
@@ -1390,10 +1572,6 @@ impl Store for PostgresStore {
         let expires: Vec<Option<OffsetDateTime>> = keys.iter().map(|k| k.expires_at).collect();
         let hashes: Vec<&[u8]> = keys.iter().map(|k| &k.hash.as_bytes()[..]).collect();
         let peppers: Vec<i64> = keys.iter().map(|k| k.pepper_id.to_stored()).collect();
-        let changes: Vec<Json<Vec<FieldChange>>> = keys
-            .iter()
-            .map(|k| Json(rules::created_changes(k)))
-            .collect();
 
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
@@ -1423,6 +1601,36 @@ impl Store for PostgresStore {
             &[&prefixes, &key_ids, &hashes, &peppers, &created],
         )
         .await?;
+        // Each account's events chain on from its head, in input order.
+        let mut accounts = account_ids.clone();
+        accounts.sort_unstable();
+        accounts.dedup();
+        let mut heads = std::collections::HashMap::with_capacity(accounts.len());
+        for row in query(&tx, IMPORT_LOCK_HEADS, &[&accounts, &&GENESIS[..]]).await? {
+            let account: String = row.try_get(0).map_err(map_err)?;
+            let head = Head::stored(
+                row.try_get(1).map_err(map_err)?,
+                row.try_get::<_, &[u8]>(2).map_err(map_err)?,
+            )?;
+            heads.insert(account, head);
+        }
+        let links: Vec<chain::Link> = keys
+            .iter()
+            .map(|key| {
+                let head = heads
+                    .get_mut(key.account_id.as_str())
+                    .expect("every account's head was locked");
+                let link = chain::append(*head, &ChangeRecord::created(key, actor));
+                *head = link.head();
+                link
+            })
+            .collect();
+        let seqs: Vec<i64> = links.iter().map(|l| l.seq).collect();
+        let ats: Vec<OffsetDateTime> = links.iter().map(|l| l.at).collect();
+        let changes: Vec<Json<&serde_json::Value>> =
+            links.iter().map(|l| Json(&l.changes)).collect();
+        let prevs: Vec<&[u8]> = links.iter().map(|l| &l.prev_hash[..]).collect();
+        let hashes_of_events: Vec<&[u8]> = links.iter().map(|l| &l.hash[..]).collect();
         execute(
             &tx,
             IMPORT_AUDIT,
@@ -1431,16 +1639,39 @@ impl Store for PostgresStore {
                 &actor.name,
                 &actor.ip,
                 &account_ids,
+                &seqs,
                 &key_ids,
-                &created,
+                &ats,
                 &changes,
+                &prevs,
+                &hashes_of_events,
             ],
+        )
+        .await?;
+        let head_accounts: Vec<&str> = heads.keys().map(String::as_str).collect();
+        let head_seqs: Vec<i64> = heads.values().map(|h| h.seq).collect();
+        let head_hashes: Vec<&[u8]> = heads.values().map(|h| &h.hash[..]).collect();
+        execute(
+            &tx,
+            IMPORT_HEADS,
+            &[&head_accounts, &head_seqs, &head_hashes],
         )
         .await?;
         // Last, as in `publish_change`: sequence numbers commit in order.
         execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK]).await?;
         execute(&tx, IMPORT_CHANGES, &[&prefixes, &created]).await?;
         tx.commit().await.map_err(map_err)
+    }
+
+    async fn stream_audit_chain(
+        &self,
+        account: Option<&AccountId>,
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<AuditChainRow>) + Send),
+    ) -> Result<usize> {
+        let account = account.map(|a| a.as_str().to_owned());
+        self.stream_rows(AUDIT_CHAIN, vec![account], batch, chain_row_from_row, sink)
+            .await
     }
 
     async fn secrets_by_pepper(&self) -> Result<Vec<PepperUse>> {

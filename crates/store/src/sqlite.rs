@@ -20,13 +20,14 @@ use vilvik_keys_domain::{
     AccountId, KeyId, KeyPrefix, PepperId, ScopeCatalogue, ScopeSet, SecretHash, Tier, TierLimits,
 };
 
+use crate::chain::{self, Head};
 use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, SQLITE};
 use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
-    Account, Actor, AuditEvent, KeyChanges, KeyRecord, KeySource, NewKey, NewSecret, OutageKind,
-    Page, PepperUse, Policy, Rehash, Result, Rotation, SecretEntry, SecretRecord, Store,
-    StoreError, UsageRecord,
+    Account, Actor, AuditChainRow, AuditEvent, KeyChanges, KeyRecord, KeySource, NewKey, NewSecret,
+    OutageKind, Page, PepperUse, Policy, Rehash, Result, Rotation, SecretEntry, SecretRecord,
+    Store, StoreError, StoredAuditEvent, StoredAuditHead, UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -362,29 +363,98 @@ fn insert_secret(
     Ok(())
 }
 
-/// Writes the change's audit event and appends its prefixes to the change log.
+/// Writes the change's audit event, chained onto the account's head (the
+/// write lock `BEGIN IMMEDIATE` took keeps anyone else from appending
+/// meanwhile), moves the head, and appends its prefixes to the change log.
 fn record_change(tx: &Transaction<'_>, record: &ChangeRecord<'_>) -> Result<()> {
-    let changes = serde_json::to_string(&record.changes).expect("field changes serialize");
+    let head = tx
+        .prepare_cached("SELECT last_seq, last_hash FROM audit_heads WHERE account_id = ?1")
+        .map_err(map_err)?
+        .query_row([record.account.as_str()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()
+        .map_err(map_err)?
+        .map(|(seq, hash)| Head::stored(seq, &hash))
+        .transpose()?
+        .unwrap_or(Head::EMPTY);
+    let link = chain::append(head, record);
     tx.prepare_cached(
-        "INSERT INTO audit_events (account_id, key_id, action, actor, actor_ip, at, changes) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO audit_events \
+         (account_id, account_seq, key_id, action, actor, actor_ip, at, changes, prev_hash, hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )
     .map_err(map_err)?
     .execute(params![
         record.account.as_str(),
+        link.seq,
         record.key_id.map(KeyId::as_str),
         record.action.as_str(),
         record.actor.name,
         record.actor.ip,
-        to_micros(record.at),
-        changes
+        to_micros(link.at),
+        link.changes.to_string(),
+        &link.prev_hash[..],
+        &link.hash[..],
     ])
     .map_err(map_err)?;
+    write_head(tx, record.account.as_str(), link.head())?;
     for prefix in &record.publish {
         publish_change(tx, prefix, record.at)?;
     }
     Ok(())
 }
+
+fn write_head(tx: &Transaction<'_>, account: &str, head: Head) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO audit_heads (account_id, last_seq, last_hash) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (account_id) DO UPDATE SET last_seq = excluded.last_seq, \
+         last_hash = excluded.last_hash",
+    )
+    .map_err(map_err)?
+    .execute(params![account, head.seq, &head.hash[..]])
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Decodes a row of [`AUDIT_CHAIN`]: an event (kind 0) or a head (kind 1).
+fn chain_row_from_row(row: &Row<'_>) -> Result<AuditChainRow> {
+    let kind: i64 = row.get(0).map_err(map_err)?;
+    let account_id: String = row.get(1).map_err(map_err)?;
+    let seq: Option<i64> = row.get(2).map_err(map_err)?;
+    if kind == 1 {
+        return Ok(AuditChainRow::Head(StoredAuditHead {
+            account_id,
+            seq: seq.unwrap_or_default(),
+            hash: row.get(11).map_err(map_err)?,
+        }));
+    }
+    // Text that is not JSON (or not text) is an edited row, not an error.
+    let changes = row.get::<_, String>(9).ok();
+    Ok(AuditChainRow::Event(StoredAuditEvent {
+        row_id: row.get(3).map_err(map_err)?,
+        account_id,
+        seq,
+        key_id: row.get(4).map_err(map_err)?,
+        action: row.get(5).map_err(map_err)?,
+        actor: row.get(6).map_err(map_err)?,
+        actor_ip: row.get(7).map_err(map_err)?,
+        at: from_micros(row.get(8).map_err(map_err)?)?,
+        changes: changes.and_then(|c| serde_json::from_str(&c).ok()),
+        prev_hash: row.get(10).map_err(map_err)?,
+        hash: row.get(11).map_err(map_err)?,
+    }))
+}
+
+/// Every event and head, or one account's (`?1`), as
+/// [`Store::stream_audit_chain`] hands them out.
+const AUDIT_CHAIN: &str = "SELECT 0 AS kind, account_id, account_seq, event_id, key_id, action, \
+         actor, actor_ip, at, changes, prev_hash, hash \
+     FROM audit_events WHERE ?1 IS NULL OR account_id = ?1 \
+     UNION ALL \
+     SELECT 1, account_id, last_seq, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, last_hash \
+     FROM audit_heads WHERE ?1 IS NULL OR account_id = ?1 \
+     ORDER BY account_id, kind, account_seq NULLS FIRST, event_id";
 
 fn publish_change(tx: &Transaction<'_>, prefix: &KeyPrefix, at: OffsetDateTime) -> Result<()> {
     tx.prepare_cached("INSERT INTO key_changes (prefix, at) VALUES (?1, ?2)")
@@ -495,6 +565,74 @@ impl migrate::Ledger for Ledger<'_> {
             )
             .map_err(map_err)?;
         Ok(())
+    }
+
+    /// A thousand rows at a time in `event_id` order, each account's
+    /// running head in memory (one per account, not one per event).
+    async fn chain_audit_events(&mut self) -> Result<u64> {
+        let tx = self.0;
+        let mut heads: BTreeMap<String, Head> = BTreeMap::new();
+        let (mut after, mut chained) = (0_i64, 0_u64);
+        loop {
+            let rows: Vec<StoredAuditEvent> = {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT event_id, account_id, key_id, action, actor, actor_ip, at, changes \
+                         FROM audit_events WHERE event_id > ?1 AND hash IS NULL \
+                         ORDER BY event_id LIMIT 1000",
+                    )
+                    .map_err(map_err)?;
+                let mut rows = stmt.query([after]).map_err(map_err)?;
+                let mut out = Vec::new();
+                while let Some(row) = rows.next().map_err(map_err)? {
+                    let changes: String = row.get(7).map_err(map_err)?;
+                    out.push(StoredAuditEvent {
+                        row_id: row.get(0).map_err(map_err)?,
+                        account_id: row.get(1).map_err(map_err)?,
+                        seq: None,
+                        key_id: row.get(2).map_err(map_err)?,
+                        action: row.get(3).map_err(map_err)?,
+                        actor: row.get(4).map_err(map_err)?,
+                        actor_ip: row.get(5).map_err(map_err)?,
+                        at: from_micros(row.get(6).map_err(map_err)?)?,
+                        changes: Some(
+                            serde_json::from_str(&changes)
+                                .map_err(|e| corrupt("audit changes")(e.to_string()))?,
+                        ),
+                        prev_hash: None,
+                        hash: None,
+                    });
+                }
+                out
+            };
+            let Some(last) = rows.last() else { break };
+            after = last.row_id;
+            let mut update = tx
+                .prepare_cached(
+                    "UPDATE audit_events SET account_seq = ?1, prev_hash = ?2, hash = ?3 \
+                     WHERE event_id = ?4",
+                )
+                .map_err(map_err)?;
+            for event in &rows {
+                let head = heads.entry(event.account_id.clone()).or_insert(Head::EMPTY);
+                let changes = event.changes.as_ref().expect("parsed above");
+                let next = chain::chain_stored(*head, event, changes);
+                update
+                    .execute(params![
+                        next.seq,
+                        &head.hash[..],
+                        &next.hash[..],
+                        event.row_id
+                    ])
+                    .map_err(map_err)?;
+                *head = next;
+                chained += 1;
+            }
+        }
+        for (account, head) in &heads {
+            write_head(tx, account, *head)?;
+        }
+        Ok(chained)
     }
 
     async fn apply(&mut self, m: &Migration, checksum: &str, at: &str) -> Result<()> {
@@ -641,8 +779,14 @@ impl KeySource for SqliteStore {
         batch: usize,
         sink: &mut (dyn FnMut(Vec<SecretEntry>) + Send),
     ) -> Result<usize> {
-        self.stream_rows(stream::STREAM_SECRETS, batch, entry_from_row, sink)
-            .await
+        self.stream_rows(
+            stream::STREAM_SECRETS,
+            Vec::new(),
+            batch,
+            entry_from_row,
+            sink,
+        )
+        .await
     }
 
     async fn stream_prefixes(
@@ -650,8 +794,14 @@ impl KeySource for SqliteStore {
         batch: usize,
         sink: &mut (dyn FnMut(Vec<KeyPrefix>) + Send),
     ) -> Result<usize> {
-        self.stream_rows(stream::STREAM_PREFIXES, batch, prefix_from_row, sink)
-            .await
+        self.stream_rows(
+            stream::STREAM_PREFIXES,
+            Vec::new(),
+            batch,
+            prefix_from_row,
+            sink,
+        )
+        .await
     }
 }
 
@@ -663,6 +813,7 @@ impl SqliteStore {
     async fn stream_rows<T: Send + 'static>(
         &self,
         query: &'static str,
+        params: Vec<rusqlite::types::Value>,
         batch: usize,
         decode: fn(&Row<'_>) -> Result<T>,
         sink: &mut (dyn FnMut(Vec<T>) + Send),
@@ -677,7 +828,9 @@ impl SqliteStore {
                 .map_err(map_err)?;
             {
                 let mut stmt = read.prepare_cached(query).map_err(map_err)?;
-                let mut rows = stmt.query([]).map_err(map_err)?;
+                let mut rows = stmt
+                    .query(rusqlite::params_from_iter(params))
+                    .map_err(map_err)?;
                 let mut batches = stream::Batcher::new(batch);
                 while let Some(row) = rows.next().map_err(map_err)? {
                     if let Some(full) = batches.push(decode(row)?)
@@ -911,9 +1064,9 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT event_id, account_id, key_id, action, actor, actor_ip, at, changes FROM audit_events \
-                     WHERE account_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND event_id > ?3 \
-                     ORDER BY event_id LIMIT ?4",
+                    "SELECT account_seq, account_id, key_id, action, actor, actor_ip, at, changes FROM audit_events \
+                     WHERE account_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND account_seq > ?3 \
+                     ORDER BY account_seq LIMIT ?4",
                 )
                 .map_err(map_err)?;
             let mut rows = stmt
@@ -1092,6 +1245,20 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn stream_audit_chain(
+        &self,
+        account: Option<&AccountId>,
+        batch: usize,
+        sink: &mut (dyn FnMut(Vec<AuditChainRow>) + Send),
+    ) -> Result<usize> {
+        let account = match account {
+            Some(a) => rusqlite::types::Value::Text(a.as_str().to_owned()),
+            None => rusqlite::types::Value::Null,
+        };
+        self.stream_rows(AUDIT_CHAIN, vec![account], batch, chain_row_from_row, sink)
+            .await
     }
 
     async fn secrets_by_pepper(&self) -> Result<Vec<PepperUse>> {

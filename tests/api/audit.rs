@@ -1,0 +1,208 @@
+//! The audit log through the real server: event ids and page tokens are
+//! per account, and the product tour runs as a Postgres role that may
+//! only INSERT and SELECT audit rows (the grants of docs/SECURITY.md).
+
+use vilvik_keys::proto;
+
+use crate::helpers::{ACCOUNT, Backend, TestApp, spawn_app};
+
+crate::on_both_backends!(event_ids_and_page_tokens_are_per_account);
+
+async fn event_ids_and_page_tokens_are_per_account(mut app: TestApp) {
+    // ACME has its bootstrap event and more; globex starts now.
+    for name in ["one", "two"] {
+        app.create_key(name, &["datasets:read"]).await.unwrap();
+    }
+    for name in ["theirs", "also-theirs"] {
+        let request = app.as_operator(
+            proto::CreateKeyRequest {
+                name: name.into(),
+                scopes: vec!["datasets:read".into()],
+                ..Default::default()
+            },
+            "globex",
+            "alice@example.com",
+        );
+        app.admin.create_key(request).await.unwrap();
+    }
+    let first_page = |account: &str| {
+        app.as_operator(
+            proto::ListAuditEventsRequest {
+                page_size: 1,
+                ..Default::default()
+            },
+            account,
+            "alice@example.com",
+        )
+    };
+    let (acme, globex) = (first_page(ACCOUNT), first_page("globex"));
+    let acme = app
+        .admin
+        .list_audit_events(acme)
+        .await
+        .unwrap()
+        .into_inner();
+    let globex = app
+        .admin
+        .list_audit_events(globex)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acme.events[0].event_id, "1");
+    assert_eq!(
+        globex.events[0].event_id, "1",
+        "globex counts its own events"
+    );
+    assert_eq!(
+        acme.next_page_token, globex.next_page_token,
+        "a page token says where in one's own log it is, nothing about others"
+    );
+    let all: Vec<String> = app
+        .audit("")
+        .await
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(all, ["1", "2", "3"]);
+}
+
+/// The grants docs/SECURITY.md gives the service's role, for `role` on
+/// `database` (its tables made by `vilvik-keys migrate` as the owner).
+/// Keep this the same text as the documentation's.
+fn service_grants(database: &str, role: &str) -> String {
+    format!(
+        "GRANT CONNECT ON DATABASE \"{database}\" TO {role};
+GRANT USAGE ON SCHEMA public TO {role};
+GRANT SELECT ON schema_migrations TO {role};
+GRANT SELECT, INSERT, UPDATE ON accounts, keys TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON key_secrets TO {role};
+GRANT SELECT, INSERT, DELETE ON key_changes TO {role};
+GRANT SELECT, UPDATE ON change_log_floor TO {role};
+GRANT SELECT, INSERT, UPDATE ON audit_heads TO {role};
+GRANT SELECT, INSERT ON audit_events TO {role};
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};"
+    )
+}
+
+/// A login role of its own (roles are cluster-wide), dropped at the end
+/// even when the test fails.
+struct ServiceRole {
+    name: String,
+    owner_url: String,
+}
+
+impl Drop for ServiceRole {
+    fn drop(&mut self) {
+        let (name, url) = (self.name.clone(), self.owner_url.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                let connection = tokio::spawn(connection);
+                let dropped = client
+                    .batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE {name};"))
+                    .await;
+                if let Err(e) = dropped {
+                    eprintln!("warning: role {name} was not dropped: {e}");
+                }
+                drop(client);
+                let _ = connection.await;
+            })
+        })
+        .join();
+    }
+}
+
+/// `url` with its user replaced by `role` (trust authentication in tests).
+fn as_role(url: &str, role: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{role}@{host}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
+    use secrecy::{ExposeSecret, SecretString};
+    let Some(mut app) = spawn_app(Backend::Postgres).await else {
+        return;
+    };
+    // Migrated and bootstrapped as the owner; from now on the service
+    // runs as a role with the documented grants only.
+    let owner_url = app
+        .config
+        .database_url
+        .as_ref()
+        .unwrap()
+        .expose_secret()
+        .to_owned();
+    let owner = app.postgres_client().await;
+    let database: String = owner
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // RandomState is seeded at random: a name no other test run uses.
+    let random =
+        std::hash::BuildHasher::build_hasher(&std::collections::hash_map::RandomState::new());
+    let role = ServiceRole {
+        name: format!("vk_service_{:016x}", std::hash::Hasher::finish(&random)),
+        owner_url: owner_url.clone(),
+    };
+    owner
+        .batch_execute(&format!("CREATE ROLE {} LOGIN", role.name))
+        .await
+        .unwrap();
+    owner
+        .batch_execute(&service_grants(&database, &role.name))
+        .await
+        .unwrap();
+    let role_url = as_role(&owner_url, &role.name);
+    app.config.database_url = Some(SecretString::from(role_url.clone()));
+    // `serve` migrates on start: with nothing to apply it needs no CREATE.
+    app.restart().await;
+
+    crate::tour::walk_the_tour(&mut app).await;
+
+    // The role may read and append, never rewrite.
+    let (client, connection) = tokio_postgres::connect(&role_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let events: i64 = client
+        .query_one("SELECT COUNT(*) FROM audit_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(events >= 7, "{events}");
+    for sql in [
+        "UPDATE audit_events SET actor = 'someone else'",
+        "DELETE FROM audit_events",
+        "TRUNCATE audit_events",
+    ] {
+        let err = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {err}"
+        );
+    }
+    // What the tour wrote verifies.
+    let store = vilvik_keys_store::PostgresStore::connect(&owner_url)
+        .await
+        .unwrap();
+    let mut check = vilvik_keys_store::ChainCheck::new();
+    vilvik_keys_store::Store::stream_audit_chain(&store, None, 100, &mut |rows| {
+        rows.into_iter().for_each(|r| check.push(r))
+    })
+    .await
+    .unwrap();
+    let summary = check.finish().expect("the chain is intact");
+    assert_eq!(summary.events, events as u64);
+    // Before the role goes: no session of it may remain.
+    app.stop().await;
+}
