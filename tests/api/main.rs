@@ -14,6 +14,7 @@ mod lifecycle;
 mod outage;
 mod pepper;
 mod protection;
+mod rate_limit;
 mod tls;
 mod tour;
 
