@@ -12,12 +12,13 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use vilvik_keys_domain::{ScopeCatalogue, TierLimits};
+use vilvik_keys_domain::{ScopeCatalogue, Tier, TierLimits};
 use vilvik_keys_store::Policy;
 
 use crate::server::tls::TlsFiles;
@@ -121,6 +122,8 @@ pub struct Config {
     pub listener_limits: ListenerLimits,
     /// TLS on the listeners; plaintext when no certificate is set.
     pub tls: TlsSettings,
+    /// How fast each account may call the admin API, on this node.
+    pub admin_rates: AdminRateLimits,
 }
 
 /// The TLS settings: one certificate for both listeners, and the CA whose
@@ -250,6 +253,7 @@ impl std::fmt::Debug for Config {
             )
             .field("listener_limits", &self.listener_limits)
             .field("tls", &self.tls)
+            .field("admin_rates", &self.admin_rates)
             .finish()
     }
 }
@@ -291,6 +295,7 @@ impl Default for Config {
             stored_keys_per_active_key: 100,
             listener_limits: ListenerLimits::default(),
             tls: TlsSettings::default(),
+            admin_rates: AdminRateLimits::default(),
         }
     }
 }
@@ -602,6 +607,26 @@ settings! {
         admin_concurrency_per_connection: u32 = "VILVIK_KEYS_ADMIN_CONCURRENCY_PER_CONNECTION", Value("64"),
             "admin requests in progress at once on one connection, its share of `admin_concurrency_limit`",
             |c, name, v| { c.listener_limits.admin_concurrency_per_connection = parse_count(name, &v)?; Ok(()) };
+        // Admin rate limits (issue 10); see src/server/rate_limit.rs and
+        // docs/ARCHITECTURE.md "Admin rate limits".
+        admin_rate_per_second: u32 = "VILVIK_KEYS_ADMIN_RATE_PER_SECOND", Value("100"),
+            "admin calls one account may make a second on this node, on average (GCRA); more get RESOURCE_EXHAUSTED with `retry-after` (several admin nodes: each allows this much)",
+            |c, name, v| { c.admin_rates.per_second = parse_rate(name, &v)?; Ok(()) };
+        admin_rate_burst: u32 = "VILVIK_KEYS_ADMIN_RATE_BURST", Value("200"),
+            "admin calls one account may make at once on this node after a quiet spell",
+            |c, name, v| { c.admin_rates.burst = parse_burst(name, &v)?; Ok(()) };
+        free_admin_rate_per_second: u32 = "VILVIK_KEYS_FREE_ADMIN_RATE_PER_SECOND", Unset("`admin_rate_per_second`"),
+            "`admin_rate_per_second` for accounts on the free tier",
+            |c, name, v| { c.admin_rates.free.per_second = Some(parse_rate(name, &v)?); Ok(()) };
+        free_admin_rate_burst: u32 = "VILVIK_KEYS_FREE_ADMIN_RATE_BURST", Unset("`admin_rate_burst`"),
+            "`admin_rate_burst` for accounts on the free tier",
+            |c, name, v| { c.admin_rates.free.burst = Some(parse_burst(name, &v)?); Ok(()) };
+        premium_admin_rate_per_second: u32 = "VILVIK_KEYS_PREMIUM_ADMIN_RATE_PER_SECOND", Unset("`admin_rate_per_second`"),
+            "`admin_rate_per_second` for accounts on the premium tier",
+            |c, name, v| { c.admin_rates.premium.per_second = Some(parse_rate(name, &v)?); Ok(()) };
+        premium_admin_rate_burst: u32 = "VILVIK_KEYS_PREMIUM_ADMIN_RATE_BURST", Unset("`admin_rate_burst`"),
+            "`admin_rate_burst` for accounts on the premium tier",
+            |c, name, v| { c.admin_rates.premium.burst = Some(parse_burst(name, &v)?); Ok(()) };
         // TLS (issue 9); see src/server/tls.rs and docs/SECURITY.md.
         tls_cert_file: PathBuf = "VILVIK_KEYS_TLS_CERT_FILE", Unset("plaintext"),
             "the certificate chain (PEM) both listeners serve TLS with; needs `tls_key_file`",
@@ -872,6 +897,98 @@ fn parse_millis(name: &str, value: &str) -> Result<Duration, ConfigError> {
             format!("'{value}' is not a whole number of milliseconds"),
         )
     })
+}
+
+/// The most calls a second an admin rate may allow: GCRA spaces calls at
+/// least a nanosecond apart, and a microsecond keeps its arithmetic exact.
+const MAX_ADMIN_RATE: u32 = 1_000_000;
+
+/// An admin rate in calls a second, at least 1: a rate of 0 would refuse
+/// every admin call, which no operator means (to lift the limit in effect,
+/// set a high rate).
+fn parse_rate(name: &str, value: &str) -> Result<NonZeroU32, ConfigError> {
+    let rate = parse_number(name, value)?;
+    if rate > MAX_ADMIN_RATE {
+        return Err(invalid(
+            name,
+            format!("must be at most {MAX_ADMIN_RATE} calls a second"),
+        ));
+    }
+    NonZeroU32::new(rate).ok_or_else(|| {
+        invalid(
+            name,
+            format!("must be at least 1 call a second: 0 would refuse every admin call (to lift the limit in effect, set it as high as {MAX_ADMIN_RATE})"),
+        )
+    })
+}
+
+/// An admin burst, at least 1: a burst of 0 would refuse every call.
+fn parse_burst(name: &str, value: &str) -> Result<NonZeroU32, ConfigError> {
+    NonZeroU32::new(parse_number(name, value)?).ok_or_else(|| {
+        invalid(
+            name,
+            "must be at least 1 call: a burst of 0 would refuse every admin call",
+        )
+    })
+}
+
+/// How fast one account may call the admin API, by GCRA: `per_second`
+/// calls a second on average, and up to `burst` at once after a quiet spell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminRate {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+/// The admin rate of each tier: the global one, unless the tier's own
+/// settings override it. Each field is a setting (`settings!` above);
+/// `server::rate_limit` applies them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminRateLimits {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+    pub free: AdminRateOverride,
+    pub premium: AdminRateOverride,
+}
+
+/// A tier's own admin rate; `None`: the global value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdminRateOverride {
+    pub per_second: Option<NonZeroU32>,
+    pub burst: Option<NonZeroU32>,
+}
+
+impl Default for AdminRateLimits {
+    fn default() -> Self {
+        Self {
+            per_second: NonZeroU32::new(100).expect("not zero"),
+            burst: NonZeroU32::new(200).expect("not zero"),
+            free: AdminRateOverride::default(),
+            premium: AdminRateOverride::default(),
+        }
+    }
+}
+
+impl AdminRateLimits {
+    /// The same rate for every account, whatever its tier.
+    pub fn uniform(per_second: u32, burst: u32) -> Self {
+        Self {
+            per_second: NonZeroU32::new(per_second).expect("a rate of at least 1"),
+            burst: NonZeroU32::new(burst).expect("a burst of at least 1"),
+            ..Self::default()
+        }
+    }
+
+    pub fn for_tier(&self, tier: Tier) -> AdminRate {
+        let tier = match tier {
+            Tier::Free => self.free,
+            Tier::Premium => self.premium,
+        };
+        AdminRate {
+            per_second: tier.per_second.unwrap_or(self.per_second),
+            burst: tier.burst.unwrap_or(self.burst),
+        }
+    }
 }
 
 /// What one client may hold open on a listener. Each field is a setting
@@ -1266,6 +1383,80 @@ mod tests {
             !shown.contains("hunter2") && !shown.contains("op-token"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn admin_rates_default_to_100_a_second_with_bursts_of_200_for_every_tier() {
+        let c = Config::from_sources(None, &env(&[])).unwrap();
+        let expected = AdminRate {
+            per_second: NonZeroU32::new(100).unwrap(),
+            burst: NonZeroU32::new(200).unwrap(),
+        };
+        assert_eq!(c.admin_rates.for_tier(Tier::Free), expected);
+        assert_eq!(c.admin_rates.for_tier(Tier::Premium), expected);
+    }
+
+    #[test]
+    fn a_tier_overrides_the_global_admin_rate_setting_by_setting() {
+        let f = file("admin_rate_per_second = 10\npremium_admin_rate_per_second = 50\n");
+        let c = Config::from_sources(
+            Some(f.path()),
+            &env(&[
+                ("VILVIK_KEYS_ADMIN_RATE_BURST", "20"),
+                ("VILVIK_KEYS_FREE_ADMIN_RATE_BURST", "5"),
+                ("VILVIK_KEYS_PREMIUM_ADMIN_RATE_PER_SECOND", "40"),
+            ]),
+        )
+        .unwrap();
+        let rate = |tier| {
+            let r = c.admin_rates.for_tier(tier);
+            (r.per_second.get(), r.burst.get())
+        };
+        // Free: the global rate, its own burst; premium: its own rate
+        // (the environment's over the file's), the global burst.
+        assert_eq!(rate(Tier::Free), (10, 5));
+        assert_eq!(rate(Tier::Premium), (40, 20));
+    }
+
+    #[test]
+    fn admin_rates_of_zero_or_beyond_a_million_stop_the_start() {
+        for variable in [
+            "VILVIK_KEYS_ADMIN_RATE_PER_SECOND",
+            "VILVIK_KEYS_FREE_ADMIN_RATE_PER_SECOND",
+            "VILVIK_KEYS_PREMIUM_ADMIN_RATE_PER_SECOND",
+        ] {
+            let err = Config::from_sources(None, &env(&[(variable, "0")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(variable), "{err}");
+            assert!(err.contains("at least 1 call a second"), "{err}");
+            let err = Config::from_sources(None, &env(&[(variable, "1000001")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(variable), "{err}");
+            assert!(err.contains("at most 1000000"), "{err}");
+            let err = Config::from_sources(None, &env(&[(variable, "fast")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(variable), "{err}");
+            assert!(err.contains("'fast' is not a whole number"), "{err}");
+        }
+        for variable in [
+            "VILVIK_KEYS_ADMIN_RATE_BURST",
+            "VILVIK_KEYS_FREE_ADMIN_RATE_BURST",
+            "VILVIK_KEYS_PREMIUM_ADMIN_RATE_BURST",
+        ] {
+            let err = Config::from_sources(None, &env(&[(variable, "0")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(variable), "{err}");
+            assert!(err.contains("at least 1 call"), "{err}");
+        }
+        let f = file("free_admin_rate_burst = 0\n");
+        let err = Config::from_sources(Some(f.path()), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("free_admin_rate_burst"), "{err}");
     }
 
     #[test]

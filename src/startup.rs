@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::proto;
 use crate::server::admin::{AdminService, SmokeTest};
 use crate::server::connections::{self, ActivityLayer, ConnectionLimits, Connections};
+use crate::server::rate_limit::AdminRateLimiter;
 use crate::server::tls::{self, Acceptor};
 use crate::server::{auth::Authenticator, verify::VerifyService};
 use crate::verify_server::key_verify_server::KeyVerifyServer;
@@ -171,6 +172,7 @@ impl Application {
                         verifier.clone(),
                         config.operator_token.clone(),
                         config.trusted_proxies.clone(),
+                        AdminRateLimiter::new(config.admin_rates, store.clone()),
                     ),
                     policy: config.policy(),
                     smoke_test: SmokeTest::new(
@@ -236,6 +238,7 @@ impl Application {
         };
         let mut servers = tokio::task::JoinSet::new();
         let mut pruner = None;
+        let mut rate_limit_sweeper = None;
         let limits = self.config.listener_limits;
         let connection_limits = ConnectionLimits::new(&limits, self.max_connections);
         let mut listeners = Vec::new();
@@ -249,6 +252,9 @@ impl Application {
                 },
                 stopped(),
             )));
+            rate_limit_sweeper = Some(tokio::spawn(
+                service.auth.rate_limits().clone().housekeep(stopped()),
+            ));
             health_reporter
                 .set_serving::<KeyAdminServer<AdminService>>()
                 .await;
@@ -369,6 +375,9 @@ impl Application {
         let _ = rehashes.await;
         if let Some(pruner) = pruner {
             let _ = pruner.await;
+        }
+        if let Some(sweeper) = rate_limit_sweeper {
+            let _ = sweeper.await;
         }
         // Every verify has finished: flush what they recorded, retrying
         // until the deadline (at least one try, however late).

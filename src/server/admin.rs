@@ -448,6 +448,7 @@ impl KeyAdmin for AdminService {
             .set_tier(&account, tier, &caller.actor, self.clock.now())
             .await
             .map_err(ApiError::from)?;
+        self.auth.rate_limits().tier_set(&account, updated.tier);
         tracing::info!(account = %account, tier = %tier, actor = %caller.actor.name, "account tier set");
         Ok(Response::new(self.account(&account, updated)))
     }

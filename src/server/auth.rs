@@ -6,6 +6,9 @@
 //! - the operator token from configuration, for trusted platform backends;
 //!   the account comes from `x-vilvik-account` and the human actor from
 //!   `x-vilvik-actor` (recorded as `operator:<actor>`).
+//!
+//! Once the caller is known, the call is counted against its account's
+//! admin rate limit ([`super::rate_limit`]), before anything else is done.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -17,6 +20,7 @@ use vilvik_keys_store::Actor;
 use vilvik_keys_verify::{Verdict, Verifier};
 
 use super::error::ApiError;
+use super::rate_limit::AdminRateLimiter;
 
 pub const ACCOUNT_HEADER: &str = "x-vilvik-account";
 pub const ACTOR_HEADER: &str = "x-vilvik-actor";
@@ -43,6 +47,7 @@ pub struct Authenticator {
     operator_token: Option<SecretString>,
     trusted_proxies: Vec<IpAddr>,
     admin_scope: Scope,
+    rate_limits: AdminRateLimiter,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -53,6 +58,7 @@ impl std::fmt::Debug for Authenticator {
                 &self.operator_token.as_ref().map(|_| "[REDACTED]"),
             )
             .field("trusted_proxies", &self.trusted_proxies)
+            .field("rate_limits", &self.rate_limits)
             .finish_non_exhaustive()
     }
 }
@@ -62,6 +68,7 @@ impl Authenticator {
         verifier: Verifier,
         operator_token: Option<SecretString>,
         trusted_proxies: Vec<IpAddr>,
+        rate_limits: AdminRateLimiter,
     ) -> Self {
         // No error message may quote it, whichever field it was put in.
         if let Some(token) = &operator_token {
@@ -74,10 +81,25 @@ impl Authenticator {
             admin_scope: ADMIN_SCOPE
                 .parse()
                 .expect("the admin scope is a valid scope"),
+            rate_limits,
         }
     }
 
+    /// The per-account admin rate limits this authenticator enforces.
+    pub fn rate_limits(&self) -> &AdminRateLimiter {
+        &self.rate_limits
+    }
+
+    /// The authenticated caller, once its call is within its account's
+    /// admin rate: every KeyAdmin handler starts here, so a call over the
+    /// rate is refused before any validation or store access.
     pub async fn caller<T>(&self, request: &tonic::Request<T>) -> Result<Caller, ApiError> {
+        let caller = self.authenticate(request).await?;
+        self.rate_limits.admit(&caller.account).await?;
+        Ok(caller)
+    }
+
+    async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<Caller, ApiError> {
         let ip = client_ip(
             request.metadata(),
             crate::server::connections::peer_addr(request),

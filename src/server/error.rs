@@ -7,6 +7,8 @@ use tonic::{Code, Status};
 use vilvik_keys_domain::{ADMIN_SCOPE, Tier};
 use vilvik_keys_store::{Outage, OutageKind, StoreError};
 
+use super::rate_limit::RateLimited;
+
 /// Why an API call failed, in terms the caller can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -19,6 +21,9 @@ pub enum ApiError {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Over the account's admin rate; the status carries `retry-after`.
+    #[error("{0}")]
+    RateLimited(RateLimited),
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -47,12 +52,18 @@ impl ApiError {
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ApiError::ResourceExhausted(_) | ApiError::RateLimited(_) => Code::ResourceExhausted,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
+    }
+}
+
+impl From<RateLimited> for ApiError {
+    fn from(limited: RateLimited) -> Self {
+        Self::RateLimited(limited)
     }
 }
 
@@ -142,6 +153,14 @@ impl From<ApiError> for Status {
                 if let Some(unlogged) = FAILURE_LOG.admit(Some(outage.kind), Instant::now()) {
                     tracing::warn!(error = %error_chain(outage), similar_failures_unlogged = unlogged, "request failed: store unavailable");
                 }
+            }
+            ApiError::RateLimited(limited) => {
+                // When to call again, for clients and proxies: whole
+                // seconds rounded up as in HTTP, and milliseconds.
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                metadata.insert("retry-after", limited.retry_after_secs().into());
+                metadata.insert("retry-after-ms", limited.retry_after_ms().into());
+                return Status::with_metadata(e.code(), e.to_string(), metadata);
             }
             _ => {}
         }
@@ -400,6 +419,25 @@ mod tests {
         assert_eq!(log.admit(refused, at(2_000)), Some(1));
         assert_eq!(log.admit(None, at(1_400)), None);
         assert_eq!(log.admit(None, at(1_500)), Some(1));
+    }
+
+    #[test]
+    fn rate_limited_is_resource_exhausted_saying_when_to_retry_in_metadata() {
+        let limited = RateLimited {
+            account: "acme".parse().unwrap(),
+            rate: crate::config::AdminRateLimits::default().for_tier(Tier::Free),
+            tier: None,
+            retry_after: Duration::from_micros(1_500_500),
+        };
+        let s: Status = ApiError::from(limited).into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(
+            s.message(),
+            "admin calls for account 'acme' are limited to 100 per second (burst 200); retry after 1501 ms"
+        );
+        let header = |name| s.metadata().get(name).unwrap().to_str().unwrap().to_owned();
+        assert_eq!(header("retry-after"), "2");
+        assert_eq!(header("retry-after-ms"), "1501");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod connections;
 pub mod convert;
 pub mod error;
+pub mod rate_limit;
 pub mod tls;
 pub mod verify;
 pub mod verify_wire;

@@ -18,6 +18,7 @@ mod outage;
 mod pepper;
 mod privilege;
 mod protection;
+mod rate_limit;
 mod tls;
 mod tour;
 

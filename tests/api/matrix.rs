@@ -381,9 +381,12 @@ async fn another_accounts_key_answers_like_a_missing_one(mut app: TestApp) {
     }
 }
 
+/// Room for the matrix's ~1,000 calls in a few seconds: under the tier
+/// caps, and under the admin rate limit (its own tests are in rate_limit.rs).
 fn roomy(config: &mut vilvik_keys::config::Config) {
     config.tier_limits.free = 1000;
     config.tier_limits.premium = 1000;
+    config.admin_rates = vilvik_keys::config::AdminRateLimits::uniform(1_000_000, 1_000_000);
 }
 
 macro_rules! on_both_roomy {

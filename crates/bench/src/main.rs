@@ -19,6 +19,7 @@
 //! gives it only 127.0.0.1. Every loop is bounded in count and time.
 #![forbid(unsafe_code)]
 
+mod admin_flood;
 mod bodies;
 mod client;
 mod h2log;
@@ -60,6 +61,8 @@ enum Command {
     Timing(timing::TimingArgs),
     /// Revoke keys through the admin node and time until every verify node rejects them.
     Propagation(propagation::PropagationArgs),
+    /// One account floods ListAuditEvents; another's GetKey latency, alone and under the flood.
+    AdminFlood(admin_flood::AdminFloodArgs),
 }
 
 #[tokio::main]
@@ -73,6 +76,7 @@ async fn main() -> ExitCode {
         Command::Miss(args) => miss::run(args).await,
         Command::Timing(args) => timing::run(args).await,
         Command::Propagation(args) => propagation::run(args).await,
+        Command::AdminFlood(args) => admin_flood::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
