@@ -127,7 +127,8 @@ impl From<StoreError> for ApiError {
                 "key {key_id} is the account's last active management key ({ADMIN_SCOPE}): revoking it, \
                  taking {ADMIN_SCOPE} from it or making it expire sooner would leave nobody able to manage \
                  the account's keys; first have the operator create another management key \
-                 (`vilvik-keys keys create --scope {ADMIN_SCOPE}` with the operator token), then retry"
+                 (`vilvik-keys keys create --name NAME --scope {ADMIN_SCOPE}` with the operator \
+                 token), then retry"
             )),
             StoreError::Unavailable(outage) => ApiError::Unavailable(outage),
             // A generated identifier collided on every attempt, or a
