@@ -1,12 +1,7 @@
 //! Who may do what: management keys act on their own account, the operator
 //! token on the account it names; another account's keys do not exist.
 
-use std::future::Future;
-use std::pin::Pin;
-
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
-use vilvik_keys::proto::key_admin_client::KeyAdminClient;
+use tonic::Code;
 use vilvik_keys::proto::{self, AuditAction, Tier};
 
 use crate::helpers::{
@@ -87,164 +82,29 @@ async fn credentials_are_checked(mut app: TestApp) {
     );
 }
 
-/// One KeyAdmin call with the credential the test chooses, its answer
-/// reduced to whether it succeeded.
-/// Key-targeted calls name the existing key `key_id`.
-type AdminCall = fn(
-    KeyAdminClient<Channel>,
-    Credential,
-    String,
-) -> Pin<Box<dyn Future<Output = Result<(), Status>>>>;
-
-/// What a table row sends in `authorization`.
-#[derive(Debug, Clone, Copy)]
-enum Credential {
-    None,
-    Header(&'static str),
-}
-
-impl Credential {
-    fn on<T>(self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        if let Credential::Header(value) = self {
-            request
-                .metadata_mut()
-                .insert("authorization", value.parse().unwrap());
-        }
-        request
-    }
-}
-
-/// Every RPC of `service KeyAdmin`, each with a request that a management
-/// key (or, for SetAccountTier, the operator) could make.
-const ADMIN_CALLS: &[(&str, AdminCall)] = &[
-    ("CreateKey", |mut c, cred, _| {
-        Box::pin(async move {
-            let request = proto::CreateKeyRequest {
-                name: "intruder".into(),
-                scopes: vec!["datasets:read".into()],
-                ..Default::default()
-            };
-            c.create_key(cred.on(request)).await.map(drop)
-        })
-    }),
-    ("ListKeys", |mut c, cred, _| {
-        Box::pin(async move {
-            let request = proto::ListKeysRequest::default();
-            c.list_keys(cred.on(request)).await.map(drop)
-        })
-    }),
-    ("GetKey", |mut c, cred, key_id| {
-        Box::pin(async move {
-            let request = proto::GetKeyRequest { key_id };
-            c.get_key(cred.on(request)).await.map(drop)
-        })
-    }),
-    ("UpdateKey", |mut c, cred, key_id| {
-        Box::pin(async move {
-            let request = proto::UpdateKeyRequest {
-                key_id,
-                name: "renamed".into(),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["name".into()],
-                }),
-                ..Default::default()
-            };
-            c.update_key(cred.on(request)).await.map(drop)
-        })
-    }),
-    ("RotateKey", |mut c, cred, key_id| {
-        Box::pin(async move {
-            let request = proto::RotateKeyRequest { key_id };
-            c.rotate_key(cred.on(request)).await.map(drop)
-        })
-    }),
-    ("RevokeKey", |mut c, cred, key_id| {
-        Box::pin(async move {
-            let request = proto::RevokeKeyRequest {
-                key_id,
-                reason: "intruder".into(),
-            };
-            c.revoke_key(cred.on(request)).await.map(drop)
-        })
-    }),
-    ("ListAuditEvents", |mut c, cred, key_id| {
-        Box::pin(async move {
-            let request = proto::ListAuditEventsRequest {
-                key_id,
-                ..Default::default()
-            };
-            c.list_audit_events(cred.on(request)).await.map(drop)
-        })
-    }),
-    ("SetAccountTier", |mut c, cred, _| {
-        Box::pin(async move {
-            let request = proto::SetAccountTierRequest {
-                account_id: "ACME".into(),
-                tier: Tier::Premium.into(),
-            };
-            c.set_account_tier(cred.on(request)).await.map(drop)
-        })
-    }),
-    ("GetAccount", |mut c, cred, _| {
-        Box::pin(async move {
-            let request = proto::GetAccountRequest {};
-            c.get_account(cred.on(request)).await.map(drop)
-        })
-    }),
-    ("SetAccountScopes", |mut c, cred, _| {
-        Box::pin(async move {
-            let request = proto::SetAccountScopesRequest {
-                account_id: "ACME".into(),
-                grantable_scopes: vec!["*:*".into()],
-                use_server_default: false,
-            };
-            c.set_account_scopes(cred.on(request)).await.map(drop)
-        })
-    }),
-];
-
-/// The RPC names of `service KeyAdmin` in the proto, in order.
-fn admin_rpcs_in_the_proto() -> Vec<String> {
-    let proto = include_str!("../../proto/vilvik/keys/v1/keys.proto");
-    let service = proto
-        .split("service KeyAdmin {")
-        .nth(1)
-        .expect("the proto declares service KeyAdmin");
-    let body = &service[..service.find('}').expect("the service block ends")];
-    body.lines()
-        .filter_map(|line| line.trim().strip_prefix("rpc "))
-        .map(|rest| rest[..rest.find('(').unwrap()].trim().to_owned())
-        .collect()
-}
-
 async fn every_admin_rpc_refuses_a_missing_or_malformed_credential(mut app: TestApp) {
-    let names: Vec<&str> = ADMIN_CALLS.iter().map(|(name, _)| *name).collect();
-    assert_eq!(
-        names,
-        admin_rpcs_in_the_proto(),
-        "the table names every KeyAdmin RPC"
-    );
+    // `matrix::CALLS` names every KeyAdmin RPC (`the_matrix_names_every_admin_rpc`).
     let created = app.create_key("ci-runner", &["a:b"]).await.unwrap();
     let key_id = created.key.unwrap().key_id;
     let keys_before = app.list_keys(true).await;
     let audit_before = app.audit("").await;
 
+    let authorization = |value: &str| vec![("authorization", value.to_owned())];
     let credentials = [
-        (Credential::None, "missing credential"),
+        (Vec::new(), "missing credential"),
         (
-            Credential::Header("Basic YWxhZGRpbjpvcGVuc2VzYW1l"),
+            authorization("Basic YWxhZGRpbjpvcGVuc2VzYW1l"),
             "missing credential",
         ),
-        (Credential::Header("Bearer vlk_short"), "malformed"),
+        (authorization("Bearer vlk_short"), "malformed"),
         (
-            Credential::Header("Bearer not-the-operator-token-but-long-enough"),
+            authorization("Bearer not-the-operator-token-but-long-enough"),
             "neither a management key",
         ),
     ];
-    for (name, call) in ADMIN_CALLS {
-        for (credential, needle) in credentials {
-            let result = call(app.admin.clone(), credential, key_id.clone()).await;
+    for (name, call) in crate::matrix::CALLS {
+        for (credential, needle) in &credentials {
+            let result = call(app.admin.clone(), credential.clone(), key_id.clone()).await;
             let status = result.expect_err(&format!("{name} with {credential:?} succeeded"));
             assert_eq!(
                 status.code(),

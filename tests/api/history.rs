@@ -8,6 +8,12 @@ use vilvik_keys::proto::VerifyCode;
 
 use crate::helpers::{Backend, TestApp, assert_status, spawn_app_with};
 
+crate::on_both_backends!(
+    by backend:
+    rotations_keep_only_the_newest_old_secrets,
+    churn_stops_at_the_stored_key_ceiling,
+);
+
 async fn rotate(app: &mut TestApp, key_id: &str) -> String {
     let request = app.authed(proto::RotateKeyRequest {
         key_id: key_id.into(),
@@ -70,24 +76,4 @@ async fn churn_stops_at_the_stored_key_ceiling(backend: Backend) {
         "the account stores 6 keys, revoked and expired ones included",
     );
     assert_eq!(app.list_keys(true).await.len(), before);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_rotations_keep_only_the_newest_old_secrets() {
-    rotations_keep_only_the_newest_old_secrets(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_rotations_keep_only_the_newest_old_secrets() {
-    rotations_keep_only_the_newest_old_secrets(Backend::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_churn_stops_at_the_stored_key_ceiling() {
-    churn_stops_at_the_stored_key_ceiling(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_churn_stops_at_the_stored_key_ceiling() {
-    churn_stops_at_the_stored_key_ceiling(Backend::Postgres).await;
 }

@@ -12,13 +12,13 @@ use vilvik_keys::proto;
 use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys_domain::{Clock, GeneratedKey, KeyId, Pepper};
 
-use crate::helpers::{ACCOUNT, Backend, OPERATOR_TOKEN, TestApp, spawn_app_with, without_usage};
+use crate::helpers::{ACCOUNT, OPERATOR_TOKEN, TestApp, without_usage};
 
 const OTHER: &str = "OTHER";
 const ACTOR: &str = "alice@example.com";
 
 /// What a cell sends as metadata.
-type Metadata = Vec<(&'static str, String)>;
+pub(crate) type Metadata = Vec<(&'static str, String)>;
 
 fn bearer(credential: &str) -> Metadata {
     vec![("authorization", format!("Bearer {credential}"))]
@@ -42,13 +42,16 @@ fn on<T>(metadata: &Metadata, message: T) -> Request<T> {
 }
 
 /// One RPC, made with `metadata`, on the key `key_id` where it takes one.
-type Call = fn(
+pub(crate) type Call = fn(
     KeyAdminClient<Channel>,
     Metadata,
     String,
 ) -> Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>;
 
-const CALLS: &[(&str, Call)] = &[
+/// Every RPC of `service KeyAdmin`, with a request a management key (or,
+/// for the operator-only ones, the operator) could make; `auth.rs` sends
+/// them with bad credentials too.
+pub(crate) const CALLS: &[(&str, Call)] = &[
     ("CreateKey", |mut c, m, _| {
         Box::pin(async move {
             let request = proto::CreateKeyRequest {
@@ -389,32 +392,8 @@ fn roomy(config: &mut vilvik_keys::config::Config) {
     config.admin_rates = vilvik_keys::config::AdminRateLimits::uniform(1_000_000, 1_000_000);
 }
 
-macro_rules! on_both_roomy {
-    ($($name:ident),*) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let app = super::spawn_app_with(super::Backend::Sqlite, super::roomy).await.unwrap();
-                    super::$name(app).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let Some(app) = super::spawn_app_with(super::Backend::Postgres, super::roomy).await else {
-                        return;
-                    };
-                    super::$name(app).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_roomy!(
+crate::on_both_backends!(
+    configured by roomy:
     every_rpc_with_every_caller,
-    another_accounts_key_answers_like_a_missing_one
+    another_accounts_key_answers_like_a_missing_one,
 );

@@ -8,7 +8,7 @@ use tonic::Code;
 use vilvik_keys::proto;
 use vilvik_keys_domain::{Clock, ScopeCatalogue};
 
-use crate::helpers::{ACCOUNT, Backend, TestApp, spawn_app_with, with_bearer};
+use crate::helpers::{ACCOUNT, TestApp, with_bearer};
 
 crate::on_both_backends!(
     a_management_key_cannot_grant_management_scopes,
@@ -25,19 +25,10 @@ mod server_catalogue {
         config.allowed_scopes = ScopeCatalogue::parse(&["datasets:read", "reports:*"]).unwrap();
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn sqlite() {
-        let app = spawn_app_with(Backend::Sqlite, narrow).await.unwrap();
-        allowed_scopes_bound_every_account_without_its_own(app).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn postgres() {
-        let Some(app) = spawn_app_with(Backend::Postgres, narrow).await else {
-            return;
-        };
-        allowed_scopes_bound_every_account_without_its_own(app).await;
-    }
+    crate::on_both_backends!(
+        configured by narrow:
+        allowed_scopes_bound_every_account_without_its_own,
+    );
 }
 
 /// Everything an attacker could change, to compare before and after.

@@ -15,29 +15,8 @@ use vilvik_keys::proto::{self, Tier};
 
 use crate::helpers::{Backend, TestApp, assert_status, spawn_app_with, with_bearer, without_usage};
 
-/// Runs each listed `async fn(Backend)` once per backend.
-macro_rules! on_both_backends_with_config {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::helpers::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::helpers::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends_with_config!(
+crate::on_both_backends!(
+    by backend:
     one_accounts_flood_is_refused_with_retry_after_and_other_accounts_are_unaffected,
     a_refused_call_changes_nothing,
     a_tiers_own_rate_applies_to_its_accounts_as_soon_as_the_tier_is_set,
