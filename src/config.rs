@@ -551,10 +551,7 @@ settings! {
             Unset("`x-forwarded-for` ignored"),
             "proxies whose `x-forwarded-for` is believed (a list in the file, comma-separated in the environment)",
             |c, name, v| {
-                c.trusted_proxies = v
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
+                c.trusted_proxies = list_items(&v)
                     .map(|s| {
                         s.parse::<IpAddr>()
                             .map(|ip| ip.to_canonical())
@@ -685,11 +682,7 @@ pub enum ConfigError {
 
 /// A comma-separated catalogue of scope patterns.
 fn parse_catalogue(name: &str, value: &str) -> Result<ScopeCatalogue, ConfigError> {
-    let patterns: Vec<&str> = value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
+    let patterns: Vec<&str> = list_items(value).collect();
     ScopeCatalogue::parse(&patterns).map_err(|(_, e)| invalid(name, e.to_string()))
 }
 
@@ -849,12 +842,13 @@ pub fn settings_table() -> String {
 /// A comma-separated list of paths; blanks around each and empty entries
 /// are dropped.
 fn split_paths(value: &str) -> Vec<PathBuf> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|path| !path.is_empty())
-        .map(PathBuf::from)
-        .collect()
+    list_items(value).map(PathBuf::from).collect()
+}
+
+/// The items of a list setting: comma-separated (a file's list arrives
+/// joined the same way), trimmed, empty ones dropped.
+fn list_items(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
 /// An interval in whole milliseconds, at least one; a zero is reported

@@ -1254,13 +1254,12 @@ impl Store for PostgresStore {
             tx.commit().await.map_err(map_err)?;
             return Ok(before);
         };
-        let weakens = rules::weakens_manager(&before, &update.after, now);
         // Only what needs the account waits for its lock.
-        if update.after.scopes != before.scopes || weakens || update.needs_room {
+        if update.needs_account() {
             let stored = lock_account(&tx, account, now).await?;
             let grantable = stored.grantable.as_ref().unwrap_or(&policy.grantable);
             rules::check_grants(Some(&before.scopes), &update.after.scopes, grantable, actor)?;
-            if weakens {
+            if update.weakens_manager {
                 keep_a_manager(&tx, &before, now).await?;
             }
             if update.needs_room {

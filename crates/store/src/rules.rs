@@ -131,6 +131,19 @@ pub(crate) struct Update {
     pub diff: Vec<FieldChange>,
     /// The update makes an inactive key active: check the cap first.
     pub needs_room: bool,
+    /// The key gains scopes: check them against the account's catalogue.
+    pub gains_scopes: bool,
+    /// The update weakens an active management key ([`weakens_manager`]):
+    /// the account must keep another one.
+    pub weakens_manager: bool,
+}
+
+impl Update {
+    /// Whether any of the update's checks reads the account, so that the
+    /// backend must load (on Postgres, lock) its row first.
+    pub fn needs_account(&self) -> bool {
+        self.needs_room || self.gains_scopes || self.weakens_manager
+    }
 }
 
 /// `None` when every field given already has that value: such an update
@@ -144,8 +157,11 @@ pub(crate) fn plan_update(
     if diff.is_empty() {
         return None;
     }
+    let gains_scopes = after.scopes.added_since(&before.scopes).next().is_some();
     Some(Update {
         needs_room: reactivates(before, &after, now),
+        gains_scopes,
+        weakens_manager: weakens_manager(before, &after, now),
         after,
         diff,
     })
@@ -581,6 +597,7 @@ mod tests {
             after,
             diff,
             needs_room,
+            ..
         }) = plan_update(&key, changes, now())
         else {
             panic!("a new name is a change");
@@ -758,6 +775,33 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(huge.stored_key_limit(Tier::Free), u32::MAX);
+    }
+
+    #[test]
+    fn an_update_reads_the_account_only_for_a_check_that_needs_it() {
+        let mut manager = key();
+        manager.scopes = scopes(&["datasets:read", "keys:admin"]);
+        let plan = |changes: KeyChanges| plan_update(&manager, changes, now()).unwrap();
+        let renamed = plan(KeyChanges {
+            name: Some("renamed".parse().unwrap()),
+            ..KeyChanges::default()
+        });
+        assert!(!renamed.needs_account());
+        let narrowed = plan(KeyChanges {
+            scopes: Some(scopes(&["keys:admin"])),
+            ..KeyChanges::default()
+        });
+        assert!(!narrowed.gains_scopes && !narrowed.needs_account());
+        let widened = plan(KeyChanges {
+            scopes: Some(scopes(&["datasets:*", "keys:admin"])),
+            ..KeyChanges::default()
+        });
+        assert!(widened.gains_scopes && widened.needs_account());
+        let stripped = plan(KeyChanges {
+            scopes: Some(scopes(&["datasets:read"])),
+            ..KeyChanges::default()
+        });
+        assert!(!stripped.gains_scopes && stripped.weakens_manager && stripped.needs_account());
     }
 
     #[test]

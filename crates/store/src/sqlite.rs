@@ -951,14 +951,16 @@ impl Store for SqliteStore {
             let Some(update) = rules::plan_update(&before, changes, now) else {
                 return Ok(before);
             };
-            let stored = ensure_account(tx, &account, now)?;
-            let grantable = stored.grantable.as_ref().unwrap_or(&policy.grantable);
-            rules::check_grants(Some(&before.scopes), &update.after.scopes, grantable, &actor)?;
-            if rules::weakens_manager(&before, &update.after, now) {
-                keep_a_manager(tx, &before, now)?;
-            }
-            if update.needs_room {
-                check_room(tx, &account, stored.tier, now, policy.tiers)?;
+            if update.needs_account() {
+                let stored = ensure_account(tx, &account, now)?;
+                let grantable = stored.grantable.as_ref().unwrap_or(&policy.grantable);
+                rules::check_grants(Some(&before.scopes), &update.after.scopes, grantable, &actor)?;
+                if update.weakens_manager {
+                    keep_a_manager(tx, &before, now)?;
+                }
+                if update.needs_room {
+                    check_room(tx, &account, stored.tier, now, policy.tiers)?;
+                }
             }
             let rules::Update { after, diff, .. } = update;
             tx.execute(
