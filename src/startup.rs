@@ -478,6 +478,13 @@ async fn prune_history(
                 tracing::warn!(error = %e, "cannot delete old rotated-away secrets; trying again later")
             }
         }
+        match store.prune_requests(clock.now()).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "deleted request ids past their 24-hour window"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete expired request ids; trying again later")
+            }
+        }
     }
 }
 

@@ -226,6 +226,7 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
         .rotate_key(bearer(
             RotateKeyRequest {
                 key_id: key_id.clone(),
+                ..Default::default()
             },
             &management,
         ))
@@ -332,6 +333,7 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
             RevokeKeyRequest {
                 key_id: key_id.clone(),
                 reason: "leaked in a build log".into(),
+                ..Default::default()
             },
             &management,
         ))

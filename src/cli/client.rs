@@ -31,6 +31,11 @@ const ACCOUNT_HEADER: &str = "x-vilvik-account";
 const ACTOR_HEADER: &str = "x-vilvik-actor";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Tries of a create or rotation whose answer was UNAVAILABLE or
+/// DEADLINE_EXCEEDED (each with the same request id, so safe), and the
+/// wait before the second; each further wait doubles.
+const ATTEMPTS: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Where the admin API is and how to talk to it. The credential is read
 /// from `VILVIK_KEYS_TOKEN` only.
@@ -132,6 +137,13 @@ pub enum KeysCommand {
     Rotate {
         /// The key's id.
         key_id: String,
+        /// The request id to send, a UUID (default: a new one). To retry a
+        /// rotation whose outcome is unknown, give the id it printed.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Rotate only if the key's etag (`keys show`) is still this.
+        #[arg(long)]
+        etag: Option<String>,
     },
     /// Disable a key for good.
     Revoke {
@@ -140,6 +152,9 @@ pub enum KeysCommand {
         /// Why, for the audit log (at most 500 characters).
         #[arg(long)]
         reason: Option<String>,
+        /// Revoke only if the key's etag (`keys show`) is still this.
+        #[arg(long)]
+        etag: Option<String>,
     },
     /// Show the audit log of one key, or of the whole account (every page).
     Audit {
@@ -168,6 +183,11 @@ pub struct CreateArgs {
     /// How long the key lives from now, e.g. 30d, 12h, 90m.
     #[arg(long, value_parser = parse_duration)]
     pub expires_in: Option<Duration>,
+    /// The request id to send, a UUID (default: a new one). To retry a
+    /// create whose outcome is unknown, give the id it printed: within 24
+    /// hours that returns the same key and secret instead of a second key.
+    #[arg(long)]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +215,10 @@ pub struct UpdateArgs {
     /// Remove the expiry: the key stays valid until revoked.
     #[arg(long)]
     pub no_expiry: bool,
+    /// Update only if the key's etag (`keys show`) is still this (default:
+    /// the etag the key has when this command reads it first).
+    #[arg(long)]
+    pub etag: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,16 +275,21 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
     match command {
         KeysCommand::Create(args) => {
             let expires_at = expiry(args.expires_at, args.expires_in)?;
-            let response = api
-                .create_key(proto::CreateKeyRequest {
-                    name: args.name,
-                    description: args.description.unwrap_or_default(),
-                    scopes: args.scopes,
-                    expires_at,
-                })
-                .await
-                .map_err(api_error)?
-                .into_inner();
+            let request = proto::CreateKeyRequest {
+                name: args.name,
+                description: args.description.unwrap_or_default(),
+                scopes: args.scopes,
+                expires_at,
+                request_id: request_id(args.request_id),
+            };
+            let mut retry = Retry::new("CreateKey", &request.request_id);
+            let response = loop {
+                match api.create_key(request.clone()).await {
+                    Ok(response) => break response.into_inner(),
+                    Err(status) if retry.again(&status).await => {}
+                    Err(status) => return Err(retry.failed(status)),
+                }
+            };
             let key = response.key.unwrap_or_default();
             print_new_secret(
                 json,
@@ -313,7 +342,19 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
                 .into_inner();
             print_key(json, None, &key)
         }
-        KeysCommand::Update(args) => {
+        KeysCommand::Update(mut args) => {
+            if args.etag.is_none() {
+                // Change the key only as it was read: a change made
+                // meanwhile by someone else is ABORTED, not overwritten.
+                let key = api
+                    .get_key(proto::GetKeyRequest {
+                        key_id: args.key_id.clone(),
+                    })
+                    .await
+                    .map_err(api_error)?
+                    .into_inner();
+                args.etag = Some(key.etag);
+            }
             let request = update_request(args)?;
             let key = api
                 .update_key(request)
@@ -322,12 +363,24 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
                 .into_inner();
             print_key(json, Some("Updated"), &key)
         }
-        KeysCommand::Rotate { key_id } => {
-            let response = api
-                .rotate_key(proto::RotateKeyRequest { key_id })
-                .await
-                .map_err(api_error)?
-                .into_inner();
+        KeysCommand::Rotate {
+            key_id,
+            request_id: id,
+            etag,
+        } => {
+            let request = proto::RotateKeyRequest {
+                key_id,
+                request_id: request_id(id),
+                etag: etag.unwrap_or_default(),
+            };
+            let mut retry = Retry::new("RotateKey", &request.request_id);
+            let response = loop {
+                match api.rotate_key(request.clone()).await {
+                    Ok(response) => break response.into_inner(),
+                    Err(status) if retry.again(&status).await => {}
+                    Err(status) => return Err(retry.failed(status)),
+                }
+            };
             let key = response.key.unwrap_or_default();
             print_new_secret(
                 json,
@@ -337,11 +390,16 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
                 &response.smoke_test_command,
             )
         }
-        KeysCommand::Revoke { key_id, reason } => {
+        KeysCommand::Revoke {
+            key_id,
+            reason,
+            etag,
+        } => {
             let key = api
                 .revoke_key(proto::RevokeKeyRequest {
                     key_id,
                     reason: reason.unwrap_or_default(),
+                    etag: etag.unwrap_or_default(),
                 })
                 .await
                 .map_err(api_error)?
@@ -446,6 +504,91 @@ pub async fn run_accounts(mut client: ClientArgs, command: AccountsCommand) -> a
 }
 
 type Api = KeyAdminClient<InterceptedService<Channel, Credentials>>;
+
+/// The request id a create or rotation sends: the one given, else a new
+/// one. The server checks its form.
+fn request_id(given: Option<String>) -> String {
+    given.unwrap_or_else(|| {
+        vilvik_keys_domain::RequestId::generate()
+            .as_str()
+            .to_owned()
+    })
+}
+
+/// Retries of one create or rotation, all with its request id: the
+/// server answers a retry of a call that did go through with that call's
+/// key and secret, so retrying after an unknown outcome is safe.
+struct Retry<'a> {
+    method: &'static str,
+    request_id: &'a str,
+    attempt: u32,
+    backoff: Duration,
+}
+
+impl<'a> Retry<'a> {
+    fn new(method: &'static str, request_id: &'a str) -> Self {
+        Self {
+            method,
+            request_id,
+            attempt: 1,
+            backoff: FIRST_BACKOFF,
+        }
+    }
+
+    /// Whether to try again after `status` (UNAVAILABLE or
+    /// DEADLINE_EXCEEDED, tries left); if so, says so on stderr and waits.
+    async fn again(&mut self, status: &tonic::Status) -> bool {
+        let transient = matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+        );
+        if !transient || self.attempt >= ATTEMPTS {
+            return false;
+        }
+        // Up to a quarter more, so that clients failed by one outage do
+        // not all come back at once.
+        let jitter = self.backoff.mul_f64(
+            f64::from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .subsec_nanos()
+                    % 1_000,
+            ) / 4_000.0,
+        );
+        let wait = self.backoff + jitter;
+        eprintln!(
+            "{}: {}; trying again with the same request id in {} ms (try {} of {ATTEMPTS})",
+            self.method,
+            api_error(status.clone()),
+            wait.as_millis(),
+            self.attempt + 1
+        );
+        tokio::time::sleep(wait).await;
+        self.attempt += 1;
+        self.backoff *= 2;
+        true
+    }
+
+    /// The error to report when no more tries are made: with the request
+    /// id when the outcome may be unknown, so the user can retry it.
+    fn failed(&self, status: tonic::Status) -> anyhow::Error {
+        let transient = matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+        );
+        let error = api_error(status);
+        if transient {
+            error.context(format!(
+                "{} failed {} times; to retry it safely within 24 hours, run the same command \
+                 again with --request-id {}",
+                self.method, self.attempt, self.request_id
+            ))
+        } else {
+            error
+        }
+    }
+}
 
 /// The metadata every request carries. `Debug` never shows the credential.
 #[derive(Clone)]
@@ -690,6 +833,7 @@ fn expiry(
 fn update_request(args: UpdateArgs) -> anyhow::Result<proto::UpdateKeyRequest> {
     let mut request = proto::UpdateKeyRequest {
         key_id: args.key_id,
+        etag: args.etag.unwrap_or_default(),
         ..Default::default()
     };
     let mut paths = Vec::new();
@@ -884,6 +1028,7 @@ mod tests {
             expires_at: None,
             expires_in: None,
             no_expiry: false,
+            etag: None,
         }
     }
 

@@ -156,6 +156,7 @@ pub fn key_block(key: &proto::Key) -> String {
         ("rotated", opt_cell(time_text(key.rotated_at.as_ref()))),
         ("last used", opt_cell(time_text(key.last_used_at.as_ref()))),
         ("last used ip", cell(&key.last_used_ip)),
+        ("etag", cell(&key.etag)),
     ];
     if key.revoked_at.is_some() {
         pairs.push(("revoked", opt_cell(time_text(key.revoked_at.as_ref()))));
@@ -295,6 +296,7 @@ pub fn key_json(key: &proto::Key) -> Value {
         "last_used_at": time_json(key.last_used_at.as_ref()),
         "last_used_ip": opt_string_json(&key.last_used_ip),
         "revoke_reason": opt_string_json(&key.revoke_reason),
+        "etag": key.etag,
     })
 }
 

@@ -7,12 +7,14 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use vilvik_keys_domain::{
-    AccountId, Clock, Description, GeneratedKey, KeyId, KeyName, Reason, ScopeCatalogue, ScopeSet,
-    validate_expiry,
+    AccountId, Clock, Description, GeneratedKey, KeyId, KeyName, REQUEST_ID_WINDOW, Reason,
+    RequestId, ScopeCatalogue, ScopeSet, open_sealed_secret, seal_secret, validate_expiry,
 };
 use vilvik_keys_store::{
-    Account, KeyChanges, KeyRecord, NewKey, NewSecret, Policy, Rotation, Store, StoreError,
+    Account, KeyChanges, KeyRecord, NewKey, NewSecret, Outcome, Policy, Replay, RequestMethod,
+    RequestRecord, Rotation, RotationRequest, Store, StoreError,
 };
+use zeroize::Zeroizing;
 
 use vilvik_keys_verify::Verifier;
 
@@ -24,6 +26,14 @@ use crate::proto;
 
 /// Fresh identifiers collide with probability ~2^-47; retry a few times anyway.
 const MAX_ID_ATTEMPTS: usize = 3;
+
+/// The request header that may carry a create's or rotation's request id
+/// instead of its `request_id` field.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// BLAKE3 `derive_key` context of a request's parameters' digest.
+/// NEVER CHANGE THIS: retries within the window would be refused.
+const PARAMS_CONTEXT: &str = "vilvik-keys 2026-12-04 request parameters v1";
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -85,6 +95,76 @@ fn shell_quoted(s: &str) -> String {
 impl AdminService {
     fn smoke_test_command(&self, secret: &str) -> String {
         self.smoke_test.command(secret)
+    }
+
+    /// The record a call under `id` leaves for its retries: `secret`
+    /// sealed under the current pepper and the id.
+    fn request_record(
+        &self,
+        account: &AccountId,
+        id: &RequestId,
+        method: RequestMethod,
+        params: [u8; 32],
+        key_id: &KeyId,
+        secret: &GeneratedKey,
+    ) -> RequestRecord {
+        let pepper = self.verifier.peppers().current();
+        RequestRecord {
+            digest: id.digest(account),
+            method,
+            params,
+            key_id: key_id.clone(),
+            sealed: seal_secret(
+                pepper,
+                account,
+                id,
+                &seal_context(method, key_id),
+                secret.expose_secret(),
+            ),
+            pepper_id: pepper.id(),
+            expires_at: self.clock.now() + REQUEST_ID_WINDOW,
+        }
+    }
+
+    /// Opens the secret a retried call's first call returned.
+    fn open_replay(
+        &self,
+        account: &AccountId,
+        id: &RequestId,
+        method: RequestMethod,
+        replay: &Replay,
+    ) -> Result<Zeroizing<String>, ApiError> {
+        let pepper = self
+            .verifier
+            .peppers()
+            .resolve(Some(replay.pepper_id))
+            .map_err(|_| {
+                ApiError::FailedPrecondition(format!(
+                    "request_id: the first call's secret was sealed under pepper {}, which this \
+                     server no longer holds, so it cannot be returned again: rotate the key \
+                     (RotateKey with a new request id) to get a new secret",
+                    replay.pepper_id
+                ))
+            })?
+            .ok_or_else(|| {
+                ApiError::Internal(StoreError::Internal(
+                    "a replay without a pepper".into(),
+                    None,
+                ))
+            })?;
+        open_sealed_secret(
+            pepper,
+            account,
+            id,
+            &seal_context(method, &replay.key.key_id),
+            &replay.sealed,
+        )
+        .map_err(|e| {
+            ApiError::Internal(StoreError::Internal(
+                "a sealed secret does not open".into(),
+                Some(Box::new(e)),
+            ))
+        })
     }
 
     fn key(&self, record: KeyRecord) -> proto::Key {
@@ -161,6 +241,50 @@ fn parse_expiry(
         .transpose()
 }
 
+/// The request id of a create or rotation: its `request_id` field, else
+/// its `idempotency-key` header; when both are sent they must agree.
+fn request_id<T>(request: &Request<T>, field: &str) -> Result<Option<RequestId>, ApiError> {
+    let header = match request.metadata().get(IDEMPOTENCY_KEY_HEADER) {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ApiError::invalid(
+                IDEMPOTENCY_KEY_HEADER,
+                "is not printable ASCII: send a UUID",
+            )
+        })?),
+    };
+    let id = match (field, header) {
+        ("", None) => return Ok(None),
+        ("", Some(header)) => header,
+        (field, Some(header)) if !field.eq_ignore_ascii_case(header) => {
+            return Err(ApiError::invalid(
+                "request_id",
+                "differs from the idempotency-key header: send the request id once, or the same in both",
+            ));
+        }
+        (field, _) => field,
+    };
+    id.parse()
+        .map(Some)
+        .map_err(|e| ApiError::invalid("request_id", e))
+}
+
+/// A digest of everything a call under a request id asks for but the id:
+/// a retry must ask for the same.
+fn params_digest(method: RequestMethod, message: &impl prost::Message) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_derive_key(PARAMS_CONTEXT);
+    hasher.update(method.as_str().as_bytes());
+    hasher.update(&[0]);
+    hasher.update(&message.encode_to_vec());
+    *hasher.finalize().as_bytes()
+}
+
+/// What a sealed secret belongs to: a secret sealed for one call and key
+/// opens for no other.
+fn seal_context(method: RequestMethod, key_id: &KeyId) -> Vec<u8> {
+    format!("{} {key_id}", method.as_str()).into_bytes()
+}
+
 /// What a new key takes from a CreateKey request, validated.
 #[derive(Debug)]
 pub struct NewKeyFields {
@@ -199,7 +323,10 @@ pub fn parse_update_request(
             "is empty: name the fields to change, from name, description, scopes and expires_at",
         ));
     }
-    let mut changes = KeyChanges::default();
+    let mut changes = KeyChanges {
+        if_version: convert::etag_version(&req.etag)?,
+        ..KeyChanges::default()
+    };
     for path in paths {
         match path.as_str() {
             "name" => changes.name = Some(parse_name(&req.name)?),
@@ -234,11 +361,30 @@ impl KeyAdmin for AdminService {
             scopes,
             expires_at,
         } = parse_create_request(request.get_ref(), now)?;
+        let request_id = request_id(&request, &request.get_ref().request_id)?;
+        let params = params_digest(
+            RequestMethod::CreateKey,
+            &proto::CreateKeyRequest {
+                request_id: String::new(),
+                ..request.get_ref().clone()
+            },
+        );
 
         for _ in 0..MAX_ID_ATTEMPTS {
             let secret = GeneratedKey::generate(self.verifier.peppers().current());
+            let key_id = KeyId::generate();
+            let record = request_id.as_ref().map(|id| {
+                self.request_record(
+                    &caller.account,
+                    id,
+                    RequestMethod::CreateKey,
+                    params,
+                    &key_id,
+                    &secret,
+                )
+            });
             let new = NewKey {
-                key_id: KeyId::generate(),
+                key_id,
                 account_id: caller.account.clone(),
                 name: name.clone(),
                 description: description.clone(),
@@ -251,10 +397,23 @@ impl KeyAdmin for AdminService {
             };
             match self
                 .store
-                .create_key(new, &caller.actor, &self.policy)
+                .create_key_with(new, record.as_ref(), &caller.actor, &self.policy)
                 .await
             {
-                Ok(record) => {
+                Ok(Outcome::Replayed(replay)) => {
+                    let id = request_id
+                        .as_ref()
+                        .expect("only a call with a request id replays");
+                    let secret =
+                        self.open_replay(&caller.account, id, RequestMethod::CreateKey, &replay)?;
+                    tracing::info!(key.id = %replay.key.key_id, account = %caller.account, actor = %caller.actor.name, "key create retried: answered with the first call's key");
+                    return Ok(Response::new(proto::CreateKeyResponse {
+                        key: Some(self.key(replay.key)),
+                        smoke_test_command: self.smoke_test_command(&secret),
+                        secret: secret.as_str().to_owned(),
+                    }));
+                }
+                Ok(Outcome::Done(record)) => {
                     self.verifier.invalidate(&record.prefix);
                     tracing::info!(key.id = %record.key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key created");
                     return Ok(Response::new(proto::CreateKeyResponse {
@@ -341,25 +500,61 @@ impl KeyAdmin for AdminService {
     ) -> Result<Response<proto::RotateKeyResponse>, Status> {
         let caller = self.auth.caller(&request).await?;
         let key_id = parse_key_id(&request.get_ref().key_id)?;
+        let if_version = convert::etag_version(&request.get_ref().etag)?;
+        let request_id = request_id(&request, &request.get_ref().request_id)?;
+        let params = params_digest(
+            RequestMethod::RotateKey,
+            &proto::RotateKeyRequest {
+                request_id: String::new(),
+                ..request.get_ref().clone()
+            },
+        );
         let now = self.clock.now();
         for _ in 0..MAX_ID_ATTEMPTS {
             let secret = GeneratedKey::generate(self.verifier.peppers().current());
+            let rotation = RotationRequest {
+                secret: NewSecret::from(&secret),
+                if_version,
+                request: request_id.as_ref().map(|id| {
+                    self.request_record(
+                        &caller.account,
+                        id,
+                        RequestMethod::RotateKey,
+                        params,
+                        &key_id,
+                        &secret,
+                    )
+                }),
+            };
             match self
                 .store
-                .rotate_key(
+                .rotate_key_with(
                     &caller.account,
                     &key_id,
-                    &NewSecret::from(&secret),
+                    &rotation,
                     &caller.actor,
                     now,
                     &self.policy,
                 )
                 .await
             {
-                Ok(Rotation {
+                Ok(Outcome::Replayed(replay)) => {
+                    let id = request_id
+                        .as_ref()
+                        .expect("only a call with a request id replays");
+                    let secret =
+                        self.open_replay(&caller.account, id, RequestMethod::RotateKey, &replay)?;
+                    tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, "key rotation retried: answered with the first rotation's secret");
+                    return Ok(Response::new(proto::RotateKeyResponse {
+                        key: Some(self.key(replay.key)),
+                        smoke_test_command: self.smoke_test_command(&secret),
+                        secret: secret.as_str().to_owned(),
+                    }));
+                }
+                Ok(Outcome::Done(Rotation {
                     key: record,
                     replaced_prefix,
-                }) => {
+                })) => {
                     self.verifier.invalidate(&replaced_prefix);
                     self.verifier.invalidate(&record.prefix);
                     tracing::info!(key.id = %key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key rotated");
@@ -387,12 +582,14 @@ impl KeyAdmin for AdminService {
             .reason
             .parse()
             .map_err(|e| ApiError::invalid("reason", e))?;
+        let if_version = convert::etag_version(&req.etag)?;
         let record = self
             .store
-            .revoke_key(
+            .revoke_key_if(
                 &caller.account,
                 &key_id,
                 reason.as_str(),
+                if_version,
                 &caller.actor,
                 self.clock.now(),
             )

@@ -59,7 +59,34 @@ pub fn key(record: KeyRecord, now: OffsetDateTime) -> proto::Key {
         last_used_at: record.last_used_at.map(timestamp),
         last_used_ip: record.last_used_ip.unwrap_or_default(),
         revoke_reason: record.revoke_reason.unwrap_or_default(),
+        etag: etag(record.version),
     }
+}
+
+/// The etag of a key at `version`.
+pub fn etag(version: i64) -> String {
+    format!("v{version}")
+}
+
+/// The version an optional `etag` field names; empty: none.
+pub fn etag_version(etag: &str) -> Result<Option<i64>, ApiError> {
+    if etag.is_empty() {
+        return Ok(None);
+    }
+    etag.strip_prefix('v')
+        .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|digits| digits.parse::<i64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "etag",
+                format!(
+                    "'{}' is not an etag of this service: send the etag of the key as GetKey or \
+                     ListKeys returned it (such as \"v3\"), or none",
+                    vilvik_keys_domain::excerpt(etag)
+                ),
+            )
+        })
 }
 
 fn audit_action(action: AuditAction) -> proto::AuditAction {

@@ -19,6 +19,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A conditional change lost the race: the caller's etag is stale.
+    #[error("{0}")]
+    Aborted(String),
     #[error("{0}")]
     ResourceExhausted(String),
     /// Over the account's admin rate; the status carries `retry-after`.
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::Aborted(_) => Code::Aborted,
             ApiError::ResourceExhausted(_) | ApiError::RateLimited(_) => Code::ResourceExhausted,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
@@ -71,8 +75,10 @@ fn unavailable_message(outage: &Outage) -> String {
     let retry = if outage.kind.nothing_changed() {
         "nothing was changed; retrying shortly is safe"
     } else {
-        "a change may or may not have been applied: read the key back (GetKey, \
-         ListAuditEvents) before repeating a change; reads are safe to retry"
+        "the outcome is unknown: the change may have been committed. Retrying a CreateKey or \
+         RotateKey with the same request_id is safe (it returns the first call's key and secret \
+         and changes nothing); without a request id, read the key back (GetKey, ListAuditEvents) \
+         before repeating a change; reads are safe to retry"
     };
     format!(
         "the key store is unavailable: {}; {retry}",
@@ -130,6 +136,25 @@ impl From<StoreError> for ApiError {
                  (`vilvik-keys keys create --name NAME --scope {ADMIN_SCOPE}` with the operator \
                  token), then retry"
             )),
+            StoreError::StaleVersion {
+                key_id,
+                expected,
+                current,
+            } => ApiError::Aborted(format!(
+                "key {key_id} was changed since you read it (etag {}; it is now {}): nothing \
+                 was changed; read it again (GetKey), reapply your change and send the new etag",
+                super::convert::etag(expected),
+                super::convert::etag(current)
+            )),
+            StoreError::RequestIdReused { method } => ApiError::invalid(
+                "request_id",
+                format!(
+                    "was already used within the last 24 hours for a {} with other parameters: \
+                     a retry must repeat the first call's fields exactly; use a new request id \
+                     for a new request",
+                    method.as_str()
+                ),
+            ),
             StoreError::Unavailable(outage) => ApiError::Unavailable(outage),
             // A generated identifier collided on every attempt, or a
             // follower-only answer reached a handler: both are bugs.
@@ -354,6 +379,7 @@ mod tests {
             OutageKind::ConnectionRefused,
             OutageKind::NotAcceptingConnections,
             OutageKind::ConnectionLost,
+            OutageKind::CommitUnknown,
             OutageKind::StatementTimeout,
             OutageKind::Busy,
             OutageKind::LookupsSaturated,
@@ -365,6 +391,7 @@ mod tests {
                 | OutageKind::ConnectionRefused
                 | OutageKind::NotAcceptingConnections
                 | OutageKind::ConnectionLost
+                | OutageKind::CommitUnknown
                 | OutageKind::StatementTimeout
                 | OutageKind::Busy
                 | OutageKind::LookupsSaturated
@@ -385,7 +412,8 @@ mod tests {
             let advice = if kind.nothing_changed() {
                 "retrying shortly is safe"
             } else {
-                "may or may not have been applied"
+                "the outcome is unknown: the change may have been committed. Retrying a \
+                 CreateKey or RotateKey with the same request_id is safe"
             };
             assert!(s.message().contains(advice), "{kind:?}: {s:?}");
         }
@@ -396,7 +424,7 @@ mod tests {
         for kind in every_outage_kind() {
             assert_eq!(
                 kind.nothing_changed(),
-                kind != OutageKind::ConnectionLost,
+                !matches!(kind, OutageKind::ConnectionLost | OutageKind::CommitUnknown),
                 "{kind:?}"
             );
         }

@@ -71,6 +71,7 @@ async fn credentials_are_checked(mut app: TestApp) {
     let request = app.authed(proto::RevokeKeyRequest {
         key_id: second.key.unwrap().key_id,
         reason: String::new(),
+        ..Default::default()
     });
     app.admin.revoke_key(request).await.unwrap();
     assert_status(
@@ -164,6 +165,7 @@ async fn another_accounts_keys_are_not_found(mut app: TestApp) {
     );
     let rotate = app.authed(proto::RotateKeyRequest {
         key_id: their_id.clone(),
+        ..Default::default()
     });
     assert_status(
         app.admin.rotate_key(rotate).await,
@@ -173,6 +175,7 @@ async fn another_accounts_keys_are_not_found(mut app: TestApp) {
     let revoke = app.authed(proto::RevokeKeyRequest {
         key_id: their_id.clone(),
         reason: String::new(),
+        ..Default::default()
     });
     assert_status(
         app.admin.revoke_key(revoke).await,

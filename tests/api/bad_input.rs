@@ -33,6 +33,7 @@ async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
             description: description.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             expires_at,
+            ..Default::default()
         };
     let cases = [
         (
@@ -97,6 +98,7 @@ async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
     );
     let request = proto::RotateKeyRequest {
         key_id: "key_AAAAAAAAAAAAAAAAAAAA".into(),
+        ..Default::default()
     };
     assert_status(
         app.admin.rotate_key(app.authed(request)).await,
@@ -169,6 +171,7 @@ async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
     let request = proto::RevokeKeyRequest {
         key_id: key_id.clone(),
         reason: "r".repeat(501),
+        ..Default::default()
     };
     assert_status(
         app.admin.revoke_key(app.authed(request)).await,
@@ -272,6 +275,7 @@ async fn hostile_text_is_refused_alike_on_both_stores(mut app: TestApp) {
         let request = proto::RevokeKeyRequest {
             key_id: key_id.clone(),
             reason: reason.into(),
+            ..Default::default()
         };
         assert_status(
             app.admin.revoke_key(app.authed(request)).await,
@@ -374,6 +378,7 @@ async fn oversized_messages_are_rejected(mut app: TestApp) {
         description: "x".repeat(70 * 1024),
         scopes: vec!["a:b".into()],
         expires_at: None,
+        ..Default::default()
     };
     let status = app.admin.create_key(app.authed(request)).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");

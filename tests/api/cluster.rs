@@ -30,6 +30,7 @@ async fn revocation_reaches_every_verify_node(mut app: TestApp) {
         let request = app.authed(proto::RevokeKeyRequest {
             key_id: created.key.unwrap().key_id,
             reason: String::new(),
+            ..Default::default()
         });
         app.admin.revoke_key(request).await.unwrap();
         let revoked_at = Instant::now();
@@ -102,6 +103,7 @@ async fn a_change_missed_while_disconnected_is_caught_up_on_reconnect() {
     let request = app.authed(proto::RevokeKeyRequest {
         key_id: created.key.unwrap().key_id,
         reason: String::new(),
+        ..Default::default()
     });
     app.admin.revoke_key(request).await.unwrap();
     wait_until_revoked(&node, &created.secret, Duration::from_secs(3)).await;

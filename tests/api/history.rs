@@ -17,6 +17,7 @@ crate::on_both_backends!(
 async fn rotate(app: &mut TestApp, key_id: &str) -> String {
     let request = app.authed(proto::RotateKeyRequest {
         key_id: key_id.into(),
+        ..Default::default()
     });
     app.admin
         .rotate_key(request)
@@ -66,6 +67,7 @@ async fn churn_stops_at_the_stored_key_ceiling(backend: Backend) {
         let request = app.authed(proto::RevokeKeyRequest {
             key_id: key.key.unwrap().key_id,
             reason: String::new(),
+            ..Default::default()
         });
         app.admin.revoke_key(request).await.unwrap();
     }

@@ -40,6 +40,7 @@ async fn keys_expire_and_can_be_extended(mut app: TestApp) {
     assert_eq!(app.get_key(&key_id).await.state(), KeyState::Expired);
     let rotate = app.authed(proto::RotateKeyRequest {
         key_id: key_id.clone(),
+        ..Default::default()
     });
     assert_status(
         app.admin.rotate_key(rotate).await,
@@ -76,6 +77,7 @@ async fn keys_expire_and_can_be_extended(mut app: TestApp) {
     let revoke = app.authed(proto::RevokeKeyRequest {
         key_id: three,
         reason: "make room".into(),
+        ..Default::default()
     });
     app.admin.revoke_key(revoke).await.unwrap();
     let extended = app
@@ -151,6 +153,7 @@ async fn listings_page_through_every_key(mut app: TestApp) {
     let revoke = app.authed(proto::RevokeKeyRequest {
         key_id: last,
         reason: String::new(),
+        ..Default::default()
     });
     app.admin.revoke_key(revoke).await.unwrap();
 
@@ -253,6 +256,7 @@ async fn updates_record_only_real_changes(mut app: TestApp) {
             proto::RevokeKeyRequest {
                 key_id: key_id.clone(),
                 reason: String::new(),
+                ..Default::default()
             },
             &token,
         )

@@ -91,9 +91,15 @@ pub(crate) const CALLS: &[(&str, Call)] = &[
     }),
     ("RotateKey", |mut c, m, key_id| {
         Box::pin(async move {
-            c.rotate_key(on(&m, proto::RotateKeyRequest { key_id }))
-                .await
-                .map(drop)
+            c.rotate_key(on(
+                &m,
+                proto::RotateKeyRequest {
+                    key_id,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop)
         })
     }),
     ("RevokeKey", |mut c, m, key_id| {
@@ -101,6 +107,7 @@ pub(crate) const CALLS: &[(&str, Call)] = &[
             let request = proto::RevokeKeyRequest {
                 key_id,
                 reason: "matrix".into(),
+                ..Default::default()
             };
             c.revoke_key(on(&m, request)).await.map(drop)
         })
@@ -231,6 +238,7 @@ async fn credentials(app: &mut TestApp) -> Credentials {
         proto::RevokeKeyRequest {
             key_id: revoked.key.unwrap().key_id,
             reason: String::new(),
+            ..Default::default()
         },
     );
     app.admin.revoke_key(request).await.unwrap();

@@ -272,6 +272,7 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
                 .revoke_key(app.authed(proto::RevokeKeyRequest {
                     key_id: key_id.clone(),
                     reason: "oops".into(),
+                    ..Default::default()
                 }))
                 .await,
         ),
@@ -318,6 +319,7 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
         proto::RevokeKeyRequest {
             key_id: key_id.clone(),
             reason: String::new(),
+            ..Default::default()
         },
         ACCOUNT,
         "alice@example.com",
@@ -344,12 +346,14 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
     let request = app.authed(proto::RevokeKeyRequest {
         key_id: key_id.clone(),
         reason: "moved to the second key".into(),
+        ..Default::default()
     });
     assert!(app.admin.revoke_key(request).await.is_ok());
     let request = with_bearer(
         proto::RevokeKeyRequest {
             key_id: second_id.clone(),
             reason: String::new(),
+            ..Default::default()
         },
         &second.secret,
     );
@@ -376,6 +380,7 @@ async fn two_management_keys_revoking_each_other_leave_one(mut app: TestApp) {
                 proto::RevokeKeyRequest {
                     key_id: target.to_owned(),
                     reason: String::new(),
+                    ..Default::default()
                 },
                 credential,
             );

@@ -183,6 +183,7 @@ async fn a_refused_call_changes_nothing(backend: Backend) {
     );
     let rotate = app.authed(proto::RotateKeyRequest {
         key_id: key.key_id.clone(),
+        ..Default::default()
     });
     assert_status(
         app.admin.rotate_key(rotate).await,
@@ -192,6 +193,7 @@ async fn a_refused_call_changes_nothing(backend: Backend) {
     let revoke = app.authed(proto::RevokeKeyRequest {
         key_id: key.key_id.clone(),
         reason: "attacker".into(),
+        ..Default::default()
     });
     assert_status(
         app.admin.revoke_key(revoke).await,

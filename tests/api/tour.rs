@@ -27,6 +27,7 @@ pub(crate) async fn walk_the_tour(app: &mut TestApp) {
         description: "GitHub Actions".into(),
         scopes: vec!["datasets:read".into()],
         expires_at: Some(days_from(now, 365)),
+        ..Default::default()
     });
     let created = app.admin.create_key(request).await.unwrap().into_inner();
     let secret = created.secret.clone();
@@ -102,6 +103,7 @@ pub(crate) async fn walk_the_tour(app: &mut TestApp) {
     // Rotate: the old secret is dead at once, the new one works, same key.
     let request = app.authed(proto::RotateKeyRequest {
         key_id: key.key_id.clone(),
+        ..Default::default()
     });
     let rotated = app.admin.rotate_key(request).await.unwrap().into_inner();
     let new_secret = rotated.secret.clone();
@@ -123,6 +125,7 @@ pub(crate) async fn walk_the_tour(app: &mut TestApp) {
     let request = app.authed(proto::RevokeKeyRequest {
         key_id: key.key_id.clone(),
         reason: "leaked in a CI log".into(),
+        ..Default::default()
     });
     let revoked = app.admin.revoke_key(request).await.unwrap().into_inner();
     assert_eq!(revoked.state(), KeyState::Revoked);
@@ -132,6 +135,7 @@ pub(crate) async fn walk_the_tour(app: &mut TestApp) {
     }
     let request = app.authed(proto::RotateKeyRequest {
         key_id: key.key_id.clone(),
+        ..Default::default()
     });
     assert_status(
         app.admin.rotate_key(request).await,

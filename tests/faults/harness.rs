@@ -179,6 +179,7 @@ impl Faults {
             .revoke_key(self.authed(proto::RevokeKeyRequest {
                 key_id: key.key_id.clone(),
                 reason: "fault test".into(),
+                ..Default::default()
             }))
             .await
             .expect("the admin node revokes the key");

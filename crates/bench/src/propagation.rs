@@ -113,6 +113,7 @@ pub async fn run(args: PropagationArgs) -> anyhow::Result<()> {
                 RevokeKeyRequest {
                     key_id: target.key_id.clone(),
                     reason: "vilvik-keys-bench propagation".to_owned(),
+                    ..Default::default()
                 },
                 &args.token,
                 &target.account_id,
@@ -223,6 +224,7 @@ async fn targets(
                             description: "vilvik-keys-bench propagation".to_owned(),
                             scopes: vec![args.scope.clone()],
                             expires_at: None,
+                            ..Default::default()
                         },
                         &args.token,
                         &args.account,

@@ -28,6 +28,7 @@ mod fields;
 mod ids;
 mod key;
 mod pepper;
+mod request;
 mod scope;
 mod state;
 
@@ -43,6 +44,9 @@ pub use key::{
 };
 pub use pepper::{
     DuplicatePepper, PEPPER_LEN, Pepper, PepperFormatError, PepperId, Peppers, UnknownPepper,
+};
+pub use request::{
+    REQUEST_ID_WINDOW, RequestId, RequestIdError, SealError, open_sealed_secret, seal_secret,
 };
 pub use scope::{MANAGEMENT_RESOURCE, Scope, ScopeError, ScopeSet};
 pub use state::{AuditAction, KeyState, Tier, TierLimits, UnknownTier};

@@ -150,6 +150,12 @@ impl Pepper {
     pub(crate) fn hash_key(&self) -> &[u8; PEPPER_LEN] {
         &self.hash_key
     }
+
+    /// The pepper itself, as key material for other derivations (sealed
+    /// responses, `request.rs`), each under its own context.
+    pub(crate) fn secret(&self) -> &[u8; PEPPER_LEN] {
+        &self.secret
+    }
 }
 
 fn hex_value(c: u8) -> Option<u8> {

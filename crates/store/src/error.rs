@@ -30,6 +30,17 @@ pub enum StoreError {
     /// key: nobody but the operator could manage its keys again.
     #[error("key {key_id} is the account's last active management key")]
     LastManagementKey { key_id: KeyId },
+    /// The key changed since the version the caller based its change on.
+    #[error("key {key_id} is at version {current}, not {expected}")]
+    StaleVersion {
+        key_id: KeyId,
+        expected: i64,
+        current: i64,
+    },
+    /// A request id was used before, within its window, for another call
+    /// or with other parameters.
+    #[error("the request id was used for a {} with other parameters", method.as_str())]
+    RequestIdReused { method: crate::RequestMethod },
     /// The change log no longer holds every change after the sequence
     /// number asked for: they were pruned. A follower must forget its cache.
     #[error("the change log was pruned through sequence {pruned_through}")]
@@ -94,6 +105,9 @@ pub enum OutageKind {
     NotAcceptingConnections,
     /// An open connection broke during the call.
     ConnectionLost,
+    /// The connection broke, or the server shut down, while a change was
+    /// being committed: it may or may not have been committed.
+    CommitUnknown,
     /// The server cancelled a statement: statement or lock timeout,
     /// deadlock, serialization failure. Its transaction was rolled back.
     StatementTimeout,
@@ -114,6 +128,9 @@ impl OutageKind {
             Self::ConnectionRefused => "the database cannot be reached",
             Self::NotAcceptingConnections => "the database is not accepting connections",
             Self::ConnectionLost => "the connection to the database broke during the call",
+            Self::CommitUnknown => {
+                "the connection to the database broke while the change was being committed"
+            }
             Self::StatementTimeout => {
                 "the database cancelled the statement (timeout or lock conflict)"
             }
@@ -126,8 +143,8 @@ impl OutageKind {
     }
 
     /// Whether the call certainly changed nothing, so that repeating it
-    /// is safe. Only a connection that broke mid-call leaves that open:
-    /// a commit may have been sent before it broke.
+    /// is safe. Only a connection that broke mid-call or mid-commit
+    /// leaves that open: the commit may have gone through.
     pub fn nothing_changed(self) -> bool {
         match self {
             Self::PoolTimeout
@@ -137,7 +154,7 @@ impl OutageKind {
             | Self::Busy
             | Self::LookupsSaturated
             | Self::LookupTimeout => true,
-            Self::ConnectionLost => false,
+            Self::ConnectionLost | Self::CommitUnknown => false,
         }
     }
 }

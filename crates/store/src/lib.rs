@@ -25,7 +25,7 @@
 macro_rules! key_columns {
     () => {
         "k.key_id, k.account_id, k.name, k.description, k.scopes, k.prefix, k.created_at, \
-         k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip"
+         k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip, k.version"
     };
 }
 
@@ -49,7 +49,8 @@ pub use chain::{
 pub use error::{Outage, OutageKind, StoreError};
 pub use model::{
     Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, NewKeyBuilder,
-    NewSecret, Page, PepperUse, Policy, Rehash, Rotation, SecretEntry, SecretRecord, UsageRecord,
+    NewSecret, Outcome, Page, PepperUse, Policy, Rehash, Replay, RequestMethod, RequestRecord,
+    Rotation, RotationRequest, SecretEntry, SecretRecord, UsageRecord,
 };
 pub use postgres::{CHANGE_CHANNEL, ListenerOptions, PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
@@ -142,7 +143,29 @@ pub trait Store: KeySource {
     /// and with [`StoreError::NotGrantable`] when a scope is outside the
     /// account's catalogue or is one of the service's own and `actor` is
     /// not the operator.
-    async fn create_key(&self, new: NewKey, actor: &Actor, policy: &Policy) -> Result<KeyRecord>;
+    async fn create_key(&self, new: NewKey, actor: &Actor, policy: &Policy) -> Result<KeyRecord> {
+        match self.create_key_with(new, None, actor, policy).await? {
+            Outcome::Done(key) => Ok(key),
+            Outcome::Replayed(_) => Err(StoreError::internal(
+                "a create without a request id replayed",
+            )),
+        }
+    }
+
+    /// [`Store::create_key`] under a request id: when `request`'s digest
+    /// was recorded before its `expires_at` by a create with the same
+    /// parameters, creates nothing and returns [`Outcome::Replayed`]; with
+    /// other parameters, or by a rotation, [`StoreError::RequestIdReused`].
+    /// Else creates the key and records `request` in the same transaction.
+    /// The replay check comes first: a retry is answered even when the
+    /// account has since reached its cap.
+    async fn create_key_with(
+        &self,
+        new: NewKey,
+        request: Option<&RequestRecord>,
+        actor: &Actor,
+        policy: &Policy,
+    ) -> Result<Outcome<KeyRecord>>;
 
     /// A key of `account`; another account's key is `None`.
     async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>>;
@@ -158,7 +181,8 @@ pub trait Store: KeySource {
     ) -> Result<Page<KeyRecord>>;
 
     /// Applies the given changes and records what actually changed. A revoked
-    /// key is [`StoreError::Revoked`]. Extending an expired key counts
+    /// key is [`StoreError::Revoked`]; one no longer at
+    /// [`KeyChanges::if_version`] is [`StoreError::StaleVersion`]. Extending an expired key counts
     /// against the cap like a create. Scopes added are checked as
     /// `create_key` checks a new key's. Taking `keys:admin` from, or
     /// setting a sooner expiry on, the account's last active management key
@@ -185,7 +209,36 @@ pub trait Store: KeySource {
         actor: &Actor,
         now: OffsetDateTime,
         policy: &Policy,
-    ) -> Result<Rotation>;
+    ) -> Result<Rotation> {
+        let rotation = RotationRequest {
+            secret: secret.clone(),
+            if_version: None,
+            request: None,
+        };
+        match self
+            .rotate_key_with(account, key_id, &rotation, actor, now, policy)
+            .await?
+        {
+            Outcome::Done(rotation) => Ok(rotation),
+            Outcome::Replayed(_) => Err(StoreError::internal(
+                "a rotation without a request id replayed",
+            )),
+        }
+    }
+
+    /// [`Store::rotate_key`], only if the key is still at
+    /// `rotation.if_version` (else [`StoreError::StaleVersion`]), and under
+    /// its request id as [`Store::create_key_with`] (the replay check comes
+    /// before every other).
+    async fn rotate_key_with(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        rotation: &RotationRequest,
+        actor: &Actor,
+        now: OffsetDateTime,
+        policy: &Policy,
+    ) -> Result<Outcome<Rotation>>;
 
     /// Revokes the key for good. Revoking twice is [`StoreError::Revoked`];
     /// revoking the account's last active management key is
@@ -195,6 +248,21 @@ pub trait Store: KeySource {
         account: &AccountId,
         key_id: &KeyId,
         reason: &str,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<KeyRecord> {
+        self.revoke_key_if(account, key_id, reason, None, actor, now)
+            .await
+    }
+
+    /// [`Store::revoke_key`], only if the key is still at `if_version`
+    /// (`None`: any); else [`StoreError::StaleVersion`].
+    async fn revoke_key_if(
+        &self,
+        account: &AccountId,
+        key_id: &KeyId,
+        reason: &str,
+        if_version: Option<i64>,
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<KeyRecord>;
@@ -239,6 +307,10 @@ pub trait Store: KeySource {
     /// raises the floor below which [`KeySource::changes_since`] refuses.
     /// Returns how many entries went.
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64>;
+
+    /// Deletes the records of request ids whose window ended before
+    /// `now`. Returns how many went.
+    async fn prune_requests(&self, now: OffsetDateTime) -> Result<u64>;
 
     /// Deletes rotated-away secrets superseded before `before` (they then
     /// verify as unknown, not `ROTATED`). Returns how many went.

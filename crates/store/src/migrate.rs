@@ -57,6 +57,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: AUDIT_CHAIN,
         sql: include_str!("../migrations/sqlite/0005_audit_chain.sql"),
     },
+    Migration {
+        version: 6,
+        name: "request_ids_and_versions",
+        sql: include_str!("../migrations/sqlite/0006_request_ids_and_versions.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -84,6 +89,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 5,
         name: AUDIT_CHAIN,
         sql: include_str!("../migrations/postgres/0005_audit_chain.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "request_ids_and_versions",
+        sql: include_str!("../migrations/postgres/0006_request_ids_and_versions.sql"),
     },
 ];
 

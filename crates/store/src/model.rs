@@ -23,6 +23,9 @@ pub struct KeyRecord {
     pub rotated_at: Option<OffsetDateTime>,
     pub last_used_at: Option<OffsetDateTime>,
     pub last_used_ip: Option<String>,
+    /// Raised by every change of the key (update, rotation, revocation),
+    /// not by its use: what the API's `etag` is made of.
+    pub version: i64,
 }
 
 impl KeyRecord {
@@ -37,6 +40,70 @@ impl KeyRecord {
 pub struct Rotation {
     pub key: KeyRecord,
     pub replaced_prefix: KeyPrefix,
+}
+
+/// Which call a request id named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestMethod {
+    CreateKey,
+    RotateKey,
+}
+
+impl RequestMethod {
+    /// The RPC's name, as stored and as said to the caller.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CreateKey => "CreateKey",
+            Self::RotateKey => "RotateKey",
+        }
+    }
+}
+
+/// What a create or rotation made under a request id leaves for its
+/// retries, written in the change's own transaction: a retry with the
+/// same id and parameters before `expires_at` gets [`Replay`] instead of
+/// a second change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// The request id's digest (`RequestId::digest`), never the id.
+    pub digest: [u8; 32],
+    pub method: RequestMethod,
+    /// A digest of the call's other parameters: a retry must repeat them.
+    pub params: [u8; 32],
+    /// The key created or rotated.
+    pub key_id: KeyId,
+    /// The secret the call returned, sealed (`seal_secret`): only the
+    /// request id and the pepper together open it.
+    pub sealed: Vec<u8>,
+    /// The pepper it is sealed under.
+    pub pepper_id: PepperId,
+    pub expires_at: OffsetDateTime,
+}
+
+/// A call repeated with its request id: the key as it is now, and the
+/// sealed secret the first call returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub key: KeyRecord,
+    pub sealed: Vec<u8>,
+    pub pepper_id: PepperId,
+}
+
+/// What a call made with an optional request id did: the change, or (a
+/// retry) what the first call with that id did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<T> {
+    Done(T),
+    Replayed(Replay),
+}
+
+/// What [`crate::Store::rotate_key_with`] needs: the new secret, the
+/// version the caller last saw (`None`: any), and the request id's record.
+#[derive(Debug, Clone)]
+pub struct RotationRequest {
+    pub secret: NewSecret,
+    pub if_version: Option<i64>,
+    pub request: Option<RequestRecord>,
 }
 
 /// What [`crate::Store::create_key`] needs; the server generates the id,
@@ -174,6 +241,9 @@ pub struct KeyChanges {
     pub scopes: Option<ScopeSet>,
     /// `Some(None)` removes the expiry.
     pub expires_at: Option<Option<OffsetDateTime>>,
+    /// Apply only if the key is still at this version (the caller's etag);
+    /// else [`crate::StoreError::StaleVersion`].
+    pub if_version: Option<i64>,
 }
 
 /// Who made a change, as the audit log records it. Derived from the

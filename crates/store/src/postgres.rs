@@ -33,6 +33,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+    Transaction,
 };
 use futures_util::TryStreamExt;
 use time::OffsetDateTime;
@@ -51,8 +52,9 @@ use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditChainRow, AuditEvent, ChangeListener, FieldChange, KeyChanges, KeyRecord,
-    KeySource, NewKey, NewSecret, OutageKind, Page, PepperUse, Policy, Rehash, Result, Rotation,
-    SecretEntry, SecretRecord, Store, StoreError, StoredAuditEvent, StoredAuditHead, UsageRecord,
+    KeySource, NewKey, Outage, OutageKind, Outcome, Page, PepperUse, Policy, Rehash, Replay,
+    RequestRecord, Result, Rotation, RotationRequest, SecretEntry, SecretRecord, Store, StoreError,
+    StoredAuditEvent, StoredAuditHead, UsageRecord,
 };
 
 /// The `LISTEN`/`NOTIFY` channel on which every change publishes
@@ -541,6 +543,7 @@ fn key_from_row(row: &Row, offset: usize) -> Result<KeyRecord> {
         rotated_at: get(10)?,
         last_used_at: get(11)?,
         last_used_ip: row.try_get(offset + 12).map_err(map_err)?,
+        version: row.try_get(offset + 13).map_err(map_err)?,
     }
     .parse()
 }
@@ -562,11 +565,13 @@ async fn load_key(
         .transpose()
 }
 
-/// The key with its row locked until the transaction ends; refuses a revoked key.
+/// The key with its row locked until the transaction ends; refuses a
+/// revoked key, and one no longer at `if_version`.
 async fn load_key_for_change(
     c: &impl GenericClient,
     account: &AccountId,
     key_id: &KeyId,
+    if_version: Option<i64>,
 ) -> Result<KeyRecord> {
     let row = query_opt(
         c,
@@ -577,7 +582,87 @@ async fn load_key_for_change(
     .ok_or(StoreError::NotFound)?;
     let key = key_from_row(&row, 0)?;
     rules::ensure_not_revoked(&key)?;
+    rules::check_version(&key, if_version)?;
     Ok(key)
+}
+
+/// Records `request` for its retries, unless its id is already recorded
+/// (and its window still open): then what the first call did, or a
+/// refusal when that call was another. Call it first in the transaction.
+/// A concurrent call with the same id waits on the insert until the
+/// first one's transaction ends, then finds its record (or, if it rolled
+/// back, records its own).
+async fn claim_request(
+    c: &impl GenericClient,
+    account: &AccountId,
+    request: &RequestRecord,
+    now: OffsetDateTime,
+) -> Result<Option<Replay>> {
+    let digest = &request.digest[..];
+    execute(
+        c,
+        "DELETE FROM requests WHERE account_id = $1 AND request_digest = $2 AND expires_at <= $3",
+        &[&account.as_str(), &digest, &now],
+    )
+    .await?;
+    let claimed = execute(
+        c,
+        "INSERT INTO requests (account_id, request_digest, method, params_digest, key_id, \
+         sealed_secret, pepper_id, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (account_id, request_digest) DO NOTHING",
+        &[
+            &account.as_str(),
+            &digest,
+            &request.method.as_str(),
+            &&request.params[..],
+            &request.key_id.as_str(),
+            &request.sealed,
+            &request.pepper_id.to_stored(),
+            &request.expires_at,
+        ],
+    )
+    .await?;
+    if claimed == 1 {
+        return Ok(None);
+    }
+    let row = query_one(
+        c,
+        "SELECT method, params_digest, key_id, sealed_secret, pepper_id FROM requests \
+         WHERE account_id = $1 AND request_digest = $2",
+        &[&account.as_str(), &digest],
+    )
+    .await?;
+    let stored = rules::StoredRequest {
+        method: row.try_get(0).map_err(map_err)?,
+        params: row.try_get(1).map_err(map_err)?,
+        key_id: row.try_get(2).map_err(map_err)?,
+        sealed: row.try_get(3).map_err(map_err)?,
+        pepper_id: row.try_get(4).map_err(map_err)?,
+    };
+    let (key_id, sealed, pepper_id) = rules::replayed(stored, request)?;
+    let key = load_key(c, account, &key_id)
+        .await?
+        .ok_or_else(|| StoreError::internal("a request id names a key that is gone"))?;
+    Ok(Some(Replay {
+        key,
+        sealed,
+        pepper_id,
+    }))
+}
+
+/// Commits a transaction that changes something. The database may have
+/// committed it when the connection breaks (or the server shuts down)
+/// while COMMIT is under way, so such a failure is
+/// [`OutageKind::CommitUnknown`]: the caller cannot tell whether the
+/// change happened.
+async fn commit(tx: Transaction<'_>) -> Result<()> {
+    tx.commit().await.map_err(|e| match map_err(e) {
+        StoreError::Unavailable(outage) => StoreError::Unavailable(Outage {
+            kind: OutageKind::CommitUnknown,
+            source: outage.source,
+        }),
+        other => other,
+    })
 }
 
 /// Creates the account on first use and locks its row until the
@@ -1145,9 +1230,21 @@ impl Store for PostgresStore {
         Ok(applied)
     }
 
-    async fn create_key(&self, new: NewKey, actor: &Actor, policy: &Policy) -> Result<KeyRecord> {
+    async fn create_key_with(
+        &self,
+        new: NewKey,
+        request: Option<&RequestRecord>,
+        actor: &Actor,
+        policy: &Policy,
+    ) -> Result<Outcome<KeyRecord>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
+        if let Some(request) = request
+            && let Some(replay) =
+                claim_request(&tx, &new.account_id, request, new.created_at).await?
+        {
+            return Ok(Outcome::Replayed(replay));
+        }
         let account = lock_account(&tx, &new.account_id, new.created_at).await?;
         let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
         rules::check_grants(None, &new.scopes, grantable, actor)?;
@@ -1198,8 +1295,8 @@ impl Store for PostgresStore {
         let key = load_key(&tx, &new.account_id, &new.key_id)
             .await?
             .ok_or_else(|| StoreError::internal("created key vanished"))?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(key)
+        commit(tx).await?;
+        Ok(Outcome::Done(key))
     }
 
     async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>> {
@@ -1249,7 +1346,7 @@ impl Store for PostgresStore {
     ) -> Result<KeyRecord> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
-        let before = load_key_for_change(&tx, account, key_id).await?;
+        let before = load_key_for_change(&tx, account, key_id, changes.if_version).await?;
         let Some(update) = rules::plan_update(&before, changes, now) else {
             tx.commit().await.map_err(map_err)?;
             return Ok(before);
@@ -1269,34 +1366,42 @@ impl Store for PostgresStore {
         let rules::Update { after, diff, .. } = update;
         execute(
             &tx,
-            "UPDATE keys SET name = $1, description = $2, scopes = $3, expires_at = $4 WHERE key_id = $5",
+            "UPDATE keys SET name = $1, description = $2, scopes = $3, expires_at = $4, \
+             version = $5 WHERE key_id = $6",
             &[
                 &after.name.as_str(),
                 &after.description.as_str(),
                 &after.scopes.to_strings(),
                 &after.expires_at,
+                &after.version,
                 &key_id.as_str(),
             ],
         )
         .await?;
         record_change(&tx, &ChangeRecord::updated(&after, diff, actor, now)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit(tx).await?;
         Ok(after)
     }
 
-    async fn rotate_key(
+    async fn rotate_key_with(
         &self,
         account: &AccountId,
         key_id: &KeyId,
-        secret: &NewSecret,
+        rotation: &RotationRequest,
         actor: &Actor,
         now: OffsetDateTime,
         policy: &Policy,
-    ) -> Result<Rotation> {
+    ) -> Result<Outcome<Rotation>> {
+        let secret = &rotation.secret;
         let prefix = &secret.prefix;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
-        let before = load_key_for_change(&tx, account, key_id).await?;
+        if let Some(request) = &rotation.request
+            && let Some(replay) = claim_request(&tx, account, request, now).await?
+        {
+            return Ok(Outcome::Replayed(replay));
+        }
+        let before = load_key_for_change(&tx, account, key_id, rotation.if_version).await?;
         rules::ensure_rotatable(&before, now)?;
         execute(
             &tx,
@@ -1324,7 +1429,7 @@ impl Store for PostgresStore {
         .await?;
         execute(
             &tx,
-            "UPDATE keys SET prefix = $1, rotated_at = $2 WHERE key_id = $3",
+            "UPDATE keys SET prefix = $1, rotated_at = $2, version = version + 1 WHERE key_id = $3",
             &[&prefix.as_str(), &now, &key_id.as_str()],
         )
         .await?;
@@ -1332,31 +1437,32 @@ impl Store for PostgresStore {
         let key = load_key(&tx, account, key_id)
             .await?
             .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(Rotation {
+        commit(tx).await?;
+        Ok(Outcome::Done(Rotation {
             key,
             replaced_prefix: before.prefix,
-        })
+        }))
     }
 
-    async fn revoke_key(
+    async fn revoke_key_if(
         &self,
         account: &AccountId,
         key_id: &KeyId,
         reason: &str,
+        if_version: Option<i64>,
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<KeyRecord> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_err)?;
-        let before = load_key_for_change(&tx, account, key_id).await?;
+        let before = load_key_for_change(&tx, account, key_id, if_version).await?;
         if rules::is_active_manager(&before, now) {
             lock_account(&tx, account, now).await?;
             keep_a_manager(&tx, &before, now).await?;
         }
         execute(
             &tx,
-            "UPDATE keys SET revoked_at = $1, revoke_reason = $2 WHERE key_id = $3",
+            "UPDATE keys SET revoked_at = $1, revoke_reason = $2, version = version + 1 WHERE key_id = $3",
             &[&now, &reason, &key_id.as_str()],
         )
         .await?;
@@ -1364,7 +1470,7 @@ impl Store for PostgresStore {
         let key = load_key(&tx, account, key_id)
             .await?
             .ok_or_else(|| StoreError::internal("revoked key vanished"))?;
-        tx.commit().await.map_err(map_err)?;
+        commit(tx).await?;
         Ok(key)
     }
 
@@ -1453,7 +1559,7 @@ impl Store for PostgresStore {
             .await?;
             stored.tier = tier;
         }
-        tx.commit().await.map_err(map_err)?;
+        commit(tx).await?;
         Ok(stored)
     }
 
@@ -1490,8 +1596,18 @@ impl Store for PostgresStore {
             .await?;
             stored.grantable = grantable.cloned();
         }
-        tx.commit().await.map_err(map_err)?;
+        commit(tx).await?;
         Ok(stored)
+    }
+
+    async fn prune_requests(&self, now: OffsetDateTime) -> Result<u64> {
+        let client = self.client().await?;
+        execute(
+            &client,
+            "DELETE FROM requests WHERE expires_at <= $1",
+            &[&now],
+        )
+        .await
     }
 
     async fn prune_rotated_secrets(&self, before: OffsetDateTime) -> Result<u64> {

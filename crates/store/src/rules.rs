@@ -8,11 +8,14 @@
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use vilvik_keys_domain::{
-    AccountId, AuditAction, Description, KeyId, KeyName, KeyPrefix, KeyState, ScopeCatalogue,
-    ScopeSet, Tier, TierLimits,
+    AccountId, AuditAction, Description, KeyId, KeyName, KeyPrefix, KeyState, PepperId,
+    ScopeCatalogue, ScopeSet, Tier, TierLimits,
 };
 
-use crate::{Account, Actor, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Policy, StoreError};
+use crate::{
+    Account, Actor, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Policy, RequestMethod,
+    RequestRecord, StoreError,
+};
 
 pub(crate) fn format_time(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
@@ -153,10 +156,11 @@ pub(crate) fn plan_update(
     changes: KeyChanges,
     now: OffsetDateTime,
 ) -> Option<Update> {
-    let (after, diff) = apply_changes(before, changes);
+    let (mut after, diff) = apply_changes(before, changes);
     if diff.is_empty() {
         return None;
     }
+    after.version += 1;
     let gains_scopes = after.scopes.added_since(&before.scopes).next().is_some();
     Some(Update {
         needs_room: reactivates(before, &after, now),
@@ -472,6 +476,7 @@ pub(crate) struct RawKey {
     pub rotated_at: Option<OffsetDateTime>,
     pub last_used_at: Option<OffsetDateTime>,
     pub last_used_ip: Option<String>,
+    pub version: i64,
 }
 
 impl RawKey {
@@ -492,8 +497,56 @@ impl RawKey {
             rotated_at: self.rotated_at,
             last_used_at: self.last_used_at,
             last_used_ip: self.last_used_ip,
+            version: self.version,
         })
     }
+}
+
+/// Refuses a change based on a version of the key other than the one
+/// stored (the caller's etag is stale).
+pub(crate) fn check_version(key: &KeyRecord, expected: Option<i64>) -> Result<(), StoreError> {
+    match expected {
+        Some(expected) if expected != key.version => Err(StoreError::StaleVersion {
+            key_id: key.key_id.clone(),
+            expected,
+            current: key.version,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A request id's record as a backend read it back.
+pub(crate) struct StoredRequest {
+    pub method: String,
+    pub params: Vec<u8>,
+    pub key_id: String,
+    pub sealed: Vec<u8>,
+    pub pepper_id: i64,
+}
+
+/// What a retry of `request` answers with, given what its id recorded:
+/// the key and the sealed secret of the first call, when that call was
+/// the same method with the same parameters; else a refusal naming the
+/// method the id was used for.
+pub(crate) fn replayed(
+    stored: StoredRequest,
+    request: &RequestRecord,
+) -> Result<(KeyId, Vec<u8>, PepperId), StoreError> {
+    let method = match stored.method.as_str() {
+        "CreateKey" => RequestMethod::CreateKey,
+        "RotateKey" => RequestMethod::RotateKey,
+        other => return Err(corrupt("request method")(other.to_owned())),
+    };
+    if method != request.method || stored.params != request.params {
+        return Err(StoreError::RequestIdReused { method });
+    }
+    let pepper_id = PepperId::from_stored(stored.pepper_id)
+        .ok_or_else(|| corrupt("request pepper id")(stored.pepper_id.to_string()))?;
+    Ok((
+        field("request key id", stored.key_id.parse::<KeyId>())?,
+        stored.sealed,
+        pepper_id,
+    ))
 }
 
 /// What a prune deletes and where the floor goes.
@@ -569,6 +622,7 @@ mod tests {
             rotated_at: None,
             last_used_at: None,
             last_used_ip: None,
+            version: 1,
         }
     }
 
@@ -580,6 +634,7 @@ mod tests {
             description: Some(key.description.clone()),
             scopes: Some(key.scopes.clone()),
             expires_at: Some(key.expires_at),
+            ..KeyChanges::default()
         };
         assert_eq!(plan_update(&key, same, now()), None);
         assert_eq!(plan_update(&key, KeyChanges::default(), now()), None);

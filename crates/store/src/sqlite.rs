@@ -26,8 +26,9 @@ use crate::rules::{self, ChangeRecord, Prune, RawKey, corrupt, page};
 use crate::stream;
 use crate::{
     Account, Actor, AuditChainRow, AuditEvent, KeyChanges, KeyRecord, KeySource, NewKey, NewSecret,
-    OutageKind, Page, PepperUse, Policy, Rehash, Result, Rotation, SecretEntry, SecretRecord,
-    Store, StoreError, StoredAuditEvent, StoredAuditHead, UsageRecord,
+    OutageKind, Outcome, Page, PepperUse, Policy, Rehash, Replay, RequestRecord, Result, Rotation,
+    RotationRequest, SecretEntry, SecretRecord, Store, StoreError, StoredAuditEvent,
+    StoredAuditHead, UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -209,6 +210,7 @@ fn key_from_row(row: &Row<'_>, offset: usize) -> Result<KeyRecord> {
         rotated_at: get_time(10)?,
         last_used_at: get_time(11)?,
         last_used_ip: row.get(offset + 12).map_err(map_err)?,
+        version: row.get(offset + 13).map_err(map_err)?,
     }
     .parse()
 }
@@ -228,14 +230,84 @@ fn load_key(conn: &Connection, account: &AccountId, key_id: &KeyId) -> Result<Op
     .transpose()
 }
 
+/// The key to change; refuses a revoked key, and one no longer at
+/// `if_version`.
 fn load_key_for_change(
     tx: &Transaction<'_>,
     account: &AccountId,
     key_id: &KeyId,
+    if_version: Option<i64>,
 ) -> Result<KeyRecord> {
     let key = load_key(tx, account, key_id)?.ok_or(StoreError::NotFound)?;
     rules::ensure_not_revoked(&key)?;
+    rules::check_version(&key, if_version)?;
     Ok(key)
+}
+
+/// Records `request` for its retries, unless its id is already recorded
+/// (and its window still open): then what the first call did, or a
+/// refusal when that call was another. The write lock `BEGIN IMMEDIATE`
+/// took makes the look-up and the insert one step.
+fn claim_request(
+    tx: &Transaction<'_>,
+    account: &AccountId,
+    request: &RequestRecord,
+    now: OffsetDateTime,
+) -> Result<Option<Replay>> {
+    tx.prepare_cached(
+        "DELETE FROM requests WHERE account_id = ?1 AND request_digest = ?2 AND expires_at <= ?3",
+    )
+    .map_err(map_err)?
+    .execute(params![
+        account.as_str(),
+        &request.digest[..],
+        to_micros(now)
+    ])
+    .map_err(map_err)?;
+    let stored = tx
+        .prepare_cached(
+            "SELECT method, params_digest, key_id, sealed_secret, pepper_id FROM requests \
+             WHERE account_id = ?1 AND request_digest = ?2",
+        )
+        .map_err(map_err)?
+        .query_row(params![account.as_str(), &request.digest[..]], |r| {
+            Ok(rules::StoredRequest {
+                method: r.get(0)?,
+                params: r.get(1)?,
+                key_id: r.get(2)?,
+                sealed: r.get(3)?,
+                pepper_id: r.get(4)?,
+            })
+        })
+        .optional()
+        .map_err(map_err)?;
+    if let Some(stored) = stored {
+        let (key_id, sealed, pepper_id) = rules::replayed(stored, request)?;
+        let key = load_key(tx, account, &key_id)?
+            .ok_or_else(|| StoreError::internal("a request id names a key that is gone"))?;
+        return Ok(Some(Replay {
+            key,
+            sealed,
+            pepper_id,
+        }));
+    }
+    tx.prepare_cached(
+        "INSERT INTO requests (account_id, request_digest, method, params_digest, key_id, \
+         sealed_secret, pepper_id, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .map_err(map_err)?
+    .execute(params![
+        account.as_str(),
+        &request.digest[..],
+        request.method.as_str(),
+        &request.params[..],
+        request.key_id.as_str(),
+        request.sealed,
+        request.pepper_id.to_stored(),
+        to_micros(request.expires_at),
+    ])
+    .map_err(map_err)?;
+    Ok(None)
 }
 
 /// Creates the account on first use; returns it as stored.
@@ -866,9 +938,20 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_key(&self, new: NewKey, actor: &Actor, policy: &Policy) -> Result<KeyRecord> {
-        let (actor, policy) = (actor.clone(), policy.clone());
+    async fn create_key_with(
+        &self,
+        new: NewKey,
+        request: Option<&RequestRecord>,
+        actor: &Actor,
+        policy: &Policy,
+    ) -> Result<Outcome<KeyRecord>> {
+        let (request, actor, policy) = (request.cloned(), actor.clone(), policy.clone());
         self.write(move |tx| {
+            if let Some(request) = &request
+                && let Some(replay) = claim_request(tx, &new.account_id, request, new.created_at)?
+            {
+                return Ok(Outcome::Replayed(replay));
+            }
             let account = ensure_account(tx, &new.account_id, new.created_at)?;
             let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
             rules::check_grants(None, &new.scopes, grantable, &actor)?;
@@ -889,6 +972,7 @@ impl Store for SqliteStore {
             )?;
             insert_new_key(tx, &new, &actor)?;
             load_key(tx, &new.account_id, &new.key_id)?
+                .map(Outcome::Done)
                 .ok_or_else(|| StoreError::internal("created key vanished"))
         })
         .await
@@ -947,14 +1031,19 @@ impl Store for SqliteStore {
             policy.clone(),
         );
         self.write(move |tx| {
-            let before = load_key_for_change(tx, &account, &key_id)?;
+            let before = load_key_for_change(tx, &account, &key_id, changes.if_version)?;
             let Some(update) = rules::plan_update(&before, changes, now) else {
                 return Ok(before);
             };
             if update.needs_account() {
                 let stored = ensure_account(tx, &account, now)?;
                 let grantable = stored.grantable.as_ref().unwrap_or(&policy.grantable);
-                rules::check_grants(Some(&before.scopes), &update.after.scopes, grantable, &actor)?;
+                rules::check_grants(
+                    Some(&before.scopes),
+                    &update.after.scopes,
+                    grantable,
+                    &actor,
+                )?;
                 if update.weakens_manager {
                     keep_a_manager(tx, &before, now)?;
                 }
@@ -964,12 +1053,14 @@ impl Store for SqliteStore {
             }
             let rules::Update { after, diff, .. } = update;
             tx.execute(
-                "UPDATE keys SET name = ?1, description = ?2, scopes = ?3, expires_at = ?4 WHERE key_id = ?5",
+                "UPDATE keys SET name = ?1, description = ?2, scopes = ?3, expires_at = ?4, \
+                 version = ?5 WHERE key_id = ?6",
                 params![
                     after.name.as_str(),
                     after.description.as_str(),
                     scopes_json(&after.scopes),
                     after.expires_at.map(to_micros),
+                    after.version,
                     key_id.as_str()
                 ],
             )
@@ -980,37 +1071,43 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn rotate_key(
+    async fn rotate_key_with(
         &self,
         account: &AccountId,
         key_id: &KeyId,
-        secret: &NewSecret,
+        rotation: &RotationRequest,
         actor: &Actor,
         now: OffsetDateTime,
         policy: &Policy,
-    ) -> Result<Rotation> {
-        let (account, key_id, secret, actor) = (
+    ) -> Result<Outcome<Rotation>> {
+        let (account, key_id, rotation, actor) = (
             account.clone(),
             key_id.clone(),
-            secret.clone(),
+            rotation.clone(),
             actor.clone(),
         );
         let kept = policy.rotated_secrets_kept;
         self.write(move |tx| {
-            let before = load_key_for_change(tx, &account, &key_id)?;
+            if let Some(request) = &rotation.request
+                && let Some(replay) = claim_request(tx, &account, request, now)?
+            {
+                    return Ok(Outcome::Replayed(replay));
+            }
+            let secret = &rotation.secret;
+            let before = load_key_for_change(tx, &account, &key_id, rotation.if_version)?;
             rules::ensure_rotatable(&before, now)?;
             tx.execute(
                 "UPDATE key_secrets SET superseded_at = ?1 WHERE prefix = ?2",
                 params![to_micros(now), before.prefix.as_str()],
             )
             .map_err(map_err)?;
-            insert_secret(tx, &secret, &key_id, now)?;
+            insert_secret(tx, secret, &key_id, now)?;
             tx.prepare_cached(PRUNE_KEY_SECRETS)
                 .map_err(map_err)?
                 .execute(params![key_id.as_str(), kept])
                 .map_err(map_err)?;
             tx.execute(
-                "UPDATE keys SET prefix = ?1, rotated_at = ?2 WHERE key_id = ?3",
+                "UPDATE keys SET prefix = ?1, rotated_at = ?2, version = version + 1 WHERE key_id = ?3",
                 params![secret.prefix.as_str(), to_micros(now), key_id.as_str()],
             )
             .map_err(map_err)?;
@@ -1020,19 +1117,20 @@ impl Store for SqliteStore {
             )?;
             let key = load_key(tx, &account, &key_id)?
                 .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
-            Ok(Rotation {
+            Ok(Outcome::Done(Rotation {
                 key,
                 replaced_prefix: before.prefix,
-            })
+            }))
         })
         .await
     }
 
-    async fn revoke_key(
+    async fn revoke_key_if(
         &self,
         account: &AccountId,
         key_id: &KeyId,
         reason: &str,
+        if_version: Option<i64>,
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<KeyRecord> {
@@ -1043,12 +1141,13 @@ impl Store for SqliteStore {
             actor.clone(),
         );
         self.write(move |tx| {
-            let before = load_key_for_change(tx, &account, &key_id)?;
+            let before = load_key_for_change(tx, &account, &key_id, if_version)?;
             if rules::is_active_manager(&before, now) {
                 keep_a_manager(tx, &before, now)?;
             }
             tx.execute(
-                "UPDATE keys SET revoked_at = ?1, revoke_reason = ?2 WHERE key_id = ?3",
+                "UPDATE keys SET revoked_at = ?1, revoke_reason = ?2, version = version + 1 \
+                 WHERE key_id = ?3",
                 params![to_micros(now), reason, key_id.as_str()],
             )
             .map_err(map_err)?;
@@ -1201,6 +1300,18 @@ impl Store for SqliteStore {
             )
             .map_err(map_err)?;
             Ok(pruned as u64)
+        })
+        .await
+    }
+
+    async fn prune_requests(&self, now: OffsetDateTime) -> Result<u64> {
+        self.write(move |tx| {
+            tx.execute(
+                "DELETE FROM requests WHERE expires_at <= ?1",
+                params![to_micros(now)],
+            )
+            .map(|n| n as u64)
+            .map_err(map_err)
         })
         .await
     }

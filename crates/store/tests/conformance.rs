@@ -474,6 +474,7 @@ async fn update_records_only_what_changed(store: Arc<dyn Store>) {
         description: Some(description("exports, nightly")), // changed
         scopes: Some(key.scopes.clone()), // same value: not a change
         expires_at: Some(Some(expiry)), // changed
+        ..KeyChanges::default()
     };
     let seq = store.change_sequence().await.unwrap();
     let updated = store
@@ -1352,6 +1353,7 @@ async fn no_audit_event_holds_a_secret(store: Arc<dyn Store>) {
         description: Some(description("new words")),
         scopes: Some(scopes(&["datasets:write"])),
         expires_at: Some(None),
+        ..KeyChanges::default()
     };
     store
         .update_key(&acme, &key.key_id, changes, &actor(), t0, &roomy())
