@@ -20,8 +20,9 @@ use vilvik_keys_domain::{
     ScopeSet, SecretHash, Tier, TierLimits,
 };
 use vilvik_keys_store::{
-    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, PepperUse, Policy, Rehash,
-    SecretEntry, Store, StoreError, UsageRecord,
+    Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, Outcome, PepperUse, Policy,
+    Rehash, RequestMethod, RequestRecord, RotationRequest, SecretEntry, Store, StoreError,
+    UsageRecord,
 };
 
 /// Any pepper: these tests store and read hashes, they verify nothing.
@@ -205,6 +206,452 @@ async fn revoked_keys_count_toward_the_stored_key_ceiling(store: Arc<dyn Store>)
         .unwrap();
     let (new, _) = new_key(&acme, "on premium", t0);
     store.create_key(new, &actor(), &policy).await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Request ids and versions (issue 11)
+
+/// The record a call under request id `id` (any 32 bytes here: the
+/// server derives them) with parameters `params` leaves.
+fn request(
+    id: u8,
+    method: RequestMethod,
+    params: u8,
+    key_id: &KeyId,
+    expires_at: OffsetDateTime,
+) -> RequestRecord {
+    RequestRecord {
+        digest: [id; 32],
+        method,
+        params: [params; 32],
+        key_id: key_id.clone(),
+        sealed: vec![id, params, 7, 7],
+        pepper_id: pepper().id(),
+        expires_at,
+    }
+}
+
+async fn a_create_retried_with_its_request_id_creates_nothing_more(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let policy = Policy::from(TierLimits {
+        free: 1,
+        premium: 1,
+    });
+    let (first, _) = new_key(&acme, "first", t0);
+    let first_id = first.key_id.clone();
+    let record = request(
+        1,
+        RequestMethod::CreateKey,
+        9,
+        &first_id,
+        t0 + Duration::days(1),
+    );
+    let Outcome::Done(created) = store
+        .create_key_with(first, Some(&record), &actor(), &policy)
+        .await
+        .unwrap()
+    else {
+        panic!("the first call replayed");
+    };
+    // The retry comes with a new key id and secret (the server makes them
+    // afresh) and finds the account at its cap: it still gets the first key.
+    let (retry, _) = new_key(&acme, "first", t0 + Duration::seconds(5));
+    let retry_record = RequestRecord {
+        key_id: retry.key_id.clone(),
+        sealed: vec![0; 4],
+        ..record.clone()
+    };
+    let Outcome::Replayed(replay) = store
+        .create_key_with(retry, Some(&retry_record), &actor(), &policy)
+        .await
+        .unwrap()
+    else {
+        panic!("the retry created a second key");
+    };
+    assert_eq!(replay.key, created);
+    assert_eq!(
+        replay.sealed, record.sealed,
+        "the first call's sealed secret"
+    );
+    assert_eq!(replay.pepper_id, pepper().id());
+    assert_eq!(
+        store
+            .list_keys(&acme, true, None, 10)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    assert_eq!(all_events(&*store, &acme, None).await.len(), 1);
+    assert_eq!(store.changes_since(0, 100).await.unwrap().len(), 1);
+
+    // The same id with other parameters, or for a rotation, is refused.
+    let (other, _) = new_key(&acme, "other", t0);
+    let other_params = RequestRecord {
+        params: [8; 32],
+        key_id: other.key_id.clone(),
+        ..record.clone()
+    };
+    assert!(matches!(
+        store
+            .create_key_with(other, Some(&other_params), &actor(), &roomy())
+            .await,
+        Err(StoreError::RequestIdReused {
+            method: RequestMethod::CreateKey
+        })
+    ));
+    let rotation = RotationRequest {
+        secret: NewSecret::from(&GeneratedKey::generate(&pepper())),
+        if_version: None,
+        request: Some(RequestRecord {
+            method: RequestMethod::RotateKey,
+            ..record.clone()
+        }),
+    };
+    assert!(matches!(
+        store
+            .rotate_key_with(&acme, &first_id, &rotation, &actor(), t0, &roomy())
+            .await,
+        Err(StoreError::RequestIdReused {
+            method: RequestMethod::CreateKey
+        })
+    ));
+    // Another account's same id is another request.
+    let other_account = account("OTHER");
+    let (theirs, _) = new_key(&other_account, "theirs", t0);
+    let theirs_record = RequestRecord {
+        key_id: theirs.key_id.clone(),
+        ..record.clone()
+    };
+    assert!(matches!(
+        store
+            .create_key_with(theirs, Some(&theirs_record), &actor(), &roomy())
+            .await,
+        Ok(Outcome::Done(_))
+    ));
+    assert_eq!(
+        store
+            .list_keys(&acme, true, None, 10)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    assert_eq!(all_events(&*store, &acme, None).await.len(), 1);
+}
+
+async fn a_refused_create_records_no_request_id(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let one = Policy::from(TierLimits {
+        free: 1,
+        premium: 1,
+    });
+    let (taken, _) = new_key(&acme, "holds the only slot", t0);
+    let taken = store.create_key(taken, &actor(), &one).await.unwrap();
+    let (new, _) = new_key(&acme, "refused", t0);
+    let record = request(
+        2,
+        RequestMethod::CreateKey,
+        9,
+        &new.key_id,
+        t0 + Duration::days(1),
+    );
+    let refused = store
+        .create_key_with(new.clone(), Some(&record), &actor(), &one)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::QuotaExceeded { .. })),
+        "{refused:?}"
+    );
+    // Retried once there is room, the same id creates the key.
+    store
+        .revoke_key(&acme, &taken.key_id, "make room", &actor(), t0)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .create_key_with(new, Some(&record), &actor(), &one)
+            .await,
+        Ok(Outcome::Done(_))
+    ));
+    assert_eq!(all_events(&*store, &acme, None).await.len(), 3);
+}
+
+async fn a_request_id_is_forgotten_after_its_window(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let window_end = t0 + Duration::days(1);
+    let (first, _) = new_key(&acme, "first", t0);
+    let record = request(3, RequestMethod::CreateKey, 9, &first.key_id, window_end);
+    store
+        .create_key_with(first, Some(&record), &actor(), &roomy())
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .prune_requests(window_end - Duration::seconds(1))
+            .await
+            .unwrap(),
+        0
+    );
+    // At the window's end the id is a new request (with or without pruning).
+    let (late, _) = new_key(&acme, "first", window_end);
+    let late_record = RequestRecord {
+        key_id: late.key_id.clone(),
+        expires_at: window_end + Duration::days(1),
+        ..record.clone()
+    };
+    assert!(matches!(
+        store
+            .create_key_with(late, Some(&late_record), &actor(), &roomy())
+            .await,
+        Ok(Outcome::Done(_))
+    ));
+    assert_eq!(
+        store
+            .list_keys(&acme, true, None, 10)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+    assert_eq!(
+        store
+            .prune_requests(window_end + Duration::days(1))
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+async fn concurrent_calls_with_one_request_id_create_one_key(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        let (new, _) = new_key(&acme, "once", t0);
+        let record = request(
+            4,
+            RequestMethod::CreateKey,
+            9,
+            &new.key_id,
+            t0 + Duration::days(1),
+        );
+        tasks.spawn(async move {
+            store
+                .create_key_with(new, Some(&record), &actor(), &roomy())
+                .await
+        });
+    }
+    let (mut done, mut replayed) = (Vec::new(), Vec::new());
+    while let Some(outcome) = tasks.join_next().await {
+        match outcome.unwrap().unwrap() {
+            Outcome::Done(key) => done.push(key.key_id),
+            Outcome::Replayed(replay) => replayed.push(replay.key.key_id),
+        }
+    }
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(replayed.len(), 7);
+    assert!(replayed.iter().all(|id| *id == done[0]));
+    assert_eq!(
+        store
+            .list_keys(&acme, true, None, 10)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    assert_eq!(all_events(&*store, &acme, None).await.len(), 1);
+}
+
+async fn a_rotation_retried_with_its_request_id_rotates_once(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let key = create(&*store, &acme, "rotated", t0).await;
+    let first = RotationRequest {
+        secret: NewSecret::from(&GeneratedKey::generate(&pepper())),
+        if_version: Some(key.version),
+        request: Some(request(
+            5,
+            RequestMethod::RotateKey,
+            1,
+            &key.key_id,
+            t0 + Duration::days(1),
+        )),
+    };
+    let t1 = t0 + Duration::seconds(1);
+    let Outcome::Done(rotated) = store
+        .rotate_key_with(&acme, &key.key_id, &first, &actor(), t1, &roomy())
+        .await
+        .unwrap()
+    else {
+        panic!("the first rotation replayed");
+    };
+    assert_eq!(rotated.key.prefix, first.secret.prefix);
+    // The retry (its etag now stale, a new secret drawn) gets the first one's.
+    let retry = RotationRequest {
+        secret: NewSecret::from(&GeneratedKey::generate(&pepper())),
+        ..first.clone()
+    };
+    let Outcome::Replayed(replay) = store
+        .rotate_key_with(
+            &acme,
+            &key.key_id,
+            &retry,
+            &actor(),
+            t1 + Duration::seconds(1),
+            &roomy(),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("the retry rotated again");
+    };
+    assert_eq!(replay.key, rotated.key);
+    assert_eq!(replay.sealed, first.request.as_ref().unwrap().sealed);
+    assert!(
+        store
+            .find_secret(&retry.secret.prefix)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let events = all_events(&*store, &acme, Some(&key.key_id)).await;
+    assert_eq!(events.len(), 2, "created and one rotation");
+}
+
+async fn every_change_of_a_key_and_only_a_change_raises_its_version(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let key = create(&*store, &acme, "versioned", t0).await;
+    assert_eq!(key.version, 1);
+    let rename = |to: &str, if_version| KeyChanges {
+        name: Some(name(to)),
+        if_version,
+        ..KeyChanges::default()
+    };
+    let updated = store
+        .update_key(
+            &acme,
+            &key.key_id,
+            rename("renamed", Some(1)),
+            &actor(),
+            t0,
+            &roomy(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.version, 2);
+    assert_eq!(
+        store
+            .get_key(&acme, &key.key_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+    // Setting what is already there changes nothing, the version included.
+    let same = store
+        .update_key(
+            &acme,
+            &key.key_id,
+            rename("renamed", Some(2)),
+            &actor(),
+            t0,
+            &roomy(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(same.version, 2);
+    // Use is not a change.
+    store
+        .record_usage(&[UsageRecord {
+            key_id: key.key_id.clone(),
+            at: t0,
+            ip: None,
+        }])
+        .await
+        .unwrap();
+    let used = store.get_key(&acme, &key.key_id).await.unwrap().unwrap();
+    assert_eq!(used.version, 2);
+
+    // A stale version is refused and changes nothing.
+    let events_before = all_events(&*store, &acme, None).await.len();
+    let stale = store
+        .update_key(
+            &acme,
+            &key.key_id,
+            rename("lost", Some(1)),
+            &actor(),
+            t0,
+            &roomy(),
+        )
+        .await;
+    assert!(
+        matches!(
+            stale,
+            Err(StoreError::StaleVersion {
+                expected: 1,
+                current: 2,
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
+    let stale_rotation = RotationRequest {
+        secret: NewSecret::from(&GeneratedKey::generate(&pepper())),
+        if_version: Some(1),
+        request: None,
+    };
+    assert!(matches!(
+        store
+            .rotate_key_with(&acme, &key.key_id, &stale_rotation, &actor(), t0, &roomy())
+            .await,
+        Err(StoreError::StaleVersion { current: 2, .. })
+    ));
+    assert!(matches!(
+        store
+            .revoke_key_if(&acme, &key.key_id, "stale", Some(1), &actor(), t0)
+            .await,
+        Err(StoreError::StaleVersion { current: 2, .. })
+    ));
+    let now_stored = store.get_key(&acme, &key.key_id).await.unwrap().unwrap();
+    assert_eq!(now_stored, used, "a refused change changed the key");
+    assert_eq!(all_events(&*store, &acme, None).await.len(), events_before);
+    assert!(
+        store
+            .find_secret(&stale_rotation.secret.prefix)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Rotation and revocation with the current version go through, and raise it.
+    let rotation = RotationRequest {
+        if_version: Some(2),
+        ..stale_rotation
+    };
+    let Outcome::Done(rotated) = store
+        .rotate_key_with(&acme, &key.key_id, &rotation, &actor(), t0, &roomy())
+        .await
+        .unwrap()
+    else {
+        panic!("replayed without a request id");
+    };
+    assert_eq!(rotated.key.version, 3);
+    let revoked = store
+        .revoke_key_if(&acme, &key.key_id, "done", Some(3), &actor(), t0)
+        .await
+        .unwrap();
+    assert_eq!(revoked.version, 4);
 }
 
 // ---------------------------------------------------------------------------
@@ -2149,4 +2596,10 @@ conformance!(
     a_thousand_rotations_keep_a_bounded_history,
     old_rotated_secrets_are_pruned_after_the_retention,
     revoked_keys_count_toward_the_stored_key_ceiling,
+    a_create_retried_with_its_request_id_creates_nothing_more,
+    a_refused_create_records_no_request_id,
+    a_request_id_is_forgotten_after_its_window,
+    concurrent_calls_with_one_request_id_create_one_key,
+    a_rotation_retried_with_its_request_id_rotates_once,
+    every_change_of_a_key_and_only_a_change_raises_its_version,
 );
