@@ -1,0 +1,344 @@
+//! Races in a fast loop, on both backends (issue 11): each test runs many
+//! trials of calls started at once against one store, and checks after
+//! each that the store's rules held:
+//!
+//! - many concurrent creates at the cap: exactly the cap succeeds;
+//! - concurrent rotations of one key: exactly one secret is current, every
+//!   other one is superseded;
+//! - a rotation racing a revocation: the key ends revoked;
+//! - an update racing a rotation: neither change is lost;
+//! - two changes based on one version: one goes through, the other is
+//!   `StaleVersion` and changes nothing.
+//!
+//! `VILVIK_KEYS_RACE_TRIALS` sets the number of trials (default 50, so the
+//! default test run stays fast); `.ci/run` runs them with 1,000.
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+use tokio::task::JoinSet;
+use vilvik_keys_domain::{AccountId, GeneratedKey, KeyId, Pepper, ScopeSet, TierLimits};
+use vilvik_keys_store::{
+    Actor, KeyChanges, KeyRecord, NewKey, NewSecret, Outcome, Policy, RotationRequest, Store,
+    StoreError,
+};
+
+/// Concurrent calls in each trial.
+const RACERS: usize = 8;
+
+fn trials() -> usize {
+    std::env::var("VILVIK_KEYS_RACE_TRIALS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(50)
+}
+
+fn pepper() -> Pepper {
+    Pepper::from_bytes(&[0x42; 32])
+}
+
+fn actor() -> Actor {
+    Actor {
+        name: "operator:alice@example.com".to_owned(),
+        ip: None,
+        operator: true,
+    }
+}
+
+fn roomy() -> Policy {
+    Policy::from(TierLimits {
+        free: 1_000,
+        premium: 1_000,
+    })
+}
+
+fn now() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap()
+}
+
+fn new_key(account: &AccountId, name: &str) -> NewKey {
+    NewKey::builder(account.clone())
+        .name(name.parse().unwrap())
+        .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
+        .build(&pepper())
+        .0
+}
+
+async fn a_key(store: &dyn Store, account: &AccountId) -> KeyRecord {
+    store
+        .create_key(new_key(account, "raced"), &actor(), &roomy())
+        .await
+        .unwrap()
+}
+
+fn rotation(if_version: Option<i64>) -> RotationRequest {
+    RotationRequest {
+        secret: NewSecret::from(&GeneratedKey::generate(&pepper())),
+        if_version,
+        request: None,
+    }
+}
+
+async fn rotate(
+    store: &dyn Store,
+    key: &KeyRecord,
+    rotation: &RotationRequest,
+) -> Result<(), StoreError> {
+    match store
+        .rotate_key_with(
+            &key.account_id,
+            &key.key_id,
+            rotation,
+            &actor(),
+            now(),
+            &roomy(),
+        )
+        .await?
+    {
+        Outcome::Done(_) => Ok(()),
+        Outcome::Replayed(_) => panic!("replayed without a request id"),
+    }
+}
+
+async fn audit_count(store: &dyn Store, account: &AccountId, key: &KeyId) -> usize {
+    store
+        .list_audit_events(account, Some(key), None, 1_000)
+        .await
+        .unwrap()
+        .items
+        .len()
+}
+
+async fn concurrent_creates_at_the_cap_admit_exactly_the_cap(store: Arc<dyn Store>) {
+    let cap = 3;
+    let policy = Policy::from(TierLimits {
+        free: cap,
+        premium: cap,
+    });
+    for trial in 0..trials() {
+        let account: AccountId = format!("CAP{trial}").parse().unwrap();
+        let mut racers = JoinSet::new();
+        for i in 0..RACERS {
+            let (store, policy) = (store.clone(), policy.clone());
+            let new = new_key(&account, &format!("racer-{i}"));
+            racers.spawn(async move { store.create_key(new, &actor(), &policy).await });
+        }
+        let mut created = 0;
+        while let Some(outcome) = racers.join_next().await {
+            match outcome.unwrap() {
+                Ok(_) => created += 1,
+                Err(StoreError::QuotaExceeded { .. }) => {}
+                Err(e) => panic!("trial {trial}: {e:?}"),
+            }
+        }
+        assert_eq!(created, cap, "trial {trial}");
+        let stored = store.list_keys(&account, true, None, 100).await.unwrap();
+        assert_eq!(stored.items.len(), cap as usize, "trial {trial}");
+    }
+}
+
+async fn concurrent_rotations_leave_exactly_one_current_secret(store: Arc<dyn Store>) {
+    let account: AccountId = "ROTATE".parse().unwrap();
+    for trial in 0..trials() {
+        let key = a_key(&*store, &account).await;
+        let mut racers = JoinSet::new();
+        let mut prefixes = vec![key.prefix.clone()];
+        for _ in 0..RACERS {
+            let (store, key, rotation) = (store.clone(), key.clone(), rotation(None));
+            prefixes.push(rotation.secret.prefix.clone());
+            racers.spawn(async move { rotate(&*store, &key, &rotation).await });
+        }
+        while let Some(outcome) = racers.join_next().await {
+            outcome.unwrap().unwrap();
+        }
+        let mut current = Vec::new();
+        for prefix in &prefixes {
+            let secret = store.find_secret(prefix).await.unwrap();
+            if secret.is_some_and(|s| s.superseded_at.is_none()) {
+                current.push(prefix.clone());
+            }
+        }
+        let stored = store.get_key(&account, &key.key_id).await.unwrap().unwrap();
+        assert_eq!(current, vec![stored.prefix.clone()], "trial {trial}");
+        assert_eq!(stored.version, 1 + RACERS as i64, "trial {trial}");
+        assert_eq!(
+            audit_count(&*store, &account, &key.key_id).await,
+            1 + RACERS,
+            "trial {trial}"
+        );
+    }
+}
+
+async fn a_rotation_racing_a_revocation_ends_revoked(store: Arc<dyn Store>) {
+    let account: AccountId = "REVOKE".parse().unwrap();
+    let (mut rotated_first, mut revoked_first) = (0, 0);
+    for trial in 0..trials() {
+        let key = a_key(&*store, &account).await;
+        let rotation = rotation(None);
+        let rotating = {
+            let (store, key, rotation) = (store.clone(), key.clone(), rotation.clone());
+            tokio::spawn(async move { rotate(&*store, &key, &rotation).await })
+        };
+        let revoking = {
+            let (store, key) = (store.clone(), key.clone());
+            tokio::spawn(async move {
+                store
+                    .revoke_key(&key.account_id, &key.key_id, "raced", &actor(), now())
+                    .await
+            })
+        };
+        revoking.await.unwrap().unwrap();
+        match rotating.await.unwrap() {
+            Ok(()) => rotated_first += 1,
+            Err(StoreError::Revoked { .. }) => revoked_first += 1,
+            Err(e) => panic!("trial {trial}: {e:?}"),
+        }
+        let stored = store.get_key(&account, &key.key_id).await.unwrap().unwrap();
+        assert!(stored.revoked_at.is_some(), "trial {trial}");
+        // Whichever secret a verifier finds, it belongs to a revoked key.
+        for prefix in [&key.prefix, &rotation.secret.prefix] {
+            if let Some(secret) = store.find_secret(prefix).await.unwrap() {
+                assert!(secret.key.revoked_at.is_some(), "trial {trial}");
+            }
+        }
+    }
+    println!("rotation first: {rotated_first}, revocation first: {revoked_first}");
+}
+
+async fn an_update_racing_a_rotation_loses_neither(store: Arc<dyn Store>) {
+    let account: AccountId = "UPDATE".parse().unwrap();
+    for trial in 0..trials() {
+        let key = a_key(&*store, &account).await;
+        let rotation = rotation(None);
+        let rotating = {
+            let (store, key, rotation) = (store.clone(), key.clone(), rotation.clone());
+            tokio::spawn(async move { rotate(&*store, &key, &rotation).await })
+        };
+        let new_name = format!("renamed-{trial}");
+        let updating = {
+            let (store, key) = (store.clone(), key.clone());
+            let changes = KeyChanges {
+                name: Some(new_name.parse().unwrap()),
+                ..KeyChanges::default()
+            };
+            tokio::spawn(async move {
+                store
+                    .update_key(
+                        &key.account_id,
+                        &key.key_id,
+                        changes,
+                        &actor(),
+                        now(),
+                        &roomy(),
+                    )
+                    .await
+            })
+        };
+        rotating.await.unwrap().unwrap();
+        updating.await.unwrap().unwrap();
+        let stored = store.get_key(&account, &key.key_id).await.unwrap().unwrap();
+        assert_eq!(stored.name.as_str(), new_name, "trial {trial}");
+        assert_eq!(stored.prefix, rotation.secret.prefix, "trial {trial}");
+        assert_eq!(stored.version, 3, "trial {trial}");
+        assert_eq!(
+            audit_count(&*store, &account, &key.key_id).await,
+            3,
+            "trial {trial}"
+        );
+    }
+}
+
+async fn changes_based_on_one_version_let_exactly_one_through(store: Arc<dyn Store>) {
+    let account: AccountId = "ETAG".parse().unwrap();
+    for trial in 0..trials() {
+        let key = a_key(&*store, &account).await;
+        let mut racers = JoinSet::new();
+        for i in 0..RACERS {
+            let (store, key) = (store.clone(), key.clone());
+            let changes = KeyChanges {
+                name: Some(format!("writer-{i}").parse().unwrap()),
+                if_version: Some(key.version),
+                ..KeyChanges::default()
+            };
+            racers.spawn(async move {
+                store
+                    .update_key(
+                        &key.account_id,
+                        &key.key_id,
+                        changes,
+                        &actor(),
+                        now(),
+                        &roomy(),
+                    )
+                    .await
+            });
+        }
+        let mut winners = Vec::new();
+        while let Some(outcome) = racers.join_next().await {
+            match outcome.unwrap() {
+                Ok(updated) => winners.push(updated),
+                Err(StoreError::StaleVersion {
+                    expected: 1,
+                    current: 2,
+                    ..
+                }) => {}
+                Err(e) => panic!("trial {trial}: {e:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "trial {trial}");
+        let stored = store.get_key(&account, &key.key_id).await.unwrap().unwrap();
+        assert_eq!(stored, winners[0], "trial {trial}: a loser changed the key");
+        assert_eq!(
+            audit_count(&*store, &account, &key.key_id).await,
+            2,
+            "trial {trial}"
+        );
+    }
+}
+
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            use std::sync::Arc;
+            use vilvik_keys_store::{SqliteStore, Store};
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = SqliteStore::open(&dir.path().join("vilvik-keys.db")).await.unwrap();
+                    store.migrate().await.unwrap();
+                    super::$test(Arc::new(store)).await;
+                }
+            )*
+        }
+
+        mod postgres {
+            use std::sync::Arc;
+            use vilvik_keys_store::{PostgresStore, Store};
+            use vilvik_keys_test_db::TestDatabase;
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let Some(db) = TestDatabase::create().await else {
+                        return;
+                    };
+                    let store = PostgresStore::connect(db.url()).await.unwrap();
+                    store.migrate().await.unwrap();
+                    super::$test(Arc::new(store)).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    concurrent_creates_at_the_cap_admit_exactly_the_cap,
+    concurrent_rotations_leave_exactly_one_current_secret,
+    a_rotation_racing_a_revocation_ends_revoked,
+    an_update_racing_a_rotation_loses_neither,
+    changes_based_on_one_version_let_exactly_one_through,
+);
