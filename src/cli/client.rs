@@ -515,6 +515,17 @@ fn request_id(given: Option<String>) -> String {
     })
 }
 
+/// Whether a call may have failed only on the way: the service was
+/// unavailable, or no answer came in time (DEADLINE_EXCEEDED from the
+/// server, or tonic's own timeout, which it reports as CANCELLED).
+fn transient(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => true,
+        tonic::Code::Cancelled => status.message() == "Timeout expired",
+        _ => false,
+    }
+}
+
 /// Retries of one create or rotation, all with its request id: the
 /// server answers a retry of a call that did go through with that call's
 /// key and secret, so retrying after an unknown outcome is safe.
@@ -535,14 +546,10 @@ impl<'a> Retry<'a> {
         }
     }
 
-    /// Whether to try again after `status` (UNAVAILABLE or
-    /// DEADLINE_EXCEEDED, tries left); if so, says so on stderr and waits.
+    /// Whether to try again after `status` ([`transient`], tries left);
+    /// if so, says so on stderr and waits.
     async fn again(&mut self, status: &tonic::Status) -> bool {
-        let transient = matches!(
-            status.code(),
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-        );
-        if !transient || self.attempt >= ATTEMPTS {
+        if !transient(status) || self.attempt >= ATTEMPTS {
             return false;
         }
         // Up to a quarter more, so that clients failed by one outage do
@@ -573,12 +580,9 @@ impl<'a> Retry<'a> {
     /// The error to report when no more tries are made: with the request
     /// id when the outcome may be unknown, so the user can retry it.
     fn failed(&self, status: tonic::Status) -> anyhow::Error {
-        let transient = matches!(
-            status.code(),
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-        );
+        let unknown = transient(&status);
         let error = api_error(status);
-        if transient {
+        if unknown {
             error.context(format!(
                 "{} failed {} times; to retry it safely within 24 hours, run the same command \
                  again with --request-id {}",

@@ -19,6 +19,7 @@ mod pepper;
 mod privilege;
 mod protection;
 mod rate_limit;
+mod retries;
 mod tls;
 mod tour;
 

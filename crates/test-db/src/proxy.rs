@@ -7,7 +7,10 @@
 //!   forwards nothing in either direction, a silent partition: reads and
 //!   writes hang, no error ever comes;
 //! - [`ProxyMode::Reset`] closes every open connection with a TCP RST and
-//!   resets every new one as soon as it is accepted.
+//!   resets every new one as soon as it is accepted;
+//! - [`ProxyMode::DropReplies`] forwards what clients send and throws
+//!   away what the target answers: the request arrives and is acted on,
+//!   the response is lost on the way back.
 //!
 //! Switching back to `Pass` resumes the connections a black hole held,
 //! bytes queued meanwhile included, as when a partition heals.
@@ -28,6 +31,7 @@ pub enum ProxyMode {
     Pass,
     BlackHole,
     Reset,
+    DropReplies,
 }
 
 /// A running proxy; dropping it closes everything it holds.
@@ -144,7 +148,7 @@ async fn relay(client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<
                     break;
                 }
             }
-            ProxyMode::Pass => {
+            ProxyMode::Pass | ProxyMode::DropReplies => {
                 // Connected lazily: a connection accepted during a black
                 // hole reaches the target only once it heals.
                 let up = match &mut upstream {
@@ -161,6 +165,7 @@ async fn relay(client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<
                     },
                     read = up.read(&mut from_upstream) => match read {
                         Ok(0) | Err(_) => break,
+                        Ok(_) if current == ProxyMode::DropReplies => {}
                         Ok(n) => if client.write_all(&from_upstream[..n]).await.is_err() { break },
                     },
                     changed = mode.changed() => if changed.is_err() { break },

@@ -1,0 +1,403 @@
+//! Safe retries (issue 11): request ids on CreateKey and RotateKey, the
+//! etag on UpdateKey, RotateKey and RevokeKey, and a response lost on the
+//! way back (a proxy in front of the admin listener drops it for real).
+
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use vilvik_keys::proto::key_admin_client::KeyAdminClient;
+use vilvik_keys::proto::{self, VerifyCode};
+use vilvik_keys_domain::RequestId;
+use vilvik_keys_test_db::{FaultProxy, ProxyMode};
+
+use crate::helpers::{Backend, TestApp, assert_status, without_usage};
+
+fn create_request(name: &str, request_id: &str) -> proto::CreateKeyRequest {
+    proto::CreateKeyRequest {
+        name: name.into(),
+        scopes: vec!["datasets:read".into()],
+        request_id: request_id.into(),
+        ..Default::default()
+    }
+}
+
+fn rotate_request(key_id: &str, request_id: &str) -> proto::RotateKeyRequest {
+    proto::RotateKeyRequest {
+        key_id: key_id.into(),
+        request_id: request_id.into(),
+        ..Default::default()
+    }
+}
+
+async fn create(app: &mut TestApp, message: proto::CreateKeyRequest) -> proto::CreateKeyResponse {
+    let request = app.authed(message);
+    app.admin
+        .create_key(request)
+        .await
+        .expect("CreateKey")
+        .into_inner()
+}
+
+/// Every key of the account but the bootstrapped management key.
+async fn created_keys(app: &mut TestApp) -> Vec<proto::Key> {
+    let management = app.management_key_id.clone();
+    app.list_keys(true)
+        .await
+        .into_iter()
+        .filter(|k| k.key_id != management)
+        .collect()
+}
+
+async fn a_create_retried_with_its_request_id_returns_the_same_key_and_secret(mut app: TestApp) {
+    let id = RequestId::generate();
+    let first = create(&mut app, create_request("ci-runner", id.as_str())).await;
+    let retry = create(&mut app, create_request("ci-runner", id.as_str())).await;
+    assert_eq!(retry.secret, first.secret);
+    assert_eq!(
+        retry.key.as_ref().unwrap().key_id,
+        first.key.as_ref().unwrap().key_id
+    );
+    assert_eq!(retry.smoke_test_command, first.smoke_test_command);
+
+    // The same id in the idempotency-key header, in another case, is the same request.
+    let mut by_header = app.authed(create_request("ci-runner", ""));
+    by_header.metadata_mut().insert(
+        "idempotency-key",
+        id.as_str().to_uppercase().parse().unwrap(),
+    );
+    let by_header = app.admin.create_key(by_header).await.unwrap().into_inner();
+    assert_eq!(by_header.secret, first.secret);
+
+    let keys = created_keys(&mut app).await;
+    assert_eq!(keys.len(), 1, "a retry created a key: {keys:?}");
+    assert_eq!(
+        app.audit(&keys[0].key_id).await.len(),
+        1,
+        "one CREATED event"
+    );
+    assert_eq!(app.verify_code(&first.secret, &[]).await, VerifyCode::Valid);
+}
+
+async fn a_request_id_reused_for_other_fields_is_refused(mut app: TestApp) {
+    let id = RequestId::generate();
+    let first = create(&mut app, create_request("ci-runner", id.as_str())).await;
+    let before = without_usage(app.list_keys(true).await);
+    let status = assert_status(
+        app.admin
+            .create_key(app.authed(create_request("another-name", id.as_str())))
+            .await,
+        Code::InvalidArgument,
+        "request_id: was already used within the last 24 hours for a CreateKey with other parameters",
+    );
+    assert!(!status.message().contains(id.as_str()), "{status:?}");
+    let key_id = first.key.unwrap().key_id;
+    assert_status(
+        app.admin
+            .rotate_key(app.authed(rotate_request(&key_id, id.as_str())))
+            .await,
+        Code::InvalidArgument,
+        "for a CreateKey",
+    );
+    // A malformed id, or a header that disagrees with the field.
+    assert_status(
+        app.admin
+            .create_key(app.authed(create_request("ci-runner", "retry-1")))
+            .await,
+        Code::InvalidArgument,
+        "request_id: 'retry-1' is not a UUID",
+    );
+    let mut disagreeing = app.authed(create_request("ci-runner", id.as_str()));
+    disagreeing.metadata_mut().insert(
+        "idempotency-key",
+        RequestId::generate().as_str().parse().unwrap(),
+    );
+    assert_status(
+        app.admin.create_key(disagreeing).await,
+        Code::InvalidArgument,
+        "request_id: differs from the idempotency-key header",
+    );
+    assert_eq!(
+        without_usage(app.list_keys(true).await),
+        before,
+        "a refused call changed a key"
+    );
+    assert_eq!(app.audit(&key_id).await.len(), 1);
+}
+
+async fn a_rotation_retried_with_its_request_id_rotates_once(mut app: TestApp) {
+    let created = app.create_key("rotated", &["datasets:read"]).await.unwrap();
+    let key_id = created.key.unwrap().key_id;
+    let id = RequestId::generate();
+    let first = app
+        .admin
+        .rotate_key(app.authed(rotate_request(&key_id, id.as_str())))
+        .await
+        .unwrap()
+        .into_inner();
+    let retry = app
+        .admin
+        .rotate_key(app.authed(rotate_request(&key_id, id.as_str())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retry.secret, first.secret);
+    assert_eq!(retry.key.unwrap().prefix, first.key.unwrap().prefix);
+    assert_eq!(app.verify_code(&first.secret, &[]).await, VerifyCode::Valid);
+    assert_eq!(
+        app.verify_code(&created.secret, &[]).await,
+        VerifyCode::Rotated
+    );
+    assert_eq!(app.audit(&key_id).await.len(), 2, "CREATED and one ROTATED");
+}
+
+/// Neither a copy of the database nor its request-id table holds a
+/// secret or a request id in clear.
+async fn the_database_holds_no_secret_and_no_request_id(mut app: TestApp) {
+    let id = RequestId::generate();
+    let created = create(&mut app, create_request("sealed", id.as_str())).await;
+    let rotation_id = RequestId::generate();
+    let rotated = app
+        .admin
+        .rotate_key(app.authed(rotate_request(
+            &created.key.unwrap().key_id,
+            rotation_id.as_str(),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let needles = [
+        created.secret.as_bytes(),
+        rotated.secret.as_bytes(),
+        id.as_str().as_bytes(),
+        rotation_id.as_str().as_bytes(),
+    ];
+    let stored: Vec<Vec<u8>> = match app.backend {
+        Backend::Sqlite => {
+            app.stop().await;
+            ["keys.db", "keys.db-wal"]
+                .iter()
+                .filter_map(|file| std::fs::read(app.dir.join(file)).ok())
+                .collect()
+        }
+        Backend::Postgres => {
+            let client = app.postgres_client().await;
+            let rows = client
+                .query(
+                    "SELECT request_digest, sealed_secret, key_id, method FROM requests",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(rows.len(), 2);
+            rows.iter()
+                .flat_map(|row| {
+                    let text: Vec<u8> = [row.get::<_, String>(2), row.get(3)].concat().into_bytes();
+                    [row.get::<_, Vec<u8>>(0), row.get(1), text]
+                })
+                .collect()
+        }
+    };
+    assert!(!stored.is_empty());
+    for bytes in &stored {
+        for needle in needles {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "the database holds a secret or request id in clear"
+            );
+        }
+    }
+}
+
+async fn a_stale_etag_is_aborted_and_changes_nothing(mut app: TestApp) {
+    let created = app.create_key("etagged", &["datasets:read"]).await.unwrap();
+    let key = created.key.unwrap();
+    assert!(!key.etag.is_empty());
+    let rename = |name: &str, etag: &str| proto::UpdateKeyRequest {
+        key_id: key.key_id.clone(),
+        name: name.into(),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["name".into()],
+        }),
+        etag: etag.into(),
+        ..Default::default()
+    };
+    let renamed = app
+        .admin
+        .update_key(app.authed(rename("renamed", &key.etag)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(renamed.etag, key.etag, "a change changes the etag");
+    // A verify (a use, not a change) leaves the etag as it is.
+    app.verify_code(&created.secret, &[]).await;
+    assert_eq!(app.get_key(&key.key_id).await.etag, renamed.etag);
+
+    let before = without_usage(vec![app.get_key(&key.key_id).await]);
+    let stale = format!(
+        "key {} was changed since you read it (etag {}; it is now {})",
+        key.key_id, key.etag, renamed.etag
+    );
+    assert_status(
+        app.admin
+            .update_key(app.authed(rename("lost", &key.etag)))
+            .await,
+        Code::Aborted,
+        &stale,
+    );
+    assert_status(
+        app.admin
+            .rotate_key(app.authed(proto::RotateKeyRequest {
+                key_id: key.key_id.clone(),
+                etag: key.etag.clone(),
+                ..Default::default()
+            }))
+            .await,
+        Code::Aborted,
+        &stale,
+    );
+    assert_status(
+        app.admin
+            .revoke_key(app.authed(proto::RevokeKeyRequest {
+                key_id: key.key_id.clone(),
+                etag: key.etag.clone(),
+                ..Default::default()
+            }))
+            .await,
+        Code::Aborted,
+        &stale,
+    );
+    assert_status(
+        app.admin.update_key(app.authed(rename("lost", "7"))).await,
+        Code::InvalidArgument,
+        "etag: '7' is not an etag of this service",
+    );
+    assert_eq!(without_usage(vec![app.get_key(&key.key_id).await]), before);
+    assert_eq!(
+        app.verify_code(&created.secret, &[]).await,
+        VerifyCode::Valid
+    );
+    assert_eq!(
+        app.audit(&key.key_id).await.len(),
+        2,
+        "CREATED and UPDATED only"
+    );
+
+    // With the current etag each goes through.
+    let revoked = app
+        .admin
+        .revoke_key(app.authed(proto::RevokeKeyRequest {
+            key_id: key.key_id.clone(),
+            etag: renamed.etag.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(revoked.etag, renamed.etag);
+}
+
+/// Asserts the call ended by the client's own deadline: tonic's channel
+/// timeout reports it as CANCELLED "Timeout expired".
+#[track_caller]
+fn assert_timed_out<T: std::fmt::Debug>(result: Result<T, tonic::Status>) {
+    let status = result.expect_err("the answer should have been lost");
+    assert!(
+        status.code() == Code::DeadlineExceeded
+            || (status.code() == Code::Cancelled && status.message() == "Timeout expired"),
+        "{status:?}"
+    );
+}
+
+/// A client of the admin API through `proxy`, whose calls give up after
+/// 1.5 s.
+async fn client_through(proxy: &FaultProxy) -> KeyAdminClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", proxy.addr()))
+        .unwrap()
+        .timeout(Duration::from_millis(1_500))
+        .connect_lazy();
+    KeyAdminClient::new(channel)
+}
+
+/// The proxy drops the server's answers: the create and the rotation are
+/// made, their callers see DEADLINE_EXCEEDED, and each retry with its
+/// request id returns the key and the secret the lost answer held.
+async fn a_lost_response_is_recovered_by_retrying_with_the_request_id(mut app: TestApp) {
+    let proxy = FaultProxy::start(app.admin_addr).await;
+    proxy.set_mode(ProxyMode::DropReplies);
+    let mut lossy = client_through(&proxy).await;
+
+    let id = RequestId::generate();
+    assert_timed_out(
+        lossy
+            .create_key(app.authed(create_request("lost-create", id.as_str())))
+            .await,
+    );
+    // It was made: the answer, not the request, was lost.
+    let keys = created_keys(&mut app).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let stored = keys.into_iter().next().unwrap();
+
+    proxy.set_mode(ProxyMode::Pass);
+    let mut healed = client_through(&proxy).await;
+    let retry = healed
+        .create_key(app.authed(create_request("lost-create", id.as_str())))
+        .await
+        .expect("the retried create")
+        .into_inner();
+    let key = retry.key.unwrap();
+    assert_eq!(key.key_id, stored.key_id);
+    assert!(retry.secret.starts_with(&stored.prefix), "the lost secret");
+    assert_eq!(app.verify_code(&retry.secret, &[]).await, VerifyCode::Valid);
+    assert_eq!(created_keys(&mut app).await.len(), 1, "no orphan key");
+    assert_eq!(app.audit(&key.key_id).await.len(), 1);
+
+    // The same for a rotation: the old secret is dead, the retry brings the new one.
+    proxy.set_mode(ProxyMode::DropReplies);
+    let mut lossy = client_through(&proxy).await;
+    let rotation_id = RequestId::generate();
+    assert_timed_out(
+        lossy
+            .rotate_key(app.authed(rotate_request(&key.key_id, rotation_id.as_str())))
+            .await,
+    );
+    assert_eq!(
+        app.verify_code(&retry.secret, &[]).await,
+        VerifyCode::Rotated
+    );
+    let rotated_prefix = app.get_key(&key.key_id).await.prefix;
+    proxy.set_mode(ProxyMode::Pass);
+    let mut healed = client_through(&proxy).await;
+    let rotation = healed
+        .rotate_key(app.authed(rotate_request(&key.key_id, rotation_id.as_str())))
+        .await
+        .expect("the retried rotation")
+        .into_inner();
+    assert!(
+        rotation.secret.starts_with(&rotated_prefix),
+        "the lost secret"
+    );
+    assert_eq!(
+        app.verify_code(&rotation.secret, &[]).await,
+        VerifyCode::Valid
+    );
+    assert_eq!(
+        app.get_key(&key.key_id).await.prefix,
+        rotated_prefix,
+        "rotated once"
+    );
+    assert_eq!(
+        app.audit(&key.key_id).await.len(),
+        2,
+        "CREATED and one ROTATED"
+    );
+}
+
+crate::on_both_backends!(
+    a_create_retried_with_its_request_id_returns_the_same_key_and_secret,
+    a_request_id_reused_for_other_fields_is_refused,
+    a_rotation_retried_with_its_request_id_rotates_once,
+    the_database_holds_no_secret_and_no_request_id,
+    a_stale_etag_is_aborted_and_changes_nothing,
+    a_lost_response_is_recovered_by_retrying_with_the_request_id,
+);
