@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
-use vilvik_keys::proto::{CreateKeyRequest, ListAuditEventsRequest, VerifyCode, VerifyKeyRequest};
+use vilvik_keys::proto::{
+    CreateKeyRequest, ListAuditEventsRequest, VerifyCode, VerifyKeyRequest, VerifyKeyResponse,
+};
 use vilvik_keys_test_db::{TestDatabase, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vilvik-keys");
@@ -246,6 +248,9 @@ const KEYS_PER_VERIFY_CLIENT: u16 = 5;
 const HELD_CREATES: usize = 3;
 /// How long after the signal the lock is released: the drain lasts at least this.
 const HELD_AFTER_SIGNAL: Duration = Duration::from_millis(800);
+/// How long after the lock's release the held verify sends its message:
+/// the drain goes on that long after the creates are answered.
+const VERIFY_HELD_AFTER_RELEASE: Duration = Duration::from_millis(300);
 /// Time for the server to act on the signal; calls started later must be refused.
 const SIGNAL_HANDLED_WITHIN: Duration = Duration::from_millis(300);
 /// A call that takes longer is counted as hung.
@@ -688,6 +693,69 @@ fn logged_after(log: &str, message: &str, since: time::OffsetDateTime) -> Durati
     (at - since).try_into().unwrap_or(Duration::ZERO)
 }
 
+/// A VerifyKey call over raw HTTP/2 whose HEADERS are sent at once and
+/// whose message waits for [`HeldVerify::finish`]: a call the server has
+/// taken (its stream is open) and cannot answer yet.
+struct HeldVerify {
+    send: h2::SendStream<bytes::Bytes>,
+    response: h2::client::ResponseFuture,
+}
+
+impl HeldVerify {
+    async fn open(addr: SocketAddr) -> Self {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/vilvik.keys.v1.KeyVerify/VerifyKey"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, send) = client
+            .ready()
+            .await
+            .unwrap()
+            .send_request(request, false)
+            .unwrap();
+        Self { send, response }
+    }
+
+    /// Sends the message and reads the answer; an error names what broke.
+    async fn finish(mut self, request: VerifyKeyRequest) -> Result<VerifyCode, String> {
+        use prost::Message;
+        let message = request.encode_to_vec();
+        let mut frame = vec![0];
+        frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(&message);
+        self.send
+            .send_data(frame.into(), true)
+            .map_err(|e| format!("cannot send the message: {e}"))?;
+        let response = self.response.await.map_err(|e| format!("no answer: {e}"))?;
+        let mut body = response.into_body();
+        let mut answer = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|e| format!("the answer broke off: {e}"))?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            answer.extend_from_slice(&chunk);
+        }
+        let trailers = body
+            .trailers()
+            .await
+            .map_err(|e| format!("no trailers: {e}"))?;
+        let status = trailers.as_ref().and_then(|t| t.get("grpc-status"));
+        if status.is_none_or(|s| s != "0") {
+            return Err(format!("answered {trailers:?}"));
+        }
+        let decoded = VerifyKeyResponse::decode(answer.get(5..).unwrap_or_default())
+            .map_err(|e| format!("an answer that does not decode: {e}"))?;
+        Ok(decoded.code())
+    }
+}
+
 /// Waits (bounded, without blocking the runtime) for the process to exit:
 /// its exit code, and how long after `since` it exited.
 async fn exit_after(child: &mut Child, since: Instant) -> (Option<i32>, Duration) {
@@ -732,6 +800,9 @@ async fn sigterm_under_load(backend: Backend) {
         }
         load_keys.push(keys);
     }
+    // Used only by the verify held across the drain.
+    let drained = create_key(&mut admin, &served.secret, "drained".to_owned()).await;
+    let drained_ip = IpAddr::V6(Ipv6Addr::new(0xfd00, 3, 0, 0, 0, 0, 0, 1));
 
     // Each pending key used once, from its own address.
     let pending_ip = |i: usize| IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, i as u16));
@@ -765,6 +836,7 @@ async fn sigterm_under_load(backend: Backend) {
 
     // Creates the server has taken and cannot finish before the lock goes.
     let lock = store.hold_writes().await;
+    let held_verify = HeldVerify::open(verify).await;
     let held_admin = KeyAdminClient::new(channel(served.admin));
     let held: Vec<_> = (0..HELD_CREATES)
         .map(|i| {
@@ -793,6 +865,16 @@ async fn sigterm_under_load(backend: Backend) {
         "the server exited with creates in flight"
     );
     lock.release().await;
+    // The creates are answered; the verify keeps the drain going, and its
+    // use is noted after they are done.
+    tokio::time::sleep(VERIFY_HELD_AFTER_RELEASE).await;
+    let drained_verify = held_verify.finish(VerifyKeyRequest {
+        key: drained.secret.clone(),
+        required_scopes: vec!["datasets:read".to_owned()],
+        client_ip: drained_ip.to_string(),
+    });
+    let drained_answer = tokio::time::timeout(CALL_BOUND, drained_verify).await;
+    let drained_answered = Instant::now();
     let (code, took) = exit_after(&mut served.child, signalled).await;
     stop.store(true, Ordering::Relaxed);
     let exited = signalled + took;
@@ -813,6 +895,12 @@ async fn sigterm_under_load(backend: Backend) {
         drain_began - signalled
     );
 
+    let drained_answer = drained_answer.unwrap_or_else(|_| panic!("the held verify hung"));
+    assert_eq!(drained_answer, Ok(VerifyCode::Valid), "the held verify");
+    assert!(
+        drained_answered > drain_began,
+        "the held verify was answered before the drain"
+    );
     let mut held_keys = Vec::new();
     for create in held {
         let created = create.await.unwrap();
@@ -898,6 +986,13 @@ async fn sigterm_under_load(backend: Backend) {
             key.id
         );
     }
+    let stored = &after[&drained.id];
+    assert!(stored.written, "the use answered during the drain was lost");
+    assert_eq!(
+        stored.ip,
+        Some(drained_ip),
+        "the use answered during the drain"
+    );
     for key_id in &held_keys {
         assert!(
             after.contains_key(key_id),
