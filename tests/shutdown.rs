@@ -3,6 +3,10 @@
 //! it abandoned; if the store comes back in time, it writes the usage and
 //! exits 0. The fault is real: another connection holds the SQLite file's
 //! write lock (`BEGIN IMMEDIATE`), as another process's writer would.
+//!
+//! And a SIGTERM under load, on both stores: calls the server had taken are
+//! answered, new ones refused, the exit is clean within the grace period,
+//! and no key's last use is lost (see [`sigterm_under_load`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -251,12 +255,18 @@ const HELD_AFTER_SIGNAL: Duration = Duration::from_millis(800);
 /// How long after the lock's release the held verify sends its message:
 /// the drain goes on that long after the creates are answered.
 const VERIFY_HELD_AFTER_RELEASE: Duration = Duration::from_millis(300);
-/// Time for the server to act on the signal; calls started later must be refused.
+/// Time for the server to act on the signal (it logs that it drains).
 const SIGNAL_HANDLED_WITHIN: Duration = Duration::from_millis(300);
+/// Time for the server's GOAWAYs to reach the clients once it drains
+/// (HTTP/2 graceful shutdown takes a ping's round trip); calls started
+/// later must be refused.
+const REFUSING_WITHIN: Duration = Duration::from_millis(200);
 /// A call that takes longer is counted as hung.
 const CALL_BOUND: Duration = Duration::from_secs(3);
 const LOAD_GRACE_MS: u64 = 5_000;
-/// Exit, the final flush included, allowed past the grace period.
+/// Allowed past the grace period before the exit: the final flush's
+/// minimum (500 ms, taken only when the drain used up the grace) and the
+/// process's teardown.
 const EXIT_MARGIN: Duration = Duration::from_millis(1_000);
 
 /// The store a served process keeps its keys in.
@@ -776,11 +786,13 @@ enum Backend {
 }
 
 /// A SIGTERM while clients verify and call the admin API, with creates held
-/// in flight by a lock on the store and 200 keys' uses pending: every call
-/// the server had taken is answered (the held creates once the lock goes,
-/// 0.8 s into the drain), calls started after the signal are refused at
-/// once, the process exits 0 within the grace period, and the store then
-/// holds every key's last use, the uses answered during the drain included.
+/// in flight by a lock on the store, a verify whose message comes only
+/// after they are answered, and 200 keys' uses pending: every call the
+/// server had taken is answered (the creates once the lock goes, 0.8 s into
+/// the drain, the verify 0.3 s later), calls started once it drains are
+/// refused at once, the process exits 0 within the grace period, and the
+/// store then holds every key's last use, those answered during the drain
+/// included.
 async fn sigterm_under_load(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let Some(store) = KeyStore::create(backend, dir.path()).await else {
@@ -933,19 +945,21 @@ async fn sigterm_under_load(backend: Backend) {
         calls.len(),
         describe_some(&failed, signalled)
     );
-    // Calls the server took before the signal and answered after it: the
-    // admin clients' creates held by the lock at least.
+    // Calls started before the signal and answered after it: each admin
+    // client's create, held by the lock, at least.
     let in_flight = calls
         .iter()
         .filter(|c| c.started < signalled && c.ended > signalled)
         .filter(|c| matches!(c.outcome, Outcome::Answered(Ok(()))))
         .count();
-    assert!(in_flight >= 1, "no load call was in flight at the signal");
-    // Once the server has had time to act on the signal, and while it is
-    // still draining, every new call is refused.
+    assert!(
+        in_flight >= usize::from(ADMIN_CLIENTS),
+        "only {in_flight} load calls were in flight at the signal"
+    );
+    // Once the server drains, every new call is refused until it exits.
     let late: Vec<&Call> = calls
         .iter()
-        .filter(|c| c.started > signalled + SIGNAL_HANDLED_WITHIN && c.started < exited)
+        .filter(|c| c.started > drain_began + REFUSING_WITHIN && c.started < exited)
         .collect();
     assert!(!late.is_empty(), "no call was made during the drain");
     let taken: Vec<&Call> = late
@@ -1000,10 +1014,11 @@ async fn sigterm_under_load(backend: Backend) {
         );
     }
     eprintln!(
-        "{backend:?}: {} load calls; drain began {:?} after SIGTERM; {in_flight} load calls in flight \
-         at SIGTERM answered OK ({answered_in_drain} after the drain began, plus {HELD_CREATES} held \
-         creates); {} calls started during the drain, all refused; {valid_after_signal} VALID answers \
-         after SIGTERM; exit 0 after {took:?} (grace {grace:?})",
+        "{backend:?}: {} load calls; the drain began {:?} after SIGTERM; {in_flight} load calls \
+         started before SIGTERM answered OK after it, {answered_in_drain} answered OK after the \
+         drain began, {valid_after_signal} VALID after SIGTERM; {HELD_CREATES} held creates and the \
+         held verify answered OK in the drain; {} calls started in the drain, all refused; exit 0 \
+         after {took:?} (grace {grace:?})",
         calls.len(),
         drain_began - signalled,
         late.len(),
