@@ -320,7 +320,9 @@ impl KeyStore {
     /// the one [`KeyStore::create`] wrote in `dir`.
     fn configure(&self, command: &mut Command, dir: &Path) {
         match self {
-            KeyStore::Sqlite(path) => command.env("VILVIK_KEYS_SQLITE_PATH", path),
+            KeyStore::Sqlite(path) => command
+                .env("VILVIK_KEYS_SQLITE_PATH", path)
+                .env_remove("DATABASE_URL"),
             KeyStore::Postgres(db) => command
                 .env("DATABASE_URL", db.url())
                 .env("VILVIK_KEYS_PEPPER_FILE", dir.join("current.pepper")),
