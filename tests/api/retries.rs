@@ -401,3 +401,75 @@ crate::on_both_backends!(
     a_stale_etag_is_aborted_and_changes_nothing,
     a_lost_response_is_recovered_by_retrying_with_the_request_id,
 );
+
+/// Issue 11, point 2: the connection to Postgres breaks after COMMIT was
+/// sent (a proxy between the server and the database forwards COMMIT,
+/// then resets the connection without passing on the answer). The create
+/// did commit; the caller is told the outcome is unknown and that
+/// retrying with the same request id is safe, and the retry gets the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_commit_whose_answer_is_lost_is_reported_as_unknown() {
+    let Ok(url) = std::env::var(vilvik_keys_test_db::URL_VAR) else {
+        // Skips, or fails under VILVIK_KEYS_REQUIRE_POSTGRES=1, as every Postgres test.
+        assert!(crate::helpers::spawn_app(Backend::Postgres).await.is_none());
+        return;
+    };
+    let shared: tokio_postgres::Config = url.parse().unwrap();
+    let (Some(tokio_postgres::config::Host::Tcp(host)), Some(port)) =
+        (shared.get_hosts().first(), shared.get_ports().first())
+    else {
+        panic!(
+            "{} must name a TCP host and port",
+            vilvik_keys_test_db::URL_VAR
+        );
+    };
+    let target: std::net::SocketAddr = format!("{host}:{port}").parse().unwrap();
+    let proxy = FaultProxy::start(target).await;
+    let through = proxy.addr().to_string();
+    let mut app = crate::helpers::spawn_app_with(Backend::Postgres, move |config| {
+        use secrecy::ExposeSecret;
+        let url = config.database_url.as_ref().unwrap().expose_secret();
+        // In clear, so that the proxy sees the COMMIT go by.
+        let url = url.replace(&format!("{host}:{port}"), &through);
+        let separator = if url.contains('?') { '&' } else { '?' };
+        config.database_url = Some(format!("{url}{separator}sslmode=disable").into());
+    })
+    .await
+    .unwrap();
+    // Warm the pool, so that the create's connection is an open one.
+    app.list_keys(true).await;
+    assert!(
+        proxy.accepted() > 0,
+        "the server reaches Postgres through the proxy"
+    );
+
+    proxy.set_mode(ProxyMode::ResetAfterCommit);
+    let id = RequestId::generate();
+    let status = app
+        .admin
+        .create_key(app.authed(create_request("committed", id.as_str())))
+        .await
+        .expect_err("the commit's answer was lost");
+    proxy.set_mode(ProxyMode::Pass);
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    for said in [
+        "the connection to the database broke while the change was being committed",
+        "the outcome is unknown",
+        "Retrying a CreateKey or RotateKey with the same request_id is safe",
+    ] {
+        assert!(status.message().contains(said), "{status:?}");
+    }
+    assert!(
+        !status.message().contains("nothing was changed"),
+        "{status:?}"
+    );
+
+    // It had committed; the retry returns it and creates nothing more.
+    let keys = created_keys(&mut app).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let retry = create(&mut app, create_request("committed", id.as_str())).await;
+    assert_eq!(retry.key.unwrap().key_id, keys[0].key_id);
+    assert_eq!(app.verify_code(&retry.secret, &[]).await, VerifyCode::Valid);
+    assert_eq!(created_keys(&mut app).await.len(), 1);
+    assert_eq!(app.audit(&keys[0].key_id).await.len(), 1);
+}

@@ -10,7 +10,12 @@
 //!   resets every new one as soon as it is accepted;
 //! - [`ProxyMode::DropReplies`] forwards what clients send and throws
 //!   away what the target answers: the request arrives and is acted on,
-//!   the response is lost on the way back.
+//!   the response is lost on the way back;
+//! - [`ProxyMode::ResetAfterCommit`] passes Postgres traffic until a client
+//!   sends `COMMIT` (as tokio-postgres ends a transaction, a simple query),
+//!   then forwards it, gives the server a moment to commit, and resets the
+//!   connection without passing on the answer: a commit whose outcome the
+//!   client cannot know.
 //!
 //! Switching back to `Pass` resumes the connections a black hole held,
 //! bytes queued meanwhile included, as when a partition heals.
@@ -32,6 +37,7 @@ pub enum ProxyMode {
     BlackHole,
     Reset,
     DropReplies,
+    ResetAfterCommit,
 }
 
 /// A running proxy; dropping it closes everything it holds.
@@ -125,6 +131,16 @@ async fn accept_loop(
     }
 }
 
+/// How long [`ProxyMode::ResetAfterCommit`] lets the server work on a
+/// commit before it cuts the connection: ample for a local commit.
+const COMMIT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Whether `bytes` hold a Postgres simple-query message `COMMIT`.
+fn is_commit(bytes: &[u8]) -> bool {
+    const QUERY: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+    bytes.windows(QUERY.len()).any(|w| w == QUERY)
+}
+
 /// Closes `stream` with an RST instead of a FIN.
 fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
@@ -148,7 +164,7 @@ async fn relay(client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<
                     break;
                 }
             }
-            ProxyMode::Pass | ProxyMode::DropReplies => {
+            ProxyMode::Pass | ProxyMode::DropReplies | ProxyMode::ResetAfterCommit => {
                 // Connected lazily: a connection accepted during a black
                 // hole reaches the target only once it heals.
                 let up = match &mut upstream {
@@ -161,7 +177,13 @@ async fn relay(client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<
                 tokio::select! {
                     read = client.read(&mut from_client) => match read {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => if up.write_all(&from_client[..n]).await.is_err() { break },
+                        Ok(n) => {
+                            if up.write_all(&from_client[..n]).await.is_err() { break }
+                            if current == ProxyMode::ResetAfterCommit && is_commit(&from_client[..n]) {
+                                tokio::time::sleep(COMMIT_GRACE).await;
+                                break;
+                            }
+                        }
                     },
                     read = up.read(&mut from_upstream) => match read {
                         Ok(0) | Err(_) => break,
