@@ -71,6 +71,7 @@ fn main() {
             description: "Deploys from CI\nowned by the platform team".into(),
             scopes: vec!["datasets:read".into(), "models:*".into()],
             expires_at,
+            request_id: "3f0e6a8c-1d2b-4c5e-9f70-0123456789ab".into(),
         },
         proto::CreateKeyRequest {
             name: "  backup job ".into(),
@@ -99,6 +100,7 @@ fn main() {
             scopes: vec!["datasets:write".into()],
             expires_at,
             update_mask: mask(&["name", "description", "scopes", "expires_at"]),
+            etag: "v3".into(),
         },
         proto::UpdateKeyRequest {
             key_id: key_id.into(),

@@ -77,15 +77,16 @@ mod reference {
                 })
         };
         s.len() <= MAX_SCOPE_LEN
-            && s.split_once(':').is_some_and(|(resource, action)| {
-                part(resource) && (action == "*" || part(action))
-            })
+            && s.split_once(':')
+                .is_some_and(|(resource, action)| part(resource) && (action == "*" || part(action)))
     }
 
     /// A scope but for a `*` that is not the whole action (`datasets:re*d`).
     pub fn is_partial_wildcard(s: &str) -> bool {
         s.split_once(':').is_some_and(|(resource, action)| {
-            action != "*" && action.contains('*') && is_scope(&format!("{resource}:{}", action.replace('*', "x")))
+            action != "*"
+                && action.contains('*')
+                && is_scope(&format!("{resource}:{}", action.replace('*', "x")))
         })
     }
 
@@ -286,7 +287,10 @@ fn check_scope(text: &str) {
         }
         Err(ScopeError::Invalid(shown)) => {
             assert!(!reference::is_scope(text), "{text:?} is a scope");
-            assert!(!reference::is_partial_wildcard(text), "{text:?}: say '*' is misplaced");
+            assert!(
+                !reference::is_partial_wildcard(text),
+                "{text:?}: say '*' is misplaced"
+            );
             // The message quotes a printable excerpt, never a credential.
             assert_eq!(shown, excerpt(text));
             check_quoted(&shown);
@@ -296,7 +300,10 @@ fn check_scope(text: &str) {
             );
         }
         Err(ScopeError::PartialWildcard(shown)) => {
-            assert!(reference::is_partial_wildcard(text), "{text:?} has no partial wildcard");
+            assert!(
+                reference::is_partial_wildcard(text),
+                "{text:?} has no partial wildcard"
+            );
             assert_eq!(shown, excerpt(text));
             check_quoted(&shown);
         }
@@ -475,6 +482,14 @@ pub fn update_key_request(data: &[u8]) {
             assert_eq!(changes.description.is_some(), named("description"));
             assert_eq!(changes.scopes.is_some(), named("scopes"));
             assert_eq!(changes.expires_at.is_some(), named("expires_at"));
+            // An etag is `v` and the version in decimal; none means any version.
+            match changes.if_version {
+                None => assert!(req.etag.is_empty()),
+                Some(version) => assert_eq!(
+                    req.etag.strip_prefix('v').map(|d| d.parse::<i64>()),
+                    Some(Ok(version))
+                ),
+            }
             if let Some(name) = &changes.name {
                 check_name(name, &req.name);
             }
@@ -490,7 +505,14 @@ pub fn update_key_request(data: &[u8]) {
         }
         Err(e) => check_invalid(
             e,
-            &["key_id", "update_mask", "name", "description", "expires_at"],
+            &[
+                "key_id",
+                "update_mask",
+                "name",
+                "description",
+                "expires_at",
+                "etag",
+            ],
             req.scopes.len(),
         ),
     }
