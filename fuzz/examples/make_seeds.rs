@@ -33,7 +33,7 @@ fn main() {
     assert!(typo.parse::<ApiKey>().is_err());
     write("key", "typo", typo);
 
-    let scopes = ["datasets:read", "datasets:*", "b.x-y_z:w*", "keys:admin"];
+    let scopes = ["datasets:read", "datasets:*", "b.x-y_z:*", "keys:admin"];
     for (i, scope) in scopes.iter().enumerate() {
         write("scope", &format!("valid-{i}"), scope);
     }
@@ -134,11 +134,24 @@ fn main() {
             ("trusted_proxies", _) => r#"["10.0.0.1", "2001:db8::1"]"#.to_owned(),
             ("database_url", _) => r#""postgres://keys@127.0.0.1:5432/keys""#.to_owned(),
             ("public_verify_addr", _) => r#""keys.example.com:50052""#.to_owned(),
+            (
+                "free_admin_rate_per_second"
+                | "free_admin_rate_burst"
+                | "premium_admin_rate_per_second"
+                | "premium_admin_rate_burst",
+                _,
+            ) => "50".to_owned(),
+            ("allowed_scopes", _) => r#"["datasets:*", "reports:read"]"#.to_owned(),
+            ("pepper_file", _) => r#""/etc/vilvik-keys/current.pepper""#.to_owned(),
+            ("pepper_files", _) => r#"["/etc/vilvik-keys/old.pepper"]"#.to_owned(),
             ("operator_token", _) => format!("\"{}\"", "0123456789abcdef".repeat(4)),
             (_, SettingDefault::Value(v)) if v.parse::<u64>().is_ok() || v == "false" => {
                 v.to_owned()
             }
             (_, SettingDefault::Value(v)) => format!("\"{v}\""),
+            (key, SettingDefault::Unset(_)) if key.ends_with("_file") => {
+                format!("\"/etc/vilvik-keys/{key}.pem\"")
+            }
             (key, SettingDefault::Unset(_)) => panic!("no sample value for {key}"),
         };
         full.push_str(&format!("{key} = {value}\n"));
