@@ -928,3 +928,42 @@ fn audit_verify_exits_by_what_it_found() {
     assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
     assert!(stderr(&bad).contains("--account"), "{}", stderr(&bad));
 }
+
+#[test]
+fn creates_are_retried_with_their_request_id_and_updates_check_the_etag() {
+    let server = TestServer::start();
+    let admin = server.bootstrap(ACCOUNT);
+
+    // The same request id twice: one key, the same secret both times.
+    let id = "3f0e6a8c-1d2b-4c5e-9f70-0123456789ab";
+    let create = ["keys", "create", "--name", "retried", "--request-id", id];
+    let (first, _) = server.json(&admin, &create);
+    let (again, _) = server.json(&admin, &create);
+    assert_eq!(first["secret"], again["secret"]);
+    assert_eq!(first["key"]["key_id"], again["key"]["key_id"]);
+    let (keys, _) = server.json(&admin, &["keys", "list"]);
+    assert_eq!(keys.as_array().unwrap().len(), 2, "{keys}");
+    // Without --request-id each create is its own.
+    let (other, _) = server.json(&admin, &["keys", "create", "--name", "retried"]);
+    assert_ne!(other["key"]["key_id"], first["key"]["key_id"]);
+
+    // `keys update` sends the etag it read; a stale --etag is ABORTED.
+    let key_id = str_of(&first["key"], "key_id").to_owned();
+    let stale = str_of(&first["key"], "etag").to_owned();
+    let (renamed, _) = server.json(&admin, &["keys", "update", &key_id, "--name", "renamed"]);
+    assert_ne!(str_of(&renamed, "etag"), stale);
+    let refused = server.cli(
+        &admin,
+        &[
+            "keys", "update", &key_id, "--name", "lost", "--etag", &stale,
+        ],
+    );
+    let message = assert_failure(&refused, "update with a stale etag");
+    assert!(
+        message.contains("ABORTED") && message.contains("was changed since you read it"),
+        "{message}"
+    );
+    let (shown, _) = server.json(&admin, &["keys", "show", &key_id]);
+    assert_eq!(str_of(&shown, "name"), "renamed");
+    assert_eq!(shown["etag"], renamed["etag"]);
+}

@@ -1022,6 +1022,46 @@ mod tests {
         assert!(endpoint_uri("").is_err());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn creates_and_rotations_are_retried_only_when_the_outcome_may_be_unknown() {
+        let mut retry = Retry::new("CreateKey", "3f0e6a8c-1d2b-4c5e-9f70-0123456789ab");
+        let unavailable = tonic::Status::unavailable("the key store is unavailable");
+        let started = tokio::time::Instant::now();
+        for _ in 1..ATTEMPTS {
+            assert!(retry.again(&unavailable).await);
+        }
+        assert!(!retry.again(&unavailable).await, "at most {ATTEMPTS} tries");
+        // 200 + 400 + 800 + 1,600 ms, each up to a quarter more.
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(3_000), "{waited:?}");
+        assert!(waited <= Duration::from_millis(3_750), "{waited:?}");
+        let failed = format!("{:#}", retry.failed(unavailable));
+        assert!(
+            failed.contains("--request-id 3f0e6a8c-1d2b-4c5e-9f70-0123456789ab"),
+            "{failed}"
+        );
+
+        for status in [
+            tonic::Status::deadline_exceeded("deadline"),
+            tonic::Status::cancelled("Timeout expired"),
+        ] {
+            assert!(
+                Retry::new("RotateKey", "id").again(&status).await,
+                "{status:?}"
+            );
+        }
+        for status in [
+            tonic::Status::invalid_argument("name: is empty"),
+            tonic::Status::cancelled("the user pressed ^C"),
+            tonic::Status::resource_exhausted("the tier's cap"),
+        ] {
+            assert!(
+                !Retry::new("CreateKey", "id").again(&status).await,
+                "{status:?}"
+            );
+        }
+    }
+
     fn update_args(key_id: &str) -> UpdateArgs {
         UpdateArgs {
             key_id: key_id.to_owned(),
