@@ -163,20 +163,29 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
     let mut admin = KeyAdminClient::new(connect(admin_addr).await);
     let mut verifier = KeyVerifyClient::new(connect(verify_addr).await);
 
-    // Create (the response carries the secret: the one place it may be).
+    // Create (the response carries the secret: the one place it may be),
+    // with a request id, and retry it: the retry's answer carries the
+    // same secret. The request id is key material too.
+    let create_id = vilvik_keys_domain::RequestId::generate();
+    transcript.secrets.push(create_id.as_str().to_owned());
+    let create = CreateKeyRequest {
+        name: "ci-runner".into(),
+        description: "nightly builds".into(),
+        scopes: vec!["datasets:read".into()],
+        request_id: create_id.as_str().into(),
+        ..Default::default()
+    };
     let created = admin
-        .create_key(bearer(
-            CreateKeyRequest {
-                name: "ci-runner".into(),
-                description: "nightly builds".into(),
-                scopes: vec!["datasets:read".into()],
-                ..Default::default()
-            },
-            &management,
-        ))
+        .create_key(bearer(create.clone(), &management))
         .await
         .unwrap()
         .into_inner();
+    let retried = admin
+        .create_key(bearer(create, &management))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.secret, created.secret);
     let first = created.secret.clone();
     transcript.secrets.push(first.clone());
     let key_id = created.key.unwrap().key_id;
@@ -222,17 +231,24 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
     transcript.response("VerifyKey with a wrong secret", &r);
 
     // Rotate: the old secret dies, the new one is handed out once.
+    let rotate_id = vilvik_keys_domain::RequestId::generate();
+    transcript.secrets.push(rotate_id.as_str().to_owned());
+    let rotate = RotateKeyRequest {
+        key_id: key_id.clone(),
+        request_id: rotate_id.as_str().into(),
+        ..Default::default()
+    };
     let rotated = admin
-        .rotate_key(bearer(
-            RotateKeyRequest {
-                key_id: key_id.clone(),
-                ..Default::default()
-            },
-            &management,
-        ))
+        .rotate_key(bearer(rotate.clone(), &management))
         .await
         .unwrap()
         .into_inner();
+    let r = admin
+        .rotate_key(bearer(rotate, &management))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.secret, rotated.secret, "the retried rotation's secret");
     let second = rotated.secret.clone();
     transcript.secrets.push(second.clone());
     for key in [&first, &second] {
