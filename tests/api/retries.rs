@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Request};
 use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::{self, VerifyCode};
 use vilvik_keys_domain::RequestId;

@@ -94,7 +94,7 @@ pub struct Replay {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome<T> {
     Done(T),
-    Replayed(Replay),
+    Replayed(Box<Replay>),
 }
 
 /// What [`crate::Store::rotate_key_with`] needs: the new secret, the

@@ -1243,7 +1243,7 @@ impl Store for PostgresStore {
             && let Some(replay) =
                 claim_request(&tx, &new.account_id, request, new.created_at).await?
         {
-            return Ok(Outcome::Replayed(replay));
+            return Ok(Outcome::Replayed(Box::new(replay)));
         }
         let account = lock_account(&tx, &new.account_id, new.created_at).await?;
         let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
@@ -1399,7 +1399,7 @@ impl Store for PostgresStore {
         if let Some(request) = &rotation.request
             && let Some(replay) = claim_request(&tx, account, request, now).await?
         {
-            return Ok(Outcome::Replayed(replay));
+            return Ok(Outcome::Replayed(Box::new(replay)));
         }
         let before = load_key_for_change(&tx, account, key_id, rotation.if_version).await?;
         rules::ensure_rotatable(&before, now)?;

@@ -950,7 +950,7 @@ impl Store for SqliteStore {
             if let Some(request) = &request
                 && let Some(replay) = claim_request(tx, &new.account_id, request, new.created_at)?
             {
-                return Ok(Outcome::Replayed(replay));
+                return Ok(Outcome::Replayed(Box::new(replay)));
             }
             let account = ensure_account(tx, &new.account_id, new.created_at)?;
             let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
@@ -1091,7 +1091,7 @@ impl Store for SqliteStore {
             if let Some(request) = &rotation.request
                 && let Some(replay) = claim_request(tx, &account, request, now)?
             {
-                    return Ok(Outcome::Replayed(replay));
+                    return Ok(Outcome::Replayed(Box::new(replay)));
             }
             let secret = &rotation.secret;
             let before = load_key_for_change(tx, &account, &key_id, rotation.if_version)?;
