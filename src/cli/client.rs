@@ -342,20 +342,20 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
                 .into_inner();
             print_key(json, None, &key)
         }
-        KeysCommand::Update(mut args) => {
-            if args.etag.is_none() {
+        KeysCommand::Update(args) => {
+            let mut request = update_request(args)?;
+            if request.etag.is_empty() {
                 // Change the key only as it was read: a change made
                 // meanwhile by someone else is ABORTED, not overwritten.
-                let key = api
+                request.etag = api
                     .get_key(proto::GetKeyRequest {
-                        key_id: args.key_id.clone(),
+                        key_id: request.key_id.clone(),
                     })
                     .await
                     .map_err(api_error)?
-                    .into_inner();
-                args.etag = Some(key.etag);
+                    .into_inner()
+                    .etag;
             }
-            let request = update_request(args)?;
             let key = api
                 .update_key(request)
                 .await
