@@ -262,6 +262,23 @@ impl PrivateCluster {
         self.stopped = true;
     }
 
+    /// Starts the server again after [`stop`](Self::stop), on the same data
+    /// dir and port, and waits until it answers on TCP. Postgres recovers
+    /// from its WAL first, as after a crash. Clients must reconnect: their
+    /// connections broke with the stop. Does nothing while it runs.
+    ///
+    /// Panics with the server's log when it does not start (for example
+    /// when another process took the port meanwhile).
+    pub fn start_again(&mut self) {
+        if !self.stopped {
+            return;
+        }
+        if let Err(problem) = self.pg_ctl_start() {
+            panic!("the private Postgres cluster does not start again: {problem}");
+        }
+        self.stopped = false;
+    }
+
     /// The PID in the data dir's `postmaster.pid`.
     pub fn postmaster_pid(&self) -> u32 {
         read_postmaster_pid(&self.data).unwrap_or_else(|| {
