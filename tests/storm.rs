@@ -62,16 +62,10 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 #[ignore = "a storm of 6 faults, 20-60 s: .ci/run runs it"]
 async fn sqlite_survives_kill_9_storm() {
     let dir = tempfile::tempdir().unwrap();
-    let env = vec![
-        (
-            "VILVIK_KEYS_SQLITE_PATH".to_owned(),
-            dir.path().join("keys.db").display().to_string(),
-        ),
-        (
-            "VILVIK_KEYS_PEPPER_FILE".to_owned(),
-            dir.path().join("pepper").display().to_string(),
-        ),
-    ];
+    let env = vec![(
+        "VILVIK_KEYS_SQLITE_PATH".to_owned(),
+        dir.path().join("keys.db").display().to_string(),
+    )];
     storm("SQLite, server kill -9", env, dir, None, Fault::KillServer).await;
 }
 
@@ -110,14 +104,21 @@ async fn postgres_hard_stop_storm() {
 /// A private cluster with database `storm`, and the environment that
 /// points the binary at it (and at a pepper file in a temp dir).
 async fn private_postgres() -> Option<(PrivateCluster, Vec<(String, String)>, tempfile::TempDir)> {
-    let cluster = PrivateCluster::start()?;
+    // Commits acknowledged only once in the WAL: the hard stop must lose
+    // none of them (with synchronous_commit off it loses the last ones,
+    // and this storm reports them as lost acknowledged writes).
+    let cluster = PrivateCluster::start_durable()?;
     let url = cluster.create_database("storm").await;
     let dir = tempfile::tempdir().unwrap();
+    // Named explicitly, the pepper file must exist; the SQLite store's
+    // default (beside the file) is generated on the first start.
+    let pepper = dir.path().join("pepper");
+    vilvik_keys::pepper::create(&pepper).unwrap();
     let env = vec![
         ("DATABASE_URL".to_owned(), url),
         (
             "VILVIK_KEYS_PEPPER_FILE".to_owned(),
-            dir.path().join("pepper").display().to_string(),
+            pepper.display().to_string(),
         ),
     ];
     Some((cluster, env, dir))
@@ -1036,6 +1037,9 @@ fn truncate_to_micros(at: SystemTime) -> SystemTime {
 #[derive(Default)]
 struct Figures {
     by_method: BTreeMap<Method, Counts>,
+    /// Every attempt not answered OK, by what it was told (the status and
+    /// the message up to its first ';').
+    failed_attempts: BTreeMap<String, usize>,
 }
 
 #[derive(Default, Debug)]
@@ -1053,6 +1057,21 @@ impl Figures {
     fn of(journals: &[Journal]) -> Figures {
         let mut figures = Figures::default();
         for call in journals.iter().flat_map(|j| &j.calls) {
+            for attempt in call
+                .attempts
+                .iter()
+                .filter(|a| a.answer != Answer::Acknowledged)
+            {
+                // Refusals name the key; their status says enough.
+                let key = match attempt.answer {
+                    Answer::Refused(code) => format!("Refused({code:?})"),
+                    ref answer => {
+                        let told = attempt.message.split(';').next().unwrap_or_default();
+                        format!("{answer:?}: {told}")
+                    }
+                };
+                *figures.failed_attempts.entry(key).or_default() += 1;
+            }
             let counts = figures.by_method.entry(call.method).or_default();
             counts.attempts += call.attempts.len();
             match call.first_answer() {
@@ -1095,6 +1114,10 @@ impl Figures {
                 c.attempts
             )
             .unwrap();
+        }
+        out.push_str("attempts not answered OK:\n");
+        for (told, count) in &self.failed_attempts {
+            writeln!(out, "{count:>6}  {told}").unwrap();
         }
         out
     }
