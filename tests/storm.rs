@@ -619,6 +619,8 @@ struct Owned {
     revoked: bool,
     rotations: usize,
     updates: usize,
+    /// The secrets rotations replaced: none may verify VALID.
+    old_secrets: Vec<String>,
 }
 
 /// One writer: its own keys, its own connection, its journal.
@@ -732,6 +734,7 @@ impl Writer {
                         name,
                         etag: key.etag,
                         stale_etag: None,
+                        old_secrets: Vec::new(),
                         revoked: false,
                         rotations: 0,
                         updates: 0,
@@ -800,7 +803,8 @@ impl Writer {
                     check_nothing_changed(&mut call, rotated_at, "rotated");
                     call.effect = Effect::Committed;
                     let owned = &mut self.keys[index];
-                    owned.secret = response.secret;
+                    let old = std::mem::replace(&mut owned.secret, response.secret);
+                    owned.old_secrets.push(old);
                     owned.stale_etag = Some(std::mem::replace(&mut owned.etag, rotated.etag));
                     owned.rotations += 1;
                     break;
@@ -1216,6 +1220,28 @@ async fn check(
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // A rotated-away secret is dead (ROTATED, REVOKED, or NOT_FOUND
+        // once its retention ends).
+        for (n, old) in owned.old_secrets.iter().enumerate() {
+            let answer = verify
+                .verify_key(proto::VerifyKeyRequest {
+                    key: old.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|a| a.into_inner().code());
+            if !matches!(
+                answer,
+                Ok(VerifyCode::Rotated | VerifyCode::Revoked | VerifyCode::NotFound)
+            ) {
+                problems.push(format!(
+                    "key {}: its secret before rotation {} verifies {answer:?}",
+                    owned.key_id,
+                    n + 1
+                ));
+            }
         }
 
         // (c) Audit events one for one with the committed changes, and
