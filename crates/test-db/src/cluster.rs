@@ -558,4 +558,35 @@ mod tests {
         assert!(!dir.exists(), "{} was not removed", dir.display());
         assert!(client.query_one("SELECT 3", &[]).await.is_err());
     }
+
+    #[tokio::test]
+    async fn a_durable_cluster_starts_again_with_every_acknowledged_commit() {
+        let Some(mut cluster) = PrivateCluster::start_durable() else {
+            return;
+        };
+        let port = cluster.port();
+        cluster.create_database("durable").await;
+        let client = cluster.client("durable").await;
+        client
+            .batch_execute("CREATE TABLE t (n int); INSERT INTO t VALUES (1)")
+            .await
+            .unwrap();
+        // Acknowledged just before the hard stop: it must survive it.
+        client
+            .execute("INSERT INTO t VALUES (2)", &[])
+            .await
+            .unwrap();
+        cluster.stop();
+        assert!(client.query_one("SELECT 1", &[]).await.is_err());
+        cluster.start_again();
+        assert_eq!(cluster.port(), port, "restarted on another port");
+        let rows: i64 = cluster
+            .client("durable")
+            .await
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 2);
+    }
 }
