@@ -18,7 +18,7 @@
 //! changes one for one and replay to its row, a call answered "nothing was
 //! changed" changed nothing, and `vilvik-keys audit verify` exits 0.
 //!
-//! Each storm takes 20-60 s and is `#[ignore]`d in the default run;
+//! Each storm takes 10-40 s and is `#[ignore]`d in the default run;
 //! `.ci/run` runs them (`cargo test --test storm -- --ignored
 //! --test-threads=1`). Each prints its figures (`--nocapture` to see
 //! them); `STORM_SEED` replays a run's random choices of moments and calls.
@@ -59,7 +59,7 @@ const RESOLVE_WITHIN: Duration = Duration::from_secs(60);
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a storm of 6 faults, 20-60 s: .ci/run runs it"]
+#[ignore = "a storm of 6 faults, 10-40 s: .ci/run runs it"]
 async fn sqlite_survives_kill_9_storm() {
     let dir = tempfile::tempdir().unwrap();
     let env = vec![(
@@ -70,7 +70,7 @@ async fn sqlite_survives_kill_9_storm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a storm of 6 faults, 20-60 s: .ci/run runs it"]
+#[ignore = "a storm of 6 faults, 10-40 s: .ci/run runs it"]
 async fn postgres_survives_kill_9_storm() {
     let Some((cluster, env, dir)) = private_postgres().await else {
         return;
@@ -86,7 +86,7 @@ async fn postgres_survives_kill_9_storm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a storm of 6 faults, 20-60 s: .ci/run runs it"]
+#[ignore = "a storm of 6 faults, 10-40 s: .ci/run runs it"]
 async fn postgres_hard_stop_storm() {
     let Some((cluster, env, dir)) = private_postgres().await else {
         return;
