@@ -72,6 +72,8 @@ pub struct PrivateCluster {
     port: u16,
     /// `-c` settings for TLS, when started with it.
     tls_options: Option<String>,
+    /// `synchronous_commit=on`: see [`start_durable`](Self::start_durable).
+    durable_commits: bool,
     frozen: bool,
     stopped: bool,
     /// Removed last, after the server stopped.
@@ -86,7 +88,17 @@ impl PrivateCluster {
     /// is a failure. Any other problem (initdb or the start fails) panics
     /// with the server's log.
     pub fn start() -> Option<PrivateCluster> {
-        Self::start_inner(None)
+        Self::start_inner(None, false)
+    }
+
+    /// [`start`](Self::start) with `synchronous_commit=on`, so that a
+    /// commit the server acknowledged survives [`stop`](Self::stop) (an
+    /// immediate shutdown). The other clusters run with it off, for speed:
+    /// their last commits before a hard stop may be lost, acknowledged or
+    /// not. `fsync` stays off here too: a stop kills processes, not the
+    /// kernel, so what was written to the OS survives it.
+    pub fn start_durable() -> Option<PrivateCluster> {
+        Self::start_inner(None, true)
     }
 
     /// [`start`](Self::start) with `ssl=on`, serving `tls`: its certificate
@@ -95,10 +107,10 @@ impl PrivateCluster {
     /// `ssl_cert_file` and `ssl_key_file`. With
     /// [`reject_plain`](ServerTls::reject_plain) TCP clients must use TLS.
     pub fn start_with_tls(tls: &ServerTls) -> Option<PrivateCluster> {
-        Self::start_inner(Some(tls))
+        Self::start_inner(Some(tls), false)
     }
 
-    fn start_inner(tls: Option<&ServerTls>) -> Option<PrivateCluster> {
+    fn start_inner(tls: Option<&ServerTls>, durable_commits: bool) -> Option<PrivateCluster> {
         let Some(bindir) = pg_bindir() else {
             if std::env::var(REQUIRE_VAR).is_ok_and(|v| v == "1") {
                 panic!(
@@ -127,6 +139,7 @@ impl PrivateCluster {
             data,
             port: 0,
             tls_options: None,
+            durable_commits,
             frozen: false,
             stopped: true,
             dir,
@@ -262,6 +275,23 @@ impl PrivateCluster {
         self.stopped = true;
     }
 
+    /// Starts the server again after [`stop`](Self::stop), on the same data
+    /// dir and port, and waits until it answers on TCP. Postgres recovers
+    /// from its WAL first, as after a crash. Clients must reconnect: their
+    /// connections broke with the stop. Does nothing while it runs.
+    ///
+    /// Panics with the server's log when it does not start (for example
+    /// when another process took the port meanwhile).
+    pub fn start_again(&mut self) {
+        if !self.stopped {
+            return;
+        }
+        if let Err(problem) = self.pg_ctl_start() {
+            panic!("the private Postgres cluster does not start again: {problem}");
+        }
+        self.stopped = false;
+    }
+
     /// The PID in the data dir's `postmaster.pid`.
     pub fn postmaster_pid(&self) -> u32 {
         read_postmaster_pid(&self.data).unwrap_or_else(|| {
@@ -351,9 +381,10 @@ impl PrivateCluster {
         // Sockets in our own dir: nothing shared with the system's server.
         let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+             -c fsync=off -c synchronous_commit={} -c full_page_writes=off",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.durable_commits { "on" } else { "off" }
         );
         options.push_str(self.tls_options.as_deref().unwrap_or_default());
         let output = self
@@ -526,5 +557,36 @@ mod tests {
         );
         assert!(!dir.exists(), "{} was not removed", dir.display());
         assert!(client.query_one("SELECT 3", &[]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_durable_cluster_starts_again_with_every_acknowledged_commit() {
+        let Some(mut cluster) = PrivateCluster::start_durable() else {
+            return;
+        };
+        let port = cluster.port();
+        cluster.create_database("durable").await;
+        let client = cluster.client("durable").await;
+        client
+            .batch_execute("CREATE TABLE t (n int); INSERT INTO t VALUES (1)")
+            .await
+            .unwrap();
+        // Acknowledged just before the hard stop: it must survive it.
+        client
+            .execute("INSERT INTO t VALUES (2)", &[])
+            .await
+            .unwrap();
+        cluster.stop();
+        assert!(client.query_one("SELECT 1", &[]).await.is_err());
+        cluster.start_again();
+        assert_eq!(cluster.port(), port, "restarted on another port");
+        let rows: i64 = cluster
+            .client("durable")
+            .await
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 2);
     }
 }
