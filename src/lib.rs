@@ -46,6 +46,34 @@ pub mod proto {
         }
     }
 
+    /// A request id is key material for its day (it opens the secret kept
+    /// for retries), so it prints as whether one was sent.
+    fn request_id(id: &str) -> &'static str {
+        if id.is_empty() { "" } else { REDACTED }
+    }
+
+    impl std::fmt::Debug for CreateKeyRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("CreateKeyRequest")
+                .field("name", &self.name)
+                .field("description", &self.description)
+                .field("scopes", &self.scopes)
+                .field("expires_at", &self.expires_at)
+                .field("request_id", &request_id(&self.request_id))
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for RotateKeyRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RotateKeyRequest")
+                .field("key_id", &self.key_id)
+                .field("request_id", &request_id(&self.request_id))
+                .field("etag", &self.etag)
+                .finish()
+        }
+    }
+
     impl std::fmt::Debug for VerifyKeyRequest {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("VerifyKeyRequest")

@@ -393,6 +393,19 @@ async fn a_lost_response_is_recovered_by_retrying_with_the_request_id(mut app: T
     );
 }
 
+#[test]
+fn debug_output_of_a_request_hides_its_request_id() {
+    let id = RequestId::generate();
+    let shown = format!(
+        "{:?} {:?}",
+        create_request("ci-runner", id.as_str()),
+        rotate_request("key_3kTMd8sQ0Lr6bA2xYv9Z", id.as_str())
+    );
+    assert!(!shown.contains(id.as_str()), "{shown}");
+    assert!(shown.contains("ci-runner") && shown.contains("key_3kTMd8sQ0Lr6bA2xYv9Z"));
+    assert_eq!(shown.matches("[REDACTED]").count(), 2, "{shown}");
+}
+
 crate::on_both_backends!(
     a_create_retried_with_its_request_id_returns_the_same_key_and_secret,
     a_request_id_reused_for_other_fields_is_refused,
