@@ -48,7 +48,7 @@ done
 mkdir -p bench/results
 RESULT=bench/results/soak-$(date -u +%Y-%m-%d-%H%M).txt
 {
-    echo "soak: $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD), $(nproc) cores," \
+    echo "soak: $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD), $(nproc) cores, load $(cut -d" " -f1-3 /proc/loadavg)," \
         "Postgres $(psql -tAq "$PG_URL/postgres" -c 'SHOW server_version')"
     timeout $((SOAK_SECONDS + 120)) $BIN/vilvik-keys-bench soak \
         --admin "127.0.0.1:$PORT" --verify "127.0.0.1:$((PORT + 1))" \
