@@ -11,7 +11,8 @@
 //!   keys table, counted apart from other errors.
 //! - Verify tasks (many) ask VerifyKey about a mix of secrets the admin
 //!   tasks hand them: current ones (VALID), rotated-away ones (ROTATED, or
-//!   NOT_FOUND once pruned past `rotated_secrets_kept`), revoked ones
+//!   NOT_FOUND once pruned past `rotated_secrets_kept`: counted apart, as
+//!   `rotated_away_pruned`), revoked ones
 //!   (REVOKED) and random well-formed keys nobody issued (NOT_FOUND, each a
 //!   new prefix, so a store lookup every time).
 //!
@@ -78,6 +79,10 @@ pub struct SoakArgs {
     /// HTTP/2 connections the verify tasks are spread over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// The server's `rotated_secrets_kept`, to tell which rotated-away
+    /// secrets the store has pruned.
+    #[arg(long, env = "VILVIK_KEYS_ROTATED_SECRETS_KEPT", default_value_t = 10)]
+    rotated_secrets_kept: u32,
     /// The scope keys are created with and verifies require.
     #[arg(long, default_value = "datasets:read")]
     scope: String,
@@ -100,6 +105,9 @@ const MIX: [(Class, u64); 4] = [
 enum Class {
     Current,
     Rotated,
+    /// Rotated away so long ago that the store has pruned it
+    /// (`rotated_secrets_kept` newer ones): the store knows it no more.
+    Pruned,
     Revoked,
     Unknown,
 }
@@ -109,6 +117,7 @@ impl Class {
         match self {
             Class::Current => "current",
             Class::Rotated => "rotated_away",
+            Class::Pruned => "rotated_away_pruned",
             Class::Revoked => "revoked",
             Class::Unknown => "unknown",
         }
@@ -116,26 +125,56 @@ impl Class {
 }
 
 /// The secrets the admin tasks hand the verify tasks.
-#[derive(Default)]
 struct Pool {
     /// (key id, secret) of every key the soak holds active.
     current: Vec<(String, String)>,
-    rotated: VecDeque<String>,
+    rotated: VecDeque<RotatedAway>,
     revoked: VecDeque<String>,
+    /// Rotations so far, per key id.
+    rotations: HashMap<String, u64>,
+    /// The server's `rotated_secrets_kept`.
+    kept: u64,
+}
+
+struct RotatedAway {
+    key_id: String,
+    /// Which of its key's rotations replaced it (1 for the first).
+    rotation: u64,
+    secret: String,
 }
 
 impl Pool {
-    fn pick(&self, class: Class, rng: &mut Rng) -> Option<String> {
+    fn new(kept: u64) -> Self {
+        Self {
+            current: Vec::new(),
+            rotated: VecDeque::new(),
+            revoked: VecDeque::new(),
+            rotations: HashMap::new(),
+            kept,
+        }
+    }
+
+    /// A secret of `class`, and its class now (a rotated-away secret may
+    /// have been pruned since).
+    fn pick(&self, class: Class, rng: &mut Rng) -> Option<(Class, String)> {
         let pick = |n: usize, rng: &mut Rng| (rng.next() % n as u64) as usize;
         match class {
             Class::Current if !self.current.is_empty() => {
-                Some(self.current[pick(self.current.len(), rng)].1.clone())
+                Some((class, self.current[pick(self.current.len(), rng)].1.clone()))
             }
             Class::Rotated if !self.rotated.is_empty() => {
-                Some(self.rotated[pick(self.rotated.len(), rng)].clone())
+                let r = &self.rotated[pick(self.rotated.len(), rng)];
+                // The store keeps the newest `kept` rotated-away secrets.
+                let since = self.rotations.get(&r.key_id).copied().unwrap_or(0) - r.rotation;
+                let class = if since >= self.kept {
+                    Class::Pruned
+                } else {
+                    Class::Rotated
+                };
+                Some((class, r.secret.clone()))
             }
             Class::Revoked if !self.revoked.is_empty() => {
-                Some(self.revoked[pick(self.revoked.len(), rng)].clone())
+                Some((class, self.revoked[pick(self.revoked.len(), rng)].clone()))
             }
             _ => None,
         }
@@ -144,14 +183,22 @@ impl Pool {
     fn retire(&mut self, key_id: &str, into_revoked: bool) -> Option<String> {
         let at = self.current.iter().position(|(id, _)| id == key_id)?;
         let (_, secret) = self.current.swap_remove(at);
-        let list = if into_revoked {
-            &mut self.revoked
+        if into_revoked {
+            self.revoked.push_back(secret.clone());
+            if self.revoked.len() > OLD_SECRETS_KEPT {
+                self.revoked.pop_front();
+            }
         } else {
-            &mut self.rotated
-        };
-        list.push_back(secret.clone());
-        if list.len() > OLD_SECRETS_KEPT {
-            list.pop_front();
+            let rotation = self.rotations.entry(key_id.to_owned()).or_default();
+            *rotation += 1;
+            self.rotated.push_back(RotatedAway {
+                key_id: key_id.to_owned(),
+                rotation: *rotation,
+                secret: secret.clone(),
+            });
+            if self.rotated.len() > OLD_SECRETS_KEPT {
+                self.rotated.pop_front();
+            }
         }
         Some(secret)
     }
@@ -209,7 +256,9 @@ struct Shared {
     stop: AtomicBool,
     verify_calls: AtomicU64,
     admin_calls: AtomicU64,
+    /// Calls failed, creates refused at the stored-key ceiling apart.
     errors: AtomicU64,
+    refused: AtomicU64,
     pool: RwLock<Pool>,
 }
 
@@ -245,7 +294,12 @@ impl Shared {
                 Ok(response.into_inner())
             }
             Err(status) => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
+                let counter = if at_stored_key_ceiling(&status) {
+                    &self.refused
+                } else {
+                    &self.errors
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 *record
                     .errors
                     .entry((rpc, format!("{:?}", status.code())))
@@ -254,6 +308,12 @@ impl Shared {
             }
         }
     }
+}
+
+/// CreateKey refused because the account stores as many keys as it may
+/// (its message names the history, unlike the active-key cap's).
+fn at_stored_key_ceiling(status: &Status) -> bool {
+    status.code() == Code::ResourceExhausted && status.message().contains("history")
 }
 
 fn with_timeout<T>(message: T) -> Request<T> {
@@ -415,10 +475,7 @@ async fn admin_op(
                         .current
                         .push((key_id, created.secret));
                 }
-                // The stored-key ceiling (its message names the history).
-                Err(s)
-                    if s.code() == Code::ResourceExhausted && s.message().contains("history") =>
-                {
+                Err(s) if at_stored_key_ceiling(&s) => {
                     account.full = true;
                     record.refused_at_ceiling += 1;
                 }
@@ -537,7 +594,7 @@ async fn verify_task(
         // Until the admin tasks have handed out such a secret, an unknown one.
         let picked = shared.pool.read().unwrap().pick(class, &mut rng);
         let (class, secret) = match picked {
-            Some(secret) => (class, secret),
+            Some(picked) => picked,
             None => (
                 Class::Unknown,
                 GeneratedKey::generate(&unknown_pepper)
@@ -572,6 +629,7 @@ struct Sample {
     verify_calls: u64,
     admin_calls: u64,
     errors: u64,
+    refused: u64,
 }
 
 impl Sample {
@@ -585,6 +643,7 @@ impl Sample {
             "verify_calls": self.verify_calls,
             "admin_calls": self.admin_calls,
             "errors": self.errors,
+            "refused": self.refused,
         })
     }
 }
@@ -637,6 +696,7 @@ async fn sample(shared: &Shared, db: &tokio_postgres::Client, pid: u32) -> anyho
         verify_calls: shared.verify_calls.load(Ordering::Relaxed),
         admin_calls: shared.admin_calls.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
+        refused: shared.refused.load(Ordering::Relaxed),
     })
 }
 
@@ -694,7 +754,8 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         verify_calls: AtomicU64::new(0),
         admin_calls: AtomicU64::new(0),
         errors: AtomicU64::new(0),
-        pool: RwLock::new(Pool::default()),
+        refused: AtomicU64::new(0),
+        pool: RwLock::new(Pool::new(u64::from(args.rotated_secrets_kept))),
     });
     let mut samples = vec![sample(&shared, &db, args.server_pid).await?];
     eprintln!(
@@ -751,14 +812,15 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         tokio::time::sleep_until(next.into()).await;
         let s = sample(&shared, &db, args.server_pid).await?;
         eprintln!(
-            "soak: {:>6.0} s  rss {:>7} kB  db {:>10} B  audit rows {:>7}  verify {:>9}  admin {:>7}  errors {}",
+            "soak: {:>6.0} s  rss {:>7} kB  db {:>10} B  audit rows {:>7}  verify {:>9}  admin {:>7}  errors {}  refused {}",
             s.at_s,
             s.rss_kb,
             s.db_bytes,
             s.rows["audit_events"],
             s.verify_calls,
             s.admin_calls,
-            s.errors
+            s.errors,
+            s.refused
         );
         samples.push(s);
         next += shared.sample;
@@ -916,7 +978,11 @@ fn print_tables(report: &serde_json::Value) {
         report["verify_codes_by_class"]
     );
     println!(
-        "\n{:>6} {:>8} {:>8} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>7} {:>6} {:>8} {:>7} {:>6}",
+        "secrets the store had pruned, answered ROTATED from the node's memory: {}",
+        report["verify_codes_by_class"]["rotated_away_pruned"]["ROTATED"]
+    );
+    println!(
+        "\n{:>6} {:>8} {:>8} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>7} {:>6} {:>8} {:>7} {:>6} {:>7}",
         "at s",
         "rss kB",
         "db kB",
@@ -931,6 +997,7 @@ fn print_tables(report: &serde_json::Value) {
         "verify/s",
         "admin/s",
         "errors",
+        "refused",
     );
     let samples = report["samples"].as_array().cloned().unwrap_or_default();
     let mut previous: Option<&serde_json::Value> = None;
@@ -945,7 +1012,7 @@ fn print_tables(report: &serde_json::Value) {
         };
         let (rows, bytes) = (&s["rows"], &s["tables_bytes"]);
         println!(
-            "{:>6} {:>8} {:>8} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>7} {:>6} {:>8} {:>7} {:>6}",
+            "{:>6} {:>8} {:>8} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>7} {:>6} {:>8} {:>7} {:>6} {:>7}",
             cell(&s["at_s"]),
             cell(&s["rss_kb"]),
             kb(&s["db_bytes"]),
@@ -960,6 +1027,7 @@ fn print_tables(report: &serde_json::Value) {
             rate("verify_calls"),
             rate("admin_calls"),
             cell(&s["errors"]),
+            cell(&s["refused"]),
         );
         previous = Some(s);
     }
@@ -978,7 +1046,7 @@ mod tests {
 
     #[test]
     fn retired_secrets_move_to_their_list_and_stay_bounded() {
-        let mut pool = Pool::default();
+        let mut pool = Pool::new(10);
         for i in 0..OLD_SECRETS_KEPT + 5 {
             pool.current.push((format!("k{i}"), format!("s{i}")));
             let into_revoked = i % 2 == 0;
@@ -993,21 +1061,46 @@ mod tests {
             pool.revoked.len() + pool.rotated.len(),
             OLD_SECRETS_KEPT + 5
         );
-        assert!(
-            pool.revoked
-                .iter()
-                .all(|s| s[1..].parse::<usize>().unwrap() % 2 == 0)
-        );
-        assert!(
-            pool.rotated
-                .iter()
-                .all(|s| s[1..].parse::<usize>().unwrap() % 2 == 1)
-        );
+        let even = |s: &str| s[1..].parse::<usize>().unwrap() % 2 == 0;
+        assert!(pool.revoked.iter().all(|s| even(s)));
+        assert!(pool.rotated.iter().all(|r| !even(&r.secret)));
         for _ in 0..OLD_SECRETS_KEPT {
             pool.current.push(("again".to_owned(), "x".to_owned()));
             pool.retire("again", true);
         }
         assert_eq!(pool.revoked.len(), OLD_SECRETS_KEPT);
+    }
+
+    #[test]
+    fn a_secret_rotated_away_kept_times_ago_counts_as_pruned() {
+        let mut pool = Pool::new(2);
+        let mut rng = Rng::seeded(1);
+        pool.current.push(("k".to_owned(), "s0".to_owned()));
+        pool.retire("k", false);
+        assert_eq!(
+            pool.pick(Class::Rotated, &mut rng),
+            Some((Class::Rotated, "s0".to_owned()))
+        );
+        for i in 1..=2 {
+            pool.current.push(("k".to_owned(), format!("s{i}")));
+            pool.retire("k", false);
+        }
+        // s0 has two newer rotated-away secrets: the store kept only those.
+        let classes: Vec<_> = (0..200)
+            .filter_map(|_| pool.pick(Class::Rotated, &mut rng))
+            .map(|(class, secret)| (secret, class))
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        assert_eq!(
+            classes,
+            [
+                ("s0".to_owned(), Class::Pruned),
+                ("s1".to_owned(), Class::Rotated),
+                ("s2".to_owned(), Class::Rotated),
+            ]
+        );
+        assert_eq!(pool.pick(Class::Revoked, &mut rng), None);
     }
 
     #[test]
