@@ -14,6 +14,9 @@
 //!   known prefix with a wrong secret (both NOT_FOUND).
 //! - `propagation` revokes keys through the admin node and polls every
 //!   verify node until each rejects them.
+//! - `admin-flood` floods one account's admin calls while timing another's.
+//! - `soak` runs mixed admin and verify traffic for a long time and samples
+//!   the server's RSS and the database's size (`bench/soak.sh`).
 //!
 //! Every load this tool makes targets the addresses it is given; `run.sh`
 //! gives it only 127.0.0.1. Every loop is bounded in count and time.
@@ -27,6 +30,7 @@ mod miss;
 mod probe;
 mod propagation;
 mod seed;
+mod soak;
 mod stats;
 mod timing;
 
@@ -63,6 +67,8 @@ enum Command {
     Propagation(propagation::PropagationArgs),
     /// One account floods ListAuditEvents; another's GetKey latency, alone and under the flood.
     AdminFlood(admin_flood::AdminFloodArgs),
+    /// Mixed admin and verify traffic for a long time; RSS and database size over time.
+    Soak(soak::SoakArgs),
 }
 
 #[tokio::main]
@@ -77,6 +83,7 @@ async fn main() -> ExitCode {
         Command::Timing(args) => timing::run(args).await,
         Command::Propagation(args) => propagation::run(args).await,
         Command::AdminFlood(args) => admin_flood::run(args).await,
+        Command::Soak(args) => soak::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
