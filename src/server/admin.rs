@@ -554,8 +554,12 @@ impl KeyAdmin for AdminService {
                 Ok(Outcome::Done(Rotation {
                     key: record,
                     replaced_prefix,
+                    pruned_prefixes,
                 })) => {
                     self.verifier.invalidate(&replaced_prefix);
+                    for pruned in &pruned_prefixes {
+                        self.verifier.invalidate(pruned);
+                    }
                     self.verifier.invalidate(&record.prefix);
                     tracing::info!(key.id = %key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key rotated");
                     return Ok(Response::new(proto::RotateKeyResponse {

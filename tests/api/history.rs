@@ -11,6 +11,7 @@ use crate::helpers::{Backend, TestApp, assert_status, spawn_app_with};
 crate::on_both_backends!(
     by backend:
     rotations_keep_only_the_newest_old_secrets,
+    a_node_forgets_the_secrets_a_rotation_prunes,
     churn_stops_at_the_stored_key_ceiling,
 );
 
@@ -55,6 +56,25 @@ async fn rotations_keep_only_the_newest_old_secrets(backend: Backend) {
         .filter(|e| e.action() == proto::AuditAction::Rotated)
         .count();
     assert_eq!(rotations, 5);
+}
+
+/// Found by the soak (issue 11): a secret the node had cached was pruned
+/// by a later rotation without the node hearing of it, so it answered
+/// ROTATED from memory for good and its cache only grew. Pruned prefixes
+/// are now published with the rotation that prunes them.
+async fn a_node_forgets_the_secrets_a_rotation_prunes(backend: Backend) {
+    let Some(mut app) = spawn_app_with(backend, |c| c.rotated_secrets_kept = 1).await else {
+        return;
+    };
+    let created = app.create_key("rotated", &["a:b"]).await.unwrap();
+    let key_id = created.key.unwrap().key_id;
+    let first = created.secret;
+    rotate(&mut app, &key_id).await;
+    // Cached as rotated away.
+    assert_eq!(app.verify_code(&first, &[]).await, VerifyCode::Rotated);
+    // The next rotation prunes it (one old secret is kept).
+    rotate(&mut app, &key_id).await;
+    assert_eq!(app.verify_code(&first, &[]).await, VerifyCode::NotFound);
 }
 
 async fn churn_stops_at_the_stored_key_ceiling(backend: Backend) {

@@ -34,12 +34,14 @@ impl KeyRecord {
     }
 }
 
-/// What [`crate::Store::rotate_key`] did: the key as it is now, and the
-/// prefix of the secret it replaced, which caches must forget.
+/// What [`crate::Store::rotate_key`] did: the key as it is now, the
+/// prefix of the secret it replaced, and those of the old secrets it
+/// deleted ([`Policy::rotated_secrets_kept`]); caches must forget them all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rotation {
     pub key: KeyRecord,
     pub replaced_prefix: KeyPrefix,
+    pub pruned_prefixes: Vec<KeyPrefix>,
 }
 
 /// Which call a request id named.

@@ -108,7 +108,7 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deletes a key's rotated-away secrets but the newest `$2`.
 const PRUNE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = $1 AND superseded_at IS NOT NULL \
      AND prefix NOT IN (SELECT prefix FROM key_secrets WHERE key_id = $1 AND superseded_at IS NOT NULL \
-     ORDER BY superseded_at DESC, seq DESC LIMIT $2)";
+     ORDER BY superseded_at DESC, seq DESC LIMIT $2) RETURNING prefix";
 const NO_STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = 0";
 
 /// Advisory lock ids (arbitrary constants, unique to this service).
@@ -1421,19 +1421,26 @@ impl Store for PostgresStore {
             ],
         )
         .await?;
-        execute(
+        let pruned = query(
             &tx,
             PRUNE_KEY_SECRETS,
             &[&key_id.as_str(), &i64::from(policy.rotated_secrets_kept)],
         )
-        .await?;
+        .await?
+        .iter()
+        .map(prefix_from_row)
+        .collect::<Result<Vec<_>>>()?;
         execute(
             &tx,
             "UPDATE keys SET prefix = $1, rotated_at = $2, version = version + 1 WHERE key_id = $3",
             &[&prefix.as_str(), &now, &key_id.as_str()],
         )
         .await?;
-        record_change(&tx, &ChangeRecord::rotated(&before, prefix, actor, now)).await?;
+        // The pruned secrets are published too: a node that cached one
+        // must forget it, or it answers from memory for good.
+        let mut record = ChangeRecord::rotated(&before, prefix, actor, now);
+        record.publish.extend(&pruned);
+        record_change(&tx, &record).await?;
         let key = load_key(&tx, account, key_id)
             .await?
             .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
@@ -1441,6 +1448,7 @@ impl Store for PostgresStore {
         Ok(Outcome::Done(Rotation {
             key,
             replaced_prefix: before.prefix,
+            pruned_prefixes: pruned,
         }))
     }
 
@@ -1617,14 +1625,24 @@ impl Store for PostgresStore {
         tx.batch_execute(NO_STATEMENT_TIMEOUT)
             .await
             .map_err(map_err)?;
-        let pruned = execute(
+        let pruned = query(
             &tx,
-            "DELETE FROM key_secrets WHERE superseded_at IS NOT NULL AND superseded_at < $1",
+            "DELETE FROM key_secrets WHERE superseded_at IS NOT NULL AND superseded_at < $1 \
+             RETURNING prefix",
             &[&before],
         )
-        .await?;
+        .await?
+        .iter()
+        .map(prefix_from_row)
+        .collect::<Result<Vec<_>>>()?;
+        // Published, so that nodes caching them forget them (last: the
+        // change-log lock is held from the first until commit).
+        let now = OffsetDateTime::now_utc();
+        for prefix in &pruned {
+            publish_change(&tx, prefix, now).await?;
+        }
         tx.commit().await.map_err(map_err)?;
-        Ok(pruned)
+        Ok(pruned.len() as u64)
     }
 
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {

@@ -415,7 +415,20 @@ fn insert_new_key(tx: &Transaction<'_>, new: &NewKey, actor: &Actor) -> Result<(
 /// Deletes a key's rotated-away secrets but the newest `?2`.
 const PRUNE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = ?1 AND superseded_at IS NOT NULL \
      AND prefix NOT IN (SELECT prefix FROM key_secrets WHERE key_id = ?1 AND superseded_at IS NOT NULL \
-     ORDER BY superseded_at DESC, rowid DESC LIMIT ?2)";
+     ORDER BY superseded_at DESC, rowid DESC LIMIT ?2) RETURNING prefix";
+
+/// The prefixes a `DELETE … RETURNING prefix` of secrets returned.
+fn deleted_prefixes(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<KeyPrefix>> {
+    let mut rows = stmt.query(params).map_err(map_err)?;
+    let mut prefixes = Vec::new();
+    while let Some(row) = rows.next().map_err(map_err)? {
+        prefixes.push(prefix_from_row(row)?);
+    }
+    Ok(prefixes)
+}
 
 fn insert_secret(
     tx: &Transaction<'_>,
@@ -1102,24 +1115,26 @@ impl Store for SqliteStore {
             )
             .map_err(map_err)?;
             insert_secret(tx, secret, &key_id, now)?;
-            tx.prepare_cached(PRUNE_KEY_SECRETS)
-                .map_err(map_err)?
-                .execute(params![key_id.as_str(), kept])
-                .map_err(map_err)?;
+            let pruned = deleted_prefixes(
+                &mut tx.prepare_cached(PRUNE_KEY_SECRETS).map_err(map_err)?,
+                params![key_id.as_str(), kept],
+            )?;
             tx.execute(
                 "UPDATE keys SET prefix = ?1, rotated_at = ?2, version = version + 1 WHERE key_id = ?3",
                 params![secret.prefix.as_str(), to_micros(now), key_id.as_str()],
             )
             .map_err(map_err)?;
-            record_change(
-                tx,
-                &ChangeRecord::rotated(&before, &secret.prefix, &actor, now),
-            )?;
+            // The pruned secrets are published too: a node that cached one
+            // must forget it, or it answers from memory for good.
+            let mut record = ChangeRecord::rotated(&before, &secret.prefix, &actor, now);
+            record.publish.extend(&pruned);
+            record_change(tx, &record)?;
             let key = load_key(tx, &account, &key_id)?
                 .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
             Ok(Outcome::Done(Rotation {
                 key,
                 replaced_prefix: before.prefix,
+                pruned_prefixes: pruned,
             }))
         })
         .await
@@ -1318,12 +1333,21 @@ impl Store for SqliteStore {
 
     async fn prune_rotated_secrets(&self, before: OffsetDateTime) -> Result<u64> {
         self.write(move |tx| {
-            tx.execute(
-                "DELETE FROM key_secrets WHERE superseded_at IS NOT NULL AND superseded_at < ?1",
+            let pruned = deleted_prefixes(
+                &mut tx
+                    .prepare_cached(
+                        "DELETE FROM key_secrets WHERE superseded_at IS NOT NULL \
+                         AND superseded_at < ?1 RETURNING prefix",
+                    )
+                    .map_err(map_err)?,
                 params![to_micros(before)],
-            )
-            .map(|n| n as u64)
-            .map_err(map_err)
+            )?;
+            // Published, so that nodes caching them forget them.
+            let now = OffsetDateTime::now_utc();
+            for prefix in &pruned {
+                publish_change(tx, prefix, now)?;
+            }
+            Ok(pruned.len() as u64)
         })
         .await
     }

@@ -208,6 +208,74 @@ async fn revoked_keys_count_toward_the_stored_key_ceiling(store: Arc<dyn Store>)
     store.create_key(new, &actor(), &policy).await.unwrap();
 }
 
+async fn pruned_secrets_are_published_for_caches_to_forget(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (new, first) = new_key(&acme, "pruned", t0);
+    let key = store.create_key(new, &actor(), &roomy()).await.unwrap();
+    let keep_one = Policy {
+        rotated_secrets_kept: 1,
+        ..roomy()
+    };
+    let rotate = |at: OffsetDateTime| {
+        let (store, acme, key_id, policy) = (
+            store.clone(),
+            acme.clone(),
+            key.key_id.clone(),
+            keep_one.clone(),
+        );
+        async move {
+            let secret = GeneratedKey::generate(&pepper());
+            store
+                .rotate_key(
+                    &acme,
+                    &key_id,
+                    &NewSecret::from(&secret),
+                    &actor(),
+                    at,
+                    &policy,
+                )
+                .await
+                .unwrap();
+            secret
+        }
+    };
+    let second = rotate(t0 + Duration::seconds(1)).await;
+    // The second rotation deletes the first secret (one old one is kept)
+    // and publishes its prefix with the rotation's own.
+    let seq = store.change_sequence().await.unwrap();
+    let third = rotate(t0 + Duration::seconds(2)).await;
+    assert!(store.find_secret(first.prefix()).await.unwrap().is_none());
+    let published: Vec<KeyPrefix> = store
+        .changes_since(seq, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, prefix)| prefix)
+        .collect();
+    for prefix in [first.prefix(), second.prefix(), third.prefix()] {
+        assert!(published.contains(prefix), "{prefix} not in {published:?}");
+    }
+    // The retention prune publishes what it deletes too.
+    let seq = store.change_sequence().await.unwrap();
+    assert_eq!(
+        store
+            .prune_rotated_secrets(t0 + Duration::seconds(10))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.find_secret(second.prefix()).await.unwrap().is_none());
+    let published: Vec<KeyPrefix> = store
+        .changes_since(seq, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, prefix)| prefix)
+        .collect();
+    assert_eq!(published, vec![second.prefix().clone()]);
+}
+
 // ---------------------------------------------------------------------------
 // Request ids and versions (issue 11)
 
@@ -2602,4 +2670,5 @@ conformance!(
     concurrent_calls_with_one_request_id_create_one_key,
     a_rotation_retried_with_its_request_id_rotates_once,
     every_change_of_a_key_and_only_a_change_raises_its_version,
+    pruned_secrets_are_published_for_caches_to_forget,
 );
