@@ -102,17 +102,17 @@ impl AdminService {
     fn request_record(
         &self,
         account: &AccountId,
-        id: &RequestId,
+        retry: &RetryKey,
         method: RequestMethod,
-        params: [u8; 32],
         key_id: &KeyId,
         secret: &GeneratedKey,
+        now: time::OffsetDateTime,
     ) -> RequestRecord {
-        let pepper = self.verifier.peppers().current();
+        let (id, pepper) = (&retry.id, self.verifier.peppers().current());
         RequestRecord {
             digest: id.digest(account),
             method,
-            params,
+            params: retry.params,
             key_id: key_id.clone(),
             sealed: seal_secret(
                 pepper,
@@ -122,7 +122,7 @@ impl AdminService {
                 secret.expose_secret(),
             ),
             pepper_id: pepper.id(),
-            expires_at: self.clock.now() + REQUEST_ID_WINDOW,
+            expires_at: now + REQUEST_ID_WINDOW,
         }
     }
 
@@ -269,6 +269,14 @@ fn request_id<T>(request: &Request<T>, field: &str) -> Result<Option<RequestId>,
         .map_err(|e| ApiError::invalid("request_id", e))
 }
 
+/// What tells a retry of a create or rotation from a new call: the
+/// caller's request id, and a digest of everything else the call asks for.
+#[derive(Debug)]
+struct RetryKey {
+    id: RequestId,
+    params: [u8; 32],
+}
+
 /// A digest of everything a call under a request id asks for but the id:
 /// a retry must ask for the same.
 fn params_digest(method: RequestMethod, message: &impl prost::Message) -> [u8; 32] {
@@ -361,26 +369,29 @@ impl KeyAdmin for AdminService {
             scopes,
             expires_at,
         } = parse_create_request(request.get_ref(), now)?;
-        let request_id = request_id(&request, &request.get_ref().request_id)?;
-        let params = params_digest(
-            RequestMethod::CreateKey,
-            &proto::CreateKeyRequest {
-                request_id: String::new(),
-                ..request.get_ref().clone()
-            },
-        );
+        // The other fields are digested only when a request id is sent.
+        let retry = request_id(&request, &request.get_ref().request_id)?.map(|id| RetryKey {
+            id,
+            params: params_digest(
+                RequestMethod::CreateKey,
+                &proto::CreateKeyRequest {
+                    request_id: String::new(),
+                    ..request.get_ref().clone()
+                },
+            ),
+        });
 
         for _ in 0..MAX_ID_ATTEMPTS {
             let secret = GeneratedKey::generate(self.verifier.peppers().current());
             let key_id = KeyId::generate();
-            let record = request_id.as_ref().map(|id| {
+            let record = retry.as_ref().map(|retry| {
                 self.request_record(
                     &caller.account,
-                    id,
+                    retry,
                     RequestMethod::CreateKey,
-                    params,
                     &key_id,
                     &secret,
+                    now,
                 )
             });
             let new = NewKey {
@@ -401,9 +412,10 @@ impl KeyAdmin for AdminService {
                 .await
             {
                 Ok(Outcome::Replayed(replay)) => {
-                    let id = request_id
+                    let id = &retry
                         .as_ref()
-                        .expect("only a call with a request id replays");
+                        .expect("only a call with a request id replays")
+                        .id;
                     let secret =
                         self.open_replay(&caller.account, id, RequestMethod::CreateKey, &replay)?;
                     tracing::info!(key.id = %replay.key.key_id, account = %caller.account, actor = %caller.actor.name, "key create retried: answered with the first call's key");
@@ -501,28 +513,30 @@ impl KeyAdmin for AdminService {
         let caller = self.auth.caller(&request).await?;
         let key_id = parse_key_id(&request.get_ref().key_id)?;
         let if_version = convert::etag_version(&request.get_ref().etag)?;
-        let request_id = request_id(&request, &request.get_ref().request_id)?;
-        let params = params_digest(
-            RequestMethod::RotateKey,
-            &proto::RotateKeyRequest {
-                request_id: String::new(),
-                ..request.get_ref().clone()
-            },
-        );
+        let retry = request_id(&request, &request.get_ref().request_id)?.map(|id| RetryKey {
+            id,
+            params: params_digest(
+                RequestMethod::RotateKey,
+                &proto::RotateKeyRequest {
+                    request_id: String::new(),
+                    ..request.get_ref().clone()
+                },
+            ),
+        });
         let now = self.clock.now();
         for _ in 0..MAX_ID_ATTEMPTS {
             let secret = GeneratedKey::generate(self.verifier.peppers().current());
             let rotation = RotationRequest {
                 secret: NewSecret::from(&secret),
                 if_version,
-                request: request_id.as_ref().map(|id| {
+                request: retry.as_ref().map(|retry| {
                     self.request_record(
                         &caller.account,
-                        id,
+                        retry,
                         RequestMethod::RotateKey,
-                        params,
                         &key_id,
                         &secret,
+                        now,
                     )
                 }),
             };
@@ -539,9 +553,10 @@ impl KeyAdmin for AdminService {
                 .await
             {
                 Ok(Outcome::Replayed(replay)) => {
-                    let id = request_id
+                    let id = &retry
                         .as_ref()
-                        .expect("only a call with a request id replays");
+                        .expect("only a call with a request id replays")
+                        .id;
                     let secret =
                         self.open_replay(&caller.account, id, RequestMethod::RotateKey, &replay)?;
                     tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, "key rotation retried: answered with the first rotation's secret");
