@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod headers;
 pub mod pepper;
 pub mod server;
 pub mod startup;
@@ -21,6 +22,24 @@ pub mod proto {
     /// Descriptor set served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("vilvik_keys_descriptor");
+
+    /// A point in time as a protobuf timestamp.
+    pub fn timestamp(at: time::OffsetDateTime) -> prost_types::Timestamp {
+        prost_types::Timestamp {
+            seconds: at.unix_timestamp(),
+            nanos: at.nanosecond() as i32,
+        }
+    }
+
+    /// A protobuf timestamp as a point in time; `None` when its seconds
+    /// are out of range or its nanos are not in `0..1_000_000_000`.
+    pub fn datetime(ts: &prost_types::Timestamp) -> Option<time::OffsetDateTime> {
+        if !(0..1_000_000_000).contains(&ts.nanos) {
+            return None;
+        }
+        let nanos = i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos);
+        time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
+    }
 
     // The messages that carry a secret print it redacted (build.rs skips
     // their generated Debug).
@@ -97,10 +116,4 @@ pub mod admin_server {
 /// proto's service name, route and wire format.
 pub mod verify_server {
     include!(concat!(env!("OUT_DIR"), "/vilvik.keys.v1.KeyVerify.rs"));
-}
-
-/// RFC 3339, as used in messages and the CLI.
-pub fn format_time(at: time::OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| at.to_string())
 }

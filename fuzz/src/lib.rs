@@ -439,7 +439,7 @@ fn check_expiry(at: Option<OffsetDateTime>, sent: Option<&prost_types::Timestamp
     if let (Some(at), Some(ts)) = (at, sent) {
         assert!(at > NOW);
         // Kept to the microsecond, as both stores keep it.
-        let back = convert::timestamp(at);
+        let back = vilvik_keys::proto::timestamp(at);
         assert_eq!(back.seconds, ts.seconds);
         assert_eq!(back.nanos, ts.nanos / 1000 * 1000);
         assert_eq!(convert::from_timestamp("expires_at", &back).ok(), Some(at));

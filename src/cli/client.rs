@@ -27,8 +27,6 @@ use crate::proto::{self, key_admin_client::KeyAdminClient};
 
 /// The environment variable holding the CLI's credential.
 pub const TOKEN_ENV: &str = "VILVIK_KEYS_TOKEN";
-const ACCOUNT_HEADER: &str = "x-vilvik-account";
-const ACTOR_HEADER: &str = "x-vilvik-actor";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Tries of a create or rotation whose answer was UNAVAILABLE or
@@ -620,10 +618,10 @@ impl tonic::service::Interceptor for Credentials {
         let metadata = request.metadata_mut();
         metadata.insert("authorization", self.authorization.clone());
         if let Some(account) = &self.account {
-            metadata.insert(ACCOUNT_HEADER, account.clone());
+            metadata.insert(crate::headers::ACCOUNT, account.clone());
         }
         if let Some(actor) = &self.actor {
-            metadata.insert(ACTOR_HEADER, actor.clone());
+            metadata.insert(crate::headers::ACTOR, actor.clone());
         }
         Ok(request)
     }
@@ -830,7 +828,7 @@ fn expiry(
             .context("--expires-in is too far in the future")?,
         (None, None) => return Ok(None),
     };
-    Ok(Some(output::to_timestamp(at)))
+    Ok(Some(proto::timestamp(at)))
 }
 
 /// An UpdateKeyRequest whose field mask names exactly the flags given.

@@ -11,31 +11,17 @@ use std::fmt::Write as _;
 
 use prost_types::Timestamp;
 use serde_json::{Value, json};
-use time::OffsetDateTime;
+use vilvik_keys_domain::format_time;
 
 use crate::proto;
 
 /// What an empty cell shows.
 const EMPTY: &str = "-";
 
-/// A prost timestamp as a point in time; `None` when out of range.
-pub fn to_datetime(ts: &Timestamp) -> Option<OffsetDateTime> {
-    let nanos = i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos);
-    OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
-}
-
-/// A point in time as a prost timestamp.
-pub fn to_timestamp(at: OffsetDateTime) -> Timestamp {
-    Timestamp {
-        seconds: at.unix_timestamp(),
-        nanos: at.nanosecond() as i32,
-    }
-}
-
 /// RFC 3339, or `None` for an unset timestamp.
 pub fn time_text(ts: Option<&Timestamp>) -> Option<String> {
-    ts.map(|ts| match to_datetime(ts) {
-        Some(at) => crate::format_time(at),
+    ts.map(|ts| match proto::datetime(ts) {
+        Some(at) => format_time(at),
         None => format!("(invalid timestamp {}s {}ns)", ts.seconds, ts.nanos),
     })
 }
@@ -431,7 +417,7 @@ mod tests {
             time_text(Some(&ts)).as_deref(),
             Some("2027-01-15T08:00:00Z")
         );
-        assert_eq!(to_timestamp(to_datetime(&ts).unwrap()), ts);
+        assert_eq!(proto::timestamp(proto::datetime(&ts).unwrap()), ts);
         assert_eq!(time_json(None), Value::Null);
     }
 

@@ -22,14 +22,10 @@ use super::auth::Authenticator;
 use super::convert;
 use super::error::ApiError;
 use crate::admin_server::key_admin_server::KeyAdmin;
-use crate::proto;
+use crate::{headers, proto};
 
 /// Fresh identifiers collide with probability ~2^-47; retry a few times anyway.
 const MAX_ID_ATTEMPTS: usize = 3;
-
-/// The request header that may carry a create's or rotation's request id
-/// instead of its `request_id` field.
-pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 /// BLAKE3 `derive_key` context of a request's parameters' digest.
 /// NEVER CHANGE THIS: retries within the window would be refused.
@@ -244,11 +240,11 @@ fn parse_expiry(
 /// The request id of a create or rotation: its `request_id` field, else
 /// its `idempotency-key` header; when both are sent they must agree.
 fn request_id<T>(request: &Request<T>, field: &str) -> Result<Option<RequestId>, ApiError> {
-    let header = match request.metadata().get(IDEMPOTENCY_KEY_HEADER) {
+    let header = match request.metadata().get(headers::IDEMPOTENCY_KEY) {
         None => None,
         Some(value) => Some(value.to_str().map_err(|_| {
             ApiError::invalid(
-                IDEMPOTENCY_KEY_HEADER,
+                headers::IDEMPOTENCY_KEY,
                 "is not printable ASCII: send a UUID",
             )
         })?),

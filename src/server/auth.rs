@@ -21,9 +21,8 @@ use vilvik_keys_verify::{Verdict, Verifier};
 
 use super::error::ApiError;
 use super::rate_limit::AdminRateLimiter;
+use crate::headers;
 
-pub const ACCOUNT_HEADER: &str = "x-vilvik-account";
-pub const ACTOR_HEADER: &str = "x-vilvik-actor";
 const MAX_ACTOR_LEN: usize = 128;
 
 /// An authenticated admin caller.
@@ -171,24 +170,24 @@ impl Authenticator {
                     .into(),
             ));
         }
-        let account = AccountId::from_caller(header(metadata, ACCOUNT_HEADER)?)
-            .map_err(|e| ApiError::invalid(ACCOUNT_HEADER, e))?;
-        let actor = header(metadata, ACTOR_HEADER)?;
+        let account = AccountId::from_caller(header(metadata, headers::ACCOUNT)?)
+            .map_err(|e| ApiError::invalid(headers::ACCOUNT, e))?;
+        let actor = header(metadata, headers::ACTOR)?;
         if vilvik_keys_domain::looks_like_a_credential(actor) {
             return Err(ApiError::invalid(
-                ACTOR_HEADER,
+                headers::ACTOR,
                 "looks like a credential (an API key or the operator token), so it is not recorded: name the person acting, e.g. alice@example.com",
             ));
         }
         if actor.chars().count() > MAX_ACTOR_LEN {
             return Err(ApiError::invalid(
-                ACTOR_HEADER,
+                headers::ACTOR,
                 format!("must be at most {MAX_ACTOR_LEN} characters naming the person acting"),
             ));
         }
         vilvik_keys_domain::check_label(actor).map_err(|why| {
             ApiError::invalid(
-                ACTOR_HEADER,
+                headers::ACTOR,
                 format!("{why}: name the person acting, e.g. alice@example.com"),
             )
         })?;

@@ -13,26 +13,15 @@ use crate::proto;
 const MAX_PAGE_SIZE: i32 = 100;
 const DEFAULT_PAGE_SIZE: u32 = 50;
 
-pub fn timestamp(at: OffsetDateTime) -> Timestamp {
-    Timestamp {
-        seconds: at.unix_timestamp(),
-        nanos: at.nanosecond() as i32,
-    }
-}
-
 pub fn from_timestamp(field: &str, ts: &Timestamp) -> Result<OffsetDateTime, ApiError> {
-    let out_of_range = || {
+    let at = proto::datetime(ts).ok_or_else(|| {
         ApiError::invalid(
             field,
             "is not a valid timestamp: seconds or nanos out of range",
         )
-    };
-    if !(0..1_000_000_000).contains(&ts.nanos) {
-        return Err(out_of_range());
-    }
-    let at = OffsetDateTime::from_unix_timestamp(ts.seconds).map_err(|_| out_of_range())?;
+    })?;
     // Stored with microsecond precision by both backends.
-    Ok(at + time::Duration::microseconds(i64::from(ts.nanos) / 1_000))
+    Ok(at - time::Duration::nanoseconds(i64::from(at.nanosecond() % 1_000)))
 }
 
 pub fn key_state(state: KeyState) -> proto::KeyState {
@@ -52,11 +41,11 @@ pub fn key(record: KeyRecord, now: OffsetDateTime) -> proto::Key {
         description: record.description.as_str().to_owned(),
         scopes: record.scopes.to_strings(),
         prefix: record.prefix.to_string(),
-        created_at: Some(timestamp(record.created_at)),
-        expires_at: record.expires_at.map(timestamp),
-        revoked_at: record.revoked_at.map(timestamp),
-        rotated_at: record.rotated_at.map(timestamp),
-        last_used_at: record.last_used_at.map(timestamp),
+        created_at: Some(proto::timestamp(record.created_at)),
+        expires_at: record.expires_at.map(proto::timestamp),
+        revoked_at: record.revoked_at.map(proto::timestamp),
+        rotated_at: record.rotated_at.map(proto::timestamp),
+        last_used_at: record.last_used_at.map(proto::timestamp),
         last_used_ip: record.last_used_ip.unwrap_or_default(),
         revoke_reason: record.revoke_reason.unwrap_or_default(),
         etag: etag(record.version),
@@ -108,7 +97,7 @@ pub fn audit_event(event: AuditEvent) -> proto::AuditEvent {
         action: audit_action(event.action).into(),
         actor: event.actor,
         actor_ip: event.actor_ip.unwrap_or_default(),
-        at: Some(timestamp(event.at)),
+        at: Some(proto::timestamp(event.at)),
         changes: event
             .changes
             .into_iter()
@@ -208,7 +197,7 @@ mod tests {
         };
         let at = from_timestamp("expires_at", &ts).unwrap();
         assert_eq!(
-            timestamp(at),
+            proto::timestamp(at),
             Timestamp {
                 seconds: 1_800_000_000,
                 nanos: 123_456_000

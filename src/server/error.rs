@@ -96,11 +96,11 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Revoked { revoked_at } => ApiError::FailedPrecondition(format!(
                 "the key was revoked at {}; revocation is final: create a new key instead",
-                crate::format_time(revoked_at)
+                vilvik_keys_domain::format_time(revoked_at)
             )),
             StoreError::Expired { expires_at } => ApiError::FailedPrecondition(format!(
                 "the key expired at {}: extend it with UpdateKey (expires_at) first, or create a new key",
-                crate::format_time(expires_at)
+                vilvik_keys_domain::format_time(expires_at)
             )),
             StoreError::QuotaExceeded {
                 tier,
@@ -184,8 +184,14 @@ impl From<ApiError> for Status {
                 // When to call again, for clients and proxies: whole
                 // seconds rounded up as in HTTP, and milliseconds.
                 let mut metadata = tonic::metadata::MetadataMap::new();
-                metadata.insert("retry-after", limited.retry_after_secs().into());
-                metadata.insert("retry-after-ms", limited.retry_after_ms().into());
+                metadata.insert(
+                    crate::headers::RETRY_AFTER,
+                    limited.retry_after_secs().into(),
+                );
+                metadata.insert(
+                    crate::headers::RETRY_AFTER_MS,
+                    limited.retry_after_ms().into(),
+                );
                 return Status::with_metadata(e.code(), e.to_string(), metadata);
             }
             _ => {}

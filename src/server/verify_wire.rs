@@ -22,7 +22,6 @@ use smallvec::SmallVec;
 use vilvik_keys_domain::{KEY_LENGTH, Scope};
 use vilvik_keys_verify::{Verdict, VerifiedKey};
 
-use super::convert;
 use crate::proto::VerifyCode;
 
 // Field numbers of `VerifyKeyRequest` and `VerifyKeyResponse` in
@@ -207,7 +206,7 @@ impl Message for VerifyAnswer {
                 encode_repeated_bytes(RESPONSE_SCOPES, scope.as_str().as_bytes(), buf);
             }
             if let Some(at) = key.expires_at {
-                encoding::message::encode(RESPONSE_EXPIRES_AT, &convert::timestamp(at), buf);
+                encoding::message::encode(RESPONSE_EXPIRES_AT, &crate::proto::timestamp(at), buf);
             }
         }
         for scope in &self.missing {
@@ -242,7 +241,10 @@ impl Message for VerifyAnswer {
                 len += repeated_bytes_len(RESPONSE_SCOPES, scope.as_str().as_bytes());
             }
             if let Some(at) = key.expires_at {
-                len += encoding::message::encoded_len(RESPONSE_EXPIRES_AT, &convert::timestamp(at));
+                len += encoding::message::encoded_len(
+                    RESPONSE_EXPIRES_AT,
+                    &crate::proto::timestamp(at),
+                );
             }
         }
         for scope in &self.missing {
@@ -319,7 +321,7 @@ mod tests {
                 .unwrap_or_default(),
             name: key.map(|k| k.name.as_str().to_owned()).unwrap_or_default(),
             scopes: key.map(|k| k.scopes.to_strings()).unwrap_or_default(),
-            expires_at: key.and_then(|k| k.expires_at.map(convert::timestamp)),
+            expires_at: key.and_then(|k| k.expires_at.map(crate::proto::timestamp)),
             missing_scopes: missing.iter().map(|s| s.as_str().to_owned()).collect(),
         }
     }

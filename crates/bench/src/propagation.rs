@@ -77,8 +77,11 @@ fn operator<T>(message: T, token: &str, account: &str) -> anyhow::Result<Request
     let mut request = Request::new(message);
     let md = request.metadata_mut();
     md.insert("authorization", format!("Bearer {token}").parse()?);
-    md.insert("x-vilvik-account", account.parse()?);
-    md.insert("x-vilvik-actor", "bench@vilvik-keys-bench".parse()?);
+    md.insert(vilvik_keys::headers::ACCOUNT, account.parse()?);
+    md.insert(
+        vilvik_keys::headers::ACTOR,
+        "bench@vilvik-keys-bench".parse()?,
+    );
     Ok(request)
 }
 

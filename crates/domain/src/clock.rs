@@ -1,7 +1,14 @@
-//! Time as a dependency, so that expiry logic can be tested without sleeping.
+//! Time as a dependency, so that expiry logic can be tested without
+//! sleeping, and the one way a point in time is written for people.
 
 use std::sync::Mutex;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// `at` in RFC 3339, as every message, audit change and CLI line writes it.
+pub fn format_time(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
+}
 
 /// Where "now" comes from.
 pub trait Clock: Send + Sync + std::fmt::Debug {

@@ -33,7 +33,7 @@ mod scope;
 mod state;
 
 pub use catalogue::{GrantError, MAX_PATTERNS, PatternError, ScopeCatalogue, ScopePattern};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, SystemClock, format_time};
 pub use echo::{excerpt, looks_like_a_credential, never_echo};
 pub use fields::{
     Description, FieldError, KeyName, LabelError, Reason, check_label, validate_expiry,

@@ -8,8 +8,8 @@
 
 use time::OffsetDateTime;
 
-use crate::rules::format_time;
 use crate::{Result, StoreError};
+use vilvik_keys_domain::format_time;
 
 /// One schema step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

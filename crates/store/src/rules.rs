@@ -6,20 +6,15 @@
 //! decisions are here, each with a unit test.
 
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use vilvik_keys_domain::{
     AccountId, AuditAction, Description, KeyId, KeyName, KeyPrefix, KeyState, PepperId,
-    ScopeCatalogue, ScopeSet, Tier, TierLimits,
+    ScopeCatalogue, ScopeSet, Tier, TierLimits, format_time,
 };
 
 use crate::{
     Account, Actor, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Policy, RequestMethod,
     RequestRecord, StoreError,
 };
-
-pub(crate) fn format_time(at: OffsetDateTime) -> String {
-    at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
-}
 
 fn format_scopes(scopes: &ScopeSet) -> String {
     scopes.to_strings().join(" ")
