@@ -11,9 +11,11 @@ pub mod cli;
 pub mod config;
 pub mod headers;
 pub mod pepper;
+pub mod runtime;
 pub mod server;
 pub mod startup;
 pub mod telemetry;
+pub mod transport;
 
 /// Code generated from `proto/vilvik/keys/v1/keys.proto`.
 pub mod proto {
