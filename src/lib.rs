@@ -1,19 +1,24 @@
 //! vilvik-keys: the API-key service of the Vilvik platform.
 //!
-//! This crate is the `vilvik-keys` binary's library: configuration, the
-//! gRPC services (the only place proto types meet domain types), startup
-//! and shutdown, and the admin CLI. The rules live in the crates below it:
-//! `vilvik-keys-domain` (key format, scopes, validation), `vilvik-keys-store`
-//! (SQLite and Postgres) and `vilvik-keys-verify` (the verify engine).
+//! This crate is the `vilvik-keys` binary's library: configuration
+//! (`config`), the gRPC services (`server`, the only place proto types meet
+//! domain types), the listeners' transport (`transport`: connection limits,
+//! TLS), what runs and its orderly stop (`runtime`), start-up wiring
+//! (`startup`), and the admin CLI (`cli`). The rules live in the crates
+//! below it: `vilvik-keys-domain` (key format, scopes, validation),
+//! `vilvik-keys-store` (SQLite and Postgres) and `vilvik-keys-verify` (the
+//! verify engine).
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 pub mod headers;
 pub mod pepper;
+pub mod runtime;
 pub mod server;
 pub mod startup;
 pub mod telemetry;
+pub mod transport;
 
 /// Code generated from `proto/vilvik/keys/v1/keys.proto`.
 pub mod proto {

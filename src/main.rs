@@ -12,6 +12,7 @@ use vilvik_keys::cli::{
     self, AccountsCommand, AuditCommand, ClientArgs, KeysCommand, PepperCommand,
 };
 use vilvik_keys::config::Config;
+use vilvik_keys::runtime::Abandoned;
 use vilvik_keys::startup::{self, Application, Role};
 
 #[derive(Debug, Parser)]
@@ -86,10 +87,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<startup::Abandoned>() => {
+        Err(e) if e.is::<Abandoned>() => {
             eprintln!("error: {e:#}");
-            // Now, without waiting for a store call that will not return.
-            std::process::exit(i32::from(startup::Abandoned::EXIT_CODE));
+            // At once, without waiting for a store call that will not return.
+            std::process::exit(i32::from(Abandoned::EXIT_CODE));
         }
         Err(e) if e.is::<cli::ChainBroken>() => {
             eprintln!("error: {e:#}");

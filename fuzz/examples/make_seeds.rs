@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use prost::Message;
-use vilvik_keys::config::{Config, SETTINGS, SettingDefault};
+use vilvik_keys::config::{Config, SETTINGS};
 use vilvik_keys::proto;
 use vilvik_keys_domain::{ApiKey, GeneratedKey, ScopeSet};
 
@@ -125,12 +125,12 @@ fn main() {
     }
 
     // Every file key at its default, or at a sample value where it has none.
-    let mut full = String::from("# every file key of src/config.rs\n");
+    let mut full = String::from("# every file key of src/config/settings.rs\n");
     for setting in SETTINGS {
         let Some(key) = setting.file_key else {
             continue;
         };
-        let value = match (key, setting.default) {
+        let value = match (key, setting.default_value().as_deref()) {
             ("trusted_proxies", _) => r#"["10.0.0.1", "2001:db8::1"]"#.to_owned(),
             ("database_url", _) => r#""postgres://keys@127.0.0.1:5432/keys""#.to_owned(),
             ("public_verify_addr", _) => r#""keys.example.com:50052""#.to_owned(),
@@ -145,14 +145,10 @@ fn main() {
             ("pepper_file", _) => r#""/etc/vilvik-keys/current.pepper""#.to_owned(),
             ("pepper_files", _) => r#"["/etc/vilvik-keys/old.pepper"]"#.to_owned(),
             ("operator_token", _) => format!("\"{}\"", "0123456789abcdef".repeat(4)),
-            (_, SettingDefault::Value(v)) if v.parse::<u64>().is_ok() || v == "false" => {
-                v.to_owned()
-            }
-            (_, SettingDefault::Value(v)) => format!("\"{v}\""),
-            (key, SettingDefault::Unset(_)) if key.ends_with("_file") => {
-                format!("\"/etc/vilvik-keys/{key}.pem\"")
-            }
-            (key, SettingDefault::Unset(_)) => panic!("no sample value for {key}"),
+            (_, Some(v)) if v.parse::<u64>().is_ok() || v == "false" => v.to_owned(),
+            (_, Some(v)) => format!("\"{v}\""),
+            (key, None) if key.ends_with("_file") => format!("\"/etc/vilvik-keys/{key}.pem\""),
+            (key, None) => panic!("no sample value for {key}"),
         };
         full.push_str(&format!("{key} = {value}\n"));
     }

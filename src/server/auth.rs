@@ -101,7 +101,7 @@ impl Authenticator {
     async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<Caller, ApiError> {
         let ip = client_ip(
             request.metadata(),
-            crate::server::connections::peer_addr(request),
+            crate::transport::peer_addr(request),
             &self.trusted_proxies,
         );
         let credential = bearer(request.metadata())?;

@@ -4,10 +4,8 @@
 pub mod admin;
 pub mod auth;
 pub mod codec;
-pub mod connections;
 pub mod convert;
 pub mod error;
 pub mod rate_limit;
-pub mod tls;
 pub mod verify;
 pub mod verify_wire;

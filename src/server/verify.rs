@@ -51,7 +51,7 @@ impl KeyVerify for VerifyService {
     ) -> Result<Response<VerifyAnswer>, Status> {
         let peer_ip = client_ip(
             request.metadata(),
-            crate::server::connections::peer_addr(&request),
+            crate::transport::peer_addr(&request),
             &self.trusted_proxies,
         );
         let call = request.into_inner();

@@ -15,7 +15,7 @@
 
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
@@ -33,21 +33,7 @@ use tonic::transport::server::Connected;
 use zeroize::Zeroizing;
 
 use super::connections::{self, ConnectionInfo, Tracked};
-
-/// The files one listener's TLS is made from, each with the setting that
-/// names it (for messages).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Clients must present a certificate signed by this CA (mutual TLS).
-    pub client_ca: Option<PathBuf>,
-}
-
-/// The settings behind [`TlsFiles`], as messages name them.
-pub const CERT_SETTING: &str = "tls_cert_file (VILVIK_KEYS_TLS_CERT_FILE)";
-pub const KEY_SETTING: &str = "tls_key_file (VILVIK_KEYS_TLS_KEY_FILE)";
-pub const CLIENT_CA_SETTING: &str = "admin_client_ca_file (VILVIK_KEYS_ADMIN_CLIENT_CA_FILE)";
+use crate::config::{CERT_SETTING, CLIENT_CA_SETTING, KEY_SETTING, TlsFiles};
 
 /// Why a listener's TLS configuration could not be made; names the
 /// setting whose file is at fault.

@@ -1,0 +1,202 @@
+//! Starting one listener: the one function every listener goes through,
+//! given its name, its routes, its concurrency and its TLS.
+//!
+//! Every listener gets the same transport: the connection limits of
+//! `transport::connections` (the registry in the accept path, and
+//! [`ActivityLayer`] outermost, with one connection's share of the
+//! listener's concurrency), then a global concurrency limit with load
+//! shedding, the request deadline, the HTTP/2 limits and keepalive pings,
+//! TLS when it has it, and Nagle's algorithm off. A listener with gRPC
+//! services also serves the standard health service and reflection for
+//! what it serves.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+
+use super::shutdown::Shutdown;
+use crate::config::{Concurrency, Config, ListenerLimits};
+use crate::proto;
+use crate::transport::connections::{ActivityLayer, ConnectionLimits, Connections};
+use crate::transport::tls::{self, Acceptor};
+
+/// The standard health service, advertised by reflection on every listener
+/// with gRPC services.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Largest header block (metadata) of a request, on every listener
+/// (`SETTINGS_MAX_HEADER_LIST_SIZE`; hyper's default, stated here).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// One listener to start: see [`super::Runtime::serve`].
+#[derive(Debug)]
+pub struct Listener {
+    /// Names it in log lines ("admin", "verify").
+    pub name: &'static str,
+    /// The bound socket (see [`bind`]).
+    pub socket: TcpListener,
+    /// What it serves.
+    pub routes: Routes,
+    /// Its global concurrency limit and one connection's share of it.
+    pub concurrency: Concurrency,
+    /// Its TLS, reloaded while serving; `None`: plaintext.
+    pub tls: Option<Acceptor>,
+}
+
+/// What a listener serves: gRPC services, each reported SERVING by the
+/// health service and advertised by reflection. Requests are routed by
+/// path, as tonic routes them (an HTTP face can be merged in beside the
+/// services through [`tonic::service::Routes`]'s axum router).
+#[derive(Debug, Default)]
+pub struct Routes {
+    routes: tonic::service::Routes,
+    grpc: Vec<&'static str>,
+}
+
+impl Routes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a gRPC service.
+    pub fn grpc<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.grpc.push(S::NAME);
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// The names of its gRPC services.
+    pub fn grpc_services(&self) -> &[&'static str] {
+        &self.grpc
+    }
+}
+
+/// What every listener of a process shares: the request deadline, the
+/// HTTP/2 limits and keepalive pings, and the connection limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerSettings {
+    pub request_timeout: Duration,
+    pub limits: ListenerLimits,
+    pub connections: ConnectionLimits,
+}
+
+impl ListenerSettings {
+    /// `config`'s settings, with `max_connections`, the connection cap
+    /// fitted to the descriptor limit, for each listener.
+    pub fn new(config: &Config, max_connections: usize) -> Self {
+        Self {
+            request_timeout: config.request_timeout,
+            limits: config.listener_limits,
+            connections: ConnectionLimits::new(&config.listener_limits, max_connections),
+        }
+    }
+
+    /// A server builder with what every listener shares.
+    fn server(&self) -> Server {
+        Server::builder()
+            .timeout(self.request_timeout)
+            .max_concurrent_streams(self.limits.http2_max_concurrent_streams)
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .http2_keepalive_interval(Some(self.limits.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(self.limits.http2_keepalive_timeout))
+    }
+}
+
+/// Binds `addr` for the listener named `listener`.
+pub async fn bind(addr: SocketAddr, listener: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} for the {listener} API: is another process using it?")
+    })
+}
+
+/// Starts `listener`: the future that serves it until `shutdown` resolves
+/// and its connections have finished, and its connections' registry.
+pub(super) fn serve(
+    listener: Listener,
+    settings: &ListenerSettings,
+    health: &HealthReporter,
+    shutdown: Shutdown,
+) -> anyhow::Result<(
+    impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+    Connections,
+)> {
+    let Listener {
+        name,
+        socket,
+        routes: Routes { mut routes, grpc },
+        concurrency,
+        tls,
+    } = listener;
+    if !grpc.is_empty() {
+        // Each listener advertises only what it serves.
+        let reflection = || {
+            let builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+            grpc.iter()
+                .fold(builder, |builder, service| {
+                    builder.with_service_name(*service)
+                })
+                .with_service_name(HEALTH_SERVICE)
+        };
+        routes = routes
+            .add_service(HealthServer::new(HealthService::from_health_reporter(
+                health.clone(),
+            )))
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?);
+    }
+    let addr = socket.local_addr()?;
+    let connections = Connections::new(name, settings.connections);
+    tracing::info!(listener = name, %addr, tls = tls_mode(tls.as_ref()), "listening");
+    let serving = settings
+        .server()
+        .layer(ActivityLayer::new(concurrency.per_connection))
+        // Fail fast when saturated instead of queueing without bound.
+        .layer(tower::ServiceBuilder::new().load_shed().layer(
+            tower::limit::GlobalConcurrencyLimitLayer::new(concurrency.limit),
+        ))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tls::Incoming::new(connections.incoming(incoming(socket)), tls),
+            shutdown,
+        );
+    Ok((serving, connections))
+}
+
+/// How a listener's TLS is described in its "listening" line.
+fn tls_mode(tls: Option<&Acceptor>) -> &'static str {
+    match tls {
+        None => "off",
+        Some(tls) if tls.demands_client_certificates() => "mutual",
+        Some(_) => "on",
+    }
+}
+
+/// Accepted connections with Nagle's algorithm off: gRPC answers are small
+/// and must not wait for an ACK (tonic's `tcp_nodelay` setting applies only
+/// when tonic binds the socket itself).
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
