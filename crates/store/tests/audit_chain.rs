@@ -107,78 +107,58 @@ async fn an_untouched_store_verifies_and_numbers_events_per_account(s: &TestStor
 }
 
 async fn an_edited_field_is_detected(s: &TestStore) {
-    assert_eq!(
-        tampered(s, "UPDATE audit_events SET actor = 'operator:mallory' WHERE account_id = 'ACME' AND account_seq = 3").await,
-        "account 'ACME', event 3: its content does not match its hash (edited)"
-    );
+    let sql = "UPDATE audit_events SET actor = 'operator:mallory' \
+               WHERE account_id = 'ACME' AND account_seq = 3";
+    let detected = "account 'ACME', event 3: its content does not match its hash (edited)";
+    assert_eq!(tampered(s, sql).await, detected);
     // Another account's chain is untouched.
     assert!(verify(&*s.store(), Some(&account("globex"))).await.is_ok());
 }
 
-async fn edited_changes_are_detected(s: &TestStore) {
-    let sql = "UPDATE audit_events SET changes = '[{\"field\":\"reason\",\"old\":null,\"new\":\"routine\"}]' \
-               WHERE account_id = 'ACME' AND account_seq = 5";
-    assert_eq!(
-        tampered(s, sql).await,
-        "account 'ACME', event 5: its content does not match its hash (edited)"
-    );
+/// Tests that each tamper with [`fill`]ed chains by running `sql`, and
+/// expect the check to report `detected`.
+macro_rules! tampering_is_detected {
+    ($($test:ident: $sql:expr => $detected:expr;)*) => {
+        $(
+            async fn $test(s: &TestStore) {
+                assert_eq!(tampered(s, $sql).await, $detected);
+            }
+        )*
+    };
 }
 
-async fn a_deleted_event_is_detected(s: &TestStore) {
-    let sql = "DELETE FROM audit_events WHERE account_id = 'ACME' AND account_seq = 3";
-    assert_eq!(
-        tampered(s, sql).await,
-        "account 'ACME', event 4 follows 2: event 3 is missing (deleted)"
-    );
-}
-
-async fn the_newest_event_deleted_is_detected(s: &TestStore) {
-    let sql = "DELETE FROM audit_events WHERE account_id = 'ACME' AND account_seq = 8";
-    assert_eq!(
-        tampered(s, sql).await,
-        "account 'ACME', head says 8 events, found 7 (the newest deleted)"
-    );
-}
-
-async fn a_deleted_head_is_detected(s: &TestStore) {
-    let sql = "DELETE FROM audit_heads WHERE account_id = 'globex'";
-    assert_eq!(
-        tampered(s, sql).await,
-        "account 'globex', no head is recorded for its 1 events (the head was deleted)"
-    );
-}
-
-async fn swapped_numbers_are_detected(s: &TestStore) {
-    let sql = "UPDATE audit_events SET account_seq = -1 WHERE account_id = 'ACME' AND account_seq = 2; \
-               UPDATE audit_events SET account_seq = 2 WHERE account_id = 'ACME' AND account_seq = 3; \
-               UPDATE audit_events SET account_seq = 3 WHERE account_id = 'ACME' AND account_seq = -1;";
-    assert_eq!(
-        tampered(s, sql).await,
-        "account 'ACME', event 2: its content does not match its hash (edited)"
-    );
-}
-
-async fn swapped_contents_are_detected(s: &TestStore) {
+tampering_is_detected! {
+    edited_changes_are_detected:
+        "UPDATE audit_events SET changes = '[{\"field\":\"reason\",\"old\":null,\"new\":\"routine\"}]' \
+         WHERE account_id = 'ACME' AND account_seq = 5"
+        => "account 'ACME', event 5: its content does not match its hash (edited)";
+    a_deleted_event_is_detected:
+        "DELETE FROM audit_events WHERE account_id = 'ACME' AND account_seq = 3"
+        => "account 'ACME', event 4 follows 2: event 3 is missing (deleted)";
+    the_newest_event_deleted_is_detected:
+        "DELETE FROM audit_events WHERE account_id = 'ACME' AND account_seq = 8"
+        => "account 'ACME', head says 8 events, found 7 (the newest deleted)";
+    a_deleted_head_is_detected:
+        "DELETE FROM audit_heads WHERE account_id = 'globex'"
+        => "account 'globex', no head is recorded for its 1 events (the head was deleted)";
+    swapped_numbers_are_detected:
+        "UPDATE audit_events SET account_seq = -1 WHERE account_id = 'ACME' AND account_seq = 2; \
+         UPDATE audit_events SET account_seq = 2 WHERE account_id = 'ACME' AND account_seq = 3; \
+         UPDATE audit_events SET account_seq = 3 WHERE account_id = 'ACME' AND account_seq = -1;"
+        => "account 'ACME', event 2: its content does not match its hash (edited)";
     // Every column but the numbers, hashes included.
-    let sql = "CREATE TEMP TABLE copied AS SELECT * FROM audit_events \
-                   WHERE account_id = 'ACME' AND account_seq IN (4, 5); \
-               UPDATE audit_events SET (key_id, action, actor, actor_ip, at, changes, prev_hash, hash) = \
-                   (SELECT key_id, action, actor, actor_ip, at, changes, prev_hash, hash FROM copied \
-                    WHERE copied.account_seq = 9 - audit_events.account_seq) \
-               WHERE account_id = 'ACME' AND account_seq IN (4, 5);";
-    assert_eq!(
-        tampered(s, sql).await,
-        "account 'ACME', event 4: its content does not match its hash (edited)"
-    );
-}
-
-async fn an_event_moved_to_another_account_is_detected(s: &TestStore) {
-    let sql = "UPDATE audit_events SET account_id = 'globex', account_seq = 2 \
-               WHERE account_id = 'ACME' AND account_seq = 8";
-    assert_eq!(
-        tampered(s, sql).await,
-        "account 'ACME', head says 8 events, found 7 (the newest deleted)"
-    );
+    swapped_contents_are_detected:
+        "CREATE TEMP TABLE copied AS SELECT * FROM audit_events \
+             WHERE account_id = 'ACME' AND account_seq IN (4, 5); \
+         UPDATE audit_events SET (key_id, action, actor, actor_ip, at, changes, prev_hash, hash) = \
+             (SELECT key_id, action, actor, actor_ip, at, changes, prev_hash, hash FROM copied \
+              WHERE copied.account_seq = 9 - audit_events.account_seq) \
+         WHERE account_id = 'ACME' AND account_seq IN (4, 5);"
+        => "account 'ACME', event 4: its content does not match its hash (edited)";
+    an_event_moved_to_another_account_is_detected:
+        "UPDATE audit_events SET account_id = 'globex', account_seq = 2 \
+         WHERE account_id = 'ACME' AND account_seq = 8"
+        => "account 'ACME', head says 8 events, found 7 (the newest deleted)";
 }
 
 async fn concurrent_changes_of_one_account_never_fork_the_chain(s: &TestStore) {

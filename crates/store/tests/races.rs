@@ -15,13 +15,14 @@
 
 use std::sync::Arc;
 
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use vilvik_keys_domain::{AccountId, KeyId};
 use vilvik_keys_store::{
     KeyChanges, KeyRecord, NewSecret, Outcome, RotationRequest, Store, StoreError,
 };
 use vilvik_keys_test_db::fixtures::{
-    account, actor, all_events, capped, create, name, new_key, new_secret, now, rename_to, roomy,
+    account, actor, all_events, capped, create, name, new_key, new_secret, now, rename_to, revoke,
+    roomy, try_update,
 };
 
 /// Concurrent calls in each trial.
@@ -65,6 +66,18 @@ async fn rotate(
         Outcome::Done(_) => Ok(()),
         Outcome::Replayed(_) => panic!("replayed without a request id"),
     }
+}
+
+/// Starts a rotation of `key` onto a fresh secret on a task of its own;
+/// returns the rotation and the task.
+fn spawn_rotation(
+    store: &Arc<dyn Store>,
+    key: &KeyRecord,
+) -> (RotationRequest, JoinHandle<Result<(), StoreError>>) {
+    let rotation = rotation(None);
+    let (store, key, racer) = (store.clone(), key.clone(), rotation.clone());
+    let task = tokio::spawn(async move { rotate(&*store, &key, &racer).await });
+    (rotation, task)
 }
 
 async fn audit_count(store: &dyn Store, account: &AccountId, key: &KeyId) -> usize {
@@ -133,20 +146,12 @@ async fn a_rotation_racing_a_revocation_ends_revoked(store: Arc<dyn Store>) {
     let (mut rotated_first, mut revoked_first) = (0, 0);
     for trial in 0..trials() {
         let key = a_key(&*store, &account).await;
-        let rotation = rotation(None);
-        let rotating = {
-            let (store, key, rotation) = (store.clone(), key.clone(), rotation.clone());
-            tokio::spawn(async move { rotate(&*store, &key, &rotation).await })
-        };
+        let (rotation, rotating) = spawn_rotation(&store, &key);
         let revoking = {
             let (store, key) = (store.clone(), key.clone());
-            tokio::spawn(async move {
-                store
-                    .revoke_key(&key.account_id, &key.key_id, "raced", &actor(), now())
-                    .await
-            })
+            tokio::spawn(async move { revoke(&*store, &key, "raced", now()).await })
         };
-        revoking.await.unwrap().unwrap();
+        revoking.await.unwrap();
         match rotating.await.unwrap() {
             Ok(()) => rotated_first += 1,
             Err(StoreError::Revoked { .. }) => revoked_first += 1,
@@ -168,27 +173,12 @@ async fn an_update_racing_a_rotation_loses_neither(store: Arc<dyn Store>) {
     let account = account("UPDATE");
     for trial in 0..trials() {
         let key = a_key(&*store, &account).await;
-        let rotation = rotation(None);
-        let rotating = {
-            let (store, key, rotation) = (store.clone(), key.clone(), rotation.clone());
-            tokio::spawn(async move { rotate(&*store, &key, &rotation).await })
-        };
+        let (rotation, rotating) = spawn_rotation(&store, &key);
         let new_name = format!("renamed-{trial}");
         let updating = {
             let (store, key) = (store.clone(), key.clone());
             let changes = rename_to(&new_name);
-            tokio::spawn(async move {
-                store
-                    .update_key(
-                        &key.account_id,
-                        &key.key_id,
-                        changes,
-                        &actor(),
-                        now(),
-                        &roomy(),
-                    )
-                    .await
-            })
+            tokio::spawn(async move { try_update(&*store, &key, changes, now()).await })
         };
         rotating.await.unwrap().unwrap();
         updating.await.unwrap().unwrap();
@@ -216,18 +206,7 @@ async fn changes_based_on_one_version_let_exactly_one_through(store: Arc<dyn Sto
                 if_version: Some(key.version),
                 ..KeyChanges::default()
             };
-            racers.spawn(async move {
-                store
-                    .update_key(
-                        &key.account_id,
-                        &key.key_id,
-                        changes,
-                        &actor(),
-                        now(),
-                        &roomy(),
-                    )
-                    .await
-            });
+            racers.spawn(async move { try_update(&*store, &key, changes, now()).await });
         }
         let mut winners = Vec::new();
         while let Some(outcome) = racers.join_next().await {

@@ -147,17 +147,22 @@ pub async fn update(
     changes: KeyChanges,
     at: OffsetDateTime,
 ) -> KeyRecord {
-    store
-        .update_key(
-            &key.account_id,
-            &key.key_id,
-            changes,
-            &actor(),
-            at,
-            &roomy(),
-        )
+    try_update(store, key, changes, at)
         .await
         .expect("the key is updated")
+}
+
+/// [`update`], for a test that expects the update may be refused.
+pub async fn try_update(
+    store: &dyn Store,
+    key: &KeyRecord,
+    changes: KeyChanges,
+    at: OffsetDateTime,
+) -> vilvik_keys_store::Result<KeyRecord> {
+    let (account, key_id) = (&key.account_id, &key.key_id);
+    store
+        .update_key(account, key_id, changes, &actor(), at, &roomy())
+        .await
 }
 
 /// A change of a key's name to `to`, and of nothing else.
@@ -202,14 +207,10 @@ pub fn hash_under(secret: &GeneratedKey, pepper: &Pepper) -> SecretHash {
 
 /// The error's message and every source's, joined by `": "`.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut chain = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        source = s.source();
-    }
-    chain
+    let messages: Vec<String> = std::iter::successors(Some(err), |e| e.source())
+        .map(ToString::to_string)
+        .collect();
+    messages.join(": ")
 }
 
 #[cfg(test)]

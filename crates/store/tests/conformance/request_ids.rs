@@ -11,7 +11,8 @@ use time::{Duration, OffsetDateTime};
 use tokio::task::JoinSet;
 use vilvik_keys_domain::KeyId;
 use vilvik_keys_store::{
-    NewKey, NewSecret, Outcome, RequestMethod, RequestRecord, RotationRequest, Store, StoreError,
+    KeyRecord, NewKey, NewSecret, Outcome, Policy, RequestMethod, RequestRecord, RotationRequest,
+    Store, StoreError,
 };
 use vilvik_keys_test_db::fixtures::{
     account, actor, all_events, capped, create, new_key, new_secret, now, pepper, revoke, roomy,
@@ -37,6 +38,23 @@ fn request(
         pepper_id: pepper().id(),
         expires_at,
     }
+}
+
+/// Creates `new` under request id `record`, made `new`'s (the server
+/// makes a retry's key id afresh, so the record names the key it creates).
+async fn create_under(
+    store: &dyn Store,
+    new: NewKey,
+    record: &RequestRecord,
+    policy: &Policy,
+) -> Result<Outcome<KeyRecord>, StoreError> {
+    let record = RequestRecord {
+        key_id: new.key_id.clone(),
+        ..record.clone()
+    };
+    store
+        .create_key_with(new, Some(&record), &actor(), policy)
+        .await
 }
 
 /// Whether `outcome` is the refusal of a request id first used by a
@@ -71,21 +89,16 @@ pub(crate) async fn a_create_retried_with_its_request_id_creates_nothing_more(
     let (first, _) = new_key(&acme, "first", t0);
     let first_id = first.key_id.clone();
     let record = create_request(1, &first, t0);
-    let outcome = store
-        .create_key_with(first, Some(&record), &actor(), &policy)
-        .await;
+    let outcome = create_under(&*store, first, &record, &policy).await;
     let created = done(outcome.unwrap(), "the first call replayed");
     // The retry comes with a new key id and secret (the server makes them
     // afresh) and finds the account at its cap: it still gets the first key.
     let (retry, _) = new_key(&acme, "first", t0 + Duration::seconds(5));
     let retry_record = RequestRecord {
-        key_id: retry.key_id.clone(),
         sealed: vec![0; 4],
         ..record.clone()
     };
-    let outcome = store
-        .create_key_with(retry, Some(&retry_record), &actor(), &policy)
-        .await;
+    let outcome = create_under(&*store, retry, &retry_record, &policy).await;
     let replay = replayed(outcome.unwrap(), "the retry created a second key");
     assert_eq!(replay.key, created);
     assert_eq!(
@@ -101,12 +114,9 @@ pub(crate) async fn a_create_retried_with_its_request_id_creates_nothing_more(
     let (other, _) = new_key(&acme, "other", t0);
     let other_params = RequestRecord {
         params: [8; 32],
-        key_id: other.key_id.clone(),
         ..record.clone()
     };
-    let refused = store
-        .create_key_with(other, Some(&other_params), &actor(), &roomy())
-        .await;
+    let refused = create_under(&*store, other, &other_params, &roomy()).await;
     assert!(reused_from_a_create(&refused), "{refused:?}");
     let rotation = RotationRequest {
         secret: NewSecret::from(&new_secret()),
@@ -122,13 +132,7 @@ pub(crate) async fn a_create_retried_with_its_request_id_creates_nothing_more(
     assert!(reused_from_a_create(&refused), "{refused:?}");
     // Another account's same id is another request.
     let (theirs, _) = new_key(&account("OTHER"), "theirs", t0);
-    let theirs_record = RequestRecord {
-        key_id: theirs.key_id.clone(),
-        ..record.clone()
-    };
-    let created = store
-        .create_key_with(theirs, Some(&theirs_record), &actor(), &roomy())
-        .await;
+    let created = create_under(&*store, theirs, &record, &roomy()).await;
     assert!(matches!(created, Ok(Outcome::Done(_))), "{created:?}");
     assert_eq!(key_count(&*store, &acme).await, 1);
     assert_eq!(all_events(&*store, &acme, None).await.len(), 1);
@@ -142,18 +146,14 @@ pub(crate) async fn a_refused_create_records_no_request_id(store: Arc<dyn Store>
     let taken = store.create_key(taken, &actor(), &one).await.unwrap();
     let (new, _) = new_key(&acme, "refused", t0);
     let record = create_request(2, &new, t0);
-    let refused = store
-        .create_key_with(new.clone(), Some(&record), &actor(), &one)
-        .await;
+    let refused = create_under(&*store, new.clone(), &record, &one).await;
     assert!(
         matches!(refused, Err(StoreError::QuotaExceeded { .. })),
         "{refused:?}"
     );
     // Retried once there is room, the same id creates the key.
     revoke(&*store, &taken, "make room", t0).await;
-    let created = store
-        .create_key_with(new, Some(&record), &actor(), &one)
-        .await;
+    let created = create_under(&*store, new, &record, &one).await;
     assert!(matches!(created, Ok(Outcome::Done(_))), "{created:?}");
     assert_eq!(all_events(&*store, &acme, None).await.len(), 3);
 }
@@ -164,8 +164,7 @@ pub(crate) async fn a_request_id_is_forgotten_after_its_window(store: Arc<dyn St
     let window_end = t0 + Duration::days(1);
     let (first, _) = new_key(&acme, "first", t0);
     let record = create_request(3, &first, t0);
-    store
-        .create_key_with(first, Some(&record), &actor(), &roomy())
+    create_under(&*store, first, &record, &roomy())
         .await
         .unwrap();
     let before_the_end = window_end - Duration::seconds(1);
@@ -173,13 +172,10 @@ pub(crate) async fn a_request_id_is_forgotten_after_its_window(store: Arc<dyn St
     // At the window's end the id is a new request (with or without pruning).
     let (late, _) = new_key(&acme, "first", window_end);
     let late_record = RequestRecord {
-        key_id: late.key_id.clone(),
         expires_at: window_end + Duration::days(1),
         ..record.clone()
     };
-    let created = store
-        .create_key_with(late, Some(&late_record), &actor(), &roomy())
-        .await;
+    let created = create_under(&*store, late, &late_record, &roomy()).await;
     assert!(matches!(created, Ok(Outcome::Done(_))), "{created:?}");
     assert_eq!(key_count(&*store, &acme).await, 2);
     let after_the_next = window_end + Duration::days(1);
@@ -194,11 +190,7 @@ pub(crate) async fn concurrent_calls_with_one_request_id_create_one_key(store: A
         let store = store.clone();
         let (new, _) = new_key(&acme, "once", t0);
         let record = create_request(4, &new, t0);
-        tasks.spawn(async move {
-            store
-                .create_key_with(new, Some(&record), &actor(), &roomy())
-                .await
-        });
+        tasks.spawn(async move { create_under(&*store, new, &record, &roomy()).await });
     }
     let (mut done, mut replayed) = (Vec::new(), Vec::new());
     while let Some(outcome) = tasks.join_next().await {

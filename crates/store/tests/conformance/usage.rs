@@ -24,14 +24,21 @@ fn used(key_id: &KeyId, at: OffsetDateTime, ip: Option<&str>) -> UsageRecord {
     }
 }
 
-/// The last use the store holds of `key`: when, and from where.
-async fn last_use(store: &dyn Store, key: &KeyRecord) -> (Option<OffsetDateTime>, Option<String>) {
+/// Records `uses` as a verify node's flush does.
+async fn record(store: &dyn Store, uses: &[UsageRecord]) {
+    store.record_usage(uses).await.unwrap();
+}
+
+/// Checks that the last use the store holds of `key` is the one `at`
+/// from `ip`.
+async fn assert_last_use(store: &dyn Store, key: &KeyRecord, at: OffsetDateTime, ip: Option<&str>) {
     let stored = store
         .get_key(&key.account_id, &key.key_id)
         .await
         .unwrap()
         .unwrap();
-    (stored.last_used_at, stored.last_used_ip)
+    let last_use = (stored.last_used_at, stored.last_used_ip.as_deref());
+    assert_eq!(last_use, (Some(at), ip), "{}", key.name);
 }
 
 pub(crate) async fn usage_is_recorded_and_never_goes_back_in_time(store: Arc<dyn Store>) {
@@ -40,7 +47,7 @@ pub(crate) async fn usage_is_recorded_and_never_goes_back_in_time(store: Arc<dyn
     let a = create(&*store, &acme, "alpha", t0).await;
     let b = create(&*store, &acme, "beta", t0).await;
     let seq = store.change_sequence().await.unwrap();
-    store.record_usage(&[]).await.unwrap();
+    record(&*store, &[]).await;
 
     let t1 = t0 + Duration::minutes(1);
     let first_uses = [
@@ -49,43 +56,24 @@ pub(crate) async fn usage_is_recorded_and_never_goes_back_in_time(store: Arc<dyn
         // A key that does not exist (e.g. deleted data) is skipped.
         used(&KeyId::generate(), t1, None),
     ];
-    store.record_usage(&first_uses).await.unwrap();
-    let from = |ip: &str| Some(ip.to_owned());
-    assert_eq!(
-        last_use(&*store, &a).await,
-        (Some(t1), from("198.51.100.1"))
-    );
-    assert_eq!(last_use(&*store, &b).await, (Some(t1), None));
+    record(&*store, &first_uses).await;
+    assert_last_use(&*store, &a, t1, Some("198.51.100.1")).await;
+    assert_last_use(&*store, &b, t1, None).await;
 
     // An older report (a slow node flushing late) does not overwrite.
     let older = used(&a.key_id, t0 + Duration::seconds(30), Some("192.0.2.99"));
-    store
-        .record_usage(std::slice::from_ref(&older))
-        .await
-        .unwrap();
-    assert_eq!(
-        last_use(&*store, &a).await,
-        (Some(t1), from("198.51.100.1"))
-    );
+    record(&*store, std::slice::from_ref(&older)).await;
+    assert_last_use(&*store, &a, t1, Some("198.51.100.1")).await;
 
     // Within one batch, the latest use of a key wins, whatever the order.
     let t2 = t1 + Duration::minutes(1);
     let newest = used(&a.key_id, t2, Some("198.51.100.2"));
-    store
-        .record_usage(&[newest.clone(), older.clone()])
-        .await
-        .unwrap();
-    assert_eq!(
-        last_use(&*store, &a).await,
-        (Some(t2), from("198.51.100.2"))
-    );
+    record(&*store, &[newest, older.clone()]).await;
+    assert_last_use(&*store, &a, t2, Some("198.51.100.2")).await;
     let t3 = t2 + Duration::minutes(1);
     let newer = used(&a.key_id, t3, Some("198.51.100.3"));
-    store.record_usage(&[older, newer]).await.unwrap();
-    assert_eq!(
-        last_use(&*store, &a).await,
-        (Some(t3), from("198.51.100.3"))
-    );
+    record(&*store, &[older, newer]).await;
+    assert_last_use(&*store, &a, t3, Some("198.51.100.3")).await;
     // The use shows through find_secret as well.
     let found = secret_of(&*store, &a.prefix).await;
     assert_eq!(found.key.last_used_at, Some(t3));
