@@ -7,10 +7,12 @@
 //! exactly. The arranging calls unwrap: a test that expects a call to fail
 //! makes that call itself.
 
+use std::sync::Arc;
+
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, ApiKey, Description, GeneratedKey, KeyId, KeyName, Pepper, ScopeSet, SecretHash,
-    TierLimits,
+    AccountId, ApiKey, Description, GeneratedKey, KeyId, KeyName, ManualClock, Pepper, ScopeSet,
+    SecretHash, TierLimits,
 };
 use vilvik_keys_store::{
     Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, Policy, Rotation, Store,
@@ -55,6 +57,13 @@ pub fn now() -> OffsetDateTime {
         .expect("zero nanoseconds is a valid time")
 }
 
+/// A clock that moves only when the test advances it, standing at
+/// 2027-01-15 08:00:00 UTC.
+pub fn manual_clock() -> Arc<ManualClock> {
+    let start = OffsetDateTime::from_unix_timestamp(1_800_000_000).expect("a valid time");
+    Arc::new(ManualClock::new(start))
+}
+
 /// `name` parsed as an account id; panics when it is not one.
 pub fn account(name: &str) -> AccountId {
     name.parse().expect("a valid account id")
@@ -79,12 +88,24 @@ pub fn scopes(list: &[&str]) -> ScopeSet {
 /// the nightly export", with scopes `datasets:read models:*`, no expiry,
 /// and a fresh secret under [`pepper`], returned beside it.
 pub fn new_key(account: &AccountId, key_name: &str, at: OffsetDateTime) -> (NewKey, GeneratedKey) {
+    let secret = new_secret();
+    (new_key_for(account, key_name, &secret, at), secret)
+}
+
+/// [`new_key`] with a secret the test made (e.g. one it presents to a
+/// verify node before the key exists).
+pub fn new_key_for(
+    account: &AccountId,
+    key_name: &str,
+    secret: &GeneratedKey,
+    at: OffsetDateTime,
+) -> NewKey {
     NewKey::builder(account.clone())
         .name(name(key_name))
         .description(description("used by the nightly export"))
         .scopes(scopes(&["datasets:read", "models:*"]))
         .created_at(at)
-        .build(&pepper())
+        .build_for(secret)
 }
 
 /// A fresh secret under [`pepper`], e.g. to rotate a key onto.
