@@ -209,6 +209,11 @@ impl Drop for Node {
     }
 }
 
+/// Whether a verify answered that the key is revoked.
+fn answers_revoked(outcome: Result<Verdict>) -> bool {
+    matches!(outcome, Ok(Verdict::Revoked(_)))
+}
+
 /// A key of ACME for `secret`, created `at`.
 fn key_for(secret: &GeneratedKey, at: time::OffsetDateTime) -> NewKey {
     new_key_for(&account("ACME"), "ci-runner", secret, at)
@@ -584,11 +589,6 @@ async fn the_future_of_a_verify_stays_small() {
     let size = std::mem::size_of_val(&verify);
     assert!(size <= 160, "{size} bytes");
     assert!(verify.await.unwrap().is_valid());
-}
-
-/// Whether a verify answered that the key is revoked.
-fn answers_revoked(outcome: Result<Verdict>) -> bool {
-    matches!(outcome, Ok(Verdict::Revoked(_)))
 }
 
 fn outage_kind<T: std::fmt::Debug>(outcome: &Result<T>) -> Option<OutageKind> {
