@@ -177,6 +177,10 @@ impl<'a> FromTestStore<'a> for &'a TestStore {
 /// The tests are named in the calling module (`on_both_backends!(a, b)`),
 /// or by module (`on_both_backends!(keys::{a, b}, audit::{c})`), the test
 /// keeping its own name either way.
+///
+/// Invoke it once per test crate module, at its root (it defines the
+/// modules `sqlite` and `postgres` there); the calling crate needs `tokio`
+/// with its `macros` and `rt-multi-thread` features.
 #[macro_export]
 macro_rules! on_both_backends {
     (@each $(($($path:tt)+) $test:ident),*) => {
