@@ -4,90 +4,19 @@
 //! account and an old database migrated forward verify intact; event ids
 //! are per account.
 //!
-//! Each test is an `async fn(Subject)` written once; `on_both!` at the
-//! bottom instantiates it on a SQLite file and on a fresh Postgres
-//! database (skipped without `VILVIK_KEYS_TEST_DATABASE_URL` unless
+//! Each test is an `async fn(&TestStore)` written once (the store, and
+//! its database to tamper with behind its back); `on_both_backends!`
+//! runs it on a SQLite file and on a fresh Postgres database (skipped
+//! without `VILVIK_KEYS_TEST_DATABASE_URL` unless
 //! `VILVIK_KEYS_REQUIRE_POSTGRES=1`).
 
-use std::sync::Arc;
-
-use time::{Duration, OffsetDateTime};
-use vilvik_keys_domain::{AccountId, GeneratedKey, Pepper, Tier, TierLimits};
-use vilvik_keys_store::{
-    Actor, BrokenLink, ChainCheck, ChainSummary, KeyChanges, NewKey, NewSecret, Policy, Store,
+use time::Duration;
+use vilvik_keys_domain::{AccountId, Tier};
+use vilvik_keys_store::{BrokenLink, ChainCheck, ChainSummary, Store};
+use vilvik_keys_test_db::fixtures::{
+    account, actor, create, new_key, new_secret, now, rename_to, revoke, rotate, update,
 };
-
-/// A migrated store and a way to reach its tables behind its back.
-struct Subject {
-    store: Arc<dyn Store>,
-    raw: Raw,
-    _keep: Box<dyn std::any::Any + Send>,
-}
-
-enum Raw {
-    Sqlite(std::path::PathBuf),
-    Postgres(String),
-}
-
-impl Raw {
-    /// Runs `sql` as a database owner would, outside the store.
-    async fn exec(&self, sql: &str) {
-        match self {
-            Raw::Sqlite(path) => {
-                let conn = rusqlite::Connection::open(path).unwrap();
-                conn.execute_batch(sql)
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            }
-            Raw::Postgres(url) => {
-                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                let connection = tokio::spawn(connection);
-                client
-                    .batch_execute(sql)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
-                drop(client);
-                let _ = connection.await;
-            }
-        }
-    }
-}
-
-fn pepper() -> Pepper {
-    Pepper::from_bytes(&[0x42; 32])
-}
-
-fn now() -> OffsetDateTime {
-    OffsetDateTime::now_utc().replace_nanosecond(0).unwrap()
-}
-
-fn account(name: &str) -> AccountId {
-    name.parse().unwrap()
-}
-
-fn actor() -> Actor {
-    Actor {
-        name: "operator:alice@example.com".to_owned(),
-        ip: Some("203.0.113.7".to_owned()),
-        operator: true,
-    }
-}
-
-fn roomy() -> Policy {
-    Policy::from(TierLimits {
-        free: 1000,
-        premium: 1000,
-    })
-}
-
-fn new_key(account: &AccountId, name: &str, at: OffsetDateTime) -> NewKey {
-    NewKey::builder(account.clone())
-        .name(name.parse().unwrap())
-        .created_at(at)
-        .build(&pepper())
-        .0
-}
+use vilvik_keys_test_db::{Backend, TestStore};
 
 /// Checks the chains as `vilvik-keys audit verify` does.
 async fn verify(
@@ -111,68 +40,45 @@ async fn broken(store: &dyn Store) -> String {
         .to_string()
 }
 
+/// What the check says of chains that are intact: `accounts` accounts with
+/// `events` events in all.
+fn intact(accounts: u64, events: u64) -> Result<ChainSummary, BrokenLink> {
+    Ok(ChainSummary { accounts, events })
+}
+
+/// What the check says of [`fill`]ed chains after `sql` tampered with them.
+async fn tampered(s: &TestStore, sql: &str) -> String {
+    fill(&*s.store()).await;
+    s.backend().exec(sql).await;
+    broken(&*s.store()).await
+}
+
+/// The ids of `account`'s events, oldest first.
+async fn event_ids(store: &dyn Store, account: &AccountId, after: Option<i64>) -> Vec<i64> {
+    let page = store.list_audit_events(account, None, after, 100).await;
+    page.unwrap().items.iter().map(|e| e.event_id).collect()
+}
+
 /// ACME: 8 events (create, create, update, rotate, revoke, tier, and two
 /// imported keys); globex: 1; initech: 1 (imported).
 async fn fill(store: &dyn Store) {
     let (acme, globex, initech) = (account("ACME"), account("globex"), account("initech"));
     let t0 = now();
-    let alpha = store
-        .create_key(new_key(&acme, "alpha", t0), &actor(), &roomy())
-        .await
-        .unwrap();
-    let beta = store
-        .create_key(new_key(&acme, "beta", t0), &actor(), &roomy())
-        .await
-        .unwrap();
+    let at = |seconds| t0 + Duration::seconds(seconds);
+    let alpha = create(store, &acme, "alpha", t0).await;
+    let beta = create(store, &acme, "beta", t0).await;
+    create(store, &globex, "theirs", t0).await;
+    update(store, &alpha, rename_to("alpha-2"), at(1)).await;
+    rotate(store, &alpha, &new_secret(), at(2)).await;
+    revoke(store, &beta, "unused", at(3)).await;
     store
-        .create_key(new_key(&globex, "theirs", t0), &actor(), &roomy())
-        .await
-        .unwrap();
-    let rename = KeyChanges {
-        name: Some("alpha-2".parse().unwrap()),
-        ..KeyChanges::default()
-    };
-    store
-        .update_key(
-            &acme,
-            &alpha.key_id,
-            rename,
-            &actor(),
-            t0 + Duration::seconds(1),
-            &roomy(),
-        )
-        .await
-        .unwrap();
-    let fresh = GeneratedKey::generate(&pepper());
-    store
-        .rotate_key(
-            &acme,
-            &alpha.key_id,
-            &NewSecret::from(&fresh),
-            &actor(),
-            t0 + Duration::seconds(2),
-            &roomy(),
-        )
-        .await
-        .unwrap();
-    store
-        .revoke_key(
-            &acme,
-            &beta.key_id,
-            "unused",
-            &actor(),
-            t0 + Duration::seconds(3),
-        )
-        .await
-        .unwrap();
-    store
-        .set_tier(&acme, Tier::Premium, &actor(), t0 + Duration::seconds(4))
+        .set_tier(&acme, Tier::Premium, &actor(), at(4))
         .await
         .unwrap();
     let imported = vec![
-        new_key(&acme, "imported-1", t0),
-        new_key(&initech, "imported-2", t0),
-        new_key(&acme, "imported-3", t0),
+        new_key(&acme, "imported-1", t0).0,
+        new_key(&initech, "imported-2", t0).0,
+        new_key(&acme, "imported-3", t0).0,
     ];
     store.import_keys(imported, &actor()).await.unwrap();
 }
@@ -180,249 +86,103 @@ async fn fill(store: &dyn Store) {
 // ---------------------------------------------------------------------------
 // The tests
 
-async fn an_untouched_store_verifies_and_numbers_events_per_account(s: Subject) {
-    assert_eq!(verify(&*s.store, None).await, Ok(ChainSummary::default()));
-    fill(&*s.store).await;
+async fn an_untouched_store_verifies_and_numbers_events_per_account(s: &TestStore) {
+    let store = s.store();
+    assert_eq!(verify(&*store, None).await, intact(0, 0));
+    fill(&*store).await;
+    assert_eq!(verify(&*store, None).await, intact(3, 10));
+    assert_eq!(verify(&*store, Some(&account("ACME"))).await, intact(1, 8));
     assert_eq!(
-        verify(&*s.store, None).await,
-        Ok(ChainSummary {
-            accounts: 3,
-            events: 10
-        })
-    );
-    assert_eq!(
-        verify(&*s.store, Some(&account("ACME"))).await,
-        Ok(ChainSummary {
-            accounts: 1,
-            events: 8
-        })
-    );
-    assert_eq!(
-        verify(&*s.store, Some(&account("nobody"))).await,
-        Ok(ChainSummary::default())
+        verify(&*store, Some(&account("nobody"))).await,
+        intact(0, 0)
     );
     // Each account counts its own events from 1: no id says how many
     // other accounts' events came before.
     for (name, count) in [("ACME", 8), ("globex", 1), ("initech", 1)] {
-        let events = s
-            .store
-            .list_audit_events(&account(name), None, None, 100)
-            .await
-            .unwrap()
-            .items;
-        let ids: Vec<i64> = events.iter().map(|e| e.event_id).collect();
+        let ids = event_ids(&*store, &account(name), None).await;
         assert_eq!(ids, (1..=count).collect::<Vec<_>>(), "{name}");
     }
     // Cursors are those numbers too.
-    let page = s
-        .store
-        .list_audit_events(&account("ACME"), None, Some(6), 100)
-        .await
-        .unwrap();
-    assert_eq!(
-        page.items.iter().map(|e| e.event_id).collect::<Vec<_>>(),
-        [7, 8]
-    );
+    assert_eq!(event_ids(&*store, &account("ACME"), Some(6)).await, [7, 8]);
 }
 
-async fn an_edited_field_is_detected(s: Subject) {
-    fill(&*s.store).await;
-    s.raw
-        .exec("UPDATE audit_events SET actor = 'operator:mallory' WHERE account_id = 'ACME' AND account_seq = 3")
-        .await;
-    assert_eq!(
-        broken(&*s.store).await,
-        "account 'ACME', event 3: its content does not match its hash (edited)"
-    );
+async fn an_edited_field_is_detected(s: &TestStore) {
+    let sql = "UPDATE audit_events SET actor = 'operator:mallory' \
+               WHERE account_id = 'ACME' AND account_seq = 3";
+    let detected = "account 'ACME', event 3: its content does not match its hash (edited)";
+    assert_eq!(tampered(s, sql).await, detected);
     // Another account's chain is untouched.
-    assert!(verify(&*s.store, Some(&account("globex"))).await.is_ok());
+    assert!(verify(&*s.store(), Some(&account("globex"))).await.is_ok());
 }
 
-async fn edited_changes_are_detected(s: Subject) {
-    fill(&*s.store).await;
-    s.raw
-        .exec(
-            "UPDATE audit_events SET changes = '[{\"field\":\"reason\",\"old\":null,\"new\":\"routine\"}]' \
-             WHERE account_id = 'ACME' AND account_seq = 5",
-        )
-        .await;
-    assert_eq!(
-        broken(&*s.store).await,
-        "account 'ACME', event 5: its content does not match its hash (edited)"
-    );
+/// Tests that each tamper with [`fill`]ed chains by running `sql`, and
+/// expect the check to report `detected`.
+macro_rules! tampering_is_detected {
+    ($($test:ident: $sql:expr => $detected:expr;)*) => {
+        $(
+            async fn $test(s: &TestStore) {
+                assert_eq!(tampered(s, $sql).await, $detected);
+            }
+        )*
+    };
 }
 
-async fn a_deleted_event_is_detected(s: Subject) {
-    fill(&*s.store).await;
-    s.raw
-        .exec("DELETE FROM audit_events WHERE account_id = 'ACME' AND account_seq = 3")
-        .await;
-    assert_eq!(
-        broken(&*s.store).await,
-        "account 'ACME', event 4 follows 2: event 3 is missing (deleted)"
-    );
-}
-
-async fn the_newest_event_deleted_is_detected(s: Subject) {
-    fill(&*s.store).await;
-    s.raw
-        .exec("DELETE FROM audit_events WHERE account_id = 'ACME' AND account_seq = 8")
-        .await;
-    assert_eq!(
-        broken(&*s.store).await,
-        "account 'ACME', head says 8 events, found 7 (the newest deleted)"
-    );
-}
-
-async fn a_deleted_head_is_detected(s: Subject) {
-    fill(&*s.store).await;
-    s.raw
-        .exec("DELETE FROM audit_heads WHERE account_id = 'globex'")
-        .await;
-    assert_eq!(
-        broken(&*s.store).await,
-        "account 'globex', no head is recorded for its 1 events (the head was deleted)"
-    );
-}
-
-async fn swapped_numbers_are_detected(s: Subject) {
-    fill(&*s.store).await;
-    s.raw
-        .exec(
-            "UPDATE audit_events SET account_seq = -1 WHERE account_id = 'ACME' AND account_seq = 2; \
-             UPDATE audit_events SET account_seq = 2 WHERE account_id = 'ACME' AND account_seq = 3; \
-             UPDATE audit_events SET account_seq = 3 WHERE account_id = 'ACME' AND account_seq = -1;",
-        )
-        .await;
-    assert_eq!(
-        broken(&*s.store).await,
-        "account 'ACME', event 2: its content does not match its hash (edited)"
-    );
-}
-
-async fn swapped_contents_are_detected(s: Subject) {
-    fill(&*s.store).await;
+tampering_is_detected! {
+    edited_changes_are_detected:
+        "UPDATE audit_events SET changes = '[{\"field\":\"reason\",\"old\":null,\"new\":\"routine\"}]' \
+         WHERE account_id = 'ACME' AND account_seq = 5"
+        => "account 'ACME', event 5: its content does not match its hash (edited)";
+    a_deleted_event_is_detected:
+        "DELETE FROM audit_events WHERE account_id = 'ACME' AND account_seq = 3"
+        => "account 'ACME', event 4 follows 2: event 3 is missing (deleted)";
+    the_newest_event_deleted_is_detected:
+        "DELETE FROM audit_events WHERE account_id = 'ACME' AND account_seq = 8"
+        => "account 'ACME', head says 8 events, found 7 (the newest deleted)";
+    a_deleted_head_is_detected:
+        "DELETE FROM audit_heads WHERE account_id = 'globex'"
+        => "account 'globex', no head is recorded for its 1 events (the head was deleted)";
+    swapped_numbers_are_detected:
+        "UPDATE audit_events SET account_seq = -1 WHERE account_id = 'ACME' AND account_seq = 2; \
+         UPDATE audit_events SET account_seq = 2 WHERE account_id = 'ACME' AND account_seq = 3; \
+         UPDATE audit_events SET account_seq = 3 WHERE account_id = 'ACME' AND account_seq = -1;"
+        => "account 'ACME', event 2: its content does not match its hash (edited)";
     // Every column but the numbers, hashes included.
-    s.raw
-        .exec(
-            "CREATE TEMP TABLE copied AS SELECT * FROM audit_events \
-                 WHERE account_id = 'ACME' AND account_seq IN (4, 5); \
-             UPDATE audit_events SET (key_id, action, actor, actor_ip, at, changes, prev_hash, hash) = \
-                 (SELECT key_id, action, actor, actor_ip, at, changes, prev_hash, hash FROM copied \
-                  WHERE copied.account_seq = 9 - audit_events.account_seq) \
-             WHERE account_id = 'ACME' AND account_seq IN (4, 5);",
-        )
-        .await;
-    assert_eq!(
-        broken(&*s.store).await,
-        "account 'ACME', event 4: its content does not match its hash (edited)"
-    );
+    swapped_contents_are_detected:
+        "CREATE TEMP TABLE copied AS SELECT * FROM audit_events \
+             WHERE account_id = 'ACME' AND account_seq IN (4, 5); \
+         UPDATE audit_events SET (key_id, action, actor, actor_ip, at, changes, prev_hash, hash) = \
+             (SELECT key_id, action, actor, actor_ip, at, changes, prev_hash, hash FROM copied \
+              WHERE copied.account_seq = 9 - audit_events.account_seq) \
+         WHERE account_id = 'ACME' AND account_seq IN (4, 5);"
+        => "account 'ACME', event 4: its content does not match its hash (edited)";
+    an_event_moved_to_another_account_is_detected:
+        "UPDATE audit_events SET account_id = 'globex', account_seq = 2 \
+         WHERE account_id = 'ACME' AND account_seq = 8"
+        => "account 'ACME', head says 8 events, found 7 (the newest deleted)";
 }
 
-async fn an_event_moved_to_another_account_is_detected(s: Subject) {
-    fill(&*s.store).await;
-    s.raw
-        .exec("UPDATE audit_events SET account_id = 'globex', account_seq = 2 WHERE account_id = 'ACME' AND account_seq = 8")
-        .await;
-    let message = broken(&*s.store).await;
-    assert_eq!(
-        message,
-        "account 'ACME', head says 8 events, found 7 (the newest deleted)"
-    );
-}
-
-async fn concurrent_changes_of_one_account_never_fork_the_chain(s: Subject) {
+async fn concurrent_changes_of_one_account_never_fork_the_chain(s: &TestStore) {
     let acme = account("ACME");
     let t0 = now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16 {
-        let store = s.store.clone();
+        let store = s.store();
         let acme = acme.clone();
         tasks.spawn(async move {
-            let key = store
-                .create_key(new_key(&acme, &format!("k{i}"), t0), &actor(), &roomy())
-                .await
-                .unwrap();
-            let rename = KeyChanges {
-                name: Some(format!("k{i}-renamed").parse().unwrap()),
-                ..KeyChanges::default()
-            };
-            store
-                .update_key(&acme, &key.key_id, rename, &actor(), t0, &roomy())
-                .await
-                .unwrap();
-            store
-                .revoke_key(&acme, &key.key_id, "done", &actor(), t0)
-                .await
-                .unwrap();
+            let key = create(&*store, &acme, &format!("k{i}"), t0).await;
+            update(&*store, &key, rename_to(&format!("k{i}-renamed")), t0).await;
+            revoke(&*store, &key, "done", t0).await;
         });
     }
     while let Some(done) = tasks.join_next().await {
         done.unwrap();
     }
-    assert_eq!(
-        verify(&*s.store, None).await,
-        Ok(ChainSummary {
-            accounts: 1,
-            events: 48
-        })
-    );
-    let ids: Vec<i64> = s
-        .store
-        .list_audit_events(&acme, None, None, 100)
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|e| e.event_id)
-        .collect();
+    assert_eq!(verify(&*s.store(), None).await, intact(1, 48));
+    let ids = event_ids(&*s.store(), &acme, None).await;
     assert_eq!(ids, (1..=48).collect::<Vec<_>>());
 }
 
-macro_rules! on_both {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    let dir = tempfile::tempdir().unwrap();
-                    let path = dir.path().join("vilvik-keys.db");
-                    let store = vilvik_keys_store::SqliteStore::open(&path).await.unwrap();
-                    store.migrate().await.unwrap();
-                    super::$test(Subject {
-                        store: Arc::new(store),
-                        raw: Raw::Sqlite(path),
-                        _keep: Box::new(dir),
-                    })
-                    .await;
-                }
-            )*
-        }
-
-        mod postgres {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    let Some(db) = vilvik_keys_test_db::TestDatabase::create().await else {
-                        return;
-                    };
-                    let store = vilvik_keys_store::PostgresStore::connect(db.url()).await.unwrap();
-                    store.migrate().await.unwrap();
-                    super::$test(Subject {
-                        store: Arc::new(store),
-                        raw: Raw::Postgres(db.url().to_owned()),
-                        _keep: Box::new(db),
-                    })
-                    .await;
-                }
-            )*
-        }
-    };
-}
-
-on_both!(
+vilvik_keys_test_db::on_both_backends!(
     an_untouched_store_verifies_and_numbers_events_per_account,
     an_edited_field_is_detected,
     edited_changes_are_detected,
@@ -475,20 +235,19 @@ fn old_events(at: fn(i64) -> String) -> String {
         .collect()
 }
 
-/// After the migration: the old events verify, are numbered per account
-/// in the order they were written, and new ones chain on.
-async fn check_migrated_forward(store: &dyn Store, raw: &Raw) {
+/// Writes the schema before the chain and [`old_events`] (their times as
+/// `at` writes them) into `backend`, then checks that a store migrates
+/// them forward: the old events verify, are numbered per account in the
+/// order they were written, and new ones chain on.
+async fn check_migrated_forward(backend: Backend, migrations: [&str; 3], at: fn(i64) -> String) {
+    backend.exec(&old_schema(migrations)).await;
+    backend.exec(&old_events(at)).await;
+    let store = backend.open().await;
     assert_eq!(
         store.migrate().await.unwrap(),
         vilvik_keys_store::MIGRATION_COUNT - 3
     );
-    assert_eq!(
-        verify(store, None).await,
-        Ok(ChainSummary {
-            accounts: 2,
-            events: 5
-        })
-    );
+    assert_eq!(verify(&*store, None).await, intact(2, 5));
     let acme = account("ACME");
     let events = store
         .list_audit_events(&acme, None, None, 100)
@@ -507,64 +266,40 @@ async fn check_migrated_forward(store: &dyn Store, raw: &Raw) {
             (3, "key:key_AAAAAAAAAAAAAAAAAAAA")
         ]
     );
-    store
-        .create_key(new_key(&acme, "after", now()), &actor(), &roomy())
-        .await
-        .unwrap();
-    assert_eq!(
-        verify(store, None).await,
-        Ok(ChainSummary {
-            accounts: 2,
-            events: 6
-        })
-    );
+    create(&*store, &acme, "after", now()).await;
+    assert_eq!(verify(&*store, None).await, intact(2, 6));
     assert_eq!(store.migrate().await.unwrap(), 0, "chained once");
     // And the old events are as tamper-evident as new ones.
-    raw.exec("UPDATE audit_events SET actor = 'someone else' WHERE account_id = 'globex' AND account_seq = 1")
+    backend
+        .exec("UPDATE audit_events SET actor = 'someone else' WHERE account_id = 'globex' AND account_seq = 1")
         .await;
     assert_eq!(
-        broken(store).await,
+        broken(&*store).await,
         "account 'globex', event 1: its content does not match its hash (edited)"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_an_old_database_migrated_forward_verifies_intact() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("old.db");
-    let raw = Raw::Sqlite(path.clone());
-    raw.exec(&old_schema([
+    let migrations = [
         include_str!("../migrations/sqlite/0001_initial.sql"),
         include_str!("../migrations/sqlite/0002_change_log_floor.sql"),
         include_str!("../migrations/sqlite/0003_pepper_id.sql"),
-    ]))
-    .await;
-    raw.exec(&old_events(|s| {
-        format!("{}", (1_800_000_000 + s) * 1_000_000)
-    }))
-    .await;
-    let store = vilvik_keys_store::SqliteStore::open(&path).await.unwrap();
-    check_migrated_forward(&store, &raw).await;
+    ];
+    let microseconds = |s| format!("{}", (1_800_000_000 + s) * 1_000_000);
+    check_migrated_forward(Backend::sqlite(), migrations, microseconds).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_old_database_migrated_forward_verifies_intact() {
-    let Some(db) = vilvik_keys_test_db::TestDatabase::create().await else {
+    let Some(backend) = Backend::postgres().await else {
         return;
     };
-    let raw = Raw::Postgres(db.url().to_owned());
-    raw.exec(&old_schema([
+    let migrations = [
         include_str!("../migrations/postgres/0001_initial.sql"),
         include_str!("../migrations/postgres/0002_change_log_floor.sql"),
         include_str!("../migrations/postgres/0003_pepper_id.sql"),
-    ]))
-    .await;
-    raw.exec(&old_events(|s| {
-        format!("to_timestamp({})", 1_800_000_000 + s)
-    }))
-    .await;
-    let store = vilvik_keys_store::PostgresStore::connect(db.url())
-        .await
-        .unwrap();
-    check_migrated_forward(&store, &raw).await;
+    ];
+    let timestamp = |s| format!("to_timestamp({})", 1_800_000_000 + s);
+    check_migrated_forward(backend, migrations, timestamp).await;
 }

@@ -13,35 +13,22 @@
 
 use std::time::{Duration, Instant};
 
-use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, Pepper, ScopeSet};
-use vilvik_keys_store::{Actor, NewKey, PostgresStore, SqliteStore, Store};
-use vilvik_keys_test_db::TestDatabase;
-
-/// Any pepper: these tests store and read hashes, they verify nothing.
-fn pepper() -> Pepper {
-    Pepper::from_bytes(&[0x42; 32])
-}
+use vilvik_keys_domain::AccountId;
+use vilvik_keys_store::{NewKey, PostgresStore, SqliteStore, Store};
+use vilvik_keys_test_db::fixtures::{account, actor, new_key, now};
+use vilvik_keys_test_db::{TestDatabase, side_client};
 
 const KEYS: usize = 200_000;
 const CHUNK: usize = 10_000;
 const ACCOUNTS: usize = 1_000;
 
 fn chunks() -> Vec<Vec<NewKey>> {
-    let at = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let at = now();
     let accounts: Vec<AccountId> = (0..ACCOUNTS)
-        .map(|i| format!("acct-{i}").parse().unwrap())
+        .map(|i| account(&format!("acct-{i}")))
         .collect();
-    let scopes = ScopeSet::parse(&["datasets:read", "models:*"]).unwrap();
     let keys: Vec<NewKey> = (0..KEYS)
-        .map(|i| {
-            NewKey::builder(accounts[i % ACCOUNTS].clone())
-                .name(format!("seeded-{i}").parse().unwrap())
-                .scopes(scopes.clone())
-                .created_at(at)
-                .build(&pepper())
-                .0
-        })
+        .map(|i| new_key(&accounts[i % ACCOUNTS], &format!("seeded-{i}"), at).0)
         .collect();
     keys.chunks(CHUNK).map(<[NewKey]>::to_vec).collect()
 }
@@ -49,14 +36,9 @@ fn chunks() -> Vec<Vec<NewKey>> {
 /// Imports every chunk, then scans everything back a chunk at a time.
 async fn measure(backend: &str, store: &dyn Store) {
     let chunks = chunks();
-    let actor = Actor {
-        name: "operator:bench@example.com".to_owned(),
-        ip: None,
-        operator: true,
-    };
     let started = Instant::now();
     for chunk in chunks {
-        store.import_keys(chunk, &actor).await.unwrap();
+        store.import_keys(chunk, &actor()).await.unwrap();
     }
     let imported = started.elapsed();
 
@@ -127,10 +109,7 @@ async fn postgres_import_and_stream_timing() {
     store.migrate().await.unwrap();
     measure("postgres", &store).await;
 
-    let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = side_client(db.url()).await;
     // The plan the stream just ran with (statistics as autovacuum left
     // them), then the one it gets once the tables are analyzed.
     for analyzed in [false, true] {

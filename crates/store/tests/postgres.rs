@@ -1,45 +1,50 @@
 //! What only the Postgres backend has: the NOTIFY change feed and its
 //! listener, start-up checks of the URL, and migrations racing between
-//! replicas. The rules both backends share are in `conformance.rs`.
+//! replicas. The rules both backends share are in the conformance suite
+//! (`tests/conformance/`).
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
-use vilvik_keys_domain::{AccountId, GeneratedKey, KeyPrefix, Pepper, ScopeSet, TierLimits};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use vilvik_keys_domain::{AccountId, KeyPrefix, SecretHash};
 use vilvik_keys_store::{
-    Actor, CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, NewSecret, Policy,
-    PostgresStore, Store, StoreError,
+    CHANGE_CHANNEL, ChangeListener, KeySource, ListenerOptions, NewKey, PostgresStore, Rehash,
+    Store, StoreError,
 };
-use vilvik_keys_test_db::{TestDatabase, eventually};
+use vilvik_keys_test_db::fixtures::{
+    account, actor, capped, create, error_chain, new_key, new_secret, now, other_pepper, revoke,
+    roomy, rotate,
+};
+use vilvik_keys_test_db::{FaultProxy, ProxyMode, TestDatabase, eventually, side_client};
 
-/// Any pepper: these tests store and read hashes, they verify nothing.
-fn pepper() -> Pepper {
-    Pepper::from_bytes(&[0x42; 32])
+/// How long a test waits for something that should happen at once; only
+/// a broken build waits it out.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// A migrated store on `db` whose change listener watches its connection
+/// as `options` say.
+async fn migrated(db_url: &str, options: ListenerOptions) -> PostgresStore {
+    let store = PostgresStore::connect(db_url)
+        .await
+        .unwrap()
+        .with_listener_options(options);
+    store.migrate().await.unwrap();
+    store
 }
 
-fn actor() -> Actor {
-    Actor {
-        name: "operator:alice@example.com".to_owned(),
-        ip: None,
-        operator: true,
-    }
-}
-
-fn new_key(account: &AccountId) -> NewKey {
-    NewKey::builder(account.clone())
-        .name("listener-test".parse().unwrap())
-        .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
-        .created_at(OffsetDateTime::now_utc().replace_nanosecond(0).unwrap())
-        .build(&pepper())
-        .0
+/// A key to create whose secret the test does not need.
+fn a_key(account: &AccountId) -> NewKey {
+    new_key(account, "listener-test", now()).0
 }
 
 /// LISTENs on the change channel; yields each payload. Keep the client
 /// alive while listening.
-async fn listen(url: &str) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<String>) {
+async fn listen(url: &str) -> (Client, mpsc::UnboundedReceiver<String>) {
     let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -62,7 +67,7 @@ async fn listen(url: &str) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<S
 /// The next payload's prefix; the payload is `<seq>:<prefix>`, read here
 /// by hand as any other tool on the channel would.
 async fn next(rx: &mut mpsc::UnboundedReceiver<String>) -> KeyPrefix {
-    let payload = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+    let payload = tokio::time::timeout(PATIENCE, rx.recv())
         .await
         .expect("a notification within 5 s")
         .expect("the listener is running");
@@ -76,46 +81,26 @@ async fn every_committed_change_is_notified_and_a_failed_one_is_not() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let store = PostgresStore::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
+    let store = migrated(db.url(), ListenerOptions::default()).await;
     let (_listener, mut rx) = listen(db.url()).await;
 
-    let acme: AccountId = "ACME".parse().unwrap();
-    let limits = TierLimits {
-        free: 1,
-        premium: 1,
-    };
+    let acme = account("ACME");
+    let one = capped(1, 1);
     let key = store
-        .create_key(new_key(&acme), &actor(), &limits.into())
+        .create_key(a_key(&acme), &actor(), &one)
         .await
         .unwrap();
     assert_eq!(next(&mut rx).await, key.prefix);
 
     // Refused by the cap: rolled back, so nothing is announced.
-    let refused = store
-        .create_key(new_key(&acme), &actor(), &limits.into())
-        .await;
+    let refused = store.create_key(a_key(&acme), &actor(), &one).await;
     assert!(matches!(refused, Err(StoreError::QuotaExceeded { .. })));
 
-    let fresh = GeneratedKey::generate(&pepper());
-    let now = OffsetDateTime::now_utc();
-    store
-        .rotate_key(
-            &acme,
-            &key.key_id,
-            &NewSecret::from(&fresh),
-            &actor(),
-            now,
-            &Policy::default(),
-        )
-        .await
-        .unwrap();
+    let fresh = new_secret();
+    rotate(&store, &key, &fresh, now()).await;
     assert_eq!(next(&mut rx).await, key.prefix);
     assert_eq!(&next(&mut rx).await, fresh.prefix());
-    store
-        .revoke_key(&acme, &key.key_id, "done", &actor(), now)
-        .await
-        .unwrap();
+    revoke(&store, &key, "done", now()).await;
     assert_eq!(&next(&mut rx).await, fresh.prefix());
     assert!(rx.try_recv().is_err());
 }
@@ -173,12 +158,7 @@ async fn a_malformed_url_fails_at_start_without_echoing_it() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Internal(..)), "{err:?}");
-    let mut chain = err.to_string();
-    let mut source = std::error::Error::source(&err);
-    while let Some(s) = source {
-        chain.push_str(&format!(": {s}"));
-        source = s.source();
-    }
+    let chain = error_chain(&err);
     assert!(chain.contains("DATABASE_URL"), "{chain}");
     assert!(!chain.contains("hunter2"), "{chain}");
 }
@@ -197,46 +177,75 @@ async fn a_missing_database_fails_at_start_with_a_pointer_to_the_url() {
 // ---------------------------------------------------------------------------
 // Store::listen
 
-/// The listener's next change, failing the test after `secs` seconds.
-async fn next_change(listener: &mut dyn ChangeListener, secs: u64) -> (i64, KeyPrefix) {
-    tokio::time::timeout(Duration::from_secs(secs), listener.next())
+/// The listener's next change, failing the test after [`PATIENCE`].
+async fn next_change(listener: &mut dyn ChangeListener) -> (i64, KeyPrefix) {
+    tokio::time::timeout(PATIENCE, listener.next())
         .await
         .expect("a change within the timeout")
         .expect("the listener is running")
 }
 
-/// A plain connection for poking at the server from the side.
-async fn side_client(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
+/// Selects this database's listener sessions, as the server sees them.
+const LISTENER_SESSIONS: &str = "FROM pg_stat_activity \
+     WHERE application_name = 'vilvik-keys-listener' AND datname = current_database()";
+
+async fn listener_sessions(side: &Client) -> i64 {
+    let sql = format!("SELECT COUNT(*) {LISTENER_SESSIONS}");
+    side.query_one(&sql, &[]).await.unwrap().get(0)
 }
 
-async fn listener_sessions(client: &tokio_postgres::Client) -> i64 {
-    client
-        .query_one(
-            "SELECT COUNT(*) FROM pg_stat_activity \
-             WHERE application_name = 'vilvik-keys-listener' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+/// Ends the listener's session from the server's side; returns, for each
+/// listener session found, whether it was signalled.
+async fn terminate_listener(side: &Client) -> Vec<bool> {
+    let sql = format!("SELECT pg_terminate_backend(pid) {LISTENER_SESSIONS}");
+    let rows = side.query(&sql, &[]).await.unwrap();
+    rows.iter().map(|row| row.get(0)).collect()
 }
 
-/// Waits (up to 2 s) until no listener session of this database is left.
-async fn wait_until_no_listener_session(side: &tokio_postgres::Client, what: &str) {
-    eventually(Duration::from_secs(2), what, || async {
+/// Waits until no listener session of this database is left.
+async fn wait_until_no_listener_session(side: &Client, what: &str) {
+    eventually(PATIENCE, what, || async {
         listener_sessions(side).await == 0
     })
     .await;
 }
 
-fn roomy() -> Policy {
-    Policy::from(TierLimits {
-        free: 100,
-        premium: 100,
+/// Waits until the listener's session has answered `count` heartbeats, as
+/// the server sees them: each heartbeat is a query of its own, which moves
+/// the session's `query_start` on.
+async fn heartbeats_answered(side: &Client, count: usize) {
+    let sql = format!("SELECT query_start {LISTENER_SESSIONS}");
+    let starts: Mutex<Vec<OffsetDateTime>> = Mutex::new(Vec::new());
+    let what = format!("the listener's session answers {count} heartbeats");
+    eventually(PATIENCE, &what, || async {
+        let start: Option<OffsetDateTime> = side.query_one(&sql, &[]).await.unwrap().get(0);
+        let mut starts = starts.lock().unwrap();
+        if let Some(start) = start.filter(|start| starts.last() != Some(start)) {
+            starts.push(start);
+        }
+        // The first start seen is the last query before the wait began.
+        starts.len() > count
     })
+    .await;
+}
+
+/// A migrated store at `url` whose listener watches its connection as
+/// `options` say, subscribed to the change feed; and a side connection
+/// to `db` (`url`'s database, perhaps reached another way).
+async fn subscribed(
+    db: &TestDatabase,
+    url: &str,
+    options: ListenerOptions,
+) -> (PostgresStore, Box<dyn ChangeListener>, Client) {
+    let store = migrated(url, options).await;
+    let listener = store.listen().await.unwrap().expect("Postgres can push");
+    (store, listener, side_client(db.url()).await)
+}
+
+/// Polls `future` once: when it is pending, it is then waiting for a
+/// wake-up, as a task awaiting it would be.
+async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut *future).poll(cx))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -244,38 +253,18 @@ async fn a_listener_receives_seq_and_prefix_in_commit_order() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let store = Arc::new(PostgresStore::connect(db.url()).await.unwrap());
-    store.migrate().await.unwrap();
-    let mut listener = store.listen().await.unwrap().expect("Postgres can push");
-    let side = side_client(db.url()).await;
+    let (store, mut listener, side) = subscribed(&db, db.url(), ListenerOptions::default()).await;
+    let store = Arc::new(store);
     assert_eq!(listener_sessions(&side).await, 1);
     let start = store.change_sequence().await.unwrap();
 
-    let acme: AccountId = "ACME".parse().unwrap();
-    let key = store
-        .create_key(new_key(&acme), &actor(), &roomy())
-        .await
-        .unwrap();
-    let fresh = GeneratedKey::generate(&pepper());
-    let now = OffsetDateTime::now_utc();
-    store
-        .rotate_key(
-            &acme,
-            &key.key_id,
-            &NewSecret::from(&fresh),
-            &actor(),
-            now,
-            &Policy::default(),
-        )
-        .await
-        .unwrap();
-    store
-        .revoke_key(&acme, &key.key_id, "done", &actor(), now)
-        .await
-        .unwrap();
+    let key = create(&*store, &account("ACME"), "listener-test", now()).await;
+    let fresh = new_secret();
+    rotate(&*store, &key, &fresh, now()).await;
+    revoke(&*store, &key, "done", now()).await;
     let mut received = Vec::new();
     for _ in 0..4 {
-        received.push(next_change(&mut *listener, 5).await);
+        received.push(next_change(&mut *listener).await);
     }
     let logged = store.changes_since(start, 100).await.unwrap();
     assert_eq!(received, logged);
@@ -289,19 +278,15 @@ async fn a_listener_receives_seq_and_prefix_in_commit_order() {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..20 {
         let store = store.clone();
-        let account: AccountId = format!("acct-{}", i % 4).parse().unwrap();
-        tasks.spawn(async move {
-            store
-                .create_key(new_key(&account), &actor(), &roomy())
-                .await
-        });
+        let account = account(&format!("acct-{}", i % 4));
+        tasks.spawn(async move { store.create_key(a_key(&account), &actor(), &roomy()).await });
     }
     while let Some(created) = tasks.join_next().await {
         created.unwrap().unwrap();
     }
     let mut received = Vec::new();
     for _ in 0..20 {
-        received.push(next_change(&mut *listener, 5).await);
+        received.push(next_change(&mut *listener).await);
     }
     assert_eq!(received, store.changes_since(start, 100).await.unwrap());
 }
@@ -311,29 +296,17 @@ async fn a_terminated_listener_connection_fails_next_as_unavailable() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let store = PostgresStore::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
-    let mut listener = store.listen().await.unwrap().unwrap();
-    let side = side_client(db.url()).await;
+    let (store, mut listener, side) = subscribed(&db, db.url(), ListenerOptions::default()).await;
 
     // Waiting in next() when the backend goes away.
-    let waiting = tokio::spawn(async move {
-        let outcome = tokio::time::timeout(Duration::from_secs(3), listener.next()).await;
-        (outcome, listener)
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let terminated = side
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = 'vilvik-keys-listener' AND datname = current_database()",
-            &[],
-        )
+    let mut waiting = listener.next();
+    assert!(
+        poll_once(&mut waiting).await.is_pending(),
+        "nothing to receive"
+    );
+    assert_eq!(terminate_listener(&side).await, [true]);
+    let err = tokio::time::timeout(Duration::from_secs(3), waiting)
         .await
-        .unwrap();
-    assert_eq!(terminated.len(), 1);
-    assert!(terminated[0].get::<_, bool>(0));
-    let (outcome, mut listener) = waiting.await.unwrap();
-    let err = outcome
         .expect("next() returns within 3 s")
         .expect_err("the connection is gone");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
@@ -348,12 +321,8 @@ async fn a_terminated_listener_connection_fails_next_as_unavailable() {
 
     // The store itself is fine, and a new subscription works.
     let mut listener = store.listen().await.unwrap().unwrap();
-    let acme: AccountId = "ACME".parse().unwrap();
-    let key = store
-        .create_key(new_key(&acme), &actor(), &roomy())
-        .await
-        .unwrap();
-    assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
+    let key = create(&store, &account("ACME"), "listener-test", now()).await;
+    assert_eq!(next_change(&mut *listener).await.1, key.prefix);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,22 +330,9 @@ async fn a_listener_terminated_between_calls_fails_the_next_call() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let store = PostgresStore::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
-    let mut listener = store.listen().await.unwrap().unwrap();
-    let side = side_client(db.url()).await;
-    let acme: AccountId = "ACME".parse().unwrap();
-    let key = store
-        .create_key(new_key(&acme), &actor(), &roomy())
-        .await
-        .unwrap();
-    side.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = 'vilvik-keys-listener' AND datname = current_database()",
-        &[],
-    )
-    .await
-    .unwrap();
+    let (store, mut listener, side) = subscribed(&db, db.url(), ListenerOptions::default()).await;
+    let key = create(&store, &account("ACME"), "listener-test", now()).await;
+    assert_eq!(terminate_listener(&side).await, [true]);
     wait_until_no_listener_session(&side, "the listener's session is gone").await;
     // What arrived before the end may still be handed out; then the error.
     let mut outcome = tokio::time::timeout(Duration::from_secs(2), listener.next())
@@ -399,14 +355,11 @@ async fn a_malformed_notification_fails_next_as_internal() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let store = PostgresStore::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
-    let mut listener = store.listen().await.unwrap().unwrap();
-    let side = side_client(db.url()).await;
+    let (_store, mut listener, side) = subscribed(&db, db.url(), ListenerOptions::default()).await;
     side.execute("SELECT pg_notify($1, 'vlk_AbCd0123')", &[&CHANGE_CHANNEL])
         .await
         .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(5), listener.next())
+    let err = tokio::time::timeout(PATIENCE, listener.next())
         .await
         .unwrap()
         .unwrap_err();
@@ -419,10 +372,7 @@ async fn dropping_a_listener_closes_its_connection() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let store = PostgresStore::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
-    let side = side_client(db.url()).await;
-    let listener = store.listen().await.unwrap().unwrap();
+    let (_store, listener, side) = subscribed(&db, db.url(), ListenerOptions::default()).await;
     assert_eq!(listener_sessions(&side).await, 1);
     drop(listener);
     wait_until_no_listener_session(&side, "the listener's session ends with it").await;
@@ -433,32 +383,19 @@ async fn an_import_is_not_notified_but_the_next_change_shows_the_gap() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let store = PostgresStore::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
+    let store = migrated(db.url(), ListenerOptions::default()).await;
     let mut listener = store.listen().await.unwrap().unwrap();
-    let acme: AccountId = "ACME".parse().unwrap();
-    let first = store
-        .create_key(new_key(&acme), &actor(), &roomy())
-        .await
-        .unwrap();
-    let (seen, prefix) = next_change(&mut *listener, 5).await;
+    let acme = account("ACME");
+    let first = create(&store, &acme, "listener-test", now()).await;
+    let (seen, prefix) = next_change(&mut *listener).await;
     assert_eq!(prefix, first.prefix);
 
-    let imported: Vec<NewKey> = (0..5).map(|_| new_key(&acme)).collect();
+    let imported: Vec<NewKey> = (0..5).map(|_| a_key(&acme)).collect();
     store.import_keys(imported.clone(), &actor()).await.unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), listener.next())
-            .await
-            .is_err(),
-        "an import sends no notification"
-    );
-
-    let last = store
-        .create_key(new_key(&acme), &actor(), &roomy())
-        .await
-        .unwrap();
-    let (seq, prefix) = next_change(&mut *listener, 5).await;
-    assert_eq!(prefix, last.prefix);
+    let last = create(&store, &acme, "listener-test", now()).await;
+    // Notifications come in commit order: the import's would come first.
+    let (seq, prefix) = next_change(&mut *listener).await;
+    assert_eq!(prefix, last.prefix, "an import sends no notification");
     assert_eq!(seq, seen + 6, "the sequence jumped over the import");
     // A follower catches up on what it was not told.
     let missed = store.changes_since(seen, 100).await.unwrap();
@@ -467,77 +404,13 @@ async fn an_import_is_not_notified_but_the_next_change_shows_the_gap() {
     assert_eq!(missed.into_iter().map(|(_, p)| p).collect::<Vec<_>>(), want);
 }
 
-/// A TCP proxy that can be frozen: after `freeze`, it keeps every socket
-/// open but forwards nothing, like a peer that vanished without a FIN or
-/// a hung server. Returns its port and the freeze switch.
-async fn freezable_proxy(
-    upstream: std::net::SocketAddr,
-) -> (u16, tokio::sync::watch::Sender<bool>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (freeze, frozen) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
-                return;
-            };
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
-                let mut frozen = frozen.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16 * 1024];
-                    loop {
-                        tokio::select! {
-                            read = from.read(&mut buf) => match read {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => {
-                                    let now_frozen = *frozen.borrow();
-                                    if now_frozen {
-                                        break;
-                                    }
-                                    if to.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            },
-                            () = async { drop(frozen.wait_for(|f| *f).await) } => break,
-                        }
-                    }
-                    // Frozen: hold both halves open, forward nothing.
-                    std::future::pending::<()>().await;
-                    drop((from, to));
-                });
-            }
-        }
-    });
-    (port, freeze)
-}
-
-/// A connection string for `db` through [`freezable_proxy`], and the
-/// switch that freezes it; `None` when the server is not reached over TCP.
-async fn frozen_later(db: &TestDatabase) -> Option<(String, tokio::sync::watch::Sender<bool>)> {
+/// A connection string for `db` through `proxy` (which forwards to the
+/// server `db` is on).
+fn through(proxy: &FaultProxy, db: &TestDatabase) -> String {
     let config: tokio_postgres::Config = db.url().parse().unwrap();
-    let host = match &config.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(host) => host.clone(),
-        #[allow(unreachable_patterns)]
-        _ => {
-            eprintln!("skipped: the test server is not reached over TCP");
-            return None;
-        }
-    };
-    let upstream = tokio::net::lookup_host((host.as_str(), config.get_ports()[0]))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let (port, freeze) = freezable_proxy(upstream).await;
     let mut url = format!(
-        "host=127.0.0.1 port={port} dbname={} user={}",
+        "host=127.0.0.1 port={} dbname={} user={}",
+        proxy.addr().port(),
         config.get_dbname().unwrap(),
         config.get_user().unwrap()
     );
@@ -549,7 +422,21 @@ async fn frozen_later(db: &TestDatabase) -> Option<(String, tokio::sync::watch::
                 .replace('\'', "\\'")
         ));
     }
-    Some((url, freeze))
+    url
+}
+
+/// The address of the server `db` is on; `None` when it is not reached
+/// over TCP.
+async fn server_addr(db: &TestDatabase) -> Option<std::net::SocketAddr> {
+    let config: tokio_postgres::Config = db.url().parse().unwrap();
+    let tokio_postgres::config::Host::Tcp(host) = &config.get_hosts()[0] else {
+        eprintln!("skipped: the test server is not reached over TCP");
+        return None;
+    };
+    let mut addrs = tokio::net::lookup_host((host.as_str(), config.get_ports()[0]))
+        .await
+        .unwrap();
+    addrs.next()
 }
 
 /// Heartbeats small enough that tests need not wait out the defaults.
@@ -563,41 +450,21 @@ async fn an_idle_listener_on_a_healthy_connection_stays_subscribed() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let store = PostgresStore::connect(db.url())
-        .await
-        .unwrap()
-        .with_listener_options(SHORT_HEARTBEAT);
-    store.migrate().await.unwrap();
-    let mut listener = store.listen().await.unwrap().unwrap();
+    let (store, mut listener, side) = subscribed(&db, db.url(), SHORT_HEARTBEAT).await;
     // Through several heartbeats, with nobody calling next().
-    tokio::time::sleep(SHORT_HEARTBEAT.heartbeat * 5).await;
-    let acme: AccountId = "ACME".parse().unwrap();
-    let key = store
-        .create_key(new_key(&acme), &actor(), &roomy())
-        .await
-        .unwrap();
-    assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
-    // And while next() waits through a heartbeat.
-    assert!(
-        tokio::time::timeout(SHORT_HEARTBEAT.heartbeat * 5, listener.next())
-            .await
-            .is_err(),
-        "nothing to receive, and no error"
-    );
-    let fresh = GeneratedKey::generate(&pepper());
-    store
-        .rotate_key(
-            &acme,
-            &key.key_id,
-            &NewSecret::from(&fresh),
-            &actor(),
-            OffsetDateTime::now_utc(),
-            &Policy::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
-    assert_eq!(&next_change(&mut *listener, 5).await.1, fresh.prefix());
+    heartbeats_answered(&side, 3).await;
+    let key = create(&store, &account("ACME"), "listener-test", now()).await;
+    assert_eq!(next_change(&mut *listener).await.1, key.prefix);
+    // And while next() waits through heartbeats: nothing to receive, and
+    // no error.
+    tokio::select! {
+        outcome = listener.next() => panic!("next() returned {outcome:?}"),
+        () = heartbeats_answered(&side, 2) => {}
+    }
+    let fresh = new_secret();
+    rotate(&store, &key, &fresh, now()).await;
+    assert_eq!(next_change(&mut *listener).await.1, key.prefix);
+    assert_eq!(&next_change(&mut *listener).await.1, fresh.prefix());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -605,34 +472,28 @@ async fn a_short_heartbeat_gives_up_a_silent_connection_sooner() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let Some((url, freeze)) = frozen_later(&db).await else {
+    let Some(server) = server_addr(&db).await else {
         return;
     };
-    let store = PostgresStore::connect(&url)
-        .await
-        .unwrap()
-        .with_listener_options(SHORT_HEARTBEAT);
-    store.migrate().await.unwrap();
-    let mut listener = store.listen().await.unwrap().unwrap();
+    let proxy = FaultProxy::start(server).await;
+    let (store, mut listener, side) = subscribed(&db, &through(&proxy, &db), SHORT_HEARTBEAT).await;
     // Idle through several heartbeats on a healthy connection: still subscribed.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let acme: AccountId = "ACME".parse().unwrap();
-    let key = store
-        .create_key(new_key(&acme), &actor(), &roomy())
-        .await
-        .unwrap();
-    assert_eq!(next_change(&mut *listener, 5).await.1, key.prefix);
+    heartbeats_answered(&side, 3).await;
+    let key = create(&store, &account("ACME"), "listener-test", now()).await;
+    assert_eq!(next_change(&mut *listener).await.1, key.prefix);
 
-    freeze.send(true).unwrap();
-    let frozen_at = tokio::time::Instant::now();
-    let outcome = tokio::time::timeout(Duration::from_secs(5), listener.next())
+    // The connection goes silent: every socket open, nothing forwarded.
+    proxy.set_mode(ProxyMode::BlackHole);
+    let silent_at = tokio::time::Instant::now();
+    let outcome = tokio::time::timeout(PATIENCE, listener.next())
         .await
         .expect("next() fails within 5 s of the connection going silent");
     assert!(
         matches!(outcome, Err(StoreError::Unavailable(_))),
         "{outcome:?}"
     );
-    let took = frozen_at.elapsed();
+    // The bound under test: a heartbeat (0.2 s) and its timeout (0.3 s).
+    let took = silent_at.elapsed();
     assert!(took <= Duration::from_secs(2), "took {took:?}");
 }
 
@@ -644,28 +505,20 @@ async fn concurrent_overlapping_rehashes_neither_deadlock_nor_apply_twice() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let store = Arc::new(PostgresStore::connect(db.url()).await.unwrap());
-    store.migrate().await.unwrap();
-    let acme: AccountId = "ACME".parse().unwrap();
-    let limits = TierLimits {
-        free: 1_000,
-        premium: 1_000,
-    };
-    let next = Pepper::from_bytes(&[0x43; 32]);
+    let store = Arc::new(migrated(db.url(), ListenerOptions::default()).await);
+    let acme = account("ACME");
+    let next = other_pepper();
     let mut rehashes = Vec::new();
     for _ in 0..60 {
-        let new = new_key(&acme);
-        rehashes.push(vilvik_keys_store::Rehash {
+        let new = a_key(&acme);
+        rehashes.push(Rehash {
             prefix: new.prefix.clone(),
             old_hash: new.hash,
             old_pepper_id: Some(new.pepper_id),
-            new_hash: vilvik_keys_domain::SecretHash::from_bytes([7; 32]),
+            new_hash: SecretHash::from_bytes([7; 32]),
             new_pepper_id: next.id(),
         });
-        store
-            .create_key(new, &actor(), &limits.into())
-            .await
-            .unwrap();
+        store.create_key(new, &actor(), &roomy()).await.unwrap();
     }
     let mut backwards = rehashes.clone();
     backwards.reverse();

@@ -1,6 +1,6 @@
-//! Races in a fast loop, on both backends (issue 11): each test runs many
-//! trials of calls started at once against one store, and checks after
-//! each that the store's rules held:
+//! Races in a fast loop, on both backends: each test runs many trials of
+//! calls started at once against one store, and checks after each that
+//! the store's rules held:
 //!
 //! - many concurrent creates at the cap: exactly the cap succeeds;
 //! - concurrent rotations of one key: exactly one secret is current, every
@@ -15,12 +15,14 @@
 
 use std::sync::Arc;
 
-use time::OffsetDateTime;
-use tokio::task::JoinSet;
-use vilvik_keys_domain::{AccountId, GeneratedKey, KeyId, Pepper, ScopeSet, TierLimits};
+use tokio::task::{JoinHandle, JoinSet};
+use vilvik_keys_domain::{AccountId, KeyId};
 use vilvik_keys_store::{
-    Actor, KeyChanges, KeyRecord, NewKey, NewSecret, Outcome, Policy, RotationRequest, Store,
-    StoreError,
+    KeyChanges, KeyRecord, NewSecret, Outcome, RotationRequest, Store, StoreError,
+};
+use vilvik_keys_test_db::fixtures::{
+    account, actor, all_events, capped, create, name, new_key, new_secret, now, rename_to, revoke,
+    roomy, try_update,
 };
 
 /// Concurrent calls in each trial.
@@ -33,49 +35,13 @@ fn trials() -> usize {
         .unwrap_or(50)
 }
 
-fn pepper() -> Pepper {
-    Pepper::from_bytes(&[0x42; 32])
-}
-
-fn actor() -> Actor {
-    Actor {
-        name: "operator:alice@example.com".to_owned(),
-        ip: None,
-        operator: true,
-    }
-}
-
-fn roomy() -> Policy {
-    Policy::from(TierLimits {
-        free: 1_000,
-        premium: 1_000,
-    })
-}
-
-fn now() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc();
-    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
-        .unwrap()
-}
-
-fn new_key(account: &AccountId, name: &str) -> NewKey {
-    NewKey::builder(account.clone())
-        .name(name.parse().unwrap())
-        .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
-        .build(&pepper())
-        .0
-}
-
 async fn a_key(store: &dyn Store, account: &AccountId) -> KeyRecord {
-    store
-        .create_key(new_key(account, "raced"), &actor(), &roomy())
-        .await
-        .unwrap()
+    create(store, account, "raced", now()).await
 }
 
 fn rotation(if_version: Option<i64>) -> RotationRequest {
     RotationRequest {
-        secret: NewSecret::from(&GeneratedKey::generate(&pepper())),
+        secret: NewSecret::from(&new_secret()),
         if_version,
         request: None,
     }
@@ -102,27 +68,31 @@ async fn rotate(
     }
 }
 
+/// Starts a rotation of `key` onto a fresh secret on a task of its own;
+/// returns the rotation and the task.
+fn spawn_rotation(
+    store: &Arc<dyn Store>,
+    key: &KeyRecord,
+) -> (RotationRequest, JoinHandle<Result<(), StoreError>>) {
+    let rotation = rotation(None);
+    let (store, key, racer) = (store.clone(), key.clone(), rotation.clone());
+    let task = tokio::spawn(async move { rotate(&*store, &key, &racer).await });
+    (rotation, task)
+}
+
 async fn audit_count(store: &dyn Store, account: &AccountId, key: &KeyId) -> usize {
-    store
-        .list_audit_events(account, Some(key), None, 1_000)
-        .await
-        .unwrap()
-        .items
-        .len()
+    all_events(store, account, Some(key)).await.len()
 }
 
 async fn concurrent_creates_at_the_cap_admit_exactly_the_cap(store: Arc<dyn Store>) {
     let cap = 3;
-    let policy = Policy::from(TierLimits {
-        free: cap,
-        premium: cap,
-    });
+    let policy = capped(cap, cap);
     for trial in 0..trials() {
-        let account: AccountId = format!("CAP{trial}").parse().unwrap();
+        let account = account(&format!("CAP{trial}"));
         let mut racers = JoinSet::new();
         for i in 0..RACERS {
             let (store, policy) = (store.clone(), policy.clone());
-            let new = new_key(&account, &format!("racer-{i}"));
+            let (new, _) = new_key(&account, &format!("racer-{i}"), now());
             racers.spawn(async move { store.create_key(new, &actor(), &policy).await });
         }
         let mut created = 0;
@@ -140,7 +110,7 @@ async fn concurrent_creates_at_the_cap_admit_exactly_the_cap(store: Arc<dyn Stor
 }
 
 async fn concurrent_rotations_leave_exactly_one_current_secret(store: Arc<dyn Store>) {
-    let account: AccountId = "ROTATE".parse().unwrap();
+    let account = account("ROTATE");
     for trial in 0..trials() {
         let key = a_key(&*store, &account).await;
         let mut racers = JoinSet::new();
@@ -172,24 +142,16 @@ async fn concurrent_rotations_leave_exactly_one_current_secret(store: Arc<dyn St
 }
 
 async fn a_rotation_racing_a_revocation_ends_revoked(store: Arc<dyn Store>) {
-    let account: AccountId = "REVOKE".parse().unwrap();
+    let account = account("REVOKE");
     let (mut rotated_first, mut revoked_first) = (0, 0);
     for trial in 0..trials() {
         let key = a_key(&*store, &account).await;
-        let rotation = rotation(None);
-        let rotating = {
-            let (store, key, rotation) = (store.clone(), key.clone(), rotation.clone());
-            tokio::spawn(async move { rotate(&*store, &key, &rotation).await })
-        };
+        let (rotation, rotating) = spawn_rotation(&store, &key);
         let revoking = {
             let (store, key) = (store.clone(), key.clone());
-            tokio::spawn(async move {
-                store
-                    .revoke_key(&key.account_id, &key.key_id, "raced", &actor(), now())
-                    .await
-            })
+            tokio::spawn(async move { revoke(&*store, &key, "raced", now()).await })
         };
-        revoking.await.unwrap().unwrap();
+        revoking.await.unwrap();
         match rotating.await.unwrap() {
             Ok(()) => rotated_first += 1,
             Err(StoreError::Revoked { .. }) => revoked_first += 1,
@@ -208,33 +170,15 @@ async fn a_rotation_racing_a_revocation_ends_revoked(store: Arc<dyn Store>) {
 }
 
 async fn an_update_racing_a_rotation_loses_neither(store: Arc<dyn Store>) {
-    let account: AccountId = "UPDATE".parse().unwrap();
+    let account = account("UPDATE");
     for trial in 0..trials() {
         let key = a_key(&*store, &account).await;
-        let rotation = rotation(None);
-        let rotating = {
-            let (store, key, rotation) = (store.clone(), key.clone(), rotation.clone());
-            tokio::spawn(async move { rotate(&*store, &key, &rotation).await })
-        };
+        let (rotation, rotating) = spawn_rotation(&store, &key);
         let new_name = format!("renamed-{trial}");
         let updating = {
             let (store, key) = (store.clone(), key.clone());
-            let changes = KeyChanges {
-                name: Some(new_name.parse().unwrap()),
-                ..KeyChanges::default()
-            };
-            tokio::spawn(async move {
-                store
-                    .update_key(
-                        &key.account_id,
-                        &key.key_id,
-                        changes,
-                        &actor(),
-                        now(),
-                        &roomy(),
-                    )
-                    .await
-            })
+            let changes = rename_to(&new_name);
+            tokio::spawn(async move { try_update(&*store, &key, changes, now()).await })
         };
         rotating.await.unwrap().unwrap();
         updating.await.unwrap().unwrap();
@@ -251,29 +195,18 @@ async fn an_update_racing_a_rotation_loses_neither(store: Arc<dyn Store>) {
 }
 
 async fn changes_based_on_one_version_let_exactly_one_through(store: Arc<dyn Store>) {
-    let account: AccountId = "ETAG".parse().unwrap();
+    let account = account("ETAG");
     for trial in 0..trials() {
         let key = a_key(&*store, &account).await;
         let mut racers = JoinSet::new();
         for i in 0..RACERS {
             let (store, key) = (store.clone(), key.clone());
             let changes = KeyChanges {
-                name: Some(format!("writer-{i}").parse().unwrap()),
+                name: Some(name(&format!("writer-{i}"))),
                 if_version: Some(key.version),
                 ..KeyChanges::default()
             };
-            racers.spawn(async move {
-                store
-                    .update_key(
-                        &key.account_id,
-                        &key.key_id,
-                        changes,
-                        &actor(),
-                        now(),
-                        &roomy(),
-                    )
-                    .await
-            });
+            racers.spawn(async move { try_update(&*store, &key, changes, now()).await });
         }
         let mut winners = Vec::new();
         while let Some(outcome) = racers.join_next().await {
@@ -298,44 +231,7 @@ async fn changes_based_on_one_version_let_exactly_one_through(store: Arc<dyn Sto
     }
 }
 
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            use std::sync::Arc;
-            use vilvik_keys_store::{SqliteStore, Store};
-
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    let dir = tempfile::tempdir().unwrap();
-                    let store = SqliteStore::open(&dir.path().join("vilvik-keys.db")).await.unwrap();
-                    store.migrate().await.unwrap();
-                    super::$test(Arc::new(store)).await;
-                }
-            )*
-        }
-
-        mod postgres {
-            use std::sync::Arc;
-            use vilvik_keys_store::{PostgresStore, Store};
-            use vilvik_keys_test_db::TestDatabase;
-
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    let Some(db) = TestDatabase::create().await else {
-                        return;
-                    };
-                    let store = PostgresStore::connect(db.url()).await.unwrap();
-                    store.migrate().await.unwrap();
-                    super::$test(Arc::new(store)).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+vilvik_keys_test_db::on_both_backends!(
     concurrent_creates_at_the_cap_admit_exactly_the_cap,
     concurrent_rotations_leave_exactly_one_current_secret,
     a_rotation_racing_a_revocation_ends_revoked,

@@ -1,5 +1,5 @@
-//! Postgres over TLS (issue 9): `sslmode` and `sslrootcert` in the URL, for
-//! the pool and the change listener's connection. Each test starts a
+//! Postgres over TLS: `sslmode` and `sslrootcert` in the URL, for the pool
+//! and the change listener's connection. Each test starts a
 //! cluster of its own with `ssl=on`, serving a certificate that a
 //! throwaway CA made here signed, and checks from the server's side
 //! (`pg_stat_ssl`, through the cluster's Unix socket) which sessions are
@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, ScopeSet};
-use vilvik_keys_store::{Actor, KeySource, NewKey, Policy, PostgresStore, Store, StoreError};
+use vilvik_keys_store::{KeySource, PostgresStore, Store, StoreError};
+use vilvik_keys_test_db::fixtures::{account, create, error_chain, now};
 use vilvik_keys_test_db::{PrivateCluster, ServerTls};
 
 const DATABASE: &str = "tls";
@@ -91,6 +90,15 @@ impl TlsCluster {
         )
     }
 
+    /// A store on [`DATABASE`] at `host` with `params`, migrated.
+    async fn migrated(&self, host: &str, params: &str) -> PostgresStore {
+        let store = PostgresStore::connect(&self.url(host, params))
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
     /// `application_name` and `pg_stat_ssl.ssl` of every session of
     /// [`DATABASE`], as the server sees them.
     async fn sessions(&self) -> Vec<(String, bool)> {
@@ -127,41 +135,13 @@ fn file_param(path: &Path) -> &str {
     path.to_str().expect("temp paths are UTF-8")
 }
 
-fn actor() -> Actor {
-    Actor {
-        name: "operator:alice@example.com".to_owned(),
-        ip: None,
-        operator: true,
-    }
-}
-
-fn new_key(account: &AccountId) -> NewKey {
-    NewKey::builder(account.clone())
-        .name("tls-test".parse().unwrap())
-        .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
-        .created_at(OffsetDateTime::now_utc().replace_nanosecond(0).unwrap())
-        .build(&vilvik_keys_domain::Pepper::generate())
-        .0
-}
-
-/// The error's message and every source's, joined.
-fn chain(err: &StoreError) -> String {
-    let mut chain = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        chain.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    chain
-}
-
 /// Connecting to `url` fails as a configuration mistake whose chain says
 /// `expected`.
 async fn refused(url: &str, expected: &str) {
     match PostgresStore::connect(url).await {
         Ok(_) => panic!("{url} connected"),
         Err(err) => {
-            let chain = chain(&err);
+            let chain = error_chain(&err);
             assert!(matches!(err, StoreError::Internal(..)), "{url}: {chain}");
             assert!(chain.contains(expected), "{url}: {chain}");
         }
@@ -174,15 +154,9 @@ async fn require_encrypts_the_pool_and_disable_does_not() {
         return;
     };
     // No sslrootcert: any certificate is taken, as libpq takes it.
-    let store = PostgresStore::connect(&tls.url("127.0.0.1", "sslmode=require"))
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    let acme: AccountId = "ACME".parse().unwrap();
-    let created = store
-        .create_key(new_key(&acme), &actor(), &Policy::default())
-        .await
-        .unwrap();
+    let store = tls.migrated("127.0.0.1", "sslmode=require").await;
+    let acme = account("ACME");
+    let created = create(&store, &acme, "tls-test", now()).await;
     let read = store.get_key(&acme, &created.key_id).await.unwrap();
     assert_eq!(read.as_ref(), Some(&created));
     assert!(tls.encrypted("vilvik-keys").await);
@@ -213,21 +187,15 @@ async fn verify_full_with_the_ca_connects_and_the_change_feed_runs_over_tls() {
         file_param(&tls.ca_file)
     );
     // The certificate names the address and the host name: both verify.
-    let writer = PostgresStore::connect(&tls.url("127.0.0.1", &verify))
-        .await
-        .unwrap();
-    writer.migrate().await.unwrap();
+    let writer = tls.migrated("127.0.0.1", &verify).await;
     let reader = PostgresStore::connect(&tls.url("localhost", &verify))
         .await
         .unwrap();
     let mut listener = reader.listen().await.unwrap().expect("Postgres can push");
     assert!(tls.encrypted("vilvik-keys-listener").await);
 
-    let acme: AccountId = "ACME".parse().unwrap();
-    let created = writer
-        .create_key(new_key(&acme), &actor(), &Policy::default())
-        .await
-        .unwrap();
+    let acme = account("ACME");
+    let created = create(&writer, &acme, "tls-test", now()).await;
     let (seq, prefix) = tokio::time::timeout(Duration::from_secs(5), listener.next())
         .await
         .expect("a change within 5 s")
@@ -274,12 +242,8 @@ async fn verify_full_refuses_a_certificate_for_another_host() {
         .await;
     }
     // verify-ca checks the chain only, and the chain is good.
-    let store = PostgresStore::connect(
-        &tls.url("127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={ca}")),
-    )
-    .await
-    .unwrap();
-    store.migrate().await.unwrap();
+    let params = format!("sslmode=verify-ca&sslrootcert={ca}");
+    let _store = tls.migrated("127.0.0.1", &params).await;
     assert!(tls.encrypted("vilvik-keys").await);
 }
 
@@ -291,13 +255,8 @@ async fn a_server_demanding_tls_refuses_sslmode_disable() {
     // The server's own words for a client without TLS.
     refused(&tls.url("127.0.0.1", "sslmode=disable"), "no encryption").await;
     let ca = file_param(&tls.ca_file);
-    let store = PostgresStore::connect(&tls.url(
-        "127.0.0.1",
-        &format!("sslmode=verify-full&sslrootcert={ca}"),
-    ))
-    .await
-    .unwrap();
-    store.migrate().await.unwrap();
+    let params = format!("sslmode=verify-full&sslrootcert={ca}");
+    let _store = tls.migrated("127.0.0.1", &params).await;
     assert!(tls.encrypted("vilvik-keys").await);
 }
 
@@ -318,7 +277,7 @@ async fn a_verifying_mode_without_a_usable_sslrootcert_stops_the_start() {
         let url = format!("{base}?{params}");
         refused(&url, expected).await;
         let err = PostgresStore::connect(&url).await.unwrap_err();
-        let chain = chain(&err);
+        let chain = error_chain(&err);
         assert!(chain.contains("DATABASE_URL"), "{chain}");
         assert!(!chain.contains("hunter2"), "{chain}");
     }

@@ -530,20 +530,25 @@ mod tests {
         assert_eq!(one, 1);
 
         cluster.freeze();
-        let frozen = tokio::time::timeout(
-            Duration::from_millis(300),
-            client.query_one("SELECT 2", &[]),
+        // Every process of the cluster stopped: nothing can answer.
+        let postmaster = cluster.postmaster_pid();
+        crate::eventually(
+            Duration::from_secs(5),
+            "every process of the cluster is stopped",
+            || async { stopped(postmaster) && children_of(postmaster).into_iter().all(stopped) },
         )
         .await;
-        assert!(frozen.is_err(), "a frozen cluster answered: {frozen:?}");
+        let mut query = std::pin::pin!(client.query_one("SELECT 2", &[]));
+        let answered =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(query.as_mut().poll(cx))).await;
+        assert!(answered.is_pending(), "a frozen cluster answered");
         cluster.thaw();
         // The query sent while frozen is answered after the thaw.
-        let two: i32 =
-            tokio::time::timeout(Duration::from_secs(10), client.query_one("SELECT 2", &[]))
-                .await
-                .expect("the thawed cluster answers")
-                .unwrap()
-                .get(0);
+        let two: i32 = tokio::time::timeout(Duration::from_secs(10), query)
+            .await
+            .expect("the thawed cluster answers")
+            .unwrap()
+            .get(0);
         assert_eq!(two, 2);
 
         let postmaster = cluster.postmaster_pid();
@@ -557,6 +562,20 @@ mod tests {
         );
         assert!(!dir.exists(), "{} was not removed", dir.display());
         assert!(client.query_one("SELECT 3", &[]).await.is_err());
+    }
+
+    /// Whether process `pid` can do nothing, as `/proc` says: stopped by
+    /// a signal, or exited (a zombie a stopped postmaster cannot reap, or
+    /// gone).
+    fn stopped(pid: u32) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return true;
+        };
+        // "pid (comm) state ...": comm may hold spaces and parens.
+        let state = stat
+            .rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().next());
+        matches!(state, Some("T" | "Z" | "X"))
     }
 
     #[tokio::test]

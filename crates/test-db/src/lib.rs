@@ -3,6 +3,12 @@
 //! [`eventually`], the one way a test waits for something that happens in
 //! the background.
 //!
+//! For the store and the verify engine: [`fixtures`], the pepper, actor,
+//! policies and keys tests build on, and the calls that arrange a test;
+//! [`TestStore`], a migrated store on a [`Backend`] of its own (a SQLite
+//! file or a fresh Postgres database), and [`on_both_backends!`], which
+//! runs a test written once on each backend.
+//!
 //! Tests that need Postgres call [`TestDatabase::create`] and connect to
 //! [`TestDatabase::url`]. The server to use comes from
 //! `VILVIK_KEYS_TEST_DATABASE_URL` (e.g.
@@ -31,12 +37,15 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod backends;
 mod cluster;
 mod eventually;
+pub mod fixtures;
 mod proxy;
 
 use std::fmt;
 
+pub use backends::{Backend, FromTestStore, TestStore};
 pub use cluster::{PrivateCluster, ServerTls};
 pub use eventually::{POLL_EVERY, block_on, eventually};
 pub use proxy::{FaultProxy, ProxyMode};
@@ -83,7 +92,7 @@ impl TestDatabase {
         };
         let name = unique_name();
         let url = with_database(&admin_url, &name);
-        let client = connect(&admin_url).await;
+        let client = side_client(&admin_url).await;
         client
             .batch_execute(&format!("CREATE DATABASE \"{name}\""))
             .await
@@ -112,7 +121,7 @@ impl TestDatabase {
 /// named by [`URL_VAR`].
 pub async fn allow_connections(database: &str, allow: bool) {
     let url = std::env::var(URL_VAR).unwrap_or_else(|_| panic!("{URL_VAR} is not set"));
-    let client = connect(&url).await;
+    let client = side_client(&url).await;
     client
         .batch_execute(&format!(
             "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {allow}"
@@ -180,13 +189,17 @@ impl Drop for TestDatabase {
     }
 }
 
-async fn connect(url: &str) -> tokio_postgres::Client {
+/// A plain connection to `url` (no TLS), driven by a task on the current
+/// runtime until the client is dropped: for looking at or acting on a
+/// database from the side, as an operator would. Panics when it cannot
+/// connect.
+pub async fn side_client(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to {URL_VAR}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot connect to a test database: {e}"));
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            eprintln!("test database admin connection failed: {e}");
+            eprintln!("a side connection to a test database failed: {e}");
         }
     });
     client
@@ -265,14 +278,14 @@ mod tests {
             return;
         };
         let name = db.name().to_owned();
-        let client = connect(db.url()).await;
+        let client = side_client(db.url()).await;
         let current: String = client
             .query_one("SELECT current_database()", &[])
             .await
             .unwrap()
             .get(0);
         assert_eq!(current, name);
-        let admin = connect(&db.admin_url).await;
+        let admin = side_client(&db.admin_url).await;
         // Dropped inside a runtime, with a session still open.
         drop(db);
         let left = admin

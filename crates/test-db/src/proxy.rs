@@ -46,6 +46,7 @@ pub struct FaultProxy {
     target: SocketAddr,
     mode: watch::Sender<ProxyMode>,
     accepted: Arc<AtomicUsize>,
+    held: Arc<AtomicUsize>,
     acceptor: JoinHandle<()>,
 }
 
@@ -60,17 +61,20 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("a bound address");
         let (mode, _) = watch::channel(ProxyMode::Pass);
         let accepted = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(AtomicUsize::new(0));
         let acceptor = tokio::spawn(accept_loop(
             listener,
             target,
             mode.clone(),
             accepted.clone(),
+            held.clone(),
         ));
         FaultProxy {
             addr,
             target,
             mode,
             accepted,
+            held,
             acceptor,
         }
     }
@@ -92,6 +96,13 @@ impl FaultProxy {
     /// Connections accepted so far, in any mode.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections held in a [`ProxyMode::BlackHole`] right now: each
+    /// reads nothing from either side until the mode changes, so a test
+    /// that sees one held knows nothing passes it.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
     }
 }
 
@@ -117,6 +128,7 @@ async fn accept_loop(
     target: SocketAddr,
     mode: watch::Sender<ProxyMode>,
     accepted: Arc<AtomicUsize>,
+    held: Arc<AtomicUsize>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
@@ -127,7 +139,7 @@ async fn accept_loop(
             reset(client);
             continue;
         }
-        tokio::spawn(relay(client, target, mode.subscribe()));
+        tokio::spawn(relay(client, target, mode.subscribe(), held.clone()));
     }
 }
 
@@ -148,7 +160,12 @@ fn reset(stream: TcpStream) {
 }
 
 /// One connection, following the mode until either side closes.
-async fn relay(client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<ProxyMode>) {
+async fn relay(
+    client: TcpStream,
+    target: SocketAddr,
+    mut mode: watch::Receiver<ProxyMode>,
+    held: Arc<AtomicUsize>,
+) {
     let mut client = client;
     let mut upstream: Option<TcpStream> = None;
     let mut from_client = vec![0u8; 16 * 1024];
@@ -160,7 +177,10 @@ async fn relay(client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<
             ProxyMode::BlackHole => {
                 // Hold both sockets, read nothing, until the mode changes
                 // or the proxy is dropped.
-                if mode.changed().await.is_err() {
+                held.fetch_add(1, Ordering::SeqCst);
+                let changed = mode.changed().await;
+                held.fetch_sub(1, Ordering::SeqCst);
+                if changed.is_err() {
                     break;
                 }
             }
@@ -234,7 +254,23 @@ mod tests {
         Ok(back)
     }
 
-    const QUIET: Duration = Duration::from_millis(200);
+    /// Waits until `proxy` holds `count` connections in its black hole.
+    async fn until_held(proxy: &FaultProxy, count: usize) {
+        let what = format!("the proxy holds {count} connections");
+        crate::eventually(Duration::from_secs(5), &what, || async {
+            proxy.held() == count
+        })
+        .await;
+    }
+
+    /// Checks that nothing came back on `stream`, and that it is open.
+    fn assert_unanswered(stream: &TcpStream) {
+        let mut buf = [0u8; 16];
+        match stream.try_read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("a black hole answered or closed: {other:?}"),
+        }
+    }
 
     #[tokio::test]
     async fn passes_black_holes_heals_and_resets() {
@@ -243,12 +279,15 @@ mod tests {
         assert_eq!(round_trip(&mut stream, b"one").await.unwrap(), b"one");
 
         proxy.set_mode(ProxyMode::BlackHole);
-        // An open connection and a new one: both accepted, neither answered.
-        let held = tokio::time::timeout(QUIET, round_trip(&mut stream, b"two")).await;
-        assert!(held.is_err(), "a black hole answered: {held:?}");
+        // An open connection and a new one: both accepted and held (which
+        // reads nothing from either side), neither answered.
+        until_held(&proxy, 1).await;
+        stream.write_all(b"two").await.unwrap();
         let mut during = TcpStream::connect(proxy.addr()).await.unwrap();
-        let held = tokio::time::timeout(QUIET, round_trip(&mut during, b"new")).await;
-        assert!(held.is_err(), "a black hole answered: {held:?}");
+        until_held(&proxy, 2).await;
+        during.write_all(b"new").await.unwrap();
+        assert_unanswered(&stream);
+        assert_unanswered(&during);
 
         // Healed: what was sent meanwhile arrives, on both connections.
         proxy.set_mode(ProxyMode::Pass);

@@ -6,16 +6,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use time::OffsetDateTime;
-use vilvik_keys_domain::{
-    AccountId, Clock, GeneratedKey, KeyId, KeyPrefix, ManualClock, Pepper, Peppers, ScopeSet,
-    TierLimits,
-};
+use vilvik_keys_domain::{Clock, GeneratedKey, KeyId, KeyPrefix, ManualClock, Peppers};
 use vilvik_keys_store::{
-    Actor, ChangeListener, KeySource, NewKey, OutageKind, Policy, Rehash, Result, SecretEntry,
-    SecretRecord, SqliteStore, Store, StoreError, UsageRecord,
+    ChangeListener, KeySource, NewKey, OutageKind, Rehash, Result, SecretEntry, SecretRecord,
+    Store, StoreError, UsageRecord,
 };
-use vilvik_keys_test_db::eventually;
+use vilvik_keys_test_db::fixtures::{
+    account, actor, manual_clock, new_key_for, new_secret, pepper, roomy,
+};
+use vilvik_keys_test_db::{Backend, eventually};
 use vilvik_keys_verify::{
     CacheConfig, FeedConfig, MissConfig, UsageConfig, UsageRecorder, Verdict, Verifier,
     VerifierConfig,
@@ -50,11 +49,6 @@ impl Instrumented {
         }
         Ok(())
     }
-}
-
-/// The one pepper of these nodes.
-fn pepper() -> Pepper {
-    Pepper::from_bytes(&[0x42; 32])
 }
 
 fn down() -> StoreError {
@@ -113,8 +107,8 @@ struct Node {
     clock: Arc<ManualClock>,
     verifier: Verifier,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    path: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    /// The SQLite file under `store`, for other writers to open.
+    backend: Backend,
 }
 
 const BOUND: Duration = Duration::from_secs(30);
@@ -131,6 +125,16 @@ async fn node(find_delay: Duration, staleness_bound: Duration) -> Node {
     node_with(find_delay, staleness_bound, MissConfig::default(), true).await
 }
 
+/// A node (no lookup delay, the usual bound) that verified a key of its
+/// own and holds it in memory, the key's creation applied by the
+/// follower first (it evicts the prefix); with the key's id and secret.
+async fn node_with_a_cached_key() -> (Node, KeyId, GeneratedKey) {
+    let node = node(Duration::ZERO, BOUND).await;
+    let (key_id, key) = node.create_and_catch_up().await;
+    assert!(node.verify(&key).await.unwrap().is_valid());
+    (node, key_id, key)
+}
+
 /// A node; without `prefix_set` it never learns the set of known prefixes
 /// (their stream fails), so unknown prefixes are looked up in the store.
 async fn node_with(
@@ -139,9 +143,8 @@ async fn node_with(
     misses: MissConfig,
     prefix_set: bool,
 ) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keys.db");
-    let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let backend = Backend::sqlite();
+    let inner = backend.open().await;
     inner.migrate().await.unwrap();
     let store = Arc::new(Instrumented {
         inner,
@@ -152,9 +155,7 @@ async fn node_with(
         store_down: AtomicBool::new(false),
         prefixes_down: AtomicBool::new(!prefix_set),
     });
-    let clock = Arc::new(ManualClock::new(
-        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
-    ));
+    let clock = manual_clock();
     let usage = UsageRecorder::new(store.clone(), UsageConfig::default());
     let verifier = Verifier::new(
         store.clone(),
@@ -193,8 +194,7 @@ async fn node_with(
         clock,
         verifier,
         stop: Some(stop),
-        path,
-        _dir: dir,
+        backend,
     };
     node.wait_until_following(true).await;
     assert_eq!(node.verifier.known_prefixes().1, prefix_set);
@@ -209,39 +209,49 @@ impl Drop for Node {
     }
 }
 
-fn actor() -> Actor {
-    Actor {
-        name: "test".into(),
-        ip: None,
-        operator: true,
-    }
+/// Whether a verify answered that the key is revoked.
+fn answers_revoked(outcome: Result<Verdict>) -> bool {
+    matches!(outcome, Ok(Verdict::Revoked(_)))
 }
 
-fn account() -> AccountId {
-    "ACME".parse().unwrap()
+/// A key of ACME for `secret`, created `at`.
+fn key_for(secret: &GeneratedKey, at: time::OffsetDateTime) -> NewKey {
+    new_key_for(&account("ACME"), "ci-runner", secret, at)
 }
 
 impl Node {
     /// Creates a key as this node's admin API would.
     async fn create(&self) -> (KeyId, GeneratedKey) {
-        let secret = GeneratedKey::generate(&pepper());
+        let secret = new_secret();
         (self.create_with(&secret).await, secret)
     }
 
+    /// [`Node::create`], then waits until the follower has applied the
+    /// creation (which evicts the key's prefix), so that what a verify
+    /// caches next stays cached.
+    async fn create_and_catch_up(&self) -> (KeyId, GeneratedKey) {
+        let created = self.create().await;
+        self.wait_until_caught_up().await;
+        created
+    }
+
+    /// Revokes key `key_id` behind this node's back (it is not told), as
+    /// another node's admin API would.
+    async fn revoke_elsewhere(&self, key_id: &KeyId) {
+        let (acme, at) = (account("ACME"), self.clock.now());
+        self.store
+            .inner
+            .revoke_key(&acme, key_id, "leaked", &actor(), at)
+            .await
+            .unwrap();
+    }
+
     async fn create_with(&self, secret: &GeneratedKey) -> KeyId {
-        let new = NewKey::builder(account())
-            .name("ci-runner".parse().unwrap())
-            .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
-            .created_at(self.clock.now())
-            .build_for(secret);
-        let limits = TierLimits {
-            free: 1000,
-            premium: 1000,
-        };
+        let new = key_for(secret, self.clock.now());
         let key_id = self
             .store
             .inner
-            .create_key(new, &actor(), &limits.into())
+            .create_key(new, &actor(), &roomy())
             .await
             .unwrap()
             .key_id;
@@ -259,6 +269,13 @@ impl Node {
 
     fn finds(&self) -> usize {
         self.store.finds.load(Ordering::SeqCst)
+    }
+
+    /// Throws `fault`, one of the store's switches that take the change
+    /// feed down, and waits until the follower notices.
+    async fn cut_feed(&self, fault: &AtomicBool) {
+        fault.store(true, Ordering::SeqCst);
+        self.wait_until_following(false).await;
     }
 
     /// Waits until the follower is (or is no longer) following the feed.
@@ -288,9 +305,7 @@ impl Node {
 
 #[tokio::test]
 async fn a_hit_touches_no_store() {
-    let node = node(Duration::ZERO, BOUND).await;
-    let (_, key) = node.create().await;
-    assert!(node.verify(&key).await.unwrap().is_valid());
+    let (node, _, key) = node_with_a_cached_key().await;
     assert_eq!(node.finds(), 1);
     node.store.store_down.store(true, Ordering::SeqCst);
     for _ in 0..1_000 {
@@ -307,7 +322,7 @@ async fn a_hit_touches_no_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_for_one_prefix_share_one_load() {
     let node = Arc::new(node(Duration::from_millis(100), BOUND).await);
-    let (_, key) = node.create().await;
+    let (_, key) = node.create_and_catch_up().await;
     let key = Arc::new(key);
     let mut verifies = tokio::task::JoinSet::new();
     for _ in 0..50 {
@@ -323,7 +338,7 @@ async fn concurrent_misses_for_one_prefix_share_one_load() {
 #[tokio::test]
 async fn without_the_prefix_set_unknown_prefixes_are_remembered_briefly() {
     let node = node_with(Duration::ZERO, BOUND, MissConfig::default(), false).await;
-    let stranger = GeneratedKey::generate(&pepper());
+    let stranger = new_secret();
     for _ in 0..20 {
         assert_eq!(node.verify(&stranger).await.unwrap(), Verdict::NotFound);
     }
@@ -346,7 +361,7 @@ async fn a_key_created_after_its_prefix_was_cached_as_unknown_is_found() {
     // The node's clock stands still, so the negative entry never expires:
     // only the creation's change-log entry can evict it.
     let node = node_with(Duration::ZERO, BOUND, MissConfig::default(), false).await;
-    let key = GeneratedKey::generate(&pepper());
+    let key = new_secret();
     assert_eq!(node.verify(&key).await.unwrap(), Verdict::NotFound);
     assert_eq!(node.verify(&key).await.unwrap(), Verdict::NotFound);
     assert_eq!(node.finds(), 1, "the unknown prefix is cached");
@@ -361,43 +376,32 @@ async fn a_key_created_after_its_prefix_was_cached_as_unknown_is_found() {
 
 #[tokio::test]
 async fn changes_by_another_writer_are_evicted_by_the_follower() {
-    let node = node(Duration::ZERO, BOUND).await;
-    let (key_id, key) = node.create().await;
-    assert!(node.verify(&key).await.unwrap().is_valid());
+    let (node, key_id, key) = node_with_a_cached_key().await;
     // Another process on the same database file revokes the key.
-    let other = SqliteStore::open(&node.path).await.unwrap();
+    let other = node.backend.open().await;
+    let (acme, at) = (account("ACME"), node.clock.now());
     other
-        .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
+        .revoke_key(&acme, &key_id, "leaked", &actor(), at)
         .await
         .unwrap();
     eventually(
         Duration::from_secs(1),
         "the follower evicts the key revoked by another writer",
-        || async { matches!(node.verify(&key).await.unwrap(), Verdict::Revoked(_)) },
+        || async { answers_revoked(node.verify(&key).await) },
     )
     .await;
 }
 
 #[tokio::test]
 async fn changes_missed_while_the_feed_was_down_are_caught_up() {
-    let node = node(Duration::ZERO, BOUND).await;
-    let (key_id, key) = node.create().await;
-    assert!(node.verify(&key).await.unwrap().is_valid());
-    node.store.feed_down.store(true, Ordering::SeqCst);
-    node.wait_until_following(false).await;
-    node.store
-        .inner
-        .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
-        .await
-        .unwrap();
+    let (node, key_id, key) = node_with_a_cached_key().await;
+    node.cut_feed(&node.store.feed_down).await;
+    node.revoke_elsewhere(&key_id).await;
     // Within the bound the cached answer stands: the node cannot know.
     assert!(node.verify(&key).await.unwrap().is_valid());
     node.store.feed_down.store(false, Ordering::SeqCst);
     node.wait_until_following(true).await;
-    assert!(matches!(
-        node.verify(&key).await.unwrap(),
-        Verdict::Revoked(_)
-    ));
+    assert!(answers_revoked(node.verify(&key).await));
 }
 
 #[tokio::test]
@@ -408,19 +412,8 @@ async fn changes_missed_and_pruned_from_the_log_clear_the_whole_cache() {
     assert!(node.verify(&revoked).await.unwrap().is_valid());
     assert!(node.verify(&untouched).await.unwrap().is_valid());
     let finds = node.finds();
-    node.store.feed_down.store(true, Ordering::SeqCst);
-    node.wait_until_following(false).await;
-    node.store
-        .inner
-        .revoke_key(
-            &account(),
-            &revoked_id,
-            "leaked",
-            &actor(),
-            node.clock.now(),
-        )
-        .await
-        .unwrap();
+    node.cut_feed(&node.store.feed_down).await;
+    node.revoke_elsewhere(&revoked_id).await;
     let (_, created_while_cut_off) = node.create().await;
     node.create().await; // the newest entry, which pruning keeps
     let pruned = node
@@ -432,10 +425,7 @@ async fn changes_missed_and_pruned_from_the_log_clear_the_whole_cache() {
     assert!(pruned >= 4, "{pruned}");
     node.store.feed_down.store(false, Ordering::SeqCst);
     node.wait_until_following(true).await;
-    assert!(matches!(
-        node.verify(&revoked).await.unwrap(),
-        Verdict::Revoked(_)
-    ));
+    assert!(answers_revoked(node.verify(&revoked).await));
     // Nothing cached survived: the unchanged key is read again.
     assert!(node.verify(&untouched).await.unwrap().is_valid());
     assert_eq!(node.finds(), finds + 2);
@@ -457,7 +447,7 @@ async fn an_unknown_prefix_is_not_found_without_a_store_access() {
     node.wait_until_caught_up().await;
     node.store.store_down.store(true, Ordering::SeqCst);
     for _ in 0..100 {
-        let stranger = GeneratedKey::generate(&pepper());
+        let stranger = new_secret();
         assert_eq!(node.verify(&stranger).await.unwrap(), Verdict::NotFound);
     }
     assert_eq!(node.finds(), 0, "no lookup for a prefix nobody has");
@@ -471,15 +461,10 @@ async fn a_key_created_by_another_writer_becomes_known_through_the_feed() {
     let node = node(Duration::ZERO, BOUND).await;
     // Created behind the verifier's back (no `invalidate`): only the change
     // feed can tell it.
-    let other = SqliteStore::open(&node.path).await.unwrap();
-    let key = GeneratedKey::generate(&pepper());
-    let new = NewKey::builder(account())
-        .name("ci-runner".parse().unwrap())
-        .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
-        .created_at(node.clock.now())
-        .build_for(&key);
+    let other = node.backend.open().await;
+    let key = new_secret();
     other
-        .create_key(new, &actor(), &Policy::default())
+        .create_key(key_for(&key, node.clock.now()), &actor(), &roomy())
         .await
         .unwrap();
     eventually(
@@ -493,10 +478,7 @@ async fn a_key_created_by_another_writer_becomes_known_through_the_feed() {
 
 #[tokio::test]
 async fn polls_renew_the_lease() {
-    let node = node(Duration::ZERO, BOUND).await;
-    let (_, key) = node.create().await;
-    node.wait_until_caught_up().await;
-    assert!(node.verify(&key).await.unwrap().is_valid());
+    let (node, _, key) = node_with_a_cached_key().await;
     let finds = node.finds();
     node.clock.advance(time::Duration::seconds(31));
     eventually(PATIENCE, "a poll renews the lease", || async {
@@ -512,20 +494,12 @@ async fn polls_renew_the_lease() {
 
 #[tokio::test]
 async fn a_hung_change_log_ends_the_lease_at_the_bound() {
-    let node = node(Duration::ZERO, BOUND).await;
-    let (key_id, key) = node.create().await;
-    node.wait_until_caught_up().await;
-    assert!(node.verify(&key).await.unwrap().is_valid());
+    let (node, key_id, key) = node_with_a_cached_key().await;
     // Reads of the change log never answer, as with a frozen database or
     // a partition that drops packets; the follower notices within its
     // deadline.
-    node.store.feed_hung.store(true, Ordering::SeqCst);
-    node.wait_until_following(false).await;
-    node.store
-        .inner
-        .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
-        .await
-        .unwrap();
+    node.cut_feed(&node.store.feed_hung).await;
+    node.revoke_elsewhere(&key_id).await;
     node.clock.advance(time::Duration::seconds(29));
     assert!(
         node.verify(&key).await.unwrap().is_valid(),
@@ -533,21 +507,18 @@ async fn a_hung_change_log_ends_the_lease_at_the_bound() {
     );
     node.clock.advance(time::Duration::seconds(2));
     assert!(
-        matches!(node.verify(&key).await.unwrap(), Verdict::Revoked(_)),
+        answers_revoked(node.verify(&key).await),
         "past the bound only a fresh read counts"
     );
 }
 
 #[tokio::test]
 async fn past_the_staleness_bound_cached_entries_are_not_trusted() {
-    let node = node(Duration::ZERO, BOUND).await;
-    let (key_id, key) = node.create().await;
-    assert!(node.verify(&key).await.unwrap().is_valid());
+    let (node, key_id, key) = node_with_a_cached_key().await;
 
     // The feed and the database go down together, as in an outage.
-    node.store.feed_down.store(true, Ordering::SeqCst);
     node.store.store_down.store(true, Ordering::SeqCst);
-    node.wait_until_following(false).await;
+    node.cut_feed(&node.store.feed_down).await;
     node.clock.advance(time::Duration::seconds(29));
     assert!(
         node.verify(&key).await.unwrap().is_valid(),
@@ -560,15 +531,8 @@ async fn past_the_staleness_bound_cached_entries_are_not_trusted() {
     // The database is back but the feed is not: answers come fresh from the
     // store, so a revocation the node missed is honoured.
     node.store.store_down.store(false, Ordering::SeqCst);
-    node.store
-        .inner
-        .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
-        .await
-        .unwrap();
-    assert!(matches!(
-        node.verify(&key).await.unwrap(),
-        Verdict::Revoked(_)
-    ));
+    node.revoke_elsewhere(&key_id).await;
+    assert!(answers_revoked(node.verify(&key).await));
 }
 
 #[tokio::test]
@@ -576,9 +540,8 @@ async fn a_zero_bound_fails_closed_at_once() {
     let node = node(Duration::ZERO, Duration::ZERO).await;
     let (_, key) = node.create().await;
     assert!(node.verify(&key).await.unwrap().is_valid());
-    node.store.feed_down.store(true, Ordering::SeqCst);
     node.store.store_down.store(true, Ordering::SeqCst);
-    node.wait_until_following(false).await;
+    node.cut_feed(&node.store.feed_down).await;
     assert!(node.verify(&key).await.is_err());
     // A malformed key still gets its answer: it needs neither cache nor store.
     let answer = node.verifier.verify(b"vlk_typo", &[], None).await.unwrap();
@@ -587,36 +550,19 @@ async fn a_zero_bound_fails_closed_at_once() {
 
 #[tokio::test]
 async fn local_invalidation_is_immediate() {
-    let node = node(Duration::ZERO, BOUND).await;
-    let (key_id, key) = node.create().await;
-    assert!(node.verify(&key).await.unwrap().is_valid());
-    node.store
-        .inner
-        .revoke_key(&account(), &key_id, "leaked", &actor(), node.clock.now())
-        .await
-        .unwrap();
+    let (node, key_id, key) = node_with_a_cached_key().await;
+    node.revoke_elsewhere(&key_id).await;
     node.verifier.invalidate(key.prefix());
-    assert!(matches!(
-        node.verify(&key).await.unwrap(),
-        Verdict::Revoked(_)
-    ));
+    assert!(answers_revoked(node.verify(&key).await));
 }
 
 #[tokio::test]
 async fn preload_puts_every_secret_in_memory() {
     let node = node(Duration::ZERO, BOUND).await;
-    let secrets: Vec<GeneratedKey> = (0..2_500)
-        .map(|_| GeneratedKey::generate(&pepper()))
-        .collect();
+    let secrets: Vec<GeneratedKey> = (0..2_500).map(|_| new_secret()).collect();
     let keys = secrets
         .iter()
-        .map(|secret| {
-            NewKey::builder(account())
-                .name("imported".parse().unwrap())
-                .scopes(ScopeSet::parse(&["datasets:read"]).unwrap())
-                .created_at(node.clock.now())
-                .build_for(secret)
-        })
+        .map(|secret| key_for(secret, node.clock.now()))
         .collect();
     node.store.inner.import_keys(keys, &actor()).await.unwrap();
     // Let the follower pass the import's change-log entries first, so that

@@ -5,81 +5,65 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, ApiKey, Clock, GeneratedKey, KeyFormatError, KeyId, KeyPrefix, ManualClock, Pepper,
-    Peppers, Scope, ScopeSet,
+    ApiKey, Clock, GeneratedKey, KeyFormatError, KeyId, KeyPrefix, ManualClock, Pepper, PepperId,
+    Peppers, Scope,
 };
-use vilvik_keys_store::{Actor, NewKey, NewSecret, Policy, SqliteStore, Store};
+use vilvik_keys_store::{KeyRecord, Store};
+use vilvik_keys_test_db::Backend;
+use vilvik_keys_test_db::fixtures::{
+    account, actor, hash_under, manual_clock, new_key, new_secret, pepper, revoke, roomy, rotate,
+    scopes,
+};
 use vilvik_keys_verify::{UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig};
 
+/// A verify node (with the fixtures' pepper) on a SQLite store of its
+/// own, on a manual clock.
 struct Fixture {
     store: Arc<dyn Store>,
     clock: Arc<ManualClock>,
     usage: UsageRecorder,
     verifier: Verifier,
-    path: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// The fixture's pepper, unless a test configures others.
-fn pepper() -> Pepper {
-    Pepper::from_bytes(&[0x42; 32])
+    backend: Backend,
 }
 
 async fn fixture(migrated: bool) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("k.db");
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let backend = Backend::sqlite();
+    let store = backend.open().await;
     if migrated {
         store.migrate().await.unwrap();
     }
-    let clock = Arc::new(ManualClock::new(
-        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
-    ));
+    let clock = manual_clock();
     let usage = UsageRecorder::new(store.clone(), UsageConfig::default());
-    let verifier = Verifier::new(
-        store.clone(),
-        clock.clone(),
-        usage.clone(),
-        Arc::new(Peppers::only(pepper())),
-        VerifierConfig::default(),
-    );
+    let peppers = Arc::new(Peppers::only(pepper()));
+    let config = VerifierConfig::default();
+    let verifier = Verifier::new(store.clone(), clock.clone(), usage.clone(), peppers, config);
     Fixture {
         store,
         clock,
         usage,
         verifier,
-        path,
-        _dir: dir,
-    }
-}
-
-fn actor() -> Actor {
-    Actor {
-        name: "test".into(),
-        ip: None,
-        operator: true,
+        backend,
     }
 }
 
 impl Fixture {
+    /// Creates a key of ACME with `scopes`, expiring `expires_in` from now
+    /// if given; returns it and its secret.
     async fn create(
         &self,
-        scopes: &[&str],
+        scopes_granted: &[&str],
         expires_in: Option<time::Duration>,
-    ) -> (KeyId, GeneratedKey) {
+    ) -> (KeyRecord, GeneratedKey) {
         let now = self.clock.now();
-        let (new, secret) = NewKey::builder("ACME".parse().unwrap())
-            .name("ci-runner".parse().unwrap())
-            .scopes(ScopeSet::parse(scopes).unwrap())
-            .expires_at(expires_in.map(|d| now + d))
-            .created_at(now)
-            .build(&pepper());
-        let record = self
+        let (mut new, secret) = new_key(&account("ACME"), "ci-runner", now);
+        new.scopes = scopes(scopes_granted);
+        new.expires_at = expires_in.map(|d| now + d);
+        let key = self
             .store
-            .create_key(new, &actor(), &Policy::default())
+            .create_key(new, &actor(), &roomy())
             .await
             .unwrap();
-        (record.key_id, secret)
+        (key, secret)
     }
 
     /// Another verify node on the same store, with `peppers`.
@@ -94,7 +78,7 @@ impl Fixture {
     }
 
     /// The stored pepper id and hash of the secret with `prefix`.
-    async fn stored(&self, prefix: &KeyPrefix) -> (Option<vilvik_keys_domain::PepperId>, [u8; 32]) {
+    async fn stored(&self, prefix: &KeyPrefix) -> (Option<PepperId>, [u8; 32]) {
         let secret = self.store.find_secret(prefix).await.unwrap().unwrap();
         (secret.pepper_id, *secret.hash.as_bytes())
     }
@@ -103,7 +87,8 @@ impl Fixture {
     /// a database from before peppers holds it.
     fn make_legacy(&self, secret: &GeneratedKey) {
         let presented: ApiKey = secret.expose_secret().parse().unwrap();
-        let conn = rusqlite::Connection::open(&self.path).unwrap();
+        let path = self.backend.sqlite_path().unwrap();
+        let conn = rusqlite::Connection::open(path).unwrap();
         let changed = conn
             .execute(
                 "UPDATE key_secrets SET hash = ?1, pepper_id = NULL WHERE prefix = ?2",
@@ -124,14 +109,9 @@ impl Fixture {
             .unwrap()
     }
 
-    async fn last_used(&self, key_id: &KeyId) -> Option<OffsetDateTime> {
-        let account: AccountId = "ACME".parse().unwrap();
-        self.store
-            .get_key(&account, key_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_used_at
+    async fn last_used(&self, key: &KeyRecord) -> Option<OffsetDateTime> {
+        let stored = self.store.get_key(&key.account_id, &key.key_id).await;
+        stored.unwrap().unwrap().last_used_at
     }
 }
 
@@ -141,7 +121,7 @@ async fn malformed_keys_are_answered_without_touching_the_store() {
     let f = fixture(false).await;
     let verdict = f.verify("vlk_nope", &[]).await;
     assert_eq!(verdict, Verdict::Malformed(KeyFormatError::WrongLength(8)));
-    let good_shape = GeneratedKey::generate(&pepper());
+    let good_shape = new_secret();
     assert!(
         f.verifier
             .verify(good_shape.expose_secret().as_bytes(), &[], None)
@@ -153,14 +133,14 @@ async fn malformed_keys_are_answered_without_touching_the_store() {
 #[tokio::test]
 async fn each_verdict_in_turn() {
     let f = fixture(true).await;
-    let (key_id, secret) = f
+    let (created, secret) = f
         .create(&["datasets:*"], Some(time::Duration::hours(1)))
         .await;
 
     let Verdict::Valid(key) = f.verify(secret.expose_secret(), &["datasets:read"]).await else {
         panic!("expected valid");
     };
-    assert_eq!(key.key_id, key_id);
+    assert_eq!(key.key_id, created.key_id);
     match f
         .verify(secret.expose_secret(), &["datasets:read", "models:read"])
         .await
@@ -171,9 +151,9 @@ async fn each_verdict_in_turn() {
         other => panic!("expected insufficient scope, got {other:?}"),
     }
     // Unknown key, and a forged secret under a real prefix: both NOT_FOUND.
+    let unknown = new_secret();
     assert_eq!(
-        f.verify(GeneratedKey::generate(&pepper()).expose_secret(), &[])
-            .await,
+        f.verify(unknown.expose_secret(), &[]).await,
         Verdict::NotFound
     );
     let forged = forge_with_prefix(secret.prefix().as_str());
@@ -185,29 +165,15 @@ async fn each_verdict_in_turn() {
         Verdict::Expired(_)
     ));
 
-    let (key_id, secret) = f.create(&["a:b"], None).await;
-    let account: AccountId = "ACME".parse().unwrap();
-    let next = GeneratedKey::generate(&pepper());
-    f.store
-        .rotate_key(
-            &account,
-            &key_id,
-            &NewSecret::from(&next),
-            &actor(),
-            f.clock.now(),
-            &Policy::default(),
-        )
-        .await
-        .unwrap();
+    let (key, secret) = f.create(&["a:b"], None).await;
+    let next = new_secret();
+    rotate(&*f.store, &key, &next, f.clock.now()).await;
     assert!(matches!(
         f.verify(secret.expose_secret(), &[]).await,
         Verdict::Rotated(_)
     ));
     assert!(f.verify(next.expose_secret(), &[]).await.is_valid());
-    f.store
-        .revoke_key(&account, &key_id, "test", &actor(), f.clock.now())
-        .await
-        .unwrap();
+    revoke(&*f.store, &key, "test", f.clock.now()).await;
     assert!(matches!(
         f.verify(next.expose_secret(), &[]).await,
         Verdict::Revoked(_)
@@ -236,41 +202,37 @@ fn crc32(body: &str) -> String {
 #[tokio::test]
 async fn only_authenticated_uses_of_active_keys_are_recorded() {
     let f = fixture(true).await;
-    let (key_id, secret) = f.create(&["a:b"], None).await;
+    let (key, secret) = f.create(&["a:b"], None).await;
     f.verify(secret.expose_secret(), &["c:d"]).await; // insufficient scope: still a use
     assert_eq!(f.usage.flush().await.unwrap(), 1);
-    assert_eq!(f.last_used(&key_id).await, Some(f.clock.now()));
+    assert_eq!(f.last_used(&key).await, Some(f.clock.now()));
 
-    let (other_id, other) = f.create(&["a:b"], None).await;
-    let account: AccountId = "ACME".parse().unwrap();
-    f.store
-        .revoke_key(&account, &other_id, "", &actor(), f.clock.now())
-        .await
-        .unwrap();
+    let (other_key, other) = f.create(&["a:b"], None).await;
+    revoke(&*f.store, &other_key, "", f.clock.now()).await;
     f.verify(other.expose_secret(), &[]).await;
     assert_eq!(f.usage.flush().await.unwrap(), 0);
-    assert_eq!(f.last_used(&other_id).await, None);
+    assert_eq!(f.last_used(&other_key).await, None);
 }
 
 #[tokio::test]
 async fn uses_are_coalesced_per_key_and_bounded() {
     let f = fixture(true).await;
-    let (key_id, _) = f.create(&["a:b"], None).await;
+    let (key, _) = f.create(&["a:b"], None).await;
     let t0 = f.clock.now();
     for i in 0..1_000 {
         f.usage.record(
-            &key_id,
+            &key.key_id,
             t0 + time::Duration::seconds(i),
             format!("192.0.2.{}", i % 200).parse().ok(),
         );
     }
     // An older use arriving late does not replace a newer one.
-    f.usage.record(&key_id, t0, "198.51.100.1".parse().ok());
+    f.usage.record(&key.key_id, t0, "198.51.100.1".parse().ok());
     assert_eq!(f.usage.flush().await.unwrap(), 1, "one row for one key");
-    let account: AccountId = "ACME".parse().unwrap();
-    let key = f.store.get_key(&account, &key_id).await.unwrap().unwrap();
-    assert_eq!(key.last_used_at, Some(t0 + time::Duration::seconds(999)));
-    assert_eq!(key.last_used_ip.as_deref(), Some("192.0.2.199"));
+    let stored = f.store.get_key(&key.account_id, &key.key_id).await;
+    let stored = stored.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(t0 + time::Duration::seconds(999)));
+    assert_eq!(stored.last_used_ip.as_deref(), Some("192.0.2.199"));
 
     let small = UsageRecorder::new(
         f.store.clone(),
@@ -307,37 +269,25 @@ async fn verify_on(node: &Verifier, key: &GeneratedKey) -> Verdict {
         .unwrap()
 }
 
-/// The hash `key` has under `pepper`.
-fn hash_under(key: &GeneratedKey, pepper: &Pepper) -> [u8; 32] {
-    let presented: ApiKey = key.expose_secret().parse().unwrap();
-    *presented.hash_with(Some(pepper)).as_bytes()
+/// What [`Fixture::stored`] says of `secret` once it is hashed under
+/// `pepper`.
+fn stored_under(secret: &GeneratedKey, pepper: &Pepper) -> (Option<PepperId>, [u8; 32]) {
+    (Some(pepper.id()), *hash_under(secret, pepper).as_bytes())
 }
 
 #[tokio::test]
 async fn a_key_under_an_older_pepper_verifies_and_moves_to_the_current_one() {
     let f = fixture(true).await;
     let (a, b) = (pepper(), Pepper::generate());
-    let (key_id, secret) = f.create(&["a:b"], None).await;
-    let (_, revoked) = f.create(&[], None).await;
-    let account: AccountId = "ACME".parse().unwrap();
-    let revoked_id = f
-        .store
-        .find_secret(revoked.prefix())
-        .await
-        .unwrap()
-        .unwrap()
-        .key
-        .key_id;
-    f.store
-        .revoke_key(&account, &revoked_id, "", &actor(), f.clock.now())
-        .await
-        .unwrap();
+    let (key, secret) = f.create(&["a:b"], None).await;
+    let (revoked_key, revoked) = f.create(&[], None).await;
+    revoke(&*f.store, &revoked_key, "", f.clock.now()).await;
 
     let rotated = f.node(Peppers::new(b.clone(), vec![a.clone()]).unwrap());
-    let Verdict::Valid(key) = verify_on(&rotated, &secret).await else {
+    let Verdict::Valid(verified) = verify_on(&rotated, &secret).await else {
         panic!("an older pepper's key verifies");
     };
-    assert_eq!(key.key_id, key_id);
+    assert_eq!(verified.key_id, key.key_id);
     assert!(matches!(
         verify_on(&rotated, &revoked).await,
         Verdict::Revoked(_)
@@ -353,10 +303,7 @@ async fn a_key_under_an_older_pepper_verifies_and_moves_to_the_current_one() {
     assert_eq!(rotated.pending_rehashes(), 2);
     assert_eq!(f.stored(secret.prefix()).await.0, Some(a.id()));
     assert_eq!(rotated.flush_rehashes().await.unwrap(), 2);
-    assert_eq!(
-        f.stored(secret.prefix()).await,
-        (Some(b.id()), hash_under(&secret, &b))
-    );
+    assert_eq!(f.stored(secret.prefix()).await, stored_under(&secret, &b));
     assert_eq!(f.stored(revoked.prefix()).await.0, Some(b.id()));
 
     // The node's entry moved with it: nothing more to do.
@@ -394,18 +341,18 @@ async fn a_key_whose_pepper_is_not_configured_is_not_found_and_stays_as_it_is() 
 #[tokio::test]
 async fn a_legacy_unkeyed_hash_verifies_and_is_rehashed_with_the_current_pepper() {
     let f = fixture(true).await;
-    let (key_id, secret) = f.create(&["a:b"], None).await;
+    let (key, secret) = f.create(&["a:b"], None).await;
     f.make_legacy(&secret);
     let node = f.node(Peppers::only(pepper()));
-    let Verdict::Valid(key) = verify_on(&node, &secret).await else {
+    let Verdict::Valid(verified) = verify_on(&node, &secret).await else {
         panic!("a legacy key verifies");
     };
-    assert_eq!(key.key_id, key_id);
+    assert_eq!(verified.key_id, key.key_id);
     assert_eq!(node.pending_rehashes(), 1);
     assert_eq!(node.flush_rehashes().await.unwrap(), 1);
     assert_eq!(
         f.stored(secret.prefix()).await,
-        (Some(pepper().id()), hash_under(&secret, &pepper()))
+        stored_under(&secret, &pepper())
     );
     assert!(verify_on(&node, &secret).await.is_valid());
     assert_eq!(node.pending_rehashes(), 0);
@@ -431,10 +378,7 @@ async fn a_rehash_another_node_wrote_first_makes_this_one_read_the_stored_hash()
     assert!(verify_on(&second, &secret).await.is_valid());
     assert_eq!(first.flush_rehashes().await.unwrap(), 1);
     assert_eq!(second.flush_rehashes().await.unwrap(), 0, "written once");
-    assert_eq!(
-        f.stored(secret.prefix()).await,
-        (Some(b.id()), hash_under(&secret, &b))
-    );
+    assert_eq!(f.stored(secret.prefix()).await, stored_under(&secret, &b));
     // The loser forgot its entry: its next verify reads the new hash and
     // has nothing left to re-hash.
     assert!(verify_on(&second, &secret).await.is_valid());

@@ -1,0 +1,149 @@
+//! The storage conformance suite: every backend must pass every test here.
+//!
+//! Each test is an `async fn(Arc<dyn Store>)` written once, in the module
+//! of its area; `on_both_backends!` at the bottom runs it on each backend:
+//!
+//! - `sqlite::<test>`: a fresh database file in a temporary directory;
+//! - `postgres::<test>`: a fresh database from `vilvik-keys-test-db`. Without
+//!   `VILVIK_KEYS_TEST_DATABASE_URL` these print a skip line and pass, unless
+//!   `VILVIK_KEYS_REQUIRE_POSTGRES=1`.
+//!
+//! The keys, actor and policies come from `vilvik_keys_test_db::fixtures`;
+//! times are whole seconds so that both backends round-trip them exactly.
+
+mod accounts;
+mod audit;
+mod cap;
+mod feed;
+mod import;
+mod keys;
+mod prune;
+mod request_ids;
+mod revocation;
+mod rotation;
+mod streams;
+mod updates;
+mod usage;
+
+use time::OffsetDateTime;
+use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix};
+use vilvik_keys_store::{
+    NewSecret, Outcome, Page, Replay, Rotation, SecretRecord, Store, StoreError,
+};
+use vilvik_keys_test_db::fixtures::{actor, roomy};
+
+/// Every page of a listing, in order: `list(after)` reads the page after
+/// cursor `after` (`None`: the first), and each page's cursor leads to
+/// the next until a page has none.
+async fn pages<T>(mut list: impl AsyncFnMut(Option<i64>) -> Page<T>) -> Vec<Vec<T>> {
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = list(after).await;
+        pages.push(page.items);
+        match page.next_cursor {
+            Some(next) => after = Some(next),
+            None => return pages,
+        }
+    }
+}
+
+/// The stored secret with `prefix`, and its key; panics when there is none.
+async fn secret_of(store: &dyn Store, prefix: &KeyPrefix) -> SecretRecord {
+    let found = store.find_secret(prefix).await.unwrap();
+    found.unwrap_or_else(|| panic!("no secret has prefix {prefix}"))
+}
+
+/// Rotates `account`'s key `key_id` onto `secret` at `at`, for a test
+/// that expects the rotation to be refused.
+async fn try_rotate(
+    store: &dyn Store,
+    account: &AccountId,
+    key_id: &KeyId,
+    secret: &NewSecret,
+    at: OffsetDateTime,
+) -> Result<Rotation, StoreError> {
+    store
+        .rotate_key(account, key_id, secret, &actor(), at, &roomy())
+        .await
+}
+
+/// What a call that ran did; panics with `replayed` when it was a replay.
+fn done<T>(outcome: Outcome<T>, replayed: &str) -> T {
+    match outcome {
+        Outcome::Done(done) => done,
+        Outcome::Replayed(_) => panic!("{replayed}"),
+    }
+}
+
+/// What a replayed call answered; panics with `ran` when the call ran.
+fn replayed<T>(outcome: Outcome<T>, ran: &str) -> Replay {
+    match outcome {
+        Outcome::Replayed(replay) => *replay,
+        Outcome::Done(_) => panic!("{ran}"),
+    }
+}
+
+/// How many keys `account` has, revoked ones included.
+async fn key_count(store: &dyn Store, account: &AccountId) -> usize {
+    let listed = store.list_keys(account, true, None, 1_000).await.unwrap();
+    listed.items.len()
+}
+
+/// The prefixes the change log holds after sequence number `seq`, in order.
+async fn published_since(store: &dyn Store, seq: i64) -> Vec<KeyPrefix> {
+    let changes = store.changes_since(seq, 1_000).await.unwrap();
+    changes.into_iter().map(|(_, prefix)| prefix).collect()
+}
+
+vilvik_keys_test_db::on_both_backends!(
+    keys::{
+        migrate_twice_runs_nothing_the_second_time,
+        create_get_and_list_with_paging,
+        another_accounts_key_is_invisible,
+        a_taken_identifier_is_a_conflict_and_changes_nothing,
+    },
+    cap::{
+        the_tier_cap_holds,
+        concurrent_creates_cannot_overshoot_the_cap,
+        revoked_keys_count_toward_the_stored_key_ceiling,
+    },
+    accounts::{set_tier_changes_the_cap_with_an_audit_event},
+    updates::{
+        update_records_only_what_changed,
+        every_change_of_a_key_and_only_a_change_raises_its_version,
+    },
+    rotation::{
+        rotate_supersedes_the_old_secret,
+        an_expired_key_cannot_be_rotated,
+        a_thousand_rotations_keep_a_bounded_history,
+    },
+    revocation::{revocation_is_final},
+    request_ids::{
+        a_create_retried_with_its_request_id_creates_nothing_more,
+        a_refused_create_records_no_request_id,
+        a_request_id_is_forgotten_after_its_window,
+        concurrent_calls_with_one_request_id_create_one_key,
+        a_rotation_retried_with_its_request_id_rotates_once,
+    },
+    audit::{
+        audit_events_list_oldest_first_filter_and_page,
+        no_audit_event_holds_a_secret,
+    },
+    feed::{the_change_feed_carries_every_changed_prefix},
+    usage::{
+        usage_is_recorded_and_never_goes_back_in_time,
+        a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else,
+        secrets_are_counted_per_pepper_live_and_in_all,
+    },
+    streams::{streams_yield_every_secret_and_prefix_once},
+    prune::{
+        pruning_drops_old_changes_and_followers_behind_it_are_told,
+        old_rotated_secrets_are_pruned_after_the_retention,
+        pruned_secrets_are_published_for_caches_to_forget,
+    },
+    import::{
+        import_keys_writes_keys_events_and_changes_ignoring_the_cap,
+        import_keys_is_all_or_nothing,
+    },
+);
