@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tonic::{Code, Request, Status};
 
 use super::pool::{Class, Pool};
+use crate::client::retry_after;
 use crate::stats::micros;
 
 /// Deadline of every call: a hung call is counted as DEADLINE_EXCEEDED.
@@ -46,9 +47,11 @@ pub(super) struct Shared {
     pub(super) stop: AtomicBool,
     pub(super) verify_calls: AtomicU64,
     pub(super) admin_calls: AtomicU64,
-    /// Calls failed, creates refused at the stored-key ceiling apart.
+    /// Calls failed, creates refused at the stored-key ceiling and calls
+    /// refused by the admin rate limit apart.
     pub(super) errors: AtomicU64,
     pub(super) refused: AtomicU64,
+    pub(super) rate_limited: AtomicU64,
     pub(super) pool: RwLock<Pool>,
 }
 
@@ -58,6 +61,8 @@ impl Shared {
     }
 
     /// Times one call and files it: latency on success, status otherwise.
+    /// A call the admin rate limit refused is not sent again, but the task
+    /// waits as long as the refusal says before its next call.
     pub(super) async fn call<T>(
         &self,
         record: &mut Record,
@@ -84,8 +89,11 @@ impl Shared {
                 Ok(response.into_inner())
             }
             Err(status) => {
+                let wait = retry_after(&status);
                 let counter = if at_stored_key_ceiling(&status) {
                     &self.refused
+                } else if wait.is_some() {
+                    &self.rate_limited
                 } else {
                     &self.errors
                 };
@@ -94,6 +102,9 @@ impl Shared {
                     .errors
                     .entry((rpc, format!("{:?}", status.code())))
                     .or_default() += 1;
+                if let Some(wait) = wait {
+                    tokio::time::sleep(wait.min(CALL_TIMEOUT)).await;
+                }
                 Err(status)
             }
         }

@@ -137,6 +137,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         admin_calls: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         refused: AtomicU64::new(0),
+        rate_limited: AtomicU64::new(0),
         pool: RwLock::new(Pool::new(u64::from(args.rotated_secrets_kept))),
     });
     let mut samples = vec![sample(&shared, &db, args.server_pid).await?];

@@ -69,6 +69,7 @@ pub(super) fn report(
             rpc.to_owned(),
             serde_json::json!({
                 "calls": calls,
+                "succeeded": ok.len(),
                 "per_s": (calls as f64 / elapsed * 10.0).round() / 10.0,
                 "p50_ms": ms(percentile(&ok, 0.50)),
                 "p99_ms": ms(percentile(&ok, 0.99)),
@@ -100,6 +101,8 @@ pub(super) fn report(
         "calls_per_s": (total_calls as f64 / elapsed).round(),
         "rpcs": rpcs,
         "refused_at_stored_key_ceiling": record.refused_at_ceiling,
+        "refused_by_admin_rate_limit": last.rate_limited,
+        "errors": last.errors,
         "verify_codes_by_class": codes,
         "samples": samples.iter().map(Sample::json).collect::<Vec<_>>(),
         "audit_events_added": audit_rows,
@@ -139,8 +142,13 @@ pub(super) fn print_tables(report: &serde_json::Value) {
         );
     }
     println!(
-        "overall: {} calls, {}/s; creates refused at the stored-key ceiling: {}",
-        report["calls"], report["calls_per_s"], report["refused_at_stored_key_ceiling"]
+        "overall: {} calls, {}/s; failed: {}; creates refused at the stored-key ceiling: {}; \
+         refused by the admin rate limit: {}",
+        report["calls"],
+        report["calls_per_s"],
+        report["errors"],
+        report["refused_at_stored_key_ceiling"],
+        report["refused_by_admin_rate_limit"]
     );
     println!(
         "verify codes by what was presented: {}",

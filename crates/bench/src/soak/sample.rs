@@ -22,6 +22,7 @@ pub(super) struct Sample {
     pub(super) admin_calls: u64,
     pub(super) errors: u64,
     pub(super) refused: u64,
+    pub(super) rate_limited: u64,
 }
 
 impl Sample {
@@ -36,6 +37,7 @@ impl Sample {
             "admin_calls": self.admin_calls,
             "errors": self.errors,
             "refused": self.refused,
+            "rate_limited": self.rate_limited,
         })
     }
 }
@@ -93,6 +95,7 @@ pub(super) async fn sample(
         admin_calls: shared.admin_calls.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
         refused: shared.refused.load(Ordering::Relaxed),
+        rate_limited: shared.rate_limited.load(Ordering::Relaxed),
     })
 }
 
