@@ -7,6 +7,8 @@ use super::output::{self, emit};
 use super::transport::connect;
 use crate::proto;
 
+/// Runs one `accounts` command against the admin API `client` names and
+/// prints the account: a block, or JSON with `--json`.
 pub async fn run_accounts(mut client: ClientArgs, command: AccountsCommand) -> anyhow::Result<()> {
     let json = client.json;
     if let AccountsCommand::SetTier { account, .. } | AccountsCommand::SetScopes { account, .. } =

@@ -14,6 +14,8 @@ use super::retry::with_retries;
 use super::transport::{Api, connect};
 use crate::proto;
 
+/// Runs one `keys` command against the admin API `client` names and prints
+/// its result: tables and blocks, or JSON with `--json`.
 pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Result<()> {
     let json = client.json;
     let mut api = connect(&client).await?;
@@ -27,18 +29,11 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
                 expires_at,
                 request_id: request_id(args.request_id),
             };
-            let response = with_retries("CreateKey", &request.request_id, || {
+            issue(json, "Created", "CreateKey", &request.request_id, || {
                 let (mut api, request) = (api.clone(), request.clone());
                 async move { api.create_key(request).await }
             })
-            .await?;
-            print_new_secret(
-                json,
-                "Created",
-                &response.key.unwrap_or_default(),
-                &response.secret,
-                &response.smoke_test_command,
-            )
+            .await
         }
         KeysCommand::List {
             include_revoked,
@@ -94,18 +89,11 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
                 request_id: request_id(id),
                 etag: etag.unwrap_or_default(),
             };
-            let response = with_retries("RotateKey", &request.request_id, || {
+            issue(json, "Rotated", "RotateKey", &request.request_id, || {
                 let (mut api, request) = (api.clone(), request.clone());
                 async move { api.rotate_key(request).await }
             })
-            .await?;
-            print_new_secret(
-                json,
-                "Rotated",
-                &response.key.unwrap_or_default(),
-                &response.secret,
-                &response.smoke_test_command,
-            )
+            .await
         }
         KeysCommand::Revoke {
             key_id,
@@ -149,6 +137,50 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
             )
         }
     }
+}
+
+/// A create's or rotation's answer: the key, its new secret and the
+/// smoke-test command.
+trait NewSecret {
+    fn into_parts(self) -> (proto::Key, String, String);
+}
+
+impl NewSecret for proto::CreateKeyResponse {
+    fn into_parts(self) -> (proto::Key, String, String) {
+        (
+            self.key.unwrap_or_default(),
+            self.secret,
+            self.smoke_test_command,
+        )
+    }
+}
+
+impl NewSecret for proto::RotateKeyResponse {
+    fn into_parts(self) -> (proto::Key, String, String) {
+        (
+            self.key.unwrap_or_default(),
+            self.secret,
+            self.smoke_test_command,
+        )
+    }
+}
+
+/// A create or rotation: `call` tried as [`with_retries`] does, then the
+/// key and its new secret printed.
+async fn issue<R, F, Fut>(
+    json: bool,
+    verb: &str,
+    method: &'static str,
+    request_id: &str,
+    call: F,
+) -> anyhow::Result<()>
+where
+    R: NewSecret,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
+    let (key, secret, smoke_test) = with_retries(method, request_id, call).await?.into_parts();
+    print_new_secret(json, verb, &key, &secret, &smoke_test)
 }
 
 async fn get_key(api: &mut Api, key_id: String) -> anyhow::Result<proto::Key> {
