@@ -1,34 +1,28 @@
 #!/usr/bin/env bash
-# Issue 10's finding, measured: one account floods ListAuditEvents while
-# another account's GetKey latency is sampled (crates/bench admin-flood),
-# once with the admin rate limit lifted and once with its defaults.
-# Postgres at PG_URL (default postgres://postgres@127.0.0.1:5432); a fresh
-# database vk_flood_<pid>, dropped at the end. Load goes to 127.0.0.1 only.
+# What one account's flood of admin calls costs another account: one
+# account floods ListAuditEvents while another account's GetKey latency is
+# sampled (`vilvik-keys-bench admin-flood`), once with the admin rate limit
+# lifted and once with its defaults. Fails if the victim's calls failed or
+# the flood got no call through. A fresh database vk_flood_<pid>, dropped
+# at the end. Load goes to 127.0.0.1 only.
+#
+#   bash bench/admin-flood.sh                          # 10 s per phase
+#   SIZE=tiny PROFILE=debug bash bench/admin-flood.sh  # 1 s per phase (CI)
+#
+# Knobs (environment), with their SIZE=tiny values in brackets; SIZE,
+# PROFILE and PG_URL as bench/lib.sh says:
+#   SECONDS_EACH=10   seconds of each phase (victim alone, under the flood) [1]
+#   CONCURRENCY=32    flooding calls in flight
+#   PORT=27170        the admin listener on 127.0.0.1 (verify on PORT+1)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}
+source "$(dirname "$0")/lib.sh"
+if tiny; then : "${SECONDS_EACH:=1}"; fi
 SECONDS_EACH=${SECONDS_EACH:-10}
 CONCURRENCY=${CONCURRENCY:-32}
-PORT=${PORT:-55051}
-DB=vk_flood_$$
-TMP=$(mktemp -d)
-SERVER=
-cleanup() {
-    [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null || true
-    psql -q "$PG_URL/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-timeout 1200 cargo build --release -q -p vilvik-keys -p vilvik-keys-bench
-BIN=target/release
-psql -q "$PG_URL/postgres" -c "CREATE DATABASE $DB" >/dev/null
-export DATABASE_URL=$PG_URL/$DB VILVIK_KEYS_PEPPER_FILE=$TMP/pepper
-export VILVIK_KEYS_ADMIN_ADDR=127.0.0.1:$PORT VILVIK_KEYS_VERIFY_ADDR=127.0.0.1:$((PORT + 1))
-export RUST_LOG=warn
-timeout 60 $BIN/vilvik-keys pepper new "$TMP/pepper" >/dev/null 2>&1
-timeout 60 $BIN/vilvik-keys migrate >/dev/null
-FLOOD_KEY=$(timeout 60 $BIN/vilvik-keys bootstrap --account FLOOD 2>/dev/null)
-VICTIM_KEY=$(timeout 60 $BIN/vilvik-keys bootstrap --account VICTIM 2>/dev/null)
+PORT=${PORT:-27170}
+postgres_node vk_flood
+FLOOD_KEY=$(management_key FLOOD)
+VICTIM_KEY=$(management_key VICTIM)
 export FLOOD_KEY VICTIM_KEY
 for mode in off on; do
     if [ "$mode" = off ]; then
@@ -36,12 +30,18 @@ for mode in off on; do
     else
         unset VILVIK_KEYS_ADMIN_RATE_PER_SECOND VILVIK_KEYS_ADMIN_RATE_BURST
     fi
-    $BIN/vilvik-keys serve --role admin &
+    "$BIN/vilvik-keys" serve --role admin &
     SERVER=$!
-    timeout 30 bash -c "until grpcurl -plaintext 127.0.0.1:$PORT list >/dev/null 2>&1; do sleep 0.2; done"
+    wait_grpc "127.0.0.1:$PORT" "$SERVER"
     echo "== admin rate limit $mode"
-    timeout $((SECONDS_EACH * 2 + 60)) $BIN/vilvik-keys-bench admin-flood \
-        --admin "127.0.0.1:$PORT" --seconds "$SECONDS_EACH" --concurrency "$CONCURRENCY"
-    kill "$SERVER"; wait "$SERVER" || true
+    timeout $((SECONDS_EACH * 2 + 60)) "$BIN/vilvik-keys-bench" admin-flood \
+        --admin "127.0.0.1:$PORT" --seconds "$SECONDS_EACH" --concurrency "$CONCURRENCY" \
+        | tee "$TMP/flood-$mode.json"
+    stop_pid "$SERVER"
     SERVER=
+    jq -e '.victim_alone.get_key_calls > 0 and .victim_under_flood.get_key_calls > 0
+           and .victim_alone.failures == {} and .victim_under_flood.failures == {}' \
+        "$TMP/flood-$mode.json" >/dev/null || die "the victim's GetKey calls failed with the limit $mode"
+    jq -e '.flood.admitted_per_s > 0' "$TMP/flood-$mode.json" >/dev/null \
+        || die "no flooding call got through with the limit $mode"
 done

@@ -6,11 +6,21 @@
 #
 #   bash bench/callgrind.sh            # 20,000 requests of each kind, twice
 #   REQUESTS=5000 bash bench/callgrind.sh
+#   SIZE=tiny PROFILE=debug bash bench/callgrind.sh   # every step in seconds (CI)
+#
+# Knobs (environment), with their SIZE=tiny values in brackets; SIZE and
+# PROFILE as bench/lib.sh says:
+#   REQUESTS=20000   requests of each kind per round [50]
+#   ROUNDS=2         rounds of health then verify [1]
+#   WARMUP=2000      requests of each kind before counting starts [50]
+#   PORT=27180       the verify listener, on 127.0.0.1
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/lib.sh"
+if tiny; then : "${REQUESTS:=50}" "${ROUNDS:=1}" "${WARMUP:=50}"; fi
 REQUESTS=${REQUESTS:-20000}
 ROUNDS=${ROUNDS:-2}
-PORT=${PORT:-47250}
+WARMUP=${WARMUP:-2000}
+PORT=${PORT:-27180}
 WORK=$(mktemp -d)
 SERVER=""
 cleanup() {
@@ -20,10 +30,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-command -v h2load >/dev/null || apt-get install -y -qq nghttp2-client >/dev/null
-command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
-(cd "$ROOT" && cargo build --release -q -p vilvik-keys -p vilvik-keys-bench)
-BIN=$ROOT/target/release
+need h2load valgrind callgrind_control bc ss
+build
+ports_free PORT "$PORT"
 
 export VILVIK_KEYS_SQLITE_PATH=$WORK/keys.db
 "$BIN/vilvik-keys-bench" seed --keys 1000 --out "$WORK/keys.txt" >/dev/null
@@ -33,8 +42,12 @@ VILVIK_KEYS_VERIFY_ADDR=127.0.0.1:$PORT valgrind --tool=callgrind \
     --callgrind-out-file="$WORK/cg.out" "$BIN/vilvik-keys" serve --role verify --preload \
     >"$WORK/serve.log" 2>&1 &
 SERVER=$!
-for _ in $(seq 1 120); do grep -q listening "$WORK/serve.log" && break; sleep 1; done
-grep -q listening "$WORK/serve.log" || { echo "server did not start" >&2; exit 1; }
+for _ in $(seq 1 300); do
+    grep -q listening "$WORK/serve.log" && break
+    kill -0 "$SERVER" 2>/dev/null || break
+    sleep 1
+done
+grep -q listening "$WORK/serve.log" || { tail -5 "$WORK/serve.log" >&2; die "the server did not start"; }
 
 H=(-H content-type:application/grpc -H te:trailers -c 4 -m 4)
 HEALTH=http://127.0.0.1:$PORT/grpc.health.v1.Health/Check
@@ -42,7 +55,7 @@ VERIFY=http://127.0.0.1:$PORT/vilvik.keys.v1.KeyVerify/VerifyKey
 load() { # body url count
     local out
     out=$(timeout 600 h2load "${H[@]}" -n "$3" -d "$1" "$2" 2>&1)
-    grep -q "$3 succeeded, 0 failed, 0 errored, 0 timeout" <<<"$out" || { echo "$out" >&2; exit 1; }
+    grep -q "$3 succeeded, 0 failed, 0 errored, 0 timeout" <<<"$out" || { echo "$out" >&2; die "h2load: not every request succeeded"; }
 }
 instructions() { # dump name -> instructions in that dump
     callgrind_control -d "$1" "$SERVER" >/dev/null 2>&1
@@ -50,8 +63,8 @@ instructions() { # dump name -> instructions in that dump
     file=$(ls -t "$WORK"/cg.out.* | head -1)
     awk '/^summary:/ {print $2}' "$file"
 }
-load "$WORK/bodies/health.bin" "$HEALTH" 2000
-load "$WORK/bodies/verify-00000.bin" "$VERIFY" 2000
+load "$WORK/bodies/health.bin" "$HEALTH" "$WARMUP"
+load "$WORK/bodies/verify-00000.bin" "$VERIFY" "$WARMUP"
 callgrind_control -z "$SERVER" >/dev/null 2>&1
 
 echo "| batch | requests | instructions | per request |"
@@ -62,7 +75,11 @@ for round in $(seq 1 "$ROUNDS"); do
     h=$(instructions "health$round"); callgrind_control -z "$SERVER" >/dev/null 2>&1
     load "$body" "$VERIFY" "$REQUESTS"
     v=$(instructions "verify$round"); callgrind_control -z "$SERVER" >/dev/null 2>&1
+    [[ $h =~ ^[0-9]+$ && $v =~ ^[0-9]+$ ]] || die "callgrind dumped no instruction counts (health '$h', verify '$v')"
     echo "| health $round | $REQUESTS | $h | $((h / REQUESTS)) |"
     echo "| verify $round | $REQUESTS | $v | $((v / REQUESTS)) |"
     echo "| ratio $round | | | $(echo "scale=3; $v / $h" | bc) |"
 done
+if [[ $PROFILE != release ]]; then
+    echo "(a $PROFILE build: instruction counts are not comparable with release figures)"
+fi

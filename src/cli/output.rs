@@ -8,6 +8,9 @@
 //! only by `keys create` and `keys rotate`, by their own code.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
+
+use anyhow::Context;
 
 use prost_types::Timestamp;
 use serde_json::{Value, json};
@@ -325,6 +328,20 @@ pub fn json_text(value: &Value) -> String {
     let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
     text.push('\n');
     text
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+pub fn emit(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
-//! `admin-flood`: issue 10's finding, measured. One account floods the admin
-//! listener with ListAuditEvents while another account's GetKey latency is
-//! sampled, one call at a time; first the victim alone, then under the
-//! flood. Prints the victim's percentiles in each phase and what the flood
+//! `admin-flood`: what one account's flood of admin calls costs another
+//! account. One account floods the admin listener with ListAuditEvents
+//! while another account's GetKey latency is sampled, one call at a time;
+//! first the victim alone, then under the flood. Prints the victim's percentiles in each phase and what the flood
 //! got: admitted and refused (RESOURCE_EXHAUSTED) calls a second. The
 //! flood retries at once, ignoring `retry-after`, as an attacker would.
 
@@ -14,7 +14,7 @@ use anyhow::Context;
 use tonic::Code;
 use vilvik_keys::proto::{GetKeyRequest, ListAuditEventsRequest, ListKeysRequest};
 
-use crate::client::{admin_client, channels};
+use crate::client::{admin_client, bearer, channels};
 use crate::stats::{micros, ms, percentile};
 
 #[derive(Debug, clap::Args)]
@@ -44,17 +44,6 @@ pub struct AdminFloodArgs {
     /// Duration of each phase.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
-}
-
-fn bearer<T>(message: T, key: &str) -> anyhow::Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}")
-            .parse()
-            .context("the key is not a valid header value")?,
-    );
-    Ok(request)
 }
 
 /// GetKey latencies of the victim, one call at a time, for `duration`.

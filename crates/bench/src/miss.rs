@@ -21,7 +21,9 @@ use vilvik_keys::proto::{
 };
 use vilvik_keys_domain::GeneratedKey;
 
-use crate::client::{admin_client, channels, code_name, read_keys, verify_client, verify_request};
+use crate::client::{
+    admin_client, bearer, channels, code_name, read_keys, verify_client, verify_request,
+};
 use crate::stats::{Summary, micros};
 
 #[derive(Debug, clap::Args)]
@@ -114,11 +116,7 @@ impl Call {
                 .await
                 .map(|r| code_name(r.get_ref())),
             Call::Bearer(client) => {
-                let mut request = tonic::Request::new(ListKeysRequest::default());
-                let token = format!("Bearer {key}")
-                    .parse()
-                    .map_err(|_| tonic::Status::internal("a key is not a valid header value"))?;
-                request.metadata_mut().insert("authorization", token);
+                let request = bearer(ListKeysRequest::default(), key)?;
                 Ok(match client.list_keys(request).await {
                     Ok(_) => "OK".to_owned(),
                     Err(status) => status_name(status.code()),
