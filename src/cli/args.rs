@@ -20,7 +20,7 @@ pub struct ClientArgs {
     #[arg(
         long,
         env = "VILVIK_KEYS_ADDR",
-        default_value = "http://127.0.0.1:50051",
+        default_value = crate::config::CLI_DEFAULT_ADDR,
         global = true
     )]
     pub addr: String,
