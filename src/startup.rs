@@ -166,13 +166,13 @@ impl Application {
                 bind(config.admin_addr, "admin").await?,
                 AdminService {
                     store: store.clone(),
-                    clock,
+                    clock: clock.clone(),
                     verifier: verifier.clone(),
                     auth: Authenticator::new(
                         verifier.clone(),
                         config.operator_token.clone(),
                         config.trusted_proxies.clone(),
-                        AdminRateLimiter::new(config.admin_rates, store.clone()),
+                        AdminRateLimiter::new(config.admin_rates, store.clone(), clock),
                     ),
                     policy: config.policy(),
                     smoke_test: SmokeTest::new(

@@ -1,21 +1,18 @@
 //! Bad input gets a precise status naming the field, and changes nothing.
 
 use tonic::Code;
-use vilvik_keys::proto;
-
-use crate::helpers::{TestApp, assert_status, days_from, without_usage};
+use tonic::metadata::MetadataValue;
+use vilvik_keys::{headers, proto};
+use vilvik_keys_test_support::requests::{get, mask};
+use vilvik_keys_test_support::{
+    OPERATOR_TOKEN, TestApp, as_operator, assert_status, days_from, without_usage,
+};
 
 crate::on_both_backends!(
     bad_input_is_rejected_precisely_and_changes_nothing,
     hostile_text_is_refused_alike_on_both_stores,
     oversized_messages_are_rejected
 );
-
-fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: paths.iter().map(|p| p.to_string()).collect(),
-    })
-}
 
 async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
     let now = vilvik_keys_domain::Clock::now(app.clock.as_ref());
@@ -78,24 +75,21 @@ async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
     );
 
     // Key ids.
-    let get = |id: &str| proto::GetKeyRequest { key_id: id.into() };
-    assert_status(
-        app.admin.get_key(app.authed(get(""))).await,
-        Code::InvalidArgument,
-        "key_id: is required",
-    );
-    assert_status(
-        app.admin.get_key(app.authed(get("abc"))).await,
-        Code::InvalidArgument,
-        "key_id: 'abc' is not a key id",
-    );
-    assert_status(
-        app.admin
-            .get_key(app.authed(get("key_AAAAAAAAAAAAAAAAAAAA")))
-            .await,
-        Code::NotFound,
-        "key key_AAAAAAAAAAAAAAAAAAAA not found",
-    );
+    for (id, code, expected) in [
+        ("", Code::InvalidArgument, "key_id: is required"),
+        (
+            "abc",
+            Code::InvalidArgument,
+            "key_id: 'abc' is not a key id",
+        ),
+        (
+            "key_AAAAAAAAAAAAAAAAAAAA",
+            Code::NotFound,
+            "key key_AAAAAAAAAAAAAAAAAAAA not found",
+        ),
+    ] {
+        assert_status(app.admin.get_key(app.authed(get(id))).await, code, expected);
+    }
     let request = proto::RotateKeyRequest {
         key_id: "key_AAAAAAAAAAAAAAAAAAAA".into(),
         ..Default::default()
@@ -136,38 +130,16 @@ async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
         update_mask: mask(paths),
         ..Default::default()
     };
-    assert_status(
-        app.admin
-            .update_key(app.authed(update(&[], "x", None)))
-            .await,
-        Code::InvalidArgument,
-        "update_mask: is empty",
-    );
-    assert_status(
-        app.admin
-            .update_key(app.authed(update(&["prefix"], "x", None)))
-            .await,
-        Code::InvalidArgument,
-        "'prefix' cannot be updated",
-    );
-    assert_status(
-        app.admin
-            .update_key(app.authed(update(&["name"], " ", None)))
-            .await,
-        Code::InvalidArgument,
-        "name: name must not be empty",
-    );
-    assert_status(
-        app.admin
-            .update_key(app.authed(update(
-                &["name", "expires_at"],
-                "ok",
-                Some(days_from(now, -3)),
-            )))
-            .await,
-        Code::InvalidArgument,
-        "expires_at",
-    );
+    let expired = Some(days_from(now, -3));
+    for (request, expected) in [
+        (update(&[], "x", None), "update_mask: is empty"),
+        (update(&["prefix"], "x", None), "'prefix' cannot be updated"),
+        (update(&["name"], " ", None), "name: name must not be empty"),
+        (update(&["name", "expires_at"], "ok", expired), "expires_at"),
+    ] {
+        let result = app.admin.update_key(app.authed(request)).await;
+        assert_status(result, Code::InvalidArgument, expected);
+    }
     let request = proto::RevokeKeyRequest {
         key_id: key_id.clone(),
         reason: "r".repeat(501),
@@ -306,31 +278,26 @@ async fn hostile_text_is_refused_alike_on_both_stores(mut app: TestApp) {
 
     // The operator's headers: the actor and the account.
     let get = || proto::GetAccountRequest {};
-    let mut request = app.as_operator(get(), "ACME", "alice@example.com");
-    request
-        .metadata_mut()
-        .insert("x-vilvik-actor", "alice\t@example.com".parse().unwrap());
-    assert_status(
-        app.admin.get_account(request).await,
-        Code::InvalidArgument,
-        "x-vilvik-actor: must not contain control characters",
-    );
-    let mut request = app.as_operator(get(), "ACME", "alice@example.com");
-    request.metadata_mut().insert(
-        "x-vilvik-actor",
-        tonic::metadata::MetadataValue::try_from("alice\u{202E}@example.com".as_bytes()).unwrap(),
-    );
-    assert_status(
-        app.admin.get_account(request).await,
-        Code::InvalidArgument,
-        "x-vilvik-actor: must be printable ASCII",
-    );
-    for account in ["AC\tME", "ACME\u{200B}", "-ACME"] {
-        let mut request = app.as_operator(get(), "ACME", "alice@example.com");
-        request.metadata_mut().insert(
-            "x-vilvik-account",
-            tonic::metadata::MetadataValue::try_from(account.as_bytes()).unwrap(),
+    let with_header = |name: &'static str, value: &str| {
+        let mut request = as_operator(get(), OPERATOR_TOKEN, "ACME", "alice@example.com");
+        let value = MetadataValue::try_from(value.as_bytes()).unwrap();
+        request.metadata_mut().insert(name, value);
+        request
+    };
+    for (actor, expected) in [
+        ("alice\t@example.com", "must not contain control characters"),
+        ("alice\u{202E}@example.com", "must be printable ASCII"),
+    ] {
+        assert_status(
+            app.admin
+                .get_account(with_header(headers::ACTOR, actor))
+                .await,
+            Code::InvalidArgument,
+            &format!("{}: {expected}", headers::ACTOR),
         );
+    }
+    for account in ["AC\tME", "ACME\u{200B}", "-ACME"] {
+        let request = with_header(headers::ACCOUNT, account);
         assert_eq!(
             app.admin.get_account(request).await.unwrap_err().code(),
             Code::InvalidArgument,
@@ -342,7 +309,7 @@ async fn hostile_text_is_refused_alike_on_both_stores(mut app: TestApp) {
     let status = assert_status(
         app.admin.get_account(request).await,
         Code::InvalidArgument,
-        "x-vilvik-account",
+        headers::ACCOUNT,
     );
     assert!(
         !status.message().contains(&existing.secret[4..]),
