@@ -176,6 +176,7 @@ async fn serve_tls(files: &Files, reload: Duration) -> (ServedBinary, String) {
     let (management_key, _) = binary::bootstrap(store.env(), "ACME");
     let served = ServedBinary::serve()
         .envs(store.env())
+        .env("VILVIK_KEYS_LOG_FORMAT", "json")
         .env("VILVIK_KEYS_TLS_CERT_FILE", files.path("server.pem"))
         .env("VILVIK_KEYS_TLS_KEY_FILE", files.path("server.key"))
         .env(

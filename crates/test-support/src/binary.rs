@@ -191,8 +191,9 @@ pub struct Serve {
 
 impl Serve {
     /// Sets one variable of the process's environment (which starts empty
-    /// but for JSON logs at `info` and port 0 on both listeners, each of
-    /// which this overrides).
+    /// but for `RUST_LOG=info` and port 0 on both listeners, each of which
+    /// this overrides). The log may be in either format, but must keep the
+    /// `info` lines that say where each listener listens.
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.env
             .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
@@ -292,7 +293,6 @@ impl ServedBinary {
         let mut command = command();
         command
             .arg("serve")
-            .env("VILVIK_KEYS_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .env("VILVIK_KEYS_ADMIN_ADDR", admin)
             .env("VILVIK_KEYS_VERIFY_ADDR", verify)
@@ -420,17 +420,11 @@ impl ServedBinary {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The log's last `lines` lines at level WARN or above.
+    /// The log's last `lines` lines at level WARN or above (in either
+    /// format).
     pub fn warnings_tail(&self, lines: usize) -> String {
         let log = self.log();
-        let warnings: Vec<&str> = log
-            .lines()
-            .filter(|line| {
-                serde_json::from_str::<serde_json::Value>(line).map_or(true, |json| {
-                    matches!(json["level"].as_str(), Some("WARN" | "ERROR"))
-                })
-            })
-            .collect();
+        let warnings: Vec<&str> = log.lines().filter(|line| is_warning(line)).collect();
         warnings[warnings.len().saturating_sub(lines)..].join("\n")
     }
 
@@ -465,19 +459,63 @@ impl Drop for ServedBinary {
     }
 }
 
-/// The listener and address of a JSON "listening" line.
+/// The listener and address of a "listening" line, in either log format.
 fn listening(line: &str) -> Option<(&'static str, SocketAddr)> {
     if !line.contains("listening") {
         return None;
     }
-    let json: serde_json::Value = serde_json::from_str(line).ok()?;
-    if json["message"] != "listening" {
-        return None;
-    }
-    let listener = match json["listener"].as_str()? {
+    let (listener, addr) = match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(json) if json["message"] == "listening" => (
+            json["listener"].as_str()?.to_owned(),
+            json["addr"].as_str()?.to_owned(),
+        ),
+        Ok(_) => return None,
+        Err(_) => {
+            let plain = without_colours(line);
+            plain.split_whitespace().find(|w| *w == "listening")?;
+            let field = |name: &str| {
+                plain.split_whitespace().find_map(|word| {
+                    let value = word.strip_prefix(name)?.strip_prefix('=')?;
+                    Some(value.trim_matches('"').to_owned())
+                })
+            };
+            (field("listener")?, field("addr")?)
+        }
+    };
+    let listener = match listener.as_str() {
         "admin" => "admin",
         "verify" => "verify",
         _ => return None,
     };
-    Some((listener, json["addr"].as_str()?.parse().ok()?))
+    Some((listener, addr.parse().ok()?))
+}
+
+/// Whether a log line (in either format) is at level WARN or above.
+fn is_warning(line: &str) -> bool {
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(json) => matches!(json["level"].as_str(), Some("WARN" | "ERROR")),
+        Err(_) => without_colours(line)
+            .split_whitespace()
+            .take(3)
+            .any(|word| word == "WARN" || word == "ERROR"),
+    }
+}
+
+/// `line` without the ANSI colour sequences of the human log format.
+fn without_colours(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters, up to the final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }
