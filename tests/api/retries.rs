@@ -306,7 +306,10 @@ fn assert_timed_out<T: std::fmt::Debug>(result: Result<T, tonic::Status>) {
 /// A client of the admin API through `proxy`, whose calls give up after
 /// 1.5 s.
 async fn client_through(proxy: &FaultProxy) -> KeyAdminClient<tonic::transport::Channel> {
-    KeyAdminClient::new(lazy_channel(proxy.addr(), Duration::from_millis(1_500)))
+    KeyAdminClient::new(lazy_channel(
+        proxy.addr(),
+        Some(Duration::from_millis(1_500)),
+    ))
 }
 
 /// The proxy drops the server's answers: the create and the rotation are

@@ -57,7 +57,7 @@ pub use app::{Backend, TestApp, VerifyNode, spawn_app, spawn_app_with};
 pub use binary::{Exit, ServedBinary, StoreSettings};
 pub use postgres::{postgres_client, test_server_addr, through_proxy};
 pub use requests::{as_operator, assert_status, bearer, days_from, without_usage};
-pub use server::{Server, bootstrap_account, channel, init_logging, lazy_channel};
+pub use server::{Server, bootstrap_account, channel, init_logging, lazy_channel, sent_first};
 pub use vilvik_keys_test_db::eventually;
 
 /// The account every [`TestApp`] is bootstrapped with.

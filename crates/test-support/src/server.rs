@@ -2,8 +2,10 @@
 //! configuration names (port 0: free ones), run on a task of the test's
 //! runtime until it is stopped or dropped.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -83,13 +85,31 @@ pub async fn channel(addr: SocketAddr) -> Channel {
 
 /// A channel to `addr` that connects on first use and again after the
 /// server restarts, each connect bounded by a second and each call by
-/// `timeout`.
-pub fn lazy_channel(addr: SocketAddr, timeout: Duration) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
+/// `timeout` when given.
+pub fn lazy_channel(addr: SocketAddr, timeout: Option<Duration>) -> Channel {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .expect("a valid URI")
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(timeout)
-        .connect_lazy()
+        .connect_timeout(Duration::from_secs(1));
+    match timeout {
+        Some(timeout) => endpoint.timeout(timeout),
+        None => endpoint,
+    }
+    .connect_lazy()
+}
+
+/// Runs `call` (a call through a tonic client, say) until it has to wait,
+/// then on a task of its own: its request is on its way, so that a call
+/// made afterwards on the same channel reaches the server after it.
+pub async fn sent_first<F>(call: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let mut call = Box::pin(call);
+    match std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
+        Poll::Ready(output) => tokio::spawn(async move { output }),
+        Poll::Pending => tokio::spawn(call),
+    }
 }
 
 /// Creates a management key named `bootstrap` for `account` on the store
