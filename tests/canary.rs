@@ -61,6 +61,17 @@ impl Transcript {
     }
 }
 
+/// Sends `message` with the management key `key`, then again as a retry
+/// would; both answers, which must be OK.
+async fn twice<M: Clone, R, Fut>(message: M, key: &str, send: impl Fn(Request<M>) -> Fut) -> (R, R)
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+{
+    let first = send(bearer(message.clone(), key)).await.unwrap();
+    let again = send(bearer(message, key)).await.unwrap();
+    (first.into_inner(), again.into_inner())
+}
+
 fn as_operator<T>(message: T, account: &str) -> Request<T> {
     vilvik_keys_test_support::as_operator(message, OPERATOR_TOKEN, account, "alice@example.com")
 }
@@ -99,16 +110,11 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
         request_id: create_id.as_str().into(),
         ..create("ci-runner", &["datasets:read"])
     };
-    let created = admin
-        .create_key(bearer(creation.clone(), key))
-        .await
-        .unwrap()
-        .into_inner();
-    let retried = admin
-        .create_key(bearer(creation, key))
-        .await
-        .unwrap()
-        .into_inner();
+    let (created, retried) = twice(creation, key, |request| {
+        let mut admin = admin.clone();
+        async move { admin.create_key(request).await }
+    })
+    .await;
     assert_eq!(retried.secret, created.secret);
     let first = created.secret.clone();
     transcript.secrets.push(first.clone());
@@ -149,16 +155,11 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
         request_id: rotate_id.as_str().into(),
         ..Default::default()
     };
-    let rotated = admin
-        .rotate_key(bearer(rotate.clone(), key))
-        .await
-        .unwrap()
-        .into_inner();
-    let r = admin
-        .rotate_key(bearer(rotate, key))
-        .await
-        .unwrap()
-        .into_inner();
+    let (rotated, r) = twice(rotate, key, |request| {
+        let mut admin = admin.clone();
+        async move { admin.rotate_key(request).await }
+    })
+    .await;
     assert_eq!(r.secret, rotated.secret, "the retried rotation's secret");
     let second = rotated.secret.clone();
     transcript.secrets.push(second.clone());

@@ -39,18 +39,27 @@ struct Served {
     secret: String,
 }
 
-/// Serves a SQLite file in `dir` with a key of its account whose use is
-/// pending (verified once, not yet flushed).
-async fn serve_with_a_pending_use(dir: &Path) -> Served {
-    let store = StoreSettings::sqlite(dir.join("keys.db"));
+/// Bootstraps account ACME on `store` and serves it with a grace period of
+/// `grace_ms`, pending uses kept in memory (the periodic flush is ten
+/// minutes away), JSON logs, and `env`.
+async fn serve(store: &StoreSettings, grace_ms: u64, env: &[(&str, &str)]) -> Served {
     let (secret, _) = binary::bootstrap(store.env(), "ACME");
     let server = ServedBinary::serve()
         .envs(store.env())
         .env("VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS", "600000")
-        .env("VILVIK_KEYS_SHUTDOWN_GRACE_MS", GRACE_MS.to_string())
+        .env("VILVIK_KEYS_SHUTDOWN_GRACE_MS", grace_ms.to_string())
         .env("VILVIK_KEYS_LOG_FORMAT", "json")
+        .envs(env.iter().copied())
         .start()
         .await;
+    Served { server, secret }
+}
+
+/// Serves a SQLite file in `dir` with a key of its account whose use is
+/// pending (verified once, not yet flushed).
+async fn serve_with_a_pending_use(dir: &Path) -> Served {
+    let store = StoreSettings::sqlite(dir.join("keys.db"));
+    let Served { server, secret } = serve(&store, GRACE_MS, &[]).await;
     let verifier = KeyVerifyClient::new(channel(server.verify_addr()).await);
     eventually(Duration::from_secs(20), "the server answers VALID", || {
         let mut verifier = verifier.clone();
@@ -283,23 +292,15 @@ async fn hold_writes(store: &StoreSettings) -> WriteLock {
     }
 }
 
-/// Bootstraps account ACME on `store` and serves it, with pending uses kept
-/// in memory (the periodic flush is ten minutes away) and limits high
-/// enough for the load.
+/// Serves `store` with limits high enough for the load.
 async fn serve_under_load(store: &StoreSettings) -> Served {
-    let (secret, _) = binary::bootstrap(store.env(), "ACME");
-    let server = ServedBinary::serve()
-        .envs(store.env())
-        .env("VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS", "600000")
-        .env("VILVIK_KEYS_SHUTDOWN_GRACE_MS", LOAD_GRACE_MS.to_string())
-        .env("VILVIK_KEYS_FREE_TIER_LIMIT", "10000")
-        .env("VILVIK_KEYS_PREMIUM_TIER_LIMIT", "10000")
-        .env("VILVIK_KEYS_ADMIN_RATE_PER_SECOND", "1000000")
-        .env("VILVIK_KEYS_ADMIN_RATE_BURST", "1000000")
-        .env("VILVIK_KEYS_LOG_FORMAT", "json")
-        .start()
-        .await;
-    Served { server, secret }
+    let limits = [
+        ("VILVIK_KEYS_FREE_TIER_LIMIT", "10000"),
+        ("VILVIK_KEYS_PREMIUM_TIER_LIMIT", "10000"),
+        ("VILVIK_KEYS_ADMIN_RATE_PER_SECOND", "1000000"),
+        ("VILVIK_KEYS_ADMIN_RATE_BURST", "1000000"),
+    ];
+    serve(store, LOAD_GRACE_MS, &limits).await
 }
 
 /// A channel that connects on first use, its calls unbounded (the load
@@ -718,8 +719,8 @@ async fn sigterm_under_load(backend: Backend) {
 
     let (signalled, signalled_wall) = (Instant::now(), time::OffsetDateTime::now_utc());
     served.server.sigterm();
-    // The lock outlasts the signal by this long: the drain waits for the
-    // creates it holds.
+    // A bounded wait under test: the lock outlasts the signal by this
+    // long, and the drain must wait for the creates it holds that long.
     tokio::time::sleep(HELD_AFTER_SIGNAL).await;
     assert!(
         served.server.try_exit().is_none(),

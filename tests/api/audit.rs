@@ -123,7 +123,7 @@ async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
     let Some(mut app) = spawn_app(Backend::Postgres).await else {
         return;
     };
-    // Migrated and bootstrapped as the owner; from now on the service
+    // Migrated and bootstrapped as the owner; from here on the service
     // runs as a role with the documented grants only.
     let owner_url = app
         .config

@@ -204,12 +204,7 @@ async fn the_operator_acts_for_the_named_account_and_sets_tiers(mut app: TestApp
     assert_eq!(account.tier(), Tier::Premium);
     assert_eq!(account.active_key_limit, 25);
     app.create_key("fourth", &["a:b"]).await.unwrap();
-    let shown = app
-        .admin
-        .get_account(app.authed(proto::GetAccountRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let shown = app.account().await;
     assert_eq!((shown.tier(), shown.active_key_limit), (Tier::Premium, 25));
     let tier_event = app
         .audit("")

@@ -303,7 +303,7 @@ async fn one_connection_of_stalled_streams_cannot_take_the_service_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow (about 25 s): the issue's 1,100 stalled streams for 20 s; run by .ci/run"]
+#[ignore = "slow (about 25 s): 1,100 stalled streams for 20 s; run by .ci/run"]
 async fn one_connection_of_1100_stalled_streams_for_20_seconds() {
     a_stalled_stream_attack(Duration::from_secs(20), 1_100).await;
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use tonic::Code;
-use vilvik_keys::proto;
 use vilvik_keys_test_db::allow_connections;
 use vilvik_keys_test_support::requests::{create, get};
 use vilvik_keys_test_support::{Backend, TestApp, eventually, spawn_app, without_usage};
@@ -73,6 +72,5 @@ async fn a_database_that_refuses_connections_is_unavailable_then_recovers() {
     )
     .await;
     assert_eq!(without_usage(app.list_keys(true).await), keys_before);
-    let request = app.authed(proto::GetAccountRequest {});
-    app.admin.get_account(request).await.unwrap();
+    app.account().await;
 }

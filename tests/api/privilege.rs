@@ -44,12 +44,7 @@ async fn a_management_key_cannot_grant_management_scopes(mut app: TestApp) {
     let before = snapshot(&mut app).await;
 
     for scopes in [&["keys:admin"][..], &["datasets:read", "keys:*"]] {
-        let refused = app.create_key("backdoor", scopes).await;
-        let status = assert_status_denied(refused);
-        assert!(
-            status.message().contains("only the operator token"),
-            "{status:?}"
-        );
+        assert_create_denied(&mut app, "backdoor", scopes, "only the operator token").await;
     }
     let request = app.authed(rescope(&low_id, &["billing:*", "keys:admin"]));
     let status = assert_status_denied(app.admin.update_key(request).await);
@@ -57,11 +52,7 @@ async fn a_management_key_cannot_grant_management_scopes(mut app: TestApp) {
         status.message().starts_with("scopes: 'keys:admin'"),
         "{status:?}"
     );
-    assert_eq!(
-        snapshot(&mut app).await,
-        before,
-        "a refusal changed something"
-    );
+    assert_unchanged(&mut app, &before).await;
 
     // The operator may mint a management key; the new key then manages.
     let second = app
@@ -79,6 +70,18 @@ async fn a_management_key_cannot_grant_management_scopes(mut app: TestApp) {
     assert_eq!(updated.scopes, ["datasets:read", "keys:admin"]);
 }
 
+/// Asserts that nothing an attacker could change has changed since `before`.
+async fn assert_unchanged(app: &mut TestApp, before: &(Vec<proto::Key>, usize)) {
+    assert_eq!(&snapshot(app).await, before, "a refusal changed something");
+}
+
+/// Creating a key `name` with `scopes` is refused, with a message naming
+/// `needle`.
+async fn assert_create_denied(app: &mut TestApp, name: &str, scopes: &[&str], needle: &str) {
+    let status = assert_status_denied(app.create_key(name, scopes).await);
+    assert!(status.message().contains(needle), "{status:?}");
+}
+
 fn assert_status_denied<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Status {
     assert_status(result, Code::PermissionDenied, "scopes: ")
 }
@@ -94,7 +97,7 @@ async fn only_whole_action_wildcards_are_scopes(mut app: TestApp) {
         );
         assert!(status.message().contains("'datasets:*'"), "{status:?}");
     }
-    assert_eq!(snapshot(&mut app).await, before);
+    assert_unchanged(&mut app, &before).await;
     assert!(
         app.create_key("all datasets", &["datasets:*"])
             .await
@@ -139,12 +142,7 @@ async fn the_operator_sets_an_accounts_grantable_scopes(mut app: TestApp) {
             needle,
         );
     }
-    let account = app
-        .admin
-        .get_account(app.authed(proto::GetAccountRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let account = app.account().await;
     assert_eq!(
         (account.grantable_scopes, account.grantable_scopes_default),
         (vec!["*:*".to_owned()], true)
@@ -181,15 +179,11 @@ async fn the_operator_sets_an_accounts_grantable_scopes(mut app: TestApp) {
 
     let before = snapshot(&mut app).await;
     for scopes in [&["billing:read"][..], &["reports:write"], &["reports:*"]] {
-        let status = assert_status_denied(app.create_key("outside", scopes).await);
-        assert!(
-            status.message().contains(
-                "outside the scopes this account's keys may be granted (datasets:*, reports:read)"
-            ),
-            "{status:?}"
-        );
+        let outside =
+            "outside the scopes this account's keys may be granted (datasets:*, reports:read)";
+        assert_create_denied(&mut app, "outside", scopes, outside).await;
     }
-    assert_eq!(snapshot(&mut app).await, before);
+    assert_unchanged(&mut app, &before).await;
     assert!(
         app.create_key("inside", &["datasets:write", "reports:read"])
             .await
@@ -214,12 +208,9 @@ async fn the_operator_sets_an_accounts_grantable_scopes(mut app: TestApp) {
 
 async fn allowed_scopes_bound_every_account_without_its_own(mut app: TestApp) {
     let before = snapshot(&mut app).await;
-    let status = assert_status_denied(app.create_key("billing", &["billing:read"]).await);
-    assert!(
-        status.message().contains("(datasets:read, reports:*)"),
-        "{status:?}"
-    );
-    assert_eq!(snapshot(&mut app).await, before);
+    let narrow = "(datasets:read, reports:*)";
+    assert_create_denied(&mut app, "billing", &["billing:read"], narrow).await;
+    assert_unchanged(&mut app, &before).await;
     assert!(
         app.create_key("reports", &["reports:*", "datasets:read"])
             .await
@@ -292,11 +283,7 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
         Code::FailedPrecondition,
         "last active",
     );
-    assert_eq!(
-        snapshot(&mut app).await,
-        before,
-        "a refusal changed something"
-    );
+    assert_unchanged(&mut app, &before).await;
 
     // With a second management key the first may go; then the second is the last.
     let second = app

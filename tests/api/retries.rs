@@ -42,6 +42,18 @@ async fn create(app: &mut TestApp, message: proto::CreateKeyRequest) -> proto::C
         .into_inner()
 }
 
+async fn rotate_with(
+    app: &mut TestApp,
+    message: proto::RotateKeyRequest,
+) -> proto::RotateKeyResponse {
+    let request = app.authed(message);
+    app.admin
+        .rotate_key(request)
+        .await
+        .expect("RotateKey")
+        .into_inner()
+}
+
 /// Every key of the account but the bootstrapped management key.
 async fn created_keys(app: &mut TestApp) -> Vec<proto::Key> {
     let management = app.management_key_id.clone();
@@ -135,18 +147,8 @@ async fn a_rotation_retried_with_its_request_id_rotates_once(mut app: TestApp) {
     let created = app.create_key("rotated", &["datasets:read"]).await.unwrap();
     let key_id = created.key.unwrap().key_id;
     let id = RequestId::generate();
-    let first = app
-        .admin
-        .rotate_key(app.authed(rotate_request(&key_id, id.as_str())))
-        .await
-        .unwrap()
-        .into_inner();
-    let retry = app
-        .admin
-        .rotate_key(app.authed(rotate_request(&key_id, id.as_str())))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = rotate_with(&mut app, rotate_request(&key_id, id.as_str())).await;
+    let retry = rotate_with(&mut app, rotate_request(&key_id, id.as_str())).await;
     assert_eq!(retry.secret, first.secret);
     assert_eq!(retry.key.unwrap().prefix, first.key.unwrap().prefix);
     assert_eq!(app.verify_code(&first.secret, &[]).await, VerifyCode::Valid);
@@ -163,15 +165,8 @@ async fn the_database_holds_no_secret_and_no_request_id(mut app: TestApp) {
     let id = RequestId::generate();
     let created = create(&mut app, create_request("sealed", id.as_str())).await;
     let rotation_id = RequestId::generate();
-    let rotated = app
-        .admin
-        .rotate_key(app.authed(rotate_request(
-            &created.key.unwrap().key_id,
-            rotation_id.as_str(),
-        )))
-        .await
-        .unwrap()
-        .into_inner();
+    let key_id = created.key.unwrap().key_id;
+    let rotated = rotate_with(&mut app, rotate_request(&key_id, rotation_id.as_str())).await;
     let needles = [
         created.secret.as_bytes(),
         rotated.secret.as_bytes(),

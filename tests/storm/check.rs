@@ -11,7 +11,7 @@ use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
 use vilvik_keys::proto::{self, AuditAction, VerifyCode};
 use vilvik_keys_test_support::requests::{get, verify};
-use vilvik_keys_test_support::{bearer, binary, lazy_channel};
+use vilvik_keys_test_support::{StoreSettings, bearer, binary, lazy_channel};
 
 use crate::CALL_TIMEOUT;
 use crate::journal::{Call, Effect, Journal, Owned};
@@ -42,53 +42,39 @@ impl Admin {
     }
 
     pub async fn list_all_keys(&self) -> Vec<proto::Key> {
-        let mut keys = Vec::new();
-        let mut page_token = String::new();
-        loop {
+        all_pages(async |page_token| {
+            let request = proto::ListKeysRequest {
+                page_size: 100,
+                page_token,
+                include_revoked: true,
+            };
             let page = self
                 .client()
-                .list_keys(bearer(
-                    proto::ListKeysRequest {
-                        page_size: 100,
-                        page_token: page_token.clone(),
-                        include_revoked: true,
-                    },
-                    &self.credential,
-                ))
+                .list_keys(bearer(request, &self.credential))
                 .await
                 .expect("ListKeys after the storm")
                 .into_inner();
-            keys.extend(page.keys);
-            if page.next_page_token.is_empty() {
-                return keys;
-            }
-            page_token = page.next_page_token;
-        }
+            (page.keys, page.next_page_token)
+        })
+        .await
     }
 
     async fn audit_events(&self, key_id: &str) -> Vec<proto::AuditEvent> {
-        let mut events = Vec::new();
-        let mut page_token = String::new();
-        loop {
+        all_pages(async |page_token| {
+            let request = proto::ListAuditEventsRequest {
+                key_id: key_id.to_owned(),
+                page_size: 100,
+                page_token,
+            };
             let page = self
                 .client()
-                .list_audit_events(bearer(
-                    proto::ListAuditEventsRequest {
-                        key_id: key_id.to_owned(),
-                        page_size: 100,
-                        page_token: page_token.clone(),
-                    },
-                    &self.credential,
-                ))
+                .list_audit_events(bearer(request, &self.credential))
                 .await
                 .expect("ListAuditEvents after the storm")
                 .into_inner();
-            events.extend(page.events);
-            if page.next_page_token.is_empty() {
-                return events;
-            }
-            page_token = page.next_page_token;
-        }
+            (page.events, page.next_page_token)
+        })
+        .await
     }
 
     async fn get_key(&self, key_id: &str) -> Result<proto::Key, Status> {
@@ -99,14 +85,29 @@ impl Admin {
     }
 }
 
+/// Every item of a listing: `page` reads the page a token names and
+/// answers its items and the next page's token (empty after the last).
+async fn all_pages<T>(mut page: impl AsyncFnMut(String) -> (Vec<T>, String)) -> Vec<T> {
+    let mut items = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let (more, next) = page(page_token).await;
+        items.extend(more);
+        if next.is_empty() {
+            return items;
+        }
+        page_token = next;
+    }
+}
+
 /// The checks after the storm, with the server up (its verify listener at
-/// `verify_addr`, its store named by `store_env`); one line per problem found.
+/// `verify_addr`, its store `store`); one line per problem found.
 pub async fn check(
     admin: &Admin,
     verify_addr: SocketAddr,
     management_key_id: &str,
     journals: &[Journal],
-    store_env: &[(String, String)],
+    store: &StoreSettings,
 ) -> Vec<String> {
     let mut problems = Vec::new();
     for journal in journals {
@@ -245,7 +246,7 @@ pub async fn check(
 
     // (d) The hash chain of the audit log is intact.
     let output = binary::command()
-        .envs(store_env.iter().map(|(k, v)| (k, v)))
+        .envs(store.env())
         .env("RUST_LOG", "warn")
         .args(["audit", "verify"])
         .output()

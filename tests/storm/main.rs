@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vilvik_keys_test_db::PrivateCluster;
-use vilvik_keys_test_support::{ServedBinary, binary};
+use vilvik_keys_test_support::{ServedBinary, StoreSettings, binary};
 
 use crate::check::{Admin, check};
 use crate::figures::Figures;
@@ -62,24 +62,12 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 #[ignore = "a storm of 6 faults, 10-40 s: .ci/run runs it"]
 async fn sqlite_survives_kill_9_storm() {
     let dir = tempfile::tempdir().unwrap();
-    let env = vec![(
-        "VILVIK_KEYS_SQLITE_PATH".to_owned(),
-        dir.path().join("keys.db").display().to_string(),
-    )];
-    storm("SQLite, server kill -9", env, dir, None, Fault::KillServer).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a storm of 6 faults, 10-40 s: .ci/run runs it"]
-async fn postgres_survives_kill_9_storm() {
-    let Some((cluster, env, dir)) = private_postgres().await else {
-        return;
-    };
+    let store = StoreSettings::sqlite(dir.path().join("keys.db"));
     storm(
-        "Postgres, server kill -9",
-        env,
+        "SQLite, server kill -9",
+        store,
         dir,
-        Some(cluster),
+        None,
         Fault::KillServer,
     )
     .await;
@@ -87,41 +75,34 @@ async fn postgres_survives_kill_9_storm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a storm of 6 faults, 10-40 s: .ci/run runs it"]
-async fn postgres_hard_stop_storm() {
-    let Some((cluster, env, dir)) = private_postgres().await else {
-        return;
-    };
-    storm(
-        "Postgres, cluster stop -m immediate",
-        env,
-        dir,
-        Some(cluster),
-        Fault::StopPostgres,
-    )
-    .await;
+async fn postgres_survives_kill_9_storm() {
+    postgres_storm("Postgres, server kill -9", Fault::KillServer).await;
 }
 
-/// A private cluster with database `storm`, and the environment that
-/// points the binary at it (and at a pepper file in a temp dir).
-async fn private_postgres() -> Option<(PrivateCluster, Vec<(String, String)>, tempfile::TempDir)> {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a storm of 6 faults, 10-40 s: .ci/run runs it"]
+async fn postgres_hard_stop_storm() {
+    postgres_storm("Postgres, cluster stop -m immediate", Fault::StopPostgres).await;
+}
+
+/// A storm on a private cluster with database `storm` (and a pepper file
+/// in a temp dir); skipped when no Postgres server is installed and none
+/// is required.
+async fn postgres_storm(label: &str, fault: Fault) {
     // Commits acknowledged only once in the WAL: the hard stop must lose
     // none of them (with synchronous_commit off it loses the last ones,
     // and this storm reports them as lost acknowledged writes).
-    let cluster = PrivateCluster::start_durable()?;
+    let Some(cluster) = PrivateCluster::start_durable() else {
+        return;
+    };
     let url = cluster.create_database("storm").await;
     let dir = tempfile::tempdir().unwrap();
     // Named explicitly, the pepper file must exist; the SQLite store's
     // default (beside the file) is generated on the first start.
     let pepper = dir.path().join("pepper");
     vilvik_keys::pepper::create(&pepper).unwrap();
-    let env = vec![
-        ("DATABASE_URL".to_owned(), url),
-        (
-            "VILVIK_KEYS_PEPPER_FILE".to_owned(),
-            pepper.display().to_string(),
-        ),
-    ];
-    Some((cluster, env, dir))
+    let store = StoreSettings::postgres(url, &pepper);
+    storm(label, store, dir, Some(cluster), fault).await;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +115,7 @@ enum Fault {
 
 async fn storm(
     label: &str,
-    store_env: Vec<(String, String)>,
+    store: StoreSettings,
     dir: tempfile::TempDir,
     mut cluster: Option<PrivateCluster>,
     fault: Fault,
@@ -151,9 +132,9 @@ async fn storm(
     println!("{label}: seed {seed} (STORM_SEED={seed} replays its choices)");
     let mut rng = Rng::seeded(seed);
 
-    let quiet = [("RUST_LOG".to_owned(), "warn".to_owned())];
-    let (management_key, _) = binary::bootstrap(store_env.iter().cloned().chain(quiet), ACCOUNT);
-    let mut server = serve(&store_env, &dir).await;
+    let quiet = [("RUST_LOG", "warn")];
+    let (management_key, _) = binary::bootstrap(store.env().chain(quiet), ACCOUNT);
+    let mut server = serve(&store, &dir).await;
     let admin = Admin::new(server.admin_addr(), &management_key);
     wait_ready(&mut server, &admin).await;
     // Before the storm the account holds the bootstrap's key alone.
@@ -222,7 +203,7 @@ async fn storm(
     println!("{}", figures.table());
 
     let verify = server.verify_addr();
-    let problems = check(&admin, verify, &management_key_id, &journals, &store_env).await;
+    let problems = check(&admin, verify, &management_key_id, &journals, &store).await;
     assert!(
         problems.is_empty(),
         "{label}: {} problems after the storm (seed {seed}):\n{}\nserver log (warnings, tail):\n{}",
@@ -240,9 +221,9 @@ async fn storm(
 
 /// `vilvik-keys serve` on the store, restarted on the same ports after a
 /// `kill -9`, logging to `dir/serve.log` across restarts.
-async fn serve(store_env: &[(String, String)], dir: &tempfile::TempDir) -> ServedBinary {
+async fn serve(store: &StoreSettings, dir: &tempfile::TempDir) -> ServedBinary {
     ServedBinary::serve()
-        .envs(store_env.iter().cloned())
+        .envs(store.env())
         // Room for every writer's keys, and no rate limit in the way:
         // the storm is about faults, not quotas.
         .env("VILVIK_KEYS_FREE_TIER_LIMIT", "500")

@@ -85,14 +85,15 @@ impl Writer {
         tokio::time::sleep(Duration::from_millis((50 * attempt as u64).min(500))).await;
     }
 
-    /// Sends a call with `send` again and again (a retry carries the same
-    /// request id) until it is answered OK or refused, or
+    /// Sends `message` with `send` again and again (a retry carries the
+    /// same request id) until it is answered OK or refused, or
     /// [`RESOLVE_WITHIN`] passes, noting each attempt in `call`. The OK
     /// answer, with when its attempt was sent.
-    async fn until_answered<R, Fut>(
+    async fn until_answered<M: Clone, R, Fut>(
         &self,
         call: &mut Call,
-        send: impl Fn(KeyAdminClient<Channel>) -> Fut,
+        message: M,
+        send: impl Fn(KeyAdminClient<Channel>, tonic::Request<M>) -> Fut,
     ) -> Option<(R, SystemTime)>
     where
         Fut: Future<Output = Result<tonic::Response<R>, Status>>,
@@ -100,7 +101,8 @@ impl Writer {
         let began = Instant::now();
         loop {
             let sent = SystemTime::now();
-            let result = send(self.client.clone()).await;
+            let request = bearer(message.clone(), &self.credential);
+            let result = send(self.client.clone(), request).await;
             let answered = SystemTime::now();
             match result {
                 Ok(response) => {
@@ -125,6 +127,37 @@ impl Writer {
         }
     }
 
+    /// Sends `message` with `send` once, noting the attempt in `call` (and
+    /// the call committed when answered OK): the answer, or how the call
+    /// was answered otherwise.
+    async fn once<M, R, Fut>(
+        &self,
+        call: &mut Call,
+        message: M,
+        send: impl FnOnce(KeyAdminClient<Channel>, tonic::Request<M>) -> Fut,
+    ) -> Result<R, Answer>
+    where
+        Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        let sent = SystemTime::now();
+        let result = send(self.client.clone(), bearer(message, &self.credential)).await;
+        let answered = SystemTime::now();
+        match result {
+            Ok(response) => {
+                call.attempts
+                    .push(attempt(sent, answered, Answer::Acknowledged, ""));
+                call.effect = Effect::Committed;
+                Ok(response.into_inner())
+            }
+            Err(status) => {
+                let answer = classify(&status);
+                call.attempts
+                    .push(attempt(sent, answered, answer.clone(), status.message()));
+                Err(answer)
+            }
+        }
+    }
+
     /// CreateKey with a request id, retried with it until answered.
     async fn create(&mut self) {
         let name = self.new_name();
@@ -136,11 +169,9 @@ impl Writer {
             request_id,
             ..Default::default()
         };
-        let credential = self.credential.clone();
         let answered = self
-            .until_answered(&mut call, |mut client| {
-                let request = bearer(message.clone(), &credential);
-                async move { client.create_key(request).await }
+            .until_answered(&mut call, message, async |mut client, request| {
+                client.create_key(request).await
             })
             .await;
         if let Some((response, sent)) = answered {
@@ -184,11 +215,9 @@ impl Writer {
             request_id,
             etag,
         };
-        let credential = self.credential.clone();
         let answered = self
-            .until_answered(&mut call, |mut client| {
-                let request = bearer(message.clone(), &credential);
-                async move { client.rotate_key(request).await }
+            .until_answered(&mut call, message, async |mut client, request| {
+                client.rotate_key(request).await
             })
             .await;
         if let Some((response, sent)) = answered {
@@ -229,31 +258,23 @@ impl Writer {
             }),
             ..Default::default()
         };
-        let sent = SystemTime::now();
         let result = self
-            .client
-            .update_key(bearer(message, &self.credential))
+            .once(&mut call, message, async |mut client, request| {
+                client.update_key(request).await
+            })
             .await;
-        let answered = SystemTime::now();
         match result {
-            Ok(response) => {
-                call.attempts
-                    .push(attempt(sent, answered, Answer::Acknowledged, ""));
+            Ok(updated) => {
                 if stale {
                     call.problems
                         .push("an update with a stale etag was acknowledged".to_owned());
                 }
-                let updated = response.into_inner();
-                call.effect = Effect::Committed;
                 let owned = &mut self.keys[index];
                 owned.name = name;
                 owned.stale_etag = Some(std::mem::replace(&mut owned.etag, updated.etag));
                 owned.updates += 1;
             }
-            Err(status) => {
-                let answer = classify(&status);
-                call.attempts
-                    .push(attempt(sent, answered, answer.clone(), status.message()));
+            Err(answer) => {
                 if stale && matches!(answer, Answer::Refused(code) if code != Code::Aborted) {
                     call.problems
                         .push(format!("a stale etag was answered {answer:?}, not ABORTED"));
@@ -291,23 +312,14 @@ impl Writer {
             reason: "storm".to_owned(),
             etag,
         };
-        let sent = SystemTime::now();
         let result = self
-            .client
-            .revoke_key(bearer(message, &self.credential))
+            .once(&mut call, message, async |mut client, request| {
+                client.revoke_key(request).await
+            })
             .await;
-        let answered = SystemTime::now();
         match result {
-            Ok(_) => {
-                call.attempts
-                    .push(attempt(sent, answered, Answer::Acknowledged, ""));
-                call.effect = Effect::Committed;
-                self.keys[index].revoked = true;
-            }
-            Err(status) => {
-                let answer = classify(&status);
-                call.attempts
-                    .push(attempt(sent, answered, answer.clone(), status.message()));
+            Ok(_) => self.keys[index].revoked = true,
+            Err(answer) => {
                 let revoked = |now: &proto::Key| now.state() == proto::KeyState::Revoked;
                 let committed = self
                     .resolve(index, &mut call, &answer, revoked, "the key was revoked")

@@ -305,6 +305,16 @@ impl TestApp {
         .await;
     }
 
+    /// GetAccount with the management key; panics unless answered OK.
+    pub async fn account(&mut self) -> proto::Account {
+        let request = self.authed(proto::GetAccountRequest {});
+        self.admin
+            .get_account(request)
+            .await
+            .expect("GetAccount")
+            .into_inner()
+    }
+
     /// A session on the app's Postgres database, for inspecting it the way
     /// an operator would; panics on SQLite.
     pub async fn postgres_client(&self) -> tokio_postgres::Client {

@@ -312,29 +312,48 @@ impl ServedBinary {
     /// Reads the "listening" lines the process logs past byte `from` of
     /// its log until both listeners are there.
     async fn wait_until_listening(&mut self, from: u64) {
-        let deadline = Instant::now() + WITHIN;
-        loop {
-            let log = std::fs::read(&self.log).unwrap_or_default();
-            let start = usize::try_from(from).unwrap_or(usize::MAX).min(log.len());
-            let (mut admin, mut verify) = (None, None);
-            for line in String::from_utf8_lossy(&log[start..]).lines() {
-                match listening(line) {
-                    Some(("admin", addr)) => admin = Some(addr),
-                    Some(("verify", addr)) => verify = Some(addr),
-                    _ => {}
+        let (admin, verify) = self
+            .until(WITHIN, "listen", |served| {
+                let log = std::fs::read(&served.log).unwrap_or_default();
+                let start = usize::try_from(from).unwrap_or(usize::MAX).min(log.len());
+                let (mut admin, mut verify) = (None, None);
+                for line in String::from_utf8_lossy(&log[start..]).lines() {
+                    match listening(line) {
+                        Some(("admin", addr)) => admin = Some(addr),
+                        Some(("verify", addr)) => verify = Some(addr),
+                        _ => {}
+                    }
                 }
-            }
-            if let (Some(admin), Some(verify)) = (admin, verify) {
-                self.admin_addr = Some(admin);
-                self.verify_addr = Some(verify);
-                return;
+                admin.zip(verify)
+            })
+            .await;
+        self.admin_addr = Some(admin);
+        self.verify_addr = Some(verify);
+    }
+
+    /// Polls `found` every few milliseconds until it finds something;
+    /// panics, with the log, when the process exits first or when
+    /// `within` passes (`what` says what it did not do).
+    async fn until<T>(
+        &mut self,
+        within: Duration,
+        what: &str,
+        mut found: impl FnMut(&mut Self) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(found) = found(self) {
+                return found;
             }
             if let Some(status) = self.try_exit() {
-                panic!("the server exited at start ({status}):\n{}", self.log());
+                panic!(
+                    "the server exited ({status}) before it did {what}:\n{}",
+                    self.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,
-                "the server did not listen within {WITHIN:?}:\n{}",
+                "the server did not {what} within {within:?}:\n{}",
                 self.log()
             );
             tokio::time::sleep(POLL_EVERY).await;
@@ -398,20 +417,10 @@ impl ServedBinary {
     /// Waits until the process exits; panics (with its log) when that takes
     /// longer than `within`.
     pub async fn wait_for_exit(&mut self, within: Duration) -> Exit {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.try_exit() {
-                return Exit {
-                    status,
-                    at: Instant::now(),
-                };
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not exit within {within:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(POLL_EVERY).await;
+        let status = self.until(within, "exit", Self::try_exit).await;
+        Exit {
+            status,
+            at: Instant::now(),
         }
     }
 
@@ -432,21 +441,13 @@ impl ServedBinary {
     /// `needles`; returns the line. Panics (with the log) when it exits
     /// first or `within` passes.
     pub async fn wait_for_log(&mut self, needles: &[&str], within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let log = self.log();
-            if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return line.to_owned();
-            }
-            if let Some(status) = self.try_exit() {
-                panic!("the server exited ({status}) before logging {needles:?}:\n{log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not log {needles:?} within {within:?}:\n{log}"
-            );
-            tokio::time::sleep(POLL_EVERY).await;
-        }
+        let what = format!("log {needles:?}");
+        self.until(within, &what, |served| {
+            let log = served.log();
+            let line = log.lines().find(|l| needles.iter().all(|n| l.contains(n)));
+            line.map(str::to_owned)
+        })
+        .await
     }
 }
 
