@@ -148,17 +148,7 @@ async fn the_operator_sets_an_accounts_grantable_scopes(mut app: TestApp) {
         (vec!["*:*".to_owned()], true)
     );
 
-    let request = app.as_operator(
-        set(&["reports:read", "datasets:*"], false),
-        ACCOUNT,
-        "alice@example.com",
-    );
-    let account = app
-        .admin
-        .set_account_scopes(request)
-        .await
-        .unwrap()
-        .into_inner();
+    let account = set_by_operator(&mut app, set(&["reports:read", "datasets:*"], false)).await;
     assert_eq!(account.grantable_scopes, ["datasets:*", "reports:read"]);
     assert!(!account.grantable_scopes_default);
 
@@ -195,15 +185,23 @@ async fn the_operator_sets_an_accounts_grantable_scopes(mut app: TestApp) {
         .await;
 
     // Back to the server's.
-    let request = app.as_operator(set(&[], true), ACCOUNT, "alice@example.com");
-    let account = app
-        .admin
-        .set_account_scopes(request)
-        .await
-        .unwrap()
-        .into_inner();
+    let account = set_by_operator(&mut app, set(&[], true)).await;
     assert!(account.grantable_scopes_default);
     assert_eq!(account.grantable_scopes, ["*:*"]);
+}
+
+/// SetAccountScopes by the operator for the app's account; panics unless
+/// it succeeds.
+async fn set_by_operator(
+    app: &mut TestApp,
+    message: proto::SetAccountScopesRequest,
+) -> proto::Account {
+    let request = app.as_operator(message, ACCOUNT, "alice@example.com");
+    app.admin
+        .set_account_scopes(request)
+        .await
+        .expect("the operator's SetAccountScopes")
+        .into_inner()
 }
 
 async fn allowed_scopes_bound_every_account_without_its_own(mut app: TestApp) {

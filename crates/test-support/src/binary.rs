@@ -520,3 +520,32 @@ fn without_colours(line: &str) -> String {
     }
     plain
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JSON: &str = r#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","message":"listening","listener":"admin","addr":"127.0.0.1:4100","tls":"off","target":"vilvik_keys::startup"}"#;
+    const PRETTY: &str = "\u{1b}[2m2026-01-01T00:00:00.000000Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[2mvilvik_keys::startup\u{1b}[0m\u{1b}[2m:\u{1b}[0m listening \u{1b}[3mlistener\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"verify\" \u{1b}[3maddr\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:4101 \u{1b}[3mtls\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"off\"";
+
+    #[test]
+    fn a_listening_line_is_read_in_either_log_format() {
+        let addr = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert_eq!(listening(JSON), Some(("admin", addr("127.0.0.1:4100"))));
+        assert_eq!(listening(PRETTY), Some(("verify", addr("127.0.0.1:4101"))));
+        let other = JSON.replace(
+            r#""message":"listening""#,
+            r#""message":"stopped listening""#,
+        );
+        assert_eq!(listening(&other), None);
+        assert_eq!(listening("INFO vilvik_keys: listening soon"), None);
+    }
+
+    #[test]
+    fn warnings_are_told_apart_in_either_log_format() {
+        assert!(!is_warning(JSON));
+        assert!(is_warning(&JSON.replace("INFO", "WARN")));
+        assert!(!is_warning(PRETTY));
+        assert!(is_warning(&PRETTY.replace(" INFO", " ERROR")));
+    }
+}
