@@ -177,7 +177,7 @@ impl Application {
                     verifier.clone(),
                     config.operator_token.clone(),
                     config.trusted_proxies.clone(),
-                    AdminRateLimiter::new(config.admin_rates, store.clone()),
+                    AdminRateLimiter::new(config.admin_rates, store.clone(), clock.clone()),
                 ),
                 policy: config.policy(),
                 smoke_test: SmokeTest::new(

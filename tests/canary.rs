@@ -1,4 +1,4 @@
-//! The secret canary (issue 9): the whole tour, run against a real
+//! The secret canary: the whole tour, run against a real
 //! `vilvik-keys serve` process logging at `RUST_LOG=trace`, plus the
 //! mistakes a user makes with secrets (pasting one into the wrong field,
 //! using a rotated or revoked one). Then every log line, every response
@@ -7,40 +7,21 @@
 //! part of it after its public prefix, and for the operator token: none
 //! may appear anywhere.
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tonic::transport::Channel;
 use tonic::{Request, Status};
 use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
 use vilvik_keys::proto::{
-    CreateKeyRequest, GetAccountRequest, GetKeyRequest, ListAuditEventsRequest, ListKeysRequest,
-    RevokeKeyRequest, RotateKeyRequest, SetAccountTierRequest, Tier, UpdateKeyRequest,
-    VerifyKeyRequest,
+    CreateKeyRequest, GetAccountRequest, ListAuditEventsRequest, ListKeysRequest, RevokeKeyRequest,
+    RotateKeyRequest, SetAccountTierRequest, Tier, UpdateKeyRequest, VerifyKeyRequest,
 };
-use vilvik_keys_test_db::eventually;
+use vilvik_keys_test_support::requests::{create, get, mask, verify};
+use vilvik_keys_test_support::{ServedBinary, StoreSettings, bearer, binary, channel, eventually};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vilvik-keys");
+/// The canary's own operator token, with a `Z` to mistype.
 const OPERATOR_TOKEN: &str = "canary-operator-token-Zq81Lw0Xc4Hs9Tb2Vn";
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Everything the service said, to be searched at the end.
 #[derive(Default)]
@@ -80,111 +61,60 @@ impl Transcript {
     }
 }
 
-fn bearer<T>(message: T, credential: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {credential}").parse().unwrap(),
-    );
-    request
+/// Sends `message` with the management key `key`, then again as a retry
+/// would; both answers, which must be OK.
+async fn twice<M: Clone, R, Fut>(message: M, key: &str, send: impl Fn(Request<M>) -> Fut) -> (R, R)
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+{
+    let first = send(bearer(message.clone(), key)).await.unwrap();
+    let again = send(bearer(message, key)).await.unwrap();
+    (first.into_inner(), again.into_inner())
 }
 
 fn as_operator<T>(message: T, account: &str) -> Request<T> {
-    let mut request = bearer(message, OPERATOR_TOKEN);
-    request
-        .metadata_mut()
-        .insert("x-vilvik-account", account.parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("x-vilvik-actor", "alice@example.com".parse().unwrap());
-    request
-}
-
-fn verify(key: &str, scopes: &[&str]) -> VerifyKeyRequest {
-    VerifyKeyRequest {
-        key: key.to_owned(),
-        required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-async fn connect(addr: SocketAddr) -> Channel {
-    let url = format!("http://{addr}");
-    eventually(
-        Duration::from_secs(20),
-        "the server accepts connections",
-        || {
-            let url = url.clone();
-            async move { Channel::from_shared(url).unwrap().connect().await.is_ok() }
-        },
-    )
-    .await;
-    Channel::from_shared(url).unwrap().connect().await.unwrap()
+    vilvik_keys_test_support::as_operator(message, OPERATOR_TOKEN, account, "alice@example.com")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_files() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("keys.db");
-    let log = dir.path().join("serve.log");
+    let store = StoreSettings::sqlite(db.clone());
     let mut transcript = Transcript::default();
     transcript.secrets.push(OPERATOR_TOKEN.to_owned());
 
     // Step 1 of the tour: a management key, printed once by bootstrap.
-    let bootstrap = Command::new(BIN)
-        .args(["bootstrap", "--account", "ACME"])
-        .env("VILVIK_KEYS_SQLITE_PATH", &db)
-        .env("RUST_LOG", "trace")
-        .output()
-        .unwrap();
-    assert!(bootstrap.status.success(), "{bootstrap:?}");
-    let management = String::from_utf8(bootstrap.stdout)
-        .unwrap()
-        .trim()
-        .to_owned();
+    let trace = [("RUST_LOG", "trace")];
+    let (management, bootstrap_log) = binary::bootstrap(store.env().chain(trace), "ACME");
     transcript.secrets.push(management.clone());
-    let bootstrap_log = String::from_utf8_lossy(&bootstrap.stderr).into_owned();
 
-    let (admin_addr, verify_addr) = (free_addr(), free_addr());
-    let server = Server(
-        Command::new(BIN)
-            .arg("serve")
-            .env("VILVIK_KEYS_SQLITE_PATH", &db)
-            .env("VILVIK_KEYS_ADMIN_ADDR", admin_addr.to_string())
-            .env("VILVIK_KEYS_VERIFY_ADDR", verify_addr.to_string())
-            .env("VILVIK_KEYS_OPERATOR_TOKEN", OPERATOR_TOKEN)
-            .env("VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS", "100")
-            .env("RUST_LOG", "trace")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let mut admin = KeyAdminClient::new(connect(admin_addr).await);
-    let mut verifier = KeyVerifyClient::new(connect(verify_addr).await);
+    let mut server = ServedBinary::serve()
+        .envs(store.env())
+        .env("VILVIK_KEYS_OPERATOR_TOKEN", OPERATOR_TOKEN)
+        .env("VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS", "100")
+        .envs(trace)
+        .start()
+        .await;
+    let mut admin = KeyAdminClient::new(channel(server.admin_addr()).await);
+    let mut verifier = KeyVerifyClient::new(channel(server.verify_addr()).await);
+    let key = management.as_str();
 
     // Create (the response carries the secret: the one place it may be),
     // with a request id, and retry it: the retry's answer carries the
     // same secret. The request id is key material too.
     let create_id = vilvik_keys_domain::RequestId::generate();
     transcript.secrets.push(create_id.as_str().to_owned());
-    let create = CreateKeyRequest {
-        name: "ci-runner".into(),
+    let creation = CreateKeyRequest {
         description: "nightly builds".into(),
-        scopes: vec!["datasets:read".into()],
         request_id: create_id.as_str().into(),
-        ..Default::default()
+        ..create("ci-runner", &["datasets:read"])
     };
-    let created = admin
-        .create_key(bearer(create.clone(), &management))
-        .await
-        .unwrap()
-        .into_inner();
-    let retried = admin
-        .create_key(bearer(create, &management))
-        .await
-        .unwrap()
-        .into_inner();
+    let (created, retried) = twice(creation, key, |request| {
+        let mut admin = admin.clone();
+        async move { admin.create_key(request).await }
+    })
+    .await;
     assert_eq!(retried.secret, created.secret);
     let first = created.secret.clone();
     transcript.secrets.push(first.clone());
@@ -192,32 +122,19 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
 
     // List, show, update, verify.
     let r = admin
-        .list_keys(bearer(ListKeysRequest::default(), &management))
+        .list_keys(bearer(ListKeysRequest::default(), key))
         .await;
     transcript.response("ListKeys", &r);
-    let r = admin
-        .get_key(bearer(
-            GetKeyRequest {
-                key_id: key_id.clone(),
-            },
-            &management,
-        ))
-        .await;
+    let r = admin.get_key(bearer(get(&key_id), key)).await;
     transcript.response("GetKey", &r);
-    let r = admin
-        .update_key(bearer(
-            UpdateKeyRequest {
-                key_id: key_id.clone(),
-                name: "ci-runner-2".into(),
-                scopes: vec!["datasets:read".into(), "datasets:write".into()],
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["name".into(), "scopes".into()],
-                }),
-                ..Default::default()
-            },
-            &management,
-        ))
-        .await;
+    let update = UpdateKeyRequest {
+        key_id: key_id.clone(),
+        name: "ci-runner-2".into(),
+        scopes: vec!["datasets:read".into(), "datasets:write".into()],
+        update_mask: mask(&["name", "scopes"]),
+        ..Default::default()
+    };
+    let r = admin.update_key(bearer(update, key)).await;
     assert!(r.is_ok(), "{r:?}");
     transcript.response("UpdateKey", &r);
     for scopes in [&[][..], &["datasets:write"], &["billing:read"]] {
@@ -238,82 +155,48 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
         request_id: rotate_id.as_str().into(),
         ..Default::default()
     };
-    let rotated = admin
-        .rotate_key(bearer(rotate.clone(), &management))
-        .await
-        .unwrap()
-        .into_inner();
-    let r = admin
-        .rotate_key(bearer(rotate, &management))
-        .await
-        .unwrap()
-        .into_inner();
+    let (rotated, r) = twice(rotate, key, |request| {
+        let mut admin = admin.clone();
+        async move { admin.rotate_key(request).await }
+    })
+    .await;
     assert_eq!(r.secret, rotated.secret, "the retried rotation's secret");
     let second = rotated.secret.clone();
     transcript.secrets.push(second.clone());
-    for key in [&first, &second] {
-        let r = verifier.verify_key(verify(key, &[])).await;
+    for secret in [&first, &second] {
+        let r = verifier.verify_key(verify(secret, &[])).await;
         transcript.response("VerifyKey after rotation", &r);
     }
 
     // Mistakes with secrets: each is refused, and no message repeats it.
+    let as_scope = create("oops", &[second.as_str()]);
     transcript.refused(
         "a secret as a scope",
-        admin
-            .create_key(bearer(
-                CreateKeyRequest {
-                    name: "oops".into(),
-                    scopes: vec![second.clone()],
-                    ..Default::default()
-                },
-                &management,
-            ))
-            .await,
+        admin.create_key(bearer(as_scope, key)).await,
     );
     transcript.refused(
         "a secret as a key id",
-        admin
-            .get_key(bearer(
-                GetKeyRequest {
-                    key_id: second.clone(),
-                },
-                &management,
-            ))
-            .await,
+        admin.get_key(bearer(get(&second), key)).await,
     );
     transcript.refused(
         "the part after the prefix as a key id",
-        admin
-            .get_key(bearer(
-                GetKeyRequest {
-                    key_id: second[13..].to_owned(),
-                },
-                &management,
-            ))
-            .await,
+        admin.get_key(bearer(get(&second[13..]), key)).await,
     );
+    let as_mask = UpdateKeyRequest {
+        key_id: key_id.clone(),
+        update_mask: mask(&[second.as_str()]),
+        ..Default::default()
+    };
     transcript.refused(
         "a secret in an update mask",
-        admin
-            .update_key(bearer(
-                UpdateKeyRequest {
-                    key_id: key_id.clone(),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec![second.clone()],
-                    }),
-                    ..Default::default()
-                },
-                &management,
-            ))
-            .await,
+        admin.update_key(bearer(as_mask, key)).await,
     );
     transcript.refused(
         "a secret as a client ip",
         verifier
             .verify_key(VerifyKeyRequest {
-                key: second.clone(),
                 client_ip: second.clone(),
-                ..Default::default()
+                ..verify(&second, &[])
             })
             .await,
     );
@@ -333,65 +216,59 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
             .list_keys(bearer(ListKeysRequest::default(), &first))
             .await,
     );
+    let mistyped = OPERATOR_TOKEN.replace('Z', "z");
     transcript.refused(
         "a mistyped operator token",
         admin
-            .list_keys(bearer(
-                ListKeysRequest::default(),
-                &OPERATOR_TOKEN.replace('Z', "z"),
-            ))
+            .list_keys(bearer(ListKeysRequest::default(), &mistyped))
             .await,
     );
 
     // Revoke, audit, and the operator's calls.
-    let r = admin
-        .revoke_key(bearer(
-            RevokeKeyRequest {
-                key_id: key_id.clone(),
-                reason: "leaked in a build log".into(),
-                ..Default::default()
-            },
-            &management,
-        ))
-        .await;
+    let revoke = RevokeKeyRequest {
+        key_id: key_id.clone(),
+        reason: "leaked in a build log".into(),
+        ..Default::default()
+    };
+    let r = admin.revoke_key(bearer(revoke, key)).await;
     assert!(r.is_ok(), "{r:?}");
     transcript.response("RevokeKey", &r);
     let r = verifier.verify_key(verify(&second, &[])).await;
     transcript.response("VerifyKey after revocation", &r);
     let r = admin
-        .list_audit_events(bearer(ListAuditEventsRequest::default(), &management))
+        .list_audit_events(bearer(ListAuditEventsRequest::default(), key))
         .await;
     assert!(
         r.as_ref().is_ok_and(|r| r.get_ref().events.len() >= 4),
         "{r:?}"
     );
     transcript.response("ListAuditEvents", &r);
-    let r = admin
-        .set_account_tier(as_operator(
-            SetAccountTierRequest {
-                account_id: "ACME".into(),
-                tier: Tier::Premium.into(),
-            },
-            "ACME",
-        ))
-        .await;
+    let premium = SetAccountTierRequest {
+        account_id: "ACME".into(),
+        tier: Tier::Premium.into(),
+    };
+    let r = admin.set_account_tier(as_operator(premium, "ACME")).await;
     assert!(r.is_ok(), "{r:?}");
     transcript.response("SetAccountTier", &r);
     let r = admin
         .get_account(as_operator(GetAccountRequest {}, "ACME"))
         .await;
     transcript.response("GetAccount", &r);
-    // Usage (last use time and IP) reaches the store.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let r = admin
-        .list_keys(bearer(
-            ListKeysRequest {
-                include_revoked: true,
-                ..Default::default()
-            },
-            &management,
-        ))
-        .await;
+    // Usage (last use time and IP) reaches the store, written behind.
+    let with_revoked = ListKeysRequest {
+        include_revoked: true,
+        ..Default::default()
+    };
+    eventually(Duration::from_secs(5), "a key's last use is stored", || {
+        let request = bearer(with_revoked.clone(), key);
+        let mut admin = admin.clone();
+        async move {
+            let listed = admin.list_keys(request).await.unwrap().into_inner();
+            listed.keys.iter().any(|k| k.last_used_at.is_some())
+        }
+    })
+    .await;
+    let r = admin.list_keys(bearer(with_revoked, key)).await;
     assert!(
         r.as_ref()
             .is_ok_and(|r| r.get_ref().keys.iter().any(|k| k.last_used_at.is_some())),
@@ -400,14 +277,10 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
     transcript.response("ListKeys with revoked", &r);
 
     // Stop the server so that its log is complete.
-    let _ = Command::new("kill")
-        .args(["-TERM", &server.0.id().to_string()])
-        .status();
-    let mut server = server;
-    let stopped = eventually_exits(&mut server.0).await;
-    assert!(stopped, "the server did not stop on SIGTERM");
+    server.sigterm();
+    server.wait_for_exit(Duration::from_secs(10)).await;
 
-    let serve_log = std::fs::read_to_string(&log).unwrap();
+    let serve_log = server.log();
     assert!(
         serve_log.lines().count() > 100 && serve_log.contains("TRACE"),
         "the server did not log at trace level: {} lines",
@@ -440,16 +313,6 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
         }
     }
     assert!(hits.is_empty(), "secrets found: {hits:#?}");
-}
-
-async fn eventually_exits(child: &mut Child) -> bool {
-    for _ in 0..200 {
-        if child.try_wait().unwrap().is_some() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 fn database_files(db: &Path) -> Vec<(String, Vec<u8>)> {

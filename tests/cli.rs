@@ -2,132 +2,76 @@
 //! ports over a temporary SQLite file, and the real `vilvik-keys` binary
 //! driven the way a person or a script would drive it.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use secrecy::SecretString;
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use vilvik_keys::config::Config;
-use vilvik_keys::startup::{Application, Role};
-use vilvik_keys_test_db::{block_on, eventually};
+use vilvik_keys::headers;
+use vilvik_keys_test_support::{ACCOUNT, Backend, OPERATOR_TOKEN, TestApp, binary, eventually};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vilvik-keys");
-const ACCOUNT: &str = "ACME";
-const OPERATOR_TOKEN: &str = "cli-test-operator-token-0123456789abcdef";
-
-/// A server running on its own runtime thread until dropped.
-struct TestServer {
-    admin_addr: SocketAddr,
-    verify_addr: SocketAddr,
-    sqlite_path: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
+/// A server with nothing in its store, in process on a SQLite file: the
+/// tests bootstrap their accounts through the binary. Each test ends with
+/// [`TestApp::stop`], which checks that it shuts down cleanly.
+async fn spawn_server() -> TestApp {
+    TestApp::spawn_empty(Backend::Sqlite, |config| {
+        config.usage_flush_interval = Duration::from_millis(50);
+        config.shutdown_grace = Duration::from_secs(2);
+    })
+    .await
+    .expect("SQLite is always there")
 }
 
-impl TestServer {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let sqlite_path = dir.path().join("keys.db");
-        let config = Config {
-            admin_addr: "127.0.0.1:0".parse().unwrap(),
-            verify_addr: "127.0.0.1:0".parse().unwrap(),
-            sqlite_path: sqlite_path.clone(),
-            operator_token: Some(SecretString::from(OPERATOR_TOKEN)),
-            usage_flush_interval: Duration::from_millis(50),
-            shutdown_grace: Duration::from_secs(2),
-            ..Config::default()
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let app = runtime
-            .block_on(Application::build(config, Role::All))
-            .expect("the server starts");
-        let admin_addr = app.admin_addr().unwrap();
-        let verify_addr = app.verify_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            runtime.block_on(app.run_until(async {
-                let _ = stopped.await;
-            }))
-        });
-        Self {
-            admin_addr,
-            verify_addr,
-            sqlite_path,
-            stop: Some(stop),
-            thread: Some(thread),
-            _dir: dir,
-        }
-    }
-
-    /// `vilvik-keys bootstrap --account <account>` on the server's database;
-    /// returns the management key it prints on stdout.
-    fn bootstrap(&self, account: &str) -> String {
-        let output = Command::new(BIN)
-            .env_clear()
-            .env("VILVIK_KEYS_SQLITE_PATH", &self.sqlite_path)
-            .env("RUST_LOG", "warn")
-            .args(["bootstrap", "--account", account])
-            .output()
-            .unwrap();
-        assert_success(&output, "bootstrap");
-        let secret = stdout(&output).trim().to_owned();
-        assert!(secret.starts_with("vlk_"), "bootstrap printed {secret:?}");
-        assert_eq!(
-            secret.lines().count(),
-            1,
-            "stdout is the secret alone: {secret:?}"
-        );
-        secret
-    }
-
-    /// The binary with `token` in VILVIK_KEYS_TOKEN, pointed at this server.
-    fn cli(&self, token: &str, args: &[&str]) -> Output {
-        let addr = format!("http://{}", self.admin_addr);
-        run(Some(token), args, &["--addr", &addr])
-    }
-
-    /// Like [`TestServer::cli`] with `--json`; asserts success and parses stdout.
-    fn json(&self, token: &str, args: &[&str]) -> (Value, String) {
-        let mut args = args.to_vec();
-        args.push("--json");
-        let output = self.cli(token, &args);
-        assert_success(&output, &args.join(" "));
-        let text = stdout(&output);
-        let value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("`{}` printed invalid JSON ({e}): {text}", args.join(" ")));
-        (value, text)
-    }
+/// [`spawn_server`] with `account` bootstrapped; its management key.
+async fn spawn_server_for(account: &str) -> (TestApp, String) {
+    let server = spawn_server().await;
+    let admin = bootstrap(&server, account);
+    (server, admin)
 }
 
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let result = thread.join();
-            if !std::thread::panicking() {
-                result
-                    .expect("the server thread does not panic")
-                    .expect("the server shuts down cleanly");
-            }
-        }
-    }
+/// `vilvik-keys bootstrap --account <account>` on the server's database;
+/// returns the management key it prints (alone) on stdout.
+fn bootstrap(server: &TestApp, account: &str) -> String {
+    let env = [
+        (
+            "VILVIK_KEYS_SQLITE_PATH",
+            server.config.sqlite_path.as_os_str(),
+        ),
+        ("RUST_LOG", "warn".as_ref()),
+    ];
+    binary::bootstrap(env, account).0
+}
+
+/// The binary with `token` in VILVIK_KEYS_TOKEN, pointed at `server`.
+fn cli(server: &TestApp, token: &str, args: &[&str]) -> Output {
+    let addr = format!("http://{}", server.admin_addr);
+    run(Some(token), args, &["--addr", &addr])
+}
+
+/// Runs [`cli`] and asserts it fails; returns what it said on stderr.
+fn cli_fails(server: &TestApp, token: &str, args: &[&str]) -> String {
+    let output = cli(server, token, args);
+    assert_failure(&output, &args.join(" "))
+}
+
+/// Like [`cli`] with `--json`; asserts success and parses stdout.
+fn json(server: &TestApp, token: &str, args: &[&str]) -> (Value, String) {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let output = cli(server, token, &args);
+    assert_success(&output, &args.join(" "));
+    let text = stdout(&output);
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("`{}` printed invalid JSON ({e}): {text}", args.join(" ")));
+    (value, text)
 }
 
 /// The binary with a clean environment: only VILVIK_KEYS_TOKEN when given.
 fn run(token: Option<&str>, args: &[&str], extra: &[&str]) -> Output {
-    let mut command = Command::new(BIN);
-    command.env_clear().args(args).args(extra);
+    let mut command = binary::command();
+    command.args(args).args(extra);
     if let Some(token) = token {
         command.env("VILVIK_KEYS_TOKEN", token);
     }
@@ -204,13 +148,12 @@ fn find_key<'a>(keys: &'a Value, key_id: &str) -> Option<&'a Value> {
         .find(|k| k["key_id"] == key_id)
 }
 
-#[test]
-fn a_key_lives_its_whole_life_through_the_cli() {
-    let server = TestServer::start();
-    let admin = server.bootstrap(ACCOUNT);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_lives_its_whole_life_through_the_cli() {
+    let (mut server, admin) = spawn_server_for(ACCOUNT).await;
 
     // The management key is listed; its id is the audit actor later.
-    let (keys, _) = server.json(&admin, &["keys", "list"]);
+    let (keys, _) = json(&server, &admin, &["keys", "list"]);
     let keys = keys.as_array().unwrap().clone();
     assert_eq!(keys.len(), 1, "{keys:?}");
     let admin_id = str_of(&keys[0], "key_id").to_owned();
@@ -218,7 +161,8 @@ fn a_key_lives_its_whole_life_through_the_cli() {
     assert_eq!(keys[0]["prefix"], &admin[..12]);
 
     // Create: the secret once, its prefix, the smoke test.
-    let (created, _) = server.json(
+    let (created, _) = json(
+        &server,
         &admin,
         &[
             "keys",
@@ -260,34 +204,36 @@ fn a_key_lives_its_whole_life_through_the_cli() {
     );
 
     // List (one key per page, so every page is followed) and show.
-    let (keys, text) = server.json(&admin, &["keys", "list", "--page-size", "1"]);
+    let (keys, text) = json(&server, &admin, &["keys", "list", "--page-size", "1"]);
     assert_eq!(keys.as_array().unwrap().len(), 2, "{text}");
     let listed = find_key(&keys, &key_id).expect("the new key is listed");
     assert_eq!(listed["prefix"], &secret[..12]);
     assert_eq!(listed["state"], "active");
     assert_no_secret(&text, &[&secret, &admin], "keys list");
-    let (shown, text) = server.json(&admin, &["keys", "show", &key_id]);
+    let (shown, text) = json(&server, &admin, &["keys", "show", &key_id]);
     assert_eq!(shown["key_id"], key_id.as_str());
     assert_eq!(shown["name"], "ci-runner");
     assert_no_secret(&text, &[&secret, &admin], "keys show");
 
     // The management key's use by the CLI is recorded (written behind).
-    block_on(eventually(
+    eventually(
         Duration::from_secs(2),
         "the management key's use by the CLI is recorded",
         || {
-            let (keys, _) = server.json(&admin, &["keys", "list"]);
+            let (keys, _) = json(&server, &admin, &["keys", "list"]);
             let recorded = find_key(&keys, &admin_id).unwrap()["last_used_ip"] == "127.0.0.1";
             std::future::ready(recorded)
         },
-    ));
-    let (keys, _) = server.json(&admin, &["keys", "list"]);
+    )
+    .await;
+    let (keys, _) = json(&server, &admin, &["keys", "list"]);
     let admin_key = find_key(&keys, &admin_id).unwrap();
     assert_eq!(admin_key["last_used_ip"], "127.0.0.1", "{admin_key}");
     time_of(admin_key, "last_used_at");
 
     // Update: scopes and name, then drop the expiry.
-    let (updated, _) = server.json(
+    let (updated, _) = json(
+        &server,
         &admin,
         &[
             "keys",
@@ -307,11 +253,11 @@ fn a_key_lives_its_whole_life_through_the_cli() {
         serde_json::json!(["datasets:read", "datasets:write"])
     );
     assert_eq!(updated["description"], "the CI pipeline");
-    let (updated, _) = server.json(&admin, &["keys", "update", &key_id, "--no-expiry"]);
+    let (updated, _) = json(&server, &admin, &["keys", "update", &key_id, "--no-expiry"]);
     assert_eq!(updated["expires_at"], Value::Null);
 
     // Rotate: a new secret and prefix; the id stays.
-    let (rotated, _) = server.json(&admin, &["keys", "rotate", &key_id]);
+    let (rotated, _) = json(&server, &admin, &["keys", "rotate", &key_id]);
     let new_secret = str_of(&rotated, "secret").to_owned();
     assert_secret_shape(&new_secret);
     assert_ne!(new_secret, secret);
@@ -322,24 +268,28 @@ fn a_key_lives_its_whole_life_through_the_cli() {
     assert!(str_of(&rotated, "smoke_test_command").contains(&new_secret));
 
     // Revoke: final, and hidden from the default listing.
-    let (revoked, _) = server.json(
+    let (revoked, _) = json(
+        &server,
         &admin,
         &["keys", "revoke", &key_id, "--reason", "leaked in a log"],
     );
     assert_eq!(revoked["state"], "revoked");
     assert_eq!(revoked["revoke_reason"], "leaked in a log");
     time_of(&revoked, "revoked_at");
-    let (keys, _) = server.json(&admin, &["keys", "list"]);
+    let (keys, _) = json(&server, &admin, &["keys", "list"]);
     assert!(find_key(&keys, &key_id).is_none(), "{keys}");
-    let (keys, text) = server.json(&admin, &["keys", "list", "--include-revoked"]);
+    let (keys, text) = json(&server, &admin, &["keys", "list", "--include-revoked"]);
     assert_eq!(find_key(&keys, &key_id).unwrap()["state"], "revoked");
     assert_no_secret(&text, &[&secret, &new_secret, &admin], "keys list");
-    let output = server.cli(&admin, &["keys", "rotate", &key_id]);
-    let err = assert_failure(&output, "rotating a revoked key");
+    let err = cli_fails(&server, &admin, &["keys", "rotate", &key_id]);
     assert!(err.starts_with("error: FAILED_PRECONDITION: "), "{err}");
 
     // Audit: every change, oldest first, by the management key, no secrets.
-    let (events, text) = server.json(&admin, &["keys", "audit", &key_id, "--page-size", "2"]);
+    let (events, text) = json(
+        &server,
+        &admin,
+        &["keys", "audit", &key_id, "--page-size", "2"],
+    );
     let events = events.as_array().unwrap();
     let actions: Vec<&str> = events.iter().map(|e| str_of(e, "action")).collect();
     assert_eq!(
@@ -364,7 +314,7 @@ fn a_key_lives_its_whole_life_through_the_cli() {
     assert_no_secret(&text, &[&secret, &new_secret, &admin], "keys audit");
 
     // The same as tables, for people.
-    let output = server.cli(&admin, &["keys", "list", "--include-revoked"]);
+    let output = cli(&server, &admin, &["keys", "list", "--include-revoked"]);
     assert_success(&output, "keys list (table)");
     let table = stdout(&output);
     let mut lines = table.lines();
@@ -397,7 +347,7 @@ fn a_key_lives_its_whole_life_through_the_cli() {
     let prefix_col = header.find("PREFIX").unwrap();
     assert_eq!(row.find(&new_secret[..12]), Some(prefix_col), "{table}");
     assert_no_secret(&table, &[&secret, &new_secret, &admin], "keys list (table)");
-    let output = server.cli(&admin, &["keys", "audit", &key_id]);
+    let output = cli(&server, &admin, &["keys", "audit", &key_id]);
     assert_success(&output, "keys audit (table)");
     let table = stdout(&output);
     assert!(table.starts_with("AT "), "{table}");
@@ -407,7 +357,7 @@ fn a_key_lives_its_whole_life_through_the_cli() {
     );
 
     // Human create output: the secret with its warning, then the smoke test.
-    let output = server.cli(&admin, &["keys", "create", "--name", "human"]);
+    let output = cli(&server, &admin, &["keys", "create", "--name", "human"]);
     assert_success(&output, "keys create (human)");
     let text = stdout(&output);
     let notice = text.find("shown once, store it now").expect(&text);
@@ -421,14 +371,14 @@ fn a_key_lives_its_whole_life_through_the_cli() {
     let smoke_at = text.find("grpcurl").expect(&text);
     assert!(notice < secret_at && secret_at < smoke_at, "{text}");
     assert!(text.contains("prefix        vlk_"), "{text}");
+    server.stop().await;
 }
 
-#[test]
-fn accounts_show_their_tier_and_only_the_operator_changes_it() {
-    let server = TestServer::start();
-    let admin = server.bootstrap(ACCOUNT);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_show_their_tier_and_only_the_operator_changes_it() {
+    let (mut server, admin) = spawn_server_for(ACCOUNT).await;
 
-    let (account, _) = server.json(&admin, &["accounts", "show"]);
+    let (account, _) = json(&server, &admin, &["accounts", "show"]);
     assert_eq!(
         account,
         serde_json::json!({
@@ -441,13 +391,17 @@ fn accounts_show_their_tier_and_only_the_operator_changes_it() {
     );
 
     // A management key cannot change its own tier.
-    let output = server.cli(&admin, &["accounts", "set-tier", ACCOUNT, "premium"]);
-    let err = assert_failure(&output, "set-tier with a management key");
+    let err = cli_fails(
+        &server,
+        &admin,
+        &["accounts", "set-tier", ACCOUNT, "premium"],
+    );
     assert!(err.starts_with("error: PERMISSION_DENIED: "), "{err}");
     assert!(!err.contains(&admin), "{err}");
 
     // The operator token names the account and the person acting.
-    let (account, _) = server.json(
+    let (account, _) = json(
+        &server,
         OPERATOR_TOKEN,
         &[
             "accounts", "set-tier", ACCOUNT, "premium", "--actor", "alice",
@@ -455,15 +409,16 @@ fn accounts_show_their_tier_and_only_the_operator_changes_it() {
     );
     assert_eq!(account["tier"], "premium");
     assert_eq!(account["active_key_limit"], 25);
-    let (account, _) = server.json(&admin, &["accounts", "show"]);
+    let (account, _) = json(&server, &admin, &["accounts", "show"]);
     assert_eq!(account["tier"], "premium");
-    let (account, _) = server.json(
+    let (account, _) = json(
+        &server,
         OPERATOR_TOKEN,
         &["accounts", "show", "--account", ACCOUNT, "--actor", "alice"],
     );
     assert_eq!(account["tier"], "premium");
 
-    let output = server.cli(&admin, &["accounts", "show"]);
+    let output = cli(&server, &admin, &["accounts", "show"]);
     assert_success(&output, "accounts show (table)");
     let text = stdout(&output);
     assert!(
@@ -472,7 +427,7 @@ fn accounts_show_their_tier_and_only_the_operator_changes_it() {
     );
 
     // The account's audit log has the change, by the operator's actor.
-    let (events, _) = server.json(&admin, &["keys", "audit"]);
+    let (events, _) = json(&server, &admin, &["keys", "audit"]);
     let change = events
         .as_array()
         .unwrap()
@@ -483,25 +438,28 @@ fn accounts_show_their_tier_and_only_the_operator_changes_it() {
     assert_eq!(change["key_id"], Value::Null);
 
     // The operator token without --account/--actor is refused, naming the header.
-    let output = server.cli(OPERATOR_TOKEN, &["accounts", "show"]);
-    let err = assert_failure(&output, "operator token without --account");
+    let err = cli_fails(&server, OPERATOR_TOKEN, &["accounts", "show"]);
     assert!(
-        err.starts_with("error: INVALID_ARGUMENT: x-vilvik-account"),
+        err.starts_with(&format!("error: INVALID_ARGUMENT: {}", headers::ACCOUNT)),
         "{err}"
     );
     assert!(!err.contains(OPERATOR_TOKEN), "{err}");
+    server.stop().await;
 }
 
-#[test]
-fn the_operator_sets_an_accounts_grantable_scopes() {
-    let server = TestServer::start();
-    let admin = server.bootstrap(ACCOUNT);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_sets_an_accounts_grantable_scopes() {
+    let (mut server, admin) = spawn_server_for(ACCOUNT).await;
 
-    let output = server.cli(&admin, &["accounts", "set-scopes", ACCOUNT, "datasets:*"]);
-    let err = assert_failure(&output, "set-scopes with a management key");
+    let err = cli_fails(
+        &server,
+        &admin,
+        &["accounts", "set-scopes", ACCOUNT, "datasets:*"],
+    );
     assert!(err.starts_with("error: PERMISSION_DENIED: "), "{err}");
 
-    let (account, _) = server.json(
+    let (account, _) = json(
+        &server,
         OPERATOR_TOKEN,
         &[
             "accounts",
@@ -518,7 +476,7 @@ fn the_operator_sets_an_accounts_grantable_scopes() {
         serde_json::json!(["datasets:*", "reports:read"])
     );
     assert_eq!(account["grantable_scopes_default"], false);
-    let output = server.cli(&admin, &["accounts", "show"]);
+    let output = cli(&server, &admin, &["accounts", "show"]);
     assert_success(&output, "accounts show (table)");
     assert!(
         stdout(&output).contains("datasets:*, reports:read (this account's own)"),
@@ -528,15 +486,19 @@ fn the_operator_sets_an_accounts_grantable_scopes() {
 
     // A management key is held to it, and cannot mint a management key.
     for scope in ["billing:read", "keys:admin"] {
-        let output = server.cli(&admin, &["keys", "create", "--name", "x", "--scope", scope]);
-        let err = assert_failure(&output, scope);
+        let err = cli_fails(
+            &server,
+            &admin,
+            &["keys", "create", "--name", "x", "--scope", scope],
+        );
         assert!(
             err.starts_with("error: PERMISSION_DENIED: scopes: "),
             "{err}"
         );
     }
 
-    let (account, _) = server.json(
+    let (account, _) = json(
+        &server,
         OPERATOR_TOKEN,
         &[
             "accounts",
@@ -548,23 +510,24 @@ fn the_operator_sets_an_accounts_grantable_scopes() {
         ],
     );
     assert_eq!(account["grantable_scopes_default"], true);
-    let output = server.cli(
+    let err = cli_fails(
+        &server,
         OPERATOR_TOKEN,
         &["accounts", "set-scopes", ACCOUNT, "--actor", "alice"],
     );
-    let err = assert_failure(&output, "set-scopes without patterns or --default");
     assert!(
         err.contains("PATTERN") || err.contains("--default"),
         "{err}"
     );
+    server.stop().await;
 }
 
-#[test]
-fn bad_input_fails_with_an_actionable_message() {
-    let server = TestServer::start();
-    let admin = server.bootstrap(ACCOUNT);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_fails_with_an_actionable_message() {
+    let (mut server, admin) = spawn_server_for(ACCOUNT).await;
 
-    let output = server.cli(
+    let output = cli(
+        &server,
         &admin,
         &["keys", "create", "--name", "x", "--scope", "Datasets:Read"],
     );
@@ -575,21 +538,20 @@ fn bad_input_fails_with_an_actionable_message() {
     );
     assert!(stdout(&output).is_empty());
 
-    let output = server.cli(&admin, &["keys", "update", "k_unknown"]);
-    let err = assert_failure(&output, "an update with no flags");
+    let err = cli_fails(&server, &admin, &["keys", "update", "k_unknown"]);
     assert!(err.contains("nothing to update"), "{err}");
 
-    let output = server.cli(
+    let err = cli_fails(
+        &server,
         &admin,
         &["keys", "create", "--name", "x", "--expires-in", "30"],
     );
-    let err = assert_failure(&output, "a duration without a unit");
     assert!(err.contains("'30' is not a duration"), "{err}");
 
-    let output = server.cli("vlk_not-a-real-key", &["keys", "list"]);
-    let err = assert_failure(&output, "a malformed credential");
+    let err = cli_fails(&server, "vlk_not-a-real-key", &["keys", "list"]);
     assert!(err.starts_with("error: UNAUTHENTICATED: "), "{err}");
     assert!(!err.contains("vlk_not-a-real-key"), "{err}");
+    server.stop().await;
 }
 
 #[test]
@@ -624,26 +586,6 @@ fn an_unreachable_server_is_named_with_a_hint() {
     assert!(!err.contains("vlk_whatever"), "{err}");
 }
 
-/// Runs `command` until it exits, at most `within`; kills it past that
-/// (the test then fails: it was expected to stop on its own).
-fn output_within(mut command: Command, within: Duration) -> Output {
-    let mut child = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + within;
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().unwrap();
-            panic!("did not exit within {within:?}: {output:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 fn mode_of(path: &std::path::Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -657,7 +599,7 @@ fn with_open_umask(args: &[&str]) -> Command {
         .env_clear()
         .arg("-c")
         .arg("umask 000 && exec \"$0\" \"$@\"")
-        .arg(BIN)
+        .arg(binary::path())
         .args(args);
     command
 }
@@ -715,16 +657,15 @@ fn the_generated_pepper_is_private_whatever_the_umask_and_says_where_it_is() {
 
 /// The binary on the SQLite file `db`, with extra environment.
 fn run_with_db(db: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(BIN);
+    let mut command = binary::command();
     command
-        .env_clear()
         .env("VILVIK_KEYS_SQLITE_PATH", db)
         .env("VILVIK_KEYS_ADMIN_ADDR", "127.0.0.1:0")
         .env("VILVIK_KEYS_VERIFY_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
         .args(args);
-    output_within(command, Duration::from_secs(30))
+    binary::output_within(command, Duration::from_secs(30))
 }
 
 #[test]
@@ -808,16 +749,16 @@ fn bad_pepper_files_stop_the_start_naming_the_setting_and_the_path() {
     assert_success(&output, "bootstrap with a good pepper file");
 }
 
-#[test]
-fn pepper_status_says_what_each_pepper_covers() {
-    let server = TestServer::start();
-    server.bootstrap(ACCOUNT);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pepper_status_says_what_each_pepper_covers() {
+    let mut server = spawn_server().await;
+    bootstrap(&server, ACCOUNT);
     let status = |env: &[(&str, &str)]| {
-        let output = run_with_db(&server.sqlite_path, &["pepper", "status"], env);
+        let output = run_with_db(&server.config.sqlite_path, &["pepper", "status"], env);
         assert_success(&output, "pepper status");
         stdout(&output)
     };
-    let pepper_file = PathBuf::from(format!("{}.pepper", server.sqlite_path.display()));
+    let pepper_file = PathBuf::from(format!("{}.pepper", server.config.sqlite_path.display()));
     let current = vilvik_keys::pepper::read(&pepper_file, "pepper_file")
         .unwrap()
         .id()
@@ -872,20 +813,21 @@ fn pepper_status_says_what_each_pepper_covers() {
         stdout(&output)
     );
     assert!(!dir.path().join("fresh.db.pepper").exists());
+    server.stop().await;
 }
 
 /// `vilvik-keys audit verify` on the server's SQLite file, as an operator
 /// runs it beside the service: exit 0 when intact, 4 naming the first
 /// broken link, 1 when it cannot check.
-#[test]
-fn audit_verify_exits_by_what_it_found() {
-    let server = TestServer::start();
-    server.bootstrap(ACCOUNT);
-    server.bootstrap("globex");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_exits_by_what_it_found() {
+    let mut server = spawn_server().await;
+    bootstrap(&server, ACCOUNT);
+    bootstrap(&server, "globex");
     let verify = |extra: &[&str]| {
         let mut args = vec!["audit", "verify"];
         args.extend_from_slice(extra);
-        run_with_db(&server.sqlite_path, &args, &[])
+        run_with_db(&server.config.sqlite_path, &args, &[])
     };
 
     let intact = verify(&[]);
@@ -901,7 +843,7 @@ fn audit_verify_exits_by_what_it_found() {
         "audit log intact: account 'globex': 1 event checked"
     );
 
-    rusqlite::Connection::open(&server.sqlite_path)
+    rusqlite::Connection::open(&server.config.sqlite_path)
         .unwrap()
         .execute(
             "UPDATE audit_events SET actor = 'operator:mallory' WHERE account_id = ?1",
@@ -927,32 +869,37 @@ fn audit_verify_exits_by_what_it_found() {
     let bad = verify(&["--account", "not an account"]);
     assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
     assert!(stderr(&bad).contains("--account"), "{}", stderr(&bad));
+    server.stop().await;
 }
 
-#[test]
-fn creates_are_retried_with_their_request_id_and_updates_check_the_etag() {
-    let server = TestServer::start();
-    let admin = server.bootstrap(ACCOUNT);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_are_retried_with_their_request_id_and_updates_check_the_etag() {
+    let (mut server, admin) = spawn_server_for(ACCOUNT).await;
 
     // The same request id twice: one key, the same secret both times.
     let id = "3f0e6a8c-1d2b-4c5e-9f70-0123456789ab";
     let create = ["keys", "create", "--name", "retried", "--request-id", id];
-    let (first, _) = server.json(&admin, &create);
-    let (again, _) = server.json(&admin, &create);
+    let (first, _) = json(&server, &admin, &create);
+    let (again, _) = json(&server, &admin, &create);
     assert_eq!(first["secret"], again["secret"]);
     assert_eq!(first["key"]["key_id"], again["key"]["key_id"]);
-    let (keys, _) = server.json(&admin, &["keys", "list"]);
+    let (keys, _) = json(&server, &admin, &["keys", "list"]);
     assert_eq!(keys.as_array().unwrap().len(), 2, "{keys}");
     // Without --request-id each create is its own.
-    let (other, _) = server.json(&admin, &["keys", "create", "--name", "retried"]);
+    let (other, _) = json(&server, &admin, &["keys", "create", "--name", "retried"]);
     assert_ne!(other["key"]["key_id"], first["key"]["key_id"]);
 
     // `keys update` sends the etag it read; a stale --etag is ABORTED.
     let key_id = str_of(&first["key"], "key_id").to_owned();
     let stale = str_of(&first["key"], "etag").to_owned();
-    let (renamed, _) = server.json(&admin, &["keys", "update", &key_id, "--name", "renamed"]);
+    let (renamed, _) = json(
+        &server,
+        &admin,
+        &["keys", "update", &key_id, "--name", "renamed"],
+    );
     assert_ne!(str_of(&renamed, "etag"), stale);
-    let refused = server.cli(
+    let refused = cli(
+        &server,
         &admin,
         &[
             "keys", "update", &key_id, "--name", "lost", "--etag", &stale,
@@ -963,7 +910,8 @@ fn creates_are_retried_with_their_request_id_and_updates_check_the_etag() {
         message.contains("ABORTED") && message.contains("was changed since you read it"),
         "{message}"
     );
-    let (shown, _) = server.json(&admin, &["keys", "show", &key_id]);
+    let (shown, _) = json(&server, &admin, &["keys", "show", &key_id]);
     assert_eq!(str_of(&shown, "name"), "renamed");
     assert_eq!(shown["etag"], renamed["etag"]);
+    server.stop().await;
 }

@@ -11,99 +11,66 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
 use vilvik_keys::proto::{
-    CreateKeyRequest, ListAuditEventsRequest, VerifyCode, VerifyKeyRequest, VerifyKeyResponse,
+    CreateKeyRequest, GetAccountRequest, ListAuditEventsRequest, VerifyCode, VerifyKeyRequest,
+    VerifyKeyResponse,
 };
-use vilvik_keys_test_db::{TestDatabase, eventually};
+use vilvik_keys_test_support::requests::{create, verify};
+use vilvik_keys_test_support::{
+    Backend, ServedBinary, StoreSettings, bearer, binary, channel, eventually, lazy_channel,
+    sent_first,
+};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vilvik-keys");
 const GRACE_MS: u64 = 1_500;
+/// How long a served process may take to exit after SIGTERM.
+const EXIT_WITHIN: Duration = Duration::from_secs(20);
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// A `vilvik-keys serve` process on `db`, and the secret of a key of its
-/// account whose use is pending (verified once, not yet flushed).
+/// A `vilvik-keys serve` process, and the management key of its account.
 struct Served {
-    child: Child,
-    stderr: std::path::PathBuf,
+    server: ServedBinary,
     secret: String,
-    admin: SocketAddr,
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn serve_with_a_pending_use(dir: &Path) -> Served {
-    let db = dir.join("keys.db");
-    let bootstrap = Command::new(BIN)
-        .args(["bootstrap", "--account", "ACME"])
-        .env("VILVIK_KEYS_SQLITE_PATH", &db)
-        .output()
-        .unwrap();
-    assert!(bootstrap.status.success(), "{bootstrap:?}");
-    let secret = String::from_utf8(bootstrap.stdout)
-        .unwrap()
-        .trim()
-        .to_owned();
-
-    let (admin, verify) = (free_addr(), free_addr());
-    let stderr = dir.join("serve.log");
-    let child = Command::new(BIN)
-        .arg("serve")
-        .env("VILVIK_KEYS_SQLITE_PATH", &db)
-        .env("VILVIK_KEYS_ADMIN_ADDR", admin.to_string())
-        .env("VILVIK_KEYS_VERIFY_ADDR", verify.to_string())
+/// Bootstraps account ACME on `store` and serves it with a grace period of
+/// `grace_ms`, pending uses kept in memory (the periodic flush is ten
+/// minutes away), JSON logs, and `env`.
+async fn serve(store: &StoreSettings, grace_ms: u64, env: &[(&str, &str)]) -> Served {
+    let (secret, _) = binary::bootstrap(store.env(), "ACME");
+    let server = ServedBinary::serve()
+        .envs(store.env())
         .env("VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS", "600000")
-        .env("VILVIK_KEYS_SHUTDOWN_GRACE_MS", GRACE_MS.to_string())
+        .env("VILVIK_KEYS_SHUTDOWN_GRACE_MS", grace_ms.to_string())
         .env("VILVIK_KEYS_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let served = Served {
-        child,
-        stderr,
-        secret,
-        admin,
-    };
-    let url = format!("http://{verify}");
-    let key = served.secret.clone();
+        .envs(env.iter().copied())
+        .start()
+        .await;
+    Served { server, secret }
+}
+
+/// Serves a SQLite file in `dir` with a key of its account whose use is
+/// pending (verified once, not yet flushed).
+async fn serve_with_a_pending_use(dir: &Path) -> Served {
+    let store = StoreSettings::sqlite(dir.join("keys.db"));
+    let Served { server, secret } = serve(&store, GRACE_MS, &[]).await;
+    let verifier = KeyVerifyClient::new(channel(server.verify_addr()).await);
     eventually(Duration::from_secs(20), "the server answers VALID", || {
-        let url = url.clone();
-        let key = key.clone();
+        let mut verifier = verifier.clone();
+        let request = verify(&secret, &[]);
         async move {
-            let Ok(channel) = Channel::from_shared(url).unwrap().connect().await else {
-                return false;
-            };
-            let answer = KeyVerifyClient::new(channel)
-                .verify_key(VerifyKeyRequest {
-                    key,
-                    ..Default::default()
-                })
-                .await;
+            let answer = verifier.verify_key(request).await;
             answer.is_ok_and(|a| a.into_inner().code() == VerifyCode::Valid)
         }
     })
     .await;
-    served
+    Served { server, secret }
 }
 
 /// Holds the database's write lock until the returned sender is used or dropped.
@@ -122,24 +89,11 @@ fn hold_write_lock(db: &Path) -> (std::sync::mpsc::Sender<()>, std::thread::Join
     (release_tx, holder)
 }
 
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// Waits (bounded) for the process to exit; its exit code.
-fn exit_code(child: &mut Child) -> Option<i32> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        assert!(Instant::now() < deadline, "the server did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// The line saying what the process abandoned at its exit.
+fn abandoned_line(log: &str) -> &str {
+    log.lines()
+        .find(|l| l.contains("stopped, abandoning work"))
+        .unwrap_or_else(|| panic!("no line saying what was abandoned in {log}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,22 +103,19 @@ async fn a_final_flush_the_store_refuses_is_retried_for_the_grace_then_abandoned
     let (release, holder) = hold_write_lock(&dir.path().join("keys.db"));
 
     let asked = Instant::now();
-    sigterm(&served.child);
-    let code = exit_code(&mut served.child);
-    let took = asked.elapsed();
+    served.server.sigterm();
+    let exit = served.server.wait_for_exit(EXIT_WITHIN).await;
+    let took = exit.at - asked;
     drop(release);
     holder.join().unwrap();
 
-    let log = std::fs::read_to_string(&served.stderr).unwrap();
-    assert_eq!(code, Some(3), "{log}");
+    let log = served.server.log();
+    assert_eq!(exit.code(), Some(3), "{log}");
     assert!(
         took >= Duration::from_millis(GRACE_MS - 300),
         "gave up after {took:?}, before the grace period"
     );
-    let line = log
-        .lines()
-        .find(|l| l.contains("stopped, abandoning work"))
-        .unwrap_or_else(|| panic!("no line saying what was abandoned in {log}"));
+    let line = abandoned_line(&log);
     assert!(line.contains(r#""usage_records":1"#), "{line}");
     assert!(line.contains(r#""requests":0"#), "{line}");
     assert!(!log.contains(&served.secret), "a secret in the log");
@@ -177,43 +128,36 @@ async fn a_request_still_running_at_the_end_of_the_grace_is_counted_as_abandoned
     let (release, holder) = hold_write_lock(&dir.path().join("keys.db"));
     // A create waits for the write lock (SQLite's busy timeout, 5 s), past
     // the grace period of 1.5 s.
-    let channel = Channel::from_shared(format!("http://{}", served.admin))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut request = tonic::Request::new(CreateKeyRequest {
-        name: "stuck".to_owned(),
-        ..Default::default()
-    });
-    let bearer = format!("Bearer {}", served.secret);
-    request
-        .metadata_mut()
-        .insert("authorization", bearer.parse().unwrap());
-    let create =
-        tokio::spawn(async move { KeyAdminClient::new(channel).create_key(request).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admin = KeyAdminClient::new(channel(served.server.admin_addr()).await);
+    let request = bearer(create("stuck", &[]), &served.secret);
+    let mut stuck = admin.clone();
+    let create = sent_first(async move { stuck.create_key(request).await }).await;
+    // A later call on the same connection is answered: the server has
+    // taken the create, which still waits.
+    let account = bearer(GetAccountRequest {}, &served.secret);
+    admin.clone().get_account(account).await.unwrap();
     assert!(
         !create.is_finished(),
         "the create did not wait for the lock"
     );
 
-    sigterm(&served.child);
-    let code = exit_code(&mut served.child);
+    served.server.sigterm();
+    let exit = served.server.wait_for_exit(EXIT_WITHIN).await;
     drop(release);
     holder.join().unwrap();
-    let log = std::fs::read_to_string(&served.stderr).unwrap();
-    assert_eq!(code, Some(3), "{log}");
-    let line = log
-        .lines()
-        .find(|l| l.contains("stopped, abandoning work"))
-        .unwrap_or_else(|| panic!("no line saying what was abandoned in {log}"));
+    let log = served.server.log();
+    assert_eq!(exit.code(), Some(3), "{log}");
+    let line = abandoned_line(&log);
     assert!(line.contains(r#""requests":1"#), "{line}");
     assert!(
         create.await.unwrap().is_err(),
         "the abandoned create answered OK"
     );
 }
+
+/// How long the store stays locked once the drain has begun: the fault
+/// lasts that long, inside the grace period of 1.5 s.
+const STORE_LOCKED_FOR: Duration = Duration::from_millis(500);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_back_within_the_grace_gets_the_final_flush_and_the_exit_is_clean() {
@@ -229,14 +173,16 @@ async fn a_store_back_within_the_grace_gets_the_final_flush_and_the_exit_is_clea
     assert_eq!(last_used(&db), None, "the use is still pending");
     let (release, holder) = hold_write_lock(&db);
 
-    sigterm(&served.child);
-    std::thread::sleep(Duration::from_millis(500));
+    served.server.sigterm();
+    let draining = ["shutting down: draining requests"];
+    served.server.wait_for_log(&draining, EXIT_WITHIN).await;
+    tokio::time::sleep(STORE_LOCKED_FOR).await;
     release.send(()).unwrap();
     holder.join().unwrap();
-    let code = exit_code(&mut served.child);
+    let exit = served.server.wait_for_exit(EXIT_WITHIN).await;
 
-    let log = std::fs::read_to_string(&served.stderr).unwrap();
-    assert_eq!(code, Some(0), "{log}");
+    let log = served.server.log();
+    assert_eq!(exit.code(), Some(0), "{log}");
     assert!(last_used(&db).is_some(), "the pending use was not written");
 }
 
@@ -269,12 +215,6 @@ const LOAD_GRACE_MS: u64 = 5_000;
 /// process's teardown.
 const EXIT_MARGIN: Duration = Duration::from_millis(1_000);
 
-/// The store a served process keeps its keys in.
-enum KeyStore {
-    Sqlite(PathBuf),
-    Postgres(TestDatabase),
-}
-
 /// What the store says of one key's last use.
 #[derive(Debug, Clone)]
 struct StoredUse {
@@ -303,151 +243,70 @@ impl WriteLock {
     }
 }
 
-impl KeyStore {
-    /// `None` when the backend is Postgres and none is configured (skipped).
-    async fn create(backend: Backend, dir: &Path) -> Option<Self> {
-        Some(match backend {
-            Backend::Sqlite => KeyStore::Sqlite(dir.join("keys.db")),
-            Backend::Postgres => {
-                let db = TestDatabase::create().await?;
-                vilvik_keys::pepper::create(&dir.join("current.pepper")).unwrap();
-                KeyStore::Postgres(db)
-            }
-        })
-    }
-
-    /// On SQLite the pepper is generated beside the file; on Postgres it is
-    /// the one [`KeyStore::create`] wrote in `dir`.
-    fn configure(&self, command: &mut Command, dir: &Path) {
-        match self {
-            KeyStore::Sqlite(path) => command
-                .env("VILVIK_KEYS_SQLITE_PATH", path)
-                .env_remove("DATABASE_URL"),
-            KeyStore::Postgres(db) => command
-                .env("DATABASE_URL", db.url())
-                .env("VILVIK_KEYS_PEPPER_FILE", dir.join("current.pepper")),
-        };
-    }
-
-    async fn postgres(db: &TestDatabase) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
-    }
-
-    /// Every key's last use as stored, by key id.
-    async fn uses(&self) -> HashMap<String, StoredUse> {
-        const QUERY: &str = "SELECT key_id, last_used_at IS NOT NULL, last_used_ip FROM keys";
-        let rows: Vec<(String, bool, Option<String>)> = match self {
-            KeyStore::Sqlite(path) => {
-                let conn = rusqlite::Connection::open(path).unwrap();
-                let mut statement = conn.prepare(QUERY).unwrap();
-                statement
-                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-                    .unwrap()
-                    .collect::<Result<_, _>>()
-                    .unwrap()
-            }
-            KeyStore::Postgres(db) => Self::postgres(db)
-                .await
-                .query(QUERY, &[])
-                .await
+/// Every key's last use as `store` holds it, by key id.
+async fn uses(store: &StoreSettings) -> HashMap<String, StoredUse> {
+    const QUERY: &str = "SELECT key_id, last_used_at IS NOT NULL, last_used_ip FROM keys";
+    let rows: Vec<(String, bool, Option<String>)> = match store.sqlite_path() {
+        Some(path) => {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            let mut statement = conn.prepare(QUERY).unwrap();
+            statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                 .unwrap()
-                .iter()
-                .map(|row| (row.get(0), row.get(1), row.get(2)))
-                .collect(),
-        };
-        rows.into_iter()
-            .map(|(key_id, written, ip)| {
-                let ip = ip.map(|ip| ip.parse().expect("a stored IP address"));
-                (key_id, StoredUse { written, ip })
-            })
-            .collect()
-    }
-
-    async fn hold_writes(&self) -> WriteLock {
-        match self {
-            KeyStore::Sqlite(path) => {
-                let (release, holder) = hold_write_lock(path);
-                WriteLock::Sqlite(release, holder)
-            }
-            KeyStore::Postgres(db) => {
-                let client = Self::postgres(db).await;
-                client
-                    .batch_execute("BEGIN; LOCK TABLE keys IN EXCLUSIVE MODE")
-                    .await
-                    .unwrap();
-                WriteLock::Postgres(client)
-            }
+                .collect::<Result<_, _>>()
+                .unwrap()
         }
-    }
-}
-
-/// Bootstraps account ACME on `store` and serves it, with pending uses kept
-/// in memory (the periodic flush is ten minutes away) and limits high
-/// enough for the load.
-async fn serve_under_load(store: &KeyStore, dir: &Path) -> (Served, SocketAddr) {
-    let mut bootstrap = Command::new(BIN);
-    bootstrap.args(["bootstrap", "--account", "ACME"]);
-    store.configure(&mut bootstrap, dir);
-    let bootstrap = bootstrap.output().unwrap();
-    assert!(bootstrap.status.success(), "{bootstrap:?}");
-    let secret = String::from_utf8(bootstrap.stdout)
-        .unwrap()
-        .trim()
-        .to_owned();
-
-    let (admin, verify) = (free_addr(), free_addr());
-    let stderr = dir.join("serve.log");
-    let mut serve = Command::new(BIN);
-    serve
-        .arg("serve")
-        .env("VILVIK_KEYS_ADMIN_ADDR", admin.to_string())
-        .env("VILVIK_KEYS_VERIFY_ADDR", verify.to_string())
-        .env("VILVIK_KEYS_USAGE_FLUSH_INTERVAL_MS", "600000")
-        .env("VILVIK_KEYS_SHUTDOWN_GRACE_MS", LOAD_GRACE_MS.to_string())
-        .env("VILVIK_KEYS_FREE_TIER_LIMIT", "10000")
-        .env("VILVIK_KEYS_PREMIUM_TIER_LIMIT", "10000")
-        .env("VILVIK_KEYS_ADMIN_RATE_PER_SECOND", "1000000")
-        .env("VILVIK_KEYS_ADMIN_RATE_BURST", "1000000")
-        .env("VILVIK_KEYS_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap());
-    store.configure(&mut serve, dir);
-    let mut served = Served {
-        child: serve.spawn().unwrap(),
-        stderr,
-        secret,
-        admin,
+        None => store
+            .postgres_client()
+            .await
+            .query(QUERY, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect(),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(admin).await.is_err() {
-        if let Some(status) = served.child.try_wait().unwrap() {
-            let log = std::fs::read_to_string(&served.stderr).unwrap();
-            panic!("the server stopped at start ({status}): {log}");
+    rows.into_iter()
+        .map(|(key_id, written, ip)| {
+            let ip = ip.map(|ip| ip.parse().expect("a stored IP address"));
+            (key_id, StoredUse { written, ip })
+        })
+        .collect()
+}
+
+/// Holds `store`'s writes until released.
+async fn hold_writes(store: &StoreSettings) -> WriteLock {
+    match store.sqlite_path() {
+        Some(path) => {
+            let (release, holder) = hold_write_lock(path);
+            WriteLock::Sqlite(release, holder)
         }
-        assert!(Instant::now() < deadline, "the server did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        None => {
+            let client = store.postgres_client().await;
+            client
+                .batch_execute("BEGIN; LOCK TABLE keys IN EXCLUSIVE MODE")
+                .await
+                .unwrap();
+            WriteLock::Postgres(client)
+        }
     }
-    (served, verify)
 }
 
-fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(1))
-        .connect_lazy()
+/// Serves `store` with limits high enough for the load.
+async fn serve_under_load(store: &StoreSettings) -> Served {
+    let limits = [
+        ("VILVIK_KEYS_FREE_TIER_LIMIT", "10000"),
+        ("VILVIK_KEYS_PREMIUM_TIER_LIMIT", "10000"),
+        ("VILVIK_KEYS_ADMIN_RATE_PER_SECOND", "1000000"),
+        ("VILVIK_KEYS_ADMIN_RATE_BURST", "1000000"),
+    ];
+    serve(store, LOAD_GRACE_MS, &limits).await
 }
 
-fn authed<T>(message: T, secret: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    let bearer = format!("Bearer {secret}");
-    request
-        .metadata_mut()
-        .insert("authorization", bearer.parse().unwrap());
-    request
+/// A channel that connects on first use, its calls unbounded (the load
+/// bounds them itself, by [`CALL_BOUND`]).
+fn load_channel(addr: SocketAddr) -> Channel {
+    lazy_channel(addr, None)
 }
 
 /// A created key: its id and secret.
@@ -457,16 +316,9 @@ struct TestKey {
     secret: String,
 }
 
-async fn create_key(admin: &mut KeyAdminClient<Channel>, secret: &str, name: String) -> TestKey {
+async fn create_key(admin: &mut KeyAdminClient<Channel>, secret: &str, name: &str) -> TestKey {
     let created = admin
-        .create_key(authed(
-            CreateKeyRequest {
-                name,
-                scopes: vec!["datasets:read".to_owned()],
-                ..Default::default()
-            },
-            secret,
-        ))
+        .create_key(bearer(create(name, &["datasets:read"]), secret))
         .await
         .unwrap()
         .into_inner();
@@ -591,9 +443,18 @@ struct Seen {
     valid_answers: Vec<Instant>,
 }
 
-/// Calls until `stop` (or a bound of 30 s), pausing briefly after each
-/// refusal so a stopped server is not spun against.
-async fn load_client<F, Fut>(name: String, stop: Arc<AtomicBool>, mut call: F) -> Seen
+/// What the load clients share: when to stop, and how many have made a
+/// round of calls (one call of each kind they make).
+#[derive(Default)]
+struct Load {
+    stop: AtomicBool,
+    rounds_made: AtomicUsize,
+}
+
+/// Calls until `load.stop` (or a bound of 30 s), pausing briefly after each
+/// refusal so a stopped server is not spun against; counts in
+/// `load.rounds_made` once it has made `round` calls.
+async fn load_client<F, Fut>(name: String, load: Arc<Load>, round: u32, mut call: F) -> Seen
 where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = (Outcome, Option<(String, IpAddr)>)>,
@@ -601,11 +462,14 @@ where
     let mut seen = Seen::default();
     let bound = Instant::now() + Duration::from_secs(30);
     let mut n = 0;
-    while !stop.load(Ordering::Relaxed) && Instant::now() < bound {
+    while !load.stop.load(Ordering::Relaxed) && Instant::now() < bound {
         let started = Instant::now();
         let (outcome, valid) = call(n).await;
         let ended = Instant::now();
         n += 1;
+        if n == round {
+            load.rounds_made.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some((key_id, ip)) = valid {
             seen.latest_valid.insert(key_id, ip);
             seen.valid_answers.push(ended);
@@ -628,10 +492,11 @@ fn verify_client(
     verify: SocketAddr,
     client: u16,
     keys: Vec<TestKey>,
-    stop: Arc<AtomicBool>,
+    load: Arc<Load>,
 ) -> impl Future<Output = Seen> {
-    let client_verify = KeyVerifyClient::new(channel(verify));
-    load_client(format!("verify-{client}"), stop, move |n| {
+    let client_verify = KeyVerifyClient::new(load_channel(verify));
+    let round = u32::try_from(keys.len()).unwrap();
+    load_client(format!("verify-{client}"), load, round, move |n| {
         let mut verify = client_verify.clone();
         let key = keys[n as usize % keys.len()].clone();
         // Unique per call, so the stored IP names the use that was written.
@@ -665,10 +530,10 @@ fn admin_client(
     admin: SocketAddr,
     client: u16,
     secret: String,
-    stop: Arc<AtomicBool>,
+    load: Arc<Load>,
 ) -> impl Future<Output = Seen> {
-    let client_admin = KeyAdminClient::new(channel(admin));
-    load_client(format!("admin-{client}"), stop, move |n| {
+    let client_admin = KeyAdminClient::new(load_channel(admin));
+    load_client(format!("admin-{client}"), load, 2, move |n| {
         let mut admin = client_admin.clone();
         let secret = secret.clone();
         async move {
@@ -677,14 +542,14 @@ fn admin_client(
                     page_size: 100,
                     ..Default::default()
                 };
-                let call = admin.list_audit_events(authed(list, &secret));
+                let call = admin.list_audit_events(bearer(list, &secret));
                 outcome(tokio::time::timeout(CALL_BOUND, call).await)
             } else {
                 let create = CreateKeyRequest {
                     name: format!("load-{client}-{n}"),
                     ..Default::default()
                 };
-                let call = admin.create_key(authed(create, &secret));
+                let call = admin.create_key(bearer(create, &secret));
                 outcome(tokio::time::timeout(CALL_BOUND, call).await)
             };
             (answer, None)
@@ -768,25 +633,6 @@ impl HeldVerify {
     }
 }
 
-/// Waits (bounded, without blocking the runtime) for the process to exit:
-/// its exit code, and how long after `since` it exited.
-async fn exit_after(child: &mut Child, since: Instant) -> (Option<i32>, Duration) {
-    let deadline = since + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return (status.code(), since.elapsed());
-        }
-        assert!(Instant::now() < deadline, "the server did not exit");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
 /// A SIGTERM while clients verify and call the admin API, with creates held
 /// in flight by a lock on the store, a verify whose message comes only
 /// after they are answered, and 200 keys' uses pending: every call the
@@ -797,35 +643,37 @@ enum Backend {
 /// included.
 async fn sigterm_under_load(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let Some(store) = KeyStore::create(backend, dir.path()).await else {
+    let Some(store) = StoreSettings::create(backend, dir.path()).await else {
         return;
     };
-    let (mut served, verify) = serve_under_load(&store, dir.path()).await;
-    let mut admin = KeyAdminClient::new(channel(served.admin));
+    let mut served = serve_under_load(&store).await;
+    let (admin_addr, verify) = (served.server.admin_addr(), served.server.verify_addr());
+    let mut admin = KeyAdminClient::new(load_channel(admin_addr));
+    let mut new_key = async |name: String| create_key(&mut admin, &served.secret, &name).await;
     let mut pending = Vec::new();
     for i in 0..PENDING_KEYS {
-        pending.push(create_key(&mut admin, &served.secret, format!("pending-{i}")).await);
+        pending.push(new_key(format!("pending-{i}")).await);
     }
     let mut load_keys = Vec::new();
     for client in 0..VERIFY_CLIENTS {
         let mut keys = Vec::new();
         for k in 0..KEYS_PER_VERIFY_CLIENT {
-            keys.push(create_key(&mut admin, &served.secret, format!("load-{client}-{k}")).await);
+            keys.push(new_key(format!("load-{client}-{k}")).await);
         }
         load_keys.push(keys);
     }
     // Used only by the verify held across the drain.
-    let drained = create_key(&mut admin, &served.secret, "drained".to_owned()).await;
+    let drained = new_key("drained".to_owned()).await;
     let drained_ip = IpAddr::V6(Ipv6Addr::new(0xfd00, 3, 0, 0, 0, 0, 0, 1));
 
     // Each pending key used once, from its own address.
     let pending_ip = |i: usize| IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, i as u16));
-    let mut verifier = KeyVerifyClient::new(channel(verify));
+    let mut verifier = KeyVerifyClient::new(load_channel(verify));
     for (i, key) in pending.iter().enumerate() {
         let code = verify_as(&mut verifier, key, pending_ip(i)).await.unwrap();
         assert_eq!(code, VerifyCode::Valid, "pending key {i}");
     }
-    let before = store.uses().await;
+    let before = uses(&store).await;
     let written_early = pending
         .iter()
         .chain(load_keys.iter().flatten())
@@ -833,49 +681,49 @@ async fn sigterm_under_load(backend: Backend) {
         .count();
     assert_eq!(written_early, 0, "uses were flushed before the signal");
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Load::default());
     let mut load = tokio::task::JoinSet::new();
     for (client, keys) in (0..VERIFY_CLIENTS).zip(load_keys.clone()) {
-        load.spawn(verify_client(verify, client, keys, stop.clone()));
+        load.spawn(verify_client(verify, client, keys, shared.clone()));
     }
     for client in 0..ADMIN_CLIENTS {
-        load.spawn(admin_client(
-            served.admin,
-            client,
-            served.secret.clone(),
-            stop.clone(),
-        ));
+        let secret = served.secret.clone();
+        load.spawn(admin_client(admin_addr, client, secret, shared.clone()));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let clients = usize::from(VERIFY_CLIENTS + ADMIN_CLIENTS);
+    eventually(
+        Duration::from_secs(10),
+        "every load client has used each of its keys or calls once",
+        || std::future::ready(shared.rounds_made.load(Ordering::Relaxed) == clients),
+    )
+    .await;
 
     // Creates the server has taken and cannot finish before the lock goes.
-    let lock = store.hold_writes().await;
+    let lock = hold_writes(&store).await;
     let held_verify = HeldVerify::open(verify).await;
-    let held_admin = KeyAdminClient::new(channel(served.admin));
-    let held: Vec<_> = (0..HELD_CREATES)
-        .map(|i| {
-            let mut admin = held_admin.clone();
-            let create = authed(
-                CreateKeyRequest {
-                    name: format!("held-{i}"),
-                    ..Default::default()
-                },
-                &served.secret,
-            );
-            tokio::spawn(async move { admin.create_key(create).await })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held_admin = KeyAdminClient::new(load_channel(admin_addr));
+    let mut held = Vec::new();
+    for i in 0..HELD_CREATES {
+        let mut admin = held_admin.clone();
+        let create = bearer(create(&format!("held-{i}"), &[]), &served.secret);
+        held.push(sent_first(async move { admin.create_key(create).await }).await);
+    }
+    // A later call on the same connection is answered: the server has
+    // taken the creates, which still wait.
+    let account = bearer(GetAccountRequest {}, &served.secret);
+    held_admin.clone().get_account(account).await.unwrap();
     assert!(
         held.iter().all(|create| !create.is_finished()),
         "the creates did not wait for the lock"
     );
 
     let (signalled, signalled_wall) = (Instant::now(), time::OffsetDateTime::now_utc());
-    sigterm(&served.child);
+    served.server.sigterm();
+    // A bounded wait under test: the lock outlasts the signal by this
+    // long, and the drain must wait for the creates it holds that long.
     tokio::time::sleep(HELD_AFTER_SIGNAL).await;
     assert!(
-        served.child.try_wait().unwrap().is_none(),
+        served.server.try_exit().is_none(),
         "the server exited with creates in flight"
     );
     lock.release().await;
@@ -889,12 +737,12 @@ async fn sigterm_under_load(backend: Backend) {
     });
     let drained_answer = tokio::time::timeout(CALL_BOUND, drained_verify).await;
     let drained_answered = Instant::now();
-    let (code, took) = exit_after(&mut served.child, signalled).await;
-    stop.store(true, Ordering::Relaxed);
-    let exited = signalled + took;
+    let exit = served.server.wait_for_exit(EXIT_WITHIN).await;
+    let (exited, took) = (exit.at, exit.at - signalled);
+    shared.stop.store(true, Ordering::Relaxed);
 
-    let log = std::fs::read_to_string(&served.stderr).unwrap();
-    assert_eq!(code, Some(0), "{log}");
+    let log = served.server.log();
+    assert_eq!(exit.code(), Some(0), "{log}");
     assert!(!log.contains(&served.secret), "a secret in the log");
     let grace = Duration::from_millis(LOAD_GRACE_MS);
     assert!(
@@ -983,7 +831,7 @@ async fn sigterm_under_load(backend: Backend) {
 
     // Every use is in the store: the pending ones, and each load key's
     // latest VALID answer, including those given during the drain.
-    let after = store.uses().await;
+    let after = uses(&store).await;
     for (i, key) in pending.iter().enumerate() {
         let stored = &after[&key.id];
         assert!(stored.written, "pending key {i}: its use was lost");

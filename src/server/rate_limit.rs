@@ -12,6 +12,11 @@
 //! Each admin node counts only the calls it serves: N nodes behind a load
 //! balancer allow up to N times the configured rate (docs/ARCHITECTURE.md).
 //!
+//! Time is the service's [`Clock`] (the system clock in production, a
+//! test's manual clock in tests), read through [`LimiterClock`]: GCRA
+//! needs a clock that never goes back, so a reading earlier than one
+//! already seen counts as that one.
+//!
 //! A tier may have a rate of its own. Only then is the account's tier
 //! needed; it is read from the store once per [`TIER_TTL`] and account
 //! (not once per call), and this node's SetAccountTier updates it at once
@@ -22,12 +27,16 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use governor::clock::Clock;
-use governor::{DefaultKeyedRateLimiter, Quota};
-use vilvik_keys_domain::{AccountId, Tier};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use time::OffsetDateTime;
+use vilvik_keys_domain::{AccountId, Clock, Tier};
 use vilvik_keys_store::Store;
 
 use crate::config::{AdminRate, AdminRateLimits};
@@ -68,7 +77,41 @@ struct TierLimiter {
     rate: AdminRate,
     /// The tier named in refusals; `None` when every tier has this rate.
     tier: Option<Tier>,
-    limiter: DefaultKeyedRateLimiter<AccountId>,
+    limiter: RateLimiter<
+        AccountId,
+        DefaultKeyedStateStore<AccountId>,
+        LimiterClock,
+        NoOpMiddleware<Nanos>,
+    >,
+}
+
+/// The service's [`Clock`] as governor reads it: nanoseconds since the
+/// Unix epoch, never earlier than the latest reading (shared by the
+/// limiters of every tier).
+#[derive(Debug, Clone)]
+struct LimiterClock {
+    clock: Arc<dyn Clock>,
+    latest: Arc<AtomicU64>,
+}
+
+impl LimiterClock {
+    fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            clock,
+            latest: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl governor::clock::Clock for LimiterClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        let since_epoch = (self.clock.now() - OffsetDateTime::UNIX_EPOCH).whole_nanoseconds();
+        let now = u64::try_from(since_epoch).unwrap_or(0);
+        let latest = self.latest.fetch_max(now, Ordering::Relaxed);
+        Nanos::new(now.max(latest))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -128,19 +171,22 @@ impl std::fmt::Display for RateLimited {
 }
 
 impl TierLimiter {
-    fn new(rate: AdminRate, tier: Option<Tier>) -> Self {
+    fn new(rate: AdminRate, tier: Option<Tier>, clock: LimiterClock) -> Self {
         Self {
             rate,
             tier,
-            limiter: DefaultKeyedRateLimiter::keyed(
+            limiter: RateLimiter::new(
                 Quota::per_second(rate.per_second).allow_burst(rate.burst),
+                DefaultKeyedStateStore::default(),
+                clock,
             ),
         }
     }
 
     fn check(&self, account: &AccountId) -> Result<(), RateLimited> {
         self.limiter.check_key(account).map_err(|not_until| {
-            let retry_after = not_until.wait_time_from(self.limiter.clock().now());
+            let now = governor::clock::Clock::now(self.limiter.clock());
+            let retry_after = not_until.wait_time_from(now);
             RateLimited {
                 account: account.clone(),
                 rate: self.rate,
@@ -152,15 +198,17 @@ impl TierLimiter {
 }
 
 impl AdminRateLimiter {
-    /// `store` is asked for an account's tier only when tiers' rates differ.
-    pub fn new(limits: AdminRateLimits, store: Arc<dyn Store>) -> Self {
+    /// `store` is asked for an account's tier only when tiers' rates
+    /// differ; `clock` is the service's.
+    pub fn new(limits: AdminRateLimits, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        let clock = LimiterClock::new(clock);
         let (free, premium) = (limits.for_tier(Tier::Free), limits.for_tier(Tier::Premium));
         let (free, premium) = if free == premium {
-            (TierLimiter::new(free, None), None)
+            (TierLimiter::new(free, None, clock), None)
         } else {
             (
-                TierLimiter::new(free, Some(Tier::Free)),
-                Some(TierLimiter::new(premium, Some(Tier::Premium))),
+                TierLimiter::new(free, Some(Tier::Free), clock.clone()),
+                Some(TierLimiter::new(premium, Some(Tier::Premium), clock)),
             )
         };
         Self {
@@ -263,6 +311,7 @@ impl AdminRateLimiter {
 mod tests {
     use std::num::NonZeroU32;
 
+    use vilvik_keys_domain::ManualClock;
     use vilvik_keys_store::Actor;
 
     use super::*;
@@ -284,16 +333,25 @@ mod tests {
         AccountId::from_caller(name).unwrap()
     }
 
+    /// A clock standing still at a whole second until advanced.
+    fn manual_clock() -> Arc<ManualClock> {
+        let start = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap();
+        Arc::new(ManualClock::new(start))
+    }
+
     #[tokio::test]
     async fn a_burst_is_admitted_then_the_account_waits_and_others_do_not() {
         let dir = tempfile::tempdir().unwrap();
-        // One call a second: the four calls take far less.
+        // One call a second, on a clock standing still.
         let limits = AdminRateLimits {
             per_second: NonZeroU32::new(1).unwrap(),
             burst: NonZeroU32::new(3).unwrap(),
             ..AdminRateLimits::default()
         };
-        let limiter = AdminRateLimiter::new(limits, sqlite(&dir).await);
+        let clock = manual_clock();
+        let limiter = AdminRateLimiter::new(limits, sqlite(&dir).await, clock.clone());
         let (acme, other) = (account("acme"), account("other"));
         for _ in 0..3 {
             limiter.admit(&acme).await.unwrap();
@@ -306,6 +364,7 @@ mod tests {
                 && refused.retry_after <= Duration::from_secs(1),
             "{refused:?}"
         );
+        assert_eq!(refused.retry_after, Duration::from_secs(1), "{refused:?}");
         assert_eq!(refused.retry_after_secs(), 1);
         assert_eq!(
             refused.to_string(),
@@ -317,6 +376,11 @@ mod tests {
         for _ in 0..3 {
             limiter.admit(&other).await.unwrap();
         }
+        // Waiting as told is enough, and no less is.
+        clock.advance(time::Duration::milliseconds(999));
+        assert!(limiter.admit(&acme).await.is_err());
+        clock.advance(time::Duration::milliseconds(1));
+        limiter.admit(&acme).await.unwrap();
     }
 
     #[test]
@@ -342,17 +406,23 @@ mod tests {
     async fn memory_is_bounded_by_the_accounts_calling_lately() {
         let dir = tempfile::tempdir().unwrap();
         // A full burst is back 2 ms after an account's call.
-        let limiter = AdminRateLimiter::new(AdminRateLimits::uniform(1_000, 2), sqlite(&dir).await);
+        let clock = manual_clock();
+        let limiter = AdminRateLimiter::new(
+            AdminRateLimits::uniform(1_000, 2),
+            sqlite(&dir).await,
+            clock.clone(),
+        );
         for i in 0..10_000 {
             limiter.admit(&account(&format!("acct-{i}"))).await.unwrap();
         }
         assert_eq!(limiter.tracked_accounts(), 10_000);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        clock.advance(time::Duration::milliseconds(20));
         limiter.admit(&account("busy")).await.unwrap();
         limiter.admit(&account("busy")).await.unwrap();
         limiter.sweep();
-        // The busy account may or may not have a full burst back yet.
+        // The busy account has not had its full burst back yet.
         assert!(limiter.tracked_accounts() <= 1, "{limiter:?}");
+        assert_eq!(limiter.tracked_accounts(), 1, "{limiter:?}");
     }
 
     #[tokio::test]
@@ -366,7 +436,7 @@ mod tests {
             },
             ..AdminRateLimits::default()
         };
-        let limiter = AdminRateLimiter::new(limits, store.clone());
+        let limiter = AdminRateLimiter::new(limits, store.clone(), manual_clock());
         let (acme, big) = (account("acme"), account("big"));
         let actor = Actor {
             name: "operator:test".into(),

@@ -4,7 +4,7 @@
 
 use vilvik_keys::proto;
 
-use crate::helpers::{ACCOUNT, Backend, TestApp, spawn_app};
+use vilvik_keys_test_support::{ACCOUNT, Backend, TestApp, postgres_client, spawn_app};
 
 crate::on_both_backends!(event_ids_and_page_tokens_are_per_account);
 
@@ -14,16 +14,8 @@ async fn event_ids_and_page_tokens_are_per_account(mut app: TestApp) {
         app.create_key(name, &["datasets:read"]).await.unwrap();
     }
     for name in ["theirs", "also-theirs"] {
-        let request = app.as_operator(
-            proto::CreateKeyRequest {
-                name: name.into(),
-                scopes: vec!["datasets:read".into()],
-                ..Default::default()
-            },
-            "globex",
-            "alice@example.com",
-        );
-        app.admin.create_key(request).await.unwrap();
+        app.create_key_as_operator("globex", name, &["datasets:read"])
+            .await;
     }
     let first_page = |account: &str| {
         app.as_operator(
@@ -131,7 +123,7 @@ async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
     let Some(mut app) = spawn_app(Backend::Postgres).await else {
         return;
     };
-    // Migrated and bootstrapped as the owner; from now on the service
+    // Migrated and bootstrapped as the owner; from here on the service
     // runs as a role with the documented grants only.
     let owner_url = app
         .config
@@ -169,10 +161,7 @@ async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
     crate::tour::walk_the_tour(&mut app).await;
 
     // The role may read and append, never rewrite.
-    let (client, connection) = tokio_postgres::connect(&role_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = postgres_client(&role_url).await;
     let events: i64 = client
         .query_one("SELECT COUNT(*) FROM audit_events", &[])
         .await

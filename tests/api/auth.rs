@@ -2,10 +2,11 @@
 //! token on the account it names; another account's keys do not exist.
 
 use tonic::Code;
+use vilvik_keys::headers;
 use vilvik_keys::proto::{self, AuditAction, Tier};
-
-use crate::helpers::{
-    Backend, OPERATOR_TOKEN, TestApp, assert_status, spawn_app_with, with_bearer,
+use vilvik_keys_test_support::requests::{get, rename, revoke, rotate};
+use vilvik_keys_test_support::{
+    Backend, OPERATOR_TOKEN, TestApp, assert_status, bearer, spawn_app_with, without_usage,
 };
 
 crate::on_both_backends!(
@@ -24,16 +25,13 @@ async fn credentials_are_checked(mut app: TestApp) {
     );
     assert_status(
         app.admin
-            .list_keys(with_bearer(
-                list(),
-                "not-the-operator-token-but-long-enough",
-            ))
+            .list_keys(bearer(list(), "not-the-operator-token-but-long-enough"))
             .await,
         Code::Unauthenticated,
         "neither a management key",
     );
     assert_status(
-        app.admin.list_keys(with_bearer(list(), "vlk_short")).await,
+        app.admin.list_keys(bearer(list(), "vlk_short")).await,
         Code::Unauthenticated,
         "malformed",
     );
@@ -44,9 +42,7 @@ async fn credentials_are_checked(mut app: TestApp) {
         .await
         .unwrap();
     let status = assert_status(
-        app.admin
-            .list_keys(with_bearer(list(), &data_key.secret))
-            .await,
+        app.admin.list_keys(bearer(list(), &data_key.secret)).await,
         Code::PermissionDenied,
         "keys:admin",
     );
@@ -54,30 +50,16 @@ async fn credentials_are_checked(mut app: TestApp) {
 
     // A second management key (only the operator mints one), revoked,
     // stops working at once.
-    let request = app.as_operator(
-        proto::CreateKeyRequest {
-            name: "console".into(),
-            scopes: vec!["keys:admin".into()],
-            ..Default::default()
-        },
-        "ACME",
-        "alice@example.com",
-    );
-    let second = app.admin.create_key(request).await.unwrap().into_inner();
+    let second = app
+        .create_key_as_operator("ACME", "console", &["keys:admin"])
+        .await;
     app.admin
-        .list_keys(with_bearer(list(), &second.secret))
+        .list_keys(bearer(list(), &second.secret))
         .await
         .unwrap();
-    let request = app.authed(proto::RevokeKeyRequest {
-        key_id: second.key.unwrap().key_id,
-        reason: String::new(),
-        ..Default::default()
-    });
-    app.admin.revoke_key(request).await.unwrap();
+    app.revoke_key(&second.key.unwrap().key_id).await.unwrap();
     assert_status(
-        app.admin
-            .list_keys(with_bearer(list(), &second.secret))
-            .await,
+        app.admin.list_keys(bearer(list(), &second.secret)).await,
         Code::Unauthenticated,
         "revoked",
     );
@@ -122,8 +104,8 @@ async fn every_admin_rpc_refuses_a_missing_or_malformed_credential(mut app: Test
 
     // Nothing was changed, and the key still works.
     assert_eq!(
-        crate::helpers::without_usage(app.list_keys(true).await),
-        crate::helpers::without_usage(keys_before)
+        without_usage(app.list_keys(true).await),
+        without_usage(keys_before)
     );
     assert_eq!(app.audit("").await.len(), audit_before.len());
     assert_eq!(
@@ -134,63 +116,29 @@ async fn every_admin_rpc_refuses_a_missing_or_malformed_credential(mut app: Test
 
 async fn another_accounts_keys_are_not_found(mut app: TestApp) {
     // The operator creates a key in account OTHER.
-    let request = app.as_operator(
-        proto::CreateKeyRequest {
-            name: "other-service".into(),
-            scopes: vec!["datasets:read".into()],
-            ..Default::default()
-        },
-        "OTHER",
-        "alice@example.com",
-    );
-    let theirs = app.admin.create_key(request).await.unwrap().into_inner();
+    let theirs = app
+        .create_key_as_operator("OTHER", "other-service", &["datasets:read"])
+        .await;
     let their_id = theirs.key.unwrap().key_id;
 
-    let get = app.authed(proto::GetKeyRequest {
-        key_id: their_id.clone(),
-    });
-    assert_status(app.admin.get_key(get).await, Code::NotFound, "not found");
-    let update = app.authed(proto::UpdateKeyRequest {
-        key_id: their_id.clone(),
-        name: "mine-now".into(),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["name".into()],
-        }),
-        ..Default::default()
-    });
-    assert_status(
-        app.admin.update_key(update).await,
-        Code::NotFound,
-        "not found",
+    let (mut admin, id) = (app.admin.clone(), their_id.as_str());
+    let not_found = |result: Result<(), tonic::Status>| {
+        assert_status(result, Code::NotFound, "not found");
+    };
+    not_found(admin.get_key(app.authed(get(id))).await.map(drop));
+    not_found(
+        admin
+            .update_key(app.authed(rename(id, "mine-now")))
+            .await
+            .map(drop),
     );
-    let rotate = app.authed(proto::RotateKeyRequest {
-        key_id: their_id.clone(),
-        ..Default::default()
-    });
-    assert_status(
-        app.admin.rotate_key(rotate).await,
-        Code::NotFound,
-        "not found",
-    );
-    let revoke = app.authed(proto::RevokeKeyRequest {
-        key_id: their_id.clone(),
-        reason: String::new(),
-        ..Default::default()
-    });
-    assert_status(
-        app.admin.revoke_key(revoke).await,
-        Code::NotFound,
-        "not found",
-    );
+    not_found(admin.rotate_key(app.authed(rotate(id))).await.map(drop));
+    not_found(admin.revoke_key(app.authed(revoke(id))).await.map(drop));
     let audit = app.authed(proto::ListAuditEventsRequest {
         key_id: their_id.clone(),
         ..Default::default()
     });
-    assert_status(
-        app.admin.list_audit_events(audit).await,
-        Code::NotFound,
-        "not found",
-    );
+    not_found(admin.list_audit_events(audit).await.map(drop));
     assert!(
         app.list_keys(true)
             .await
@@ -208,30 +156,23 @@ async fn another_accounts_keys_are_not_found(mut app: TestApp) {
 }
 
 async fn the_operator_acts_for_the_named_account_and_sets_tiers(mut app: TestApp) {
-    let request = app.as_operator(
-        proto::CreateKeyRequest {
-            name: "console-made".into(),
-            scopes: vec!["models:*".into()],
-            ..Default::default()
-        },
-        "ACME",
-        "alice@example.com",
-    );
-    let created = app.admin.create_key(request).await.unwrap().into_inner();
+    let created = app
+        .create_key_as_operator("ACME", "console-made", &["models:*"])
+        .await;
     let key_id = created.key.unwrap().key_id;
     let events = app.audit(&key_id).await;
     assert_eq!(events[0].actor, "operator:alice@example.com");
     assert_eq!(events[0].actor_ip, "127.0.0.1");
 
     // The operator token needs the account header.
-    let mut request = with_bearer(proto::ListKeysRequest::default(), OPERATOR_TOKEN);
+    let mut request = bearer(proto::ListKeysRequest::default(), OPERATOR_TOKEN);
     request
         .metadata_mut()
-        .insert("x-vilvik-actor", "alice".parse().unwrap());
+        .insert(headers::ACTOR, "alice".parse().unwrap());
     assert_status(
         app.admin.list_keys(request).await,
         Code::InvalidArgument,
-        "x-vilvik-account",
+        headers::ACCOUNT,
     );
 
     // Tiers: only the operator may change them; the change is audited.
@@ -263,12 +204,7 @@ async fn the_operator_acts_for_the_named_account_and_sets_tiers(mut app: TestApp
     assert_eq!(account.tier(), Tier::Premium);
     assert_eq!(account.active_key_limit, 25);
     app.create_key("fourth", &["a:b"]).await.unwrap();
-    let shown = app
-        .admin
-        .get_account(app.authed(proto::GetAccountRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let shown = app.account().await;
     assert_eq!((shown.tier(), shown.active_key_limit), (Tier::Premium, 25));
     let tier_event = app
         .audit("")

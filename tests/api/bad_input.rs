@@ -1,9 +1,12 @@
 //! Bad input gets a precise status naming the field, and changes nothing.
 
-use tonic::Code;
-use vilvik_keys::proto;
-
-use crate::helpers::{TestApp, assert_status, days_from, without_usage};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
+use vilvik_keys::{headers, proto};
+use vilvik_keys_test_support::requests::{create, get, mask, rename, revoke, rotate, verify};
+use vilvik_keys_test_support::{
+    OPERATOR_TOKEN, TestApp, as_operator, assert_status, days_from, without_usage,
+};
 
 crate::on_both_backends!(
     bad_input_is_rejected_precisely_and_changes_nothing,
@@ -11,30 +14,49 @@ crate::on_both_backends!(
     oversized_messages_are_rejected
 );
 
-fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: paths.iter().map(|p| p.to_string()).collect(),
-    })
+/// Asserts the call was refused as INVALID_ARGUMENT naming `needle`.
+#[track_caller]
+fn invalid<T: std::fmt::Debug>(result: Result<T, Status>, needle: &str) -> Status {
+    assert_status(result, Code::InvalidArgument, needle)
 }
 
-async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
-    let now = vilvik_keys_domain::Clock::now(app.clock.as_ref());
+/// The account's keys (without last-use fields) and audit log: what a
+/// refused call must leave as it was.
+async fn snapshot(app: &mut TestApp) -> (Vec<proto::Key>, Vec<proto::AuditEvent>) {
+    (
+        without_usage(app.list_keys(true).await),
+        app.audit("").await,
+    )
+}
+
+/// A key of the account, and the snapshot taken once it exists.
+async fn existing_key(
+    app: &mut TestApp,
+) -> (
+    proto::CreateKeyResponse,
+    (Vec<proto::Key>, Vec<proto::AuditEvent>),
+) {
     let existing = app
         .create_key("ci-runner", &["datasets:read"])
         .await
         .unwrap();
-    let key_id = existing.key.unwrap().key_id;
-    let keys_before = without_usage(app.list_keys(true).await);
-    let audit_before = app.audit("").await;
+    let before = snapshot(app).await;
+    (existing, before)
+}
+
+async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
+    let now = vilvik_keys_domain::Clock::now(app.clock.as_ref());
+    let (existing, before) = existing_key(&mut app).await;
+    let key_id = existing.key.as_ref().unwrap().key_id.clone();
 
     let create =
         |name: &str, scopes: &[&str], description: &str, expires_at| proto::CreateKeyRequest {
-            name: name.into(),
             description: description.into(),
-            scopes: scopes.iter().map(|s| s.to_string()).collect(),
             expires_at,
-            ..Default::default()
+            ..create(name, scopes)
         };
+    let too_many: Vec<String> = (0..51).map(|i| format!("r{i}:read")).collect();
+    let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
     let cases = [
         (
             create("", &["a:b"], "", None),
@@ -60,164 +82,87 @@ async fn bad_input_is_rejected_precisely_and_changes_nothing(mut app: TestApp) {
             create("x", &["a:b"], "", Some(days_from(now, -1))),
             "expires_at: expires_at",
         ),
+        (create("x", &too_many, "", None), "at most 50 scopes"),
     ];
     for (request, expected) in cases {
-        let result = app.admin.create_key(app.authed(request)).await;
-        assert_status(result, Code::InvalidArgument, expected);
+        invalid(app.admin.create_key(app.authed(request)).await, expected);
     }
-    let too_many: Vec<String> = (0..51).map(|i| format!("r{i}:read")).collect();
-    let request = proto::CreateKeyRequest {
-        name: "x".into(),
-        scopes: too_many,
-        ..Default::default()
-    };
-    assert_status(
-        app.admin.create_key(app.authed(request)).await,
-        Code::InvalidArgument,
-        "at most 50 scopes",
-    );
 
     // Key ids.
-    let get = |id: &str| proto::GetKeyRequest { key_id: id.into() };
-    assert_status(
+    let unknown = "key_AAAAAAAAAAAAAAAAAAAA";
+    invalid(
         app.admin.get_key(app.authed(get(""))).await,
-        Code::InvalidArgument,
         "key_id: is required",
     );
-    assert_status(
-        app.admin.get_key(app.authed(get("abc"))).await,
-        Code::InvalidArgument,
-        "key_id: 'abc' is not a key id",
-    );
-    assert_status(
-        app.admin
-            .get_key(app.authed(get("key_AAAAAAAAAAAAAAAAAAAA")))
-            .await,
-        Code::NotFound,
-        "key key_AAAAAAAAAAAAAAAAAAAA not found",
-    );
-    let request = proto::RotateKeyRequest {
-        key_id: "key_AAAAAAAAAAAAAAAAAAAA".into(),
-        ..Default::default()
-    };
-    assert_status(
-        app.admin.rotate_key(app.authed(request)).await,
-        Code::NotFound,
-        "not found",
-    );
+    let abc = app.admin.get_key(app.authed(get("abc"))).await;
+    invalid(abc, "key_id: 'abc' is not a key id");
+    let missing = app.admin.get_key(app.authed(get(unknown))).await;
+    assert_status(missing, Code::NotFound, &format!("key {unknown} not found"));
+    let missing = app.admin.rotate_key(app.authed(rotate(unknown))).await;
+    assert_status(missing, Code::NotFound, "not found");
 
     // Paging.
     for page_size in [-1, 101] {
-        let request = proto::ListKeysRequest {
+        let page = proto::ListKeysRequest {
             page_size,
             ..Default::default()
         };
-        assert_status(
-            app.admin.list_keys(app.authed(request)).await,
-            Code::InvalidArgument,
-            "page_size",
-        );
+        invalid(app.admin.list_keys(app.authed(page)).await, "page_size");
     }
-    let request = proto::ListAuditEventsRequest {
+    let garbage = proto::ListAuditEventsRequest {
         page_token: "garbage".into(),
         ..Default::default()
     };
-    assert_status(
-        app.admin.list_audit_events(app.authed(request)).await,
-        Code::InvalidArgument,
+    invalid(
+        app.admin.list_audit_events(app.authed(garbage)).await,
         "page_token",
     );
 
     // Updates.
     let update = |paths: &[&str], name: &str, expires_at| proto::UpdateKeyRequest {
-        key_id: key_id.clone(),
-        name: name.into(),
         expires_at,
         update_mask: mask(paths),
-        ..Default::default()
+        ..rename(&key_id, name)
     };
-    assert_status(
-        app.admin
-            .update_key(app.authed(update(&[], "x", None)))
-            .await,
-        Code::InvalidArgument,
-        "update_mask: is empty",
-    );
-    assert_status(
-        app.admin
-            .update_key(app.authed(update(&["prefix"], "x", None)))
-            .await,
-        Code::InvalidArgument,
-        "'prefix' cannot be updated",
-    );
-    assert_status(
-        app.admin
-            .update_key(app.authed(update(&["name"], " ", None)))
-            .await,
-        Code::InvalidArgument,
-        "name: name must not be empty",
-    );
-    assert_status(
-        app.admin
-            .update_key(app.authed(update(
-                &["name", "expires_at"],
-                "ok",
-                Some(days_from(now, -3)),
-            )))
-            .await,
-        Code::InvalidArgument,
-        "expires_at",
-    );
-    let request = proto::RevokeKeyRequest {
-        key_id: key_id.clone(),
+    let expired = Some(days_from(now, -3));
+    for (request, expected) in [
+        (update(&[], "x", None), "update_mask: is empty"),
+        (update(&["prefix"], "x", None), "'prefix' cannot be updated"),
+        (update(&["name"], " ", None), "name: name must not be empty"),
+        (update(&["name", "expires_at"], "ok", expired), "expires_at"),
+    ] {
+        invalid(app.admin.update_key(app.authed(request)).await, expected);
+    }
+    let long_reason = proto::RevokeKeyRequest {
         reason: "r".repeat(501),
-        ..Default::default()
+        ..revoke(&key_id)
     };
-    assert_status(
-        app.admin.revoke_key(app.authed(request)).await,
-        Code::InvalidArgument,
+    invalid(
+        app.admin.revoke_key(app.authed(long_reason)).await,
         "reason",
     );
 
     // Verify requests.
-    let request = proto::VerifyKeyRequest {
-        key: existing.secret.clone(),
-        required_scopes: vec!["Datasets:read".into()],
-        client_ip: String::new(),
-    };
-    assert_status(
-        app.verify.verify_key(request).await,
-        Code::InvalidArgument,
-        "required_scopes[0]",
-    );
-    let request = proto::VerifyKeyRequest {
-        key: existing.secret.clone(),
-        required_scopes: vec![],
+    let bad_scope = verify(&existing.secret, &["Datasets:read"]);
+    invalid(app.verify.verify_key(bad_scope).await, "required_scopes[0]");
+    let bad_ip = proto::VerifyKeyRequest {
         client_ip: "not-an-ip".into(),
+        ..verify(&existing.secret, &[])
     };
-    assert_status(
-        app.verify.verify_key(request).await,
-        Code::InvalidArgument,
-        "client_ip",
-    );
+    invalid(app.verify.verify_key(bad_ip).await, "client_ip");
 
     // Nothing changed.
-    assert_eq!(without_usage(app.list_keys(true).await), keys_before);
-    assert_eq!(app.audit("").await, audit_before);
+    assert_eq!(snapshot(&mut app).await, before);
 }
 
 /// NUL, terminal escapes, line breaks, bidirectional overrides and
 /// zero-width characters in any text field: INVALID_ARGUMENT naming the
 /// field before the store is touched, so SQLite and Postgres answer alike
-/// (Postgres once failed a NUL reason with INTERNAL), and nothing changes.
+/// (a NUL would otherwise reach Postgres, which refuses it with an error
+/// the caller would see as INTERNAL), and nothing changes.
 async fn hostile_text_is_refused_alike_on_both_stores(mut app: TestApp) {
-    let existing = app
-        .create_key("ci-runner", &["datasets:read"])
-        .await
-        .unwrap();
-    let key_id = existing.key.unwrap().key_id;
-    let keys_before = without_usage(app.list_keys(true).await);
-    let audit_before = app.audit("").await;
+    let (existing, before) = existing_key(&mut app).await;
+    let key_id = existing.key.as_ref().unwrap().key_id.clone();
 
     let nul = "ci\0runner";
     let ansi = "\u{1b}[31mci-runner\u{1b}[0m";
@@ -231,27 +176,17 @@ async fn hostile_text_is_refused_alike_on_both_stores(mut app: TestApp) {
         (rtl, "invisible characters"),
         (zero_width, "invisible characters"),
     ] {
-        let request = proto::CreateKeyRequest {
-            name: name.into(),
-            scopes: vec!["a:b".into()],
-            ..Default::default()
-        };
-        assert_status(
-            app.admin.create_key(app.authed(request)).await,
-            Code::InvalidArgument,
-            &format!("name: name must not contain {why}"),
-        );
-        let request = proto::UpdateKeyRequest {
-            key_id: key_id.clone(),
-            name: name.into(),
-            update_mask: mask(&["name"]),
-            ..Default::default()
-        };
-        assert_status(
-            app.admin.update_key(app.authed(request)).await,
-            Code::InvalidArgument,
-            &format!("name: name must not contain {why}"),
-        );
+        let expected = format!("name: name must not contain {why}");
+        let created = app
+            .admin
+            .create_key(app.authed(create(name, &["a:b"])))
+            .await;
+        invalid(created, &expected);
+        let renamed = app
+            .admin
+            .update_key(app.authed(rename(&key_id, name)))
+            .await;
+        invalid(renamed, &expected);
     }
     for (description, why) in [
         (nul, "control characters"),
@@ -260,26 +195,21 @@ async fn hostile_text_is_refused_alike_on_both_stores(mut app: TestApp) {
         (rtl, "bidirectional controls"),
     ] {
         let request = proto::CreateKeyRequest {
-            name: "x".into(),
             description: description.into(),
-            scopes: vec!["a:b".into()],
-            ..Default::default()
+            ..create("x", &["a:b"])
         };
-        assert_status(
+        invalid(
             app.admin.create_key(app.authed(request)).await,
-            Code::InvalidArgument,
             &format!("description: description must not contain {why}"),
         );
     }
     for reason in [nul, ansi, crlf, rtl, "tab\there"] {
         let request = proto::RevokeKeyRequest {
-            key_id: key_id.clone(),
             reason: reason.into(),
-            ..Default::default()
+            ..revoke(&key_id)
         };
-        assert_status(
+        invalid(
             app.admin.revoke_key(app.authed(request)).await,
-            Code::InvalidArgument,
             "reason: reason must be one line of printable text",
         );
     }
@@ -288,14 +218,10 @@ async fn hostile_text_is_refused_alike_on_both_stores(mut app: TestApp) {
         ("datasets\u{202E}:read", "'datasets?:read'"),
         ("data\u{200B}sets:read", "'data?sets:read'"),
     ] {
-        let request = proto::CreateKeyRequest {
-            name: "x".into(),
-            scopes: vec![scope.into()],
-            ..Default::default()
-        };
-        let status = assert_status(
-            app.admin.create_key(app.authed(request)).await,
-            Code::InvalidArgument,
+        let status = invalid(
+            app.admin
+                .create_key(app.authed(create("x", &[scope])))
+                .await,
             &format!("scopes[0]: {shown} is not a valid scope"),
         );
         assert!(
@@ -306,31 +232,24 @@ async fn hostile_text_is_refused_alike_on_both_stores(mut app: TestApp) {
 
     // The operator's headers: the actor and the account.
     let get = || proto::GetAccountRequest {};
-    let mut request = app.as_operator(get(), "ACME", "alice@example.com");
-    request
-        .metadata_mut()
-        .insert("x-vilvik-actor", "alice\t@example.com".parse().unwrap());
-    assert_status(
-        app.admin.get_account(request).await,
-        Code::InvalidArgument,
-        "x-vilvik-actor: must not contain control characters",
-    );
-    let mut request = app.as_operator(get(), "ACME", "alice@example.com");
-    request.metadata_mut().insert(
-        "x-vilvik-actor",
-        tonic::metadata::MetadataValue::try_from("alice\u{202E}@example.com".as_bytes()).unwrap(),
-    );
-    assert_status(
-        app.admin.get_account(request).await,
-        Code::InvalidArgument,
-        "x-vilvik-actor: must be printable ASCII",
-    );
+    let with_header = |name: &'static str, value: &str| {
+        let mut request = as_operator(get(), OPERATOR_TOKEN, "ACME", "alice@example.com");
+        let value = MetadataValue::try_from(value.as_bytes()).unwrap();
+        request.metadata_mut().insert(name, value);
+        request
+    };
+    for (actor, expected) in [
+        ("alice\t@example.com", "must not contain control characters"),
+        ("alice\u{202E}@example.com", "must be printable ASCII"),
+    ] {
+        let refused = app
+            .admin
+            .get_account(with_header(headers::ACTOR, actor))
+            .await;
+        invalid(refused, &format!("{}: {expected}", headers::ACTOR));
+    }
     for account in ["AC\tME", "ACME\u{200B}", "-ACME"] {
-        let mut request = app.as_operator(get(), "ACME", "alice@example.com");
-        request.metadata_mut().insert(
-            "x-vilvik-account",
-            tonic::metadata::MetadataValue::try_from(account.as_bytes()).unwrap(),
-        );
+        let request = with_header(headers::ACCOUNT, account);
         assert_eq!(
             app.admin.get_account(request).await.unwrap_err().code(),
             Code::InvalidArgument,
@@ -339,32 +258,20 @@ async fn hostile_text_is_refused_alike_on_both_stores(mut app: TestApp) {
     }
     // A whole secret as the account: refused and not repeated.
     let request = app.as_operator(get(), &existing.secret, "alice@example.com");
-    let status = assert_status(
-        app.admin.get_account(request).await,
-        Code::InvalidArgument,
-        "x-vilvik-account",
-    );
+    let status = invalid(app.admin.get_account(request).await, headers::ACCOUNT);
     assert!(
         !status.message().contains(&existing.secret[4..]),
         "{status:?}"
     );
-    let request = app.as_operator(
-        proto::SetAccountTierRequest {
-            account_id: "AC\0ME".into(),
-            tier: proto::Tier::Premium.into(),
-        },
-        "ACME",
-        "alice@example.com",
-    );
-    assert_status(
-        app.admin.set_account_tier(request).await,
-        Code::InvalidArgument,
-        "account_id",
-    );
+    let tier = proto::SetAccountTierRequest {
+        account_id: "AC\0ME".into(),
+        tier: proto::Tier::Premium.into(),
+    };
+    let request = app.as_operator(tier, "ACME", "alice@example.com");
+    invalid(app.admin.set_account_tier(request).await, "account_id");
 
     // Nothing changed: the key is still active, no event was written.
-    assert_eq!(without_usage(app.list_keys(true).await), keys_before);
-    assert_eq!(app.audit("").await, audit_before);
+    assert_eq!(snapshot(&mut app).await, before);
     assert_eq!(
         app.verify_code(&existing.secret, &[]).await,
         proto::VerifyCode::Valid

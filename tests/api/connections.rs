@@ -1,5 +1,5 @@
-//! Attacks on the listeners' connections (issue 8, "Connections"), over
-//! raw HTTP/2 and TCP on loopback, while a second, well-behaved client
+//! Attacks on the listeners' connections, over raw HTTP/2 and TCP on
+//! loopback, while a second, well-behaved client
 //! verifies a valid key and checks health:
 //!
 //! - stalled streams: one connection opens request streams that send
@@ -23,10 +23,11 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use vilvik_keys::config::Config;
+use vilvik_keys::proto::VerifyCode;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
-use vilvik_keys::proto::{self, VerifyCode};
 
-use crate::helpers::{Backend, TestApp, spawn_app_with};
+use vilvik_keys_test_support::requests::verify;
+use vilvik_keys_test_support::{Backend, TestApp, spawn_app_with};
 
 /// The share of the well-behaved client's calls that must succeed.
 const REQUIRED: f64 = 0.99;
@@ -76,14 +77,9 @@ async fn connect(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
         .await
 }
 
-async fn verify(observed: &mut Observed, client: &mut KeyVerifyClient<Channel>, secret: &str) {
+async fn verify_once(observed: &mut Observed, client: &mut KeyVerifyClient<Channel>, secret: &str) {
     observed.verifies += 1;
-    let answer = client
-        .verify_key(proto::VerifyKeyRequest {
-            key: secret.to_owned(),
-            ..Default::default()
-        })
-        .await;
+    let answer = client.verify_key(verify(secret, &[])).await;
     match answer.map(|a| a.into_inner().code()) {
         Ok(VerifyCode::Valid) => observed.valid += 1,
         other => observed.failed(format!("verify: {other:?}")),
@@ -120,7 +116,7 @@ async fn well_behaved(
     let mut round = 0u32;
     while Instant::now() < until {
         round += 1;
-        verify(&mut observed, &mut verifier, secret).await;
+        verify_once(&mut observed, &mut verifier, secret).await;
         if round.is_multiple_of(5) {
             health(&mut observed, verify_channel.clone()).await;
             health(&mut observed, admin_channel.clone()).await;
@@ -128,7 +124,7 @@ async fn well_behaved(
         if new_connections && round.is_multiple_of(10) {
             match connect(app.verify_addr).await {
                 Ok(channel) => {
-                    verify(
+                    verify_once(
                         &mut observed,
                         &mut KeyVerifyClient::new(channel.clone()),
                         secret,
@@ -307,7 +303,7 @@ async fn one_connection_of_stalled_streams_cannot_take_the_service_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow (about 25 s): the issue's 1,100 stalled streams for 20 s; run by .ci/run"]
+#[ignore = "slow (about 25 s): 1,100 stalled streams for 20 s; run by .ci/run"]
 async fn one_connection_of_1100_stalled_streams_for_20_seconds() {
     a_stalled_stream_attack(Duration::from_secs(20), 1_100).await;
 }

@@ -8,10 +8,9 @@ use std::net::SocketAddr;
 
 use prost::bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::helpers::{TestApp, without_usage};
+use vilvik_keys_test_support::{Backend, TestApp, bearer, channel, spawn_app, without_usage};
 
 crate::on_both_backends!(strings_that_are_not_utf8_are_invalid_arguments_naming_the_field);
 
@@ -53,22 +52,14 @@ async fn raw_call(
     addr: SocketAddr,
     method: &'static str,
     body: Vec<u8>,
-    bearer: Option<&str>,
+    credential: Option<&str>,
 ) -> Result<Vec<u8>, Status> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut grpc = tonic::client::Grpc::new(channel(addr).await);
     grpc.ready().await.unwrap();
-    let mut request = Request::new(body);
-    if let Some(credential) = bearer {
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {credential}").parse().unwrap(),
-        );
-    }
+    let request = match credential {
+        Some(credential) => bearer(body, credential),
+        None => Request::new(body),
+    };
     let path = http::uri::PathAndQuery::from_static(method);
     grpc.unary(request, path, RawCodec)
         .await
@@ -142,9 +133,7 @@ async fn strings_that_are_not_utf8_are_invalid_arguments_naming_the_field(mut ap
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_of_the_proto_is_served() {
     use prost::Message;
-    let app = crate::helpers::spawn_app(crate::helpers::Backend::Sqlite)
-        .await
-        .unwrap();
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
     let set =
         prost_types::FileDescriptorSet::decode(vilvik_keys::proto::FILE_DESCRIPTOR_SET).unwrap();
     let mut services = Vec::new();

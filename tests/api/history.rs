@@ -1,12 +1,11 @@
-//! A stolen management key cannot grow the store without bound (issue 10,
-//! point 4): rotations keep only the newest few old secrets, and revoked
-//! keys count toward a ceiling on stored keys.
+//! A stolen management key cannot grow the store without bound: rotations
+//! keep only the newest few old secrets, and revoked keys count toward a
+//! ceiling on stored keys.
 
 use tonic::Code;
 use vilvik_keys::proto;
 use vilvik_keys::proto::VerifyCode;
-
-use crate::helpers::{Backend, TestApp, assert_status, spawn_app_with};
+use vilvik_keys_test_support::{Backend, TestApp, assert_status, spawn_app_with};
 
 crate::on_both_backends!(
     by backend:
@@ -16,16 +15,7 @@ crate::on_both_backends!(
 );
 
 async fn rotate(app: &mut TestApp, key_id: &str) -> String {
-    let request = app.authed(proto::RotateKeyRequest {
-        key_id: key_id.into(),
-        ..Default::default()
-    });
-    app.admin
-        .rotate_key(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .secret
+    app.rotate_key(key_id).await.unwrap().secret
 }
 
 async fn rotations_keep_only_the_newest_old_secrets(backend: Backend) {
@@ -58,10 +48,10 @@ async fn rotations_keep_only_the_newest_old_secrets(backend: Backend) {
     assert_eq!(rotations, 5);
 }
 
-/// Found by the soak (issue 11): a secret the node had cached was pruned
-/// by a later rotation without the node hearing of it, so it answered
-/// ROTATED from memory for good and its cache only grew. Pruned prefixes
-/// are now published with the rotation that prunes them.
+/// A secret the node holds as rotated away, which a later rotation prunes,
+/// is forgotten by the node: the pruned prefixes are published with the
+/// rotation that prunes them, so the node answers NOT_FOUND rather than
+/// ROTATED from memory, and its cache does not grow with rotations.
 async fn a_node_forgets_the_secrets_a_rotation_prunes(backend: Backend) {
     let Some(mut app) = spawn_app_with(backend, |c| c.rotated_secrets_kept = 1).await else {
         return;
@@ -84,12 +74,7 @@ async fn churn_stops_at_the_stored_key_ceiling(backend: Backend) {
     // Free tier: 3 active keys, so 6 stored; the management key is one.
     for i in 0..5 {
         let key = app.create_key(&format!("churn {i}"), &[]).await.unwrap();
-        let request = app.authed(proto::RevokeKeyRequest {
-            key_id: key.key.unwrap().key_id,
-            reason: String::new(),
-            ..Default::default()
-        });
-        app.admin.revoke_key(request).await.unwrap();
+        app.revoke_key(&key.key.unwrap().key_id).await.unwrap();
     }
     let before = app.list_keys(true).await.len();
     assert_status(

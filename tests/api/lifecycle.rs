@@ -5,9 +5,8 @@ use std::time::Duration;
 use tonic::Code;
 use vilvik_keys::proto::{self, KeyState, Tier, VerifyCode};
 use vilvik_keys_domain::Clock;
-use vilvik_keys_test_db::eventually;
-
-use crate::helpers::{TestApp, assert_status, days_from, spawn_app_with, with_bearer};
+use vilvik_keys_test_support::requests::{mask, revoke};
+use vilvik_keys_test_support::{TestApp, assert_status, bearer, days_from, spawn_app_with};
 
 crate::on_both_backends!(
     keys_expire_and_can_be_extended,
@@ -38,12 +37,8 @@ async fn keys_expire_and_can_be_extended(mut app: TestApp) {
     assert_eq!(answer.code(), VerifyCode::Expired);
     assert!(!answer.valid);
     assert_eq!(app.get_key(&key_id).await.state(), KeyState::Expired);
-    let rotate = app.authed(proto::RotateKeyRequest {
-        key_id: key_id.clone(),
-        ..Default::default()
-    });
     assert_status(
-        app.admin.rotate_key(rotate).await,
+        app.rotate_key(&key_id).await,
         Code::FailedPrecondition,
         "expired",
     );
@@ -56,9 +51,7 @@ async fn keys_expire_and_can_be_extended(mut app: TestApp) {
         app.authed(proto::UpdateKeyRequest {
             key_id: key_id.clone(),
             expires_at: Some(days_from(app.clock.now(), 30)),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["expires_at".into()],
-            }),
+            update_mask: mask(&["expires_at"]),
             ..Default::default()
         })
     };
@@ -74,12 +67,11 @@ async fn keys_expire_and_can_be_extended(mut app: TestApp) {
         .unwrap()
         .key_id
         .clone();
-    let revoke = app.authed(proto::RevokeKeyRequest {
-        key_id: three,
+    let make_room = app.authed(proto::RevokeKeyRequest {
         reason: "make room".into(),
-        ..Default::default()
+        ..revoke(&three)
     });
-    app.admin.revoke_key(revoke).await.unwrap();
+    app.admin.revoke_key(make_room).await.unwrap();
     let extended = app
         .admin
         .update_key(extend(&app))
@@ -95,9 +87,7 @@ async fn keys_expire_and_can_be_extended(mut app: TestApp) {
     // Removing the expiry: expires_at in the mask, left unset.
     let request = app.authed(proto::UpdateKeyRequest {
         key_id: key_id.clone(),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["expires_at".into()],
-        }),
+        update_mask: mask(&["expires_at"]),
         ..Default::default()
     });
     assert!(
@@ -150,12 +140,7 @@ async fn listings_page_through_every_key(mut app: TestApp) {
         app.create_key(&format!("key-{i}"), &["a:b"]).await.unwrap();
     }
     let last = app.list_keys(false).await.last().unwrap().key_id.clone();
-    let revoke = app.authed(proto::RevokeKeyRequest {
-        key_id: last,
-        reason: String::new(),
-        ..Default::default()
-    });
-    app.admin.revoke_key(revoke).await.unwrap();
+    app.revoke_key(&last).await.unwrap();
 
     for (include_revoked, expected) in [(false, 7), (true, 8)] {
         let mut seen = Vec::new();
@@ -222,14 +207,12 @@ async fn updates_record_only_real_changes(mut app: TestApp) {
     let key_id = created.key.unwrap().key_id;
     let token = app.management_key.clone();
     let update = |name: &str, description: &str| {
-        with_bearer(
+        bearer(
             proto::UpdateKeyRequest {
                 key_id: key_id.clone(),
                 name: name.into(),
                 description: description.into(),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["name".into(), "description".into()],
-                }),
+                update_mask: mask(&["name", "description"]),
                 ..Default::default()
             },
             &token,
@@ -251,19 +234,9 @@ async fn updates_record_only_real_changes(mut app: TestApp) {
     assert_eq!(events[1].changes[0].field, "name");
 
     // Revocation is final for updates too, and revoking twice is refused.
-    let revoke = || {
-        with_bearer(
-            proto::RevokeKeyRequest {
-                key_id: key_id.clone(),
-                reason: String::new(),
-                ..Default::default()
-            },
-            &token,
-        )
-    };
-    app.admin.revoke_key(revoke()).await.unwrap();
+    app.revoke_key(&key_id).await.unwrap();
     assert_status(
-        app.admin.revoke_key(revoke()).await,
+        app.revoke_key(&key_id).await,
         Code::FailedPrecondition,
         "was revoked",
     );
@@ -295,20 +268,11 @@ async fn verify_records_the_callers_client_ip(mut app: TestApp) {
             .into_inner()
             .valid
     );
-    let app = &app;
-    eventually(
+    app.wait_for_key(
+        &key_id,
         Duration::from_secs(2),
         "client_ip is recorded as the last use",
-        || {
-            let mut admin = app.admin.clone();
-            let request = app.authed(proto::GetKeyRequest {
-                key_id: key_id.clone(),
-            });
-            async move {
-                let key = admin.get_key(request).await.expect("GetKey").into_inner();
-                key.last_used_ip == "2001:db8::7"
-            }
-        },
+        |key| key.last_used_ip == "2001:db8::7",
     )
     .await;
 }

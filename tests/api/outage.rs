@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use tonic::Code;
-use vilvik_keys::proto;
-
-use vilvik_keys_test_db::{allow_connections, eventually};
-
-use crate::helpers::{Backend, TestApp, spawn_app, with_bearer, without_usage};
+use vilvik_keys_test_db::allow_connections;
+use vilvik_keys_test_support::requests::{create, get};
+use vilvik_keys_test_support::{Backend, TestApp, eventually, spawn_app, without_usage};
 
 fn database_name(app: &TestApp) -> String {
     let url = app.config.database_url.as_ref().unwrap().expose_secret();
@@ -38,15 +36,7 @@ async fn a_database_that_refuses_connections_is_unavailable_then_recovers() {
     // mid-call; after them every call finds the database refusing.
     let mut refusing = false;
     for _ in 0..40 {
-        let outcome = app
-            .admin
-            .get_key(with_bearer(
-                proto::GetKeyRequest {
-                    key_id: key_id.clone(),
-                },
-                &app.management_key,
-            ))
-            .await;
+        let outcome = app.admin.get_key(app.authed(get(&key_id))).await;
         let status = outcome.expect_err("the database refuses connections");
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert!(
@@ -66,44 +56,21 @@ async fn a_database_that_refuses_connections_is_unavailable_then_recovers() {
     assert!(refusing, "never saw 'not accepting connections'");
 
     // A change during the outage is refused whole.
-    let create = app
-        .admin
-        .create_key(with_bearer(
-            proto::CreateKeyRequest {
-                name: "during-outage".into(),
-                scopes: vec!["datasets:read".into()],
-                ..Default::default()
-            },
-            &app.management_key,
-        ))
-        .await;
-    let status = create.expect_err("no store");
+    let request = app.authed(create("during-outage", &["datasets:read"]));
+    let status = app.admin.create_key(request).await.expect_err("no store");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
     allow_connections(&database, true).await;
-    let mut admin = app.admin.clone();
-    let management_key = app.management_key.clone();
     eventually(
         Duration::from_secs(10),
         "the service answers again, with no restart",
         || {
-            let mut admin = admin.clone();
-            let request = with_bearer(
-                proto::GetKeyRequest {
-                    key_id: key_id.clone(),
-                },
-                &management_key,
-            );
+            let mut admin = app.admin.clone();
+            let request = app.authed(get(&key_id));
             async move { admin.get_key(request).await.is_ok() }
         },
     )
     .await;
     assert_eq!(without_usage(app.list_keys(true).await), keys_before);
-    admin
-        .get_account(with_bearer(
-            proto::GetAccountRequest {},
-            &app.management_key,
-        ))
-        .await
-        .unwrap();
+    app.account().await;
 }

@@ -1,12 +1,10 @@
-//! Issue 9 point 2: stored hashes are keyed with a pepper kept outside the
-//! database. A copy of the database alone confirms no guessed key; a
+//! Stored hashes are keyed with a pepper kept outside the database. A copy of the database alone confirms no guessed key; a
 //! rotation of the pepper moves keys over as they verify, old and new
 //! keys verifying throughout; legacy unkeyed hashes move too; a retired
 //! pepper's keys are NOT_FOUND. `vilvik-keys pepper status` (the real
 //! binary) reports what each pepper still covers.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
@@ -14,11 +12,7 @@ use serde_json::Value;
 use sha2::Digest;
 use vilvik_keys::proto::VerifyCode;
 use vilvik_keys::startup::{Application, Role};
-use vilvik_keys_test_db::eventually;
-
-use crate::helpers::{Backend, TestApp};
-
-const BIN: &str = env!("CARGO_BIN_EXE_vilvik-keys");
+use vilvik_keys_test_support::{Backend, TestApp, binary, eventually};
 
 /// The context of the unkeyed hash stored before peppers.
 const LEGACY_CONTEXT: &str = "vilvik-keys 2026-11-26 api key secret hash v1";
@@ -77,8 +71,7 @@ fn current_pepper(app: &TestApp) -> (PathBuf, vilvik_keys_domain::Pepper) {
 
 /// `vilvik-keys pepper new PATH`, the real binary; returns the new id.
 fn pepper_new(path: &Path) -> String {
-    let output = Command::new(BIN)
-        .env_clear()
+    let output = binary::command()
         .arg("pepper")
         .arg("new")
         .arg(path)
@@ -91,9 +84,8 @@ fn pepper_new(path: &Path) -> String {
 /// `vilvik-keys pepper status --json`, the real binary, with the app's
 /// store and pepper settings.
 fn pepper_status(app: &TestApp) -> Value {
-    let mut command = Command::new(BIN);
+    let mut command = binary::command();
     command
-        .env_clear()
         .env("RUST_LOG", "error")
         .args(["pepper", "status", "--json"]);
     match &app.config.database_url {
@@ -126,6 +118,19 @@ fn status_of(status: &Value, id: Option<&str>) -> Option<(String, u64, u64)> {
             )
         })
     })
+}
+
+/// Asserts that `status` lists each of `peppers` as `(id, role, live
+/// keys, all secrets)`.
+#[track_caller]
+fn assert_listed(status: &Value, peppers: &[(&str, &str, u64, u64)]) {
+    for &(id, role, live, all) in peppers {
+        assert_eq!(
+            status_of(status, Some(id)),
+            Some((role.to_owned(), live, all)),
+            "pepper {id}: {status}"
+        );
+    }
 }
 
 fn advice(status: &Value) -> String {
@@ -254,14 +259,7 @@ async fn a_rotation_moves_keys_to_the_new_pepper_as_they_verify(mut app: TestApp
     let b = vilvik_keys::pepper::read(&b_file, "pepper_file").unwrap();
     assert_eq!(b.id().to_string(), b_id);
     let status = pepper_status(&app);
-    assert_eq!(
-        status_of(&status, Some(&a_id)),
-        Some(("older".into(), 2, 2))
-    );
-    assert_eq!(
-        status_of(&status, Some(&b_id)),
-        Some(("current".into(), 0, 0))
-    );
+    assert_listed(&status, &[(&a_id, "older", 2, 2), (&b_id, "current", 0, 0)]);
     assert!(
         advice(&status).contains("still covers 2 live key(s)"),
         "{status}"
@@ -277,26 +275,12 @@ async fn a_rotation_moves_keys_to_the_new_pepper_as_they_verify(mut app: TestApp
     // k1 stays under A until it verifies.
     assert_eq!(stored(&app, &k1_prefix).await.1, Some(stored_id(&a)));
     let status = pepper_status(&app);
-    assert_eq!(
-        status_of(&status, Some(&a_id)),
-        Some(("older".into(), 1, 1))
-    );
-    assert_eq!(
-        status_of(&status, Some(&b_id)),
-        Some(("current".into(), 2, 2))
-    );
+    assert_listed(&status, &[(&a_id, "older", 1, 1), (&b_id, "current", 2, 2)]);
 
     assert_eq!(app.verify_code(&k1_secret, &[]).await, VerifyCode::Valid);
     wait_until_stored_under(&app, &k1_prefix, stored_id(&b)).await;
     let status = pepper_status(&app);
-    assert_eq!(
-        status_of(&status, Some(&a_id)),
-        Some(("older".into(), 0, 0))
-    );
-    assert_eq!(
-        status_of(&status, Some(&b_id)),
-        Some(("current".into(), 3, 3))
-    );
+    assert_listed(&status, &[(&a_id, "older", 0, 0), (&b_id, "current", 3, 3)]);
     assert!(
         advice(&status).contains(&format!(
             "older pepper {a_id} covers no live key: it can be retired"
@@ -313,10 +297,7 @@ async fn a_rotation_moves_keys_to_the_new_pepper_as_they_verify(mut app: TestApp
     assert_eq!(app.list_keys(false).await.len(), 3);
     let status = pepper_status(&app);
     assert_eq!(status_of(&status, Some(&a_id)), None, "{status}");
-    assert_eq!(
-        status_of(&status, Some(&b_id)),
-        Some(("current".into(), 3, 3))
-    );
+    assert_listed(&status, &[(&b_id, "current", 3, 3)]);
 }
 
 async fn a_legacy_unkeyed_hash_verifies_and_moves_to_the_current_pepper(mut app: TestApp) {

@@ -1,14 +1,13 @@
-//! A stolen management key cannot plant quieter ways back in (issue 10,
-//! points 1 and 2): the scopes it may grant stay inside its account's
-//! catalogue, `keys:admin` is the operator's to grant, and the account's
+//! A stolen management key cannot plant quieter ways back in: the scopes
+//! it may grant stay inside its account's catalogue, `keys:admin` is the operator's to grant, and the account's
 //! last management key cannot be revoked, stripped or cut short. Every
 //! refusal changes nothing.
 
 use tonic::Code;
 use vilvik_keys::proto;
 use vilvik_keys_domain::{Clock, ScopeCatalogue};
-
-use crate::helpers::{ACCOUNT, TestApp, with_bearer};
+use vilvik_keys_test_support::requests::{create, mask, rescope, revoke};
+use vilvik_keys_test_support::{ACCOUNT, TestApp, assert_status, bearer, days_from, without_usage};
 
 crate::on_both_backends!(
     a_management_key_cannot_grant_management_scopes,
@@ -33,28 +32,9 @@ mod server_catalogue {
 
 /// Everything an attacker could change, to compare before and after.
 async fn snapshot(app: &mut TestApp) -> (Vec<proto::Key>, usize) {
-    let keys = crate::helpers::without_usage(app.list_keys(true).await);
+    let keys = without_usage(app.list_keys(true).await);
     let events = app.audit("").await.len();
     (keys, events)
-}
-
-fn create(name: &str, scopes: &[&str]) -> proto::CreateKeyRequest {
-    proto::CreateKeyRequest {
-        name: name.into(),
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-fn update_scopes(key_id: &str, scopes: &[&str]) -> proto::UpdateKeyRequest {
-    proto::UpdateKeyRequest {
-        key_id: key_id.into(),
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["scopes".into()],
-        }),
-        ..Default::default()
-    }
 }
 
 async fn a_management_key_cannot_grant_management_scopes(mut app: TestApp) {
@@ -64,60 +44,60 @@ async fn a_management_key_cannot_grant_management_scopes(mut app: TestApp) {
     let before = snapshot(&mut app).await;
 
     for scopes in [&["keys:admin"][..], &["datasets:read", "keys:*"]] {
-        let refused = app.create_key("backdoor", scopes).await;
-        let status = assert_status_denied(refused);
-        assert!(
-            status.message().contains("only the operator token"),
-            "{status:?}"
-        );
+        assert_create_denied(&mut app, "backdoor", scopes, "only the operator token").await;
     }
-    let request = app.authed(update_scopes(&low_id, &["billing:*", "keys:admin"]));
+    let request = app.authed(rescope(&low_id, &["billing:*", "keys:admin"]));
     let status = assert_status_denied(app.admin.update_key(request).await);
     assert!(
         status.message().starts_with("scopes: 'keys:admin'"),
         "{status:?}"
     );
-    assert_eq!(
-        snapshot(&mut app).await,
-        before,
-        "a refusal changed something"
-    );
+    assert_unchanged(&mut app, &before).await;
 
     // The operator may mint a management key; the new key then manages.
-    let request = app.as_operator(
-        create("second admin", &["keys:admin"]),
-        ACCOUNT,
-        "alice@example.com",
-    );
-    let second = app.admin.create_key(request).await.unwrap().into_inner();
+    let second = app
+        .create_key_as_operator(ACCOUNT, "second admin", &["keys:admin"])
+        .await;
     assert_eq!(second.key.as_ref().unwrap().scopes, ["keys:admin"]);
-    let request = with_bearer(proto::ListKeysRequest::default(), &second.secret);
+    let request = bearer(proto::ListKeysRequest::default(), &second.secret);
     assert!(app.admin.list_keys(request).await.is_ok());
 
     // A management key may still change a management key's other scopes:
     // keeping keys:admin grants nothing new.
     let second_id = second.key.unwrap().key_id;
-    let request = app.authed(update_scopes(&second_id, &["datasets:read", "keys:admin"]));
+    let request = app.authed(rescope(&second_id, &["datasets:read", "keys:admin"]));
     let updated = app.admin.update_key(request).await.unwrap().into_inner();
     assert_eq!(updated.scopes, ["datasets:read", "keys:admin"]);
 }
 
+/// Asserts that nothing an attacker could change has changed since `before`.
+async fn assert_unchanged(app: &mut TestApp, before: &(Vec<proto::Key>, usize)) {
+    assert_eq!(&snapshot(app).await, before, "a refusal changed something");
+}
+
+/// Creating a key `name` with `scopes` is refused, with a message naming
+/// `needle`.
+async fn assert_create_denied(app: &mut TestApp, name: &str, scopes: &[&str], needle: &str) {
+    let status = assert_status_denied(app.create_key(name, scopes).await);
+    assert!(status.message().contains(needle), "{status:?}");
+}
+
 fn assert_status_denied<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Status {
-    crate::helpers::assert_status(result, Code::PermissionDenied, "scopes: ")
+    assert_status(result, Code::PermissionDenied, "scopes: ")
 }
 
 async fn only_whole_action_wildcards_are_scopes(mut app: TestApp) {
     let before = snapshot(&mut app).await;
     for bad in ["datasets:re*d", "datasets:**", "datasets:read*"] {
         let refused = app.create_key("wild", &["datasets:read", bad]).await;
-        let status = crate::helpers::assert_status(
+        let status = assert_status(
             refused,
             Code::InvalidArgument,
             &format!("scopes[1]: '{bad}' is not a valid scope: '*' stands only for a whole action"),
         );
         assert!(status.message().contains("'datasets:*'"), "{status:?}");
     }
-    assert_eq!(snapshot(&mut app).await, before);
+    assert_unchanged(&mut app, &before).await;
     assert!(
         app.create_key("all datasets", &["datasets:*"])
             .await
@@ -133,7 +113,7 @@ async fn the_operator_sets_an_accounts_grantable_scopes(mut app: TestApp) {
     };
     // Not for a management key, and a bad pattern is named.
     let request = app.authed(set(&["datasets:*"], false));
-    crate::helpers::assert_status(
+    assert_status(
         app.admin.set_account_scopes(request).await,
         Code::PermissionDenied,
         "only the platform operator",
@@ -156,34 +136,19 @@ async fn the_operator_sets_an_accounts_grantable_scopes(mut app: TestApp) {
         ),
     ] {
         let request = app.as_operator(set(patterns, default), ACCOUNT, "alice@example.com");
-        crate::helpers::assert_status(
+        assert_status(
             app.admin.set_account_scopes(request).await,
             Code::InvalidArgument,
             needle,
         );
     }
-    let account = app
-        .admin
-        .get_account(app.authed(proto::GetAccountRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let account = app.account().await;
     assert_eq!(
         (account.grantable_scopes, account.grantable_scopes_default),
         (vec!["*:*".to_owned()], true)
     );
 
-    let request = app.as_operator(
-        set(&["reports:read", "datasets:*"], false),
-        ACCOUNT,
-        "alice@example.com",
-    );
-    let account = app
-        .admin
-        .set_account_scopes(request)
-        .await
-        .unwrap()
-        .into_inner();
+    let account = set_by_operator(&mut app, set(&["reports:read", "datasets:*"], false)).await;
     assert_eq!(account.grantable_scopes, ["datasets:*", "reports:read"]);
     assert!(!account.grantable_scopes_default);
 
@@ -204,15 +169,11 @@ async fn the_operator_sets_an_accounts_grantable_scopes(mut app: TestApp) {
 
     let before = snapshot(&mut app).await;
     for scopes in [&["billing:read"][..], &["reports:write"], &["reports:*"]] {
-        let status = assert_status_denied(app.create_key("outside", scopes).await);
-        assert!(
-            status.message().contains(
-                "outside the scopes this account's keys may be granted (datasets:*, reports:read)"
-            ),
-            "{status:?}"
-        );
+        let outside =
+            "outside the scopes this account's keys may be granted (datasets:*, reports:read)";
+        assert_create_denied(&mut app, "outside", scopes, outside).await;
     }
-    assert_eq!(snapshot(&mut app).await, before);
+    assert_unchanged(&mut app, &before).await;
     assert!(
         app.create_key("inside", &["datasets:write", "reports:read"])
             .await
@@ -220,33 +181,34 @@ async fn the_operator_sets_an_accounts_grantable_scopes(mut app: TestApp) {
     );
 
     // Another account keeps the server's catalogue.
-    let request = app.as_operator(
-        create("elsewhere", &["billing:read"]),
-        "OTHER",
-        "alice@example.com",
-    );
-    assert!(app.admin.create_key(request).await.is_ok());
+    app.create_key_as_operator("OTHER", "elsewhere", &["billing:read"])
+        .await;
 
     // Back to the server's.
-    let request = app.as_operator(set(&[], true), ACCOUNT, "alice@example.com");
-    let account = app
-        .admin
-        .set_account_scopes(request)
-        .await
-        .unwrap()
-        .into_inner();
+    let account = set_by_operator(&mut app, set(&[], true)).await;
     assert!(account.grantable_scopes_default);
     assert_eq!(account.grantable_scopes, ["*:*"]);
 }
 
+/// SetAccountScopes by the operator for the app's account; panics unless
+/// it succeeds.
+async fn set_by_operator(
+    app: &mut TestApp,
+    message: proto::SetAccountScopesRequest,
+) -> proto::Account {
+    let request = app.as_operator(message, ACCOUNT, "alice@example.com");
+    app.admin
+        .set_account_scopes(request)
+        .await
+        .expect("the operator's SetAccountScopes")
+        .into_inner()
+}
+
 async fn allowed_scopes_bound_every_account_without_its_own(mut app: TestApp) {
     let before = snapshot(&mut app).await;
-    let status = assert_status_denied(app.create_key("billing", &["billing:read"]).await);
-    assert!(
-        status.message().contains("(datasets:read, reports:*)"),
-        "{status:?}"
-    );
-    assert_eq!(snapshot(&mut app).await, before);
+    let narrow = "(datasets:read, reports:*)";
+    assert_create_denied(&mut app, "billing", &["billing:read"], narrow).await;
+    assert_unchanged(&mut app, &before).await;
     assert!(
         app.create_key("reports", &["reports:*", "datasets:read"])
             .await
@@ -264,7 +226,7 @@ async fn allowed_scopes_bound_every_account_without_its_own(mut app: TestApp) {
 async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
     let key_id = app.management_key_id.clone();
     let before = snapshot(&mut app).await;
-    let expiry = crate::helpers::days_from(app.clock.now(), 30);
+    let expiry = days_from(app.clock.now(), 30);
     let attempts: Vec<(&str, Result<tonic::Response<proto::Key>, tonic::Status>)> = vec![
         (
             "revoke",
@@ -279,7 +241,7 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
         (
             "strip",
             app.admin
-                .update_key(app.authed(update_scopes(&key_id, &["datasets:read"])))
+                .update_key(app.authed(rescope(&key_id, &["datasets:read"])))
                 .await,
         ),
         (
@@ -288,9 +250,7 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
                 .update_key(app.authed(proto::UpdateKeyRequest {
                     key_id: key_id.clone(),
                     expires_at: Some(expiry),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["expires_at".into()],
-                    }),
+                    update_mask: mask(&["expires_at"]),
                     ..Default::default()
                 }))
                 .await,
@@ -315,33 +275,18 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
         );
     }
     // The operator is held to it too: it would lock the tenant out as surely.
-    let request = app.as_operator(
-        proto::RevokeKeyRequest {
-            key_id: key_id.clone(),
-            reason: String::new(),
-            ..Default::default()
-        },
-        ACCOUNT,
-        "alice@example.com",
-    );
-    crate::helpers::assert_status(
+    let request = app.as_operator(revoke(&key_id), ACCOUNT, "alice@example.com");
+    assert_status(
         app.admin.revoke_key(request).await,
         Code::FailedPrecondition,
         "last active",
     );
-    assert_eq!(
-        snapshot(&mut app).await,
-        before,
-        "a refusal changed something"
-    );
+    assert_unchanged(&mut app, &before).await;
 
     // With a second management key the first may go; then the second is the last.
-    let request = app.as_operator(
-        create("second admin", &["keys:*"]),
-        ACCOUNT,
-        "alice@example.com",
-    );
-    let second = app.admin.create_key(request).await.unwrap().into_inner();
+    let second = app
+        .create_key_as_operator(ACCOUNT, "second admin", &["keys:*"])
+        .await;
     let second_id = second.key.unwrap().key_id;
     let request = app.authed(proto::RevokeKeyRequest {
         key_id: key_id.clone(),
@@ -349,15 +294,8 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
         ..Default::default()
     });
     assert!(app.admin.revoke_key(request).await.is_ok());
-    let request = with_bearer(
-        proto::RevokeKeyRequest {
-            key_id: second_id.clone(),
-            reason: String::new(),
-            ..Default::default()
-        },
-        &second.secret,
-    );
-    crate::helpers::assert_status(
+    let request = bearer(revoke(&second_id), &second.secret);
+    assert_status(
         app.admin.revoke_key(request).await,
         Code::FailedPrecondition,
         &second_id,
@@ -366,29 +304,19 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
 
 async fn two_management_keys_revoking_each_other_leave_one(mut app: TestApp) {
     for round in 0..5 {
-        let request = app.as_operator(
-            create(&format!("peer {round}"), &["keys:admin"]),
-            ACCOUNT,
-            "alice@example.com",
-        );
-        let peer = app.admin.create_key(request).await.unwrap().into_inner();
+        let peer = app
+            .create_key_as_operator(ACCOUNT, &format!("peer {round}"), &["keys:admin"])
+            .await;
         let peer_id = peer.key.unwrap().key_id;
         let mine = app.management_key_id.clone();
-        let revoke = |target: &str, credential: &str| {
+        let revoke_as = |target: &str, credential: &str| {
             let mut client = app.admin.clone();
-            let request = with_bearer(
-                proto::RevokeKeyRequest {
-                    key_id: target.to_owned(),
-                    reason: String::new(),
-                    ..Default::default()
-                },
-                credential,
-            );
+            let request = bearer(revoke(target), credential);
             async move { client.revoke_key(request).await }
         };
         let (a, b) = tokio::join!(
-            revoke(&peer_id, &app.management_key),
-            revoke(&mine, &peer.secret)
+            revoke_as(&peer_id, &app.management_key),
+            revoke_as(&mine, &peer.secret)
         );
         let outcomes = [a.is_ok(), b.is_ok()];
         assert_eq!(

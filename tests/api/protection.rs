@@ -4,7 +4,8 @@ use tonic::Code;
 use vilvik_keys::proto;
 use vilvik_keys_domain::GeneratedKey;
 
-use crate::helpers::{Backend, spawn_app_with};
+use vilvik_keys_test_support::requests::verify;
+use vilvik_keys_test_support::{Backend, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_verify_listener_sheds_load() {
@@ -18,14 +19,7 @@ async fn a_saturated_verify_listener_sheds_load() {
         let key = GeneratedKey::generate(&vilvik_keys_domain::Pepper::generate())
             .expose_secret()
             .to_owned();
-        calls.spawn(async move {
-            client
-                .verify_key(proto::VerifyKeyRequest {
-                    key,
-                    ..Default::default()
-                })
-                .await
-        });
+        calls.spawn(async move { client.verify_key(verify(&key, &[])).await });
     }
     let (mut answered, mut shed) = (0, 0);
     while let Some(result) = calls.join_next().await {

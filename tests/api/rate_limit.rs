@@ -3,17 +3,20 @@
 //! leaves every other account's calls alone; a tier's own rate applies to
 //! its accounts.
 //!
-//! The limiter runs on the real clock, so the rates here are low (one call
-//! a second) and the assertions count calls with a second's margin for
-//! each second the test took, rather than timing anything closely.
+//! The limiter reads the service's clock, the app's manual clock: time
+//! stands still unless a test advances it, so the counts are exact and
+//! waiting as told takes no time.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::{Code, Status};
 use vilvik_keys::config::{AdminRateLimits, AdminRateOverride};
+use vilvik_keys::headers;
 use vilvik_keys::proto::{self, Tier};
-
-use crate::helpers::{Backend, TestApp, assert_status, spawn_app_with, with_bearer, without_usage};
+use vilvik_keys_test_support::requests::{create, get, rename, revoke, rotate};
+use vilvik_keys_test_support::{
+    Backend, TestApp, assert_status, bearer, spawn_app_with, without_usage,
+};
 
 crate::on_both_backends!(
     by backend:
@@ -46,7 +49,10 @@ fn assert_rate_limited(status: &Status, account: &str, limit: &str) -> Duration 
             .parse()
             .unwrap()
     };
-    let (secs, ms) = (header("retry-after"), header("retry-after-ms"));
+    let (secs, ms) = (
+        header(headers::RETRY_AFTER),
+        header(headers::RETRY_AFTER_MS),
+    );
     // At one call a second the wait is at most a second.
     assert!((1..=1_000).contains(&ms), "retry-after-ms {ms}");
     assert_eq!(
@@ -61,10 +67,10 @@ fn assert_rate_limited(status: &Status, account: &str, limit: &str) -> Duration 
     Duration::from_millis(ms)
 }
 
-/// The most calls a rate of one a second with `burst` admits in `elapsed`
-/// (GCRA: the burst, then one a second), with one to spare.
-fn most_admitted(burst: u32, elapsed: Duration) -> u32 {
-    burst + elapsed.as_secs() as u32 + 2
+/// Moves the app's clock on by `by`.
+fn wait(app: &TestApp, by: Duration) {
+    app.clock
+        .advance(time::Duration::try_from(by).expect("a short wait"));
 }
 
 async fn list_audit(app: &mut TestApp) -> Result<(), Status> {
@@ -72,37 +78,38 @@ async fn list_audit(app: &mut TestApp) -> Result<(), Status> {
     app.admin.list_audit_events(request).await.map(drop)
 }
 
+/// Lists audit events until one is refused, at most `most` times: how many
+/// were admitted, and the refusal.
+async fn until_refused(app: &mut TestApp, most: u32) -> (u32, Status) {
+    for admitted in 0..=most {
+        if let Err(status) = list_audit(app).await {
+            return (admitted, status);
+        }
+    }
+    panic!(
+        "{} calls were admitted: the account is not limited",
+        most + 1
+    );
+}
+
+async fn app_with_rate(backend: Backend, rates: AdminRateLimits) -> Option<TestApp> {
+    spawn_app_with(backend, |c| c.admin_rates = rates).await
+}
+
 async fn one_accounts_flood_is_refused_with_retry_after_and_other_accounts_are_unaffected(
     backend: Backend,
 ) {
-    let Some(mut app) = spawn_app_with(backend, |c| {
-        c.admin_rates = AdminRateLimits::uniform(1, 5);
-    })
-    .await
-    else {
+    let Some(mut app) = app_with_rate(backend, AdminRateLimits::uniform(1, 5)).await else {
         return;
     };
     // Another tenant with a management key of its own (the operator's
     // call counts against OTHER's rate, not ACME's).
-    let create = app.as_operator(
-        proto::CreateKeyRequest {
-            name: "other admin".into(),
-            scopes: vec!["keys:admin".into()],
-            ..Default::default()
-        },
-        "OTHER",
-        "alice@example.com",
-    );
     let other_key = app
-        .admin
-        .create_key(create)
+        .create_key_as_operator("OTHER", "other admin", &["keys:admin"])
         .await
-        .unwrap()
-        .into_inner()
         .secret;
 
-    // ACME floods ListAuditEvents, as in the finding.
-    let started = Instant::now();
+    // ACME floods ListAuditEvents: its burst, and then nothing.
     let (mut admitted, mut refused) = (0, Vec::new());
     for _ in 0..30 {
         match list_audit(&mut app).await {
@@ -110,14 +117,13 @@ async fn one_accounts_flood_is_refused_with_retry_after_and_other_accounts_are_u
             Err(status) => refused.push(status),
         }
     }
-    let elapsed = started.elapsed();
-    assert!(
-        (5..=most_admitted(5, elapsed)).contains(&admitted),
-        "{admitted} of 30 calls admitted in {elapsed:?} at 1 a second with bursts of 5"
+    assert_eq!(
+        admitted, 5,
+        "calls admitted of 30 at 1 a second with bursts of 5"
     );
-    let mut wait = Duration::ZERO;
+    let mut retry_after = Duration::ZERO;
     for status in &refused {
-        wait = assert_rate_limited(status, "ACME", " are limited to 1 per second (burst 5)");
+        retry_after = assert_rate_limited(status, "ACME", " are limited to 1 per second (burst 5)");
     }
 
     // Meanwhile the other tenant has the rest of its burst (the operator's
@@ -125,42 +131,35 @@ async fn one_accounts_flood_is_refused_with_retry_after_and_other_accounts_are_u
     let mut other = app.admin.clone();
     for _ in 0..4 {
         other
-            .list_keys(with_bearer(proto::ListKeysRequest::default(), &other_key))
+            .list_keys(bearer(proto::ListKeysRequest::default(), &other_key))
             .await
             .expect("OTHER is not limited by ACME's flood");
     }
     let status = list_audit(&mut app).await.unwrap_err();
-    wait = wait.max(assert_rate_limited(
+    retry_after = retry_after.max(assert_rate_limited(
         &status,
         "ACME",
         " are limited to 1 per second (burst 5)",
     ));
 
     // Waiting as told is enough.
-    tokio::time::sleep(wait + Duration::from_millis(100)).await;
+    wait(&app, retry_after);
     list_audit(&mut app)
         .await
         .expect("admitted again after waiting retry-after-ms");
 }
 
 async fn a_refused_call_changes_nothing(backend: Backend) {
-    let Some(mut app) = spawn_app_with(backend, |c| {
-        c.admin_rates = AdminRateLimits::uniform(1, 3);
-    })
-    .await
-    else {
+    let Some(mut app) = app_with_rate(backend, AdminRateLimits::uniform(1, 3)).await else {
         return;
     };
     let victim = app.create_key("victim", &["datasets:read"]).await.unwrap();
-    let key = victim.key.unwrap();
+    let key_id = victim.key.unwrap().key_id;
     let before = without_usage(app.list_keys(true).await);
     // Use up the burst.
     let mut exhausted = None;
     for _ in 0..20 {
-        let request = app.authed(proto::GetKeyRequest {
-            key_id: key.key_id.clone(),
-        });
-        if let Err(status) = app.admin.get_key(request).await {
+        if let Err(status) = app.admin.get_key(app.authed(get(&key_id))).await {
             exhausted = Some(status);
             break;
         }
@@ -169,59 +168,34 @@ async fn a_refused_call_changes_nothing(backend: Backend) {
     assert_rate_limited(&exhausted, "ACME", " are limited to 1 per second (burst 3)");
 
     // Each change is refused before anything is done for it, the next call
-    // being almost a second away.
-    let limit = "are limited to 1 per second (burst 3)";
-    let create = app.authed(proto::CreateKeyRequest {
-        name: "planted".into(),
-        scopes: vec!["datasets:read".into()],
-        ..Default::default()
-    });
-    assert_status(
-        app.admin.create_key(create).await,
-        Code::ResourceExhausted,
-        limit,
+    // being a second away.
+    let limited = |result: Result<(), Status>| {
+        let limit = "are limited to 1 per second (burst 3)";
+        assert_status(result, Code::ResourceExhausted, limit);
+    };
+    let mut admin = app.admin.clone();
+    let planted = create("planted", &["datasets:read"]);
+    limited(admin.create_key(app.authed(planted)).await.map(drop));
+    limited(
+        admin
+            .rotate_key(app.authed(rotate(&key_id)))
+            .await
+            .map(drop),
     );
-    let rotate = app.authed(proto::RotateKeyRequest {
-        key_id: key.key_id.clone(),
-        ..Default::default()
-    });
-    assert_status(
-        app.admin.rotate_key(rotate).await,
-        Code::ResourceExhausted,
-        limit,
-    );
-    let revoke = app.authed(proto::RevokeKeyRequest {
-        key_id: key.key_id.clone(),
+    let revocation = proto::RevokeKeyRequest {
         reason: "attacker".into(),
-        ..Default::default()
-    });
-    assert_status(
-        app.admin.revoke_key(revoke).await,
-        Code::ResourceExhausted,
-        limit,
-    );
-    let update = app.authed(proto::UpdateKeyRequest {
-        key_id: key.key_id.clone(),
-        name: "renamed".into(),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["name".into()],
-        }),
-        ..Default::default()
-    });
-    assert_status(
-        app.admin.update_key(update).await,
-        Code::ResourceExhausted,
-        limit,
-    );
+        ..revoke(&key_id)
+    };
+    limited(admin.revoke_key(app.authed(revocation)).await.map(drop));
+    let renamed = rename(&key_id, "renamed");
+    limited(admin.update_key(app.authed(renamed)).await.map(drop));
     // Invalid requests are refused for the rate, not validated: a flood of
     // bad input costs no more than any other.
-    let invalid = app.authed(proto::GetKeyRequest {
-        key_id: "not a key id".into(),
-    });
-    assert_status(
-        app.admin.get_key(invalid).await,
-        Code::ResourceExhausted,
-        limit,
+    limited(
+        admin
+            .get_key(app.authed(get("not a key id")))
+            .await
+            .map(drop),
     );
 
     // The old secret still verifies: it was neither rotated nor revoked.
@@ -230,9 +204,9 @@ async fn a_refused_call_changes_nothing(backend: Backend) {
         proto::VerifyCode::Valid
     );
     // Room for two calls again.
-    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    wait(&app, Duration::from_secs(2));
     assert_eq!(without_usage(app.list_keys(true).await), before);
-    let events = app.audit(&key.key_id).await;
+    let events = app.audit(&key_id).await;
     assert_eq!(
         events.iter().map(|e| e.action()).collect::<Vec<_>>(),
         [proto::AuditAction::Created],
@@ -241,35 +215,21 @@ async fn a_refused_call_changes_nothing(backend: Backend) {
 }
 
 async fn a_tiers_own_rate_applies_to_its_accounts_as_soon_as_the_tier_is_set(backend: Backend) {
-    let Some(mut app) = spawn_app_with(backend, |c| {
-        c.admin_rates = AdminRateLimits {
-            per_second: nz(1),
-            burst: nz(2),
-            free: AdminRateOverride::default(),
-            premium: AdminRateOverride {
-                per_second: None,
-                burst: Some(nz(12)),
-            },
-        };
-    })
-    .await
-    else {
+    let rates = AdminRateLimits {
+        per_second: nz(1),
+        burst: nz(2),
+        free: AdminRateOverride::default(),
+        premium: AdminRateOverride {
+            per_second: None,
+            burst: Some(nz(12)),
+        },
+    };
+    let Some(mut app) = app_with_rate(backend, rates).await else {
         return;
     };
     // Free: the global rate.
-    let started = Instant::now();
-    let mut admitted = 0;
-    let refused = loop {
-        match list_audit(&mut app).await {
-            Ok(()) => admitted += 1,
-            Err(status) => break status,
-        }
-        assert!(admitted <= 20, "a free account's calls are not limited");
-    };
-    assert!(
-        admitted <= most_admitted(2, started.elapsed()),
-        "{admitted}"
-    );
+    let (admitted, refused) = until_refused(&mut app, 20).await;
+    assert_eq!(admitted, 2, "calls admitted on the free tier's burst of 2");
     assert_rate_limited(
         &refused,
         "ACME",
@@ -289,18 +249,10 @@ async fn a_tiers_own_rate_applies_to_its_accounts_as_soon_as_the_tier_is_set(bac
     app.admin.set_account_tier(promote).await.unwrap();
 
     // At once, with no wait: premium's burst of 12.
-    let started = Instant::now();
-    let mut admitted = 0;
-    let refused = loop {
-        match list_audit(&mut app).await {
-            Ok(()) => admitted += 1,
-            Err(status) => break status,
-        }
-        assert!(admitted <= 100, "a premium account's calls are not limited");
-    };
-    assert!(
-        (12..=most_admitted(12, started.elapsed())).contains(&admitted),
-        "{admitted} calls admitted on the premium tier's burst of 12"
+    let (admitted, refused) = until_refused(&mut app, 100).await;
+    assert_eq!(
+        admitted, 12,
+        "calls admitted on the premium tier's burst of 12"
     );
     assert_rate_limited(
         &refused,

@@ -1,17 +1,20 @@
-//! Safe retries (issue 11): request ids on CreateKey and RotateKey, the
+//! Safe retries: request ids on CreateKey and RotateKey, the
 //! etag on UpdateKey, RotateKey and RevokeKey, and a response lost on the
 //! way back (a proxy in front of the admin listener drops it for real).
 
 use std::time::Duration;
 
 use tonic::Code;
-use tonic::transport::Channel;
+use vilvik_keys::headers;
 use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::{self, VerifyCode};
 use vilvik_keys_domain::RequestId;
 use vilvik_keys_test_db::{FaultProxy, ProxyMode};
-
-use crate::helpers::{Backend, TestApp, assert_status, without_usage};
+use vilvik_keys_test_support::requests::{rename, revoke, rotate};
+use vilvik_keys_test_support::{
+    Backend, TestApp, assert_status, lazy_channel, spawn_app, spawn_app_with, test_server_addr,
+    through_proxy, without_usage,
+};
 
 fn create_request(name: &str, request_id: &str) -> proto::CreateKeyRequest {
     proto::CreateKeyRequest {
@@ -39,6 +42,18 @@ async fn create(app: &mut TestApp, message: proto::CreateKeyRequest) -> proto::C
         .into_inner()
 }
 
+async fn rotate_with(
+    app: &mut TestApp,
+    message: proto::RotateKeyRequest,
+) -> proto::RotateKeyResponse {
+    let request = app.authed(message);
+    app.admin
+        .rotate_key(request)
+        .await
+        .expect("RotateKey")
+        .into_inner()
+}
+
 /// Every key of the account but the bootstrapped management key.
 async fn created_keys(app: &mut TestApp) -> Vec<proto::Key> {
     let management = app.management_key_id.clone();
@@ -63,7 +78,7 @@ async fn a_create_retried_with_its_request_id_returns_the_same_key_and_secret(mu
     // The same id in the idempotency-key header, in another case, is the same request.
     let mut by_header = app.authed(create_request("ci-runner", ""));
     by_header.metadata_mut().insert(
-        "idempotency-key",
+        headers::IDEMPOTENCY_KEY,
         id.as_str().to_uppercase().parse().unwrap(),
     );
     let by_header = app.admin.create_key(by_header).await.unwrap().into_inner();
@@ -109,13 +124,16 @@ async fn a_request_id_reused_for_other_fields_is_refused(mut app: TestApp) {
     );
     let mut disagreeing = app.authed(create_request("ci-runner", id.as_str()));
     disagreeing.metadata_mut().insert(
-        "idempotency-key",
+        headers::IDEMPOTENCY_KEY,
         RequestId::generate().as_str().parse().unwrap(),
     );
     assert_status(
         app.admin.create_key(disagreeing).await,
         Code::InvalidArgument,
-        "request_id: differs from the idempotency-key header",
+        &format!(
+            "request_id: differs from the {} header",
+            headers::IDEMPOTENCY_KEY
+        ),
     );
     assert_eq!(
         without_usage(app.list_keys(true).await),
@@ -129,18 +147,8 @@ async fn a_rotation_retried_with_its_request_id_rotates_once(mut app: TestApp) {
     let created = app.create_key("rotated", &["datasets:read"]).await.unwrap();
     let key_id = created.key.unwrap().key_id;
     let id = RequestId::generate();
-    let first = app
-        .admin
-        .rotate_key(app.authed(rotate_request(&key_id, id.as_str())))
-        .await
-        .unwrap()
-        .into_inner();
-    let retry = app
-        .admin
-        .rotate_key(app.authed(rotate_request(&key_id, id.as_str())))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = rotate_with(&mut app, rotate_request(&key_id, id.as_str())).await;
+    let retry = rotate_with(&mut app, rotate_request(&key_id, id.as_str())).await;
     assert_eq!(retry.secret, first.secret);
     assert_eq!(retry.key.unwrap().prefix, first.key.unwrap().prefix);
     assert_eq!(app.verify_code(&first.secret, &[]).await, VerifyCode::Valid);
@@ -157,15 +165,8 @@ async fn the_database_holds_no_secret_and_no_request_id(mut app: TestApp) {
     let id = RequestId::generate();
     let created = create(&mut app, create_request("sealed", id.as_str())).await;
     let rotation_id = RequestId::generate();
-    let rotated = app
-        .admin
-        .rotate_key(app.authed(rotate_request(
-            &created.key.unwrap().key_id,
-            rotation_id.as_str(),
-        )))
-        .await
-        .unwrap()
-        .into_inner();
+    let key_id = created.key.unwrap().key_id;
+    let rotated = rotate_with(&mut app, rotate_request(&key_id, rotation_id.as_str())).await;
     let needles = [
         created.secret.as_bytes(),
         rotated.secret.as_bytes(),
@@ -214,13 +215,16 @@ async fn a_stale_etag_is_aborted_and_changes_nothing(mut app: TestApp) {
     let key = created.key.unwrap();
     assert!(!key.etag.is_empty());
     let rename = |name: &str, etag: &str| proto::UpdateKeyRequest {
-        key_id: key.key_id.clone(),
-        name: name.into(),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["name".into()],
-        }),
         etag: etag.into(),
-        ..Default::default()
+        ..rename(&key.key_id, name)
+    };
+    let rotate = |etag: &str| proto::RotateKeyRequest {
+        etag: etag.into(),
+        ..rotate(&key.key_id)
+    };
+    let revoke = |etag: &str| proto::RevokeKeyRequest {
+        etag: etag.into(),
+        ..revoke(&key.key_id)
     };
     let renamed = app
         .admin
@@ -238,34 +242,23 @@ async fn a_stale_etag_is_aborted_and_changes_nothing(mut app: TestApp) {
         "key {} was changed since you read it (etag {}; it is now {})",
         key.key_id, key.etag, renamed.etag
     );
-    assert_status(
-        app.admin
-            .update_key(app.authed(rename("lost", &key.etag)))
-            .await,
-        Code::Aborted,
-        &stale,
+    let aborted = |result: Result<(), tonic::Status>| {
+        assert_status(result, Code::Aborted, &stale);
+    };
+    let mut admin = app.admin.clone();
+    let lost = rename("lost", &key.etag);
+    aborted(admin.update_key(app.authed(lost)).await.map(drop));
+    aborted(
+        admin
+            .rotate_key(app.authed(rotate(&key.etag)))
+            .await
+            .map(drop),
     );
-    assert_status(
-        app.admin
-            .rotate_key(app.authed(proto::RotateKeyRequest {
-                key_id: key.key_id.clone(),
-                etag: key.etag.clone(),
-                ..Default::default()
-            }))
-            .await,
-        Code::Aborted,
-        &stale,
-    );
-    assert_status(
-        app.admin
-            .revoke_key(app.authed(proto::RevokeKeyRequest {
-                key_id: key.key_id.clone(),
-                etag: key.etag.clone(),
-                ..Default::default()
-            }))
-            .await,
-        Code::Aborted,
-        &stale,
+    aborted(
+        admin
+            .revoke_key(app.authed(revoke(&key.etag)))
+            .await
+            .map(drop),
     );
     assert_status(
         app.admin.update_key(app.authed(rename("lost", "7"))).await,
@@ -286,11 +279,7 @@ async fn a_stale_etag_is_aborted_and_changes_nothing(mut app: TestApp) {
     // With the current etag each goes through.
     let revoked = app
         .admin
-        .revoke_key(app.authed(proto::RevokeKeyRequest {
-            key_id: key.key_id.clone(),
-            etag: renamed.etag.clone(),
-            ..Default::default()
-        }))
+        .revoke_key(app.authed(revoke(&renamed.etag)))
         .await
         .unwrap()
         .into_inner();
@@ -311,12 +300,11 @@ fn assert_timed_out<T: std::fmt::Debug>(result: Result<T, tonic::Status>) {
 
 /// A client of the admin API through `proxy`, whose calls give up after
 /// 1.5 s.
-async fn client_through(proxy: &FaultProxy) -> KeyAdminClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", proxy.addr()))
-        .unwrap()
-        .timeout(Duration::from_millis(1_500))
-        .connect_lazy();
-    KeyAdminClient::new(channel)
+async fn client_through(proxy: &FaultProxy) -> KeyAdminClient<tonic::transport::Channel> {
+    KeyAdminClient::new(lazy_channel(
+        proxy.addr(),
+        Some(Duration::from_millis(1_500)),
+    ))
 }
 
 /// The proxy drops the server's answers: the create and the rotation are
@@ -415,37 +403,25 @@ crate::on_both_backends!(
     a_lost_response_is_recovered_by_retrying_with_the_request_id,
 );
 
-/// Issue 11, point 2: the connection to Postgres breaks after COMMIT was
-/// sent (a proxy between the server and the database forwards COMMIT,
-/// then resets the connection without passing on the answer). The create
-/// did commit; the caller is told the outcome is unknown and that
-/// retrying with the same request id is safe, and the retry gets the key.
+/// The connection to Postgres breaks after COMMIT was sent (a proxy
+/// between the server and the database forwards COMMIT, then resets the
+/// connection without passing on the answer). The create did commit; the
+/// caller is told the outcome is unknown and that retrying with the same
+/// request id is safe, and the retry gets the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_commit_whose_answer_is_lost_is_reported_as_unknown() {
-    let Ok(url) = std::env::var(vilvik_keys_test_db::URL_VAR) else {
+    let Some(server) = test_server_addr() else {
         // Skips, or fails under VILVIK_KEYS_REQUIRE_POSTGRES=1, as every Postgres test.
-        assert!(crate::helpers::spawn_app(Backend::Postgres).await.is_none());
+        assert!(spawn_app(Backend::Postgres).await.is_none());
         return;
     };
-    let shared: tokio_postgres::Config = url.parse().unwrap();
-    let (Some(tokio_postgres::config::Host::Tcp(host)), Some(port)) =
-        (shared.get_hosts().first(), shared.get_ports().first())
-    else {
-        panic!(
-            "{} must name a TCP host and port",
-            vilvik_keys_test_db::URL_VAR
-        );
-    };
-    let target: std::net::SocketAddr = format!("{host}:{port}").parse().unwrap();
-    let proxy = FaultProxy::start(target).await;
-    let through = proxy.addr().to_string();
-    let mut app = crate::helpers::spawn_app_with(Backend::Postgres, move |config| {
+    let proxy = FaultProxy::start(server).await;
+    let through = proxy.addr();
+    let mut app = spawn_app_with(Backend::Postgres, move |config| {
         use secrecy::ExposeSecret;
-        let url = config.database_url.as_ref().unwrap().expose_secret();
         // In clear, so that the proxy sees the COMMIT go by.
-        let url = url.replace(&format!("{host}:{port}"), &through);
-        let separator = if url.contains('?') { '&' } else { '?' };
-        config.database_url = Some(format!("{url}{separator}sslmode=disable").into());
+        let url = config.database_url.as_ref().unwrap().expose_secret();
+        config.database_url = Some(through_proxy(url, through).into());
     })
     .await
     .unwrap();

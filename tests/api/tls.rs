@@ -1,5 +1,5 @@
-//! TLS on both listeners and mutual TLS on admin (issue 9), with
-//! certificates made in the test by rcgen: a TLS client gets answers, a
+//! TLS on both listeners and mutual TLS on admin, with certificates made
+//! in the test by rcgen: a TLS client gets answers, a
 //! plaintext client or one trusting another CA gets none, the admin
 //! listener wants a client certificate from its CA, renewed certificates
 //! are picked up (when the files change, or on SIGHUP) without dropping
@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rcgen::{
@@ -20,13 +19,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use vilvik_keys::config::Config;
 use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
-use vilvik_keys::proto::{CreateKeyRequest, ListKeysRequest, VerifyCode, VerifyKeyRequest};
+use vilvik_keys::proto::{ListKeysRequest, VerifyCode};
 use vilvik_keys::startup::{Application, Role};
-use vilvik_keys_test_db::eventually;
-
-use crate::helpers::{Backend, TestApp, spawn_app_with, with_bearer};
-
-const BIN: &str = env!("CARGO_BIN_EXE_vilvik-keys");
+use vilvik_keys_test_support::requests::{create, verify};
+use vilvik_keys_test_support::{
+    Backend, ServedBinary, StoreSettings, TestApp, bearer, binary, eventually, spawn_app_with,
+};
 
 /// A throwaway certificate authority.
 struct Ca {
@@ -151,19 +149,49 @@ async fn tls_channel(
 /// VerifyKey over `channel`; `Err` when no answer came back.
 async fn verify_over(channel: Result<Channel, String>, key: &str) -> Result<VerifyCode, String> {
     let answer = KeyVerifyClient::new(channel?)
-        .verify_key(VerifyKeyRequest {
-            key: key.to_owned(),
-            ..Default::default()
-        })
+        .verify_key(verify(key, &[]))
         .await
         .map_err(|e| format!("{e:?}"))?;
     Ok(answer.into_inner().code())
 }
 
+/// Waits until a new TLS connection to `addr` trusting `ca` is answered.
+async fn wait_until_served_by(addr: SocketAddr, ca: &Ca, what: &str) {
+    eventually(Duration::from_secs(10), what, || {
+        let pem = ca.pem();
+        async move {
+            verify_over(tls_channel(addr, &pem, None).await, "x")
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+}
+
+/// `vilvik-keys serve` on a SQLite file in `files`, serving TLS from
+/// `server.pem`/`server.key` and reloading them every `reload`; with the
+/// management key bootstrapped for its account.
+async fn serve_tls(files: &Files, reload: Duration) -> (ServedBinary, String) {
+    let store = StoreSettings::sqlite(files.path("keys.db"));
+    let (management_key, _) = binary::bootstrap(store.env(), "ACME");
+    let served = ServedBinary::serve()
+        .envs(store.env())
+        .env("VILVIK_KEYS_LOG_FORMAT", "json")
+        .env("VILVIK_KEYS_TLS_CERT_FILE", files.path("server.pem"))
+        .env("VILVIK_KEYS_TLS_KEY_FILE", files.path("server.key"))
+        .env(
+            "VILVIK_KEYS_TLS_RELOAD_INTERVAL_MS",
+            reload.as_millis().to_string(),
+        )
+        .start()
+        .await;
+    (served, management_key)
+}
+
 /// ListKeys with `credential` over `channel`: how many keys it listed.
 async fn list_over(channel: Result<Channel, String>, credential: &str) -> Result<usize, String> {
     let listed = KeyAdminClient::new(channel?)
-        .list_keys(with_bearer(ListKeysRequest::default(), credential))
+        .list_keys(bearer(ListKeysRequest::default(), credential))
         .await
         .map_err(|e| format!("{e:?}"))?;
     Ok(listed.into_inner().keys.len())
@@ -240,38 +268,25 @@ async fn the_admin_listener_demands_a_client_certificate_from_its_ca() {
 async fn a_renewed_certificate_is_served_to_new_connections_without_dropping_open_ones() {
     let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
     let files = Files::new();
-    let app = tls_app(&files, &old_ca.server(), None, |config| {
-        config.tls.reload_interval = Duration::from_millis(50);
-    })
-    .await;
-    let (addr, key) = (app.verify_addr, app.management_key.clone());
+    files.server(&old_ca.server());
+    let (mut served, key) = serve_tls(&files, Duration::from_millis(50)).await;
+    let addr = served.verify_addr();
     let open = tls_channel(addr, &old_ca.pem(), None).await.unwrap();
     assert_eq!(
         verify_over(Ok(open.clone()), &key).await,
         Ok(VerifyCode::Valid)
     );
 
-    // A broken replacement is not taken: the old certificate stays.
+    // A broken replacement is not taken: once the verify listener has
+    // looked at it and said so, the old certificate is still served.
     files.write("server.key", "-----BEGIN PRIVATE KEY-----\nbroken\n");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = ["TLS files not reloaded", r#""listener":"verify""#];
+    served.wait_for_log(&refused, Duration::from_secs(10)).await;
     let still = verify_over(tls_channel(addr, &old_ca.pem(), None).await, &key).await;
     assert_eq!(still, Ok(VerifyCode::Valid));
 
     files.server(&new_ca.server());
-    eventually(
-        Duration::from_secs(10),
-        "new connections get the new certificate",
-        || {
-            let pem = new_ca.pem();
-            let key = key.clone();
-            async move {
-                verify_over(tls_channel(addr, &pem, None).await, &key)
-                    .await
-                    .is_ok()
-            }
-        },
-    )
-    .await;
+    wait_until_served_by(addr, &new_ca, "new connections get the new certificate").await;
     let old = verify_over(tls_channel(addr, &old_ca.pem(), None).await, &key).await;
     assert!(
         old.is_err(),
@@ -282,61 +297,18 @@ async fn a_renewed_certificate_is_served_to_new_connections_without_dropping_ope
     assert_eq!(verify_over(Ok(open), &key).await, Ok(VerifyCode::Valid));
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// A `vilvik-keys serve` process, killed when dropped.
-struct Process(std::process::Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_certificate_at_once() {
     let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
     let files = Files::new();
     files.server(&old_ca.server());
-    let verify = free_addr();
-    let mut serve = Process(
-        Command::new(BIN)
-            .arg("serve")
-            .env("VILVIK_KEYS_SQLITE_PATH", files.path("keys.db"))
-            .env("VILVIK_KEYS_ADMIN_ADDR", free_addr().to_string())
-            .env("VILVIK_KEYS_VERIFY_ADDR", verify.to_string())
-            .env("VILVIK_KEYS_TLS_CERT_FILE", files.path("server.pem"))
-            .env("VILVIK_KEYS_TLS_KEY_FILE", files.path("server.key"))
-            // Only the signal reloads within this test's time.
-            .env("VILVIK_KEYS_TLS_RELOAD_INTERVAL_MS", "3600000")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    // Only the signal reloads within this test's time.
+    let (mut served, _) = serve_tls(&files, Duration::from_secs(3600)).await;
+    let verify = served.verify_addr();
     // Any answer (a malformed key's) means the handshake went through.
-    eventually(
-        Duration::from_secs(20),
-        "the server answers over TLS",
-        || {
-            let pem = old_ca.pem();
-            async move {
-                verify_over(tls_channel(verify, &pem, None).await, "x")
-                    .await
-                    .is_ok()
-            }
-        },
-    )
-    .await;
+    wait_until_served_by(verify, &old_ca, "the server answers over TLS").await;
 
     files.server(&new_ca.server());
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = verify_over(tls_channel(verify, &old_ca.pem(), None).await, "x").await;
     assert_eq!(
         before,
@@ -344,28 +316,19 @@ async fn sighup_reloads_the_certificate_at_once() {
         "reloaded before the signal"
     );
 
-    let hup = Command::new("kill")
-        .args(["-HUP", &serve.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    eventually(
-        Duration::from_secs(5),
-        "the signal reloads the certificate",
-        || {
-            let pem = new_ca.pem();
-            async move {
-                verify_over(tls_channel(verify, &pem, None).await, "x")
-                    .await
-                    .is_ok()
-            }
-        },
-    )
-    .await;
-    assert!(
-        serve.0.try_wait().unwrap().is_none(),
-        "SIGHUP stopped the server"
-    );
+    served.sighup();
+    wait_until_served_by(verify, &new_ca, "the signal reloads the certificate").await;
+    assert!(served.try_exit().is_none(), "SIGHUP stopped the server");
+    // Whatever the timing, the new files were taken on the signal and not
+    // before: the log has no reload ahead of the signal's line.
+    let log = served.log();
+    let signalled = log
+        .find("SIGHUP: reloading TLS files")
+        .unwrap_or_else(|| panic!("no line about the signal in {log}"));
+    let reloaded = log
+        .find("TLS certificate reloaded")
+        .unwrap_or_else(|| panic!("no reload in {log}"));
+    assert!(reloaded > signalled, "reloaded before the signal: {log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,14 +341,12 @@ async fn the_cli_manages_keys_over_mutual_tls() {
     let client_cert = files.write("client.pem", &client.cert);
     let client_key = files.write("client.key", &client.key);
     let cli = |args: &[&str], identity: bool| {
-        let mut command = Command::new(BIN);
+        let mut command = binary::command();
         command
             .args(args)
             .env("VILVIK_KEYS_ADDR", format!("https://{}", app.admin_addr))
             .env("VILVIK_KEYS_CA_FILE", &ca_file)
-            .env("VILVIK_KEYS_TOKEN", &app.management_key)
-            .env_remove("VILVIK_KEYS_CLIENT_CERT_FILE")
-            .env_remove("VILVIK_KEYS_CLIENT_KEY_FILE");
+            .env("VILVIK_KEYS_TOKEN", &app.management_key);
         if identity {
             command
                 .env("VILVIK_KEYS_CLIENT_CERT_FILE", &client_cert)
@@ -438,14 +399,7 @@ async fn the_smoke_test_command_runs_as_printed_over_tls() {
     let mut admin =
         KeyAdminClient::new(tls_channel(app.admin_addr, &ca.pem(), None).await.unwrap());
     let created = admin
-        .create_key(with_bearer(
-            CreateKeyRequest {
-                name: "smoke".into(),
-                scopes: vec!["datasets:read".into()],
-                ..Default::default()
-            },
-            &app.management_key,
-        ))
+        .create_key(app.authed(create("smoke", &["datasets:read"])))
         .await
         .unwrap()
         .into_inner();
@@ -455,11 +409,7 @@ async fn the_smoke_test_command_runs_as_printed_over_tls() {
         command.contains(&format!("-cacert {}", ca_file.display())),
         "{command}"
     );
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("sh").arg("-c").arg(&command).output().unwrap()
-    })
-    .await
-    .unwrap();
+    let output = binary::sh(&command).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -496,43 +446,35 @@ async fn bad_tls_files_stop_the_start_naming_the_setting() {
     let garbage = files.write("garbage.pem", "not a certificate\n");
     let missing = files.path("missing.pem");
 
-    let error = start_error(files.dir.path(), |c| {
-        c.tls.cert_file = Some(missing.clone());
-        c.tls.key_file = Some(key.clone());
-    })
-    .await;
-    assert!(
-        error.contains("tls_cert_file") && error.contains("missing.pem"),
-        "{error}"
-    );
-
-    let error = start_error(files.dir.path(), |c| {
-        c.tls.cert_file = Some(cert.clone());
-        c.tls.key_file = Some(other_key.clone());
-    })
-    .await;
-    assert!(
-        error.contains("tls_key_file") && error.contains("does not match"),
-        "{error}"
-    );
-
-    let error = start_error(files.dir.path(), |c| {
-        c.tls.cert_file = Some(garbage.clone());
-        c.tls.key_file = Some(key.clone());
-    })
-    .await;
-    assert!(
-        error.contains("tls_cert_file") && error.contains("no PEM certificate"),
-        "{error}"
-    );
-
-    let error = start_error(files.dir.path(), |c| {
-        c.tls.cert_file = Some(cert.clone());
-        c.tls.key_file = Some(key.clone());
-        c.tls.admin_client_ca_file = Some(garbage.clone());
-    })
-    .await;
-    assert!(error.contains("admin_client_ca_file"), "{error}");
+    let tls = |cert: &Path, key: &Path, client_ca: Option<&Path>| {
+        let (cert, key) = (cert.to_owned(), key.to_owned());
+        let client_ca = client_ca.map(Path::to_owned);
+        move |c: &mut Config| {
+            c.tls.cert_file = Some(cert);
+            c.tls.key_file = Some(key);
+            c.tls.admin_client_ca_file = client_ca;
+        }
+    };
+    for (tls, needles) in [
+        (
+            tls(&missing, &key, None),
+            &["tls_cert_file", "missing.pem"][..],
+        ),
+        (
+            tls(&cert, &other_key, None),
+            &["tls_key_file", "does not match"],
+        ),
+        (
+            tls(&garbage, &key, None),
+            &["tls_cert_file", "no PEM certificate"],
+        ),
+        (tls(&cert, &key, Some(&garbage)), &["admin_client_ca_file"]),
+    ] {
+        let error = start_error(files.dir.path(), tls).await;
+        for needle in needles {
+            assert!(error.contains(needle), "{needle}: {error}");
+        }
+    }
     // Nothing was created on the way to the error.
     assert!(!files.path("keys.db").exists());
 

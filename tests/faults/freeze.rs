@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    ACCEPT_AT_MOST, Answer, CONSISTENCY_CHECK, Faults, Findings, STALENESS_BOUND, Watch, report,
-    secs, watch,
+    ACCEPT_AT_MOST, Answer, CONSISTENCY_CHECK, Faults, Findings, STALENESS_BOUND, Watch, secs,
+    watch,
 };
 
 /// Slack in the "not before" direction: a loaded machine may run a
@@ -27,6 +27,7 @@ async fn a_frozen_database_is_trusted_for_the_bound_then_verifies_fail_closed() 
     faults.cluster.freeze();
     let observe = ACCEPT_AT_MOST + Duration::from_millis(1_500);
     let timelines = watch(
+        "freeze",
         vec![
             Watch::new(&faults.direct, key, "cached key"),
             Watch::new(&faults.cut_off, key, "cached key"),
@@ -38,7 +39,6 @@ async fn a_frozen_database_is_trusted_for_the_bound_then_verifies_fail_closed() 
     .await;
     faults.cluster.thaw();
     let thawed = Instant::now();
-    report("freeze", &timelines);
 
     let mut findings = Findings::default();
     for timeline in &timelines {
@@ -81,22 +81,17 @@ async fn a_frozen_database_is_trusted_for_the_bound_then_verifies_fail_closed() 
                 secs(earliest)
             )
         });
-        if let Some(again) = timeline.valid_again() {
-            findings.check(false, || {
-                format!(
-                    "{label}: VALID again at {} s, after failing closed, while still frozen",
-                    secs(again.sent)
-                )
-            });
-        }
-        let odd = timeline.unexpected(&[Answer::Valid, Answer::Unavailable]);
-        findings.check(odd.is_empty(), || {
-            format!("{label}: answers other than VALID or UNAVAILABLE: {odd:?}")
-        });
+        findings.never_valid_again(timeline, "failing closed, while still frozen");
+        findings.only(
+            timeline,
+            &[Answer::Valid, Answer::Unavailable],
+            "VALID or UNAVAILABLE",
+        );
     }
 
     // Thawed: every node verifies the key again within a few seconds.
     let recovered = watch(
+        "thaw",
         vec![
             Watch::new(&faults.direct, key, "cached key after the thaw"),
             Watch::new(&faults.cut_off, key, "cached key after the thaw"),
@@ -106,7 +101,6 @@ async fn a_frozen_database_is_trusted_for_the_bound_then_verifies_fail_closed() 
         |answer| answer == Answer::Valid,
     )
     .await;
-    report("thaw", &recovered);
     for timeline in &recovered {
         let label = &timeline.label;
         match timeline.first(Answer::Valid) {

@@ -7,19 +7,24 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
-use tokio::sync::{Mutex, MutexGuard, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{Mutex, MutexGuard};
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Request};
 use vilvik_keys::config::Config;
 use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
 use vilvik_keys::proto::{self, VerifyCode};
-use vilvik_keys::startup::{Application, Role};
-use vilvik_keys_test_db::{FaultProxy, PrivateCluster, eventually};
+use vilvik_keys::startup::Role;
+use vilvik_keys_domain::SystemClock;
+use vilvik_keys_test_db::{FaultProxy, PrivateCluster};
+use vilvik_keys_test_support::requests::{create, revoke, verify};
+use vilvik_keys_test_support::{
+    OPERATOR_TOKEN, Server, bearer, bootstrap_account, channel, eventually,
+};
 
 /// How long a node trusts its cache without a confirmed read of the
 /// change log (`VILVIK_KEYS_STALENESS_BOUND_MS`).
@@ -45,7 +50,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const DATABASE: &str = "vilvik";
 const ACCOUNT: &str = "ACME";
-const OPERATOR_TOKEN: &str = "fault-test-operator-token-0123456789";
 
 /// One fault test at a time: each times what it sees in wall-clock
 /// milliseconds, on a machine that may have two cores.
@@ -85,7 +89,6 @@ impl Faults {
     /// entry again when it does, and the scenario would test no cache.
     pub async fn start(keys: &[&str]) -> Option<(Faults, Vec<TestKey>)> {
         let serial = SERIAL.lock().await;
-        init_logging();
         let cluster = PrivateCluster::start()?;
         let url = cluster.create_database(DATABASE).await;
         let target: SocketAddr = ([127, 0, 0, 1], cluster.port()).into();
@@ -100,23 +103,7 @@ impl Faults {
             ..config(url)
         };
         let admin_config = config(&url);
-        let store = vilvik_keys::startup::open_store(&admin_config)
-            .await
-            .expect("the private cluster's database opens and migrates");
-        let peppers = vilvik_keys::pepper::load(&admin_config, store.as_ref())
-            .await
-            .unwrap();
-        let (_, secret) = vilvik_keys::cli::create_management_key(
-            &store,
-            peppers.current(),
-            &ACCOUNT.parse().unwrap(),
-            "bootstrap".parse().unwrap(),
-            &admin_config.policy(),
-        )
-        .await
-        .unwrap();
-        drop(store);
-        let management_key = secret.expose_secret().to_owned();
+        let (_, management_key) = bootstrap_account(&admin_config, ACCOUNT).await;
 
         let admin = Node::start("admin", admin_config, Role::Admin).await;
         let mut created = Vec::with_capacity(keys.len());
@@ -174,13 +161,13 @@ impl Faults {
     /// Revokes `key` through the admin node; returns once it is
     /// acknowledged.
     pub async fn revoke(&self, key: &TestKey) {
+        let request = proto::RevokeKeyRequest {
+            reason: "fault test".into(),
+            ..revoke(&key.key_id)
+        };
         self.admin
             .admin()
-            .revoke_key(self.authed(proto::RevokeKeyRequest {
-                key_id: key.key_id.clone(),
-                reason: "fault test".into(),
-                ..Default::default()
-            }))
+            .revoke_key(bearer(request, &self.management_key))
             .await
             .expect("the admin node revokes the key");
     }
@@ -195,24 +182,13 @@ impl Faults {
     pub fn database(&self) -> &'static str {
         DATABASE
     }
-
-    fn authed<T>(&self, message: T) -> Request<T> {
-        bearer(message, &self.management_key)
-    }
 }
 
 /// Creates a key named `name` through the admin node.
 async fn create_key(admin: &Node, management_key: &str, name: &str) -> TestKey {
     let created = admin
         .admin()
-        .create_key(bearer(
-            proto::CreateKeyRequest {
-                name: name.into(),
-                scopes: vec!["datasets:read".into()],
-                ..Default::default()
-            },
-            management_key,
-        ))
+        .create_key(bearer(create(name, &["datasets:read"]), management_key))
         .await
         .expect("CreateKey")
         .into_inner();
@@ -220,15 +196,6 @@ async fn create_key(admin: &Node, management_key: &str, name: &str) -> TestKey {
         key_id: created.key.expect("the created key").key_id,
         secret: created.secret,
     }
-}
-
-fn bearer<T>(message: T, credential: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {credential}").parse().unwrap(),
-    );
-    request
 }
 
 /// The settings every node of a fault test runs with, on `url`.
@@ -252,47 +219,27 @@ fn config(url: &str) -> Config {
     config
 }
 
-static LOGGING: std::sync::Once = std::sync::Once::new();
-
-/// Quiet unless `TEST_LOG` is set.
-fn init_logging() {
-    LOGGING.call_once(|| {
-        if std::env::var_os("TEST_LOG").is_some() {
-            vilvik_keys::telemetry::init(vilvik_keys::config::LogFormat::Pretty);
-        }
-    });
-}
-
-/// One in-process node (`serve --role ...`), stopped when dropped.
+/// One in-process node (`serve --role ...`) on the system clock, stopped
+/// when dropped.
 pub struct Node {
     pub name: &'static str,
     channel: Channel,
-    server: Option<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
+    _server: Server,
 }
 
 impl Node {
     async fn start(name: &'static str, config: Config, role: Role) -> Node {
-        let app = Application::build(config, role)
+        let server = Server::start(config, role, Arc::new(SystemClock))
             .await
             .unwrap_or_else(|e| panic!("the {name} node starts: {e:#}"));
         let addr = match role {
-            Role::Admin => app.admin_addr(),
-            Role::Verify | Role::All => app.verify_addr(),
-        }
-        .expect("a bound listener");
-        let (stop, stopped) = oneshot::channel();
-        let handle = tokio::spawn(app.run_until(async {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap_or_else(|e| panic!("the {name} node accepts connections: {e}"));
+            Role::Admin => server.admin_addr(),
+            Role::Verify | Role::All => server.verify_addr(),
+        };
         Node {
             name,
-            channel,
-            server: Some((stop, handle)),
+            channel: channel(addr).await,
+            _server: server,
         }
     }
 
@@ -302,15 +249,6 @@ impl Node {
 
     fn admin(&self) -> KeyAdminClient<Channel> {
         KeyAdminClient::new(self.channel.clone())
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some((stop, handle)) = self.server.take() {
-            let _ = stop.send(());
-            handle.abort();
-        }
     }
 }
 
@@ -332,11 +270,7 @@ pub enum Answer {
 
 /// Asks `client` about `secret` once.
 pub async fn probe(client: &mut KeyVerifyClient<Channel>, secret: &str) -> Answer {
-    let request = proto::VerifyKeyRequest {
-        key: secret.to_owned(),
-        ..Default::default()
-    };
-    match tokio::time::timeout(PROBE_TIMEOUT, client.verify_key(request)).await {
+    match tokio::time::timeout(PROBE_TIMEOUT, client.verify_key(verify(secret, &[]))).await {
         Err(_) => Answer::Silent,
         Ok(Ok(response)) => match response.into_inner().code() {
             VerifyCode::Valid => Answer::Valid,
@@ -443,8 +377,10 @@ impl<'a> Watch<'a> {
 
 /// Probes every target every [`PROBE_EVERY`], all at once, from now until
 /// `until` after `since`, or for a target until `done` holds for its
-/// answer. Times are relative to `since`.
+/// answer, and prints each timeline under `scenario`. Times are relative
+/// to `since`.
 pub async fn watch(
+    scenario: &str,
     targets: Vec<Watch<'_>>,
     since: Instant,
     until: Duration,
@@ -483,6 +419,9 @@ pub async fn watch(
     for task in tasks {
         timelines.push(task.await.expect("a probe task"));
     }
+    for timeline in &timelines {
+        eprintln!("[{scenario}] {}", timeline.summary());
+    }
     timelines
 }
 
@@ -500,6 +439,29 @@ impl Findings {
         }
     }
 
+    /// A finding unless `timeline` answered only what `allowed` lists
+    /// (named `what` in the finding).
+    pub fn only(&mut self, timeline: &Timeline, allowed: &[Answer], what: &str) {
+        let odd = timeline.unexpected(allowed);
+        self.check(odd.is_empty(), || {
+            format!("{}: answers other than {what}: {odd:?}", timeline.label)
+        });
+    }
+
+    /// A finding when `timeline` answered VALID again after it had answered
+    /// otherwise (`after` says what that other answer meant).
+    pub fn never_valid_again(&mut self, timeline: &Timeline, after: &str) {
+        if let Some(again) = timeline.valid_again() {
+            self.check(false, || {
+                format!(
+                    "{}: VALID at {} s after {after}",
+                    timeline.label,
+                    secs(again.sent)
+                )
+            });
+        }
+    }
+
     #[track_caller]
     pub fn assert_none(self, scenario: &str) {
         assert!(
@@ -508,12 +470,5 @@ impl Findings {
             self.0.len(),
             self.0.join("\n- ")
         );
-    }
-}
-
-/// Prints each timeline under `scenario`.
-pub fn report(scenario: &str, timelines: &[Timeline]) {
-    for timeline in timelines {
-        eprintln!("[{scenario}] {}", timeline.summary());
     }
 }

@@ -1,5 +1,5 @@
-//! Issue 8, "prove it": each test injects a fault for real against a
-//! Postgres cluster it starts itself (`initdb`/`pg_ctl` on a free port in
+//! Faults injected for real: each test injects one against a Postgres
+//! cluster it starts itself (`initdb`/`pg_ctl` on a free port in
 //! a temp dir, never the shared server) and stops afterwards, and checks
 //! what revocation and the staleness bound promise:
 //!
