@@ -12,6 +12,7 @@ pub mod config;
 pub mod headers;
 pub mod pepper;
 pub mod server;
+pub mod service;
 pub mod startup;
 pub mod telemetry;
 

@@ -25,7 +25,8 @@ use crate::server::admin::{AdminService, SmokeTest};
 use crate::server::connections::{self, ActivityLayer, ConnectionLimits, Connections};
 use crate::server::rate_limit::AdminRateLimiter;
 use crate::server::tls::{self, Acceptor};
-use crate::server::{auth::Authenticator, verify::VerifyService};
+use crate::server::verify::VerifyService;
+use crate::service;
 use crate::verify_server::key_verify_server::KeyVerifyServer;
 
 /// The standard health service, advertised by reflection on both listeners.
@@ -165,16 +166,15 @@ impl Application {
             Role::All | Role::Admin => Some((
                 bind(config.admin_addr, "admin").await?,
                 AdminService {
-                    store: store.clone(),
-                    clock,
-                    verifier: verifier.clone(),
-                    auth: Authenticator::new(
+                    service: service::Admin::new(
+                        store.clone(),
+                        clock,
                         verifier.clone(),
+                        config.policy(),
                         config.operator_token.clone(),
-                        config.trusted_proxies.clone(),
                         AdminRateLimiter::new(config.admin_rates, store.clone()),
                     ),
-                    policy: config.policy(),
+                    trusted_proxies: config.trusted_proxies.clone(),
                     smoke_test: SmokeTest::new(
                         config.public_verify_addr(verify_addr),
                         config
@@ -244,8 +244,8 @@ impl Application {
         let mut listeners = Vec::new();
         if let Some((listener, service)) = self.admin {
             pruner = Some(tokio::spawn(prune_history(
-                service.store.clone(),
-                service.clock.clone(),
+                service.service.store().clone(),
+                service.service.clock().clone(),
                 Retention {
                     change_log: self.config.change_log_retention,
                     rotated_secrets: self.config.rotated_secret_retention,
@@ -253,7 +253,7 @@ impl Application {
                 stopped(),
             )));
             rate_limit_sweeper = Some(tokio::spawn(
-                service.auth.rate_limits().clone().housekeep(stopped()),
+                service.service.rate_limits().clone().housekeep(stopped()),
             ));
             health_reporter
                 .set_serving::<KeyAdminServer<AdminService>>()
