@@ -54,7 +54,7 @@ impl Admin {
         let method = RequestMethod::CreateKey;
         let retry = retry.map(|retry| retry.key(method));
         let now = caller.now();
-        for _ in 0..MAX_ID_ATTEMPTS {
+        let (outcome, secret) = until_unique(|| {
             let secret = GeneratedKey::generate(self.verifier.peppers().current());
             let key_id = KeyId::generate();
             let record = retry.as_ref().map(|retry| {
@@ -72,29 +72,26 @@ impl Admin {
                 pepper_id: secret.pepper_id(),
                 created_at: now,
             };
-            match self
-                .store
-                .create_key_with(new, record.as_ref(), &caller.actor, &self.policy)
-                .await
-            {
-                Ok(Outcome::Replayed(replay)) => {
-                    let issued = self.replayed(caller, retry.as_ref(), method, replay)?;
-                    tracing::info!(key.id = %issued.key.key_id, account = %caller.account, actor = %caller.actor.name, "key create retried: answered with the first call's key");
-                    return Ok(issued);
-                }
-                Ok(Outcome::Done(record)) => {
-                    self.verifier.invalidate(&record.prefix);
-                    tracing::info!(key.id = %record.key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key created");
-                    return Ok(Issued {
-                        key: record,
-                        secret: secret.expose_secret().into(),
-                    });
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
+            async move {
+                let outcome = self
+                    .store
+                    .create_key_with(new, record.as_ref(), &caller.actor, &self.policy)
+                    .await?;
+                Ok((outcome, secret))
+            }
+        })
+        .await?;
+        match outcome {
+            Outcome::Replayed(replay) => self.replayed(caller, retry.as_ref(), method, replay),
+            Outcome::Done(record) => {
+                self.verifier.invalidate(&record.prefix);
+                tracing::info!(key.id = %record.key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key created");
+                Ok(Issued {
+                    key: record,
+                    secret: secret.expose_secret().into(),
+                })
             }
         }
-        Err(StoreError::Conflict.into())
     }
 
     /// The caller's keys, oldest first, a page at a time: `after` is the
@@ -167,7 +164,7 @@ impl Admin {
         let method = RequestMethod::RotateKey;
         let retry = retry.map(|retry| retry.key(method));
         let now = caller.now();
-        for _ in 0..MAX_ID_ATTEMPTS {
+        let (outcome, secret) = until_unique(|| {
             let secret = GeneratedKey::generate(self.verifier.peppers().current());
             let rotation = RotationRequest {
                 secret: NewSecret::from(&secret),
@@ -176,44 +173,41 @@ impl Admin {
                     self.request_record(&caller.account, retry, method, key_id, &secret, now)
                 }),
             };
-            match self
-                .store
-                .rotate_key_with(
-                    &caller.account,
-                    key_id,
-                    &rotation,
-                    &caller.actor,
-                    now,
-                    &self.policy,
-                )
-                .await
-            {
-                Ok(Outcome::Replayed(replay)) => {
-                    let issued = self.replayed(caller, retry.as_ref(), method, replay)?;
-                    tracing::info!(key.id = %key_id, account = %caller.account, actor = %caller.actor.name, "key rotation retried: answered with the first rotation's secret");
-                    return Ok(issued);
+            async move {
+                let outcome = self
+                    .store
+                    .rotate_key_with(
+                        &caller.account,
+                        key_id,
+                        &rotation,
+                        &caller.actor,
+                        now,
+                        &self.policy,
+                    )
+                    .await?;
+                Ok((outcome, secret))
+            }
+        })
+        .await?;
+        match outcome {
+            Outcome::Replayed(replay) => self.replayed(caller, retry.as_ref(), method, replay),
+            Outcome::Done(Rotation {
+                key: record,
+                replaced_prefix,
+                pruned_prefixes,
+            }) => {
+                self.verifier.invalidate(&replaced_prefix);
+                for pruned in &pruned_prefixes {
+                    self.verifier.invalidate(pruned);
                 }
-                Ok(Outcome::Done(Rotation {
+                self.verifier.invalidate(&record.prefix);
+                tracing::info!(key.id = %key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key rotated");
+                Ok(Issued {
                     key: record,
-                    replaced_prefix,
-                    pruned_prefixes,
-                })) => {
-                    self.verifier.invalidate(&replaced_prefix);
-                    for pruned in &pruned_prefixes {
-                        self.verifier.invalidate(pruned);
-                    }
-                    self.verifier.invalidate(&record.prefix);
-                    tracing::info!(key.id = %key_id, key.prefix = %record.prefix, account = %caller.account, actor = %caller.actor.name, "key rotated");
-                    return Ok(Issued {
-                        key: record,
-                        secret: secret.expose_secret().into(),
-                    });
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
+                    secret: secret.expose_secret().into(),
+                })
             }
         }
-        Err(StoreError::Conflict.into())
     }
 
     /// Revokes the key, for good (`if_version` as for
@@ -270,9 +264,35 @@ impl Admin {
     ) -> Result<Issued, ApiError> {
         let id = &retry.expect("only a call with a request id replays").id;
         let secret = self.open_replay(&caller.account, id, method, &replay)?;
+        let (key_id, account, actor) = (&replay.key.key_id, &caller.account, &caller.actor.name);
+        match method {
+            RequestMethod::CreateKey => {
+                tracing::info!(key.id = %key_id, %account, %actor, "key create retried: answered with the first call's key");
+            }
+            RequestMethod::RotateKey => {
+                tracing::info!(key.id = %key_id, %account, %actor, "key rotation retried: answered with the first rotation's secret");
+            }
+        }
         Ok(Issued {
             key: replay.key,
             secret: secret.as_str().into(),
         })
     }
+}
+
+/// Runs `attempt` (a store call with freshly generated identifiers) again
+/// while what it generated collides with what is stored, a few times at
+/// most.
+async fn until_unique<T, F, Fut>(mut attempt: F) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    for _ in 0..MAX_ID_ATTEMPTS {
+        match attempt().await {
+            Err(StoreError::Conflict) => continue,
+            done => return Ok(done?),
+        }
+    }
+    Err(StoreError::Conflict.into())
 }

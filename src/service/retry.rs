@@ -136,3 +136,61 @@ impl Admin {
         .map_err(|e| ApiError::internal("a sealed secret does not open", Some(Box::new(e))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "5f0c6a7e-3a1b-4c2d-9e8f-0a1b2c3d4e5f";
+
+    #[test]
+    fn a_request_id_comes_from_the_field_or_the_header_and_both_must_agree() {
+        fn id(field: &str, header: Option<&str>) -> Result<Option<String>, ApiError> {
+            request_id(field, header).map(|id| id.map(|id| id.as_str().to_owned()))
+        }
+        assert_eq!(id("", None).unwrap(), None);
+        assert_eq!(id(ID, None).unwrap().as_deref(), Some(ID));
+        assert_eq!(id("", Some(ID)).unwrap().as_deref(), Some(ID));
+        assert_eq!(
+            id(ID, Some(&ID.to_uppercase())).unwrap().as_deref(),
+            Some(ID)
+        );
+        let differs = id(ID, Some("00000000-0000-4000-8000-000000000000")).unwrap_err();
+        assert!(
+            differs
+                .to_string()
+                .starts_with("request_id: differs from the idempotency-key header"),
+            "{differs}"
+        );
+        let malformed = id("retry-1", None).unwrap_err();
+        assert!(
+            malformed
+                .to_string()
+                .starts_with("request_id: 'retry-1' is not a UUID"),
+            "{malformed}"
+        );
+    }
+
+    /// The digest is stored with each request id for a day: a node of
+    /// another version must compute the same, or retries across an
+    /// upgrade would be refused.
+    #[test]
+    fn the_digest_of_a_calls_other_fields_never_changes() {
+        let key = |method, other_fields: &[u8]| {
+            Retry {
+                id: ID.parse().unwrap(),
+                other_fields: other_fields.to_vec(),
+            }
+            .key(method)
+            .params
+        };
+        let create = key(RequestMethod::CreateKey, b"\x0a\x03abc");
+        let expected =
+            blake3::Hasher::new_derive_key("vilvik-keys 2026-12-04 request parameters v1")
+                .update(b"CreateKey\0\x0a\x03abc")
+                .finalize();
+        assert_eq!(&create, expected.as_bytes());
+        assert_ne!(create, key(RequestMethod::RotateKey, b"\x0a\x03abc"));
+        assert_ne!(create, key(RequestMethod::CreateKey, b"\x0a\x03abd"));
+    }
+}

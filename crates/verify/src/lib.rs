@@ -11,14 +11,17 @@
 //! whose pepper is not configured any more is NOT_FOUND, like a wrong
 //! secret. A hit touches no database. A miss loads the prefix from the
 //! store once, however many requests ask for it at the same time, and
-//! caches the answer (unknown prefixes briefly). A prefix no secret was
-//! ever issued with is NOT_FOUND
-//! without a lookup: every node holds the set of known prefixes
-//! (`known.rs`). [`Verifier::follow_changes`] keeps the index honest:
-//! every change in the store's change log evicts its prefix, and cached
-//! entries are trusted only while the node's last confirmed read of the
-//! log is younger than the staleness bound (see `feed.rs`). Uses are coalesced in memory by
-//! [`UsageRecorder`] and written in batches, never one write per verify.
+//! caches the answer (unknown prefixes briefly). A prefix the node does
+//! not know (`known.rs`: every prefix the store holds a secret under, and
+//! every one a change named since) is NOT_FOUND without a lookup, once
+//! the node has loaded them.
+//! [`Verifier::follow_changes`] keeps the index honest: every change in
+//! the store's change log evicts its prefix, and cached entries are
+//! trusted only while the node's last confirmed read of the log is
+//! younger than the staleness bound (see `feed.rs`). Uses are coalesced in
+//! memory by [`UsageRecorder`] and written in batches, never one write per
+//! verify. Failures are [`VerifyError`]s: the store's, or the engine's own
+//! limits on its reads of the store.
 //!
 //! This crate knows nothing of gRPC: the server maps [`Verdict`] to the
 //! wire format. Both the public `KeyVerify` service and the admin API's
