@@ -177,3 +177,225 @@ impl From<VerifyError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+    use vilvik_keys_domain::{ScopeCatalogue, TierLimits};
+    use vilvik_keys_store::{OutageKind, RequestMethod};
+
+    use super::*;
+
+    fn status(e: StoreError) -> ApiError {
+        ApiError::from(e)
+    }
+
+    /// The kind of failure, as its variant's name.
+    fn kind_of(e: &ApiError) -> &'static str {
+        match e {
+            ApiError::InvalidArgument { .. } => "InvalidArgument",
+            ApiError::NotFound(_) => "NotFound",
+            ApiError::FailedPrecondition(_) => "FailedPrecondition",
+            ApiError::Aborted(_) => "Aborted",
+            ApiError::ResourceExhausted(_) => "ResourceExhausted",
+            ApiError::RateLimited(_) => "RateLimited",
+            ApiError::Unauthenticated(_) => "Unauthenticated",
+            ApiError::PermissionDenied(_) => "PermissionDenied",
+            ApiError::Unavailable(_) => "Unavailable",
+            ApiError::VerifyUnavailable(_) => "VerifyUnavailable",
+            ApiError::Internal(_) => "Internal",
+        }
+    }
+
+    #[test]
+    fn not_found_is_not_found() {
+        assert_eq!(kind_of(&status(StoreError::NotFound)), "NotFound");
+    }
+
+    #[test]
+    fn revoked_is_failed_precondition_and_says_it_is_final() {
+        let s = status(StoreError::Revoked {
+            revoked_at: datetime!(2026-01-02 03:04:05 UTC),
+        });
+        assert_eq!(kind_of(&s), "FailedPrecondition");
+        assert!(s.to_string().contains("2026-01-02T03:04:05Z"), "{s:?}");
+        assert!(s.to_string().contains("revocation is final"), "{s:?}");
+    }
+
+    #[test]
+    fn expired_is_failed_precondition_and_names_the_remedy() {
+        let s = status(StoreError::Expired {
+            expires_at: datetime!(2026-01-02 03:04:05 UTC),
+        });
+        assert_eq!(kind_of(&s), "FailedPrecondition");
+        assert!(s.to_string().contains("UpdateKey (expires_at)"), "{s:?}");
+    }
+
+    #[test]
+    fn cap_reached_is_resource_exhausted_with_the_numbers() {
+        let limits = TierLimits {
+            free: 3,
+            premium: 50,
+        };
+        let s = status(StoreError::QuotaExceeded {
+            tier: Tier::Free,
+            limit: 3,
+            active: 3,
+            limits,
+        });
+        assert_eq!(kind_of(&s), "ResourceExhausted");
+        assert!(s.to_string().contains("free tier, which allows 3"), "{s:?}");
+        assert!(
+            s.to_string().contains("premium tier (50 active keys)"),
+            "{s:?}"
+        );
+        let s = status(StoreError::QuotaExceeded {
+            tier: Tier::Premium,
+            limit: 50,
+            active: 50,
+            limits,
+        });
+        assert_eq!(kind_of(&s), "ResourceExhausted");
+        assert!(!s.to_string().contains("move to"), "{s:?}");
+    }
+
+    #[test]
+    fn the_stored_key_ceiling_is_resource_exhausted_with_the_numbers() {
+        let s = status(StoreError::StoredKeysExceeded {
+            tier: Tier::Free,
+            limit: 300,
+            stored: 300,
+        });
+        assert_eq!(kind_of(&s), "ResourceExhausted");
+        assert!(
+            s.to_string()
+                .contains("stores 300 keys, revoked and expired ones included"),
+            "{s:?}"
+        );
+        assert!(s.to_string().contains("free tier may keep 300"), "{s:?}");
+    }
+
+    #[test]
+    fn a_scope_not_grantable_is_permission_denied_naming_it() {
+        let why = ScopeCatalogue::default()
+            .check_grant(&"keys:admin".parse().unwrap(), false)
+            .unwrap_err();
+        let s = status(StoreError::NotGrantable(why));
+        assert_eq!(kind_of(&s), "PermissionDenied");
+        assert!(s.to_string().starts_with("scopes: 'keys:admin' "), "{s:?}");
+        assert!(s.to_string().contains("only the operator token"), "{s:?}");
+    }
+
+    #[test]
+    fn the_last_management_key_is_failed_precondition_saying_what_to_do_first() {
+        let key_id = vilvik_keys_domain::KeyId::generate();
+        let s = status(StoreError::LastManagementKey {
+            key_id: key_id.clone(),
+        });
+        assert_eq!(kind_of(&s), "FailedPrecondition");
+        assert!(s.to_string().contains(key_id.as_str()), "{s:?}");
+        assert!(
+            s.to_string()
+                .contains("first have the operator create another management key"),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn conflict_pruned_and_internal_are_internal_and_opaque() {
+        for e in [
+            StoreError::Conflict,
+            StoreError::ChangesPruned { pruned_through: 7 },
+            StoreError::Internal("corrupt row".into(), None),
+        ] {
+            let s = status(e);
+            assert_eq!(kind_of(&s), "Internal");
+            assert_eq!(s.to_string(), "internal error");
+        }
+    }
+
+    /// Every kind, spelled out so that a new one fails to compile here.
+    fn every_outage_kind() -> Vec<OutageKind> {
+        let all = [
+            OutageKind::PoolTimeout,
+            OutageKind::ConnectionRefused,
+            OutageKind::NotAcceptingConnections,
+            OutageKind::ConnectionLost,
+            OutageKind::CommitUnknown,
+            OutageKind::StatementTimeout,
+            OutageKind::Busy,
+        ];
+        for kind in all {
+            match kind {
+                OutageKind::PoolTimeout
+                | OutageKind::ConnectionRefused
+                | OutageKind::NotAcceptingConnections
+                | OutageKind::ConnectionLost
+                | OutageKind::CommitUnknown
+                | OutageKind::StatementTimeout
+                | OutageKind::Busy => {}
+            }
+        }
+        all.to_vec()
+    }
+
+    #[test]
+    fn every_outage_is_unavailable_saying_what_is_down_and_whether_to_retry() {
+        for kind in every_outage_kind() {
+            let s = status(StoreError::unavailable(kind, "cause from the backend"));
+            assert_eq!(kind_of(&s), "Unavailable", "{kind:?}");
+            assert!(s.to_string().contains(kind.what_is_down()), "{s:?}");
+            // The backend's own words (which may name hosts) stay in the log.
+            assert!(!s.to_string().contains("cause from the backend"), "{s:?}");
+            let advice = if kind.nothing_changed() {
+                "retrying shortly is safe"
+            } else {
+                "the outcome is unknown: the change may have been committed. Retrying a \
+                 CreateKey or RotateKey with the same request_id is safe"
+            };
+            assert!(s.to_string().contains(advice), "{kind:?}: {s:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_broken_connection_leaves_the_outcome_open() {
+        for kind in every_outage_kind() {
+            assert_eq!(
+                kind.nothing_changed(),
+                !matches!(kind, OutageKind::ConnectionLost | OutageKind::CommitUnknown),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stale_etag_is_aborted_naming_both_etags() {
+        let key_id = vilvik_keys_domain::KeyId::generate();
+        let s = status(StoreError::StaleVersion {
+            key_id: key_id.clone(),
+            expected: 3,
+            current: 5,
+        });
+        assert_eq!(kind_of(&s), "Aborted");
+        assert!(
+            s.to_string().starts_with(&format!(
+                "key {key_id} was changed since you read it (etag v3; it is now v5): nothing was changed"
+            )),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn a_request_id_reused_is_invalid_argument_naming_the_first_method() {
+        let s = status(StoreError::RequestIdReused {
+            method: RequestMethod::CreateKey,
+        });
+        assert_eq!(kind_of(&s), "InvalidArgument");
+        assert!(
+            s.to_string().starts_with(
+                "request_id: was already used within the last 24 hours for a CreateKey with other parameters"
+            ),
+            "{s:?}"
+        );
+    }
+}
