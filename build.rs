@@ -8,7 +8,7 @@ const SECRET_BEARING_MESSAGES: [&str; 5] = [
     ".vilvik.keys.v1.CreateKeyResponse",
     ".vilvik.keys.v1.RotateKeyResponse",
     ".vilvik.keys.v1.VerifyKeyRequest",
-    // Their request id opens the secret kept for retries (issue 11).
+    // Their request id opens the secret kept for retries.
     ".vilvik.keys.v1.CreateKeyRequest",
     ".vilvik.keys.v1.RotateKeyRequest",
 ];

@@ -16,6 +16,7 @@ pub mod headers;
 pub mod pepper;
 pub mod runtime;
 pub mod server;
+pub mod service;
 pub mod startup;
 pub mod telemetry;
 pub mod transport;

@@ -19,7 +19,8 @@ use crate::config::Config;
 use crate::runtime::{self, Listener, Routes, Runtime, bind};
 use crate::server::admin::{AdminService, SmokeTest};
 use crate::server::rate_limit::AdminRateLimiter;
-use crate::server::{auth::Authenticator, verify::VerifyService};
+use crate::server::verify::VerifyService;
+use crate::service;
 use crate::transport::connections::fit_connection_cap;
 use crate::transport::tls::Acceptor;
 use crate::verify_server::key_verify_server::KeyVerifyServer;
@@ -170,16 +171,15 @@ impl Application {
         let mut housekeeping = None;
         if role != Role::Verify {
             let service = AdminService {
-                store: store.clone(),
-                clock: clock.clone(),
-                verifier: verifier.clone(),
-                auth: Authenticator::new(
+                service: service::Admin::new(
+                    store.clone(),
+                    clock.clone(),
                     verifier.clone(),
+                    config.policy(),
                     config.operator_token.clone(),
-                    config.trusted_proxies.clone(),
                     AdminRateLimiter::new(config.admin_rates, store.clone(), clock.clone()),
                 ),
-                policy: config.policy(),
+                trusted_proxies: config.trusted_proxies.clone(),
                 smoke_test: SmokeTest::new(
                     config.public_verify_addr(verify_addr),
                     config
@@ -191,7 +191,7 @@ impl Application {
             housekeeping = Some(Housekeeping {
                 store: store.clone(),
                 clock,
-                rate_limits: service.auth.rate_limits().clone(),
+                rate_limits: service.service.rate_limits().clone(),
             });
             let routes = Routes::new()
                 .grpc(KeyAdminServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));

@@ -22,8 +22,8 @@ use vilvik_keys::proto;
 use vilvik_keys::server::admin::{parse_create_request, parse_update_request};
 use vilvik_keys::server::codec::{NOT_UTF8, decode_error};
 use vilvik_keys::server::convert;
-use vilvik_keys::server::error::ApiError;
 use vilvik_keys::server::verify_wire::VerifyCall;
+use vilvik_keys::service::ApiError;
 use vilvik_keys_domain::{
     ApiKey, Description, KEY_LENGTH, KEY_PREFIX, KeyFormatError, KeyName, KeyPrefix, Scope,
     ScopeError, ScopeSet, excerpt, looks_like_a_credential,

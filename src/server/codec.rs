@@ -10,7 +10,7 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::{ProstCodec, ProstEncoder};
 
-use super::error::ApiError;
+use crate::service::ApiError;
 
 /// Encodes like [`ProstCodec`]; decodes requests with [`decode_error`].
 /// Only servers use it (build.rs), so whatever it decodes came from a caller.

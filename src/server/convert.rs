@@ -1,13 +1,16 @@
-//! Conversions between wire (prost) types and domain/store types. Only the
-//! server does this; the crates below never see prost types.
+//! Conversions between wire (prost) types and domain, store and service
+//! types, and the parsing of the proto's shared fields (timestamps, page
+//! sizes and tokens, etags, tiers) with errors naming the field. Only the
+//! gRPC adapter does this; the service and the crates below never see
+//! prost types.
 
 use prost_types::Timestamp;
 use time::OffsetDateTime;
 use vilvik_keys_domain::{AuditAction, KeyState, Tier};
 use vilvik_keys_store::{AuditEvent, KeyRecord};
 
-use super::error::ApiError;
 use crate::proto;
+use crate::service::{AccountView, ApiError, etag};
 
 /// Largest page a listing returns; 0 asks for the default.
 const MAX_PAGE_SIZE: i32 = 100;
@@ -48,34 +51,13 @@ pub fn key(record: KeyRecord, now: OffsetDateTime) -> proto::Key {
         last_used_at: record.last_used_at.map(proto::timestamp),
         last_used_ip: record.last_used_ip.unwrap_or_default(),
         revoke_reason: record.revoke_reason.unwrap_or_default(),
-        etag: etag(record.version),
+        etag: etag::etag(record.version),
     }
-}
-
-/// The etag of a key at `version`.
-pub fn etag(version: i64) -> String {
-    format!("v{version}")
 }
 
 /// The version an optional `etag` field names; empty: none.
-pub fn etag_version(etag: &str) -> Result<Option<i64>, ApiError> {
-    if etag.is_empty() {
-        return Ok(None);
-    }
-    etag.strip_prefix('v')
-        .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|digits| digits.parse::<i64>().ok())
-        .map(Some)
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "etag",
-                format!(
-                    "'{}' is not an etag of this service: send the etag of the key as GetKey or \
-                     ListKeys returned it (such as \"v3\"), or none",
-                    vilvik_keys_domain::excerpt(etag)
-                ),
-            )
-        })
+pub fn etag_version(field: &str) -> Result<Option<i64>, ApiError> {
+    etag::version(field).map_err(|e| ApiError::invalid("etag", e))
 }
 
 fn audit_action(action: AuditAction) -> proto::AuditAction {
@@ -114,6 +96,16 @@ pub fn tier(tier: Tier) -> proto::Tier {
     match tier {
         Tier::Free => proto::Tier::Free,
         Tier::Premium => proto::Tier::Premium,
+    }
+}
+
+pub fn account(view: AccountView) -> proto::Account {
+    proto::Account {
+        account_id: view.account_id.to_string(),
+        tier: tier(view.tier).into(),
+        active_key_limit: view.active_key_limit,
+        grantable_scopes: view.grantable.to_strings(),
+        grantable_scopes_default: view.grantable_default,
     }
 }
 

@@ -1,167 +1,28 @@
-//! The one place where failures become gRPC statuses.
+//! The one place where failures become gRPC statuses: one total `match`
+//! from each kind of [`ApiError`] to its code, the metadata a refusal
+//! carries, and the log line an internal failure or an outage leaves.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tonic::{Code, Status};
-use vilvik_keys_domain::{ADMIN_SCOPE, Tier};
-use vilvik_keys_store::{Outage, OutageKind, StoreError};
+use vilvik_keys_store::OutageKind;
+use vilvik_keys_verify::VerifyError;
 
-use super::rate_limit::RateLimited;
+use crate::service::ApiError;
 
-/// Why an API call failed, in terms the caller can act on.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// A request field is wrong; `field` names it as in the proto.
-    #[error("{field}: {message}")]
-    InvalidArgument { field: String, message: String },
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// A conditional change lost the race: the caller's etag is stale.
-    #[error("{0}")]
-    Aborted(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// Over the account's admin rate; the status carries `retry-after`.
-    #[error("{0}")]
-    RateLimited(RateLimited),
-    #[error("{0}")]
-    Unauthenticated(String),
-    #[error("{0}")]
-    PermissionDenied(String),
-    /// The store is down; the message says what and whether to retry.
-    #[error("{}", unavailable_message(.0))]
-    Unavailable(#[source] Outage),
-    #[error("internal error")]
-    Internal(#[source] StoreError),
-}
-
-impl ApiError {
-    pub fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        Self::InvalidArgument {
-            field: field.into(),
-            message: message.to_string(),
-        }
-    }
-
-    pub fn key_not_found(key_id: &impl std::fmt::Display) -> Self {
-        Self::NotFound(format!("key {key_id} not found in this account"))
-    }
-
-    fn code(&self) -> Code {
-        match self {
-            ApiError::InvalidArgument { .. } => Code::InvalidArgument,
-            ApiError::NotFound(_) => Code::NotFound,
-            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ApiError::Aborted(_) => Code::Aborted,
-            ApiError::ResourceExhausted(_) | ApiError::RateLimited(_) => Code::ResourceExhausted,
-            ApiError::Unauthenticated(_) => Code::Unauthenticated,
-            ApiError::PermissionDenied(_) => Code::PermissionDenied,
-            ApiError::Unavailable(_) => Code::Unavailable,
-            ApiError::Internal(_) => Code::Internal,
-        }
-    }
-}
-
-impl From<RateLimited> for ApiError {
-    fn from(limited: RateLimited) -> Self {
-        Self::RateLimited(limited)
-    }
-}
-
-fn unavailable_message(outage: &Outage) -> String {
-    let retry = if outage.kind.nothing_changed() {
-        "nothing was changed; retrying shortly is safe"
-    } else {
-        "the outcome is unknown: the change may have been committed. Retrying a CreateKey or \
-         RotateKey with the same request_id is safe (it returns the first call's key and secret \
-         and changes nothing); without a request id, read the key back (GetKey, ListAuditEvents) \
-         before repeating a change; reads are safe to retry"
-    };
-    format!(
-        "the key store is unavailable: {}; {retry}",
-        outage.kind.what_is_down()
-    )
-}
-
-/// Every store failure has one status. Rule failures are spelled out one
-/// by one (no catch-all), so a new variant must be given its status here.
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound => {
-                ApiError::NotFound("the key was not found in this account".to_owned())
-            }
-            StoreError::Revoked { revoked_at } => ApiError::FailedPrecondition(format!(
-                "the key was revoked at {}; revocation is final: create a new key instead",
-                vilvik_keys_domain::format_time(revoked_at)
-            )),
-            StoreError::Expired { expires_at } => ApiError::FailedPrecondition(format!(
-                "the key expired at {}: extend it with UpdateKey (expires_at) first, or create a new key",
-                vilvik_keys_domain::format_time(expires_at)
-            )),
-            StoreError::QuotaExceeded {
-                tier,
-                limit,
-                active,
-                limits,
-            } => {
-                let remedy = match tier {
-                    Tier::Free => format!(
-                        "revoke a key you no longer use (RevokeKey), or move to the premium tier ({} active keys)",
-                        limits.premium
-                    ),
-                    Tier::Premium => "revoke a key you no longer use (RevokeKey)".to_owned(),
-                };
-                ApiError::ResourceExhausted(format!(
-                    "the account is on the {tier} tier, which allows {limit} active keys, and already holds {active}: {remedy}"
-                ))
-            }
-            StoreError::StoredKeysExceeded {
-                tier,
-                limit,
-                stored,
-            } => ApiError::ResourceExhausted(format!(
-                "the account stores {stored} keys, revoked and expired ones included (they are its \
-                 history), and the {tier} tier may keep {limit}: no key can be created; ask the \
-                 platform operator"
-            )),
-            StoreError::NotGrantable(why) => ApiError::PermissionDenied(format!("scopes: {why}")),
-            StoreError::LastManagementKey { key_id } => ApiError::FailedPrecondition(format!(
-                "key {key_id} is the account's last active management key ({ADMIN_SCOPE}): revoking it, \
-                 taking {ADMIN_SCOPE} from it or making it expire sooner would leave nobody able to manage \
-                 the account's keys; first have the operator create another management key \
-                 (`vilvik-keys keys create --name NAME --scope {ADMIN_SCOPE}` with the operator \
-                 token), then retry"
-            )),
-            StoreError::StaleVersion {
-                key_id,
-                expected,
-                current,
-            } => ApiError::Aborted(format!(
-                "key {key_id} was changed since you read it (etag {}; it is now {}): nothing \
-                 was changed; read it again (GetKey), reapply your change and send the new etag",
-                super::convert::etag(expected),
-                super::convert::etag(current)
-            )),
-            StoreError::RequestIdReused { method } => ApiError::invalid(
-                "request_id",
-                format!(
-                    "was already used within the last 24 hours for a {} with other parameters: \
-                     a retry must repeat the first call's fields exactly; use a new request id \
-                     for a new request",
-                    method.as_str()
-                ),
-            ),
-            StoreError::Unavailable(outage) => ApiError::Unavailable(outage),
-            // A generated identifier collided on every attempt, or a
-            // follower-only answer reached a handler: both are bugs.
-            e @ (StoreError::Conflict
-            | StoreError::ChangesPruned { .. }
-            | StoreError::Internal(..)) => ApiError::Internal(e),
-        }
+/// The status code of each kind of failure.
+fn code(e: &ApiError) -> Code {
+    match e {
+        ApiError::InvalidArgument { .. } => Code::InvalidArgument,
+        ApiError::NotFound(_) => Code::NotFound,
+        ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+        ApiError::Aborted(_) => Code::Aborted,
+        ApiError::ResourceExhausted(_) | ApiError::RateLimited(_) => Code::ResourceExhausted,
+        ApiError::Unauthenticated(_) => Code::Unauthenticated,
+        ApiError::PermissionDenied(_) => Code::PermissionDenied,
+        ApiError::Unavailable(_) | ApiError::VerifyUnavailable(_) => Code::Unavailable,
+        ApiError::Internal(_) => Code::Internal,
     }
 }
 
@@ -171,13 +32,20 @@ impl From<ApiError> for Status {
         // at most once a second for each kind of failure.
         match &e {
             ApiError::Internal(source) => {
-                if let Some(unlogged) = FAILURE_LOG.admit(None, Instant::now()) {
+                if let Some(unlogged) = FAILURE_LOG.admit(Failure::Internal, Instant::now()) {
                     tracing::error!(error = %error_chain(source), similar_failures_unlogged = unlogged, "request failed");
                 }
             }
             ApiError::Unavailable(outage) => {
-                if let Some(unlogged) = FAILURE_LOG.admit(Some(outage.kind), Instant::now()) {
+                if let Some(unlogged) =
+                    FAILURE_LOG.admit(Failure::Store(outage.kind), Instant::now())
+                {
                     tracing::warn!(error = %error_chain(outage), similar_failures_unlogged = unlogged, "request failed: store unavailable");
+                }
+            }
+            ApiError::VerifyUnavailable(limit) => {
+                if let Some(unlogged) = FAILURE_LOG.admit(Failure::verify(limit), Instant::now()) {
+                    tracing::warn!(error = %error_chain(limit), detail = ?limit, similar_failures_unlogged = unlogged, "request failed: store unavailable");
                 }
             }
             ApiError::RateLimited(limited) => {
@@ -192,11 +60,40 @@ impl From<ApiError> for Status {
                     crate::headers::RETRY_AFTER_MS,
                     limited.retry_after_ms().into(),
                 );
-                return Status::with_metadata(e.code(), e.to_string(), metadata);
+                return Status::with_metadata(code(&e), e.to_string(), metadata);
             }
-            _ => {}
+            ApiError::InvalidArgument { .. }
+            | ApiError::NotFound(_)
+            | ApiError::FailedPrecondition(_)
+            | ApiError::Aborted(_)
+            | ApiError::ResourceExhausted(_)
+            | ApiError::Unauthenticated(_)
+            | ApiError::PermissionDenied(_) => {}
         }
-        Status::new(e.code(), e.to_string())
+        Status::new(code(&e), e.to_string())
+    }
+}
+
+/// A kind of failure, as the log counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Internal,
+    Store(OutageKind),
+    LookupsSaturated,
+    LookupTimeout,
+    FeedTimeout,
+}
+
+impl Failure {
+    fn verify(e: &VerifyError) -> Self {
+        match e {
+            // Never held: `ApiError::from` maps the store's failures as
+            // the store's.
+            VerifyError::Store(_) => Failure::Internal,
+            VerifyError::LookupsSaturated { .. } => Failure::LookupsSaturated,
+            VerifyError::LookupTimeout { .. } => Failure::LookupTimeout,
+            VerifyError::FeedTimeout { .. } => Failure::FeedTimeout,
+        }
     }
 }
 
@@ -206,11 +103,11 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
 
 static FAILURE_LOG: FailureLog = FailureLog::new();
 
-/// At most one log line per [`FAILURE_LOG_EVERY`] for each kind of failure
-/// (an outage kind, or `None` for internal errors), each line saying how
-/// many like it went unlogged since the one before.
+/// At most one log line per [`FAILURE_LOG_EVERY`] for each kind of
+/// failure, each line saying how many like it went unlogged since the one
+/// before.
 struct FailureLog {
-    kinds: Mutex<Vec<(Option<OutageKind>, LastLine)>>,
+    kinds: Mutex<Vec<(Failure, LastLine)>>,
 }
 
 struct LastLine {
@@ -227,7 +124,7 @@ impl FailureLog {
 
     /// Whether a failure of `kind` at `now` gets a line; if so, how many
     /// failures of that kind were left unlogged before it.
-    fn admit(&self, kind: Option<OutageKind>, now: Instant) -> Option<u64> {
+    fn admit(&self, kind: Failure, now: Instant) -> Option<u64> {
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
         let Some((_, last)) = kinds.iter_mut().find(|(k, _)| *k == kind) else {
             kinds.push((
@@ -262,198 +159,34 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use time::macros::datetime;
-    use vilvik_keys_domain::{ScopeCatalogue, TierLimits};
+    use vilvik_keys_domain::Tier;
+    use vilvik_keys_store::StoreError;
 
     use super::*;
-
-    fn status(e: StoreError) -> Status {
-        ApiError::from(e).into()
-    }
-
-    #[test]
-    fn not_found_is_not_found() {
-        assert_eq!(status(StoreError::NotFound).code(), Code::NotFound);
-    }
-
-    #[test]
-    fn revoked_is_failed_precondition_and_says_it_is_final() {
-        let s = status(StoreError::Revoked {
-            revoked_at: datetime!(2026-01-02 03:04:05 UTC),
-        });
-        assert_eq!(s.code(), Code::FailedPrecondition);
-        assert!(s.message().contains("2026-01-02T03:04:05Z"), "{s:?}");
-        assert!(s.message().contains("revocation is final"), "{s:?}");
-    }
-
-    #[test]
-    fn expired_is_failed_precondition_and_names_the_remedy() {
-        let s = status(StoreError::Expired {
-            expires_at: datetime!(2026-01-02 03:04:05 UTC),
-        });
-        assert_eq!(s.code(), Code::FailedPrecondition);
-        assert!(s.message().contains("UpdateKey (expires_at)"), "{s:?}");
-    }
-
-    #[test]
-    fn cap_reached_is_resource_exhausted_with_the_numbers() {
-        let limits = TierLimits {
-            free: 3,
-            premium: 50,
-        };
-        let s = status(StoreError::QuotaExceeded {
-            tier: Tier::Free,
-            limit: 3,
-            active: 3,
-            limits,
-        });
-        assert_eq!(s.code(), Code::ResourceExhausted);
-        assert!(s.message().contains("free tier, which allows 3"), "{s:?}");
-        assert!(
-            s.message().contains("premium tier (50 active keys)"),
-            "{s:?}"
-        );
-        let s = status(StoreError::QuotaExceeded {
-            tier: Tier::Premium,
-            limit: 50,
-            active: 50,
-            limits,
-        });
-        assert_eq!(s.code(), Code::ResourceExhausted);
-        assert!(!s.message().contains("move to"), "{s:?}");
-    }
-
-    #[test]
-    fn the_stored_key_ceiling_is_resource_exhausted_with_the_numbers() {
-        let s = status(StoreError::StoredKeysExceeded {
-            tier: Tier::Free,
-            limit: 300,
-            stored: 300,
-        });
-        assert_eq!(s.code(), Code::ResourceExhausted);
-        assert!(
-            s.message()
-                .contains("stores 300 keys, revoked and expired ones included"),
-            "{s:?}"
-        );
-        assert!(s.message().contains("free tier may keep 300"), "{s:?}");
-    }
-
-    #[test]
-    fn a_scope_not_grantable_is_permission_denied_naming_it() {
-        let why = ScopeCatalogue::default()
-            .check_grant(&"keys:admin".parse().unwrap(), false)
-            .unwrap_err();
-        let s = status(StoreError::NotGrantable(why));
-        assert_eq!(s.code(), Code::PermissionDenied);
-        assert!(s.message().starts_with("scopes: 'keys:admin' "), "{s:?}");
-        assert!(s.message().contains("only the operator token"), "{s:?}");
-    }
-
-    #[test]
-    fn the_last_management_key_is_failed_precondition_saying_what_to_do_first() {
-        let key_id = vilvik_keys_domain::KeyId::generate();
-        let s = status(StoreError::LastManagementKey {
-            key_id: key_id.clone(),
-        });
-        assert_eq!(s.code(), Code::FailedPrecondition);
-        assert!(s.message().contains(key_id.as_str()), "{s:?}");
-        assert!(
-            s.message()
-                .contains("first have the operator create another management key"),
-            "{s:?}"
-        );
-    }
-
-    #[test]
-    fn conflict_pruned_and_internal_are_internal_and_opaque() {
-        for e in [
-            StoreError::Conflict,
-            StoreError::ChangesPruned { pruned_through: 7 },
-            StoreError::Internal("corrupt row".into(), None),
-        ] {
-            let s = status(e);
-            assert_eq!(s.code(), Code::Internal);
-            assert_eq!(s.message(), "internal error");
-        }
-    }
-
-    /// Every kind, spelled out so that a new one fails to compile here.
-    fn every_outage_kind() -> Vec<OutageKind> {
-        let all = [
-            OutageKind::PoolTimeout,
-            OutageKind::ConnectionRefused,
-            OutageKind::NotAcceptingConnections,
-            OutageKind::ConnectionLost,
-            OutageKind::CommitUnknown,
-            OutageKind::StatementTimeout,
-            OutageKind::Busy,
-            OutageKind::LookupsSaturated,
-            OutageKind::LookupTimeout,
-        ];
-        for kind in all {
-            match kind {
-                OutageKind::PoolTimeout
-                | OutageKind::ConnectionRefused
-                | OutageKind::NotAcceptingConnections
-                | OutageKind::ConnectionLost
-                | OutageKind::CommitUnknown
-                | OutageKind::StatementTimeout
-                | OutageKind::Busy
-                | OutageKind::LookupsSaturated
-                | OutageKind::LookupTimeout => {}
-            }
-        }
-        all.to_vec()
-    }
-
-    #[test]
-    fn every_outage_is_unavailable_saying_what_is_down_and_whether_to_retry() {
-        for kind in every_outage_kind() {
-            let s = status(StoreError::unavailable(kind, "cause from the backend"));
-            assert_eq!(s.code(), Code::Unavailable, "{kind:?}");
-            assert!(s.message().contains(kind.what_is_down()), "{s:?}");
-            // The backend's own words (which may name hosts) stay in the log.
-            assert!(!s.message().contains("cause from the backend"), "{s:?}");
-            let advice = if kind.nothing_changed() {
-                "retrying shortly is safe"
-            } else {
-                "the outcome is unknown: the change may have been committed. Retrying a \
-                 CreateKey or RotateKey with the same request_id is safe"
-            };
-            assert!(s.message().contains(advice), "{kind:?}: {s:?}");
-        }
-    }
-
-    #[test]
-    fn only_a_broken_connection_leaves_the_outcome_open() {
-        for kind in every_outage_kind() {
-            assert_eq!(
-                kind.nothing_changed(),
-                !matches!(kind, OutageKind::ConnectionLost | OutageKind::CommitUnknown),
-                "{kind:?}"
-            );
-        }
-    }
+    use crate::server::rate_limit::RateLimited;
 
     #[test]
     fn each_kind_of_failure_is_logged_at_most_once_a_second_with_a_count() {
         let log = FailureLog::new();
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
-        let refused = Some(OutageKind::ConnectionRefused);
+        let refused = Failure::Store(OutageKind::ConnectionRefused);
         assert_eq!(log.admit(refused, at(0)), Some(0));
         assert_eq!(log.admit(refused, at(1)), None);
         assert_eq!(log.admit(refused, at(999)), None);
         // Another kind has a line of its own at once.
-        assert_eq!(log.admit(None, at(500)), Some(0));
-        assert_eq!(log.admit(Some(OutageKind::Busy), at(500)), Some(0));
+        assert_eq!(log.admit(Failure::Internal, at(500)), Some(0));
+        assert_eq!(
+            log.admit(Failure::Store(OutageKind::Busy), at(500)),
+            Some(0)
+        );
+        assert_eq!(log.admit(Failure::LookupsSaturated, at(500)), Some(0));
         // A second on: one line, counting the two left out.
         assert_eq!(log.admit(refused, at(1_000)), Some(2));
         assert_eq!(log.admit(refused, at(1_500)), None);
         assert_eq!(log.admit(refused, at(2_000)), Some(1));
-        assert_eq!(log.admit(None, at(1_400)), None);
-        assert_eq!(log.admit(None, at(1_500)), Some(1));
+        assert_eq!(log.admit(Failure::Internal, at(1_400)), None);
+        assert_eq!(log.admit(Failure::Internal, at(1_500)), Some(1));
     }
 
     #[test]
@@ -480,5 +213,120 @@ mod tests {
         let s: Status = ApiError::invalid("scopes[2]", "is not resource:action").into();
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "scopes[2]: is not resource:action");
+    }
+    /// Every verify-engine failure, spelled out so that a new one fails to
+    /// compile here.
+    fn every_verify_error() -> Vec<VerifyError> {
+        let all = vec![
+            VerifyError::Store(StoreError::unavailable(OutageKind::Busy, "locked")),
+            VerifyError::LookupsSaturated { permits: 64 },
+            VerifyError::LookupTimeout {
+                timeout: Duration::from_secs(1),
+            },
+            VerifyError::FeedTimeout {
+                timeout: Duration::from_secs(5),
+            },
+        ];
+        for e in &all {
+            match e {
+                VerifyError::Store(_)
+                | VerifyError::LookupsSaturated { .. }
+                | VerifyError::LookupTimeout { .. }
+                | VerifyError::FeedTimeout { .. } => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_verify_failure_is_unavailable_saying_what_is_down_and_that_retrying_is_safe() {
+        let expected = [
+            "the key store is unavailable: the database file is locked by another writer; \
+             nothing was changed; retrying shortly is safe",
+            "the key store is unavailable: too many lookups of keys not in memory are waiting \
+             on the database; nothing was changed; retrying shortly is safe",
+            "the key store is unavailable: the database did not answer the key lookup in time; \
+             nothing was changed; retrying shortly is safe",
+            "the key store is unavailable: the database did not answer a read of the change \
+             log in time; nothing was changed; retrying shortly is safe",
+        ];
+        for (e, message) in every_verify_error().into_iter().zip(expected) {
+            let s: Status = ApiError::from(e).into();
+            assert_eq!(s.code(), Code::Unavailable);
+            assert_eq!(s.message(), message);
+            assert!(s.metadata().is_empty(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_store_failure_met_by_the_verify_engine_is_the_stores() {
+        let s: Status = ApiError::from(VerifyError::Store(StoreError::NotFound)).into();
+        assert_eq!(s.code(), Code::NotFound);
+        assert_eq!(s.message(), "the key was not found in this account");
+        let s: Status =
+            ApiError::from(VerifyError::Store(StoreError::Internal("bug".into(), None))).into();
+        assert_eq!(s.code(), Code::Internal);
+        assert_eq!(s.message(), "internal error");
+    }
+
+    #[test]
+    fn every_kind_of_failure_has_its_code() {
+        let limited = RateLimited {
+            account: "acme".parse().unwrap(),
+            rate: crate::config::AdminRateLimits::default().for_tier(Tier::Free),
+            tier: None,
+            retry_after: Duration::from_secs(1),
+        };
+        let cases = [
+            (ApiError::invalid("name", "is empty"), Code::InvalidArgument),
+            (ApiError::NotFound("gone".into()), Code::NotFound),
+            (
+                ApiError::FailedPrecondition("first".into()),
+                Code::FailedPrecondition,
+            ),
+            (ApiError::Aborted("stale".into()), Code::Aborted),
+            (
+                ApiError::ResourceExhausted("full".into()),
+                Code::ResourceExhausted,
+            ),
+            (ApiError::RateLimited(limited), Code::ResourceExhausted),
+            (
+                ApiError::Unauthenticated("who".into()),
+                Code::Unauthenticated,
+            ),
+            (
+                ApiError::PermissionDenied("no".into()),
+                Code::PermissionDenied,
+            ),
+            (
+                ApiError::from(StoreError::unavailable(OutageKind::Busy, "locked")),
+                Code::Unavailable,
+            ),
+            (
+                ApiError::VerifyUnavailable(VerifyError::LookupsSaturated { permits: 1 }),
+                Code::Unavailable,
+            ),
+            (ApiError::internal("bug", None), Code::Internal),
+        ];
+        for (e, want) in cases {
+            // Spelled out so that a new kind fails to compile here.
+            match &e {
+                ApiError::InvalidArgument { .. }
+                | ApiError::NotFound(_)
+                | ApiError::FailedPrecondition(_)
+                | ApiError::Aborted(_)
+                | ApiError::ResourceExhausted(_)
+                | ApiError::RateLimited(_)
+                | ApiError::Unauthenticated(_)
+                | ApiError::PermissionDenied(_)
+                | ApiError::Unavailable(_)
+                | ApiError::VerifyUnavailable(_)
+                | ApiError::Internal(_) => {}
+            }
+            let message = e.to_string();
+            let s = Status::from(e);
+            assert_eq!(s.code(), want, "{s:?}");
+            assert_eq!(s.message(), message);
+        }
     }
 }

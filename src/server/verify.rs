@@ -9,8 +9,8 @@ use vilvik_keys_domain::Scope;
 use vilvik_keys_verify::{Verdict, Verifier};
 
 use super::auth::client_ip;
-use super::error::ApiError;
 use super::verify_wire::{VerifyAnswer, VerifyCall};
+use crate::service::ApiError;
 use crate::verify_server::key_verify_server::KeyVerify;
 
 /// Most scopes one verify request may require.

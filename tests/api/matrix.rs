@@ -1,37 +1,36 @@
-//! The authorization matrix (issue 10, point 9): every KeyAdmin RPC with
-//! every kind of credential, against the status each must get, on both
-//! stores. A refused call changes nothing, and another account's key id
-//! answers exactly like one that does not exist.
+//! The authorization matrix: every KeyAdmin operation with every kind of
+//! credential, against the status each must get, on both stores. The rules
+//! are the service layer's, so the matrix runs there
+//! ([`vilvik_keys::service::Admin`] over the test app's store), as any
+//! surface would call it; then each cell runs again over gRPC, where the
+//! adapter must carry the credentials to the service and answer a refusal
+//! with the very status the service's error becomes. A refused call
+//! changes nothing, and another account's key id answers exactly like one
+//! that does not exist.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use vilvik_keys::proto;
 use vilvik_keys::proto::key_admin_client::KeyAdminClient;
-use vilvik_keys_domain::{Clock, GeneratedKey, KeyId, Pepper};
+use vilvik_keys::server::rate_limit::AdminRateLimiter;
+use vilvik_keys::service::{
+    Admin, ApiError, Caller, Credentials, Issued, NewKeyFields, OperatorOnly, Sent,
+};
+use vilvik_keys_domain::{Clock, GeneratedKey, KeyId, Pepper, ScopeCatalogue, ScopeSet, Tier};
+use vilvik_keys_store::{AuditEvent, KeyChanges, KeyRecord};
+use vilvik_keys_verify::{UsageConfig, UsageRecorder, Verifier, VerifierConfig};
 
-use crate::helpers::{ACCOUNT, OPERATOR_TOKEN, TestApp, without_usage};
+use crate::helpers::{ACCOUNT, OPERATOR_TOKEN, TestApp};
 
 const OTHER: &str = "OTHER";
 const ACTOR: &str = "alice@example.com";
 
 /// What a cell sends as metadata.
 pub(crate) type Metadata = Vec<(&'static str, String)>;
-
-fn bearer(credential: &str) -> Metadata {
-    vec![("authorization", format!("Bearer {credential}"))]
-}
-
-fn operator(account: Option<&str>) -> Metadata {
-    let mut metadata = bearer(OPERATOR_TOKEN);
-    metadata.push(("x-vilvik-actor", ACTOR.to_owned()));
-    if let Some(account) = account {
-        metadata.push(("x-vilvik-account", account.to_owned()));
-    }
-    metadata
-}
 
 fn on<T>(metadata: &Metadata, message: T) -> Request<T> {
     let mut request = Request::new(message);
@@ -148,9 +147,83 @@ pub(crate) const CALLS: &[(&str, Call)] = &[
     }),
 ];
 
+/// One operation of the service, by an admitted caller, on the key
+/// `key_id` where it takes one.
+type Operation = for<'a> fn(
+    &'a Admin,
+    &'a Caller,
+    &'a KeyId,
+) -> Pin<Box<dyn Future<Output = Result<(), ApiError>> + Send + 'a>>;
+
+/// [`CALLS`] on the service: the same requests, as domain values.
+const OPERATIONS: &[(&str, Operation)] = &[
+    ("CreateKey", |s, c, _| {
+        Box::pin(async move {
+            let fields = NewKeyFields {
+                name: "matrix".parse().unwrap(),
+                description: "".parse().unwrap(),
+                scopes: ScopeSet::parse(&["datasets:read"]).unwrap(),
+                expires_at: None,
+            };
+            s.create_key(c, fields, None).await.map(drop)
+        })
+    }),
+    ("ListKeys", |s, c, _| {
+        Box::pin(async move { s.list_keys(c, false, None, 50).await.map(drop) })
+    }),
+    ("GetKey", |s, c, key_id| {
+        Box::pin(async move { s.get_key(c, key_id).await.map(drop) })
+    }),
+    ("UpdateKey", |s, c, key_id| {
+        Box::pin(async move {
+            let changes = KeyChanges {
+                name: Some("renamed by the matrix".parse().unwrap()),
+                ..KeyChanges::default()
+            };
+            s.update_key(c, key_id, changes).await.map(drop)
+        })
+    }),
+    ("RotateKey", |s, c, key_id| {
+        Box::pin(async move { s.rotate_key(c, key_id, None, None).await.map(drop) })
+    }),
+    ("RevokeKey", |s, c, key_id| {
+        Box::pin(async move {
+            let reason = "matrix".parse().unwrap();
+            s.revoke_key(c, key_id, reason, None).await.map(drop)
+        })
+    }),
+    ("ListAuditEvents", |s, c, key_id| {
+        Box::pin(async move {
+            s.list_audit_events(c, Some(key_id), None, 50)
+                .await
+                .map(drop)
+        })
+    }),
+    ("SetAccountTier", |s, c, _| {
+        Box::pin(async move {
+            let operator = c.operator(OperatorOnly::ChangeTier)?;
+            s.set_account_tier(operator, c.account().clone(), Tier::Premium)
+                .await
+                .map(drop)
+        })
+    }),
+    ("GetAccount", |s, c, _| {
+        Box::pin(async move { s.get_account(c).await.map(drop) })
+    }),
+    ("SetAccountScopes", |s, c, _| {
+        Box::pin(async move {
+            let operator = c.operator(OperatorOnly::SetGrantableScopes)?;
+            let all = ScopeCatalogue::parse(&["*:*"]).unwrap();
+            s.set_account_scopes(operator, c.account().clone(), Some(all))
+                .await
+                .map(drop)
+        })
+    }),
+];
+
 /// The kinds of caller, each a row of the matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Caller {
+enum CallerKind {
     NoCredential,
     Malformed,
     UnknownKey,
@@ -164,77 +237,220 @@ enum Caller {
     Operator,
 }
 
-const CALLERS: [Caller; 11] = [
-    Caller::NoCredential,
-    Caller::Malformed,
-    Caller::UnknownKey,
-    Caller::RevokedManagementKey,
-    Caller::ExpiredManagementKey,
-    Caller::KeyWithoutAdmin,
-    Caller::OtherAccountsManagementKey,
-    Caller::OperatorWithoutAccount,
-    Caller::OperatorWithMalformedAccount,
-    Caller::ManagementKey,
-    Caller::Operator,
+const CALLERS: [CallerKind; 11] = [
+    CallerKind::NoCredential,
+    CallerKind::Malformed,
+    CallerKind::UnknownKey,
+    CallerKind::RevokedManagementKey,
+    CallerKind::ExpiredManagementKey,
+    CallerKind::KeyWithoutAdmin,
+    CallerKind::OtherAccountsManagementKey,
+    CallerKind::OperatorWithoutAccount,
+    CallerKind::OperatorWithMalformedAccount,
+    CallerKind::ManagementKey,
+    CallerKind::Operator,
 ];
 
 /// The status `caller` must get from `rpc` on a key of ACME.
-fn expected(caller: Caller, rpc: &str) -> Code {
+fn expected(caller: CallerKind, rpc: &str) -> Code {
     let operator_only = matches!(rpc, "SetAccountTier" | "SetAccountScopes");
     let on_a_key = matches!(
         rpc,
         "GetKey" | "UpdateKey" | "RotateKey" | "RevokeKey" | "ListAuditEvents"
     );
     match caller {
-        Caller::NoCredential
-        | Caller::Malformed
-        | Caller::UnknownKey
-        | Caller::RevokedManagementKey
-        | Caller::ExpiredManagementKey => Code::Unauthenticated,
-        Caller::KeyWithoutAdmin => Code::PermissionDenied,
-        Caller::OperatorWithoutAccount | Caller::OperatorWithMalformedAccount => {
+        CallerKind::NoCredential
+        | CallerKind::Malformed
+        | CallerKind::UnknownKey
+        | CallerKind::RevokedManagementKey
+        | CallerKind::ExpiredManagementKey => Code::Unauthenticated,
+        CallerKind::KeyWithoutAdmin => Code::PermissionDenied,
+        CallerKind::OperatorWithoutAccount | CallerKind::OperatorWithMalformedAccount => {
             Code::InvalidArgument
         }
-        Caller::OtherAccountsManagementKey if operator_only => Code::PermissionDenied,
+        CallerKind::OtherAccountsManagementKey if operator_only => Code::PermissionDenied,
         // Its own account, where ACME's key does not exist.
-        Caller::OtherAccountsManagementKey if on_a_key => Code::NotFound,
-        Caller::OtherAccountsManagementKey => Code::Ok,
-        Caller::ManagementKey if operator_only => Code::PermissionDenied,
-        Caller::ManagementKey | Caller::Operator => Code::Ok,
+        CallerKind::OtherAccountsManagementKey if on_a_key => Code::NotFound,
+        CallerKind::OtherAccountsManagementKey => Code::Ok,
+        CallerKind::ManagementKey if operator_only => Code::PermissionDenied,
+        CallerKind::ManagementKey | CallerKind::Operator => Code::Ok,
+    }
+}
+
+/// The status a surface answers for `result`, and how the test shows it.
+fn status_of(result: Result<(), ApiError>) -> (Result<(), Status>, String) {
+    let shown = format!("{result:?}");
+    (result.map_err(Status::from), shown)
+}
+
+/// What a row presents: a bearer credential and, with the operator token,
+/// the account it names and the actor.
+struct Presented {
+    bearer: Option<String>,
+    operator: bool,
+    account: Option<&'static str>,
+}
+
+impl Presented {
+    fn bearer(credential: &str) -> Self {
+        Self {
+            bearer: Some(credential.to_owned()),
+            operator: false,
+            account: None,
+        }
+    }
+
+    fn operator(account: Option<&'static str>) -> Self {
+        Self {
+            bearer: Some(OPERATOR_TOKEN.to_owned()),
+            operator: true,
+            account,
+        }
+    }
+
+    /// As the service takes them.
+    fn credentials(&self) -> Credentials<'_> {
+        let named = |value: Option<&'static str>| value.map_or(Sent::Missing, Sent::Text);
+        Credentials {
+            bearer: self.bearer.as_deref(),
+            account: named(self.account),
+            actor: named(self.operator.then_some(ACTOR)),
+            ip: None,
+        }
+    }
+
+    /// As gRPC metadata.
+    fn metadata(&self) -> Metadata {
+        let mut metadata = Metadata::new();
+        if let Some(bearer) = &self.bearer {
+            metadata.push(("authorization", format!("Bearer {bearer}")));
+        }
+        if self.operator {
+            metadata.push(("x-vilvik-actor", ACTOR.to_owned()));
+        }
+        if let Some(account) = self.account {
+            metadata.push(("x-vilvik-account", account.to_owned()));
+        }
+        metadata
     }
 }
 
 /// The credentials of every row, made once per app.
-struct Credentials {
+struct Secrets {
     revoked: String,
     expired: String,
     without_admin: String,
     other_account: String,
 }
 
-async fn create_as_operator(
-    app: &mut TestApp,
-    account: &str,
-    name: &str,
-    scopes: &[&str],
-    expires_at: Option<prost_types::Timestamp>,
-) -> proto::CreateKeyResponse {
-    let request = on(
-        &operator(Some(account)),
-        proto::CreateKeyRequest {
-            name: name.into(),
-            scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            expires_at,
-            ..Default::default()
+fn presented(caller: CallerKind, app: &TestApp, credentials: &Secrets) -> Presented {
+    match caller {
+        CallerKind::NoCredential => Presented {
+            bearer: None,
+            operator: false,
+            account: None,
         },
-    );
-    app.admin.create_key(request).await.unwrap().into_inner()
+        CallerKind::Malformed => Presented::bearer("vlk_short"),
+        CallerKind::UnknownKey => {
+            Presented::bearer(GeneratedKey::generate(&Pepper::generate()).expose_secret())
+        }
+        CallerKind::RevokedManagementKey => Presented::bearer(&credentials.revoked),
+        CallerKind::ExpiredManagementKey => Presented::bearer(&credentials.expired),
+        CallerKind::KeyWithoutAdmin => Presented::bearer(&credentials.without_admin),
+        CallerKind::OtherAccountsManagementKey => Presented::bearer(&credentials.other_account),
+        CallerKind::OperatorWithoutAccount => Presented::operator(None),
+        CallerKind::OperatorWithMalformedAccount => Presented::operator(Some("not an account!")),
+        CallerKind::ManagementKey => Presented::bearer(&app.management_key),
+        CallerKind::Operator => Presented::operator(Some(ACCOUNT)),
+    }
 }
 
-async fn credentials(app: &mut TestApp) -> Credentials {
-    let revoked = create_as_operator(app, ACCOUNT, "revoked admin", &["keys:admin"], None).await;
+/// A service over the app's store and clock, as `startup` builds the
+/// admin listener's: its verify engine reads every key from the store, so
+/// it sees at once what the app's server changed.
+async fn service(app: &TestApp) -> Admin {
+    let config = &app.config;
+    let store = vilvik_keys::startup::open_store(config).await.unwrap();
+    let peppers = vilvik_keys::pepper::load(config, store.as_ref())
+        .await
+        .unwrap();
+    let clock: Arc<dyn Clock> = app.clock.clone();
+    let verifier = Verifier::new(
+        store.clone(),
+        clock.clone(),
+        UsageRecorder::new(store.clone(), UsageConfig::default()),
+        Arc::new(peppers),
+        VerifierConfig::default(),
+    );
+    Admin::new(
+        store.clone(),
+        clock.clone(),
+        verifier,
+        config.policy(),
+        config.operator_token.clone(),
+        AdminRateLimiter::new(config.admin_rates, store, clock),
+    )
+}
+
+/// The operator acting on `account`, admitted.
+async fn as_operator(service: &Admin, account: &'static str) -> Caller {
+    service
+        .admit(Presented::operator(Some(account)).credentials())
+        .await
+        .unwrap()
+}
+
+async fn create_as_operator(
+    service: &Admin,
+    account: &'static str,
+    name: &str,
+    scopes: &[&str],
+    expires_at: Option<time::OffsetDateTime>,
+) -> Issued {
+    let fields = NewKeyFields {
+        name: name.parse().unwrap(),
+        description: "".parse().unwrap(),
+        scopes: ScopeSet::parse(scopes).unwrap(),
+        expires_at,
+    };
+    let operator = as_operator(service, account).await;
+    service.create_key(&operator, fields, None).await.unwrap()
+}
+
+/// A fresh key of ACME's for a cell to act on.
+async fn target(service: &Admin) -> KeyId {
+    create_as_operator(service, ACCOUNT, "target", &["a:b"], None)
+        .await
+        .key
+        .key_id
+}
+
+/// The credentials, made through the app's server so that its verify
+/// engine knows them at once, as the service's does.
+async fn credentials(app: &mut TestApp) -> Secrets {
+    let create = |account: &'static str,
+                  name: &'static str,
+                  scopes: &'static [&'static str],
+                  expires_at: Option<prost_types::Timestamp>| {
+        let request = on(
+            &Presented::operator(Some(account)).metadata(),
+            proto::CreateKeyRequest {
+                name: name.into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                expires_at,
+                ..Default::default()
+            },
+        );
+        let mut admin = app.admin.clone();
+        async move { admin.create_key(request).await.unwrap().into_inner() }
+    };
+    let revoked = create(ACCOUNT, "revoked admin", &["keys:admin"], None).await;
+    let in_a_day = crate::helpers::days_from(app.clock.now(), 1);
+    let expired = create(ACCOUNT, "expiring admin", &["keys:admin"], Some(in_a_day)).await;
+    let without_admin = create(ACCOUNT, "reader", &["datasets:read"], None).await;
+    let other_account = create(OTHER, "other admin", &["keys:admin"], None).await;
     let request = on(
-        &operator(Some(ACCOUNT)),
+        &Presented::operator(Some(ACCOUNT)).metadata(),
         proto::RevokeKeyRequest {
             key_id: revoked.key.unwrap().key_id,
             reason: String::new(),
@@ -242,19 +458,8 @@ async fn credentials(app: &mut TestApp) -> Credentials {
         },
     );
     app.admin.revoke_key(request).await.unwrap();
-    let in_a_day = crate::helpers::days_from(app.clock.now(), 1);
-    let expired = create_as_operator(
-        app,
-        ACCOUNT,
-        "expiring admin",
-        &["keys:admin"],
-        Some(in_a_day),
-    )
-    .await;
     app.clock.advance(time::Duration::days(2));
-    let without_admin = create_as_operator(app, ACCOUNT, "reader", &["datasets:read"], None).await;
-    let other_account = create_as_operator(app, OTHER, "other admin", &["keys:admin"], None).await;
-    Credentials {
+    Secrets {
         revoked: revoked.secret,
         expired: expired.secret,
         without_admin: without_admin.secret,
@@ -262,82 +467,61 @@ async fn credentials(app: &mut TestApp) -> Credentials {
     }
 }
 
-fn metadata(caller: Caller, app: &TestApp, credentials: &Credentials) -> Metadata {
-    match caller {
-        Caller::NoCredential => Vec::new(),
-        Caller::Malformed => bearer("vlk_short"),
-        Caller::UnknownKey => bearer(GeneratedKey::generate(&Pepper::generate()).expose_secret()),
-        Caller::RevokedManagementKey => bearer(&credentials.revoked),
-        Caller::ExpiredManagementKey => bearer(&credentials.expired),
-        Caller::KeyWithoutAdmin => bearer(&credentials.without_admin),
-        Caller::OtherAccountsManagementKey => bearer(&credentials.other_account),
-        Caller::OperatorWithoutAccount => operator(None),
-        Caller::OperatorWithMalformedAccount => operator(Some("not an account!")),
-        Caller::ManagementKey => bearer(&app.management_key),
-        Caller::Operator => operator(Some(ACCOUNT)),
-    }
-}
-
-/// Both accounts' keys (without last-use fields) and audit logs.
-async fn snapshot(app: &mut TestApp) -> Vec<(Vec<proto::Key>, Vec<proto::AuditEvent>)> {
+/// Both accounts' keys (without last-use fields, which every call through
+/// a management key updates in the background) and audit logs.
+async fn snapshot(service: &Admin) -> Vec<(Vec<KeyRecord>, Vec<AuditEvent>)> {
     let mut accounts = Vec::new();
     for account in [ACCOUNT, OTHER] {
-        let request = on(
-            &operator(Some(account)),
-            proto::ListKeysRequest {
-                include_revoked: true,
-                page_size: 100,
-                ..Default::default()
-            },
-        );
-        let keys = app
-            .admin
-            .list_keys(request)
+        let operator = as_operator(service, account).await;
+        let mut keys = service
+            .list_keys(&operator, true, None, 100)
             .await
             .unwrap()
-            .into_inner()
-            .keys;
-        let request = on(
-            &operator(Some(account)),
-            proto::ListAuditEventsRequest {
-                page_size: 100,
-                ..Default::default()
-            },
-        );
-        let events = app
-            .admin
-            .list_audit_events(request)
+            .items;
+        for key in &mut keys {
+            key.last_used_at = None;
+            key.last_used_ip = None;
+        }
+        let events = service
+            .list_audit_events(&operator, None, None, 100)
             .await
             .unwrap()
-            .into_inner()
-            .events;
-        accounts.push((without_usage(keys), events));
+            .items;
+        accounts.push((keys, events));
     }
     accounts
 }
 
-async fn every_rpc_with_every_caller(mut app: TestApp) {
+/// What the service answers `presented` for `operation` on `key_id`.
+async fn answer(
+    service: &Admin,
+    operation: Operation,
+    presented: &Presented,
+    key_id: &KeyId,
+) -> Result<(), ApiError> {
+    let caller = service.admit(presented.credentials()).await?;
+    operation(service, &caller, key_id).await
+}
+
+async fn every_operation_with_every_caller(mut app: TestApp) {
+    let service = service(&app).await;
     let credentials = credentials(&mut app).await;
     let mut cells = 0;
-    for (rpc, call) in CALLS {
+    for (rpc, operation) in OPERATIONS {
         for caller in CALLERS {
             let want = expected(caller, rpc);
             // A fresh target for each cell, so that a change one cell
             // makes (a rotation, a revocation) cannot decide another.
-            let target = create_as_operator(&mut app, ACCOUNT, "target", &["a:b"], None).await;
-            let key_id = target.key.unwrap().key_id;
-            let before = snapshot(&mut app).await;
-            let result = call(
-                app.admin.clone(),
-                metadata(caller, &app, &credentials),
-                key_id,
-            )
-            .await;
-            let got = result.as_ref().err().map_or(Code::Ok, Status::code);
-            assert_eq!(got, want, "{rpc} by {caller:?}: {result:?}");
+            let key_id = target(&service).await;
+            let before = snapshot(&service).await;
+            let presented = presented(caller, &app, &credentials);
+            let (result, shown) =
+                status_of(answer(&service, *operation, &presented, &key_id).await);
+            let got = result.err().map_or(Code::Ok, |s| s.code());
+            assert_eq!(got, want, "{rpc} by {caller:?}: {shown}");
             if want != Code::Ok {
                 assert_eq!(
-                    snapshot(&mut app).await,
+                    snapshot(&service).await,
                     before,
                     "{rpc} by {caller:?} changed something"
                 );
@@ -348,7 +532,45 @@ async fn every_rpc_with_every_caller(mut app: TestApp) {
     assert_eq!(cells, 10 * 11);
 }
 
-/// The matrix's RPCs are exactly the proto's.
+async fn every_rpc_reaches_the_service_and_answers_its_status(mut app: TestApp) {
+    let service = service(&app).await;
+    let credentials = credentials(&mut app).await;
+    let mut cells = 0;
+    for ((rpc, call), (_, operation)) in CALLS.iter().zip(OPERATIONS) {
+        for caller in CALLERS {
+            let want = expected(caller, rpc);
+            let key_id = target(&service).await;
+            let before = snapshot(&service).await;
+            let presented = presented(caller, &app, &credentials);
+            let result = call(app.admin.clone(), presented.metadata(), key_id.to_string()).await;
+            let got = result.as_ref().err().map_or(Code::Ok, Status::code);
+            assert_eq!(got, want, "{rpc} by {caller:?}: {result:?}");
+            if let Err(status) = result {
+                assert_eq!(
+                    snapshot(&service).await,
+                    before,
+                    "{rpc} by {caller:?} changed something"
+                );
+                // Nothing changed, so the service refuses the same call on
+                // the same key in the same words.
+                let refusal = answer(&service, *operation, &presented, &key_id)
+                    .await
+                    .expect_err(rpc);
+                let expected = Status::from(refusal);
+                assert_eq!(
+                    (status.code(), status.message()),
+                    (expected.code(), expected.message()),
+                    "{rpc} by {caller:?}"
+                );
+            }
+            cells += 1;
+        }
+    }
+    assert_eq!(cells, 10 * 11);
+}
+
+/// The matrix's RPCs are exactly the proto's, and the service's operations
+/// are the same.
 #[test]
 fn the_matrix_names_every_admin_rpc() {
     let proto = include_str!("../../proto/vilvik/keys/v1/keys.proto");
@@ -361,34 +583,45 @@ fn the_matrix_names_every_admin_rpc() {
         .collect();
     let in_matrix: Vec<&str> = CALLS.iter().map(|(name, _)| *name).collect();
     assert_eq!(in_matrix, in_proto);
+    let in_service: Vec<&str> = OPERATIONS.iter().map(|(name, _)| *name).collect();
+    assert_eq!(in_service, in_proto);
 }
 
-async fn another_accounts_key_answers_like_a_missing_one(mut app: TestApp) {
-    let theirs = create_as_operator(&mut app, OTHER, "theirs", &["a:b"], None).await;
-    let theirs = theirs.key.unwrap().key_id;
-    let missing = KeyId::generate().to_string();
-    for (rpc, call) in CALLS {
+async fn another_accounts_key_answers_like_a_missing_one(app: TestApp) {
+    let service = service(&app).await;
+    let theirs = create_as_operator(&service, OTHER, "theirs", &["a:b"], None)
+        .await
+        .key
+        .key_id;
+    let missing = KeyId::generate();
+    let mine = Presented::bearer(&app.management_key);
+    for ((rpc, call), (_, operation)) in CALLS.iter().zip(OPERATIONS) {
         if !matches!(
             *rpc,
             "GetKey" | "UpdateKey" | "RotateKey" | "RevokeKey" | "ListAuditEvents"
         ) {
             continue;
         }
-        let mine = bearer(&app.management_key);
-        let answer = |result: Result<(), Status>, key_id: &str| {
+        let seen = |result: Result<(), Status>, key_id: &KeyId| {
             let status = result.expect_err(rpc);
-            (status.code(), status.message().replace(key_id, "<key_id>"))
+            (
+                status.code(),
+                status.message().replace(key_id.as_str(), "<key_id>"),
+            )
         };
-        let other = answer(
-            call(app.admin.clone(), mine.clone(), theirs.clone()).await,
-            &theirs,
+        // On the service, and over gRPC.
+        let mut answers = Vec::new();
+        for key_id in [&theirs, &missing] {
+            let on_service = answer(&service, *operation, &mine, key_id).await;
+            answers.push(seen(on_service.map_err(Status::from), key_id));
+            let over_grpc = call(app.admin.clone(), mine.metadata(), key_id.to_string()).await;
+            answers.push(seen(over_grpc, key_id));
+        }
+        assert!(
+            answers.iter().all(|a| *a == answers[0]),
+            "{rpc}: {answers:?}"
         );
-        let absent = answer(
-            call(app.admin.clone(), mine, missing.clone()).await,
-            &missing,
-        );
-        assert_eq!(other, absent, "{rpc}");
-        assert_eq!(other.0, Code::NotFound, "{rpc}");
+        assert_eq!(answers[0].0, Code::NotFound, "{rpc}");
     }
 }
 
@@ -402,6 +635,7 @@ fn roomy(config: &mut vilvik_keys::config::Config) {
 
 crate::on_both_backends!(
     configured by roomy:
-    every_rpc_with_every_caller,
+    every_operation_with_every_caller,
+    every_rpc_reaches_the_service_and_answers_its_status,
     another_accounts_key_answers_like_a_missing_one,
 );

@@ -113,11 +113,6 @@ pub enum OutageKind {
     StatementTimeout,
     /// SQLite: another writer held the file past the busy timeout.
     Busy,
-    /// This node's budget of concurrent lookups of keys not in memory is
-    /// spent: the database is slow, or someone floods it with misses.
-    LookupsSaturated,
-    /// A lookup did not finish within its deadline.
-    LookupTimeout,
 }
 
 impl OutageKind {
@@ -135,10 +130,6 @@ impl OutageKind {
                 "the database cancelled the statement (timeout or lock conflict)"
             }
             Self::Busy => "the database file is locked by another writer",
-            Self::LookupsSaturated => {
-                "too many lookups of keys not in memory are waiting on the database"
-            }
-            Self::LookupTimeout => "the database did not answer the key lookup in time",
         }
     }
 
@@ -151,9 +142,7 @@ impl OutageKind {
             | Self::ConnectionRefused
             | Self::NotAcceptingConnections
             | Self::StatementTimeout
-            | Self::Busy
-            | Self::LookupsSaturated
-            | Self::LookupTimeout => true,
+            | Self::Busy => true,
             Self::ConnectionLost | Self::CommitUnknown => false,
         }
     }

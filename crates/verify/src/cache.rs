@@ -17,7 +17,9 @@ use tokio::sync::OnceCell;
 use vilvik_keys_domain::{
     AccountId, Clock, KeyId, KeyName, KeyPrefix, Pepper, PepperId, Peppers, ScopeSet, SecretHash,
 };
-use vilvik_keys_store::{SecretEntry, SecretRecord, StoreError};
+use vilvik_keys_store::{SecretEntry, SecretRecord};
+
+use crate::error::VerifyError;
 
 const SHARDS: usize = 64;
 /// Most distinct scope sets and accounts shared; past these each key keeps
@@ -226,10 +228,10 @@ impl KeyCache {
         prefix: &KeyPrefix,
         cache: bool,
         fetch: F,
-    ) -> Result<Lookup, StoreError>
+    ) -> Result<Lookup, VerifyError>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Option<SecretRecord>, StoreError>>,
+        Fut: std::future::Future<Output = Result<Option<SecretRecord>, VerifyError>>,
     {
         let packed = prefix.packed();
         let index = shard_of(packed);

@@ -26,9 +26,10 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::{Clock, KeyPrefix};
-use vilvik_keys_store::{ChangeListener, KeySource, OutageKind, StoreError};
+use vilvik_keys_store::{ChangeListener, KeySource, StoreError};
 
 use crate::cache::KeyCache;
+use crate::error::VerifyError;
 use crate::known::KnownPrefixes;
 
 /// Changes read per catch-up query.
@@ -158,7 +159,7 @@ pub(crate) struct Follower {
 impl Follower {
     /// Notes where the change log stands: everything before it is already
     /// reflected in whatever the cache will load. The first confirmation.
-    pub async fn start_at(&self) -> Result<(), StoreError> {
+    pub async fn start_at(&self) -> Result<(), VerifyError> {
         let began = self.clock.now();
         let seq = self.within(self.store.change_sequence()).await?;
         self.health.last_applied.store(seq, Ordering::Release);
@@ -223,7 +224,7 @@ impl Follower {
     async fn follow_pushed(
         &self,
         mut listener: Box<dyn ChangeListener>,
-    ) -> Result<Infallible, StoreError> {
+    ) -> Result<Infallible, VerifyError> {
         // Subscribed first, then caught up: nothing falls between the two.
         self.confirm_by_catching_up().await?;
         self.health.set_following(true);
@@ -247,7 +248,7 @@ impl Follower {
     /// Reads the store's change sequence: catches up when the store is
     /// ahead (a notification lost without the connection breaking), and
     /// renews the lease.
-    async fn check(&self) -> Result<(), StoreError> {
+    async fn check(&self) -> Result<(), VerifyError> {
         let began = self.clock.now();
         if self.within(self.store.change_sequence()).await? > self.health.last_applied() {
             self.within(self.catch_up()).await?;
@@ -288,7 +289,7 @@ impl Follower {
 
     /// Catches up within the deadline, then renews the lease as of when
     /// the read began: the log held nothing more then.
-    async fn confirm_by_catching_up(&self) -> Result<(), StoreError> {
+    async fn confirm_by_catching_up(&self) -> Result<(), VerifyError> {
         let began = self.clock.now();
         self.within(self.catch_up()).await?;
         self.health.confirm(began);
@@ -297,7 +298,7 @@ impl Follower {
     }
 
     /// One pushed change: evict it, or catch up if some were skipped.
-    async fn apply(&self, seq: i64, prefix: &KeyPrefix) -> Result<(), StoreError> {
+    async fn apply(&self, seq: i64, prefix: &KeyPrefix) -> Result<(), VerifyError> {
         let last = self.health.last_applied();
         if seq <= last {
             return Ok(()); // already applied by a catch-up
@@ -382,17 +383,12 @@ impl Follower {
     async fn within<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.config.deadline, call)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::unavailable(
-                    OutageKind::LookupTimeout,
-                    format!(
-                        "no answer from the change log within {:?}",
-                        self.config.deadline
-                    ),
-                ))
-            })
+    ) -> Result<T, VerifyError> {
+        match tokio::time::timeout(self.config.deadline, call).await {
+            Ok(answer) => Ok(answer?),
+            Err(_) => Err(VerifyError::FeedTimeout {
+                timeout: self.config.deadline,
+            }),
+        }
     }
 }

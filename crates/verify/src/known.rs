@@ -1,15 +1,17 @@
-//! The set of every prefix a secret was ever issued with, so that a
-//! well-formed key with an unknown prefix is answered NOT_FOUND without
-//! touching the store (anyone can make well-formed keys: the checksum is
-//! public).
+//! The prefixes this node knows: every prefix the store holds a secret
+//! under, and every prefix a change named since, so that a well-formed key
+//! whose prefix is not among them is answered NOT_FOUND without touching
+//! the store (anyone can make well-formed keys: the checksum is public).
 //!
 //! Each prefix packs into a `u64`; the set keeps them in sorted vectors,
 //! sharded by prefix so that an insert moves a few kilobytes at most: 8
 //! bytes a key after loading, at most 16 while inserts grow a shard. It is
-//! loaded whole by streaming the store (or from the preload's entries) and
-//! kept current by the change feed (every change's prefix exists) and by
-//! the admin API's own changes. Keys are never deleted, so prefixes are
-//! only ever added. Until a load completes the set is incomplete and says
+//! loaded whole by streaming the stored secrets' prefixes (or from the
+//! preload's entries) and kept current by the change feed and the admin
+//! API's own changes (a new key's prefix is named by its change). Prefixes
+//! are only added: one whose secret the store deleted since (a pruned
+//! rotated-away secret) stays until the next load, and costs a lookup that
+//! finds nothing. Until a load completes the set is incomplete and says
 //! nothing: callers look the prefix up in the store instead.
 
 use std::sync::RwLock;

@@ -11,14 +11,17 @@
 //! whose pepper is not configured any more is NOT_FOUND, like a wrong
 //! secret. A hit touches no database. A miss loads the prefix from the
 //! store once, however many requests ask for it at the same time, and
-//! caches the answer (unknown prefixes briefly). A prefix no secret was
-//! ever issued with is NOT_FOUND
-//! without a lookup: every node holds the set of known prefixes
-//! (`known.rs`). [`Verifier::follow_changes`] keeps the index honest:
-//! every change in the store's change log evicts its prefix, and cached
-//! entries are trusted only while the node's last confirmed read of the
-//! log is younger than the staleness bound (see `feed.rs`). Uses are coalesced in memory by
-//! [`UsageRecorder`] and written in batches, never one write per verify.
+//! caches the answer (unknown prefixes briefly). A prefix the node does
+//! not know (`known.rs`: every prefix the store holds a secret under, and
+//! every one a change named since) is NOT_FOUND without a lookup, once
+//! the node has loaded them.
+//! [`Verifier::follow_changes`] keeps the index honest: every change in
+//! the store's change log evicts its prefix, and cached entries are
+//! trusted only while the node's last confirmed read of the log is
+//! younger than the staleness bound (see `feed.rs`). Uses are coalesced in
+//! memory by [`UsageRecorder`] and written in batches, never one write per
+//! verify. Failures are [`VerifyError`]s: the store's, or the engine's own
+//! limits on its reads of the store.
 //!
 //! This crate knows nothing of gRPC: the server maps [`Verdict`] to the
 //! wire format. Both the public `KeyVerify` service and the admin API's
@@ -26,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 mod cache;
+mod error;
 mod feed;
 mod known;
 mod rehash;
@@ -38,7 +42,7 @@ use vilvik_keys_domain::{
     AccountId, ApiKey, Clock, KeyFormatError, KeyId, KeyName, KeyPrefix, Pepper, PepperId, Peppers,
     Scope, ScopeSet, SecretHash,
 };
-use vilvik_keys_store::{KeySource, OutageKind, SecretRecord, StoreError};
+use vilvik_keys_store::{KeySource, SecretRecord, StoreError};
 
 use crate::cache::{Cached, CachedSecret, KeyCache};
 use crate::feed::Follower;
@@ -46,6 +50,7 @@ use crate::known::KnownPrefixes;
 use crate::rehash::Rehasher;
 
 pub use cache::CacheConfig;
+pub use error::VerifyError;
 pub use feed::{FeedConfig, FeedHealth};
 pub use rehash::RehashConfig;
 pub use usage::{UsageConfig, UsageRecorder};
@@ -183,13 +188,14 @@ impl Verifier {
     /// Verifies the `presented` key (its bytes as received) against
     /// `required` scopes. `client_ip` is recorded as the key's last use when
     /// the key is active and matched. Fails only when the answer would need
-    /// the store and it is down.
+    /// the store and it is down, or this node's lookups of it are refused
+    /// ([`MissConfig`]).
     pub async fn verify(
         &self,
         presented: &[u8],
         required: &[Scope],
         client_ip: Option<std::net::IpAddr>,
-    ) -> Result<Verdict, StoreError> {
+    ) -> Result<Verdict, VerifyError> {
         let now = self.clock.now();
         let miss = match self.answer_from_memory(presented, required, now) {
             Ok(verdict) => return Ok(self.note_use(verdict, now, client_ip)),
@@ -237,7 +243,7 @@ impl Verifier {
         miss: Miss,
         required: &[Scope],
         now: OffsetDateTime,
-    ) -> Result<Verdict, StoreError> {
+    ) -> Result<Verdict, VerifyError> {
         let prefix = miss.key.prefix();
         let lookup = self
             .cache
@@ -269,21 +275,21 @@ impl Verifier {
 
     /// A store lookup within the misses' budget and deadline: when every
     /// permit is taken the answer is UNAVAILABLE at once, never a wait.
-    async fn bounded_lookup(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>, StoreError> {
+    async fn bounded_lookup(
+        &self,
+        prefix: &KeyPrefix,
+    ) -> Result<Option<SecretRecord>, VerifyError> {
         let Ok(_permit) = self.lookups.try_acquire() else {
-            return Err(StoreError::unavailable(
-                OutageKind::LookupsSaturated,
-                format!("all {} lookup permits are in use", self.misses.concurrency),
-            ));
+            return Err(VerifyError::LookupsSaturated {
+                permits: self.misses.concurrency,
+            });
         };
-        tokio::time::timeout(self.misses.timeout, self.store.find_secret(prefix))
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::unavailable(
-                    OutageKind::LookupTimeout,
-                    format!("no answer within {:?}", self.misses.timeout),
-                ))
-            })
+        match tokio::time::timeout(self.misses.timeout, self.store.find_secret(prefix)).await {
+            Ok(found) => Ok(found?),
+            Err(_) => Err(VerifyError::LookupTimeout {
+                timeout: self.misses.timeout,
+            }),
+        }
     }
 
     /// Records a use of a key whose secret matched and is active.
@@ -341,7 +347,7 @@ impl Verifier {
 
     /// Notes where the change log stands, so that [`Verifier::follow_changes`]
     /// starts from there. Call at start, before any verify or preload.
-    pub async fn mark_change_log_position(&self) -> Result<(), StoreError> {
+    pub async fn mark_change_log_position(&self) -> Result<(), VerifyError> {
         self.follower().start_at().await
     }
 

@@ -17,7 +17,7 @@ use vilvik_keys_test_db::fixtures::{
 use vilvik_keys_test_db::{Backend, eventually};
 use vilvik_keys_verify::{
     CacheConfig, FeedConfig, MissConfig, UsageConfig, UsageRecorder, Verdict, Verifier,
-    VerifierConfig,
+    VerifierConfig, VerifyError,
 };
 
 /// A real store whose lookups are counted and which the test can take
@@ -210,7 +210,7 @@ impl Drop for Node {
 }
 
 /// Whether a verify answered that the key is revoked.
-fn answers_revoked(outcome: Result<Verdict>) -> bool {
+fn answers_revoked(outcome: Result<Verdict, VerifyError>) -> bool {
     matches!(outcome, Ok(Verdict::Revoked(_)))
 }
 
@@ -261,7 +261,7 @@ impl Node {
         key_id
     }
 
-    async fn verify(&self, key: &GeneratedKey) -> Result<Verdict> {
+    async fn verify(&self, key: &GeneratedKey) -> std::result::Result<Verdict, VerifyError> {
         self.verifier
             .verify(key.expose_secret().as_bytes(), &[], None)
             .await
@@ -526,7 +526,10 @@ async fn past_the_staleness_bound_cached_entries_are_not_trusted() {
     );
     node.clock.advance(time::Duration::seconds(2));
     let err = node.verify(&key).await.unwrap_err();
-    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(
+        matches!(err, VerifyError::Store(StoreError::Unavailable(_))),
+        "{err:?}"
+    );
 
     // The database is back but the feed is not: answers come fresh from the
     // store, so a revocation the node missed is honoured.
@@ -591,13 +594,6 @@ async fn the_future_of_a_verify_stays_small() {
     assert!(verify.await.unwrap().is_valid());
 }
 
-fn outage_kind<T: std::fmt::Debug>(outcome: &Result<T>) -> Option<OutageKind> {
-    match outcome {
-        Err(StoreError::Unavailable(outage)) => Some(outage.kind),
-        _ => None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misses_beyond_their_budget_fail_at_once_and_hits_never_wait_for_them() {
     let slow = Duration::from_secs(2);
@@ -626,9 +622,8 @@ async fn misses_beyond_their_budget_fail_at_once_and_hits_never_wait_for_them() 
     let mut refused = 0;
     for _ in 0..8 {
         let outcome = lookups.join_next().await.unwrap().unwrap();
-        assert_eq!(
-            outage_kind(&outcome),
-            Some(OutageKind::LookupsSaturated),
+        assert!(
+            matches!(outcome, Err(VerifyError::LookupsSaturated { permits: 2 })),
             "{outcome:?}"
         );
         refused += 1;
@@ -656,9 +651,8 @@ async fn a_lookup_past_its_deadline_is_unavailable() {
     node.wait_until_caught_up().await;
     let started = tokio::time::Instant::now();
     let outcome = node.verify(&key).await;
-    assert_eq!(
-        outage_kind(&outcome),
-        Some(OutageKind::LookupTimeout),
+    assert!(
+        matches!(outcome, Err(VerifyError::LookupTimeout { timeout }) if timeout == Duration::from_millis(100)),
         "{outcome:?}"
     );
     assert!(
