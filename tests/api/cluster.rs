@@ -2,9 +2,10 @@
 //! node honours, at once or within the change feed's delay; and what
 //! verifies cost the database, counted on the wire.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -233,6 +234,8 @@ struct TransactionCount {
     ended: Arc<AtomicU64>,
     /// Queries sent and not yet answered, on every connection.
     pending: Arc<AtomicI64>,
+    /// What of the node's start-up work was sent.
+    started: Arc<StartUp>,
     acceptor: tokio::task::JoinHandle<()>,
 }
 
@@ -247,22 +250,44 @@ impl TransactionCount {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (ended, pending) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicI64::new(0)));
-        let counts = (ended.clone(), pending.clone());
+        let started = Arc::new(StartUp::default());
+        let counts = (ended.clone(), pending.clone(), started.clone());
         let acceptor = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(upstream) = TcpStream::connect(server).await else {
                     continue;
                 };
-                let (ended, pending) = counts.clone();
+                let (ended, pending, started) = counts.clone();
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = upstream.into_split();
                 // The startup message's answer ends with a ReadyForQuery too.
                 pending.fetch_add(1, Ordering::SeqCst);
                 let sent = pending.clone();
-                tokio::spawn(relay(client_read, server_write, true, move |kind, _| {
+                // This connection's prepared statements, by name.
+                let mut prepared = HashMap::new();
+                tokio::spawn(relay(client_read, server_write, true, move |kind, body| {
                     // A simple query, or the Sync that ends an extended one.
                     if matches!(kind, b'Q' | b'S') {
                         sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let mut fields = body.split(|&b| b == 0);
+                    let statement = match kind {
+                        b'Q' => fields.next(),
+                        b'P' => {
+                            let (name, text) = (fields.next(), fields.next());
+                            prepared.insert(
+                                name.unwrap_or_default().to_vec(),
+                                text.unwrap_or_default().to_vec(),
+                            );
+                            text
+                        }
+                        b'B' => fields
+                            .nth(1)
+                            .and_then(|name| prepared.get(name).map(Vec::as_slice)),
+                        _ => None,
+                    };
+                    if let Some(statement) = statement {
+                        started.saw(statement);
                     }
                 }));
                 let mut startup = true;
@@ -285,6 +310,7 @@ impl TransactionCount {
             addr,
             ended,
             pending,
+            started,
             acceptor,
         }
     }
@@ -294,9 +320,10 @@ impl TransactionCount {
         self.ended.load(Ordering::SeqCst)
     }
 
-    /// Waits until the node's start-up queries (the pruner's, the change
-    /// listener's) are done: no query is waiting for its answer, and
-    /// none ended between two polls.
+    /// Waits until the node's start-up queries are done: the admin
+    /// node's prune of its history and the change follower's first check
+    /// after it subscribed were sent, no query is waiting for its answer,
+    /// and none ended between two polls.
     async fn settled(&self) {
         let mut last = u64::MAX;
         eventually(Duration::from_secs(10), "the node's queries settle", || {
@@ -304,11 +331,40 @@ impl TransactionCount {
                 self.transactions(),
                 self.pending.load(Ordering::SeqCst) == 0,
             );
-            let settled = idle && now == last;
+            let settled = self.started.done() && idle && now == last;
             last = now;
             std::future::ready(settled)
         })
         .await;
+    }
+}
+
+/// The work a node starts with that reaches the database, seen in the
+/// statements it sends: the admin node's prune of its history (request ids
+/// are pruned last), and the change follower's subscription (`LISTEN`)
+/// followed by its first check of the change log's end.
+#[derive(Debug, Default)]
+struct StartUp {
+    pruned: AtomicBool,
+    subscribed: AtomicBool,
+    checked: AtomicBool,
+}
+
+impl StartUp {
+    fn saw(&self, statement: &[u8]) {
+        let has = |needle: &[u8]| statement.windows(needle.len()).any(|w| w == needle);
+        if has(b"DELETE FROM requests WHERE expires_at") {
+            self.pruned.store(true, Ordering::SeqCst);
+        }
+        if has(b"LISTEN ") {
+            self.subscribed.store(true, Ordering::SeqCst);
+        } else if has(b"MAX(seq)") && self.subscribed.load(Ordering::SeqCst) {
+            self.checked.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.pruned.load(Ordering::SeqCst) && self.checked.load(Ordering::SeqCst)
     }
 }
 
