@@ -29,10 +29,13 @@ macro_rules! key_columns {
     };
 }
 
+mod backend;
 mod chain;
+mod db;
 mod error;
 mod migrate;
 mod model;
+mod ops;
 mod postgres;
 mod rules;
 mod sqlite;

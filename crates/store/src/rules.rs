@@ -12,8 +12,8 @@ use vilvik_keys_domain::{
 };
 
 use crate::{
-    Account, Actor, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Policy, RequestMethod,
-    RequestRecord, StoreError,
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Policy,
+    RequestMethod, RequestRecord, StoreError,
 };
 
 fn format_scopes(scopes: &ScopeSet) -> String {
@@ -494,6 +494,38 @@ impl RawKey {
             last_used_ip: self.last_used_ip,
             version: self.version,
         })
+    }
+}
+
+/// An audit event's columns as both backends read them, before parsing.
+pub(crate) struct RawEvent<E> {
+    /// The account's own event number, also the listing's cursor.
+    pub event_id: i64,
+    pub key_id: Option<String>,
+    pub action: String,
+    pub actor: String,
+    pub actor_ip: Option<String>,
+    pub at: OffsetDateTime,
+    /// The changes, or why they did not decode.
+    pub changes: Result<Vec<FieldChange>, E>,
+}
+
+impl<E: std::fmt::Display> RawEvent<E> {
+    /// The event of `account` with its cursor; a value that does not
+    /// parse is a corrupt row.
+    pub fn parse(self, account: &AccountId) -> Result<(i64, AuditEvent), StoreError> {
+        let key_id = self.key_id.map(|k| k.parse::<KeyId>()).transpose();
+        let event = AuditEvent {
+            event_id: self.event_id,
+            account_id: account.clone(),
+            key_id: field("audit key id", key_id)?,
+            action: field("audit action", self.action.parse::<AuditAction>())?,
+            actor: self.actor,
+            actor_ip: self.actor_ip,
+            at: self.at,
+            changes: field("audit changes", self.changes)?,
+        };
+        Ok((self.event_id, event))
     }
 }
 
