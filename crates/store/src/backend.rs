@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, ScopeCatalogue, Tier};
 
 use crate::db::{AccountRows, BoxFuture, ChangeRows, Db, Fut, KeyRows, RequestRows, Window};
-use crate::ops;
+use crate::ops::{self, AccountChange, CreateKey, RevokeKey, RotateKey, SetAccount, UpdateKey};
 use crate::{
     Account, Actor, AuditChainRow, AuditEvent, ChangeListener, KeyChanges, KeyRecord, KeySource,
     NewKey, Outcome, Page, PepperUse, Policy, Rehash, RequestRecord, Result, Rotation,
@@ -20,6 +20,16 @@ use crate::{
 
 /// Where a stream hands its batches.
 pub(crate) type Sink<'a, T> = &'a mut (dyn FnMut(Vec<T>) + Send);
+
+/// What [`Backend::stream`] reads, and where its rows go.
+pub(crate) enum Stream<'a> {
+    /// [`crate::stream::STREAM_SECRETS`].
+    Secrets(Sink<'a, SecretEntry>),
+    /// [`crate::stream::STREAM_PREFIXES`].
+    Prefixes(Sink<'a, KeyPrefix>),
+    /// Every account's audit chain, or one account's.
+    AuditChain(Option<&'a AccountId>, Sink<'a, AuditChainRow>),
+}
 
 /// What a backend supplies: a runner for write transactions, one for
 /// reads, and the work it does its own way.
@@ -53,17 +63,10 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn rehash_secrets(&self, rehashes: &[Rehash]) -> impl Fut<Vec<KeyPrefix>>;
     /// [`KeySource::listen`].
     fn listen(&self) -> impl Fut<Option<Box<dyn ChangeListener>>>;
-    /// [`KeySource::stream_secrets`].
-    fn stream_secrets(&self, batch: usize, sink: Sink<'_, SecretEntry>) -> impl Fut<usize>;
-    /// [`KeySource::stream_prefixes`].
-    fn stream_prefixes(&self, batch: usize, sink: Sink<'_, KeyPrefix>) -> impl Fut<usize>;
-    /// [`Store::stream_audit_chain`].
-    fn stream_audit_chain(
-        &self,
-        account: Option<&AccountId>,
-        batch: usize,
-        sink: Sink<'_, AuditChainRow>,
-    ) -> impl Fut<usize>;
+    /// [`KeySource::stream_secrets`], [`KeySource::stream_prefixes`] and
+    /// [`Store::stream_audit_chain`]: one consistent read, in batches of at
+    /// most `batch`; returns how many rows.
+    fn stream(&self, batch: usize, stream: Stream<'_>) -> impl Fut<usize>;
     /// [`Store::secrets_by_pepper`].
     fn secrets_by_pepper(&self) -> impl Fut<Vec<PepperUse>>;
 }
@@ -107,11 +110,11 @@ impl<B: Backend> KeySource for B {
     }
 
     async fn stream_secrets(&self, batch: usize, sink: Sink<'_, SecretEntry>) -> Result<usize> {
-        Backend::stream_secrets(self, batch, sink).await
+        self.stream(batch, Stream::Secrets(sink)).await
     }
 
     async fn stream_prefixes(&self, batch: usize, sink: Sink<'_, KeyPrefix>) -> Result<usize> {
-        Backend::stream_prefixes(self, batch, sink).await
+        self.stream(batch, Stream::Prefixes(sink)).await
     }
 }
 
@@ -128,11 +131,13 @@ impl<B: Backend> Store for B {
         actor: &Actor,
         policy: &Policy,
     ) -> Result<Outcome<KeyRecord>> {
-        let (request, actor, policy) = (request.cloned(), actor.clone(), policy.clone());
-        self.write(move |db| {
-            boxed(async move { ops::create_key(db, &new, request.as_ref(), &actor, &policy).await })
-        })
-        .await
+        let op = CreateKey {
+            new,
+            request: request.cloned(),
+            actor: actor.clone(),
+            policy: policy.clone(),
+        };
+        self.write(move |db| boxed(op.run(db))).await
     }
 
     async fn get_key(&self, account: &AccountId, key_id: &KeyId) -> Result<Option<KeyRecord>> {
@@ -164,14 +169,15 @@ impl<B: Backend> Store for B {
         now: OffsetDateTime,
         policy: &Policy,
     ) -> Result<KeyRecord> {
-        let (account, key_id) = (account.clone(), key_id.clone());
-        let (actor, policy) = (actor.clone(), policy.clone());
-        self.write(move |db| {
-            boxed(async move {
-                ops::update_key(db, &account, &key_id, changes, &actor, now, &policy).await
-            })
-        })
-        .await
+        let op = UpdateKey {
+            account: account.clone(),
+            key_id: key_id.clone(),
+            changes,
+            actor: actor.clone(),
+            now,
+            policy: policy.clone(),
+        };
+        self.write(move |db| boxed(op.run(db))).await
     }
 
     async fn rotate_key_with(
@@ -183,14 +189,15 @@ impl<B: Backend> Store for B {
         now: OffsetDateTime,
         policy: &Policy,
     ) -> Result<Outcome<Rotation>> {
-        let (account, key_id, rotation) = (account.clone(), key_id.clone(), rotation.clone());
-        let (actor, policy) = (actor.clone(), policy.clone());
-        self.write(move |db| {
-            boxed(async move {
-                ops::rotate_key(db, &account, &key_id, &rotation, &actor, now, &policy).await
-            })
-        })
-        .await
+        let op = RotateKey {
+            account: account.clone(),
+            key_id: key_id.clone(),
+            rotation: rotation.clone(),
+            actor: actor.clone(),
+            now,
+            policy: policy.clone(),
+        };
+        self.write(move |db| boxed(op.run(db))).await
     }
 
     async fn revoke_key_if(
@@ -202,14 +209,15 @@ impl<B: Backend> Store for B {
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<KeyRecord> {
-        let (account, key_id) = (account.clone(), key_id.clone());
-        let (reason, actor) = (reason.to_owned(), actor.clone());
-        self.write(move |db| {
-            boxed(async move {
-                ops::revoke_key(db, &account, &key_id, &reason, if_version, &actor, now).await
-            })
-        })
-        .await
+        let op = RevokeKey {
+            account: account.clone(),
+            key_id: key_id.clone(),
+            reason: reason.to_owned(),
+            if_version,
+            actor: actor.clone(),
+            now,
+        };
+        self.write(move |db| boxed(op.run(db))).await
     }
 
     async fn list_audit_events(
@@ -240,13 +248,13 @@ impl<B: Backend> Store for B {
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<Account> {
-        let (account, grantable, actor) = (account.clone(), grantable.cloned(), actor.clone());
-        self.write(move |db| {
-            boxed(async move {
-                ops::set_grantable_scopes(db, &account, grantable, &actor, now).await
-            })
-        })
-        .await
+        let op = SetAccount {
+            account: account.clone(),
+            change: AccountChange::Grantable(grantable.cloned()),
+            actor: actor.clone(),
+            now,
+        };
+        self.write(move |db| boxed(op.run(db))).await
     }
 
     async fn set_tier(
@@ -256,11 +264,13 @@ impl<B: Backend> Store for B {
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<Account> {
-        let (account, actor) = (account.clone(), actor.clone());
-        self.write(move |db| {
-            boxed(async move { ops::set_tier(db, &account, tier, &actor, now).await })
-        })
-        .await
+        let op = SetAccount {
+            account: account.clone(),
+            change: AccountChange::Tier(tier),
+            actor: actor.clone(),
+            now,
+        };
+        self.write(move |db| boxed(op.run(db))).await
     }
 
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64> {
@@ -292,7 +302,7 @@ impl<B: Backend> Store for B {
         batch: usize,
         sink: Sink<'_, AuditChainRow>,
     ) -> Result<usize> {
-        Backend::stream_audit_chain(self, account, batch, sink).await
+        self.stream(batch, Stream::AuditChain(account, sink)).await
     }
 
     async fn secrets_by_pepper(&self) -> Result<Vec<PepperUse>> {

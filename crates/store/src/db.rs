@@ -69,32 +69,15 @@ pub(crate) trait KeyRows: Send {
     fn count_active(&mut self, account: &AccountId, now: OffsetDateTime) -> impl Fut<u32>;
     /// The scopes, as stored, of the account's keys other than `key` that
     /// are active at `now`.
-    fn other_active_scopes(
-        &mut self,
-        key: &KeyRecord,
-        now: OffsetDateTime,
-    ) -> impl Fut<Vec<Vec<String>>>;
+    fn other_scopes(&mut self, key: &KeyRecord, now: OffsetDateTime) -> impl Fut<ScopeLists>;
     /// Writes a new key's row (not its secret).
     fn insert_key(&mut self, new: &NewKey) -> impl Fut<()>;
-    /// Writes `after`'s name, description, scopes, expiry and version.
-    fn update_key_row(&mut self, after: &KeyRecord) -> impl Fut<()>;
-    /// Points the key at its new secret's prefix, sets `rotated_at` and
-    /// raises its version.
-    fn rotate_key_row(
-        &mut self,
-        key_id: &KeyId,
-        prefix: &KeyPrefix,
-        at: OffsetDateTime,
-    ) -> impl Fut<()>;
-    /// Revokes the key for good and raises its version.
-    fn revoke_key_row(&mut self, key_id: &KeyId, reason: &str, at: OffsetDateTime) -> impl Fut<()>;
-    /// Stores a secret of the key.
-    fn insert_secret(
-        &mut self,
-        key_id: &KeyId,
-        secret: &NewSecret,
-        at: OffsetDateTime,
-    ) -> impl Fut<()>;
+    /// Writes what a change of the key can change: its name, description,
+    /// scopes, expiry, current prefix, rotation and revocation, and
+    /// version (never its usage, which the verify engine writes).
+    fn write_key(&mut self, key: &KeyRecord) -> impl Fut<()>;
+    /// Stores a secret of a key.
+    fn insert_secret(&mut self, row: &SecretRow<'_>) -> impl Fut<()>;
     /// Marks the secret with this prefix superseded at `at`.
     fn supersede_secret(&mut self, prefix: &KeyPrefix, at: OffsetDateTime) -> impl Fut<()>;
     /// Deletes the key's superseded secrets but the newest `kept`; returns
@@ -112,6 +95,17 @@ pub(crate) trait KeyRows: Send {
 /// A page of keys, each with its cursor.
 pub(crate) type Keys = Vec<(i64, KeyRecord)>;
 
+/// Lists of scopes as stored, one per key.
+pub(crate) type ScopeLists = Vec<Vec<String>>;
+
+/// A secret of the key `key_id`, stored as of `created_at`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SecretRow<'a> {
+    pub key_id: &'a KeyId,
+    pub secret: &'a NewSecret,
+    pub created_at: OffsetDateTime,
+}
+
 /// Accounts.
 pub(crate) trait AccountRows: Send {
     /// The account as stored; one never seen reads as `free`.
@@ -123,40 +117,39 @@ pub(crate) trait AccountRows: Send {
     fn update_account(&mut self, account: &AccountId, stored: &Account) -> impl Fut<()>;
 }
 
+/// A request id claimed for `account`'s call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Claim<'a> {
+    pub account: &'a AccountId,
+    pub request: &'a RequestRecord,
+}
+
 /// The records of request ids.
 pub(crate) trait RequestRows: Send {
-    /// Deletes the account's record of this request digest if its window
-    /// ended at `now`.
-    fn forget_expired_request(
-        &mut self,
-        account: &AccountId,
-        request: &RequestRecord,
-        now: OffsetDateTime,
-    ) -> impl Fut<()>;
-    /// Records `request` unless its digest is recorded already; whether it
+    /// Deletes the claim's record if its window ended at `now`.
+    fn forget_expired(&mut self, claim: &Claim<'_>, now: OffsetDateTime) -> impl Fut<()>;
+    /// Records the claim unless its digest is recorded already; whether it
     /// did. On Postgres a concurrent call with the same digest waits here
     /// until the first one's transaction ends.
-    fn record_request(&mut self, account: &AccountId, request: &RequestRecord) -> impl Fut<bool>;
-    /// What the digest of `request` recorded.
-    fn recorded_request(
-        &mut self,
-        account: &AccountId,
-        request: &RequestRecord,
-    ) -> impl Fut<StoredRequest>;
+    fn record_request(&mut self, claim: &Claim<'_>) -> impl Fut<bool>;
+    /// What the claim's digest recorded.
+    fn recorded_request(&mut self, claim: &Claim<'_>) -> impl Fut<StoredRequest>;
     /// Deletes every record whose window ended at `now`; returns how many.
     fn prune_requests(&mut self, now: OffsetDateTime) -> impl Fut<u64>;
 }
 
+/// One page of an account's audit events, only `key_id`'s when given.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EventPage<'a> {
+    pub account: &'a AccountId,
+    pub key_id: Option<&'a KeyId>,
+    pub at: Window,
+}
+
 /// The audit log: events and each account's head.
 pub(crate) trait AuditRows: Send {
-    /// The account's events (only `key_id`'s when given) in number order,
-    /// each with its number as cursor.
-    fn list_events(
-        &mut self,
-        account: &AccountId,
-        key_id: Option<&KeyId>,
-        at: Window,
-    ) -> impl Fut<Events>;
+    /// The page's events in number order, each with its number as cursor.
+    fn list_events(&mut self, page: &EventPage<'_>) -> impl Fut<Events>;
     /// The account's head (created empty if missing), locked until the
     /// transaction ends so that the account's events chain one at a time.
     fn lock_head(&mut self, account: &AccountId) -> impl Fut<Head>;

@@ -37,6 +37,7 @@ mod migrate;
 mod model;
 mod ops;
 mod postgres;
+mod rows;
 mod rules;
 mod sqlite;
 mod stream;

@@ -8,8 +8,13 @@
 
 use time::OffsetDateTime;
 
-use crate::{Result, StoreError};
+use std::collections::BTreeMap;
+
 use vilvik_keys_domain::format_time;
+
+use crate::chain::{self, Head};
+use crate::rules::corrupt;
+use crate::{Result, StoreError, StoredAuditEvent};
 
 /// One schema step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +103,7 @@ pub(crate) const POSTGRES: &[Migration] = &[
 ];
 
 /// The migration after whose SQL [`run`] chains the audit events written
-/// before it ([`Ledger::chain_audit_events`]): hashes need Rust.
+/// before it ([`chain_audit_events`]): hashes need Rust.
 pub(crate) const AUDIT_CHAIN: &str = "audit_chain";
 
 /// Shared by both backends: the table that remembers applied versions.
@@ -129,9 +134,59 @@ pub(crate) trait Ledger {
     async fn record_checksum(&mut self, version: i64, checksum: &str) -> Result<()>;
     /// Runs the migration's SQL and records it.
     async fn apply(&mut self, migration: &Migration, checksum: &str, at: &str) -> Result<()>;
-    /// Chains every audit event that has no hash yet, in `event_id` order
-    /// per account, and writes each account's head; returns how many.
-    async fn chain_audit_events(&mut self) -> Result<u64>;
+    /// The next [`CHAIN_BATCH`] events without a hash after row id
+    /// `after`, in row id order.
+    async fn unchained_events(&mut self, after: i64) -> Result<Vec<StoredAuditEvent>>;
+    /// Writes each event's number and hashes.
+    async fn chain_events(&mut self, links: &[ChainedEvent]) -> Result<()>;
+    /// Writes each account's head.
+    async fn write_heads(&mut self, heads: &BTreeMap<String, Head>) -> Result<()>;
+}
+
+/// How many events [`chain_audit_events`] reads at a time.
+pub(crate) const CHAIN_BATCH: i64 = 1000;
+
+/// An event written before the chain, once chained: its row, its number
+/// and its predecessor's hash and its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChainedEvent {
+    pub row_id: i64,
+    pub seq: i64,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+/// Chains every audit event that has no hash yet, in row id order per
+/// account, [`CHAIN_BATCH`] rows at a time with each account's running
+/// head in memory (one per account, not one per event), then writes the
+/// heads; returns how many events it chained.
+async fn chain_audit_events(ledger: &mut impl Ledger) -> Result<u64> {
+    let mut heads: BTreeMap<String, Head> = BTreeMap::new();
+    let (mut after, mut chained) = (0_i64, 0_u64);
+    loop {
+        let events = ledger.unchained_events(after).await?;
+        let Some(last) = events.last() else { break };
+        after = last.row_id;
+        let mut links = Vec::with_capacity(events.len());
+        for event in &events {
+            let changes = event.changes.as_ref().ok_or_else(|| {
+                corrupt("audit changes")(format!("event row {} holds no JSON", event.row_id))
+            })?;
+            let head = heads.entry(event.account_id.clone()).or_insert(Head::EMPTY);
+            let next = chain::chain_stored(*head, event, changes);
+            links.push(ChainedEvent {
+                row_id: event.row_id,
+                seq: next.seq,
+                prev_hash: head.hash,
+                hash: next.hash,
+            });
+            *head = next;
+        }
+        chained += links.len() as u64;
+        ledger.chain_events(&links).await?;
+    }
+    ledger.write_heads(&heads).await?;
+    Ok(chained)
 }
 
 /// What [`run`] is to do, decided from the ledger alone.
@@ -184,7 +239,7 @@ pub(crate) async fn run(ledger: &mut impl Ledger, list: &[Migration]) -> Result<
     for m in &plan.pending {
         ledger.apply(m, &m.checksum(), &at).await?;
         if m.name == AUDIT_CHAIN {
-            let chained = ledger.chain_audit_events().await?;
+            let chained = chain_audit_events(ledger).await?;
             tracing::info!(
                 events = chained,
                 "chained the audit events written before 0005"

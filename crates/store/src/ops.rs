@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use vilvik_keys_domain::{AccountId, KeyId, ScopeCatalogue, Tier, TierLimits};
 
 use crate::chain;
-use crate::db::{Db, Window};
+use crate::db::{Claim, Db, EventPage, SecretRow, Window};
 use crate::rules::{self, ChangeRecord, Prune};
 use crate::{
     Account, Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, Outcome, Page, Policy,
@@ -40,11 +40,12 @@ async fn claim_request(
     request: &RequestRecord,
     now: OffsetDateTime,
 ) -> Result<Option<Replay>> {
-    db.forget_expired_request(account, request, now).await?;
-    if db.record_request(account, request).await? {
+    let claim = Claim { account, request };
+    db.forget_expired(&claim, now).await?;
+    if db.record_request(&claim).await? {
         return Ok(None);
     }
-    let stored = db.recorded_request(account, request).await?;
+    let stored = db.recorded_request(&claim).await?;
     let (key_id, sealed, pepper_id) = rules::replayed(stored, request)?;
     let key = db
         .load_key(account, &key_id)
@@ -91,7 +92,7 @@ async fn check_room(
 /// locked: two management keys revoking each other at once serialize, and
 /// the second sees the first's revocation.
 async fn keep_a_manager(db: &mut impl Db, key: &KeyRecord, now: OffsetDateTime) -> Result<()> {
-    let scopes = db.other_active_scopes(key, now).await?;
+    let scopes = db.other_scopes(key, now).await?;
     rules::check_not_last_manager(key, rules::count_managers(&scopes)?)
 }
 
@@ -116,171 +117,217 @@ pub(crate) async fn insert_new_key(db: &mut impl Db, new: &NewKey, actor: &Actor
         hash: new.hash,
         pepper_id: new.pepper_id,
     };
-    db.insert_secret(&new.key_id, &secret, new.created_at)
-        .await?;
+    let row = SecretRow {
+        key_id: &new.key_id,
+        secret: &secret,
+        created_at: new.created_at,
+    };
+    db.insert_secret(&row).await?;
     record_change(db, &ChangeRecord::created(new, actor)).await
 }
 
 /// [`crate::Store::create_key_with`].
-pub(crate) async fn create_key(
-    db: &mut impl Db,
-    new: &NewKey,
-    request: Option<&RequestRecord>,
-    actor: &Actor,
-    policy: &Policy,
-) -> Result<Outcome<KeyRecord>> {
-    let account_id = &new.account_id;
-    if let Some(request) = request
-        && let Some(replay) = claim_request(db, account_id, request, new.created_at).await?
-    {
-        return Ok(Outcome::Replayed(Box::new(replay)));
-    }
-    let account = db.lock_account(account_id, new.created_at).await?;
-    let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
-    rules::check_grants(None, &new.scopes, grantable, actor)?;
-    rules::check_stored(account.tier, policy, db.count_keys(account_id).await?)?;
-    check_room(db, account_id, account.tier, new.created_at, policy.tiers).await?;
-    insert_new_key(db, new, actor).await?;
-    db.load_key(account_id, &new.key_id)
-        .await?
-        .map(Outcome::Done)
-        .ok_or_else(|| StoreError::internal("created key vanished"))
+#[derive(Debug)]
+pub(crate) struct CreateKey {
+    pub new: NewKey,
+    pub request: Option<RequestRecord>,
+    pub actor: Actor,
+    pub policy: Policy,
 }
 
-/// [`crate::Store::update_key`]. Only what needs the account waits for
-/// its lock.
-pub(crate) async fn update_key(
-    db: &mut impl Db,
-    account: &AccountId,
-    key_id: &KeyId,
-    changes: KeyChanges,
-    actor: &Actor,
-    now: OffsetDateTime,
-    policy: &Policy,
-) -> Result<KeyRecord> {
-    let before = load_key_for_change(db, account, key_id, changes.if_version).await?;
-    let Some(update) = rules::plan_update(&before, changes, now) else {
-        return Ok(before);
-    };
-    if update.needs_account() {
-        let stored = db.lock_account(account, now).await?;
-        let grantable = stored.grantable.as_ref().unwrap_or(&policy.grantable);
-        rules::check_grants(Some(&before.scopes), &update.after.scopes, grantable, actor)?;
-        if update.weakens_manager {
-            keep_a_manager(db, &before, now).await?;
+impl CreateKey {
+    pub async fn run(self, db: &mut impl Db) -> Result<Outcome<KeyRecord>> {
+        let (new, actor, policy) = (&self.new, &self.actor, &self.policy);
+        let account_id = &new.account_id;
+        if let Some(request) = &self.request
+            && let Some(replay) = claim_request(db, account_id, request, new.created_at).await?
+        {
+            return Ok(Outcome::Replayed(Box::new(replay)));
         }
-        if update.needs_room {
-            check_room(db, account, stored.tier, now, policy.tiers).await?;
-        }
+        let account = db.lock_account(account_id, new.created_at).await?;
+        let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
+        rules::check_grants(None, &new.scopes, grantable, actor)?;
+        rules::check_stored(account.tier, policy, db.count_keys(account_id).await?)?;
+        check_room(db, account_id, account.tier, new.created_at, policy.tiers).await?;
+        insert_new_key(db, new, actor).await?;
+        db.load_key(account_id, &new.key_id)
+            .await?
+            .map(Outcome::Done)
+            .ok_or_else(|| StoreError::internal("created key vanished"))
     }
-    let rules::Update { after, diff, .. } = update;
-    db.update_key_row(&after).await?;
-    record_change(db, &ChangeRecord::updated(&after, diff, actor, now)).await?;
-    Ok(after)
+}
+
+/// [`crate::Store::update_key`].
+#[derive(Debug)]
+pub(crate) struct UpdateKey {
+    pub account: AccountId,
+    pub key_id: KeyId,
+    pub changes: KeyChanges,
+    pub actor: Actor,
+    pub now: OffsetDateTime,
+    pub policy: Policy,
+}
+
+impl UpdateKey {
+    /// Only what needs the account waits for its lock.
+    pub async fn run(self, db: &mut impl Db) -> Result<KeyRecord> {
+        let (account, actor, now, policy) = (&self.account, &self.actor, self.now, &self.policy);
+        let if_version = self.changes.if_version;
+        let before = load_key_for_change(db, account, &self.key_id, if_version).await?;
+        let Some(update) = rules::plan_update(&before, self.changes, now) else {
+            return Ok(before);
+        };
+        if update.needs_account() {
+            let stored = db.lock_account(account, now).await?;
+            let grantable = stored.grantable.as_ref().unwrap_or(&policy.grantable);
+            rules::check_grants(Some(&before.scopes), &update.after.scopes, grantable, actor)?;
+            if update.weakens_manager {
+                keep_a_manager(db, &before, now).await?;
+            }
+            if update.needs_room {
+                check_room(db, account, stored.tier, now, policy.tiers).await?;
+            }
+        }
+        let rules::Update { after, diff, .. } = update;
+        db.write_key(&after).await?;
+        record_change(db, &ChangeRecord::updated(&after, diff, actor, now)).await?;
+        Ok(after)
+    }
 }
 
 /// [`crate::Store::rotate_key_with`].
-pub(crate) async fn rotate_key(
-    db: &mut impl Db,
-    account: &AccountId,
-    key_id: &KeyId,
-    rotation: &RotationRequest,
-    actor: &Actor,
-    now: OffsetDateTime,
-    policy: &Policy,
-) -> Result<Outcome<Rotation>> {
-    if let Some(request) = &rotation.request
-        && let Some(replay) = claim_request(db, account, request, now).await?
-    {
-        return Ok(Outcome::Replayed(Box::new(replay)));
-    }
-    let secret = &rotation.secret;
-    let before = load_key_for_change(db, account, key_id, rotation.if_version).await?;
-    rules::ensure_rotatable(&before, now)?;
-    db.supersede_secret(&before.prefix, now).await?;
-    db.insert_secret(key_id, secret, now).await?;
-    let pruned = db
-        .prune_key_secrets(key_id, policy.rotated_secrets_kept)
+#[derive(Debug)]
+pub(crate) struct RotateKey {
+    pub account: AccountId,
+    pub key_id: KeyId,
+    pub rotation: RotationRequest,
+    pub actor: Actor,
+    pub now: OffsetDateTime,
+    pub policy: Policy,
+}
+
+impl RotateKey {
+    pub async fn run(self, db: &mut impl Db) -> Result<Outcome<Rotation>> {
+        let (account, key_id, now) = (&self.account, &self.key_id, self.now);
+        let rotation = &self.rotation;
+        if let Some(request) = &rotation.request
+            && let Some(replay) = claim_request(db, account, request, now).await?
+        {
+            return Ok(Outcome::Replayed(Box::new(replay)));
+        }
+        let secret = &rotation.secret;
+        let before = load_key_for_change(db, account, key_id, rotation.if_version).await?;
+        rules::ensure_rotatable(&before, now)?;
+        db.supersede_secret(&before.prefix, now).await?;
+        let row = SecretRow {
+            key_id,
+            secret,
+            created_at: now,
+        };
+        db.insert_secret(&row).await?;
+        let kept = self.policy.rotated_secrets_kept;
+        let pruned = db.prune_key_secrets(key_id, kept).await?;
+        db.write_key(&KeyRecord {
+            prefix: secret.prefix.clone(),
+            rotated_at: Some(now),
+            version: before.version + 1,
+            ..before.clone()
+        })
         .await?;
-    db.rotate_key_row(key_id, &secret.prefix, now).await?;
-    // The pruned secrets are published too: a node that cached one must
-    // forget it, or it answers from memory for good.
-    let mut record = ChangeRecord::rotated(&before, &secret.prefix, actor, now);
-    record.publish.extend(&pruned);
-    record_change(db, &record).await?;
-    let key = db
-        .load_key(account, key_id)
-        .await?
-        .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
-    Ok(Outcome::Done(Rotation {
-        key,
-        replaced_prefix: before.prefix,
-        pruned_prefixes: pruned,
-    }))
+        // The pruned secrets are published too: a node that cached one must
+        // forget it, or it answers from memory for good.
+        let mut record = ChangeRecord::rotated(&before, &secret.prefix, &self.actor, now);
+        record.publish.extend(&pruned);
+        record_change(db, &record).await?;
+        let key = db
+            .load_key(account, key_id)
+            .await?
+            .ok_or_else(|| StoreError::internal("rotated key vanished"))?;
+        Ok(Outcome::Done(Rotation {
+            key,
+            replaced_prefix: before.prefix,
+            pruned_prefixes: pruned,
+        }))
+    }
 }
 
 /// [`crate::Store::revoke_key_if`].
-pub(crate) async fn revoke_key(
-    db: &mut impl Db,
-    account: &AccountId,
-    key_id: &KeyId,
-    reason: &str,
-    if_version: Option<i64>,
-    actor: &Actor,
-    now: OffsetDateTime,
-) -> Result<KeyRecord> {
-    let before = load_key_for_change(db, account, key_id, if_version).await?;
-    if rules::is_active_manager(&before, now) {
-        db.lock_account(account, now).await?;
-        keep_a_manager(db, &before, now).await?;
-    }
-    db.revoke_key_row(key_id, reason, now).await?;
-    record_change(db, &ChangeRecord::revoked(&before, reason, actor, now)).await?;
-    db.load_key(account, key_id)
-        .await?
-        .ok_or_else(|| StoreError::internal("revoked key vanished"))
+#[derive(Debug)]
+pub(crate) struct RevokeKey {
+    pub account: AccountId,
+    pub key_id: KeyId,
+    pub reason: String,
+    pub if_version: Option<i64>,
+    pub actor: Actor,
+    pub now: OffsetDateTime,
 }
 
-/// [`crate::Store::set_tier`]: an event only when the tier changes.
-pub(crate) async fn set_tier(
-    db: &mut impl Db,
-    account: &AccountId,
-    tier: Tier,
-    actor: &Actor,
-    now: OffsetDateTime,
-) -> Result<Account> {
-    let mut stored = db.lock_account(account, now).await?;
-    if stored.tier != tier {
-        let record = ChangeRecord::tier_changed(account, stored.tier, tier, actor, now);
-        stored.tier = tier;
-        db.update_account(account, &stored).await?;
+impl RevokeKey {
+    pub async fn run(self, db: &mut impl Db) -> Result<KeyRecord> {
+        let (account, key_id, now) = (&self.account, &self.key_id, self.now);
+        let before = load_key_for_change(db, account, key_id, self.if_version).await?;
+        if rules::is_active_manager(&before, now) {
+            db.lock_account(account, now).await?;
+            keep_a_manager(db, &before, now).await?;
+        }
+        db.write_key(&KeyRecord {
+            revoked_at: Some(now),
+            revoke_reason: Some(self.reason.clone()),
+            version: before.version + 1,
+            ..before.clone()
+        })
+        .await?;
+        let record = ChangeRecord::revoked(&before, &self.reason, &self.actor, now);
         record_change(db, &record).await?;
+        db.load_key(account, key_id)
+            .await?
+            .ok_or_else(|| StoreError::internal("revoked key vanished"))
     }
-    Ok(stored)
 }
 
-/// [`crate::Store::set_grantable_scopes`]: an event only when the
-/// catalogue changes.
-pub(crate) async fn set_grantable_scopes(
-    db: &mut impl Db,
-    account: &AccountId,
-    grantable: Option<ScopeCatalogue>,
-    actor: &Actor,
-    now: OffsetDateTime,
-) -> Result<Account> {
-    let mut stored = db.lock_account(account, now).await?;
-    if stored.grantable != grantable {
-        let (old, new) = (stored.grantable.as_ref(), grantable.as_ref());
-        let record = ChangeRecord::grantable_changed(account, old, new, actor, now);
-        let changed = Account {
-            tier: stored.tier,
-            grantable: grantable.clone(),
+/// [`crate::Store::set_tier`] and [`crate::Store::set_grantable_scopes`]:
+/// the account's tier or its catalogue as given, with an event only when
+/// it changes.
+#[derive(Debug)]
+pub(crate) struct SetAccount {
+    pub account: AccountId,
+    pub change: AccountChange,
+    pub actor: Actor,
+    pub now: OffsetDateTime,
+}
+
+/// What [`SetAccount`] sets.
+#[derive(Debug)]
+pub(crate) enum AccountChange {
+    Tier(Tier),
+    /// `None`: back to the server's catalogue.
+    Grantable(Option<ScopeCatalogue>),
+}
+
+impl SetAccount {
+    pub async fn run(self, db: &mut impl Db) -> Result<Account> {
+        let (account, actor, now) = (&self.account, &self.actor, self.now);
+        let stored = db.lock_account(account, now).await?;
+        let (changed, record) = match self.change {
+            AccountChange::Tier(tier) if tier != stored.tier => {
+                let record = ChangeRecord::tier_changed(account, stored.tier, tier, actor, now);
+                (Account { tier, ..stored }, record)
+            }
+            AccountChange::Grantable(grantable) if grantable != stored.grantable => {
+                let (old, new) = (stored.grantable.as_ref(), grantable.as_ref());
+                let record = ChangeRecord::grantable_changed(account, old, new, actor, now);
+                let changed = Account {
+                    tier: stored.tier,
+                    grantable,
+                };
+                (changed, record)
+            }
+            _ => return Ok(stored),
         };
         db.update_account(account, &changed).await?;
         record_change(db, &record).await?;
-        stored = changed;
+        Ok(changed)
     }
-    Ok(stored)
 }
 
 /// [`crate::Store::prune_changes`]. The change log's lock keeps every
@@ -334,7 +381,12 @@ pub(crate) async fn list_audit_events(
     key_id: Option<&KeyId>,
     at: Window,
 ) -> Result<Page<AuditEvent>> {
-    let rows = db.list_events(account, key_id, at).await?;
+    let page = EventPage {
+        account,
+        key_id,
+        at,
+    };
+    let rows = db.list_events(&page).await?;
     Ok(rules::page(rows, at.limit))
 }
 

@@ -7,13 +7,13 @@
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, AuditAction, Description, KeyId, KeyName, KeyPrefix, KeyState, PepperId,
-    ScopeCatalogue, ScopeSet, Tier, TierLimits, format_time,
+    AccountId, AuditAction, KeyId, KeyPrefix, KeyState, PepperId, ScopeCatalogue, ScopeSet, Tier,
+    TierLimits, format_time,
 };
 
 use crate::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Policy,
-    RequestMethod, RequestRecord, StoreError,
+    Account, Actor, FieldChange, KeyChanges, KeyRecord, NewKey, Page, Policy, RequestMethod,
+    RequestRecord, StoreError,
 };
 
 fn format_scopes(scopes: &ScopeSet) -> String {
@@ -454,79 +454,6 @@ pub(crate) fn field<T, E: std::fmt::Display>(
     value: Result<T, E>,
 ) -> Result<T, StoreError> {
     value.map_err(|e| corrupt(what)(e.to_string()))
-}
-
-/// A key row's columns as both backends read them, before parsing.
-pub(crate) struct RawKey {
-    pub key_id: String,
-    pub account_id: String,
-    pub name: String,
-    pub description: String,
-    pub scopes: Vec<String>,
-    pub prefix: String,
-    pub created_at: OffsetDateTime,
-    pub expires_at: Option<OffsetDateTime>,
-    pub revoked_at: Option<OffsetDateTime>,
-    pub revoke_reason: Option<String>,
-    pub rotated_at: Option<OffsetDateTime>,
-    pub last_used_at: Option<OffsetDateTime>,
-    pub last_used_ip: Option<String>,
-    pub version: i64,
-}
-
-impl RawKey {
-    /// Parses the stored text into domain values; a value that does not
-    /// parse is a corrupt row.
-    pub fn parse(self) -> Result<KeyRecord, StoreError> {
-        Ok(KeyRecord {
-            key_id: field("key id", self.key_id.parse::<KeyId>())?,
-            account_id: field("account id", self.account_id.parse::<AccountId>())?,
-            name: field("name", self.name.parse::<KeyName>())?,
-            description: field("description", self.description.parse::<Description>())?,
-            scopes: field("scopes", ScopeSet::from_stored(&self.scopes))?,
-            prefix: field("prefix", self.prefix.parse::<KeyPrefix>())?,
-            created_at: self.created_at,
-            expires_at: self.expires_at,
-            revoked_at: self.revoked_at,
-            revoke_reason: self.revoke_reason,
-            rotated_at: self.rotated_at,
-            last_used_at: self.last_used_at,
-            last_used_ip: self.last_used_ip,
-            version: self.version,
-        })
-    }
-}
-
-/// An audit event's columns as both backends read them, before parsing.
-pub(crate) struct RawEvent<E> {
-    /// The account's own event number, also the listing's cursor.
-    pub event_id: i64,
-    pub key_id: Option<String>,
-    pub action: String,
-    pub actor: String,
-    pub actor_ip: Option<String>,
-    pub at: OffsetDateTime,
-    /// The changes, or why they did not decode.
-    pub changes: Result<Vec<FieldChange>, E>,
-}
-
-impl<E: std::fmt::Display> RawEvent<E> {
-    /// The event of `account` with its cursor; a value that does not
-    /// parse is a corrupt row.
-    pub fn parse(self, account: &AccountId) -> Result<(i64, AuditEvent), StoreError> {
-        let key_id = self.key_id.map(|k| k.parse::<KeyId>()).transpose();
-        let event = AuditEvent {
-            event_id: self.event_id,
-            account_id: account.clone(),
-            key_id: field("audit key id", key_id)?,
-            action: field("audit action", self.action.parse::<AuditAction>())?,
-            actor: self.actor,
-            actor_ip: self.actor_ip,
-            at: self.at,
-            changes: field("audit changes", self.changes)?,
-        };
-        Ok((self.event_id, event))
-    }
 }
 
 /// Refuses a change based on a version of the key other than the one

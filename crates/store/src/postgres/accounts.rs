@@ -3,24 +3,17 @@
 
 use deadpool_postgres::GenericClient;
 use time::OffsetDateTime;
-use tokio_postgres::Row;
 use vilvik_keys_domain::{AccountId, ScopeCatalogue};
 
-use super::{Pg, execute, map_err, query_one, query_opt};
+use super::{Pg, execute, query_one, query_opt};
 use crate::db::AccountRows;
-use crate::{Account, Result, rules};
-
-fn account_from_row(row: &Row) -> Result<Account> {
-    let tier: String = row.try_get(0).map_err(map_err)?;
-    let grantable: Option<Vec<String>> = row.try_get(1).map_err(map_err)?;
-    rules::account(Some((tier, grantable)))
-}
+use crate::{Account, Result, rows, rules};
 
 impl<C: GenericClient + Send> AccountRows for Pg<C> {
     async fn load_account(&mut self, account: &AccountId) -> Result<Account> {
         let sql = "SELECT tier, grantable_scopes FROM accounts WHERE account_id = $1";
         match query_opt(&self.0, sql, &[&account.as_str()]).await? {
-            Some(row) => account_from_row(&row),
+            Some(row) => rows::account(&row),
             None => rules::account(None),
         }
     }
@@ -34,7 +27,7 @@ impl<C: GenericClient + Send> AccountRows for Pg<C> {
         )
         .await?;
         let sql = "SELECT tier, grantable_scopes FROM accounts WHERE account_id = $1 FOR UPDATE";
-        account_from_row(&query_one(&self.0, sql, &[&account.as_str()]).await?)
+        rows::account(&query_one(&self.0, sql, &[&account.as_str()]).await?)
     }
 
     async fn update_account(&mut self, account: &AccountId, stored: &Account) -> Result<()> {

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::backend::Sink;
 use crate::db::ChangeRows;
-use crate::{Result, rules, stream};
+use crate::{Result, rows, stream};
 
 impl<C: GenericClient + Send> ChangeRows for Pg<C> {
     async fn change_sequence(&mut self) -> Result<i64> {
@@ -26,14 +26,8 @@ impl<C: GenericClient + Send> ChangeRows for Pg<C> {
 
     async fn changes_after(&mut self, seq: i64, limit: u32) -> Result<Vec<(i64, KeyPrefix)>> {
         let sql = "SELECT seq, prefix FROM key_changes WHERE seq > $1 ORDER BY seq LIMIT $2";
-        let rows = query(&self.0, sql, &[&seq, &i64::from(limit)]).await?;
-        rows.iter()
-            .map(|row| {
-                let seq: i64 = row.try_get(0).map_err(map_err)?;
-                let prefix: String = row.try_get(1).map_err(map_err)?;
-                Ok((seq, rules::field("change prefix", prefix.parse())?))
-            })
-            .collect()
+        let found = query(&self.0, sql, &[&seq, &i64::from(limit)]).await?;
+        found.iter().map(rows::change).collect()
     }
 
     async fn change_floor(&mut self) -> Result<i64> {

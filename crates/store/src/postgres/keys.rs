@@ -1,16 +1,15 @@
-//! Keys and their secrets on Postgres: the primitives of [`KeyRows`],
-//! the decoding of key and secret rows, and the bulk statements of the
-//! verify engine's writes. Scopes are `TEXT[]`, times `TIMESTAMPTZ`.
+//! Keys and their secrets on Postgres: the primitives of [`KeyRows`], and
+//! the bulk statements of the verify engine's writes. Scopes are `TEXT[]`,
+//! times `TIMESTAMPTZ`.
 
 use deadpool_postgres::GenericClient;
 use time::OffsetDateTime;
-use tokio_postgres::Row;
-use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, SecretHash};
+use tokio_postgres::types::ToSql;
+use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix};
 
-use super::{Pg, count, execute, import, map_err, query, query_one, query_opt};
-use crate::db::{KeyRows, Keys, Window};
-use crate::rules::{self, RawKey, corrupt};
-use crate::{Actor, KeyRecord, NewKey, NewSecret, Result, SecretEntry, SecretRecord, stream};
+use super::{Pg, execute, import, query, query_one, query_opt};
+use crate::db::{KeyRows, Keys, ScopeLists, SecretRow, Window};
+use crate::{Actor, KeyRecord, NewKey, Result, SecretRecord, rows};
 
 const SELECT_KEY: &str = concat!(
     "SELECT ",
@@ -38,7 +37,7 @@ const FIND_SECRET: &str = concat!(
 const PRUNE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = $1 AND superseded_at IS NOT NULL \
      AND prefix NOT IN (SELECT prefix FROM key_secrets WHERE key_id = $1 AND superseded_at IS NOT NULL \
      ORDER BY superseded_at DESC, seq DESC LIMIT $2) RETURNING prefix";
-pub(super) const INSERT_SECRET: &str = "INSERT INTO key_secrets (prefix, key_id, hash, pepper_id, created_at) \
+const INSERT_SECRET: &str = "INSERT INTO key_secrets (prefix, key_id, hash, pepper_id, created_at) \
      VALUES ($1, $2, $3, $4, $5)";
 
 /// One statement for a whole batch of usage. Duplicates of a key keep the
@@ -76,41 +75,6 @@ pub(super) const REHASH_SECRETS: &str = "WITH r AS ( \
          AND s.pepper_id IS NOT DISTINCT FROM r.old_pepper \
      RETURNING s.prefix";
 
-/// Reads the columns of `key_columns!()` starting at `offset`.
-fn key_from_row(row: &Row, offset: usize) -> Result<KeyRecord> {
-    let get = |i: usize| row.try_get(offset + i).map_err(map_err);
-    let get_text = |i: usize| row.try_get::<_, String>(offset + i).map_err(map_err);
-    RawKey {
-        key_id: get_text(0)?,
-        account_id: get_text(1)?,
-        name: get_text(2)?,
-        description: get_text(3)?,
-        scopes: row.try_get(offset + 4).map_err(map_err)?,
-        prefix: get_text(5)?,
-        created_at: row.try_get(offset + 6).map_err(map_err)?,
-        expires_at: get(7)?,
-        revoked_at: get(8)?,
-        revoke_reason: row.try_get(offset + 9).map_err(map_err)?,
-        rotated_at: get(10)?,
-        last_used_at: get(11)?,
-        last_used_ip: row.try_get(offset + 12).map_err(map_err)?,
-        version: row.try_get(offset + 13).map_err(map_err)?,
-    }
-    .parse()
-}
-
-/// Reads `s.hash, s.superseded_at, s.pepper_id` and then the key columns.
-fn secret_from_row(row: &Row) -> Result<SecretRecord> {
-    let hash: Vec<u8> = row.try_get(0).map_err(map_err)?;
-    Ok(SecretRecord {
-        hash: SecretHash::from_slice(&hash)
-            .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
-        superseded_at: row.try_get(1).map_err(map_err)?,
-        pepper_id: stream::pepper_id(row.try_get(2).map_err(map_err)?)?,
-        key: key_from_row(row, 3)?,
-    })
-}
-
 /// [`crate::KeySource::find_secret`] on a pooled connection.
 pub(super) async fn find_secret(
     c: &impl GenericClient,
@@ -118,35 +82,8 @@ pub(super) async fn find_secret(
 ) -> Result<Option<SecretRecord>> {
     query_opt(c, FIND_SECRET, &[&prefix.as_str()])
         .await?
-        .map(|row| secret_from_row(&row))
+        .map(|row| rows::secret(&row))
         .transpose()
-}
-
-/// Decodes a row of [`stream::STREAM_PREFIXES`], or of a statement
-/// `RETURNING prefix`.
-pub(super) fn prefix_from_row(row: &Row) -> Result<KeyPrefix> {
-    rules::field(
-        "secret prefix",
-        row.try_get::<_, &str>(0).map_err(map_err)?.parse(),
-    )
-}
-
-/// Decodes a row of [`stream::STREAM_SECRETS`], borrowing its text until parsed.
-pub(super) fn entry_from_row(row: &Row) -> Result<SecretEntry> {
-    let scopes: Vec<&str> = row.try_get(8).map_err(map_err)?;
-    stream::RawEntry {
-        prefix: row.try_get(0).map_err(map_err)?,
-        hash: row.try_get(1).map_err(map_err)?,
-        superseded: row.try_get(2).map_err(map_err)?,
-        revoked: row.try_get(3).map_err(map_err)?,
-        expires_at: row.try_get(4).map_err(map_err)?,
-        key_id: row.try_get(5).map_err(map_err)?,
-        account_id: row.try_get(6).map_err(map_err)?,
-        name: row.try_get(7).map_err(map_err)?,
-        scopes: &scopes,
-        pepper_id: row.try_get(9).map_err(map_err)?,
-    }
-    .parse()
 }
 
 impl<C: GenericClient + Send> Pg<C> {
@@ -158,7 +95,7 @@ impl<C: GenericClient + Send> Pg<C> {
     ) -> Result<Option<KeyRecord>> {
         query_opt(&self.0, sql, &[&account.as_str(), &key_id.as_str()])
             .await?
-            .map(|row| key_from_row(&row, 0))
+            .map(|row| rows::key(&row, 0))
             .transpose()
     }
 }
@@ -173,43 +110,34 @@ impl<C: GenericClient + Send> KeyRows for Pg<C> {
     }
 
     async fn list_keys(&mut self, account: &AccountId, revoked: bool, at: Window) -> Result<Keys> {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        let params: [&(dyn ToSql + Sync); 4] =
             [&account.as_str(), &at.after, &revoked, &at.fetch()];
-        let rows = query(&self.0, LIST_KEYS, &params).await?;
-        rows.iter()
-            .map(|row| {
-                let seq = row.try_get::<_, i64>(0).map_err(map_err)?;
-                Ok((seq, key_from_row(row, 1)?))
-            })
-            .collect()
+        let found = query(&self.0, LIST_KEYS, &params).await?;
+        found.iter().map(rows::listed_key).collect()
     }
 
     async fn count_keys(&mut self, account: &AccountId) -> Result<u32> {
         let sql = "SELECT COUNT(*) FROM keys WHERE account_id = $1";
-        count(&query_one(&self.0, sql, &[&account.as_str()]).await?)
+        rows::count(&query_one(&self.0, sql, &[&account.as_str()]).await?)
     }
 
     async fn count_active(&mut self, account: &AccountId, now: OffsetDateTime) -> Result<u32> {
         let sql = "SELECT COUNT(*) FROM keys WHERE account_id = $1 AND revoked_at IS NULL \
                    AND (expires_at IS NULL OR expires_at > $2)";
-        count(&query_one(&self.0, sql, &[&account.as_str(), &now]).await?)
+        rows::count(&query_one(&self.0, sql, &[&account.as_str(), &now]).await?)
     }
 
-    async fn other_active_scopes(
-        &mut self,
-        key: &KeyRecord,
-        now: OffsetDateTime,
-    ) -> Result<Vec<Vec<String>>> {
-        let rows = query(
+    async fn other_scopes(&mut self, key: &KeyRecord, now: OffsetDateTime) -> Result<ScopeLists> {
+        query(
             &self.0,
             "SELECT scopes FROM keys WHERE account_id = $1 AND key_id <> $2 \
              AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $3)",
             &[&key.account_id.as_str(), &key.key_id.as_str(), &now],
         )
-        .await?;
-        rows.iter()
-            .map(|row| row.try_get::<_, Vec<String>>(0).map_err(map_err))
-            .collect()
+        .await?
+        .iter()
+        .map(rows::strings)
+        .collect()
     }
 
     async fn insert_key(&mut self, new: &NewKey) -> Result<()> {
@@ -232,62 +160,38 @@ impl<C: GenericClient + Send> KeyRows for Pg<C> {
         Ok(())
     }
 
-    async fn update_key_row(&mut self, after: &KeyRecord) -> Result<()> {
+    async fn write_key(&mut self, key: &KeyRecord) -> Result<()> {
         execute(
             &self.0,
             "UPDATE keys SET name = $1, description = $2, scopes = $3, expires_at = $4, \
-             version = $5 WHERE key_id = $6",
+             prefix = $5, rotated_at = $6, revoked_at = $7, revoke_reason = $8, version = $9 \
+             WHERE key_id = $10",
             &[
-                &after.name.as_str(),
-                &after.description.as_str(),
-                &after.scopes.to_strings(),
-                &after.expires_at,
-                &after.version,
-                &after.key_id.as_str(),
+                &key.name.as_str(),
+                &key.description.as_str(),
+                &key.scopes.to_strings(),
+                &key.expires_at,
+                &key.prefix.as_str(),
+                &key.rotated_at,
+                &key.revoked_at,
+                &key.revoke_reason,
+                &key.version,
+                &key.key_id.as_str(),
             ],
         )
         .await?;
         Ok(())
     }
 
-    async fn rotate_key_row(
-        &mut self,
-        key_id: &KeyId,
-        prefix: &KeyPrefix,
-        at: OffsetDateTime,
-    ) -> Result<()> {
-        let sql = "UPDATE keys SET prefix = $1, rotated_at = $2, version = version + 1 \
-                   WHERE key_id = $3";
-        execute(&self.0, sql, &[&prefix.as_str(), &at, &key_id.as_str()]).await?;
-        Ok(())
-    }
-
-    async fn revoke_key_row(
-        &mut self,
-        key_id: &KeyId,
-        reason: &str,
-        at: OffsetDateTime,
-    ) -> Result<()> {
-        let sql = "UPDATE keys SET revoked_at = $1, revoke_reason = $2, version = version + 1 \
-                   WHERE key_id = $3";
-        execute(&self.0, sql, &[&at, &reason, &key_id.as_str()]).await?;
-        Ok(())
-    }
-
-    async fn insert_secret(
-        &mut self,
-        key_id: &KeyId,
-        secret: &NewSecret,
-        at: OffsetDateTime,
-    ) -> Result<()> {
+    async fn insert_secret(&mut self, row: &SecretRow<'_>) -> Result<()> {
+        let secret = row.secret;
         let hash = &secret.hash.as_bytes()[..];
-        let pepper_id = secret.pepper_id.to_stored();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+        let params: [&(dyn ToSql + Sync); 5] = [
             &secret.prefix.as_str(),
-            &key_id.as_str(),
+            &row.key_id.as_str(),
             &hash,
-            &pepper_id,
-            &at,
+            &secret.pepper_id.to_stored(),
+            &row.created_at,
         ];
         execute(&self.0, INSERT_SECRET, &params).await?;
         Ok(())
@@ -307,7 +211,7 @@ impl<C: GenericClient + Send> KeyRows for Pg<C> {
         )
         .await?
         .iter()
-        .map(prefix_from_row)
+        .map(rows::prefix)
         .collect()
     }
 
@@ -317,7 +221,7 @@ impl<C: GenericClient + Send> KeyRows for Pg<C> {
         query(&self.0, sql, &[&before])
             .await?
             .iter()
-            .map(prefix_from_row)
+            .map(rows::prefix)
             .collect()
     }
 

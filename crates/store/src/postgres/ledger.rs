@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use deadpool_postgres::Transaction;
-use tokio_postgres::types::Json;
 
 use super::map_err;
-use crate::chain::{self, Head};
-use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, POSTGRES};
-use crate::rules::corrupt;
-use crate::{Result, StoredAuditEvent};
+use crate::chain::Head;
+use crate::migrate::{
+    self, Applied, CHAIN_BATCH, CREATE_LEDGER, ChainedEvent, Migration, POSTGRES,
+};
+use crate::rows::{self, CHAIN_EVENT_COLUMNS};
+use crate::{AuditChainRow, Result, StoredAuditEvent};
 
 /// Brings the schema up to date on `tx`, which holds the migration lock;
 /// returns how many migrations ran.
@@ -84,55 +85,32 @@ impl migrate::Ledger for Ledger<'_, '_> {
         Ok(())
     }
 
-    /// A thousand rows at a time in `event_id` order, each batch written
-    /// with one statement, each account's running head in memory (one per
-    /// account, not one per event).
-    async fn chain_audit_events(&mut self) -> Result<u64> {
-        let tx = self.0;
-        let mut heads: BTreeMap<String, Head> = BTreeMap::new();
-        let (mut after, mut chained) = (0_i64, 0_u64);
-        loop {
-            let rows = tx
-                .query(
-                    "SELECT event_id, account_id, key_id, action, actor, actor_ip, at, changes \
-                     FROM audit_events WHERE event_id > $1 AND hash IS NULL \
-                     ORDER BY event_id LIMIT 1000",
-                    &[&after],
-                )
-                .await
-                .map_err(map_err)?;
-            if rows.is_empty() {
-                break;
+    async fn unchained_events(&mut self, after: i64) -> Result<Vec<StoredAuditEvent>> {
+        let sql = format!(
+            "{CHAIN_EVENT_COLUMNS} WHERE event_id > $1 AND hash IS NULL ORDER BY event_id LIMIT $2"
+        );
+        let found = self
+            .0
+            .query(&sql, &[&after, &CHAIN_BATCH])
+            .await
+            .map_err(map_err)?;
+        let mut events = Vec::with_capacity(found.len());
+        for row in &found {
+            if let AuditChainRow::Event(event) = rows::chain_row(row)? {
+                events.push(event);
             }
-            let (mut ids, mut seqs, mut prevs, mut hashes) = (vec![], vec![], vec![], vec![]);
-            for row in &rows {
-                let Json(changes) = row
-                    .try_get::<_, Json<serde_json::Value>>(7)
-                    .map_err(|e| corrupt("audit changes")(e.to_string()))?;
-                let event = StoredAuditEvent {
-                    row_id: row.try_get(0).map_err(map_err)?,
-                    account_id: row.try_get(1).map_err(map_err)?,
-                    seq: None,
-                    key_id: row.try_get(2).map_err(map_err)?,
-                    action: row.try_get(3).map_err(map_err)?,
-                    actor: row.try_get(4).map_err(map_err)?,
-                    actor_ip: row.try_get(5).map_err(map_err)?,
-                    at: row.try_get(6).map_err(map_err)?,
-                    changes: None,
-                    prev_hash: None,
-                    hash: None,
-                };
-                let head = heads.entry(event.account_id.clone()).or_insert(Head::EMPTY);
-                let next = chain::chain_stored(*head, &event, &changes);
-                ids.push(event.row_id);
-                seqs.push(next.seq);
-                prevs.push(head.hash.to_vec());
-                hashes.push(next.hash.to_vec());
-                *head = next;
-                after = event.row_id;
-            }
-            chained += ids.len() as u64;
-            tx.execute(
+        }
+        Ok(events)
+    }
+
+    /// One statement per batch.
+    async fn chain_events(&mut self, links: &[ChainedEvent]) -> Result<()> {
+        let ids: Vec<i64> = links.iter().map(|l| l.row_id).collect();
+        let seqs: Vec<i64> = links.iter().map(|l| l.seq).collect();
+        let prevs: Vec<&[u8]> = links.iter().map(|l| &l.prev_hash[..]).collect();
+        let hashes: Vec<&[u8]> = links.iter().map(|l| &l.hash[..]).collect();
+        self.0
+            .execute(
                 "UPDATE audit_events e SET account_seq = n.seq, prev_hash = n.prev, hash = n.hash \
                  FROM UNNEST($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[]) \
                      AS n (id, seq, prev, hash) \
@@ -141,18 +119,23 @@ impl migrate::Ledger for Ledger<'_, '_> {
             )
             .await
             .map_err(map_err)?;
-        }
+        Ok(())
+    }
+
+    /// One statement: the table is new, so every head is too.
+    async fn write_heads(&mut self, heads: &BTreeMap<String, Head>) -> Result<()> {
         let accounts: Vec<&str> = heads.keys().map(String::as_str).collect();
         let seqs: Vec<i64> = heads.values().map(|h| h.seq).collect();
         let hashes: Vec<&[u8]> = heads.values().map(|h| &h.hash[..]).collect();
-        tx.execute(
-            "INSERT INTO audit_heads (account_id, last_seq, last_hash) \
-             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bytea[])",
-            &[&accounts, &seqs, &hashes],
-        )
-        .await
-        .map_err(map_err)?;
-        Ok(chained)
+        self.0
+            .execute(
+                "INSERT INTO audit_heads (account_id, last_seq, last_hash) \
+                 SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bytea[])",
+                &[&accounts, &seqs, &hashes],
+            )
+            .await
+            .map_err(map_err)?;
+        Ok(())
     }
 
     async fn apply(&mut self, m: &Migration, checksum: &str, at: &str) -> Result<()> {

@@ -54,14 +54,15 @@ use deadpool_postgres::{
 use time::OffsetDateTime;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
-use vilvik_keys_domain::{AccountId, KeyPrefix, PepperId};
+use tokio_postgres::types::{Json, ToSql, Type};
+use vilvik_keys_domain::{KeyPrefix, PepperId};
 
-use crate::backend::{Backend, Sink};
-use crate::db::{BoxFuture, Fut};
+use crate::backend::{Backend, Stream};
+use crate::db::BoxFuture;
+use crate::rows::{self, Cells};
 use crate::{
-    AuditChainRow, ChangeListener, Outage, OutageKind, PepperUse, Rehash, Result, SecretEntry,
-    SecretRecord, StoreError, UsageRecord, stream,
+    ChangeListener, Outage, OutageKind, PepperUse, Rehash, Result, SecretRecord, StoreError,
+    UsageRecord, stream,
 };
 
 pub use listen::ListenerOptions;
@@ -363,42 +364,75 @@ fn map_err(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
-async fn execute(c: &impl GenericClient, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+/// A statement's parameters.
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// Runs a statement, prepared once per connection and cached; returns how
+/// many rows it changed.
+async fn execute(c: &impl GenericClient, sql: &str, params: Params<'_>) -> Result<u64> {
     let stmt = c.prepare_cached(sql).await.map_err(map_err)?;
     c.execute(&stmt, params).await.map_err(map_err)
 }
 
-async fn query(
-    c: &impl GenericClient,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>> {
+/// [`execute`], returning the rows.
+async fn query(c: &impl GenericClient, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
     let stmt = c.prepare_cached(sql).await.map_err(map_err)?;
     c.query(&stmt, params).await.map_err(map_err)
 }
 
-async fn query_one(
-    c: &impl GenericClient,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Row> {
-    let stmt = c.prepare_cached(sql).await.map_err(map_err)?;
-    c.query_one(&stmt, params).await.map_err(map_err)
-}
-
-async fn query_opt(
-    c: &impl GenericClient,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Option<Row>> {
+/// [`execute`], returning the row, if any; more than one is an error.
+async fn query_opt(c: &impl GenericClient, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
     let stmt = c.prepare_cached(sql).await.map_err(map_err)?;
     c.query_opt(&stmt, params).await.map_err(map_err)
 }
 
-/// Postgres counts in `BIGINT`; the cap is a `u32`.
-fn count(row: &Row) -> Result<u32> {
-    let n: i64 = row.try_get(0).map_err(map_err)?;
-    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+/// [`execute`], returning the one row.
+async fn query_one(c: &impl GenericClient, sql: &str, params: Params<'_>) -> Result<Row> {
+    query_opt(c, sql, params)
+        .await?
+        .ok_or_else(|| StoreError::internal("a statement that returns a row returned none"))
+}
+
+impl Cells for Row {
+    fn opt_text(&self, i: usize) -> Result<Option<&str>> {
+        self.try_get(i).map_err(map_err)
+    }
+
+    /// `BIGINT`, or `INTEGER` (a literal such as `0 AS kind`).
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        let int4 = self
+            .columns()
+            .get(i)
+            .is_some_and(|c| *c.type_() == Type::INT4);
+        if int4 {
+            let value: Option<i32> = self.try_get(i).map_err(map_err)?;
+            return Ok(value.map(i64::from));
+        }
+        self.try_get(i).map_err(map_err)
+    }
+
+    fn flag(&self, i: usize) -> Result<bool> {
+        self.try_get(i).map_err(map_err)
+    }
+
+    fn opt_time(&self, i: usize) -> Result<Option<OffsetDateTime>> {
+        self.try_get(i).map_err(map_err)
+    }
+
+    fn opt_bytes(&self, i: usize) -> Result<Option<&[u8]>> {
+        self.try_get(i).map_err(map_err)
+    }
+
+    /// `TEXT[]`.
+    fn opt_strings(&self, i: usize) -> Result<Option<Vec<&str>>> {
+        self.try_get(i).map_err(map_err)
+    }
+
+    /// `JSONB`.
+    fn json(&self, i: usize) -> Result<serde_json::Value> {
+        let Json(value) = self.try_get(i).map_err(map_err)?;
+        Ok(value)
+    }
 }
 
 /// A pooled connection (`Pg<Object>`) or a transaction on one
@@ -500,7 +534,7 @@ impl Backend for PostgresStore {
             .map(|r| r.new_pepper_id.to_stored())
             .collect();
         let client = self.client().await?;
-        let rows = query(
+        let found = query(
             &client,
             keys::REHASH_SECRETS,
             &[
@@ -512,7 +546,7 @@ impl Backend for PostgresStore {
             ],
         )
         .await?;
-        rows.iter().map(keys::prefix_from_row).collect()
+        found.iter().map(rows::prefix).collect()
     }
 
     /// Opens a connection of its own (not from the pool, which recycles
@@ -536,40 +570,22 @@ impl Backend for PostgresStore {
             .map(Some)
     }
 
-    fn stream_secrets(&self, batch: usize, sink: Sink<'_, SecretEntry>) -> impl Fut<usize> {
-        self.stream_rows(
-            stream::STREAM_SECRETS,
-            vec![],
-            batch,
-            keys::entry_from_row,
-            sink,
-        )
-    }
-
-    fn stream_prefixes(&self, batch: usize, sink: Sink<'_, KeyPrefix>) -> impl Fut<usize> {
-        self.stream_rows(
-            stream::STREAM_PREFIXES,
-            vec![],
-            batch,
-            keys::prefix_from_row,
-            sink,
-        )
-    }
-
-    fn stream_audit_chain(
-        &self,
-        account: Option<&AccountId>,
-        batch: usize,
-        sink: Sink<'_, AuditChainRow>,
-    ) -> impl Fut<usize> {
-        let params = vec![account.map(|a| a.as_str().to_owned())];
-        self.stream_rows(
-            audit::AUDIT_CHAIN,
-            params,
-            batch,
-            audit::chain_row_from_row,
-            sink,
-        )
+    async fn stream(&self, batch: usize, stream: Stream<'_>) -> Result<usize> {
+        match stream {
+            Stream::Secrets(sink) => {
+                self.stream_rows(stream::STREAM_SECRETS, vec![], batch, rows::entry, sink)
+                    .await
+            }
+            Stream::Prefixes(sink) => {
+                self.stream_rows(stream::STREAM_PREFIXES, vec![], batch, rows::prefix, sink)
+                    .await
+            }
+            Stream::AuditChain(account, sink) => {
+                let params = vec![account.map(|a| a.as_str().to_owned())];
+                self.stream_rows(audit::AUDIT_CHAIN, params, batch, rows::chain_row, sink)
+                    .await
+            }
+        }
     }
 
     async fn secrets_by_pepper(&self) -> Result<Vec<PepperUse>> {
@@ -579,17 +595,8 @@ impl Backend for PostgresStore {
         tx.batch_execute(NO_STATEMENT_TIMEOUT)
             .await
             .map_err(map_err)?;
-        let rows = query(&tx, stream::SECRETS_BY_PEPPER, &[]).await?;
-        let uses = rows
-            .iter()
-            .map(|row| {
-                Ok(PepperUse {
-                    pepper_id: stream::pepper_id(row.try_get(0).map_err(map_err)?)?,
-                    live: row.try_get::<_, i64>(1).map_err(map_err)? as u64,
-                    total: row.try_get::<_, i64>(2).map_err(map_err)? as u64,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let found = query(&tx, stream::SECRETS_BY_PEPPER, &[]).await?;
+        let uses = found.iter().map(rows::pepper_use).collect::<Result<_>>()?;
         tx.commit().await.map_err(map_err)?;
         Ok(uses)
     }

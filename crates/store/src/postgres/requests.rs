@@ -5,20 +5,15 @@
 
 use deadpool_postgres::GenericClient;
 use time::OffsetDateTime;
-use vilvik_keys_domain::AccountId;
 
-use super::{Pg, execute, map_err, query_one};
-use crate::db::RequestRows;
+use super::{Pg, execute, query_one};
+use crate::db::{Claim, RequestRows};
 use crate::rules::StoredRequest;
-use crate::{RequestRecord, Result};
+use crate::{Result, rows};
 
 impl<C: GenericClient + Send> RequestRows for Pg<C> {
-    async fn forget_expired_request(
-        &mut self,
-        account: &AccountId,
-        request: &RequestRecord,
-        now: OffsetDateTime,
-    ) -> Result<()> {
+    async fn forget_expired(&mut self, claim: &Claim<'_>, now: OffsetDateTime) -> Result<()> {
+        let Claim { account, request } = claim;
         let sql = "DELETE FROM requests WHERE account_id = $1 AND request_digest = $2 \
                    AND expires_at <= $3";
         execute(
@@ -30,11 +25,8 @@ impl<C: GenericClient + Send> RequestRows for Pg<C> {
         Ok(())
     }
 
-    async fn record_request(
-        &mut self,
-        account: &AccountId,
-        request: &RequestRecord,
-    ) -> Result<bool> {
+    async fn record_request(&mut self, claim: &Claim<'_>) -> Result<bool> {
+        let Claim { account, request } = claim;
         let claimed = execute(
             &self.0,
             "INSERT INTO requests (account_id, request_digest, method, params_digest, key_id, \
@@ -55,21 +47,11 @@ impl<C: GenericClient + Send> RequestRows for Pg<C> {
         Ok(claimed == 1)
     }
 
-    async fn recorded_request(
-        &mut self,
-        account: &AccountId,
-        request: &RequestRecord,
-    ) -> Result<StoredRequest> {
+    async fn recorded_request(&mut self, claim: &Claim<'_>) -> Result<StoredRequest> {
+        let Claim { account, request } = claim;
         let sql = "SELECT method, params_digest, key_id, sealed_secret, pepper_id FROM requests \
                    WHERE account_id = $1 AND request_digest = $2";
-        let row = query_one(&self.0, sql, &[&account.as_str(), &&request.digest[..]]).await?;
-        Ok(StoredRequest {
-            method: row.try_get(0).map_err(map_err)?,
-            params: row.try_get(1).map_err(map_err)?,
-            key_id: row.try_get(2).map_err(map_err)?,
-            sealed: row.try_get(3).map_err(map_err)?,
-            pepper_id: row.try_get(4).map_err(map_err)?,
-        })
+        rows::request(&query_one(&self.0, sql, &[&account.as_str(), &&request.digest[..]]).await?)
     }
 
     async fn prune_requests(&mut self, now: OffsetDateTime) -> Result<u64> {

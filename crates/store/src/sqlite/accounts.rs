@@ -5,29 +5,17 @@ use rusqlite::{OptionalExtension, params};
 use time::OffsetDateTime;
 use vilvik_keys_domain::AccountId;
 
-use super::keys::parse_json_list;
 use super::{Sqlite, map_err, to_micros};
 use crate::db::AccountRows;
-use crate::{Account, Result, rules};
+use crate::{Account, Result, rows, rules};
 
 impl AccountRows for Sqlite<'_> {
     async fn load_account(&mut self, account: &AccountId) -> Result<Account> {
-        let stored: Option<(String, Option<String>)> = self
-            .query_row(
-                "SELECT tier, grantable_scopes FROM accounts WHERE account_id = ?1",
-                [account.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+        let sql = "SELECT tier, grantable_scopes FROM accounts WHERE account_id = ?1";
+        self.query_row(sql, [account.as_str()], |row| Ok(rows::account(row)))
             .optional()
-            .map_err(map_err)?;
-        let stored = match stored {
-            Some((tier, Some(json))) => {
-                Some((tier, Some(parse_json_list("grantable scopes", &json)?)))
-            }
-            Some((tier, None)) => Some((tier, None)),
-            None => None,
-        };
-        rules::account(stored)
+            .map_err(map_err)?
+            .unwrap_or_else(|| rules::account(None))
     }
 
     /// The write lock `BEGIN IMMEDIATE` took covers the row.

@@ -2,17 +2,17 @@
 //! rows of [`crate::Store::stream_audit_chain`]. The write lock `BEGIN
 //! IMMEDIATE` took keeps anyone else from appending to a chain meanwhile.
 
-use rusqlite::{OptionalExtension, Row, params};
+use rusqlite::{OptionalExtension, params};
 use vilvik_keys_domain::{AccountId, KeyId};
 
-use super::{Sqlite, from_micros, map_err, to_micros};
+use super::{Sqlite, map_err, to_micros};
 use crate::chain::{Head, Link};
-use crate::db::{AuditRows, Events, Window};
-use crate::rules::{ChangeRecord, RawEvent};
-use crate::{AuditChainRow, Result, StoredAuditEvent, StoredAuditHead};
+use crate::db::{AuditRows, EventPage, Events};
+use crate::rules::ChangeRecord;
+use crate::{Result, rows};
 
-/// Every event and head, or one account's (`?1`), as
-/// [`crate::Store::stream_audit_chain`] hands them out.
+/// Every event and head, or one account's (`?1`), in [`rows::chain_row`]'s
+/// columns, as [`crate::Store::stream_audit_chain`] hands them out.
 pub(super) const AUDIT_CHAIN: &str = "SELECT 0 AS kind, account_id, account_seq, event_id, key_id, \
          action, actor, actor_ip, at, changes, prev_hash, hash \
      FROM audit_events WHERE ?1 IS NULL OR account_id = ?1 \
@@ -20,35 +20,6 @@ pub(super) const AUDIT_CHAIN: &str = "SELECT 0 AS kind, account_id, account_seq,
      SELECT 1, account_id, last_seq, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, last_hash \
      FROM audit_heads WHERE ?1 IS NULL OR account_id = ?1 \
      ORDER BY account_id, kind, account_seq NULLS FIRST, event_id";
-
-/// Decodes a row of [`AUDIT_CHAIN`]: an event (kind 0) or a head (kind 1).
-pub(super) fn chain_row_from_row(row: &Row<'_>) -> Result<AuditChainRow> {
-    let kind: i64 = row.get(0).map_err(map_err)?;
-    let account_id: String = row.get(1).map_err(map_err)?;
-    let seq: Option<i64> = row.get(2).map_err(map_err)?;
-    if kind == 1 {
-        return Ok(AuditChainRow::Head(StoredAuditHead {
-            account_id,
-            seq: seq.unwrap_or_default(),
-            hash: row.get(11).map_err(map_err)?,
-        }));
-    }
-    // Text that is not JSON (or not text) is an edited row, not an error.
-    let changes = row.get::<_, String>(9).ok();
-    Ok(AuditChainRow::Event(StoredAuditEvent {
-        row_id: row.get(3).map_err(map_err)?,
-        account_id,
-        seq,
-        key_id: row.get(4).map_err(map_err)?,
-        action: row.get(5).map_err(map_err)?,
-        actor: row.get(6).map_err(map_err)?,
-        actor_ip: row.get(7).map_err(map_err)?,
-        at: from_micros(row.get(8).map_err(map_err)?)?,
-        changes: changes.and_then(|c| serde_json::from_str(&c).ok()),
-        prev_hash: row.get(10).map_err(map_err)?,
-        hash: row.get(11).map_err(map_err)?,
-    }))
-}
 
 /// Moves (or creates) the account's head.
 pub(super) fn write_head(conn: &Sqlite<'_>, account: &str, head: Head) -> Result<()> {
@@ -64,12 +35,7 @@ pub(super) fn write_head(conn: &Sqlite<'_>, account: &str, head: Head) -> Result
 }
 
 impl AuditRows for Sqlite<'_> {
-    async fn list_events(
-        &mut self,
-        account: &AccountId,
-        key_id: Option<&KeyId>,
-        at: Window,
-    ) -> Result<Events> {
+    async fn list_events(&mut self, page: &EventPage<'_>) -> Result<Events> {
         let mut stmt = self
             .prepare_cached(
                 "SELECT account_seq, key_id, action, actor, actor_ip, at, changes \
@@ -77,23 +43,14 @@ impl AuditRows for Sqlite<'_> {
                  AND account_seq > ?3 ORDER BY account_seq LIMIT ?4",
             )
             .map_err(map_err)?;
-        let key_id = key_id.map(KeyId::as_str);
-        let mut rows = stmt
+        let (account, at) = (page.account, page.at);
+        let key_id = page.key_id.map(KeyId::as_str);
+        let mut found = stmt
             .query(params![account.as_str(), key_id, at.after, at.fetch()])
             .map_err(map_err)?;
         let mut items = Vec::new();
-        while let Some(row) = rows.next().map_err(map_err)? {
-            let changes: String = row.get(6).map_err(map_err)?;
-            let event = RawEvent {
-                event_id: row.get(0).map_err(map_err)?,
-                key_id: row.get(1).map_err(map_err)?,
-                action: row.get(2).map_err(map_err)?,
-                actor: row.get(3).map_err(map_err)?,
-                actor_ip: row.get(4).map_err(map_err)?,
-                at: from_micros(row.get(5).map_err(map_err)?)?,
-                changes: serde_json::from_str(&changes),
-            };
-            items.push(event.parse(account)?);
+        while let Some(row) = found.next().map_err(map_err)? {
+            items.push(rows::event(row, account)?);
         }
         Ok(items)
     }
@@ -101,14 +58,10 @@ impl AuditRows for Sqlite<'_> {
     async fn lock_head(&mut self, account: &AccountId) -> Result<Head> {
         self.prepare_cached("SELECT last_seq, last_hash FROM audit_heads WHERE account_id = ?1")
             .map_err(map_err)?
-            .query_row([account.as_str()], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
+            .query_row([account.as_str()], |row| Ok(rows::head(row)))
             .optional()
             .map_err(map_err)?
-            .map(|(seq, hash)| Head::stored(seq, &hash))
-            .transpose()
-            .map(|head| head.unwrap_or(Head::EMPTY))
+            .unwrap_or(Ok(Head::EMPTY))
     }
 
     async fn append_event(&mut self, record: &ChangeRecord<'_>, link: &Link) -> Result<()> {

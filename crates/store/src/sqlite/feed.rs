@@ -10,7 +10,7 @@ use vilvik_keys_domain::KeyPrefix;
 use super::{Sqlite, SqliteStore, map_err, to_micros};
 use crate::backend::Sink;
 use crate::db::ChangeRows;
-use crate::{Result, rules, stream};
+use crate::{Result, rows, stream};
 
 impl ChangeRows for Sqlite<'_> {
     async fn change_sequence(&mut self) -> Result<i64> {
@@ -26,16 +26,10 @@ impl ChangeRows for Sqlite<'_> {
                 "SELECT seq, prefix FROM key_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )
             .map_err(map_err)?;
-        let rows = stmt
-            .query_map(params![seq, i64::from(limit)], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-            })
-            .map_err(map_err)?;
-        rows.map(|r| {
-            let (seq, prefix) = r.map_err(map_err)?;
-            Ok((seq, rules::field("change prefix", prefix.parse())?))
-        })
-        .collect()
+        stmt.query_map(params![seq, i64::from(limit)], |row| Ok(rows::change(row)))
+            .map_err(map_err)?
+            .map(|change| change.map_err(map_err)?)
+            .collect()
     }
 
     async fn change_floor(&mut self) -> Result<i64> {

@@ -1,17 +1,15 @@
-//! Keys and their secrets on SQLite: the primitives of
-//! [`KeyRows`], and the decoding of key and secret rows. Scopes are a
-//! JSON array of strings, times INTEGER microseconds.
+//! Keys and their secrets on SQLite: the primitives of [`KeyRows`]. Scopes
+//! are a JSON array of strings, times INTEGER microseconds.
 
 use std::collections::BTreeMap;
 
-use rusqlite::{OptionalExtension, Row, params};
+use rusqlite::{OptionalExtension, params};
 use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, ScopeSet, SecretHash};
+use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, ScopeSet};
 
-use super::{Sqlite, from_micros, map_err, opt_from_micros, to_micros};
-use crate::db::{KeyRows, Keys, Window};
-use crate::rules::{self, RawKey, corrupt};
-use crate::{Actor, KeyRecord, NewKey, NewSecret, Result, SecretEntry, SecretRecord, ops, stream};
+use super::{Sqlite, map_err, to_micros};
+use crate::db::{KeyRows, Keys, ScopeLists, SecretRow, Window};
+use crate::{Actor, KeyRecord, NewKey, Result, SecretRecord, ops, rows};
 
 const KEY_COLUMNS: &str = key_columns!();
 
@@ -21,49 +19,8 @@ const PRUNE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = ?1 AND s
      AND prefix NOT IN (SELECT prefix FROM key_secrets WHERE key_id = ?1 AND superseded_at IS NOT NULL \
      ORDER BY superseded_at DESC, rowid DESC LIMIT ?2) RETURNING prefix";
 
-/// Reads the columns of [`KEY_COLUMNS`] starting at `offset`.
-fn key_from_row(row: &Row<'_>, offset: usize) -> Result<KeyRecord> {
-    let get_text = |i: usize| row.get::<_, String>(offset + i).map_err(map_err);
-    let get_time = |i: usize| opt_from_micros(row.get(offset + i).map_err(map_err)?);
-    let scopes_json = get_text(4)?;
-    RawKey {
-        key_id: get_text(0)?,
-        account_id: get_text(1)?,
-        name: get_text(2)?,
-        description: get_text(3)?,
-        scopes: parse_json_list("scopes", &scopes_json)?,
-        prefix: get_text(5)?,
-        created_at: from_micros(row.get(offset + 6).map_err(map_err)?)?,
-        expires_at: get_time(7)?,
-        revoked_at: get_time(8)?,
-        revoke_reason: row.get(offset + 9).map_err(map_err)?,
-        rotated_at: get_time(10)?,
-        last_used_at: get_time(11)?,
-        last_used_ip: row.get(offset + 12).map_err(map_err)?,
-        version: row.get(offset + 13).map_err(map_err)?,
-    }
-    .parse()
-}
-
-/// A JSON array of strings as stored (scopes, a catalogue).
-pub(super) fn parse_json_list(what: &str, json: &str) -> Result<Vec<String>> {
-    serde_json::from_str(json).map_err(|e| corrupt(what)(e.to_string()))
-}
-
 fn scopes_json(scopes: &ScopeSet) -> String {
     serde_json::to_string(&scopes.to_strings()).expect("a list of strings serializes")
-}
-
-/// Reads `s.hash, s.superseded_at, s.pepper_id` and then [`KEY_COLUMNS`].
-fn secret_from_row(row: &Row<'_>) -> Result<SecretRecord> {
-    let hash: Vec<u8> = row.get(0).map_err(map_err)?;
-    Ok(SecretRecord {
-        hash: SecretHash::from_slice(&hash)
-            .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
-        superseded_at: opt_from_micros(row.get(1).map_err(map_err)?)?,
-        pepper_id: stream::pepper_id(row.get(2).map_err(map_err)?)?,
-        key: key_from_row(row, 3)?,
-    })
 }
 
 /// [`crate::KeySource::find_secret`] on the reader.
@@ -73,51 +30,10 @@ pub(super) fn find_secret(conn: &Sqlite<'_>, prefix: &KeyPrefix) -> Result<Optio
          JOIN keys k ON k.key_id = s.key_id WHERE s.prefix = ?1"
     ))
     .map_err(map_err)?
-    .query_row([prefix.as_str()], |row| Ok(secret_from_row(row)))
+    .query_row([prefix.as_str()], |row| Ok(rows::secret(row)))
     .optional()
     .map_err(map_err)?
     .transpose()
-}
-
-/// Decodes a row of [`stream::STREAM_PREFIXES`], or of a `DELETE …
-/// RETURNING prefix`.
-pub(super) fn prefix_from_row(row: &Row<'_>) -> Result<KeyPrefix> {
-    let prefix = row
-        .get_ref(0)
-        .and_then(|v| Ok(v.as_str()?))
-        .map_err(map_err)?;
-    rules::field("secret prefix", prefix.parse())
-}
-
-/// Decodes a row of [`stream::STREAM_SECRETS`], borrowing its text until parsed.
-pub(super) fn entry_from_row(row: &Row<'_>) -> Result<SecretEntry> {
-    let text = |i: usize| -> Result<&str> {
-        row.get_ref(i)
-            .map_err(map_err)?
-            .as_str()
-            .map_err(|e| crate::StoreError::internal_from("SQLite column is not text", e))
-    };
-    let hash = row
-        .get_ref(1)
-        .map_err(map_err)?
-        .as_blob()
-        .map_err(|e| crate::StoreError::internal_from("SQLite column is not a blob", e))?;
-    // Scopes never hold a character JSON escapes, so they borrow.
-    let scopes: Vec<&str> =
-        serde_json::from_str(text(8)?).map_err(|e| corrupt("scopes")(e.to_string()))?;
-    stream::RawEntry {
-        prefix: text(0)?,
-        hash,
-        superseded: row.get(2).map_err(map_err)?,
-        revoked: row.get(3).map_err(map_err)?,
-        expires_at: opt_from_micros(row.get(4).map_err(map_err)?)?,
-        key_id: text(5)?,
-        account_id: text(6)?,
-        name: text(7)?,
-        scopes: &scopes,
-        pepper_id: row.get(9).map_err(map_err)?,
-    }
-    .parse()
 }
 
 impl Sqlite<'_> {
@@ -127,13 +43,14 @@ impl Sqlite<'_> {
         let mut rows = stmt.query(params).map_err(map_err)?;
         let mut prefixes = Vec::new();
         while let Some(row) = rows.next().map_err(map_err)? {
-            prefixes.push(prefix_from_row(row)?);
+            prefixes.push(rows::prefix(row)?);
         }
         Ok(prefixes)
     }
 
     fn count(&self, sql: &str, params: impl rusqlite::Params) -> Result<u32> {
-        self.query_row(sql, params, |r| r.get(0)).map_err(map_err)
+        self.query_row(sql, params, |row| Ok(rows::count(row)))
+            .map_err(map_err)?
     }
 }
 
@@ -144,7 +61,7 @@ impl KeyRows for Sqlite<'_> {
         ))
         .map_err(map_err)?
         .query_row(params![account.as_str(), key_id.as_str()], |row| {
-            Ok(key_from_row(row, 0))
+            Ok(rows::key(row, 0))
         })
         .optional()
         .map_err(map_err)?
@@ -166,15 +83,10 @@ impl KeyRows for Sqlite<'_> {
         let rows = stmt
             .query_map(
                 params![account.as_str(), at.after, revoked, at.fetch()],
-                |row| Ok(row.get::<_, i64>(0).map(|seq| (seq, key_from_row(row, 1)))),
+                |row| Ok(rows::listed_key(row)),
             )
             .map_err(map_err)?;
-        let mut items = Vec::new();
-        for row in rows {
-            let (seq, key) = row.map_err(map_err)?.map_err(map_err)?;
-            items.push((seq, key?));
-        }
-        Ok(items)
+        rows.map(|row| row.map_err(map_err)?).collect()
     }
 
     async fn count_keys(&mut self, account: &AccountId) -> Result<u32> {
@@ -192,11 +104,7 @@ impl KeyRows for Sqlite<'_> {
         )
     }
 
-    async fn other_active_scopes(
-        &mut self,
-        key: &KeyRecord,
-        now: OffsetDateTime,
-    ) -> Result<Vec<Vec<String>>> {
+    async fn other_scopes(&mut self, key: &KeyRecord, now: OffsetDateTime) -> Result<ScopeLists> {
         let mut stmt = self
             .prepare_cached(
                 "SELECT scopes FROM keys WHERE account_id = ?1 AND key_id <> ?2 \
@@ -205,10 +113,10 @@ impl KeyRows for Sqlite<'_> {
             .map_err(map_err)?;
         stmt.query_map(
             params![key.account_id.as_str(), key.key_id.as_str(), to_micros(now)],
-            |r| r.get::<_, String>(0),
+            |row| Ok(rows::strings(row)),
         )
         .map_err(map_err)?
-        .map(|json| parse_json_list("scopes", &json.map_err(map_err)?))
+        .map(|scopes| scopes.map_err(map_err)?)
         .collect()
     }
 
@@ -233,58 +141,31 @@ impl KeyRows for Sqlite<'_> {
         Ok(())
     }
 
-    async fn update_key_row(&mut self, after: &KeyRecord) -> Result<()> {
-        self.execute(
+    async fn write_key(&mut self, key: &KeyRecord) -> Result<()> {
+        self.prepare_cached(
             "UPDATE keys SET name = ?1, description = ?2, scopes = ?3, expires_at = ?4, \
-             version = ?5 WHERE key_id = ?6",
-            params![
-                after.name.as_str(),
-                after.description.as_str(),
-                scopes_json(&after.scopes),
-                after.expires_at.map(to_micros),
-                after.version,
-                after.key_id.as_str()
-            ],
+             prefix = ?5, rotated_at = ?6, revoked_at = ?7, revoke_reason = ?8, version = ?9 \
+             WHERE key_id = ?10",
         )
+        .map_err(map_err)?
+        .execute(params![
+            key.name.as_str(),
+            key.description.as_str(),
+            scopes_json(&key.scopes),
+            key.expires_at.map(to_micros),
+            key.prefix.as_str(),
+            key.rotated_at.map(to_micros),
+            key.revoked_at.map(to_micros),
+            key.revoke_reason,
+            key.version,
+            key.key_id.as_str()
+        ])
         .map_err(map_err)?;
         Ok(())
     }
 
-    async fn rotate_key_row(
-        &mut self,
-        key_id: &KeyId,
-        prefix: &KeyPrefix,
-        at: OffsetDateTime,
-    ) -> Result<()> {
-        self.execute(
-            "UPDATE keys SET prefix = ?1, rotated_at = ?2, version = version + 1 WHERE key_id = ?3",
-            params![prefix.as_str(), to_micros(at), key_id.as_str()],
-        )
-        .map_err(map_err)?;
-        Ok(())
-    }
-
-    async fn revoke_key_row(
-        &mut self,
-        key_id: &KeyId,
-        reason: &str,
-        at: OffsetDateTime,
-    ) -> Result<()> {
-        self.execute(
-            "UPDATE keys SET revoked_at = ?1, revoke_reason = ?2, version = version + 1 \
-             WHERE key_id = ?3",
-            params![to_micros(at), reason, key_id.as_str()],
-        )
-        .map_err(map_err)?;
-        Ok(())
-    }
-
-    async fn insert_secret(
-        &mut self,
-        key_id: &KeyId,
-        secret: &NewSecret,
-        at: OffsetDateTime,
-    ) -> Result<()> {
+    async fn insert_secret(&mut self, row: &SecretRow<'_>) -> Result<()> {
+        let secret = row.secret;
         self.prepare_cached(
             "INSERT INTO key_secrets (prefix, key_id, hash, pepper_id, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -292,10 +173,10 @@ impl KeyRows for Sqlite<'_> {
         .map_err(map_err)?
         .execute(params![
             secret.prefix.as_str(),
-            key_id.as_str(),
+            row.key_id.as_str(),
             &secret.hash.as_bytes()[..],
             secret.pepper_id.to_stored(),
-            to_micros(at)
+            to_micros(row.created_at)
         ])
         .map_err(map_err)?;
         Ok(())

@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 
 use rusqlite::params;
 
-use super::{Sqlite, complete, from_micros, map_err};
-use crate::chain::{self, Head};
-use crate::migrate::{self, Applied, CREATE_LEDGER, Migration, SQLITE};
-use crate::rules::corrupt;
-use crate::{Result, StoredAuditEvent};
+use super::audit::write_head;
+use super::{Sqlite, complete, map_err};
+use crate::chain::Head;
+use crate::migrate::{self, Applied, CHAIN_BATCH, CREATE_LEDGER, ChainedEvent, Migration, SQLITE};
+use crate::rows::{self, CHAIN_EVENT_COLUMNS};
+use crate::{AuditChainRow, Result, StoredAuditEvent};
 
 /// [`crate::Store::migrate`]. The runner is shared with Postgres and
 /// async; nothing here waits, so it completes on this thread.
@@ -66,72 +67,50 @@ impl migrate::Ledger for Ledger<'_, '_> {
         Ok(())
     }
 
-    /// A thousand rows at a time in `event_id` order, each account's
-    /// running head in memory (one per account, not one per event).
-    async fn chain_audit_events(&mut self) -> Result<u64> {
-        let tx = self.0;
-        let mut heads: BTreeMap<String, Head> = BTreeMap::new();
-        let (mut after, mut chained) = (0_i64, 0_u64);
-        loop {
-            let rows: Vec<StoredAuditEvent> = {
-                let mut stmt = tx
-                    .prepare(
-                        "SELECT event_id, account_id, key_id, action, actor, actor_ip, at, changes \
-                         FROM audit_events WHERE event_id > ?1 AND hash IS NULL \
-                         ORDER BY event_id LIMIT 1000",
-                    )
-                    .map_err(map_err)?;
-                let mut rows = stmt.query([after]).map_err(map_err)?;
-                let mut out = Vec::new();
-                while let Some(row) = rows.next().map_err(map_err)? {
-                    let changes: String = row.get(7).map_err(map_err)?;
-                    out.push(StoredAuditEvent {
-                        row_id: row.get(0).map_err(map_err)?,
-                        account_id: row.get(1).map_err(map_err)?,
-                        seq: None,
-                        key_id: row.get(2).map_err(map_err)?,
-                        action: row.get(3).map_err(map_err)?,
-                        actor: row.get(4).map_err(map_err)?,
-                        actor_ip: row.get(5).map_err(map_err)?,
-                        at: from_micros(row.get(6).map_err(map_err)?)?,
-                        changes: Some(
-                            serde_json::from_str(&changes)
-                                .map_err(|e| corrupt("audit changes")(e.to_string()))?,
-                        ),
-                        prev_hash: None,
-                        hash: None,
-                    });
-                }
-                out
-            };
-            let Some(last) = rows.last() else { break };
-            after = last.row_id;
-            let mut update = tx
-                .prepare_cached(
-                    "UPDATE audit_events SET account_seq = ?1, prev_hash = ?2, hash = ?3 \
-                     WHERE event_id = ?4",
-                )
-                .map_err(map_err)?;
-            for event in &rows {
-                let head = heads.entry(event.account_id.clone()).or_insert(Head::EMPTY);
-                let changes = event.changes.as_ref().expect("parsed above");
-                let next = chain::chain_stored(*head, event, changes);
-                update
-                    .execute(params![
-                        next.seq,
-                        &head.hash[..],
-                        &next.hash[..],
-                        event.row_id
-                    ])
-                    .map_err(map_err)?;
-                *head = next;
-                chained += 1;
+    async fn unchained_events(&mut self, after: i64) -> Result<Vec<StoredAuditEvent>> {
+        let mut stmt = self
+            .0
+            .prepare(&format!(
+                "{CHAIN_EVENT_COLUMNS} WHERE event_id > ?1 AND hash IS NULL \
+                 ORDER BY event_id LIMIT ?2"
+            ))
+            .map_err(map_err)?;
+        let mut found = stmt.query([after, CHAIN_BATCH]).map_err(map_err)?;
+        let mut events = Vec::new();
+        while let Some(row) = found.next().map_err(map_err)? {
+            if let AuditChainRow::Event(event) = rows::chain_row(row)? {
+                events.push(event);
             }
         }
-        for (account, head) in &heads {
-            super::audit::write_head(tx, account, *head)?;
+        Ok(events)
+    }
+
+    async fn chain_events(&mut self, links: &[ChainedEvent]) -> Result<()> {
+        let mut update = self
+            .0
+            .prepare_cached(
+                "UPDATE audit_events SET account_seq = ?1, prev_hash = ?2, hash = ?3 \
+                 WHERE event_id = ?4",
+            )
+            .map_err(map_err)?;
+        for link in links {
+            update
+                .execute(params![
+                    link.seq,
+                    &link.prev_hash[..],
+                    &link.hash[..],
+                    link.row_id
+                ])
+                .map_err(map_err)?;
         }
-        Ok(chained)
+        Ok(())
+    }
+
+    async fn write_heads(&mut self, heads: &BTreeMap<String, Head>) -> Result<()> {
+        for (account, head) in heads {
+            write_head(self.0, account, *head)?;
+        }
+        Ok(())
     }
 
     async fn apply(&mut self, m: &Migration, checksum: &str, at: &str) -> Result<()> {

@@ -33,13 +33,15 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use rusqlite::{Connection, params};
 use time::OffsetDateTime;
-use vilvik_keys_domain::{AccountId, KeyPrefix, PepperId};
+use vilvik_keys_domain::{KeyPrefix, PepperId};
 
-use crate::backend::{Backend, Sink};
+use crate::backend::{Backend, Stream};
 use crate::db::{BoxFuture, Fut};
+use crate::rows::{self, Cells};
+use crate::rules::corrupt;
 use crate::{
-    AuditChainRow, ChangeListener, OutageKind, PepperUse, Rehash, Result, SecretEntry,
-    SecretRecord, StoreError, UsageRecord, stream,
+    ChangeListener, OutageKind, PepperUse, Rehash, Result, SecretRecord, StoreError, UsageRecord,
+    stream,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -86,10 +88,8 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Sqlite<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let conn = self.writer.clone();
-        run_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            let mut tx = Sqlite::begin(&mut conn)?;
+        on(&self.writer, move |conn| {
+            let mut tx = Sqlite::begin(conn)?;
             let out = f(&mut tx)?;
             tx.commit()?;
             Ok(out)
@@ -102,13 +102,20 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Sqlite<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let conn = self.reader.clone();
-        run_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut Sqlite(&mut conn))
-        })
-        .await
+        on(&self.reader, move |conn| f(&mut Sqlite(conn))).await
     }
+}
+
+/// Runs `f` with `conn` on tokio's blocking pool. A connection whose
+/// holder panicked is used on: [`Sqlite`] rolled back whatever it left open.
+async fn on<T: Send + 'static>(
+    conn: &Arc<Mutex<Connection>>,
+    f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap_or_else(|p| p.into_inner())))
+        .await
+        .map_err(|e| StoreError::internal_from("SQLite task failed", e))?
 }
 
 /// One of the store's connections as the primitives of `db.rs` use it:
@@ -228,14 +235,6 @@ fn open_connection(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::internal_from("SQLite task failed", e))?
-}
-
 fn map_err(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode;
     match e.sqlite_error_code() {
@@ -259,8 +258,45 @@ fn from_micros(micros: i64) -> Result<OffsetDateTime> {
         .map_err(|e| StoreError::internal_from("stored time out of range", e))
 }
 
-fn opt_from_micros(micros: Option<i64>) -> Result<Option<OffsetDateTime>> {
-    micros.map(from_micros).transpose()
+impl Cells for rusqlite::Row<'_> {
+    fn opt_text(&self, i: usize) -> Result<Option<&str>> {
+        let cell = self.get_ref(i).map_err(map_err)?;
+        cell.as_str_or_null()
+            .map_err(|e| StoreError::internal_from("SQLite column is not text", e))
+    }
+
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        self.get(i).map_err(map_err)
+    }
+
+    fn flag(&self, i: usize) -> Result<bool> {
+        self.get(i).map_err(map_err)
+    }
+
+    /// INTEGER microseconds since the Unix epoch.
+    fn opt_time(&self, i: usize) -> Result<Option<OffsetDateTime>> {
+        self.opt_int(i)?.map(from_micros).transpose()
+    }
+
+    fn opt_bytes(&self, i: usize) -> Result<Option<&[u8]>> {
+        let cell = self.get_ref(i).map_err(map_err)?;
+        cell.as_blob_or_null()
+            .map_err(|e| StoreError::internal_from("SQLite column is not a blob", e))
+    }
+
+    /// A JSON array of strings. Scopes and scope patterns never hold a
+    /// character JSON escapes, so they borrow.
+    fn opt_strings(&self, i: usize) -> Result<Option<Vec<&str>>> {
+        let Some(json) = self.opt_text(i)? else {
+            return Ok(None);
+        };
+        serde_json::from_str(json).map_err(|e| corrupt("list")(e.to_string()))
+    }
+
+    /// JSON text.
+    fn json(&self, i: usize) -> Result<serde_json::Value> {
+        serde_json::from_str(self.text(i)?).map_err(|e| corrupt("JSON")(e.to_string()))
+    }
 }
 
 impl Backend for SqliteStore {
@@ -353,28 +389,29 @@ impl Backend for SqliteStore {
         Ok(None)
     }
 
-    fn stream_secrets(&self, batch: usize, sink: Sink<'_, SecretEntry>) -> impl Fut<usize> {
-        let query = stream::STREAM_SECRETS;
-        self.stream_rows(query, Vec::new(), batch, keys::entry_from_row, sink)
-    }
-
-    fn stream_prefixes(&self, batch: usize, sink: Sink<'_, KeyPrefix>) -> impl Fut<usize> {
-        let query = stream::STREAM_PREFIXES;
-        self.stream_rows(query, Vec::new(), batch, keys::prefix_from_row, sink)
-    }
-
-    fn stream_audit_chain(
-        &self,
-        account: Option<&AccountId>,
-        batch: usize,
-        sink: Sink<'_, AuditChainRow>,
-    ) -> impl Fut<usize> {
-        let account = match account {
-            Some(a) => rusqlite::types::Value::Text(a.as_str().to_owned()),
-            None => rusqlite::types::Value::Null,
-        };
-        let decode = audit::chain_row_from_row;
-        self.stream_rows(audit::AUDIT_CHAIN, vec![account], batch, decode, sink)
+    async fn stream(&self, batch: usize, stream: Stream<'_>) -> Result<usize> {
+        use rusqlite::types::Value;
+        match stream {
+            Stream::Secrets(sink) => {
+                let decode = |row: &rusqlite::Row<'_>| rows::entry(row);
+                let query = stream::STREAM_SECRETS;
+                self.stream_rows(query, Vec::new(), batch, decode, sink)
+                    .await
+            }
+            Stream::Prefixes(sink) => {
+                let decode = |row: &rusqlite::Row<'_>| rows::prefix(row);
+                let query = stream::STREAM_PREFIXES;
+                self.stream_rows(query, Vec::new(), batch, decode, sink)
+                    .await
+            }
+            Stream::AuditChain(account, sink) => {
+                let decode = |row: &rusqlite::Row<'_>| rows::chain_row(row);
+                let account = account.map_or(Value::Null, |a| Value::Text(a.as_str().to_owned()));
+                let query = audit::AUDIT_CHAIN;
+                self.stream_rows(query, vec![account], batch, decode, sink)
+                    .await
+            }
+        }
     }
 
     async fn secrets_by_pepper(&self) -> Result<Vec<PepperUse>> {
@@ -382,14 +419,10 @@ impl Backend for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(stream::SECRETS_BY_PEPPER)
                 .map_err(map_err)?;
-            let mut rows = stmt.query([]).map_err(map_err)?;
+            let mut found = stmt.query([]).map_err(map_err)?;
             let mut uses = Vec::new();
-            while let Some(row) = rows.next().map_err(map_err)? {
-                uses.push(PepperUse {
-                    pepper_id: stream::pepper_id(row.get(0).map_err(map_err)?)?,
-                    live: row.get::<_, i64>(1).map_err(map_err)? as u64,
-                    total: row.get::<_, i64>(2).map_err(map_err)? as u64,
-                });
+            while let Some(row) = found.next().map_err(map_err)? {
+                uses.push(rows::pepper_use(row)?);
             }
             Ok(uses)
         })

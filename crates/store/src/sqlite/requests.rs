@@ -4,20 +4,15 @@
 
 use rusqlite::params;
 use time::OffsetDateTime;
-use vilvik_keys_domain::AccountId;
 
 use super::{Sqlite, map_err, to_micros};
-use crate::db::RequestRows;
+use crate::db::{Claim, RequestRows};
 use crate::rules::StoredRequest;
-use crate::{RequestRecord, Result};
+use crate::{Result, rows};
 
 impl RequestRows for Sqlite<'_> {
-    async fn forget_expired_request(
-        &mut self,
-        account: &AccountId,
-        request: &RequestRecord,
-        now: OffsetDateTime,
-    ) -> Result<()> {
+    async fn forget_expired(&mut self, claim: &Claim<'_>, now: OffsetDateTime) -> Result<()> {
+        let Claim { account, request } = claim;
         self.prepare_cached(
             "DELETE FROM requests WHERE account_id = ?1 AND request_digest = ?2 \
              AND expires_at <= ?3",
@@ -32,11 +27,8 @@ impl RequestRows for Sqlite<'_> {
         Ok(())
     }
 
-    async fn record_request(
-        &mut self,
-        account: &AccountId,
-        request: &RequestRecord,
-    ) -> Result<bool> {
+    async fn record_request(&mut self, claim: &Claim<'_>) -> Result<bool> {
+        let Claim { account, request } = claim;
         let inserted = self
             .prepare_cached(
                 "INSERT INTO requests (account_id, request_digest, method, params_digest, key_id, \
@@ -58,26 +50,17 @@ impl RequestRows for Sqlite<'_> {
         Ok(inserted == 1)
     }
 
-    async fn recorded_request(
-        &mut self,
-        account: &AccountId,
-        request: &RequestRecord,
-    ) -> Result<StoredRequest> {
+    async fn recorded_request(&mut self, claim: &Claim<'_>) -> Result<StoredRequest> {
+        let Claim { account, request } = claim;
         self.prepare_cached(
             "SELECT method, params_digest, key_id, sealed_secret, pepper_id FROM requests \
              WHERE account_id = ?1 AND request_digest = ?2",
         )
         .map_err(map_err)?
-        .query_row(params![account.as_str(), &request.digest[..]], |r| {
-            Ok(StoredRequest {
-                method: r.get(0)?,
-                params: r.get(1)?,
-                key_id: r.get(2)?,
-                sealed: r.get(3)?,
-                pepper_id: r.get(4)?,
-            })
+        .query_row(params![account.as_str(), &request.digest[..]], |row| {
+            Ok(rows::request(row))
         })
-        .map_err(map_err)
+        .map_err(map_err)?
     }
 
     async fn prune_requests(&mut self, now: OffsetDateTime) -> Result<u64> {
