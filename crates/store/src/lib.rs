@@ -134,8 +134,9 @@ pub trait KeySource: Send + Sync + std::fmt::Debug {
 #[async_trait]
 pub trait Store: KeySource {
     /// Applies every migration not yet applied; returns how many ran.
-    /// Refuses to start, naming the file, when an applied migration's SQL
-    /// has changed since (each one's checksum is recorded).
+    /// Refuses to start, naming the file, when an applied migration's
+    /// statements have changed since (each one's checksum is recorded;
+    /// comments and blank lines do not count).
     async fn migrate(&self) -> Result<usize>;
 
     /// Creates a key, its first secret and its `created` audit event. Creates
