@@ -119,8 +119,10 @@ impl fmt::Debug for KeyPrefix {
 }
 
 /// The stored form of a key: a keyed BLAKE3 hash of the whole key (or, for
-/// keys stored before peppers, a legacy unkeyed one).
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// keys stored before peppers, a legacy unkeyed one). Equality, `==`
+/// included, takes the same time however many bytes match
+/// ([`SecretHash::matches`]).
+#[derive(Clone, Copy)]
 pub struct SecretHash([u8; 32]);
 
 /// [`LEGACY_HASH_CONTEXT`] hashed once: `blake3::derive_key(LEGACY_HASH_CONTEXT, ..)`
@@ -165,6 +167,14 @@ impl SecretHash {
         blake3::Hash::from_bytes(self.0) == blake3::Hash::from_bytes(other.0)
     }
 }
+
+impl PartialEq for SecretHash {
+    fn eq(&self, other: &SecretHash) -> bool {
+        self.matches(other)
+    }
+}
+
+impl Eq for SecretHash {}
 
 impl fmt::Debug for SecretHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -329,6 +339,20 @@ mod tests {
     fn pepper() -> Pepper {
         static PEPPER: std::sync::LazyLock<Pepper> = std::sync::LazyLock::new(Pepper::generate);
         PEPPER.clone()
+    }
+
+    /// `==` is [`SecretHash::matches`]: constant time, the same answers.
+    #[test]
+    fn hashes_are_equal_exactly_when_they_match() {
+        let a = SecretHash::from_bytes([7; 32]);
+        for i in [0, 15, 31] {
+            let mut bytes = [7; 32];
+            bytes[i] ^= 1;
+            let b = SecretHash::from_bytes(bytes);
+            assert!(a != b && !a.matches(&b));
+        }
+        let same = SecretHash::from_slice(&[7; 32]).unwrap();
+        assert!(a == same && a.matches(&same));
     }
 
     #[test]
