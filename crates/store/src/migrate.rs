@@ -1,7 +1,7 @@
 //! A small versioned-migration runner serving both backends.
 //!
 //! Each backend has its own numbered SQL files under `migrations/`, one
-//! for each step of [`migrations!`]; a `schema_migrations` table records
+//! for each step of `migrations!`; a `schema_migrations` table records
 //! which have run, with a checksum of each file's statements
 //! ([`Migration::checksum`]: comments and blank lines do not count, so
 //! they may be reworded). Migrations only ever get appended: a file whose

@@ -2,8 +2,8 @@
 //! from the pool, which recycles connections and would lose the `LISTEN`),
 //! a task that drives it and forwards notifications, and the
 //! [`ChangeListener`] that hands them out. The `NOTIFY` side is
-//! `publish_change` in the parent module; the payload format both sides
-//! agree on is here.
+//! `publish_change` in `feed.rs`; the payload format both sides agree on
+//! is here.
 
 use std::ops::ControlFlow;
 use std::time::Duration;

@@ -178,7 +178,7 @@ impl PostgresStore {
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self> {
         let bad_tls = |e| StoreError::internal_from("cannot use DATABASE_URL", e);
         // tokio-postgres knows neither `sslrootcert` nor the `verify-*`
-        // modes: they come out first, and the rest parses as before.
+        // modes: they come out first, and tokio-postgres parses the rest.
         let (url, tls_settings) = tls::split(url).map_err(bad_tls)?;
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e: tokio_postgres::Error| {

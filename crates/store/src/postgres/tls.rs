@@ -336,8 +336,8 @@ impl<'a> Cursor<'a> {
 }
 
 /// The connector for `settings`: rustls with the ring provider and the
-/// verifier the mode calls for. Reads `sslrootcert` now, so a missing or
-/// unusable file stops the start.
+/// verifier the mode calls for. Reads `sslrootcert` here, when the store
+/// connects, so a missing or unusable file stops the start.
 pub(super) fn connector(settings: &TlsSettings) -> Result<Connector, TlsConfigError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = match (&settings.root_cert, settings.mode) {
