@@ -290,12 +290,12 @@ impl Cells for rusqlite::Row<'_> {
         let Some(json) = self.opt_text(i)? else {
             return Ok(None);
         };
-        serde_json::from_str(json).map_err(|e| corrupt("list")(e.to_string()))
+        serde_json::from_str(json).map_err(|e| corrupt("JSON list")(format!("column {i}: {e}")))
     }
 
     /// JSON text.
     fn json(&self, i: usize) -> Result<serde_json::Value> {
-        serde_json::from_str(self.text(i)?).map_err(|e| corrupt("JSON")(e.to_string()))
+        serde_json::from_str(self.text(i)?).map_err(|e| corrupt("JSON")(format!("column {i}: {e}")))
     }
 }
 
