@@ -335,7 +335,7 @@ impl<'a> ChangeRecord<'a> {
         )
     }
 
-    /// A change to `key` that publishes its current prefix.
+    /// A change to `key`: it publishes the key's current prefix.
     fn of_key(
         key: &'a KeyRecord,
         action: AuditAction,
@@ -343,18 +343,35 @@ impl<'a> ChangeRecord<'a> {
         at: OffsetDateTime,
         changes: Vec<FieldChange>,
     ) -> Self {
+        let record = Self::of_account(&key.account_id, action, actor, at, changes);
         Self {
-            account: &key.account_id,
             key_id: Some(&key.key_id),
+            publish: vec![&key.prefix],
+            ..record
+        }
+    }
+
+    /// A change to the account itself publishes nothing: no verify answer
+    /// depends on it.
+    fn of_account(
+        account: &'a AccountId,
+        action: AuditAction,
+        actor: &'a Actor,
+        at: OffsetDateTime,
+        changes: Vec<FieldChange>,
+    ) -> Self {
+        Self {
+            account,
+            key_id: None,
             action,
             actor,
             at,
             changes,
-            publish: vec![&key.prefix],
+            publish: Vec::new(),
         }
     }
 
-    /// A tier change publishes nothing: no verify answer depends on it.
+    /// A tier change.
     pub fn tier_changed(
         account: &'a AccountId,
         old: Tier,
@@ -362,20 +379,11 @@ impl<'a> ChangeRecord<'a> {
         actor: &'a Actor,
         now: OffsetDateTime,
     ) -> Self {
-        Self {
-            account,
-            key_id: None,
-            action: AuditAction::TierChanged,
-            actor,
-            at: now,
-            changes: tier_changes(old, new),
-            publish: Vec::new(),
-        }
+        let changes = tier_changes(old, new);
+        Self::of_account(account, AuditAction::TierChanged, actor, now, changes)
     }
-}
 
-impl<'a> ChangeRecord<'a> {
-    /// A catalogue change publishes nothing: no verify answer depends on it.
+    /// A change of the account's catalogue of grantable scopes.
     pub fn grantable_changed(
         account: &'a AccountId,
         old: Option<&ScopeCatalogue>,
@@ -383,19 +391,13 @@ impl<'a> ChangeRecord<'a> {
         actor: &'a Actor,
         now: OffsetDateTime,
     ) -> Self {
-        Self {
-            account,
-            key_id: None,
-            action: AuditAction::GrantableScopesChanged,
-            actor,
-            at: now,
-            changes: vec![change(
-                "grantable_scopes",
-                Some(format_catalogue(old)),
-                Some(format_catalogue(new)),
-            )],
-            publish: Vec::new(),
-        }
+        let changes = vec![change(
+            "grantable_scopes",
+            Some(format_catalogue(old)),
+            Some(format_catalogue(new)),
+        )];
+        let action = AuditAction::GrantableScopesChanged;
+        Self::of_account(account, action, actor, now, changes)
     }
 }
 
