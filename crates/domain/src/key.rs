@@ -472,8 +472,9 @@ mod tests {
 
     #[test]
     fn a_key_long_enough_in_characters_but_not_bytes_is_not_refused_for_its_length() {
-        // Found by the fuzz target `key` (fuzz/): a 52-byte string of 51
-        // characters was "51 characters long; this one has 51".
+        // Lengths are counted in bytes: a 52-byte string of 51 characters
+        // is refused for its characters, never as "51 characters long;
+        // this one has 51".
         let key = GeneratedKey::generate(&pepper());
         let good = key.expose_secret();
         let accented = format!("{}é{}", &good[..30], &good[31..]);
