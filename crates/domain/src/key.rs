@@ -119,8 +119,10 @@ impl fmt::Debug for KeyPrefix {
 }
 
 /// The stored form of a key: a keyed BLAKE3 hash of the whole key (or, for
-/// keys stored before peppers, a legacy unkeyed one).
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// keys stored before peppers, a legacy unkeyed one). Equality, `==`
+/// included, takes the same time however many bytes match
+/// ([`SecretHash::matches`]).
+#[derive(Clone, Copy)]
 pub struct SecretHash([u8; 32]);
 
 /// [`LEGACY_HASH_CONTEXT`] hashed once: `blake3::derive_key(LEGACY_HASH_CONTEXT, ..)`
@@ -165,6 +167,14 @@ impl SecretHash {
         blake3::Hash::from_bytes(self.0) == blake3::Hash::from_bytes(other.0)
     }
 }
+
+impl PartialEq for SecretHash {
+    fn eq(&self, other: &SecretHash) -> bool {
+        self.matches(other)
+    }
+}
+
+impl Eq for SecretHash {}
 
 impl fmt::Debug for SecretHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -331,6 +341,20 @@ mod tests {
         PEPPER.clone()
     }
 
+    /// `==` is [`SecretHash::matches`]: constant time, the same answers.
+    #[test]
+    fn hashes_are_equal_exactly_when_they_match() {
+        let a = SecretHash::from_bytes([7; 32]);
+        for i in [0, 15, 31] {
+            let mut bytes = [7; 32];
+            bytes[i] ^= 1;
+            let b = SecretHash::from_bytes(bytes);
+            assert!(a != b && !a.matches(&b));
+        }
+        let same = SecretHash::from_slice(&[7; 32]).unwrap();
+        assert!(a == same && a.matches(&same));
+    }
+
     #[test]
     fn generated_key_has_the_documented_shape() {
         let key = GeneratedKey::generate(&pepper());
@@ -448,8 +472,9 @@ mod tests {
 
     #[test]
     fn a_key_long_enough_in_characters_but_not_bytes_is_not_refused_for_its_length() {
-        // Found by the fuzz target `key` (fuzz/): a 52-byte string of 51
-        // characters was "51 characters long; this one has 51".
+        // Lengths are counted in bytes: a 52-byte string of 51 characters
+        // is refused for its characters, never as "51 characters long;
+        // this one has 51".
         let key = GeneratedKey::generate(&pepper());
         let good = key.expose_secret();
         let accented = format!("{}é{}", &good[..30], &good[31..]);

@@ -49,7 +49,7 @@ pub use request::{
     REQUEST_ID_WINDOW, RequestId, RequestIdError, SealError, open_sealed_secret, seal_secret,
 };
 pub use scope::{MANAGEMENT_RESOURCE, Scope, ScopeError, ScopeSet};
-pub use state::{AuditAction, KeyState, Tier, TierLimits, UnknownTier};
+pub use state::{AuditAction, KeyState, Tier, TierLimits, UnknownAuditAction, UnknownTier};
 
 /// The scope a management key must hold to call the admin API.
 pub const ADMIN_SCOPE: &str = "keys:admin";

@@ -107,6 +107,17 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
+    /// Every action.
+    pub const ALL: [AuditAction; 6] = [
+        AuditAction::Created,
+        AuditAction::Updated,
+        AuditAction::Rotated,
+        AuditAction::Revoked,
+        AuditAction::TierChanged,
+        AuditAction::GrantableScopesChanged,
+    ];
+
+    /// The action's name, as stored and shown.
     pub fn as_str(self) -> &'static str {
         match self {
             AuditAction::Created => "created",
@@ -119,19 +130,22 @@ impl AuditAction {
     }
 }
 
+/// A name that is not an [`AuditAction`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "'{0}' is not an audit action: use created, updated, rotated, revoked, tier_changed or \
+     grantable_scopes_changed"
+)]
+pub struct UnknownAuditAction(pub String);
+
 impl FromStr for AuditAction {
-    type Err = String;
+    type Err = UnknownAuditAction;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "created" => AuditAction::Created,
-            "updated" => AuditAction::Updated,
-            "rotated" => AuditAction::Rotated,
-            "revoked" => AuditAction::Revoked,
-            "tier_changed" => AuditAction::TierChanged,
-            "grantable_scopes_changed" => AuditAction::GrantableScopesChanged,
-            other => return Err(format!("unknown audit action '{other}'")),
-        })
+        AuditAction::ALL
+            .into_iter()
+            .find(|action| action.as_str() == s)
+            .ok_or_else(|| UnknownAuditAction(crate::excerpt(s)))
     }
 }
 
@@ -150,6 +164,23 @@ mod tests {
         assert_eq!(KeyState::at(now, Some(now), None), KeyState::Expired);
         assert_eq!(KeyState::at(now, Some(past), None), KeyState::Expired);
         assert_eq!(KeyState::at(now, Some(past), Some(past)), KeyState::Revoked);
+    }
+
+    #[test]
+    fn audit_actions_parse_from_their_names_and_nothing_else() {
+        for action in AuditAction::ALL {
+            assert_eq!(action.as_str().parse::<AuditAction>(), Ok(action));
+        }
+        let err = "deleted".parse::<AuditAction>().unwrap_err();
+        assert_eq!(err, UnknownAuditAction("deleted".into()));
+        let message = err.to_string();
+        assert!(
+            message.contains("'deleted' is not an audit action"),
+            "{message}"
+        );
+        for action in AuditAction::ALL {
+            assert!(message.contains(action.as_str()), "{message}");
+        }
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub struct EventContent<'a> {
     pub action: &'a str,
     pub actor: &'a str,
     pub actor_ip: Option<&'a str>,
-    /// At the microsecond precision both stores keep ([`stored_time`]).
+    /// At the microsecond precision both stores keep (`stored_time`).
     pub at: OffsetDateTime,
     /// The changes as JSON; object keys are hashed in sorted order, so the
     /// key order a store returns them in does not matter.

@@ -11,17 +11,25 @@
 //!   `require`, and `verify-ca`/`verify-full` against the CA file
 //!   `sslrootcert` names; see [`PostgresStore::connect`]).
 //!
-//! Every change to a key is one transaction that also writes its audit event
-//! (chained onto the account's previous one, see `chain.rs`) and appends the
-//! affected prefixes to the change log (the sequence verify nodes follow). Rules that must hold under concurrency, such as the cap on
-//! active keys or "a revoked key is never changed again", are enforced inside
-//! that transaction, not by the caller. [`connect`] picks the backend and
-//! [`Store::migrate`] brings its schema up to date.
+//! Every change to a key is one transaction that also writes its audit
+//! event (chained onto the account's previous one, see `chain.rs`) and
+//! appends the affected prefixes to the change log (the sequence verify
+//! nodes follow). Rules that must hold under concurrency, such as the cap
+//! on active keys or "a revoked key is never changed again", are enforced
+//! inside that transaction, not by the caller. [`connect`] picks the
+//! backend and [`Store::migrate`] brings its schema up to date.
+//!
+//! Each operation is written once for both backends: `backend.rs`
+//! implements [`Store`] and [`KeySource`] for every backend by running the
+//! operations of `ops.rs` (the order of their locks, checks and writes)
+//! over the primitives of `db.rs`, which each backend implements with its
+//! own statements; `rules.rs` makes the decisions and `rows.rs` reads the
+//! rows. `sqlite/` and `postgres/` hold only what differs: connections,
+//! errors, SQL, and the bulk paths each does its own way.
 #![forbid(unsafe_code)]
 
-/// The columns of a key row, in the order `RawKey` is read from them by
-/// both backends (`key_from_row`). A macro so that Postgres can `concat!`
-/// it into constant queries.
+/// The columns of a key row, in the order [`rows::key`] reads them. A
+/// macro so that Postgres can `concat!` it into constant queries.
 macro_rules! key_columns {
     () => {
         "k.key_id, k.account_id, k.name, k.description, k.scopes, k.prefix, k.created_at, \
@@ -29,11 +37,15 @@ macro_rules! key_columns {
     };
 }
 
+mod backend;
 mod chain;
+mod db;
 mod error;
 mod migrate;
 mod model;
+mod ops;
 mod postgres;
+mod rows;
 mod rules;
 mod sqlite;
 mod stream;
@@ -130,8 +142,9 @@ pub trait KeySource: Send + Sync + std::fmt::Debug {
 #[async_trait]
 pub trait Store: KeySource {
     /// Applies every migration not yet applied; returns how many ran.
-    /// Refuses to start, naming the file, when an applied migration's SQL
-    /// has changed since (each one's checksum is recorded).
+    /// Refuses to start, naming the file, when an applied migration's
+    /// statements have changed since (each one's checksum is recorded;
+    /// comments and blank lines do not count).
     async fn migrate(&self) -> Result<usize>;
 
     /// Creates a key, its first secret and its `created` audit event. Creates

@@ -7,8 +7,8 @@
 
 use time::OffsetDateTime;
 use vilvik_keys_domain::{
-    AccountId, AuditAction, Description, KeyId, KeyName, KeyPrefix, KeyState, PepperId,
-    ScopeCatalogue, ScopeSet, Tier, TierLimits, format_time,
+    AccountId, AuditAction, KeyId, KeyPrefix, KeyState, PepperId, ScopeCatalogue, ScopeSet, Tier,
+    TierLimits, format_time,
 };
 
 use crate::{
@@ -335,7 +335,7 @@ impl<'a> ChangeRecord<'a> {
         )
     }
 
-    /// A change to `key` that publishes its current prefix.
+    /// A change to `key`: it publishes the key's current prefix.
     fn of_key(
         key: &'a KeyRecord,
         action: AuditAction,
@@ -343,18 +343,35 @@ impl<'a> ChangeRecord<'a> {
         at: OffsetDateTime,
         changes: Vec<FieldChange>,
     ) -> Self {
+        let record = Self::of_account(&key.account_id, action, actor, at, changes);
         Self {
-            account: &key.account_id,
             key_id: Some(&key.key_id),
+            publish: vec![&key.prefix],
+            ..record
+        }
+    }
+
+    /// A change to the account itself publishes nothing: no verify answer
+    /// depends on it.
+    fn of_account(
+        account: &'a AccountId,
+        action: AuditAction,
+        actor: &'a Actor,
+        at: OffsetDateTime,
+        changes: Vec<FieldChange>,
+    ) -> Self {
+        Self {
+            account,
+            key_id: None,
             action,
             actor,
             at,
             changes,
-            publish: vec![&key.prefix],
+            publish: Vec::new(),
         }
     }
 
-    /// A tier change publishes nothing: no verify answer depends on it.
+    /// A tier change.
     pub fn tier_changed(
         account: &'a AccountId,
         old: Tier,
@@ -362,20 +379,11 @@ impl<'a> ChangeRecord<'a> {
         actor: &'a Actor,
         now: OffsetDateTime,
     ) -> Self {
-        Self {
-            account,
-            key_id: None,
-            action: AuditAction::TierChanged,
-            actor,
-            at: now,
-            changes: tier_changes(old, new),
-            publish: Vec::new(),
-        }
+        let changes = tier_changes(old, new);
+        Self::of_account(account, AuditAction::TierChanged, actor, now, changes)
     }
-}
 
-impl<'a> ChangeRecord<'a> {
-    /// A catalogue change publishes nothing: no verify answer depends on it.
+    /// A change of the account's catalogue of grantable scopes.
     pub fn grantable_changed(
         account: &'a AccountId,
         old: Option<&ScopeCatalogue>,
@@ -383,19 +391,13 @@ impl<'a> ChangeRecord<'a> {
         actor: &'a Actor,
         now: OffsetDateTime,
     ) -> Self {
-        Self {
-            account,
-            key_id: None,
-            action: AuditAction::GrantableScopesChanged,
-            actor,
-            at: now,
-            changes: vec![change(
-                "grantable_scopes",
-                Some(format_catalogue(old)),
-                Some(format_catalogue(new)),
-            )],
-            publish: Vec::new(),
-        }
+        let changes = vec![change(
+            "grantable_scopes",
+            Some(format_catalogue(old)),
+            Some(format_catalogue(new)),
+        )];
+        let action = AuditAction::GrantableScopesChanged;
+        Self::of_account(account, action, actor, now, changes)
     }
 }
 
@@ -454,47 +456,6 @@ pub(crate) fn field<T, E: std::fmt::Display>(
     value: Result<T, E>,
 ) -> Result<T, StoreError> {
     value.map_err(|e| corrupt(what)(e.to_string()))
-}
-
-/// A key row's columns as both backends read them, before parsing.
-pub(crate) struct RawKey {
-    pub key_id: String,
-    pub account_id: String,
-    pub name: String,
-    pub description: String,
-    pub scopes: Vec<String>,
-    pub prefix: String,
-    pub created_at: OffsetDateTime,
-    pub expires_at: Option<OffsetDateTime>,
-    pub revoked_at: Option<OffsetDateTime>,
-    pub revoke_reason: Option<String>,
-    pub rotated_at: Option<OffsetDateTime>,
-    pub last_used_at: Option<OffsetDateTime>,
-    pub last_used_ip: Option<String>,
-    pub version: i64,
-}
-
-impl RawKey {
-    /// Parses the stored text into domain values; a value that does not
-    /// parse is a corrupt row.
-    pub fn parse(self) -> Result<KeyRecord, StoreError> {
-        Ok(KeyRecord {
-            key_id: field("key id", self.key_id.parse::<KeyId>())?,
-            account_id: field("account id", self.account_id.parse::<AccountId>())?,
-            name: field("name", self.name.parse::<KeyName>())?,
-            description: field("description", self.description.parse::<Description>())?,
-            scopes: field("scopes", ScopeSet::from_stored(&self.scopes))?,
-            prefix: field("prefix", self.prefix.parse::<KeyPrefix>())?,
-            created_at: self.created_at,
-            expires_at: self.expires_at,
-            revoked_at: self.revoked_at,
-            revoke_reason: self.revoke_reason,
-            rotated_at: self.rotated_at,
-            last_used_at: self.last_used_at,
-            last_used_ip: self.last_used_ip,
-            version: self.version,
-        })
-    }
 }
 
 /// Refuses a change based on a version of the key other than the one

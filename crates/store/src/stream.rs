@@ -6,16 +6,13 @@
 //! overlap with whatever the sink does, and memory stays bounded by a few
 //! batches however large the store is.
 
-use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use vilvik_keys_domain::{PepperId, ScopeSet, SecretHash};
 
-use crate::rules::{corrupt, field};
-use crate::{Result, SecretEntry, StoreError};
+use crate::{Result, StoreError};
 
-/// Every secret with what verification needs of its key, in the order of
-/// [`RawEntry`]'s fields; the same text serves both backends. No
+/// Every secret with what verification needs of its key, in the order
+/// [`crate::rows::entry`] reads them; the same text serves both backends. No
 /// `ORDER BY` and no parameters, so the planner may join the two tables
 /// in whichever order is cheapest (Postgres: a hash join, one pass each).
 pub(crate) const STREAM_SECRETS: &str = "SELECT s.prefix, s.hash, s.superseded_at IS NOT NULL, \
@@ -36,46 +33,6 @@ pub(crate) const BUFFERED_BATCHES: usize = 4;
 /// Most entries a batch allocates room for up front, so that a huge
 /// `batch` costs memory only as rows arrive.
 const MAX_PREALLOCATED: usize = 16_384;
-
-/// One row of the stream query, borrowed from the driver's buffer.
-pub(crate) struct RawEntry<'a, S> {
-    pub prefix: &'a str,
-    pub hash: &'a [u8],
-    pub superseded: bool,
-    pub revoked: bool,
-    pub expires_at: Option<OffsetDateTime>,
-    pub key_id: &'a str,
-    pub account_id: &'a str,
-    pub name: &'a str,
-    pub scopes: &'a [S],
-    pub pepper_id: Option<i64>,
-}
-
-impl<S: AsRef<str>> RawEntry<'_, S> {
-    /// Parses every field; a value that does not parse is a corrupt row.
-    pub fn parse(self) -> Result<SecretEntry> {
-        Ok(SecretEntry {
-            prefix: field("secret prefix", self.prefix.parse())?,
-            hash: SecretHash::from_slice(self.hash)
-                .ok_or_else(|| corrupt("hash")("not 32 bytes".into()))?,
-            superseded: self.superseded,
-            revoked: self.revoked,
-            expires_at: self.expires_at,
-            key_id: field("key id", self.key_id.parse())?,
-            account_id: field("account id", self.account_id.parse())?,
-            name: field("name", self.name.parse())?,
-            scopes: field("scopes", ScopeSet::parse(self.scopes).map_err(|(_, e)| e))?,
-            pepper_id: pepper_id(self.pepper_id)?,
-        })
-    }
-}
-
-/// A stored pepper id: NULL is a legacy unkeyed hash; 0 is no pepper's id.
-pub(crate) fn pepper_id(stored: Option<i64>) -> Result<Option<PepperId>> {
-    stored
-        .map(|id| PepperId::from_stored(id).ok_or_else(|| corrupt("pepper id")("0".into())))
-        .transpose()
-}
 
 /// Collects a producer's items into batches for the caller.
 pub(crate) struct Batcher<T> {

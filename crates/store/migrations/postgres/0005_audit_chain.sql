@@ -1,9 +1,9 @@
--- Issue 10: each account's audit events form a hash chain (src/chain.rs).
+-- Each account's audit events form a hash chain (src/chain.rs).
 -- account_seq numbers an account's events 1, 2, 3, ... and is the event id
 -- the API shows (event_id stays the row's internal id); hash covers the
--- event's content and prev_hash, its predecessor's hash. Events from
--- before this migration are chained by the migration runner right after
--- this file, in event_id order per account, in the same transaction.
+-- event's content and prev_hash, its predecessor's hash. The migration
+-- runner chains the events already stored right after this file, in
+-- event_id order per account, in the same transaction.
 ALTER TABLE audit_events ADD COLUMN account_seq BIGINT;
 ALTER TABLE audit_events ADD COLUMN prev_hash BYTEA;
 ALTER TABLE audit_events ADD COLUMN hash BYTEA;

@@ -1,10 +1,10 @@
--- Optimistic concurrency (issue 11): every change of a key (update,
--- rotation, revocation, not its use) raises its version, which the API
--- hands out as the key's etag.
+-- Optimistic concurrency: every change of a key (update, rotation,
+-- revocation, not its use) raises its version, which the API hands out as
+-- the key's etag.
 ALTER TABLE keys ADD COLUMN version BIGINT NOT NULL DEFAULT 1;
 
--- Request ids (issue 11): what a create or rotation made under one, kept
--- for its retries until `expires_at`. The id is kept only as a digest and
+-- Request ids: what a create or rotation made under one, kept for its
+-- retries until `expires_at`. The id is kept only as a digest and
 -- the secret only sealed (crates/domain/src/request.rs).
 CREATE TABLE requests (
     account_id     TEXT NOT NULL,

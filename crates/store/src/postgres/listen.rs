@@ -2,8 +2,8 @@
 //! from the pool, which recycles connections and would lose the `LISTEN`),
 //! a task that drives it and forwards notifications, and the
 //! [`ChangeListener`] that hands them out. The `NOTIFY` side is
-//! `publish_change` in the parent module; the payload format both sides
-//! agree on is here.
+//! `publish_change` in `feed.rs`; the payload format both sides agree on
+//! is here.
 
 use std::ops::ControlFlow;
 use std::time::Duration;
@@ -213,16 +213,28 @@ where
                 // (dropping the client sends Terminate), briefly.
                 drop(heartbeat);
                 drop(client);
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while std::future::poll_fn(|cx| connection.poll_message(cx)).await.is_some() {}
-                })
-                .await;
+                end_session(&mut connection).await;
                 return listener_stopped(ListenerError::Closed);
             }
         }
     };
     tracing::debug!(error = %stopped, "change listener stopped");
     stopped
+}
+
+/// Reads what the server still sends until it ends the session, for at
+/// most a second. `None` and an error are both the connection's last word:
+/// polled again after an error, a closed socket answers at once and for
+/// ever, and the timeout would never be looked at.
+async fn end_session<S, T>(connection: &mut Connection<S, T>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {}
+    })
+    .await;
 }
 
 /// A `LISTEN` subscription on a connection of its own; see
@@ -276,6 +288,48 @@ impl ChangeListener for PostgresChangeListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session the server closed first ends at once, rather than
+    /// spinning on the closed socket past its deadline. The socket here
+    /// answers outside tokio's cooperative budget, as a TLS stream that
+    /// saw the end of its input does, so nothing else would stop the spin.
+    #[test]
+    fn ending_a_session_the_server_closed_returns() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (done, ended) = std::sync::mpsc::channel();
+        // A thread of its own: if the session spins, it spins there, and
+        // the test still fails after its deadline.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (ours, mut server) = tokio::io::duplex(4096);
+                let handshake = async move {
+                    // The startup message: its length, then the rest.
+                    let length = server.read_i32().await.unwrap();
+                    let mut rest = vec![0; usize::try_from(length).unwrap() - 4];
+                    server.read_exact(&mut rest).await.unwrap();
+                    // AuthenticationOk, then ReadyForQuery (idle).
+                    let answer = [b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I'];
+                    server.write_all(&answer).await.unwrap();
+                    server
+                };
+                let config: tokio_postgres::Config = "user=vilvik".parse().unwrap();
+                let connect = config.connect_raw(ours, tokio_postgres::NoTls);
+                let (server, connected) = tokio::join!(handshake, connect);
+                let (client, mut connection) = connected.unwrap();
+                drop(server);
+                drop(client);
+                tokio::task::unconstrained(end_session(&mut connection)).await;
+            });
+            let _ = done.send(());
+        });
+        ended
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the session ends within its deadline");
+    }
 
     #[test]
     fn notification_payloads_round_trip() {

@@ -336,8 +336,8 @@ impl<'a> Cursor<'a> {
 }
 
 /// The connector for `settings`: rustls with the ring provider and the
-/// verifier the mode calls for. Reads `sslrootcert` now, so a missing or
-/// unusable file stops the start.
+/// verifier the mode calls for. Reads `sslrootcert` here, when the store
+/// connects, so a missing or unusable file stops the start.
 pub(super) fn connector(settings: &TlsSettings) -> Result<Connector, TlsConfigError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = match (&settings.root_cert, settings.mode) {
@@ -356,11 +356,8 @@ pub(super) fn connector(settings: &TlsSettings) -> Result<Connector, TlsConfigEr
                 .map_err(|e| TlsConfigError::Rustls(e.into()))?
         }
         // libpq: `require` (and `prefer`) with a root file verify like `verify-ca`.
-        (_, Some(roots)) => Arc::new(ChainOnly {
+        (_, roots) => Arc::new(HostUnchecked {
             roots,
-            provider: Arc::clone(&provider),
-        }),
-        (_, None) => Arc::new(Unverified {
             provider: Arc::clone(&provider),
         }),
     };
@@ -423,70 +420,18 @@ pub(super) fn certificate_refused(e: &tokio_postgres::Error) -> bool {
     false
 }
 
-/// `require`/`prefer` without `sslrootcert`: any certificate, as libpq
-/// takes it. The handshake's signatures are still checked, so the server
-/// holds the key of the certificate it shows.
-#[derive(Debug)]
-struct Unverified {
-    provider: Arc<CryptoProvider>,
-}
-
 /// `verify-ca` (and `require`/`prefer` with `sslrootcert`): the chain must
 /// lead to a root of `sslrootcert`; the host name is not checked.
+/// `require`/`prefer` without `sslrootcert` (`roots` `None`): any
+/// certificate, as libpq takes it. Either way the handshake's signatures
+/// are checked, so the server holds the key of the certificate it shows.
 #[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct HostUnchecked {
+    roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for HostUnchecked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -495,14 +440,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
