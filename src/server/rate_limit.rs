@@ -13,9 +13,10 @@
 //! balancer allow up to N times the configured rate (docs/ARCHITECTURE.md).
 //!
 //! Time is the service's [`Clock`] (the system clock in production, a
-//! test's manual clock in tests), read through [`LimiterClock`]: GCRA
-//! needs a clock that never goes back, so a reading earlier than one
-//! already seen counts as that one.
+//! test's manual clock in tests), read through [`LimiterClock`] as
+//! [`Clock::elapsed`]: GCRA needs a clock that never goes back, and the
+//! wall clock's jumps must neither refill nor freeze an account's
+//! allowance.
 //!
 //! A tier may have a rate of its own. Only then is the account's tier
 //! needed; it is read from the store once per [`TIER_TTL`] and account
@@ -27,7 +28,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,6 @@ use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use time::OffsetDateTime;
 use vilvik_keys_domain::{AccountId, Clock, Tier};
 use vilvik_keys_store::Store;
 
@@ -85,32 +84,16 @@ struct TierLimiter {
     >,
 }
 
-/// The service's [`Clock`] as governor reads it: nanoseconds since the
-/// Unix epoch, never earlier than the latest reading (shared by the
-/// limiters of every tier).
+/// The service's [`Clock`] as governor reads it: [`Clock::elapsed`] in
+/// nanoseconds.
 #[derive(Debug, Clone)]
-struct LimiterClock {
-    clock: Arc<dyn Clock>,
-    latest: Arc<AtomicU64>,
-}
-
-impl LimiterClock {
-    fn new(clock: Arc<dyn Clock>) -> Self {
-        Self {
-            clock,
-            latest: Arc::new(AtomicU64::new(0)),
-        }
-    }
-}
+struct LimiterClock(Arc<dyn Clock>);
 
 impl governor::clock::Clock for LimiterClock {
     type Instant = Nanos;
 
     fn now(&self) -> Nanos {
-        let since_epoch = (self.clock.now() - OffsetDateTime::UNIX_EPOCH).whole_nanoseconds();
-        let now = u64::try_from(since_epoch).unwrap_or(0);
-        let latest = self.latest.fetch_max(now, Ordering::Relaxed);
-        Nanos::new(now.max(latest))
+        Nanos::from(self.0.elapsed())
     }
 }
 
@@ -201,7 +184,7 @@ impl AdminRateLimiter {
     /// `store` is asked for an account's tier only when tiers' rates
     /// differ; `clock` is the service's.
     pub fn new(limits: AdminRateLimits, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
-        let clock = LimiterClock::new(clock);
+        let clock = LimiterClock(clock);
         let (free, premium) = (limits.for_tier(Tier::Free), limits.for_tier(Tier::Premium));
         let (free, premium) = if free == premium {
             (TierLimiter::new(free, None, clock), None)
