@@ -18,7 +18,7 @@ pub struct AdminRate {
 
 /// The admin rate of each tier: the global one, unless the tier's own
 /// settings override it. Each field is a setting (the `settings!` table);
-/// `server::rate_limit` applies them.
+/// `service::rate_limit` applies them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdminRateLimits {
     pub per_second: NonZeroU32,

@@ -163,7 +163,7 @@ mod tests {
     use vilvik_keys_store::StoreError;
 
     use super::*;
-    use crate::server::rate_limit::RateLimited;
+    use crate::service::rate_limit::RateLimited;
 
     #[test]
     fn each_kind_of_failure_is_logged_at_most_once_a_second_with_a_count() {

@@ -6,6 +6,5 @@ pub mod auth;
 pub mod codec;
 pub mod convert;
 pub mod error;
-pub mod rate_limit;
 pub mod verify;
 pub mod verify_wire;

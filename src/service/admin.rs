@@ -10,7 +10,7 @@ use vilvik_keys_verify::Verifier;
 
 use super::caller::{Authenticator, Caller, Credentials};
 use super::error::ApiError;
-use crate::server::rate_limit::AdminRateLimiter;
+use crate::service::rate_limit::AdminRateLimiter;
 
 /// The KeyAdmin operations and the rules around them: who may call,
 /// how often, what each may change. Cheap to clone (shared state).

@@ -9,7 +9,7 @@ use vilvik_keys_store::{Outage, StoreError};
 use vilvik_keys_verify::VerifyError;
 
 use super::etag;
-use crate::server::rate_limit::RateLimited;
+use crate::service::rate_limit::RateLimited;
 
 /// Why an API call failed. Each variant is a kind of failure a surface
 /// gives one status; its `Display` is the message the caller reads.

@@ -24,6 +24,7 @@ mod caller;
 pub mod error;
 pub mod etag;
 mod keys;
+pub mod rate_limit;
 mod retry;
 
 pub use accounts::{AccountView, Operator, OperatorOnly};

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use vilvik_keys::proto;
 use vilvik_keys::proto::key_admin_client::KeyAdminClient;
-use vilvik_keys::server::rate_limit::AdminRateLimiter;
+use vilvik_keys::service::rate_limit::AdminRateLimiter;
 use vilvik_keys::service::{
     Admin, ApiError, Caller, Credentials, Issued, NewKeyFields, OperatorOnly, Sent,
 };

@@ -17,7 +17,7 @@ pub fn raise_descriptor_limit() -> Option<u64> {
 }
 
 /// The per-listener connection cap that fits `descriptors` for `listeners`
-/// listeners, keeping [`RESERVED_DESCRIPTORS`] for everything else: the
+/// listeners, keeping `RESERVED_DESCRIPTORS` for everything else: the
 /// configured cap, or less (at least 1) when the limit is too low for it.
 pub fn fitted_cap(configured: usize, listeners: usize, descriptors: Option<u64>) -> usize {
     let Some(descriptors) = descriptors else {

@@ -1,7 +1,7 @@
 //! Per-account rate limits on the admin API.
 //!
 //! Every KeyAdmin call is counted against its account once the caller is
-//! authenticated ([`super::auth::Authenticator::caller`]) and before the
+//! authenticated ([`super::Admin::admit`]) and before the
 //! request is validated or the store is touched, so a refused call costs
 //! almost nothing and changes nothing. The limit is GCRA (the `governor`
 //! crate): `per_second` calls a second on average and up to `burst` at once
@@ -13,7 +13,7 @@
 //! balancer allow up to N times the configured rate (docs/ARCHITECTURE.md).
 //!
 //! Time is the service's [`Clock`] (the system clock in production, a
-//! test's manual clock in tests), read through [`LimiterClock`] as
+//! test's manual clock in tests), read through `LimiterClock` as
 //! [`Clock::elapsed`]: GCRA needs a clock that never goes back, and the
 //! wall clock's jumps must neither refill nor freeze an account's
 //! allowance.
