@@ -68,3 +68,5 @@ pub(crate) async fn set_tier_changes_the_cap_with_an_audit_event(store: Arc<dyn 
     );
     assert_eq!(all_events(&*store, &globex, None).await.len(), 1);
 }
+
+vilvik_keys_test_db::on_both_backends!(set_tier_changes_the_cap_with_an_audit_event,);

@@ -159,3 +159,8 @@ pub(crate) async fn no_audit_event_holds_a_secret(store: Arc<dyn Store>) {
         assert!(!rendered.contains(&bytes_as_list));
     }
 }
+
+vilvik_keys_test_db::on_both_backends!(
+    audit_events_list_oldest_first_filter_and_page,
+    no_audit_event_holds_a_secret,
+);

@@ -161,3 +161,9 @@ pub(crate) async fn revoked_keys_count_toward_the_stored_key_ceiling(store: Arc<
     let (new, _) = new_key(&acme, "on premium", t0);
     store.create_key(new, &actor(), &policy).await.unwrap();
 }
+
+vilvik_keys_test_db::on_both_backends!(
+    the_tier_cap_holds,
+    concurrent_creates_cannot_overshoot_the_cap,
+    revoked_keys_count_toward_the_stored_key_ceiling,
+);

@@ -57,3 +57,5 @@ pub(crate) async fn the_change_feed_carries_every_changed_prefix(store: Arc<dyn 
     assert_eq!(rest, all[4..]);
     assert!(store.changes_since(newest, 100).await.unwrap().is_empty());
 }
+
+vilvik_keys_test_db::on_both_backends!(the_change_feed_carries_every_changed_prefix,);

@@ -225,3 +225,8 @@ pub(crate) async fn import_keys_is_all_or_nothing(store: Arc<dyn Store>) {
     store.import_keys(batch(), &actor()).await.unwrap();
     assert_eq!(published_since(&*store, seq).await.len(), 200);
 }
+
+vilvik_keys_test_db::on_both_backends!(
+    import_keys_writes_keys_events_and_changes_ignoring_the_cap,
+    import_keys_is_all_or_nothing,
+);

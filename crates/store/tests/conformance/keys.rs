@@ -184,3 +184,10 @@ pub(crate) async fn a_taken_identifier_is_a_conflict_and_changes_nothing(store: 
     assert_eq!(all_events(&*store, &acme, None).await.len(), 1);
     assert_eq!(store.change_sequence().await.unwrap(), seq);
 }
+
+vilvik_keys_test_db::on_both_backends!(
+    migrate_twice_runs_nothing_the_second_time,
+    create_get_and_list_with_paging,
+    another_accounts_key_is_invisible,
+    a_taken_identifier_is_a_conflict_and_changes_nothing,
+);

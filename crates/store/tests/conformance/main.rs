@@ -1,10 +1,11 @@
 //! The storage conformance suite: every backend must pass every test here.
 //!
 //! Each test is an `async fn(Arc<dyn Store>)` written once, in the module
-//! of its area; `on_both_backends!` at the bottom runs it on each backend:
+//! of its area; `on_both_backends!` at the bottom of that module runs it on
+//! each backend:
 //!
-//! - `sqlite::<test>`: a fresh database file in a temporary directory;
-//! - `postgres::<test>`: a fresh database from `vilvik-keys-test-db`. Without
+//! - `<area>::sqlite::<test>`: a fresh database file in a temporary directory;
+//! - `<area>::postgres::<test>`: a fresh database from `vilvik-keys-test-db`. Without
 //!   `VILVIK_KEYS_TEST_DATABASE_URL` these print a skip line and pass, unless
 //!   `VILVIK_KEYS_REQUIRE_POSTGRES=1`.
 //!
@@ -95,55 +96,3 @@ async fn published_since(store: &dyn Store, seq: i64) -> Vec<KeyPrefix> {
     let changes = store.changes_since(seq, 1_000).await.unwrap();
     changes.into_iter().map(|(_, prefix)| prefix).collect()
 }
-
-vilvik_keys_test_db::on_both_backends!(
-    keys::{
-        migrate_twice_runs_nothing_the_second_time,
-        create_get_and_list_with_paging,
-        another_accounts_key_is_invisible,
-        a_taken_identifier_is_a_conflict_and_changes_nothing,
-    },
-    cap::{
-        the_tier_cap_holds,
-        concurrent_creates_cannot_overshoot_the_cap,
-        revoked_keys_count_toward_the_stored_key_ceiling,
-    },
-    accounts::{set_tier_changes_the_cap_with_an_audit_event},
-    updates::{
-        update_records_only_what_changed,
-        every_change_of_a_key_and_only_a_change_raises_its_version,
-    },
-    rotation::{
-        rotate_supersedes_the_old_secret,
-        an_expired_key_cannot_be_rotated,
-        a_thousand_rotations_keep_a_bounded_history,
-    },
-    revocation::{revocation_is_final},
-    request_ids::{
-        a_create_retried_with_its_request_id_creates_nothing_more,
-        a_refused_create_records_no_request_id,
-        a_request_id_is_forgotten_after_its_window,
-        concurrent_calls_with_one_request_id_create_one_key,
-        a_rotation_retried_with_its_request_id_rotates_once,
-    },
-    audit::{
-        audit_events_list_oldest_first_filter_and_page,
-        no_audit_event_holds_a_secret,
-    },
-    feed::{the_change_feed_carries_every_changed_prefix},
-    usage::{
-        usage_is_recorded_and_never_goes_back_in_time,
-        a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else,
-        secrets_are_counted_per_pepper_live_and_in_all,
-    },
-    streams::{streams_yield_every_secret_and_prefix_once},
-    prune::{
-        pruning_drops_old_changes_and_followers_behind_it_are_told,
-        old_rotated_secrets_are_pruned_after_the_retention,
-        pruned_secrets_are_published_for_caches_to_forget,
-    },
-    import::{
-        import_keys_writes_keys_events_and_changes_ignoring_the_cap,
-        import_keys_is_all_or_nothing,
-    },
-);

@@ -132,3 +132,9 @@ pub(crate) async fn pruned_secrets_are_published_for_caches_to_forget(store: Arc
     let published = published_since(&*store, seq).await;
     assert_eq!(published, vec![second.prefix().clone()]);
 }
+
+vilvik_keys_test_db::on_both_backends!(
+    pruning_drops_old_changes_and_followers_behind_it_are_told,
+    old_rotated_secrets_are_pruned_after_the_retention,
+    pruned_secrets_are_published_for_caches_to_forget,
+);

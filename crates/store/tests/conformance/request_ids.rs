@@ -244,3 +244,11 @@ pub(crate) async fn a_rotation_retried_with_its_request_id_rotates_once(store: A
     let events = all_events(&*store, &acme, Some(&key.key_id)).await;
     assert_eq!(events.len(), 2, "created and one rotation");
 }
+
+vilvik_keys_test_db::on_both_backends!(
+    a_create_retried_with_its_request_id_creates_nothing_more,
+    a_refused_create_records_no_request_id,
+    a_request_id_is_forgotten_after_its_window,
+    concurrent_calls_with_one_request_id_create_one_key,
+    a_rotation_retried_with_its_request_id_rotates_once,
+);

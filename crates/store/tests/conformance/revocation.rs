@@ -67,3 +67,5 @@ pub(crate) async fn revocation_is_final(store: Arc<dyn Store>) {
     assert_eq!(all_events(&*store, &acme, Some(&key.key_id)).await, events);
     assert_eq!(store.change_sequence().await.unwrap(), seq);
 }
+
+vilvik_keys_test_db::on_both_backends!(revocation_is_final,);

@@ -160,3 +160,9 @@ pub(crate) async fn a_thousand_rotations_keep_a_bounded_history(store: Arc<dyn S
     .await;
     assert_eq!(events.iter().map(Vec::len).sum::<usize>(), 1001);
 }
+
+vilvik_keys_test_db::on_both_backends!(
+    rotate_supersedes_the_old_secret,
+    an_expired_key_cannot_be_rotated,
+    a_thousand_rotations_keep_a_bounded_history,
+);

@@ -168,3 +168,5 @@ pub(crate) async fn streams_yield_every_secret_and_prefix_once(store: Arc<dyn St
         assert_eq!(entry.scopes, found.key.scopes, "{prefix}");
     }
 }
+
+vilvik_keys_test_db::on_both_backends!(streams_yield_every_secret_and_prefix_once,);

@@ -177,3 +177,8 @@ pub(crate) async fn every_change_of_a_key_and_only_a_change_raises_its_version(
         .unwrap();
     assert_eq!(revoked.version, 4);
 }
+
+vilvik_keys_test_db::on_both_backends!(
+    update_records_only_what_changed,
+    every_change_of_a_key_and_only_a_change_raises_its_version,
+);

@@ -218,3 +218,9 @@ pub(crate) async fn secrets_are_counted_per_pepper_live_and_in_all(store: Arc<dy
         expected
     );
 }
+
+vilvik_keys_test_db::on_both_backends!(
+    usage_is_recorded_and_never_goes_back_in_time,
+    a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else,
+    secrets_are_counted_per_pepper_live_and_in_all,
+);
