@@ -72,6 +72,7 @@ GRANT SELECT, INSERT, DELETE ON key_changes TO {role};
 GRANT SELECT, UPDATE ON change_log_floor TO {role};
 GRANT SELECT, INSERT, UPDATE ON audit_heads TO {role};
 GRANT SELECT, INSERT ON audit_events TO {role};
+GRANT SELECT, INSERT, DELETE ON requests TO {role};
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};"
     )
 }
@@ -159,6 +160,22 @@ async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
     app.restart().await;
 
     crate::tour::walk_the_tour(&mut app).await;
+
+    // The CLI sends every create and rotation with a request id: the role
+    // records one, and answers its retry with the first call's secret.
+    let create = proto::CreateKeyRequest {
+        name: "retried".into(),
+        request_id: "0b6f2a5e-2f43-4c8e-9a55-3c1d2e4f5a6b".into(),
+        ..Default::default()
+    };
+    let retried = |app: &TestApp| {
+        let mut admin = app.admin.clone();
+        let request = app.as_operator(create.clone(), "RETRIES", "alice@example.com");
+        async move { admin.create_key(request).await.unwrap().into_inner() }
+    };
+    let (first, again) = (retried(&app).await, retried(&app).await);
+    assert_eq!(first.secret, again.secret);
+    assert_eq!(first.key, again.key);
 
     // The role may read and append, never rewrite.
     let client = postgres_client(&role_url).await;
