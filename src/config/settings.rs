@@ -305,7 +305,7 @@ settings! {
             "`pretty` or `json`",
             |c, name, v| { c.log_format = parse_log_format(name, &v)?; Ok(()) };
         // What one client may hold open on a listener: ListenerLimits, and
-        // docs/ARCHITECTURE.md "Connection limits".
+        // docs/design/connection-limits.md.
         max_connections: u32 = "VILVIK_KEYS_MAX_CONNECTIONS", Value(|c| c.listener_limits.max_connections.to_string()),
             "open connections per listener; at the cap a new one closes the oldest that has sent no request (else the longest idle), or is refused",
             |c, name, v| { c.listener_limits.max_connections = parse_count(name, &v)?; Ok(()) };
@@ -334,8 +334,8 @@ settings! {
             "admin requests in progress at once on one connection, its share of `admin_concurrency_limit`",
             |c, name, v| { c.listener_limits.admin_concurrency_per_connection = parse_count(name, &v)?; Ok(()) };
         // How fast one account may call the admin API: AdminRateLimits,
-        // applied by src/server/rate_limit.rs (docs/ARCHITECTURE.md "Admin
-        // rate limits").
+        // applied by src/service/rate_limit.rs
+        // (docs/design/admin-rate-limits.md).
         admin_rate_per_second: u32 = "VILVIK_KEYS_ADMIN_RATE_PER_SECOND", Value(|c| c.admin_rates.per_second.to_string()),
             "admin calls one account may make a second on this node, on average (GCRA); more get RESOURCE_EXHAUSTED with `retry-after` (several admin nodes: each allows this much)",
             |c, name, v| { c.admin_rates.per_second = parse_rate(name, &v)?; Ok(()) };

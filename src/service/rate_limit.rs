@@ -10,7 +10,8 @@
 //! with `retry-after` metadata ([`RateLimited`]).
 //!
 //! Each admin node counts only the calls it serves: N nodes behind a load
-//! balancer allow up to N times the configured rate (docs/ARCHITECTURE.md).
+//! balancer allow up to N times the configured rate
+//! (docs/design/admin-rate-limits.md).
 //!
 //! Time is the service's [`Clock`] (the system clock in production, a
 //! test's manual clock in tests), read through `LimiterClock` as

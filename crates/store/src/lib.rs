@@ -2,7 +2,7 @@
 //!
 //! [`Store`] is the one interface the server uses; [`KeySource`], the part
 //! of it the verify engine needs, is all the engine sees. There are two
-//! backends, and they pass one conformance suite (`tests/conformance.rs`):
+//! backends, and they pass one conformance suite (`tests/conformance/`):
 //!
 //! - [`SqliteStore`]: an embedded file in WAL mode, the default when no
 //!   `DATABASE_URL` is set;
