@@ -68,7 +68,7 @@ async fn credentials_are_checked(mut app: TestApp) {
 async fn every_admin_rpc_refuses_a_missing_or_malformed_credential(mut app: TestApp) {
     // `matrix::CALLS` names every KeyAdmin RPC (`the_matrix_names_every_admin_rpc`).
     let created = app.create_key("ci-runner", &["a:b"]).await.unwrap();
-    let key_id = created.key.unwrap().key_id;
+    let target = crate::matrix::Target::of(&created.key.unwrap());
     let keys_before = app.list_keys(true).await;
     let audit_before = app.audit("").await;
 
@@ -87,7 +87,7 @@ async fn every_admin_rpc_refuses_a_missing_or_malformed_credential(mut app: Test
     ];
     for (name, call) in crate::matrix::CALLS {
         for (credential, needle) in &credentials {
-            let result = call(app.admin.clone(), credential.clone(), key_id.clone()).await;
+            let result = call(app.admin.clone(), credential.clone(), target.clone()).await;
             let status = result.expect_err(&format!("{name} with {credential:?} succeeded"));
             assert_eq!(
                 status.code(),
