@@ -20,7 +20,7 @@ use crate::runtime::{self, Listener, Routes, Runtime, bind};
 use crate::server::admin::{AdminService, SmokeTest};
 use crate::server::verify::VerifyService;
 use crate::service;
-use crate::service::rate_limit::AdminRateLimiter;
+use crate::service::rate_limit::{AdminRateLimiter, SWEEP_INTERVAL};
 use crate::transport::connections::fit_connection_cap;
 use crate::transport::tls::Acceptor;
 use crate::verify_server::key_verify_server::KeyVerifyServer;
@@ -258,7 +258,10 @@ impl Application {
                 prune_history(store, clock, retention, stop)
             });
             runtime.spawn("admin rate-limit sweeper", |stop| {
-                rate_limits.housekeep(stop)
+                runtime::every(SWEEP_INTERVAL, stop, move || {
+                    rate_limits.sweep();
+                    std::future::ready(())
+                })
             });
         }
         let verifier = self.verifier.clone();

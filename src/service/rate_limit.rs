@@ -23,12 +23,11 @@
 //! needed; it is read from the store once per [`TIER_TTL`] and account
 //! (not once per call), and this node's SetAccountTier updates it at once
 //! ([`AdminRateLimiter::tier_set`]). Memory stays bounded by
-//! [`AdminRateLimiter::sweep`], which [`AdminRateLimiter::housekeep`] runs
+//! [`AdminRateLimiter::sweep`], which the admin node's runtime runs
 //! every [`SWEEP_INTERVAL`]: it forgets accounts whose limit is back to a
 //! full burst, and tiers past their TTL.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -274,20 +273,6 @@ impl AdminRateLimiter {
         let limited = self.inner.free.limiter.len()
             + self.inner.premium.as_ref().map_or(0, |p| p.limiter.len());
         limited.max(self.tiers().len())
-    }
-
-    /// Runs [`AdminRateLimiter::sweep`] every [`SWEEP_INTERVAL`] until
-    /// `stop` resolves.
-    pub async fn housekeep(self, stop: impl Future<Output = ()>) {
-        tokio::pin!(stop);
-        let mut every = tokio::time::interval(SWEEP_INTERVAL);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = &mut stop => return,
-                _ = every.tick() => self.sweep(),
-            }
-        }
     }
 }
 
