@@ -40,12 +40,12 @@ enum Command {
         #[arg(long, env = "VILVIK_KEYS_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Apply database migrations and exit (`serve` also applies them).
+    /// Create the store or bring its schema up to date, and exit (`serve` does both too).
     Migrate {
         #[arg(long, env = "VILVIK_KEYS_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Create an account's first management key (scope keys:admin) and print it once.
+    /// Create an account's first management key (scope keys:admin) in an existing store and print it once.
     Bootstrap {
         /// The account, e.g. ACME.
         #[arg(long)]
@@ -53,6 +53,12 @@ enum Command {
         /// A name for the key.
         #[arg(long, default_value = "bootstrap")]
         name: String,
+        /// Mint one more management key for an account that already has one.
+        #[arg(long)]
+        another: bool,
+        /// Print {account_id, key_id, secret, store} as one JSON object.
+        #[arg(long)]
+        json: bool,
         #[arg(long, env = "VILVIK_KEYS_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -125,16 +131,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate { config } => {
             let config = load_config(config)?;
             startup::open_store(&config).await?;
+            eprintln!("store: {}", startup::store_description(&config));
             println!("migrations applied");
             Ok(())
         }
         Command::Bootstrap {
             account,
             name,
+            another,
+            json,
             config,
         } => {
             let config = load_config(config)?;
-            cli::bootstrap(&config, &account, &name).await
+            let args = cli::BootstrapArgs {
+                account: &account,
+                name: &name,
+                another,
+                json,
+            };
+            cli::bootstrap(&config, args).await
         }
         Command::Pepper { command } => match command {
             PepperCommand::Status { json, config } => {

@@ -255,6 +255,63 @@ async fn default_pepper(config: &Config, path: &Path, store: &dyn Store) -> anyh
     }
 }
 
+/// The retired peppers' setting, as messages name it.
+pub const RETIRED_SETTING: &str = "retired_peppers (VILVIK_KEYS_RETIRED_PEPPERS)";
+
+/// Refuses to serve when live keys (see [`vilvik_keys_store::PepperUse`])
+/// are hashed with a pepper this node was not given: every one of them,
+/// management keys included, would answer NOT_FOUND, and nothing but the
+/// first verify of each would say why. Peppers listed in `retired_peppers`
+/// were retired on purpose: their keys only get a warning.
+pub async fn check_live_keys(
+    config: &Config,
+    peppers: &Peppers,
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let uses = store
+        .secrets_by_pepper()
+        .await
+        .context("cannot count the live keys per pepper")?;
+    let mut missing = Vec::new();
+    let mut retired = Vec::new();
+    for u in uses.iter().filter(|u| u.live > 0) {
+        let Some(id) = u.pepper_id else {
+            continue; // legacy unkeyed hashes need no pepper
+        };
+        if peppers.resolve(Some(id)).is_ok() {
+            continue;
+        }
+        let line = format!("{} live key(s) with pepper {id}", u.live);
+        if config.retired_peppers.contains(&id) {
+            retired.push(line);
+        } else {
+            missing.push(line);
+        }
+    }
+    missing.sort();
+    retired.sort();
+    if !retired.is_empty() {
+        tracing::warn!(
+            keys = %retired.join(", "),
+            "live keys are hashed with peppers listed in retired_peppers: they answer NOT_FOUND"
+        );
+    }
+    if !missing.is_empty() {
+        let (current, _) = current_file(config);
+        bail!(
+            "refusing to start: {} hashed with a pepper this node is not given (its current pepper \
+             is {} from {}): they would all answer NOT_FOUND, management keys included. Give the \
+             node those peppers' files, in {CURRENT_SETTING} or {OLDER_SETTING} (`vilvik-keys \
+             pepper status` shows what each pepper covers); or, to retire them on purpose, list \
+             their ids in {RETIRED_SETTING}",
+            missing.join(", "),
+            peppers.current().id(),
+            current.display()
+        );
+    }
+    Ok(())
+}
+
 /// The configured peppers, for `pepper status`: nothing is made. The
 /// current one is `None` when `pepper_file` is unset and the default file
 /// does not exist yet.

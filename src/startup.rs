@@ -84,7 +84,9 @@ impl Application {
         };
         let (admin_tls, verify_tls) = (tls("admin")?, tls("verify")?);
         let store = open_store(&config).await?;
-        let peppers = Arc::new(crate::pepper::load(&config, store.as_ref()).await?);
+        let peppers = crate::pepper::load(&config, store.as_ref()).await?;
+        crate::pepper::check_live_keys(&config, &peppers, store.as_ref()).await?;
+        let peppers = Arc::new(peppers);
         let usage = UsageRecorder::new(
             store.clone(),
             UsageConfig {
@@ -339,21 +341,101 @@ async fn prune_once(store: &dyn Store, clock: &dyn Clock, retention: &Retention)
     }
 }
 
-/// Opens the configured store and brings its schema up to date.
+/// Opens the configured store, creating it when missing (an empty SQLite
+/// file, or the schema in an empty Postgres database), and brings its
+/// schema up to date: for `serve` and `migrate` only.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let postgres = PostgresOptions {
+    let store = vilvik_keys_store::connect(
+        config.database_url(),
+        &config.sqlite_path,
+        postgres_options(config),
+    )
+    .await
+    .with_context(|| cannot_open(config))?;
+    migrate(store).await
+}
+
+/// Opens the configured store, which must already exist (made by `serve`
+/// or `migrate`), and applies any migration it lacks: for every command
+/// but those two, so that one run in the wrong directory, or against the
+/// wrong database, makes nothing there and says where it looked.
+pub async fn open_existing_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    use vilvik_keys_store::{Missing, OpenExistingError};
+    let opened = vilvik_keys_store::connect_existing(
+        config.database_url(),
+        &config.sqlite_path,
+        postgres_options(config),
+    )
+    .await;
+    let store = match opened {
+        Ok(store) => store,
+        Err(OpenExistingError::Store(e)) => {
+            return Err(anyhow::Error::new(e).context(cannot_open(config)));
+        }
+        Err(OpenExistingError::Missing(missing)) => {
+            let (what, setting) = match (&missing, config.database_url()) {
+                (Missing::NoFile(_), _) => (
+                    format!("there is no SQLite database at {}", store_description(config)),
+                    "sqlite_path (VILVIK_KEYS_SQLITE_PATH) to the service's database file, or run \
+                     it in the directory the service runs in",
+                ),
+                (Missing::NoSchema, None) => (
+                    format!(
+                        "the SQLite database at {} holds no vilvik-keys schema",
+                        store_description(config)
+                    ),
+                    "sqlite_path (VILVIK_KEYS_SQLITE_PATH) to the service's database file",
+                ),
+                (Missing::NoSchema, Some(_)) => (
+                    format!("the {} holds no vilvik-keys schema", store_description(config)),
+                    "DATABASE_URL to the service's database",
+                ),
+            };
+            anyhow::bail!(
+                "{what}: this command opens the service's store and never creates one. Point it at \
+                 the service's store with the service's settings (its --config file, or set {setting}); \
+                 `vilvik-keys migrate` or `vilvik-keys serve` makes a new one"
+            );
+        }
+    };
+    migrate(store).await
+}
+
+/// The store a configuration names, for people: the SQLite file's absolute
+/// path, or the Postgres database, host and user (never a password).
+pub fn store_description(config: &Config) -> String {
+    match config.database_url() {
+        Some(url) => vilvik_keys_store::PostgresStore::describe(url)
+            .unwrap_or_else(|| "Postgres database named by DATABASE_URL".to_owned()),
+        None => {
+            let path = &config.sqlite_path;
+            let absolute = std::fs::canonicalize(path)
+                .or_else(|_| std::path::absolute(path))
+                .unwrap_or_else(|_| path.clone());
+            format!("SQLite database {}", absolute.display())
+        }
+    }
+}
+
+fn postgres_options(config: &Config) -> PostgresOptions {
+    PostgresOptions {
         statement_timeout: config.store_timeout,
         listener: config.listener,
-    };
-    let store = vilvik_keys_store::connect(config.database_url(), &config.sqlite_path, postgres)
-        .await
-        .with_context(|| match config.database_url() {
-            Some(_) => "cannot connect to the Postgres database named by DATABASE_URL".to_owned(),
-            None => format!(
-                "cannot open the SQLite database {}",
-                config.sqlite_path.display()
-            ),
-        })?;
+    }
+}
+
+fn cannot_open(config: &Config) -> String {
+    match config.database_url() {
+        Some(_) => "cannot connect to the Postgres database named by DATABASE_URL".to_owned(),
+        None => format!(
+            "cannot open the SQLite database {}",
+            config.sqlite_path.display()
+        ),
+    }
+}
+
+/// Applies the migrations `store` lacks.
+async fn migrate(store: Arc<dyn Store>) -> anyhow::Result<Arc<dyn Store>> {
     let applied = store
         .migrate()
         .await

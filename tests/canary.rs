@@ -86,6 +86,7 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
 
     // Step 1 of the tour: a management key, printed once by bootstrap.
     let trace = [("RUST_LOG", "trace")];
+    binary::migrate(store.env());
     let (management, bootstrap_log) = binary::bootstrap(store.env().chain(trace), "ACME");
     transcript.secrets.push(management.clone());
 

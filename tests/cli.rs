@@ -10,7 +10,9 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use vilvik_keys::headers;
-use vilvik_keys_test_support::{ACCOUNT, Backend, OPERATOR_TOKEN, TestApp, binary, eventually};
+use vilvik_keys_test_support::{
+    ACCOUNT, Backend, OPERATOR_TOKEN, ServedBinary, TestApp, binary, eventually,
+};
 
 /// A server with nothing in its store, in process on a SQLite file: the
 /// tests bootstrap their accounts through the binary. Each test ends with
@@ -631,6 +633,12 @@ fn pepper_new_writes_a_private_pepper_whatever_the_umask_and_never_overwrites() 
 fn the_generated_pepper_is_private_whatever_the_umask_and_says_where_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("keys.db");
+    // The store is made first (bootstrap opens only an existing one).
+    let output = with_open_umask(&["migrate"])
+        .env("VILVIK_KEYS_SQLITE_PATH", &db)
+        .output()
+        .unwrap();
+    assert_success(&output, "migrate");
     let output = with_open_umask(&["bootstrap", "--account", ACCOUNT])
         .env("VILVIK_KEYS_SQLITE_PATH", &db)
         .env("RUST_LOG", "info")
@@ -805,6 +813,7 @@ async fn pepper_status_says_what_each_pepper_covers() {
 
     // A store without a pepper yet: nothing is made.
     let fresh = dir.path().join("fresh.db");
+    assert_success(&run_with_db(&fresh, &["migrate"], &[]), "migrate");
     let output = run_with_db(&fresh, &["pepper", "status"], &[]);
     assert_success(&output, "pepper status before the first start");
     assert!(
@@ -914,4 +923,272 @@ async fn creates_are_retried_with_their_request_id_and_updates_check_the_etag() 
     assert_eq!(str_of(&shown, "name"), "renamed");
     assert_eq!(shown["etag"], renamed["etag"]);
     server.stop().await;
+}
+
+/// The binary run in `dir` with a clean environment (no store settings:
+/// the default `./vilvik-keys.db`), `RUST_LOG=warn` and `env`.
+fn run_in(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = binary::command();
+    command
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .env("VILVIK_KEYS_ADMIN_ADDR", "127.0.0.1:0")
+        .env("VILVIK_KEYS_VERIFY_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .args(args);
+    binary::output_within(command, Duration::from_secs(30))
+}
+
+/// The names in `dir`, sorted.
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The commands that read or write the store directly, but are not the
+/// ones that make it.
+const STORE_COMMANDS: [&[&str]; 3] = [
+    &["bootstrap", "--account", ACCOUNT],
+    &["pepper", "status"],
+    &["audit", "verify"],
+];
+
+#[test]
+fn store_commands_refuse_a_missing_store_naming_where_they_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = dir.path().canonicalize().unwrap().join("vilvik-keys.db");
+    for args in STORE_COMMANDS {
+        let output = run_in(dir.path(), args, &[]);
+        let err = assert_failure(&output, &args.join(" "));
+        assert!(err.contains(expected.to_str().unwrap()), "{args:?}: {err}");
+        assert!(err.contains("VILVIK_KEYS_SQLITE_PATH"), "{args:?}: {err}");
+        assert!(err.contains("vilvik-keys migrate"), "{args:?}: {err}");
+        assert!(stdout(&output).is_empty(), "{args:?}: {}", stdout(&output));
+        assert_eq!(names_in(dir.path()), Vec::<String>::new(), "{args:?} made nothing");
+    }
+    // A file that is not the service's store (empty: no schema) is not one.
+    std::fs::write(&expected, "").unwrap();
+    for args in STORE_COMMANDS {
+        let err = assert_failure(&run_in(dir.path(), args, &[]), &args.join(" "));
+        assert!(err.contains("holds no vilvik-keys schema"), "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::metadata(&expected).unwrap().len(), 0, "left as it was");
+    std::fs::remove_file(&expected).unwrap();
+
+    // `migrate` makes one; then each command says which store it used.
+    let made = run_in(dir.path(), &["migrate"], &[]);
+    assert_success(&made, "migrate");
+    for args in STORE_COMMANDS {
+        if args[0] == "audit" {
+            continue; // an empty audit log: see the next test
+        }
+        let output = run_in(dir.path(), args, &[]);
+        assert_success(&output, &args.join(" "));
+        let err = stderr(&output);
+        assert!(
+            err.contains(&format!("store: SQLite database {}", expected.display())),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_commands_refuse_a_postgres_database_without_the_schema() {
+    let Some(database) = vilvik_keys_test_db::TestDatabase::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pepper = dir.path().join("current.pepper");
+    vilvik_keys::pepper::create(&pepper).unwrap();
+    let env = [
+        ("DATABASE_URL", database.url()),
+        ("VILVIK_KEYS_PEPPER_FILE", pepper.to_str().unwrap()),
+    ];
+    for args in STORE_COMMANDS {
+        let output = run_in(dir.path(), args, &env);
+        let err = assert_failure(&output, &args.join(" "));
+        assert!(err.contains("holds no vilvik-keys schema"), "{args:?}: {err}");
+        assert!(err.contains("DATABASE_URL"), "{args:?}: {err}");
+        assert!(!err.contains("password"), "{args:?}: {err}");
+    }
+    let client = vilvik_keys_test_support::postgres_client(database.url()).await;
+    let tables: i64 = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "nothing was made in the database");
+    assert_success(&run_in(dir.path(), &["migrate"], &env), "migrate");
+    let output = run_in(dir.path(), &["bootstrap", "--account", ACCOUNT], &env);
+    assert_success(&output, "bootstrap after migrate");
+    let err = stderr(&output);
+    assert!(err.contains("store: Postgres database '"), "{err}");
+    assert!(err.contains(&format!("account {ACCOUNT}")), "{err}");
+}
+
+#[test]
+fn audit_verify_fails_on_an_empty_store_or_an_unknown_account() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_success(&run_in(dir.path(), &["migrate"], &[]), "migrate");
+    let empty = run_in(dir.path(), &["audit", "verify"], &[]);
+    let err = assert_failure(&empty, "audit verify of an empty store");
+    assert_eq!(empty.status.code(), Some(1), "{err}");
+    assert!(err.contains("holds no audit events"), "{err}");
+    assert!(err.contains("SQLite database"), "names the store: {err}");
+
+    assert_success(
+        &run_in(dir.path(), &["bootstrap", "--account", ACCOUNT], &[]),
+        "bootstrap",
+    );
+    let unknown = run_in(dir.path(), &["audit", "verify", "--account", "acme"], &[]);
+    let err = assert_failure(&unknown, "audit verify --account acme");
+    assert_eq!(unknown.status.code(), Some(1), "{err}");
+    assert!(err.contains("account 'acme' has no audit events"), "{err}");
+    let known = run_in(dir.path(), &["audit", "verify", "--account", ACCOUNT], &[]);
+    assert_success(&known, "audit verify --account ACME");
+}
+
+#[test]
+fn bootstrap_makes_one_management_key_per_account_unless_asked_for_another() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_success(&run_in(dir.path(), &["migrate"], &[]), "migrate");
+    let first = run_in(dir.path(), &["bootstrap", "--account", "Beta"], &[]);
+    assert_success(&first, "the first bootstrap");
+    let err = stderr(&first);
+    assert!(err.contains("account Beta"), "{err}");
+    assert!(err.contains("store: SQLite database"), "{err}");
+
+    // A provisioning script that "ensures" a first key, run again.
+    let again = run_in(dir.path(), &["bootstrap", "--account", "Beta"], &[]);
+    let err = assert_failure(&again, "bootstrap again");
+    assert!(err.contains("already has an active management key"), "{err}");
+    assert!(err.contains("--another"), "{err}");
+    assert!(stdout(&again).is_empty(), "no secret: {}", stdout(&again));
+
+    // On purpose.
+    let another = run_in(
+        dir.path(),
+        &["bootstrap", "--account", "Beta", "--another", "--name", "second"],
+        &[],
+    );
+    assert_success(&another, "bootstrap --another");
+    assert_secret_shape(stdout(&another).trim());
+
+    // The same id but for case is another account: refused, naming it.
+    for id in ["beta", "BETA"] {
+        let output = run_in(dir.path(), &["bootstrap", "--account", id], &[]);
+        let err = assert_failure(&output, &format!("bootstrap --account {id}"));
+        assert!(err.contains("'Beta'"), "{id}: {err}");
+        assert!(err.contains("only by case"), "{id}: {err}");
+    }
+
+    // Two management keys and their audit events, nothing else.
+    let audit = run_in(dir.path(), &["audit", "verify"], &[]);
+    assert_success(&audit, "audit verify");
+    assert_eq!(
+        stdout(&audit).trim(),
+        "audit log intact: 1 account, 2 events checked"
+    );
+
+    let json = run_in(dir.path(), &["bootstrap", "--account", "Gamma", "--json"], &[]);
+    assert_success(&json, "bootstrap --json");
+    let value: Value = serde_json::from_str(&stdout(&json)).unwrap();
+    assert_eq!(str_of(&value, "account_id"), "Gamma");
+    assert_secret_shape(str_of(&value, "secret"));
+    assert!(str_of(&value, "key_id").starts_with("key_"), "{value}");
+    let expected = dir.path().canonicalize().unwrap().join("vilvik-keys.db");
+    assert_eq!(
+        str_of(&value, "store"),
+        format!("SQLite database {}", expected.display())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_live_keys_hashed_with_a_pepper_it_is_not_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let db_text = db.to_str().unwrap();
+    assert_success(&run_with_db(&db, &["migrate"], &[]), "migrate");
+    // A key under the default pepper (keys.db.pepper, made now).
+    assert_success(
+        &run_with_db(&db, &["bootstrap", "--account", ACCOUNT], &[]),
+        "bootstrap",
+    );
+    let old = dir.path().join("keys.db.pepper");
+    // A rotation: the new pepper current, the default one older.
+    let new = dir.path().join("new.pepper");
+    let made = run(None, &["pepper", "new", new.to_str().unwrap()], &[]);
+    assert_success(&made, "pepper new");
+    let new_id = stdout(&made).trim().to_owned();
+    let rotated = [
+        ("VILVIK_KEYS_PEPPER_FILE", new.to_str().unwrap()),
+        ("VILVIK_KEYS_PEPPER_FILES", old.to_str().unwrap()),
+    ];
+    assert_success(
+        &run_with_db(&db, &["bootstrap", "--account", "GLOBEX"], &rotated),
+        "bootstrap under the new pepper",
+    );
+
+    // Restarted without the rotation's settings: the old default file only.
+    let output = run_with_db(&db, &["serve"], &[]);
+    let err = assert_failure(&output, "serve without the new pepper");
+    assert!(err.contains(&format!("1 live key(s) with pepper {new_id}")), "{err}");
+    assert!(err.contains("VILVIK_KEYS_PEPPER_FILES"), "{err}");
+    assert!(err.contains("VILVIK_KEYS_RETIRED_PEPPERS"), "{err}");
+    assert!(!err.contains("listening"), "{err}");
+
+    // Retired on purpose: it starts, and says so.
+    let served = ServedBinary::serve()
+        .env("VILVIK_KEYS_SQLITE_PATH", db_text)
+        .env("VILVIK_KEYS_RETIRED_PEPPERS", &new_id)
+        .start()
+        .await;
+    assert!(
+        served.log().contains("retired_peppers"),
+        "{}",
+        served.log()
+    );
+    drop(served);
+
+    // With the rotation's settings it starts as before.
+    let served = ServedBinary::serve()
+        .env("VILVIK_KEYS_SQLITE_PATH", db_text)
+        .envs(rotated)
+        .start()
+        .await;
+    drop(served);
+}
+
+#[test]
+fn the_repository_ignores_pepper_files_and_the_tour_runs_in_a_scratch_directory() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for name in ["vilvik-keys.db", "vilvik-keys.db.pepper", "vilvik-keys.pepper", "a/keys.db.pepper"] {
+        let status = Command::new("git")
+            .current_dir(root)
+            .args(["check-ignore", "-q", "--no-index", name])
+            .status();
+        match status {
+            Ok(status) => assert!(status.success(), "git does not ignore {name}"),
+            Err(_) => return, // no git here
+        }
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let tour = readme
+        .split("## A five-minute tour")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README has a tour");
+    let scratch = tour
+        .find("cd /tmp/vilvik-tour")
+        .expect("the tour moves to a scratch directory");
+    let first_use = tour.find("vilvik-keys serve").expect("the tour starts the service");
+    assert!(scratch < first_use, "the service starts in the scratch directory");
+    assert!(!tour.contains("cargo run"), "the service does not run in the repository");
 }

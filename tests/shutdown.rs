@@ -43,6 +43,7 @@ struct Served {
 /// `grace_ms`, pending uses kept in memory (the periodic flush is ten
 /// minutes away), JSON logs, and `env`.
 async fn serve(store: &StoreSettings, grace_ms: u64, env: &[(&str, &str)]) -> Served {
+    binary::migrate(store.env());
     let (secret, _) = binary::bootstrap(store.env(), "ACME");
     let server = ServedBinary::serve()
         .envs(store.env())

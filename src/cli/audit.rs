@@ -1,8 +1,10 @@
 //! `vilvik-keys audit verify [--account A]`: checks every account's audit
-//! hash chain (docs/SECURITY.md). Like `migrate` and `bootstrap` it opens
-//! the configured store directly (applying pending migrations first, as
-//! every command that opens the store does) and changes nothing else. Rows
-//! are streamed in (account, event number) order, never all in memory.
+//! hash chain (docs/SECURITY.md). Like `bootstrap` it opens the configured
+//! store directly, which must exist (applying pending migrations first, as
+//! every command that opens the store does), and changes nothing else. Rows
+//! are streamed in (account, event number) order, never all in memory. An
+//! empty store, or an account without events, is an error (exit 1): there
+//! was nothing to check.
 
 use std::path::PathBuf;
 
@@ -11,7 +13,7 @@ use vilvik_keys_domain::AccountId;
 use vilvik_keys_store::{BrokenLink, ChainCheck, ChainSummary};
 
 use crate::config::Config;
-use crate::startup::open_store;
+use crate::startup::{open_existing_store, store_description};
 
 /// Rows handed over per batch.
 const BATCH: usize = 1_000;
@@ -48,7 +50,9 @@ pub async fn audit_verify(config: &Config, account: Option<&str>) -> anyhow::Res
         .map(AccountId::from_caller)
         .transpose()
         .context("--account")?;
-    let store = open_store(config).await?;
+    let store = open_existing_store(config).await?;
+    let shown = store_description(config);
+    eprintln!("store: {shown}");
     let mut check = ChainCheck::new();
     let mut events = 0_u64;
     store
@@ -65,9 +69,20 @@ pub async fn audit_verify(config: &Config, account: Option<&str>) -> anyhow::Res
         .await
         .context("cannot read the audit log")?;
     match check.finish() {
+        // Nothing to check is not "intact": most likely the wrong store or
+        // a mistyped account (ids are case-sensitive).
+        Ok(ChainSummary { accounts: 0, .. }) => match &account {
+            Some(a) => anyhow::bail!(
+                "account '{a}' has no audit events in the {shown}: no such account (account ids \
+                 are case-sensitive), or not the service's store"
+            ),
+            None => anyhow::bail!(
+                "the {shown} holds no audit events: nothing to check. Is it the service's store? \
+                 Point this command at it with the service's settings (sqlite_path or DATABASE_URL)"
+            ),
+        },
         Ok(ChainSummary { accounts, events }) => {
             let scope = match &account {
-                Some(a) if accounts == 0 => format!("account '{a}' has no audit events"),
                 Some(a) => format!("account '{a}': {} checked", count(events, "event")),
                 None => format!(
                     "{}, {} checked",

@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use vilvik_keys_domain::{
-    ADMIN_SCOPE, AccountId, Clock, GeneratedKey, KeyId, KeyName, Pepper, ScopeSet, SystemClock,
+    ADMIN_SCOPE, AccountId, Clock, GeneratedKey, KeyId, KeyName, KeyState, Pepper, ScopeSet,
+    SystemClock,
 };
 use vilvik_keys_store::{Actor, KeyRecord, NewKey, Policy, Store, StoreError};
 
+use super::output;
 use crate::config::Config;
-use crate::startup::open_store;
+use crate::startup::{open_existing_store, store_description};
 
 /// The audit actor of keys made by `bootstrap`: someone with shell access
 /// to the service's configuration.
@@ -57,12 +59,54 @@ pub async fn create_management_key(
     }
 }
 
+/// What `bootstrap` was asked for.
+#[derive(Debug)]
+pub struct BootstrapArgs<'a> {
+    pub account: &'a str,
+    pub name: &'a str,
+    /// Mint one more management key for an account that has one.
+    pub another: bool,
+    /// Print `{account_id, key_id, secret, store}` as JSON.
+    pub json: bool,
+}
+
 /// The `bootstrap` command: prints the secret alone on stdout (so that
-/// `TOKEN=$(vilvik-keys bootstrap …)` works) and the explanation on stderr.
-pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Result<()> {
-    let account = AccountId::from_caller(account).context("--account")?;
-    let name = name.parse().context("--name")?;
-    let store = open_store(config).await?;
+/// `TOKEN=$(vilvik-keys bootstrap …)` works), or one JSON object with
+/// `--json`, and the store, the account and the explanation on stderr.
+///
+/// It opens only an existing store, and refuses an account that already
+/// has an active management key (unless `--another`) or whose id differs
+/// from a stored account's only by case: a script that runs it on every
+/// deploy must not pile up admin keys, nor split one account in two. Both
+/// are checked before the key is made, not in its transaction: two
+/// bootstraps of one account at the same instant may both pass.
+pub async fn bootstrap(config: &Config, args: BootstrapArgs<'_>) -> anyhow::Result<()> {
+    let account = AccountId::from_caller(args.account).context("--account")?;
+    let name = args.name.parse().context("--name")?;
+    let store = open_existing_store(config).await?;
+    let shown = store_description(config);
+    eprintln!("store: {shown}");
+    let others = store
+        .accounts_differing_in_case(&account)
+        .await
+        .context("cannot look for accounts whose id differs only by case")?;
+    if let Some(other) = others.first() {
+        anyhow::bail!(
+            "account '{account}' differs from the existing account '{other}' only by case: account \
+             ids are case-sensitive, so this would make a second account. Use --account {other}"
+        );
+    }
+    if !args.another
+        && let Some(key) = active_management_key(store.as_ref(), &account).await?
+    {
+        anyhow::bail!(
+            "account '{account}' already has an active management key ({} \"{}\", {}): nothing made. \
+             Pass --another to mint one more on purpose",
+            key.key_id,
+            key.name,
+            key.prefix
+        );
+    }
     let peppers = crate::pepper::load(config, store.as_ref()).await?;
     let (record, secret) =
         create_management_key(&store, peppers.current(), &account, name, &config.policy()).await?;
@@ -77,9 +121,51 @@ pub async fn bootstrap(config: &Config, account: &str, name: &str) -> anyhow::Re
          and export it as VILVIK_KEYS_TOKEN for the CLI.",
         record.key_id, record.prefix
     );
-    println!("{}", secret.expose_secret());
+    if args.json {
+        print!(
+            "{}",
+            output::json_text(&serde_json::json!({
+                "account_id": account.as_str(),
+                "key_id": record.key_id.as_str(),
+                "secret": secret.expose_secret(),
+                "store": shown,
+            }))
+        );
+    } else {
+        println!("{}", secret.expose_secret());
+    }
     Ok(())
 }
+
+/// One of the account's active (not revoked, not expired) keys that holds
+/// `keys:admin`, if any.
+async fn active_management_key(
+    store: &dyn Store,
+    account: &AccountId,
+) -> anyhow::Result<Option<KeyRecord>> {
+    let now = SystemClock.now();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_keys(account, false, after, PAGE)
+            .await
+            .context("cannot list the account's keys")?;
+        if let Some(key) = page
+            .items
+            .into_iter()
+            .find(|k| k.scopes.is_management() && k.state(now) == KeyState::Active)
+        {
+            return Ok(Some(key));
+        }
+        match page.next_cursor {
+            Some(next) => after = Some(next),
+            None => return Ok(None),
+        }
+    }
+}
+
+/// Keys read per page while looking for a management key.
+const PAGE: u32 = 100;
 
 /// How long nodes on this store may take to learn a new prefix: two polls
 /// of SQLite, or a generous allowance for a Postgres notification.

@@ -1,7 +1,9 @@
 //! `vilvik-keys pepper status` and `vilvik-keys pepper new PATH`: the
 //! operator's side of rotating the pepper (docs/SECURITY.md). Like
 //! `bootstrap`, `status` opens the store directly with the service's
-//! settings; it makes no pepper file and changes nothing.
+//! settings (it must exist), and names it on stderr; it makes no pepper
+//! file and writes nothing, though it applies migrations the store lacks,
+//! as every command that opens the store does.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,7 @@ use vilvik_keys_store::PepperUse;
 use super::output;
 use crate::config::Config;
 use crate::pepper;
-use crate::startup::open_store;
+use crate::startup::{open_existing_store, store_description};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PepperCommand {
@@ -155,7 +157,8 @@ fn advice(lines: &[Line], current_file: &Path, has_current: bool) -> Vec<String>
 /// The `pepper status` command.
 pub async fn pepper_status(config: &Config, json: bool) -> anyhow::Result<()> {
     let configured = pepper::configured(config)?;
-    let store = open_store(config).await?;
+    let store = open_existing_store(config).await?;
+    eprintln!("store: {}", store_description(config));
     let uses = store
         .secrets_by_pepper()
         .await

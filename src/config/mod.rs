@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use vilvik_keys_domain::{ScopeCatalogue, TierLimits};
+use vilvik_keys_domain::{PepperId, ScopeCatalogue, TierLimits};
 use vilvik_keys_store::{ListenerOptions, Policy, PostgresOptions};
 use vilvik_keys_verify::{CacheConfig, FeedConfig, MissConfig, UsageConfig};
 
@@ -76,6 +76,9 @@ pub struct Config {
     pub pepper_file: Option<PathBuf>,
     /// Older peppers' files, whose keys still verify.
     pub pepper_files: Vec<PathBuf>,
+    /// Pepper ids deliberately retired: live keys hashed with them do not
+    /// stop the start (they answer NOT_FOUND).
+    pub retired_peppers: Vec<PepperId>,
     pub admin_addr: SocketAddr,
     pub verify_addr: SocketAddr,
     pub public_verify_addr: Option<String>,
@@ -144,6 +147,7 @@ impl Default for Config {
             sqlite_path: PathBuf::from("./vilvik-keys.db"),
             pepper_file: None,
             pepper_files: Vec::new(),
+            retired_peppers: Vec::new(),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             verify_addr: SocketAddr::from(([127, 0, 0, 1], 50052)),
             public_verify_addr: None,

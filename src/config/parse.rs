@@ -7,7 +7,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vilvik_keys_domain::ScopeCatalogue;
+use vilvik_keys_domain::{PepperId, ScopeCatalogue};
 
 use super::LogFormat;
 use super::error::{ConfigError, invalid};
@@ -66,6 +66,13 @@ pub(super) fn parse_ips(name: &str, value: &str) -> Result<Vec<IpAddr>, ConfigEr
                 .map(|ip| ip.to_canonical())
                 .map_err(|_| invalid(name, format!("'{s}' is not an IP address")))
         })
+        .collect()
+}
+
+/// Pepper ids (16 hex characters each), comma-separated.
+pub(super) fn parse_pepper_ids(name: &str, value: &str) -> Result<Vec<PepperId>, ConfigError> {
+    list_items(value)
+        .map(|s| s.to_ascii_lowercase().parse().map_err(|e| invalid(name, e)))
         .collect()
 }
 

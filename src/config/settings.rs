@@ -21,7 +21,7 @@ use super::error::{ConfigError, invalid};
 use super::parse::{
     operator_token_weakness, parse_addr, parse_bool, parse_burst, parse_catalogue, parse_count,
     parse_hours, parse_interval, parse_ips, parse_log_format, parse_millis, parse_number,
-    parse_rate, split_paths,
+    parse_pepper_ids, parse_rate, split_paths,
 };
 use super::{CLI_DEFAULT_ADDR, Config, DEFAULT_LOG_FILTER};
 
@@ -197,6 +197,9 @@ settings! {
         pepper_files: Vec<String> = "VILVIK_KEYS_PEPPER_FILES", Unset("none"),
             "older peppers' files, comma-separated: keys hashed with them still verify, and move to the current pepper when they do",
             |c, _, v| { c.pepper_files = split_paths(&v); Ok(()) };
+        retired_peppers: Vec<String> = "VILVIK_KEYS_RETIRED_PEPPERS", Unset("none: a live key hashed with a pepper not configured stops the start"),
+            "pepper ids (as `pepper status` shows them; a list in the file, comma-separated in the environment) retired on purpose: live keys hashed with them answer NOT_FOUND instead of stopping the start",
+            |c, name, v| { c.retired_peppers = parse_pepper_ids(name, &v)?; Ok(()) };
         admin_addr: String = "VILVIK_KEYS_ADMIN_ADDR", Value(|c| c.admin_addr.to_string()),
             "the KeyAdmin listener",
             |c, name, v| { c.admin_addr = parse_addr(name, &v)?; Ok(()) };
@@ -568,6 +571,20 @@ mod tests {
         let c = load_file("pepper_file = \"b.pepper\"\npepper_files = [\"a.pepper\"]\n");
         assert_eq!(c.pepper_file, Some(PathBuf::from("b.pepper")));
         assert_eq!(c.pepper_files, [PathBuf::from("a.pepper")]);
+    }
+
+    #[test]
+    fn retired_peppers_are_pepper_ids() {
+        assert!(load(&[]).retired_peppers.is_empty());
+        let c = load(&[(
+            "VILVIK_KEYS_RETIRED_PEPPERS",
+            "00000000000000ab, 1234567890ABCDEF",
+        )]);
+        let shown: Vec<String> = c.retired_peppers.iter().map(|id| id.to_string()).collect();
+        assert_eq!(shown, ["00000000000000ab", "1234567890abcdef"]);
+        let c = load_file("retired_peppers = [\"00000000000000ab\"]\n");
+        assert_eq!(c.retired_peppers.len(), 1);
+        assert_refused("VILVIK_KEYS_RETIRED_PEPPERS", "old.pepper", "not a pepper id");
     }
 
     #[test]

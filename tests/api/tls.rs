@@ -173,6 +173,7 @@ async fn wait_until_served_by(addr: SocketAddr, ca: &Ca, what: &str) {
 /// management key bootstrapped for its account.
 async fn serve_tls(files: &Files, reload: Duration) -> (ServedBinary, String) {
     let store = StoreSettings::sqlite(files.path("keys.db"));
+    binary::migrate(store.env());
     let (management_key, _) = binary::bootstrap(store.env(), "ACME");
     let served = ServedBinary::serve()
         .envs(store.env())

@@ -133,6 +133,7 @@ async fn storm(
     let mut rng = Rng::seeded(seed);
 
     let quiet = [("RUST_LOG", "warn")];
+    binary::migrate(store.env());
     let (management_key, _) = binary::bootstrap(store.env().chain(quiet), ACCOUNT);
     let mut server = serve(&store, &dir).await;
     let admin = Admin::new(server.admin_addr(), &management_key);

@@ -64,6 +64,27 @@ impl fmt::Display for PepperId {
     }
 }
 
+/// A pepper id as shown (16 hex characters), e.g. in a setting.
+impl std::str::FromStr for PepperId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex = s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        hex.then(|| u64::from_str_radix(s, 16).ok())
+            .flatten()
+            .and_then(NonZeroU64::new)
+            .map(Self)
+            // Not repeated: a pepper pasted here by mistake is 64 hex characters.
+            .ok_or_else(|| {
+                format!(
+                    "a value of {} characters is not a pepper id: 16 hex characters, as \
+                     `vilvik-keys pepper status` shows them",
+                    s.chars().count()
+                )
+            })
+    }
+}
+
 impl fmt::Debug for PepperId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PepperId({self})")
@@ -274,6 +295,19 @@ impl fmt::Debug for Peppers {
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
+    #[test]
+    fn a_pepper_id_reads_back_from_its_display_and_nothing_else_parses() {
+        let id = Pepper::generate().id();
+        assert_eq!(PepperId::from_str(&id.to_string()), Ok(id));
+        let hex = Pepper::generate().to_hex();
+        for bad in ["", "0000000000000000", "12345", "zzzzzzzzzzzzzzzz", hex.trim()] {
+            let err = PepperId::from_str(bad).unwrap_err();
+            assert!(err.contains("not a pepper id"), "{err}");
+            assert!(bad.is_empty() || !err.contains(bad), "never repeated: {err}");
+        }
+    }
     use super::*;
 
     const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";

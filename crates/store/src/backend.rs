@@ -241,6 +241,12 @@ impl<B: Backend> Store for B {
             .await
     }
 
+    async fn accounts_differing_in_case(&self, account: &AccountId) -> Result<Vec<AccountId>> {
+        let account = account.clone();
+        self.read(move |db| boxed(async move { db.accounts_differing_in_case(&account).await }))
+            .await
+    }
+
     async fn set_grantable_scopes(
         &self,
         account: &AccountId,

@@ -115,6 +115,8 @@ pub(crate) trait AccountRows: Send {
     fn lock_account(&mut self, account: &AccountId, now: OffsetDateTime) -> impl Fut<Account>;
     /// Writes the account's tier and catalogue.
     fn update_account(&mut self, account: &AccountId, stored: &Account) -> impl Fut<()>;
+    /// The stored accounts whose id is `account`'s but for letter case.
+    fn accounts_differing_in_case(&mut self, account: &AccountId) -> impl Fut<Vec<AccountId>>;
 }
 
 /// A request id claimed for `account`'s call.

@@ -295,6 +295,11 @@ pub trait Store: KeySource {
     /// with the server's catalogue.
     async fn get_account(&self, account: &AccountId) -> Result<Account>;
 
+    /// The stored accounts whose id differs from `account`'s only in
+    /// letter case (`acme` for `ACME`), in id order: ids are
+    /// case-sensitive, so those are other accounts.
+    async fn accounts_differing_in_case(&self, account: &AccountId) -> Result<Vec<AccountId>>;
+
     /// Sets the account's own catalogue of grantable scopes (`None`: back
     /// to the server's), with an audit event. Keys already holding scopes
     /// outside it keep them.
@@ -380,4 +385,43 @@ pub async fn connect(
         Some(url) => std::sync::Arc::new(PostgresStore::connect_with(url, postgres).await?),
         None => std::sync::Arc::new(SqliteStore::open(sqlite_path).await?),
     })
+}
+
+/// [`connect`] for a store that must already exist (made by `serve` or
+/// `migrate`): the SQLite file is never created, and either database must
+/// hold the service's schema. Commands other than those two open the store
+/// this way, so that one run in the wrong place makes nothing there.
+pub async fn connect_existing(
+    database_url: Option<&str>,
+    sqlite_path: &std::path::Path,
+    postgres: PostgresOptions,
+) -> Result<std::sync::Arc<dyn Store>, OpenExistingError> {
+    Ok(match database_url {
+        Some(url) => {
+            let store = PostgresStore::connect_with(url, postgres).await?;
+            if !store.has_schema().await? {
+                return Err(OpenExistingError::Missing(Missing::NoSchema));
+            }
+            std::sync::Arc::new(store)
+        }
+        None => std::sync::Arc::new(SqliteStore::open_existing(sqlite_path).await?),
+    })
+}
+
+/// What [`connect_existing`] did not find.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Missing {
+    #[error("there is no SQLite database at {}", .0.display())]
+    NoFile(std::path::PathBuf),
+    #[error("the database holds no vilvik-keys schema (no migration was ever applied to it)")]
+    NoSchema,
+}
+
+/// Why [`connect_existing`] opened no store.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenExistingError {
+    #[error(transparent)]
+    Missing(Missing),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }

@@ -169,6 +169,11 @@ pub(crate) fn request(row: &impl Cells) -> Result<StoredRequest> {
 }
 
 /// A row of [`crate::stream::SECRETS_BY_PEPPER`].
+/// An account id in the first column.
+pub(crate) fn account_id(row: &impl Cells) -> Result<AccountId> {
+    field("account id", row.text(0)?.parse())
+}
+
 pub(crate) fn pepper_use(row: &impl Cells) -> Result<PepperUse> {
     Ok(PepperUse {
         pepper_id: pepper_id(row.opt_int(0)?)?,

@@ -45,9 +45,27 @@ pub fn command() -> Command {
     command
 }
 
+/// `vilvik-keys migrate` with `env` (the store's settings): makes the
+/// store, as an operator does before `bootstrap`, which opens only an
+/// existing one. Asserts it succeeded.
+pub fn migrate<K, V>(env: impl IntoIterator<Item = (K, V)>)
+where
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
+    let output = command()
+        .envs(env)
+        .env("RUST_LOG", "warn")
+        .arg("migrate")
+        .output()
+        .expect("the binary runs");
+    assert!(output.status.success(), "migrate failed: {output:?}");
+}
+
 /// `vilvik-keys bootstrap --account <account>` with `env` (the store's
-/// settings, `RUST_LOG`); asserts it succeeded and printed the management
-/// key alone on stdout. Returns the key and what it logged on stderr.
+/// settings, `RUST_LOG`) on an existing store (see [`migrate`]); asserts
+/// it succeeded and printed the management key alone on stdout. Returns
+/// the key and what it logged on stderr.
 pub fn bootstrap<K, V>(env: impl IntoIterator<Item = (K, V)>, account: &str) -> (String, String)
 where
     K: AsRef<OsStr>,

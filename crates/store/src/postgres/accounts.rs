@@ -5,7 +5,7 @@ use deadpool_postgres::GenericClient;
 use time::OffsetDateTime;
 use vilvik_keys_domain::{AccountId, ScopeCatalogue};
 
-use super::{Pg, execute, query_one, query_opt};
+use super::{Pg, execute, query, query_one, query_opt};
 use crate::db::AccountRows;
 use crate::{Account, Result, rows, rules};
 
@@ -39,5 +39,15 @@ impl<C: GenericClient + Send> AccountRows for Pg<C> {
         )
         .await?;
         Ok(())
+    }
+
+    async fn accounts_differing_in_case(&mut self, account: &AccountId) -> Result<Vec<AccountId>> {
+        let sql = "SELECT account_id FROM accounts \
+                   WHERE lower(account_id) = lower($1) AND account_id <> $1 ORDER BY account_id";
+        query(&self.0, sql, &[&account.as_str()])
+            .await?
+            .iter()
+            .map(rows::account_id)
+            .collect()
     }
 }

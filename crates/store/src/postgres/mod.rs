@@ -266,6 +266,57 @@ impl PostgresStore {
     async fn client(&self) -> Result<Object> {
         self.pool.get().await.map_err(map_pool_err)
     }
+
+    /// Whether the database holds the service's schema: a migration
+    /// ledger with at least one entry.
+    pub async fn has_schema(&self) -> Result<bool> {
+        let client = self.client().await?;
+        let ledger: bool = client
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(map_err)?
+            .try_get(0)
+            .map_err(map_err)?;
+        if !ledger {
+            return Ok(false);
+        }
+        client
+            .query_one("SELECT EXISTS (SELECT 1 FROM schema_migrations)", &[])
+            .await
+            .map_err(map_err)?
+            .try_get(0)
+            .map_err(map_err)
+    }
+
+    /// The database `url` names, for people: its name, host(s) and user,
+    /// never a password. `None` when the URL does not parse.
+    pub fn describe(url: &str) -> Option<String> {
+        let (url, _) = tls::split(url).ok()?;
+        let config: tokio_postgres::Config = url.parse().ok()?;
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let ports = config.get_ports();
+                (host, ports.get(i).or(ports.first()).copied().unwrap_or(5432))
+            })
+            .map(|(host, port)| match host {
+                tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+                tokio_postgres::config::Host::Unix(dir) => format!("{}", dir.display()),
+            })
+            .collect();
+        Some(format!(
+            "Postgres database '{}' on {} as user '{}'",
+            config.get_dbname().unwrap_or("(the user's)"),
+            if hosts.is_empty() {
+                "localhost".to_owned()
+            } else {
+                hosts.join(",")
+            },
+            config.get_user().unwrap_or("(the OS user)")
+        ))
+    }
 }
 
 fn map_pool_err(e: PoolError) -> StoreError {

@@ -40,4 +40,19 @@ impl AccountRows for Sqlite<'_> {
         .map_err(map_err)?;
         Ok(())
     }
+
+    async fn accounts_differing_in_case(&mut self, account: &AccountId) -> Result<Vec<AccountId>> {
+        let mut stmt = self
+            .prepare(
+                "SELECT account_id FROM accounts \
+                 WHERE lower(account_id) = lower(?1) AND account_id <> ?1 ORDER BY account_id",
+            )
+            .map_err(map_err)?;
+        let mut found = stmt.query([account.as_str()]).map_err(map_err)?;
+        let mut ids = Vec::new();
+        while let Some(row) = found.next().map_err(map_err)? {
+            ids.push(rows::account_id(row)?);
+        }
+        Ok(ids)
+    }
 }

@@ -40,7 +40,7 @@ use crate::db::{BoxFuture, Fut};
 use crate::rows::{self, Cells};
 use crate::rules::corrupt;
 use crate::{
-    ChangeListener, OutageKind, PepperUse, Rehash, Result, SecretRecord, StoreError, UsageRecord,
+    ChangeListener, Missing, OpenExistingError, OutageKind, PepperUse, Rehash, Result, SecretRecord, StoreError, UsageRecord,
     stream,
 };
 
@@ -63,16 +63,46 @@ impl std::fmt::Debug for SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path`.
     pub async fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, true).await
+    }
+
+    /// Opens the database file at `path` only if it exists and holds the
+    /// service's schema (a migration ledger with at least one entry):
+    /// nothing is created, so a command run in the wrong directory makes
+    /// no empty store there.
+    pub async fn open_existing(path: &Path) -> Result<Self, OpenExistingError> {
+        let no_file = || OpenExistingError::Missing(Missing::NoFile(path.to_owned()));
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(no_file()),
+            _ => {}
+        }
+        // Looked at read-only first: a file that is not the service's
+        // store is left exactly as it was.
+        let at = path.to_owned();
+        let migrated = tokio::task::spawn_blocking(move || has_schema(&at))
+            .await
+            .map_err(|e| StoreError::internal_from("SQLite open task failed", e))?;
+        match migrated {
+            Ok(true) => {}
+            Ok(false) => return Err(OpenExistingError::Missing(Missing::NoSchema)),
+            // Removed between the look and the open.
+            Err(_) if !path.exists() => return Err(no_file()),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Self::open_with(path, false).await?)
+    }
+
+    async fn open_with(path: &Path, create: bool) -> Result<Self> {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || {
-            make_private(&path)?;
-            let writer = open_connection(&path)?;
+            make_private(&path, create)?;
+            let writer = open_connection(&path, create)?;
             writer
                 .pragma_update(None, "journal_mode", "WAL")
                 .map_err(|e| {
                     StoreError::internal_from(format!("cannot enable WAL on {}", path.display()), e)
                 })?;
-            let reader = open_connection(&path)?;
+            let reader = open_connection(&path, create)?;
             Ok(Self {
                 writer: Arc::new(Mutex::new(writer)),
                 reader: Arc::new(Mutex::new(reader)),
@@ -180,20 +210,22 @@ fn complete<T>(op: impl Future<Output = Result<T>>) -> Result<T> {
 /// (the umask can only take bits away), and SQLite gives its `-wal` and
 /// `-shm` files the database file's mode. An existing database, WAL or
 /// shared-memory file that others may read is narrowed to its owner.
-fn make_private(path: &Path) -> Result<()> {
+fn make_private(path: &Path, create: bool) -> Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let cannot = |what: &str, e: std::io::Error| {
         StoreError::internal_from(format!("cannot {what} {}", path.display()), e)
     };
-    match std::fs::OpenOptions::new()
+    match create.then(|| std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
+        .open(path))
     {
-        Ok(_) => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(cannot("create SQLite database", e)),
+        Some(Ok(_)) => return Ok(()),
+        Some(Err(e)) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(cannot("create SQLite database", e));
+        }
+        _ => {}
     }
     let mut files = vec![path.to_owned()];
     for suffix in ["-wal", "-shm"] {
@@ -219,8 +251,41 @@ fn make_private(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn open_connection(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path).map_err(|e| {
+/// Whether the file at `path` holds the service's schema: a migration
+/// ledger with at least one entry. Read through a read-only connection.
+fn has_schema(path: &Path) -> Result<bool> {
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| {
+        StoreError::internal_from(format!("cannot open SQLite database {}", path.display()), e)
+    })?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
+    let ledger: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+             WHERE type = 'table' AND name = 'schema_migrations')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(map_err)?;
+    if !ledger {
+        return Ok(false);
+    }
+    conn.query_row("SELECT EXISTS (SELECT 1 FROM schema_migrations)", [], |r| {
+        r.get(0)
+    })
+    .map_err(map_err)
+}
+
+/// A connection to the file at `path`; without `create`, a missing file
+/// is an error rather than a new empty database.
+fn open_connection(path: &Path, create: bool) -> Result<Connection> {
+    use rusqlite::OpenFlags;
+    let mut flags = OpenFlags::default();
+    if !create {
+        flags.remove(OpenFlags::SQLITE_OPEN_CREATE);
+    }
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| {
         StoreError::internal_from(format!("cannot open SQLite database {}", path.display()), e)
     })?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
