@@ -375,15 +375,12 @@ pub async fn open_existing_store(config: &Config) -> anyhow::Result<Arc<dyn Stor
         Err(OpenExistingError::Missing(missing)) => {
             let (what, setting) = match (&missing, config.database_url()) {
                 (Missing::NoFile(_), _) => (
-                    format!("there is no SQLite database at {}", store_description(config)),
+                    format!("there is no {}", store_description(config)),
                     "sqlite_path (VILVIK_KEYS_SQLITE_PATH) to the service's database file, or run \
                      it in the directory the service runs in",
                 ),
                 (Missing::NoSchema, None) => (
-                    format!(
-                        "the SQLite database at {} holds no vilvik-keys schema",
-                        store_description(config)
-                    ),
+                    format!("the {} holds no vilvik-keys schema", store_description(config)),
                     "sqlite_path (VILVIK_KEYS_SQLITE_PATH) to the service's database file",
                 ),
                 (Missing::NoSchema, Some(_)) => (
