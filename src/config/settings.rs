@@ -197,7 +197,7 @@ settings! {
         pepper_files: Vec<String> = "VILVIK_KEYS_PEPPER_FILES", Unset("none"),
             "older peppers' files, comma-separated: keys hashed with them still verify, and move to the current pepper when they do",
             |c, _, v| { c.pepper_files = split_paths(&v); Ok(()) };
-        retired_peppers: Vec<String> = "VILVIK_KEYS_RETIRED_PEPPERS", Unset("none: a live key hashed with a pepper not configured stops the start"),
+        retired_peppers: Vec<String> = "VILVIK_KEYS_RETIRED_PEPPERS", Unset("none (a live key hashed with a pepper not configured stops the start)"),
             "pepper ids (as `pepper status` shows them; a list in the file, comma-separated in the environment) retired on purpose: live keys hashed with them answer NOT_FOUND instead of stopping the start",
             |c, name, v| { c.retired_peppers = parse_pepper_ids(name, &v)?; Ok(()) };
         admin_addr: String = "VILVIK_KEYS_ADMIN_ADDR", Value(|c| c.admin_addr.to_string()),

@@ -226,10 +226,19 @@ async fn assert_a_copy_verifies_nothing(app: &TestApp, copied: &Path, secret: &s
     assert!(err.contains("Restore its file"), "{err}");
     let other = copied.with_file_name("other.pepper");
     pepper_new(&other);
+    // Another pepper: the start is refused while live keys need the one
+    // that is missing, unless it is retired on purpose.
+    config.pepper_file = Some(other.clone());
+    let err = Application::build(config, Role::Verify)
+        .await
+        .expect_err("live keys under a pepper not given: the copy does not start");
+    assert!(format!("{err:#}").contains("refusing to start"), "{err:#}");
+    let (_, original) = current_pepper(app);
     let mut node = app
         .spawn_verify_node(|c| {
             c.sqlite_path = copied.to_owned();
             c.pepper_file = Some(other);
+            c.retired_peppers = vec![original.id()];
         })
         .await;
     assert_eq!(node.verify_code(secret).await, VerifyCode::NotFound);
@@ -361,10 +370,24 @@ async fn a_retired_peppers_keys_are_not_found_until_it_is_given_back(mut app: Te
     let secret = created.secret.clone();
     assert_eq!(app.verify_code(&secret, &[]).await, VerifyCode::Valid);
 
-    // Retired too early: B alone.
+    // B alone: refused at start while A covers live keys, naming it.
     let b_file = app.dir.join("b.pepper");
     pepper_new(&b_file);
     app.config.pepper_file = Some(b_file);
+    let mut refused = app.config.clone();
+    (refused.admin_addr, refused.verify_addr) =
+        ("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap());
+    let err = Application::build(refused, Role::All)
+        .await
+        .expect_err("live keys under a pepper not given");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains(&format!("2 live key(s) with pepper {}", a.id())),
+        "{err}"
+    );
+    assert!(err.contains("VILVIK_KEYS_RETIRED_PEPPERS"), "{err}");
+    // Retired on purpose, too early.
+    app.config.retired_peppers = vec![a.id()];
     app.restart().await;
     for _ in 0..3 {
         assert_eq!(app.verify_code(&secret, &[]).await, VerifyCode::NotFound);
@@ -385,6 +408,7 @@ async fn a_retired_peppers_keys_are_not_found_until_it_is_given_back(mut app: Te
     assert_eq!(stored(&app, &prefix).await.1, Some(stored_id(&a)));
 
     // Given back as an older pepper: the key verifies again.
+    app.config.retired_peppers.clear();
     app.config.pepper_files = vec![a_file];
     app.restart().await;
     assert_eq!(app.verify_code(&secret, &[]).await, VerifyCode::Valid);

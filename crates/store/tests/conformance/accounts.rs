@@ -7,7 +7,7 @@ use std::sync::Arc;
 use time::Duration;
 use vilvik_keys_domain::{AuditAction, Tier};
 use vilvik_keys_store::Store;
-use vilvik_keys_test_db::fixtures::{account, actor, all_events, capped, new_key, now};
+use vilvik_keys_test_db::fixtures::{account, actor, all_events, capped, new_key, now, roomy};
 
 use crate::cap::refused_by_cap;
 
@@ -69,4 +69,33 @@ pub(crate) async fn set_tier_changes_the_cap_with_an_audit_event(store: Arc<dyn 
     assert_eq!(all_events(&*store, &globex, None).await.len(), 1);
 }
 
-vilvik_keys_test_db::on_both_backends!(set_tier_changes_the_cap_with_an_audit_event,);
+/// Account ids are case-sensitive; the store finds the ids that differ
+/// from one only by case (for `bootstrap`, which refuses to split an
+/// account in two), and never the id itself.
+pub(crate) async fn accounts_differing_only_in_case_are_found(store: Arc<dyn Store>) {
+    let t0 = now();
+    for id in ["ACME", "acme", "Globex", "ACME-2"] {
+        let (new, _) = new_key(&account(id), "first", t0);
+        store.create_key(new, &actor(), &roomy()).await.unwrap();
+    }
+    let found = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            let ids = store
+                .accounts_differing_in_case(&account(id))
+                .await
+                .unwrap();
+            ids.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(found("Acme").await, ["ACME", "acme"]);
+    assert_eq!(found("ACME").await, ["acme"]);
+    assert_eq!(found("GLOBEX").await, ["Globex"]);
+    assert!(found("Globex").await.is_empty());
+    assert!(found("Initech").await.is_empty());
+}
+
+vilvik_keys_test_db::on_both_backends!(
+    set_tier_changes_the_cap_with_an_audit_event,
+    accounts_differing_only_in_case_are_found,
+);
