@@ -380,11 +380,17 @@ pub async fn open_existing_store(config: &Config) -> anyhow::Result<Arc<dyn Stor
                      it in the directory the service runs in",
                 ),
                 (Missing::NoSchema, None) => (
-                    format!("the {} holds no vilvik-keys schema", store_description(config)),
+                    format!(
+                        "the {} holds no vilvik-keys schema",
+                        store_description(config)
+                    ),
                     "sqlite_path (VILVIK_KEYS_SQLITE_PATH) to the service's database file",
                 ),
                 (Missing::NoSchema, Some(_)) => (
-                    format!("the {} holds no vilvik-keys schema", store_description(config)),
+                    format!(
+                        "the {} holds no vilvik-keys schema",
+                        store_description(config)
+                    ),
                     "DATABASE_URL to the service's database",
                 ),
             };

@@ -968,15 +968,26 @@ fn store_commands_refuse_a_missing_store_naming_where_they_looked() {
         assert!(err.contains("VILVIK_KEYS_SQLITE_PATH"), "{args:?}: {err}");
         assert!(err.contains("vilvik-keys migrate"), "{args:?}: {err}");
         assert!(stdout(&output).is_empty(), "{args:?}: {}", stdout(&output));
-        assert_eq!(names_in(dir.path()), Vec::<String>::new(), "{args:?} made nothing");
+        assert_eq!(
+            names_in(dir.path()),
+            Vec::<String>::new(),
+            "{args:?} made nothing"
+        );
     }
     // A file that is not the service's store (empty: no schema) is not one.
     std::fs::write(&expected, "").unwrap();
     for args in STORE_COMMANDS {
         let err = assert_failure(&run_in(dir.path(), args, &[]), &args.join(" "));
-        assert!(err.contains("holds no vilvik-keys schema"), "{args:?}: {err}");
+        assert!(
+            err.contains("holds no vilvik-keys schema"),
+            "{args:?}: {err}"
+        );
     }
-    assert_eq!(std::fs::metadata(&expected).unwrap().len(), 0, "left as it was");
+    assert_eq!(
+        std::fs::metadata(&expected).unwrap().len(),
+        0,
+        "left as it was"
+    );
     std::fs::remove_file(&expected).unwrap();
 
     // `migrate` makes one; then each command says which store it used.
@@ -1011,7 +1022,10 @@ async fn store_commands_refuse_a_postgres_database_without_the_schema() {
     for args in STORE_COMMANDS {
         let output = run_in(dir.path(), args, &env);
         let err = assert_failure(&output, &args.join(" "));
-        assert!(err.contains("holds no vilvik-keys schema"), "{args:?}: {err}");
+        assert!(
+            err.contains("holds no vilvik-keys schema"),
+            "{args:?}: {err}"
+        );
         assert!(err.contains("DATABASE_URL"), "{args:?}: {err}");
         assert!(!err.contains("password"), "{args:?}: {err}");
     }
@@ -1068,14 +1082,24 @@ fn bootstrap_makes_one_management_key_per_account_unless_asked_for_another() {
     // A provisioning script that "ensures" a first key, run again.
     let again = run_in(dir.path(), &["bootstrap", "--account", "Beta"], &[]);
     let err = assert_failure(&again, "bootstrap again");
-    assert!(err.contains("already has an active management key"), "{err}");
+    assert!(
+        err.contains("already has an active management key"),
+        "{err}"
+    );
     assert!(err.contains("--another"), "{err}");
     assert!(stdout(&again).is_empty(), "no secret: {}", stdout(&again));
 
     // On purpose.
     let another = run_in(
         dir.path(),
-        &["bootstrap", "--account", "Beta", "--another", "--name", "second"],
+        &[
+            "bootstrap",
+            "--account",
+            "Beta",
+            "--another",
+            "--name",
+            "second",
+        ],
         &[],
     );
     assert_success(&another, "bootstrap --another");
@@ -1097,7 +1121,11 @@ fn bootstrap_makes_one_management_key_per_account_unless_asked_for_another() {
         "audit log intact: 1 account, 2 events checked"
     );
 
-    let json = run_in(dir.path(), &["bootstrap", "--account", "Gamma", "--json"], &[]);
+    let json = run_in(
+        dir.path(),
+        &["bootstrap", "--account", "Gamma", "--json"],
+        &[],
+    );
     assert_success(&json, "bootstrap --json");
     let value: Value = serde_json::from_str(&stdout(&json)).unwrap();
     assert_eq!(str_of(&value, "account_id"), "Gamma");
@@ -1139,7 +1167,10 @@ async fn serve_refuses_live_keys_hashed_with_a_pepper_it_is_not_given() {
     // Restarted without the rotation's settings: the old default file only.
     let output = run_with_db(&db, &["serve"], &[]);
     let err = assert_failure(&output, "serve without the new pepper");
-    assert!(err.contains(&format!("1 live key(s) with pepper {new_id}")), "{err}");
+    assert!(
+        err.contains(&format!("1 live key(s) with pepper {new_id}")),
+        "{err}"
+    );
     assert!(err.contains("VILVIK_KEYS_PEPPER_FILES"), "{err}");
     assert!(err.contains("VILVIK_KEYS_RETIRED_PEPPERS"), "{err}");
     assert!(!err.contains("listening"), "{err}");
@@ -1150,11 +1181,7 @@ async fn serve_refuses_live_keys_hashed_with_a_pepper_it_is_not_given() {
         .env("VILVIK_KEYS_RETIRED_PEPPERS", &new_id)
         .start()
         .await;
-    assert!(
-        served.log().contains("retired_peppers"),
-        "{}",
-        served.log()
-    );
+    assert!(served.log().contains("retired_peppers"), "{}", served.log());
     drop(served);
 
     // With the rotation's settings it starts as before.
@@ -1169,7 +1196,12 @@ async fn serve_refuses_live_keys_hashed_with_a_pepper_it_is_not_given() {
 #[test]
 fn the_repository_ignores_pepper_files_and_the_tour_runs_in_a_scratch_directory() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for name in ["vilvik-keys.db", "vilvik-keys.db.pepper", "vilvik-keys.pepper", "a/keys.db.pepper"] {
+    for name in [
+        "vilvik-keys.db",
+        "vilvik-keys.db.pepper",
+        "vilvik-keys.pepper",
+        "a/keys.db.pepper",
+    ] {
         let status = Command::new("git")
             .current_dir(root)
             .args(["check-ignore", "-q", "--no-index", name])
@@ -1188,7 +1220,15 @@ fn the_repository_ignores_pepper_files_and_the_tour_runs_in_a_scratch_directory(
     let scratch = tour
         .find("cd /tmp/vilvik-tour")
         .expect("the tour moves to a scratch directory");
-    let first_use = tour.find("vilvik-keys serve").expect("the tour starts the service");
-    assert!(scratch < first_use, "the service starts in the scratch directory");
-    assert!(!tour.contains("cargo run"), "the service does not run in the repository");
+    let first_use = tour
+        .find("vilvik-keys serve")
+        .expect("the tour starts the service");
+    assert!(
+        scratch < first_use,
+        "the service starts in the scratch directory"
+    );
+    assert!(
+        !tour.contains("cargo run"),
+        "the service does not run in the repository"
+    );
 }

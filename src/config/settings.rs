@@ -584,7 +584,11 @@ mod tests {
         assert_eq!(shown, ["00000000000000ab", "1234567890abcdef"]);
         let c = load_file("retired_peppers = [\"00000000000000ab\"]\n");
         assert_eq!(c.retired_peppers.len(), 1);
-        assert_refused("VILVIK_KEYS_RETIRED_PEPPERS", "old.pepper", "not a pepper id");
+        assert_refused(
+            "VILVIK_KEYS_RETIRED_PEPPERS",
+            "old.pepper",
+            "not a pepper id",
+        );
     }
 
     #[test]

@@ -375,8 +375,10 @@ async fn a_retired_peppers_keys_are_not_found_until_it_is_given_back(mut app: Te
     pepper_new(&b_file);
     app.config.pepper_file = Some(b_file);
     let mut refused = app.config.clone();
-    (refused.admin_addr, refused.verify_addr) =
-        ("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap());
+    (refused.admin_addr, refused.verify_addr) = (
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
     let err = Application::build(refused, Role::All)
         .await
         .expect_err("live keys under a pepper not given");

@@ -302,10 +302,19 @@ mod tests {
         let id = Pepper::generate().id();
         assert_eq!(PepperId::from_str(&id.to_string()), Ok(id));
         let hex = Pepper::generate().to_hex();
-        for bad in ["", "0000000000000000", "12345", "zzzzzzzzzzzzzzzz", hex.trim()] {
+        for bad in [
+            "",
+            "0000000000000000",
+            "12345",
+            "zzzzzzzzzzzzzzzz",
+            hex.trim(),
+        ] {
             let err = PepperId::from_str(bad).unwrap_err();
             assert!(err.contains("not a pepper id"), "{err}");
-            assert!(bad.is_empty() || !err.contains(bad), "never repeated: {err}");
+            assert!(
+                bad.is_empty() || !err.contains(bad),
+                "never repeated: {err}"
+            );
         }
     }
     use super::*;

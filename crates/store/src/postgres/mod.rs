@@ -299,7 +299,10 @@ impl PostgresStore {
             .enumerate()
             .map(|(i, host)| {
                 let ports = config.get_ports();
-                (host, ports.get(i).or(ports.first()).copied().unwrap_or(5432))
+                (
+                    host,
+                    ports.get(i).or(ports.first()).copied().unwrap_or(5432),
+                )
             })
             .map(|(host, port)| match host {
                 tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),

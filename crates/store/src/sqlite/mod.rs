@@ -40,8 +40,8 @@ use crate::db::{BoxFuture, Fut};
 use crate::rows::{self, Cells};
 use crate::rules::corrupt;
 use crate::{
-    ChangeListener, Missing, OpenExistingError, OutageKind, PepperUse, Rehash, Result, SecretRecord, StoreError, UsageRecord,
-    stream,
+    ChangeListener, Missing, OpenExistingError, OutageKind, PepperUse, Rehash, Result,
+    SecretRecord, StoreError, UsageRecord, stream,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -215,12 +215,13 @@ fn make_private(path: &Path, create: bool) -> Result<()> {
     let cannot = |what: &str, e: std::io::Error| {
         StoreError::internal_from(format!("cannot {what} {}", path.display()), e)
     };
-    match create.then(|| std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path))
-    {
+    match create.then(|| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+    }) {
         Some(Ok(_)) => return Ok(()),
         Some(Err(e)) if e.kind() != std::io::ErrorKind::AlreadyExists => {
             return Err(cannot("create SQLite database", e));
