@@ -299,8 +299,9 @@ pub async fn check_live_keys(
     if !missing.is_empty() {
         let (current, _) = current_file(config);
         bail!(
-            "refusing to start: {} hashed with a pepper this node is not given (its current pepper \
-             is {} from {}): they would all answer NOT_FOUND, management keys included. Give the \
+            "refusing to start: live keys are hashed with peppers this node is not given: {} (its \
+             current pepper is {} from {}). They would all answer NOT_FOUND, management keys \
+             included. Give the \
              node those peppers' files, in {CURRENT_SETTING} or {OLDER_SETTING} (`vilvik-keys \
              pepper status` shows what each pepper covers); or, to retire them on purpose, list \
              their ids in {RETIRED_SETTING}",

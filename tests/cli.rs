@@ -1065,6 +1065,7 @@ fn audit_verify_fails_on_an_empty_store_or_an_unknown_account() {
     let err = assert_failure(&unknown, "audit verify --account acme");
     assert_eq!(unknown.status.code(), Some(1), "{err}");
     assert!(err.contains("account 'acme' has no audit events"), "{err}");
+    assert!(err.contains("did you mean 'ACME'?"), "{err}");
     let known = run_in(dir.path(), &["audit", "verify", "--account", ACCOUNT], &[]);
     assert_success(&known, "audit verify --account ACME");
 }

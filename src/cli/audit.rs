@@ -72,10 +72,20 @@ pub async fn audit_verify(config: &Config, account: Option<&str>) -> anyhow::Res
         // Nothing to check is not "intact": most likely the wrong store or
         // a mistyped account (ids are case-sensitive).
         Ok(ChainSummary { accounts: 0, .. }) => match &account {
-            Some(a) => anyhow::bail!(
-                "account '{a}' has no audit events in the {shown}: no such account (account ids \
-                 are case-sensitive), or not the service's store"
-            ),
+            Some(a) => {
+                let like = store
+                    .accounts_differing_in_case(a)
+                    .await
+                    .unwrap_or_default();
+                let hint = match like.first() {
+                    Some(other) => format!(" (did you mean '{other}'?)"),
+                    None => String::new(),
+                };
+                anyhow::bail!(
+                    "account '{a}' has no audit events in the {shown}: no such account (account \
+                     ids are case-sensitive{hint}), or not the service's store"
+                )
+            }
             None => anyhow::bail!(
                 "the {shown} holds no audit events: nothing to check. Is it the service's store? \
                  Point this command at it with the service's settings (sqlite_path or DATABASE_URL)"
