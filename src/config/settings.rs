@@ -297,6 +297,16 @@ settings! {
                 c.stored_keys_per_active_key = per_key;
                 Ok(())
             };
+        request_ids_per_account: u32 = "VILVIK_KEYS_REQUEST_IDS_PER_ACCOUNT", Value(|c| c.request_ids_per_account.to_string()),
+            "request ids an account may hold within their 24-hour window (each about 300 bytes stored); past it a create or rotation with a new one answers RESOURCE_EXHAUSTED, while retries still answer",
+            |c, name, v| {
+                let limit: u32 = parse_number(name, &v)?;
+                if limit == 0 {
+                    return Err(invalid(name, "must be at least 1: at 0 no call could send a request id"));
+                }
+                c.request_ids_per_account = limit;
+                Ok(())
+            };
         trusted_proxies: Vec<String> = "VILVIK_KEYS_TRUSTED_PROXIES",
             Unset("`x-forwarded-for` ignored"),
             "proxies whose `x-forwarded-for` is believed (a list in the file, comma-separated in the environment)",
