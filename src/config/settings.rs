@@ -521,6 +521,7 @@ mod tests {
             ("VILVIK_KEYS_ROTATED_SECRET_RETENTION_HOURS", "24"),
             ("VILVIK_KEYS_ROTATED_SECRETS_KEPT", "3"),
             ("VILVIK_KEYS_STORED_KEYS_PER_ACTIVE_KEY", "20"),
+            ("VILVIK_KEYS_REQUEST_IDS_PER_ACCOUNT", "500"),
         ]);
         let policy = c.policy();
         assert_eq!(
@@ -529,6 +530,7 @@ mod tests {
         );
         assert_eq!(policy.rotated_secrets_kept, 3);
         assert_eq!(policy.stored_keys_per_active_key, 20);
+        assert_eq!(policy.request_ids_per_account, 500);
         assert_eq!(c.rotated_secret_retention, Duration::from_secs(24 * 3600));
         let defaults = load(&[]).policy();
         assert_eq!(defaults, Policy::default());
@@ -546,6 +548,7 @@ mod tests {
                 "only the operator token",
             ),
             ("VILVIK_KEYS_STORED_KEYS_PER_ACTIVE_KEY", "0", "at least 1"),
+            ("VILVIK_KEYS_REQUEST_IDS_PER_ACCOUNT", "0", "at least 1"),
             (
                 "VILVIK_KEYS_ROTATED_SECRETS_KEPT",
                 "-1",

@@ -531,6 +531,59 @@ async fn a_create_retried_with_its_scopes_in_another_order_is_the_same_request(m
     );
 }
 
+mod capped {
+    use super::*;
+
+    fn two_request_ids(config: &mut vilvik_keys::config::Config) {
+        config.request_ids_per_account = 2;
+    }
+
+    crate::on_both_backends!(
+        configured by two_request_ids:
+        past_the_accounts_request_ids_a_new_one_is_resource_exhausted,
+    );
+}
+
+/// One account may hold only so many request ids within their window
+/// (here 2): a create or rotation with a new one past it is refused,
+/// naming the setting, and changes nothing; a retry and a call without
+/// an id still run.
+async fn past_the_accounts_request_ids_a_new_one_is_resource_exhausted(mut app: TestApp) {
+    let first = RequestId::generate();
+    let created = create(&mut app, create_request("one", first.as_str())).await;
+    let key_id = created.key.unwrap().key_id;
+    create(
+        &mut app,
+        create_request("two", RequestId::generate().as_str()),
+    )
+    .await;
+    let before = without_usage(app.list_keys(true).await);
+    let status = assert_status(
+        app.admin
+            .create_key(app.authed(create_request("three", RequestId::generate().as_str())))
+            .await,
+        Code::ResourceExhausted,
+        "request_id: the account already holds 2 request ids used within the last 24 hours",
+    );
+    assert!(
+        status
+            .message()
+            .contains("VILVIK_KEYS_REQUEST_IDS_PER_ACCOUNT"),
+        "{status:?}"
+    );
+    assert_status(
+        app.admin
+            .rotate_key(app.authed(rotate_request(&key_id, RequestId::generate().as_str())))
+            .await,
+        Code::ResourceExhausted,
+        "request_ids_per_account",
+    );
+    assert_eq!(without_usage(app.list_keys(true).await), before);
+    let retry = create(&mut app, create_request("one", first.as_str())).await;
+    assert_eq!(retry.secret, created.secret);
+    app.rotate_key(&key_id).await.expect("a rotation without an id");
+}
+
 /// The connection to Postgres breaks after COMMIT was sent (a proxy
 /// between the server and the database forwards COMMIT, then resets the
 /// connection without passing on the answer). The create did commit; the
