@@ -76,7 +76,8 @@ impl Admin {
                 let outcome = self
                     .store
                     .create_key_with(new, record.as_ref(), &caller.actor, &self.policy)
-                    .await?;
+                    .await
+                    .inspect_err(|e| note_foreign_replay(caller, method, e))?;
                 Ok((outcome, secret))
             }
         })
@@ -184,7 +185,8 @@ impl Admin {
                         now,
                         &self.policy,
                     )
-                    .await?;
+                    .await
+                    .inspect_err(|e| note_foreign_replay(caller, method, e))?;
                 Ok((outcome, secret))
             }
         })
@@ -296,6 +298,14 @@ impl Admin {
             key: replay.key,
             secret: secret.as_str().into(),
         })
+    }
+}
+
+/// Logs a caller's attempt to replay another caller's request id (it was
+/// refused): someone holding an id that is not theirs is worth a look.
+fn note_foreign_replay(caller: &Caller, method: RequestMethod, e: &StoreError) {
+    if matches!(e, StoreError::RequestIdNotYours) {
+        tracing::warn!(account = %caller.account, actor = %caller.actor.name, method = method.as_str(), "request id of another caller sent again: refused, no secret returned");
     }
 }
 

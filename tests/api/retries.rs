@@ -581,7 +581,9 @@ async fn past_the_accounts_request_ids_a_new_one_is_resource_exhausted(mut app: 
     assert_eq!(without_usage(app.list_keys(true).await), before);
     let retry = create(&mut app, create_request("one", first.as_str())).await;
     assert_eq!(retry.secret, created.secret);
-    app.rotate_key(&key_id).await.expect("a rotation without an id");
+    app.rotate_key(&key_id)
+        .await
+        .expect("a rotation without an id");
 }
 
 /// The connection to Postgres breaks after COMMIT was sent (a proxy

@@ -66,7 +66,10 @@ pub(crate) async fn the_last_manager_without_an_expiry_is_kept(store: Arc<dyn St
     let outcome = try_update(&*store, &owner, expiry(soon), t0).await;
     assert!(last_lasting(&outcome, &owner), "{outcome:?}");
     let later = t0 + Duration::seconds(6);
-    assert_eq!(lasting(&*store, &acme, later).await, [owner.clone()]);
+    assert_eq!(
+        lasting(&*store, &acme, later).await,
+        std::slice::from_ref(&owner)
+    );
 
     // Once the stolen key has expired, the owner's key is the only
     // manager: still kept.
