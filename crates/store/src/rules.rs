@@ -1013,6 +1013,49 @@ mod tests {
     }
 
     #[test]
+    fn a_request_id_replays_only_to_its_caller_and_only_the_same_call() {
+        let key = key();
+        let request = RequestRecord {
+            digest: [1; 32],
+            method: RequestMethod::RotateKey,
+            params: [2; 32],
+            key_id: key.key_id.clone(),
+            sealed: vec![3; 4],
+            pepper_id: Pepper::generate().id(),
+            expires_at: now(),
+        };
+        let stored = |caller: &str, params: [u8; 32]| StoredRequest {
+            method: "RotateKey".into(),
+            params: params.to_vec(),
+            key_id: key.key_id.to_string(),
+            sealed: vec![3; 4],
+            pepper_id: request.pepper_id.to_stored(),
+            caller: caller.into(),
+        };
+        let mine = "key:key_000000000000000000aa";
+        let (key_id, sealed, _) = replayed(stored(mine, [2; 32]), &request, mine).unwrap();
+        assert_eq!((key_id, sealed), (key.key_id.clone(), vec![3; 4]));
+        // Another caller learns nothing, not even that the parameters differ.
+        for params in [[2; 32], [9; 32]] {
+            assert!(matches!(
+                replayed(stored(mine, params), &request, "operator:bob@example.com"),
+                Err(StoreError::RequestIdNotYours)
+            ));
+        }
+        // A record from before callers were stored is nobody's.
+        assert!(matches!(
+            replayed(stored("", [2; 32]), &request, mine),
+            Err(StoreError::RequestIdNotYours)
+        ));
+        assert!(matches!(
+            replayed(stored(mine, [9; 32]), &request, mine),
+            Err(StoreError::RequestIdReused {
+                method: RequestMethod::RotateKey
+            })
+        ));
+    }
+
+    #[test]
     fn request_ids_are_capped_per_account_counting_the_new_one() {
         assert!(check_request_ids(3, 3).is_ok());
         assert!(matches!(
