@@ -122,6 +122,8 @@ pub struct Config {
     pub rotated_secrets_kept: u32,
     /// How many keys an account may store per active key of its tier.
     pub stored_keys_per_active_key: u32,
+    /// How many request ids an account may hold within their window.
+    pub request_ids_per_account: u32,
     /// What one client may hold open on either listener: connections,
     /// streams, and requests whose message does not arrive.
     pub listener_limits: ListenerLimits,
@@ -174,6 +176,7 @@ impl Default for Config {
             rotated_secret_retention: WEEK,
             rotated_secrets_kept: policy.rotated_secrets_kept,
             stored_keys_per_active_key: policy.stored_keys_per_active_key,
+            request_ids_per_account: policy.request_ids_per_account,
             listener_limits: ListenerLimits::default(),
             tls: TlsSettings::default(),
             admin_rates: AdminRateLimits::default(),
@@ -194,6 +197,7 @@ impl Config {
             grantable: self.allowed_scopes.clone(),
             stored_keys_per_active_key: self.stored_keys_per_active_key,
             rotated_secrets_kept: self.rotated_secrets_kept,
+            request_ids_per_account: self.request_ids_per_account,
         }
     }
 

@@ -300,6 +300,16 @@ settings! {
                 c.stored_keys_per_active_key = per_key;
                 Ok(())
             };
+        request_ids_per_account: u32 = "VILVIK_KEYS_REQUEST_IDS_PER_ACCOUNT", Value(|c| c.request_ids_per_account.to_string()),
+            "request ids an account may hold within their 24-hour window (each about 300 bytes stored); past it a create or rotation with a new one answers RESOURCE_EXHAUSTED, while retries still answer",
+            |c, name, v| {
+                let limit: u32 = parse_number(name, &v)?;
+                if limit == 0 {
+                    return Err(invalid(name, "must be at least 1: at 0 no call could send a request id"));
+                }
+                c.request_ids_per_account = limit;
+                Ok(())
+            };
         trusted_proxies: Vec<String> = "VILVIK_KEYS_TRUSTED_PROXIES",
             Unset("`x-forwarded-for` ignored"),
             "proxies whose `x-forwarded-for` is believed (a list in the file, comma-separated in the environment)",
@@ -514,6 +524,7 @@ mod tests {
             ("VILVIK_KEYS_ROTATED_SECRET_RETENTION_HOURS", "24"),
             ("VILVIK_KEYS_ROTATED_SECRETS_KEPT", "3"),
             ("VILVIK_KEYS_STORED_KEYS_PER_ACTIVE_KEY", "20"),
+            ("VILVIK_KEYS_REQUEST_IDS_PER_ACCOUNT", "500"),
         ]);
         let policy = c.policy();
         assert_eq!(
@@ -522,6 +533,7 @@ mod tests {
         );
         assert_eq!(policy.rotated_secrets_kept, 3);
         assert_eq!(policy.stored_keys_per_active_key, 20);
+        assert_eq!(policy.request_ids_per_account, 500);
         assert_eq!(c.rotated_secret_retention, Duration::from_secs(24 * 3600));
         let defaults = load(&[]).policy();
         assert_eq!(defaults, Policy::default());
@@ -539,6 +551,7 @@ mod tests {
                 "only the operator token",
             ),
             ("VILVIK_KEYS_STORED_KEYS_PER_ACTIVE_KEY", "0", "at least 1"),
+            ("VILVIK_KEYS_REQUEST_IDS_PER_ACCOUNT", "0", "at least 1"),
             (
                 "VILVIK_KEYS_ROTATED_SECRETS_KEPT",
                 "-1",

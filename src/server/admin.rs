@@ -250,6 +250,8 @@ impl KeyAdmin for AdminService {
         let fields = parse_create_request(req, caller.now())?;
         let retry = retry(&request, &req.request_id, || proto::CreateKeyRequest {
             request_id: String::new(),
+            // Scopes are a set: a retry may list them in another order.
+            scopes: fields.scopes.to_strings(),
             ..req.clone()
         })?;
         let issued = self.service.create_key(&caller, fields, retry).await?;

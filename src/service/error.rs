@@ -136,6 +136,14 @@ impl From<StoreError> for ApiError {
                  (`vilvik-keys keys create --name NAME --scope {ADMIN_SCOPE}` with the operator \
                  token), then retry"
             )),
+            StoreError::LastLastingManager { key_id } => ApiError::FailedPrecondition(format!(
+                "key {key_id} is the account's last management key ({ADMIN_SCOPE}) without an \
+                 expiry: revoking it, taking {ADMIN_SCOPE} from it or giving it an expiry would \
+                 leave only management keys that expire, and then nobody able to manage the \
+                 account's keys; first have the operator create another management key without \
+                 an expiry (`vilvik-keys keys create --name NAME --scope {ADMIN_SCOPE}` with the \
+                 operator token), then retry"
+            )),
             StoreError::StaleVersion {
                 key_id,
                 expected,
@@ -155,6 +163,19 @@ impl From<StoreError> for ApiError {
                     method.as_str()
                 ),
             ),
+            StoreError::RequestIdNotYours => ApiError::FailedPrecondition(
+                "request_id: was used within the last 24 hours by another caller of this account \
+                 (another management key, or the operator for another actor), and its answer is \
+                 that caller's alone: nothing was changed; use a new request id"
+                    .to_owned(),
+            ),
+            StoreError::RequestIdsExhausted { limit } => ApiError::ResourceExhausted(format!(
+                "request_id: the account already holds {limit} request ids used within the last \
+                 24 hours, the most it may (setting request_ids_per_account, \
+                 VILVIK_KEYS_REQUEST_IDS_PER_ACCOUNT): nothing was changed; retry a call with \
+                 the request id it was first sent with, send new calls without a request id, or \
+                 wait for older ids to expire"
+            )),
             StoreError::Unavailable(outage) => ApiError::Unavailable(outage),
             // A generated identifier collided on every attempt, or a
             // follower-only answer reached a handler: both are bugs.
@@ -381,6 +402,47 @@ mod tests {
             s.to_string().starts_with(&format!(
                 "key {key_id} was changed since you read it (etag v3; it is now v5): nothing was changed"
             )),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn the_last_manager_without_an_expiry_says_to_create_a_lasting_one_first() {
+        let key_id = vilvik_keys_domain::KeyId::generate();
+        let s = status(StoreError::LastLastingManager {
+            key_id: key_id.clone(),
+        });
+        assert_eq!(kind_of(&s), "FailedPrecondition");
+        assert!(
+            s.to_string().starts_with(&format!(
+                "key {key_id} is the account's last management key (keys:admin) without an expiry"
+            )),
+            "{s:?}"
+        );
+        assert!(
+            s.to_string().contains(
+                "first have the operator create another management key without an expiry"
+            ),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn another_callers_request_id_is_failed_precondition_asking_for_a_new_one() {
+        let s = status(StoreError::RequestIdNotYours);
+        assert_eq!(kind_of(&s), "FailedPrecondition");
+        assert!(s.to_string().starts_with("request_id: was used"), "{s:?}");
+        assert!(s.to_string().ends_with("use a new request id"), "{s:?}");
+    }
+
+    #[test]
+    fn too_many_request_ids_is_resource_exhausted_naming_the_setting() {
+        let s = status(StoreError::RequestIdsExhausted { limit: 10 });
+        assert_eq!(kind_of(&s), "ResourceExhausted");
+        assert!(s.to_string().contains("holds 10 request ids"), "{s:?}");
+        assert!(
+            s.to_string()
+                .contains("VILVIK_KEYS_REQUEST_IDS_PER_ACCOUNT"),
             "{s:?}"
         );
     }

@@ -4,7 +4,7 @@
 //! this node's verify engine of it before answering.
 
 use secrecy::SecretString;
-use vilvik_keys_domain::{Description, GeneratedKey, KeyId, KeyName, Reason, ScopeSet};
+use vilvik_keys_domain::{ApiKey, Description, GeneratedKey, KeyId, KeyName, Reason, ScopeSet};
 use vilvik_keys_store::{
     AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, Outcome, Page, Replay, RequestMethod,
     Rotation, RotationRequest, StoreError,
@@ -76,7 +76,8 @@ impl Admin {
                 let outcome = self
                     .store
                     .create_key_with(new, record.as_ref(), &caller.actor, &self.policy)
-                    .await?;
+                    .await
+                    .inspect_err(|e| note_foreign_replay(caller, method, e))?;
                 Ok((outcome, secret))
             }
         })
@@ -184,7 +185,8 @@ impl Admin {
                         now,
                         &self.policy,
                     )
-                    .await?;
+                    .await
+                    .inspect_err(|e| note_foreign_replay(caller, method, e))?;
                 Ok((outcome, secret))
             }
         })
@@ -254,7 +256,8 @@ impl Admin {
     }
 
     /// The answer to a retried create or rotation: the key as it is now,
-    /// with the secret the first call returned.
+    /// with the secret the first call returned, unless a later rotation
+    /// superseded that secret (it would verify `ROTATED`).
     fn replayed(
         &self,
         caller: &Caller,
@@ -265,6 +268,24 @@ impl Admin {
         let id = &retry.expect("only a call with a request id replays").id;
         let secret = self.open_replay(&caller.account, id, method, &replay)?;
         let (key_id, account, actor) = (&replay.key.key_id, &caller.account, &caller.actor.name);
+        if superseded(&secret, &replay.key) {
+            tracing::info!(key.id = %key_id, %account, %actor, method = method.as_str(), "request retried after its secret was superseded: refused");
+            let at = replay.key.rotated_at.map_or_else(
+                || "an unknown time".to_owned(),
+                vilvik_keys_domain::format_time,
+            );
+            let what = match method {
+                RequestMethod::CreateKey => "the key created with this request id was rotated",
+                RequestMethod::RotateKey => {
+                    "the rotation made with this request id was superseded by a later rotation"
+                }
+            };
+            return Err(ApiError::FailedPrecondition(format!(
+                "request_id: {what} at {at}, so the secret it returned no longer works: \
+                 nothing was changed; rotate key {key_id} with a new request id for a working \
+                 secret"
+            )));
+        }
         match method {
             RequestMethod::CreateKey => {
                 tracing::info!(key.id = %key_id, %account, %actor, "key create retried: answered with the first call's key");
@@ -278,6 +299,20 @@ impl Admin {
             secret: secret.as_str().into(),
         })
     }
+}
+
+/// Logs a caller's attempt to replay another caller's request id (it was
+/// refused): someone holding an id that is not theirs is worth a look.
+fn note_foreign_replay(caller: &Caller, method: RequestMethod, e: &StoreError) {
+    if matches!(e, StoreError::RequestIdNotYours) {
+        tracing::warn!(account = %caller.account, actor = %caller.actor.name, method = method.as_str(), "request id of another caller sent again: refused, no secret returned");
+    }
+}
+
+/// Whether `secret` is no longer `key`'s current one.
+fn superseded(secret: &str, key: &KeyRecord) -> bool {
+    ApiKey::from_bytes(secret.as_bytes())
+        .map_or(true, |presented| *presented.prefix() != key.prefix)
 }
 
 /// Runs `attempt` (a store call with freshly generated identifiers) again

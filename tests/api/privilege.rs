@@ -9,12 +9,46 @@ use vilvik_keys_domain::{Clock, ScopeCatalogue};
 use vilvik_keys_test_support::requests::{create, mask, rescope, revoke};
 use vilvik_keys_test_support::{ACCOUNT, TestApp, assert_status, bearer, days_from, without_usage};
 
+/// UpdateKey giving `key_id` the expiry `seconds` from the service's now.
+fn expire_in(app: &TestApp, key_id: &str, seconds: i64) -> proto::UpdateKeyRequest {
+    let at = app.clock.now() + time::Duration::seconds(seconds);
+    proto::UpdateKeyRequest {
+        key_id: key_id.into(),
+        expires_at: Some(prost_types::Timestamp {
+            seconds: at.unix_timestamp(),
+            nanos: 0,
+        }),
+        update_mask: mask(&["expires_at"]),
+        ..Default::default()
+    }
+}
+
+/// The account's active management keys without an expiry.
+async fn lasting_managers(app: &mut TestApp) -> Vec<proto::Key> {
+    app.list_keys(false)
+        .await
+        .into_iter()
+        .filter(|k| k.scopes.iter().any(|s| s == "keys:admin" || s == "keys:*"))
+        .filter(|k| k.expires_at.is_none())
+        .collect()
+}
+
+/// Whether `credential` still manages the account: ListKeys answers it.
+async fn manages(app: &TestApp, credential: &str) -> bool {
+    let mut client = app.admin.clone();
+    let request = bearer(proto::ListKeysRequest::default(), credential);
+    client.list_keys(request).await.is_ok()
+}
+
 crate::on_both_backends!(
     a_management_key_cannot_grant_management_scopes,
     only_whole_action_wildcards_are_scopes,
     the_operator_sets_an_accounts_grantable_scopes,
     the_last_management_key_cannot_lock_the_account_out,
     two_management_keys_revoking_each_other_leave_one,
+    a_stolen_management_key_cannot_outlast_the_owners,
+    two_management_keys_cutting_each_other_short_leave_one_lasting,
+    two_management_keys_racing_their_expiries_leave_one_lasting,
 );
 
 mod server_catalogue {
@@ -264,13 +298,15 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
             "{what}: {status:?}"
         );
         assert!(
-            status.message().contains("last active management key"),
+            status
+                .message()
+                .contains("last management key (keys:admin) without an expiry"),
             "{what}: {status:?}"
         );
         assert!(
-            status
-                .message()
-                .contains("first have the operator create another management key"),
+            status.message().contains(
+                "first have the operator create another management key without an expiry"
+            ),
             "{what}: {status:?}"
         );
     }
@@ -279,7 +315,7 @@ async fn the_last_management_key_cannot_lock_the_account_out(mut app: TestApp) {
     assert_status(
         app.admin.revoke_key(request).await,
         Code::FailedPrecondition,
-        "last active",
+        "without an expiry",
     );
     assert_unchanged(&mut app, &before).await;
 
@@ -336,5 +372,129 @@ async fn two_management_keys_revoking_each_other_leave_one(mut app: TestApp) {
             .filter(|k| k.scopes.iter().any(|s| s.starts_with("keys:")))
             .collect();
         assert_eq!(active.len(), 1, "round {round}: {active:?}");
+    }
+}
+
+/// A stolen management key sets its own expiry a few seconds ahead and
+/// then tries to take the owner's management key away, so that the
+/// account is locked out once the stolen key expires. The owner's key,
+/// the last one without an expiry, can be neither revoked nor cut short.
+async fn a_stolen_management_key_cannot_outlast_the_owners(mut app: TestApp) {
+    let owner = app.management_key_id.clone();
+    let stolen = app
+        .create_key_as_operator(ACCOUNT, "stolen", &["keys:admin"])
+        .await;
+    let request = bearer(
+        expire_in(&app, &stolen.key.unwrap().key_id, 4),
+        &stolen.secret,
+    );
+    app.admin
+        .update_key(request)
+        .await
+        .expect("a key may shorten its own life while a lasting manager stays");
+    let before = snapshot(&mut app).await;
+    let status = assert_status(
+        app.admin
+            .revoke_key(bearer(revoke(&owner), &stolen.secret))
+            .await,
+        Code::FailedPrecondition,
+        "last management key (keys:admin) without an expiry",
+    );
+    assert!(status.message().contains(&owner), "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("first have the operator create another management key without an expiry"),
+        "{status:?}"
+    );
+    let cut_short = bearer(expire_in(&app, &owner, 4), &stolen.secret);
+    assert_status(
+        app.admin.update_key(cut_short).await,
+        Code::FailedPrecondition,
+        "without an expiry",
+    );
+    let stripped = bearer(rescope(&owner, &["datasets:read"]), &stolen.secret);
+    assert_status(
+        app.admin.update_key(stripped).await,
+        Code::FailedPrecondition,
+        "without an expiry",
+    );
+    assert_unchanged(&mut app, &before).await;
+
+    app.clock.advance(time::Duration::milliseconds(5_500));
+    assert!(
+        !manages(&app, &stolen.secret).await,
+        "the stolen key expired"
+    );
+    assert!(
+        manages(&app, &app.management_key.clone()).await,
+        "the owner still manages the account"
+    );
+}
+
+/// Two management keys each give the other a short expiry: the second
+/// is refused, so one manager without an expiry is left.
+async fn two_management_keys_cutting_each_other_short_leave_one_lasting(mut app: TestApp) {
+    let first = app.management_key_id.clone();
+    let second = app
+        .create_key_as_operator(ACCOUNT, "second", &["keys:admin"])
+        .await;
+    let second_id = second.key.unwrap().key_id;
+    app.admin
+        .update_key(app.authed(expire_in(&app, &second_id, 3)))
+        .await
+        .expect("the first key cuts the second short");
+    assert_status(
+        app.admin
+            .update_key(bearer(expire_in(&app, &first, 3), &second.secret))
+            .await,
+        Code::FailedPrecondition,
+        "without an expiry",
+    );
+    app.clock.advance(time::Duration::seconds(4));
+    assert!(!manages(&app, &second.secret).await);
+    assert!(manages(&app, &app.management_key.clone()).await);
+    assert_eq!(lasting_managers(&mut app).await.len(), 1);
+}
+
+/// The same race for real: in each round two management keys without an
+/// expiry shorten each other's at the same moment. Exactly one change
+/// wins, and one lasting manager is left; the loser expires and the
+/// winner carries on.
+async fn two_management_keys_racing_their_expiries_leave_one_lasting(mut app: TestApp) {
+    for round in 0..5 {
+        let peer = app
+            .create_key_as_operator(ACCOUNT, &format!("peer {round}"), &["keys:admin"])
+            .await;
+        let peer_id = peer.key.unwrap().key_id;
+        let mine = app.management_key_id.clone();
+        let expire_as = |target: &str, credential: &str| {
+            let mut client = app.admin.clone();
+            let request = bearer(expire_in(&app, target, 3), credential);
+            async move { client.update_key(request).await }
+        };
+        let (a, b) = tokio::join!(
+            expire_as(&peer_id, &app.management_key),
+            expire_as(&mine, &peer.secret)
+        );
+        assert_eq!(
+            [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(),
+            1,
+            "round {round}: {a:?} / {b:?}"
+        );
+        let refused = a.as_ref().err().or(b.as_ref().err()).unwrap();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        if b.is_ok() {
+            app.management_key = peer.secret.clone();
+            app.management_key_id = peer_id;
+        }
+        let lasting = lasting_managers(&mut app).await;
+        assert_eq!(lasting.len(), 1, "round {round}: {lasting:?}");
+        assert_eq!(lasting[0].key_id, app.management_key_id, "round {round}");
+        app.clock.advance(time::Duration::seconds(4));
+        assert!(
+            manages(&app, &app.management_key.clone()).await,
+            "round {round}: the winner still manages the account"
+        );
     }
 }

@@ -12,8 +12,8 @@ use vilvik_keys_domain::RequestId;
 use vilvik_keys_test_db::{FaultProxy, ProxyMode};
 use vilvik_keys_test_support::requests::{rename, revoke, rotate};
 use vilvik_keys_test_support::{
-    Backend, TestApp, assert_status, lazy_channel, spawn_app, spawn_app_with, test_server_addr,
-    through_proxy, without_usage,
+    ACCOUNT, Backend, TestApp, assert_status, bearer, lazy_channel, spawn_app, spawn_app_with,
+    test_server_addr, through_proxy, without_usage,
 };
 
 fn create_request(name: &str, request_id: &str) -> proto::CreateKeyRequest {
@@ -401,7 +401,190 @@ crate::on_both_backends!(
     the_database_holds_no_secret_and_no_request_id,
     a_stale_etag_is_aborted_and_changes_nothing,
     a_lost_response_is_recovered_by_retrying_with_the_request_id,
+    a_request_id_is_answered_only_to_the_caller_that_made_it,
+    a_rotation_retried_after_a_later_rotation_is_refused,
+    a_create_retried_with_its_scopes_in_another_order_is_the_same_request,
 );
+
+/// A request id's answer (with the secret it returned) belongs to the
+/// caller that made the call: a management key replaying the operator's
+/// creation of a management key is refused as the same call without an
+/// id would be, and another caller replaying an id it saw is refused and
+/// gets no secret. The caller itself still gets its answer.
+async fn a_request_id_is_answered_only_to_the_caller_that_made_it(mut app: TestApp) {
+    let minted_id = RequestId::generate();
+    let mint = || proto::CreateKeyRequest {
+        name: "second admin".into(),
+        scopes: vec!["keys:admin".into()],
+        request_id: minted_id.as_str().into(),
+        ..Default::default()
+    };
+    let alice = |app: &TestApp| app.as_operator(mint(), ACCOUNT, "alice@example.com");
+    let minted = app
+        .admin
+        .create_key(alice(&app))
+        .await
+        .unwrap()
+        .into_inner();
+    let before = without_usage(app.list_keys(true).await);
+    let events = app.audit("").await.len();
+
+    // The ordinary management key may not create a management key, with
+    // or without the operator's request id.
+    let status = assert_status(
+        app.admin.create_key(app.authed(mint())).await,
+        Code::PermissionDenied,
+        "scopes: 'keys:admin'",
+    );
+    assert!(!status.message().contains(&minted.secret));
+    // The operator acting for someone else is another caller.
+    let bob = app.as_operator(mint(), ACCOUNT, "bob@example.com");
+    assert_status(
+        app.admin.create_key(bob).await,
+        Code::FailedPrecondition,
+        "request_id: was used within the last 24 hours by another caller",
+    );
+
+    // One management key's create, replayed by another management key.
+    let id = RequestId::generate();
+    let first = create(&mut app, create_request("ci-runner", id.as_str())).await;
+    let other = bearer(create_request("ci-runner", id.as_str()), &minted.secret);
+    let status = assert_status(
+        app.admin.create_key(other).await,
+        Code::FailedPrecondition,
+        "use a new request id",
+    );
+    assert!(!status.message().contains(&first.secret));
+    let key_id = first.key.as_ref().unwrap().key_id.clone();
+    let other = bearer(rotate_request(&key_id, id.as_str()), &minted.secret);
+    assert_status(
+        app.admin.rotate_key(other).await,
+        Code::FailedPrecondition,
+        "by another caller",
+    );
+
+    // The callers themselves get their answers.
+    let again = app
+        .admin
+        .create_key(alice(&app))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.secret, minted.secret);
+    let retry = create(&mut app, create_request("ci-runner", id.as_str())).await;
+    assert_eq!(retry.secret, first.secret);
+    let mut after = without_usage(app.list_keys(true).await);
+    after.retain(|k| k.key_id != key_id);
+    assert_eq!(after, before, "a refused replay changed a key");
+    assert_eq!(app.audit("").await.len(), events + 1, "only the one create");
+}
+
+/// RotateKey under an id, then another rotation: a retry of the first
+/// would hand back a secret that verifies ROTATED; it is refused, saying
+/// when the later rotation happened.
+async fn a_rotation_retried_after_a_later_rotation_is_refused(mut app: TestApp) {
+    let created = app.create_key("rotated", &["datasets:read"]).await.unwrap();
+    let key_id = created.key.unwrap().key_id;
+    let id = RequestId::generate();
+    let first = rotate_with(&mut app, rotate_request(&key_id, id.as_str())).await;
+    app.clock.advance(time::Duration::seconds(7));
+    let later = app.rotate_key(&key_id).await.unwrap();
+    let at = vilvik_keys_domain::format_time(vilvik_keys_domain::Clock::now(&*app.clock));
+    let status = assert_status(
+        app.admin
+            .rotate_key(app.authed(rotate_request(&key_id, id.as_str())))
+            .await,
+        Code::FailedPrecondition,
+        &format!(
+            "request_id: the rotation made with this request id was superseded by a later \
+             rotation at {at}"
+        ),
+    );
+    assert!(!status.message().contains(&first.secret), "{status:?}");
+    assert_eq!(
+        app.verify_code(&first.secret, &[]).await,
+        VerifyCode::Rotated
+    );
+    assert_eq!(app.verify_code(&later.secret, &[]).await, VerifyCode::Valid);
+    assert_eq!(app.audit(&key_id).await.len(), 3, "CREATED and two ROTATED");
+}
+
+/// Scopes are a set: a retry may list them in another order (or repeat
+/// one) and is the same request.
+async fn a_create_retried_with_its_scopes_in_another_order_is_the_same_request(mut app: TestApp) {
+    let id = RequestId::generate();
+    let with = |scopes: &[&str]| proto::CreateKeyRequest {
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..create_request("ci-runner", id.as_str())
+    };
+    let first = create(&mut app, with(&["datasets:read", "reports:read"])).await;
+    let retry = create(&mut app, with(&["reports:read", "datasets:read"])).await;
+    assert_eq!(retry.secret, first.secret);
+    assert_eq!(retry.key.unwrap().key_id, first.key.unwrap().key_id);
+    assert_eq!(created_keys(&mut app).await.len(), 1);
+    assert_status(
+        app.admin
+            .create_key(app.authed(with(&["reports:read"])))
+            .await,
+        Code::InvalidArgument,
+        "with other parameters",
+    );
+}
+
+mod capped {
+    use super::*;
+
+    fn two_request_ids(config: &mut vilvik_keys::config::Config) {
+        config.request_ids_per_account = 2;
+    }
+
+    crate::on_both_backends!(
+        configured by two_request_ids:
+        past_the_accounts_request_ids_a_new_one_is_resource_exhausted,
+    );
+}
+
+/// One account may hold only so many request ids within their window
+/// (here 2): a create or rotation with a new one past it is refused,
+/// naming the setting, and changes nothing; a retry and a call without
+/// an id still run.
+async fn past_the_accounts_request_ids_a_new_one_is_resource_exhausted(mut app: TestApp) {
+    let first = RequestId::generate();
+    let created = create(&mut app, create_request("one", first.as_str())).await;
+    let key_id = created.key.unwrap().key_id;
+    create(
+        &mut app,
+        create_request("two", RequestId::generate().as_str()),
+    )
+    .await;
+    let before = without_usage(app.list_keys(true).await);
+    let status = assert_status(
+        app.admin
+            .create_key(app.authed(create_request("three", RequestId::generate().as_str())))
+            .await,
+        Code::ResourceExhausted,
+        "request_id: the account already holds 2 request ids used within the last 24 hours",
+    );
+    assert!(
+        status
+            .message()
+            .contains("VILVIK_KEYS_REQUEST_IDS_PER_ACCOUNT"),
+        "{status:?}"
+    );
+    assert_status(
+        app.admin
+            .rotate_key(app.authed(rotate_request(&key_id, RequestId::generate().as_str())))
+            .await,
+        Code::ResourceExhausted,
+        "request_ids_per_account",
+    );
+    assert_eq!(without_usage(app.list_keys(true).await), before);
+    let retry = create(&mut app, create_request("one", first.as_str())).await;
+    assert_eq!(retry.secret, created.secret);
+    app.rotate_key(&key_id)
+        .await
+        .expect("a rotation without an id");
+}
 
 /// The connection to Postgres breaks after COMMIT was sent (a proxy
 /// between the server and the database forwards COMMIT, then resets the

@@ -67,9 +67,9 @@ pub(crate) trait KeyRows: Send {
     fn count_keys(&mut self, account: &AccountId) -> impl Fut<u32>;
     /// How many of the account's keys are active at `now`.
     fn count_active(&mut self, account: &AccountId, now: OffsetDateTime) -> impl Fut<u32>;
-    /// The scopes, as stored, of the account's keys other than `key` that
-    /// are active at `now`.
-    fn other_scopes(&mut self, key: &KeyRecord, now: OffsetDateTime) -> impl Fut<ScopeLists>;
+    /// The scopes, as stored, and the expiry of the account's keys other
+    /// than `key` that are active at `now`.
+    fn other_active_keys(&mut self, key: &KeyRecord, now: OffsetDateTime) -> impl Fut<OtherKeys>;
     /// Writes a new key's row (not its secret).
     fn insert_key(&mut self, new: &NewKey) -> impl Fut<()>;
     /// Writes what a change of the key can change: its name, description,
@@ -95,8 +95,8 @@ pub(crate) trait KeyRows: Send {
 /// A page of keys, each with its cursor.
 pub(crate) type Keys = Vec<(i64, KeyRecord)>;
 
-/// Lists of scopes as stored, one per key.
-pub(crate) type ScopeLists = Vec<Vec<String>>;
+/// Keys' scopes as stored, and their expiry, one pair per key.
+pub(crate) type OtherKeys = Vec<(Vec<String>, Option<OffsetDateTime>)>;
 
 /// A secret of the key `key_id`, stored as of `created_at`.
 #[derive(Debug, Clone, Copy)]
@@ -119,11 +119,13 @@ pub(crate) trait AccountRows: Send {
     fn accounts_differing_in_case(&mut self, account: &AccountId) -> impl Fut<Vec<AccountId>>;
 }
 
-/// A request id claimed for `account`'s call.
+/// A request id claimed for `account`'s call by `caller` (the actor's
+/// name: `key:<key_id>`, `operator:<actor>`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Claim<'a> {
     pub account: &'a AccountId,
     pub request: &'a RequestRecord,
+    pub caller: &'a str,
 }
 
 /// The records of request ids.
@@ -136,6 +138,14 @@ pub(crate) trait RequestRows: Send {
     fn record_request(&mut self, claim: &Claim<'_>) -> impl Fut<bool>;
     /// What the claim's digest recorded.
     fn recorded_request(&mut self, claim: &Claim<'_>) -> impl Fut<StoredRequest>;
+    /// How many of the account's records are within their window at
+    /// `now`, counting no further than `upto`.
+    fn count_live_requests(
+        &mut self,
+        account: &AccountId,
+        now: OffsetDateTime,
+        upto: u32,
+    ) -> impl Fut<u32>;
     /// Deletes every record whose window ended at `now`; returns how many.
     fn prune_requests(&mut self, now: OffsetDateTime) -> impl Fut<u64>;
 }

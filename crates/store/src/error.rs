@@ -30,6 +30,11 @@ pub enum StoreError {
     /// key: nobody but the operator could manage its keys again.
     #[error("key {key_id} is the account's last active management key")]
     LastManagementKey { key_id: KeyId },
+    /// The change would leave the account, which has a management key
+    /// without an expiry, with none: its remaining managers would all
+    /// expire, and then nobody but the operator could manage its keys.
+    #[error("key {key_id} is the account's last management key without an expiry")]
+    LastLastingManager { key_id: KeyId },
     /// The key changed since the version the caller based its change on.
     #[error("key {key_id} is at version {current}, not {expected}")]
     StaleVersion {
@@ -41,6 +46,14 @@ pub enum StoreError {
     /// or with other parameters.
     #[error("the request id was used for a {} with other parameters", method.as_str())]
     RequestIdReused { method: crate::RequestMethod },
+    /// A request id recorded within its window by another caller of the
+    /// account: its answer is that caller's alone.
+    #[error("the request id belongs to another caller")]
+    RequestIdNotYours,
+    /// The account holds as many request ids within their window as it
+    /// may ([`crate::Policy::request_ids_per_account`]).
+    #[error("the account holds {limit} request ids within their window")]
+    RequestIdsExhausted { limit: u32 },
     /// The change log no longer holds every change after the sequence
     /// number asked for: they were pruned. A follower must forget its cache.
     #[error("the change log was pruned through sequence {pruned_through}")]

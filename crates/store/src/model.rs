@@ -374,6 +374,10 @@ pub struct Policy {
     /// How many rotated-away secrets of a key a rotation keeps (they
     /// verify as `ROTATED`); older ones are deleted in the same transaction.
     pub rotated_secrets_kept: u32,
+    /// How many request ids an account may hold recorded within their
+    /// window at once; a call with a new one past it is refused, so that
+    /// one account's records stay bounded whatever its rate.
+    pub request_ids_per_account: u32,
 }
 
 impl Default for Policy {
@@ -383,6 +387,7 @@ impl Default for Policy {
             grantable: ScopeCatalogue::default(),
             stored_keys_per_active_key: 100,
             rotated_secrets_kept: 10,
+            request_ids_per_account: 10_000,
         }
     }
 }

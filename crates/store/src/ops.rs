@@ -25,37 +25,66 @@ use vilvik_keys_domain::{AccountId, KeyId, ScopeCatalogue, Tier, TierLimits};
 
 use crate::chain;
 use crate::db::{Claim, Db, EventPage, SecretRow, Window};
-use crate::rules::{self, ChangeRecord, Prune};
+use crate::rules::{self, ChangeRecord, Prune, StoredRequest};
 use crate::{
     Account, Actor, AuditEvent, KeyChanges, KeyRecord, NewKey, NewSecret, Outcome, Page, Policy,
     Replay, RequestRecord, Result, Rotation, RotationRequest, StoreError,
 };
 
-/// Records `request` for its retries, unless its id is already recorded
-/// (and its window still open): then what the first call did, or a
-/// refusal when that call was another. Called first in its transaction.
+/// Records `request` for its retries by `actor`, unless its id is
+/// already recorded (and its window still open): then what it recorded,
+/// for the operation to authorize the call and answer it
+/// ([`replay`]). A new record past the account's
+/// [`Policy::request_ids_per_account`] is refused. Called first in its
+/// transaction.
 async fn claim_request(
     db: &mut impl Db,
     account: &AccountId,
     request: &RequestRecord,
+    actor: &Actor,
     now: OffsetDateTime,
-) -> Result<Option<Replay>> {
-    let claim = Claim { account, request };
+    policy: &Policy,
+) -> Result<Option<StoredRequest>> {
+    let claim = Claim {
+        account,
+        request,
+        caller: &actor.name,
+    };
     db.forget_expired(&claim, now).await?;
     if db.record_request(&claim).await? {
+        // Counted with the new record in: past the cap, the transaction
+        // rolls it back. Concurrent first calls may each see the others
+        // uncommitted, so the cap can be passed by as many at once.
+        let limit = policy.request_ids_per_account;
+        let live = db
+            .count_live_requests(account, now, limit.saturating_add(1))
+            .await?;
+        rules::check_request_ids(limit, live)?;
         return Ok(None);
     }
-    let stored = db.recorded_request(&claim).await?;
-    let (key_id, sealed, pepper_id) = rules::replayed(stored, request)?;
+    Ok(Some(db.recorded_request(&claim).await?))
+}
+
+/// The answer to a retry of `request` by `actor`, authorized already:
+/// what the first call did, when that call was the actor's own, of the
+/// same method with the same parameters ([`rules::replayed`]).
+async fn replay(
+    db: &mut impl Db,
+    account: &AccountId,
+    stored: StoredRequest,
+    request: &RequestRecord,
+    actor: &Actor,
+) -> Result<Replay> {
+    let (key_id, sealed, pepper_id) = rules::replayed(stored, request, &actor.name)?;
     let key = db
         .load_key(account, &key_id)
         .await?
         .ok_or_else(|| StoreError::internal("a request id names a key that is gone"))?;
-    Ok(Some(Replay {
+    Ok(Replay {
         key,
         sealed,
         pepper_id,
-    }))
+    })
 }
 
 /// The key to change, its row locked; refuses a revoked key, and one no
@@ -87,13 +116,20 @@ async fn check_room(
     rules::check_quota(tier, limits, db.count_active(account, now).await?)
 }
 
-/// Refuses to revoke or weaken `key` (an active management key) when no
-/// other active key of its account is one. Called with the account's row
-/// locked: two management keys revoking each other at once serialize, and
-/// the second sees the first's revocation.
-async fn keep_a_manager(db: &mut impl Db, key: &KeyRecord, now: OffsetDateTime) -> Result<()> {
-    let scopes = db.other_scopes(key, now).await?;
-    rules::check_not_last_manager(key, rules::count_managers(&scopes)?)
+/// Refuses to revoke (`after` is `None`) or weaken `before` (an active
+/// management key) when that leaves its account without a management key
+/// that has no expiry while it had one, or without any active one
+/// ([`rules::check_keeps_a_manager`]). Called with the account's row
+/// locked: two management keys revoking or cutting short each other at
+/// once serialize, and the second sees the first's change.
+async fn keep_a_manager(
+    db: &mut impl Db,
+    before: &KeyRecord,
+    after: Option<&KeyRecord>,
+    now: OffsetDateTime,
+) -> Result<()> {
+    let others = rules::count_managers(&db.other_active_keys(before, now).await?)?;
+    rules::check_keeps_a_manager(before, after, others, now)
 }
 
 /// Writes the change's audit event, chained onto the account's head, moves
@@ -140,8 +176,15 @@ impl CreateKey {
         let (new, actor, policy) = (&self.new, &self.actor, &self.policy);
         let account_id = &new.account_id;
         if let Some(request) = &self.request
-            && let Some(replay) = claim_request(db, account_id, request, new.created_at).await?
+            && let Some(stored) =
+                claim_request(db, account_id, request, actor, new.created_at, policy).await?
         {
+            // Authorized as the same call without an id would be: a caller
+            // that may not create this key learns nothing of the first call.
+            let account = db.load_account(account_id).await?;
+            let grantable = account.grantable.as_ref().unwrap_or(&policy.grantable);
+            rules::check_grants(None, &new.scopes, grantable, actor)?;
+            let replay = replay(db, account_id, stored, request, actor).await?;
             return Ok(Outcome::Replayed(Box::new(replay)));
         }
         let account = db.lock_account(account_id, new.created_at).await?;
@@ -182,7 +225,7 @@ impl UpdateKey {
             let grantable = stored.grantable.as_ref().unwrap_or(&policy.grantable);
             rules::check_grants(Some(&before.scopes), &update.after.scopes, grantable, actor)?;
             if update.weakens_manager {
-                keep_a_manager(db, &before, now).await?;
+                keep_a_manager(db, &before, Some(&update.after), now).await?;
             }
             if update.needs_room {
                 check_room(db, account, stored.tier, now, policy.tiers).await?;
@@ -210,9 +253,12 @@ impl RotateKey {
     pub async fn run(self, db: &mut impl Db) -> Result<Outcome<Rotation>> {
         let (account, key_id, now) = (&self.account, &self.key_id, self.now);
         let rotation = &self.rotation;
+        let actor = &self.actor;
         if let Some(request) = &rotation.request
-            && let Some(replay) = claim_request(db, account, request, now).await?
+            && let Some(stored) =
+                claim_request(db, account, request, actor, now, &self.policy).await?
         {
+            let replay = replay(db, account, stored, request, actor).await?;
             return Ok(Outcome::Replayed(Box::new(replay)));
         }
         let secret = &rotation.secret;
@@ -268,7 +314,7 @@ impl RevokeKey {
         let before = load_key_for_change(db, account, key_id, self.if_version).await?;
         if rules::is_active_manager(&before, now) {
             db.lock_account(account, now).await?;
-            keep_a_manager(db, &before, now).await?;
+            keep_a_manager(db, &before, None, now).await?;
         }
         db.write_key(&KeyRecord {
             revoked_at: Some(now),

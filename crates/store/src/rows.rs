@@ -156,8 +156,8 @@ pub(crate) fn head(row: &impl Cells) -> Result<Head> {
     Head::stored(row.int(0)?, row.bytes(1)?)
 }
 
-/// `method, params_digest, key_id, sealed_secret, pepper_id` of a request
-/// id's record.
+/// `method, params_digest, key_id, sealed_secret, pepper_id, caller` of a
+/// request id's record.
 pub(crate) fn request(row: &impl Cells) -> Result<StoredRequest> {
     Ok(StoredRequest {
         method: row.text(0)?.to_owned(),
@@ -165,7 +165,13 @@ pub(crate) fn request(row: &impl Cells) -> Result<StoredRequest> {
         key_id: row.text(2)?.to_owned(),
         sealed: row.bytes(3)?.to_vec(),
         pepper_id: row.int(4)?,
+        caller: row.text(5)?.to_owned(),
     })
+}
+
+/// `scopes, expires_at` of another active key of an account.
+pub(crate) fn other_key(row: &impl Cells) -> Result<(Vec<String>, Option<OffsetDateTime>)> {
+    Ok((strings(row)?, row.opt_time(1)?))
 }
 
 /// A row of [`crate::stream::SECRETS_BY_PEPPER`].

@@ -236,27 +236,57 @@ pub(crate) fn weakens_manager(before: &KeyRecord, after: &KeyRecord, now: Offset
     is_active_manager(before, now) && (!after.scopes.is_management() || sooner)
 }
 
-/// How many of these keys' scope lists (other active keys of the account,
-/// as stored) make management keys.
-pub(crate) fn count_managers(scope_lists: &[Vec<String>]) -> Result<usize, StoreError> {
-    let mut managers = 0;
-    for scopes in scope_lists {
+/// Whether the key is an active management key without an expiry: one
+/// that stays usable however much time passes.
+pub(crate) fn is_lasting_manager(key: &KeyRecord, now: OffsetDateTime) -> bool {
+    is_active_manager(key, now) && key.expires_at.is_none()
+}
+
+/// An account's active management keys other than the one a change is
+/// about: how many, and how many of them have no expiry.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Managers {
+    pub active: usize,
+    pub lasting: usize,
+}
+
+/// [`Managers`] among these keys (the other active keys of the account,
+/// their scopes as stored and their expiry).
+pub(crate) fn count_managers(
+    others: &[(Vec<String>, Option<OffsetDateTime>)],
+) -> Result<Managers, StoreError> {
+    let mut managers = Managers::default();
+    for (scopes, expires_at) in others {
         if field("scopes", ScopeSet::from_stored(scopes))?.is_management() {
-            managers += 1;
+            managers.active += 1;
+            managers.lasting += usize::from(expires_at.is_none());
         }
     }
     Ok(managers)
 }
 
-/// Refuses to revoke or weaken `key`, an active management key, when the
-/// account has no other one.
-pub(crate) fn check_not_last_manager(
-    key: &KeyRecord,
-    other_managers: usize,
+/// Refuses to revoke (`after` is `None`) or weaken `before`, an active
+/// management key, when the account had a management key without an
+/// expiry and would have none left (its managers would all expire in
+/// time), or when it would have no active management key at all. An
+/// account whose managers all expire already may still shuffle them, as
+/// long as one stays active.
+pub(crate) fn check_keeps_a_manager(
+    before: &KeyRecord,
+    after: Option<&KeyRecord>,
+    others: Managers,
+    now: OffsetDateTime,
 ) -> Result<(), StoreError> {
-    if other_managers == 0 {
+    let stays_lasting = after.is_some_and(|after| is_lasting_manager(after, now));
+    let had_lasting = others.lasting > 0 || is_lasting_manager(before, now);
+    if had_lasting && others.lasting == 0 && !stays_lasting {
+        return Err(StoreError::LastLastingManager {
+            key_id: before.key_id.clone(),
+        });
+    }
+    if others.active == 0 {
         return Err(StoreError::LastManagementKey {
-            key_id: key.key_id.clone(),
+            key_id: before.key_id.clone(),
         });
     }
     Ok(())
@@ -429,6 +459,15 @@ pub(crate) fn check_stored(tier: Tier, policy: &Policy, stored: u32) -> Result<(
     Ok(())
 }
 
+/// The cap on an account's request ids within their window, counted with
+/// the new one in.
+pub(crate) fn check_request_ids(limit: u32, live: u32) -> Result<(), StoreError> {
+    if live > limit {
+        return Err(StoreError::RequestIdsExhausted { limit });
+    }
+    Ok(())
+}
+
 /// A listing query fetches one row more than the page holds: if it came,
 /// there is a next page, starting after the last row kept.
 pub(crate) fn page<T>(mut items: Vec<(i64, T)>, limit: u32) -> Page<T> {
@@ -478,16 +517,23 @@ pub(crate) struct StoredRequest {
     pub key_id: String,
     pub sealed: Vec<u8>,
     pub pepper_id: i64,
+    /// Who made the call (`key:<key_id>`, `operator:<actor>`).
+    pub caller: String,
 }
 
-/// What a retry of `request` answers with, given what its id recorded:
-/// the key and the sealed secret of the first call, when that call was
-/// the same method with the same parameters; else a refusal naming the
-/// method the id was used for.
+/// What a retry of `request` by `caller` answers with, given what its id
+/// recorded: the key and the sealed secret of the first call, when that
+/// call was the same caller's, of the same method with the same
+/// parameters. Another caller learns nothing of the first call, not even
+/// its method; the caller itself is told the method it used the id for.
 pub(crate) fn replayed(
     stored: StoredRequest,
     request: &RequestRecord,
+    caller: &str,
 ) -> Result<(KeyId, Vec<u8>, PepperId), StoreError> {
+    if stored.caller != caller {
+        return Err(StoreError::RequestIdNotYours);
+    }
     let method = match stored.method.as_str() {
         "CreateKey" => RequestMethod::CreateKey,
         "RotateKey" => RequestMethod::RotateKey,
@@ -816,19 +862,82 @@ mod tests {
     }
 
     #[test]
-    fn the_last_manager_is_kept() {
-        let lists = vec![
-            vec!["datasets:read".to_owned()],
-            vec!["keys:admin".to_owned(), "a:b".to_owned()],
-            vec!["keys:*".to_owned()],
-            vec!["keys:read".to_owned()],
+    fn managers_are_counted_and_those_without_an_expiry_apart() {
+        let later = Some(now() + Duration::days(1));
+        let strings = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect();
+        let others = vec![
+            (strings(&["datasets:read"]), None),
+            (strings(&["keys:admin", "a:b"]), later),
+            (strings(&["keys:*"]), None),
+            (strings(&["keys:read"]), None),
         ];
-        assert_eq!(count_managers(&lists).unwrap(), 2);
+        assert_eq!(
+            count_managers(&others).unwrap(),
+            Managers {
+                active: 2,
+                lasting: 1
+            }
+        );
+    }
+
+    #[test]
+    fn an_account_keeps_a_manager_without_an_expiry_once_it_has_one() {
+        let mut lasting = key();
+        lasting.scopes = scopes(&["keys:admin"]);
+        let mut expiring = lasting.clone();
+        expiring.expires_at = Some(now() + Duration::seconds(4));
+        let none = Managers::default();
+        let one_expiring = Managers {
+            active: 1,
+            lasting: 0,
+        };
+        let one_lasting = Managers {
+            active: 1,
+            lasting: 1,
+        };
+        let last_lasting =
+            |r: Result<(), StoreError>| matches!(r, Err(StoreError::LastLastingManager { .. }));
+        // A stolen expiring key revokes the owner's lasting one, or gives
+        // it an expiry: refused, whatever the other's expiry.
+        assert!(last_lasting(check_keeps_a_manager(
+            &lasting,
+            None,
+            one_expiring,
+            now()
+        )));
+        let soon = Some(&expiring);
+        assert!(last_lasting(check_keeps_a_manager(
+            &lasting,
+            soon,
+            one_expiring,
+            now()
+        )));
+        // With another lasting manager, either goes.
+        assert!(check_keeps_a_manager(&lasting, None, one_lasting, now()).is_ok());
+        assert!(check_keeps_a_manager(&lasting, soon, one_lasting, now()).is_ok());
+        // An expiring manager may go while a lasting one stays.
+        assert!(check_keeps_a_manager(&expiring, None, one_lasting, now()).is_ok());
+        // Only expiring managers: the account must keep an active one.
+        assert!(check_keeps_a_manager(&expiring, None, one_expiring, now()).is_ok());
         assert!(matches!(
-            check_not_last_manager(&key(), 0),
+            check_keeps_a_manager(&expiring, None, none, now()),
             Err(StoreError::LastManagementKey { .. })
         ));
-        assert!(check_not_last_manager(&key(), 1).is_ok());
+        let sooner = KeyRecord {
+            expires_at: Some(now() + Duration::seconds(1)),
+            ..expiring.clone()
+        };
+        assert!(matches!(
+            check_keeps_a_manager(&expiring, Some(&sooner), none, now()),
+            Err(StoreError::LastManagementKey { .. })
+        ));
+        // The only manager of all, lasting: the stricter refusal names it.
+        assert!(last_lasting(check_keeps_a_manager(
+            &lasting,
+            None,
+            none,
+            now()
+        )));
     }
 
     #[test]
@@ -900,6 +1009,58 @@ mod tests {
         assert!(matches!(
             check_not_pruned(6, 7),
             Err(StoreError::ChangesPruned { pruned_through: 7 })
+        ));
+    }
+
+    #[test]
+    fn a_request_id_replays_only_to_its_caller_and_only_the_same_call() {
+        let key = key();
+        let request = RequestRecord {
+            digest: [1; 32],
+            method: RequestMethod::RotateKey,
+            params: [2; 32],
+            key_id: key.key_id.clone(),
+            sealed: vec![3; 4],
+            pepper_id: Pepper::generate().id(),
+            expires_at: now(),
+        };
+        let stored = |caller: &str, params: [u8; 32]| StoredRequest {
+            method: "RotateKey".into(),
+            params: params.to_vec(),
+            key_id: key.key_id.to_string(),
+            sealed: vec![3; 4],
+            pepper_id: request.pepper_id.to_stored(),
+            caller: caller.into(),
+        };
+        let mine = "key:key_000000000000000000aa";
+        let (key_id, sealed, _) = replayed(stored(mine, [2; 32]), &request, mine).unwrap();
+        assert_eq!((key_id, sealed), (key.key_id.clone(), vec![3; 4]));
+        // Another caller learns nothing, not even that the parameters differ.
+        for params in [[2; 32], [9; 32]] {
+            assert!(matches!(
+                replayed(stored(mine, params), &request, "operator:bob@example.com"),
+                Err(StoreError::RequestIdNotYours)
+            ));
+        }
+        // A record from before callers were stored is nobody's.
+        assert!(matches!(
+            replayed(stored("", [2; 32]), &request, mine),
+            Err(StoreError::RequestIdNotYours)
+        ));
+        assert!(matches!(
+            replayed(stored(mine, [9; 32]), &request, mine),
+            Err(StoreError::RequestIdReused {
+                method: RequestMethod::RotateKey
+            })
+        ));
+    }
+
+    #[test]
+    fn request_ids_are_capped_per_account_counting_the_new_one() {
+        assert!(check_request_ids(3, 3).is_ok());
+        assert!(matches!(
+            check_request_ids(3, 4),
+            Err(StoreError::RequestIdsExhausted { limit: 3 })
         ));
     }
 

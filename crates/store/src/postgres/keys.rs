@@ -8,7 +8,7 @@ use tokio_postgres::types::ToSql;
 use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix};
 
 use super::{Pg, execute, import, query, query_one, query_opt};
-use crate::db::{KeyRows, Keys, ScopeLists, SecretRow, Window};
+use crate::db::{KeyRows, Keys, OtherKeys, SecretRow, Window};
 use crate::{Actor, KeyRecord, NewKey, Result, SecretRecord, rows};
 
 const SELECT_KEY: &str = concat!(
@@ -127,16 +127,20 @@ impl<C: GenericClient + Send> KeyRows for Pg<C> {
         rows::count(&query_one(&self.0, sql, &[&account.as_str(), &now]).await?)
     }
 
-    async fn other_scopes(&mut self, key: &KeyRecord, now: OffsetDateTime) -> Result<ScopeLists> {
+    async fn other_active_keys(
+        &mut self,
+        key: &KeyRecord,
+        now: OffsetDateTime,
+    ) -> Result<OtherKeys> {
         query(
             &self.0,
-            "SELECT scopes FROM keys WHERE account_id = $1 AND key_id <> $2 \
+            "SELECT scopes, expires_at FROM keys WHERE account_id = $1 AND key_id <> $2 \
              AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $3)",
             &[&key.account_id.as_str(), &key.key_id.as_str(), &now],
         )
         .await?
         .iter()
-        .map(rows::strings)
+        .map(rows::other_key)
         .collect()
     }
 

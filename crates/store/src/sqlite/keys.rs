@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use vilvik_keys_domain::{AccountId, KeyId, KeyPrefix, ScopeSet};
 
 use super::{Sqlite, map_err, to_micros};
-use crate::db::{KeyRows, Keys, ScopeLists, SecretRow, Window};
+use crate::db::{KeyRows, Keys, OtherKeys, SecretRow, Window};
 use crate::{Actor, KeyRecord, NewKey, Result, SecretRecord, ops, rows};
 
 const KEY_COLUMNS: &str = key_columns!();
@@ -104,16 +104,20 @@ impl KeyRows for Sqlite<'_> {
         )
     }
 
-    async fn other_scopes(&mut self, key: &KeyRecord, now: OffsetDateTime) -> Result<ScopeLists> {
+    async fn other_active_keys(
+        &mut self,
+        key: &KeyRecord,
+        now: OffsetDateTime,
+    ) -> Result<OtherKeys> {
         let mut stmt = self
             .prepare_cached(
-                "SELECT scopes FROM keys WHERE account_id = ?1 AND key_id <> ?2 \
+                "SELECT scopes, expires_at FROM keys WHERE account_id = ?1 AND key_id <> ?2 \
                  AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?3)",
             )
             .map_err(map_err)?;
         stmt.query_map(
             params![key.account_id.as_str(), key.key_id.as_str(), to_micros(now)],
-            |row| Ok(rows::strings(row)),
+            |row| Ok(rows::other_key(row)),
         )
         .map_err(map_err)?
         .map(|scopes| scopes.map_err(map_err)?)

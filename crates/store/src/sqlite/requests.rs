@@ -4,6 +4,7 @@
 
 use rusqlite::params;
 use time::OffsetDateTime;
+use vilvik_keys_domain::AccountId;
 
 use super::{Sqlite, map_err, to_micros};
 use crate::db::{Claim, RequestRows};
@@ -12,7 +13,9 @@ use crate::{Result, rows};
 
 impl RequestRows for Sqlite<'_> {
     async fn forget_expired(&mut self, claim: &Claim<'_>, now: OffsetDateTime) -> Result<()> {
-        let Claim { account, request } = claim;
+        let Claim {
+            account, request, ..
+        } = claim;
         self.prepare_cached(
             "DELETE FROM requests WHERE account_id = ?1 AND request_digest = ?2 \
              AND expires_at <= ?3",
@@ -28,11 +31,16 @@ impl RequestRows for Sqlite<'_> {
     }
 
     async fn record_request(&mut self, claim: &Claim<'_>) -> Result<bool> {
-        let Claim { account, request } = claim;
+        let Claim {
+            account,
+            request,
+            caller,
+        } = claim;
         let inserted = self
             .prepare_cached(
                 "INSERT INTO requests (account_id, request_digest, method, params_digest, key_id, \
-                 sealed_secret, pepper_id, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 sealed_secret, pepper_id, expires_at, caller) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
                  ON CONFLICT (account_id, request_digest) DO NOTHING",
             )
             .map_err(map_err)?
@@ -45,21 +53,42 @@ impl RequestRows for Sqlite<'_> {
                 request.sealed,
                 request.pepper_id.to_stored(),
                 to_micros(request.expires_at),
+                caller,
             ])
             .map_err(map_err)?;
         Ok(inserted == 1)
     }
 
     async fn recorded_request(&mut self, claim: &Claim<'_>) -> Result<StoredRequest> {
-        let Claim { account, request } = claim;
+        let Claim {
+            account, request, ..
+        } = claim;
         self.prepare_cached(
-            "SELECT method, params_digest, key_id, sealed_secret, pepper_id FROM requests \
+            "SELECT method, params_digest, key_id, sealed_secret, pepper_id, caller FROM requests \
              WHERE account_id = ?1 AND request_digest = ?2",
         )
         .map_err(map_err)?
         .query_row(params![account.as_str(), &request.digest[..]], |row| {
             Ok(rows::request(row))
         })
+        .map_err(map_err)?
+    }
+
+    async fn count_live_requests(
+        &mut self,
+        account: &AccountId,
+        now: OffsetDateTime,
+        upto: u32,
+    ) -> Result<u32> {
+        self.prepare_cached(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM requests WHERE account_id = ?1 \
+             AND expires_at > ?2 LIMIT ?3)",
+        )
+        .map_err(map_err)?
+        .query_row(
+            params![account.as_str(), to_micros(now), i64::from(upto)],
+            |row| Ok(rows::count(row)),
+        )
         .map_err(map_err)?
     }
 

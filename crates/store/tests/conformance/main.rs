@@ -18,6 +18,7 @@ mod cap;
 mod feed;
 mod import;
 mod keys;
+mod managers;
 mod prune;
 mod request_ids;
 mod revocation;

@@ -11,8 +11,8 @@ use time::{Duration, OffsetDateTime};
 use tokio::task::JoinSet;
 use vilvik_keys_domain::KeyId;
 use vilvik_keys_store::{
-    KeyRecord, NewKey, NewSecret, Outcome, Policy, RequestMethod, RequestRecord, RotationRequest,
-    Store, StoreError,
+    Actor, KeyRecord, NewKey, NewSecret, Outcome, Policy, RequestMethod, RequestRecord,
+    RotationRequest, Store, StoreError,
 };
 use vilvik_keys_test_db::fixtures::{
     account, actor, all_events, capped, create, new_key, new_secret, now, pepper, revoke, roomy,
@@ -245,7 +245,159 @@ pub(crate) async fn a_rotation_retried_with_its_request_id_rotates_once(store: A
     assert_eq!(events.len(), 2, "created and one rotation");
 }
 
+/// `actor()` with another name: another caller of the same account.
+fn caller(name: &str, operator: bool) -> Actor {
+    Actor {
+        name: name.to_owned(),
+        operator,
+        ..actor()
+    }
+}
+
+pub(crate) async fn a_request_id_is_answered_only_to_its_caller(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let (first, _) = new_key(&acme, "first", t0);
+    let record = RequestRecord {
+        key_id: first.key_id.clone(),
+        ..create_request(6, &first, t0)
+    };
+    let outcome = store
+        .create_key_with(first, Some(&record), &actor(), &roomy())
+        .await;
+    let created = done(outcome.unwrap(), "the first call replayed");
+    let events = all_events(&*store, &acme, None).await.len();
+    // Another management key, another operator actor: refused, whatever
+    // the parameters, without the sealed secret; nothing is created.
+    for other in [
+        caller("key:key_000000000000000000aa", false),
+        caller("operator:bob@example.com", true),
+    ] {
+        for params in [record.params, [8; 32]] {
+            let (retry, _) = new_key(&acme, "first", t0);
+            let retry_record = RequestRecord {
+                key_id: retry.key_id.clone(),
+                params,
+                ..record.clone()
+            };
+            let refused = store
+                .create_key_with(retry, Some(&retry_record), &other, &roomy())
+                .await;
+            assert!(
+                matches!(refused, Err(StoreError::RequestIdNotYours)),
+                "{}: {refused:?}",
+                other.name
+            );
+        }
+    }
+    let rotation = RotationRequest {
+        secret: NewSecret::from(&new_secret()),
+        if_version: None,
+        request: Some(RequestRecord {
+            method: RequestMethod::RotateKey,
+            ..record.clone()
+        }),
+    };
+    let other = caller("key:key_000000000000000000aa", false);
+    let refused = store
+        .rotate_key_with(&acme, &created.key_id, &rotation, &other, t0, &roomy())
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::RequestIdNotYours)),
+        "{refused:?}"
+    );
+    // A caller that may not make the call is refused as without an id.
+    let (admin, _) = NewKey::builder(acme.clone())
+        .scopes(vilvik_keys_test_db::fixtures::scopes(&["keys:admin"]))
+        .created_at(t0)
+        .build(&pepper());
+    let minted = RequestRecord {
+        key_id: admin.key_id.clone(),
+        ..create_request(7, &admin, t0)
+    };
+    let outcome = store
+        .create_key_with(admin.clone(), Some(&minted), &actor(), &roomy())
+        .await;
+    done(outcome.unwrap(), "the operator's create replayed");
+    let refused = store
+        .create_key_with(admin, Some(&minted), &other, &roomy())
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::NotGrantable(_))),
+        "{refused:?}"
+    );
+    // The caller itself gets its answer.
+    let (retry, _) = new_key(&acme, "first", t0);
+    let outcome = store
+        .create_key_with(retry, Some(&record), &actor(), &roomy())
+        .await;
+    let replay = replayed(outcome.unwrap(), "the caller's retry created a key");
+    assert_eq!(replay.key, created);
+    assert_eq!(all_events(&*store, &acme, None).await.len(), events + 1);
+}
+
+pub(crate) async fn an_accounts_request_ids_are_capped(store: Arc<dyn Store>) {
+    let acme = account("ACME");
+    let t0 = now();
+    let policy = Policy {
+        request_ids_per_account: 2,
+        ..roomy()
+    };
+    let mut records = Vec::new();
+    for id in 1..=2 {
+        let (new, _) = new_key(&acme, "under the cap", t0);
+        let record = create_request(id, &new, t0);
+        let outcome = create_under(&*store, new, &record, &policy).await;
+        done(outcome.unwrap(), "a new id replayed");
+        records.push(record);
+    }
+    let (third, _) = new_key(&acme, "past the cap", t0);
+    let refused = create_under(
+        &*store,
+        third.clone(),
+        &create_request(3, &third, t0),
+        &policy,
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(StoreError::RequestIdsExhausted { limit: 2 })),
+        "{refused:?}"
+    );
+    assert_eq!(
+        key_count(&*store, &acme).await,
+        2,
+        "the refused call created nothing"
+    );
+    // Retries of recorded ids still answer; a call without an id still
+    // runs; another account has its own cap.
+    let (retry, _) = new_key(&acme, "under the cap", t0);
+    let outcome = create_under(&*store, retry, &records[0], &policy).await;
+    replayed(outcome.unwrap(), "the retry created a key");
+    let (plain, _) = new_key(&acme, "no id", t0);
+    store.create_key(plain, &actor(), &policy).await.unwrap();
+    let (theirs, _) = new_key(&account("OTHER"), "theirs", t0);
+    let outcome = create_under(
+        &*store,
+        theirs.clone(),
+        &create_request(3, &theirs, t0),
+        &policy,
+    )
+    .await;
+    done(outcome.unwrap(), "another account's id replayed");
+    // Once the first ids' window ends, new ones are taken again.
+    let later = t0 + Duration::days(1);
+    let (late, _) = new_key(&acme, "later", later);
+    let record = RequestRecord {
+        expires_at: later + Duration::days(1),
+        ..create_request(3, &late, later)
+    };
+    let outcome = create_under(&*store, late, &record, &policy).await;
+    done(outcome.unwrap(), "a new id after the window replayed");
+}
+
 vilvik_keys_test_db::on_both_backends!(
+    a_request_id_is_answered_only_to_its_caller,
+    an_accounts_request_ids_are_capped,
     a_create_retried_with_its_request_id_creates_nothing_more,
     a_refused_create_records_no_request_id,
     a_request_id_is_forgotten_after_its_window,
