@@ -64,7 +64,9 @@ pub use model::{
     NewSecret, Outcome, Page, PepperUse, Policy, Rehash, Replay, RequestMethod, RequestRecord,
     Rotation, RotationRequest, SecretEntry, SecretRecord, UsageRecord,
 };
-pub use postgres::{CHANGE_CHANNEL, ListenerOptions, PostgresOptions, PostgresStore};
+pub use postgres::{
+    CHANGE_CHANNEL, ListenerOptions, PostgresOptions, PostgresStore, SERVICE_GRANTS, service_grants,
+};
 pub use sqlite::SqliteStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
