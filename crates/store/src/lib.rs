@@ -45,6 +45,7 @@ mod migrate;
 mod model;
 mod ops;
 mod postgres;
+mod reconcile;
 mod rows;
 mod rules;
 mod sqlite;
@@ -66,6 +67,10 @@ pub use model::{
 };
 pub use postgres::{
     CHANGE_CHANNEL, ListenerOptions, PostgresOptions, PostgresStore, SERVICE_GRANTS, service_grants,
+};
+pub use reconcile::{
+    AuditCheck, AuditReport, DIFFERENCES_KEPT, Difference, Mismatch, StateCheck, StoredAccount,
+    StoredKey,
 };
 pub use sqlite::SqliteStore;
 
