@@ -2,7 +2,8 @@
 //! reordered with direct SQL (as someone with database access would) are
 //! each detected and named; an untouched store, concurrent changes of one
 //! account and an old database migrated forward verify intact; event ids
-//! are per account.
+//! are per account. And the stored keys and accounts against their
+//! events: a key or an account changed by SQL without an event is named.
 //!
 //! Each test is an `async fn(&TestStore)` written once (the store, and
 //! its database to tamper with behind its back); `on_both_backends!`
@@ -12,7 +13,7 @@
 
 use time::Duration;
 use vilvik_keys_domain::{AccountId, Tier};
-use vilvik_keys_store::{BrokenLink, ChainCheck, ChainSummary, Store};
+use vilvik_keys_store::{AuditCheck, AuditReport, BrokenLink, ChainCheck, ChainSummary, Store};
 use vilvik_keys_test_db::fixtures::{
     account, actor, create, new_key, new_secret, now, rename_to, revoke, rotate, update,
 };
@@ -193,7 +194,122 @@ vilvik_keys_test_db::on_both_backends!(
     swapped_contents_are_detected,
     an_event_moved_to_another_account_is_detected,
     concurrent_changes_of_one_account_never_fork_the_chain,
+    untouched_keys_and_accounts_match_their_events,
+    an_unrevoked_key_is_named,
+    a_scope_added_is_named,
+    an_old_secret_made_current_again_is_named,
+    a_key_moved_deleted_or_its_tier_reset_is_named,
 );
+
+// ---------------------------------------------------------------------------
+// Stored keys and accounts against their events
+
+/// Everything `vilvik-keys audit verify` checks.
+async fn audit(store: &dyn Store) -> AuditReport {
+    let mut check = AuditCheck::new();
+    store
+        .stream_audit_chain(None, 3, &mut |rows| {
+            rows.into_iter().for_each(|r| check.push(r))
+        })
+        .await
+        .unwrap();
+    check.finish()
+}
+
+/// What the check says of [`fill`]ed stores after `sql` changed rows
+/// behind the service: every difference, the chain being intact.
+async fn state_tampered(s: &TestStore, sql: &str) -> Vec<String> {
+    fill(&*s.store()).await;
+    s.backend().exec(sql).await;
+    let report = audit(&*s.store()).await;
+    assert!(report.chain.is_ok(), "{:?}", report.chain);
+    assert_eq!(report.found as usize, report.differences.len());
+    report.differences.iter().map(ToString::to_string).collect()
+}
+
+/// The id of the key named `name` (names are unique in [`fill`]).
+async fn key_named(s: &TestStore, account_id: &str, name: &str) -> String {
+    let page = s
+        .store()
+        .list_keys(&account(account_id), true, None, 100)
+        .await;
+    let keys = page.unwrap().items;
+    let key = keys.iter().find(|k| k.name.to_string() == name).unwrap();
+    key.key_id.to_string()
+}
+
+async fn untouched_keys_and_accounts_match_their_events(s: &TestStore) {
+    fill(&*s.store()).await;
+    let report = audit(&*s.store()).await;
+    assert!(report.intact(), "{report:?}");
+    assert_eq!(report.keys, 6);
+}
+
+async fn an_unrevoked_key_is_named(s: &TestStore) {
+    let found = state_tampered(
+        s,
+        "UPDATE keys SET revoked_at = NULL, revoke_reason = NULL WHERE name = 'beta'",
+    )
+    .await;
+    let beta = key_named(s, "ACME", "beta").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let expected = format!("account 'ACME', key {beta}: revoked is 'no' in the store but 'yes (");
+    assert!(found[0].starts_with(&expected), "{found:?}");
+    assert!(
+        found[0].ends_with(": unused)' by the audit log"),
+        "{found:?}"
+    );
+}
+
+async fn a_scope_added_is_named(s: &TestStore) {
+    let scopes = match s.backend() {
+        Backend::Sqlite { .. } => "'[\"datasets:read\",\"keys:admin\",\"models:*\"]'",
+        _ => "ARRAY['datasets:read', 'keys:admin', 'models:*']",
+    };
+    let sql = format!("UPDATE keys SET scopes = {scopes} WHERE name = 'theirs'");
+    let found = state_tampered(s, &sql).await;
+    let theirs = key_named(s, "globex", "theirs").await;
+    assert_eq!(
+        found,
+        [format!(
+            "account 'globex', key {theirs}: scopes is 'datasets:read keys:admin models:*' in the \
+             store but 'datasets:read models:*' by the audit log"
+        )]
+    );
+}
+
+async fn an_old_secret_made_current_again_is_named(s: &TestStore) {
+    let found = state_tampered(s, "UPDATE key_secrets SET superseded_at = NULL").await;
+    let alpha = key_named(s, "ACME", "alpha-2").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let expected = format!("account 'ACME', key {alpha}: current secret is 'vlk_");
+    assert!(found[0].starts_with(&expected), "{found:?}");
+}
+
+async fn a_key_moved_deleted_or_its_tier_reset_is_named(s: &TestStore) {
+    let found = state_tampered(
+        s,
+        "UPDATE keys SET account_id = 'globex' WHERE name = 'alpha-2'; \
+         DELETE FROM key_secrets WHERE key_id IN (SELECT key_id FROM keys WHERE name = 'imported-3'); \
+         DELETE FROM keys WHERE name = 'imported-3'; \
+         UPDATE accounts SET tier = 'free' WHERE account_id = 'ACME';",
+    )
+    .await;
+    let alpha = key_named(s, "globex", "alpha-2").await;
+    let messages = [
+        "the account's tier is 'free' in the store but 'premium' by the audit log".to_owned(),
+        format!("key {alpha}, created by event 1, is not stored (deleted, or moved"),
+        "created by event 8, is not stored".to_owned(),
+        format!("account 'globex', key {alpha} is stored but no event of this account created it"),
+    ];
+    assert_eq!(found.len(), messages.len(), "{found:?}");
+    for message in messages {
+        assert!(
+            found.iter().any(|f| f.contains(&message)),
+            "{message} in {found:?}"
+        );
+    }
+}
 
 // ---------------------------------------------------------------------------
 // A database from before the chain, migrated forward
