@@ -177,7 +177,7 @@ async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
     assert_eq!(first.secret, again.secret);
     assert_eq!(first.key, again.key);
 
-    walk_the_cli(&app, &role_url).await;
+    let revoked = walk_the_cli(&app, &role_url).await;
     prune_as_the_service_does(&mut app, &owner).await;
 
     // The role may read and append, never rewrite.
@@ -212,6 +212,37 @@ async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
     .unwrap();
     let summary = check.finish().expect("the chain is intact");
     assert_eq!(summary.events, events as u64);
+
+    // What the role may do without an event: un-revoke a key, give a key
+    // `keys:admin`. `audit verify` names both.
+    let ordinary = app
+        .create_key_as_operator("CLI", "ordinary", &["datasets:read"])
+        .await;
+    let ordinary = ordinary.key.unwrap().key_id;
+    client
+        .execute(
+            "UPDATE keys SET revoked_at = NULL, revoke_reason = NULL WHERE key_id = $1",
+            &[&revoked],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE keys SET scopes = array_append(scopes, 'keys:admin') WHERE key_id = $1",
+            &[&ordinary],
+        )
+        .await
+        .unwrap();
+    let (code, said) = audit_verify(&role_url);
+    assert_eq!(code, Some(4), "{said}");
+    for needle in [
+        format!("key {revoked}: revoked is 'no' in the store but 'yes ("),
+        format!(
+            "key {ordinary}: scopes is 'datasets:read keys:admin' in the store but 'datasets:read'"
+        ),
+    ] {
+        assert!(said.contains(&needle), "{needle} in {said}");
+    }
     // Before the role goes: no session of it may remain.
     app.stop().await;
 }
@@ -244,7 +275,7 @@ fn cli(app: &TestApp, args: &[&str]) -> serde_json::Value {
 /// update with the etag it read, rotations that prune older secrets, a
 /// revocation, the key's audit log, and `audit verify` on the role's own
 /// connection.
-async fn walk_the_cli(app: &TestApp, role_url: &str) {
+async fn walk_the_cli(app: &TestApp, role_url: &str) -> String {
     let created = cli(
         app,
         &[
@@ -279,17 +310,21 @@ async fn walk_the_cli(app: &TestApp, role_url: &str) {
             "created", "updated", "rotated", "rotated", "rotated", "revoked"
         ]
     );
+    let (code, said) = audit_verify(role_url);
+    assert_eq!(code, Some(0), "audit verify as the role: {said}");
+    key_id
+}
+
+/// `vilvik-keys audit verify` on `database_url`: its exit code and stderr.
+fn audit_verify(database_url: &str) -> (Option<i32>, String) {
     let verified = binary::command()
         .args(["audit", "verify"])
-        .env("DATABASE_URL", role_url)
+        .env("DATABASE_URL", database_url)
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    let said = String::from_utf8_lossy(&verified.stderr);
-    assert!(
-        verified.status.success(),
-        "audit verify as the role: {said}"
-    );
+    let said = String::from_utf8_lossy(&verified.stderr).into_owned();
+    (verified.status.code(), said)
 }
 
 /// The admin node's pruning (at start, then hourly) as the role: request
