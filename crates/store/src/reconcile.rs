@@ -598,3 +598,198 @@ impl AuditCheck {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn at(seconds: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000 + seconds).unwrap()
+    }
+
+    const KEY: &str = "key_AAAAAAAAAAAAAAAAAAAA";
+
+    /// An event of `KEY` in ACME (the chain is not this check's concern).
+    fn event(seq: i64, action: &str, changes: serde_json::Value) -> AuditChainRow {
+        AuditChainRow::Event(StoredAuditEvent {
+            row_id: seq,
+            account_id: "ACME".into(),
+            seq: Some(seq),
+            key_id: Some(KEY.into()),
+            action: action.into(),
+            actor: "operator:alice".into(),
+            actor_ip: None,
+            at: at(seq),
+            changes: Some(changes),
+            prev_hash: None,
+            hash: None,
+        })
+    }
+
+    fn created() -> AuditChainRow {
+        event(
+            1,
+            "created",
+            json!([
+                {"field": "name", "old": null, "new": "ci"},
+                {"field": "description", "old": null, "new": ""},
+                {"field": "scopes", "old": null, "new": "datasets:read"},
+                {"field": "expires_at", "old": null, "new": null},
+                {"field": "prefix", "old": null, "new": "vlk_AAAAAAAA"},
+            ]),
+        )
+    }
+
+    fn revoked(seq: i64) -> AuditChainRow {
+        event(
+            seq,
+            "revoked",
+            json!([{"field": "reason", "old": null, "new": "leaked"}]),
+        )
+    }
+
+    /// The key row the events above leave, revoked at `revoked_at`.
+    fn stored(revoked_at: Option<i64>) -> AuditChainRow {
+        AuditChainRow::Key(StoredKey {
+            account_id: "ACME".into(),
+            key_id: KEY.into(),
+            name: "ci".into(),
+            description: String::new(),
+            scopes: Ok(vec!["datasets:read".into()]),
+            prefix: "vlk_AAAAAAAA".into(),
+            expires_at: None,
+            revoked_at: revoked_at.map(at),
+            revoke_reason: revoked_at.map(|_| "leaked".into()),
+            current: vec!["vlk_AAAAAAAA".into()],
+        })
+    }
+
+    fn found(rows: Vec<AuditChainRow>) -> Vec<String> {
+        let mut check = StateCheck::default();
+        rows.iter().for_each(|r| check.push(r));
+        let (differences, found, _) = check.finish();
+        assert_eq!(found as usize, differences.len());
+        differences.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_key_that_matches_its_events_is_counted() {
+        let mut check = StateCheck::default();
+        for row in [created(), revoked(2), stored(Some(2))] {
+            check.push(&row);
+        }
+        assert_eq!(check.finish(), (vec![], 0, 1));
+    }
+
+    #[test]
+    fn no_event_the_service_writes_follows_a_revocation() {
+        // Revocation is final: an appended "update" cannot bring it back.
+        let unrevoke = event(
+            3,
+            "updated",
+            json!([{"field": "name", "old": "ci", "new": "ci-2"}]),
+        );
+        assert_eq!(
+            found(vec![created(), revoked(2), unrevoke, stored(None)]),
+            [format!(
+                "account 'ACME', key {KEY}: event 3 ('updated') cannot be replayed: it follows \
+                 the key's revocation, which is final"
+            )]
+        );
+    }
+
+    #[test]
+    fn fields_an_action_never_records_are_named() {
+        let forged = event(
+            2,
+            "updated",
+            json!([{"field": "revoked_at", "old": "2026-01-01T00:00:00Z", "new": null}]),
+        );
+        assert_eq!(
+            found(vec![created(), forged, stored(None)]),
+            [format!(
+                "account 'ACME', key {KEY}: event 2 ('updated') cannot be replayed: no 'updated' \
+                 event the service writes changes 'revoked_at'"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_change_that_does_not_start_from_the_replayed_value_is_named() {
+        let skipped = event(
+            2,
+            "updated",
+            json!([{"field": "scopes", "old": "models:*", "new": "datasets:read"}]),
+        );
+        assert_eq!(
+            found(vec![created(), skipped, stored(None)]),
+            [format!(
+                "account 'ACME', key {KEY}: event 2 ('updated') cannot be replayed: it changes \
+                 scopes from 'models:*', but the events before it leave 'datasets:read'"
+            )]
+        );
+    }
+
+    #[test]
+    fn events_without_a_creation_or_with_one_lacking_data_are_named() {
+        assert_eq!(
+            found(vec![revoked(1), stored(Some(1))]),
+            [format!(
+                "account 'ACME', key {KEY}: event 1 ('revoked') cannot be replayed: no earlier \
+                 event of this account created the key"
+            )]
+        );
+        let thin = event(
+            1,
+            "created",
+            json!([{"field": "name", "old": null, "new": "ci"}]),
+        );
+        assert_eq!(
+            found(vec![thin, stored(None)]),
+            [format!(
+                "account 'ACME', key {KEY}: event 1 ('created') cannot be replayed: it does not \
+                 record 'description'"
+            )]
+        );
+    }
+
+    #[test]
+    fn an_account_row_is_compared_with_its_tier_and_catalogue_events() {
+        let mut tier = event(
+            1,
+            "tier_changed",
+            json!([{"field": "tier", "old": "free", "new": "premium"}]),
+        );
+        if let AuditChainRow::Event(e) = &mut tier {
+            e.key_id = None;
+        }
+        let row = |tier: &str| {
+            AuditChainRow::Account(StoredAccount {
+                account_id: "ACME".into(),
+                tier: tier.into(),
+                grantable: Ok(None),
+            })
+        };
+        assert_eq!(
+            found(vec![tier.clone(), row("premium")]),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            found(vec![tier.clone(), row("free")]),
+            [
+                "account 'ACME', the account's tier is 'free' in the store but 'premium' by the \
+              audit log"
+            ]
+        );
+        // An account never changed may have its row (free) or none.
+        assert_eq!(found(vec![row("free")]), Vec::<String>::new());
+        assert_eq!(
+            found(vec![tier]),
+            [
+                "account 'ACME', the account's row is 'missing' in the store but 'tier premium, \
+              grantable scopes the server's allowed_scopes' by the audit log"
+            ]
+        );
+    }
+}
