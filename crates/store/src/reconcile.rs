@@ -21,7 +21,7 @@
 //! rotation records only the new prefix), usage (`last_used_*`), and
 //! versions.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -131,6 +131,8 @@ struct Walk {
     account: String,
     events: u64,
     keys: HashMap<String, Audited>,
+    /// Every prefix its events gave a key.
+    prefixes: HashSet<String>,
     tier: String,
     grantable: String,
     /// An account event the replay could not follow was met (and named).
@@ -149,6 +151,7 @@ impl Walk {
             account: account.to_owned(),
             events: 0,
             keys: HashMap::new(),
+            prefixes: HashSet::new(),
             tier: Tier::default().to_string(),
             grantable: server_catalogue(),
             account_lost: false,
@@ -208,9 +211,22 @@ impl StateCheck {
             .clone()
             .and_then(|c| serde_json::from_value::<Vec<FieldChange>>(c).ok());
         let parsed = event.action.parse::<AuditAction>().ok();
+        // Every secret the service makes has a new random prefix: one
+        // used before is an old secret brought back.
+        let gives_prefix = matches!(parsed, Some(AuditAction::Created | AuditAction::Rotated));
+        let reused = changes
+            .iter()
+            .flatten()
+            .filter(|c| gives_prefix && c.field == "prefix")
+            .filter_map(|c| c.new.clone())
+            .find(|prefix| !walk.prefixes.insert(prefix.clone()));
         let outcome = match (&event.key_id, parsed, changes) {
             (_, None, _) => Err("no version of the service writes this action".to_owned()),
             (_, _, None) => Err("its changes are not a list of field changes".to_owned()),
+            (_, _, _) if reused.is_some() => Err(format!(
+                "its prefix {} was used before in this account (an old secret brought back)",
+                reused.unwrap_or_default()
+            )),
             (Some(key), Some(AuditAction::Created), Some(changes)) => {
                 match walk.keys.get(key.as_str()) {
                     Some(_) => Err("the key was already created by an earlier event".to_owned()),
@@ -695,6 +711,30 @@ mod tests {
             [format!(
                 "account 'ACME', key {KEY}: event 3 ('updated') cannot be replayed: it follows \
                  the key's revocation, which is final"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_rotation_back_to_an_old_prefix_is_named() {
+        let rotate = |seq, old: &str, new: &str| {
+            event(
+                seq,
+                "rotated",
+                json!([{"field": "prefix", "old": old, "new": new}]),
+            )
+        };
+        let rows = vec![
+            created(),
+            rotate(2, "vlk_AAAAAAAA", "vlk_BBBBBBBB"),
+            rotate(3, "vlk_BBBBBBBB", "vlk_AAAAAAAA"),
+            stored(None),
+        ];
+        assert_eq!(
+            found(rows),
+            [format!(
+                "account 'ACME', key {KEY}: event 3 ('rotated') cannot be replayed: its prefix \
+                 vlk_AAAAAAAA was used before in this account (an old secret brought back)"
             )]
         );
     }
