@@ -419,3 +419,133 @@ async fn postgres_an_old_database_migrated_forward_verifies_intact() {
     let timestamp = |s| format!("to_timestamp({})", 1_800_000_000 + s);
     check_migrated_forward(backend, migrations, timestamp).await;
 }
+
+/// How an old binary wrote values the two backends keep differently.
+struct Dialect {
+    /// A time `s` seconds after the fixtures' start.
+    at: fn(i64) -> String,
+    /// A list of scopes.
+    scopes: fn(&str) -> String,
+    /// 32 bytes of `b`.
+    hash: fn(u8) -> String,
+}
+
+/// A key created, renamed, rotated and revoked and an account moved to
+/// premium by an old binary (every row as it wrote them, before the
+/// chain), migrated forward: its events replay to its rows, and a key
+/// then un-revoked is named.
+async fn check_old_state_replays(backend: Backend, migrations: [&str; 3], d: Dialect) {
+    backend.exec(&old_schema(migrations)).await;
+    let key = vilvik_keys_domain::KeyId::generate();
+    let at = d.at;
+    let change = |field: &str, old: &str, new: &str| {
+        format!(r#"{{"field":"{field}","old":{old},"new":{new}}}"#)
+    };
+    let created = [
+        change("name", "null", r#""ci""#),
+        change("description", "null", r#""CI""#),
+        change("scopes", "null", r#""datasets:read""#),
+        change("expires_at", "null", "null"),
+        change("prefix", "null", r#""vlk_AAAAAAAA""#),
+    ]
+    .join(",");
+    let events = [
+        (Some(&key), "created", created, 0),
+        (
+            Some(&key),
+            "updated",
+            change("name", r#""ci""#, r#""ci-2""#),
+            1,
+        ),
+        (
+            Some(&key),
+            "rotated",
+            change("prefix", r#""vlk_AAAAAAAA""#, r#""vlk_BBBBBBBB""#),
+            2,
+        ),
+        (
+            Some(&key),
+            "revoked",
+            change("reason", "null", r#""done""#),
+            3,
+        ),
+        (
+            None,
+            "tier_changed",
+            change("tier", r#""free""#, r#""premium""#),
+            4,
+        ),
+    ];
+    let mut sql = format!(
+        "INSERT INTO accounts (account_id, tier, created_at) VALUES ('OLD', 'premium', {t0});
+         INSERT INTO keys (key_id, account_id, name, description, scopes, prefix, created_at, \
+             revoked_at, revoke_reason, rotated_at) \
+         VALUES ('{key}', 'OLD', 'ci-2', 'CI', {scopes}, 'vlk_BBBBBBBB', {t0}, {t3}, 'done', {t2});
+         INSERT INTO key_secrets (prefix, key_id, hash, created_at, superseded_at) VALUES \
+             ('vlk_AAAAAAAA', '{key}', {h1}, {t0}, {t2}), ('vlk_BBBBBBBB', '{key}', {h2}, {t2}, NULL);\n",
+        t0 = at(0),
+        t2 = at(2),
+        t3 = at(3),
+        scopes = (d.scopes)("datasets:read"),
+        h1 = (d.hash)(1),
+        h2 = (d.hash)(2),
+    );
+    for (key, action, changes, t) in events {
+        let key = key.map_or("NULL".to_owned(), |k| format!("'{k}'"));
+        sql.push_str(&format!(
+            "INSERT INTO audit_events (account_id, key_id, action, actor, at, changes) \
+             VALUES ('OLD', {key}, '{action}', 'operator:alice', {}, '[{changes}]');\n",
+            at(t)
+        ));
+    }
+    backend.exec(&sql).await;
+    let store = backend.open().await;
+    store.migrate().await.unwrap();
+    let report = audit(&*store).await;
+    assert!(report.intact(), "{report:?}");
+    assert_eq!(report.keys, 1);
+    backend
+        .exec("UPDATE keys SET revoked_at = NULL, revoke_reason = NULL")
+        .await;
+    let found = audit(&*store).await.differences;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].to_string().starts_with(&format!(
+            "account 'OLD', key {key}: revoked is 'no' in the store"
+        )),
+        "{found:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_old_keys_replay_from_their_events_after_the_migration() {
+    let migrations = [
+        include_str!("../migrations/sqlite/0001_initial.sql"),
+        include_str!("../migrations/sqlite/0002_change_log_floor.sql"),
+        include_str!("../migrations/sqlite/0003_pepper_id.sql"),
+    ];
+    let dialect = Dialect {
+        at: |s| format!("{}", (1_800_000_000 + s) * 1_000_000),
+        scopes: |s| format!("'[\"{s}\"]'"),
+        hash: |b| format!("X'{}'", format!("{b:02x}").repeat(32)),
+    };
+    check_old_state_replays(Backend::sqlite(), migrations, dialect).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_old_keys_replay_from_their_events_after_the_migration() {
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    let migrations = [
+        include_str!("../migrations/postgres/0001_initial.sql"),
+        include_str!("../migrations/postgres/0002_change_log_floor.sql"),
+        include_str!("../migrations/postgres/0003_pepper_id.sql"),
+    ];
+    let dialect = Dialect {
+        at: |s| format!("to_timestamp({})", 1_800_000_000 + s),
+        scopes: |s| format!("ARRAY['{s}']"),
+        hash: |b| format!("'\\x{}'::bytea", format!("{b:02x}").repeat(32)),
+    };
+    check_old_state_replays(backend, migrations, dialect).await;
+}
