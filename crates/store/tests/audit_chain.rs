@@ -19,7 +19,8 @@ use vilvik_keys_test_db::fixtures::{
 };
 use vilvik_keys_test_db::{Backend, TestStore};
 
-/// Checks the chains as `vilvik-keys audit verify` does.
+/// Checks the chains: the half of `vilvik-keys audit verify` these tests
+/// are about ([`audit`] below is the whole).
 async fn verify(
     store: &dyn Store,
     account: Option<&AccountId>,
