@@ -241,6 +241,16 @@ async fn key_named(s: &TestStore, account_id: &str, name: &str) -> String {
 
 async fn untouched_keys_and_accounts_match_their_events(s: &TestStore) {
     fill(&*s.store()).await;
+    let catalogue = vilvik_keys_domain::ScopeCatalogue::parse(&["models:read", "datasets:*"]);
+    s.store()
+        .set_grantable_scopes(
+            &account("globex"),
+            Some(&catalogue.unwrap()),
+            &actor(),
+            now(),
+        )
+        .await
+        .unwrap();
     let report = audit(&*s.store()).await;
     assert!(report.intact(), "{report:?}");
     assert_eq!(report.keys, 6);
