@@ -98,9 +98,9 @@ async fn main() -> ExitCode {
             // At once, without waiting for a store call that will not return.
             std::process::exit(i32::from(Abandoned::EXIT_CODE));
         }
-        Err(e) if e.is::<cli::ChainBroken>() => {
+        Err(e) if e.is::<cli::Tampered>() => {
             eprintln!("error: {e:#}");
-            ExitCode::from(cli::ChainBroken::EXIT_CODE)
+            ExitCode::from(cli::Tampered::EXIT_CODE)
         }
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -843,13 +843,13 @@ async fn audit_verify_exits_by_what_it_found() {
     assert_success(&intact, "audit verify");
     assert_eq!(
         stdout(&intact).trim(),
-        "audit log intact: 2 accounts, 2 events checked"
+        "audit log intact: 2 accounts, 2 events and 2 keys checked"
     );
     let one = verify(&["--account", "globex"]);
     assert_success(&one, "audit verify --account globex");
     assert_eq!(
         stdout(&one).trim(),
-        "audit log intact: account 'globex': 1 event checked"
+        "audit log intact: account 'globex': 1 event and 1 key checked"
     );
 
     rusqlite::Connection::open(&server.config.sqlite_path)
@@ -879,6 +879,127 @@ async fn audit_verify_exits_by_what_it_found() {
     assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
     assert!(stderr(&bad).contains("--account"), "{}", stderr(&bad));
     server.stop().await;
+}
+
+/// `audit verify` on `server`'s SQLite file (the server stopped): its
+/// exit code and what it said on stderr.
+fn audit_verify(server: &TestApp, extra: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec!["audit", "verify"];
+    args.extend_from_slice(extra);
+    let output = run_with_db(&server.config.sqlite_path, &args, &[]);
+    (output.status.code(), stderr(&output))
+}
+
+/// Plain SQL on `server`'s SQLite file, as someone holding a copy would.
+fn tamper(server: &TestApp, sql: &str) {
+    rusqlite::Connection::open(&server.config.sqlite_path)
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap();
+}
+
+/// A key created, renamed and revoked with the CLI: its id.
+async fn a_revoked_key(server: &TestApp, admin: &str) -> String {
+    let (created, _) = json(
+        server,
+        admin,
+        &["keys", "create", "--name", "ci", "--scope", "datasets:read"],
+    );
+    let key_id = str_of(&created["key"], "key_id").to_owned();
+    json(
+        server,
+        admin,
+        &["keys", "update", &key_id, "--name", "ci-2"],
+    );
+    json(
+        server,
+        admin,
+        &["keys", "revoke", &key_id, "--reason", "leaked"],
+    );
+    key_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_finds_the_newest_events_deleted_behind_a_moved_head() {
+    let (mut server, admin) = spawn_server_for(ACCOUNT).await;
+    let key_id = a_revoked_key(&server, &admin).await;
+    server.stop().await;
+    // Events 3 (renamed) and 4 (revoked) deleted, the head pointed at 2.
+    tamper(
+        &server,
+        &format!(
+            "DELETE FROM audit_events WHERE account_id = '{ACCOUNT}' AND account_seq > 2;
+             UPDATE audit_heads SET last_seq = 2, last_hash = (SELECT hash FROM audit_events
+                 WHERE account_id = '{ACCOUNT}' AND account_seq = 2) WHERE account_id = '{ACCOUNT}';"
+        ),
+    );
+    let (code, said) = audit_verify(&server, &[]);
+    assert_eq!(code, Some(4), "{said}");
+    for needle in [
+        format!("account '{ACCOUNT}', key {key_id}: name is 'ci-2' in the store but 'ci'"),
+        format!("account '{ACCOUNT}', key {key_id}: revoked is 'yes"),
+    ] {
+        assert!(said.contains(&needle), "{needle} in {said}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_finds_an_account_whose_log_was_deleted() {
+    let mut server = spawn_server().await;
+    bootstrap(&server, ACCOUNT);
+    bootstrap(&server, "BRAVO");
+    server.stop().await;
+    tamper(
+        &server,
+        "DELETE FROM audit_events WHERE account_id = 'BRAVO';
+         DELETE FROM audit_heads WHERE account_id = 'BRAVO';",
+    );
+    let missing = "account 'BRAVO', 1 stored key but no audit events and no head";
+    for extra in [&[][..], &["--account", "BRAVO"]] {
+        let (code, said) = audit_verify(&server, extra);
+        assert_eq!(code, Some(4), "{extra:?}: {said}");
+        assert!(said.contains(missing), "{extra:?}: {said}");
+    }
+    let (code, said) = audit_verify(&server, &["--account", ACCOUNT]);
+    assert_eq!(code, Some(0), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_finds_keys_changed_behind_the_log() {
+    let (mut server, admin) = spawn_server_for(ACCOUNT).await;
+    let revoked = a_revoked_key(&server, &admin).await;
+    let (created, _) = json(
+        &server,
+        &admin,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "plain",
+            "--scope",
+            "datasets:read",
+        ],
+    );
+    let plain = str_of(&created["key"], "key_id").to_owned();
+    server.stop().await;
+    tamper(
+        &server,
+        &format!(
+            "UPDATE keys SET revoked_at = NULL, revoke_reason = NULL WHERE key_id = '{revoked}';
+             UPDATE keys SET scopes = '[\"datasets:read\",\"keys:admin\"]' WHERE key_id = '{plain}';"
+        ),
+    );
+    let (code, said) = audit_verify(&server, &[]);
+    assert_eq!(code, Some(4), "{said}");
+    for needle in [
+        format!("key {revoked}: revoked is 'no' in the store but 'yes"),
+        format!(
+            "key {plain}: scopes is 'datasets:read keys:admin' in the store but 'datasets:read' \
+             by the audit log"
+        ),
+    ] {
+        assert!(said.contains(&needle), "{needle} in {said}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,16 +1,17 @@
 //! `vilvik-keys audit verify [--account A]`: checks every account's audit
-//! hash chain (docs/SECURITY.md). Like `bootstrap` it opens the configured
-//! store directly, which must exist (applying pending migrations first, as
-//! every command that opens the store does), and changes nothing else. Rows
-//! are streamed in (account, event number) order, never all in memory. An
-//! empty store, or an account without events, is an error (exit 1): there
-//! was nothing to check.
+//! hash chain, and every stored key and account against what its events
+//! say (docs/SECURITY.md). Like `bootstrap` it opens the configured store
+//! directly, which must exist (applying pending migrations first, as every
+//! command that opens the store does), and changes nothing else. Rows are
+//! streamed in (account, event number) order, never all in memory. An
+//! empty store, or an account without events or keys, is an error (exit 1):
+//! there was nothing to check.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use vilvik_keys_domain::AccountId;
-use vilvik_keys_store::{BrokenLink, ChainCheck, ChainSummary};
+use vilvik_keys_store::{AuditCheck, ChainSummary};
 
 use crate::config::Config;
 use crate::startup::{open_existing_store, store_description};
@@ -20,7 +21,7 @@ const BATCH: usize = 1_000;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {
-    /// Check that every account's audit events are intact (exit 0), or name the first broken link (exit 4).
+    /// Check that every account's audit events are intact and that every stored key and account is what its events say (exit 0), or name what was tampered with (exit 4).
     Verify {
         /// Check only this account.
         #[arg(long)]
@@ -30,21 +31,22 @@ pub enum AuditCommand {
     },
 }
 
-/// A chain is broken: `audit verify` exits with [`ChainBroken::EXIT_CODE`].
+/// The audit log was tampered with: `audit verify` exits with
+/// [`Tampered::EXIT_CODE`].
 #[derive(Debug, thiserror::Error)]
-#[error("the audit log was tampered with: {link} ({checked} events checked up to it)")]
-pub struct ChainBroken {
-    pub link: BrokenLink,
-    pub checked: u64,
+#[error("the audit log was tampered with:\n{}", lines.join("\n"))]
+pub struct Tampered {
+    /// What was found, a line each.
+    pub lines: Vec<String>,
 }
 
-impl ChainBroken {
+impl Tampered {
     /// Distinct from 1 (could not check: configuration, database).
     pub const EXIT_CODE: u8 = 4;
 }
 
-/// Checks the chains and prints what was checked; a broken chain is a
-/// [`ChainBroken`] error.
+/// Checks the chains and every stored key and account against its events,
+/// and prints what was checked; anything found is a [`Tampered`] error.
 pub async fn audit_verify(config: &Config, account: Option<&str>) -> anyhow::Result<()> {
     let account = account
         .map(AccountId::from_caller)
@@ -53,62 +55,63 @@ pub async fn audit_verify(config: &Config, account: Option<&str>) -> anyhow::Res
     let store = open_existing_store(config).await?;
     let shown = store_description(config);
     eprintln!("store: {shown}");
-    let mut check = ChainCheck::new();
-    let mut events = 0_u64;
+    let mut check = AuditCheck::new();
     store
         .stream_audit_chain(account.as_ref(), BATCH, &mut |rows| {
-            for row in rows {
-                if check.broken().is_none()
-                    && matches!(row, vilvik_keys_store::AuditChainRow::Event(_))
-                {
-                    events += 1;
-                }
-                check.push(row);
-            }
+            rows.into_iter().for_each(|row| check.push(row))
         })
         .await
         .context("cannot read the audit log")?;
-    match check.finish() {
-        // Nothing to check is not "intact": most likely the wrong store or
-        // a mistyped account (ids are case-sensitive).
-        Ok(ChainSummary { accounts: 0, .. }) => match &account {
-            Some(a) => {
-                let like = store
-                    .accounts_differing_in_case(a)
-                    .await
-                    .unwrap_or_default();
-                let hint = match like.first() {
-                    Some(other) => format!(" (did you mean '{other}'?)"),
-                    None => String::new(),
-                };
-                anyhow::bail!(
-                    "account '{a}' has no audit events in the {shown}: no such account (account \
-                     ids are case-sensitive{hint}), or not the service's store"
-                )
-            }
-            None => anyhow::bail!(
-                "the {shown} holds no audit events: nothing to check. Is it the service's store? \
-                 Point this command at it with the service's settings (sqlite_path or DATABASE_URL)"
-            ),
-        },
-        Ok(ChainSummary { accounts, events }) => {
-            let scope = match &account {
-                Some(a) => format!("account '{a}': {} checked", count(events, "event")),
-                None => format!(
-                    "{}, {} checked",
-                    count(accounts, "account"),
-                    count(events, "event")
+    let report = check.finish();
+    if let (true, Ok(ChainSummary { accounts, events })) = (report.intact(), &report.chain) {
+        let (accounts, events) = (*accounts, *events);
+        if accounts == 0 {
+            // Nothing to check is not "intact": most likely the wrong store
+            // or a mistyped account (ids are case-sensitive).
+            match &account {
+                Some(a) => {
+                    let like = store
+                        .accounts_differing_in_case(a)
+                        .await
+                        .unwrap_or_default();
+                    let hint = match like.first() {
+                        Some(other) => format!(" (did you mean '{other}'?)"),
+                        None => String::new(),
+                    };
+                    anyhow::bail!(
+                        "account '{a}' has no audit events and no keys in the {shown}: no such \
+                         account (account ids are case-sensitive{hint}), or not the service's store"
+                    )
+                }
+                None => anyhow::bail!(
+                    "the {shown} holds no audit events and no keys: nothing to check. Is it the \
+                     service's store? Point this command at it with the service's settings \
+                     (sqlite_path or DATABASE_URL)"
                 ),
-            };
-            println!("audit log intact: {scope}");
-            Ok(())
+            }
         }
-        Err(link) => Err(ChainBroken {
-            link,
-            checked: events,
-        }
-        .into()),
+        let checked = format!(
+            "{} and {} checked",
+            count(events, "event"),
+            count(report.keys, "key")
+        );
+        let scope = match &account {
+            Some(a) => format!("account '{a}': {checked}"),
+            None => format!("{}, {checked}", count(accounts, "account")),
+        };
+        println!("audit log intact: {scope}");
+        return Ok(());
     }
+    let mut lines = Vec::new();
+    if let Err(link) = &report.chain {
+        lines.push(format!("{link}"));
+    }
+    lines.extend(report.differences.iter().map(ToString::to_string));
+    let more = report.found - report.differences.len() as u64;
+    if more > 0 {
+        lines.push(format!("and {} more", count(more, "difference")));
+    }
+    Err(Tampered { lines }.into())
 }
 
 fn count(n: u64, what: &str) -> String {

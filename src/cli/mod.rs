@@ -20,7 +20,7 @@ mod transport;
 
 pub use accounts::run_accounts;
 pub use args::{AccountsCommand, ClientArgs, KeysCommand};
-pub use audit::{AuditCommand, ChainBroken, audit_verify};
+pub use audit::{AuditCommand, Tampered, audit_verify};
 pub use bootstrap::{BOOTSTRAP_ACTOR, BootstrapArgs, bootstrap, create_management_key};
 pub use keys::run_keys;
 pub use pepper::{PepperCommand, pepper_new, pepper_status};

@@ -1,10 +1,15 @@
 //! The audit log through the real server: event ids and page tokens are
-//! per account, and the product tour runs as a Postgres role that may
-//! only INSERT and SELECT audit rows (the grants of docs/SECURITY.md).
+//! per account, and the product tour and every feature of the CLI run as
+//! a Postgres role with exactly the grants of docs/SECURITY.md, which may
+//! only INSERT and SELECT audit rows.
+
+use std::time::Duration;
 
 use vilvik_keys::proto;
 
-use vilvik_keys_test_support::{ACCOUNT, Backend, TestApp, postgres_client, spawn_app};
+use vilvik_keys_test_support::{
+    ACCOUNT, Backend, OPERATOR_TOKEN, TestApp, binary, eventually, postgres_client, spawn_app,
+};
 
 crate::on_both_backends!(event_ids_and_page_tokens_are_per_account);
 
@@ -58,23 +63,16 @@ async fn event_ids_and_page_tokens_are_per_account(mut app: TestApp) {
     assert_eq!(all, ["1", "2", "3"]);
 }
 
-/// The grants docs/SECURITY.md gives the service's role, for `role` on
-/// `database` (its tables made by `vilvik-keys migrate` as the owner).
-/// Keep this the same text as the documentation's.
-fn service_grants(database: &str, role: &str) -> String {
-    format!(
-        "GRANT CONNECT ON DATABASE \"{database}\" TO {role};
-GRANT USAGE ON SCHEMA public TO {role};
-GRANT SELECT ON schema_migrations TO {role};
-GRANT SELECT, INSERT, UPDATE ON accounts, keys TO {role};
-GRANT SELECT, INSERT, UPDATE, DELETE ON key_secrets TO {role};
-GRANT SELECT, INSERT, DELETE ON key_changes TO {role};
-GRANT SELECT, UPDATE ON change_log_floor TO {role};
-GRANT SELECT, INSERT, UPDATE ON audit_heads TO {role};
-GRANT SELECT, INSERT ON audit_events TO {role};
-GRANT SELECT, INSERT, DELETE ON requests TO {role};
-GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};"
-    )
+/// docs/SECURITY.md shows the grants the test role is made with, as they
+/// are: the two cannot drift.
+#[test]
+fn the_documented_grants_are_the_tested_ones() {
+    let docs = include_str!("../../docs/SECURITY.md");
+    let grants = vilvik_keys_store::SERVICE_GRANTS;
+    assert!(
+        docs.contains(&format!("\n{grants}```")),
+        "docs/SECURITY.md must show crates/store/src/postgres/grants.sql verbatim:\n{grants}"
+    );
 }
 
 /// A login role of its own (roles are cluster-wide), dropped at the end
@@ -151,11 +149,13 @@ async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
         .await
         .unwrap();
     owner
-        .batch_execute(&service_grants(&database, &role.name))
+        .batch_execute(&vilvik_keys_store::service_grants(&database, &role.name))
         .await
         .unwrap();
     let role_url = as_role(&owner_url, &role.name);
     app.config.database_url = Some(SecretString::from(role_url.clone()));
+    // A rotation then prunes the key's older secrets in its transaction.
+    app.config.rotated_secrets_kept = 1;
     // `serve` migrates on start: with nothing to apply it needs no CREATE.
     app.restart().await;
 
@@ -176,6 +176,9 @@ async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
     let (first, again) = (retried(&app).await, retried(&app).await);
     assert_eq!(first.secret, again.secret);
     assert_eq!(first.key, again.key);
+
+    let revoked = walk_the_cli(&app, &role_url).await;
+    prune_as_the_service_does(&mut app, &owner).await;
 
     // The role may read and append, never rewrite.
     let client = postgres_client(&role_url).await;
@@ -209,6 +212,140 @@ async fn the_tour_runs_as_a_role_that_cannot_rewrite_the_audit_log() {
     .unwrap();
     let summary = check.finish().expect("the chain is intact");
     assert_eq!(summary.events, events as u64);
+
+    // What the role may do without an event: un-revoke a key, give a key
+    // `keys:admin`. `audit verify` names both.
+    let ordinary = app
+        .create_key_as_operator("CLI", "ordinary", &["datasets:read"])
+        .await;
+    let ordinary = ordinary.key.unwrap().key_id;
+    client
+        .execute(
+            "UPDATE keys SET revoked_at = NULL, revoke_reason = NULL WHERE key_id = $1",
+            &[&revoked],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE keys SET scopes = array_append(scopes, 'keys:admin') WHERE key_id = $1",
+            &[&ordinary],
+        )
+        .await
+        .unwrap();
+    let (code, said) = audit_verify(&role_url);
+    assert_eq!(code, Some(4), "{said}");
+    for needle in [
+        format!("key {revoked}: revoked is 'no' in the store but 'yes ("),
+        format!(
+            "key {ordinary}: scopes is 'datasets:read keys:admin' in the store but 'datasets:read'"
+        ),
+    ] {
+        assert!(said.contains(&needle), "{needle} in {said}");
+    }
     // Before the role goes: no session of it may remain.
     app.stop().await;
+}
+
+/// `vilvik-keys` with `args`, acting on the account `CLI` of `app` with
+/// the operator token.
+fn cli(app: &TestApp, args: &[&str]) -> serde_json::Value {
+    let addr = format!("http://{}", app.admin_addr);
+    let output = binary::command()
+        .args(args)
+        .args([
+            "--addr",
+            &addr,
+            "--json",
+            "--account",
+            "CLI",
+            "--actor",
+            "alice",
+        ])
+        .env("VILVIK_KEYS_TOKEN", OPERATOR_TOKEN)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "`{}`: {said}", args.join(" "));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Every command of the CLI that writes or reads the store, as the
+/// service's role: a create (the CLI always sends a request id), an
+/// update with the etag it read, rotations that prune older secrets, a
+/// revocation, the key's audit log, and `audit verify` on the role's own
+/// connection.
+async fn walk_the_cli(app: &TestApp, role_url: &str) -> String {
+    let created = cli(
+        app,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "by-cli",
+            "--scope",
+            "datasets:read",
+        ],
+    );
+    let key_id = created["key"]["key_id"].as_str().unwrap().to_owned();
+    let renamed = cli(
+        app,
+        &["keys", "update", &key_id, "--name", "by-cli-renamed"],
+    );
+    assert_eq!(renamed["name"], "by-cli-renamed", "{renamed}");
+    for _ in 0..3 {
+        cli(app, &["keys", "rotate", &key_id]);
+    }
+    cli(app, &["keys", "revoke", &key_id, "--reason", "done"]);
+    let events = cli(app, &["keys", "audit", &key_id]);
+    let actions: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "created", "updated", "rotated", "rotated", "rotated", "revoked"
+        ]
+    );
+    let (code, said) = audit_verify(role_url);
+    assert_eq!(code, Some(0), "audit verify as the role: {said}");
+    key_id
+}
+
+/// `vilvik-keys audit verify` on `database_url`: its exit code and stderr.
+fn audit_verify(database_url: &str) -> (Option<i32>, String) {
+    let verified = binary::command()
+        .args(["audit", "verify"])
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&verified.stderr).into_owned();
+    (verified.status.code(), said)
+}
+
+/// The admin node's pruning (at start, then hourly) as the role: request
+/// ids past their 24 hours, the change log and rotated-away secrets past
+/// their retention are deleted.
+async fn prune_as_the_service_does(app: &mut TestApp, owner: &tokio_postgres::Client) {
+    app.clock.advance(time::Duration::days(30));
+    app.restart().await;
+    let count = |sql: &'static str| async move {
+        let row = owner.query_one(sql, &[]).await.unwrap();
+        row.get::<_, i64>(0)
+    };
+    eventually(
+        Duration::from_secs(10),
+        "every kind of history is pruned",
+        || async {
+            count("SELECT COUNT(*) FROM requests").await == 0
+                && count("SELECT COUNT(*) FROM key_secrets WHERE superseded_at IS NOT NULL").await
+                    == 0
+                && count("SELECT pruned_through FROM change_log_floor").await > 0
+        },
+    )
+    .await;
 }

@@ -20,6 +20,7 @@
 
 use time::OffsetDateTime;
 
+use crate::reconcile::{StoredAccount, StoredKey};
 use crate::rules::ChangeRecord;
 
 /// The predecessor hash of an account's first event.
@@ -249,18 +250,23 @@ pub struct StoredAuditHead {
 }
 
 /// What [`crate::Store::stream_audit_chain`] hands out: each account's
-/// events in number order, then its head.
+/// events in number order, then its head, then its keys and its account
+/// row, which [`crate::AuditCheck`] compares with what the events say.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AuditChainRow {
     Event(StoredAuditEvent),
     Head(StoredAuditHead),
+    Key(StoredKey),
+    Account(StoredAccount),
 }
 
 impl AuditChainRow {
-    fn account_id(&self) -> &str {
+    pub(crate) fn account_id(&self) -> &str {
         match self {
             AuditChainRow::Event(e) => &e.account_id,
             AuditChainRow::Head(h) => &h.account_id,
+            AuditChainRow::Key(k) => &k.account_id,
+            AuditChainRow::Account(a) => &a.account_id,
         }
     }
 }
@@ -297,6 +303,11 @@ pub enum Break {
     Unnumbered { row_id: i64 },
     #[error("no head is recorded for its {found} events (the head was deleted)")]
     NoHead { found: i64 },
+    #[error(
+        "{keys} stored key{} but no audit events and no head (its audit log was deleted)",
+        if *keys == 1 { "" } else { "s" }
+    )]
+    NoChain { keys: u64 },
     #[error("head says {head} events, found {found} (the newest deleted)")]
     NewestMissing { head: i64, found: i64 },
     #[error("head says {head} events, found {found} (events added past the head)")]
@@ -326,6 +337,7 @@ struct Walk {
     account: String,
     last: Head,
     head_seen: bool,
+    keys: u64,
 }
 
 /// Checks rows as [`crate::Store::stream_audit_chain`] hands them out, one
@@ -383,6 +395,7 @@ impl ChainCheck {
                 account: row.account_id().to_owned(),
                 last: Head::EMPTY,
                 head_seen: false,
+                keys: 0,
             });
         }
         let walk = self.walk.as_mut().expect("set above");
@@ -410,16 +423,24 @@ impl ChainCheck {
                     return Err(Break::HeadMismatch { seq: found });
                 }
             }
+            AuditChainRow::Key(_) => walk.keys += 1,
+            // An account row alone is an account no change was ever made
+            // to (its tier set to what it was); the state check compares it.
+            AuditChainRow::Account(_) => {}
         }
         Ok(())
     }
 
-    /// Ends the account being walked: it must have had its head.
+    /// Ends the account being walked: it must have had its head, and it
+    /// must have a chain if it has keys (every key is created by an event).
     fn close(&mut self) -> Result<(), Break> {
         match &self.walk {
-            Some(walk) if !walk.head_seen => Err(Break::NoHead {
+            Some(walk) if !walk.head_seen && walk.last.seq > 0 => Err(Break::NoHead {
                 found: walk.last.seq,
             }),
+            Some(walk) if !walk.head_seen && walk.keys > 0 => {
+                Err(Break::NoChain { keys: walk.keys })
+            }
             _ => Ok(()),
         }
     }

@@ -45,6 +45,7 @@ mod migrate;
 mod model;
 mod ops;
 mod postgres;
+mod reconcile;
 mod rows;
 mod rules;
 mod sqlite;
@@ -64,7 +65,13 @@ pub use model::{
     NewSecret, Outcome, Page, PepperUse, Policy, Rehash, Replay, RequestMethod, RequestRecord,
     Rotation, RotationRequest, SecretEntry, SecretRecord, UsageRecord,
 };
-pub use postgres::{CHANGE_CHANNEL, ListenerOptions, PostgresOptions, PostgresStore};
+pub use postgres::{
+    CHANGE_CHANNEL, ListenerOptions, PostgresOptions, PostgresStore, SERVICE_GRANTS, service_grants,
+};
+pub use reconcile::{
+    AuditCheck, AuditReport, DIFFERENCES_KEPT, Difference, Mismatch, StateCheck, StoredAccount,
+    StoredKey,
+};
 pub use sqlite::SqliteStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

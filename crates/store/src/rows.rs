@@ -11,7 +11,7 @@ use crate::chain::Head;
 use crate::rules::{StoredRequest, corrupt, field};
 use crate::{
     Account, AuditChainRow, AuditEvent, FieldChange, KeyRecord, PepperUse, Result, SecretEntry,
-    SecretRecord, StoreError, StoredAuditEvent, StoredAuditHead,
+    SecretRecord, StoreError, StoredAccount, StoredAuditEvent, StoredAuditHead, StoredKey,
 };
 
 /// One row of a query's result, as a backend reads its cells: each kind
@@ -216,17 +216,59 @@ pub(crate) fn event(row: &impl Cells, account: &AccountId) -> Result<(i64, Audit
 ///
 /// Rows are read as stored, not parsed: changes that are not JSON are
 /// `None`, so that a damaged row is a broken link rather than an error.
+///
+/// [`crate::Store::stream_audit_chain`] adds kind 2, a key row (`key_id`
+/// in column 4, then from column 12 `name, description, scopes, prefix,
+/// expires_at, revoked_at, revoke_reason` and its current secrets'
+/// prefixes, space-separated), and kind 3, an account row (`tier,
+/// grantable` in columns 20 and 21).
 pub(crate) fn chain_row(row: &impl Cells) -> Result<AuditChainRow> {
     let account_id = row.text(1)?.to_owned();
     let seq = row.opt_int(2)?;
-    if row.int(0)? == 1 {
-        return Ok(AuditChainRow::Head(StoredAuditHead {
-            account_id,
-            seq: seq.unwrap_or_default(),
-            hash: row.bytes(11)?.to_vec(),
-        }));
-    }
     let owned = |i: usize| row.opt_text(i).map(|t| t.map(str::to_owned));
+    let list = |i: usize| {
+        row.opt_strings(i)
+            .map(|l| l.map(|l| l.into_iter().map(str::to_owned).collect::<Vec<_>>()))
+            .map_err(|e| e.to_string())
+    };
+    match row.int(0)? {
+        1 => {
+            return Ok(AuditChainRow::Head(StoredAuditHead {
+                account_id,
+                seq: seq.unwrap_or_default(),
+                hash: row.bytes(11)?.to_vec(),
+            }));
+        }
+        2 => {
+            let mut current: Vec<String> = row
+                .opt_text(19)?
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            current.sort();
+            return Ok(AuditChainRow::Key(StoredKey {
+                account_id,
+                key_id: row.text(4)?.to_owned(),
+                name: row.text(12)?.to_owned(),
+                description: row.text(13)?.to_owned(),
+                scopes: list(14).map(Option::unwrap_or_default),
+                prefix: row.text(15)?.to_owned(),
+                expires_at: row.opt_time(16)?,
+                revoked_at: row.opt_time(17)?,
+                revoke_reason: owned(18)?,
+                current,
+            }));
+        }
+        3 => {
+            return Ok(AuditChainRow::Account(StoredAccount {
+                account_id,
+                tier: row.text(20)?.to_owned(),
+                grantable: list(21),
+            }));
+        }
+        _ => {}
+    }
     let bytes = |i: usize| row.opt_bytes(i).map(|b| b.map(<[u8]>::to_vec));
     Ok(AuditChainRow::Event(StoredAuditEvent {
         row_id: row.int(3)?,

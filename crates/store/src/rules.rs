@@ -56,7 +56,7 @@ fn revoked_changes(reason: &str) -> Vec<FieldChange> {
 }
 
 /// A catalogue as the audit log shows it.
-fn format_catalogue(catalogue: Option<&ScopeCatalogue>) -> String {
+pub(crate) fn format_catalogue(catalogue: Option<&ScopeCatalogue>) -> String {
     match catalogue {
         Some(catalogue) => catalogue.to_string(),
         None => "the server's allowed_scopes".to_owned(),

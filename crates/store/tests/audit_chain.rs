@@ -2,7 +2,8 @@
 //! reordered with direct SQL (as someone with database access would) are
 //! each detected and named; an untouched store, concurrent changes of one
 //! account and an old database migrated forward verify intact; event ids
-//! are per account.
+//! are per account. And the stored keys and accounts against their
+//! events: a key or an account changed by SQL without an event is named.
 //!
 //! Each test is an `async fn(&TestStore)` written once (the store, and
 //! its database to tamper with behind its back); `on_both_backends!`
@@ -12,13 +13,14 @@
 
 use time::Duration;
 use vilvik_keys_domain::{AccountId, Tier};
-use vilvik_keys_store::{BrokenLink, ChainCheck, ChainSummary, Store};
+use vilvik_keys_store::{AuditCheck, AuditReport, BrokenLink, ChainCheck, ChainSummary, Store};
 use vilvik_keys_test_db::fixtures::{
     account, actor, create, new_key, new_secret, now, rename_to, revoke, rotate, update,
 };
 use vilvik_keys_test_db::{Backend, TestStore};
 
-/// Checks the chains as `vilvik-keys audit verify` does.
+/// Checks the chains: the half of `vilvik-keys audit verify` these tests
+/// are about ([`audit`] below is the whole).
 async fn verify(
     store: &dyn Store,
     account: Option<&AccountId>,
@@ -193,7 +195,132 @@ vilvik_keys_test_db::on_both_backends!(
     swapped_contents_are_detected,
     an_event_moved_to_another_account_is_detected,
     concurrent_changes_of_one_account_never_fork_the_chain,
+    untouched_keys_and_accounts_match_their_events,
+    an_unrevoked_key_is_named,
+    a_scope_added_is_named,
+    an_old_secret_made_current_again_is_named,
+    a_key_moved_deleted_or_its_tier_reset_is_named,
 );
+
+// ---------------------------------------------------------------------------
+// Stored keys and accounts against their events
+
+/// Everything `vilvik-keys audit verify` checks.
+async fn audit(store: &dyn Store) -> AuditReport {
+    let mut check = AuditCheck::new();
+    store
+        .stream_audit_chain(None, 3, &mut |rows| {
+            rows.into_iter().for_each(|r| check.push(r))
+        })
+        .await
+        .unwrap();
+    check.finish()
+}
+
+/// What the check says of [`fill`]ed stores after `sql` changed rows
+/// behind the service: every difference, the chain being intact.
+async fn state_tampered(s: &TestStore, sql: &str) -> Vec<String> {
+    fill(&*s.store()).await;
+    s.backend().exec(sql).await;
+    let report = audit(&*s.store()).await;
+    assert!(report.chain.is_ok(), "{:?}", report.chain);
+    assert_eq!(report.found as usize, report.differences.len());
+    report.differences.iter().map(ToString::to_string).collect()
+}
+
+/// The id of the key named `name` (names are unique in [`fill`]).
+async fn key_named(s: &TestStore, account_id: &str, name: &str) -> String {
+    let page = s
+        .store()
+        .list_keys(&account(account_id), true, None, 100)
+        .await;
+    let keys = page.unwrap().items;
+    let key = keys.iter().find(|k| k.name.to_string() == name).unwrap();
+    key.key_id.to_string()
+}
+
+async fn untouched_keys_and_accounts_match_their_events(s: &TestStore) {
+    fill(&*s.store()).await;
+    let catalogue = vilvik_keys_domain::ScopeCatalogue::parse(&["models:read", "datasets:*"]);
+    s.store()
+        .set_grantable_scopes(
+            &account("globex"),
+            Some(&catalogue.unwrap()),
+            &actor(),
+            now(),
+        )
+        .await
+        .unwrap();
+    let report = audit(&*s.store()).await;
+    assert!(report.intact(), "{report:?}");
+    assert_eq!(report.keys, 6);
+}
+
+async fn an_unrevoked_key_is_named(s: &TestStore) {
+    let found = state_tampered(
+        s,
+        "UPDATE keys SET revoked_at = NULL, revoke_reason = NULL WHERE name = 'beta'",
+    )
+    .await;
+    let beta = key_named(s, "ACME", "beta").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let expected = format!("account 'ACME', key {beta}: revoked is 'no' in the store but 'yes (");
+    assert!(found[0].starts_with(&expected), "{found:?}");
+    assert!(
+        found[0].ends_with(": unused)' by the audit log"),
+        "{found:?}"
+    );
+}
+
+async fn a_scope_added_is_named(s: &TestStore) {
+    let scopes = match s.backend() {
+        Backend::Sqlite { .. } => "'[\"datasets:read\",\"keys:admin\",\"models:*\"]'",
+        _ => "ARRAY['datasets:read', 'keys:admin', 'models:*']",
+    };
+    let sql = format!("UPDATE keys SET scopes = {scopes} WHERE name = 'theirs'");
+    let found = state_tampered(s, &sql).await;
+    let theirs = key_named(s, "globex", "theirs").await;
+    assert_eq!(
+        found,
+        [format!(
+            "account 'globex', key {theirs}: scopes is 'datasets:read keys:admin models:*' in the \
+             store but 'datasets:read models:*' by the audit log"
+        )]
+    );
+}
+
+async fn an_old_secret_made_current_again_is_named(s: &TestStore) {
+    let found = state_tampered(s, "UPDATE key_secrets SET superseded_at = NULL").await;
+    let alpha = key_named(s, "ACME", "alpha-2").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let expected = format!("account 'ACME', key {alpha}: current secret is 'vlk_");
+    assert!(found[0].starts_with(&expected), "{found:?}");
+}
+
+async fn a_key_moved_deleted_or_its_tier_reset_is_named(s: &TestStore) {
+    let found = state_tampered(
+        s,
+        "UPDATE keys SET account_id = 'globex' WHERE name = 'alpha-2'; \
+         DELETE FROM key_secrets WHERE key_id IN (SELECT key_id FROM keys WHERE name = 'imported-3'); \
+         DELETE FROM keys WHERE name = 'imported-3'; \
+         UPDATE accounts SET tier = 'free' WHERE account_id = 'ACME';",
+    )
+    .await;
+    let alpha = key_named(s, "globex", "alpha-2").await;
+    let messages = [
+        "the account's tier is 'free' in the store but 'premium' by the audit log".to_owned(),
+        format!("key {alpha}, created by event 1, is not stored (deleted, or moved"),
+        "created by event 8, is not stored".to_owned(),
+        format!("account 'globex', key {alpha} is stored but no event of this account created it"),
+    ];
+    assert_eq!(found.len(), messages.len(), "{found:?}");
+    for message in messages {
+        assert!(
+            found.iter().any(|f| f.contains(&message)),
+            "{message} in {found:?}"
+        );
+    }
+}
 
 // ---------------------------------------------------------------------------
 // A database from before the chain, migrated forward
@@ -302,4 +429,134 @@ async fn postgres_an_old_database_migrated_forward_verifies_intact() {
     ];
     let timestamp = |s| format!("to_timestamp({})", 1_800_000_000 + s);
     check_migrated_forward(backend, migrations, timestamp).await;
+}
+
+/// How an old binary wrote values the two backends keep differently.
+struct Dialect {
+    /// A time `s` seconds after the fixtures' start.
+    at: fn(i64) -> String,
+    /// A list of scopes.
+    scopes: fn(&str) -> String,
+    /// 32 bytes of `b`.
+    hash: fn(u8) -> String,
+}
+
+/// A key created, renamed, rotated and revoked and an account moved to
+/// premium by an old binary (every row as it wrote them, before the
+/// chain), migrated forward: its events replay to its rows, and a key
+/// then un-revoked is named.
+async fn check_old_state_replays(backend: Backend, migrations: [&str; 3], d: Dialect) {
+    backend.exec(&old_schema(migrations)).await;
+    let key = vilvik_keys_domain::KeyId::generate();
+    let at = d.at;
+    let change = |field: &str, old: &str, new: &str| {
+        format!(r#"{{"field":"{field}","old":{old},"new":{new}}}"#)
+    };
+    let created = [
+        change("name", "null", r#""ci""#),
+        change("description", "null", r#""CI""#),
+        change("scopes", "null", r#""datasets:read""#),
+        change("expires_at", "null", "null"),
+        change("prefix", "null", r#""vlk_AAAAAAAA""#),
+    ]
+    .join(",");
+    let events = [
+        (Some(&key), "created", created, 0),
+        (
+            Some(&key),
+            "updated",
+            change("name", r#""ci""#, r#""ci-2""#),
+            1,
+        ),
+        (
+            Some(&key),
+            "rotated",
+            change("prefix", r#""vlk_AAAAAAAA""#, r#""vlk_BBBBBBBB""#),
+            2,
+        ),
+        (
+            Some(&key),
+            "revoked",
+            change("reason", "null", r#""done""#),
+            3,
+        ),
+        (
+            None,
+            "tier_changed",
+            change("tier", r#""free""#, r#""premium""#),
+            4,
+        ),
+    ];
+    let mut sql = format!(
+        "INSERT INTO accounts (account_id, tier, created_at) VALUES ('OLD', 'premium', {t0});
+         INSERT INTO keys (key_id, account_id, name, description, scopes, prefix, created_at, \
+             revoked_at, revoke_reason, rotated_at) \
+         VALUES ('{key}', 'OLD', 'ci-2', 'CI', {scopes}, 'vlk_BBBBBBBB', {t0}, {t3}, 'done', {t2});
+         INSERT INTO key_secrets (prefix, key_id, hash, created_at, superseded_at) VALUES \
+             ('vlk_AAAAAAAA', '{key}', {h1}, {t0}, {t2}), ('vlk_BBBBBBBB', '{key}', {h2}, {t2}, NULL);\n",
+        t0 = at(0),
+        t2 = at(2),
+        t3 = at(3),
+        scopes = (d.scopes)("datasets:read"),
+        h1 = (d.hash)(1),
+        h2 = (d.hash)(2),
+    );
+    for (key, action, changes, t) in events {
+        let key = key.map_or("NULL".to_owned(), |k| format!("'{k}'"));
+        sql.push_str(&format!(
+            "INSERT INTO audit_events (account_id, key_id, action, actor, at, changes) \
+             VALUES ('OLD', {key}, '{action}', 'operator:alice', {}, '[{changes}]');\n",
+            at(t)
+        ));
+    }
+    backend.exec(&sql).await;
+    let store = backend.open().await;
+    store.migrate().await.unwrap();
+    let report = audit(&*store).await;
+    assert!(report.intact(), "{report:?}");
+    assert_eq!(report.keys, 1);
+    backend
+        .exec("UPDATE keys SET revoked_at = NULL, revoke_reason = NULL")
+        .await;
+    let found = audit(&*store).await.differences;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].to_string().starts_with(&format!(
+            "account 'OLD', key {key}: revoked is 'no' in the store"
+        )),
+        "{found:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_old_keys_replay_from_their_events_after_the_migration() {
+    let migrations = [
+        include_str!("../migrations/sqlite/0001_initial.sql"),
+        include_str!("../migrations/sqlite/0002_change_log_floor.sql"),
+        include_str!("../migrations/sqlite/0003_pepper_id.sql"),
+    ];
+    let dialect = Dialect {
+        at: |s| format!("{}", (1_800_000_000 + s) * 1_000_000),
+        scopes: |s| format!("'[\"{s}\"]'"),
+        hash: |b| format!("X'{}'", format!("{b:02x}").repeat(32)),
+    };
+    check_old_state_replays(Backend::sqlite(), migrations, dialect).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_old_keys_replay_from_their_events_after_the_migration() {
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    let migrations = [
+        include_str!("../migrations/postgres/0001_initial.sql"),
+        include_str!("../migrations/postgres/0002_change_log_floor.sql"),
+        include_str!("../migrations/postgres/0003_pepper_id.sql"),
+    ];
+    let dialect = Dialect {
+        at: |s| format!("to_timestamp({})", 1_800_000_000 + s),
+        scopes: |s| format!("ARRAY['{s}']"),
+        hash: |b| format!("'\\x{}'::bytea", format!("{b:02x}").repeat(32)),
+    };
+    check_old_state_replays(backend, migrations, dialect).await;
 }

@@ -29,16 +29,32 @@ const INSERT_EVENT: &str = "WITH event AS ( \
      ) \
      UPDATE audit_heads SET last_seq = $2, last_hash = $10 WHERE account_id = $1";
 
-/// Every event and head, or one account's (`$1`), in [`rows::chain_row`]'s
-/// columns, as [`crate::Store::stream_audit_chain`] hands them out.
+/// Every event, head, key and account row, or one account's (`$1`), in
+/// [`rows::chain_row`]'s columns, as [`crate::Store::stream_audit_chain`]
+/// hands them out: one statement, so one snapshot of them all.
 pub(super) const AUDIT_CHAIN: &str = "SELECT 0 AS kind, account_id, account_seq, event_id, key_id, \
-         action, actor, actor_ip, at, changes, prev_hash, hash \
+         action, actor, actor_ip, at, changes, prev_hash, hash, \
+         NULL::text AS name, NULL::text AS description, NULL::text[] AS scopes, \
+         NULL::text AS prefix, NULL::timestamptz AS expires_at, NULL::timestamptz AS revoked_at, \
+         NULL::text AS revoke_reason, NULL::text AS current, NULL::text AS tier, \
+         NULL::text[] AS grantable \
      FROM audit_events WHERE $1::text IS NULL OR account_id = $1::text \
      UNION ALL \
-     SELECT 1, account_id, last_seq, NULL::bigint, NULL::text, NULL::text, NULL::text, \
-         NULL::text, NULL::timestamptz, NULL::jsonb, NULL::bytea, last_hash \
+     SELECT 1, account_id, last_seq, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, last_hash, \
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
      FROM audit_heads WHERE $1::text IS NULL OR account_id = $1::text \
-     ORDER BY account_id, kind, account_seq NULLS FIRST, event_id";
+     UNION ALL \
+     SELECT 2, k.account_id, NULL, NULL, k.key_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+         k.name, k.description, k.scopes, k.prefix, k.expires_at, k.revoked_at, k.revoke_reason, \
+         (SELECT string_agg(s.prefix, ' ') FROM key_secrets s \
+          WHERE s.key_id = k.key_id AND s.superseded_at IS NULL), \
+         NULL, NULL \
+     FROM keys k WHERE $1::text IS NULL OR k.account_id = $1::text \
+     UNION ALL \
+     SELECT 3, account_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, tier, grantable_scopes \
+     FROM accounts WHERE $1::text IS NULL OR account_id = $1::text \
+     ORDER BY account_id, kind, account_seq NULLS FIRST, event_id, key_id";
 
 impl<C: GenericClient + Send> AuditRows for Pg<C> {
     async fn list_events(&mut self, page: &EventPage<'_>) -> Result<Events> {

@@ -72,6 +72,19 @@ pub use listen::ListenerOptions;
 /// prefix. Verify nodes listen on it to evict cached entries.
 pub const CHANGE_CHANNEL: &str = "vilvik_keys_changes";
 
+/// Every grant the service's Postgres role needs, and no more, for a
+/// database named `vilvik_keys` and a role named `vilvik_keys_service`
+/// (docs/SECURITY.md shows this file as it is; a test holds them equal).
+/// A migration that adds a table or a sequence adds its line here.
+pub const SERVICE_GRANTS: &str = include_str!("grants.sql");
+
+/// [`SERVICE_GRANTS`] for the database `database` and the role `role`.
+pub fn service_grants(database: &str, role: &str) -> String {
+    SERVICE_GRANTS
+        .replace("vilvik_keys_service", role)
+        .replace("\"vilvik_keys\"", &format!("\"{database}\""))
+}
+
 /// How a [`PostgresStore`] bounds its calls and watches its listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PostgresOptions {

@@ -11,15 +11,29 @@ use crate::db::{AuditRows, EventPage, Events};
 use crate::rules::ChangeRecord;
 use crate::{Result, rows};
 
-/// Every event and head, or one account's (`?1`), in [`rows::chain_row`]'s
-/// columns, as [`crate::Store::stream_audit_chain`] hands them out.
+/// Every event, head, key and account row, or one account's (`?1`), in
+/// [`rows::chain_row`]'s columns, as [`crate::Store::stream_audit_chain`]
+/// hands them out: one statement, so one snapshot of them all.
 pub(super) const AUDIT_CHAIN: &str = "SELECT 0 AS kind, account_id, account_seq, event_id, key_id, \
-         action, actor, actor_ip, at, changes, prev_hash, hash \
+         action, actor, actor_ip, at, changes, prev_hash, hash, \
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
      FROM audit_events WHERE ?1 IS NULL OR account_id = ?1 \
      UNION ALL \
-     SELECT 1, account_id, last_seq, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, last_hash \
+     SELECT 1, account_id, last_seq, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, last_hash, \
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
      FROM audit_heads WHERE ?1 IS NULL OR account_id = ?1 \
-     ORDER BY account_id, kind, account_seq NULLS FIRST, event_id";
+     UNION ALL \
+     SELECT 2, k.account_id, NULL, NULL, k.key_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+         k.name, k.description, k.scopes, k.prefix, k.expires_at, k.revoked_at, k.revoke_reason, \
+         (SELECT group_concat(s.prefix, ' ') FROM key_secrets s \
+          WHERE s.key_id = k.key_id AND s.superseded_at IS NULL), \
+         NULL, NULL \
+     FROM keys k WHERE ?1 IS NULL OR k.account_id = ?1 \
+     UNION ALL \
+     SELECT 3, account_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, tier, grantable_scopes \
+     FROM accounts WHERE ?1 IS NULL OR account_id = ?1 \
+     ORDER BY account_id, kind, account_seq NULLS FIRST, event_id, key_id";
 
 /// Moves (or creates) the account's head.
 pub(super) fn write_head(conn: &Sqlite<'_>, account: &str, head: Head) -> Result<()> {

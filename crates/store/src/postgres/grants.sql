@@ -1,0 +1,11 @@
+GRANT CONNECT ON DATABASE "vilvik_keys" TO vilvik_keys_service;
+GRANT USAGE ON SCHEMA public TO vilvik_keys_service;
+GRANT SELECT ON schema_migrations TO vilvik_keys_service;
+GRANT SELECT, INSERT, UPDATE ON accounts, keys TO vilvik_keys_service;
+GRANT SELECT, INSERT, UPDATE, DELETE ON key_secrets TO vilvik_keys_service;
+GRANT SELECT, INSERT, DELETE ON key_changes TO vilvik_keys_service;
+GRANT SELECT, UPDATE ON change_log_floor TO vilvik_keys_service;
+GRANT SELECT, INSERT, UPDATE ON audit_heads TO vilvik_keys_service;
+GRANT SELECT, INSERT ON audit_events TO vilvik_keys_service;
+GRANT SELECT, INSERT, DELETE ON requests TO vilvik_keys_service;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO vilvik_keys_service;
