@@ -93,6 +93,7 @@ macro_rules! migrations {
             ),
             migration!($backend, $column, "0005", "audit_chain"),
             migration!($backend, $column, "0006", "request_ids_and_versions"),
+            migration!($backend, $column, "0009", "use_origins_and_counts"),
         ]
     };
 }
