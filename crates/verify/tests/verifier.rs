@@ -217,9 +217,9 @@ async fn valid_uses_are_last_uses_and_refusals_of_a_matched_secret_are_counted_a
     // Insufficient scope: a refusal, not a use.
     f.verify(secret.expose_secret(), &["c:d"]).await;
     assert_eq!(f.usage.flush().await.unwrap(), 1);
+    assert_eq!(f.last_used(&key).await, Some(valid_at));
     let stored = f.store.get_key(&key.account_id, &key.key_id).await;
     let stored = stored.unwrap().unwrap();
-    assert_eq!(stored.last_used_at, Some(valid_at));
     assert_eq!(stored.usage.valid_uses, 1);
     assert_eq!(stored.usage.rejected_uses, 1);
     assert_eq!(stored.usage.last_rejected_at, Some(f.clock.now()));
