@@ -144,10 +144,10 @@ pub fn key_block(key: &proto::Key) -> String {
         ),
         ("rotated", opt_cell(time_text(key.rotated_at.as_ref()))),
         ("last used", opt_cell(time_text(key.last_used_at.as_ref()))),
-        ("last used from", seen_from(key)),
-        ("client ip claimed", cell(&key.last_used_claimed_ip)),
+        ("used from", seen_from(key)),
+        ("claimed ip", cell(&key.last_used_claimed_ip)),
         ("uses", uses(key)),
-        ("last rejected", last_rejected(key)),
+        ("last refused", last_rejected(key)),
         ("etag", cell(&key.etag)),
     ];
     if key.revoked_at.is_some() {
@@ -515,10 +515,10 @@ mod tests {
         };
         let block = key_block(&key);
         for line in [
-            "last used from     127.0.0.1\n",
-            "client ip claimed  203.0.113.66\n",
-            "uses               12 valid, 3 rejected\n",
-            "last rejected      2027-01-15T08:00:00Z from 192.0.2.9\n",
+            "used from     127.0.0.1\n",
+            "claimed ip    203.0.113.66\n",
+            "uses          12 valid, 3 rejected\n",
+            "last refused  2027-01-15T08:00:00Z from 192.0.2.9\n",
         ] {
             assert!(block.contains(line), "{line:?} in\n{block}");
         }
@@ -536,6 +536,6 @@ mod tests {
             last_used_ip: "198.51.100.4".into(),
             ..Default::default()
         };
-        assert!(key_block(&legacy).contains("last used from     198.51.100.4 (observed or claimed)\n"));
+        assert!(key_block(&legacy).contains("used from     198.51.100.4 (observed or claimed)\n"));
     }
 }
