@@ -233,7 +233,10 @@ async fn a_key_lives_its_whole_life_through_the_cli() {
     // Seen by the admin listener, claimed by nobody, and counted.
     assert_eq!(admin_key["last_used_observed_ip"], "127.0.0.1");
     assert_eq!(admin_key["last_used_claimed_ip"], serde_json::Value::Null);
-    assert!(admin_key["valid_use_count"].as_u64() >= Some(1), "{admin_key}");
+    assert!(
+        admin_key["valid_use_count"].as_u64() >= Some(1),
+        "{admin_key}"
+    );
 
     // Update: scopes and name, then drop the expiry.
     let (updated, _) = json(

@@ -161,7 +161,10 @@ pub fn key_block(key: &proto::Key) -> String {
 /// used before the service told the two apart shows the address it kept,
 /// marked: it may be the caller's or the one it claimed.
 fn seen_from(key: &proto::Key) -> String {
-    match (key.last_used_observed_ip.as_str(), key.last_used_ip.as_str()) {
+    match (
+        key.last_used_observed_ip.as_str(),
+        key.last_used_ip.as_str(),
+    ) {
         ("", "") => EMPTY.to_owned(),
         ("", kept) => format!("{} (observed or claimed)", printable(kept)),
         (observed, _) => printable(observed),
@@ -523,8 +526,14 @@ mod tests {
             assert!(block.contains(line), "{line:?} in\n{block}");
         }
         let table = keys_table(std::slice::from_ref(&key));
-        assert!(table.contains("FROM       CLAIMED IP    USES  REJECTED"), "{table}");
-        assert!(table.contains("127.0.0.1  203.0.113.66  12    3"), "{table}");
+        assert!(
+            table.contains("FROM       CLAIMED IP    USES  REJECTED"),
+            "{table}"
+        );
+        assert!(
+            table.contains("127.0.0.1  203.0.113.66  12    3"),
+            "{table}"
+        );
         let v = key_json(&key);
         assert_eq!(v["last_used_observed_ip"], "127.0.0.1");
         assert_eq!(v["last_used_claimed_ip"], "203.0.113.66");

@@ -121,10 +121,7 @@ async fn a_refused_verify_is_counted_apart_and_is_not_a_last_use(mut app: TestAp
     // Later, the same secret asks for a scope it lacks, claiming an address.
     app.clock.advance(time::Duration::minutes(1));
     let wider = verify_request(&secret, &["datasets:write"], "203.0.113.66", None);
-    assert_eq!(
-        verify(&mut app, wider).await,
-        VerifyCode::InsufficientScope
-    );
+    assert_eq!(verify(&mut app, wider).await, VerifyCode::InsufficientScope);
     app.wait_for_key(&key_id, WRITTEN_WITHIN, "the refusal", |key| {
         key.rejected_use_count == 1
     })

@@ -10,8 +10,8 @@ use vilvik_keys_domain::{AccountId, KeyPrefix, PepperId, ScopeSet, SecretHash};
 use crate::chain::Head;
 use crate::rules::{StoredRequest, corrupt, field};
 use crate::{
-    Account, AuditChainRow, AuditEvent, FieldChange, KeyRecord, KeyUsage, PepperUse, Result, SecretEntry,
-    SecretRecord, StoreError, StoredAuditEvent, StoredAuditHead,
+    Account, AuditChainRow, AuditEvent, FieldChange, KeyRecord, KeyUsage, PepperUse, Result,
+    SecretEntry, SecretRecord, StoreError, StoredAuditEvent, StoredAuditHead,
 };
 
 /// One row of a query's result, as a backend reads its cells: each kind

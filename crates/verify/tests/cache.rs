@@ -547,7 +547,11 @@ async fn a_zero_bound_fails_closed_at_once() {
     node.cut_feed(&node.store.feed_down).await;
     assert!(node.verify(&key).await.is_err());
     // A malformed key still gets its answer: it needs neither cache nor store.
-    let answer = node.verifier.verify(b"vlk_typo", &[], Origin::default()).await.unwrap();
+    let answer = node
+        .verifier
+        .verify(b"vlk_typo", &[], Origin::default())
+        .await
+        .unwrap();
     assert!(matches!(answer, Verdict::Malformed(_)));
 }
 

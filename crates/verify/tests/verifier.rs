@@ -124,7 +124,11 @@ async fn malformed_keys_are_answered_without_touching_the_store() {
     let good_shape = new_secret();
     assert!(
         f.verifier
-            .verify(good_shape.expose_secret().as_bytes(), &[], Origin::default())
+            .verify(
+                good_shape.expose_secret().as_bytes(),
+                &[],
+                Origin::default()
+            )
             .await
             .is_err()
     );
@@ -229,13 +233,20 @@ async fn valid_uses_are_last_uses_and_refusals_of_a_matched_secret_are_counted_a
     revoke(&*f.store, &other_key, "", f.clock.now()).await;
     f.verify(other.expose_secret(), &[]).await;
     assert_eq!(f.usage.flush().await.unwrap(), 1);
-    let stored = f.store.get_key(&other_key.account_id, &other_key.key_id).await;
+    let stored = f
+        .store
+        .get_key(&other_key.account_id, &other_key.key_id)
+        .await;
     let stored = stored.unwrap().unwrap();
     assert_eq!(stored.last_used_at, None);
-    assert_eq!((stored.usage.valid_uses, stored.usage.rejected_uses), (0, 1));
+    assert_eq!(
+        (stored.usage.valid_uses, stored.usage.rejected_uses),
+        (0, 1)
+    );
 
     // A wrong secret is nobody's use.
-    f.verify(&forge_with_prefix(secret.prefix().as_str()), &[]).await;
+    f.verify(&forge_with_prefix(secret.prefix().as_str()), &[])
+        .await;
     assert_eq!(f.usage.flush().await.unwrap(), 0);
 }
 
@@ -252,8 +263,7 @@ async fn uses_are_coalesced_per_key_and_bounded() {
         );
     }
     // An older use arriving late does not replace a newer one.
-    f.usage
-        .record(&key.key_id, t0, seen_from("198.51.100.1"));
+    f.usage.record(&key.key_id, t0, seen_from("198.51.100.1"));
     assert_eq!(f.usage.flush().await.unwrap(), 1, "one row for one key");
     let stored = f.store.get_key(&key.account_id, &key.key_id).await;
     let stored = stored.unwrap().unwrap();
@@ -323,7 +333,10 @@ async fn a_key_under_an_older_pepper_verifies_and_moves_to_the_current_one() {
     // A wrong secret under the old pepper notes nothing.
     let forged = forge_with_prefix(secret.prefix().as_str());
     assert_eq!(
-        rotated.verify(forged.as_bytes(), &[], Origin::default()).await.unwrap(),
+        rotated
+            .verify(forged.as_bytes(), &[], Origin::default())
+            .await
+            .unwrap(),
         Verdict::NotFound
     );
     // Noted once per key however often it verifies, and written behind.
@@ -389,7 +402,9 @@ async fn a_legacy_unkeyed_hash_verifies_and_is_rehashed_with_the_current_pepper(
     f.make_legacy(&other);
     let forged = forge_with_prefix(other.prefix().as_str());
     assert_eq!(
-        node.verify(forged.as_bytes(), &[], Origin::default()).await.unwrap(),
+        node.verify(forged.as_bytes(), &[], Origin::default())
+            .await
+            .unwrap(),
         Verdict::NotFound
     );
     assert_eq!(node.pending_rehashes(), 0);

@@ -378,7 +378,11 @@ impl Backend for SqliteStore {
                 .map_err(map_err)?;
             for (u, seen) in usage.iter().filter_map(|u| Some((u, u.rejected.as_ref()?))) {
                 rejected
-                    .execute(params![to_micros(seen.at), seen.observed_ip, u.key_id.as_str()])
+                    .execute(params![
+                        to_micros(seen.at),
+                        seen.observed_ip,
+                        u.key_id.as_str()
+                    ])
                     .map_err(map_err)?;
             }
             Ok(())
