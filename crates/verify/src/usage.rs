@@ -264,3 +264,35 @@ impl UsageRecorder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uses_put_back_add_up_and_the_latest_of_each_kind_wins() {
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        let later = t0 + time::Duration::seconds(1);
+        let seen = |ip: &str| Origin {
+            observed: ip.parse().ok(),
+            claimed: None,
+        };
+        // Recorded after a batch was taken: a newer valid use, an older refusal.
+        let mut meanwhile = Uses {
+            valid: Some((later, seen("192.0.2.2"))),
+            valid_count: 1,
+            rejected: Some((t0, None)),
+            rejected_count: 1,
+        };
+        let failed_batch = Uses {
+            valid: Some((t0, seen("192.0.2.1"))),
+            valid_count: 5,
+            rejected: Some((later, "192.0.2.9".parse().ok())),
+            rejected_count: 2,
+        };
+        meanwhile.merge(failed_batch);
+        assert_eq!((meanwhile.valid_count, meanwhile.rejected_count), (6, 3));
+        assert_eq!(meanwhile.valid, Some((later, seen("192.0.2.2"))));
+        assert_eq!(meanwhile.rejected, Some((later, "192.0.2.9".parse().ok())));
+    }
+}
