@@ -232,6 +232,13 @@ async fn a_key_lives_its_whole_life_through_the_cli() {
     let admin_key = find_key(&keys, &admin_id).unwrap();
     assert_eq!(admin_key["last_used_ip"], "127.0.0.1", "{admin_key}");
     time_of(admin_key, "last_used_at");
+    // Seen by the admin listener, claimed by nobody, and counted.
+    assert_eq!(admin_key["last_used_observed_ip"], "127.0.0.1");
+    assert_eq!(admin_key["last_used_claimed_ip"], serde_json::Value::Null);
+    assert!(
+        admin_key["valid_use_count"].as_u64() >= Some(1),
+        "{admin_key}"
+    );
 
     // Update: scopes and name, then drop the expiry.
     let (updated, _) = json(
@@ -324,8 +331,8 @@ async fn a_key_lives_its_whole_life_through_the_cli() {
     assert_eq!(
         header.split_whitespace().collect::<Vec<_>>(),
         [
-            "KEY", "ID", "NAME", "PREFIX", "STATE", "SCOPES", "EXPIRES", "LAST", "USED", "LAST",
-            "IP"
+            "KEY", "ID", "NAME", "PREFIX", "STATE", "SCOPES", "EXPIRES", "LAST", "USED", "FROM",
+            "CLAIMED", "IP", "USES", "REJECTED"
         ]
     );
     let row = lines
@@ -341,7 +348,10 @@ async fn a_key_lives_its_whole_life_through_the_cli() {
             "datasets:read,datasets:write",
             "-",
             "-",
-            "-"
+            "-",
+            "-",
+            "0",
+            "0"
         ],
         "{table}"
     );

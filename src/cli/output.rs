@@ -144,7 +144,10 @@ pub fn key_block(key: &proto::Key) -> String {
         ),
         ("rotated", opt_cell(time_text(key.rotated_at.as_ref()))),
         ("last used", opt_cell(time_text(key.last_used_at.as_ref()))),
-        ("last used ip", cell(&key.last_used_ip)),
+        ("used from", seen_from(key)),
+        ("claimed ip", cell(&key.last_used_claimed_ip)),
+        ("uses", uses(key)),
+        ("last refused", last_rejected(key)),
         ("etag", cell(&key.etag)),
     ];
     if key.revoked_at.is_some() {
@@ -152,6 +155,37 @@ pub fn key_block(key: &proto::Key) -> String {
         pairs.push(("revoke reason", cell(&key.revoke_reason)));
     }
     block(&pairs)
+}
+
+/// Where the last valid use came from as the service saw it. A key last
+/// used before the service told the two apart shows the address it kept,
+/// marked: it may be the caller's or the one it claimed.
+fn seen_from(key: &proto::Key) -> String {
+    match (
+        key.last_used_observed_ip.as_str(),
+        key.last_used_ip.as_str(),
+    ) {
+        ("", "") => EMPTY.to_owned(),
+        ("", kept) => format!("{} (observed or claimed)", printable(kept)),
+        (observed, _) => printable(observed),
+    }
+}
+
+/// `12 valid, 3 rejected`.
+fn uses(key: &proto::Key) -> String {
+    format!(
+        "{} valid, {} rejected",
+        key.valid_use_count, key.rejected_use_count
+    )
+}
+
+/// When and from where (observed) the key was last refused.
+fn last_rejected(key: &proto::Key) -> String {
+    match time_text(key.last_rejected_at.as_ref()) {
+        None => EMPTY.to_owned(),
+        Some(at) if key.last_rejected_ip.is_empty() => at,
+        Some(at) => format!("{at} from {}", printable(&key.last_rejected_ip)),
+    }
 }
 
 pub fn keys_table(keys: &[proto::Key]) -> String {
@@ -166,7 +200,10 @@ pub fn keys_table(keys: &[proto::Key]) -> String {
                 cell(&key.scopes.join(",")),
                 opt_cell(time_text(key.expires_at.as_ref())),
                 opt_cell(time_text(key.last_used_at.as_ref())),
-                cell(&key.last_used_ip),
+                seen_from(key),
+                cell(&key.last_used_claimed_ip),
+                key.valid_use_count.to_string(),
+                key.rejected_use_count.to_string(),
             ]
         })
         .collect();
@@ -179,7 +216,10 @@ pub fn keys_table(keys: &[proto::Key]) -> String {
             "SCOPES",
             "EXPIRES",
             "LAST USED",
-            "LAST IP",
+            "FROM",
+            "CLAIMED IP",
+            "USES",
+            "REJECTED",
         ],
         &rows,
     )
@@ -284,6 +324,12 @@ pub fn key_json(key: &proto::Key) -> Value {
         "rotated_at": time_json(key.rotated_at.as_ref()),
         "last_used_at": time_json(key.last_used_at.as_ref()),
         "last_used_ip": opt_string_json(&key.last_used_ip),
+        "last_used_observed_ip": opt_string_json(&key.last_used_observed_ip),
+        "last_used_claimed_ip": opt_string_json(&key.last_used_claimed_ip),
+        "valid_use_count": key.valid_use_count,
+        "rejected_use_count": key.rejected_use_count,
+        "last_rejected_at": time_json(key.last_rejected_at.as_ref()),
+        "last_rejected_ip": opt_string_json(&key.last_rejected_ip),
         "revoke_reason": opt_string_json(&key.revoke_reason),
         "etag": key.etag,
     })
@@ -452,5 +498,53 @@ mod tests {
         assert_eq!(v["scopes"], json!(["a:read"]));
         assert_eq!(v["expires_at"], Value::Null);
         assert_eq!(v["last_used_ip"], Value::Null);
+        assert_eq!(v["valid_use_count"], 0);
+    }
+
+    #[test]
+    fn a_key_shows_the_observed_and_the_claimed_address_and_its_counts() {
+        let key = proto::Key {
+            last_used_ip: "203.0.113.66".into(),
+            last_used_observed_ip: "127.0.0.1".into(),
+            last_used_claimed_ip: "203.0.113.66".into(),
+            valid_use_count: 12,
+            rejected_use_count: 3,
+            last_rejected_at: Some(Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 0,
+            }),
+            last_rejected_ip: "192.0.2.9".into(),
+            ..Default::default()
+        };
+        let block = key_block(&key);
+        for line in [
+            "used from     127.0.0.1\n",
+            "claimed ip    203.0.113.66\n",
+            "uses          12 valid, 3 rejected\n",
+            "last refused  2027-01-15T08:00:00Z from 192.0.2.9\n",
+        ] {
+            assert!(block.contains(line), "{line:?} in\n{block}");
+        }
+        let table = keys_table(std::slice::from_ref(&key));
+        assert!(
+            table.contains("FROM       CLAIMED IP    USES  REJECTED"),
+            "{table}"
+        );
+        assert!(
+            table.contains("127.0.0.1  203.0.113.66  12    3"),
+            "{table}"
+        );
+        let v = key_json(&key);
+        assert_eq!(v["last_used_observed_ip"], "127.0.0.1");
+        assert_eq!(v["last_used_claimed_ip"], "203.0.113.66");
+        assert_eq!(v["rejected_use_count"], 3);
+        assert_eq!(v["last_rejected_ip"], "192.0.2.9");
+
+        // Last used before the two were told apart: the kept address, marked.
+        let legacy = proto::Key {
+            last_used_ip: "198.51.100.4".into(),
+            ..Default::default()
+        };
+        assert!(key_block(&legacy).contains("used from     198.51.100.4 (observed or claimed)\n"));
     }
 }

@@ -36,8 +36,10 @@ pub fn key_state(state: KeyState) -> proto::KeyState {
 }
 
 pub fn key(record: KeyRecord, now: OffsetDateTime) -> proto::Key {
+    let state = key_state(record.state(now)).into();
+    let usage = record.usage;
     proto::Key {
-        state: key_state(record.state(now)).into(),
+        state,
         key_id: record.key_id.to_string(),
         account_id: record.account_id.to_string(),
         name: record.name.to_string(),
@@ -52,6 +54,12 @@ pub fn key(record: KeyRecord, now: OffsetDateTime) -> proto::Key {
         last_used_ip: record.last_used_ip.unwrap_or_default(),
         revoke_reason: record.revoke_reason.unwrap_or_default(),
         etag: etag::etag(record.version),
+        last_used_observed_ip: usage.last_used_observed_ip.unwrap_or_default(),
+        last_used_claimed_ip: usage.last_used_claimed_ip.unwrap_or_default(),
+        valid_use_count: usage.valid_uses,
+        rejected_use_count: usage.rejected_uses,
+        last_rejected_at: usage.last_rejected_at.map(proto::timestamp),
+        last_rejected_ip: usage.last_rejected_ip.unwrap_or_default(),
     }
 }
 

@@ -6,7 +6,7 @@ use compact_str::CompactString;
 use smallvec::SmallVec;
 use tonic::{Request, Response, Status};
 use vilvik_keys_domain::Scope;
-use vilvik_keys_verify::{Verdict, Verifier};
+use vilvik_keys_verify::{Origin, Verdict, Verifier};
 
 use super::auth::client_ip;
 use super::verify_wire::{VerifyAnswer, VerifyCall};
@@ -49,15 +49,17 @@ impl KeyVerify for VerifyService {
         &self,
         request: Request<VerifyCall>,
     ) -> Result<Response<VerifyAnswer>, Status> {
-        let peer_ip = client_ip(
+        // What this listener saw (the peer, or the client a trusted proxy
+        // forwarded), kept apart from what the caller claims.
+        let observed = client_ip(
             request.metadata(),
             crate::transport::peer_addr(&request),
             &self.trusted_proxies,
         );
         let call = request.into_inner();
         let required = parse_required(&call.required_scopes)?;
-        let client_ip = match call.client_ip.trim() {
-            "" => peer_ip,
+        let claimed = match call.client_ip.trim() {
+            "" => None,
             ip => Some(ip.parse::<IpAddr>().map_err(|_| {
                 ApiError::invalid(
                     "client_ip",
@@ -70,7 +72,7 @@ impl KeyVerify for VerifyService {
         };
         let verdict = self
             .verifier
-            .verify(&call.key, &required, client_ip)
+            .verify(&call.key, &required, Origin { observed, claimed })
             .await
             .map_err(ApiError::from)?;
         // A well-formed key is ASCII, so only a malformed one needs the

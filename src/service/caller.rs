@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use vilvik_keys_domain::{ADMIN_SCOPE, AccountId, KEY_PREFIX, Scope};
 use vilvik_keys_store::Actor;
-use vilvik_keys_verify::{Verdict, Verifier};
+use vilvik_keys_verify::{Origin, Verdict, Verifier};
 
 use super::error::ApiError;
 use crate::headers;
@@ -176,7 +176,11 @@ impl Authenticator {
             .verify(
                 credential.as_bytes(),
                 std::slice::from_ref(&self.admin_scope),
-                ip,
+                // The admin listener's view of the caller; nobody claims one.
+                Origin {
+                    observed: ip,
+                    claimed: None,
+                },
             )
             .await?;
         let unauthenticated = |why: &str| {

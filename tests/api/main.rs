@@ -27,3 +27,4 @@ mod rate_limit;
 mod retries;
 mod tls;
 mod tour;
+mod usage;

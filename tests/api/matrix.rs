@@ -521,6 +521,7 @@ async fn snapshot(service: &Admin) -> Vec<(Vec<KeyRecord>, Vec<AuditEvent>)> {
         for key in &mut keys {
             key.last_used_at = None;
             key.last_used_ip = None;
+            key.usage = Default::default();
         }
         let events = service
             .list_audit_events(&operator, None, None, 100)

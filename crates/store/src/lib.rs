@@ -33,7 +33,9 @@
 macro_rules! key_columns {
     () => {
         "k.key_id, k.account_id, k.name, k.description, k.scopes, k.prefix, k.created_at, \
-         k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip, k.version"
+         k.expires_at, k.revoked_at, k.revoke_reason, k.rotated_at, k.last_used_at, k.last_used_ip, k.version, \
+         k.last_used_observed_ip, k.last_used_claimed_ip, k.valid_uses, k.rejected_uses, \
+         k.last_rejected_at, k.last_rejected_ip"
     };
 }
 
@@ -61,9 +63,10 @@ pub use chain::{
 };
 pub use error::{Outage, OutageKind, StoreError};
 pub use model::{
-    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, NewKey, NewKeyBuilder,
-    NewSecret, Outcome, Page, PepperUse, Policy, Rehash, Replay, RequestMethod, RequestRecord,
-    Rotation, RotationRequest, SecretEntry, SecretRecord, UsageRecord,
+    Account, Actor, AuditEvent, FieldChange, KeyChanges, KeyRecord, KeyUsage, NewKey,
+    NewKeyBuilder, NewSecret, Outcome, Page, PepperUse, Policy, Rehash, RejectedUse, Replay,
+    RequestMethod, RequestRecord, Rotation, RotationRequest, SecretEntry, SecretRecord,
+    UsageRecord, ValidUse,
 };
 pub use postgres::{
     CHANGE_CHANNEL, ListenerOptions, PostgresOptions, PostgresStore, SERVICE_GRANTS, service_grants,
@@ -90,8 +93,10 @@ pub trait KeySource: Send + Sync + std::fmt::Debug {
     /// The secret with this prefix, current or superseded, and its key.
     async fn find_secret(&self, prefix: &KeyPrefix) -> Result<Option<SecretRecord>>;
 
-    /// Writes last-use times and addresses; an older time never overwrites a
-    /// newer one.
+    /// Writes what verify nodes saw of keys' uses: the counts add up, and
+    /// the last valid and last rejected use each replace the stored one
+    /// only if newer (an older time never overwrites a newer one). Keys
+    /// that do not exist are skipped.
     async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()>;
 
     /// Re-hashes secrets (with the current pepper, after they verified

@@ -94,6 +94,7 @@ macro_rules! migrations {
             migration!($backend, $column, "0005", "audit_chain"),
             migration!($backend, $column, "0006", "request_ids_and_versions"),
             migration!($backend, $column, "0007", "request_id_callers"),
+            migration!($backend, $column, "0008", "use_origins_and_counts"),
         ]
     };
 }

@@ -21,8 +21,15 @@ pub struct KeyRecord {
     pub revoked_at: Option<OffsetDateTime>,
     pub revoke_reason: Option<String>,
     pub rotated_at: Option<OffsetDateTime>,
+    /// The last valid use (INSUFFICIENT_SCOPE and the other rejections
+    /// do not count).
     pub last_used_at: Option<OffsetDateTime>,
+    /// Of the last valid use: the claimed address when the caller sent
+    /// one, else the observed one (what it always meant; rows used before
+    /// [`KeyUsage`] existed cannot say which).
     pub last_used_ip: Option<String>,
+    /// Where uses came from, told apart, and how many there were.
+    pub usage: KeyUsage,
     /// Raised by every change of the key (update, rotation, revocation),
     /// not by its use: what the API's `etag` is made of.
     pub version: i64,
@@ -342,12 +349,57 @@ pub struct PepperUse {
     pub total: u64,
 }
 
-/// The latest use of a key seen by a verify node.
+/// What verify nodes reported of a key's uses beyond `last_used_at`:
+/// written behind, never a change of the key. Counts are since the
+/// columns were added, and may fall short of the truth when a node's
+/// pending map was full or its final flush was abandoned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUsage {
+    /// Of the last valid use: the address the verify listener saw (its
+    /// peer, or the forwarded client when the peer is a trusted proxy).
+    pub last_used_observed_ip: Option<String>,
+    /// Of the last valid use: the `client_ip` the calling backend
+    /// claimed; `None` when it sent none.
+    pub last_used_claimed_ip: Option<String>,
+    /// Verifies answered VALID.
+    pub valid_uses: u64,
+    /// Verifies whose secret matched but that were refused:
+    /// INSUFFICIENT_SCOPE, EXPIRED, REVOKED, ROTATED.
+    pub rejected_uses: u64,
+    pub last_rejected_at: Option<OffsetDateTime>,
+    /// The observed address of the last rejected use.
+    pub last_rejected_ip: Option<String>,
+}
+
+/// What a verify node saw of one key since its last flush. A batch holds
+/// a key at most once; if it holds it more often, the latest use of each
+/// kind wins and the counts add up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {
     pub key_id: KeyId,
+    /// The latest valid use, if any.
+    pub valid: Option<ValidUse>,
+    pub valid_uses: u64,
+    /// The latest rejected use, if any.
+    pub rejected: Option<RejectedUse>,
+    pub rejected_uses: u64,
+}
+
+/// When, and from where, a key was last used validly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidUse {
     pub at: OffsetDateTime,
-    pub ip: Option<String>,
+    /// What the verify listener saw ([`KeyUsage::last_used_observed_ip`]).
+    pub observed_ip: Option<String>,
+    /// What the caller claimed ([`KeyUsage::last_used_claimed_ip`]).
+    pub claimed_ip: Option<String>,
+}
+
+/// When, and from where (observed), a key was last refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedUse {
+    pub at: OffsetDateTime,
+    pub observed_ip: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

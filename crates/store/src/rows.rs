@@ -10,8 +10,9 @@ use vilvik_keys_domain::{AccountId, KeyPrefix, PepperId, ScopeSet, SecretHash};
 use crate::chain::Head;
 use crate::rules::{StoredRequest, corrupt, field};
 use crate::{
-    Account, AuditChainRow, AuditEvent, FieldChange, KeyRecord, PepperUse, Result, SecretEntry,
-    SecretRecord, StoreError, StoredAccount, StoredAuditEvent, StoredAuditHead, StoredKey,
+    Account, AuditChainRow, AuditEvent, FieldChange, KeyRecord, KeyUsage, PepperUse, Result,
+    SecretEntry, SecretRecord, StoreError, StoredAccount, StoredAuditEvent, StoredAuditHead,
+    StoredKey,
 };
 
 /// One row of a query's result, as a backend reads its cells: each kind
@@ -77,6 +78,14 @@ pub(crate) fn key(row: &impl Cells, at: usize) -> Result<KeyRecord> {
         last_used_at: row.opt_time(at + 11)?,
         last_used_ip: owned(12)?,
         version: row.int(at + 13)?,
+        usage: KeyUsage {
+            last_used_observed_ip: owned(14)?,
+            last_used_claimed_ip: owned(15)?,
+            valid_uses: u64::try_from(row.int(at + 16)?).unwrap_or(0),
+            rejected_uses: u64::try_from(row.int(at + 17)?).unwrap_or(0),
+            last_rejected_at: row.opt_time(at + 18)?,
+            last_rejected_ip: owned(19)?,
+        },
     })
 }
 

@@ -624,6 +624,7 @@ mod tests {
             rotated_at: None,
             last_used_at: None,
             last_used_ip: None,
+            usage: crate::KeyUsage::default(),
             version: 1,
         }
     }

@@ -66,8 +66,17 @@ pub fn days_from(now: OffsetDateTime, days: i64) -> prost_types::Timestamp {
 /// management key updates in the background; for before/after comparisons.
 pub fn without_usage(mut keys: Vec<proto::Key>) -> Vec<proto::Key> {
     for key in &mut keys {
-        key.last_used_at = None;
-        key.last_used_ip.clear();
+        *key = proto::Key {
+            last_used_at: None,
+            last_used_ip: String::new(),
+            last_used_observed_ip: String::new(),
+            last_used_claimed_ip: String::new(),
+            valid_use_count: 0,
+            rejected_use_count: 0,
+            last_rejected_at: None,
+            last_rejected_ip: String::new(),
+            ..std::mem::take(key)
+        };
     }
     keys
 }

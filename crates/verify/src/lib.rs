@@ -53,7 +53,7 @@ pub use cache::CacheConfig;
 pub use error::VerifyError;
 pub use feed::{FeedConfig, FeedHealth};
 pub use rehash::RehashConfig;
-pub use usage::{UsageConfig, UsageRecorder};
+pub use usage::{Origin, UsageConfig, UsageRecorder};
 
 /// Secrets handed to the cache at a time when warming it.
 const PRELOAD_BATCH: usize = 10_000;
@@ -186,25 +186,26 @@ impl Verifier {
     }
 
     /// Verifies the `presented` key (its bytes as received) against
-    /// `required` scopes. `client_ip` is recorded as the key's last use when
-    /// the key is active and matched. Fails only when the answer would need
+    /// `required` scopes. When the secret matched, the use is recorded with
+    /// its `origin`: a VALID answer as the key's last use, any other as a
+    /// rejected use. Fails only when the answer would need
     /// the store and it is down, or this node's lookups of it are refused
     /// ([`MissConfig`]).
     pub async fn verify(
         &self,
         presented: &[u8],
         required: &[Scope],
-        client_ip: Option<std::net::IpAddr>,
+        origin: Origin,
     ) -> Result<Verdict, VerifyError> {
         let now = self.clock.now();
         let miss = match self.answer_from_memory(presented, required, now) {
-            Ok(verdict) => return Ok(self.note_use(verdict, now, client_ip)),
+            Ok(verdict) => return Ok(self.note_use(verdict, now, origin)),
             Err(miss) => miss,
         };
         // Boxed so that the future of a hit, moved several times on its way
         // through the gRPC stack, stays small.
         let verdict = Box::pin(self.load(miss, required, now)).await?;
-        Ok(self.note_use(verdict, now, client_ip))
+        Ok(self.note_use(verdict, now, origin))
     }
 
     /// The verdict when memory can give it; otherwise what to load.
@@ -292,15 +293,20 @@ impl Verifier {
         }
     }
 
-    /// Records a use of a key whose secret matched and is active.
-    fn note_use(
-        &self,
-        verdict: Verdict,
-        now: OffsetDateTime,
-        client_ip: Option<std::net::IpAddr>,
-    ) -> Verdict {
-        if let Verdict::Valid(key) | Verdict::InsufficientScope { key, .. } = &verdict {
-            self.usage.record(&key.key_id, now, client_ip);
+    /// Records a use of a key whose secret matched: VALID as its last use
+    /// (from both addresses), any refusal as a rejected use (from the
+    /// observed one: a refused caller's claim is not worth keeping).
+    fn note_use(&self, verdict: Verdict, now: OffsetDateTime, origin: Origin) -> Verdict {
+        match &verdict {
+            Verdict::Valid(key) => self.usage.record(&key.key_id, now, origin),
+            Verdict::InsufficientScope { key, .. }
+            | Verdict::Expired(key)
+            | Verdict::Revoked(key)
+            | Verdict::Rotated(key) => {
+                self.usage
+                    .record_rejected(&key.key_id, now, origin.observed);
+            }
+            Verdict::Malformed(_) | Verdict::NotFound => {}
         }
         verdict
     }

@@ -16,7 +16,7 @@ use vilvik_keys_test_db::fixtures::{
 };
 use vilvik_keys_test_db::{Backend, eventually};
 use vilvik_keys_verify::{
-    CacheConfig, FeedConfig, MissConfig, UsageConfig, UsageRecorder, Verdict, Verifier,
+    CacheConfig, FeedConfig, MissConfig, Origin, UsageConfig, UsageRecorder, Verdict, Verifier,
     VerifierConfig, VerifyError,
 };
 
@@ -263,7 +263,7 @@ impl Node {
 
     async fn verify(&self, key: &GeneratedKey) -> std::result::Result<Verdict, VerifyError> {
         self.verifier
-            .verify(key.expose_secret().as_bytes(), &[], None)
+            .verify(key.expose_secret().as_bytes(), &[], Origin::default())
             .await
     }
 
@@ -547,7 +547,11 @@ async fn a_zero_bound_fails_closed_at_once() {
     node.cut_feed(&node.store.feed_down).await;
     assert!(node.verify(&key).await.is_err());
     // A malformed key still gets its answer: it needs neither cache nor store.
-    let answer = node.verifier.verify(b"vlk_typo", &[], None).await.unwrap();
+    let answer = node
+        .verifier
+        .verify(b"vlk_typo", &[], Origin::default())
+        .await
+        .unwrap();
     assert!(matches!(answer, Verdict::Malformed(_)));
 }
 
@@ -588,7 +592,7 @@ async fn the_future_of_a_verify_stays_small() {
     let (_, key) = node.create().await;
     let verify = node
         .verifier
-        .verify(key.expose_secret().as_bytes(), &[], None);
+        .verify(key.expose_secret().as_bytes(), &[], Origin::default());
     let size = std::mem::size_of_val(&verify);
     assert!(size <= 160, "{size} bytes");
     assert!(verify.await.unwrap().is_valid());

@@ -14,7 +14,7 @@ use vilvik_keys_test_db::fixtures::{
     account, actor, hash_under, manual_clock, new_key, new_secret, pepper, revoke, roomy, rotate,
     scopes,
 };
-use vilvik_keys_verify::{UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig};
+use vilvik_keys_verify::{Origin, UsageConfig, UsageRecorder, Verdict, Verifier, VerifierConfig};
 
 /// A verify node (with the fixtures' pepper) on a SQLite store of its
 /// own, on a manual clock.
@@ -104,7 +104,7 @@ impl Fixture {
     async fn verify(&self, key: &str, required: &[&str]) -> Verdict {
         let required: Vec<Scope> = required.iter().map(|s| s.parse().unwrap()).collect();
         self.verifier
-            .verify(key.as_bytes(), &required, "192.0.2.1".parse().ok())
+            .verify(key.as_bytes(), &required, seen_from("192.0.2.1"))
             .await
             .unwrap()
     }
@@ -124,7 +124,11 @@ async fn malformed_keys_are_answered_without_touching_the_store() {
     let good_shape = new_secret();
     assert!(
         f.verifier
-            .verify(good_shape.expose_secret().as_bytes(), &[], None)
+            .verify(
+                good_shape.expose_secret().as_bytes(),
+                &[],
+                Origin::default()
+            )
             .await
             .is_err()
     );
@@ -199,19 +203,51 @@ fn crc32(body: &str) -> String {
     String::from_utf8(digits.to_vec()).unwrap()
 }
 
+/// A verify seen from `ip`, claiming nothing.
+fn seen_from(ip: &str) -> Origin {
+    Origin {
+        observed: ip.parse().ok(),
+        claimed: None,
+    }
+}
+
 #[tokio::test]
-async fn only_authenticated_uses_of_active_keys_are_recorded() {
+async fn valid_uses_are_last_uses_and_refusals_of_a_matched_secret_are_counted_apart() {
     let f = fixture(true).await;
     let (key, secret) = f.create(&["a:b"], None).await;
-    f.verify(secret.expose_secret(), &["c:d"]).await; // insufficient scope: still a use
+    let valid_at = f.clock.now();
+    assert!(f.verify(secret.expose_secret(), &["a:b"]).await.is_valid());
+    f.clock.advance(time::Duration::minutes(1));
+    // Insufficient scope: a refusal, not a use.
+    f.verify(secret.expose_secret(), &["c:d"]).await;
     assert_eq!(f.usage.flush().await.unwrap(), 1);
-    assert_eq!(f.last_used(&key).await, Some(f.clock.now()));
+    assert_eq!(f.last_used(&key).await, Some(valid_at));
+    let stored = f.store.get_key(&key.account_id, &key.key_id).await;
+    let stored = stored.unwrap().unwrap();
+    assert_eq!(stored.usage.valid_uses, 1);
+    assert_eq!(stored.usage.rejected_uses, 1);
+    assert_eq!(stored.usage.last_rejected_at, Some(f.clock.now()));
+    assert_eq!(stored.usage.last_rejected_ip.as_deref(), Some("192.0.2.1"));
 
     let (other_key, other) = f.create(&["a:b"], None).await;
     revoke(&*f.store, &other_key, "", f.clock.now()).await;
     f.verify(other.expose_secret(), &[]).await;
+    assert_eq!(f.usage.flush().await.unwrap(), 1);
+    let stored = f
+        .store
+        .get_key(&other_key.account_id, &other_key.key_id)
+        .await;
+    let stored = stored.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, None);
+    assert_eq!(
+        (stored.usage.valid_uses, stored.usage.rejected_uses),
+        (0, 1)
+    );
+
+    // A wrong secret is nobody's use.
+    f.verify(&forge_with_prefix(secret.prefix().as_str()), &[])
+        .await;
     assert_eq!(f.usage.flush().await.unwrap(), 0);
-    assert_eq!(f.last_used(&other_key).await, None);
 }
 
 #[tokio::test]
@@ -223,16 +259,17 @@ async fn uses_are_coalesced_per_key_and_bounded() {
         f.usage.record(
             &key.key_id,
             t0 + time::Duration::seconds(i),
-            format!("192.0.2.{}", i % 200).parse().ok(),
+            seen_from(&format!("192.0.2.{}", i % 200)),
         );
     }
     // An older use arriving late does not replace a newer one.
-    f.usage.record(&key.key_id, t0, "198.51.100.1".parse().ok());
+    f.usage.record(&key.key_id, t0, seen_from("198.51.100.1"));
     assert_eq!(f.usage.flush().await.unwrap(), 1, "one row for one key");
     let stored = f.store.get_key(&key.account_id, &key.key_id).await;
     let stored = stored.unwrap().unwrap();
     assert_eq!(stored.last_used_at, Some(t0 + time::Duration::seconds(999)));
     assert_eq!(stored.last_used_ip.as_deref(), Some("192.0.2.199"));
+    assert_eq!(stored.usage.valid_uses, 1_001, "every use counted");
 
     let small = UsageRecorder::new(
         f.store.clone(),
@@ -242,7 +279,7 @@ async fn uses_are_coalesced_per_key_and_bounded() {
         },
     );
     for _ in 0..200 {
-        small.record(&KeyId::generate(), t0, None);
+        small.record(&KeyId::generate(), t0, Origin::default());
     }
     assert!(
         small.flush().await.unwrap() <= 16,
@@ -253,7 +290,8 @@ async fn uses_are_coalesced_per_key_and_bounded() {
 #[tokio::test]
 async fn a_failed_flush_keeps_the_batch_for_the_next_one() {
     let f = fixture(false).await;
-    f.usage.record(&KeyId::generate(), f.clock.now(), None);
+    f.usage
+        .record(&KeyId::generate(), f.clock.now(), Origin::default());
     assert!(f.usage.flush().await.is_err(), "no schema yet");
     f.store.migrate().await.unwrap();
     assert_eq!(
@@ -264,7 +302,7 @@ async fn a_failed_flush_keeps_the_batch_for_the_next_one() {
 }
 
 async fn verify_on(node: &Verifier, key: &GeneratedKey) -> Verdict {
-    node.verify(key.expose_secret().as_bytes(), &[], None)
+    node.verify(key.expose_secret().as_bytes(), &[], Origin::default())
         .await
         .unwrap()
 }
@@ -295,7 +333,10 @@ async fn a_key_under_an_older_pepper_verifies_and_moves_to_the_current_one() {
     // A wrong secret under the old pepper notes nothing.
     let forged = forge_with_prefix(secret.prefix().as_str());
     assert_eq!(
-        rotated.verify(forged.as_bytes(), &[], None).await.unwrap(),
+        rotated
+            .verify(forged.as_bytes(), &[], Origin::default())
+            .await
+            .unwrap(),
         Verdict::NotFound
     );
     // Noted once per key however often it verifies, and written behind.
@@ -361,7 +402,9 @@ async fn a_legacy_unkeyed_hash_verifies_and_is_rehashed_with_the_current_pepper(
     f.make_legacy(&other);
     let forged = forge_with_prefix(other.prefix().as_str());
     assert_eq!(
-        node.verify(forged.as_bytes(), &[], None).await.unwrap(),
+        node.verify(forged.as_bytes(), &[], Origin::default())
+            .await
+            .unwrap(),
         Verdict::NotFound
     );
     assert_eq!(node.pending_rehashes(), 0);

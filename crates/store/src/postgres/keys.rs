@@ -40,20 +40,48 @@ const PRUNE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = $1 AND s
 const INSERT_SECRET: &str = "INSERT INTO key_secrets (prefix, key_id, hash, pepper_id, created_at) \
      VALUES ($1, $2, $3, $4, $5)";
 
-/// One statement for a whole batch of usage. Duplicates of a key keep the
-/// latest use; rows are locked in key order so two nodes flushing
-/// overlapping batches cannot deadlock; an older time never overwrites a
-/// newer one.
-pub(super) const RECORD_USAGE: &str = "WITH usage AS ( \
-         SELECT DISTINCT ON (key_id) key_id, at, ip \
-         FROM UNNEST($1::text[], $2::timestamptz[], $3::text[]) AS u (key_id, at, ip) \
-         ORDER BY key_id, at DESC \
+/// One statement for a whole batch of usage: per key, the counts add up
+/// and the latest valid and latest rejected use each replace the stored
+/// one only if newer (a key twice in a batch: the counts summed, the
+/// latest of each kind kept); rows are locked in key order so two nodes
+/// flushing overlapping batches cannot deadlock. `last_used_ip` keeps its
+/// meaning: the claimed address when one was sent, else the observed one.
+pub(super) const RECORD_USAGE: &str = "WITH u AS ( \
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[], \
+             $5::text[], $6::text[], $7::timestamptz[], $8::text[]) \
+             AS u (key_id, valid_uses, rejected_uses, used_at, observed_ip, claimed_ip, \
+                 rejected_at, rejected_ip) \
+     ), n AS ( \
+         SELECT key_id, SUM(valid_uses)::bigint AS valid_uses, \
+             SUM(rejected_uses)::bigint AS rejected_uses FROM u GROUP BY key_id \
+     ), v AS ( \
+         SELECT DISTINCT ON (key_id) key_id, used_at, observed_ip, claimed_ip \
+         FROM u WHERE used_at IS NOT NULL ORDER BY key_id, used_at DESC \
+     ), r AS ( \
+         SELECT DISTINCT ON (key_id) key_id, rejected_at, rejected_ip \
+         FROM u WHERE rejected_at IS NOT NULL ORDER BY key_id, rejected_at DESC \
+     ), usage AS ( \
+         SELECT * FROM n LEFT JOIN v USING (key_id) LEFT JOIN r USING (key_id) \
      ), locked AS ( \
          SELECT k.key_id FROM keys k JOIN usage USING (key_id) ORDER BY k.key_id FOR UPDATE OF k \
      ) \
-     UPDATE keys k SET last_used_at = usage.at, last_used_ip = usage.ip \
+     UPDATE keys k SET \
+         valid_uses = k.valid_uses + usage.valid_uses, \
+         rejected_uses = k.rejected_uses + usage.rejected_uses, \
+         last_used_at = CASE WHEN usage.used_at > COALESCE(k.last_used_at, '-infinity') \
+             THEN usage.used_at ELSE k.last_used_at END, \
+         last_used_ip = CASE WHEN usage.used_at > COALESCE(k.last_used_at, '-infinity') \
+             THEN COALESCE(usage.claimed_ip, usage.observed_ip) ELSE k.last_used_ip END, \
+         last_used_observed_ip = CASE WHEN usage.used_at > COALESCE(k.last_used_at, '-infinity') \
+             THEN usage.observed_ip ELSE k.last_used_observed_ip END, \
+         last_used_claimed_ip = CASE WHEN usage.used_at > COALESCE(k.last_used_at, '-infinity') \
+             THEN usage.claimed_ip ELSE k.last_used_claimed_ip END, \
+         last_rejected_at = CASE WHEN usage.rejected_at > COALESCE(k.last_rejected_at, '-infinity') \
+             THEN usage.rejected_at ELSE k.last_rejected_at END, \
+         last_rejected_ip = CASE WHEN usage.rejected_at > COALESCE(k.last_rejected_at, '-infinity') \
+             THEN usage.rejected_ip ELSE k.last_rejected_ip END \
      FROM usage JOIN locked USING (key_id) \
-     WHERE k.key_id = usage.key_id AND (k.last_used_at IS NULL OR k.last_used_at < usage.at)";
+     WHERE k.key_id = usage.key_id";
 
 /// One statement for a batch of re-hashes, each applied only if the stored
 /// hash and pepper id are still the old ones (`IS NOT DISTINCT FROM`: NULL

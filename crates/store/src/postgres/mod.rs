@@ -574,11 +574,36 @@ impl Backend for PostgresStore {
     }
 
     async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let key_ids: Vec<&str> = usage.iter().map(|u| u.key_id.as_str()).collect();
-        let ats: Vec<OffsetDateTime> = usage.iter().map(|u| u.at).collect();
-        let ips: Vec<Option<&str>> = usage.iter().map(|u| u.ip.as_deref()).collect();
+        let valid_uses: Vec<i64> = usage.iter().map(|u| count(u.valid_uses)).collect();
+        let rejected_uses: Vec<i64> = usage.iter().map(|u| count(u.rejected_uses)).collect();
+        let valid = || usage.iter().map(|u| u.valid.as_ref());
+        let used_at: Vec<Option<OffsetDateTime>> = valid().map(|v| v.map(|v| v.at)).collect();
+        let observed: Vec<Option<&str>> = valid()
+            .map(|v| v.and_then(|v| v.observed_ip.as_deref()))
+            .collect();
+        let claimed: Vec<Option<&str>> = valid()
+            .map(|v| v.and_then(|v| v.claimed_ip.as_deref()))
+            .collect();
+        let rejected = || usage.iter().map(|u| u.rejected.as_ref());
+        let rejected_at: Vec<Option<OffsetDateTime>> =
+            rejected().map(|r| r.map(|r| r.at)).collect();
+        let rejected_ip: Vec<Option<&str>> = rejected()
+            .map(|r| r.and_then(|r| r.observed_ip.as_deref()))
+            .collect();
         let client = self.client().await?;
-        execute(&client, keys::RECORD_USAGE, &[&key_ids, &ats, &ips]).await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            &key_ids,
+            &valid_uses,
+            &rejected_uses,
+            &used_at,
+            &observed,
+            &claimed,
+            &rejected_at,
+            &rejected_ip,
+        ];
+        execute(&client, keys::RECORD_USAGE, &params).await?;
         Ok(())
     }
 

@@ -315,6 +315,11 @@ fn map_err(e: rusqlite::Error) -> StoreError {
 }
 
 /// Times are stored as INTEGER microseconds since the Unix epoch, UTC.
+/// A count as SQLite's `INTEGER` holds it (one flush never nears the limit).
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 fn to_micros(at: OffsetDateTime) -> i64 {
     (at.unix_timestamp_nanos() / 1_000) as i64
 }
@@ -395,17 +400,55 @@ impl Backend for SqliteStore {
             .await
     }
 
+    /// Up to three prepared `UPDATE`s per key (the counts, the last valid
+    /// use if newer, the last rejected use if newer) in one `BEGIN
+    /// IMMEDIATE` transaction.
     async fn record_usage(&self, usage: &[UsageRecord]) -> Result<()> {
         let usage = usage.to_vec();
         self.transaction(move |tx| {
-            let mut stmt = tx
+            let mut counts = tx
                 .prepare_cached(
-                    "UPDATE keys SET last_used_at = ?1, last_used_ip = ?2 \
-                     WHERE key_id = ?3 AND (last_used_at IS NULL OR last_used_at < ?1)",
+                    "UPDATE keys SET valid_uses = valid_uses + ?1, \
+                     rejected_uses = rejected_uses + ?2 WHERE key_id = ?3",
                 )
                 .map_err(map_err)?;
             for u in &usage {
-                stmt.execute(params![to_micros(u.at), u.ip, u.key_id.as_str()])
+                let (valid, rejected) = (count(u.valid_uses), count(u.rejected_uses));
+                counts
+                    .execute(params![valid, rejected, u.key_id.as_str()])
+                    .map_err(map_err)?;
+            }
+            let mut valid = tx
+                .prepare_cached(
+                    "UPDATE keys SET last_used_at = ?1, \
+                     last_used_ip = COALESCE(?3, ?2), \
+                     last_used_observed_ip = ?2, last_used_claimed_ip = ?3 \
+                     WHERE key_id = ?4 AND (last_used_at IS NULL OR last_used_at < ?1)",
+                )
+                .map_err(map_err)?;
+            for (u, seen) in usage.iter().filter_map(|u| Some((u, u.valid.as_ref()?))) {
+                valid
+                    .execute(params![
+                        to_micros(seen.at),
+                        seen.observed_ip,
+                        seen.claimed_ip,
+                        u.key_id.as_str()
+                    ])
+                    .map_err(map_err)?;
+            }
+            let mut rejected = tx
+                .prepare_cached(
+                    "UPDATE keys SET last_rejected_at = ?1, last_rejected_ip = ?2 \
+                     WHERE key_id = ?3 AND (last_rejected_at IS NULL OR last_rejected_at < ?1)",
+                )
+                .map_err(map_err)?;
+            for (u, seen) in usage.iter().filter_map(|u| Some((u, u.rejected.as_ref()?))) {
+                rejected
+                    .execute(params![
+                        to_micros(seen.at),
+                        seen.observed_ip,
+                        u.key_id.as_str()
+                    ])
                     .map_err(map_err)?;
             }
             Ok(())

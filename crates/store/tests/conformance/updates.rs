@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use time::Duration;
 use vilvik_keys_domain::AuditAction;
-use vilvik_keys_store::{KeyChanges, NewSecret, RotationRequest, Store, StoreError, UsageRecord};
+use vilvik_keys_store::{
+    KeyChanges, NewSecret, RotationRequest, Store, StoreError, UsageRecord, ValidUse,
+};
 use vilvik_keys_test_db::fixtures::{
     account, actor, all_events, create, description, new_secret, now, rename_to, roomy, scopes,
     update,
@@ -106,8 +108,14 @@ pub(crate) async fn every_change_of_a_key_and_only_a_change_raises_its_version(
     // Use is not a change.
     let use_of_it = UsageRecord {
         key_id: key.key_id.clone(),
-        at: t0,
-        ip: None,
+        valid: Some(ValidUse {
+            at: t0,
+            observed_ip: None,
+            claimed_ip: None,
+        }),
+        valid_uses: 1,
+        rejected: None,
+        rejected_uses: 0,
     };
     store.record_usage(&[use_of_it]).await.unwrap();
     let used = store.get_key(&acme, &key.key_id).await.unwrap().unwrap();

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use time::{Duration, OffsetDateTime};
 use vilvik_keys_domain::{GeneratedKey, KeyId, KeyPrefix, Pepper, PepperId, SecretHash};
-use vilvik_keys_store::{KeyRecord, PepperUse, Rehash, Store, UsageRecord};
+use vilvik_keys_store::{
+    KeyRecord, KeyUsage, PepperUse, Rehash, RejectedUse, Store, UsageRecord, ValidUse,
+};
 use vilvik_keys_test_db::fixtures::{
     account, actor, all_events, create, hash_under, new_key, new_secret, now, other_pepper, pepper,
     revoke, roomy, rotate,
@@ -15,12 +17,18 @@ use vilvik_keys_test_db::fixtures::{
 
 use crate::secret_of;
 
-/// A use of `key_id` at `at` from `ip`.
+/// A valid use of `key_id` at `at`, seen from `ip`, claiming nothing.
 fn used(key_id: &KeyId, at: OffsetDateTime, ip: Option<&str>) -> UsageRecord {
     UsageRecord {
         key_id: key_id.clone(),
-        at,
-        ip: ip.map(str::to_owned),
+        valid: Some(ValidUse {
+            at,
+            observed_ip: ip.map(str::to_owned),
+            claimed_ip: None,
+        }),
+        valid_uses: 1,
+        rejected: None,
+        rejected_uses: 0,
     }
 }
 
@@ -81,6 +89,125 @@ pub(crate) async fn usage_is_recorded_and_never_goes_back_in_time(store: Arc<dyn
     // Usage is not an admin change: no audit event, nothing on the feed.
     assert_eq!(all_events(&*store, &acme, None).await.len(), 2);
     assert_eq!(store.change_sequence().await.unwrap(), seq);
+}
+
+/// `n` valid uses of `key_id`, the last at `at`, seen from `observed`,
+/// the caller claiming `claimed`; and `rejected` refusals, the last at
+/// `rejected_at` seen from `rejected_ip`.
+fn uses(
+    key_id: &KeyId,
+    n: u64,
+    last: Option<(OffsetDateTime, &str, Option<&str>)>,
+    rejected: u64,
+    last_rejected: Option<(OffsetDateTime, &str)>,
+) -> UsageRecord {
+    UsageRecord {
+        key_id: key_id.clone(),
+        valid: last.map(|(at, observed, claimed)| ValidUse {
+            at,
+            observed_ip: Some(observed.to_owned()),
+            claimed_ip: claimed.map(str::to_owned),
+        }),
+        valid_uses: n,
+        rejected: last_rejected.map(|(at, ip)| RejectedUse {
+            at,
+            observed_ip: Some(ip.to_owned()),
+        }),
+        rejected_uses: rejected,
+    }
+}
+
+/// The stored usage of `key`: its last use and what [`KeyUsage`] holds.
+async fn usage_of(
+    store: &dyn Store,
+    key: &KeyRecord,
+) -> (Option<OffsetDateTime>, Option<String>, KeyUsage) {
+    let stored = store
+        .get_key(&key.account_id, &key.key_id)
+        .await
+        .unwrap()
+        .unwrap();
+    (stored.last_used_at, stored.last_used_ip, stored.usage)
+}
+
+pub(crate) async fn the_observed_and_claimed_addresses_are_kept_apart_and_uses_counted(
+    store: Arc<dyn Store>,
+) {
+    let acme = account("ACME");
+    let t0 = now();
+    let key = create(&*store, &acme, "alpha", t0).await;
+    let seq = store.change_sequence().await.unwrap();
+    assert_eq!(usage_of(&*store, &key).await.2, KeyUsage::default());
+
+    // A backend at 127.0.0.1 claims its client was 203.0.113.66.
+    let t1 = t0 + Duration::minutes(1);
+    let claimed = uses(
+        &key.key_id,
+        3,
+        Some((t1, "127.0.0.1", Some("203.0.113.66"))),
+        0,
+        None,
+    );
+    record(&*store, &[claimed]).await;
+    let (at, ip, usage) = usage_of(&*store, &key).await;
+    assert_eq!((at, ip.as_deref()), (Some(t1), Some("203.0.113.66")));
+    assert_eq!(
+        usage,
+        KeyUsage {
+            last_used_observed_ip: Some("127.0.0.1".into()),
+            last_used_claimed_ip: Some("203.0.113.66".into()),
+            valid_uses: 3,
+            ..KeyUsage::default()
+        }
+    );
+
+    // Refusals only: counted, the last one's time and address kept; the
+    // last valid use stays as it was.
+    let t2 = t1 + Duration::minutes(1);
+    let refused = uses(&key.key_id, 0, None, 2, Some((t2, "198.51.100.7")));
+    record(&*store, &[refused]).await;
+    let (at, _, usage) = usage_of(&*store, &key).await;
+    assert_eq!(at, Some(t1));
+    assert_eq!(usage.last_used_claimed_ip.as_deref(), Some("203.0.113.66"));
+    assert_eq!((usage.valid_uses, usage.rejected_uses), (3, 2));
+    assert_eq!(usage.last_rejected_at, Some(t2));
+    assert_eq!(usage.last_rejected_ip.as_deref(), Some("198.51.100.7"));
+
+    // Two nodes' reports, one late with older uses: the counts add up, an
+    // older use replaces neither last use; a use claiming nothing clears
+    // the claim (it is of that use, not of the key).
+    let t3 = t2 + Duration::minutes(1);
+    let late = uses(
+        &key.key_id,
+        5,
+        Some((t0, "192.0.2.1", Some("192.0.2.2"))),
+        1,
+        Some((t0, "192.0.2.3")),
+    );
+    let newest = uses(&key.key_id, 1, Some((t3, "10.0.0.5", None)), 0, None);
+    record(&*store, &[late, newest]).await;
+    let (at, ip, usage) = usage_of(&*store, &key).await;
+    assert_eq!((at, ip.as_deref()), (Some(t3), Some("10.0.0.5")));
+    assert_eq!(
+        usage,
+        KeyUsage {
+            last_used_observed_ip: Some("10.0.0.5".into()),
+            last_used_claimed_ip: None,
+            valid_uses: 9,
+            rejected_uses: 3,
+            last_rejected_at: Some(t2),
+            last_rejected_ip: Some("198.51.100.7".into()),
+        }
+    );
+    // Listed keys carry it too.
+    let listed = store.list_keys(&acme, false, None, 10).await.unwrap();
+    assert_eq!(listed.items[0].usage, usage);
+
+    // Usage is not a change of the key.
+    assert_eq!(store.change_sequence().await.unwrap(), seq);
+    assert_eq!(usage_of(&*store, &key).await.2.valid_uses, 9);
+    let stored = store.get_key(&acme, &key.key_id).await.unwrap().unwrap();
+    assert_eq!(stored.version, key.version);
 }
 
 /// A re-hash of `secret`, stored as `from` (its hash and pepper), onto `to`.
@@ -221,6 +348,7 @@ pub(crate) async fn secrets_are_counted_per_pepper_live_and_in_all(store: Arc<dy
 
 vilvik_keys_test_db::on_both_backends!(
     usage_is_recorded_and_never_goes_back_in_time,
+    the_observed_and_claimed_addresses_are_kept_apart_and_uses_counted,
     a_rehash_applies_only_to_the_hash_it_replaces_and_changes_nothing_else,
     secrets_are_counted_per_pepper_live_and_in_all,
 );
