@@ -1250,7 +1250,7 @@ fn bootstrap_makes_one_management_key_per_account_unless_asked_for_another() {
     assert_success(&audit, "audit verify");
     assert_eq!(
         stdout(&audit).trim(),
-        "audit log intact: 1 account, 2 events checked"
+        "audit log intact: 1 account, 2 events and 2 keys checked"
     );
 
     let json = run_in(
