@@ -83,8 +83,8 @@ pub struct ListenerLimits {
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
     /// HTTP/2 control frames (SETTINGS, PING, WINDOW_UPDATE, PRIORITY,
-    /// empty DATA) a connection may send in one second, beyond one for
-    /// each frame the server sent it; past it, GOAWAY ENHANCE_YOUR_CALM.
+    /// empty DATA) a connection may send in one second, beyond two for
+    /// each DATA or HEADERS frame the server sent it; past it, GOAWAY ENHANCE_YOUR_CALM.
     pub http2_max_control_frames_per_second: u32,
     /// One connection's share of `verify_concurrency_limit`.
     pub verify_concurrency_per_connection: usize,
@@ -102,7 +102,7 @@ impl Default for ListenerLimits {
             http2_max_concurrent_streams: 200,
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
-            http2_max_control_frames_per_second: 1_000,
+            http2_max_control_frames_per_second: 100,
             verify_concurrency_per_connection: 128,
             admin_concurrency_limit: 256,
             admin_concurrency_per_connection: 64,

@@ -7,9 +7,10 @@
 //! work (an acknowledgement to write, a window or tree to update) while no
 //! request is made. A connection that sends more of them than its
 //! `http2_max_control_frames_per_second` (counted in one-second windows;
-//! each DATA or HEADERS frame the server sends allows one more, so a
-//! client acknowledging what it receives is never cut) gets a GOAWAY with
-//! ENHANCE_YOUR_CALM, as Go's and nginx's servers send, and is closed.
+//! each DATA or HEADERS frame the server sends allows two more, so a
+//! client updating its windows for what it receives is never cut) gets a
+//! GOAWAY with ENHANCE_YOUR_CALM, as Go's and nginx's servers send, and is
+//! closed.
 //!
 //! A connection can also be asked to go ([`Drain::close_after_calls`]): it
 //! gets a GOAWAY (NO_ERROR) that lets the client open no new call, the
@@ -65,8 +66,8 @@ const WINDOW: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy)]
 pub struct FrameLimits {
     /// Control frames (SETTINGS, PING, WINDOW_UPDATE, PRIORITY, empty
-    /// DATA) a connection may send in one second, beyond one for each
-    /// frame the server sent it.
+    /// DATA) a connection may send in one second, beyond two for each
+    /// DATA or HEADERS frame the server sent it.
     pub control_frames_per_second: u32,
     /// How long a connection asked to close waits for its calls before it
     /// is closed anyway (a client that keeps opening calls after the
@@ -215,12 +216,11 @@ impl Allowance {
         true
     }
 
-    /// A frame the server sent: its acknowledgement is not held against
-    /// the client.
+    /// A DATA or HEADERS frame the server sent: the client's window
+    /// updates for it (its stream's and the connection's) are not held
+    /// against it.
     fn give(&mut self) {
-        if self.left < self.limit {
-            self.left += 1;
-        }
+        self.left = (self.left + 2).min(self.limit);
     }
 }
 
