@@ -644,3 +644,140 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    use super::*;
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const SETTINGS_FRAME: [u8; 9] = [0, 0, 0, SETTINGS, 0, 0, 0, 0, 0];
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut frame = vec![len[1], len[2], len[3], kind, flags];
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    fn watched(limit: u32, drain: Option<Arc<Drain>>) -> (Watched<DuplexStream>, DuplexStream) {
+        let (server, client) = duplex(64 * 1024);
+        let limits = FrameLimits {
+            control_frames_per_second: limit,
+            drain_timeout: Duration::from_secs(5),
+        };
+        (Watched::new(server, limits, drain, "test", None), client)
+    }
+
+    /// The frames the client reads until the server hangs up: type,
+    /// stream and payload of each.
+    async fn frames_read(client: &mut DuplexStream) -> Vec<(u8, u32, Vec<u8>)> {
+        let mut bytes = Vec::new();
+        client.read_to_end(&mut bytes).await.unwrap();
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let h = Header::parse(&bytes[at..]);
+            let payload = bytes[at + HEADER_LEN..at + HEADER_LEN + h.len as usize].to_vec();
+            frames.push((h.kind, h.stream, payload));
+            at += HEADER_LEN + h.len as usize;
+        }
+        assert_eq!(at, bytes.len(), "a frame was cut");
+        frames
+    }
+
+    fn go_away(last_stream: u32, code: u32) -> Vec<u8> {
+        [last_stream.to_be_bytes(), code.to_be_bytes()].concat()
+    }
+
+    #[tokio::test]
+    async fn a_flood_gets_goaway_enhance_your_calm_between_two_frames_then_the_connection_closes() {
+        let (mut server, mut client) = watched(10, None);
+        server.write_all(&SETTINGS_FRAME).await.unwrap();
+        // h2 is in the middle of a frame when the flood is seen.
+        let data = frame(DATA, 0, 1, b"0123456789");
+        server.write_all(&data[..14]).await.unwrap();
+        let mut flood = PREFACE.to_vec();
+        flood.extend_from_slice(&frame(HEADERS, 0x4, 1, b"h"));
+        for _ in 0..11 {
+            flood.extend_from_slice(&frame(PING, 0, 0, b"12345678"));
+        }
+        client.write_all(&flood).await.unwrap();
+        let mut buf = vec![0; 4096];
+        assert_eq!(server.read(&mut buf).await.unwrap(), flood.len());
+        let after = tokio::spawn(async move {
+            // h2 ends its frame and writes another; then reads.
+            server.write_all(&data[14..]).await.unwrap();
+            server.write_all(&SETTINGS_FRAME).await.unwrap();
+            server.flush().await.unwrap();
+            let mut buf = vec![0; 64];
+            server.read(&mut buf).await.unwrap()
+        });
+        let frames = frames_read(&mut client).await;
+        client.shutdown().await.unwrap();
+        assert_eq!(after.await.unwrap(), 0, "h2 reads the end of the stream");
+        let kinds: Vec<u8> = frames.iter().map(|f| f.0).collect();
+        assert_eq!(kinds, [SETTINGS, DATA, GOAWAY], "{frames:?}");
+        assert_eq!(frames[2].2, go_away(1, ENHANCE_YOUR_CALM));
+    }
+
+    #[tokio::test]
+    async fn frames_the_server_sends_allow_the_client_its_window_updates() {
+        let (mut server, mut client) = watched(10, None);
+        server.write_all(&SETTINGS_FRAME).await.unwrap();
+        let mut buf = vec![0; 64 * 1024];
+        client.write_all(PREFACE).await.unwrap();
+        assert_eq!(server.read(&mut buf).await.unwrap(), PREFACE.len());
+        // Far more window updates than the limit, each after a DATA frame.
+        for _ in 0..100 {
+            server.write_all(&frame(DATA, 0, 1, b"x")).await.unwrap();
+            let update = frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes());
+            client.write_all(&update).await.unwrap();
+            assert_eq!(server.read(&mut buf).await.unwrap(), update.len());
+        }
+        assert!(matches!(server.closing, Closing::Open));
+    }
+
+    #[tokio::test]
+    async fn a_drained_connection_finishes_its_calls_then_closes() {
+        let drain = Arc::new(Drain::default());
+        let (mut server, mut client) = watched(100, Some(drain.clone()));
+        server.write_all(&SETTINGS_FRAME).await.unwrap();
+        let mut request = PREFACE.to_vec();
+        request.extend_from_slice(&frame(HEADERS, 0x4, 1, b"h"));
+        client.write_all(&request).await.unwrap();
+        let mut buf = vec![0; 4096];
+        assert_eq!(server.read(&mut buf).await.unwrap(), request.len());
+
+        drain.close_after_calls();
+        let reader = tokio::spawn(async move {
+            // h2's read, pending while the call runs: the GOAWAY goes out.
+            let mut buf = vec![0; 4096];
+            let n = server.read(&mut buf).await.unwrap();
+            (server, buf[..n].to_vec())
+        });
+        // The call's message arrives after the GOAWAY and reaches h2.
+        let message = frame(DATA, END_STREAM, 1, b"m");
+        client.write_all(&message).await.unwrap();
+        let (mut server, read) = reader.await.unwrap();
+        assert_eq!(read, message);
+        // The call's answer ends it; then the connection closes.
+        server
+            .write_all(&frame(HEADERS, END_STREAM | 0x4, 1, b"t"))
+            .await
+            .unwrap();
+        let closing = tokio::spawn(async move {
+            let mut buf = vec![0; 64];
+            server.read(&mut buf).await.unwrap()
+        });
+        let frames = frames_read(&mut client).await;
+        client.shutdown().await.unwrap();
+        assert_eq!(closing.await.unwrap(), 0);
+        let kinds: Vec<u8> = frames.iter().map(|f| f.0).collect();
+        assert_eq!(kinds, [SETTINGS, GOAWAY, HEADERS, GOAWAY], "{frames:?}");
+        assert_eq!(frames[1].2, go_away(ALL_STREAMS, NO_ERROR));
+        assert_eq!(frames[3].2, go_away(1, NO_ERROR));
+    }
+}

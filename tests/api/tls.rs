@@ -622,10 +622,14 @@ async fn a_connection_whose_client_certificate_the_reloaded_ca_refuses_is_closed
     )
     .await;
     // The connection with the call in flight was told to open no more.
-    eventually(Duration::from_secs(5), "a GOAWAY on the open connection", || {
-        let client = client.clone();
-        async move { client.ready().await.is_err() }
-    })
+    eventually(
+        Duration::from_secs(5),
+        "a GOAWAY on the open connection",
+        || {
+            let client = client.clone();
+            async move { client.ready().await.is_err() }
+        },
+    )
     .await;
     assert!(!connection.is_finished(), "closed with a call in flight");
 
@@ -646,10 +650,7 @@ async fn a_connection_whose_client_certificate_the_reloaded_ca_refuses_is_closed
     assert_eq!(trailers.get("grpc-status").unwrap(), "0");
     // ...then its connection is closed.
     let closed = tokio::time::timeout(Duration::from_secs(5), connection).await;
-    assert!(
-        closed.is_ok(),
-        "the connection stayed open after its call"
-    );
+    assert!(closed.is_ok(), "the connection stayed open after its call");
 
     // The long-lived client's connection went the same way, and it cannot
     // come back with the old certificate.
@@ -663,7 +664,10 @@ async fn a_connection_whose_client_certificate_the_reloaded_ca_refuses_is_closed
     )
     .await;
     let again = list_over(tls_channel(admin, &ca.pem(), Some(&old)).await, &key).await;
-    assert!(again.is_err(), "a new connection with the old CA's certificate was answered: {again:?}");
+    assert!(
+        again.is_err(),
+        "a new connection with the old CA's certificate was answered: {again:?}"
+    );
     let with_new = list_over(tls_channel(admin, &ca.pem(), Some(&new)).await, &key).await;
     assert_eq!(with_new, Ok(1));
 }
