@@ -184,6 +184,21 @@ mod tests {
     }
 
     #[test]
+    fn http2_control_frames_default_to_100_a_second_and_refuse_0() {
+        let variable = "VILVIK_KEYS_HTTP2_MAX_CONTROL_FRAMES_PER_SECOND";
+        assert_eq!(
+            load(&[])
+                .listener_limits
+                .http2_max_control_frames_per_second,
+            100
+        );
+        let c = load(&[(variable, "500")]);
+        assert_eq!(c.listener_limits.http2_max_control_frames_per_second, 500);
+        assert_refused(variable, "0", "at least 1");
+        assert_refused(variable, "often", "not a whole number");
+    }
+
+    #[test]
     fn admin_rates_of_zero_or_beyond_a_million_stop_the_start() {
         for variable in [
             "VILVIK_KEYS_ADMIN_RATE_PER_SECOND",
