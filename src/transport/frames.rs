@@ -440,8 +440,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Watched<IO> {
                     }
                 }
                 Closing::Draining { deadline } => {
-                    let timed_out = deadline.as_mut().poll(cx).is_ready();
-                    if !timed_out && !(self.calls.open.is_empty() && self.outbound.at_boundary()) {
+                    let done = self.calls.open.is_empty() && self.outbound.at_boundary();
+                    if !done && deadline.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
                     self.go_away(NO_ERROR, self.calls.highest, AfterGoAway::Drained);
