@@ -671,3 +671,57 @@ async fn a_connection_whose_client_certificate_the_reloaded_ca_refuses_is_closed
     let with_new = list_over(tls_channel(admin, &ca.pem(), Some(&new)).await, &key).await;
     assert_eq!(with_new, Ok(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_new_client_ca_closes_the_old_cas_open_connections() {
+    let (ca, old_clients, new_clients) = (
+        Ca::new("server CA"),
+        Ca::new("old client CA"),
+        Ca::new("new client CA"),
+    );
+    let files = Files::new();
+    files.server(&ca.server());
+    let client_ca = files.write("client-ca.pem", &old_clients.pem());
+    let store = StoreSettings::sqlite(files.path("keys.db"));
+    let (key, _) = binary::bootstrap(store.env(), "ACME");
+    // Only the signal reloads within this test's time.
+    let mut served = ServedBinary::serve()
+        .envs(store.env())
+        .env("VILVIK_KEYS_LOG_FORMAT", "json")
+        .env("VILVIK_KEYS_TLS_CERT_FILE", files.path("server.pem"))
+        .env("VILVIK_KEYS_TLS_KEY_FILE", files.path("server.key"))
+        .env("VILVIK_KEYS_ADMIN_CLIENT_CA_FILE", &client_ca)
+        .env("VILVIK_KEYS_TLS_RELOAD_INTERVAL_MS", "3600000")
+        .start()
+        .await;
+    let admin = served.admin_addr();
+    let old = old_clients.client();
+    let channel = tls_channel(admin, &ca.pem(), Some(&old)).await.unwrap();
+    assert_eq!(list_over(Ok(channel.clone()), &key).await, Ok(1));
+
+    files.write("client-ca.pem", &new_clients.pem());
+    served.sighup();
+    served
+        .wait_for_log(
+            &["refuses this connection's client certificate"],
+            Duration::from_secs(10),
+        )
+        .await;
+    eventually(
+        Duration::from_secs(5),
+        "the old CA's open connection gets no answer",
+        || {
+            let (channel, key) = (channel.clone(), key.clone());
+            async move { list_over(Ok(channel), &key).await.is_err() }
+        },
+    )
+    .await;
+    let again = list_over(tls_channel(admin, &ca.pem(), Some(&old)).await, &key).await;
+    assert!(
+        again.is_err(),
+        "answered with the old CA's certificate: {again:?}"
+    );
+    let new = new_clients.client();
+    let with_new = list_over(tls_channel(admin, &ca.pem(), Some(&new)).await, &key).await;
+    assert_eq!(with_new, Ok(1));
+}
