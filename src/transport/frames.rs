@@ -318,10 +318,6 @@ impl<IO> Watched<IO> {
         }
     }
 
-    pub fn get_ref(&self) -> &IO {
-        &self.io
-    }
-
     /// Reads the client's frames in `bytes`; false when it has sent more
     /// control frames than it may.
     fn inbound(&mut self, bytes: &[u8]) -> bool {
@@ -539,7 +535,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watched<IO> {
         }
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        if !this.inbound(&buf.filled()[before..]) && this.serving() {
+        let calm = this.inbound(&buf.filled()[before..]);
+        // Never while a GOAWAY is being written: that one goes whole first.
+        if !calm && matches!(this.closing, Closing::Open | Closing::Draining { .. }) {
             this.flooded();
             // Written as soon as h2's frames allow.
             cx.waker().wake_by_ref();
