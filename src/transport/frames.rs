@@ -163,6 +163,8 @@ impl Framer {
 /// The calls (client streams) the server has not finished.
 #[derive(Debug, Default)]
 struct Calls {
+    /// Kept only for a connection that can be drained: no other needs it.
+    tracked: bool,
     open: Vec<u32>,
     /// The highest stream the client opened.
     highest: u32,
@@ -173,11 +175,16 @@ impl Calls {
         // A client's trailers (a second HEADERS) open nothing.
         if stream > self.highest {
             self.highest = stream;
-            self.open.push(stream);
+            if self.tracked {
+                self.open.push(stream);
+            }
         }
     }
 
     fn ended(&mut self, stream: u32) {
+        if !self.tracked {
+            return;
+        }
         if let Some(at) = self.open.iter().rposition(|s| *s == stream) {
             self.open.swap_remove(at);
         }
@@ -308,7 +315,10 @@ impl<IO> Watched<IO> {
             },
             outbound: Framer::default(),
             server_started: false,
-            calls: Calls::default(),
+            calls: Calls {
+                tracked: drain.is_some(),
+                ..Calls::default()
+            },
             allowance: Allowance::new(limits.control_frames_per_second),
             closing: Closing::Open,
             drain,
