@@ -82,6 +82,10 @@ pub struct ListenerLimits {
     pub http2_max_concurrent_streams: u32,
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
+    /// HTTP/2 control frames (SETTINGS, PING, WINDOW_UPDATE, PRIORITY,
+    /// empty DATA) a connection may send in one second, beyond two for
+    /// each DATA or HEADERS frame the server sent it; past it, GOAWAY ENHANCE_YOUR_CALM.
+    pub http2_max_control_frames_per_second: u32,
     /// One connection's share of `verify_concurrency_limit`.
     pub verify_concurrency_per_connection: usize,
     pub admin_concurrency_limit: usize,
@@ -98,6 +102,7 @@ impl Default for ListenerLimits {
             http2_max_concurrent_streams: 200,
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
+            http2_max_control_frames_per_second: 100,
             verify_concurrency_per_connection: 128,
             admin_concurrency_limit: 256,
             admin_concurrency_per_connection: 64,
@@ -176,6 +181,21 @@ mod tests {
         // (the environment's over the file's), the global burst.
         assert_eq!(rate(Tier::Free), (10, 5));
         assert_eq!(rate(Tier::Premium), (40, 20));
+    }
+
+    #[test]
+    fn http2_control_frames_default_to_100_a_second_and_refuse_0() {
+        let variable = "VILVIK_KEYS_HTTP2_MAX_CONTROL_FRAMES_PER_SECOND";
+        assert_eq!(
+            load(&[])
+                .listener_limits
+                .http2_max_control_frames_per_second,
+            100
+        );
+        let c = load(&[(variable, "500")]);
+        assert_eq!(c.listener_limits.http2_max_control_frames_per_second, 500);
+        assert_refused(variable, "0", "at least 1");
+        assert_refused(variable, "often", "not a whole number");
     }
 
     #[test]

@@ -337,6 +337,9 @@ settings! {
         http2_keepalive_timeout_ms: u64 = "VILVIK_KEYS_HTTP2_KEEPALIVE_TIMEOUT_MS", Value(|c| millis(c.listener_limits.http2_keepalive_timeout)),
             "a connection whose client does not answer that PING within this long is closed",
             |c, name, v| { c.listener_limits.http2_keepalive_timeout = parse_interval(name, "http2_keepalive_timeout_ms", &v)?; Ok(()) };
+        http2_max_control_frames_per_second: u32 = "VILVIK_KEYS_HTTP2_MAX_CONTROL_FRAMES_PER_SECOND", Value(|c| c.listener_limits.http2_max_control_frames_per_second.to_string()),
+            "HTTP/2 SETTINGS, PING, WINDOW_UPDATE, PRIORITY and empty DATA frames one connection may send in a second, beyond two per DATA or HEADERS frame the server sent it; past it the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed",
+            |c, name, v| { c.listener_limits.http2_max_control_frames_per_second = parse_count(name, &v)? as u32; Ok(()) };
         verify_concurrency_per_connection: u32 = "VILVIK_KEYS_VERIFY_CONCURRENCY_PER_CONNECTION", Value(|c| c.listener_limits.verify_concurrency_per_connection.to_string()),
             "verifies in progress at once on one connection, its share of `verify_concurrency_limit`; more get RESOURCE_EXHAUSTED at once",
             |c, name, v| { c.listener_limits.verify_concurrency_per_connection = parse_count(name, &v)?; Ok(()) };

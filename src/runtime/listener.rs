@@ -27,6 +27,7 @@ use super::shutdown::Shutdown;
 use crate::config::{Concurrency, Config, ListenerLimits};
 use crate::proto;
 use crate::transport::connections::{ActivityLayer, ConnectionLimits, Connections};
+use crate::transport::frames::FrameLimits;
 use crate::transport::tls::{self, Acceptor};
 
 /// The standard health service, advertised by reflection on every listener
@@ -179,7 +180,16 @@ pub(super) fn serve(
         ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            tls::Incoming::new(connections.incoming(incoming(socket)), tls),
+            tls::Incoming::new(
+                connections.incoming(incoming(socket)),
+                tls,
+                name,
+                FrameLimits {
+                    control_frames_per_second: settings.limits.http2_max_control_frames_per_second,
+                    // Every call ends by its deadline.
+                    drain_timeout: settings.request_timeout + Duration::from_secs(1),
+                },
+            ),
             shutdown,
         );
     Ok((serving, connections))

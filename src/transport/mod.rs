@@ -6,6 +6,7 @@
 //! and `runtime::listener` puts it together for each listener.
 
 pub mod connections;
+pub mod frames;
 pub mod tls;
 
 pub use connections::peer_addr;

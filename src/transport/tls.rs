@@ -11,13 +11,20 @@
 //! the one they started with.
 //!
 //! On the admin listener a client CA makes it mutual TLS: a client must
-//! present a certificate that CA signed, or the handshake fails.
+//! present a certificate that CA signed, or the handshake fails. Each
+//! connection's certificate chain is kept; after a reload, a connection
+//! whose certificate the new client CA would refuse gets a GOAWAY, its
+//! calls in progress finish, and it is closed ([`frames::Drain`]).
+//!
+//! Every connection, TLS or not, is handed to tonic watched by
+//! [`frames::Watched`] (HTTP/2 control-frame floods).
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,13 +33,15 @@ use futures_util::{Stream, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::server::danger::ClientCertVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tonic::transport::server::Connected;
 use zeroize::Zeroizing;
 
 use super::connections::{self, ConnectionInfo, Tracked};
+use super::frames::{self, Drain, FrameLimits, Watched};
 use crate::config::{CERT_SETTING, CLIENT_CA_SETTING, KEY_SETTING, TlsFiles};
 
 /// Why a listener's TLS configuration could not be made; names the
@@ -87,7 +96,11 @@ impl Contents {
         hasher.finalize()
     }
 
-    fn server_config(&self, files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+    /// The configuration, and the client verifier it has for mutual TLS.
+    fn server_config(
+        &self,
+        files: &TlsFiles,
+    ) -> Result<(ServerConfig, Option<Arc<dyn ClientCertVerifier>>), TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs = CertificateDer::pem_slice_iter(&self.cert)
             .collect::<Result<Vec<_>, _>>()
@@ -106,6 +119,7 @@ impl Contents {
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::new(CERT_SETTING, e.to_string()))?;
+        let mut client_verifier = None;
         let builder = match (&self.client_ca, &files.client_ca) {
             (Some(pem), Some(path)) => {
                 let mut roots = RootCertStore::empty();
@@ -129,6 +143,7 @@ impl Contents {
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                         .build()
                         .map_err(|e| TlsError::new(CLIENT_CA_SETTING, e.to_string()))?;
+                client_verifier = Some(verifier.clone());
                 builder.with_client_cert_verifier(verifier)
             }
             _ => builder.with_no_client_auth(),
@@ -146,7 +161,7 @@ impl Contents {
         })?;
         // gRPC is HTTP/2; clients such as grpc-go insist on ALPN.
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(config)
+        Ok((config, client_verifier))
     }
 }
 
@@ -178,6 +193,16 @@ pub struct Acceptor {
     /// What the current configuration was made from, and what failed last
     /// (so that a broken file is reported once, not on every look).
     seen: Arc<Mutex<Seen>>,
+    /// The open connections' client certificates, checked again on reload.
+    clients: Arc<Mutex<Vec<Client>>>,
+}
+
+/// An open mutual-TLS connection: its client's certificate chain, and how
+/// to close it.
+struct Client {
+    chain: Vec<CertificateDer<'static>>,
+    peer: Option<SocketAddr>,
+    drain: Weak<Drain>,
 }
 
 struct Seen {
@@ -198,7 +223,7 @@ impl Acceptor {
     /// Reads the files; any problem stops the start.
     pub fn load(listener: &'static str, files: TlsFiles) -> Result<Self, TlsError> {
         let contents = Contents::read(&files)?;
-        let config = contents.server_config(&files)?;
+        let (config, _) = contents.server_config(&files)?;
         Ok(Self {
             listener,
             files: Arc::new(files),
@@ -207,6 +232,7 @@ impl Acceptor {
                 loaded: contents.digest(),
                 failed: None,
             })),
+            clients: Arc::default(),
         })
     }
 
@@ -228,7 +254,7 @@ impl Acceptor {
             return;
         }
         match contents.server_config(&self.files) {
-            Ok(config) => {
+            Ok((config, verifier)) => {
                 *self.current.write().expect("not poisoned") = Arc::new(config);
                 seen.loaded = digest;
                 seen.failed = None;
@@ -237,12 +263,70 @@ impl Acceptor {
                     cert = %self.files.cert.display(),
                     "TLS certificate reloaded; new connections use it"
                 );
+                if let Some(verifier) = verifier {
+                    self.check_clients(verifier.as_ref());
+                }
             }
             Err(e) => {
                 seen.failed = Some(digest);
                 tracing::warn!(listener = self.listener, error = %e, "TLS files not reloaded; serving with the previous certificate");
             }
         }
+    }
+
+    /// Asks every open connection whose client certificate `verifier`
+    /// refuses to close once its calls are done.
+    fn check_clients(&self, verifier: &dyn ClientCertVerifier) {
+        let now = UnixTime::now();
+        let mut clients = self.clients.lock().expect("not poisoned");
+        clients.retain(|c| c.drain.strong_count() > 0);
+        let mut refused = 0;
+        for client in clients.iter() {
+            let Some((end_entity, intermediates)) = client.chain.split_first() else {
+                continue;
+            };
+            let Err(e) = verifier.verify_client_cert(end_entity, intermediates, now) else {
+                continue;
+            };
+            if let Some(drain) = client.drain.upgrade() {
+                refused += 1;
+                tracing::warn!(
+                    listener = self.listener,
+                    peer = ?client.peer,
+                    error = %e,
+                    "the reloaded client CA refuses this connection's client certificate: closing it once its calls are done"
+                );
+                drain.close_after_calls();
+            }
+        }
+        tracing::info!(
+            listener = self.listener,
+            connections = clients.len(),
+            refused,
+            "open connections' client certificates checked against the reloaded client CA"
+        );
+    }
+
+    /// Notes an open mutual-TLS connection's client certificate; the
+    /// handle that closes it, or `None` without a certificate.
+    fn register(
+        &self,
+        tls: &tokio_rustls::server::TlsStream<Tracked<TcpStream>>,
+        peer: Option<SocketAddr>,
+    ) -> Option<Arc<Drain>> {
+        let chain = tls.get_ref().1.peer_certificates()?;
+        let drain = Arc::new(Drain::default());
+        let mut clients = self.clients.lock().expect("not poisoned");
+        // Closed connections leave their entries; sweep them now and then.
+        if clients.len() >= 64 && clients.len().is_power_of_two() {
+            clients.retain(|c| c.drain.strong_count() > 0);
+        }
+        clients.push(Client {
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+            peer,
+            drain: Arc::downgrade(&drain),
+        });
+        Some(drain)
     }
 
     /// Whether clients must present a certificate (mutual TLS).
@@ -375,11 +459,14 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// A listener's connections, past the TLS handshake when it has TLS.
-/// Handshakes run side by side, so a slow client delays no other.
+/// A listener's connections, past the TLS handshake when it has TLS, each
+/// with its HTTP/2 frames watched. Handshakes run side by side, so a slow
+/// client delays no other.
 pub struct Incoming {
     tracked: connections::Incoming,
     tls: Option<Acceptor>,
+    listener: &'static str,
+    frames: FrameLimits,
     handshakes: FuturesUnordered<tokio_rustls::Accept<Tracked<TcpStream>>>,
     accepting: bool,
 }
@@ -394,25 +481,41 @@ impl fmt::Debug for Incoming {
 }
 
 impl Incoming {
-    pub fn new(tracked: connections::Incoming, tls: Option<Acceptor>) -> Self {
+    /// `listener` names it in log lines.
+    pub fn new(
+        tracked: connections::Incoming,
+        tls: Option<Acceptor>,
+        listener: &'static str,
+        frames: FrameLimits,
+    ) -> Self {
         Self {
             tracked,
             tls,
+            listener,
+            frames,
             handshakes: FuturesUnordered::new(),
             accepting: true,
         }
     }
+
+    fn watched(&self, connection: Connection, drain: Option<Arc<Drain>>) -> Watched<Connection> {
+        let peer = connection.connect_info().remote_addr();
+        frames::Watched::new(connection, self.frames, drain, self.listener, peer)
+    }
 }
 
 impl Stream for Incoming {
-    type Item = io::Result<Connection>;
+    type Item = io::Result<Watched<Connection>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         while this.accepting {
             match Pin::new(&mut this.tracked).poll_next(cx) {
                 Poll::Ready(Some(Ok(tracked))) => match &this.tls {
-                    None => return Poll::Ready(Some(Ok(Connection::Plain(tracked)))),
+                    None => {
+                        let plain = this.watched(Connection::Plain(tracked), None);
+                        return Poll::Ready(Some(Ok(plain)));
+                    }
                     Some(tls) => this.handshakes.push(tls.acceptor().accept(tracked)),
                 },
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
@@ -423,7 +526,15 @@ impl Stream for Incoming {
         loop {
             match this.handshakes.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(tls))) => {
-                    return Poll::Ready(Some(Ok(Connection::Tls(Box::new(tls)))));
+                    let peer = tls.get_ref().0.connect_info().remote_addr();
+                    let drain = match &this.tls {
+                        Some(acceptor) if acceptor.demands_client_certificates() => {
+                            acceptor.register(&tls, peer)
+                        }
+                        _ => None,
+                    };
+                    let tls = this.watched(Connection::Tls(Box::new(tls)), drain);
+                    return Poll::Ready(Some(Ok(tls)));
                 }
                 // A plaintext client, a wrong CA, no client certificate, a
                 // handshake cut short: the client sees its own error.

@@ -527,3 +527,202 @@ async fn a_handshake_that_never_finishes_is_closed_at_the_first_request_timeout(
     let answer = verify_over(tls_channel(app.verify_addr, &ca.pem(), None).await, &key).await;
     assert_eq!(answer, Ok(VerifyCode::Valid));
 }
+
+/// A raw HTTP/2 connection over TLS to `addr`, trusting `ca` and presenting
+/// `identity`: its request handle, its PING handle and its task (which
+/// ends when the server closes the connection).
+async fn h2_over_tls(
+    addr: SocketAddr,
+    ca: &str,
+    identity: &Pair,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::PingPong,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(identity.cert.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(identity.key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (client, mut connection) = h2::client::handshake(tls).await.unwrap();
+    let ping = connection.ping_pong().unwrap();
+    (client, ping, tokio::spawn(connection))
+}
+
+/// A health check's HEADERS (its message is sent apart).
+fn health_check(addr: SocketAddr) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("https://{addr}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_client_certificate_the_reloaded_ca_refuses_is_closed_after_its_call() {
+    let (ca, old_clients, new_clients) = (
+        Ca::new("server CA"),
+        Ca::new("old client CA"),
+        Ca::new("new client CA"),
+    );
+    let files = Files::new();
+    let app = tls_app(&files, &ca.server(), Some(&old_clients), |config| {
+        config.tls.reload_interval = Duration::from_millis(50);
+    })
+    .await;
+    let key = app.management_key.clone();
+    let admin = app.admin_addr;
+    let (old, new) = (old_clients.client(), new_clients.client());
+
+    // A client that calls over one connection, as a long-lived one would.
+    let channel = tls_channel(admin, &ca.pem(), Some(&old)).await.unwrap();
+    assert_eq!(list_over(Ok(channel.clone()), &key).await, Ok(1));
+    // A connection with a call in flight: HEADERS sent, its message not
+    // yet. The PING's answer comes after the server has read the HEADERS.
+    let (client, mut ping, connection) = h2_over_tls(admin, &ca.pem(), &old).await;
+    let (response, mut message) = client
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(health_check(admin), false)
+        .unwrap();
+    ping.ping(h2::Ping::opaque()).await.unwrap();
+
+    files.write("client-ca.pem", &new_clients.pem());
+    eventually(
+        Duration::from_secs(10),
+        "a client certificate from the new CA is taken",
+        || {
+            let (pem, key) = (ca.pem(), key.clone());
+            let new = &new;
+            async move { list_over(tls_channel(admin, &pem, Some(new)).await, &key).await == Ok(1) }
+        },
+    )
+    .await;
+    // The connection with the call in flight was told to open no more.
+    eventually(
+        Duration::from_secs(5),
+        "a GOAWAY on the open connection",
+        || {
+            let client = client.clone();
+            async move { client.ready().await.is_err() }
+        },
+    )
+    .await;
+    assert!(!connection.is_finished(), "closed with a call in flight");
+
+    // The call in flight finishes, answered...
+    message
+        .send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("the call in flight was answered")
+        .expect("the call in flight was answered");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.expect("the call's answer arrived whole");
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    // ...then its connection is closed.
+    let closed = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(closed.is_ok(), "the connection stayed open after its call");
+
+    // The long-lived client's connection went the same way, and it cannot
+    // come back with the old certificate.
+    eventually(
+        Duration::from_secs(5),
+        "the old certificate's connection gets no answer",
+        || {
+            let (channel, key) = (channel.clone(), key.clone());
+            async move { list_over(Ok(channel), &key).await.is_err() }
+        },
+    )
+    .await;
+    let again = list_over(tls_channel(admin, &ca.pem(), Some(&old)).await, &key).await;
+    assert!(
+        again.is_err(),
+        "a new connection with the old CA's certificate was answered: {again:?}"
+    );
+    let with_new = list_over(tls_channel(admin, &ca.pem(), Some(&new)).await, &key).await;
+    assert_eq!(with_new, Ok(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_new_client_ca_closes_the_old_cas_open_connections() {
+    let (ca, old_clients, new_clients) = (
+        Ca::new("server CA"),
+        Ca::new("old client CA"),
+        Ca::new("new client CA"),
+    );
+    let files = Files::new();
+    files.server(&ca.server());
+    let client_ca = files.write("client-ca.pem", &old_clients.pem());
+    let store = StoreSettings::sqlite(files.path("keys.db"));
+    let (key, _) = binary::bootstrap(store.env(), "ACME");
+    // Only the signal reloads within this test's time.
+    let mut served = ServedBinary::serve()
+        .envs(store.env())
+        .env("VILVIK_KEYS_LOG_FORMAT", "json")
+        .env("VILVIK_KEYS_TLS_CERT_FILE", files.path("server.pem"))
+        .env("VILVIK_KEYS_TLS_KEY_FILE", files.path("server.key"))
+        .env("VILVIK_KEYS_ADMIN_CLIENT_CA_FILE", &client_ca)
+        .env("VILVIK_KEYS_TLS_RELOAD_INTERVAL_MS", "3600000")
+        .start()
+        .await;
+    let admin = served.admin_addr();
+    let old = old_clients.client();
+    let channel = tls_channel(admin, &ca.pem(), Some(&old)).await.unwrap();
+    assert_eq!(list_over(Ok(channel.clone()), &key).await, Ok(1));
+
+    files.write("client-ca.pem", &new_clients.pem());
+    served.sighup();
+    served
+        .wait_for_log(
+            &["refuses this connection's client certificate"],
+            Duration::from_secs(10),
+        )
+        .await;
+    eventually(
+        Duration::from_secs(5),
+        "the old CA's open connection gets no answer",
+        || {
+            let (channel, key) = (channel.clone(), key.clone());
+            async move { list_over(Ok(channel), &key).await.is_err() }
+        },
+    )
+    .await;
+    let again = list_over(tls_channel(admin, &ca.pem(), Some(&old)).await, &key).await;
+    assert!(
+        again.is_err(),
+        "answered with the old CA's certificate: {again:?}"
+    );
+    let new = new_clients.client();
+    let with_new = list_over(tls_channel(admin, &ca.pem(), Some(&new)).await, &key).await;
+    assert_eq!(with_new, Ok(1));
+}

@@ -25,6 +25,13 @@ pub struct ConnectionInfo {
     pub(super) activity: Activity,
 }
 
+impl ConnectionInfo {
+    /// The peer's address.
+    pub fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.remote_addr()
+    }
+}
+
 /// The address of the peer that sent `request`.
 pub fn peer_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
     match request.extensions().get::<ConnectionInfo>() {
