@@ -16,6 +16,7 @@ mod bad_input;
 mod cluster;
 mod connections;
 mod encoding;
+mod framing;
 mod history;
 mod lifecycle;
 mod matrix;
