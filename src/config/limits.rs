@@ -87,6 +87,13 @@ pub struct ListenerLimits {
     pub admin_concurrency_limit: usize,
     /// One connection's share of `admin_concurrency_limit`.
     pub admin_concurrency_per_connection: usize,
+    /// How long a request's message may take to arrive after its headers.
+    pub request_message_timeout: Duration,
+    /// Bytes of requests still arriving one listener holds at once.
+    pub request_message_budget_bytes: usize,
+    /// Open connections per listener from one address that is not a
+    /// trusted proxy.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for ListenerLimits {
@@ -101,6 +108,9 @@ impl Default for ListenerLimits {
             verify_concurrency_per_connection: 128,
             admin_concurrency_limit: 256,
             admin_concurrency_per_connection: 64,
+            request_message_timeout: Duration::from_secs(2),
+            request_message_budget_bytes: 4 * 1024 * 1024,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -126,9 +136,21 @@ impl ListenerLimits {
                 ),
             ));
         }
+        if self.request_message_budget_bytes < MAX_MESSAGE_BYTES {
+            return Err(invalid(
+                "request_message_budget_bytes",
+                format!(
+                    "must be at least {MAX_MESSAGE_BYTES} (one request message of the largest size), or such a request could never arrive; it is {}",
+                    self.request_message_budget_bytes
+                ),
+            ));
+        }
         Ok(())
     }
 }
+
+/// Largest request message accepted, on every listener.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// How many requests one listener runs at once: `limit` over all its
 /// connections (more are shed at once, RESOURCE_EXHAUSTED, nothing

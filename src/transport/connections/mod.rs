@@ -66,8 +66,13 @@ pub struct Connections(Arc<Registry>);
 
 impl Connections {
     /// `listener` names it in log lines.
-    pub fn new(listener: &'static str, limits: ConnectionLimits) -> Self {
-        Self(Arc::new(Registry::new(listener, limits)))
+    /// `trusted_proxies` are peers the cap per address does not apply to.
+    pub fn new(
+        listener: &'static str,
+        limits: ConnectionLimits,
+        trusted_proxies: &[std::net::IpAddr],
+    ) -> Self {
+        Self(Arc::new(Registry::new(listener, limits, trusted_proxies)))
     }
 
     /// The accepted connections of `incoming`, each tracked.
@@ -90,11 +95,12 @@ impl Connections {
         self.0.requests_in_flight()
     }
 
-    /// Registers a newly accepted connection, making room for it at the
-    /// cap; gives it back when there is none (every connection is busy).
-    pub fn admit<IO>(&self, io: IO) -> Result<Tracked<IO>, IO> {
+    /// Registers a newly accepted connection from `peer`, making room for
+    /// it at the caps; gives it back when there is none (every connection
+    /// that could make room is busy).
+    pub fn admit<IO>(&self, io: IO, peer: Option<std::net::IpAddr>) -> Result<Tracked<IO>, IO> {
         let now = Instant::now();
-        let Some(connection) = self.0.admit(now) else {
+        let Some(connection) = self.0.admit(now, peer) else {
             return Err(io);
         };
         let timer = Box::pin(tokio::time::sleep_until(
@@ -130,7 +136,10 @@ impl Stream for Incoming {
             }
             match std::task::ready!(Pin::new(&mut this.tcp).poll_next(cx)) {
                 None => return Poll::Ready(None),
-                Some(Ok(stream)) => match this.connections.admit(stream) {
+                Some(Ok(stream)) => match {
+                    let peer = stream.peer_addr().ok().map(|a| a.ip());
+                    this.connections.admit(stream, peer)
+                } {
                     Ok(tracked) => return Poll::Ready(Some(Ok(tracked))),
                     // Dropping it closes the socket: the client sees the
                     // connection closed rather than a silent hang.
@@ -181,16 +190,18 @@ mod testing {
             "test",
             ConnectionLimits {
                 max_connections,
+                max_per_address: max_connections,
                 first_request_timeout: FIRST,
                 idle_timeout: IDLE,
             },
+            &[],
         )
     }
 
     /// A tracked connection and the client's end of it.
     pub(super) fn connect(connections: &Connections) -> (Tracked<DuplexStream>, DuplexStream) {
         let (server, client) = duplex(1024);
-        let tracked = connections.admit(server).expect("admitted");
+        let tracked = connections.admit(server, None).expect("admitted");
         (tracked, client)
     }
 
@@ -278,9 +289,11 @@ mod tests {
             "test",
             ConnectionLimits {
                 max_connections: 10,
+                max_per_address: 10,
                 first_request_timeout: Duration::from_secs(60),
                 idle_timeout: short_idle,
             },
+            &[],
         );
         let (mut tracked, mut client) = connect(&connections);
         // A read arms the timer while no request ran yet...
@@ -344,11 +357,11 @@ mod tests {
             activity(&second).request(usize::MAX),
         );
         let (server, _client) = duplex(64);
-        assert!(connections.admit(server).is_err());
+        assert!(connections.admit(server, None).is_err());
         // A connection that goes frees its place.
         drop(first);
         let (server, _client) = duplex(64);
-        assert!(connections.admit(server).is_ok());
+        assert!(connections.admit(server, None).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
