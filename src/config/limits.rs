@@ -240,4 +240,25 @@ mod tests {
         let err = refusal(&[("VILVIK_KEYS_IDLE_TIMEOUT_MS", "0")]);
         assert_eq!(err, "idle_timeout_ms: must be at least 1 millisecond");
     }
+
+    #[test]
+    fn admission_settings_load_and_a_budget_below_one_message_is_refused() {
+        let c = load(&[
+            ("VILVIK_KEYS_REQUEST_MESSAGE_TIMEOUT_MS", "500"),
+            ("VILVIK_KEYS_REQUEST_MESSAGE_BUDGET_BYTES", "1048576"),
+            ("VILVIK_KEYS_MAX_CONNECTIONS_PER_ADDRESS", "32"),
+        ]);
+        assert_eq!(
+            c.listener_limits.request_message_timeout,
+            Duration::from_millis(500)
+        );
+        assert_eq!(c.listener_limits.request_message_budget_bytes, 1 << 20);
+        assert_eq!(c.listener_limits.max_connections_per_address, 32);
+        let err = refusal(&[("VILVIK_KEYS_REQUEST_MESSAGE_BUDGET_BYTES", "1000")]);
+        assert!(err.starts_with("request_message_budget_bytes: must be at least 65536"), "{err}");
+        let err = refusal(&[("VILVIK_KEYS_MAX_CONNECTIONS_PER_ADDRESS", "0")]);
+        assert!(err.contains("must be at least 1"), "{err}");
+        let err = refusal(&[("VILVIK_KEYS_REQUEST_MESSAGE_TIMEOUT_MS", "0")]);
+        assert_eq!(err, "request_message_timeout_ms: must be at least 1 millisecond");
+    }
 }

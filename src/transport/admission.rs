@@ -412,14 +412,7 @@ fn refused(refusal: Refusal, grpc: bool) -> http::Response<Body> {
         Refusal::Body(_) => StatusCode::BAD_REQUEST,
     };
     let text = Bytes::from(status.message().to_owned());
-    let mut response = http::Response::new(Body::new(Replay {
-        chunks: SmallVec::from_buf([text, Bytes::new()]).into_iter(),
-        trailers: None,
-        rest: None,
-        frames: Frames::default(),
-        compressed: false,
-        max: 0,
-    }));
+    let mut response = http::Response::new(Body::new(Replay::of(text)));
     *response.status_mut() = code;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -573,6 +566,22 @@ struct Replay {
     max: usize,
 }
 
+impl Replay {
+    /// A whole body of `bytes`.
+    fn of(bytes: Bytes) -> Self {
+        let mut chunks = SmallVec::new();
+        chunks.push(bytes);
+        Self {
+            chunks: chunks.into_iter(),
+            trailers: None,
+            rest: None,
+            frames: Frames::default(),
+            compressed: false,
+            max: 0,
+        }
+    }
+}
+
 impl http_body::Body for Replay {
     type Data = Bytes;
     type Error = Status;
@@ -633,5 +642,229 @@ impl http_body::Body for Replay {
                 hint
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::BodyExt;
+    use http_body_util::channel::{Channel, Sender};
+    use tower::{Layer, Service, ServiceExt};
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    const STREAMING: &str = "/test.Service/Stream";
+
+    fn layer(concurrency: usize, budget_bytes: usize) -> AdmissionLayer {
+        AdmissionLayer::new(AdmissionSettings {
+            concurrency,
+            message_timeout: TIMEOUT,
+            budget_bytes,
+            max_message_bytes: 64 * 1024,
+            streaming_paths: vec![STREAMING.to_owned()],
+        })
+    }
+
+    /// Routes that read the whole body (as tonic does) and answer OK, or
+    /// wait for `release` first.
+    fn routes(
+        release: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> impl tower::Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone {
+        tower::service_fn(move |request: http::Request<Body>| {
+            let release = release.clone();
+            async move {
+                if let Some(mut release) = release {
+                    let _ = release.wait_for(|go| *go).await;
+                }
+                let body = request.into_body().collect().await;
+                let status = match body {
+                    Ok(_) => Status::ok(""),
+                    Err(status) => status,
+                };
+                Ok::<_, Infallible>(status.into_http())
+            }
+        })
+    }
+
+    fn request(path: &str, body: Body) -> http::Request<Body> {
+        http::Request::builder()
+            .uri(path)
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap()
+    }
+
+    /// A body whose bytes the test sends as it likes.
+    fn open_body() -> (Sender<Bytes, Status>, Body) {
+        let (sender, body) = Channel::<Bytes, Status>::new(4);
+        (sender, Body::new(body))
+    }
+
+    fn message(len: usize) -> Bytes {
+        let mut out = vec![0];
+        out.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+        out.resize(PREFIX + len, b'x');
+        Bytes::from(out)
+    }
+
+    fn code(answer: &Result<http::Response<Body>, tower::BoxError>) -> String {
+        match answer {
+            Ok(response) => response.headers()["grpc-status"].to_str().unwrap().to_owned(),
+            Err(e) if e.is::<tower::load_shed::error::Overloaded>() => "overloaded".to_owned(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_message_has_not_arrived_holds_no_slot_and_is_cancelled_in_time() {
+        let mut service = layer(1, 1 << 20).layer(routes(None));
+        let (mut stalled_sender, stalled_body) = open_body();
+        stalled_sender.send_data(message(10).slice(..3)).await.unwrap();
+        let stalled = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("/test.Service/Unary", stalled_body));
+        let stalled = tokio::spawn(stalled);
+        tokio::task::yield_now().await;
+        // The only slot is free for a request whose message is whole.
+        for _ in 0..3 {
+            let answer = service
+                .ready()
+                .await
+                .unwrap()
+                .call(request("/test.Service/Unary", Body::new(Replay::of(message(10)))))
+                .await;
+            assert_eq!(code(&answer), "0");
+        }
+        let started = tokio::time::Instant::now();
+        let answer = stalled.await.unwrap();
+        assert_eq!(code(&answer), "1", "CANCELLED");
+        assert_eq!(started.elapsed(), TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_is_taken_once_the_message_is_whole_and_none_free_sheds_at_once() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let mut service = layer(1, 1 << 20).layer(routes(Some(released)));
+        let running = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("/test.Service/Unary", Body::new(Replay::of(message(10)))));
+        let running = tokio::spawn(running);
+        tokio::task::yield_now().await;
+        let answer = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("/test.Service/Unary", Body::new(Replay::of(message(10)))))
+            .await;
+        assert_eq!(code(&answer), "overloaded");
+        release.send(true).unwrap();
+        assert_eq!(code(&running.await.unwrap()), "0");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_of_requests_still_arriving_draw_on_one_budget_released_when_they_go() {
+        let budget = 64 * 1024;
+        let mut service = layer(8, budget).layer(routes(None));
+        // 40 KiB of a 60 KiB message: about 39 KiB drawn.
+        let (mut first_sender, first_body) = open_body();
+        first_sender.send_data(message(60_000).slice(..40_000)).await.unwrap();
+        let first = tokio::spawn(
+            service
+                .ready()
+                .await
+                .unwrap()
+                .call(request("/test.Service/Unary", first_body)),
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(service.shared.held.load(Ordering::Acquire), 40_000 - FREE_BYTES);
+        // Another 30 KiB does not fit in what is left.
+        let (mut second_sender, second_body) = open_body();
+        second_sender.send_data(message(60_000).slice(..30_000)).await.unwrap();
+        let answer = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("/test.Service/Unary", second_body))
+            .await;
+        assert_eq!(code(&answer), "8", "RESOURCE_EXHAUSTED");
+        // A small request needs none of it.
+        let answer = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("/test.Service/Unary", Body::new(Replay::of(message(100)))))
+            .await;
+        assert_eq!(code(&answer), "0");
+        // The first one completes; what it drew goes back.
+        first_sender.send_data(message(60_000).slice(40_000..)).await.unwrap();
+        drop(first_sender);
+        assert_eq!(code(&first.await.unwrap()), "0");
+        assert_eq!(service.shared.held.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streaming_request_is_admitted_at_its_first_message_and_the_rest_is_still_checked() {
+        let mut service = layer(1, 1 << 20).layer(routes(None));
+        let (mut sender, body) = open_body();
+        sender.send_data(message(10)).await.unwrap();
+        let call = tokio::spawn(
+            service
+                .ready()
+                .await
+                .unwrap()
+                .call(request(STREAMING, body)),
+        );
+        // Admitted (the routes read on) long before the message timeout.
+        tokio::time::sleep(TIMEOUT * 2).await;
+        sender.send_data(message(10)).await.unwrap();
+        // A second message with a bad flag: the routes read the error.
+        sender.send_data(Bytes::from_static(&[9, 0, 0, 0, 1, 0])).await.unwrap();
+        let answer = call.await.unwrap().unwrap();
+        assert_eq!(answer.headers()["grpc-status"], "3");
+    }
+
+    #[test]
+    fn the_framing_is_followed_across_chunks() {
+        let mut frames = Frames::default();
+        let whole = [message(3), message(0), message(2)].concat();
+        for byte in whole.chunks(1) {
+            frames.feed(byte, 10, || false).unwrap();
+        }
+        assert_eq!(frames.messages, 3);
+        assert_eq!(frames.finish(), Ok(()));
+        let mut cut = Frames::default();
+        cut.feed(&message(8)[..7], 10, || false).unwrap();
+        assert_eq!(
+            cut.finish(),
+            Err(FrameError::Truncated {
+                declared: 8,
+                sent: 2
+            })
+        );
+        assert_eq!(
+            Frames::default().feed(&message(11), 10, || false),
+            Err(FrameError::TooLong {
+                declared: 11,
+                max: 10
+            })
+        );
+        let compressed = [1, 0, 0, 0, 1, 0];
+        assert_eq!(
+            Frames::default().feed(&compressed, 10, || false),
+            Err(FrameError::CompressedWithoutEncoding)
+        );
+        assert_eq!(Frames::default().feed(&compressed, 10, || true), Ok(()));
     }
 }

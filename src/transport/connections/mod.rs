@@ -179,6 +179,8 @@ mod testing {
 
     use tokio::io::{AsyncRead, AsyncReadExt, DuplexStream, ReadBuf, duplex};
 
+    use std::net::IpAddr;
+
     use super::activity::Activity;
     use super::*;
 
@@ -203,6 +205,30 @@ mod testing {
         let (server, client) = duplex(1024);
         let tracked = connections.admit(server, None).expect("admitted");
         (tracked, client)
+    }
+
+    /// Connections capped at `per_address` from one address, but for
+    /// `trusted`.
+    pub(super) fn connections_per_address(per_address: usize, trusted: IpAddr) -> Connections {
+        Connections::new(
+            "test",
+            ConnectionLimits {
+                max_connections: 100,
+                max_per_address: per_address,
+                first_request_timeout: FIRST,
+                idle_timeout: IDLE,
+            },
+            &[trusted],
+        )
+    }
+
+    /// A connection from `peer`, when admitted, and the client's end.
+    pub(super) fn connect_from(
+        connections: &Connections,
+        peer: IpAddr,
+    ) -> Option<(Tracked<DuplexStream>, DuplexStream)> {
+        let (server, client) = duplex(1024);
+        Some((connections.admit(server, Some(peer)).ok()?, client))
     }
 
     pub(super) fn activity(tracked: &Tracked<DuplexStream>) -> Activity {
@@ -242,7 +268,12 @@ mod testing {
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
-    use super::testing::{FIRST, IDLE, activity, closed, connect, connections, is_closed};
+    use std::net::IpAddr;
+
+    use super::testing::{
+        FIRST, IDLE, activity, closed, connect, connect_from, connections,
+        connections_per_address, is_closed,
+    };
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -362,6 +393,34 @@ mod tests {
         drop(first);
         let (server, _client) = duplex(64);
         assert!(connections.admit(server, None).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_per_address_only_that_address_makes_room_or_is_refused() {
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let proxy: IpAddr = "192.0.2.9".parse().unwrap();
+        let connections = connections_per_address(2, proxy);
+        let (mut other, _c0) = connect_from(&connections, b).unwrap();
+        let (busy, _c1) = connect_from(&connections, a).unwrap();
+        let _request = activity(&busy).request(usize::MAX);
+        let (mut silent, _c2) = connect_from(&connections, a).unwrap();
+        // A third from `a` closes `a`'s silent one, not `b`'s.
+        let (newest, _c3) = connect_from(&connections, a).expect("room made");
+        assert!(is_closed(&mut silent));
+        assert!(!is_closed(&mut other));
+        // With both of `a`'s busy, the next from `a` is refused; `b` and
+        // the trusted proxy still get in, the proxy beyond the cap.
+        let _also = activity(&newest).request(usize::MAX);
+        assert!(connect_from(&connections, a).is_none());
+        let _more_b = connect_from(&connections, b).expect("b under its cap");
+        let proxied: Vec<_> = (0..5)
+            .map(|_| connect_from(&connections, proxy).expect("a trusted proxy is not capped"))
+            .collect();
+        assert_eq!(connections.live(), 2 + 2 + proxied.len());
+        // A connection that goes frees its address's place.
+        drop(busy);
+        assert!(connect_from(&connections, a).is_some());
     }
 
     #[tokio::test(start_paused = true)]
