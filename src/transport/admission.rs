@@ -385,9 +385,7 @@ where
 /// is not gRPC the HTTP status that says the same.
 fn refused(refusal: Refusal, grpc: bool) -> http::Response<Body> {
     let status = match &refusal {
-        Refusal::Framing(FrameError::TooLong { declared, max }) => Status::out_of_range(format!(
-            "the request's message is {declared} bytes, over the limit of {max}"
-        )),
+        Refusal::Framing(e @ FrameError::TooLong { .. }) => Status::out_of_range(e.to_string()),
         Refusal::Framing(e) => Status::invalid_argument(e.to_string()),
         Refusal::Late(timeout) => Status::cancelled(format!(
             "the request's message did not arrive within {} ms of its headers (request_message_timeout_ms)",
@@ -397,7 +395,7 @@ fn refused(refusal: Refusal, grpc: bool) -> http::Response<Body> {
             "too many requests are still arriving: their messages fill the listener's {budget} bytes (request_message_budget_bytes); retry shortly"
         )),
         Refusal::TooLarge(max) => {
-            Status::out_of_range(format!("the request's body is over the limit of {max} bytes"))
+            Status::out_of_range(format!("the request's body is too large: over the limit of {max} bytes"))
         }
         Refusal::Body(e) => Status::cancelled(format!("the request's body failed: {e}")),
     };
@@ -453,7 +451,7 @@ impl std::fmt::Display for FrameError {
             ),
             FrameError::TooLong { declared, max } => write!(
                 f,
-                "the request's message is {declared} bytes, over the limit of {max}"
+                "the request's message is too large: {declared} bytes, over the limit of {max}"
             ),
             FrameError::Truncated { declared, sent } => write!(
                 f,

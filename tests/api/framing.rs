@@ -155,3 +155,50 @@ async fn badly_framed_messages_are_invalid_arguments_naming_the_problem() {
     let (status, _) = raw_request(app.verify_addr, VERIFY, &[], &framed(0, 5, &message)).await;
     assert_eq!(status, "0");
 }
+
+/// Reflection is a bidirectional stream: a client sends a request and
+/// waits for the answer before it sends more or closes. Its first message
+/// admits it, so it is answered while the client's side is still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reflection_stream_is_answered_before_the_client_closes_it() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    for (addr, service) in [
+        (app.verify_addr, "vilvik.keys.v1.KeyVerify"),
+        (app.admin_addr, "vilvik.keys.v1.KeyAdmin"),
+    ] {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}{REFLECTION}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut send) = client
+            .ready()
+            .await
+            .unwrap()
+            .send_request(request, false)
+            .unwrap();
+        // `list_services: ""` (field 7), and the stream left open.
+        send.send_data(Bytes::from(framed(0, 2, &[0x3a, 0])), false)
+            .unwrap();
+        let response = tokio::time::timeout(std::time::Duration::from_secs(5), response)
+            .await
+            .expect("answered while the stream is open")
+            .unwrap();
+        let mut body = response.into_body();
+        let data = tokio::time::timeout(std::time::Duration::from_secs(5), body.data())
+            .await
+            .expect("a message while the stream is open")
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&data);
+        assert!(text.contains(service), "{text}");
+        drop(send);
+    }
+}
