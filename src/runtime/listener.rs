@@ -195,11 +195,10 @@ pub(super) fn serve(
     Ok((serving, connections))
 }
 
-/// The paths, among the services `grpc` names and those every listener
-/// with gRPC services adds, whose request is a stream of messages: the
-/// admission layer waits only for their first message. Read from the
-/// services' descriptors, so a client-streaming RPC added to the proto is
-/// found without a list to keep.
+/// The paths of a listener with gRPC services (`grpc`, health and
+/// reflection) whose request is a stream of messages: admission waits only
+/// for their first message. Read from the descriptors, so a
+/// client-streaming RPC added to the proto needs no list kept by hand.
 fn streaming_paths(grpc: &[&'static str]) -> Vec<String> {
     use prost::Message;
     if grpc.is_empty() {
