@@ -255,10 +255,16 @@ mod tests {
         assert_eq!(c.listener_limits.request_message_budget_bytes, 1 << 20);
         assert_eq!(c.listener_limits.max_connections_per_address, 32);
         let err = refusal(&[("VILVIK_KEYS_REQUEST_MESSAGE_BUDGET_BYTES", "1000")]);
-        assert!(err.starts_with("request_message_budget_bytes: must be at least 65536"), "{err}");
+        assert!(
+            err.starts_with("request_message_budget_bytes: must be at least 65536"),
+            "{err}"
+        );
         let err = refusal(&[("VILVIK_KEYS_MAX_CONNECTIONS_PER_ADDRESS", "0")]);
         assert!(err.contains("must be at least 1"), "{err}");
         let err = refusal(&[("VILVIK_KEYS_REQUEST_MESSAGE_TIMEOUT_MS", "0")]);
-        assert_eq!(err, "request_message_timeout_ms: must be at least 1 millisecond");
+        assert_eq!(
+            err,
+            "request_message_timeout_ms: must be at least 1 millisecond"
+        );
     }
 }

@@ -242,3 +242,19 @@ fn tls_mode(tls: Option<&Acceptor>) -> &'static str {
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reflection_is_the_only_streaming_request_a_listener_serves() {
+        let paths = super::streaming_paths(&["vilvik.keys.v1.KeyAdmin"]);
+        assert_eq!(
+            paths,
+            [
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            ]
+        );
+        assert!(super::streaming_paths(&[]).is_empty());
+    }
+}

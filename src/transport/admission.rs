@@ -394,9 +394,9 @@ fn refused(refusal: Refusal, grpc: bool) -> http::Response<Body> {
         Refusal::Budget(budget) => Status::resource_exhausted(format!(
             "too many requests are still arriving: their messages fill the listener's {budget} bytes (request_message_budget_bytes); retry shortly"
         )),
-        Refusal::TooLarge(max) => {
-            Status::out_of_range(format!("the request's body is too large: over the limit of {max} bytes"))
-        }
+        Refusal::TooLarge(max) => Status::out_of_range(format!(
+            "the request's body is too large: over the limit of {max} bytes"
+        )),
         Refusal::Body(e) => Status::cancelled(format!("the request's body failed: {e}")),
     };
     if grpc {
@@ -715,7 +715,10 @@ mod tests {
 
     fn code(answer: &Result<http::Response<Body>, tower::BoxError>) -> String {
         match answer {
-            Ok(response) => response.headers()["grpc-status"].to_str().unwrap().to_owned(),
+            Ok(response) => response.headers()["grpc-status"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
             Err(e) if e.is::<tower::load_shed::error::Overloaded>() => "overloaded".to_owned(),
             Err(e) => panic!("{e}"),
         }
@@ -725,7 +728,10 @@ mod tests {
     async fn a_request_whose_message_has_not_arrived_holds_no_slot_and_is_cancelled_in_time() {
         let mut service = layer(1, 1 << 20).layer(routes(None));
         let (mut stalled_sender, stalled_body) = open_body();
-        stalled_sender.send_data(message(10).slice(..3)).await.unwrap();
+        stalled_sender
+            .send_data(message(10).slice(..3))
+            .await
+            .unwrap();
         let stalled = service
             .ready()
             .await
@@ -739,7 +745,10 @@ mod tests {
                 .ready()
                 .await
                 .unwrap()
-                .call(request("/test.Service/Unary", Body::new(Replay::of(message(10)))))
+                .call(request(
+                    "/test.Service/Unary",
+                    Body::new(Replay::of(message(10))),
+                ))
                 .await;
             assert_eq!(code(&answer), "0");
         }
@@ -753,18 +762,20 @@ mod tests {
     async fn a_slot_is_taken_once_the_message_is_whole_and_none_free_sheds_at_once() {
         let (release, released) = tokio::sync::watch::channel(false);
         let mut service = layer(1, 1 << 20).layer(routes(Some(released)));
-        let running = service
-            .ready()
-            .await
-            .unwrap()
-            .call(request("/test.Service/Unary", Body::new(Replay::of(message(10)))));
+        let running = service.ready().await.unwrap().call(request(
+            "/test.Service/Unary",
+            Body::new(Replay::of(message(10))),
+        ));
         let running = tokio::spawn(running);
         tokio::task::yield_now().await;
         let answer = service
             .ready()
             .await
             .unwrap()
-            .call(request("/test.Service/Unary", Body::new(Replay::of(message(10)))))
+            .call(request(
+                "/test.Service/Unary",
+                Body::new(Replay::of(message(10))),
+            ))
             .await;
         assert_eq!(code(&answer), "overloaded");
         release.send(true).unwrap();
@@ -777,7 +788,10 @@ mod tests {
         let mut service = layer(8, budget).layer(routes(None));
         // 40 KiB of a 60 KiB message: about 39 KiB drawn.
         let (mut first_sender, first_body) = open_body();
-        first_sender.send_data(message(60_000).slice(..40_000)).await.unwrap();
+        first_sender
+            .send_data(message(60_000).slice(..40_000))
+            .await
+            .unwrap();
         let first = tokio::spawn(
             service
                 .ready()
@@ -786,10 +800,16 @@ mod tests {
                 .call(request("/test.Service/Unary", first_body)),
         );
         tokio::task::yield_now().await;
-        assert_eq!(service.shared.held.load(Ordering::Acquire), 40_000 - FREE_BYTES);
+        assert_eq!(
+            service.shared.held.load(Ordering::Acquire),
+            40_000 - FREE_BYTES
+        );
         // Another 30 KiB does not fit in what is left.
         let (mut second_sender, second_body) = open_body();
-        second_sender.send_data(message(60_000).slice(..30_000)).await.unwrap();
+        second_sender
+            .send_data(message(60_000).slice(..30_000))
+            .await
+            .unwrap();
         let answer = service
             .ready()
             .await
@@ -802,11 +822,17 @@ mod tests {
             .ready()
             .await
             .unwrap()
-            .call(request("/test.Service/Unary", Body::new(Replay::of(message(100)))))
+            .call(request(
+                "/test.Service/Unary",
+                Body::new(Replay::of(message(100))),
+            ))
             .await;
         assert_eq!(code(&answer), "0");
         // The first one completes; what it drew goes back.
-        first_sender.send_data(message(60_000).slice(40_000..)).await.unwrap();
+        first_sender
+            .send_data(message(60_000).slice(40_000..))
+            .await
+            .unwrap();
         drop(first_sender);
         assert_eq!(code(&first.await.unwrap()), "0");
         assert_eq!(service.shared.held.load(Ordering::Acquire), 0);
@@ -828,7 +854,10 @@ mod tests {
         tokio::time::sleep(TIMEOUT * 2).await;
         sender.send_data(message(10)).await.unwrap();
         // A second message with a bad flag: the routes read the error.
-        sender.send_data(Bytes::from_static(&[9, 0, 0, 0, 1, 0])).await.unwrap();
+        sender
+            .send_data(Bytes::from_static(&[9, 0, 0, 0, 1, 0]))
+            .await
+            .unwrap();
         let answer = call.await.unwrap().unwrap();
         assert_eq!(answer.headers()["grpc-status"], "3");
     }

@@ -243,7 +243,9 @@ async fn stall_streams(
             else {
                 break;
             };
-            let (response, send) = ready.send_request(stalled_request(addr, path), false).unwrap();
+            let (response, send) = ready
+                .send_request(stalled_request(addr, path), false)
+                .unwrap();
             answers.lock().unwrap().opened += 1;
             held.push(send);
             waiting.spawn(note_answer(response, Instant::now(), answers.clone()));
@@ -266,7 +268,13 @@ async fn a_stalled_stream_attack(attack: Duration, streams: usize) {
     let deadline = app.config.request_timeout;
     let until = Instant::now() + attack;
     let (answers, observed) = tokio::join!(
-        stall_streams(app.verify_addr, VERIFY_KEY, streams, Duration::from_millis(500), until),
+        stall_streams(
+            app.verify_addr,
+            VERIFY_KEY,
+            streams,
+            Duration::from_millis(500),
+            until
+        ),
         well_behaved(&app, &secret, until, false),
     );
     eprintln!("attacker, refreshing every 0.5 s: {answers:?}");
@@ -372,14 +380,21 @@ async fn a_stalled_stream_flood(
     })
     .await;
     let (addr, path, limit) = match aim {
-        Aim::Verify => (app.verify_addr, VERIFY_KEY, app.config.verify_concurrency_limit),
+        Aim::Verify => (
+            app.verify_addr,
+            VERIFY_KEY,
+            app.config.verify_concurrency_limit,
+        ),
         Aim::Admin => (
             app.admin_addr,
             GET_ACCOUNT,
             app.config.listener_limits.admin_concurrency_limit,
         ),
     };
-    assert!(connections * streams > limit, "the flood must exceed the limit");
+    assert!(
+        connections * streams > limit,
+        "the flood must exceed the limit"
+    );
     let until = Instant::now() + attack;
     let mut attackers = JoinSet::new();
     for _ in 0..connections {

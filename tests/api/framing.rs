@@ -93,12 +93,21 @@ fn framed(flag: u8, len: u32, payload: &[u8]) -> Vec<u8> {
 
 const INVALID_ARGUMENT: &str = "3";
 
+/// What is wrong, the request's extra headers, its body, and what the
+/// answer's message must say.
+type Case = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    Vec<u8>,
+    &'static str,
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn badly_framed_messages_are_invalid_arguments_naming_the_problem() {
     let app = spawn_app(Backend::Sqlite).await.unwrap();
     // `key: "abc"` (field 1, 3 bytes).
     let message = [0x0a, 3, b'a', b'b', b'c'];
-    let cases: [(&str, &[(&str, &str)], Vec<u8>, &str); 5] = [
+    let cases: [Case; 5] = [
         (
             "compressed flag without grpc-encoding",
             &[],

@@ -136,15 +136,15 @@ impl Stream for Incoming {
             }
             match std::task::ready!(Pin::new(&mut this.tcp).poll_next(cx)) {
                 None => return Poll::Ready(None),
-                Some(Ok(stream)) => match {
+                Some(Ok(stream)) => {
                     let peer = stream.peer_addr().ok().map(|a| a.ip());
-                    this.connections.admit(stream, peer)
-                } {
-                    Ok(tracked) => return Poll::Ready(Some(Ok(tracked))),
-                    // Dropping it closes the socket: the client sees the
-                    // connection closed rather than a silent hang.
-                    Err(refused) => drop(refused),
-                },
+                    match this.connections.admit(stream, peer) {
+                        Ok(tracked) => return Poll::Ready(Some(Ok(tracked))),
+                        // Dropping it closes the socket: the client sees
+                        // the connection closed rather than a silent hang.
+                        Err(refused) => drop(refused),
+                    }
+                }
                 Some(Err(e)) if out_of_descriptors(&e) => {
                     let made_room = this.connections.0.make_room();
                     let now = Instant::now();
@@ -271,8 +271,8 @@ mod tests {
     use std::net::IpAddr;
 
     use super::testing::{
-        FIRST, IDLE, activity, closed, connect, connect_from, connections,
-        connections_per_address, is_closed,
+        FIRST, IDLE, activity, closed, connect, connect_from, connections, connections_per_address,
+        is_closed,
     };
     use super::*;
 

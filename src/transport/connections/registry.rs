@@ -159,7 +159,11 @@ impl State {
 }
 
 impl Registry {
-    pub(super) fn new(listener: &'static str, limits: ConnectionLimits, trusted: &[IpAddr]) -> Self {
+    pub(super) fn new(
+        listener: &'static str,
+        limits: ConnectionLimits,
+        trusted: &[IpAddr],
+    ) -> Self {
         Self {
             listener,
             limits,
@@ -356,10 +360,7 @@ impl Open {
     /// longest; never a busy one.
     fn victim(&self, among: impl Fn(&Connection) -> bool) -> Option<Arc<Connection>> {
         let quiet = self.silent.iter().chain(&self.unused);
-        if let Some(c) = quiet
-            .filter_map(|id| self.all.get(id))
-            .find(|c| among(c))
-        {
+        if let Some(c) = quiet.filter_map(|id| self.all.get(id)).find(|c| among(c)) {
             return Some(c.clone());
         }
         self.all
