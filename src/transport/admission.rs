@@ -168,7 +168,8 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// What a request waits for before it is admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// A unary gRPC call: one message, then the end of the body.
+    /// A gRPC call whose request is one message (unary, or
+    /// server-streaming): that message, then the end of the body.
     OneMessage,
     /// A gRPC call whose request is a stream: its first message.
     FirstMessage,
