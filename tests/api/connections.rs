@@ -441,26 +441,26 @@ async fn stalled_streams_on_many_connections_cannot_starve_admin_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow (about 20 s): 9 x 128 stalled verify streams, replaced at the request timeout, for 15 s; run by .ci/run"]
+#[ignore = "slow (about 20 s): 9 x 128 stalled verify streams, replaced as the server ends them (request_message_timeout_ms), for 15 s; run by .ci/run"]
 async fn a_stalled_stream_flood_of_9_connections_on_the_verify_listener() {
     a_stalled_stream_flood(
         Aim::Verify,
         9,
         128,
-        Duration::from_secs(5),
+        Duration::from_secs(2),
         Duration::from_secs(15),
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow (about 20 s): 5 x 64 stalled admin streams, replaced at the request timeout, for 15 s; run by .ci/run"]
+#[ignore = "slow (about 20 s): 5 x 64 stalled admin streams, replaced as the server ends them (request_message_timeout_ms), for 15 s; run by .ci/run"]
 async fn a_stalled_stream_flood_of_5_connections_on_the_admin_listener() {
     a_stalled_stream_flood(
         Aim::Admin,
         5,
         64,
-        Duration::from_secs(5),
+        Duration::from_secs(2),
         Duration::from_secs(15),
     )
     .await;
