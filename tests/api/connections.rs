@@ -177,6 +177,8 @@ struct Answers {
     /// CANCELLED: the call's deadline passed before its message arrived.
     timed_out: u32,
     other: u32,
+    /// The server closed the connection.
+    closed_by_server: bool,
     /// The latest an answer came after its stream was opened.
     slowest: Duration,
 }
@@ -243,9 +245,13 @@ async fn stall_streams(
             else {
                 break;
             };
-            let (response, send) = ready
-                .send_request(stalled_request(addr, path), false)
-                .unwrap();
+            let Ok((response, send)) = ready.send_request(stalled_request(addr, path), false)
+            else {
+                // The server closed the connection (h2's own defences,
+                // e.g. against too many resets): the attacker is done.
+                answers.lock().unwrap().closed_by_server = true;
+                break;
+            };
             answers.lock().unwrap().opened += 1;
             held.push(send);
             waiting.spawn(note_answer(response, Instant::now(), answers.clone()));
@@ -255,6 +261,9 @@ async fn stall_streams(
         waiting.abort_all();
         while waiting.join_next().await.is_some() {}
         drop(held);
+        if answers.lock().unwrap().closed_by_server {
+            break;
+        }
     }
     Arc::into_inner(answers).unwrap().into_inner().unwrap()
 }
