@@ -194,7 +194,10 @@ impl Registry {
     pub(super) fn admit(&self, now: Instant, peer: Option<IpAddr>) -> Option<Arc<Connection>> {
         let mut wake = None;
         let mut open = self.open();
-        let address = peer.filter(|ip| !self.trusted.contains(ip));
+        // An IPv4 client on a dual-stack socket counts as its IPv4 address.
+        let address = peer
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| !self.trusted.contains(ip));
         if let Some(ip) = address
             && open.by_address.get(&ip).copied().unwrap_or(0) >= self.limits.max_per_address
         {
