@@ -27,7 +27,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -121,9 +121,6 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        // The service made ready goes with the request; a clone stays.
-        let inner = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, inner);
         let (parts, body) = request.into_parts();
         let grpc = is_grpc(&parts.headers);
         let mode = if !grpc {
@@ -133,23 +130,34 @@ where
         } else {
             Mode::OneMessage
         };
-        AdmissionFuture {
-            state: State::Arriving {
-                arriving: Arriving {
-                    parts: Some(parts),
-                    body: Some(body),
-                    chunks: SmallVec::new(),
-                    trailers: None,
-                    frames: Frames::default(),
-                    mode,
-                    held: 0,
-                    drawn: 0,
-                    deadline: None,
-                    inner: Some(inner),
-                    shared: self.shared.clone(),
-                },
-            },
-        }
+        let mut arriving = Arriving {
+            parts: Some(parts),
+            body: Some(body),
+            chunks: SmallVec::new(),
+            trailers: None,
+            frames: Frames::default(),
+            mode,
+            held: 0,
+            drawn: 0,
+            deadline: None,
+            inner: None,
+            shared: self.shared.clone(),
+        };
+        // A usual call's message came with its headers: read it now and
+        // admit the call here, without a state of its own to keep. Polled
+        // again with the task's waker if it has not all arrived.
+        let state = match arriving.poll_arrive(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(admitted) => arriving.admit(admitted, &mut self.inner),
+            Poll::Pending => {
+                // The service made ready goes with the request; a clone stays.
+                let inner = self.inner.clone();
+                arriving.inner = Some(std::mem::replace(&mut self.inner, inner));
+                State::Arriving {
+                    arriving: Box::new(arriving),
+                }
+            }
+        };
+        AdmissionFuture { state }
     }
 }
 
@@ -187,13 +195,15 @@ pin_project_lite::pin_project! {
 pin_project_lite::pin_project! {
     #[project = StateProj]
     enum State<S: tower::Service<http::Request<Body>>> {
-        Arriving { arriving: Arriving<S> },
+        Arriving { arriving: Box<Arriving<S>> },
         Running {
             #[pin]
             future: S::Future,
             // Held until the response's headers are ready.
             permit: OwnedSemaphorePermit,
         },
+        /// Refused or shed.
+        Answered { answer: Option<Result<http::Response<Body>, tower::BoxError>> },
         Done,
     }
 }
@@ -303,6 +313,26 @@ where
         }
     }
 
+    /// What follows the body's arrival: the call handed to `inner` with a
+    /// slot, or the answer to a refused or shed one.
+    fn admit(&mut self, admitted: Result<(), Refusal>, inner: &mut S) -> State<S> {
+        if let Err(refusal) = admitted {
+            let answer = refused(refusal, self.mode != Mode::Whole);
+            return State::Answered {
+                answer: Some(Ok(answer)),
+            };
+        }
+        let Ok(permit) = self.shared.slots.clone().try_acquire_owned() else {
+            // tonic answers it RESOURCE_EXHAUSTED, as for the connection's
+            // share.
+            return State::Answered {
+                answer: Some(Err(Box::new(tower::load_shed::error::Overloaded::new()))),
+            };
+        };
+        let future = inner.call(self.request());
+        State::Running { future, permit }
+    }
+
     /// Keeps `data`, drawing what goes beyond [`FREE_BYTES`] from the
     /// listener's budget.
     fn hold(&mut self, data: Bytes) -> Result<(), Refusal> {
@@ -327,6 +357,11 @@ where
     /// read, then (when it had not ended) the rest, still checked.
     fn request(&mut self) -> http::Request<Body> {
         let parts = self.parts.take().expect("parts");
+        if self.body.is_none() && self.trailers.is_none() && self.chunks.len() == 1 {
+            // The usual call: one chunk, nothing after it.
+            let chunk = self.chunks.pop().expect("one chunk");
+            return http::Request::from_parts(parts, Body::new(Whole(Some(chunk))));
+        }
         let compressed = self.body.is_some() && may_compress(&parts.headers);
         let body = Replay {
             chunks: std::mem::take(&mut self.chunks).into_iter(),
@@ -353,23 +388,14 @@ where
             match state.as_mut().project() {
                 StateProj::Arriving { arriving } => {
                     let admitted = ready!(arriving.poll_arrive(cx));
-                    let grpc = arriving.mode != Mode::Whole;
-                    if let Err(refusal) = admitted {
-                        state.set(State::Done);
-                        return Poll::Ready(Ok(refused(refusal, grpc)));
-                    }
-                    let Ok(permit) = arriving.shared.slots.clone().try_acquire_owned() else {
-                        state.set(State::Done);
-                        // tonic answers it RESOURCE_EXHAUSTED, as for the
-                        // connection's share.
-                        return Poll::Ready(Err(Box::new(
-                            tower::load_shed::error::Overloaded::new(),
-                        )));
-                    };
-                    let request = arriving.request();
                     let mut inner = arriving.inner.take().expect("inner");
-                    let future = inner.call(request);
-                    state.set(State::Running { future, permit });
+                    let next = arriving.admit(admitted, &mut inner);
+                    state.set(next);
+                }
+                StateProj::Answered { answer } => {
+                    let answer = answer.take().expect("answered once");
+                    state.set(State::Done);
+                    return Poll::Ready(answer);
                 }
                 StateProj::Running { future, .. } => {
                     let response = ready!(future.poll(cx)).map_err(Into::into);
@@ -549,6 +575,29 @@ impl Frames {
             None if self.have > 0 => Err(FrameError::CutPrefix { sent: self.have }),
             None => Ok(()),
         }
+    }
+}
+
+/// A body that is one chunk.
+struct Whole(Option<Bytes>);
+
+impl http_body::Body for Whole {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        Poll::Ready(self.0.take().map(|chunk| Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.0.as_ref().map_or(0, |c| c.len() as u64))
     }
 }
 
