@@ -34,7 +34,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use smallvec::SmallVec;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tonic::Status;
 use tonic::body::Body;
@@ -72,7 +71,9 @@ pub struct AdmissionLayer {
 
 #[derive(Debug)]
 struct Shared {
-    slots: Arc<Semaphore>,
+    /// Requests holding a slot now (at most `settings.concurrency`): a
+    /// counter, as nothing waits for a slot.
+    running: AtomicUsize,
     /// Bytes drawn from the budget now.
     held: AtomicUsize,
     settings: AdmissionSettings,
@@ -82,7 +83,7 @@ impl AdmissionLayer {
     pub fn new(settings: AdmissionSettings) -> Self {
         Self {
             shared: Arc::new(Shared {
-                slots: Arc::new(Semaphore::new(settings.concurrency)),
+                running: AtomicUsize::new(0),
                 held: AtomicUsize::new(0),
                 settings,
             }),
@@ -200,7 +201,7 @@ pin_project_lite::pin_project! {
             #[pin]
             future: S::Future,
             // Held until the response's headers are ready.
-            permit: OwnedSemaphorePermit,
+            slot: Slot,
         },
         /// Refused or shed.
         Answered { answer: Option<Result<http::Response<Body>, tower::BoxError>> },
@@ -232,6 +233,26 @@ impl<S> Drop for Arriving<S> {
         if self.drawn > 0 {
             self.shared.held.fetch_sub(self.drawn, Ordering::AcqRel);
         }
+    }
+}
+
+/// A slot of the listener's concurrency, held until dropped.
+struct Slot(Arc<Shared>);
+
+impl Slot {
+    fn take(shared: &Arc<Shared>) -> Option<Slot> {
+        let limit = shared.settings.concurrency;
+        if shared.running.fetch_add(1, Ordering::AcqRel) >= limit {
+            shared.running.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(shared.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -322,7 +343,7 @@ where
                 answer: Some(Ok(answer)),
             };
         }
-        let Ok(permit) = self.shared.slots.clone().try_acquire_owned() else {
+        let Some(slot) = Slot::take(&self.shared) else {
             // tonic answers it RESOURCE_EXHAUSTED, as for the connection's
             // share.
             return State::Answered {
@@ -330,7 +351,7 @@ where
             };
         };
         let future = inner.call(self.request());
-        State::Running { future, permit }
+        State::Running { future, slot }
     }
 
     /// Keeps `data`, drawing what goes beyond [`FREE_BYTES`] from the
