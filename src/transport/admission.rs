@@ -6,9 +6,9 @@
 //! and the routes, in place of a plain concurrency limit. For each request
 //! it first reads the body:
 //!
-//! - a request whose body is one message (a unary gRPC call, or a request
-//!   that is not gRPC) waits for the end of its body; a gRPC request on a
-//!   path whose request is a stream (reflection, a client-streaming RPC)
+//! - a request whose body is one message (a unary or server-streaming gRPC
+//!   call) or is not gRPC waits for the end of its body; a gRPC request on
+//!   a path whose request is a stream (reflection, a client-streaming RPC)
 //!   waits for its first complete message, and the rest passes through;
 //! - it waits at most `message_timeout` (then CANCELLED), and the bytes it
 //!   holds beyond [`FREE_BYTES`] come from the listener's `budget_bytes`,
