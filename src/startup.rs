@@ -25,8 +25,8 @@ use crate::transport::connections::fit_connection_cap;
 use crate::transport::tls::Acceptor;
 use crate::verify_server::key_verify_server::KeyVerifyServer;
 
-/// Largest request message accepted, on both listeners.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Largest request message accepted, on every listener.
+pub use crate::config::MAX_MESSAGE_BYTES;
 
 /// Which listeners a process serves; verify nodes scale out on their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

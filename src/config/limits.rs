@@ -91,6 +91,13 @@ pub struct ListenerLimits {
     pub admin_concurrency_limit: usize,
     /// One connection's share of `admin_concurrency_limit`.
     pub admin_concurrency_per_connection: usize,
+    /// How long a request's message may take to arrive after its headers.
+    pub request_message_timeout: Duration,
+    /// Bytes of requests still arriving one listener holds at once.
+    pub request_message_budget_bytes: usize,
+    /// Open connections per listener from one address that is not a
+    /// trusted proxy.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for ListenerLimits {
@@ -106,6 +113,9 @@ impl Default for ListenerLimits {
             verify_concurrency_per_connection: 128,
             admin_concurrency_limit: 256,
             admin_concurrency_per_connection: 64,
+            request_message_timeout: Duration::from_secs(2),
+            request_message_budget_bytes: 4 * 1024 * 1024,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -131,9 +141,21 @@ impl ListenerLimits {
                 ),
             ));
         }
+        if self.request_message_budget_bytes < MAX_MESSAGE_BYTES {
+            return Err(invalid(
+                "request_message_budget_bytes",
+                format!(
+                    "must be at least {MAX_MESSAGE_BYTES} (one request message of the largest size), or such a request could never arrive; it is {}",
+                    self.request_message_budget_bytes
+                ),
+            ));
+        }
         Ok(())
     }
 }
+
+/// Largest request message accepted, on every listener.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// How many requests one listener runs at once: `limit` over all its
 /// connections (more are shed at once, RESOURCE_EXHAUSTED, nothing
@@ -237,5 +259,32 @@ mod tests {
         assert!(err.starts_with("admin_concurrency_per_connection"), "{err}");
         let err = refusal(&[("VILVIK_KEYS_IDLE_TIMEOUT_MS", "0")]);
         assert_eq!(err, "idle_timeout_ms: must be at least 1 millisecond");
+    }
+
+    #[test]
+    fn admission_settings_load_and_a_budget_below_one_message_is_refused() {
+        let c = load(&[
+            ("VILVIK_KEYS_REQUEST_MESSAGE_TIMEOUT_MS", "500"),
+            ("VILVIK_KEYS_REQUEST_MESSAGE_BUDGET_BYTES", "1048576"),
+            ("VILVIK_KEYS_MAX_CONNECTIONS_PER_ADDRESS", "32"),
+        ]);
+        assert_eq!(
+            c.listener_limits.request_message_timeout,
+            Duration::from_millis(500)
+        );
+        assert_eq!(c.listener_limits.request_message_budget_bytes, 1 << 20);
+        assert_eq!(c.listener_limits.max_connections_per_address, 32);
+        let err = refusal(&[("VILVIK_KEYS_REQUEST_MESSAGE_BUDGET_BYTES", "1000")]);
+        assert!(
+            err.starts_with("request_message_budget_bytes: must be at least 65536"),
+            "{err}"
+        );
+        let err = refusal(&[("VILVIK_KEYS_MAX_CONNECTIONS_PER_ADDRESS", "0")]);
+        assert!(err.contains("must be at least 1"), "{err}");
+        let err = refusal(&[("VILVIK_KEYS_REQUEST_MESSAGE_TIMEOUT_MS", "0")]);
+        assert_eq!(
+            err,
+            "request_message_timeout_ms: must be at least 1 millisecond"
+        );
     }
 }

@@ -38,7 +38,9 @@ mod settings;
 mod tls;
 
 pub use error::ConfigError;
-pub use limits::{AdminRate, AdminRateLimits, AdminRateOverride, Concurrency, ListenerLimits};
+pub use limits::{
+    AdminRate, AdminRateLimits, AdminRateOverride, Concurrency, ListenerLimits, MAX_MESSAGE_BYTES,
+};
 pub use settings::{SETTINGS, Setting, SettingDefault, settings_table};
 pub use tls::{CERT_SETTING, CLIENT_CA_SETTING, KEY_SETTING, TlsFiles, TlsSettings};
 

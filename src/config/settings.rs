@@ -349,6 +349,17 @@ settings! {
         admin_concurrency_per_connection: u32 = "VILVIK_KEYS_ADMIN_CONCURRENCY_PER_CONNECTION", Value(|c| c.listener_limits.admin_concurrency_per_connection.to_string()),
             "admin requests in progress at once on one connection, its share of `admin_concurrency_limit`",
             |c, name, v| { c.listener_limits.admin_concurrency_per_connection = parse_count(name, &v)?; Ok(()) };
+        // Admission of a request and of a connection:
+        // src/transport/admission.rs, src/transport/connections/.
+        request_message_timeout_ms: u64 = "VILVIK_KEYS_REQUEST_MESSAGE_TIMEOUT_MS", Value(|c| millis(c.listener_limits.request_message_timeout)),
+            "a request's message must arrive within this long of its headers (CANCELLED otherwise); until it has, the request holds no concurrency slot",
+            |c, name, v| { c.listener_limits.request_message_timeout = parse_interval(name, "request_message_timeout_ms", &v)?; Ok(()) };
+        request_message_budget_bytes: u32 = "VILVIK_KEYS_REQUEST_MESSAGE_BUDGET_BYTES", Value(|c| c.listener_limits.request_message_budget_bytes.to_string()),
+            "bytes of requests still arriving that a listener holds at once, beyond the first KiB of each; a request that finds it spent gets RESOURCE_EXHAUSTED",
+            |c, name, v| { c.listener_limits.request_message_budget_bytes = parse_count(name, &v)?; Ok(()) };
+        max_connections_per_address: u32 = "VILVIK_KEYS_MAX_CONNECTIONS_PER_ADDRESS", Value(|c| c.listener_limits.max_connections_per_address.to_string()),
+            "open connections per listener from one client address (not a `trusted_proxies` one); at the cap a new one closes that address's oldest connection not in use, or is refused",
+            |c, name, v| { c.listener_limits.max_connections_per_address = parse_count(name, &v)?; Ok(()) };
         // How fast one account may call the admin API: AdminRateLimits,
         // applied by src/service/rate_limit.rs
         // (docs/design/admin-rate-limits.md).

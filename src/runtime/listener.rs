@@ -2,10 +2,12 @@
 //! given its name, its routes, its concurrency and its TLS.
 //!
 //! Every listener gets the same transport: the connection limits of
-//! `transport::connections` (the registry in the accept path, and
-//! [`ActivityLayer`] outermost, with one connection's share of the
-//! listener's concurrency), then a global concurrency limit with load
-//! shedding, the request deadline, the HTTP/2 limits and keepalive pings,
+//! `transport::connections` (the registry in the accept path, with its cap
+//! per client address, and [`ActivityLayer`] outermost, with one
+//! connection's share of the listener's concurrency), then admission
+//! ([`AdmissionLayer`]: a request takes a slot of the listener's
+//! concurrency, shedding when none is free, only once its message has
+//! arrived, and its gRPC framing is checked), the request deadline, the HTTP/2 limits and keepalive pings,
 //! TLS when it has it, and Nagle's algorithm off. A listener with gRPC
 //! services also serves the standard health service and reflection for
 //! what it serves.
@@ -24,8 +26,9 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
 use super::shutdown::Shutdown;
-use crate::config::{Concurrency, Config, ListenerLimits};
+use crate::config::{Concurrency, Config, ListenerLimits, MAX_MESSAGE_BYTES};
 use crate::proto;
+use crate::transport::admission::{AdmissionLayer, AdmissionSettings};
 use crate::transport::connections::{ActivityLayer, ConnectionLimits, Connections};
 use crate::transport::frames::FrameLimits;
 use crate::transport::tls::{self, Acceptor};
@@ -95,11 +98,13 @@ impl Routes {
 
 /// What every listener of a process shares: the request deadline, the
 /// HTTP/2 limits and keepalive pings, and the connection limits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ListenerSettings {
     pub request_timeout: Duration,
     pub limits: ListenerLimits,
     pub connections: ConnectionLimits,
+    /// Peers to whom the cap per address does not apply.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl ListenerSettings {
@@ -110,6 +115,7 @@ impl ListenerSettings {
             request_timeout: config.request_timeout,
             limits: config.listener_limits,
             connections: ConnectionLimits::new(&config.listener_limits, max_connections),
+            trusted_proxies: config.trusted_proxies.clone(),
         }
     }
 
@@ -169,15 +175,19 @@ pub(super) fn serve(
             .add_service(reflection().build_v1alpha()?);
     }
     let addr = socket.local_addr()?;
-    let connections = Connections::new(name, settings.connections);
+    let admission = AdmissionLayer::new(AdmissionSettings {
+        concurrency: concurrency.limit,
+        message_timeout: settings.limits.request_message_timeout,
+        budget_bytes: settings.limits.request_message_budget_bytes,
+        max_message_bytes: MAX_MESSAGE_BYTES,
+        streaming_paths: streaming_paths(&grpc),
+    });
+    let connections = Connections::new(name, settings.connections, &settings.trusted_proxies);
     tracing::info!(listener = name, %addr, tls = tls_mode(tls.as_ref()), "listening");
     let serving = settings
         .server()
         .layer(ActivityLayer::new(concurrency.per_connection))
-        // Fail fast when saturated instead of queueing without bound.
-        .layer(tower::ServiceBuilder::new().load_shed().layer(
-            tower::limit::GlobalConcurrencyLimitLayer::new(concurrency.limit),
-        ))
+        .layer(admission)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tls::Incoming::new(
@@ -195,6 +205,38 @@ pub(super) fn serve(
     Ok((serving, connections))
 }
 
+/// The paths of a listener with gRPC services (`grpc`, health and
+/// reflection) whose request is a stream of messages: admission waits only
+/// for their first message. Read from the descriptors, so a
+/// client-streaming RPC added to the proto needs no list kept by hand.
+fn streaming_paths(grpc: &[&'static str]) -> Vec<String> {
+    use prost::Message;
+    if grpc.is_empty() {
+        return Vec::new();
+    }
+    let sets = [
+        proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut paths = Vec::new();
+    for set in sets {
+        let set = prost_types::FileDescriptorSet::decode(set).expect("a built-in descriptor set");
+        for file in &set.file {
+            for service in &file.service {
+                let name = format!("{}.{}", file.package(), service.name());
+                for method in &service.method {
+                    if method.client_streaming() {
+                        paths.push(format!("/{name}/{}", method.name()));
+                    }
+                }
+            }
+        }
+    }
+    paths
+}
+
 /// How a listener's TLS is described in its "listening" line.
 fn tls_mode(tls: Option<&Acceptor>) -> &'static str {
     match tls {
@@ -209,4 +251,20 @@ fn tls_mode(tls: Option<&Acceptor>) -> &'static str {
 /// when tonic binds the socket itself).
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reflection_is_the_only_streaming_request_a_listener_serves() {
+        let paths = super::streaming_paths(&["vilvik.keys.v1.KeyAdmin"]);
+        assert_eq!(
+            paths,
+            [
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            ]
+        );
+        assert!(super::streaming_paths(&[]).is_empty());
+    }
 }

@@ -1,10 +1,12 @@
 //! The listeners' transport, below the RPCs: which connections a listener
 //! keeps and for how long, what one connection may run at once
-//! ([`connections`]), and TLS with certificates reloaded while serving
+//! ([`connections`]), when a request may take a slot of the listener's
+//! concurrency ([`admission`]: once its message has arrived), and TLS with certificates reloaded while serving
 //! ([`tls`]). Nothing here knows a service, a route or a proto type; it
 //! depends on `config` for its settings and on nothing else of the crate,
 //! and `runtime::listener` puts it together for each listener.
 
+pub mod admission;
 pub mod connections;
 pub mod frames;
 pub mod tls;

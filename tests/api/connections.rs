@@ -4,6 +4,8 @@
 //!
 //! - stalled streams: one connection opens request streams that send
 //!   HEADERS and never a message, and keeps opening them;
+//! - a stalled-stream flood: several connections doing the same at once,
+//!   from the same address as the well-behaved client, on each listener;
 //! - an idle-connection flood: many TCP connections that never send a byte.
 //!
 //! Each attack runs for a bounded time with bounded counts. The fast
@@ -175,14 +177,19 @@ struct Answers {
     /// CANCELLED: the call's deadline passed before its message arrived.
     timed_out: u32,
     other: u32,
+    /// The server closed the connection.
+    closed_by_server: bool,
     /// The latest an answer came after its stream was opened.
     slowest: Duration,
 }
 
-fn stalled_request(addr: SocketAddr) -> http::Request<()> {
+const VERIFY_KEY: &str = "/vilvik.keys.v1.KeyVerify/VerifyKey";
+const GET_ACCOUNT: &str = "/vilvik.keys.v1.KeyAdmin/GetAccount";
+
+fn stalled_request(addr: SocketAddr, path: &str) -> http::Request<()> {
     http::Request::builder()
         .method("POST")
-        .uri(format!("http://{addr}/vilvik.keys.v1.KeyVerify/VerifyKey"))
+        .uri(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
@@ -217,6 +224,7 @@ async fn note_answer(
 /// until `until`. With `refresh` past `until`, the streams are held.
 async fn stall_streams(
     addr: SocketAddr,
+    path: &'static str,
     streams: usize,
     refresh: Duration,
     until: Instant,
@@ -237,7 +245,13 @@ async fn stall_streams(
             else {
                 break;
             };
-            let (response, send) = ready.send_request(stalled_request(addr), false).unwrap();
+            let Ok((response, send)) = ready.send_request(stalled_request(addr, path), false)
+            else {
+                // The server closed the connection (h2's own defences,
+                // e.g. against too many resets): the attacker is done.
+                answers.lock().unwrap().closed_by_server = true;
+                break;
+            };
             answers.lock().unwrap().opened += 1;
             held.push(send);
             waiting.spawn(note_answer(response, Instant::now(), answers.clone()));
@@ -247,6 +261,9 @@ async fn stall_streams(
         waiting.abort_all();
         while waiting.join_next().await.is_some() {}
         drop(held);
+        if answers.lock().unwrap().closed_by_server {
+            break;
+        }
     }
     Arc::into_inner(answers).unwrap().into_inner().unwrap()
 }
@@ -260,7 +277,13 @@ async fn a_stalled_stream_attack(attack: Duration, streams: usize) {
     let deadline = app.config.request_timeout;
     let until = Instant::now() + attack;
     let (answers, observed) = tokio::join!(
-        stall_streams(app.verify_addr, streams, Duration::from_millis(500), until),
+        stall_streams(
+            app.verify_addr,
+            VERIFY_KEY,
+            streams,
+            Duration::from_millis(500),
+            until
+        ),
         well_behaved(&app, &secret, until, false),
     );
     eprintln!("attacker, refreshing every 0.5 s: {answers:?}");
@@ -279,7 +302,14 @@ async fn a_stalled_stream_attack(attack: Duration, streams: usize) {
     // within the connection's share at the call's deadline, the rest at once.
     let hold = deadline + Duration::from_secs(2);
     let stream_limit = limits.http2_max_concurrent_streams as usize;
-    let answers = stall_streams(app.verify_addr, stream_limit, hold, Instant::now() + hold).await;
+    let answers = stall_streams(
+        app.verify_addr,
+        VERIFY_KEY,
+        stream_limit,
+        hold,
+        Instant::now() + hold,
+    )
+    .await;
     eprintln!("attacker, holding {stream_limit} streams: {answers:?}");
     assert_eq!(
         answers.timed_out as usize, limits.verify_concurrency_per_connection,
@@ -306,6 +336,143 @@ async fn one_connection_of_stalled_streams_cannot_take_the_service_down() {
 #[ignore = "slow (about 25 s): 1,100 stalled streams for 20 s; run by .ci/run"]
 async fn one_connection_of_1100_stalled_streams_for_20_seconds() {
     a_stalled_stream_attack(Duration::from_secs(20), 1_100).await;
+}
+
+// ---------------------------------------------------------------------------
+// Stalled-stream flood: many connections, one address
+
+/// Until `until`: a GetAccount with the management key every 10 ms on the
+/// app's own admin connection, and a health check of the admin listener
+/// every 50 ms on another.
+async fn well_behaved_admin(app: &TestApp, until: Instant) -> Observed {
+    let mut observed = Observed::default();
+    let mut admin = app.admin.clone();
+    let admin_channel = connect(app.admin_addr).await.expect("admin listener");
+    let mut round = 0u32;
+    while Instant::now() < until {
+        round += 1;
+        observed.verifies += 1;
+        let request = app.authed(vilvik_keys::proto::GetAccountRequest {});
+        match admin.get_account(request).await {
+            Ok(_) => observed.valid += 1,
+            Err(status) => observed.failed(format!("GetAccount: {status:?}")),
+        }
+        if round.is_multiple_of(5) {
+            health(&mut observed, admin_channel.clone()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    observed
+}
+
+/// Which listener a flood is aimed at.
+#[derive(Debug, Clone, Copy)]
+enum Aim {
+    Verify,
+    Admin,
+}
+
+/// `connections` connections to one listener, each holding `streams`
+/// stalled streams (more in all than the listener's concurrency limit) and
+/// replacing them every `refresh`, for `attack`, all from 127.0.0.1 like
+/// the well-behaved client, which must still be served.
+async fn a_stalled_stream_flood(
+    aim: Aim,
+    connections: usize,
+    streams: usize,
+    refresh: Duration,
+    attack: Duration,
+) {
+    let (app, secret) = app_with_a_valid_key(|c| {
+        // The well-behaved admin client calls 100 times a second.
+        c.admin_rates = vilvik_keys::config::AdminRateLimits::uniform(1_000, 1_000);
+    })
+    .await;
+    let (addr, path, limit) = match aim {
+        Aim::Verify => (
+            app.verify_addr,
+            VERIFY_KEY,
+            app.config.verify_concurrency_limit,
+        ),
+        Aim::Admin => (
+            app.admin_addr,
+            GET_ACCOUNT,
+            app.config.listener_limits.admin_concurrency_limit,
+        ),
+    };
+    assert!(
+        connections * streams > limit,
+        "the flood must exceed the limit"
+    );
+    let until = Instant::now() + attack;
+    let mut attackers = JoinSet::new();
+    for _ in 0..connections {
+        attackers.spawn(stall_streams(addr, path, streams, refresh, until));
+    }
+    let legit = async {
+        match aim {
+            Aim::Verify => well_behaved(&app, &secret, until, false).await,
+            Aim::Admin => well_behaved_admin(&app, until).await,
+        }
+    };
+    let (answers, observed) = tokio::join!(attackers.join_all(), legit);
+    let opened: u32 = answers.iter().map(|a| a.opened).sum();
+    eprintln!("attacker on the {aim:?} listener: {opened} stalled streams opened");
+    assert!(
+        opened as usize >= connections * streams,
+        "the attack opened only {opened} streams"
+    );
+    observed.assert_served();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_streams_on_many_connections_cannot_starve_verify_clients() {
+    a_stalled_stream_flood(
+        Aim::Verify,
+        9,
+        128,
+        Duration::from_millis(1_500),
+        Duration::from_secs(3),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_streams_on_many_connections_cannot_starve_admin_clients() {
+    a_stalled_stream_flood(
+        Aim::Admin,
+        5,
+        64,
+        Duration::from_millis(1_500),
+        Duration::from_secs(3),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow (about 20 s): 9 x 128 stalled verify streams, replaced as the server ends them (request_message_timeout_ms), for 15 s; run by .ci/run"]
+async fn a_stalled_stream_flood_of_9_connections_on_the_verify_listener() {
+    a_stalled_stream_flood(
+        Aim::Verify,
+        9,
+        128,
+        Duration::from_secs(2),
+        Duration::from_secs(15),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow (about 20 s): 5 x 64 stalled admin streams, replaced as the server ends them (request_message_timeout_ms), for 15 s; run by .ci/run"]
+async fn a_stalled_stream_flood_of_5_connections_on_the_admin_listener() {
+    a_stalled_stream_flood(
+        Aim::Admin,
+        5,
+        64,
+        Duration::from_secs(2),
+        Duration::from_secs(15),
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ mod cluster;
 mod connections;
 mod encoding;
 mod frames;
+mod framing;
 mod history;
 mod lifecycle;
 mod matrix;

@@ -66,8 +66,13 @@ pub struct Connections(Arc<Registry>);
 
 impl Connections {
     /// `listener` names it in log lines.
-    pub fn new(listener: &'static str, limits: ConnectionLimits) -> Self {
-        Self(Arc::new(Registry::new(listener, limits)))
+    /// `trusted_proxies` are peers the cap per address does not apply to.
+    pub fn new(
+        listener: &'static str,
+        limits: ConnectionLimits,
+        trusted_proxies: &[std::net::IpAddr],
+    ) -> Self {
+        Self(Arc::new(Registry::new(listener, limits, trusted_proxies)))
     }
 
     /// The accepted connections of `incoming`, each tracked.
@@ -90,11 +95,12 @@ impl Connections {
         self.0.requests_in_flight()
     }
 
-    /// Registers a newly accepted connection, making room for it at the
-    /// cap; gives it back when there is none (every connection is busy).
-    pub fn admit<IO>(&self, io: IO) -> Result<Tracked<IO>, IO> {
+    /// Registers a newly accepted connection from `peer`, making room for
+    /// it at the caps; gives it back when there is none (every connection
+    /// that could make room is busy).
+    pub fn admit<IO>(&self, io: IO, peer: Option<std::net::IpAddr>) -> Result<Tracked<IO>, IO> {
         let now = Instant::now();
-        let Some(connection) = self.0.admit(now) else {
+        let Some(connection) = self.0.admit(now, peer) else {
             return Err(io);
         };
         let timer = Box::pin(tokio::time::sleep_until(
@@ -130,12 +136,15 @@ impl Stream for Incoming {
             }
             match std::task::ready!(Pin::new(&mut this.tcp).poll_next(cx)) {
                 None => return Poll::Ready(None),
-                Some(Ok(stream)) => match this.connections.admit(stream) {
-                    Ok(tracked) => return Poll::Ready(Some(Ok(tracked))),
-                    // Dropping it closes the socket: the client sees the
-                    // connection closed rather than a silent hang.
-                    Err(refused) => drop(refused),
-                },
+                Some(Ok(stream)) => {
+                    let peer = stream.peer_addr().ok().map(|a| a.ip());
+                    match this.connections.admit(stream, peer) {
+                        Ok(tracked) => return Poll::Ready(Some(Ok(tracked))),
+                        // Dropping it closes the socket: the client sees
+                        // the connection closed rather than a silent hang.
+                        Err(refused) => drop(refused),
+                    }
+                }
                 Some(Err(e)) if out_of_descriptors(&e) => {
                     let made_room = this.connections.0.make_room();
                     let now = Instant::now();
@@ -170,6 +179,8 @@ mod testing {
 
     use tokio::io::{AsyncRead, AsyncReadExt, DuplexStream, ReadBuf, duplex};
 
+    use std::net::IpAddr;
+
     use super::activity::Activity;
     use super::*;
 
@@ -181,17 +192,43 @@ mod testing {
             "test",
             ConnectionLimits {
                 max_connections,
+                max_per_address: max_connections,
                 first_request_timeout: FIRST,
                 idle_timeout: IDLE,
             },
+            &[],
         )
     }
 
     /// A tracked connection and the client's end of it.
     pub(super) fn connect(connections: &Connections) -> (Tracked<DuplexStream>, DuplexStream) {
         let (server, client) = duplex(1024);
-        let tracked = connections.admit(server).expect("admitted");
+        let tracked = connections.admit(server, None).expect("admitted");
         (tracked, client)
+    }
+
+    /// Connections capped at `per_address` from one address, but for
+    /// `trusted`.
+    pub(super) fn connections_per_address(per_address: usize, trusted: IpAddr) -> Connections {
+        Connections::new(
+            "test",
+            ConnectionLimits {
+                max_connections: 100,
+                max_per_address: per_address,
+                first_request_timeout: FIRST,
+                idle_timeout: IDLE,
+            },
+            &[trusted],
+        )
+    }
+
+    /// A connection from `peer`, when admitted, and the client's end.
+    pub(super) fn connect_from(
+        connections: &Connections,
+        peer: IpAddr,
+    ) -> Option<(Tracked<DuplexStream>, DuplexStream)> {
+        let (server, client) = duplex(1024);
+        Some((connections.admit(server, Some(peer)).ok()?, client))
     }
 
     pub(super) fn activity(tracked: &Tracked<DuplexStream>) -> Activity {
@@ -231,7 +268,12 @@ mod testing {
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
-    use super::testing::{FIRST, IDLE, activity, closed, connect, connections, is_closed};
+    use std::net::IpAddr;
+
+    use super::testing::{
+        FIRST, IDLE, activity, closed, connect, connect_from, connections, connections_per_address,
+        is_closed,
+    };
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -278,9 +320,11 @@ mod tests {
             "test",
             ConnectionLimits {
                 max_connections: 10,
+                max_per_address: 10,
                 first_request_timeout: Duration::from_secs(60),
                 idle_timeout: short_idle,
             },
+            &[],
         );
         let (mut tracked, mut client) = connect(&connections);
         // A read arms the timer while no request ran yet...
@@ -344,11 +388,39 @@ mod tests {
             activity(&second).request(usize::MAX),
         );
         let (server, _client) = duplex(64);
-        assert!(connections.admit(server).is_err());
+        assert!(connections.admit(server, None).is_err());
         // A connection that goes frees its place.
         drop(first);
         let (server, _client) = duplex(64);
-        assert!(connections.admit(server).is_ok());
+        assert!(connections.admit(server, None).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_per_address_only_that_address_makes_room_or_is_refused() {
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let proxy: IpAddr = "192.0.2.9".parse().unwrap();
+        let connections = connections_per_address(2, proxy);
+        let (mut other, _c0) = connect_from(&connections, b).unwrap();
+        let (busy, _c1) = connect_from(&connections, a).unwrap();
+        let _request = activity(&busy).request(usize::MAX);
+        let (mut silent, _c2) = connect_from(&connections, a).unwrap();
+        // A third from `a` closes `a`'s silent one, not `b`'s.
+        let (newest, _c3) = connect_from(&connections, a).expect("room made");
+        assert!(is_closed(&mut silent));
+        assert!(!is_closed(&mut other));
+        // With both of `a`'s busy, the next from `a` is refused; `b` and
+        // the trusted proxy still get in, the proxy beyond the cap.
+        let _also = activity(&newest).request(usize::MAX);
+        assert!(connect_from(&connections, a).is_none());
+        let _more_b = connect_from(&connections, b).expect("b under its cap");
+        let proxied: Vec<_> = (0..5)
+            .map(|_| connect_from(&connections, proxy).expect("a trusted proxy is not capped"))
+            .collect();
+        assert_eq!(connections.live(), 2 + 2 + proxied.len());
+        // A connection that goes frees its address's place.
+        drop(busy);
+        assert!(connect_from(&connections, a).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,8 +3,9 @@
 //! expires, and whom to close for a new one at the cap. Knows no stream
 //! and no request: `tracked` and `activity` report to it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
@@ -21,6 +22,8 @@ const WARN_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
+    /// Open connections from one address that is not a trusted proxy.
+    pub max_per_address: usize,
     pub first_request_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -30,6 +33,7 @@ impl ConnectionLimits {
     pub fn new(limits: &ListenerLimits, max_connections: usize) -> Self {
         Self {
             max_connections,
+            max_per_address: limits.max_connections_per_address,
             first_request_timeout: limits.first_request_timeout,
             idle_timeout: limits.idle_timeout,
         }
@@ -74,6 +78,8 @@ pub(super) struct Registry {
     /// Names the listener in log lines.
     pub(super) listener: &'static str,
     pub(super) limits: ConnectionLimits,
+    /// Peers the cap per address does not apply to.
+    trusted: Vec<IpAddr>,
     open: Mutex<Open>,
 }
 
@@ -88,6 +94,8 @@ struct Open {
     unused: BTreeSet<u64>,
     /// Connections in `all` not marked closed: what the cap counts.
     live: usize,
+    /// The same, by address (those not from a trusted proxy).
+    by_address: HashMap<IpAddr, usize>,
     warned_at: Option<Instant>,
     unwarned: u64,
 }
@@ -96,6 +104,8 @@ struct Open {
 #[derive(Debug)]
 pub(super) struct Connection {
     id: u64,
+    /// Its peer's address, when the cap per address counts it.
+    address: Option<IpAddr>,
     pub(super) accepted_at: Instant,
     state: Mutex<State>,
     /// Set with `state.closed`, readable without the lock: the reader's
@@ -149,10 +159,15 @@ impl State {
 }
 
 impl Registry {
-    pub(super) fn new(listener: &'static str, limits: ConnectionLimits) -> Self {
+    pub(super) fn new(
+        listener: &'static str,
+        limits: ConnectionLimits,
+        trusted: &[IpAddr],
+    ) -> Self {
         Self {
             listener,
             limits,
+            trusted: trusted.to_vec(),
             open: Mutex::new(Open::default()),
         }
     }
@@ -172,13 +187,46 @@ impl Registry {
         open.all.values().map(|c| c.state().in_flight).sum()
     }
 
-    /// Registers a connection accepted `now`, making room for it at the
-    /// cap; `None` when there is none (every connection is busy).
-    pub(super) fn admit(&self, now: Instant) -> Option<Arc<Connection>> {
+    /// Registers a connection from `peer` accepted `now`, making room for
+    /// it at the cap per address (among that address's connections), then
+    /// at the listener's cap; `None` when there is none (every connection
+    /// that could make room is busy).
+    pub(super) fn admit(&self, now: Instant, peer: Option<IpAddr>) -> Option<Arc<Connection>> {
         let mut wake = None;
         let mut open = self.open();
+        // An IPv4 client on a dual-stack socket counts as its IPv4 address.
+        let address = peer
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| !self.trusted.contains(ip));
+        if let Some(ip) = address
+            && open.by_address.get(&ip).copied().unwrap_or(0) >= self.limits.max_per_address
+        {
+            let victim = open.victim(|c| c.address == Some(ip));
+            if let Some(victim) = &victim {
+                wake = open.close(victim, Closed::Evicted);
+            }
+            if let Some(unwarned) = open.warn(now) {
+                let what = match victim {
+                    Some(_) => {
+                        "connection cap per address reached: closed that address's oldest connection not in use to admit a new one"
+                    }
+                    None => {
+                        "connection cap per address reached and every connection of that address is busy: refused a new connection"
+                    }
+                };
+                tracing::warn!(
+                    listener = self.listener,
+                    address = %ip,
+                    max_connections_per_address = self.limits.max_per_address,
+                    similar_unlogged = unwarned,
+                    "{what}"
+                );
+            }
+            victim.as_ref()?;
+        }
         if open.live >= self.limits.max_connections {
-            let victim = open.victim();
+            // Not after an eviction above: that one made room.
+            let victim = open.victim(|_| true);
             if let Some(victim) = &victim {
                 wake = open.close(victim, Closed::Evicted);
             }
@@ -205,6 +253,7 @@ impl Registry {
         open.next_id += 1;
         let connection = Arc::new(Connection {
             id,
+            address,
             accepted_at: now,
             state: Mutex::new(State {
                 stage: Stage::Silent,
@@ -218,6 +267,9 @@ impl Registry {
         open.all.insert(id, connection.clone());
         open.silent.insert(id);
         open.live += 1;
+        if let Some(ip) = address {
+            *open.by_address.entry(ip).or_default() += 1;
+        }
         drop(open);
         if let Some(waker) = wake {
             waker.wake();
@@ -245,7 +297,7 @@ impl Registry {
     /// Closes one connection not in use; whether there was one.
     pub(super) fn make_room(&self) -> bool {
         let mut open = self.open();
-        let wake = match open.victim() {
+        let wake = match open.victim(|_| true) {
             Some(victim) => open.close(&victim, Closed::Evicted),
             None => return false,
         };
@@ -300,20 +352,23 @@ impl Registry {
         open.silent.remove(&connection.id);
         open.unused.remove(&connection.id);
         if !closed {
-            open.live -= 1;
+            open.uncount(connection);
         }
     }
 }
 
 impl Open {
-    /// The connection to close for a new one: the oldest silent, else the
-    /// oldest unused, else the one idle longest; never a busy one.
-    fn victim(&self) -> Option<Arc<Connection>> {
-        if let Some(id) = self.silent.first().or_else(|| self.unused.first()) {
-            return self.all.get(id).cloned();
+    /// The connection to close for a new one, among those `among` picks:
+    /// the oldest silent, else the oldest unused, else the one idle
+    /// longest; never a busy one.
+    fn victim(&self, among: impl Fn(&Connection) -> bool) -> Option<Arc<Connection>> {
+        let quiet = self.silent.iter().chain(&self.unused);
+        if let Some(c) = quiet.filter_map(|id| self.all.get(id)).find(|c| among(c)) {
+            return Some(c.clone());
         }
         self.all
             .values()
+            .filter(|c| among(c))
             .filter_map(|c| {
                 let state = c.state();
                 (state.closed.is_none() && state.in_flight == 0).then_some((state.idle_since, c))
@@ -331,10 +386,23 @@ impl Open {
         }
         state.closed = Some(why);
         connection.closing.store(true, Ordering::Release);
-        self.live -= 1;
+        self.uncount(connection);
         self.silent.remove(&connection.id);
         self.unused.remove(&connection.id);
         state.reader.take()
+    }
+
+    /// `connection` no longer counts against the caps.
+    fn uncount(&mut self, connection: &Connection) {
+        self.live -= 1;
+        if let Some(ip) = connection.address
+            && let Some(count) = self.by_address.get_mut(&ip)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.by_address.remove(&ip);
+            }
+        }
     }
 
     /// Whether to log a warning now; if so, how many were left out.
