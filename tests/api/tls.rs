@@ -684,6 +684,7 @@ async fn sighup_with_a_new_client_ca_closes_the_old_cas_open_connections() {
     files.server(&ca.server());
     let client_ca = files.write("client-ca.pem", &old_clients.pem());
     let store = StoreSettings::sqlite(files.path("keys.db"));
+    binary::migrate(store.env());
     let (key, _) = binary::bootstrap(store.env(), "ACME");
     // Only the signal reloads within this test's time.
     let mut served = ServedBinary::serve()
