@@ -122,7 +122,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let (parts, body) = request.into_parts();
+        let (parts, mut body) = request.into_parts();
         let grpc = is_grpc(&parts.headers);
         let mode = if !grpc {
             Mode::Whole
@@ -131,9 +131,39 @@ where
         } else {
             Mode::OneMessage
         };
+        let mut first = None;
+        if mode == Mode::OneMessage {
+            // The usual call: one small message, whole in the DATA frame
+            // that ended the stream. Admitted here, with nothing built to
+            // wait with; anything else goes the general way below, with
+            // what was read.
+            if let Poll::Ready(polled) =
+                Pin::new(&mut body).poll_frame(&mut Context::from_waker(Waker::noop()))
+            {
+                match polled.map(|frame| frame.map(Frame::into_data)) {
+                    Some(Ok(Ok(data))) if body.is_end_stream() && is_one_small_message(&data) => {
+                        let request =
+                            http::Request::from_parts(parts, Body::new(Whole(Some(data))));
+                        let state = match Slot::take(&self.shared) {
+                            Some(slot) => State::Running {
+                                future: self.inner.call(request),
+                                slot,
+                            },
+                            None => overloaded(),
+                        };
+                        return AdmissionFuture { state };
+                    }
+                    Some(Ok(Ok(data))) => first = Some(Some(Ok(Frame::data(data)))),
+                    Some(Ok(Err(frame))) => first = Some(Some(Ok(frame))),
+                    Some(Err(e)) => first = Some(Some(Err(e))),
+                    None => first = Some(None),
+                }
+            }
+        }
         let mut arriving = Arriving {
             parts: Some(parts),
             body: Some(body),
+            first,
             chunks: SmallVec::new(),
             trailers: None,
             frames: Frames::default(),
@@ -166,6 +196,24 @@ impl Shared {
     fn is_streaming(&self, path: &str) -> bool {
         self.settings.streaming_paths.iter().any(|p| p == path)
     }
+}
+
+/// A call shed for want of a slot: tonic answers it RESOURCE_EXHAUSTED,
+/// as for the connection's share.
+fn overloaded<S: tower::Service<http::Request<Body>>>() -> State<S> {
+    State::Answered {
+        answer: Some(Err(Box::new(tower::load_shed::error::Overloaded::new()))),
+    }
+}
+
+/// Whether `data` is exactly one uncompressed message, within
+/// [`FREE_BYTES`] (so it needs nothing of the budget and is under any
+/// message limit).
+fn is_one_small_message(data: &[u8]) -> bool {
+    data.len() <= FREE_BYTES
+        && data.len() >= PREFIX
+        && data[0] == 0
+        && u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize == data.len() - PREFIX
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -213,6 +261,8 @@ pin_project_lite::pin_project! {
 struct Arriving<S> {
     parts: Option<http::request::Parts>,
     body: Option<Body>,
+    /// What `call` already read of the body, to take before reading on.
+    first: Option<Option<Result<Frame<Bytes>, Status>>>,
     /// What was read, usually one chunk.
     chunks: SmallVec<[Bytes; 2]>,
     trailers: Option<HeaderMap>,
@@ -281,7 +331,11 @@ where
             let Some(body) = self.body.as_mut() else {
                 return Poll::Ready(Ok(()));
             };
-            match Pin::new(body).poll_frame(cx) {
+            let polled = match self.first.take() {
+                Some(first) => Poll::Ready(first),
+                None => Pin::new(body).poll_frame(cx),
+            };
+            match polled {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         if self.mode == Mode::Whole {
@@ -344,11 +398,7 @@ where
             };
         }
         let Some(slot) = Slot::take(&self.shared) else {
-            // tonic answers it RESOURCE_EXHAUSTED, as for the connection's
-            // share.
-            return State::Answered {
-                answer: Some(Err(Box::new(tower::load_shed::error::Overloaded::new()))),
-            };
+            return overloaded();
         };
         let future = inner.call(self.request());
         State::Running { future, slot }
@@ -931,6 +981,24 @@ mod tests {
             .unwrap();
         let answer = call.await.unwrap().unwrap();
         assert_eq!(answer.headers()["grpc-status"], "3");
+    }
+
+    #[test]
+    fn only_one_small_uncompressed_message_takes_the_quick_way() {
+        assert!(is_one_small_message(&message(10)));
+        assert!(is_one_small_message(&message(0)));
+        assert!(is_one_small_message(&message(FREE_BYTES - PREFIX)));
+        assert!(
+            !is_one_small_message(&message(FREE_BYTES)),
+            "over FREE_BYTES"
+        );
+        let mut compressed = message(10).to_vec();
+        compressed[0] = 1;
+        assert!(!is_one_small_message(&compressed), "compressed");
+        assert!(!is_one_small_message(&message(10)[..14]), "cut short");
+        let two = [&message(3)[..], &message(3)[..]].concat();
+        assert!(!is_one_small_message(&two), "two messages");
+        assert!(!is_one_small_message(&[0, 0, 0]), "a prefix cut short");
     }
 
     #[test]
