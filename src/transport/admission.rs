@@ -140,23 +140,19 @@ where
             if let Poll::Ready(polled) =
                 Pin::new(&mut body).poll_frame(&mut Context::from_waker(Waker::noop()))
             {
-                match polled.map(|frame| frame.map(Frame::into_data)) {
-                    Some(Ok(Ok(data))) if body.is_end_stream() && is_one_small_message(&data) => {
+                match polled {
+                    Some(Ok(frame))
+                        if body.is_end_stream()
+                            && frame.data_ref().is_some_and(|d| is_one_small_message(d)) =>
+                    {
+                        let data = frame.into_data().expect("a data frame");
                         let request =
                             http::Request::from_parts(parts, Body::new(Whole(Some(data))));
-                        let state = match Slot::take(&self.shared) {
-                            Some(slot) => State::Running {
-                                future: self.inner.call(request),
-                                slot,
-                            },
-                            None => overloaded(),
+                        return AdmissionFuture {
+                            state: run(&self.shared, &mut self.inner, request),
                         };
-                        return AdmissionFuture { state };
                     }
-                    Some(Ok(Ok(data))) => first = Some(Some(Ok(Frame::data(data)))),
-                    Some(Ok(Err(frame))) => first = Some(Some(Ok(frame))),
-                    Some(Err(e)) => first = Some(Some(Err(e))),
-                    None => first = Some(None),
+                    polled => first = Some(polled),
                 }
             }
         }
@@ -198,11 +194,22 @@ impl Shared {
     }
 }
 
-/// A call shed for want of a slot: tonic answers it RESOURCE_EXHAUSTED,
-/// as for the connection's share.
-fn overloaded<S: tower::Service<http::Request<Body>>>() -> State<S> {
-    State::Answered {
-        answer: Some(Err(Box::new(tower::load_shed::error::Overloaded::new()))),
+/// An admitted request handed to `inner` with a slot, or shed at once when
+/// none is free (tonic answers it RESOURCE_EXHAUSTED, as for the
+/// connection's share).
+fn run<S: tower::Service<http::Request<Body>>>(
+    shared: &Arc<Shared>,
+    inner: &mut S,
+    request: http::Request<Body>,
+) -> State<S> {
+    match Slot::take(shared) {
+        Some(slot) => State::Running {
+            future: inner.call(request),
+            slot,
+        },
+        None => State::Answered {
+            answer: Some(Err(Box::new(tower::load_shed::error::Overloaded::new()))),
+        },
     }
 }
 
@@ -213,7 +220,13 @@ fn is_one_small_message(data: &[u8]) -> bool {
     data.len() <= FREE_BYTES
         && data.len() >= PREFIX
         && data[0] == 0
-        && u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize == data.len() - PREFIX
+        && declared_len(data) == data.len() - PREFIX
+}
+
+/// The message length a gRPC prefix (a flag, then 4 bytes big-endian)
+/// declares.
+fn declared_len(prefix: &[u8]) -> usize {
+    u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -397,11 +410,8 @@ where
                 answer: Some(Ok(answer)),
             };
         }
-        let Some(slot) = Slot::take(&self.shared) else {
-            return overloaded();
-        };
-        let future = inner.call(self.request());
-        State::Running { future, slot }
+        let request = self.request();
+        run(&self.shared, inner, request)
     }
 
     /// Keeps `data`, drawing what goes beyond [`FREE_BYTES`] from the
@@ -616,7 +626,7 @@ impl Frames {
                 1 => return Err(FrameError::CompressedWithoutEncoding),
                 flag => return Err(FrameError::Flag(flag)),
             }
-            let len = u32::from_be_bytes(self.prefix[1..].try_into().expect("4 bytes")) as usize;
+            let len = declared_len(&self.prefix);
             if len > max {
                 return Err(FrameError::TooLong { declared: len, max });
             }
