@@ -153,7 +153,9 @@ async fn well_behaved(
     observed
 }
 
-async fn app_with_a_valid_key(configure: impl FnOnce(&mut Config)) -> (TestApp, String) {
+/// A test app on SQLite with a key for `datasets:read`, already verified
+/// once, and its secret.
+pub(crate) async fn app_with_a_valid_key(configure: impl FnOnce(&mut Config)) -> (TestApp, String) {
     let mut app = spawn_app_with(Backend::Sqlite, configure).await.unwrap();
     let secret = app
         .create_key("backend", &["datasets:read"])

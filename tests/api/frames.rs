@@ -16,7 +16,9 @@ use tokio::time::Instant;
 use vilvik_keys::proto::VerifyCode;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
 use vilvik_keys_test_support::requests::verify;
-use vilvik_keys_test_support::{Backend, TestApp, spawn_app_with};
+
+use crate::connections::app_with_a_valid_key;
+use vilvik_keys_test_support::TestApp;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const GOAWAY: u8 = 0x7;
@@ -123,17 +125,6 @@ async fn flood(addr: SocketAddr, flood: Flood, max_frames: usize, until: Instant
     outcome
 }
 
-async fn app_with_a_valid_key() -> (TestApp, String) {
-    let mut app = spawn_app_with(Backend::Sqlite, |_| {}).await.unwrap();
-    let secret = app
-        .create_key("backend", &["datasets:read"])
-        .await
-        .unwrap()
-        .secret;
-    assert_eq!(app.verify_code(&secret, &[]).await, VerifyCode::Valid);
-    (app, secret)
-}
-
 /// Verifies of `secret` one after another on `client` until `until`: the
 /// time each VALID answer took, and the answers that were not VALID.
 async fn verifies(
@@ -160,7 +151,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_frame_floods_get_goaway_enhance_your_calm_and_are_closed() {
-    let (app, secret) = app_with_a_valid_key().await;
+    let (app, secret) = app_with_a_valid_key(|_| {}).await;
     let until = Instant::now() + Duration::from_secs(3);
     let legit = tokio::spawn(verifies(app.verify.clone(), secret.clone(), until));
 
@@ -249,7 +240,7 @@ async fn latency_under(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow (about 25 s): 4 connections flooding for 10 s; run by .ci/run"]
 async fn a_well_behaved_client_keeps_its_latency_under_4_flooding_connections() {
-    let (app, secret) = app_with_a_valid_key().await;
+    let (app, secret) = app_with_a_valid_key(|_| {}).await;
     let (p50, p99, n, _) = latency_under(&app, &secret, 0, Duration::from_secs(5)).await;
     eprintln!("unloaded: {n} verifies, p50 {p50:?}, p99 {p99:?}");
     let (fp50, fp99, fn_, conns) = latency_under(&app, &secret, 4, Duration::from_secs(10)).await;
