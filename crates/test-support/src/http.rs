@@ -2,14 +2,14 @@
 //! new connection, over HTTP/1.1 or HTTP/2, plaintext or TLS (given the
 //! CA's PEM), answered with its status, headers and body as text.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
@@ -67,6 +67,27 @@ pub async fn send(addr: SocketAddr, version: HttpVersion, request: Request<Strin
     let tcp = TcpStream::connect(addr)
         .await
         .expect("the listener accepts");
+    exchange(TokioIo::new(tcp), addr, "http", version, request).await
+}
+
+/// [`send`] on a connection made from `local`, an address of this host
+/// (on Linux, any of 127.0.0.0/8): for tests that tell a client from the
+/// proxy in front of the listener.
+pub async fn send_from(
+    local: IpAddr,
+    addr: SocketAddr,
+    version: HttpVersion,
+    request: Request<String>,
+) -> Answer {
+    let socket = match local {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .expect("a socket");
+    socket
+        .bind(SocketAddr::new(local, 0))
+        .unwrap_or_else(|e| panic!("binding a client socket to {local}: {e}"));
+    let tcp = socket.connect(addr).await.expect("the listener accepts");
     exchange(TokioIo::new(tcp), addr, "http", version, request).await
 }
 

@@ -21,7 +21,7 @@
 //!   [`eventually`]: the one way a test waits for something that happens
 //!   in the background (no test sleeps a fixed time and then asserts).
 //! - [`http`]: one request to the verify listener's HTTP face, over
-//!   HTTP/1.1 or HTTP/2, plaintext or TLS.
+//!   HTTP/1.1 or HTTP/2, plaintext (from any local address) or TLS.
 //! - [`on_both_backends!`]: a test written once, run on SQLite and on
 //!   Postgres.
 //!
