@@ -644,3 +644,79 @@ async fn probes_and_unknown_paths_answer_beside_grpc(mut app: TestApp) {
         VerifyCode::Valid
     );
 }
+
+/// The database refuses connections: once the lease on memory has run
+/// out, this node cannot vouch for any key, and says so with 503 and
+/// `Retry-After`; `/readyz` agrees; both recover without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_503_with_retry_after_until_the_database_is_back() {
+    let Some(mut app) = vilvik_keys_test_support::spawn_app_with(
+        vilvik_keys_test_support::Backend::Postgres,
+        |config| config.staleness_bound = Duration::from_millis(500),
+    )
+    .await
+    else {
+        return;
+    };
+    let (_, secret) = new_key(&mut app, "backend", &["datasets:read"]).await;
+    let database = {
+        use secrecy::ExposeSecret;
+        let url = app.config.database_url.as_ref().unwrap().expose_secret();
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        config.get_dbname().unwrap().to_owned()
+    };
+    let addr = app.verify_addr;
+    let key_self = || get(SELF, &[("x-api-key", &secret)]);
+    assert_eq!(
+        send(addr, HttpVersion::Http1, key_self()).await.status,
+        StatusCode::OK
+    );
+
+    vilvik_keys_test_db::allow_connections(&database, false).await;
+    // The lease is kept on the service's clock, which only the test moves.
+    let clock = app.clock.clone();
+    vilvik_keys_test_support::eventually(
+        Duration::from_secs(15),
+        "the lease runs out and the key cannot be vouched for",
+        || async {
+            clock.advance(time::Duration::seconds(1));
+            send(addr, HttpVersion::Http1, key_self()).await.status
+                == StatusCode::SERVICE_UNAVAILABLE
+        },
+    )
+    .await;
+    let body = format!(r#"{{"key":"{secret}"}}"#);
+    for version in HTTP_VERSIONS {
+        for answer in [
+            send(addr, version, key_self()).await,
+            send(addr, version, get(AUTHORIZE, &[("x-api-key", &secret)])).await,
+            send(addr, version, json_post(&body)).await,
+            send(addr, version, get("/readyz", &[])).await,
+        ] {
+            assert_key_answer(&answer, StatusCode::SERVICE_UNAVAILABLE, &secret);
+            assert_eq!(answer.header("retry-after"), "1", "{answer:?}");
+            assert_eq!(answer.header("www-authenticate"), "", "{answer:?}");
+            let json = answer.json();
+            assert_eq!(json["code"], "UNAVAILABLE");
+            let message = json["message"].as_str().unwrap();
+            assert!(
+                message.starts_with("this node cannot vouch for the key now: ")
+                    && message.ends_with("; retry shortly"),
+                "{message}"
+            );
+        }
+        // The process is alive all the same.
+        let alive = send(addr, version, get("/healthz", &[])).await;
+        assert_eq!(alive.status, StatusCode::OK);
+    }
+
+    vilvik_keys_test_db::allow_connections(&database, true).await;
+    vilvik_keys_test_support::eventually(
+        Duration::from_secs(15),
+        "the node answers again, with no restart",
+        || async { send(addr, HttpVersion::Http1, key_self()).await.status == StatusCode::OK },
+    )
+    .await;
+    let ready = send(addr, HttpVersion::Http2, get("/readyz", &[])).await;
+    assert_eq!(ready.status, StatusCode::OK);
+}
