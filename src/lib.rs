@@ -57,6 +57,7 @@ pub mod proto {
                 .field("key", &self.key)
                 .field("secret", &REDACTED)
                 .field("smoke_test_command", &REDACTED)
+                .field("curl_smoke_test_command", &REDACTED)
                 .finish()
         }
     }
@@ -67,6 +68,7 @@ pub mod proto {
                 .field("key", &self.key)
                 .field("secret", &REDACTED)
                 .field("smoke_test_command", &REDACTED)
+                .field("curl_smoke_test_command", &REDACTED)
                 .finish()
         }
     }
