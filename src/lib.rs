@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod config;
 pub mod headers;
+pub mod http_face;
 pub mod pepper;
 pub mod runtime;
 pub mod server;

@@ -16,6 +16,7 @@ use vilvik_keys_verify::{
 
 use crate::admin_server::key_admin_server::KeyAdminServer;
 use crate::config::Config;
+use crate::http_face::HttpFace;
 use crate::runtime::{self, Listener, Routes, Runtime, bind};
 use crate::server::admin::{AdminService, SmokeTest};
 use crate::server::verify::VerifyService;
@@ -157,12 +158,20 @@ impl Application {
                     verifier: verifier.clone(),
                     trusted_proxies: config.trusted_proxies.clone(),
                 };
+                let http_face = HttpFace::new(
+                    verifier.clone(),
+                    config.trusted_proxies.clone(),
+                    config.http_key_headers.clone(),
+                );
                 listeners.push(Listener {
                     name: "verify",
                     socket,
-                    routes: Routes::new().grpc(
-                        KeyVerifyServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
-                    ),
+                    routes: Routes::new()
+                        .grpc(
+                            KeyVerifyServer::new(service)
+                                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                        )
+                        .http(http_face.router()),
                     concurrency: config.verify_concurrency(),
                     tls: verify_tls,
                 });

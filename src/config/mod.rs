@@ -90,6 +90,8 @@ pub struct Config {
     pub allowed_scopes: ScopeCatalogue,
     pub usage_flush_interval: Duration,
     pub trusted_proxies: Vec<IpAddr>,
+    /// Where the verify listener's HTTP routes read a key from.
+    pub http_key_headers: Vec<http::HeaderName>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
     pub request_timeout: Duration,
@@ -160,6 +162,10 @@ impl Default for Config {
             allowed_scopes: policy.grantable,
             usage_flush_interval: UsageConfig::default().flush_interval,
             trusted_proxies: Vec::new(),
+            http_key_headers: vec![
+                http::header::AUTHORIZATION,
+                http::HeaderName::from_static("x-api-key"),
+            ],
             log_format: LogFormat::Pretty,
             shutdown_grace: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),

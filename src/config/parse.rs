@@ -69,6 +69,26 @@ pub(super) fn parse_ips(name: &str, value: &str) -> Result<Vec<IpAddr>, ConfigEr
         .collect()
 }
 
+/// Header names, comma-separated, lower-cased; at least one.
+pub(super) fn parse_header_names(
+    name: &str,
+    value: &str,
+) -> Result<Vec<http::HeaderName>, ConfigError> {
+    let names = list_items(value)
+        .map(|s| {
+            http::HeaderName::from_bytes(s.to_ascii_lowercase().as_bytes())
+                .map_err(|_| invalid(name, format!("'{s}' is not an HTTP header name")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if names.is_empty() {
+        return Err(invalid(
+            name,
+            "must name at least one header, such as authorization",
+        ));
+    }
+    Ok(names)
+}
+
 /// Pepper ids (16 hex characters each), comma-separated.
 pub(super) fn parse_pepper_ids(name: &str, value: &str) -> Result<Vec<PepperId>, ConfigError> {
     list_items(value)

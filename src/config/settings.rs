@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use super::error::{ConfigError, invalid};
 use super::parse::{
-    operator_token_weakness, parse_addr, parse_bool, parse_burst, parse_catalogue, parse_count,
+    operator_token_weakness, parse_addr, parse_bool, parse_burst, parse_catalogue, parse_count, parse_header_names,
     parse_hours, parse_interval, parse_ips, parse_log_format, parse_millis, parse_number,
     parse_pepper_ids, parse_rate, split_paths,
 };
@@ -314,6 +314,9 @@ settings! {
             Unset("`x-forwarded-for` ignored"),
             "proxies whose `x-forwarded-for` is believed (a list in the file, comma-separated in the environment)",
             |c, name, v| { c.trusted_proxies = parse_ips(name, &v)?; Ok(()) };
+        http_key_headers: Vec<String> = "VILVIK_KEYS_HTTP_KEY_HEADERS", Value(|c| c.http_key_headers.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(",")),
+            "the request headers the verify listener's HTTP routes and Envoy check read a key from (a list in the file, comma-separated in the environment): `authorization` as `Bearer <key>`, any other as the bare key; a request with keys in two of them is refused as ambiguous",
+            |c, name, v| { c.http_key_headers = parse_header_names(name, &v)?; Ok(()) };
         log_format: String = "VILVIK_KEYS_LOG_FORMAT", Value(|c| c.log_format.name().to_owned()),
             "`pretty` or `json`",
             |c, name, v| { c.log_format = parse_log_format(name, &v)?; Ok(()) };

@@ -57,13 +57,15 @@ pub struct Listener {
 }
 
 /// What a listener serves: gRPC services, each reported SERVING by the
-/// health service and advertised by reflection. Requests are routed by
-/// path, as tonic routes them (an HTTP face can be merged in beside the
-/// services through [`tonic::service::Routes`]'s axum router).
+/// health service and advertised by reflection, and HTTP routes beside
+/// them. Requests are routed by path, as tonic routes them (its routes are
+/// an axum router, which the HTTP routes join).
 #[derive(Debug, Default)]
 pub struct Routes {
     routes: tonic::service::Routes,
     grpc: Vec<&'static str>,
+    /// Whether it has HTTP routes: then it also speaks HTTP/1.1.
+    http: bool,
 }
 
 impl Routes {
@@ -90,10 +92,42 @@ impl Routes {
         self
     }
 
+    /// Adds HTTP routes. A path neither they nor a gRPC service serve is
+    /// gRPC's UNIMPLEMENTED to a gRPC call, and 404 to anything else.
+    pub fn http(mut self, router: axum::Router) -> Self {
+        let routes = std::mem::take(&mut self.routes).into_axum_router();
+        self.routes = routes.merge(router).fallback(not_found).into();
+        self.http = true;
+        self
+    }
+
     /// The names of its gRPC services.
     pub fn grpc_services(&self) -> &[&'static str] {
         &self.grpc
     }
+}
+
+/// The answer to a path nothing serves.
+async fn not_found(request: axum::extract::Request) -> http::Response<axum::body::Body> {
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented(format!("no service serves {}", request.uri().path()))
+            .into_http();
+    }
+    let body = serde_json::json!({
+        "code": "NOT_FOUND",
+        "message": format!("no route serves {}: see docs/INTEGRATIONS.md", request.uri().path()),
+    });
+    let mut response = http::Response::new(axum::body::Body::from(body.to_string()));
+    *response.status_mut() = http::StatusCode::NOT_FOUND;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// What every listener of a process shares: the request deadline, the
@@ -151,7 +185,12 @@ pub(super) fn serve(
     let Listener {
         name,
         socket,
-        routes: Routes { mut routes, grpc },
+        routes:
+            Routes {
+                mut routes,
+                grpc,
+                http,
+            },
         concurrency,
         tls,
     } = listener;
@@ -186,6 +225,7 @@ pub(super) fn serve(
     tracing::info!(listener = name, %addr, tls = tls_mode(tls.as_ref()), "listening");
     let serving = settings
         .server()
+        .accept_http1(http)
         .layer(ActivityLayer::new(concurrency.per_connection))
         .layer(admission)
         .add_routes(routes)

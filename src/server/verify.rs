@@ -8,7 +8,6 @@ use tonic::{Request, Response, Status};
 use vilvik_keys_domain::Scope;
 use vilvik_keys_verify::{Origin, Verdict, Verifier};
 
-use super::auth::client_ip;
 use super::verify_wire::{VerifyAnswer, VerifyCall};
 use crate::service::ApiError;
 use crate::verify_server::key_verify_server::KeyVerify;
@@ -51,8 +50,8 @@ impl KeyVerify for VerifyService {
     ) -> Result<Response<VerifyAnswer>, Status> {
         // What this listener saw (the peer, or the client a trusted proxy
         // forwarded), kept apart from what the caller claims.
-        let observed = client_ip(
-            request.metadata(),
+        let observed = crate::headers::client_ip(
+            request.metadata().as_ref(),
             crate::transport::peer_addr(&request),
             &self.trusted_proxies,
         );

@@ -36,8 +36,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
 
-/// What a client sends before its first frame.
-const PREFACE_LEN: usize = 24;
+/// What an HTTP/2 client sends before its first frame; a connection that
+/// starts otherwise speaks HTTP/1.1.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADER_LEN: usize = 9;
 
 const DATA: u8 = 0x0;
@@ -270,9 +271,19 @@ enum AfterGoAway {
     Drained,
 }
 
+/// What a connection speaks, told by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// As far as it has sent, the HTTP/2 preface: `matched` bytes of it.
+    Sniffing { matched: usize },
+    Http2,
+    Http1,
+}
+
 /// A connection whose HTTP/2 frames are watched; see the module's text.
 pub struct Watched<IO> {
     io: IO,
+    protocol: Protocol,
     inbound: Framer,
     outbound: Framer,
     /// Whether the server has started its frames (its SETTINGS comes
@@ -309,10 +320,8 @@ impl<IO> Watched<IO> {
     ) -> Self {
         Self {
             io,
-            inbound: Framer {
-                skip: PREFACE_LEN,
-                ..Framer::default()
-            },
+            protocol: Protocol::Sniffing { matched: 0 },
+            inbound: Framer::default(),
             outbound: Framer::default(),
             server_started: false,
             calls: Calls {
@@ -330,7 +339,23 @@ impl<IO> Watched<IO> {
 
     /// Reads the client's frames in `bytes`; false when it has sent more
     /// control frames than it may.
-    fn inbound(&mut self, bytes: &[u8]) -> bool {
+    fn inbound(&mut self, mut bytes: &[u8]) -> bool {
+        if let Protocol::Sniffing { matched } = &mut self.protocol {
+            let n = (PREFACE.len() - *matched).min(bytes.len());
+            if bytes[..n] != PREFACE[*matched..*matched + n] {
+                self.protocol = Protocol::Http1;
+                return true;
+            }
+            *matched += n;
+            bytes = &bytes[n..];
+            if *matched < PREFACE.len() {
+                return true;
+            }
+            self.protocol = Protocol::Http2;
+        }
+        if self.protocol != Protocol::Http2 {
+            return true;
+        }
         let (calls, allowance) = (&mut self.calls, &mut self.allowance);
         let mut calm = true;
         self.inbound.feed(bytes, |h| match h.kind {
@@ -345,6 +370,11 @@ impl<IO> Watched<IO> {
 
     /// Reads the server's frames in `bytes`.
     fn outbound(&mut self, bytes: &[u8]) {
+        // An HTTP/2-only server writes its SETTINGS before the client's
+        // preface is read; an HTTP/1.1 server writes nothing before a request.
+        if self.protocol == Protocol::Http1 {
+            return;
+        }
         let (calls, allowance) = (&mut self.calls, &mut self.allowance);
         let mut started = false;
         self.outbound.feed(bytes, |h| {
@@ -522,6 +552,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watched<IO> {
         let this = self.get_mut();
         if let Some(drain) = &this.drain {
             drain.waker.register(cx.waker());
+            if matches!(this.closing, Closing::Open)
+                && drain.requested.load(Ordering::Acquire)
+                && this.protocol == Protocol::Http1
+            {
+                tracing::info!(
+                    listener = this.listener,
+                    peer = %PeerName(this.peer),
+                    "closing an HTTP/1.1 connection at once (HTTP/1.1 has no GOAWAY)"
+                );
+                this.closing = Closing::ShuttingDown {
+                    deadline: Self::deadline(CLOSE_WITHIN),
+                };
+            }
             if matches!(this.closing, Closing::Open) && drain.requested.load(Ordering::Acquire) {
                 tracing::info!(
                     listener = this.listener,
@@ -659,7 +702,6 @@ mod tests {
 
     use super::*;
 
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     const SETTINGS_FRAME: [u8; 9] = [0, 0, 0, SETTINGS, 0, 0, 0, 0, 0];
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -787,5 +829,27 @@ mod tests {
         assert_eq!(kinds, [SETTINGS, GOAWAY, HEADERS, GOAWAY], "{frames:?}");
         assert_eq!(frames[1].2, go_away(ALL_STREAMS, NO_ERROR));
         assert_eq!(frames[3].2, go_away(1, NO_ERROR));
+    }
+    #[tokio::test]
+    async fn an_http1_connection_passes_unwatched_and_closes_at_once_when_drained() {
+        let drain = Arc::new(Drain::default());
+        let (mut server, mut client) = watched(1, Some(drain.clone()));
+        // Pipelined requests whose bytes, read as frames, would be a flood.
+        let request = b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n".repeat(50);
+        client.write_all(&request).await.unwrap();
+        let mut buf = vec![0; 8192];
+        let mut read = 0;
+        while read < request.len() {
+            read += server.read(&mut buf).await.unwrap();
+        }
+        assert!(matches!(server.closing, Closing::Open));
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        server.write_all(answer).await.unwrap();
+        // HTTP/1.1 has no GOAWAY: asked to go, it closes, nothing written.
+        drain.close_after_calls();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0);
+        let mut bytes = Vec::new();
+        client.read_to_end(&mut bytes).await.unwrap();
+        assert_eq!(bytes, answer);
     }
 }

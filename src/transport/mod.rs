@@ -11,4 +11,4 @@ pub mod connections;
 pub mod frames;
 pub mod tls;
 
-pub use connections::peer_addr;
+pub use connections::{peer_addr, peer_addr_in};

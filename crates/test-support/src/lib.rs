@@ -20,6 +20,8 @@
 //!   builders of [`requests`]: what tests send and compare;
 //!   [`eventually`]: the one way a test waits for something that happens
 //!   in the background (no test sleeps a fixed time and then asserts).
+//! - [`http`]: one request to the verify listener's HTTP face, over
+//!   HTTP/1.1 or HTTP/2, plaintext or TLS.
 //! - [`on_both_backends!`]: a test written once, run on SQLite and on
 //!   Postgres.
 //!
@@ -48,6 +50,7 @@
 
 mod app;
 pub mod binary;
+pub mod http;
 mod macros;
 mod postgres;
 pub mod requests;

@@ -351,6 +351,21 @@ impl Verifier {
         (self.known.len(), self.known.complete())
     }
 
+    /// Whether this node can answer now: its memory is trusted (the lease
+    /// is valid), or else the store answers a read within the misses'
+    /// deadline. For readiness probes.
+    pub async fn can_answer(&self) -> Result<(), VerifyError> {
+        if self.health.cache_trusted(self.clock.now()) {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.misses.timeout, self.store.change_sequence()).await {
+            Ok(read) => read.map(|_| ()).map_err(VerifyError::Store),
+            Err(_) => Err(VerifyError::LookupTimeout {
+                timeout: self.misses.timeout,
+            }),
+        }
+    }
+
     /// Notes where the change log stands, so that [`Verifier::follow_changes`]
     /// starts from there. Call at start, before any verify or preload.
     pub async fn mark_change_log_position(&self) -> Result<(), VerifyError> {

@@ -34,10 +34,15 @@ impl ConnectionInfo {
 
 /// The address of the peer that sent `request`.
 pub fn peer_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
-    match request.extensions().get::<ConnectionInfo>() {
-        Some(info) => info.tcp.remote_addr(),
-        None => request.remote_addr(),
-    }
+    peer_addr_in(request.extensions()).or_else(|| request.remote_addr())
+}
+
+/// The peer's address, from an HTTP request's extensions on a listener's
+/// tracked connection.
+pub fn peer_addr_in(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
+    extensions
+        .get::<ConnectionInfo>()
+        .and_then(|info| info.tcp.remote_addr())
 }
 
 impl Connected for Tracked<TcpStream> {

@@ -49,7 +49,7 @@ mod descriptors;
 mod registry;
 mod tracked;
 
-pub use activity::{Active, ActiveFuture, ActivityLayer, ConnectionInfo, peer_addr};
+pub use activity::{Active, ActiveFuture, ActivityLayer, ConnectionInfo, peer_addr, peer_addr_in};
 pub use descriptors::{fit_connection_cap, fitted_cap, raise_descriptor_limit};
 pub use registry::{Closed, ConnectionLimits};
 pub use tracked::Tracked;

@@ -1,0 +1,238 @@
+//! `POST /v1/keys:verify`: KeyVerify's VerifyKey in proto3 JSON, for a
+//! backend that verifies someone else's key. Every verdict is 200 with
+//! `valid` and `code` (the caller asked a question and got its answer);
+//! only a request that cannot be read is refused: 400 naming the field,
+//! 413 over the size limit, 415 for a body that is not JSON, 503 when this
+//! node cannot vouch for its answer.
+//!
+//! Field names are the proto's lowerCamelCase JSON names, as grpcurl
+//! shows them; a request may also use the proto field names
+//! (`required_scopes`), as the proto3 JSON mapping requires.
+
+use std::net::IpAddr;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use http::StatusCode;
+use serde_json::{Map, Value};
+use smallvec::SmallVec;
+use vilvik_keys_domain::{Scope, excerpt, format_time};
+use vilvik_keys_verify::{Origin, Verdict};
+
+use super::HttpFace;
+use super::routes::{json, unavailable};
+use crate::config::MAX_MESSAGE_BYTES;
+use crate::proto::VerifyCode;
+
+/// Most scopes one request may require (as over gRPC).
+const MAX_REQUIRED_SCOPES: usize = 50;
+
+/// A request's fields, read.
+#[derive(Default)]
+struct Call {
+    key: String,
+    required: SmallVec<[Scope; 2]>,
+    claimed: Option<IpAddr>,
+}
+
+/// Why a request cannot be read: the status, and the field at fault.
+struct Unreadable {
+    status: StatusCode,
+    field: Option<String>,
+    message: String,
+}
+
+impl Unreadable {
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    fn response(self) -> http::Response<Body> {
+        let code = match self.status {
+            StatusCode::PAYLOAD_TOO_LARGE => "PAYLOAD_TOO_LARGE",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "UNSUPPORTED_MEDIA_TYPE",
+            _ => "INVALID_ARGUMENT",
+        };
+        let mut body = serde_json::json!({ "code": code, "message": self.message });
+        if let Some(field) = self.field {
+            body["field"] = Value::String(field);
+        }
+        json(self.status, &body)
+    }
+}
+
+pub async fn verify(State(face): State<HttpFace>, request: Request) -> http::Response<Body> {
+    let (parts, body) = request.into_parts();
+    let call = match read(&parts.headers, body).await {
+        Ok(call) => call,
+        Err(unreadable) => return unreadable.response(),
+    };
+    let face = &face.0;
+    let origin = Origin {
+        claimed: call.claimed,
+        ..face.origin(&parts)
+    };
+    match face
+        .verifier
+        .verify(call.key.as_bytes(), &call.required, origin)
+        .await
+    {
+        Ok(verdict) => json(StatusCode::OK, &answer(&verdict)),
+        Err(e) => unavailable(e).response(),
+    }
+}
+
+/// Reads a request: its content type, its body, its fields.
+async fn read(headers: &http::HeaderMap, body: Body) -> Result<Call, Unreadable> {
+    let json_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|t| t.to_str().ok())
+        .and_then(|t| t.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if !json_type {
+        return Err(Unreadable {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            field: None,
+            message: "send the request as JSON, with Content-Type: application/json".to_owned(),
+        });
+    }
+    let body = axum::body::to_bytes(body, MAX_MESSAGE_BYTES)
+        .await
+        .map_err(|_| Unreadable {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            field: None,
+            message: format!("the request's body is over the limit of {MAX_MESSAGE_BYTES} bytes"),
+        })?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| Unreadable {
+        status: StatusCode::BAD_REQUEST,
+        field: None,
+        message: format!("the body is not JSON: {e}"),
+    })?;
+    let Value::Object(fields) = value else {
+        return Err(Unreadable {
+            status: StatusCode::BAD_REQUEST,
+            field: None,
+            message: "the body must be a JSON object: {\"key\": \"vlk_…\", \"requiredScopes\": […]}"
+                .to_owned(),
+        });
+    };
+    fields_of(fields)
+}
+
+/// A VerifyKeyRequest's fields, each under its JSON or its proto name
+/// (not both); `null` is the field's default, as proto3 JSON has it.
+fn fields_of(fields: Map<String, Value>) -> Result<Call, Unreadable> {
+    let mut call = Call::default();
+    let mut seen: [Option<&str>; 3] = [None; 3];
+    for (name, value) in &fields {
+        let (slot, json_name) = match name.as_str() {
+            "key" => (0, "key"),
+            "requiredScopes" | "required_scopes" => (1, "requiredScopes"),
+            "clientIp" | "client_ip" => (2, "clientIp"),
+            other => {
+                return Err(Unreadable::field(
+                    excerpt(other),
+                    format!(
+                        "unknown field '{}': a VerifyKeyRequest has key, requiredScopes and clientIp",
+                        excerpt(other)
+                    ),
+                ));
+            }
+        };
+        if let Some(first) = seen[slot].replace(name) {
+            return Err(Unreadable::field(
+                json_name,
+                format!("the field is given twice, as {first} and {name}: give it once"),
+            ));
+        }
+        match (slot, value) {
+            (_, Value::Null) => {}
+            (0, Value::String(key)) => call.key = key.clone(),
+            (1, Value::Array(scopes)) => call.required = required(scopes)?,
+            (2, Value::String(ip)) => call.claimed = claimed(ip)?,
+            (1, _) => {
+                return Err(Unreadable::field(
+                    json_name,
+                    "must be an array of strings, such as [\"datasets:read\"]",
+                ));
+            }
+            _ => return Err(Unreadable::field(json_name, "must be a string")),
+        }
+    }
+    Ok(call)
+}
+
+fn required(scopes: &[Value]) -> Result<SmallVec<[Scope; 2]>, Unreadable> {
+    if scopes.len() > MAX_REQUIRED_SCOPES {
+        return Err(Unreadable::field(
+            "requiredScopes",
+            format!(
+                "at most {MAX_REQUIRED_SCOPES} scopes may be required; {} were given",
+                scopes.len()
+            ),
+        ));
+    }
+    scopes
+        .iter()
+        .enumerate()
+        .map(|(i, scope)| {
+            let field = || format!("requiredScopes[{i}]");
+            let Value::String(scope) = scope else {
+                return Err(Unreadable::field(field(), "must be a string"));
+            };
+            scope
+                .parse::<Scope>()
+                .map_err(|e| Unreadable::field(field(), e.to_string()))
+        })
+        .collect()
+}
+
+fn claimed(ip: &str) -> Result<Option<IpAddr>, Unreadable> {
+    match ip.trim() {
+        "" => Ok(None),
+        ip => ip.parse().map(Some).map_err(|_| {
+            Unreadable::field(
+                "clientIp",
+                format!("'{}' is not an IPv4 or IPv6 address", excerpt(ip)),
+            )
+        }),
+    }
+}
+
+/// A verdict as a VerifyKeyResponse in proto3 JSON. `valid` is always
+/// written, so that a reader need not know proto3 leaves out `false`.
+fn answer(verdict: &Verdict) -> Value {
+    let (code, key, missing) = match verdict {
+        Verdict::Valid(key) => (VerifyCode::Valid, Some(key), None),
+        Verdict::Malformed(_) => (VerifyCode::Malformed, None, None),
+        Verdict::NotFound => (VerifyCode::NotFound, None, None),
+        Verdict::Expired(key) => (VerifyCode::Expired, Some(key), None),
+        Verdict::Revoked(key) => (VerifyCode::Revoked, Some(key), None),
+        Verdict::Rotated(key) => (VerifyCode::Rotated, Some(key), None),
+        Verdict::InsufficientScope { key, missing } => {
+            (VerifyCode::InsufficientScope, Some(key), Some(missing))
+        }
+    };
+    let mut out = Map::new();
+    out.insert("valid".into(), Value::Bool(verdict.is_valid()));
+    out.insert("code".into(), code.as_str_name().into());
+    if let Some(key) = key {
+        out.insert("keyId".into(), key.key_id.as_str().into());
+        out.insert("accountId".into(), key.account_id.as_str().into());
+        out.insert("name".into(), key.name.as_str().into());
+        let scopes: Vec<Value> = key.scopes.iter().map(|s| s.as_str().into()).collect();
+        out.insert("scopes".into(), scopes.into());
+        if let Some(at) = key.expires_at {
+            out.insert("expiresAt".into(), format_time(at).into());
+        }
+    }
+    if let Some(missing) = missing {
+        let missing: Vec<Value> = missing.iter().map(|s| s.as_str().into()).collect();
+        out.insert("missingScopes".into(), missing.into());
+    }
+    Value::Object(out)
+}
