@@ -19,9 +19,9 @@ use serde::Deserialize;
 
 use super::error::{ConfigError, invalid};
 use super::parse::{
-    operator_token_weakness, parse_addr, parse_bool, parse_burst, parse_catalogue, parse_count, parse_header_names,
-    parse_hours, parse_interval, parse_ips, parse_log_format, parse_millis, parse_number,
-    parse_pepper_ids, parse_rate, split_paths,
+    operator_token_weakness, parse_addr, parse_bool, parse_burst, parse_catalogue, parse_count,
+    parse_header_names, parse_hours, parse_interval, parse_ips, parse_log_format, parse_millis,
+    parse_number, parse_pepper_ids, parse_rate, split_paths,
 };
 use super::{CLI_DEFAULT_ADDR, Config, DEFAULT_LOG_FILTER};
 

@@ -118,7 +118,9 @@ impl From<Refusal> for Denial {
             Refusal::Unreadable { header } => (
                 StatusCode::BAD_REQUEST,
                 "UNREADABLE_KEY",
-                format!("the {header} header is not ASCII text, so it holds no key: send the key as it was shown"),
+                format!(
+                    "the {header} header is not ASCII text, so it holds no key: send the key as it was shown"
+                ),
             ),
             Refusal::KeyTooLong { header } => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -243,9 +245,7 @@ pub fn unavailable(what: impl std::fmt::Display) -> Denial {
 
 /// The identity headers of an allowed key.
 pub fn identity_headers(key: &VerifiedKey) -> [(HeaderName, HeaderValue); 4] {
-    let ascii = |s: &str| {
-        HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
-    };
+    let ascii = |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
     let name = utf8_percent_encode(key.name.as_str(), NAME_ESCAPES).to_string();
     let scopes: Vec<&str> = key.scopes.iter().map(Scope::as_str).collect();
     [

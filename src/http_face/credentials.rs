@@ -158,8 +158,7 @@ mod tests {
 
     fn key_of(pairs: &[(&str, &str)]) -> Result<Option<String>, Refusal> {
         let map = headers(pairs);
-        presented_key(&map, &names())
-            .map(|key| key.map(|k| String::from_utf8(k.to_vec()).unwrap()))
+        presented_key(&map, &names()).map(|key| key.map(|k| String::from_utf8(k.to_vec()).unwrap()))
     }
 
     #[test]

@@ -116,8 +116,9 @@ async fn read(headers: &http::HeaderMap, body: Body) -> Result<Call, Unreadable>
         return Err(Unreadable {
             status: StatusCode::BAD_REQUEST,
             field: None,
-            message: "the body must be a JSON object: {\"key\": \"vlk_…\", \"requiredScopes\": […]}"
-                .to_owned(),
+            message:
+                "the body must be a JSON object: {\"key\": \"vlk_…\", \"requiredScopes\": […]}"
+                    .to_owned(),
         });
     };
     fields_of(fields)

@@ -115,13 +115,18 @@ fn details(key: &VerifiedKey) -> serde_json::Value {
     })
 }
 
-/// A JSON response.
+/// A JSON response, never cached (an answer about a key is of its moment).
 pub(super) fn json(status: StatusCode, body: &serde_json::Value) -> Response {
     let mut response = Response::new(Body::from(body.to_string()));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
     );
     response
 }

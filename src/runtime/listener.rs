@@ -185,12 +185,11 @@ pub(super) fn serve(
     let Listener {
         name,
         socket,
-        routes:
-            Routes {
-                mut routes,
-                grpc,
-                http,
-            },
+        routes: Routes {
+            mut routes,
+            grpc,
+            http,
+        },
         concurrency,
         tls,
     } = listener;

@@ -275,7 +275,9 @@ enum AfterGoAway {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Protocol {
     /// As far as it has sent, the HTTP/2 preface: `matched` bytes of it.
-    Sniffing { matched: usize },
+    Sniffing {
+        matched: usize,
+    },
     Http2,
     Http1,
 }

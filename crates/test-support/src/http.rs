@@ -64,7 +64,9 @@ pub fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -
 
 /// Sends `request` to `addr` on a new plaintext connection.
 pub async fn send(addr: SocketAddr, version: HttpVersion, request: Request<String>) -> Answer {
-    let tcp = TcpStream::connect(addr).await.expect("the listener accepts");
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("the listener accepts");
     exchange(TokioIo::new(tcp), addr, "http", version, request).await
 }
 
@@ -91,7 +93,9 @@ pub async fn send_tls(
         HttpVersion::Http1 => vec![b"http/1.1".to_vec()],
         HttpVersion::Http2 => vec![b"h2".to_vec()],
     };
-    let tcp = TcpStream::connect(addr).await.expect("the listener accepts");
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("the listener accepts");
     let name = ServerName::try_from(server_name.to_owned()).expect("a server name");
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
@@ -114,9 +118,10 @@ where
     let body = Full::new(Bytes::from(body));
     let response = match version {
         HttpVersion::Http1 => {
-            parts
-                .headers
-                .insert(http::header::HOST, addr.to_string().parse().expect("a host"));
+            parts.headers.insert(
+                http::header::HOST,
+                addr.to_string().parse().expect("a host"),
+            );
             let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
                 .await
                 .expect("an HTTP/1.1 connection");
