@@ -1,7 +1,8 @@
 //! The secret canary: the whole tour, run against a real
 //! `vilvik-keys serve` process logging at `RUST_LOG=trace`, plus the
 //! mistakes a user makes with secrets (pasting one into the wrong field,
-//! using a rotated or revoked one). Then every log line, every response
+//! using a rotated or revoked one), and the printed curl smoke tests, which
+//! send the secret in an HTTP header. Then every log line, every response
 //! other than the one that created a secret, every error message, every
 //! audit event and the SQLite files are searched for every secret, for the
 //! part of it after its public prefix, and for the operator token: none
@@ -47,6 +48,22 @@ impl Transcript {
                 status.metadata()
             ),
         };
+        self.said.push((what.to_owned(), text));
+    }
+
+    /// Runs a printed curl smoke test (through the verify listener's HTTP
+    /// face, the secret in its `authorization` header); asserts it
+    /// succeeded (or, `works` false, that curl was refused with a 401).
+    /// What curl printed goes into the transcript.
+    async fn curl(&mut self, what: &str, command: &str, works: bool) {
+        let output = binary::sh_curl(command).await;
+        let text = format!(
+            "{} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let code = output.status.code();
+        assert_eq!(code, Some(if works { 0 } else { 22 }), "{what}: {text}");
         self.said.push((what.to_owned(), text));
     }
 
@@ -119,6 +136,10 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
     assert_eq!(retried.secret, created.secret);
     let first = created.secret.clone();
     transcript.secrets.push(first.clone());
+    let first_curl = created.curl_smoke_test_command.clone();
+    transcript
+        .curl("the curl smoke test", &first_curl, true)
+        .await;
     let key_id = created.key.unwrap().key_id;
 
     // List, show, update, verify.
@@ -168,6 +189,17 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
         let r = verifier.verify_key(verify(secret, &[])).await;
         transcript.response("VerifyKey after rotation", &r);
     }
+    transcript
+        .curl(
+            "the first curl smoke test after rotation",
+            &first_curl,
+            false,
+        )
+        .await;
+    let second_curl = rotated.curl_smoke_test_command.clone();
+    transcript
+        .curl("the rotation's curl smoke test", &second_curl, true)
+        .await;
 
     // Mistakes with secrets: each is refused, and no message repeats it.
     let as_scope = create("oops", &[second.as_str()]);
@@ -236,6 +268,9 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
     transcript.response("RevokeKey", &r);
     let r = verifier.verify_key(verify(&second, &[])).await;
     transcript.response("VerifyKey after revocation", &r);
+    transcript
+        .curl("the curl smoke test after revocation", &second_curl, false)
+        .await;
     let r = admin
         .list_audit_events(bearer(ListAuditEventsRequest::default(), key))
         .await;

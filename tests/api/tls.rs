@@ -21,7 +21,7 @@ use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
 use vilvik_keys::proto::{ListKeysRequest, VerifyCode};
 use vilvik_keys::startup::{Application, Role};
-use vilvik_keys_test_support::requests::{create, verify};
+use vilvik_keys_test_support::requests::{create, revoke, verify};
 use vilvik_keys_test_support::{
     Backend, ServedBinary, StoreSettings, TestApp, bearer, binary, eventually, spawn_app_with,
 };
@@ -418,6 +418,42 @@ async fn the_smoke_test_command_runs_as_printed_over_tls() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("VERIFY_CODE_VALID"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_curl_smoke_test_command_runs_as_printed_over_tls() {
+    let ca = Ca::new("vilvik test CA");
+    let files = Files::new();
+    // A CA file whose path sh would split: the command quotes it.
+    let ca_file = files.write("public ca.pem", &ca.pem());
+    let app = tls_app(&files, &ca.server(), None, |config| {
+        config.tls.public_ca_file = Some(ca_file.clone());
+    })
+    .await;
+    let mut admin =
+        KeyAdminClient::new(tls_channel(app.admin_addr, &ca.pem(), None).await.unwrap());
+    let created = admin
+        .create_key(app.authed(create("smoke", &["datasets:read"])))
+        .await
+        .unwrap()
+        .into_inner();
+    let key_id = created.key.unwrap().key_id;
+    let command = created.curl_smoke_test_command;
+    assert_eq!(
+        command,
+        format!(
+            "curl -fsS --cacert '{}' -H \"Authorization: Bearer {}\" https://{}/v1/keys/self",
+            ca_file.display(),
+            created.secret,
+            app.verify_addr
+        )
+    );
+    let shown = crate::tour::curl_succeeds(&command).await;
+    assert_eq!(shown["key_id"], key_id.as_str());
+    assert_eq!(shown["state"], "ACTIVE");
+
+    admin.revoke_key(app.authed(revoke(&key_id))).await.unwrap();
+    crate::tour::curl_is_refused(&command, "REVOKED").await;
 }
 
 /// The start's error, with its causes, when the server is built with TLS
