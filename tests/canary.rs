@@ -67,6 +67,15 @@ impl Transcript {
         self.said.push((what.to_owned(), text));
     }
 
+    /// An answer of the verify listener's HTTP face: its status, headers
+    /// and body go into the transcript.
+    fn http(&mut self, what: &str, answer: &vilvik_keys_test_support::http::Answer) {
+        self.said.push((
+            what.to_owned(),
+            format!("{} {:?} {}", answer.status, answer.headers, answer.body),
+        ));
+    }
+
     /// A call that must fail: its status goes into the transcript.
     fn refused<T: std::fmt::Debug>(
         &mut self,
@@ -271,6 +280,7 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
     transcript
         .curl("the curl smoke test after revocation", &second_curl, false)
         .await;
+    http_face_mistakes(&mut transcript, server.verify_addr(), &first, &second).await;
     let r = admin
         .list_audit_events(bearer(ListAuditEventsRequest::default(), key))
         .await;
@@ -349,6 +359,111 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
         }
     }
     assert!(hits.is_empty(), "secrets found: {hits:#?}");
+}
+
+/// The mistakes people make with secrets on the HTTP face: a rotated
+/// (`old`) and a revoked (`revoked`) secret presented, two keys at once,
+/// a secret as a required scope (header and query), as a JSON field's
+/// name, as a scope or an address, padded past the length limit.
+async fn http_face_mistakes(
+    transcript: &mut Transcript,
+    addr: std::net::SocketAddr,
+    old: &str,
+    revoked: &str,
+) {
+    use vilvik_keys_test_support::http::{HttpVersion, get, request, send};
+    let json = |body: String| {
+        request(
+            "POST",
+            "/v1/keys:verify",
+            &[("content-type", "application/json")],
+            &body,
+        )
+    };
+    let bearer = format!("Bearer {old}");
+    let padded = format!("{revoked}{}", "x".repeat(300));
+    let scope_query = format!("/v1/authorize?scope={revoked}");
+    let mistakes = [
+        (
+            "a revoked key on /v1/keys/self",
+            get("/v1/keys/self", &[("x-api-key", revoked)]),
+            401,
+        ),
+        (
+            "a rotated key on /v1/authorize",
+            get("/v1/authorize", &[("authorization", &bearer)]),
+            401,
+        ),
+        (
+            "two keys at once",
+            get(
+                "/v1/authorize",
+                &[("authorization", &bearer), ("x-api-key", revoked)],
+            ),
+            400,
+        ),
+        (
+            "a secret as the required scopes",
+            get(
+                "/v1/authorize",
+                &[
+                    ("authorization", &bearer),
+                    ("x-vilvik-required-scopes", revoked),
+                ],
+            ),
+            400,
+        ),
+        (
+            "a secret as a scope in the query",
+            get(&scope_query, &[("x-api-key", old)]),
+            400,
+        ),
+        (
+            "a padded secret",
+            get("/v1/keys/self", &[("x-api-key", &padded)]),
+            431,
+        ),
+        (
+            "a secret as a JSON field's name",
+            json(format!(r#"{{"{revoked}":1}}"#)),
+            400,
+        ),
+        (
+            "a secret as a required scope in JSON",
+            json(format!(r#"{{"key":"x","requiredScopes":["{revoked}"]}}"#)),
+            400,
+        ),
+        (
+            "a secret as the client address",
+            json(format!(r#"{{"clientIp":"{revoked}"}}"#)),
+            400,
+        ),
+        (
+            "a secret in a list",
+            json(format!(r#"{{"key":["{revoked}"]}}"#)),
+            400,
+        ),
+        (
+            "a secret as the scopes",
+            json(format!(r#"{{"requiredScopes":"{revoked}"}}"#)),
+            400,
+        ),
+        (
+            "a secret in broken JSON",
+            json(format!(r#"{{"key":"{revoked}"#)),
+            400,
+        ),
+        (
+            "a revoked key in JSON",
+            json(format!(r#"{{"key":"{revoked}"}}"#)),
+            200,
+        ),
+    ];
+    for (what, request, status) in mistakes {
+        let answer = send(addr, HttpVersion::Http1, request).await;
+        assert_eq!(answer.status.as_u16(), status, "{what}: {answer:?}");
+        transcript.http(what, &answer);
+    }
 }
 
 fn database_files(db: &Path) -> Vec<(String, Vec<u8>)> {
