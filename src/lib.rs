@@ -58,6 +58,7 @@ pub mod proto {
                 .field("key", &self.key)
                 .field("secret", &REDACTED)
                 .field("smoke_test_command", &REDACTED)
+                .field("curl_smoke_test_command", &REDACTED)
                 .finish()
         }
     }
@@ -68,6 +69,7 @@ pub mod proto {
                 .field("key", &self.key)
                 .field("secret", &REDACTED)
                 .field("smoke_test_command", &REDACTED)
+                .field("curl_smoke_test_command", &REDACTED)
                 .finish()
         }
     }

@@ -23,7 +23,7 @@ use crate::server::verify::VerifyService;
 use crate::service;
 use crate::service::rate_limit::{AdminRateLimiter, SWEEP_INTERVAL};
 use crate::transport::connections::fit_connection_cap;
-use crate::transport::tls::Acceptor;
+use crate::transport::tls::{self, Acceptor};
 use crate::verify_server::key_verify_server::KeyVerifyServer;
 
 /// Largest request message accepted, on every listener.
@@ -75,15 +75,19 @@ impl Application {
     ) -> anyhow::Result<Self> {
         // Before anything else: a bad certificate should stop the start
         // at once, not after the store was migrated.
-        let tls = |listener: &'static str| {
+        let tls = |listener: &'static str, protocols| {
             config
                 .tls
                 .files(listener)
-                .map(|files| Acceptor::load(listener, files))
+                .map(|files| Acceptor::load(listener, files, protocols))
                 .transpose()
                 .with_context(|| format!("cannot set up TLS for the {listener} API"))
         };
-        let (admin_tls, verify_tls) = (tls("admin")?, tls("verify")?);
+        let (admin_tls, verify_tls) = (
+            tls("admin", tls::HTTP2)?,
+            // The verify listener also has the HTTP face.
+            tls("verify", tls::HTTP2_AND_HTTP1)?,
+        );
         let store = open_store(&config).await?;
         let peppers = crate::pepper::load(&config, store.as_ref()).await?;
         crate::pepper::check_live_keys(&config, &peppers, store.as_ref()).await?;

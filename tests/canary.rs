@@ -1,7 +1,8 @@
 //! The secret canary: the whole tour, run against a real
 //! `vilvik-keys serve` process logging at `RUST_LOG=trace`, plus the
 //! mistakes a user makes with secrets (pasting one into the wrong field,
-//! using a rotated or revoked one). Then every log line, every response
+//! using a rotated or revoked one), and the printed curl smoke tests, which
+//! send the secret in an HTTP header. Then every log line, every response
 //! other than the one that created a secret, every error message, every
 //! audit event and the SQLite files are searched for every secret, for the
 //! part of it after its public prefix, and for the operator token: none
@@ -48,6 +49,31 @@ impl Transcript {
             ),
         };
         self.said.push((what.to_owned(), text));
+    }
+
+    /// Runs a printed curl smoke test (through the verify listener's HTTP
+    /// face, the secret in its `authorization` header); asserts it
+    /// succeeded (or, `works` false, that curl was refused with a 401).
+    /// What curl printed goes into the transcript.
+    async fn curl(&mut self, what: &str, command: &str, works: bool) {
+        let output = binary::sh_curl(command).await;
+        let text = format!(
+            "{} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let code = output.status.code();
+        assert_eq!(code, Some(if works { 0 } else { 22 }), "{what}: {text}");
+        self.said.push((what.to_owned(), text));
+    }
+
+    /// An answer of the verify listener's HTTP face: its status, headers
+    /// and body go into the transcript.
+    fn http(&mut self, what: &str, answer: &vilvik_keys_test_support::http::Answer) {
+        self.said.push((
+            what.to_owned(),
+            format!("{} {:?} {}", answer.status, answer.headers, answer.body),
+        ));
     }
 
     /// A call that must fail: its status goes into the transcript.
@@ -119,6 +145,10 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
     assert_eq!(retried.secret, created.secret);
     let first = created.secret.clone();
     transcript.secrets.push(first.clone());
+    let first_curl = created.curl_smoke_test_command.clone();
+    transcript
+        .curl("the curl smoke test", &first_curl, true)
+        .await;
     let key_id = created.key.unwrap().key_id;
 
     // List, show, update, verify.
@@ -168,6 +198,17 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
         let r = verifier.verify_key(verify(secret, &[])).await;
         transcript.response("VerifyKey after rotation", &r);
     }
+    transcript
+        .curl(
+            "the first curl smoke test after rotation",
+            &first_curl,
+            false,
+        )
+        .await;
+    let second_curl = rotated.curl_smoke_test_command.clone();
+    transcript
+        .curl("the rotation's curl smoke test", &second_curl, true)
+        .await;
 
     // Mistakes with secrets: each is refused, and no message repeats it.
     let as_scope = create("oops", &[second.as_str()]);
@@ -236,6 +277,10 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
     transcript.response("RevokeKey", &r);
     let r = verifier.verify_key(verify(&second, &[])).await;
     transcript.response("VerifyKey after revocation", &r);
+    transcript
+        .curl("the curl smoke test after revocation", &second_curl, false)
+        .await;
+    http_face_mistakes(&mut transcript, server.verify_addr(), &first, &second).await;
     let r = admin
         .list_audit_events(bearer(ListAuditEventsRequest::default(), key))
         .await;
@@ -314,6 +359,111 @@ async fn no_secret_appears_in_logs_responses_errors_audit_events_or_database_fil
         }
     }
     assert!(hits.is_empty(), "secrets found: {hits:#?}");
+}
+
+/// The mistakes people make with secrets on the HTTP face: a rotated
+/// (`old`) and a revoked (`revoked`) secret presented, two keys at once,
+/// a secret as a required scope (header and query), as a JSON field's
+/// name, as a scope or an address, padded past the length limit.
+async fn http_face_mistakes(
+    transcript: &mut Transcript,
+    addr: std::net::SocketAddr,
+    old: &str,
+    revoked: &str,
+) {
+    use vilvik_keys_test_support::http::{HttpVersion, get, request, send};
+    let json = |body: String| {
+        request(
+            "POST",
+            "/v1/keys:verify",
+            &[("content-type", "application/json")],
+            &body,
+        )
+    };
+    let bearer = format!("Bearer {old}");
+    let padded = format!("{revoked}{}", "x".repeat(300));
+    let scope_query = format!("/v1/authorize?scope={revoked}");
+    let mistakes = [
+        (
+            "a revoked key on /v1/keys/self",
+            get("/v1/keys/self", &[("x-api-key", revoked)]),
+            401,
+        ),
+        (
+            "a rotated key on /v1/authorize",
+            get("/v1/authorize", &[("authorization", &bearer)]),
+            401,
+        ),
+        (
+            "two keys at once",
+            get(
+                "/v1/authorize",
+                &[("authorization", &bearer), ("x-api-key", revoked)],
+            ),
+            400,
+        ),
+        (
+            "a secret as the required scopes",
+            get(
+                "/v1/authorize",
+                &[
+                    ("authorization", &bearer),
+                    ("x-vilvik-required-scopes", revoked),
+                ],
+            ),
+            400,
+        ),
+        (
+            "a secret as a scope in the query",
+            get(&scope_query, &[("x-api-key", old)]),
+            400,
+        ),
+        (
+            "a padded secret",
+            get("/v1/keys/self", &[("x-api-key", &padded)]),
+            431,
+        ),
+        (
+            "a secret as a JSON field's name",
+            json(format!(r#"{{"{revoked}":1}}"#)),
+            400,
+        ),
+        (
+            "a secret as a required scope in JSON",
+            json(format!(r#"{{"key":"x","requiredScopes":["{revoked}"]}}"#)),
+            400,
+        ),
+        (
+            "a secret as the client address",
+            json(format!(r#"{{"clientIp":"{revoked}"}}"#)),
+            400,
+        ),
+        (
+            "a secret in a list",
+            json(format!(r#"{{"key":["{revoked}"]}}"#)),
+            400,
+        ),
+        (
+            "a secret as the scopes",
+            json(format!(r#"{{"requiredScopes":"{revoked}"}}"#)),
+            400,
+        ),
+        (
+            "a secret in broken JSON",
+            json(format!(r#"{{"key":"{revoked}"#)),
+            400,
+        ),
+        (
+            "a revoked key in JSON",
+            json(format!(r#"{{"key":"{revoked}"}}"#)),
+            200,
+        ),
+    ];
+    for (what, request, status) in mistakes {
+        let answer = send(addr, HttpVersion::Http1, request).await;
+        assert_eq!(answer.status.as_u16(), status, "{what}: {answer:?}");
+        transcript.http(what, &answer);
+    }
 }
 
 fn database_files(db: &Path) -> Vec<(String, Vec<u8>)> {

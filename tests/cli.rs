@@ -204,6 +204,14 @@ async fn a_key_lives_its_whole_life_through_the_cli() {
         smoke.contains("vilvik.keys.v1.KeyVerify/VerifyKey"),
         "{smoke}"
     );
+    let curl = str_of(&created, "curl_smoke_test_command");
+    assert_eq!(
+        curl,
+        format!(
+            "curl -fsS -H \"Authorization: Bearer {secret}\" http://{}/v1/keys/self",
+            server.verify_addr
+        )
+    );
 
     // List (one key per page, so every page is followed) and show.
     let (keys, text) = json(&server, &admin, &["keys", "list", "--page-size", "1"]);
@@ -275,6 +283,7 @@ async fn a_key_lives_its_whole_life_through_the_cli() {
     assert_ne!(rotated["key"]["prefix"], &secret[..12]);
     time_of(&rotated["key"], "rotated_at");
     assert!(str_of(&rotated, "smoke_test_command").contains(&new_secret));
+    assert!(str_of(&rotated, "curl_smoke_test_command").contains(&new_secret));
 
     // Revoke: final, and hidden from the default listing.
     let (revoked, _) = json(
@@ -368,7 +377,8 @@ async fn a_key_lives_its_whole_life_through_the_cli() {
         "{table}"
     );
 
-    // Human create output: the secret with its warning, then the smoke test.
+    // Human create output: the secret with its warning, then the smoke
+    // tests, curl's first.
     let output = cli(&server, &admin, &["keys", "create", "--name", "human"]);
     assert_success(&output, "keys create (human)");
     let text = stdout(&output);
@@ -380,8 +390,23 @@ async fn a_key_lives_its_whole_life_through_the_cli() {
         .expect("the secret on a line of its own");
     assert_secret_shape(secret_line);
     let secret_at = text.find(&format!("    {secret_line}\n")).expect(&text);
-    let smoke_at = text.find("grpcurl").expect(&text);
-    assert!(notice < secret_at && secret_at < smoke_at, "{text}");
+    let smoke_at = text
+        .find(
+            "Smoke test (run it from your terminal; it answers 200 with the key's details, \
+             401 once the key is revoked):",
+        )
+        .expect(&text);
+    let curl_at = text
+        .find(&format!(
+            "    curl -fsS -H \"Authorization: Bearer {secret_line}\" http://{}/v1/keys/self\n",
+            server.verify_addr
+        ))
+        .expect(&text);
+    let grpcurl_at = text.find("    grpcurl -plaintext ").expect(&text);
+    assert!(
+        notice < secret_at && secret_at < smoke_at && smoke_at < curl_at && curl_at < grpcurl_at,
+        "{text}"
+    );
     assert!(text.contains("prefix        vlk_"), "{text}");
     server.stop().await;
 }

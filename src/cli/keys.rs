@@ -140,28 +140,36 @@ pub async fn run_keys(client: ClientArgs, command: KeysCommand) -> anyhow::Resul
 }
 
 /// A create's or rotation's answer: the key, its new secret and the
-/// smoke-test command.
-trait NewSecret {
-    fn into_parts(self) -> (proto::Key, String, String);
+/// commands that try the secret out.
+struct NewSecret {
+    key: proto::Key,
+    secret: String,
+    /// curl against the verify listener's HTTP face (`GET /v1/keys/self`);
+    /// empty from a server without it.
+    curl_smoke_test: String,
+    /// grpcurl against KeyVerify/VerifyKey.
+    grpcurl_smoke_test: String,
 }
 
-impl NewSecret for proto::CreateKeyResponse {
-    fn into_parts(self) -> (proto::Key, String, String) {
-        (
-            self.key.unwrap_or_default(),
-            self.secret,
-            self.smoke_test_command,
-        )
+impl From<proto::CreateKeyResponse> for NewSecret {
+    fn from(response: proto::CreateKeyResponse) -> Self {
+        Self {
+            key: response.key.unwrap_or_default(),
+            secret: response.secret,
+            curl_smoke_test: response.curl_smoke_test_command,
+            grpcurl_smoke_test: response.smoke_test_command,
+        }
     }
 }
 
-impl NewSecret for proto::RotateKeyResponse {
-    fn into_parts(self) -> (proto::Key, String, String) {
-        (
-            self.key.unwrap_or_default(),
-            self.secret,
-            self.smoke_test_command,
-        )
+impl From<proto::RotateKeyResponse> for NewSecret {
+    fn from(response: proto::RotateKeyResponse) -> Self {
+        Self {
+            key: response.key.unwrap_or_default(),
+            secret: response.secret,
+            curl_smoke_test: response.curl_smoke_test_command,
+            grpcurl_smoke_test: response.smoke_test_command,
+        }
     }
 }
 
@@ -175,12 +183,12 @@ async fn issue<R, F, Fut>(
     call: F,
 ) -> anyhow::Result<()>
 where
-    R: NewSecret,
+    R: Into<NewSecret>,
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
 {
-    let (key, secret, smoke_test) = with_retries(method, request_id, call).await?.into_parts();
-    print_new_secret(json, verb, &key, &secret, &smoke_test)
+    let issued = with_retries(method, request_id, call).await?.into();
+    print_new_secret(json, verb, &issued)
 }
 
 async fn get_key(api: &mut Api, key_id: String) -> anyhow::Result<proto::Key> {
@@ -312,35 +320,51 @@ fn print_key(json: bool, verb: Option<&str>, key: &proto::Key) -> anyhow::Result
     emit(&format!("{headline}{}", output::key_block(key)))
 }
 
-/// After create and rotate: the key, then its secret (once), then the smoke test.
-fn print_new_secret(
-    json: bool,
-    verb: &str,
-    key: &proto::Key,
-    secret: &str,
-    smoke_test: &str,
-) -> anyhow::Result<()> {
+/// After create and rotate: the key, then its secret (once), then the smoke
+/// tests, curl's first.
+fn print_new_secret(json: bool, verb: &str, issued: &NewSecret) -> anyhow::Result<()> {
+    emit(&new_secret_text(json, verb, issued))
+}
+
+fn new_secret_text(json: bool, verb: &str, issued: &NewSecret) -> String {
+    let NewSecret {
+        key,
+        secret,
+        curl_smoke_test,
+        grpcurl_smoke_test,
+    } = issued;
     if json {
-        return emit(&output::json_text(&serde_json::json!({
+        return output::json_text(&serde_json::json!({
             "key": output::key_json(key),
             "secret": secret,
-            "smoke_test_command": smoke_test,
-        })));
+            "curl_smoke_test_command": curl_smoke_test,
+            "smoke_test_command": grpcurl_smoke_test,
+        }));
     }
     let old_secret = if verb == "Rotated" {
         " The previous secret has stopped working."
     } else {
         ""
     };
-    emit(&format!(
+    let mut text = format!(
         "{verb} key {}.{old_secret}\n\n{}\n\
-         Secret (shown once, store it now: it cannot be retrieved again):\n\n    {}\n\n\
-         Smoke test (checks the secret against the verify API):\n\n    {}\n",
+         Secret (shown once, store it now: it cannot be retrieved again):\n\n    {}\n\n",
         output::printable(&key.key_id),
         output::key_block(key),
         output::printable(secret),
-        output::printable(smoke_test),
-    ))
+    );
+    if curl_smoke_test.is_empty() {
+        text.push_str("Smoke test (checks the secret against the verify API):\n\n");
+    } else {
+        text.push_str(&format!(
+            "Smoke test (run it from your terminal; it answers 200 with the key's details, \
+             401 once the key is revoked):\n\n    {}\n\n\
+             The same check over gRPC:\n\n",
+            output::printable(curl_smoke_test),
+        ));
+    }
+    text.push_str(&format!("    {}\n", output::printable(grpcurl_smoke_test)));
+    text
 }
 
 #[cfg(test)]
@@ -395,5 +419,54 @@ mod tests {
 
         let err = update_request(update_args("k1")).unwrap_err().to_string();
         assert!(err.contains("nothing to update"), "{err}");
+    }
+
+    fn issued(curl: &str) -> NewSecret {
+        NewSecret {
+            key: proto::Key {
+                key_id: "key_1".into(),
+                ..Default::default()
+            },
+            secret: "vlk_SECRET".into(),
+            curl_smoke_test: curl.into(),
+            grpcurl_smoke_test: "grpcurl GRPCURL".into(),
+        }
+    }
+
+    #[test]
+    fn a_new_secret_is_followed_by_the_curl_smoke_test_then_the_grpcurl_one() {
+        let text = new_secret_text(false, "Created", &issued("curl CURL"));
+        let at = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("{needle}: {text}"))
+        };
+        let heading = at(
+            "Smoke test (run it from your terminal; it answers 200 with the key's \
+             details, 401 once the key is revoked):\n\n    curl CURL\n",
+        );
+        assert!(at("    vlk_SECRET\n") < heading, "{text}");
+        assert!(heading < at("    grpcurl GRPCURL\n"), "{text}");
+
+        let json: Value =
+            serde_json::from_str(&new_secret_text(true, "Created", &issued("curl CURL"))).unwrap();
+        assert_eq!(json["curl_smoke_test_command"], "curl CURL");
+        assert_eq!(json["smoke_test_command"], "grpcurl GRPCURL");
+        assert_eq!(json["secret"], "vlk_SECRET");
+    }
+
+    #[test]
+    fn a_server_without_the_curl_smoke_test_gets_the_grpcurl_one_alone() {
+        let text = new_secret_text(false, "Rotated", &issued(""));
+        assert!(
+            !text.contains("    curl") && !text.contains("401"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "Smoke test (checks the secret against the verify API):\n\n    \
+                 grpcurl GRPCURL\n"
+            ),
+            "{text}"
+        );
     }
 }

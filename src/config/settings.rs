@@ -396,7 +396,7 @@ settings! {
             "the admin listener demands a client certificate signed by this CA (PEM): mutual TLS",
             |c, _, v| { c.tls.admin_client_ca_file = Some(PathBuf::from(v)); Ok(()) };
         public_ca_file: PathBuf = "VILVIK_KEYS_PUBLIC_CA_FILE", Unset("the system's CAs"),
-            "the CA file smoke-test commands pass to grpcurl as `-cacert`",
+            "the CA file smoke-test commands pass to curl as `--cacert` and to grpcurl as `-cacert`",
             |c, _, v| { c.tls.public_ca_file = Some(PathBuf::from(v)); Ok(()) };
         tls_reload_interval_ms: u64 = "VILVIK_KEYS_TLS_RELOAD_INTERVAL_MS", Value(|c| millis(c.tls.reload_interval)),
             "how often the TLS files are checked for a change (SIGHUP reloads them at once)",

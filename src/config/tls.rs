@@ -18,7 +18,8 @@ pub struct TlsSettings {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub admin_client_ca_file: Option<PathBuf>,
-    /// The CA printed in smoke-test commands (grpcurl's `-cacert`).
+    /// The CA printed in smoke-test commands (curl's `--cacert`, grpcurl's
+    /// `-cacert`).
     pub public_ca_file: Option<PathBuf>,
     /// How often the files are checked for a change (SIGHUP: at once).
     pub reload_interval: Duration,

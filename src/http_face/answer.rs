@@ -65,9 +65,10 @@ impl Denial {
         headers
     }
 
-    /// The JSON body.
+    /// The JSON body, with a final newline (as every JSON answer).
     pub fn body(&self) -> String {
-        serde_json::json!({ "code": self.code, "message": self.message }).to_string()
+        let body = serde_json::json!({ "code": self.code, "message": self.message });
+        format!("{body}\n")
     }
 
     /// As an HTTP response.
@@ -303,7 +304,7 @@ mod tests {
         );
         assert_eq!(
             d.body(),
-            r#"{"code":"NOT_FOUND","message":"no key has this secret: check that it was copied whole, or create a new key"}"#
+            "{\"code\":\"NOT_FOUND\",\"message\":\"no key has this secret: check that it was copied whole, or create a new key\"}\n"
         );
     }
 }

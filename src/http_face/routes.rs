@@ -115,9 +115,11 @@ fn details(key: &VerifiedKey) -> serde_json::Value {
     })
 }
 
-/// A JSON response, never cached (an answer about a key is of its moment).
+/// A JSON response, never cached (an answer about a key is of its moment),
+/// ending with a newline so that a terminal's prompt starts on a line of
+/// its own after curl prints it.
 pub(super) fn json(status: StatusCode, body: &serde_json::Value) -> Response {
-    let mut response = Response::new(Body::from(body.to_string()));
+    let mut response = Response::new(Body::from(format!("{body}\n")));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(

@@ -121,7 +121,7 @@ async fn not_found(request: axum::extract::Request) -> http::Response<axum::body
         "code": "NOT_FOUND",
         "message": format!("no route serves {}: see docs/INTEGRATIONS.md", request.uri().path()),
     });
-    let mut response = http::Response::new(axum::body::Body::from(body.to_string()));
+    let mut response = http::Response::new(axum::body::Body::from(format!("{body}\n")));
     *response.status_mut() = http::StatusCode::NOT_FOUND;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

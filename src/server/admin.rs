@@ -29,34 +29,60 @@ pub struct AdminService {
     pub smoke_test: SmokeTest,
 }
 
-/// The grpcurl command CreateKey and RotateKey print, with what it needs to
-/// reach the verify listener: its public address, and `-plaintext` or the
-/// CA to check its certificate against.
+/// The commands CreateKey and RotateKey print to try a new secret out: a
+/// curl call to the verify listener's HTTP face (`GET /v1/keys/self`) and a
+/// grpcurl call to its KeyVerify, with what they need to reach the
+/// listener: its public address, and plaintext or the CA to check its
+/// certificate against. Each runs as printed in `sh`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmokeTest {
     verify_addr: String,
-    transport: String,
+    /// grpcurl's transport flag and its space: `-plaintext `, `-cacert FILE `
+    /// or nothing.
+    grpcurl_transport: String,
+    /// curl's CA flag and its space: `--cacert FILE ` or nothing.
+    curl_ca: String,
+    /// The URL of `GET /v1/keys/self`, as one shell word.
+    curl_url: String,
 }
 
 impl SmokeTest {
     /// `tls`: `None` for a plaintext listener, else the CA file to pass as
-    /// `-cacert` (none: grpcurl uses the system's CAs).
+    /// `-cacert`/`--cacert` (none: grpcurl and curl use the system's CAs).
     pub fn new(verify_addr: String, tls: Option<Option<&std::path::Path>>) -> Self {
-        let transport = match tls {
-            None => "-plaintext ".to_owned(),
-            Some(None) => String::new(),
-            Some(Some(ca)) => format!("-cacert {} ", shell_quoted(&ca.to_string_lossy())),
+        let ca = tls.flatten().map(|ca| shell_quoted(&ca.to_string_lossy()));
+        let (grpcurl_transport, curl_ca) = match (tls, ca) {
+            (None, _) => ("-plaintext ".to_owned(), String::new()),
+            (Some(_), None) => (String::new(), String::new()),
+            (Some(_), Some(ca)) => (format!("-cacert {ca} "), format!("--cacert {ca} ")),
         };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let curl_url = shell_quoted(&format!("{scheme}://{verify_addr}/v1/keys/self"));
         Self {
             verify_addr,
-            transport,
+            grpcurl_transport,
+            curl_ca,
+            curl_url,
         }
     }
 
-    fn command(&self, secret: &str) -> String {
+    /// The grpcurl command that verifies `secret` with KeyVerify/VerifyKey.
+    fn grpcurl_command(&self, secret: &str) -> String {
         format!(
             "grpcurl {}-d '{{\"key\":\"{secret}\"}}' {} vilvik.keys.v1.KeyVerify/VerifyKey",
-            self.transport, self.verify_addr
+            self.grpcurl_transport, self.verify_addr
+        )
+    }
+
+    /// The curl command that reads the key `secret` belongs to from
+    /// `GET /v1/keys/self`: it exits 0 and prints the key's details while
+    /// the secret works, and fails (`-f`: exit 22) once the answer is 401.
+    /// A secret is `vlk_` and base62, so it needs no escaping in double
+    /// quotes.
+    fn curl_command(&self, secret: &str) -> String {
+        format!(
+            "curl -fsS {}-H \"Authorization: Bearer {secret}\" {}",
+            self.curl_ca, self.curl_url
         )
     }
 }
@@ -85,17 +111,26 @@ impl AdminService {
         convert::key(record, self.service.now())
     }
 
-    /// The key and secret a create or rotation returns, with the command
-    /// that tries the secret out.
-    fn issued(&self, issued: Issued) -> (Option<proto::Key>, String, String) {
+    /// The key and secret a create or rotation returns, with the commands
+    /// that try the secret out.
+    fn issued(&self, issued: Issued) -> NewSecret {
         use secrecy::ExposeSecret;
         let secret = issued.secret.expose_secret();
-        (
-            Some(self.key(issued.key)),
-            secret.to_owned(),
-            self.smoke_test.command(secret),
-        )
+        NewSecret {
+            key: Some(self.key(issued.key)),
+            secret: secret.to_owned(),
+            smoke_test_command: self.smoke_test.grpcurl_command(secret),
+            curl_smoke_test_command: self.smoke_test.curl_command(secret),
+        }
     }
+}
+
+/// The fields CreateKeyResponse and RotateKeyResponse share.
+struct NewSecret {
+    key: Option<proto::Key>,
+    secret: String,
+    smoke_test_command: String,
+    curl_smoke_test_command: String,
 }
 
 /// The account an operator call names in its request, else the caller's
@@ -255,11 +290,17 @@ impl KeyAdmin for AdminService {
             ..req.clone()
         })?;
         let issued = self.service.create_key(&caller, fields, retry).await?;
-        let (key, secret, smoke_test_command) = self.issued(issued);
+        let NewSecret {
+            key,
+            secret,
+            smoke_test_command,
+            curl_smoke_test_command,
+        } = self.issued(issued);
         Ok(Response::new(proto::CreateKeyResponse {
             key,
             secret,
             smoke_test_command,
+            curl_smoke_test_command,
         }))
     }
 
@@ -322,11 +363,17 @@ impl KeyAdmin for AdminService {
             .service
             .rotate_key(&caller, &key_id, if_version, retry)
             .await?;
-        let (key, secret, smoke_test_command) = self.issued(issued);
+        let NewSecret {
+            key,
+            secret,
+            smoke_test_command,
+            curl_smoke_test_command,
+        } = self.issued(issued);
         Ok(Response::new(proto::RotateKeyResponse {
             key,
             secret,
             smoke_test_command,
+            curl_smoke_test_command,
         }))
     }
 
@@ -410,5 +457,117 @@ impl KeyAdmin for AdminService {
             .set_account_scopes(operator, account, grantable)
             .await?;
         Ok(Response::new(convert::account(view)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const SECRET: &str = "vlk_3kTMd8sQ_0Lr6bA2xYv9ZcW4eR7tU1iO5pQ8sD3fG6hJ0k";
+
+    /// The words `sh` makes of `command`'s arguments (everything after its
+    /// program name), as the program would receive them.
+    fn words(command: &str) -> Vec<String> {
+        let (_, args) = command.split_once(' ').expect("a program and arguments");
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\n' {args}"))
+            .output()
+            .expect("sh runs");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn a_plaintext_listener_gets_an_http_url_and_grpcurl_plaintext() {
+        let smoke = SmokeTest::new("127.0.0.1:50052".into(), None);
+        assert_eq!(
+            smoke.curl_command(SECRET),
+            format!(
+                "curl -fsS -H \"Authorization: Bearer {SECRET}\" \
+                 http://127.0.0.1:50052/v1/keys/self"
+            )
+        );
+        assert_eq!(
+            smoke.grpcurl_command(SECRET),
+            format!(
+                "grpcurl -plaintext -d '{{\"key\":\"{SECRET}\"}}' 127.0.0.1:50052 \
+                 vilvik.keys.v1.KeyVerify/VerifyKey"
+            )
+        );
+    }
+
+    #[test]
+    fn a_tls_listener_without_a_public_ca_gets_https_and_the_system_cas() {
+        let smoke = SmokeTest::new("keys.example.com:443".into(), Some(None));
+        assert_eq!(
+            smoke.curl_command(SECRET),
+            format!(
+                "curl -fsS -H \"Authorization: Bearer {SECRET}\" \
+                 https://keys.example.com:443/v1/keys/self"
+            )
+        );
+        assert_eq!(
+            smoke.grpcurl_command(SECRET),
+            format!(
+                "grpcurl -d '{{\"key\":\"{SECRET}\"}}' keys.example.com:443 \
+                 vilvik.keys.v1.KeyVerify/VerifyKey"
+            )
+        );
+    }
+
+    #[test]
+    fn a_tls_listener_with_a_public_ca_passes_it_to_both_commands() {
+        let ca = Path::new("/etc/vilvik/ca.pem");
+        let smoke = SmokeTest::new("127.0.0.1:50052".into(), Some(Some(ca)));
+        assert_eq!(
+            smoke.curl_command(SECRET),
+            format!(
+                "curl -fsS --cacert /etc/vilvik/ca.pem -H \"Authorization: Bearer {SECRET}\" \
+                 https://127.0.0.1:50052/v1/keys/self"
+            )
+        );
+        assert_eq!(
+            smoke.grpcurl_command(SECRET),
+            format!(
+                "grpcurl -cacert /etc/vilvik/ca.pem -d '{{\"key\":\"{SECRET}\"}}' \
+                 127.0.0.1:50052 vilvik.keys.v1.KeyVerify/VerifyKey"
+            )
+        );
+    }
+
+    #[test]
+    fn a_ca_path_and_an_address_sh_would_split_or_expand_are_quoted() {
+        let ca = Path::new("/tmp/o'brien's certs/$HOME ca*.pem");
+        let smoke = SmokeTest::new("[::1]:50052".into(), Some(Some(ca)));
+        let curl = smoke.curl_command(SECRET);
+        assert_eq!(
+            curl,
+            format!(
+                r#"curl -fsS --cacert '/tmp/o'\''brien'\''s certs/$HOME ca*.pem' -H "Authorization: Bearer {SECRET}" 'https://[::1]:50052/v1/keys/self'"#
+            )
+        );
+        assert_eq!(
+            words(&curl),
+            [
+                "-fsS",
+                "--cacert",
+                "/tmp/o'brien's certs/$HOME ca*.pem",
+                "-H",
+                &format!("Authorization: Bearer {SECRET}"),
+                "https://[::1]:50052/v1/keys/self",
+            ]
+        );
+        assert_eq!(
+            words(&smoke.grpcurl_command(SECRET))[..2],
+            ["-cacert", "/tmp/o'brien's certs/$HOME ca*.pem"]
+        );
     }
 }

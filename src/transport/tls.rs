@@ -99,6 +99,7 @@ impl Contents {
     /// The configuration, and the client verifier it has for mutual TLS.
     fn server_config(
         &self,
+        protocols: Protocols,
         files: &TlsFiles,
     ) -> Result<(ServerConfig, Option<Arc<dyn ClientCertVerifier>>), TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -159,8 +160,9 @@ impl Contents {
             };
             TlsError::new(KEY_SETTING, message)
         })?;
-        // gRPC is HTTP/2; clients such as grpc-go insist on ALPN.
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // gRPC is HTTP/2, and clients such as grpc-go insist on ALPN; a
+        // listener with HTTP routes also takes HTTP/1.1 (h2 preferred).
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
         Ok((config, client_verifier))
     }
 }
@@ -183,11 +185,22 @@ fn pem_error(
     )
 }
 
+/// The application protocols a listener offers in ALPN, preferred first.
+pub type Protocols = &'static [&'static [u8]];
+
+/// gRPC only.
+pub const HTTP2: Protocols = &[b"h2"];
+
+/// gRPC and HTTP routes.
+pub const HTTP2_AND_HTTP1: Protocols = &[b"h2", b"http/1.1"];
+
 /// One listener's TLS: the configuration new handshakes use, and the files
 /// it is rebuilt from.
 #[derive(Clone)]
 pub struct Acceptor {
     listener: &'static str,
+    /// What it offers in ALPN.
+    protocols: Protocols,
     files: Arc<TlsFiles>,
     current: Arc<RwLock<Arc<ServerConfig>>>,
     /// What the current configuration was made from, and what failed last
@@ -221,11 +234,16 @@ impl fmt::Debug for Acceptor {
 
 impl Acceptor {
     /// Reads the files; any problem stops the start.
-    pub fn load(listener: &'static str, files: TlsFiles) -> Result<Self, TlsError> {
+    pub fn load(
+        listener: &'static str,
+        files: TlsFiles,
+        protocols: Protocols,
+    ) -> Result<Self, TlsError> {
         let contents = Contents::read(&files)?;
-        let (config, _) = contents.server_config(&files)?;
+        let (config, _) = contents.server_config(protocols, &files)?;
         Ok(Self {
             listener,
+            protocols,
             files: Arc::new(files),
             current: Arc::new(RwLock::new(Arc::new(config))),
             seen: Arc::new(Mutex::new(Seen {
@@ -253,7 +271,7 @@ impl Acceptor {
         if !forced && (seen.loaded == digest || seen.failed == Some(digest)) {
             return;
         }
-        match contents.server_config(&self.files) {
+        match contents.server_config(self.protocols, &self.files) {
             Ok((config, verifier)) => {
                 *self.current.write().expect("not poisoned") = Arc::new(config);
                 seen.loaded = digest;

@@ -19,6 +19,7 @@ mod encoding;
 mod frames;
 mod framing;
 mod history;
+mod http;
 mod lifecycle;
 mod matrix;
 mod outage;

@@ -74,6 +74,7 @@ async fn a_create_retried_with_its_request_id_returns_the_same_key_and_secret(mu
         first.key.as_ref().unwrap().key_id
     );
     assert_eq!(retry.smoke_test_command, first.smoke_test_command);
+    assert_eq!(retry.curl_smoke_test_command, first.curl_smoke_test_command);
 
     // The same id in the idempotency-key header, in another case, is the same request.
     let mut by_header = app.authed(create_request("ci-runner", ""));

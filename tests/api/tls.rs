@@ -21,7 +21,7 @@ use vilvik_keys::proto::key_admin_client::KeyAdminClient;
 use vilvik_keys::proto::key_verify_client::KeyVerifyClient;
 use vilvik_keys::proto::{ListKeysRequest, VerifyCode};
 use vilvik_keys::startup::{Application, Role};
-use vilvik_keys_test_support::requests::{create, verify};
+use vilvik_keys_test_support::requests::{create, revoke, verify};
 use vilvik_keys_test_support::{
     Backend, ServedBinary, StoreSettings, TestApp, bearer, binary, eventually, spawn_app_with,
 };
@@ -115,16 +115,29 @@ async fn tls_app(
     client_ca: Option<&Ca>,
     configure: impl FnOnce(&mut Config),
 ) -> TestApp {
+    tls_app_on(Backend::Sqlite, files, server, client_ca, configure)
+        .await
+        .unwrap()
+}
+
+/// [`tls_app`] on `backend`; `None` when it is Postgres and none is
+/// configured.
+async fn tls_app_on(
+    backend: Backend,
+    files: &Files,
+    server: &Pair,
+    client_ca: Option<&Ca>,
+    configure: impl FnOnce(&mut Config),
+) -> Option<TestApp> {
     files.server(server);
     let client_ca = client_ca.map(|ca| files.write("client-ca.pem", &ca.pem()));
-    spawn_app_with(Backend::Sqlite, |config| {
+    spawn_app_with(backend, |config| {
         config.tls.cert_file = Some(files.path("server.pem"));
         config.tls.key_file = Some(files.path("server.key"));
         config.tls.admin_client_ca_file = client_ca;
         configure(config);
     })
     .await
-    .unwrap()
 }
 
 /// A TLS client trusting `ca`, presenting `identity` when given.
@@ -418,6 +431,42 @@ async fn the_smoke_test_command_runs_as_printed_over_tls() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("VERIFY_CODE_VALID"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_curl_smoke_test_command_runs_as_printed_over_tls() {
+    let ca = Ca::new("vilvik test CA");
+    let files = Files::new();
+    // A CA file whose path sh would split: the command quotes it.
+    let ca_file = files.write("public ca.pem", &ca.pem());
+    let app = tls_app(&files, &ca.server(), None, |config| {
+        config.tls.public_ca_file = Some(ca_file.clone());
+    })
+    .await;
+    let mut admin =
+        KeyAdminClient::new(tls_channel(app.admin_addr, &ca.pem(), None).await.unwrap());
+    let created = admin
+        .create_key(app.authed(create("smoke", &["datasets:read"])))
+        .await
+        .unwrap()
+        .into_inner();
+    let key_id = created.key.unwrap().key_id;
+    let command = created.curl_smoke_test_command;
+    assert_eq!(
+        command,
+        format!(
+            "curl -fsS --cacert '{}' -H \"Authorization: Bearer {}\" https://{}/v1/keys/self",
+            ca_file.display(),
+            created.secret,
+            app.verify_addr
+        )
+    );
+    let shown = crate::tour::curl_succeeds(&command).await;
+    assert_eq!(shown["key_id"], key_id.as_str());
+    assert_eq!(shown["state"], "ACTIVE");
+
+    admin.revoke_key(app.authed(revoke(&key_id))).await.unwrap();
+    crate::tour::curl_is_refused(&command, "REVOKED").await;
 }
 
 /// The start's error, with its causes, when the server is built with TLS
@@ -726,4 +775,106 @@ async fn sighup_with_a_new_client_ca_closes_the_old_cas_open_connections() {
     let new = new_clients.client();
     let with_new = list_over(tls_channel(admin, &ca.pem(), Some(&new)).await, &key).await;
     assert_eq!(with_new, Ok(1));
+}
+
+mod http_face {
+    use http::StatusCode;
+    use vilvik_keys_test_support::http::{HTTP_VERSIONS, get, request, send_tls};
+
+    use super::*;
+
+    vilvik_keys_test_support::on_both_backends!(by backend: the_http_face_answers_over_tls_on_http1_and_http2);
+
+    /// The HTTP face over TLS, HTTP/1.1 and HTTP/2 (negotiated by ALPN),
+    /// with our client and with curl; a plaintext request gets nothing.
+    async fn the_http_face_answers_over_tls_on_http1_and_http2(backend: Backend) {
+        let ca = Ca::new("vilvik test CA");
+        let files = Files::new();
+        let ca_file = files.write("ca.pem", &ca.pem());
+        let Some(app) = tls_app_on(backend, &files, &ca.server(), None, |_| {}).await else {
+            return;
+        };
+        let mut admin =
+            KeyAdminClient::new(tls_channel(app.admin_addr, &ca.pem(), None).await.unwrap());
+        let created = admin
+            .create_key(app.authed(create("tls", &["datasets:read"])))
+            .await
+            .unwrap()
+            .into_inner();
+        let (key_id, secret) = (created.key.unwrap().key_id, created.secret);
+        let revoked = admin
+            .create_key(app.authed(create("gone", &["datasets:read"])))
+            .await
+            .unwrap()
+            .into_inner();
+        admin
+            .revoke_key(app.authed(revoke(&revoked.key.unwrap().key_id)))
+            .await
+            .unwrap();
+        let addr = app.verify_addr;
+        let bearer = format!("Bearer {secret}");
+        for version in HTTP_VERSIONS {
+            let answer = send_tls(
+                addr,
+                &ca.pem(),
+                "localhost",
+                version,
+                get("/v1/keys/self", &[("authorization", &bearer)]),
+            )
+            .await;
+            assert_eq!(answer.status, StatusCode::OK, "{version:?} {answer:?}");
+            assert_eq!(answer.json()["key_id"], key_id.as_str());
+            let gone = send_tls(
+                addr,
+                &ca.pem(),
+                "localhost",
+                version,
+                get("/v1/authorize", &[("x-api-key", &revoked.secret)]),
+            )
+            .await;
+            assert_eq!(gone.status, StatusCode::UNAUTHORIZED);
+            assert!(
+                gone.header("www-authenticate")
+                    .contains("error=\"invalid_token\"")
+            );
+            let body = format!(r#"{{"key":"{secret}"}}"#);
+            let verified = send_tls(
+                addr,
+                &ca.pem(),
+                "localhost",
+                version,
+                request(
+                    "POST",
+                    "/v1/keys:verify",
+                    &[("content-type", "application/json")],
+                    &body,
+                ),
+            )
+            .await;
+            assert_eq!(verified.json()["code"], "VERIFY_CODE_VALID");
+        }
+        // curl negotiates each version itself.
+        let url = format!("https://localhost:{}/v1/keys/self", addr.port());
+        for (flag, shown) in [("--http1.1", "1.1"), ("--http2", "2")] {
+            let output = binary::sh(&format!(
+                "curl -sS {flag} --cacert '{}' -H 'Authorization: {bearer}' -o /dev/null -w '%{{http_version}} %{{http_code}}' {url}",
+                ca_file.display()
+            ))
+            .await;
+            assert_eq!(
+                String::from_utf8_lossy(&output.stdout),
+                format!("{shown} 200"),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        // Plaintext on the TLS port is no conversation.
+        let output = binary::sh(&format!(
+            "curl -sS -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{}/healthz",
+            addr.port()
+        ))
+        .await;
+        assert!(!output.status.success());
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "000");
+    }
 }

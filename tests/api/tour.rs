@@ -1,7 +1,9 @@
 //! The product page, step by step, as a new user would walk it.
 
+use std::process::Output;
 use std::time::Duration;
 
+use serde_json::{Value, json};
 use tonic::Code;
 use vilvik_keys::proto::{self, AuditAction, KeyState, VerifyCode};
 use vilvik_keys_test_support::requests::rescope;
@@ -9,7 +11,8 @@ use vilvik_keys_test_support::{TestApp, assert_status, binary, days_from, withou
 
 crate::on_both_backends!(
     the_product_page_tour_works,
-    the_smoke_test_command_runs_with_grpcurl
+    the_smoke_test_command_runs_with_grpcurl,
+    the_curl_smoke_test_command_runs_as_printed_until_its_secret_stops_working
 );
 
 async fn the_product_page_tour_works(mut app: TestApp) {
@@ -38,6 +41,14 @@ pub(crate) async fn walk_the_tour(app: &mut TestApp) {
         created
             .smoke_test_command
             .contains(&app.verify_addr.to_string())
+    );
+    assert!(created.curl_smoke_test_command.contains(&secret));
+    assert!(
+        created
+            .curl_smoke_test_command
+            .contains(&format!("http://{}/v1/keys/self", app.verify_addr)),
+        "{}",
+        created.curl_smoke_test_command
     );
 
     // Verify: good, missing a scope, mistyped.
@@ -87,6 +98,7 @@ pub(crate) async fn walk_the_tour(app: &mut TestApp) {
     assert_eq!(rotated_key.scopes, vec!["datasets:read", "datasets:write"]);
     assert!(rotated_key.rotated_at.is_some());
     assert!(rotated.smoke_test_command.contains(&new_secret));
+    assert!(rotated.curl_smoke_test_command.contains(&new_secret));
     assert_eq!(app.verify_code(&secret, &[]).await, VerifyCode::Rotated);
     assert_eq!(
         app.verify_code(&new_secret, &["datasets:write"]).await,
@@ -214,4 +226,103 @@ async fn the_smoke_test_command_runs_with_grpcurl(mut app: TestApp) {
     assert!(stdout.contains("\"valid\": true"), "{stdout}");
     assert!(stdout.contains("VERIFY_CODE_VALID"), "{stdout}");
     assert!(stdout.contains(&created.key.unwrap().key_id), "{stdout}");
+}
+
+/// The `curl_smoke_test_command` CreateKey prints runs as printed and
+/// shows the key; once the key is rotated the old command is refused and
+/// the one RotateKey prints works, until the key is revoked.
+async fn the_curl_smoke_test_command_runs_as_printed_until_its_secret_stops_working(
+    mut app: TestApp,
+) {
+    let created = app
+        .create_key("ci-runner", &["datasets:read"])
+        .await
+        .unwrap();
+    let key = created.key.unwrap();
+    let command = created.curl_smoke_test_command;
+    assert_eq!(
+        command,
+        format!(
+            "curl -fsS -H \"Authorization: Bearer {}\" http://{}/v1/keys/self",
+            created.secret, app.verify_addr
+        )
+    );
+    let shown = curl_succeeds(&command).await;
+    assert_eq!(shown["key_id"], key.key_id.as_str());
+    assert_eq!(shown["account_id"], key.account_id.as_str());
+    assert_eq!(shown["name"], "ci-runner");
+    assert_eq!(shown["scopes"], json!(["datasets:read"]));
+    assert_eq!(shown["expires_at"], Value::Null);
+    assert_eq!(shown["state"], "ACTIVE");
+
+    // Rotate: the first command is refused, RotateKey's works.
+    let rotated = app.rotate_key(&key.key_id).await.unwrap();
+    curl_is_refused(&command, "ROTATED").await;
+    let new_command = rotated.curl_smoke_test_command;
+    assert_eq!(
+        new_command,
+        command.replace(&created.secret, &rotated.secret),
+        "the same command with the new secret"
+    );
+    assert_eq!(curl_succeeds(&new_command).await["key_id"], key.key_id);
+
+    // Revoke: refused from now on.
+    app.revoke_key(&key.key_id).await.unwrap();
+    curl_is_refused(&new_command, "REVOKED").await;
+}
+
+fn said(output: &Output) -> String {
+    format!(
+        "{}: {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs a printed curl smoke test; asserts it succeeded and returns the
+/// key it printed.
+pub(crate) async fn curl_succeeds(command: &str) -> Value {
+    let output = binary::sh_curl(command).await;
+    assert!(output.status.success(), "{command}\n{}", said(&output));
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: not the key's JSON: {}", said(&output)))
+}
+
+/// Runs a printed curl smoke test; asserts curl refused the answer as
+/// `-f` does a 401 (exit 22). Then runs it as the README shows a refusal
+/// (`-sS -i` instead of `-fsS`): a 401 with the bearer challenge and a
+/// JSON body naming `code`.
+pub(crate) async fn curl_is_refused(command: &str, code: &str) {
+    let output = binary::sh_curl(command).await;
+    assert_eq!(
+        output.status.code(),
+        Some(22),
+        "{command}\n{}",
+        said(&output)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("401"),
+        "{}",
+        said(&output)
+    );
+    assert!(output.stdout.is_empty(), "{}", said(&output));
+
+    let shown = command.replacen("curl -fsS ", "curl -sS -i ", 1);
+    let output = binary::sh_curl(&shown).await;
+    assert!(output.status.success(), "{shown}\n{}", said(&output));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect(&text);
+    assert!(
+        head.starts_with("HTTP/") && head.lines().next().unwrap().contains(" 401"),
+        "{text}"
+    );
+    assert!(
+        head.lines().any(|line| line
+            .to_ascii_lowercase()
+            .starts_with("www-authenticate: bearer realm=\"vilvik\", error=\"invalid_token\"")),
+        "{text}"
+    );
+    let body: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(body["code"], code, "{text}");
 }

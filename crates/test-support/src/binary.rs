@@ -124,6 +124,18 @@ pub async fn sh(line: &str) -> Output {
     .expect("the command's thread")
 }
 
+/// A printed curl command (`curl …`) run as [`sh`] runs it, once curl is
+/// known to be installed: without curl the test fails rather than skips.
+pub async fn sh_curl(line: &str) -> Output {
+    assert!(line.starts_with("curl "), "not a curl command: {line}");
+    let curl = Command::new("curl").arg("--version").output();
+    assert!(
+        curl.is_ok_and(|output| output.status.success()),
+        "curl is needed for this test: apt-get install curl"
+    );
+    sh(line).await
+}
+
 /// The settings that point the binary at a store, as environment
 /// variables, and the store itself for a test to look into.
 #[derive(Debug)]
