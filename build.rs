@@ -32,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(descriptors)?;
     tonic_build::manual::Builder::new()
         .build_client(false)
-        .compile(&[admin, verify_server()]);
+        .compile(&[admin, verify_server(), ext_authz_server()]);
     Ok(())
 }
 
@@ -102,6 +102,27 @@ fn verify_server() -> tonic_build::manual::Service {
                 .route_name("VerifyKey")
                 .input_type("crate::server::verify_wire::VerifyCall")
                 .output_type("crate::server::verify_wire::VerifyAnswer")
+                .codec_path(REQUEST_CODEC)
+                .build(),
+        )
+        .build()
+}
+
+/// Envoy's `envoy.service.auth.v3.Authorization` server (its `ext_authz`
+/// check), on the messages of the `envoy-types` crate, but decoding the
+/// request with [`REQUEST_CODEC`] into `server::ext_authz::CheckCall`, the
+/// `CheckRequest` with a `Debug` that shows no header value (a key is one).
+fn ext_authz_server() -> tonic_build::manual::Service {
+    use tonic_build::manual::{Method, Service};
+    Service::builder()
+        .name("Authorization")
+        .package("envoy.service.auth.v3")
+        .method(
+            Method::builder()
+                .name("check")
+                .route_name("Check")
+                .input_type("crate::server::ext_authz::CheckCall")
+                .output_type("envoy_types::pb::envoy::service::auth::v3::CheckResponse")
                 .codec_path(REQUEST_CODEC)
                 .build(),
         )

@@ -16,9 +16,11 @@ use vilvik_keys_verify::{
 
 use crate::admin_server::key_admin_server::KeyAdminServer;
 use crate::config::Config;
+use crate::ext_authz_server::authorization_server::AuthorizationServer;
 use crate::http_face::HttpFace;
 use crate::runtime::{self, Listener, Routes, Runtime, bind};
 use crate::server::admin::{AdminService, SmokeTest};
+use crate::server::ext_authz::ExtAuthzService;
 use crate::server::verify::VerifyService;
 use crate::service;
 use crate::service::rate_limit::{AdminRateLimiter, SWEEP_INTERVAL};
@@ -162,6 +164,11 @@ impl Application {
                     verifier: verifier.clone(),
                     trusted_proxies: config.trusted_proxies.clone(),
                 };
+                let ext_authz = ExtAuthzService {
+                    verifier: verifier.clone(),
+                    trusted_proxies: config.trusted_proxies.clone(),
+                    key_headers: config.http_key_headers.clone(),
+                };
                 let http_face = HttpFace::new(
                     verifier.clone(),
                     config.trusted_proxies.clone(),
@@ -173,6 +180,11 @@ impl Application {
                     routes: Routes::new()
                         .grpc(
                             KeyVerifyServer::new(service)
+                                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                        )
+                        // Envoy's ext_authz check, beside KeyVerify.
+                        .grpc(
+                            AuthorizationServer::new(ext_authz)
                                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
                         )
                         .http(http_face.router()),

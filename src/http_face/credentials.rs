@@ -1,6 +1,8 @@
-//! What an HTTP request presents: the key, from one of the configured
-//! headers, and the scopes the route requires, from the query string
-//! (`?scope=a&scope=b`) or a gateway's `x-vilvik-required-scopes`.
+//! What a request presents: the key, from one of the configured headers,
+//! and the scopes the route requires, from the query string
+//! (`?scope=a&scope=b`) or a gateway's `x-vilvik-required-scopes`. Envoy's
+//! check ([`crate::server::ext_authz`]) reads its request's headers and its
+//! route's list of scopes with the same functions.
 
 use http::{HeaderMap, HeaderName};
 use smallvec::SmallVec;
@@ -23,9 +25,33 @@ pub fn presented_key<'a>(
     headers: &'a HeaderMap,
     key_headers: &[HeaderName],
 ) -> Result<Option<&'a [u8]>, Refusal> {
-    let size: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+    key_in_headers(
+        || {
+            headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_bytes()))
+        },
+        key_headers,
+    )
+}
+
+/// The key bytes a request's headers present, given as (name, value)
+/// pairs in the order received (`headers` makes a fresh iterator over
+/// them each time it is called): `None` when they hold none. A key is read
+/// from the headers `key_headers` names, in that order (names compared
+/// without case). A value may be several values joined by commas (as a
+/// proxy may join repeated headers, and as Envoy's check request does), and
+/// a key never holds a comma, so each item is read on its own: two
+/// different keys, in one header or two, are refused as ambiguous.
+pub(crate) fn key_in_headers<'a, I>(
+    headers: impl Fn() -> I,
+    key_headers: &[HeaderName],
+) -> Result<Option<&'a [u8]>, Refusal>
+where
+    I: Iterator<Item = (&'a str, &'a [u8])>,
+{
+    let size: usize = headers()
+        .map(|(name, value)| name.len() + value.len() + 32)
         .sum();
     if size > MAX_HEADER_BYTES {
         return Err(Refusal::HeadersTooLarge {
@@ -34,8 +60,11 @@ pub fn presented_key<'a>(
     }
     let mut found: Option<(&HeaderName, &[u8])> = None;
     for name in key_headers {
-        for value in headers.get_all(name) {
-            let Some(key) = key_in(name, value.as_bytes()) else {
+        let items = headers()
+            .filter(|(header, _)| header.eq_ignore_ascii_case(name.as_str()))
+            .flat_map(|(_, value)| value.split(|b| *b == b','));
+        for item in items {
+            let Some(key) = key_in(name, item) else {
                 continue;
             };
             if key.len() > 4 * KEY_LENGTH {
@@ -88,25 +117,7 @@ pub fn required_scopes(
     headers: &HeaderMap,
     header: bool,
 ) -> Result<SmallVec<[Scope; 2]>, Refusal> {
-    let mut scopes = SmallVec::new();
-    let mut add = |text: &str, source: &'static str| -> Result<(), Refusal> {
-        let text = text.trim();
-        if text.is_empty() {
-            return Ok(());
-        }
-        if scopes.len() == MAX_REQUIRED_SCOPES {
-            return Err(Refusal::BadScope {
-                source,
-                problem: format!("at most {MAX_REQUIRED_SCOPES} scopes may be required"),
-            });
-        }
-        let scope = text.parse::<Scope>().map_err(|e| Refusal::BadScope {
-            source,
-            problem: format!("'{}': {e}", vilvik_keys_domain::excerpt(text)),
-        })?;
-        scopes.push(scope);
-        Ok(())
-    };
+    let mut scopes = Required::default();
     for pair in query.unwrap_or_default().split('&') {
         let Some(value) = pair.strip_prefix("scope=") else {
             continue;
@@ -118,7 +129,7 @@ pub fn required_scopes(
                 problem: "it is not UTF-8 once decoded".to_owned(),
             })?
             .into_owned();
-        add(&decoded, "the scope query parameter")?;
+        scopes.add(&decoded, "the scope query parameter")?;
     }
     if header {
         for value in headers.get_all(REQUIRED_SCOPES) {
@@ -126,12 +137,50 @@ pub fn required_scopes(
                 source: REQUIRED_SCOPES,
                 problem: "it is not readable text".to_owned(),
             })?;
-            for scope in text.split(',') {
-                add(scope, REQUIRED_SCOPES)?;
-            }
+            scopes.add_list(text, REQUIRED_SCOPES)?;
         }
     }
-    Ok(scopes)
+    Ok(scopes.0)
+}
+
+/// The scopes a comma-separated `list` requires (blank items skipped), a
+/// bad one refused naming `source`, where the list came from.
+pub(crate) fn listed_scopes(
+    list: &str,
+    source: &'static str,
+) -> Result<SmallVec<[Scope; 2]>, Refusal> {
+    let mut scopes = Required::default();
+    scopes.add_list(list, source)?;
+    Ok(scopes.0)
+}
+
+/// Required scopes as they are read, at most [`MAX_REQUIRED_SCOPES`].
+#[derive(Default)]
+struct Required(SmallVec<[Scope; 2]>);
+
+impl Required {
+    fn add(&mut self, text: &str, source: &'static str) -> Result<(), Refusal> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(());
+        }
+        if self.0.len() == MAX_REQUIRED_SCOPES {
+            return Err(Refusal::BadScope {
+                source,
+                problem: format!("at most {MAX_REQUIRED_SCOPES} scopes may be required"),
+            });
+        }
+        let scope = text.parse::<Scope>().map_err(|e| Refusal::BadScope {
+            source,
+            problem: format!("'{}': {e}", vilvik_keys_domain::excerpt(text)),
+        })?;
+        self.0.push(scope);
+        Ok(())
+    }
+
+    fn add_list(&mut self, list: &str, source: &'static str) -> Result<(), Refusal> {
+        list.split(',').try_for_each(|item| self.add(item, source))
+    }
 }
 
 #[cfg(test)]
@@ -187,6 +236,62 @@ mod tests {
             key_of(&[("authorization", "Bearer vlk_a"), ("x-api-key", "vlk_a")]).unwrap(),
             Some("vlk_a".into())
         );
+    }
+
+    #[test]
+    fn each_item_of_a_comma_joined_value_is_read_on_its_own() {
+        // As Envoy joins repeated headers, and some proxies do.
+        assert_eq!(
+            key_of(&[("x-api-key", "vlk_a, vlk_a")]).unwrap(),
+            Some("vlk_a".into())
+        );
+        assert_eq!(
+            key_of(&[("authorization", "Basic dXNlcjpwYXNz,Bearer vlk_a")]).unwrap(),
+            Some("vlk_a".into())
+        );
+        assert!(matches!(
+            key_of(&[("x-api-key", "vlk_a,vlk_b")]),
+            Err(Refusal::Ambiguous { ref first, ref second })
+                if first == "x-api-key" && second == "x-api-key"
+        ));
+        assert_eq!(key_of(&[("x-api-key", " , ")]).unwrap(), None);
+    }
+
+    #[test]
+    fn header_pairs_are_read_as_a_header_map_is() {
+        // Envoy's names are lower-case; any case is the same header.
+        let pairs = [
+            (":authority", b"api.example.com".as_slice()),
+            ("X-Api-Key", b"vlk_b".as_slice()),
+        ];
+        assert_eq!(
+            key_in_headers(|| pairs.iter().copied(), &names()).unwrap(),
+            Some(b"vlk_b".as_slice())
+        );
+        let two = [
+            ("x-api-key", b"vlk_b".as_slice()),
+            ("authorization", b"Bearer vlk_a".as_slice()),
+        ];
+        assert!(matches!(
+            key_in_headers(|| two.iter().copied(), &names()),
+            Err(Refusal::Ambiguous { ref first, ref second })
+                if first == "authorization" && second == "x-api-key"
+        ));
+    }
+
+    #[test]
+    fn a_listed_scope_that_is_not_a_scope_is_named_by_its_source() {
+        let scopes = listed_scopes(" datasets:read,,billing:write ", "the list").unwrap();
+        let names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, ["datasets:read", "billing:write"]);
+        assert!(matches!(
+            listed_scopes("datasets:read,Not A Scope", "the list"),
+            Err(Refusal::BadScope {
+                source: "the list",
+                ..
+            })
+        ));
+        assert!(listed_scopes("", "the list").unwrap().is_empty());
     }
 
     #[test]

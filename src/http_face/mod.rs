@@ -7,7 +7,8 @@
 //!
 //! Every route asks the same verify engine as KeyVerify, and a verdict
 //! becomes an HTTP answer in one place ([`answer`]), which Envoy's check
-//! ([`crate::server`]'s gRPC face of the same answers) shares. The routes
+//! ([`crate::server::ext_authz`], the gRPC face of the same answers)
+//! shares, reading a request's key and scopes with `credentials`. The routes
 //! run behind the listener's transport like any gRPC call: connection
 //! caps and timeouts, admission (the body whole before a slot is taken,
 //! within the size limit) and the request deadline. Which header carries
@@ -22,7 +23,7 @@ use http::HeaderName;
 use vilvik_keys_verify::Verifier;
 
 pub mod answer;
-mod credentials;
+pub(crate) mod credentials;
 mod json_verify;
 mod routes;
 

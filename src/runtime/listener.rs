@@ -194,12 +194,14 @@ pub(super) fn serve(
         tls,
     } = listener;
     if !grpc.is_empty() {
-        // Each listener advertises only what it serves.
+        // Each listener advertises only what it serves, and can describe.
+        let described = described(&grpc);
         let reflection = || {
             let builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-            grpc.iter()
+            described
+                .iter()
                 .fold(builder, |builder, service| {
                     builder.with_service_name(*service)
                 })
@@ -276,6 +278,29 @@ fn streaming_paths(grpc: &[&'static str]) -> Vec<String> {
     paths
 }
 
+/// The services of `grpc` that reflection can describe: those of the API's
+/// descriptor set. Envoy's Authorization is served but not advertised: the
+/// `envoy-types` crate that defines its messages exports no descriptor
+/// set, and a service listed but not described only misleads a client.
+fn described(grpc: &[&'static str]) -> Vec<&'static str> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET)
+        .expect("a built-in descriptor set");
+    let known: Vec<String> = set
+        .file
+        .iter()
+        .flat_map(|file| {
+            file.service
+                .iter()
+                .map(|service| format!("{}.{}", file.package(), service.name()))
+        })
+        .collect();
+    grpc.iter()
+        .copied()
+        .filter(|name| known.iter().any(|k| k == name))
+        .collect()
+}
+
 /// How a listener's TLS is described in its "listening" line.
 fn tls_mode(tls: Option<&Acceptor>) -> &'static str {
     match tls {
@@ -305,5 +330,14 @@ mod tests {
             ]
         );
         assert!(super::streaming_paths(&[]).is_empty());
+    }
+
+    #[test]
+    fn reflection_advertises_only_the_services_it_can_describe() {
+        let served = [
+            "vilvik.keys.v1.KeyVerify",
+            "envoy.service.auth.v3.Authorization",
+        ];
+        assert_eq!(super::described(&served), ["vilvik.keys.v1.KeyVerify"]);
     }
 }

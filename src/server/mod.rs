@@ -6,5 +6,6 @@ pub mod auth;
 pub mod codec;
 pub mod convert;
 pub mod error;
+pub mod ext_authz;
 pub mod verify;
 pub mod verify_wire;

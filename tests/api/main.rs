@@ -16,6 +16,7 @@ mod bad_input;
 mod cluster;
 mod connections;
 mod encoding;
+mod ext_authz;
 mod frames;
 mod framing;
 mod history;

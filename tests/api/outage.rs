@@ -11,7 +11,7 @@ use vilvik_keys_test_db::allow_connections;
 use vilvik_keys_test_support::requests::{create, get};
 use vilvik_keys_test_support::{Backend, TestApp, eventually, spawn_app, without_usage};
 
-fn database_name(app: &TestApp) -> String {
+pub(crate) fn database_name(app: &TestApp) -> String {
     let url = app.config.database_url.as_ref().unwrap().expose_secret();
     let config: tokio_postgres::Config = url.parse().unwrap();
     config.get_dbname().unwrap().to_owned()
