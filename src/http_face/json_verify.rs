@@ -141,6 +141,10 @@ fn well_formed(body: &[u8]) -> Option<Result<Call, Unreadable>> {
         #[serde(borrow, default, rename = "clientIp", alias = "client_ip")]
         client_ip: Option<std::borrow::Cow<'a, str>>,
     }
+    // serde would also take a struct from an array: only an object here.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
     let fields: Fields = serde_json::from_slice(body).ok()?;
     let mut call = Call {
         key: fields.key.map(|k| k.into_owned()).unwrap_or_default(),

@@ -578,8 +578,17 @@ async fn json_verify_refuses_what_it_cannot_read(mut app: TestApp) {
                 .starts_with("the body is not JSON: EOF while parsing"),
             "{not_json:?}"
         );
-        let not_object = send(app.verify_addr, version, json_post("[]")).await;
-        assert_eq!(not_object.status, StatusCode::BAD_REQUEST);
+        for not_object in ["[]", "[\"vlk_x\"]", "\"vlk_x\"", "null"] {
+            let answer = send(app.verify_addr, version, json_post(not_object)).await;
+            assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{not_object}");
+            assert!(
+                answer.json()["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("the body must be a JSON object"),
+                "{answer:?}"
+            );
+        }
 
         let body = format!(r#"{{"key":"{secret}"}}"#);
         for content_type in [
