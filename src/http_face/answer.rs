@@ -246,14 +246,32 @@ pub fn unavailable(what: impl std::fmt::Display) -> Denial {
 
 /// The identity headers of an allowed key.
 pub fn identity_headers(key: &VerifiedKey) -> [(HeaderName, HeaderValue); 4] {
-    let ascii = |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
-    let name = utf8_percent_encode(key.name.as_str(), NAME_ESCAPES).to_string();
-    let scopes: Vec<&str> = key.scopes.iter().map(Scope::as_str).collect();
+    let ascii =
+        |s: &[u8]| HeaderValue::from_bytes(s).unwrap_or_else(|_| HeaderValue::from_static(""));
+    // Escaped only when it must be: most names are plain ASCII.
+    let plain = |b: u8| (b' '..=b'~').contains(&b) && b != b'%';
+    let name = key.name.as_str();
+    let name = if name.bytes().all(plain) {
+        ascii(name.as_bytes())
+    } else {
+        ascii(
+            utf8_percent_encode(name, NAME_ESCAPES)
+                .to_string()
+                .as_bytes(),
+        )
+    };
+    let mut scopes = Vec::with_capacity(64);
+    for scope in key.scopes.iter() {
+        if !scopes.is_empty() {
+            scopes.push(b',');
+        }
+        scopes.extend_from_slice(scope.as_str().as_bytes());
+    }
     [
-        (KEY_ID, ascii(key.key_id.as_str())),
-        (ACCOUNT_ID, ascii(key.account_id.as_str())),
-        (KEY_NAME, ascii(&name)),
-        (SCOPES, ascii(&scopes.join(","))),
+        (KEY_ID, ascii(key.key_id.as_str().as_bytes())),
+        (ACCOUNT_ID, ascii(key.account_id.as_str().as_bytes())),
+        (KEY_NAME, name),
+        (SCOPES, ascii(&scopes)),
     ]
 }
 

@@ -25,6 +25,20 @@ pub fn presented_key<'a>(
     headers: &'a HeaderMap,
     key_headers: &[HeaderName],
 ) -> Result<Option<&'a [u8]>, Refusal> {
+    // The usual request: one key header, once, holding one key; the
+    // general way below reads anything else.
+    let mut present = key_headers
+        .iter()
+        .filter(|name| headers.contains_key(*name));
+    if let (Some(name), None) = (present.next(), present.next()) {
+        let mut values = headers.get_all(name).iter();
+        if let (Some(value), None) = (values.next(), values.next())
+            && !value.as_bytes().contains(&b',')
+            && header_bytes(headers) <= MAX_HEADER_BYTES
+        {
+            return one_key(name, value.as_bytes());
+        }
+    }
     key_in_headers(
         || {
             headers
@@ -51,7 +65,7 @@ where
     I: Iterator<Item = (&'a str, &'a [u8])>,
 {
     let size: usize = headers()
-        .map(|(name, value)| name.len() + value.len() + 32)
+        .map(|(name, value)| entry_bytes(name, value))
         .sum();
     if size > MAX_HEADER_BYTES {
         return Err(Refusal::HeadersTooLarge {
@@ -64,19 +78,9 @@ where
             .filter(|(header, _)| header.eq_ignore_ascii_case(name.as_str()))
             .flat_map(|(_, value)| value.split(|b| *b == b','));
         for item in items {
-            let Some(key) = key_in(name, item) else {
+            let Some(key) = one_key(name, item)? else {
                 continue;
             };
-            if key.len() > 4 * KEY_LENGTH {
-                return Err(Refusal::KeyTooLong {
-                    header: name.clone(),
-                });
-            }
-            if !key.is_ascii() {
-                return Err(Refusal::Unreadable {
-                    header: name.clone(),
-                });
-            }
             match found {
                 None => found = Some((name, key)),
                 // The same key twice (a gateway adding what the client
@@ -92,6 +96,37 @@ where
         }
     }
     Ok(found.map(|(_, key)| key))
+}
+
+/// A header's size as HTTP/2 counts it against the header list size.
+fn entry_bytes(name: &str, value: &[u8]) -> usize {
+    name.len() + value.len() + 32
+}
+
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| entry_bytes(name.as_str(), value.as_bytes()))
+        .sum()
+}
+
+/// The key one item of header `name` carries, checked: `None` when it
+/// carries none.
+fn one_key<'a>(name: &HeaderName, item: &'a [u8]) -> Result<Option<&'a [u8]>, Refusal> {
+    let Some(key) = key_in(name, item) else {
+        return Ok(None);
+    };
+    if key.len() > 4 * KEY_LENGTH {
+        return Err(Refusal::KeyTooLong {
+            header: name.clone(),
+        });
+    }
+    if !key.is_ascii() {
+        return Err(Refusal::Unreadable {
+            header: name.clone(),
+        });
+    }
+    Ok(Some(key))
 }
 
 /// The key a header's value carries: `Authorization` only as a bearer

@@ -249,29 +249,19 @@ fn claimed(ip: &str) -> Result<Option<IpAddr>, Unreadable> {
     }
 }
 
-/// A verdict as a VerifyKeyResponse in proto3 JSON. `valid` is always
-/// written, so that a reader need not know proto3 leaves out `false`.
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Answer<'a> {
-    valid: bool,
-    code: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    account_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    scopes: Option<SmallVec<[&'a str; 4]>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expires_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    missing_scopes: Option<SmallVec<[&'a str; 2]>>,
-}
+/// A verdict as a VerifyKeyResponse in proto3 JSON, written straight
+/// from the verdict (the proto's order; absent fields left out, as
+/// proto3 JSON does). `valid` is always written, so that a reader need not
+/// know proto3 leaves out `false`.
+struct Answer<'a>(&'a Verdict);
 
-impl<'a> Answer<'a> {
-    fn of(verdict: &'a Verdict) -> Self {
+impl Answer<'_> {
+    fn of(verdict: &Verdict) -> Answer<'_> {
+        Answer(verdict)
+    }
+
+    fn json(&self) -> Vec<u8> {
+        let verdict = self.0;
         let (code, key, missing) = match verdict {
             Verdict::Valid(key) => (VerifyCode::Valid, Some(key), None),
             Verdict::Malformed(_) => (VerifyCode::Malformed, None, None),
@@ -283,22 +273,37 @@ impl<'a> Answer<'a> {
                 (VerifyCode::InsufficientScope, Some(key), Some(missing))
             }
         };
-        Self {
-            valid: verdict.is_valid(),
-            code: code.as_str_name(),
-            key_id: key.map(|k| k.key_id.as_str()),
-            account_id: key.map(|k| k.account_id.as_str()),
-            name: key.map(|k| k.name.as_str()),
-            scopes: key.map(|k| k.scopes.iter().map(Scope::as_str).collect()),
-            expires_at: key.and_then(|k| k.expires_at).map(format_time),
-            missing_scopes: missing.map(|m| m.iter().map(Scope::as_str).collect()),
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(if verdict.is_valid() {
+            b"{\"valid\":true,\"code\":"
+        } else {
+            b"{\"valid\":false,\"code\":"
+        });
+        string(&mut out, code.as_str_name());
+        if let Some(key) = key {
+            out.extend_from_slice(b",\"keyId\":");
+            string(&mut out, key.key_id.as_str());
+            out.extend_from_slice(b",\"accountId\":");
+            string(&mut out, key.account_id.as_str());
+            out.extend_from_slice(b",\"name\":");
+            string(&mut out, key.name.as_str());
+            out.extend_from_slice(b",\"scopes\":");
+            strings(&mut out, key.scopes.iter().map(Scope::as_str));
+            if let Some(at) = key.expires_at {
+                out.extend_from_slice(b",\"expiresAt\":");
+                string(&mut out, &format_time(at));
+            }
         }
+        if let Some(missing) = missing {
+            out.extend_from_slice(b",\"missingScopes\":");
+            strings(&mut out, missing.iter().map(Scope::as_str));
+        }
+        out.extend_from_slice(b"}\n");
+        out
     }
 
     fn response(&self) -> http::Response<Body> {
-        let mut body = serde_json::to_vec(self).expect("an answer serializes");
-        body.push(b'\n');
-        let mut response = http::Response::new(Body::from(body));
+        let mut response = http::Response::new(Body::from(self.json()));
         let headers = response.headers_mut();
         headers.insert(
             http::header::CONTENT_TYPE,
@@ -309,5 +314,87 @@ impl<'a> Answer<'a> {
             http::HeaderValue::from_static("no-store"),
         );
         response
+    }
+}
+
+/// `text` as a JSON string: copied as it is when nothing in it needs
+/// escaping (ids, scopes and most names), else escaped by serde_json.
+fn string(out: &mut Vec<u8>, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, text).expect("a string serializes");
+    }
+}
+
+fn strings<'a>(out: &mut Vec<u8>, items: impl Iterator<Item = &'a str>) {
+    out.push(b'[');
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        string(out, item);
+    }
+    out.push(b']');
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn key(name: &str) -> vilvik_keys_verify::VerifiedKey {
+        vilvik_keys_verify::VerifiedKey {
+            key_id: "key_0123456789abcdefghij".parse().unwrap(),
+            account_id: "acme".parse().unwrap(),
+            name: name.parse().unwrap(),
+            scopes: Arc::new(
+                vilvik_keys_domain::ScopeSet::parse(&[
+                    "datasets:read".to_owned(),
+                    "a:b".to_owned(),
+                ])
+                .unwrap(),
+            ),
+            expires_at: Some(time::macros::datetime!(2027-01-02 03:04:05 UTC)),
+        }
+    }
+
+    #[test]
+    fn the_answer_is_the_json_serde_would_write() {
+        let verdicts = [
+            Verdict::Valid(key("ci \"runner\" \\ Zoë")),
+            Verdict::NotFound,
+            Verdict::InsufficientScope {
+                key: key("ci"),
+                missing: vec!["datasets:write".parse().unwrap()],
+            },
+        ];
+        for verdict in &verdicts {
+            let written = Answer::of(verdict).json();
+            let parsed: Value = serde_json::from_slice(&written).unwrap();
+            let mut expected = serde_json::json!({
+                "valid": verdict.is_valid(),
+                "code": match verdict {
+                    Verdict::Valid(_) => "VERIFY_CODE_VALID",
+                    Verdict::NotFound => "VERIFY_CODE_NOT_FOUND",
+                    _ => "VERIFY_CODE_INSUFFICIENT_SCOPE",
+                },
+            });
+            if let Verdict::Valid(key) | Verdict::InsufficientScope { key, .. } = verdict {
+                expected["keyId"] = key.key_id.as_str().into();
+                expected["accountId"] = "acme".into();
+                expected["name"] = key.name.as_str().into();
+                expected["scopes"] = serde_json::json!(["a:b", "datasets:read"]);
+                expected["expiresAt"] = "2027-01-02T03:04:05Z".into();
+            }
+            if let Verdict::InsufficientScope { .. } = verdict {
+                expected["missingScopes"] = serde_json::json!(["datasets:write"]);
+            }
+            assert_eq!(parsed, expected);
+            assert_eq!(written.last(), Some(&b'\n'));
+        }
     }
 }
