@@ -112,17 +112,18 @@ impl Routes {
 
 /// The answer to a path nothing serves.
 async fn not_found(request: axum::extract::Request) -> http::Response<axum::body::Body> {
+    // A path may hold what a caller should not have put there (a key).
+    let path = vilvik_keys_domain::excerpt(request.uri().path());
     let grpc = request
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
     if grpc {
-        return tonic::Status::unimplemented(format!("no service serves {}", request.uri().path()))
-            .into_http();
+        return tonic::Status::unimplemented(format!("no service serves {path}")).into_http();
     }
     let body = serde_json::json!({
         "code": "NOT_FOUND",
-        "message": format!("no route serves {}: see docs/INTEGRATIONS.md", request.uri().path()),
+        "message": format!("no route serves {path}: see docs/INTEGRATIONS.md"),
     });
     let mut response = http::Response::new(axum::body::Body::from(body.to_string()));
     *response.status_mut() = http::StatusCode::NOT_FOUND;
