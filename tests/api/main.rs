@@ -19,6 +19,7 @@ mod encoding;
 mod frames;
 mod framing;
 mod history;
+mod http1_attacks;
 mod lifecycle;
 mod matrix;
 mod outage;
