@@ -1,10 +1,12 @@
 //! Starting one listener: the one function every listener goes through,
 //! given its name, its routes, its concurrency and its TLS.
 //!
-//! Every listener gets the same transport: the connection limits of
+//! Every listener gets the same transport: outermost [`HttpAnswerLayer`]
+//! (a request that is not a gRPC call is answered in HTTP, never with a
+//! gRPC status, which is HTTP 200), the connection limits of
 //! `transport::connections` (the registry in the accept path, with its cap
-//! per client address, and [`ActivityLayer`] outermost, with one
-//! connection's share of the listener's concurrency), then admission
+//! per client address, and [`ActivityLayer`], outermost of the limits, with
+//! one connection's share of the listener's concurrency), then admission
 //! ([`AdmissionLayer`]: a request takes a slot of the listener's
 //! concurrency, shedding when none is free, only once its message has
 //! arrived, and its gRPC framing is checked), the request deadline, the HTTP/2 limits and keepalive pings,
@@ -31,6 +33,7 @@ use crate::proto;
 use crate::transport::admission::{AdmissionLayer, AdmissionSettings};
 use crate::transport::connections::{ActivityLayer, ConnectionLimits, Connections};
 use crate::transport::frames::FrameLimits;
+use crate::transport::http_answers::{GrpcServices, HttpAnswerLayer};
 use crate::transport::tls::{self, Acceptor};
 
 /// The standard health service, advertised by reflection on every listener
@@ -109,17 +112,18 @@ impl Routes {
 
 /// The answer to a path nothing serves.
 async fn not_found(request: axum::extract::Request) -> http::Response<axum::body::Body> {
+    // A path may hold what a caller should not have put there (a key).
+    let path = vilvik_keys_domain::excerpt(request.uri().path());
     let grpc = request
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
     if grpc {
-        return tonic::Status::unimplemented(format!("no service serves {}", request.uri().path()))
-            .into_http();
+        return tonic::Status::unimplemented(format!("no service serves {path}")).into_http();
     }
     let body = serde_json::json!({
         "code": "NOT_FOUND",
-        "message": format!("no route serves {}: see docs/INTEGRATIONS.md", request.uri().path()),
+        "message": format!("no route serves {path}: see docs/INTEGRATIONS.md"),
     });
     let mut response = http::Response::new(axum::body::Body::from(format!("{body}\n")));
     *response.status_mut() = http::StatusCode::NOT_FOUND;
@@ -193,6 +197,7 @@ pub(super) fn serve(
         concurrency,
         tls,
     } = listener;
+    let mut grpc_services = grpc.clone();
     if !grpc.is_empty() {
         // Each listener advertises only what it serves, and can describe.
         let described = described(&grpc);
@@ -207,13 +212,16 @@ pub(super) fn serve(
                 })
                 .with_service_name(HEALTH_SERVICE)
         };
+        let health = HealthServer::new(HealthService::from_health_reporter(health.clone()));
+        let (v1, v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
+        grpc_services.extend([name_of(&health), name_of(&v1), name_of(&v1alpha)]);
         routes = routes
-            .add_service(HealthServer::new(HealthService::from_health_reporter(
-                health.clone(),
-            )))
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?);
+            .add_service(health)
+            .add_service(v1)
+            .add_service(v1alpha);
     }
+    // What is a gRPC call: any other request is HTTP, answered in HTTP.
+    let grpc_services = GrpcServices::new(grpc_services);
     let addr = socket.local_addr()?;
     let admission = AdmissionLayer::new(AdmissionSettings {
         concurrency: concurrency.limit,
@@ -221,12 +229,17 @@ pub(super) fn serve(
         budget_bytes: settings.limits.request_message_budget_bytes,
         max_message_bytes: MAX_MESSAGE_BYTES,
         streaming_paths: streaming_paths(&grpc),
+        grpc: grpc_services.clone(),
     });
     let connections = Connections::new(name, settings.connections, &settings.trusted_proxies);
     tracing::info!(listener = name, %addr, tls = tls_mode(tls.as_ref()), "listening");
     let serving = settings
         .server()
         .accept_http1(http)
+        .layer(HttpAnswerLayer::new(
+            grpc_services,
+            settings.request_timeout,
+        ))
         .layer(ActivityLayer::new(concurrency.per_connection))
         .layer(admission)
         .add_routes(routes)
@@ -244,6 +257,11 @@ pub(super) fn serve(
             shutdown,
         );
     Ok((serving, connections))
+}
+
+/// The full name of a gRPC service.
+fn name_of<S: NamedService>(_: &S) -> &'static str {
+    S::NAME
 }
 
 /// The paths of a listener with gRPC services (`grpc`, health and

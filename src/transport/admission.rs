@@ -38,6 +38,8 @@ use tokio::time::Sleep;
 use tonic::Status;
 use tonic::body::Body;
 
+use super::http_answers::GrpcServices;
+
 /// Bytes a request may hold while it arrives without drawing on the
 /// listener's budget: about what its headers cost anyway, and more than a
 /// usual request (a verify is under 100 bytes).
@@ -61,6 +63,9 @@ pub struct AdmissionSettings {
     /// Paths (`/package.Service/Method`) whose request is a stream of
     /// messages rather than one.
     pub streaming_paths: Vec<String>,
+    /// What is a gRPC call: any other request (the HTTP face's, even one
+    /// that claims a gRPC content type) is read whole and refused in HTTP.
+    pub grpc: GrpcServices,
 }
 
 /// The tower layer; see the module's documentation.
@@ -123,7 +128,11 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let (parts, mut body) = request.into_parts();
-        let grpc = is_grpc(&parts.headers);
+        let grpc = self
+            .shared
+            .settings
+            .grpc
+            .is_call(&parts.headers, parts.uri.path());
         let mode = if !grpc {
             Mode::Whole
         } else if self.shared.is_streaming(parts.uri.path()) {
@@ -227,12 +236,6 @@ fn is_one_small_message(data: &[u8]) -> bool {
 /// declares.
 fn declared_len(prefix: &[u8]) -> usize {
     u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// What a request waits for before it is admitted.
@@ -490,7 +493,7 @@ where
 }
 
 /// The answer to a refused request: a gRPC status, or for a request that
-/// is not gRPC the HTTP status that says the same.
+/// is not a gRPC call the HTTP status that says the same, in JSON.
 fn refused(refusal: Refusal, grpc: bool) -> http::Response<Body> {
     let status = match &refusal {
         Refusal::Framing(e @ FrameError::TooLong { .. }) => Status::out_of_range(e.to_string()),
@@ -510,20 +513,33 @@ fn refused(refusal: Refusal, grpc: bool) -> http::Response<Body> {
     if grpc {
         return status.into_http();
     }
-    let code = match refusal {
-        Refusal::Framing(_) => StatusCode::BAD_REQUEST,
-        Refusal::Late(_) => StatusCode::REQUEST_TIMEOUT,
-        Refusal::Budget(_) => StatusCode::SERVICE_UNAVAILABLE,
-        Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        Refusal::Body(_) => StatusCode::BAD_REQUEST,
+    let (code, name) = match refusal {
+        Refusal::Framing(_) | Refusal::Body(_) => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
+        Refusal::Late(_) => (StatusCode::REQUEST_TIMEOUT, "REQUEST_TIMEOUT"),
+        Refusal::Budget(_) => (StatusCode::SERVICE_UNAVAILABLE, "RESOURCE_EXHAUSTED"),
+        Refusal::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
     };
-    let text = Bytes::from(status.message().to_owned());
-    let mut response = http::Response::new(Body::new(Replay::of(text)));
-    *response.status_mut() = code;
-    response.headers_mut().insert(
+    json_answer(code, name, status.message())
+}
+
+/// An HTTP refusal as the HTTP face writes its own: `{"code":…,"message":…}`,
+/// never cached, and a 503 with `Retry-After`.
+pub(super) fn json_answer(status: StatusCode, code: &str, message: &str) -> http::Response<Body> {
+    let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    let mut response = http::Response::new(Body::new(Replay::of(Bytes::from(body))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
+        HeaderValue::from_static("application/json"),
     );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     response
 }
 
@@ -794,6 +810,7 @@ mod tests {
             budget_bytes,
             max_message_bytes: 64 * 1024,
             streaming_paths: vec![STREAMING.to_owned()],
+            grpc: GrpcServices::new(["test.Service"]),
         })
     }
 
@@ -1042,5 +1059,39 @@ mod tests {
             Err(FrameError::CompressedWithoutEncoding)
         );
         assert_eq!(Frames::default().feed(&compressed, 10, || true), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_only_claims_to_be_grpc_is_read_whole_and_refused_in_json() {
+        let mut service = layer(1, 1 << 20).layer(routes(None));
+        // A gRPC content type on a path no gRPC service has: read whole,
+        // so its empty body is no framing error.
+        let answer = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("/v1/authorize", Body::empty()))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        // Over the limit: 413 in JSON, not OUT_OF_RANGE as a gRPC status.
+        let big = Bytes::from(vec![b'x'; 64 * 1024 + 1]);
+        let answer = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("/v1/keys:verify", Body::new(Replay::of(big))))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(answer.headers()["content-type"], "application/json");
+        assert!(answer.headers().get("grpc-status").is_none());
+        let body = answer.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "PAYLOAD_TOO_LARGE");
+        assert_eq!(
+            body["message"],
+            "the request's body is too large: over the limit of 65536 bytes"
+        );
     }
 }

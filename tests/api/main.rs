@@ -21,6 +21,7 @@ mod frames;
 mod framing;
 mod history;
 mod http;
+mod http1_attacks;
 mod lifecycle;
 mod matrix;
 mod outage;

@@ -104,9 +104,10 @@ impl Drop for RequestGuard {
 /// connection to its share of the listener's concurrency: a request beyond
 /// `per_connection` running on its connection is shed at once
 /// (RESOURCE_EXHAUSTED), so one connection cannot take the listener's
-/// whole limit. It must be the outermost of the listener's layers, so that
-/// a request shed by a limit below still counts as the connection being
-/// used.
+/// whole limit. It must be outside every layer that limits (only
+/// `http_answers`, which answers HTTP requests in HTTP, comes before it),
+/// so that a request shed by a limit below still counts as the connection
+/// being used.
 #[derive(Debug, Clone, Copy)]
 pub struct ActivityLayer {
     per_connection: usize,
