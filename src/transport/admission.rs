@@ -525,7 +525,8 @@ fn refused(refusal: Refusal, grpc: bool) -> http::Response<Body> {
 /// An HTTP refusal as the HTTP face writes its own: `{"code":…,"message":…}`,
 /// never cached, and a 503 with `Retry-After`.
 pub(super) fn json_answer(status: StatusCode, code: &str, message: &str) -> http::Response<Body> {
-    let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    let body = serde_json::json!({ "code": code, "message": message });
+    let body = format!("{body}\n");
     let mut response = http::Response::new(Body::new(Replay::of(Bytes::from(body))));
     *response.status_mut() = status;
     let headers = response.headers_mut();
