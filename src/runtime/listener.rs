@@ -95,8 +95,9 @@ impl Routes {
         self
     }
 
-    /// Adds HTTP routes. A path neither they nor a gRPC service serve is
-    /// gRPC's UNIMPLEMENTED to a gRPC call, and 404 to anything else.
+    /// Adds HTTP routes. A path neither they nor a gRPC service serve is a
+    /// JSON 404 (which a gRPC client reads as UNIMPLEMENTED: a request to
+    /// a path no service has is never a call, see `transport::http_answers`).
     pub fn http(mut self, router: axum::Router) -> Self {
         let routes = std::mem::take(&mut self.routes).into_axum_router();
         self.routes = routes.merge(router).fallback(not_found).into();
@@ -114,13 +115,6 @@ impl Routes {
 async fn not_found(request: axum::extract::Request) -> http::Response<axum::body::Body> {
     // A path may hold what a caller should not have put there (a key).
     let path = vilvik_keys_domain::excerpt(request.uri().path());
-    let grpc = request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
-    if grpc {
-        return tonic::Status::unimplemented(format!("no service serves {path}")).into_http();
-    }
     let body = serde_json::json!({
         "code": "NOT_FOUND",
         "message": format!("no route serves {path}: see docs/INTEGRATIONS.md"),
@@ -229,7 +223,6 @@ pub(super) fn serve(
         budget_bytes: settings.limits.request_message_budget_bytes,
         max_message_bytes: MAX_MESSAGE_BYTES,
         streaming_paths: streaming_paths(&grpc),
-        grpc: grpc_services.clone(),
     });
     let connections = Connections::new(name, settings.connections, &settings.trusted_proxies);
     tracing::info!(listener = name, %addr, tls = tls_mode(tls.as_ref()), "listening");

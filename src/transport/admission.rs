@@ -38,8 +38,6 @@ use tokio::time::Sleep;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::http_answers::GrpcServices;
-
 /// Bytes a request may hold while it arrives without drawing on the
 /// listener's budget: about what its headers cost anyway, and more than a
 /// usual request (a verify is under 100 bytes).
@@ -63,9 +61,6 @@ pub struct AdmissionSettings {
     /// Paths (`/package.Service/Method`) whose request is a stream of
     /// messages rather than one.
     pub streaming_paths: Vec<String>,
-    /// What is a gRPC call: any other request (the HTTP face's, even one
-    /// that claims a gRPC content type) is read whole and refused in HTTP.
-    pub grpc: GrpcServices,
 }
 
 /// The tower layer; see the module's documentation.
@@ -128,11 +123,9 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let (parts, mut body) = request.into_parts();
-        let grpc = self
-            .shared
-            .settings
-            .grpc
-            .is_call(&parts.headers, parts.uri.path());
+        // The answer layer outside has taken the gRPC content type off any
+        // request that is not a call: the content type says it all here.
+        let grpc = is_grpc(&parts.headers);
         let mode = if !grpc {
             Mode::Whole
         } else if self.shared.is_streaming(parts.uri.path()) {
@@ -236,6 +229,14 @@ fn is_one_small_message(data: &[u8]) -> bool {
 /// declares.
 fn declared_len(prefix: &[u8]) -> usize {
     u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize
+}
+
+/// Whether a request is a gRPC call: [`super::http_answers`] has made
+/// the content type say so only of one.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// What a request waits for before it is admitted.
@@ -811,7 +812,6 @@ mod tests {
             budget_bytes,
             max_message_bytes: 64 * 1024,
             streaming_paths: vec![STREAMING.to_owned()],
-            grpc: GrpcServices::new(["test.Service"]),
         })
     }
 
@@ -1063,27 +1063,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_request_that_only_claims_to_be_grpc_is_read_whole_and_refused_in_json() {
+    async fn a_request_that_is_not_grpc_is_read_whole_and_refused_in_json() {
         let mut service = layer(1, 1 << 20).layer(routes(None));
-        // A gRPC content type on a path no gRPC service has: read whole,
-        // so its empty body is no framing error.
-        let answer = service
-            .ready()
-            .await
-            .unwrap()
-            .call(request("/v1/authorize", Body::empty()))
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), StatusCode::OK);
         // Over the limit: 413 in JSON, not OUT_OF_RANGE as a gRPC status.
         let big = Bytes::from(vec![b'x'; 64 * 1024 + 1]);
-        let answer = service
-            .ready()
-            .await
-            .unwrap()
-            .call(request("/v1/keys:verify", Body::new(Replay::of(big))))
-            .await
+        let mut request = http::Request::builder()
+            .uri("/v1/keys:verify")
+            .body(Body::new(Replay::of(big)))
             .unwrap();
+        request
+            .headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
+        let answer = service.ready().await.unwrap().call(request).await.unwrap();
         assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(answer.headers()["content-type"], "application/json");
         assert!(answer.headers().get("grpc-status").is_none());

@@ -9,10 +9,11 @@
 //! claimed to be gRPC (`content-type: application/grpc` on `/v1/authorize`).
 //!
 //! So a request is a gRPC call only when its content type is gRPC *and* its
-//! path is one of the listener's gRPC services ([`GrpcServices`]; admission
-//! reads requests the same way), and [`HttpAnswerLayer`], outermost of the
-//! listener's layers, answers every other request itself, in JSON, before
-//! tonic can:
+//! path is one of the listener's gRPC services ([`GrpcServices`]), and
+//! [`HttpAnswerLayer`], outermost of the listener's layers, takes the gRPC
+//! content type off any other (so that admission, which reads the content
+//! type, reads it whole and refuses it in HTTP) and answers it itself, in
+//! JSON, before tonic can:
 //!
 //! - one with a `grpc-timeout` header: 400 (tonic would end it at that
 //!   deadline, with a gRPC status);
@@ -110,7 +111,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         if self
             .services
             .is_call(request.headers(), request.uri().path())
@@ -118,6 +119,16 @@ where
             return HttpAnswerFuture::Grpc {
                 inner: self.inner.call(request),
             };
+        }
+        // Only a call says it is gRPC below here: admission then reads
+        // this one whole and refuses it in HTTP, and a path nothing serves
+        // is a 404, never a gRPC status.
+        if request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"))
+        {
+            request.headers_mut().remove(http::header::CONTENT_TYPE);
         }
         if request.headers().contains_key(GRPC_TIMEOUT) {
             return HttpAnswerFuture::Answered {

@@ -646,6 +646,24 @@ async fn probes_and_unknown_paths_answer_beside_grpc(mut app: TestApp) {
             })
         );
     }
+    // A gRPC content type on a path no service has is still no call: a
+    // 404 (which a gRPC client reads as UNIMPLEMENTED), never a gRPC
+    // status, which is HTTP 200.
+    for version in HTTP_VERSIONS {
+        let answer = send(
+            app.verify_addr,
+            version,
+            request(
+                "POST",
+                "/nope.Service/Method",
+                &[("content-type", "application/grpc")],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{answer:?}");
+        assert_eq!(answer.header("grpc-status"), "");
+    }
     // gRPC on the same port is as it was.
     let (_, secret) = new_key(&mut app, "grpc", &["datasets:read"]).await;
     assert_eq!(
