@@ -100,13 +100,11 @@ async fn read(headers: &http::HeaderMap, body: Body) -> Result<Call, Unreadable>
             message: "send the request as JSON, with Content-Type: application/json".to_owned(),
         });
     }
-    let body = axum::body::to_bytes(body, MAX_MESSAGE_BYTES)
-        .await
-        .map_err(|_| Unreadable {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            field: None,
-            message: format!("the request's body is over the limit of {MAX_MESSAGE_BYTES} bytes"),
-        })?;
+    let body = whole(body).await.ok_or_else(|| Unreadable {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        field: None,
+        message: format!("the request's body is over the limit of {MAX_MESSAGE_BYTES} bytes"),
+    })?;
     if let Some(call) = well_formed(&body) {
         return call;
     }
@@ -125,6 +123,24 @@ async fn read(headers: &http::HeaderMap, body: Body) -> Result<Call, Unreadable>
         });
     };
     fields_of(fields)
+}
+
+/// The body, within the size limit: admission has read it already, so it
+/// is usually one chunk, taken as it is.
+async fn whole(mut body: Body) -> Option<bytes::Bytes> {
+    use http_body::Body as _;
+    let first = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+    let Some(first) = first else {
+        return Some(bytes::Bytes::new());
+    };
+    let first = first.ok()?.into_data().ok()?;
+    if body.is_end_stream() {
+        return Some(first);
+    }
+    let rest = axum::body::to_bytes(body, MAX_MESSAGE_BYTES.checked_sub(first.len())?)
+        .await
+        .ok()?;
+    Some([first, rest].concat().into())
 }
 
 /// The usual request, read straight into its fields (no JSON tree, no
@@ -279,19 +295,19 @@ impl Answer<'_> {
         } else {
             b"{\"valid\":false,\"code\":"
         });
-        string(&mut out, code.as_str_name());
+        plain(&mut out, code.as_str_name());
         if let Some(key) = key {
             out.extend_from_slice(b",\"keyId\":");
-            string(&mut out, key.key_id.as_str());
+            plain(&mut out, key.key_id.as_str());
             out.extend_from_slice(b",\"accountId\":");
-            string(&mut out, key.account_id.as_str());
+            plain(&mut out, key.account_id.as_str());
             out.extend_from_slice(b",\"name\":");
             string(&mut out, key.name.as_str());
             out.extend_from_slice(b",\"scopes\":");
             strings(&mut out, key.scopes.iter().map(Scope::as_str));
             if let Some(at) = key.expires_at {
                 out.extend_from_slice(b",\"expiresAt\":");
-                string(&mut out, &format_time(at));
+                plain(&mut out, &format_time(at));
             }
         }
         if let Some(missing) = missing {
@@ -329,13 +345,26 @@ fn string(out: &mut Vec<u8>, text: &str) {
     }
 }
 
+/// `text` as a JSON string, for values whose format has nothing to escape
+/// (codes, ids, scopes, times: checked when they were parsed).
+fn plain(out: &mut Vec<u8>, text: &str) {
+    debug_assert!(
+        text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\'),
+        "{text:?}"
+    );
+    out.push(b'"');
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'"');
+}
+
+/// Scopes as a JSON array (their format has nothing to escape).
 fn strings<'a>(out: &mut Vec<u8>, items: impl Iterator<Item = &'a str>) {
     out.push(b'[');
     for (i, item) in items.enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        string(out, item);
+        plain(out, item);
     }
     out.push(b']');
 }
