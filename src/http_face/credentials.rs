@@ -6,15 +6,12 @@
 
 use http::{HeaderMap, HeaderName};
 use smallvec::SmallVec;
-use vilvik_keys_domain::{KEY_LENGTH, Scope};
+use vilvik_keys_domain::{KEY_LENGTH, MAX_REQUIRED_SCOPES, Scope};
 
 use super::answer::Refusal;
 
 /// A gateway's list of the scopes its route requires, comma-separated.
 pub const REQUIRED_SCOPES: &str = "x-vilvik-required-scopes";
-
-/// Most scopes one request may require (as KeyVerify's `required_scopes`).
-const MAX_REQUIRED_SCOPES: usize = 50;
 
 /// A request's header block, at most (HTTP/2's `SETTINGS_MAX_HEADER_LIST_SIZE`
 /// on every listener; hyper's own HTTP/1.1 limit is far larger).

@@ -16,16 +16,13 @@ use axum::extract::{Request, State};
 use http::StatusCode;
 use serde_json::{Map, Value};
 use smallvec::SmallVec;
-use vilvik_keys_domain::{Scope, excerpt, format_time};
+use vilvik_keys_domain::{MAX_REQUIRED_SCOPES, Scope, excerpt, format_time};
 use vilvik_keys_verify::{Origin, Verdict};
 
 use super::HttpFace;
-use super::routes::{json, unavailable};
+use super::routes::{json, json_text, unavailable};
 use crate::config::MAX_MESSAGE_BYTES;
 use crate::proto::VerifyCode;
-
-/// Most scopes one request may require (as over gRPC).
-const MAX_REQUIRED_SCOPES: usize = 50;
 
 /// A request's fields, read.
 #[derive(Default)]
@@ -319,17 +316,7 @@ impl Answer<'_> {
     }
 
     fn response(&self) -> http::Response<Body> {
-        let mut response = http::Response::new(Body::from(self.json()));
-        let headers = response.headers_mut();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-        headers.insert(
-            http::header::CACHE_CONTROL,
-            http::HeaderValue::from_static("no-store"),
-        );
-        response
+        json_text(StatusCode::OK, self.json())
     }
 }
 

@@ -119,7 +119,12 @@ fn details(key: &VerifiedKey) -> serde_json::Value {
 /// ending with a newline so that a terminal's prompt starts on a line of
 /// its own after curl prints it.
 pub(super) fn json(status: StatusCode, body: &serde_json::Value) -> Response {
-    let mut response = Response::new(Body::from(format!("{body}\n")));
+    json_text(status, format!("{body}\n").into_bytes())
+}
+
+/// [`json`] for a body already written (with its newline).
+pub(super) fn json_text(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(

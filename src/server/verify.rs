@@ -5,15 +5,12 @@ use std::net::IpAddr;
 use compact_str::CompactString;
 use smallvec::SmallVec;
 use tonic::{Request, Response, Status};
-use vilvik_keys_domain::Scope;
+use vilvik_keys_domain::{MAX_REQUIRED_SCOPES, Scope};
 use vilvik_keys_verify::{Origin, Verdict, Verifier};
 
 use super::verify_wire::{VerifyAnswer, VerifyCall};
 use crate::service::ApiError;
 use crate::verify_server::key_verify_server::KeyVerify;
-
-/// Most scopes one verify request may require.
-const MAX_REQUIRED_SCOPES: usize = 50;
 
 #[derive(Debug, Clone)]
 pub struct VerifyService {

@@ -53,3 +53,6 @@ pub use state::{AuditAction, KeyState, Tier, TierLimits, UnknownAuditAction, Unk
 
 /// The scope a management key must hold to call the admin API.
 pub const ADMIN_SCOPE: &str = "keys:admin";
+
+/// Most scopes one verify may require, on every surface that verifies.
+pub const MAX_REQUIRED_SCOPES: usize = 50;
