@@ -231,9 +231,10 @@ fn declared_len(prefix: &[u8]) -> usize {
     u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize
 }
 
-/// Whether a request is a gRPC call: [`super::http_answers`] has made
-/// the content type say so only of one.
-fn is_grpc(headers: &HeaderMap) -> bool {
+/// Whether a request's content type is gRPC. Below
+/// [`super::http_answers`], only a call's is: that layer takes it off any
+/// other request.
+pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"))

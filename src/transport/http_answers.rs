@@ -35,7 +35,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
 
-use super::admission::json_answer;
+use super::admission::{is_grpc, json_answer};
 
 /// The header in which a gRPC client sets its call's deadline.
 const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -58,10 +58,7 @@ impl GrpcServices {
     /// Whether a request with `headers` to `path` is a gRPC call: its
     /// content type is gRPC and its path is one of the services'.
     pub fn is_call(&self, headers: &HeaderMap, path: &str) -> bool {
-        headers
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"))
-            && self.prefixes.iter().any(|p| path.starts_with(p.as_str()))
+        is_grpc(headers) && self.prefixes.iter().any(|p| path.starts_with(p.as_str()))
     }
 }
 
@@ -123,11 +120,7 @@ where
         // Only a call says it is gRPC below here: admission then reads
         // this one whole and refuses it in HTTP, and a path nothing serves
         // is a 404, never a gRPC status.
-        if request
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"))
-        {
+        if is_grpc(request.headers()) {
             request.headers_mut().remove(http::header::CONTENT_TYPE);
         }
         if request.headers().contains_key(GRPC_TIMEOUT) {
